@@ -1,0 +1,162 @@
+"""One typed, validated gateway configuration, loaded once from a TOML file.
+
+Each concern has a small frozen dataclass; ``load_config`` builds them from the file, applies
+command-line overrides, and checks cross-field rules, raising ``ConfigError`` with a message that
+names the offending key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 64 * 1024 * 1024
+    # How long in-flight requests may take to finish on shutdown before they are cancelled.
+    shutdown_grace_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceConfig:
+    url: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    instances: tuple[InstanceConfig, ...] = ()
+    connect_timeout_s: float = 2.0
+    request_timeout_s: float = 30.0
+    max_connections_per_instance: int = 64
+    health_interval_s: float = 1.0
+    # How long model metadata and config fetched from Triton are reused.
+    metadata_ttl_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingConfig:
+    enabled: bool = True
+    # Upper bound on rows per upstream request; the model's own max_batch_size also applies.
+    max_batch_size: int = 64
+    # A request never waits longer than this for a free upstream slot before its batch is sent.
+    max_queue_delay_ms: float = 2.0
+    # Batches of one model version in flight at once before new requests start to gather.
+    max_inflight_batches: int = 4
+    # Rows waiting per model version beyond which new requests get 503 (load shedding).
+    max_queue_rows: int = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+
+
+_SCALARS: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _build(cls: type, table: Any, where: str) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{where}] must be a table")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key(s) in [{where}]: {', '.join(unknown)}")
+    values: dict[str, Any] = {}
+    for name, value in table.items():
+        expected = _SCALARS.get(str(known[name].type))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if expected is not None and type(value) is not expected:
+            raise ConfigError(f"{where}.{name} must be {expected.__name__}, got {value!r}")
+        values[name] = value
+    return cls(**values)
+
+
+def _instances(raw: Any) -> tuple[InstanceConfig, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("upstream.instances must be a non-empty list of {url, weight} tables")
+    out = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict) or "url" not in item:
+            raise ConfigError(f"upstream.instances[{i}] needs a url")
+        inst = _build(InstanceConfig, item, f"upstream.instances[{i}]")
+        parts = urlsplit(inst.url)
+        if parts.scheme != "http" or not parts.hostname or parts.port is None:
+            raise ConfigError(f"upstream.instances[{i}].url must look like http://host:port, got {inst.url!r}")
+        if inst.weight <= 0:
+            raise ConfigError(f"upstream.instances[{i}].weight must be > 0")
+        out.append(replace(inst, url=inst.url.rstrip("/")))
+    urls = [i.url for i in out]
+    if len(set(urls)) != len(urls):
+        raise ConfigError("upstream.instances lists the same url twice")
+    return tuple(out)
+
+
+def parse_config(data: dict[str, Any]) -> GatewayConfig:
+    unknown = sorted(set(data) - {"server", "upstream", "batching"})
+    if unknown:
+        raise ConfigError(f"unknown section(s): {', '.join(unknown)}")
+    server = _build(ServerConfig, data.get("server", {}), "server")
+    upstream_raw = dict(data.get("upstream", {}))
+    instances = _instances(upstream_raw.pop("instances", None))
+    upstream = replace(_build(UpstreamConfig, upstream_raw, "upstream"), instances=instances)
+    batching = _build(BatchingConfig, data.get("batching", {}), "batching")
+    config = GatewayConfig(server=server, upstream=upstream, batching=batching)
+    validate(config)
+    return config
+
+
+def validate(config: GatewayConfig) -> None:
+    s, u, b = config.server, config.upstream, config.batching
+    if not 0 <= s.port <= 65535:
+        raise ConfigError(f"server.port must be in 0..65535, got {s.port}")
+    if s.max_body_bytes < 1024:
+        raise ConfigError("server.max_body_bytes must be at least 1024")
+    for name in ("connect_timeout_s", "request_timeout_s", "health_interval_s"):
+        if getattr(u, name) <= 0:
+            raise ConfigError(f"upstream.{name} must be > 0")
+    if u.max_connections_per_instance < 1:
+        raise ConfigError("upstream.max_connections_per_instance must be >= 1")
+    if b.max_batch_size < 1 or b.max_inflight_batches < 1 or b.max_queue_rows < 1:
+        raise ConfigError("batching.max_batch_size, max_inflight_batches and max_queue_rows must be >= 1")
+    if b.max_queue_delay_ms < 0:
+        raise ConfigError("batching.max_queue_delay_ms must be >= 0")
+    if b.max_queue_delay_ms / 1000 >= u.request_timeout_s:
+        raise ConfigError(
+            "batching.max_queue_delay_ms must be shorter than upstream.request_timeout_s: "
+            "requests would time out while queued"
+        )
+    if b.max_queue_rows < b.max_batch_size:
+        raise ConfigError("batching.max_queue_rows must be >= batching.max_batch_size")
+
+
+def load_config(path: str | Path, *, host: str | None = None, port: int | None = None) -> GatewayConfig:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    config = parse_config(data)
+    server = config.server
+    if host is not None:
+        server = replace(server, host=host)
+    if port is not None:
+        server = replace(server, port=port)
+    config = replace(config, server=server)
+    validate(config)
+    return config

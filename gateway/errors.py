@@ -1,0 +1,56 @@
+"""The gateway's error hierarchy.
+
+Every error carries an HTTP status and a message. Errors are raised anywhere and rendered as a
+KServe v2 error body (``{"error": "..."}``) only at the HTTP edge (``app.py``).
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    status: int = 500
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class BadRequest(GatewayError):
+    """The client sent something malformed or inconsistent with the model."""
+
+    status = 400
+
+
+class NotFound(GatewayError):
+    """Unknown model, version or route."""
+
+    status = 404
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+
+
+class UnsupportedMediaType(GatewayError):
+    status = 415
+
+
+class Unavailable(GatewayError):
+    """No upstream instance could take the request (all down, or none holds the model)."""
+
+    status = 503
+
+
+class GatewayTimeout(GatewayError):
+    status = 504
+
+
+class UpstreamError(GatewayError):
+    """Triton answered with an error; ``status`` is Triton's own status code."""
+
+    status = 502

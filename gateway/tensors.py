@@ -1,0 +1,69 @@
+"""The in-memory form of inference requests and responses, shared by every wire format.
+
+Codecs in ``gateway.protocol`` turn bytes into these objects and back; the batcher, router and
+upstream client only ever see these objects. Tensor data is always a numpy array whose shape is
+the tensor's shape; ``BYTES`` tensors are numpy object arrays of ``bytes``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# KServe v2 datatype <-> numpy dtype. Multi-byte types are little-endian on the wire.
+V2_TO_NUMPY: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype(object),
+}
+NUMPY_TO_V2: dict[np.dtype, str] = {dt: name for name, dt in V2_TO_NUMPY.items()}
+
+
+@dataclass(slots=True)
+class Tensor:
+    name: str
+    datatype: str  # a key of V2_TO_NUMPY
+    data: np.ndarray  # shape is the tensor's shape; dtype matches ``datatype``
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+
+@dataclass(slots=True)
+class RequestedOutput:
+    name: str
+    binary: bool | None = None  # the output's ``binary_data`` parameter; None: request default
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class InferRequest:
+    model: str
+    version: str  # "" lets the server choose (Triton's version policy)
+    inputs: list[Tensor]
+    outputs: list[RequestedOutput] | None = None  # None: every output of the model
+    id: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    binary_output: bool = False  # the request-level ``binary_data_output`` parameter
+
+
+@dataclass(slots=True)
+class InferResponse:
+    model: str
+    version: str
+    outputs: list[Tensor]
+    id: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
