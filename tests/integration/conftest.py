@@ -1,0 +1,125 @@
+"""Shared fixtures for integration tests: real Triton servers started through triton/fleet.py.
+
+Set-up (what `make` does) is assumed but repaired when missing: the Triton binary is fetched by
+triton/fetch.sh (a no-op once done) and missing default weights are trained.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+DEFAULT_MODELS = ("digits_cnn", "breast_cancer_mlp")
+
+# triton/ is deliberately not a package (it would shadow the Triton compiler torch imports).
+sys.path.insert(0, str(REPO_ROOT / "triton"))
+import fleet  # noqa: E402
+
+
+def ensure_triton_fetched() -> None:
+    subprocess.run(["bash", str(REPO_ROOT / "triton" / "fetch.sh")], check=True)
+
+
+def ensure_default_weights() -> None:
+    if all((MODEL_REPOSITORY / name / "1" / "model.pt").exists() for name in DEFAULT_MODELS):
+        return
+    subprocess.run(
+        [sys.executable, "-m", "training.default_models", "--repository", str(MODEL_REPOSITORY)],
+        cwd=REPO_ROOT,
+        check=True,
+    )
+
+
+def start_fleet(
+    instances: int,
+    base_http: int,
+    base_grpc: int | None = None,
+    base_metrics: int | None = None,
+    repository: Path = MODEL_REPOSITORY,
+    timeout: float = 120.0,
+    **kwargs: Any,
+) -> fleet.Fleet:
+    """Start a fleet and wait until every instance is ready; the caller must stop() it.
+
+    gRPC and metrics ports default to base_http + 100 and + 200, so one number picks a free
+    block of ports per test module."""
+    f = fleet.Fleet(
+        repository,
+        instances=instances,
+        base_http=base_http,
+        base_grpc=base_http + 100 if base_grpc is None else base_grpc,
+        base_metrics=base_http + 200 if base_metrics is None else base_metrics,
+        **kwargs,
+    )
+    f.start()
+    try:
+        f.wait_ready(timeout)
+    except BaseException:
+        f.stop()
+        raise
+    return f
+
+
+@contextmanager
+def running_fleet(instances: int, base_http: int, **kwargs: Any) -> Iterator[fleet.Fleet]:
+    f = start_fleet(instances, base_http, **kwargs)
+    try:
+        yield f
+    finally:
+        f.stop()
+
+
+@pytest.fixture(scope="session")
+def triton_setup() -> None:
+    """The Triton binary and the default weights exist."""
+    ensure_triton_fetched()
+    ensure_default_weights()
+
+
+@contextmanager
+def _fleet_factory(log_root: Path) -> Iterator[Callable[..., fleet.Fleet]]:
+    started: list[fleet.Fleet] = []
+
+    def factory(instances: int, base_http: int, **kwargs: Any) -> fleet.Fleet:
+        kwargs.setdefault("log_dir", log_root / f"triton-{base_http}-{len(started)}")
+        started.append(start_fleet(instances, base_http, **kwargs))
+        return started[-1]
+
+    try:
+        yield factory
+    finally:
+        for f in started:
+            f.stop()
+
+
+@pytest.fixture
+def fleet_factory(triton_setup: None, tmp_path: Path) -> Iterator[Callable[..., fleet.Fleet]]:
+    """`fleet_factory(instances, base_http, **kwargs)` starts a ready fleet (see start_fleet);
+    every fleet it started is stopped when the test ends."""
+    with _fleet_factory(tmp_path) as factory:
+        yield factory
+
+
+@pytest.fixture(scope="module")
+def fleet_module_factory(
+    triton_setup: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., fleet.Fleet]]:
+    """Like fleet_factory, for fleets shared by the tests of one module."""
+    with _fleet_factory(tmp_path_factory.mktemp("fleets")) as factory:
+        yield factory
+
+
+@pytest.fixture(scope="module")
+def direct_triton(triton_setup: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[fleet.Fleet]:
+    """One real Triton instance serving model_repository, on ports away from the default
+    fleet's (8100+), so it can run beside a developer's fleet."""
+    with running_fleet(1, 8150, log_dir=tmp_path_factory.mktemp("triton-direct")) as f:
+        yield f
