@@ -1,0 +1,1 @@
+"""Wire formats of the inference endpoint: KServe v2 (JSON + binary extension) and msgpack."""

@@ -1,0 +1,398 @@
+"""KServe v2 / Triton HTTP inference protocol: JSON bodies and the binary tensor data extension.
+
+A body is a JSON object, optionally followed by raw tensor data; the JSON part's length is then
+given by the ``Inference-Header-Content-Length`` HTTP header. A binary tensor carries
+``parameters.binary_data_size`` and its bytes follow the JSON, in tensor order: little-endian,
+row-major, BOOL as one byte 0/1, BYTES as repeated (4-byte little-endian length, bytes).
+
+The buffer helpers (``parse_tensor_spec``, ``tensor_from_buffer``, ``tensor_to_buffer``,
+``select_outputs``) are shared with the msgpack codec.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Any, Callable
+
+import numpy as np
+import orjson
+
+from gateway.errors import BadRequest, UpstreamError
+from gateway.tensors import V2_TO_NUMPY, InferRequest, InferResponse, RequestedOutput, Tensor
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+JSON_CONTENT_TYPE = "application/json"
+BINARY_CONTENT_TYPE = "application/octet-stream"
+
+MAX_DIMS = 32  # numpy cannot hold more dimensions
+_INT64_MAX = 2**63 - 1
+_U32 = struct.Struct("<I")
+
+# Builds a validation error: BadRequest for clients, UpstreamError for Triton's (not their fault).
+MakeError = Callable[[str], Exception]
+
+
+def _upstream_error(message: str) -> Exception:
+    return UpstreamError(f"malformed response from upstream: {message}")
+
+
+def _is_dim(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= _INT64_MAX  # bool is not a dimension
+
+
+def _short(value: Any) -> str:
+    return text if len(text := repr(value)) <= 80 else text[:77] + "..."
+
+
+def parse_tensor_spec(obj: Any, kind: str, index: int, err: MakeError) -> tuple[str, str, tuple[int, ...]]:
+    """Validate the ``name``, ``datatype`` and ``shape`` of the ``index``-th input/output object."""
+    if not isinstance(obj, dict):
+        raise err(f"{kind} #{index} must be an object, got {type(obj).__name__}")
+    name = obj.get("name")
+    if not isinstance(name, str) or not name:
+        raise err(f"{kind} #{index}: 'name' must be a non-empty string")
+    datatype = obj.get("datatype")
+    if not isinstance(datatype, str) or datatype not in V2_TO_NUMPY:
+        raise err(f"{kind} '{name}': unknown datatype {_short(datatype)}")
+    shape = obj.get("shape")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_dim(d) for d in shape):
+        raise err(f"{kind} '{name}': shape must be a list of non-negative integers, got {_short(shape)}")
+    return name, datatype, tuple(shape)
+
+
+def deserialize_bytes(buf: bytes | memoryview, count: int, where: str, err: MakeError) -> np.ndarray:
+    """Parse ``count`` length-prefixed BYTES elements that must fill ``buf`` exactly."""
+    items: list[bytes] = []
+    unpack = _U32.unpack_from
+    size_total, offset = len(buf), 0
+    for index in range(count):
+        if offset + 4 > size_total:
+            raise err(f"{where}: BYTES data ends before element {index} of {count} (corrupt length prefix?)")
+        (length,) = unpack(buf, offset)
+        offset += 4
+        end = offset + length
+        if end > size_total:
+            left = size_total - offset
+            raise err(f"{where}: BYTES element {index} claims {length} bytes but only {left} remain")
+        items.append(bytes(buf[offset:end]))
+        offset = end
+    if offset != size_total:
+        raise err(f"{where}: {size_total - offset} bytes of BYTES data left over after {count} elements")
+    out = np.empty(count, dtype=object)
+    out[:] = items
+    return out
+
+
+def serialize_bytes(array: np.ndarray) -> bytes:
+    """Length-prefix every element (``bytes`` or ``str``, row-major) of a BYTES tensor."""
+    parts: list[bytes] = []
+    pack = _U32.pack
+    for item in array.ravel(order="C"):
+        if isinstance(item, str):
+            item = item.encode("utf-8")
+        elif isinstance(item, (bytearray, memoryview)):
+            item = bytes(item)
+        elif not isinstance(item, bytes):
+            raise TypeError(f"BYTES tensor elements must be bytes or str, got {type(item).__name__}")
+        parts.append(pack(len(item)))
+        parts.append(item)
+    return b"".join(parts)
+
+
+def tensor_from_buffer(
+    buf: bytes | memoryview, datatype: str, shape: tuple[int, ...], where: str, err: MakeError
+) -> np.ndarray:
+    """A tensor over raw little-endian row-major data; a zero-copy view for numeric types."""
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        return deserialize_bytes(buf, count, where, err).reshape(shape)
+    dtype = V2_TO_NUMPY[datatype]
+    expected = count * dtype.itemsize
+    if len(buf) != expected:
+        raise err(f"{where}: got {len(buf)} bytes of data, {datatype} shape {list(shape)} needs {expected}")
+    if datatype == "BOOL":
+        raw = np.frombuffer(buf, dtype=np.uint8)
+        if raw.size and raw.max() > 1:
+            raise err(f"{where}: BOOL data holds bytes other than 0 and 1")
+        return raw.view(np.bool_).reshape(shape)
+    return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def tensor_to_buffer(tensor: Tensor) -> bytes | memoryview:
+    """The tensor's wire bytes; numeric tensors are exposed without a copy when contiguous."""
+    if tensor.datatype == "BYTES":
+        return serialize_bytes(tensor.data)
+    flat = np.ascontiguousarray(tensor.data, dtype=V2_TO_NUMPY[tensor.datatype]).reshape(-1)
+    return memoryview(flat).cast("B")
+
+
+def select_outputs(response: InferResponse, request: InferRequest) -> list[tuple[Tensor, bool]]:
+    """The outputs to answer with, in answer order, each with whether it goes binary."""
+    if request.outputs is None:
+        return [(t, request.binary_output) for t in response.outputs]
+    by_name = {t.name: t for t in response.outputs}
+    selected = []
+    for wanted in request.outputs:
+        tensor = by_name.get(wanted.name)
+        if tensor is None:
+            raise BadRequest(f"requested output '{wanted.name}' is not produced by model '{response.model}'")
+        selected.append((tensor, request.binary_output if wanted.binary is None else wanted.binary))
+    return selected
+
+
+def _flatten_strings(data: list, where: str, err: MakeError) -> list[bytes]:
+    # Iterative so that deeply nested lists cannot exhaust the Python stack.
+    out: list[bytes] = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            if not isinstance(item, str):
+                raise err(f"{where}: BYTES data elements must be strings, got {type(item).__name__}")
+            out.append(item.encode("utf-8"))
+        else:
+            stack.pop()
+    return out
+
+
+def _tensor_from_json(data: Any, datatype: str, shape: tuple[int, ...], where: str, err: MakeError) -> np.ndarray:
+    if not isinstance(data, list):
+        raise err(f"{where}: 'data' must be a list, got {type(data).__name__}")
+    count = math.prod(shape)
+    dtype = V2_TO_NUMPY[datatype]
+    if datatype == "BYTES":
+        flat = _flatten_strings(data, where, err)
+        if len(flat) != count:
+            raise err(f"{where}: 'data' has {len(flat)} elements but shape {list(shape)} needs {count}")
+        out = np.empty(count, dtype=object)
+        out[:] = flat
+        return out.reshape(shape)
+    try:
+        arr = np.array(data)
+    except (ValueError, TypeError, OverflowError):
+        raise err(f"{where}: 'data' must be a flat or regularly nested list of {datatype} values") from None
+    if arr.size != count:
+        raise err(f"{where}: 'data' has {arr.size} elements but shape {list(shape)} needs {count}")
+    if count == 0:
+        return np.empty(shape, dtype=dtype)
+    kind = arr.dtype.kind
+    if datatype == "BOOL":
+        if kind != "b":
+            raise err(f"{where}: BOOL data must be true/false values")
+    elif dtype.kind in "iu":
+        if kind not in "iu":
+            # numpy makes float64 of small ints mixed with ints above INT64 max: recheck exactly.
+            arr = np.array(data, dtype=object)
+            if not all(type(value) is int for value in arr.flat):
+                raise err(f"{where}: {datatype} data must be integers")
+        info = np.iinfo(dtype)
+        if int(arr.min()) < info.min or int(arr.max()) > info.max:
+            raise err(f"{where}: a value is out of range for {datatype}")
+    else:
+        if kind not in "iuf":
+            raise err(f"{where}: {datatype} data must be numbers")
+        try:
+            with np.errstate(over="raise"):
+                arr = arr.astype(dtype)
+        except FloatingPointError:
+            raise err(f"{where}: a value is out of range for {datatype}") from None
+    return arr.astype(dtype, copy=False).reshape(shape)
+
+
+def _json_values(tensor: Tensor) -> Any:
+    if tensor.datatype == "BYTES":
+        try:
+            return [item if isinstance(item, str) else bytes(item).decode("utf-8") for item in tensor.data.ravel()]
+        except UnicodeDecodeError:
+            raise BadRequest(f"output '{tensor.name}' holds non-UTF-8 bytes; ask for binary_data=true") from None
+    # orjson serializes contiguous native numpy arrays directly (OPT_SERIALIZE_NUMPY).
+    return np.ascontiguousarray(tensor.data, dtype=V2_TO_NUMPY[tensor.datatype]).reshape(-1)
+
+
+def parse_header_length(value: str | None, body_length: int) -> int | None:
+    """Parse the ``Inference-Header-Content-Length`` header; None when it is absent."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > 19:
+        raise BadRequest(f"{HEADER_LENGTH} header must be a non-negative integer, got {_short(value)}")
+    length = int(text)
+    if length > body_length:
+        raise BadRequest(f"{HEADER_LENGTH} header ({length}) exceeds the body length ({body_length})")
+    return length
+
+
+def _split_body(body: bytes, header_length: int | None, err: MakeError) -> tuple[memoryview, memoryview]:
+    view = memoryview(body)
+    if header_length is None:
+        return view, view[:0]
+    if not 0 <= header_length <= len(view):
+        raise err(f"JSON header length {header_length} does not fit the {len(view)}-byte body")
+    return view[:header_length], view[header_length:]
+
+
+def _load_object(data: memoryview, err: MakeError) -> dict[str, Any]:
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise err(f"malformed JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise err(f"the JSON body must be an object, got {type(doc).__name__}")
+    return doc
+
+
+def _parameters(obj: dict[str, Any], where: str, err: MakeError) -> dict[str, Any]:
+    params = obj.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise err(f"{where}: 'parameters' must be an object")
+    if "shared_memory_region" in params:
+        raise err(f"{where}: shared memory is not supported by this server")
+    return dict(params)
+
+
+def _decode_tensors(raw: Any, binary: memoryview, kind: str, err: MakeError) -> list[Tensor]:
+    if not isinstance(raw, list):
+        raise err(f"'{kind}s' must be a list of tensors")
+    tensors: list[Tensor] = []
+    seen: set[str] = set()
+    offset, available = 0, len(binary)
+    for index, obj in enumerate(raw):
+        name, datatype, shape = parse_tensor_spec(obj, kind, index, err)
+        where = f"{kind} '{name}'"
+        if name in seen:
+            raise err(f"duplicate {where}")
+        seen.add(name)
+        size = _parameters(obj, where, err).get("binary_data_size")
+        if size is not None:
+            if "data" in obj:
+                raise err(f"{where} has both 'data' and parameters.binary_data_size")
+            if type(size) is not int or size < 0:
+                raise err(f"{where}: binary_data_size must be a non-negative integer, got {_short(size)}")
+            if offset + size > available:
+                left = available - offset
+                raise err(f"{where}: binary_data_size {size} runs past the end of the body ({left} bytes left)")
+            array = tensor_from_buffer(binary[offset : offset + size], datatype, shape, where, err)
+            offset += size
+        elif "data" in obj:
+            array = _tensor_from_json(obj["data"], datatype, shape, where, err)
+        else:
+            raise err(f"{where} has neither 'data' nor parameters.binary_data_size")
+        tensors.append(Tensor(name, datatype, array))
+    if offset != available:
+        raise err(f"binary_data_size values add up to {offset} bytes but {available} follow the JSON header")
+    return tensors
+
+
+def _requested_outputs(raw: Any) -> list[RequestedOutput] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise BadRequest("'outputs' must be a list")
+    outputs: list[RequestedOutput] = []
+    seen: set[str] = set()
+    for index, obj in enumerate(raw):
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+            raise BadRequest(f"requested output #{index} must be an object with a non-empty 'name'")
+        name = obj["name"]
+        if name in seen:
+            raise BadRequest(f"duplicate requested output '{name}'")
+        seen.add(name)
+        params = _parameters(obj, f"requested output '{name}'", BadRequest)
+        binary = params.pop("binary_data", None)
+        if binary is not None and not isinstance(binary, bool):
+            raise BadRequest(f"requested output '{name}': binary_data must be true or false")
+        outputs.append(RequestedOutput(name, binary, params))
+    return outputs or None  # an empty list asks for every output, like no list
+
+
+def decode_request(body: bytes, header_length: int | None, model: str, version: str) -> InferRequest:
+    """Decode a v2 infer request body (JSON, optionally followed by binary tensor data)."""
+    header, binary = _split_body(body, header_length, BadRequest)
+    doc = _load_object(header, BadRequest)
+    if "inputs" not in doc:
+        raise BadRequest("the request has no 'inputs'")
+    inputs = _decode_tensors(doc["inputs"], binary, "input", BadRequest)
+    outputs = _requested_outputs(doc.get("outputs"))
+    params = _parameters(doc, "request", BadRequest)
+    binary_output = params.pop("binary_data_output", False)
+    if not isinstance(binary_output, bool):
+        raise BadRequest("request parameter binary_data_output must be true or false")
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise BadRequest("request 'id' must be a string")
+    return InferRequest(model, version, inputs, outputs, request_id, params, binary_output)
+
+
+def encode_response(response: InferResponse, request: InferRequest) -> tuple[bytes, dict[str, str]]:
+    """Encode an answer as Triton would; returns the body and the HTTP headers to send with it."""
+    header: dict[str, Any] = {"model_name": response.model, "model_version": response.version}
+    if request.id is not None:
+        header["id"] = request.id
+    if response.parameters:
+        header["parameters"] = response.parameters
+    outputs: list[dict[str, Any]] = []
+    blobs: list[bytes | memoryview] = []
+    for tensor, binary in select_outputs(response, request):
+        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+        if binary:
+            blob = tensor_to_buffer(tensor)
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = _json_values(tensor)
+        outputs.append(entry)
+    header["outputs"] = outputs
+    head = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not blobs:
+        return head, {"Content-Type": JSON_CONTENT_TYPE}
+    return b"".join([head, *blobs]), {"Content-Type": BINARY_CONTENT_TYPE, HEADER_LENGTH: str(len(head))}
+
+
+def error_body(message: str) -> bytes:
+    return orjson.dumps({"error": message})
+
+
+# ------------------------------------------------------------------ the gateway's side, facing Triton
+
+
+def encode_upstream_request(
+    inputs: list[Tensor],
+    outputs: list[str] | None,
+    request_id: str | None = None,
+    parameters: dict[str, Any] | None = None,
+) -> tuple[bytes, int]:
+    """A binary-inputs, binary-outputs request body for Triton, and its JSON header length."""
+    doc: dict[str, Any] = {}
+    if request_id is not None:
+        doc["id"] = request_id
+    specs: list[dict[str, Any]] = []
+    blobs: list[bytes | memoryview] = []
+    for tensor in inputs:
+        blob = tensor_to_buffer(tensor)
+        spec = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+        specs.append({**spec, "parameters": {"binary_data_size": len(blob)}})
+        blobs.append(blob)
+    doc["inputs"] = specs
+    params = dict(parameters or {})
+    if outputs:
+        doc["outputs"] = [{"name": name, "parameters": {"binary_data": True}} for name in outputs]
+    else:
+        params["binary_data_output"] = True
+    if params:
+        doc["parameters"] = params
+    head = orjson.dumps(doc)
+    return b"".join([head, *blobs]), len(head)
+
+
+def decode_upstream_response(body: bytes, header_length: int | None) -> tuple[dict[str, Any], list[Tensor]]:
+    """Triton's answer: (its model_name/model_version/id/parameters, outputs); UpstreamError if malformed."""
+    header, binary = _split_body(body, header_length, _upstream_error)
+    doc = _load_object(header, _upstream_error)
+    tensors = _decode_tensors(doc.get("outputs"), binary, "output", _upstream_error)
+    meta = {key: doc[key] for key in ("model_name", "model_version", "id", "parameters") if key in doc}
+    return meta, tensors

@@ -1,0 +1,155 @@
+"""The msgpack wire format: round-trips, a hand-built body, and validation."""
+
+from __future__ import annotations
+
+import struct
+
+import msgpack
+import numpy as np
+import pytest
+
+from gateway.errors import BadRequest, UpstreamError
+from gateway.protocol import msgpack as codec
+from gateway.tensors import V2_TO_NUMPY, InferRequest, InferResponse, RequestedOutput, Tensor
+
+SAMPLES: dict[str, np.ndarray] = {
+    "BOOL": np.array([[True, False], [False, True]]),
+    **{
+        name: np.array([[np.iinfo(dt).min, np.iinfo(dt).max], [0, 1]], dtype=dt)
+        for name, dt in V2_TO_NUMPY.items()
+        if dt.kind in "iu"
+    },
+    "FP16": np.array([[0.5, -65504.0], [1e-3, 0.0]], dtype="<f2"),
+    "FP32": np.array([[0.1, -3.4e38], [np.inf, np.nan]], dtype="<f4"),
+    "FP64": np.array([[0.1, -1.7e308], [5e-324, -0.0]], dtype="<f8"),
+    "BYTES": np.array([[b"", b"\x00\xff"], ["\u2603".encode(), b"x" * 70000]], dtype=object),
+}
+
+
+def assert_same(actual: np.ndarray, expected: np.ndarray) -> None:
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    if expected.dtype == object:
+        assert actual.tolist() == expected.tolist()
+    else:
+        np.testing.assert_array_equal(actual, expected)  # NaN == NaN here
+
+
+def pack(doc: object) -> bytes:
+    return msgpack.packb(doc, use_bin_type=True)
+
+
+@pytest.mark.parametrize("datatype", list(SAMPLES))
+def test_request_roundtrip(datatype: str) -> None:
+    tensors = [Tensor("IN", datatype, SAMPLES[datatype]), Tensor("EMPTY", datatype, SAMPLES[datatype][:0])]
+    body = codec.encode_request(tensors, ["A", "B"], request_id="id-1", parameters={"priority": 2})
+    request = codec.decode_request(body, "m", "4")
+    assert (request.model, request.version, request.id) == ("m", "4", "id-1")
+    assert request.parameters == {"priority": 2}
+    assert request.outputs == [RequestedOutput("A"), RequestedOutput("B")]
+    assert [t.name for t in request.inputs] == ["IN", "EMPTY"]
+    assert all(t.datatype == datatype for t in request.inputs)
+    assert_same(request.inputs[0].data, SAMPLES[datatype])
+    assert_same(request.inputs[1].data, SAMPLES[datatype][:0])
+
+
+@pytest.mark.parametrize("datatype", list(SAMPLES))
+def test_response_roundtrip(datatype: str) -> None:
+    response = InferResponse("m", "2", [Tensor("OUT", datatype, SAMPLES[datatype]), Tensor("X", "INT8", SAMPLES["INT8"])])
+    body = codec.encode_response(response, InferRequest("m", "", [], None, id="r"))
+    decoded = codec.decode_response(body)
+    assert (decoded.model, decoded.version, decoded.id, decoded.parameters) == ("m", "2", "r", {})
+    assert [t.name for t in decoded.outputs] == ["OUT", "X"]
+    assert_same(decoded.outputs[0].data, SAMPLES[datatype])
+
+
+def test_hand_built_request_and_output_forms() -> None:
+    floats = np.arange(6, dtype="<f4").reshape(2, 3)
+    strings = b"".join(struct.pack("<I", len(s)) + s for s in [b"ab", b"", b"c"])
+    body = pack(
+        {
+            "inputs": [
+                {"name": "f", "datatype": "FP32", "shape": [2, 3], "data": floats.tobytes()},
+                {"name": "s", "datatype": "BYTES", "shape": [3], "data": strings},
+            ],
+            "outputs": ["y", {"name": "z"}],
+        }
+    )
+    request = codec.decode_request(body, "m", "")
+    assert_same(request.inputs[0].data, floats)
+    assert_same(request.inputs[1].data, np.array([b"ab", b"", b"c"], dtype=object))
+    assert request.outputs == [RequestedOutput("y"), RequestedOutput("z")]
+    assert request.id is None and request.parameters == {} and request.binary_output is False
+    assert codec.decode_request(pack({"inputs": [], "outputs": []}), "m", "").outputs is None
+
+
+def test_response_order_parameters_and_missing_output() -> None:
+    tensors = [Tensor(n, "INT32", SAMPLES["INT32"]) for n in ("a", "b", "c")]
+    response = InferResponse("m", "1", tensors, parameters={"seq": 1})
+    request = InferRequest("m", "", [], [RequestedOutput("c"), RequestedOutput("a")])
+    doc = msgpack.unpackb(codec.encode_response(response, request), raw=False)
+    assert [o["name"] for o in doc["outputs"]] == ["c", "a"]
+    assert doc["parameters"] == {"seq": 1} and "id" not in doc
+    assert doc["outputs"][0]["data"] == SAMPLES["INT32"].tobytes()
+    with pytest.raises(BadRequest, match="requested output 'zz'"):
+        codec.encode_response(response, InferRequest("m", "", [], [RequestedOutput("zz")]))
+
+
+def test_error_body() -> None:
+    assert msgpack.unpackb(codec.error_body("boom"), raw=False) == {"error": "boom"}
+
+
+def _inp(**fields) -> dict:
+    return {"name": "x", "datatype": "INT32", "shape": [2], "data": b"\0" * 8, **fields}
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"", "malformed msgpack body"),
+        (b"\xc1", "malformed msgpack body"),
+        (pack({"inputs": []}) + b"\x00", "malformed msgpack body"),
+        (b"\xdd\xff\xff\xff\xff", "malformed msgpack body"),  # array32 claiming 4G items
+        (b"\x91" * 5000 + b"\x90", "malformed msgpack body"),  # nesting deeper than the unpacker stack
+        (b"\x81\xa1\xff\x90", "malformed msgpack body"),  # invalid UTF-8 string
+        (pack({1: 2}), "malformed msgpack body"),  # non-string map key
+        (pack({"inputs": [], "p": msgpack.ExtType(5, b"x")}), "malformed msgpack body"),
+        (pack([1, 2]), "must be a map, got list"),
+        (pack({}), "no 'inputs'"),
+        (pack({"inputs": [], "input": []}), "request: unknown key\\(s\\) \\['input'\\]"),
+        (pack({"inputs": {"x": 1}}), "'inputs' must be an array"),
+        (pack({"inputs": [3]}), "input #0 must be an object"),
+        (pack({"inputs": [_inp(name=5)]}), "input #0: 'name' must be a non-empty string"),
+        (pack({"inputs": [_inp(datatype="BF16")]}), "input 'x': unknown datatype 'BF16'"),
+        (pack({"inputs": [_inp(shape=[2, -1])]}), "input 'x': shape must be a list of non-negative integers"),
+        (pack({"inputs": [_inp(shape=2)]}), "input 'x': shape must be"),
+        (pack({"inputs": [_inp(data="\0" * 8)]}), "input 'x': 'data' must be msgpack bin, got str"),
+        (pack({"inputs": [_inp(data=None)]}), "input 'x': 'data' must be msgpack bin"),
+        (pack({"inputs": [_inp(data=b"\0" * 7)]}), "input 'x': got 7 bytes of data, INT32 shape \\[2\\] needs 8"),
+        (pack({"inputs": [_inp(datatype="BOOL", data=b"\x00\x07")]}), "input 'x': BOOL data holds bytes"),
+        (pack({"inputs": [_inp(datatype="BYTES", data=b"\x09\0\0\0abc")]}), "input 'x': BYTES element 0 claims 9 bytes"),
+        (pack({"inputs": [_inp(extra=1)]}), "input 'x': unknown key\\(s\\) \\['extra'\\]"),
+        (pack({"inputs": [_inp(), _inp()]}), "duplicate input 'x'"),
+        (pack({"inputs": [], "outputs": "y"}), "'outputs' must be an array"),
+        (pack({"inputs": [], "outputs": [7]}), "requested output #0 must be a non-empty string"),
+        (pack({"inputs": [], "outputs": [{"name": "y", "binary": True}]}), "requested output #0: unknown key"),
+        (pack({"inputs": [], "outputs": ["y", {"name": "y"}]}), "duplicate requested output 'y'"),
+        (pack({"inputs": [], "id": 5}), "'id' must be a string"),
+        (pack({"inputs": [], "parameters": [1]}), "'parameters' must be a map"),
+    ],
+)
+def test_malformed_requests(body: bytes, message: str) -> None:
+    with pytest.raises(BadRequest, match=message):
+        codec.decode_request(body, "m", "1")
+
+
+def test_string_length_limit() -> None:
+    body = pack({"inputs": [], "id": "x" * (codec.MAX_STR_LEN + 1)})
+    with pytest.raises(BadRequest, match="malformed msgpack body"):
+        codec.decode_request(body, "m", "1")
+
+
+def test_malformed_response_is_upstream_error() -> None:
+    with pytest.raises(UpstreamError, match="malformed msgpack response: malformed msgpack body"):
+        codec.decode_response(b"{}")
+    with pytest.raises(UpstreamError, match="output 'y': got 1 bytes"):
+        codec.decode_response(pack({"outputs": [{"name": "y", "datatype": "FP32", "shape": [1], "data": b"\0"}]}))

@@ -1,0 +1,368 @@
+"""The KServe v2 codec against the real tritonclient encoder/decoder, and its validation."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import orjson
+import pytest
+import tritonclient.http as httpclient
+
+from gateway.errors import BadRequest, UpstreamError
+from gateway.protocol import v2
+from gateway.tensors import V2_TO_NUMPY, InferRequest, InferResponse, RequestedOutput, Tensor
+
+
+def _ints(dtype: str) -> np.ndarray:
+    info = np.iinfo(dtype)
+    return np.array([[info.min, info.max, 0], [1, 7, info.max - 1]], dtype=dtype)
+
+
+# Every datatype, shape (2, 3), with extreme values; BYTES is UTF-8 so it can also travel as JSON.
+SAMPLES: dict[str, np.ndarray] = {
+    "BOOL": np.array([[True, False, True], [False, False, True]]),
+    "UINT8": _ints("<u1"),
+    "UINT16": _ints("<u2"),
+    "UINT32": _ints("<u4"),
+    "UINT64": _ints("<u8"),
+    "INT8": _ints("<i1"),
+    "INT16": _ints("<i2"),
+    "INT32": _ints("<i4"),
+    "INT64": _ints("<i8"),
+    "FP16": np.array([[0.5, -1.25, 65504.0], [1e-3, 0.0, -0.1]], dtype="<f2"),
+    "FP32": np.array([[0.1, -3.4e38, 1e-30], [2.5, 0.0, 7.0]], dtype="<f4"),
+    "FP64": np.array([[0.1, -1.7e308, 5e-324], [2.5, 0.0, 1 / 3]], dtype="<f8"),
+    "BYTES": np.array([[b"", b"abc", "h\u00e9llo \u2603".encode()], [b"x" * 300, b"0", b" "]], dtype=object),
+}
+ALL_TYPES = list(SAMPLES)
+
+
+def assert_same(actual: np.ndarray, expected: np.ndarray) -> None:
+    assert actual.shape == expected.shape
+    assert actual.dtype == expected.dtype
+    if expected.dtype == object:
+        assert actual.tolist() == expected.tolist()
+        assert all(type(x) is bytes for x in actual.ravel())
+    else:
+        np.testing.assert_array_equal(actual, expected)
+
+
+def triton_body(arrays: dict[str, np.ndarray], binary: bool, outputs=None, request_id: str = ""):
+    inputs = []
+    for name, array in arrays.items():
+        item = httpclient.InferInput(name, list(array.shape), _v2_type(array))
+        item.set_data_from_numpy(array, binary_data=binary)
+        inputs.append(item)
+    return httpclient.InferenceServerClient.generate_request_body(inputs, outputs=outputs, request_id=request_id)
+
+
+def _v2_type(array: np.ndarray) -> str:
+    return next(name for name, dt in V2_TO_NUMPY.items() if dt == array.dtype)
+
+
+def json_body(doc: dict) -> bytes:
+    return orjson.dumps(doc)
+
+
+def decode(body: bytes, header_length: int | None = None) -> InferRequest:
+    return v2.decode_request(body, header_length, "m", "1")
+
+
+# ------------------------------------------------------------------ requests from tritonclient
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+@pytest.mark.parametrize("datatype", ALL_TYPES)
+def test_tritonclient_request_decodes(datatype: str, binary: bool) -> None:
+    outputs = [httpclient.InferRequestedOutput("OUT_B", binary_data=True), httpclient.InferRequestedOutput("OUT_J", binary_data=False)]
+    body, json_size = triton_body({"IN": SAMPLES[datatype]}, binary, outputs, request_id="req-7")
+    assert (json_size is not None) == binary
+    request = decode(body, json_size)
+    assert request.model == "m" and request.version == "1" and request.id == "req-7"
+    assert [t.name for t in request.inputs] == ["IN"]
+    assert request.inputs[0].datatype == datatype
+    assert_same(request.inputs[0].data, SAMPLES[datatype])
+    assert request.outputs == [RequestedOutput("OUT_B", True, {}), RequestedOutput("OUT_J", False, {})]
+    assert request.binary_output is False
+    assert request.parameters == {}
+
+
+def test_tritonclient_mixed_inputs_and_defaults() -> None:
+    arrays = {"A": SAMPLES["FP32"], "B": SAMPLES["BYTES"], "C": SAMPLES["INT8"]}
+    inputs = []
+    for (name, array), binary in zip(arrays.items(), [True, False, True]):
+        item = httpclient.InferInput(name, list(array.shape), _v2_type(array))
+        item.set_data_from_numpy(array, binary_data=binary)
+        inputs.append(item)
+    body, json_size = httpclient.InferenceServerClient.generate_request_body(
+        inputs, priority=3, timeout=100, parameters={"custom": "x"}
+    )
+    request = decode(body, json_size)
+    for tensor, (name, array) in zip(request.inputs, arrays.items()):
+        assert tensor.name == name
+        assert_same(tensor.data, array)
+    assert request.outputs is None
+    assert request.binary_output is True  # tritonclient sets binary_data_output without outputs
+    assert request.parameters == {"priority": 3, "timeout": 100, "custom": "x"}
+    assert request.id is None
+
+
+def test_binary_input_is_zero_copy_view() -> None:
+    body, json_size = triton_body({"IN": SAMPLES["FP32"]}, True)
+    data = decode(body, json_size).inputs[0].data
+    assert not data.flags.owndata and not data.flags.writeable
+
+
+def test_nested_json_data_and_scalars() -> None:
+    doc = {
+        "inputs": [
+            {"name": "nested", "datatype": "INT32", "shape": [2, 2], "data": [[1, 2], [3, 4]]},
+            {"name": "flat_float", "datatype": "FP32", "shape": [3], "data": [1, 2.5, -3]},
+            {"name": "scalar", "datatype": "FP64", "shape": [], "data": [4.5]},
+            {"name": "empty", "datatype": "UINT8", "shape": [0, 3], "data": []},
+            {"name": "strings", "datatype": "BYTES", "shape": [2, 1], "data": [["a"], ["\u00e9"]]},
+        ],
+        "outputs": [{"name": "y", "parameters": {"classification": 2}}],
+        "parameters": {"binary_data_output": True},
+    }
+    request = decode(json_body(doc))
+    nested, flat_float, scalar, empty, strings = (t.data for t in request.inputs)
+    assert_same(nested, np.array([[1, 2], [3, 4]], dtype="<i4"))
+    assert_same(flat_float, np.array([1, 2.5, -3], dtype="<f4"))
+    assert_same(scalar, np.array(4.5))
+    assert_same(empty, np.empty((0, 3), dtype="<u1"))
+    assert_same(strings, np.array([[b"a"], ["\u00e9".encode()]], dtype=object))
+    assert request.outputs == [RequestedOutput("y", None, {"classification": 2})]
+    assert request.binary_output is True and request.parameters == {}
+
+
+def test_binary_bytes_with_non_utf8_and_empty_tensors() -> None:
+    raw = np.array([b"\x00\xff\xfe", b""], dtype=object)
+    body, json_size = triton_body({"B": raw, "E": np.empty((0,), dtype="<f4")}, True)
+    request = decode(body, json_size)
+    assert_same(request.inputs[0].data, raw)
+    assert_same(request.inputs[1].data, np.empty((0,), dtype="<f4"))
+
+
+# ------------------------------------------------------------------ responses for tritonclient
+
+
+def response_for(arrays: dict[str, np.ndarray]) -> InferResponse:
+    return InferResponse("m", "3", [Tensor(n, _v2_type(a), a) for n, a in arrays.items()])
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+@pytest.mark.parametrize("datatype", ALL_TYPES)
+def test_response_parses_with_tritonclient(datatype: str, binary: bool) -> None:
+    response = response_for({"OUT": SAMPLES[datatype], "OTHER": SAMPLES["INT32"]})
+    request = InferRequest("m", "", [], [RequestedOutput("OUT", binary)], id="abc")
+    body, headers = v2.encode_response(response, request)
+    header_length = headers.get(v2.HEADER_LENGTH)
+    assert (header_length is not None) == binary
+    assert headers["Content-Type"] == ("application/octet-stream" if binary else "application/json")
+    result = httpclient.InferResult.from_response_body(body, verbose=False, header_length=header_length and int(header_length))
+    got = result.as_numpy("OUT")
+    expected = SAMPLES[datatype]
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    if datatype == "BYTES" and not binary:
+        expected = np.vectorize(bytes.decode, otypes=[object])(expected)  # JSON carries strings
+    assert got.tolist() == expected.tolist()
+    doc = result.get_response()
+    assert (doc["model_name"], doc["model_version"], doc["id"]) == ("m", "3", "abc")
+    assert [o["name"] for o in doc["outputs"]] == ["OUT"]  # only what was requested
+
+
+def test_response_defaults_order_and_mixed_binary() -> None:
+    arrays = {"A": SAMPLES["FP16"], "B": SAMPLES["BYTES"], "C": SAMPLES["BOOL"]}
+    response = response_for(arrays)
+    response.parameters = {"sequence_id": 5}
+    # No outputs requested: every output, response order, request default = binary.
+    body, headers = v2.encode_response(response, InferRequest("m", "", [], None, binary_output=True))
+    result = httpclient.InferResult.from_response_body(body, header_length=int(headers[v2.HEADER_LENGTH]))
+    doc = result.get_response()
+    assert "id" not in doc and doc["parameters"] == {"sequence_id": 5}
+    assert [o["name"] for o in doc["outputs"]] == ["A", "B", "C"]
+    for name, array in arrays.items():
+        assert result.as_numpy(name).tolist() == array.tolist()
+    # Requested order wins; per-output flags override the request default.
+    request = InferRequest("m", "", [], [RequestedOutput("C", None), RequestedOutput("A", False)], binary_output=True)
+    body, headers = v2.encode_response(response, request)
+    header_length = int(headers[v2.HEADER_LENGTH])
+    doc = orjson.loads(body[:header_length])
+    assert [o["name"] for o in doc["outputs"]] == ["C", "A"]
+    assert doc["outputs"][0]["parameters"] == {"binary_data_size": 6} and "data" not in doc["outputs"][0]
+    assert "parameters" not in doc["outputs"][1]
+    assert body[header_length:] == SAMPLES["BOOL"].tobytes()
+
+
+def test_response_errors() -> None:
+    response = response_for({"OUT": np.array([b"\xff"], dtype=object)})
+    with pytest.raises(BadRequest, match="requested output 'nope'"):
+        v2.encode_response(response, InferRequest("m", "", [], [RequestedOutput("nope")]))
+    with pytest.raises(BadRequest, match="output 'OUT'.*UTF-8"):
+        v2.encode_response(response, InferRequest("m", "", [], None))
+
+
+def test_error_body() -> None:
+    assert orjson.loads(v2.error_body('bad "thing"')) == {"error": 'bad "thing"'}
+
+
+# ------------------------------------------------------------------ gateway <-> Triton
+
+
+@pytest.mark.parametrize("datatype", ALL_TYPES)
+def test_upstream_roundtrip(datatype: str) -> None:
+    tensor = Tensor("X", datatype, SAMPLES[datatype])
+    body, json_size = v2.encode_upstream_request([tensor], ["Y"], request_id="r1", parameters={"priority": 1})
+    head = orjson.loads(body[:json_size])
+    assert head["id"] == "r1" and head["parameters"] == {"priority": 1}
+    assert head["outputs"] == [{"name": "Y", "parameters": {"binary_data": True}}]
+    assert head["inputs"][0]["parameters"]["binary_data_size"] == len(body) - json_size
+    # Triton would parse it as our own server side does.
+    assert_same(decode(body, json_size).inputs[0].data, SAMPLES[datatype])
+    # A binary answer as Triton sends it, decoded back.
+    answer, headers = v2.encode_response(InferResponse("m", "1", [tensor], id="r1"), InferRequest("m", "", [], None, id="r1", binary_output=True))
+    meta, tensors = v2.decode_upstream_response(answer, int(headers[v2.HEADER_LENGTH]))
+    assert meta == {"model_name": "m", "model_version": "1", "id": "r1"}
+    assert_same(tensors[0].data, SAMPLES[datatype])
+
+
+def test_upstream_without_outputs_and_json_answers() -> None:
+    body, json_size = v2.encode_upstream_request([Tensor("X", "FP32", SAMPLES["FP32"])], None)
+    head = orjson.loads(body[:json_size])
+    assert "outputs" not in head and "id" not in head
+    assert head["parameters"] == {"binary_data_output": True}
+    answer = json_body({"model_name": "m", "model_version": "2", "parameters": {"k": 1}, "outputs": [
+        {"name": "Y", "datatype": "INT64", "shape": [2], "data": [1, 2]}]})
+    meta, tensors = v2.decode_upstream_response(answer, None)
+    assert meta == {"model_name": "m", "model_version": "2", "parameters": {"k": 1}}
+    assert_same(tensors[0].data, np.array([1, 2], dtype="<i8"))
+
+
+def test_upstream_malformed_is_upstream_error() -> None:
+    with pytest.raises(UpstreamError, match="malformed response from upstream: malformed JSON"):
+        v2.decode_upstream_response(b"<html>", None)
+    bad = json_body({"outputs": [{"name": "Y", "datatype": "FP32", "shape": [2], "parameters": {"binary_data_size": 8}}]})
+    with pytest.raises(UpstreamError, match="output 'Y'.*runs past the end"):
+        v2.decode_upstream_response(bad + b"\0" * 4, len(bad))
+
+
+# ------------------------------------------------------------------ header length
+
+
+def test_parse_header_length() -> None:
+    assert v2.parse_header_length(None, 10) is None
+    assert v2.parse_header_length(" 7 ", 10) == 7
+    assert v2.parse_header_length("10", 10) == 10
+    for bad in ["-1", "abc", "1.5", "+3", "1_0", "", "\u0663"]:
+        with pytest.raises(BadRequest, match="Inference-Header-Content-Length header must be"):
+            v2.parse_header_length(bad, 10)
+    with pytest.raises(BadRequest, match="exceeds the body length"):
+        v2.parse_header_length("11", 10)
+
+
+# ------------------------------------------------------------------ malformed requests
+
+
+def _input(**fields) -> dict:
+    return {"name": "x", "datatype": "FP32", "shape": [2], **fields}
+
+
+def _binary_request(inputs: list[dict], payload: bytes) -> tuple[bytes, int]:
+    head = json_body({"inputs": inputs})
+    return head + payload, len(head)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{not json", "malformed JSON"),
+        (b"", "malformed JSON"),
+        (b"\xff\xfe", "malformed JSON"),
+        (b"[1, 2]", "must be an object, got list"),
+        (json_body({}), "no 'inputs'"),
+        (json_body({"inputs": {"x": 1}}), "'inputs' must be a list"),
+        (json_body({"inputs": [5]}), "input #0 must be an object"),
+        (json_body({"inputs": [_input(name="")]}), "input #0: 'name' must be a non-empty string"),
+        (json_body({"inputs": [_input(datatype="FP8", data=[1, 2])]}), "input 'x': unknown datatype 'FP8'"),
+        (json_body({"inputs": [_input(datatype=["FP32"], data=[1, 2])]}), "input 'x': unknown datatype"),
+        (json_body({"inputs": [_input(shape=[-1], data=[])]}), "input 'x': shape must be a list of non-negative"),
+        (json_body({"inputs": [_input(shape=[2.0], data=[1, 2])]}), "input 'x': shape must be"),
+        (json_body({"inputs": [_input(shape=[True], data=[1])]}), "input 'x': shape must be"),
+        (json_body({"inputs": [_input(shape="2", data=[1, 2])]}), "input 'x': shape must be"),
+        (json_body({"inputs": [_input(shape=[1] * 33, data=[1])]}), "input 'x': shape must be"),
+        (json_body({"inputs": [_input(data=[1, 2, 3])]}), "input 'x': 'data' has 3 elements but shape \\[2\\] needs 2"),
+        (json_body({"inputs": [_input(data=[[1, 2], [3]])]}), "input 'x': 'data' must be a flat or regularly nested"),
+        (json_body({"inputs": [_input(data=["1", "2"])]}), "input 'x': FP32 data must be numbers"),
+        (json_body({"inputs": [_input(data=[1, None])]}), "input 'x': FP32 data must be numbers"),
+        (json_body({"inputs": [_input(data=[1e300, 1])]}), "input 'x': a value is out of range for FP32"),
+        (json_body({"inputs": [_input(data=3)]}), "input 'x': 'data' must be a list"),
+        (json_body({"inputs": [_input(datatype="UINT8", data=[1, 256])]}), "input 'x': a value is out of range for UINT8"),
+        (json_body({"inputs": [_input(datatype="INT8", data=[-129, 0])]}), "out of range for INT8"),
+        (json_body({"inputs": [_input(datatype="INT32", data=[1.5, 2])]}), "input 'x': INT32 data must be integers"),
+        (json_body({"inputs": [_input(datatype="BOOL", data=[1, 0])]}), "input 'x': BOOL data must be true/false"),
+        (json_body({"inputs": [_input(datatype="BYTES", data=["a", 1])]}), "input 'x': BYTES data elements must be strings"),
+        (json_body({"inputs": [_input(datatype="BYTES", data=[["a"]])]}), "input 'x': 'data' has 1 elements"),
+        (json_body({"inputs": [_input(data=[1, 2]), _input(data=[3, 4])]}), "duplicate input 'x'"),
+        (json_body({"inputs": [_input()]}), "input 'x' has neither 'data' nor parameters.binary_data_size"),
+        (json_body({"inputs": [_input(data=[1, 2], parameters={"binary_data_size": 8})]}), "input 'x' has both"),
+        (json_body({"inputs": [_input(parameters=[1])]}), "input 'x': 'parameters' must be an object"),
+        (json_body({"inputs": [_input(parameters={"shared_memory_region": "r"})]}), "input 'x': shared memory is not supported"),
+        (json_body({"inputs": [_input(parameters={"binary_data_size": -8})]}), "input 'x': binary_data_size must be a non-negative"),
+        (json_body({"inputs": [_input(parameters={"binary_data_size": "8"})]}), "input 'x': binary_data_size must be"),
+        (json_body({"inputs": [_input(data=[1, 2])], "outputs": {"y": 1}}), "'outputs' must be a list"),
+        (json_body({"inputs": [_input(data=[1, 2])], "outputs": [{"nom": "y"}]}), "requested output #0 must be an object"),
+        (json_body({"inputs": [_input(data=[1, 2])], "outputs": [{"name": "y"}, {"name": "y"}]}), "duplicate requested output 'y'"),
+        (json_body({"inputs": [_input(data=[1, 2])], "outputs": [{"name": "y", "parameters": {"binary_data": 1}}]}), "requested output 'y': binary_data must be true or false"),
+        (json_body({"inputs": [_input(data=[1, 2])], "parameters": {"binary_data_output": "yes"}}), "binary_data_output must be true or false"),
+        (json_body({"inputs": [_input(data=[1, 2])], "parameters": 3}), "request: 'parameters' must be an object"),
+        (json_body({"inputs": [_input(data=[1, 2])], "id": 17}), "'id' must be a string"),
+    ],
+)
+def test_malformed_json_requests(body: bytes, message: str) -> None:
+    with pytest.raises(BadRequest, match=message) as info:
+        decode(body)
+    assert info.value.status == 400
+
+
+def _bytes_payload(*items: bytes) -> bytes:
+    return b"".join(struct.pack("<I", len(i)) + i for i in items)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "payload", "message"),
+    [
+        ([_input(parameters={"binary_data_size": 8})], b"\0" * 4, "input 'x': binary_data_size 8 runs past the end of the body \\(4 bytes left"),
+        ([_input(parameters={"binary_data_size": 4})], b"\0" * 4, "input 'x': got 4 bytes of data, FP32 shape \\[2\\] needs 8"),
+        ([_input(parameters={"binary_data_size": 8})], b"\0" * 12, "add up to 8 bytes but 12 follow the JSON header"),
+        ([_input(data=[1, 2])], b"junk", "add up to 0 bytes but 4 follow the JSON header"),
+        ([_input(datatype="BOOL", parameters={"binary_data_size": 2})], b"\x01\x02", "input 'x': BOOL data holds bytes other than 0 and 1"),
+        ([_input(datatype="BYTES", parameters={"binary_data_size": 9})], _bytes_payload(b"a") + b"\x05\0\0\0", "input 'x': BYTES element 1 claims 5 bytes but only 0 remain"),
+        ([_input(datatype="BYTES", parameters={"binary_data_size": 7})], _bytes_payload(b"a") + b"\x05\0", "input 'x': BYTES data ends before element 1"),
+        ([_input(datatype="BYTES", parameters={"binary_data_size": 12})], _bytes_payload(b"a", b"b") + b"\0\0", "input 'x': 2 bytes of BYTES data left over"),
+        ([_input(datatype="BYTES", parameters={"binary_data_size": 5})], _bytes_payload(b"a"), "input 'x': BYTES data ends before element 1 of 2"),
+    ],
+)
+def test_malformed_binary_requests(inputs: list[dict], payload: bytes, message: str) -> None:
+    body, header_length = _binary_request(inputs, payload)
+    with pytest.raises(BadRequest, match=message):
+        decode(body, header_length)
+
+
+def test_binary_size_without_header_length() -> None:
+    body = json_body({"inputs": [_input(parameters={"binary_data_size": 8})]})
+    with pytest.raises(BadRequest, match="input 'x': binary_data_size 8 runs past the end"):
+        decode(body)
+    with pytest.raises(BadRequest, match="malformed JSON"):
+        decode(body + b"\0" * 8)  # no header length: the whole body must be JSON
+
+
+def test_deeply_nested_data() -> None:
+    # Deeper than Python's recursion limit for BYTES; deeper than numpy's 32 dimensions for numbers.
+    deep = "[" * 1000 + '"a"' + "]" * 1000
+    body = ('{"inputs": [{"name": "s", "datatype": "BYTES", "shape": [1], "data": %s}]}' % deep).encode()
+    assert_same(decode(body).inputs[0].data, np.array([b"a"], dtype=object))
+    body = ('{"inputs": [{"name": "n", "datatype": "FP32", "shape": [1], "data": %s}]}' % deep.replace('"a"', "1")).encode()
+    with pytest.raises(BadRequest, match="input 'n': 'data' must be a flat or regularly nested"):
+        decode(body)
