@@ -1,0 +1,84 @@
+"""Command line: ``python -m gateway serve --config FILE``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from gateway.config import ConfigError, load_config
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config, host=args.host, port=args.port)
+    except ConfigError as exc:
+        print(f"gateway: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.server == "granian":
+        from granian import Granian
+        from granian.constants import Interfaces, Loops
+
+        os.environ["GATEWAY_CONFIG"] = str(Path(args.config).resolve())
+        Granian(
+            "gateway.asgi:app_from_env",
+            address=config.server.host,
+            port=config.server.port,
+            interface=Interfaces.ASGI,
+            loop=Loops.uvloop,
+            factory=True,
+            log_access=False,
+        ).serve()
+        return 0
+
+    import uvicorn
+
+    from gateway.app import build_app
+
+    uvicorn.run(
+        build_app(config),
+        host=config.server.host,
+        port=config.server.port,
+        loop="uvloop",
+        http="httptools",
+        log_level=args.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=int(config.server.shutdown_grace_s) + 1,
+    )
+    return 0
+
+
+def check(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"bad configuration: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.config}: ok ({len(config.upstream.instances)} instance(s))")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gateway", description="Triton fleet gateway")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="run the gateway")
+    p_serve.add_argument("--config", required=True, help="TOML config file (see configs/local.toml)")
+    p_serve.add_argument("--host", help="override server.host")
+    p_serve.add_argument("--port", type=int, help="override server.port")
+    p_serve.add_argument(
+        "--server", default="uvicorn", choices=["uvicorn", "granian"], help="ASGI server (uvicorn+httptools is the default)"
+    )
+    p_serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p_serve.set_defaults(func=serve)
+    p_check = sub.add_parser("check-config", help="validate a config file and exit")
+    p_check.add_argument("--config", required=True)
+    p_check.set_defaults(func=check)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""build_app(config): routes and the lifespan that owns every background task. Wiring only."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.routing import Route
+
+from gateway import handlers
+from gateway.config import GatewayConfig
+from gateway.errors import GatewayError
+from gateway.pipeline import InferencePipeline
+from gateway.router import Instance, Router
+from gateway.upstream import fleet
+from gateway.upstream.client import TritonClient
+from gateway.upstream.metadata import MetadataCache
+
+log = logging.getLogger(__name__)
+
+
+def routes() -> list[Route]:
+    models = "/v2/models/{model}"
+    versioned = "/v2/models/{model}/versions/{version}"
+    table = [
+        Route("/v2", handlers.server_metadata, methods=["GET"]),
+        Route("/v2/health/live", handlers.live, methods=["GET"]),
+        Route("/v2/health/ready", handlers.ready, methods=["GET"]),
+        Route("/v2/models/stats", handlers.model_stats, methods=["GET"]),
+    ]
+    for base in (models, versioned):
+        table += [
+            Route(base, handlers.model_metadata, methods=["GET"]),
+            Route(base + "/config", handlers.model_config, methods=["GET"]),
+            Route(base + "/ready", handlers.model_ready, methods=["GET"]),
+            Route(base + "/stats", handlers.model_stats, methods=["GET"]),
+            Route(base + "/infer", handlers.infer, methods=["POST"]),
+        ]
+    return table
+
+
+def build_app(config: GatewayConfig) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        client = TritonClient(config.upstream)
+        await client.start()
+        instances = [Instance.from_config(i) for i in config.upstream.instances]
+        await fleet.check_all(client, instances, timeout=config.upstream.connect_timeout_s)
+        router = Router(instances, client)
+        pipeline = InferencePipeline(config.batching, router, MetadataCache(router, config.upstream.metadata_ttl_s))
+        app.state.services = handlers.Services(config, router, pipeline)
+        health = asyncio.create_task(fleet.health_loop(client, instances, config.upstream.health_interval_s))
+        try:
+            yield
+        finally:
+            # Ordered shutdown: queued batches drain (bounded), then background work, then sockets.
+            await pipeline.close(config.server.shutdown_grace_s)
+            health.cancel()
+            await asyncio.gather(health, return_exceptions=True)
+            await client.close()
+
+    return Starlette(
+        routes=routes(),
+        lifespan=lifespan,
+        exception_handlers={
+            GatewayError: handlers.error_response,
+            HTTPException: handlers.error_response,
+            Exception: handlers.error_response,  # a bug: logged, answered 500
+        },
+    )

@@ -1,0 +1,250 @@
+"""Dynamic batching across clients, one ``Batcher`` per model version.
+
+Policy (``select_batch``, a pure function tested with a fake clock):
+
+* A batch is sent at once while fewer than ``max_inflight`` batches of this model version are
+  in flight: at low load nothing waits for a timer.
+* Otherwise requests gather. A batch is sent when a slot frees, or as soon as it is full
+  (``max_rows``), or when its oldest request has waited ``max_delay`` seconds, so the queue never
+  adds more than that delay even while every slot is busy.
+* A batch holds requests of one signature only (input names, dtypes and non-batch shapes), taken
+  in arrival order starting from the oldest request, so no signature starves.
+* Requests whose deadline has passed are failed with 504 and never sent; requests whose caller
+  went away (cancelled future) are dropped.
+
+Each caller receives exactly its own rows of every output. A failed batch fails every request
+in it with the same error, and the worker loop itself never dies of a request's error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gateway.errors import GatewayError, GatewayTimeout, Unavailable, UpstreamError
+from gateway.tensors import Tensor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPolicy:
+    max_rows: int
+    max_delay: float  # seconds
+    max_inflight: int
+    max_queue_rows: int
+
+
+@dataclass(slots=True)
+class BatchResult:
+    version: str  # the model version that served the batch
+    outputs: list[Tensor]
+
+
+@dataclass(slots=True, eq=False)
+class Pending:
+    inputs: list[Tensor]
+    rows: int
+    signature: Hashable
+    future: asyncio.Future[BatchResult]
+    enqueued: float
+    deadline: float | None = None
+
+
+@dataclass(slots=True)
+class Selection:
+    batch: list[Pending] = field(default_factory=list)
+    wake_at: float | None = None  # when to look again if nothing is sent now (None: on an event)
+
+
+Dispatch = Callable[[list[Tensor], float | None], Awaitable[BatchResult]]
+
+
+def signature_of(inputs: Sequence[Tensor]) -> Hashable:
+    return tuple((t.name, t.datatype, t.data.shape[1:]) for t in inputs)
+
+
+def select_batch(queue: Sequence[Pending], inflight: int, now: float, policy: BatchPolicy) -> Selection:
+    if not queue:
+        return Selection()
+    head = queue[0]
+    batch: list[Pending] = []
+    rows = 0
+    full = False
+    for item in queue:
+        if item.signature != head.signature:
+            continue
+        if batch and rows + item.rows > policy.max_rows:
+            full = True  # the next request of this signature no longer fits
+            break
+        batch.append(item)
+        rows += item.rows
+    full = full or rows >= policy.max_rows
+    waited_out = now - head.enqueued >= policy.max_delay
+    if inflight < policy.max_inflight or full or waited_out:
+        return Selection(batch=batch)
+    return Selection(wake_at=head.enqueued + policy.max_delay)
+
+
+def concat_inputs(batch: Sequence[Pending]) -> list[Tensor]:
+    if len(batch) == 1:
+        return batch[0].inputs
+    first = batch[0].inputs
+    return [
+        Tensor(t.name, t.datatype, np.concatenate([item.inputs[i].data for item in batch], axis=0))
+        for i, t in enumerate(first)
+    ]
+
+
+def split_outputs(result: BatchResult, batch: Sequence[Pending]) -> list[BatchResult]:
+    total = sum(item.rows for item in batch)
+    for t in result.outputs:
+        if not t.data.shape or t.data.shape[0] != total:
+            raise UpstreamError(
+                f"upstream returned output '{t.name}' with shape {list(t.data.shape)} for a batch of {total} rows",
+                status=502,
+            )
+    if len(batch) == 1:
+        return [result]
+    parts = []
+    offset = 0
+    for item in batch:
+        end = offset + item.rows
+        parts.append(BatchResult(result.version, [Tensor(t.name, t.datatype, t.data[offset:end]) for t in result.outputs]))
+        offset = end
+    return parts
+
+
+class Batcher:
+    def __init__(
+        self,
+        name: str,
+        dispatch: Dispatch,
+        policy: BatchPolicy,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self._dispatch = dispatch
+        self.policy = policy
+        self._clock = clock
+        self._queue: deque[Pending] = deque()
+        self._queued_rows = 0
+        self.inflight = 0
+        self._wakeup = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._worker: asyncio.Task[None] | None = None
+        self.batches_sent = 0
+        self.rows_sent = 0
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher:{self.name}")
+            self._worker.add_done_callback(self._worker_done)
+
+    async def submit(self, inputs: list[Tensor], deadline: float | None = None) -> BatchResult:
+        rows = inputs[0].data.shape[0] if inputs and inputs[0].data.ndim else 1
+        if self._queued_rows + rows > self.policy.max_queue_rows:
+            raise Unavailable(f"model '{self.name}' is overloaded: its queue is full, try again later")
+        self.start()
+        future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
+        self._queue.append(Pending(inputs, rows, signature_of(inputs), future, self._clock(), deadline))
+        self._queued_rows += rows
+        self._wakeup.set()
+        return await future
+
+    async def close(self, grace: float) -> None:
+        """Let queued and in-flight batches finish for up to ``grace`` seconds, then cancel."""
+        deadline = self._clock() + grace
+        while (self._queue or self.inflight) and self._clock() < deadline:
+            await asyncio.sleep(0.01)
+        if self._worker is not None:
+            self._worker.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, *([self._worker] if self._worker else []), return_exceptions=True)
+        while self._queue:
+            self._fail(self._queue.popleft(), Unavailable("the gateway is shutting down"))
+
+    def _worker_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("batcher %s stopped: %r", self.name, task.exception())
+        self._worker = None
+
+    def _fail(self, item: Pending, error: BaseException) -> None:
+        if not item.future.done():
+            item.future.set_exception(error)
+
+    def _remove(self, batch: Sequence[Pending]) -> None:
+        self._queued_rows -= sum(i.rows for i in batch)
+        if all(a is b for a, b in zip(batch, self._queue)):
+            for _ in batch:  # the common case: the batch is the head of the queue
+                self._queue.popleft()
+            return
+        ids = {id(i) for i in batch}
+        self._queue = deque(i for i in self._queue if id(i) not in ids)
+
+    def _prune(self, now: float) -> None:
+        dropped = [i for i in self._queue if i.future.done() or (i.deadline is not None and i.deadline <= now)]
+        if not dropped:
+            return
+        self._remove(dropped)
+        for item in dropped:
+            self._fail(item, GatewayTimeout(f"deadline passed while queued for model '{self.name}'"))
+
+    async def _run(self) -> None:
+        while True:
+            self._wakeup.clear()
+            now = self._clock()
+            self._prune(now)
+            selection = select_batch(self._queue, self.inflight, now, self.policy)
+            if selection.batch:
+                self._remove(selection.batch)
+                self.inflight += 1
+                task = asyncio.get_running_loop().create_task(self._send(selection.batch))
+                # Keep a hard reference so the task is not garbage collected mid-flight.
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                continue
+            if selection.wake_at is None and not self._queue:
+                await self._wakeup.wait()
+                continue
+            timeout = None if selection.wake_at is None else max(0.0, selection.wake_at - self._clock())
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def _send(self, batch: list[Pending]) -> None:
+        try:
+            deadlines = [i.deadline for i in batch if i.deadline is not None]
+            result = await self._dispatch(concat_inputs(batch), max(deadlines) if len(deadlines) == len(batch) else None)
+            parts = split_outputs(result, batch)
+            self.batches_sent += 1
+            self.rows_sent += sum(i.rows for i in batch)
+            for item, part in zip(batch, parts):
+                if not item.future.done():
+                    item.future.set_result(part)
+        except asyncio.CancelledError:
+            for item in batch:
+                self._fail(item, Unavailable("the gateway is shutting down"))
+            raise
+        except GatewayError as exc:
+            for item in batch:
+                self._fail(item, exc)
+        except Exception as exc:  # a bug must fail the batch, never the worker loop
+            log.exception("batch for %s failed", self.name)
+            for item in batch:
+                self._fail(item, UpstreamError(f"internal error while serving '{self.name}': {exc}", status=500))
+        finally:
+            self.inflight -= 1
+            self._wakeup.set()

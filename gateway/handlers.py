@@ -1,0 +1,155 @@
+"""HTTP endpoints: the KServe v2 / Triton protocol as Triton answers it, plus msgpack on /infer.
+
+Each handler decodes, calls into the pipeline or the fleet, and encodes; errors become a v2
+error body (or a msgpack one for msgpack clients) in ``error_response`` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.config import GatewayConfig
+from gateway.errors import BadRequest, GatewayError, NotFound, PayloadTooLarge, Unavailable
+from gateway.pipeline import InferencePipeline
+from gateway.protocol import msgpack as msgpack_codec
+from gateway.protocol import v2
+from gateway.router import Router
+from gateway.upstream.client import HEADER_LENGTH, upstream_error
+from gateway.upstream.stats import merge_statistics
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
+
+
+@dataclass(slots=True)
+class Services:
+    config: GatewayConfig
+    router: Router
+    pipeline: InferencePipeline
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services
+
+
+def is_msgpack(request: Request) -> bool:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower() in MSGPACK_TYPES
+
+
+def error_response(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, GatewayError):
+        status, message = exc.status, exc.message
+    elif isinstance(exc, HTTPException):
+        status, message = exc.status_code, exc.detail
+    else:  # a bug: say so without leaking internals, and keep the traceback in the log
+        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        status, message = 500, f"internal gateway error ({exc.__class__.__name__})"
+    if request.method == "POST" and is_msgpack(request):
+        return Response(msgpack_codec.error_body(message), status, media_type=MSGPACK_TYPES[0])
+    return Response(v2.error_body(message), status, media_type=JSON)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadRequest(f"invalid Content-Length header: {declared!r}")
+        if int(declared) > limit:
+            raise PayloadTooLarge(f"request body of {declared} bytes exceeds the gateway's limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the gateway's limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def model_and_version(request: Request) -> tuple[str, str]:
+    version = request.path_params.get("version", "")
+    if version and not version.isdigit():
+        raise BadRequest(f"model version must be a positive integer, got {version!r}")
+    return request.path_params["model"], version
+
+
+async def infer(request: Request) -> Response:
+    s = services(request)
+    model, version = model_and_version(request)
+    body = await read_body(request, s.config.server.max_body_bytes)
+    if is_msgpack(request):
+        req = msgpack_codec.decode_request(body, model, version)
+        resp = await s.pipeline.infer(req)
+        return Response(
+            msgpack_codec.encode_response(resp, req),
+            media_type=MSGPACK_TYPES[0],
+            headers={"Model-Version": resp.version},
+        )
+    length = v2.parse_header_length(request.headers.get(HEADER_LENGTH), len(body))
+    req = v2.decode_request(body, length, model, version)
+    resp = await s.pipeline.infer(req)
+    payload, headers = v2.encode_response(resp, req)
+    return Response(payload, headers={**headers, "Model-Version": resp.version})
+
+
+async def model_metadata(request: Request) -> Response:
+    model, version = model_and_version(request)
+    info = await services(request).pipeline.metadata.get(model, version)
+    return Response(info.metadata, media_type=JSON)
+
+
+async def model_config(request: Request) -> Response:
+    model, version = model_and_version(request)
+    info = await services(request).pipeline.metadata.get(model, version)
+    return Response(info.config, media_type=JSON)
+
+
+async def model_ready(request: Request) -> Response:
+    model, version = model_and_version(request)
+    path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/ready"
+    answers = await services(request).router.get_all(path)
+    return Response(status_code=200 if any(a.status == 200 for a in answers) else 400)
+
+
+async def model_stats(request: Request) -> Response:
+    path = request.url.path
+    answers = await services(request).router.get_all(path)
+    ok = [orjson.loads(a.body) for a in answers if a.status == 200]
+    if not ok:
+        error = upstream_error(answers[0].status, answers[0].body)
+        if "unknown model" in error.message or "not found" in error.message:
+            raise NotFound(error.message)
+        raise error
+    return Response(orjson.dumps(merge_statistics(ok)), media_type=JSON)
+
+
+# What the gateway itself implements; Triton's other extensions (shared memory, sequences,
+# repository control...) are not passed through, so clients do not rely on them here.
+EXTENSIONS = ["binary_tensor_data", "parameters", "statistics", "model_configuration", "schedule_policy"]
+
+
+async def server_metadata(request: Request) -> Response:
+    answer = await services(request).router.get("/v2")
+    if answer.status != 200:
+        raise upstream_error(answer.status, answer.body)
+    upstream = orjson.loads(answer.body)
+    body = {"name": upstream.get("name", "triton"), "version": upstream.get("version", ""), "extensions": EXTENSIONS}
+    return Response(orjson.dumps(body), media_type=JSON)
+
+
+async def live(request: Request) -> Response:
+    return Response(status_code=200)
+
+
+async def ready(request: Request) -> Response:
+    if not any(i.healthy for i in services(request).router.instances):
+        raise Unavailable("no Triton instance is ready")
+    return Response(status_code=200)

@@ -1,0 +1,94 @@
+"""What the gateway knows of a served model (from Triton's metadata and config), and the checks a
+request must pass before it may join a batch: one bad request must never fail a batch of others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.errors import BadRequest
+from gateway.tensors import InferRequest
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]  # as Triton's metadata reports it: batch dimension first (-1) if batched
+    optional: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    name: str
+    versions: tuple[str, ...]
+    max_batch_size: int
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+    metadata: bytes  # Triton's own answers, returned to clients unchanged
+    config: bytes
+
+    @classmethod
+    def from_triton(cls, metadata: dict[str, Any], config: dict[str, Any], metadata_raw: bytes, config_raw: bytes) -> ModelInfo:
+        optional = {i["name"] for i in config.get("input", []) if i.get("optional")}
+
+        def specs(items: list[dict[str, Any]]) -> dict[str, TensorSpec]:
+            return {
+                t["name"]: TensorSpec(t["name"], t["datatype"], tuple(int(d) for d in t["shape"]), t["name"] in optional)
+                for t in items
+            }
+
+        return cls(
+            name=metadata["name"],
+            versions=tuple(metadata.get("versions", ())),
+            max_batch_size=int(config.get("max_batch_size", 0)),
+            inputs=specs(metadata.get("inputs", [])),
+            outputs=specs(metadata.get("outputs", [])),
+            metadata=metadata_raw,
+            config=config_raw,
+        )
+
+    @property
+    def batched(self) -> bool:
+        return self.max_batch_size > 0
+
+
+def check_request(info: ModelInfo, request: InferRequest) -> int:
+    """Raise BadRequest naming the tensor at fault; return the request's batch size (rows)."""
+    model = info.name
+    seen: set[str] = set()
+    rows: int | None = None
+    for tensor in request.inputs:
+        spec = info.inputs.get(tensor.name)
+        if spec is None:
+            raise BadRequest(f"unexpected input '{tensor.name}' for model '{model}'; it expects {sorted(info.inputs)}")
+        seen.add(tensor.name)
+        if tensor.datatype != spec.datatype:
+            raise BadRequest(
+                f"input '{tensor.name}' of model '{model}' must have datatype {spec.datatype}, got {tensor.datatype}"
+            )
+        shape = tensor.data.shape
+        if len(shape) != len(spec.shape) or any(e != -1 and e != d for e, d in zip(spec.shape, shape)):
+            raise BadRequest(
+                f"input '{tensor.name}' of model '{model}' has shape {list(shape)}; expected {list(spec.shape)} "
+                "(-1 means any size)"
+            )
+        if info.batched:
+            if shape[0] < 1 or shape[0] > info.max_batch_size:
+                raise BadRequest(
+                    f"input '{tensor.name}' of model '{model}' has batch size {shape[0]}; "
+                    f"it must be between 1 and {info.max_batch_size}"
+                )
+            if rows is not None and shape[0] != rows:
+                raise BadRequest(f"inputs of model '{model}' disagree on the batch size ({rows} and {shape[0]})")
+            rows = shape[0]
+    missing = sorted(n for n, s in info.inputs.items() if n not in seen and not s.optional)
+    if missing:
+        raise BadRequest(f"missing input(s) {missing} for model '{model}'")
+    for out in request.outputs or ():
+        if out.name not in info.outputs:
+            raise BadRequest(f"unknown output '{out.name}' for model '{model}'; it has {sorted(info.outputs)}")
+        if "classification" in out.parameters:
+            raise BadRequest(f"output '{out.name}': the classification extension is not supported by the gateway")
+    return rows or 1

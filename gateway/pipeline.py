@@ -1,0 +1,69 @@
+"""The inference path after decoding: check the request against the model, batch it, route it,
+and keep only the outputs the caller asked for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from gateway.batcher import Batcher, BatchPolicy, BatchResult
+from gateway.config import BatchingConfig
+from gateway.models import ModelInfo, check_request
+from gateway.router import Router
+from gateway.tensors import InferRequest, InferResponse, Tensor
+from gateway.upstream.metadata import MetadataCache
+
+
+class InferencePipeline:
+    def __init__(
+        self,
+        batching: BatchingConfig,
+        router: Router,
+        metadata: MetadataCache,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._batching = batching
+        self._router = router
+        self.metadata = metadata
+        self._clock = clock
+        self.batchers: dict[tuple[str, str], Batcher] = {}
+
+    def _batcher(self, model: str, version: str, info: ModelInfo) -> Batcher:
+        key = (model, version)
+        batcher = self.batchers.get(key)
+        if batcher is None:
+            b = self._batching
+            policy = BatchPolicy(
+                max_rows=min(b.max_batch_size, info.max_batch_size),
+                max_delay=b.max_queue_delay_ms / 1000,
+                max_inflight=b.max_inflight_batches,
+                max_queue_rows=b.max_queue_rows,
+            )
+
+            async def dispatch(inputs: list[Tensor], deadline: float | None) -> BatchResult:
+                return await self._router.infer(model, version, inputs, None, deadline)
+
+            name = f"{model}" + (f"/{version}" if version else "")
+            batcher = self.batchers[key] = Batcher(name, dispatch, policy, self._clock)
+        return batcher
+
+    async def infer(self, request: InferRequest, deadline: float | None = None) -> InferResponse:
+        info = await self.metadata.get(request.model, request.version)
+        check_request(info, request)
+        # The model's input order, so that clients listing inputs differently share batches.
+        order = list(info.inputs)
+        inputs = sorted(request.inputs, key=lambda t: order.index(t.name)) if len(request.inputs) > 1 else request.inputs
+        if info.batched and self._batching.enabled:
+            result = await self._batcher(request.model, request.version, info).submit(inputs, deadline)
+        else:
+            result = await self._router.infer(request.model, request.version, inputs, None, deadline)
+        outputs = result.outputs
+        if request.outputs is not None:
+            by_name = {t.name: t for t in outputs}
+            outputs = [by_name[o.name] for o in request.outputs if o.name in by_name]
+        return InferResponse(request.model, result.version, outputs, id=request.id)
+
+    async def close(self, grace: float) -> None:
+        for batcher in self.batchers.values():
+            await batcher.close(grace)

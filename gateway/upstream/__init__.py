@@ -1,0 +1,1 @@
+"""Talking to Triton: the HTTP client, fleet health, and model metadata."""

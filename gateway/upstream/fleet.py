@@ -1,0 +1,32 @@
+"""Active health checks: each instance's ``/v2/health/ready``, polled in the background."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from gateway.errors import GatewayError
+from gateway.router import Instance
+from gateway.upstream.client import TritonClient
+
+log = logging.getLogger(__name__)
+
+
+async def probe(client: TritonClient, instance: Instance, timeout: float) -> None:
+    try:
+        ready = (await client.get(instance.url, "/v2/health/ready", timeout)).status == 200
+    except GatewayError:
+        ready = False
+    if ready != instance.healthy:
+        log.warning("instance %s is now %s", instance.url, "ready" if ready else "NOT ready")
+    instance.healthy = ready
+
+
+async def check_all(client: TritonClient, instances: list[Instance], timeout: float) -> None:
+    await asyncio.gather(*(probe(client, i, timeout) for i in instances))
+
+
+async def health_loop(client: TritonClient, instances: list[Instance], interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        await check_all(client, instances, timeout=max(interval, 0.5))

@@ -1,0 +1,69 @@
+"""Model metadata and config fetched from the fleet, cached for a while, fetched once at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import orjson
+
+from gateway.errors import GatewayError, NotFound, UpstreamError
+from gateway.models import ModelInfo
+from gateway.router import Router
+from gateway.upstream.client import upstream_error
+
+# A negative answer (unknown model) is remembered briefly so that a flood of requests for a
+# wrong name does not become a flood of metadata requests to Triton.
+NOT_FOUND_TTL_S = 1.0
+
+
+def model_path(model: str, version: str) -> str:
+    return f"/v2/models/{model}/versions/{version}" if version else f"/v2/models/{model}"
+
+
+class MetadataCache:
+    def __init__(self, router: Router, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._router = router
+        self._ttl = ttl
+        self._clock = clock
+        self._entries: dict[tuple[str, str], tuple[float, ModelInfo | GatewayError]] = {}
+        self._inflight: dict[tuple[str, str], asyncio.Future[ModelInfo]] = {}
+
+    def invalidate(self, model: str) -> None:
+        for key in [k for k in self._entries if k[0] == model]:
+            del self._entries[key]
+
+    async def get(self, model: str, version: str) -> ModelInfo:
+        key = (model, version)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] > self._clock():
+            if isinstance(entry[1], GatewayError):
+                raise entry[1]
+            return entry[1]
+        pending = self._inflight.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._fetch(model, version))
+            self._inflight[key] = pending
+            pending.add_done_callback(lambda _: self._inflight.pop(key, None))
+        # shield: one caller going away must not cancel the fetch the others wait for
+        return await asyncio.shield(pending)
+
+    async def _fetch(self, model: str, version: str) -> ModelInfo:
+        key = (model, version)
+        path = model_path(model, version)
+        try:
+            meta, config = await asyncio.gather(self._router.get(path), self._router.get(path + "/config"))
+            for resp in (meta, config):
+                if resp.status != 200:
+                    raise upstream_error(resp.status, resp.body)
+            info = ModelInfo.from_triton(orjson.loads(meta.body), orjson.loads(config.body), meta.body, config.body)
+        except UpstreamError as exc:
+            if exc.status in (400, 404) and ("unknown model" in exc.message or "not found" in exc.message):
+                name = f"model '{model}'" + (f" version {version}" if version else "")
+                error = NotFound(f"{name} is not served: {exc.message}")
+                self._entries[key] = (self._clock() + NOT_FOUND_TTL_S, error)
+                raise error from None
+            raise
+        self._entries[key] = (self._clock() + self._ttl, info)
+        return info

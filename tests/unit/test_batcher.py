@@ -1,0 +1,217 @@
+"""The batcher: policy with a fake clock, and the worker loop driven by events (no sleeping)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from gateway.batcher import Batcher, BatchPolicy, BatchResult, Pending, select_batch, signature_of
+from gateway.errors import GatewayTimeout, Unavailable, UpstreamError
+from gateway.tensors import Tensor
+
+POLICY = BatchPolicy(max_rows=8, max_delay=0.002, max_inflight=1, max_queue_rows=64)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def rows(n: int, start: float = 0.0, width: int = 3, dtype: str = "FP32") -> list[Tensor]:
+    data = (np.arange(n * width, dtype=np.float32).reshape(n, width) + start).astype(
+        np.float32 if dtype == "FP32" else np.float64
+    )
+    return [Tensor("x", dtype, data)]
+
+
+def pending(n: int, t: float, width: int = 3) -> Pending:
+    inputs = rows(n, width=width)
+    return Pending(inputs, n, signature_of(inputs), None, t)  # type: ignore[arg-type]  # policy never touches it
+
+
+# --- policy -------------------------------------------------------------------------------
+
+
+def test_free_slot_sends_at_once_without_waiting_for_a_timer() -> None:
+    queue = [pending(1, 100.0)]
+    sel = select_batch(queue, inflight=0, now=100.0, policy=POLICY)
+    assert sel.batch == queue
+
+
+def test_busy_slots_gather_until_the_oldest_has_waited_max_delay() -> None:
+    queue = [pending(1, 100.0), pending(2, 100.001)]
+    sel = select_batch(queue, inflight=1, now=100.001, policy=POLICY)
+    assert sel.batch == [] and sel.wake_at == pytest.approx(100.002)
+    sel = select_batch(queue, inflight=1, now=100.0021, policy=POLICY)
+    assert sel.batch == queue
+
+
+def test_full_batch_is_sent_even_when_slots_are_busy() -> None:
+    queue = [pending(4, 100.0), pending(4, 100.0), pending(1, 100.0)]
+    sel = select_batch(queue, inflight=1, now=100.0, policy=POLICY)
+    assert sel.batch == queue[:2]  # 8 rows: full; the third waits for the next batch
+
+
+def test_batch_never_exceeds_max_rows_and_keeps_arrival_order() -> None:
+    queue = [pending(3, 100.0), pending(3, 100.0), pending(3, 100.0)]
+    sel = select_batch(queue, inflight=0, now=100.0, policy=POLICY)
+    assert sel.batch == queue[:2]
+
+
+def test_only_one_signature_per_batch_starting_with_the_oldest() -> None:
+    a1, b1, a2 = pending(1, 100.0, width=3), pending(1, 100.0, width=5), pending(1, 100.0, width=3)
+    sel = select_batch([a1, b1, a2], inflight=0, now=100.0, policy=POLICY)
+    assert sel.batch == [a1, a2]
+    sel = select_batch([b1], inflight=0, now=100.0, policy=POLICY)
+    assert sel.batch == [b1]
+
+
+def test_dtype_is_part_of_the_signature() -> None:
+    assert signature_of(rows(1, dtype="FP32")) != signature_of(rows(1, dtype="FP64"))
+    assert signature_of(rows(1)) == signature_of(rows(5))  # the batch dimension is not
+
+
+# --- worker loop --------------------------------------------------------------------------
+
+
+class FakeUpstream:
+    """Each dispatched batch waits until the test releases it; outputs are inputs * 2."""
+
+    def __init__(self) -> None:
+        self.batches: list[np.ndarray] = []
+        self.gates: list[asyncio.Event] = []
+        self.fail_with: Exception | None = None
+        self.arrived = asyncio.Event()
+
+    async def __call__(self, inputs: list[Tensor], deadline: float | None) -> BatchResult:
+        gate = asyncio.Event()
+        self.batches.append(inputs[0].data.copy())
+        self.gates.append(gate)
+        self.arrived.set()
+        await gate.wait()
+        if self.fail_with is not None:
+            raise self.fail_with
+        return BatchResult("1", [Tensor("y", "FP32", inputs[0].data * 2)])
+
+    async def wait_batches(self, n: int) -> None:
+        while len(self.batches) < n:
+            self.arrived.clear()
+            await self.arrived.wait()
+
+    def release_all(self) -> None:
+        for gate in self.gates:
+            gate.set()
+
+
+async def settle() -> None:
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+async def test_requests_arriving_while_the_slot_is_busy_share_one_batch_and_get_their_own_rows() -> None:
+    up = FakeUpstream()
+    batcher = Batcher("m", up, POLICY, clock=FakeClock())
+    first = asyncio.create_task(batcher.submit(rows(1, start=1000)))
+    await up.wait_batches(1)  # sent at once: the slot was free
+    later = [asyncio.create_task(batcher.submit(rows(n, start=100 * i))) for i, n in enumerate([1, 2, 3], 1)]
+    await settle()
+    assert len(up.batches) == 1  # slot busy, max_delay not reached on the fake clock: gathering
+    up.release_all()
+    await up.wait_batches(2)
+    up.release_all()
+    results = await asyncio.gather(first, *later)
+    assert [b.shape[0] for b in up.batches] == [1, 6]
+    for i, (n, res) in enumerate(zip([1, 2, 3], results[1:]), 1):
+        np.testing.assert_array_equal(res.outputs[0].data, rows(n, start=100 * i)[0].data * 2)
+    np.testing.assert_array_equal(results[0].outputs[0].data, rows(1, start=1000)[0].data * 2)
+    await batcher.close(0)
+
+
+async def test_a_failed_batch_fails_every_request_in_it_and_the_loop_keeps_serving() -> None:
+    up = FakeUpstream()
+    batcher = Batcher("m", up, BatchPolicy(8, 0.002, 1, 64), clock=FakeClock())
+    blocker = asyncio.create_task(batcher.submit(rows(1)))
+    await up.wait_batches(1)
+    waiters = [asyncio.create_task(batcher.submit(rows(1))) for _ in range(3)]
+    await settle()
+    up.fail_with = UpstreamError("boom", status=502)
+    up.release_all()
+    await up.wait_batches(2)
+    up.release_all()
+    for task in [blocker, *waiters]:
+        with pytest.raises(UpstreamError, match="boom"):
+            await task
+    up.fail_with = None
+    ok = asyncio.create_task(batcher.submit(rows(2)))
+    await up.wait_batches(3)
+    up.release_all()
+    assert (await ok).outputs[0].data.shape == (2, 3)
+    await batcher.close(0)
+
+
+async def test_a_cancelled_caller_is_dropped_without_disturbing_the_others() -> None:
+    up = FakeUpstream()
+    batcher = Batcher("m", up, POLICY, clock=FakeClock())
+    blocker = asyncio.create_task(batcher.submit(rows(1)))
+    await up.wait_batches(1)
+    gone = asyncio.create_task(batcher.submit(rows(1, start=5)))
+    stays = asyncio.create_task(batcher.submit(rows(1, start=7)))
+    await settle()
+    gone.cancel()
+    await settle()
+    up.release_all()
+    await up.wait_batches(2)
+    up.release_all()
+    await blocker
+    np.testing.assert_array_equal((await stays).outputs[0].data, rows(1, start=7)[0].data * 2)
+    assert up.batches[1].shape[0] == 1  # the cancelled request was never sent
+    await batcher.close(0)
+
+
+async def test_expired_requests_get_504_and_are_never_sent() -> None:
+    clock = FakeClock()
+    up = FakeUpstream()
+    batcher = Batcher("m", up, BatchPolicy(8, 10.0, 1, 64), clock=clock)
+    blocker = asyncio.create_task(batcher.submit(rows(1)))
+    await up.wait_batches(1)
+    doomed = asyncio.create_task(batcher.submit(rows(1), deadline=clock.now + 0.5))
+    await settle()
+    clock.now += 1.0
+    up.release_all()  # the slot frees after the deadline passed
+    with pytest.raises(GatewayTimeout):
+        await doomed
+    await blocker
+    assert len(up.batches) == 1
+    await batcher.close(0)
+
+
+async def test_queue_bound_sheds_load_with_503() -> None:
+    up = FakeUpstream()
+    batcher = Batcher("m", up, BatchPolicy(8, 10.0, 1, 8), clock=FakeClock())
+    blocker = asyncio.create_task(batcher.submit(rows(1)))
+    await up.wait_batches(1)
+    queued = asyncio.create_task(batcher.submit(rows(5)))
+    await settle()
+    assert batcher.queued_rows == 5
+    with pytest.raises(Unavailable, match="queue is full"):
+        await batcher.submit(rows(4))
+    up.release_all()
+    await up.wait_batches(2)
+    up.release_all()
+    await asyncio.gather(blocker, queued)
+    await batcher.close(0)
+
+
+async def test_wrong_output_row_count_from_upstream_fails_the_batch_clearly() -> None:
+    async def bad(inputs: list[Tensor], deadline: float | None) -> BatchResult:
+        return BatchResult("1", [Tensor("y", "FP32", np.zeros((1, 3), np.float32))])
+
+    batcher = Batcher("m", bad, POLICY, clock=FakeClock())
+    with pytest.raises(UpstreamError, match="batch of 4 rows"):
+        await batcher.submit(rows(4))
+    await batcher.close(0)
