@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +126,77 @@ def direct_triton(triton_setup: None, tmp_path_factory: pytest.TempPathFactory) 
     fleet's (8100+), so it can run beside a developer's fleet."""
     with running_fleet(1, 8150, log_dir=tmp_path_factory.mktemp("triton-direct")) as f:
         yield f
+
+
+# --- the gateway, as a real server process ---------------------------------------------------
+
+
+def gateway_config(urls: list[str], port: int, **sections: dict[str, Any]) -> str:
+    """A TOML config for a gateway on ``port`` in front of ``urls``; ``sections`` override keys,
+    e.g. ``batching={"max_queue_delay_ms": 5}``."""
+    tables: dict[str, dict[str, Any]] = {"server": {"host": "127.0.0.1", "port": port}, "upstream": {}, "batching": {}}
+    for name, values in sections.items():
+        tables[name].update(values)
+
+    def value(v: Any) -> str:
+        return str(v).lower() if isinstance(v, bool) else repr(v) if isinstance(v, str) else str(v)
+
+    lines = []
+    for name, values in tables.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {value(v)}" for k, v in values.items()]
+        if name == "upstream":
+            items = ", ".join(f'{{ url = "{u}", weight = 1 }}' for u in urls)
+            lines.append(f"instances = [{items}]")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class GatewayProcess:
+    url: str  # http://127.0.0.1:PORT
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def hostport(self) -> str:
+        return self.url.removeprefix("http://")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextmanager
+def running_gateway(config_text: str, port: int, workdir: Path, timeout: float = 30.0) -> Iterator[GatewayProcess]:
+    config = workdir / f"gateway-{port}.toml"
+    config.write_text(config_text)
+    log_path = workdir / f"gateway-{port}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--log-level", "warning"],
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    gw = GatewayProcess(f"http://127.0.0.1:{port}", proc, log_path)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {proc.returncode}:\n{gw.log()}")
+            try:
+                with urllib.request.urlopen(gw.url + "/v2/health/live", timeout=1) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gateway not live after {timeout}s:\n{gw.log()}")
+            time.sleep(0.1)
+        yield gw
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

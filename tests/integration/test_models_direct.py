@@ -13,44 +13,16 @@ import shutil
 import signal
 import socket
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import tritonclient.http as httpclient
 
 import fleet  # on sys.path through conftest.py
-from training.data import Splits, breast_cancer_splits, digits_splits
-from training.models import load_checkpoint
+from served_models import ATOL, MAX_BATCH, MODEL_REPOSITORY, MODELS, ServedModel, torch_reference
 
 pytestmark = pytest.mark.integration
-
-MODEL_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
-MAX_BATCH = 64  # max_batch_size in both config.pbtxt files
-ATOL = 1e-4
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    name: str
-    input_name: str
-    splits: Callable[[], Splits]
-    target_accuracy: float
-
-
-MODELS = [
-    ServedModel("digits_cnn", "image", digits_splits, 0.95),
-    ServedModel("breast_cancer_mlp", "features", breast_cancer_splits, 0.93),
-]
-
-
-def torch_reference(model: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    net = load_checkpoint(MODEL_REPOSITORY / model / "1" / "model.pt")
-    with torch.inference_mode():
-        logits = net(torch.from_numpy(x))
-    return logits.numpy(), torch.softmax(logits, dim=1).numpy()
 
 
 def make_input(name: str, rows: np.ndarray) -> httpclient.InferInput:

@@ -1,0 +1,278 @@
+"""The gateway in front of two real Triton instances, driven by the official clients.
+
+Every served answer is checked against ground truth (a direct torch forward pass on held-out
+real data), and against Triton answering directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import msgpack
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+import tritonclient.http.aio as aiohttpclient
+
+import fleet
+from conftest import REPO_ROOT, GatewayProcess, gateway_config, running_gateway
+from gateway.client import GatewayClient, GatewayClientError
+from served_models import ATOL, BREAST_CANCER, DIGITS, MAX_BATCH, MODELS, ServedModel, torch_reference
+
+pytestmark = pytest.mark.integration
+
+GATEWAY_PORT = 8180
+BODY_LIMIT = 1 << 20
+
+
+@dataclass
+class Stack:
+    triton: fleet.Fleet
+    gateway: GatewayProcess
+
+
+@pytest.fixture(scope="module")
+def stack(fleet_module_factory: Callable[..., fleet.Fleet], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    triton = fleet_module_factory(2, 8170)
+    config = gateway_config(triton.http_urls, GATEWAY_PORT, server={"max_body_bytes": BODY_LIMIT})
+    with running_gateway(config, GATEWAY_PORT, tmp_path_factory.mktemp("gateway")) as gw:
+        yield Stack(triton, gw)
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack) -> Iterator[httpclient.InferenceServerClient]:
+    c = httpclient.InferenceServerClient(stack.gateway.hostport, concurrency=8)
+    yield c
+    c.close()
+
+
+def infer_input(name: str, rows: np.ndarray, binary: bool) -> httpclient.InferInput:
+    inp = httpclient.InferInput(name, list(rows.shape), "FP32")
+    inp.set_data_from_numpy(np.ascontiguousarray(rows, dtype=np.float32), binary_data=binary)
+    return inp
+
+
+def infer_all(
+    client: httpclient.InferenceServerClient, model: ServedModel, x: np.ndarray, binary: bool, version: str = ""
+) -> tuple[np.ndarray, np.ndarray]:
+    outputs = [httpclient.InferRequestedOutput(n, binary_data=binary) for n in ("logits", "probabilities")]
+    logits, probs = [], []
+    for start in range(0, len(x), MAX_BATCH):
+        result = client.infer(
+            model.name, [infer_input(model.input_name, x[start : start + MAX_BATCH], binary)], outputs=outputs, model_version=version
+        )
+        logits.append(result.as_numpy("logits"))
+        probs.append(result.as_numpy("probabilities"))
+    return np.concatenate(logits), np.concatenate(probs)
+
+
+# --- protocol surface -------------------------------------------------------------------------
+
+
+def test_health_and_metadata_answer_like_triton(stack: Stack, client: httpclient.InferenceServerClient) -> None:
+    direct = httpclient.InferenceServerClient(stack.triton.http_urls[0].removeprefix("http://"))
+    try:
+        assert client.is_server_live() and client.is_server_ready()
+        assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+        for model in MODELS:
+            assert client.is_model_ready(model.name)
+            assert client.is_model_ready(model.name, "1")
+            assert client.get_model_metadata(model.name) == direct.get_model_metadata(model.name)
+            assert client.get_model_config(model.name) == direct.get_model_config(model.name)
+            assert client.get_model_metadata(model.name, "1")["versions"] == ["1"]
+        assert not client.is_model_ready("no_such_model")
+    finally:
+        direct.close()
+
+
+# --- right answers ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+@pytest.mark.parametrize("model", MODELS, ids=lambda m: m.name)
+def test_outputs_match_torch_and_reach_target_accuracy(
+    client: httpclient.InferenceServerClient, model: ServedModel, binary: bool
+) -> None:
+    splits = model.splits()
+    logits, probs = infer_all(client, model, splits.x_test, binary)
+    ref_logits, ref_probs = torch_reference(model.name, splits.x_test)
+    np.testing.assert_allclose(logits, ref_logits, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(probs, ref_probs, atol=ATOL, rtol=0)
+    assert float((logits.argmax(axis=1) == splits.y_test).mean()) >= model.target_accuracy
+
+
+def test_gateway_answers_equal_direct_triton_answers(stack: Stack, client: httpclient.InferenceServerClient) -> None:
+    direct = httpclient.InferenceServerClient(stack.triton.http_urls[1].removeprefix("http://"))
+    try:
+        x = DIGITS.splits().x_test[:MAX_BATCH]
+        via_gateway = infer_all(client, DIGITS, x, binary=True, version="1")
+        via_triton = infer_all(direct, DIGITS, x, binary=True, version="1")
+    finally:
+        direct.close()
+    for a, b in zip(via_gateway, via_triton):
+        np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+
+
+def test_batched_rows_equal_rows_sent_one_by_one(client: httpclient.InferenceServerClient) -> None:
+    x = BREAST_CANCER.splits().x_test[:40]
+    batched, _ = infer_all(client, BREAST_CANCER, x, binary=True)
+    single = np.concatenate([infer_all(client, BREAST_CANCER, x[i : i + 1], binary=True)[0] for i in range(len(x))])
+    np.testing.assert_allclose(batched, single, atol=ATOL, rtol=0)
+
+
+def fleet_requests(stats: dict, model: str) -> int:
+    """Inference requests Triton executed for ``model``, summed over the fleet by the gateway."""
+    return sum(int(s["inference_stats"]["success"]["count"]) for s in stats["model_stats"] if s["name"] == model)
+
+
+async def test_concurrent_clients_are_batched_and_each_gets_its_own_rows(stack: Stack) -> None:
+    model = DIGITS
+    x = model.splits().x_test[:240]
+    sizes = [1, 2, 3, 4] * 24  # 240 rows in 96 requests
+    bounds = np.cumsum([0, *sizes])
+    _, ref_probs = torch_reference(model.name, x)
+    client = aiohttpclient.InferenceServerClient(stack.gateway.hostport, conn_limit=96)
+    try:
+        before = fleet_requests(await client.get_inference_statistics(model.name), model.name)
+
+        async def one(a: int, b: int) -> np.ndarray:
+            out = [aiohttpclient.InferRequestedOutput("probabilities", binary_data=True)]
+            inp = aiohttpclient.InferInput(model.input_name, [int(b - a), 1, 8, 8], "FP32")
+            inp.set_data_from_numpy(x[a:b], binary_data=True)
+            result = await client.infer(model.name, [inp], outputs=out)
+            assert [o["name"] for o in result.get_response()["outputs"]] == ["probabilities"]
+            return result.as_numpy("probabilities")
+
+        results = await asyncio.gather(*(one(a, b) for a, b in zip(bounds[:-1], bounds[1:])))
+        after = fleet_requests(await client.get_inference_statistics(model.name), model.name)
+    finally:
+        await client.close()
+    for (a, b), probs in zip(zip(bounds[:-1], bounds[1:]), results):
+        np.testing.assert_allclose(probs, ref_probs[a:b], atol=ATOL, rtol=0)
+    upstream = after - before
+    assert 0 < upstream < len(sizes), f"{len(sizes)} client requests became {upstream} upstream requests"
+
+
+async def test_msgpack_client_round_trip(stack: Stack) -> None:
+    x = DIGITS.splits().x_test[:10].astype(np.float32)
+    ref_logits, ref_probs = torch_reference(DIGITS.name, x)
+    async with GatewayClient(stack.gateway.url) as gw:
+        result = await gw.infer(DIGITS.name, {"image": x})
+        assert result.model_version == "1"
+        np.testing.assert_allclose(result.outputs["logits"], ref_logits, atol=ATOL, rtol=0)
+        np.testing.assert_allclose(result.outputs["probabilities"], ref_probs, atol=ATOL, rtol=0)
+        only = await gw.infer(DIGITS.name, {"image": x}, outputs=["probabilities"], version="1", request_id="r-7")
+        assert list(only.outputs) == ["probabilities"] and only.id == "r-7"
+        with pytest.raises(GatewayClientError) as err:
+            await gw.infer(DIGITS.name, {"image": x.astype(np.float64)})
+        assert err.value.status == 400 and "image" in str(err.value)
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+def v2_json(name: str = "features", datatype: str = "FP32", shape: tuple[int, ...] = (1, 30)) -> dict:
+    n = int(np.prod(shape))
+    return {"inputs": [{"name": name, "datatype": datatype, "shape": list(shape), "data": [0.5] * n}]}
+
+
+BINARY_HEADER = b'{"inputs":[{"name":"features","datatype":"FP32","shape":[1,30],"parameters":{"binary_data_size":120}}]}'
+
+ERROR_CASES = [
+    ("unknown model", "POST", "/v2/models/nope/infer", {"json": v2_json()}, 404, "nope"),
+    ("unknown model metadata", "GET", "/v2/models/nope", {}, 404, "nope"),
+    ("unknown version", "POST", "/v2/models/breast_cancer_mlp/versions/7/infer", {"json": v2_json()}, 404, "7"),
+    ("unknown version config", "GET", "/v2/models/breast_cancer_mlp/versions/7/config", {}, 404, "7"),
+    ("non-numeric version", "GET", "/v2/models/breast_cancer_mlp/versions/latest", {}, 400, "latest"),
+    ("wrong input name", "POST", "/v2/models/breast_cancer_mlp/infer", {"json": v2_json(name="feat")}, 400, "feat"),
+    ("wrong datatype", "POST", "/v2/models/breast_cancer_mlp/infer", {"json": v2_json(datatype="FP64")}, 400, "features"),
+    ("wrong shape", "POST", "/v2/models/breast_cancer_mlp/infer", {"json": v2_json(shape=(1, 29))}, 400, "features"),
+    ("batch too large", "POST", "/v2/models/breast_cancer_mlp/infer", {"json": v2_json(shape=(65, 30))}, 400, "batch size"),
+    ("malformed json", "POST", "/v2/models/breast_cancer_mlp/infer", {"content": b'{"inputs": ['}, 400, "JSON"),
+    (
+        "malformed msgpack",
+        "POST",
+        "/v2/models/breast_cancer_mlp/infer",
+        {"content": b"\xc1\xff", "headers": {"Content-Type": "application/msgpack"}},
+        400,
+        "msgpack",
+    ),
+    (
+        "binary header past the body",
+        "POST",
+        "/v2/models/breast_cancer_mlp/infer",
+        {"content": b'{"inputs": []}', "headers": {"Inference-Header-Content-Length": "9999"}},
+        400,
+        "Inference-Header-Content-Length",
+    ),
+    (
+        "binary header not a number",
+        "POST",
+        "/v2/models/breast_cancer_mlp/infer",
+        {"content": b'{"inputs": []}', "headers": {"Inference-Header-Content-Length": "ten"}},
+        400,
+        "Inference-Header-Content-Length",
+    ),
+    (
+        "binary size mismatch",
+        "POST",
+        "/v2/models/breast_cancer_mlp/infer",
+        {"content": BINARY_HEADER + b"\x00" * 7, "headers": {"Inference-Header-Content-Length": str(len(BINARY_HEADER))}},
+        400,
+        "features",
+    ),
+    ("body over the limit", "POST", "/v2/models/breast_cancer_mlp/infer", {"content": b" " * (BODY_LIMIT + 1)}, 413, "limit"),
+    ("unknown route", "GET", "/v2/nothing/here", {}, 404, "Not Found"),
+]
+
+
+@pytest.mark.parametrize("case", ERROR_CASES, ids=[c[0] for c in ERROR_CASES])
+def test_bad_requests_get_a_clear_4xx_and_the_connection_survives(stack: Stack, case: tuple) -> None:
+    _, method, path, kwargs, status, fragment = case
+    with httpx.Client(base_url=stack.gateway.url, timeout=10) as http:
+        resp = http.request(method, path, **kwargs)
+        assert resp.status_code == status, resp.text
+        if "msgpack" in kwargs.get("headers", {}).get("Content-Type", ""):
+            message = msgpack.unpackb(resp.content)["error"]
+        else:
+            message = resp.json()["error"]
+        assert fragment in message
+        # The same connection still serves a good request afterwards.
+        ok = http.post("/v2/models/breast_cancer_mlp/infer", json=v2_json())
+        assert ok.status_code == 200 and ok.json()["model_version"] == "1"
+
+
+def test_unreachable_upstream_is_503(tmp_path: Path) -> None:
+    config = gateway_config(["http://127.0.0.1:8199"], GATEWAY_PORT + 1, upstream={"health_interval_s": 0.2})
+    with running_gateway(config, GATEWAY_PORT + 1, tmp_path) as gw, httpx.Client(base_url=gw.url, timeout=10) as http:
+        assert http.get("/v2/health/live").status_code == 200
+        assert http.get("/v2/health/ready").status_code == 503
+        resp = http.post("/v2/models/breast_cancer_mlp/infer", json=v2_json())
+        assert resp.status_code == 503 and "instance" in resp.json()["error"]
+        assert http.get("/v2/models/breast_cancer_mlp").status_code == 503
+
+
+# --- perf_analyzer ----------------------------------------------------------------------------
+
+
+def test_perf_analyzer_runs_against_the_gateway(stack: Stack, tmp_path: Path) -> None:
+    report = tmp_path / "pa.csv"
+    proc = subprocess.run(
+        [
+            str(REPO_ROOT / "triton" / "perf_analyzer" / "perf_analyzer.sh"),
+            "-m", DIGITS.name, "-u", stack.gateway.hostport, "-i", "http",
+            "--concurrency-range", "4", "--measurement-interval", "1500", "--max-trials", "4",
+            "--stability-percentage", "50", "-f", str(report),
+        ],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with report.open() as f:
+        rows = list(csv.DictReader(f))
+    assert rows and float(rows[0]["Inferences/Second"]) > 50, rows
