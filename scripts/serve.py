@@ -1,0 +1,72 @@
+"""Run the local stack in the foreground: a Triton fleet, then the gateway in front of it.
+
+Ctrl-C (or SIGTERM) stops the gateway first, then every Triton instance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "triton"))
+
+import fleet  # noqa: E402  (triton/fleet.py: triton/ is deliberately not a package)
+
+from gateway.config import ConfigError, load_config  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default=str(ROOT / "configs" / "local.toml"))
+    parser.add_argument("--repository", default=str(ROOT / "model_repository"))
+    args = parser.parse_args()
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"serve: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    ports = [urlsplit(i.url).port for i in config.upstream.instances]
+    base = min(p for p in ports if p is not None)
+    if sorted(ports) != list(range(base, base + len(ports))):
+        print("serve: the config's instances must be consecutive local ports to run them here", file=sys.stderr)
+        return 2
+
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    triton = fleet.Fleet(Path(args.repository), instances=len(ports), base_http=base, base_grpc=base + 100, base_metrics=base + 200)
+    gateway: subprocess.Popen[bytes] | None = None
+    try:
+        print(f"serve: starting {len(ports)} Triton instance(s) on ports {ports}...", flush=True)
+        triton.start()
+        triton.wait_ready(180)
+        print(f"serve: Triton ready (logs in {triton.log_dir})", flush=True)
+        gateway = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", args.config], cwd=ROOT)
+        print(f"serve: gateway on http://{config.server.host}:{config.server.port}  (Ctrl-C stops everything)", flush=True)
+        while gateway.poll() is None:
+            time.sleep(0.5)
+        print(f"serve: the gateway exited with status {gateway.returncode}", file=sys.stderr)
+        return gateway.returncode or 1
+    except KeyboardInterrupt:
+        print("\nserve: stopping", flush=True)
+        return 0
+    except fleet.FleetError as exc:
+        print(f"serve: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if gateway is not None and gateway.poll() is None:
+            gateway.send_signal(signal.SIGINT)
+            try:
+                gateway.wait(15)
+            except subprocess.TimeoutExpired:
+                gateway.kill()
+        triton.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
