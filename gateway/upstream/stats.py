@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
+# Keys that identify an entry (merged entries share them): kept, never summed.
+IDENTITY_KEYS = frozenset({"name", "version", "batch_size"})
+
 
 def _merge(a: Any, b: Any, key: str = "") -> Any:
     if isinstance(a, dict) and isinstance(b, dict):
@@ -15,7 +18,7 @@ def _merge(a: Any, b: Any, key: str = "") -> Any:
         return out
     if isinstance(a, list) and isinstance(b, list):
         return _merge_list(a, b)
-    if isinstance(a, bool) or isinstance(b, bool):
+    if isinstance(a, bool) or isinstance(b, bool) or key in IDENTITY_KEYS:
         return a
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return max(a, b) if key == "last_inference" else a + b

@@ -1,0 +1,59 @@
+"""Config loading: every mistake is named; cross-field rules hold."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = {"upstream": {"instances": [{"url": "http://127.0.0.1:8100", "weight": 1}]}}
+
+
+def test_shipped_local_config_loads() -> None:
+    config = load_config(ROOT / "configs" / "local.toml")
+    assert [i.url for i in config.upstream.instances] == ["http://127.0.0.1:8100", "http://127.0.0.1:8101"]
+    assert config.server.port == 8000
+
+
+def test_cli_overrides_apply() -> None:
+    config = load_config(ROOT / "configs" / "local.toml", host="0.0.0.0", port=9000)
+    assert (config.server.host, config.server.port) == ("0.0.0.0", 9000)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({}, "upstream.instances"),
+        ({"upstream": {"instances": [{"weight": 1}]}}, "needs a url"),
+        ({"upstream": {"instances": [{"url": "triton:8000"}]}}, "http://host:port"),
+        ({"upstream": {"instances": [{"url": "http://a:1", "weight": 0}]}}, "weight must be > 0"),
+        ({"upstream": {"instances": [{"url": "http://a:1"}, {"url": "http://a:1/"}]}}, "same url twice"),
+        ({**BASE, "batching": {"max_batch_size": "64"}}, "batching.max_batch_size must be int"),
+        ({**BASE, "batching": {"max_bach_size": 64}}, "unknown key(s) in [batching]: max_bach_size"),
+        ({**BASE, "cache": {}}, "unknown section(s): cache"),
+        ({**BASE, "server": {"port": 70000}}, "server.port"),
+        ({**BASE, "batching": {"max_queue_delay_ms": 40000.0}}, "shorter than upstream.request_timeout_s"),
+        ({**BASE, "batching": {"max_queue_rows": 8, "max_batch_size": 64}}, "max_queue_rows must be >= "),
+    ],
+)
+def test_bad_configs_are_rejected_with_a_message_naming_the_key(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert message in str(err.value)
+
+
+def test_ints_are_accepted_for_float_keys() -> None:
+    config = parse_config({**BASE, "batching": {"max_queue_delay_ms": 3}})
+    assert config.batching.max_queue_delay_ms == 3.0
+
+
+def test_missing_and_invalid_files_are_reported(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\nport = 1")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(bad)

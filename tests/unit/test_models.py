@@ -1,0 +1,52 @@
+"""Request checks against the model's metadata, before a request may join a batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gateway.errors import BadRequest
+from gateway.models import ModelInfo, check_request
+from gateway.tensors import InferRequest, RequestedOutput, Tensor
+
+METADATA = {
+    "name": "m",
+    "versions": ["1"],
+    "inputs": [{"name": "a", "datatype": "FP32", "shape": [-1, 3]}, {"name": "b", "datatype": "INT64", "shape": [-1, -1]}],
+    "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}],
+}
+CONFIG = {"max_batch_size": 8, "input": [{"name": "b", "optional": True}]}
+INFO = ModelInfo.from_triton(METADATA, CONFIG, b"{}", b"{}")
+
+
+def req(*tensors: Tensor, outputs: list[str] | None = None) -> InferRequest:
+    outs = None if outputs is None else [RequestedOutput(n) for n in outputs]
+    return InferRequest("m", "", list(tensors), outs)
+
+
+def a(rows: int = 2, width: int = 3, dtype: type = np.float32, datatype: str = "FP32") -> Tensor:
+    return Tensor("a", datatype, np.zeros((rows, width), dtype))
+
+
+def test_a_good_request_returns_its_batch_size() -> None:
+    assert check_request(INFO, req(a(5))) == 5
+    assert check_request(INFO, req(a(2), Tensor("b", "INT64", np.zeros((2, 7), np.int64)), outputs=["y"])) == 2
+
+
+@pytest.mark.parametrize(
+    "request_, message",
+    [
+        (req(Tensor("z", "FP32", np.zeros((1, 3), np.float32))), "unexpected input 'z'"),
+        (req(a(dtype=np.float64, datatype="FP64")), "input 'a' of model 'm' must have datatype FP32"),
+        (req(a(width=4)), "input 'a' of model 'm' has shape [2, 4]"),
+        (req(a(rows=9)), "batch size 9"),
+        (req(a(rows=0)), "batch size 0"),
+        (req(a(2), Tensor("b", "INT64", np.zeros((3, 1), np.int64))), "disagree on the batch size"),
+        (req(Tensor("b", "INT64", np.zeros((1, 1), np.int64))), "missing input(s) ['a']"),
+        (req(a(), outputs=["q"]), "unknown output 'q'"),
+    ],
+)
+def test_bad_requests_name_the_problem(request_: InferRequest, message: str) -> None:
+    with pytest.raises(BadRequest) as err:
+        check_request(INFO, request_)
+    assert message in str(err.value)
