@@ -14,6 +14,7 @@ from starlette.routing import Route
 from gateway import handlers
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
+from gateway.infer_endpoint import InferEndpoint
 from gateway.pipeline import InferencePipeline
 from gateway.router import Instance, Router
 from gateway.upstream import fleet
@@ -38,12 +39,12 @@ def routes() -> list[Route]:
             Route(base + "/config", handlers.model_config, methods=["GET"]),
             Route(base + "/ready", handlers.model_ready, methods=["GET"]),
             Route(base + "/stats", handlers.model_stats, methods=["GET"]),
-            Route(base + "/infer", handlers.infer, methods=["POST"]),
         ]
     return table
 
 
-def build_app(config: GatewayConfig) -> Starlette:
+def build_app(config: GatewayConfig) -> InferEndpoint:
+    """The ASGI app: infer requests are answered by InferEndpoint, the rest by Starlette."""
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         client = TritonClient(config.upstream)
@@ -63,7 +64,7 @@ def build_app(config: GatewayConfig) -> Starlette:
             await asyncio.gather(health, return_exceptions=True)
             await client.close()
 
-    return Starlette(
+    starlette = Starlette(
         routes=routes(),
         lifespan=lifespan,
         exception_handlers={
@@ -72,3 +73,4 @@ def build_app(config: GatewayConfig) -> Starlette:
             Exception: handlers.error_response,  # a bug: logged, answered 500
         },
     )
+    return InferEndpoint(starlette, config.server.max_body_bytes)

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import os
 
-from starlette.applications import Starlette
-
 from gateway.app import build_app
 from gateway.config import load_config
+from gateway.infer_endpoint import InferEndpoint
 
 
-def app_from_env() -> Starlette:
+def app_from_env() -> InferEndpoint:
     path = os.environ.get("GATEWAY_CONFIG")
     if not path:
         raise RuntimeError("set GATEWAY_CONFIG to the gateway's TOML config file")

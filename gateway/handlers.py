@@ -1,7 +1,6 @@
-"""HTTP endpoints: the KServe v2 / Triton protocol as Triton answers it, plus msgpack on /infer.
-
-Each handler decodes, calls into the pipeline or the fleet, and encodes; errors become a v2
-error body (or a msgpack one for msgpack clients) in ``error_response`` and nowhere else.
+"""HTTP endpoints other than infer (see ``infer_endpoint``): health, metadata, config, readiness
+and statistics, answered as Triton answers them. Errors become a v2 error body in
+``error_response``.
 """
 
 from __future__ import annotations
@@ -15,18 +14,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.config import GatewayConfig
-from gateway.errors import BadRequest, GatewayError, NotFound, PayloadTooLarge, Unavailable
+from gateway.errors import BadRequest, GatewayError, NotFound, Unavailable
 from gateway.pipeline import InferencePipeline
-from gateway.protocol import msgpack as msgpack_codec
 from gateway.protocol import v2
 from gateway.router import Router
-from gateway.upstream.client import HEADER_LENGTH, upstream_error
+from gateway.upstream.client import upstream_error
 from gateway.upstream.stats import merge_statistics
 
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
-MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
 
 
 @dataclass(slots=True)
@@ -40,10 +37,6 @@ def services(request: Request) -> Services:
     return request.app.state.services
 
 
-def is_msgpack(request: Request) -> bool:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower() in MSGPACK_TYPES
-
-
 def error_response(request: Request, exc: Exception) -> Response:
     if isinstance(exc, GatewayError):
         status, message = exc.status, exc.message
@@ -52,26 +45,7 @@ def error_response(request: Request, exc: Exception) -> Response:
     else:  # a bug: say so without leaking internals, and keep the traceback in the log
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         status, message = 500, f"internal gateway error ({exc.__class__.__name__})"
-    if request.method == "POST" and is_msgpack(request):
-        return Response(msgpack_codec.error_body(message), status, media_type=MSGPACK_TYPES[0])
     return Response(v2.error_body(message), status, media_type=JSON)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise BadRequest(f"invalid Content-Length header: {declared!r}")
-        if int(declared) > limit:
-            raise PayloadTooLarge(f"request body of {declared} bytes exceeds the gateway's limit of {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the gateway's limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def model_and_version(request: Request) -> tuple[str, str]:
@@ -79,25 +53,6 @@ def model_and_version(request: Request) -> tuple[str, str]:
     if version and not version.isdigit():
         raise BadRequest(f"model version must be a positive integer, got {version!r}")
     return request.path_params["model"], version
-
-
-async def infer(request: Request) -> Response:
-    s = services(request)
-    model, version = model_and_version(request)
-    body = await read_body(request, s.config.server.max_body_bytes)
-    if is_msgpack(request):
-        req = msgpack_codec.decode_request(body, model, version)
-        resp = await s.pipeline.infer(req)
-        return Response(
-            msgpack_codec.encode_response(resp, req),
-            media_type=MSGPACK_TYPES[0],
-            headers={"Model-Version": resp.version},
-        )
-    length = v2.parse_header_length(request.headers.get(HEADER_LENGTH), len(body))
-    req = v2.decode_request(body, length, model, version)
-    resp = await s.pipeline.infer(req)
-    payload, headers = v2.encode_response(resp, req)
-    return Response(payload, headers={**headers, "Model-Version": resp.version})
 
 
 async def model_metadata(request: Request) -> Response:

@@ -1,0 +1,140 @@
+"""``POST /v2/models/{m}[/versions/{v}]/infer`` as a plain ASGI callable.
+
+The infer route carries nearly all traffic, so it skips Starlette's middleware, router and
+Request/Response objects: ``InferEndpoint`` sits in front of the Starlette app, answers infer
+requests itself and hands every other request (and the lifespan) to Starlette. The per-request
+work left is what the request needs: read the body, decode, run the pipeline, encode, send.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from gateway.errors import BadRequest, GatewayError, PayloadTooLarge
+from gateway.pipeline import InferencePipeline
+from gateway.protocol import msgpack as msgpack_codec
+from gateway.protocol import v2
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+MSGPACK_TYPES = (b"application/msgpack", b"application/x-msgpack", b"application/vnd.msgpack")
+JSON_TYPE = b"application/json"
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body arrived: there is no one to answer."""
+
+
+def infer_target(path: str) -> tuple[str, str] | None:
+    """(model, version) for an infer path, else None. Version "" lets the server choose."""
+    parts = path.split("/")
+    if len(parts) == 5 and parts[4] == "infer" and parts[1] == "v2" and parts[2] == "models" and parts[3]:
+        return parts[3], ""
+    if len(parts) == 7 and parts[6] == "infer" and parts[1:3] == ["v2", "models"] and parts[4] == "versions" and parts[3]:
+        version = parts[5]
+        if not version.isdigit():
+            raise BadRequest(f"model version must be a positive integer, got {version!r}")
+        return parts[3], version
+    return None
+
+
+def is_msgpack(content_type: bytes) -> bool:
+    return content_type.split(b";")[0].strip().lower() in MSGPACK_TYPES
+
+
+async def read_body(receive: Receive, declared: bytes | None, limit: int) -> bytes:
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadRequest(f"invalid Content-Length header: {declared.decode('latin-1')!r}")
+        if int(declared) > limit:
+            raise PayloadTooLarge(f"request body of {int(declared)} bytes exceeds the gateway's limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the gateway's limit of {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class InferEndpoint:
+    def __init__(self, app: Any, max_body_bytes: int) -> None:
+        self.app = app  # the Starlette app: everything that is not an infer request
+        self._limit = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("/infer"):
+            return await self.app(scope, receive, send)
+        content_type = b""
+        try:
+            target = infer_target(scope["path"])
+            if target is None:
+                return await self.app(scope, receive, send)
+            declared = header_length = None
+            for name, value in scope["headers"]:
+                if name == b"content-type":
+                    content_type = value
+                elif name == b"content-length":
+                    declared = value
+                elif name == b"inference-header-content-length":
+                    header_length = value
+            body = await read_body(receive, declared, self._limit)
+            await self._infer(send, self.app.state.services.pipeline, target, body, content_type, header_length)
+        except ClientGone:
+            return
+        except GatewayError as exc:
+            await self._error(send, exc.status, exc.message, content_type)
+        except Exception as exc:  # a bug: answer 500 and keep the traceback in the log
+            log.exception("unhandled error on POST %s", scope["path"])
+            await self._error(send, 500, f"internal gateway error ({exc.__class__.__name__})", content_type)
+
+    async def _infer(
+        self,
+        send: Send,
+        pipeline: InferencePipeline,
+        target: tuple[str, str],
+        body: bytes,
+        content_type: bytes,
+        header_length: bytes | None,
+    ) -> None:
+        model, version = target
+        if is_msgpack(content_type):
+            req = msgpack_codec.decode_request(body, model, version)
+            resp = await pipeline.infer(req)
+            payload = msgpack_codec.encode_response(resp, req)
+            headers = [(b"content-type", MSGPACK_TYPES[0]), (b"model-version", resp.version.encode())]
+            return await respond(send, 200, payload, headers)
+        length = v2.parse_header_length(None if header_length is None else header_length.decode("latin-1"), len(body))
+        req = v2.decode_request(body, length, model, version)
+        resp = await pipeline.infer(req)
+        payload, extra = v2.encode_response(resp, req)
+        headers = [(k.lower().encode(), v.encode()) for k, v in extra.items()]
+        headers.append((b"model-version", resp.version.encode()))
+        await respond(send, 200, payload, headers)
+
+    async def _error(self, send: Send, status: int, message: str, content_type: bytes) -> None:
+        if is_msgpack(content_type):
+            body, media = msgpack_codec.error_body(message), MSGPACK_TYPES[0]
+        else:
+            body, media = v2.error_body(message), JSON_TYPE
+        await respond(send, status, body, [(b"content-type", media)])
