@@ -46,6 +46,9 @@ def serve(args: argparse.Namespace) -> int:
         http="httptools",
         log_level=args.log_level,
         access_log=False,
+        # Per-request work the gateway does not need: X-Forwarded-* rewriting and a Server header.
+        proxy_headers=False,
+        server_header=False,
         timeout_graceful_shutdown=int(config.server.shutdown_grace_s) + 1,
     )
     return 0

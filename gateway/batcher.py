@@ -215,14 +215,16 @@ class Batcher:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
                 continue
-            if selection.wake_at is None and not self._queue:
-                await self._wakeup.wait()
-                continue
-            timeout = None if selection.wake_at is None else max(0.0, selection.wake_at - self._clock())
+            timer = None
+            if selection.wake_at is not None:
+                # A plain timer that sets the event: far cheaper than wait_for() on every pass.
+                delay = max(0.0, selection.wake_at - self._clock())
+                timer = asyncio.get_running_loop().call_later(delay, self._wakeup.set)
             try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
-            except TimeoutError:
-                pass
+                await self._wakeup.wait()
+            finally:
+                if timer is not None:
+                    timer.cancel()
 
     async def _send(self, batch: list[Pending]) -> None:
         try:

@@ -63,6 +63,7 @@ class TritonClient:
             # CPU on both sides than it saves.
             headers={"Accept-Encoding": "identity"},
             skip_auto_headers=("User-Agent",),
+            cookie_jar=aiohttp.DummyCookieJar(),  # Triton sets no cookies; skip the jar per request
         )
 
     async def close(self) -> None:
@@ -76,9 +77,10 @@ class TritonClient:
             raise RuntimeError("TritonClient.start() was not awaited")
         return self._session
 
-    def _timeout(self, seconds: float | None) -> aiohttp.ClientTimeout:
-        total = self._config.request_timeout_s if seconds is None else min(seconds, self._config.request_timeout_s)
-        return aiohttp.ClientTimeout(total=max(total, 0.001), sock_connect=self._config.connect_timeout_s)
+    def _timeout(self, seconds: float | None) -> aiohttp.ClientTimeout | None:
+        if seconds is None or seconds >= self._config.request_timeout_s:
+            return None  # the session's default
+        return aiohttp.ClientTimeout(total=max(seconds, 0.001), sock_connect=self._config.connect_timeout_s)
 
     async def request(
         self,
@@ -90,7 +92,9 @@ class TritonClient:
     ) -> tuple[RawResponse, str | None]:
         """Send one request; return the response and its binary header length header, if any."""
         try:
-            async with self.session.request(method, url, data=body, headers=headers, timeout=self._timeout(timeout)) as resp:
+            deadline = self._timeout(timeout)
+            kwargs = {} if deadline is None else {"timeout": deadline}
+            async with self.session.request(method, url, data=body, headers=headers, **kwargs) as resp:
                 data = await resp.read()
                 return RawResponse(resp.status, data, resp.headers.get("Content-Type", "")), resp.headers.get(HEADER_LENGTH)
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
