@@ -53,7 +53,7 @@ def build_app(config: GatewayConfig) -> InferEndpoint:
         await fleet.check_all(client, instances, timeout=config.upstream.connect_timeout_s)
         router = Router(instances, client)
         pipeline = InferencePipeline(config.batching, router, MetadataCache(router, config.upstream.metadata_ttl_s))
-        app.state.services = handlers.Services(config, router, pipeline)
+        app.state.services = handlers.Services(router, pipeline)
         health = asyncio.create_task(fleet.health_loop(client, instances, config.upstream.health_interval_s))
         try:
             yield

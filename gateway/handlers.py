@@ -13,7 +13,6 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.config import GatewayConfig
 from gateway.errors import BadRequest, GatewayError, NotFound, Unavailable
 from gateway.pipeline import InferencePipeline
 from gateway.protocol import v2
@@ -28,7 +27,6 @@ JSON = "application/json"
 
 @dataclass(slots=True)
 class Services:
-    config: GatewayConfig
     router: Router
     pipeline: InferencePipeline
 

@@ -16,7 +16,7 @@ import orjson
 
 from gateway.batcher import BatchResult
 from gateway.config import UpstreamConfig
-from gateway.errors import GatewayTimeout, Unavailable, UpstreamError
+from gateway.errors import BadRequest, GatewayTimeout, Unavailable, UpstreamError
 from gateway.protocol import v2
 from gateway.tensors import Tensor
 
@@ -121,6 +121,9 @@ class TritonClient:
         resp, header_length = await self.request("POST", base_url + path, body, headers, timeout)
         if resp.status != 200:
             raise upstream_error(resp.status, resp.body)
-        length = v2.parse_header_length(header_length, len(resp.body))
+        try:
+            length = v2.parse_header_length(header_length, len(resp.body))
+        except BadRequest as exc:  # Triton's answer is malformed: not the client's fault
+            raise UpstreamError(f"{base_url}: {exc.message}", status=502) from None
         header, tensors = v2.decode_upstream_response(resp.body, length)
         return BatchResult(str(header.get("model_version", version)), tensors)

@@ -1,0 +1,111 @@
+"""The Triton client against a fake Triton (aiohttp.web on loopback): every failure becomes the
+right gateway error."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Callable
+
+import numpy as np
+import orjson
+import pytest
+from aiohttp import web
+
+from gateway.config import UpstreamConfig
+from gateway.errors import GatewayTimeout, UpstreamError
+from gateway.protocol import v2
+from gateway.tensors import Tensor
+from gateway.upstream.client import InstanceUnreachable, TritonClient
+
+INPUTS = [Tensor("x", "FP32", np.arange(6, dtype=np.float32).reshape(2, 3))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+async def fake_triton() -> AsyncIterator[Callable[[web.Response | Callable], str]]:
+    runners: list[web.AppRunner] = []
+
+    async def serve(handler) -> str:  # noqa: ANN001
+        app = web.Application()
+        app.router.add_post("/v2/models/{model}/infer", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runners.append(runner)
+        return f"http://127.0.0.1:{port}"
+
+    yield serve
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[TritonClient]:
+    c = TritonClient(UpstreamConfig(request_timeout_s=5.0))
+    await c.start()
+    yield c
+    await c.close()
+
+
+async def test_binary_round_trip_without_compression(fake_triton, client: TritonClient) -> None:  # noqa: ANN001
+    seen: dict[str, str] = {}
+
+    async def echo_doubled(request: web.Request) -> web.Response:
+        seen["accept-encoding"] = request.headers.get("Accept-Encoding", "")
+        body = await request.read()
+        length = int(request.headers["Inference-Header-Content-Length"])
+        x = np.frombuffer(body[length:], np.float32).reshape(2, 3) * 2
+        head = orjson.dumps(
+            {"model_name": "m", "model_version": "3", "outputs": [
+                {"name": "y", "datatype": "FP32", "shape": [2, 3], "parameters": {"binary_data_size": x.nbytes}}]}
+        )  # fmt: skip
+        return web.Response(body=head + x.tobytes(), headers={"Inference-Header-Content-Length": str(len(head))})
+
+    url = await fake_triton(echo_doubled)
+    result = await client.infer(url, "m", "", INPUTS, None)
+    assert result.version == "3"
+    np.testing.assert_array_equal(result.outputs[0].data, INPUTS[0].data * 2)
+    assert seen["accept-encoding"] == "identity"
+
+
+@pytest.mark.parametrize("status, expected", [(400, 400), (404, 404), (500, 502), (503, 502)])
+async def test_triton_errors_keep_their_message(fake_triton, client: TritonClient, status: int, expected: int) -> None:  # noqa: ANN001
+    async def fail(request: web.Request) -> web.Response:
+        return web.Response(status=status, body=v2.error_body("model said no"), content_type="application/json")
+
+    url = await fake_triton(fail)
+    with pytest.raises(UpstreamError) as err:
+        await client.infer(url, "m", "", INPUTS, None)
+    assert err.value.status == expected and err.value.message == "model said no"
+
+
+async def test_malformed_answer_is_502_not_the_clients_fault(fake_triton, client: TritonClient) -> None:  # noqa: ANN001
+    async def garbage(request: web.Request) -> web.Response:
+        return web.Response(body=b"{}", headers={"Inference-Header-Content-Length": "99"})
+
+    url = await fake_triton(garbage)
+    with pytest.raises(UpstreamError) as err:
+        await client.infer(url, "m", "", INPUTS, None)
+    assert err.value.status == 502
+
+
+async def test_refused_connection_is_unreachable(client: TritonClient) -> None:
+    with pytest.raises(InstanceUnreachable):
+        await client.infer(f"http://127.0.0.1:{free_port()}", "m", "", INPUTS, None)
+
+
+async def test_no_answer_within_the_deadline_is_504(fake_triton, client: TritonClient) -> None:  # noqa: ANN001
+    async def hang(request: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.Response()
+
+    url = await fake_triton(hang)
+    with pytest.raises(GatewayTimeout):
+        await client.infer(url, "m", "", INPUTS, None, timeout=0.2)
