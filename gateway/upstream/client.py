@@ -103,7 +103,12 @@ class TritonClient:
             raise InstanceUnreachable(f"{url}: {exc.__class__.__name__}: {exc}") from None
 
     async def get(self, base_url: str, path: str, timeout: float | None = None) -> RawResponse:
-        resp, _ = await self.request("GET", base_url + path, timeout=timeout)
+        try:
+            resp, _ = await self.request("GET", base_url + path, timeout=timeout)
+        except InstanceUnreachable:
+            # A GET is idempotent: one more try on a fresh connection rides over a pooled
+            # connection the instance had already closed.
+            resp, _ = await self.request("GET", base_url + path, timeout=timeout)
         return resp
 
     async def infer(

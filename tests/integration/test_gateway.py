@@ -272,7 +272,12 @@ def test_perf_analyzer_runs_against_the_gateway(stack: Stack, tmp_path: Path) ->
         ],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        stats = httpx.get(f"{stack.gateway.url}/v2/models/{DIGITS.name}/stats", timeout=10)
+        pytest.fail(
+            f"perf_analyzer failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}\n"
+            f"gateway stats now: {stats.status_code} {stats.text[:2000]}\ngateway log:\n{stack.gateway.log()[-4000:]}"
+        )
     with report.open() as f:
         rows = list(csv.DictReader(f))
     assert rows and float(rows[0]["Inferences/Second"]) > 50, rows
