@@ -1,4 +1,10 @@
-"""Active health checks: each instance's ``/v2/health/ready``, polled in the background."""
+"""Active health checks: each instance's ``/v2/health/live``, polled in the background.
+
+Liveness, not ``/v2/health/ready``: Triton reports itself not ready while it loads a new model
+version (poll mode), although it goes on serving the versions already loaded. Probing readiness
+would take every instance out of routing at once during a rollout. Per-model readiness is the
+router's concern, from each instance's repository index.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +20,11 @@ log = logging.getLogger(__name__)
 
 async def probe(client: TritonClient, instance: Instance, timeout: float) -> None:
     try:
-        ready = (await client.get(instance.url, "/v2/health/ready", timeout)).status == 200
+        ready = (await client.get(instance.url, "/v2/health/live", timeout)).status == 200
     except GatewayError:
         ready = False
     if ready != instance.healthy:
-        log.warning("instance %s is now %s", instance.url, "ready" if ready else "NOT ready")
+        log.warning("instance %s is now %s", instance.url, "up" if ready else "DOWN")
     instance.healthy = ready
 
 
