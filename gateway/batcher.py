@@ -5,12 +5,16 @@ Policy (``select_batch``, a pure function tested with a fake clock):
 * A batch is sent at once while fewer than ``max_inflight`` batches of this model version are
   in flight: at low load nothing waits for a timer.
 * Otherwise requests gather. A batch is sent when a slot frees, or as soon as it is full
-  (``max_rows``), or when its oldest request has waited ``max_delay`` seconds, so the queue never
-  adds more than that delay even while every slot is busy.
+  (``max_rows``), or when its oldest request has waited ``max_delay`` seconds, so the queue adds
+  no more than that delay while the upstream keeps up; such early batches may take in-flight
+  batches up to ``OVERFLOW_FACTOR * max_inflight``, a hard cap. At the cap the queue grows, and
+  past ``max_queue_rows`` new requests are shed with 503.
 * A batch holds requests of one signature only (input names, dtypes and non-batch shapes), taken
   in arrival order starting from the oldest request, so no signature starves.
 * Requests whose deadline has passed are failed with 504 and never sent; requests whose caller
   went away (cancelled future) are dropped.
+* When Triton rejects a batch of several requests with a 4xx (a model that fails on one
+  request's data), each request is sent again alone, so only the faulty one fails.
 
 Each caller receives exactly its own rows of every output. A failed batch fails every request
 in it with the same error, and the worker loop itself never dies of a request's error.
@@ -24,13 +28,17 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from gateway.errors import GatewayError, GatewayTimeout, Unavailable, UpstreamError
+from gateway.errors import GatewayError, GatewayTimeout, Unavailable, UpstreamError, missing_model
 from gateway.tensors import Tensor
 
 log = logging.getLogger(__name__)
+
+
+OVERFLOW_FACTOR = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +53,7 @@ class BatchPolicy:
 class BatchResult:
     version: str  # the model version that served the batch
     outputs: list[Tensor]
+    parameters: dict[str, Any] = field(default_factory=dict)  # Triton's response parameters
 
 
 @dataclass(slots=True, eq=False)
@@ -87,7 +96,12 @@ def select_batch(queue: Sequence[Pending], inflight: int, now: float, policy: Ba
         rows += item.rows
     full = full or rows >= policy.max_rows
     waited_out = now - head.enqueued >= policy.max_delay
-    if inflight < policy.max_inflight or full or waited_out:
+    if inflight < policy.max_inflight:
+        return Selection(batch=batch)
+    if inflight >= policy.max_inflight * OVERFLOW_FACTOR:
+        # The hard cap: the queue grows instead, and max_queue_rows sheds load with 503.
+        return Selection()
+    if full or waited_out:
         return Selection(batch=batch)
     return Selection(wake_at=head.enqueued + policy.max_delay)
 
@@ -226,6 +240,16 @@ class Batcher:
                 if timer is not None:
                     timer.cancel()
 
+    async def _send_alone(self, item: Pending) -> None:
+        try:
+            result = await self._dispatch(item.inputs, item.deadline)
+            part = split_outputs(result, [item])[0]
+        except GatewayError as exc:
+            self._fail(item, exc)
+            return
+        if not item.future.done():
+            item.future.set_result(part)
+
     async def _send(self, batch: list[Pending]) -> None:
         try:
             deadlines = [i.deadline for i in batch if i.deadline is not None]
@@ -240,6 +264,12 @@ class Batcher:
             for item in batch:
                 self._fail(item, Unavailable("the gateway is shutting down"))
             raise
+        except UpstreamError as exc:
+            if 400 <= exc.status < 500 and len(batch) > 1 and not missing_model(exc):
+                await asyncio.gather(*(self._send_alone(item) for item in batch))
+            else:
+                for item in batch:
+                    self._fail(item, exc)
         except GatewayError as exc:
             for item in batch:
                 self._fail(item, exc)

@@ -54,3 +54,11 @@ class UpstreamError(GatewayError):
     """Triton answered with an error; ``status`` is Triton's own status code."""
 
     status = 502
+
+
+def missing_model(error: UpstreamError) -> bool:
+    """Triton's answer for a model (version) it does not hold or has not finished loading."""
+    text = error.message.lower()
+    return error.status in (400, 404, 503) and (
+        "unknown model" in text or "is not found" in text or "not ready" in text or "unavailable" in text
+    )

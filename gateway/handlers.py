@@ -17,7 +17,7 @@ from gateway.errors import BadRequest, GatewayError, NotFound, Unavailable
 from gateway.pipeline import InferencePipeline
 from gateway.protocol import v2
 from gateway.router import Router
-from gateway.upstream.client import upstream_error
+from gateway.upstream.client import model_path, upstream_error
 from gateway.upstream.stats import merge_statistics
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def services(request: Request) -> Services:
     return request.app.state.services
 
 
-def error_response(request: Request, exc: Exception) -> Response:
+async def error_response(request: Request, exc: Exception) -> Response:
     if isinstance(exc, GatewayError):
         status, message = exc.status, exc.message
     elif isinstance(exc, HTTPException):
@@ -48,7 +48,7 @@ def error_response(request: Request, exc: Exception) -> Response:
 
 def model_and_version(request: Request) -> tuple[str, str]:
     version = request.path_params.get("version", "")
-    if version and not version.isdigit():
+    if version and not (version.isascii() and version.isdigit()):
         raise BadRequest(f"model version must be a positive integer, got {version!r}")
     return request.path_params["model"], version
 
@@ -67,13 +67,14 @@ async def model_config(request: Request) -> Response:
 
 async def model_ready(request: Request) -> Response:
     model, version = model_and_version(request)
-    path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/ready"
+    path = model_path(model, version) + "/ready"
     answers = await services(request).router.get_all(path)
     return Response(status_code=200 if any(a.status == 200 for a in answers) else 400)
 
 
 async def model_stats(request: Request) -> Response:
-    path = request.url.path
+    # Forward the path as the client encoded it: a decoded model name could change its meaning.
+    path = request.scope.get("raw_path", b"").decode("latin-1") or request.url.path
     answers = await services(request).router.get_all(path)
     ok = [orjson.loads(a.body) for a in answers if a.status == 200]
     if not ok:

@@ -9,10 +9,11 @@ work left is what the request needs: read the body, decode, run the pipeline, en
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from gateway.errors import BadRequest, GatewayError, PayloadTooLarge
+from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, UnsupportedMediaType
 from gateway.pipeline import InferencePipeline
 from gateway.protocol import msgpack as msgpack_codec
 from gateway.protocol import v2
@@ -40,7 +41,7 @@ def infer_target(path: str) -> tuple[str, str] | None:
         return parts[3], ""
     if len(parts) == 7 and parts[6] == "infer" and parts[1:3] == ["v2", "models"] and parts[4] == "versions" and parts[3]:
         version = parts[5]
-        if not version.isdigit():
+        if not (version.isascii() and version.isdigit()):
             raise BadRequest(f"model version must be a positive integer, got {version!r}")
         return parts[3], version
     return None
@@ -71,6 +72,23 @@ async def read_body(receive: Receive, declared: bytes | None, limit: int) -> byt
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+def inflate(body: bytes, encoding: bytes, limit: int) -> bytes:
+    """Undo ``Content-Encoding: gzip|deflate`` (tritonclient's request compression), within the limit."""
+    name = encoding.strip().lower()
+    if name in (b"", b"identity"):
+        return body
+    if name not in (b"gzip", b"deflate"):
+        raise UnsupportedMediaType(f"unsupported Content-Encoding {name.decode('latin-1')!r}; use gzip, deflate or none")
+    inflater = zlib.decompressobj(wbits=31 if name == b"gzip" else 15)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise BadRequest(f"body is not valid {name.decode()} data: {exc}") from None
+    if len(data) > limit or inflater.unconsumed_tail:
+        raise PayloadTooLarge(f"decompressed request body exceeds the gateway's limit of {limit} bytes")
+    return data
+
+
 async def respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
     headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -91,6 +109,7 @@ class InferEndpoint:
             if target is None:
                 return await self.app(scope, receive, send)
             declared = header_length = None
+            encoding = b""
             for name, value in scope["headers"]:
                 if name == b"content-type":
                     content_type = value
@@ -98,7 +117,11 @@ class InferEndpoint:
                     declared = value
                 elif name == b"inference-header-content-length":
                     header_length = value
+                elif name == b"content-encoding":
+                    encoding = value
             body = await read_body(receive, declared, self._limit)
+            if encoding:
+                body = inflate(body, encoding, self._limit)
             await self._infer(send, self.app.state.services.pipeline, target, body, content_type, header_length)
         except ClientGone:
             return

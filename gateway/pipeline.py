@@ -4,11 +4,13 @@ and keep only the outputs the caller asked for.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
 from gateway.batcher import Batcher, BatchPolicy, BatchResult
 from gateway.config import BatchingConfig
+from gateway.errors import UpstreamError
 from gateway.models import ModelInfo, check_request
 from gateway.router import Router
 from gateway.tensors import InferRequest, InferResponse, Tensor
@@ -29,23 +31,28 @@ class InferencePipeline:
         self._clock = clock
         self.batchers: dict[tuple[str, str], Batcher] = {}
 
+    def _policy(self, info: ModelInfo) -> BatchPolicy:
+        b = self._batching
+        return BatchPolicy(
+            max_rows=min(b.max_batch_size, info.max_batch_size),
+            max_delay=b.max_queue_delay_ms / 1000,
+            max_inflight=b.max_inflight_batches,
+            max_queue_rows=b.max_queue_rows,
+        )
+
     def _batcher(self, model: str, version: str, info: ModelInfo) -> Batcher:
         key = (model, version)
         batcher = self.batchers.get(key)
         if batcher is None:
-            b = self._batching
-            policy = BatchPolicy(
-                max_rows=min(b.max_batch_size, info.max_batch_size),
-                max_delay=b.max_queue_delay_ms / 1000,
-                max_inflight=b.max_inflight_batches,
-                max_queue_rows=b.max_queue_rows,
-            )
 
             async def dispatch(inputs: list[Tensor], deadline: float | None) -> BatchResult:
                 return await self._router.infer(model, version, inputs, None, deadline)
 
             name = f"{model}" + (f"/{version}" if version else "")
-            batcher = self.batchers[key] = Batcher(name, dispatch, policy, self._clock)
+            batcher = self.batchers[key] = Batcher(name, dispatch, self._policy(info), self._clock)
+        elif batcher.policy.max_rows != min(self._batching.max_batch_size, info.max_batch_size):
+            # The model's max_batch_size changed (its config was reloaded): batches follow it.
+            batcher.policy = self._policy(info)
         return batcher
 
     async def infer(self, request: InferRequest, deadline: float | None = None) -> InferResponse:
@@ -54,16 +61,17 @@ class InferencePipeline:
         # The model's input order, so that clients listing inputs differently share batches.
         order = list(info.inputs)
         inputs = sorted(request.inputs, key=lambda t: order.index(t.name)) if len(request.inputs) > 1 else request.inputs
-        if info.batched and self._batching.enabled:
+        if info.batched and self._batching.enabled and not request.parameters:
             result = await self._batcher(request.model, request.version, info).submit(inputs, deadline)
         else:
-            result = await self._router.infer(request.model, request.version, inputs, None, deadline)
-        outputs = result.outputs
-        if request.outputs is not None:
-            by_name = {t.name: t for t in outputs}
-            outputs = [by_name[o.name] for o in request.outputs if o.name in by_name]
-        return InferResponse(request.model, result.version, outputs, id=request.id)
+            # Request parameters (priority, timeout, sequence ids, custom ones) belong to one request
+            # and cannot be merged: such a request travels alone, parameters included.
+            result = await self._router.infer(request.model, request.version, inputs, request.parameters, deadline)
+        produced = {t.name for t in result.outputs}
+        missing = [o.name for o in request.outputs or () if o.name not in produced]
+        if missing:
+            raise UpstreamError(f"model '{request.model}' did not produce the requested output(s) {missing}", status=502)
+        return InferResponse(request.model, result.version, result.outputs, id=request.id, parameters=result.parameters)
 
     async def close(self, grace: float) -> None:
-        for batcher in self.batchers.values():
-            await batcher.close(grace)
+        await asyncio.gather(*(b.close(grace) for b in self.batchers.values()))

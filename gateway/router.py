@@ -1,8 +1,9 @@
 """Choosing a Triton instance for each upstream request, and retrying on another one.
 
 The choice is weighted least-outstanding: among healthy instances, the one with the fewest
-requests in flight per unit of weight. A connection failure marks the instance unhealthy until
-the health checker sees it ready again, and the request is retried once on another instance.
+requests in flight per unit of weight. A failed connect marks the instance unhealthy until the
+health checker sees it up again. The request is retried once on another instance when no answer
+came (refused, connection dropped) or when the instance says it does not hold the model version.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from gateway.batcher import BatchResult
 from gateway.config import InstanceConfig
-from gateway.errors import GatewayTimeout, Unavailable
+from gateway.errors import GatewayTimeout, Unavailable, UpstreamError, missing_model
 from gateway.tensors import Tensor
 from gateway.upstream.client import InstanceUnreachable, RawResponse, TritonClient
 
@@ -66,7 +68,7 @@ class Router:
         model: str,
         version: str,
         inputs: list[Tensor],
-        outputs: list[str] | None,
+        parameters: dict[str, Any] | None = None,
         deadline: float | None = None,
     ) -> BatchResult:
         tried: list[Instance] = []
@@ -76,14 +78,23 @@ class Router:
             instance.outstanding += 1
             instance.requests += 1
             try:
-                return await self._client.infer(instance.url, model, version, inputs, outputs, self._remaining(deadline))
-            except InstanceUnreachable:
+                return await self._client.infer(instance.url, model, version, inputs, parameters, self._remaining(deadline))
+            except InstanceUnreachable as exc:
                 instance.failures += 1
-                instance.healthy = False  # the health checker re-admits it once it answers ready
-                if len(tried) >= self._max_tries or not any(i.healthy for i in self.instances if i not in tried):
+                if exc.connect_failed:
+                    instance.healthy = False  # the health checker re-admits it once it is up again
+                if not self._may_retry(tried):
+                    raise
+            except UpstreamError as exc:
+                # This instance does not hold the model version (yet: a rollout in progress, or a
+                # failed load); another one may. Any other answer from Triton is final.
+                if not (missing_model(exc) and self._may_retry(tried)):
                     raise
             finally:
                 instance.outstanding -= 1
+
+    def _may_retry(self, tried: list[Instance]) -> bool:
+        return len(tried) < self._max_tries and any(i.healthy and i not in tried for i in self.instances)
 
     async def get(self, path: str, timeout: float | None = None) -> RawResponse:
         """A read-only request (metadata, config, readiness) to any healthy instance, with failover."""
@@ -93,8 +104,9 @@ class Router:
             tried.append(instance)
             try:
                 return await self._client.get(instance.url, path, timeout)
-            except InstanceUnreachable:
-                instance.healthy = False
+            except InstanceUnreachable as exc:
+                if exc.connect_failed:
+                    instance.healthy = False
                 if not any(i.healthy for i in self.instances if i not in tried):
                     raise
 

@@ -77,7 +77,7 @@ def _unpack(body: bytes, err: MakeError) -> dict[str, Any]:
 def _check_keys(obj: dict[str, Any], allowed: frozenset[str], where: str, err: MakeError) -> None:
     unknown = set(obj) - allowed
     if unknown:
-        raise err(f"{where}: unknown key(s) {sorted(unknown)}")
+        raise err(f"{where}: unknown key(s) {sorted(map(str, unknown))}")  # keys may mix str and bytes
 
 
 def _tensors(raw: Any, kind: str, err: MakeError) -> list[Tensor]:

@@ -26,6 +26,7 @@ JSON_CONTENT_TYPE = "application/json"
 BINARY_CONTENT_TYPE = "application/octet-stream"
 
 MAX_DIMS = 32  # numpy cannot hold more dimensions
+MAX_ELEMENTS = 2**40  # far beyond any body limit, well within what numpy can shape
 _INT64_MAX = 2**63 - 1
 _U32 = struct.Struct("<I")
 
@@ -58,6 +59,9 @@ def parse_tensor_spec(obj: Any, kind: str, index: int, err: MakeError) -> tuple[
     shape = obj.get("shape")
     if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_dim(d) for d in shape):
         raise err(f"{kind} '{name}': shape must be a list of non-negative integers, got {_short(shape)}")
+    if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
+        # Even with a zero dimension (no data at all), numpy cannot represent such a shape.
+        raise err(f"{kind} '{name}': shape {_short(shape)} is too large")
     return name, datatype, tuple(shape)
 
 

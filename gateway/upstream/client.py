@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -18,13 +20,22 @@ from gateway.batcher import BatchResult
 from gateway.config import UpstreamConfig
 from gateway.errors import BadRequest, GatewayTimeout, Unavailable, UpstreamError
 from gateway.protocol import v2
+from gateway.protocol.v2 import HEADER_LENGTH
 from gateway.tensors import Tensor
 
-HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
 class InstanceUnreachable(Unavailable):
-    """No response came from the instance (refused, reset, closed): safe to retry elsewhere."""
+    """No response came from the instance: safe to retry elsewhere.
+
+    ``connect_failed`` is true when no connection could be made at all (refused, no route,
+    connect timeout): the instance is down. Otherwise an open connection broke (for example a
+    kept-alive connection the instance had closed): worth a retry, no proof the instance is down.
+    """
+
+    def __init__(self, message: str, connect_failed: bool) -> None:
+        super().__init__(message)
+        self.connect_failed = connect_failed
 
 
 @dataclass(slots=True)
@@ -32,6 +43,12 @@ class RawResponse:
     status: int
     body: bytes
     content_type: str
+
+
+def model_path(model: str, version: str) -> str:
+    """The v2 path of a model (version "" lets Triton choose); names are quoted, never trusted."""
+    name = quote(model, safe="")
+    return f"/v2/models/{name}/versions/{version}" if version else f"/v2/models/{name}"
 
 
 def upstream_error(status: int, body: bytes) -> UpstreamError:
@@ -97,10 +114,15 @@ class TritonClient:
             async with self.session.request(method, url, data=body, headers=headers, **kwargs) as resp:
                 data = await resp.read()
                 return RawResponse(resp.status, data, resp.headers.get("Content-Type", "")), resp.headers.get(HEADER_LENGTH)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            # Nothing was sent: the instance is unreachable, and another one may take the request.
+            raise InstanceUnreachable(f"{url}: {exc.__class__.__name__}: {exc}", connect_failed=True) from None
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
             raise GatewayTimeout(f"{url}: no answer within the deadline") from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            raise InstanceUnreachable(f"{url}: {exc.__class__.__name__}: {exc}") from None
+            raise InstanceUnreachable(f"{url}: {exc.__class__.__name__}: {exc}", connect_failed=False) from None
+        except aiohttp.ClientError as exc:  # an answer that is not HTTP (wrong port, broken proxy...)
+            raise UpstreamError(f"{url}: malformed answer: {exc.__class__.__name__}: {exc}", status=502) from None
 
     async def get(self, base_url: str, path: str, timeout: float | None = None) -> RawResponse:
         try:
@@ -117,11 +139,11 @@ class TritonClient:
         model: str,
         version: str,
         inputs: list[Tensor],
-        outputs: list[str] | None,
+        parameters: dict[str, Any] | None = None,
         timeout: float | None = None,
     ) -> BatchResult:
-        body, json_length = v2.encode_upstream_request(inputs, outputs)
-        path = f"/v2/models/{model}/versions/{version}/infer" if version else f"/v2/models/{model}/infer"
+        body, json_length = v2.encode_upstream_request(inputs, None, parameters=parameters)
+        path = model_path(model, version) + "/infer"
         headers = {HEADER_LENGTH: str(json_length), "Content-Type": "application/octet-stream"}
         resp, header_length = await self.request("POST", base_url + path, body, headers, timeout)
         if resp.status != 200:
@@ -131,4 +153,4 @@ class TritonClient:
         except BadRequest as exc:  # Triton's answer is malformed: not the client's fault
             raise UpstreamError(f"{base_url}: {exc.message}", status=502) from None
         header, tensors = v2.decode_upstream_response(resp.body, length)
-        return BatchResult(str(header.get("model_version", version)), tensors)
+        return BatchResult(str(header.get("model_version", version)), tensors, header.get("parameters") or {})

@@ -2,8 +2,8 @@
 
 Liveness, not ``/v2/health/ready``: Triton reports itself not ready while it loads a new model
 version (poll mode), although it goes on serving the versions already loaded. Probing readiness
-would take every instance out of routing at once during a rollout. Per-model readiness is the
-router's concern, from each instance's repository index.
+would take every instance out of routing at once during a rollout. An instance that answers that
+it does not hold a model version is retried elsewhere by the router.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from gateway.errors import GatewayError
 from gateway.router import Instance
 from gateway.upstream.client import TritonClient
 
@@ -21,7 +20,7 @@ log = logging.getLogger(__name__)
 async def probe(client: TritonClient, instance: Instance, timeout: float) -> None:
     try:
         ready = (await client.get(instance.url, "/v2/health/live", timeout)).status == 200
-    except GatewayError:
+    except Exception:  # whatever the instance (or whatever answers on its port) does, it is not up
         ready = False
     if ready != instance.healthy:
         log.warning("instance %s is now %s", instance.url, "up" if ready else "DOWN")
@@ -35,4 +34,7 @@ async def check_all(client: TritonClient, instances: list[Instance], timeout: fl
 async def health_loop(client: TritonClient, instances: list[Instance], interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
-        await check_all(client, instances, timeout=max(interval, 0.5))
+        try:
+            await check_all(client, instances, timeout=max(interval, 0.5))
+        except Exception:  # the loop must outlive any one round: it is what re-admits instances
+            log.exception("health check round failed")

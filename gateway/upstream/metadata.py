@@ -11,15 +11,12 @@ import orjson
 from gateway.errors import GatewayError, NotFound, UpstreamError
 from gateway.models import ModelInfo
 from gateway.router import Router
-from gateway.upstream.client import upstream_error
+from gateway.upstream.client import model_path, upstream_error
 
 # A negative answer (unknown model) is remembered briefly so that a flood of requests for a
 # wrong name does not become a flood of metadata requests to Triton.
 NOT_FOUND_TTL_S = 1.0
-
-
-def model_path(model: str, version: str) -> str:
-    return f"/v2/models/{model}/versions/{version}" if version else f"/v2/models/{model}"
+MAX_ENTRIES = 4096
 
 
 class MetadataCache:
@@ -30,16 +27,12 @@ class MetadataCache:
         self._entries: dict[tuple[str, str], tuple[float, ModelInfo | GatewayError]] = {}
         self._inflight: dict[tuple[str, str], asyncio.Future[ModelInfo]] = {}
 
-    def invalidate(self, model: str) -> None:
-        for key in [k for k in self._entries if k[0] == model]:
-            del self._entries[key]
-
     async def get(self, model: str, version: str) -> ModelInfo:
         key = (model, version)
         entry = self._entries.get(key)
         if entry is not None and entry[0] > self._clock():
             if isinstance(entry[1], GatewayError):
-                raise entry[1]
+                raise NotFound(entry[1].message)  # a fresh error: re-raising one object grows its traceback
             return entry[1]
         pending = self._inflight.get(key)
         if pending is None:
@@ -57,13 +50,24 @@ class MetadataCache:
             for resp in (meta, config):
                 if resp.status != 200:
                     raise upstream_error(resp.status, resp.body)
-            info = ModelInfo.from_triton(orjson.loads(meta.body), orjson.loads(config.body), meta.body, config.body)
+            try:
+                info = ModelInfo.from_triton(orjson.loads(meta.body), orjson.loads(config.body), meta.body, config.body)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise UpstreamError(f"malformed metadata for model '{model}' from Triton: {exc!r}", status=502) from None
         except UpstreamError as exc:
             if exc.status in (400, 404) and ("unknown model" in exc.message or "not found" in exc.message):
                 name = f"model '{model}'" + (f" version {version}" if version else "")
                 error = NotFound(f"{name} is not served: {exc.message}")
-                self._entries[key] = (self._clock() + NOT_FOUND_TTL_S, error)
+                self._remember(key, error, NOT_FOUND_TTL_S)
                 raise error from None
             raise
-        self._entries[key] = (self._clock() + self._ttl, info)
+        self._remember(key, info, self._ttl)
         return info
+
+    def _remember(self, key: tuple[str, str], value: ModelInfo | GatewayError, ttl: float) -> None:
+        now = self._clock()
+        if len(self._entries) >= MAX_ENTRIES:
+            # Requests for ever new unknown names must not grow the cache without bound.
+            for k in [k for k, (expires, _) in self._entries.items() if expires <= now] or list(self._entries)[:1]:
+                del self._entries[k]
+        self._entries[key] = (now + ttl, value)

@@ -119,6 +119,16 @@ def test_gateway_answers_equal_direct_triton_answers(stack: Stack, client: httpc
         np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests_from_tritonclient(client: httpclient.InferenceServerClient, algorithm: str) -> None:
+    x = BREAST_CANCER.splits().x_test[:8]
+    result = client.infer(
+        BREAST_CANCER.name, [infer_input("features", x, binary=True)], request_compression_algorithm=algorithm,
+        parameters={"note": "a custom parameter makes the request travel alone, parameters included"},
+    )  # fmt: skip
+    np.testing.assert_allclose(result.as_numpy("probabilities"), torch_reference(BREAST_CANCER.name, x)[1], atol=ATOL, rtol=0)
+
+
 def test_batched_rows_equal_rows_sent_one_by_one(client: httpclient.InferenceServerClient) -> None:
     x = BREAST_CANCER.splits().x_test[:40]
     batched, _ = infer_all(client, BREAST_CANCER, x, binary=True)

@@ -215,3 +215,35 @@ async def test_wrong_output_row_count_from_upstream_fails_the_batch_clearly() ->
     with pytest.raises(UpstreamError, match="batch of 4 rows"):
         await batcher.submit(rows(4))
     await batcher.close(0)
+
+
+def test_at_the_hard_cap_even_a_full_or_old_batch_waits() -> None:
+    queue = [pending(8, 100.0)]
+    assert select_batch(queue, inflight=1, now=200.0, policy=POLICY).batch == queue  # overflow allowed
+    at_cap = select_batch(queue, inflight=2, now=200.0, policy=POLICY)  # 2 = OVERFLOW_FACTOR * max_inflight
+    assert at_cap.batch == [] and at_cap.wake_at is None
+
+
+async def test_a_batch_rejected_with_4xx_is_retried_one_request_at_a_time() -> None:
+    """A model that fails on one request's data must not fail the others batched with it."""
+    calls: list[int] = []
+
+    async def picky(inputs: list[Tensor], deadline: float | None) -> BatchResult:
+        calls.append(inputs[0].data.shape[0])
+        await asyncio.sleep(0)
+        if np.isnan(inputs[0].data).any():
+            raise UpstreamError("input contains NaN", status=400)
+        return BatchResult("1", [Tensor("y", "FP32", inputs[0].data * 2)])
+
+    batcher = Batcher("m", picky, BatchPolicy(8, 10.0, 1, 64), clock=FakeClock())
+    first = asyncio.create_task(batcher.submit(rows(1)))  # occupies the only slot
+    await asyncio.sleep(0)
+    bad_rows = rows(1)
+    bad_rows[0].data[0, 0] = np.nan
+    good, bad = asyncio.create_task(batcher.submit(rows(2, start=3))), asyncio.create_task(batcher.submit(bad_rows))
+    await first
+    np.testing.assert_array_equal((await good).outputs[0].data, rows(2, start=3)[0].data * 2)
+    with pytest.raises(UpstreamError, match="NaN"):
+        await bad
+    assert calls == [1, 3, 2, 1]  # the slot, the shared batch, then each request alone
+    await batcher.close(0)

@@ -62,3 +62,22 @@ async def test_bad_content_length_and_disconnects() -> None:
         await read_body(receiver(), b"-1", 10)
     with pytest.raises(ClientGone):
         await read_body(receiver({"type": "http.disconnect"}), None, 10)
+
+
+def test_gzip_and_deflate_bodies_are_inflated_within_the_limit() -> None:
+    import gzip
+    import zlib
+
+    from gateway.errors import UnsupportedMediaType
+    from gateway.infer_endpoint import inflate
+
+    data = b'{"inputs": []}' * 10
+    assert inflate(gzip.compress(data), b"gzip", 1000) == data
+    assert inflate(zlib.compress(data), b"deflate", 1000) == data
+    assert inflate(data, b"identity", 1000) == data
+    with pytest.raises(PayloadTooLarge):
+        inflate(gzip.compress(b"\0" * 10_000), b"gzip", 1000)  # a small body that inflates past the limit
+    with pytest.raises(BadRequest, match="gzip"):
+        inflate(b"not gzip", b"gzip", 1000)
+    with pytest.raises(UnsupportedMediaType, match="br"):
+        inflate(data, b"br", 1000)

@@ -153,3 +153,9 @@ def test_malformed_response_is_upstream_error() -> None:
         codec.decode_response(b"{}")
     with pytest.raises(UpstreamError, match="output 'y': got 1 bytes"):
         codec.decode_response(pack({"outputs": [{"name": "y", "datatype": "FP32", "shape": [1], "data": b"\0"}]}))
+
+
+def test_keys_mixing_str_and_bytes_are_a_400_not_a_crash() -> None:
+    body = msgpack.packb({"inputs": [], b"a": 1, "b": 2}, use_bin_type=True)
+    with pytest.raises(BadRequest, match="unknown key"):
+        codec.decode_request(body, "m", "")

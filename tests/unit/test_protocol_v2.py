@@ -366,3 +366,9 @@ def test_deeply_nested_data() -> None:
     body = ('{"inputs": [{"name": "n", "datatype": "FP32", "shape": [1], "data": %s}]}' % deep.replace('"a"', "1")).encode()
     with pytest.raises(BadRequest, match="input 'n': 'data' must be a flat or regularly nested"):
         decode(body)
+
+
+def test_a_zero_element_tensor_with_enormous_dimensions_is_a_400() -> None:
+    body = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [0, 2**62, 2**62], "data": []}]})
+    with pytest.raises(BadRequest, match="too large"):
+        v2.decode_request(body, None, "m", "")

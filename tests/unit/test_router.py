@@ -13,15 +13,20 @@ from gateway.upstream.client import InstanceUnreachable
 
 
 class FakeClient:
-    def __init__(self, down: set[str] = frozenset(), error: Exception | None = None) -> None:
+    def __init__(
+        self, down: set[str] = frozenset(), error: Exception | None = None, errors: dict[str, Exception] | None = None
+    ) -> None:
         self.down = set(down)
         self.error = error
+        self.errors = errors or {}
         self.calls: list[str] = []
 
-    async def infer(self, url, model, version, inputs, outputs, timeout):  # noqa: ANN001, ANN201
+    async def infer(self, url, model, version, inputs, parameters, timeout):  # noqa: ANN001, ANN201
         self.calls.append(url)
         if url in self.down:
-            raise InstanceUnreachable(f"{url}: refused")
+            raise InstanceUnreachable(f"{url}: refused", connect_failed=True)
+        if url in self.errors:
+            raise self.errors[url]
         if self.error is not None:
             raise self.error
         return BatchResult("1", inputs)
@@ -70,3 +75,19 @@ async def test_an_answer_with_an_error_is_not_retried() -> None:
     with pytest.raises(UpstreamError, match="bad input"):
         await router.infer("m", "", INPUTS, None)
     assert len(client.calls) == 1
+
+
+async def test_a_dropped_connection_is_retried_elsewhere_without_evicting_the_instance() -> None:
+    a, b = Instance("a"), Instance("b")
+    client = FakeClient(errors={"a": InstanceUnreachable("a: server disconnected", connect_failed=False)})
+    router = Router([a, b], client)  # type: ignore[arg-type]
+    await router.infer("m", "", INPUTS, None)
+    assert client.calls == ["a", "b"] and a.healthy
+
+
+async def test_an_instance_without_the_model_version_hands_the_request_to_another() -> None:
+    missing = UpstreamError("Request for unknown model: 'm' version 2 is not found", status=400)
+    client = FakeClient(errors={"a": missing})
+    router = Router([Instance("a"), Instance("b")], client)  # type: ignore[arg-type]
+    result = await router.infer("m", "2", INPUTS, None)
+    assert result.outputs is INPUTS and client.calls == ["a", "b"]
