@@ -169,9 +169,23 @@ class Batcher:
         rows = inputs[0].data.shape[0] if inputs and inputs[0].data.ndim else 1
         if self._queued_rows + rows > self.policy.max_queue_rows:
             raise Unavailable(f"model '{self.name}' is overloaded: its queue is full, try again later")
-        self.start()
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(Pending(inputs, rows, signature_of(inputs), future, self._clock(), deadline))
+        item = Pending(inputs, rows, signature_of(inputs), future, self._clock(), deadline)
+        if not self._queue and self.inflight < self.policy.max_inflight:
+            # Idle: the policy would send this request alone at once. Send it from the caller's
+            # own task, sparing two event-loop hops through the worker (latency at low load).
+            if deadline is not None and deadline <= item.enqueued:
+                raise GatewayTimeout(f"deadline passed before the request reached model '{self.name}'")
+            self.inflight += 1
+            try:
+                await self._send([item])
+            except asyncio.CancelledError:
+                if future.done() and not future.cancelled():
+                    future.exception()  # the caller is gone: nobody will read the error
+                raise
+            return future.result()
+        self.start()
+        self._queue.append(item)
         self._queued_rows += rows
         self._wakeup.set()
         return await future

@@ -227,10 +227,12 @@ def test_at_the_hard_cap_even_a_full_or_old_batch_waits() -> None:
 async def test_a_batch_rejected_with_4xx_is_retried_one_request_at_a_time() -> None:
     """A model that fails on one request's data must not fail the others batched with it."""
     calls: list[int] = []
+    release_first = asyncio.Event()
 
     async def picky(inputs: list[Tensor], deadline: float | None) -> BatchResult:
         calls.append(inputs[0].data.shape[0])
-        await asyncio.sleep(0)
+        if len(calls) == 1:
+            await release_first.wait()
         if np.isnan(inputs[0].data).any():
             raise UpstreamError("input contains NaN", status=400)
         return BatchResult("1", [Tensor("y", "FP32", inputs[0].data * 2)])
@@ -241,9 +243,30 @@ async def test_a_batch_rejected_with_4xx_is_retried_one_request_at_a_time() -> N
     bad_rows = rows(1)
     bad_rows[0].data[0, 0] = np.nan
     good, bad = asyncio.create_task(batcher.submit(rows(2, start=3))), asyncio.create_task(batcher.submit(bad_rows))
+    await settle()
+    release_first.set()
     await first
     np.testing.assert_array_equal((await good).outputs[0].data, rows(2, start=3)[0].data * 2)
     with pytest.raises(UpstreamError, match="NaN"):
         await bad
     assert calls == [1, 3, 2, 1]  # the slot, the shared batch, then each request alone
+    await batcher.close(0)
+
+
+async def test_an_idle_batcher_sends_from_the_callers_task_and_then_batches_again() -> None:
+    up = FakeUpstream()
+    batcher = Batcher("m", up, POLICY, clock=FakeClock())
+    first = asyncio.create_task(batcher.submit(rows(1, start=1)))
+    await up.wait_batches(1)
+    assert batcher.inflight == 1 and batcher.queued_rows == 0
+    queued = [asyncio.create_task(batcher.submit(rows(1, start=i))) for i in (2, 3)]
+    await settle()
+    assert batcher.queued_rows == 2  # the slot is taken: these wait for the worker
+    up.release_all()
+    await up.wait_batches(2)
+    up.release_all()
+    results = await asyncio.gather(first, *queued)
+    assert [b.shape[0] for b in up.batches] == [1, 2]
+    for start, res in zip((1, 2, 3), results):
+        np.testing.assert_array_equal(res.outputs[0].data, rows(1, start=start)[0].data * 2)
     await batcher.close(0)
