@@ -1,6 +1,7 @@
 """The gateway's HTTP client for Triton: binary tensors over persistent connections.
 
-One aiohttp session for the whole fleet; connections are kept alive and capped per instance.
+One connection pool per instance (``upstream.http``): connections are kept alive and capped per
+instance (``upstream.max_connections_per_instance``).
 Every failure becomes a ``GatewayError``: ``InstanceUnreachable`` when no answer came at all (the
 router may retry elsewhere), ``GatewayTimeout`` when the instance did not answer in time, and
 ``UpstreamError`` carrying Triton's own message when Triton answered with an error.
@@ -11,9 +12,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
-import aiohttp
 import orjson
 
 from gateway.batcher import BatchResult
@@ -22,6 +22,7 @@ from gateway.errors import BadRequest, GatewayTimeout, Unavailable, UpstreamErro
 from gateway.protocol import v2
 from gateway.protocol.v2 import HEADER_LENGTH
 from gateway.tensors import Tensor
+from gateway.upstream.http import ConnectFailed, ConnectionBroke, HostPool, MalformedResponse
 
 
 
@@ -63,74 +64,57 @@ def upstream_error(status: int, body: bytes) -> UpstreamError:
 class TritonClient:
     def __init__(self, config: UpstreamConfig) -> None:
         self._config = config
-        self._session: aiohttp.ClientSession | None = None
+        self._pools: dict[str, HostPool] = {}
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=0,
-            limit_per_host=self._config.max_connections_per_instance,
-            keepalive_timeout=30,
-            enable_cleanup_closed=True,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=self._config.request_timeout_s, sock_connect=self._config.connect_timeout_s),
-            auto_decompress=False,
-            # Triton gzips responses when asked to; compressing on loopback or a LAN costs more
-            # CPU on both sides than it saves.
-            headers={"Accept-Encoding": "identity"},
-            skip_auto_headers=("User-Agent",),
-            cookie_jar=aiohttp.DummyCookieJar(),  # Triton sets no cookies; skip the jar per request
-        )
+        pass  # connections are opened on first use, per instance
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise RuntimeError("TritonClient.start() was not awaited")
-        return self._session
-
-    def _timeout(self, seconds: float | None) -> aiohttp.ClientTimeout | None:
-        if seconds is None or seconds >= self._config.request_timeout_s:
-            return None  # the session's default
-        return aiohttp.ClientTimeout(total=max(seconds, 0.001), sock_connect=self._config.connect_timeout_s)
+    def _pool(self, base_url: str) -> HostPool:
+        pool = self._pools.get(base_url)
+        if pool is None:
+            parts = urlsplit(base_url)
+            pool = self._pools[base_url] = HostPool(
+                parts.hostname or "127.0.0.1",
+                parts.port or 80,
+                self._config.max_connections_per_instance,
+                self._config.connect_timeout_s,
+            )
+        return pool
 
     async def request(
         self,
         method: str,
-        url: str,
-        body: bytes | None = None,
-        headers: dict[str, str] | None = None,
+        base_url: str,
+        path: str,
+        body: bytes = b"",
+        headers: bytes = b"",
         timeout: float | None = None,
     ) -> tuple[RawResponse, str | None]:
         """Send one request; return the response and its binary header length header, if any."""
+        limit = self._config.request_timeout_s if timeout is None else min(timeout, self._config.request_timeout_s)
+        url = base_url + path
         try:
-            deadline = self._timeout(timeout)
-            kwargs = {} if deadline is None else {"timeout": deadline}
-            async with self.session.request(method, url, data=body, headers=headers, **kwargs) as resp:
-                data = await resp.read()
-                return RawResponse(resp.status, data, resp.headers.get("Content-Type", "")), resp.headers.get(HEADER_LENGTH)
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            resp = await self._pool(base_url).request(method, path, headers, body, max(limit, 0.001))
+        except ConnectFailed as exc:
             # Nothing was sent: the instance is unreachable, and another one may take the request.
-            raise InstanceUnreachable(f"{url}: {exc.__class__.__name__}: {exc}", connect_failed=True) from None
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            raise InstanceUnreachable(f"{url}: {exc}", connect_failed=True) from None
+        except ConnectionBroke as exc:
+            raise InstanceUnreachable(f"{url}: {exc}", connect_failed=False) from None
+        except TimeoutError:
             raise GatewayTimeout(f"{url}: no answer within the deadline") from None
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            raise InstanceUnreachable(f"{url}: {exc.__class__.__name__}: {exc}", connect_failed=False) from None
-        except aiohttp.ClientError as exc:  # an answer that is not HTTP (wrong port, broken proxy...)
-            raise UpstreamError(f"{url}: malformed answer: {exc.__class__.__name__}: {exc}", status=502) from None
+        except MalformedResponse as exc:  # an answer that is not HTTP (wrong port, broken proxy...)
+            raise UpstreamError(f"{url}: malformed answer: {exc}", status=502) from None
+        length = resp.headers.get(b"inference-header-content-length")
+        content_type = resp.headers.get(b"content-type", b"").decode("latin-1")
+        return RawResponse(resp.status, resp.body, content_type), None if length is None else length.decode("latin-1")
 
     async def get(self, base_url: str, path: str, timeout: float | None = None) -> RawResponse:
-        try:
-            resp, _ = await self.request("GET", base_url + path, timeout=timeout)
-        except InstanceUnreachable:
-            # A GET is idempotent: one more try on a fresh connection rides over a pooled
-            # connection the instance had already closed.
-            resp, _ = await self.request("GET", base_url + path, timeout=timeout)
+        resp, _ = await self.request("GET", base_url, quote(path, safe="/%"), timeout=timeout)
         return resp
 
     async def infer(
@@ -143,9 +127,8 @@ class TritonClient:
         timeout: float | None = None,
     ) -> BatchResult:
         body, json_length = v2.encode_upstream_request(inputs, None, parameters=parameters)
-        path = model_path(model, version) + "/infer"
-        headers = {HEADER_LENGTH: str(json_length), "Content-Type": "application/octet-stream"}
-        resp, header_length = await self.request("POST", base_url + path, body, headers, timeout)
+        headers = b"%s: %d\r\nContent-Type: application/octet-stream\r\n" % (HEADER_LENGTH.encode(), json_length)
+        resp, header_length = await self.request("POST", base_url, model_path(model, version) + "/infer", body, headers, timeout)
         if resp.status != 200:
             raise upstream_error(resp.status, resp.body)
         try:
