@@ -171,9 +171,11 @@ class Batcher:
             raise Unavailable(f"model '{self.name}' is overloaded: its queue is full, try again later")
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
         item = Pending(inputs, rows, signature_of(inputs), future, self._clock(), deadline)
-        if not self._queue and self.inflight < self.policy.max_inflight:
+        if not self._queue and self.inflight == 0:
             # Idle: the policy would send this request alone at once. Send it from the caller's
             # own task, sparing two event-loop hops through the worker (latency at low load).
+            # Only when nothing is in flight: under load, the worker's hop is what lets requests
+            # arriving in the same loop turn gather into one batch.
             if deadline is not None and deadline <= item.enqueued:
                 raise GatewayTimeout(f"deadline passed before the request reached model '{self.name}'")
             self.inflight += 1
