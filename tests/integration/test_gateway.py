@@ -277,8 +277,10 @@ def test_perf_analyzer_runs_against_the_gateway(stack: Stack, tmp_path: Path) ->
         [
             str(REPO_ROOT / "triton" / "perf_analyzer" / "perf_analyzer.sh"),
             "-m", DIGITS.name, "-u", stack.gateway.hostport, "-i", "http",
-            "--concurrency-range", "4", "--measurement-interval", "1500", "--max-trials", "4",
-            "--stability-percentage", "50", "-f", str(report),
+            # The point is that perf_analyzer works through the gateway and reports throughput,
+            # not a stable figure: on a shared 2-core machine windows can differ by half.
+            "--concurrency-range", "4", "--measurement-interval", "1000", "--max-trials", "10",
+            "--stability-percentage", "100", "-f", str(report),
         ],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
