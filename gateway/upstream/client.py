@@ -9,7 +9,6 @@ router may retry elsewhere), ``GatewayTimeout`` when the instance did not answer
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
