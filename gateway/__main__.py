@@ -18,11 +18,13 @@ def serve(args: argparse.Namespace) -> int:
         print(f"gateway: bad configuration: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Worker processes import the app by name and read the config file themselves.
+    os.environ["GATEWAY_CONFIG"] = str(Path(args.config).resolve())
+    workers = config.server.workers
     if args.server == "granian":
         from granian import Granian
         from granian.constants import Interfaces, Loops
 
-        os.environ["GATEWAY_CONFIG"] = str(Path(args.config).resolve())
         Granian(
             "gateway.asgi:app_from_env",
             address=config.server.host,
@@ -30,6 +32,7 @@ def serve(args: argparse.Namespace) -> int:
             interface=Interfaces.ASGI,
             loop=Loops.uvloop,
             factory=True,
+            workers=workers,
             log_access=False,
         ).serve()
         return 0
@@ -39,7 +42,9 @@ def serve(args: argparse.Namespace) -> int:
     from gateway.app import build_app
 
     uvicorn.run(
-        build_app(config),
+        build_app(config) if workers == 1 else "gateway.asgi:app_from_env",
+        factory=workers > 1,
+        workers=workers,
         host=config.server.host,
         port=config.server.port,
         loop="uvloop",

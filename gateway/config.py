@@ -23,6 +23,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_bytes: int = 64 * 1024 * 1024
+    # Processes serving the same port (SO_REUSEPORT); each batches and routes on its own.
+    workers: int = 1
     # How long in-flight requests may take to finish on shutdown before they are cancelled.
     shutdown_grace_s: float = 10.0
 
@@ -123,6 +125,8 @@ def validate(config: GatewayConfig) -> None:
     s, u, b = config.server, config.upstream, config.batching
     if not 0 <= s.port <= 65535:
         raise ConfigError(f"server.port must be in 0..65535, got {s.port}")
+    if not 1 <= s.workers <= 256:
+        raise ConfigError(f"server.workers must be in 1..256, got {s.workers}")
     if s.max_body_bytes < 1024:
         raise ConfigError("server.max_body_bytes must be at least 1024")
     for name in ("connect_timeout_s", "request_timeout_s", "health_interval_s"):

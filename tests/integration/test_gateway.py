@@ -268,6 +268,28 @@ def test_unreachable_upstream_is_503(tmp_path: Path) -> None:
         assert http.get("/v2/models/breast_cancer_mlp").status_code == 503
 
 
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def test_worker_processes_share_the_port_and_stop_together(stack: Stack, tmp_path: Path) -> None:
+    config = gateway_config(stack.triton.http_urls, GATEWAY_PORT + 2, server={"workers": 2})
+    with running_gateway(config, GATEWAY_PORT + 2, tmp_path) as gw:
+        workers = [c for c in children(gw.process.pid) if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+        assert len(workers) == 2, children(gw.process.pid)
+        with httpx.Client(base_url=gw.url, timeout=10) as http:
+            x = BREAST_CANCER.splits().x_test[:3]
+            body = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [3, 30], "data": x.ravel().tolist()}]}
+            for _ in range(10):
+                resp = http.post(f"/v2/models/{BREAST_CANCER.name}/infer", json=body)
+                assert resp.status_code == 200, resp.text
+                probs = np.array(resp.json()["outputs"][1]["data"], np.float32).reshape(3, 2)
+                np.testing.assert_allclose(probs, torch_reference(BREAST_CANCER.name, x)[1], atol=ATOL, rtol=0)
+    for pid in workers:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
 # --- perf_analyzer ----------------------------------------------------------------------------
 
 

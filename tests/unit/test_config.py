@@ -35,6 +35,7 @@ def test_cli_overrides_apply() -> None:
         ({**BASE, "batching": {"max_bach_size": 64}}, "unknown key(s) in [batching]: max_bach_size"),
         ({**BASE, "cache": {}}, "unknown section(s): cache"),
         ({**BASE, "server": {"port": 70000}}, "server.port"),
+        ({**BASE, "server": {"workers": 0}}, "server.workers"),
         ({**BASE, "batching": {"max_queue_delay_ms": 40000.0}}, "shorter than upstream.request_timeout_s"),
         ({**BASE, "batching": {"max_queue_rows": 8, "max_batch_size": 64}}, "max_queue_rows must be >= "),
     ],
