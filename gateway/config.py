@@ -53,8 +53,8 @@ class BatchingConfig:
     max_batch_size: int = 64
     # A request never waits longer than this for a free upstream slot before its batch is sent.
     max_queue_delay_ms: float = 2.0
-    # Batches of one model version in flight at once before new requests start to gather.
-    max_inflight_batches: int = 4
+    # Batches of one model version in flight per healthy instance before requests gather.
+    max_inflight_batches: int = 1
     # Rows waiting per model version beyond which new requests get 503 (load shedding).
     max_queue_rows: int = 8192
 

@@ -33,26 +33,30 @@ class InferencePipeline:
 
     def _policy(self, info: ModelInfo) -> BatchPolicy:
         b = self._batching
+        # Slots scale with the fleet: a batch in flight per healthy instance keeps every instance
+        # busy, while requests that arrive meanwhile gather into the next batches.
+        healthy = sum(1 for i in self._router.instances if i.healthy)
         return BatchPolicy(
             max_rows=min(b.max_batch_size, info.max_batch_size),
             max_delay=b.max_queue_delay_ms / 1000,
-            max_inflight=b.max_inflight_batches,
+            max_inflight=b.max_inflight_batches * max(1, healthy),
             max_queue_rows=b.max_queue_rows,
         )
 
     def _batcher(self, model: str, version: str, info: ModelInfo) -> Batcher:
         key = (model, version)
         batcher = self.batchers.get(key)
+        policy = self._policy(info)
         if batcher is None:
 
             async def dispatch(inputs: list[Tensor], deadline: float | None) -> BatchResult:
                 return await self._router.infer(model, version, inputs, None, deadline)
 
             name = f"{model}" + (f"/{version}" if version else "")
-            batcher = self.batchers[key] = Batcher(name, dispatch, self._policy(info), self._clock)
-        elif batcher.policy.max_rows != min(self._batching.max_batch_size, info.max_batch_size):
-            # The model's max_batch_size changed (its config was reloaded): batches follow it.
-            batcher.policy = self._policy(info)
+            batcher = self.batchers[key] = Batcher(name, dispatch, policy, self._clock)
+        elif batcher.policy != policy:
+            # The fleet changed size, or the model's max_batch_size changed (config reloaded).
+            batcher.policy = policy
         return batcher
 
     async def infer(self, request: InferRequest, deadline: float | None = None) -> InferResponse:

@@ -10,6 +10,7 @@ from gateway.config import BatchingConfig
 from gateway.errors import UpstreamError
 from gateway.models import ModelInfo
 from gateway.pipeline import InferencePipeline
+from gateway.router import Instance
 from gateway.tensors import InferRequest, RequestedOutput, Tensor
 
 
@@ -33,6 +34,7 @@ class FakeRouter:
     def __init__(self, outputs: tuple[str, ...] = ("y",)) -> None:
         self.calls: list[tuple[int, dict | None]] = []
         self.outputs = outputs
+        self.instances = [Instance("a"), Instance("b")]
 
     async def infer(self, model, version, inputs, parameters=None, deadline=None):  # noqa: ANN001, ANN201
         self.calls.append((inputs[0].data.shape[0], parameters))
@@ -71,4 +73,15 @@ async def test_a_requested_output_triton_did_not_return_is_502() -> None:
     with pytest.raises(UpstreamError) as err:
         await pipeline.infer(request(outputs=["y"]))
     assert err.value.status == 502 and "'y'" in err.value.message
+    await pipeline.close(0)
+
+
+async def test_batch_slots_follow_the_number_of_healthy_instances() -> None:
+    router = FakeRouter()
+    pipeline = InferencePipeline(BatchingConfig(max_inflight_batches=2), router, FakeMetadata(info(8)))  # type: ignore[arg-type]
+    await pipeline.infer(request())
+    assert pipeline.batchers[("m", "")].policy.max_inflight == 4
+    router.instances[1].healthy = False
+    await pipeline.infer(request())
+    assert pipeline.batchers[("m", "")].policy.max_inflight == 2
     await pipeline.close(0)
