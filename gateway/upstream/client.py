@@ -42,7 +42,6 @@ class InstanceUnreachable(Unavailable):
 class RawResponse:
     status: int
     body: bytes
-    content_type: str
 
 
 def model_path(model: str, version: str) -> str:
@@ -109,8 +108,7 @@ class TritonClient:
         except MalformedResponse as exc:  # an answer that is not HTTP (wrong port, broken proxy...)
             raise UpstreamError(f"{url}: malformed answer: {exc}", status=502) from None
         length = resp.headers.get(b"inference-header-content-length")
-        content_type = resp.headers.get(b"content-type", b"").decode("latin-1")
-        return RawResponse(resp.status, resp.body, content_type), None if length is None else length.decode("latin-1")
+        return RawResponse(resp.status, resp.body), None if length is None else length.decode("latin-1")
 
     async def get(self, base_url: str, path: str, timeout: float | None = None) -> RawResponse:
         resp, _ = await self.request("GET", base_url, quote(path, safe="/%"), timeout=timeout)
