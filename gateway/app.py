@@ -16,9 +16,10 @@ from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.infer_endpoint import InferEndpoint
 from gateway.pipeline import InferencePipeline
-from gateway.router import Instance, Router
-from gateway.upstream import fleet
+from gateway.instances import EjectionPolicy
+from gateway.router import Router
 from gateway.upstream.client import TritonClient
+from gateway.upstream.fleet import FleetMonitor
 from gateway.upstream.metadata import MetadataCache
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ def routes() -> list[Route]:
         Route("/v2/health/live", handlers.live, methods=["GET"]),
         Route("/v2/health/ready", handlers.ready, methods=["GET"]),
         Route("/v2/models/stats", handlers.model_stats, methods=["GET"]),
+        Route("/v2/gateway/fleet", handlers.fleet, methods=["GET"]),
     ]
     for base in (models, versioned):
         table += [
@@ -47,14 +49,22 @@ def build_app(config: GatewayConfig) -> InferEndpoint:
     """The ASGI app: infer requests are answered by InferEndpoint, the rest by Starlette."""
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        client = TritonClient(config.upstream)
+        u = config.upstream
+        client = TritonClient(u)
         await client.start()
-        instances = [Instance.from_config(i) for i in config.upstream.instances]
-        await fleet.check_all(client, instances, timeout=config.upstream.connect_timeout_s)
-        router = Router(instances, client)
-        pipeline = InferencePipeline(config.batching, router, MetadataCache(router, config.upstream.metadata_ttl_s))
+        router = Router(
+            [],
+            client,
+            max_tries=u.max_tries,
+            max_inflight_per_instance=u.max_inflight_per_instance,
+            attempt_timeout=u.request_timeout_s,
+            ejection=EjectionPolicy(u.eject_after_failures, u.eject_base_s, u.eject_max_s, u.max_ejected_share),
+        )
+        monitor = FleetMonitor(u, client, router)
+        await monitor.start()
+        pipeline = InferencePipeline(config.batching, router, MetadataCache(router, u.metadata_ttl_s))
         app.state.services = handlers.Services(router, pipeline)
-        health = asyncio.create_task(fleet.health_loop(client, instances, config.upstream.health_interval_s))
+        health = asyncio.create_task(monitor.run())
         try:
             yield
         finally:

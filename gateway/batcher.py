@@ -12,7 +12,7 @@ Policy (``select_batch``, a pure function tested with a fake clock):
 * A batch holds requests of one signature only (input names, dtypes and non-batch shapes), taken
   in arrival order starting from the oldest request, so no signature starves.
 * Requests whose deadline has passed are failed with 504 and never sent; requests whose caller
-  went away (cancelled future) are dropped.
+  went away (cancelled future, or a client that disconnected) are dropped unsent.
 * When Triton rejects a batch of several requests with a 4xx (a model that fails on one
   request's data), each request is sent again alone, so only the faulty one fails.
 
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.errors import GatewayError, GatewayTimeout, Unavailable, UpstreamError, missing_model
+from gateway.errors import ClientGone, GatewayError, GatewayTimeout, Unavailable, UpstreamError, missing_model
 from gateway.tensors import Tensor
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class Pending:
     future: asyncio.Future[BatchResult]
     enqueued: float
     deadline: float | None = None
+    gone: Callable[[], bool] | None = None  # True once the client has disconnected
 
 
 @dataclass(slots=True)
@@ -165,12 +166,14 @@ class Batcher:
             self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher:{self.name}")
             self._worker.add_done_callback(self._worker_done)
 
-    async def submit(self, inputs: list[Tensor], deadline: float | None = None) -> BatchResult:
+    async def submit(
+        self, inputs: list[Tensor], deadline: float | None = None, gone: Callable[[], bool] | None = None
+    ) -> BatchResult:
         rows = inputs[0].data.shape[0] if inputs and inputs[0].data.ndim else 1
         if self._queued_rows + rows > self.policy.max_queue_rows:
             raise Unavailable(f"model '{self.name}' is overloaded: its queue is full, try again later")
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
-        item = Pending(inputs, rows, signature_of(inputs), future, self._clock(), deadline)
+        item = Pending(inputs, rows, signature_of(inputs), future, self._clock(), deadline, gone)
         if not self._queue and self.inflight == 0:
             # Idle: the policy would send this request alone at once. Send it from the caller's
             # own task, sparing two event-loop hops through the worker (latency at low load).
@@ -224,12 +227,19 @@ class Batcher:
         self._queue = deque(i for i in self._queue if id(i) not in ids)
 
     def _prune(self, now: float) -> None:
-        dropped = [i for i in self._queue if i.future.done() or (i.deadline is not None and i.deadline <= now)]
+        dropped = [
+            i
+            for i in self._queue
+            if i.future.done() or (i.deadline is not None and i.deadline <= now) or (i.gone is not None and i.gone())
+        ]
         if not dropped:
             return
         self._remove(dropped)
         for item in dropped:
-            self._fail(item, GatewayTimeout(f"deadline passed while queued for model '{self.name}'"))
+            if item.gone is not None and item.gone():
+                self._fail(item, ClientGone("the client disconnected"))
+            else:
+                self._fail(item, GatewayTimeout(f"deadline passed while queued for model '{self.name}'"))
 
     async def _run(self) -> None:
         while True:

@@ -31,17 +31,37 @@ class ServerConfig:
 
 @dataclass(frozen=True, slots=True)
 class InstanceConfig:
-    url: str
+    """One Triton instance (``url``), or every address a DNS name resolves to (``dns`` and
+    ``port``; a Kubernetes headless service), each with this weight."""
+
+    url: str = ""
     weight: float = 1.0
+    dns: str = ""
+    port: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     instances: tuple[InstanceConfig, ...] = ()
     connect_timeout_s: float = 2.0
+    # Time limit of one upstream attempt; a timed-out attempt is retried on another instance.
     request_timeout_s: float = 30.0
+    # Attempts per upstream request, each on a different instance.
+    max_tries: int = 2
     max_connections_per_instance: int = 64
+    # Batches (and lone requests) in flight per instance; beyond it, requests wait in the gateway.
+    max_inflight_per_instance: int = 8
     health_interval_s: float = 1.0
+    health_timeout_s: float = 1.0
+    # How often DNS names in `instances` are resolved again.
+    dns_refresh_s: float = 10.0
+    # Passive outlier ejection: after this many consecutive failures (no answer, timeout, 5xx)
+    # an instance is out for eject_base_s x (its recent ejections), at most eject_max_s, with
+    # at most max_ejected_share of the fleet out at once.
+    eject_after_failures: int = 5
+    eject_base_s: float = 5.0
+    eject_max_s: float = 60.0
+    max_ejected_share: float = 0.5
     # How long model metadata and config fetched from Triton are reused.
     metadata_ttl_s: float = 10.0
 
@@ -92,18 +112,28 @@ def _instances(raw: Any) -> tuple[InstanceConfig, ...]:
         raise ConfigError("upstream.instances must be a non-empty list of {url, weight} tables")
     out = []
     for i, item in enumerate(raw):
-        if not isinstance(item, dict) or "url" not in item:
-            raise ConfigError(f"upstream.instances[{i}] needs a url")
-        inst = _build(InstanceConfig, item, f"upstream.instances[{i}]")
-        parts = urlsplit(inst.url)
-        if parts.scheme != "http" or not parts.hostname or parts.port is None:
-            raise ConfigError(f"upstream.instances[{i}].url must look like http://host:port, got {inst.url!r}")
+        where = f"upstream.instances[{i}]"
+        if not isinstance(item, dict) or ("url" in item) == ("dns" in item):
+            raise ConfigError(f"{where} needs either a url, or a dns name and a port")
+        inst = _build(InstanceConfig, item, where)
+        if inst.url:
+            parts = urlsplit(inst.url)
+            if parts.scheme != "http" or not parts.hostname or parts.port is None:
+                raise ConfigError(f"{where}.url must look like http://host:port, got {inst.url!r}")
+            if "port" in item:
+                raise ConfigError(f"{where}: port goes with dns; a url carries its own")
+            inst = replace(inst, url=inst.url.rstrip("/"))
+        else:
+            if not inst.dns.strip() or "/" in inst.dns or ":" in inst.dns:
+                raise ConfigError(f"{where}.dns must be a host name, got {inst.dns!r}")
+            if not 1 <= inst.port <= 65535:
+                raise ConfigError(f"{where} needs a port in 1..65535 with its dns name")
         if inst.weight <= 0:
-            raise ConfigError(f"upstream.instances[{i}].weight must be > 0")
-        out.append(replace(inst, url=inst.url.rstrip("/")))
-    urls = [i.url for i in out]
-    if len(set(urls)) != len(urls):
-        raise ConfigError("upstream.instances lists the same url twice")
+            raise ConfigError(f"{where}.weight must be > 0")
+        out.append(inst)
+    keys = [i.url or f"{i.dns}:{i.port}" for i in out]
+    if len(set(keys)) != len(keys):
+        raise ConfigError("upstream.instances lists the same instance twice")
     return tuple(out)
 
 
@@ -129,11 +159,16 @@ def validate(config: GatewayConfig) -> None:
         raise ConfigError(f"server.workers must be in 1..256, got {s.workers}")
     if s.max_body_bytes < 1024:
         raise ConfigError("server.max_body_bytes must be at least 1024")
-    for name in ("connect_timeout_s", "request_timeout_s", "health_interval_s"):
+    for name in ("connect_timeout_s", "request_timeout_s", "health_interval_s", "health_timeout_s", "dns_refresh_s"):
         if getattr(u, name) <= 0:
             raise ConfigError(f"upstream.{name} must be > 0")
-    if u.max_connections_per_instance < 1:
-        raise ConfigError("upstream.max_connections_per_instance must be >= 1")
+    for name in ("max_connections_per_instance", "max_inflight_per_instance", "max_tries", "eject_after_failures"):
+        if getattr(u, name) < 1:
+            raise ConfigError(f"upstream.{name} must be >= 1")
+    if u.eject_base_s <= 0 or u.eject_max_s < u.eject_base_s:
+        raise ConfigError("upstream.eject_base_s must be > 0 and upstream.eject_max_s >= eject_base_s")
+    if not 0 <= u.max_ejected_share <= 1:
+        raise ConfigError(f"upstream.max_ejected_share must be in 0..1, got {u.max_ejected_share}")
     if b.max_batch_size < 1 or b.max_inflight_batches < 1 or b.max_queue_rows < 1:
         raise ConfigError("batching.max_batch_size, max_inflight_batches and max_queue_rows must be >= 1")
     if b.max_queue_delay_ms < 0:

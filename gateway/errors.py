@@ -51,6 +51,12 @@ class GatewayTimeout(GatewayError):
     status = 504
 
 
+class ClientGone(GatewayError):
+    """The client disconnected: its request is dropped and there is no one to answer."""
+
+    status = 499  # nginx's "client closed request"; never sent
+
+
 class UpstreamError(GatewayError):
     """Triton answered with an error; ``status`` is Triton's own status code."""
 

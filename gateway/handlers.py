@@ -104,6 +104,11 @@ async def live(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
-    if not any(i.healthy for i in services(request).router.instances):
+    if not services(request).router.routable_count():
         raise Unavailable("no Triton instance is ready")
     return Response(status_code=200)
+
+
+async def fleet(request: Request) -> Response:
+    """The gateway's view of each instance: state, weight, load, errors, ejections, models."""
+    return Response(orjson.dumps({"instances": services(request).router.snapshot()}), media_type=JSON)

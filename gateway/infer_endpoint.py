@@ -9,11 +9,14 @@ work left is what the request needs: read the body, decode, run the pipeline, en
 from __future__ import annotations
 
 import logging
+import time
 import zlib
+from dataclasses import dataclass
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, UnsupportedMediaType
+from gateway import deadlines
+from gateway.errors import BadRequest, ClientGone, GatewayError, PayloadTooLarge, UnsupportedMediaType
 from gateway.pipeline import InferencePipeline
 from gateway.protocol import msgpack as msgpack_codec
 from gateway.protocol import v2
@@ -30,10 +33,6 @@ MSGPACK_TYPES = (b"application/msgpack", b"application/x-msgpack", b"application
 JSON_TYPE = b"application/json"
 
 
-class ClientGone(Exception):
-    """The client disconnected before its request body arrived: there is no one to answer."""
-
-
 def infer_target(path: str) -> tuple[str, str] | None:
     """(model, version) for an infer path, else None. Version "" lets the server choose."""
     parts = path.split("/")
@@ -44,6 +43,17 @@ def infer_target(path: str) -> tuple[str, str] | None:
         if not (version.isascii() and version.isdigit()):
             raise BadRequest(f"model version must be a positive integer, got {version!r}")
         return parts[3], version
+    return None
+
+
+def disconnect_probe(receive: Receive) -> Callable[[], bool] | None:
+    """A cheap check of whether the client has gone, for the batcher to drop queued requests of
+    clients that left. ASGI offers this only by awaiting ``receive()``, a task per request; the
+    ASGI server's own flag costs nothing. uvicorn's ``receive`` is a method of its per-request
+    cycle, whose ``disconnected`` flag it sets on connection loss. None on other servers."""
+    cycle = getattr(receive, "__self__", None)
+    if cycle is not None and isinstance(getattr(cycle, "disconnected", None), bool):
+        return lambda: cycle.disconnected
     return None
 
 
@@ -62,7 +72,7 @@ async def read_body(receive: Receive, declared: bytes | None, limit: int) -> byt
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise ClientGone()
+            raise ClientGone("the client disconnected before its request body arrived")
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
@@ -95,6 +105,18 @@ async def respond(send: Send, status: int, body: bytes, headers: list[tuple[byte
     await send({"type": "http.response.body", "body": body})
 
 
+@dataclass(slots=True)
+class Call:
+    """One infer request as it arrived: where it goes, its body and what its headers said."""
+
+    target: tuple[str, str]  # (model, version)
+    body: bytes
+    content_type: bytes
+    header_length: bytes | None  # Inference-Header-Content-Length
+    deadline: float | None
+    gone: Callable[[], bool] | None
+
+
 class InferEndpoint:
     def __init__(self, app: Any, max_body_bytes: int) -> None:
         self.app = app  # the Starlette app: everything that is not an infer request
@@ -110,6 +132,7 @@ class InferEndpoint:
                 return await self.app(scope, receive, send)
             declared = header_length = None
             encoding = b""
+            deadline = None
             for name, value in scope["headers"]:
                 if name == b"content-type":
                     content_type = value
@@ -119,10 +142,13 @@ class InferEndpoint:
                     header_length = value
                 elif name == b"content-encoding":
                     encoding = value
+                elif name == deadlines.HEADER:
+                    deadline = deadlines.from_header(value, time.monotonic())
             body = await read_body(receive, declared, self._limit)
             if encoding:
                 body = inflate(body, encoding, self._limit)
-            await self._infer(send, self.app.state.services.pipeline, target, body, content_type, header_length)
+            call = Call(target, body, content_type, header_length, deadline, disconnect_probe(receive))
+            await self._infer(send, self.app.state.services.pipeline, call)
         except ClientGone:
             return
         except GatewayError as exc:
@@ -131,25 +157,19 @@ class InferEndpoint:
             log.exception("unhandled error on POST %s", scope["path"])
             await self._error(send, 500, f"internal gateway error ({exc.__class__.__name__})", content_type)
 
-    async def _infer(
-        self,
-        send: Send,
-        pipeline: InferencePipeline,
-        target: tuple[str, str],
-        body: bytes,
-        content_type: bytes,
-        header_length: bytes | None,
-    ) -> None:
-        model, version = target
-        if is_msgpack(content_type):
+    async def _infer(self, send: Send, pipeline: InferencePipeline, call: Call) -> None:
+        model, version = call.target
+        body = call.body
+        if is_msgpack(call.content_type):
             req = msgpack_codec.decode_request(body, model, version)
-            resp = await pipeline.infer(req)
+            resp = await pipeline.infer(req, call.deadline, call.gone)
             payload = msgpack_codec.encode_response(resp, req)
             headers = [(b"content-type", MSGPACK_TYPES[0]), (b"model-version", resp.version.encode())]
             return await respond(send, 200, payload, headers)
+        header_length = call.header_length
         length = v2.parse_header_length(None if header_length is None else header_length.decode("latin-1"), len(body))
         req = v2.decode_request(body, length, model, version)
-        resp = await pipeline.infer(req)
+        resp = await pipeline.infer(req, call.deadline, call.gone)
         payload, extra = v2.encode_response(resp, req)
         headers = [(k.lower().encode(), v.encode()) for k, v in extra.items()]
         headers.append((b"model-version", resp.version.encode()))

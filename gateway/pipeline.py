@@ -8,9 +8,10 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from gateway import deadlines
 from gateway.batcher import Batcher, BatchPolicy, BatchResult
 from gateway.config import BatchingConfig
-from gateway.errors import UpstreamError
+from gateway.errors import GatewayTimeout, UpstreamError
 from gateway.models import ModelInfo, check_request
 from gateway.router import Router
 from gateway.tensors import InferRequest, InferResponse, Tensor
@@ -35,11 +36,11 @@ class InferencePipeline:
         b = self._batching
         # Slots scale with the fleet: a batch in flight per healthy instance keeps every instance
         # busy, while requests that arrive meanwhile gather into the next batches.
-        healthy = sum(1 for i in self._router.instances if i.healthy)
+        routable = self._router.routable_count()
         return BatchPolicy(
             max_rows=min(b.max_batch_size, info.max_batch_size),
             max_delay=b.max_queue_delay_ms / 1000,
-            max_inflight=b.max_inflight_batches * max(1, healthy),
+            max_inflight=b.max_inflight_batches * max(1, routable),
             max_queue_rows=b.max_queue_rows,
         )
 
@@ -59,14 +60,33 @@ class InferencePipeline:
             batcher.policy = policy
         return batcher
 
-    async def infer(self, request: InferRequest, deadline: float | None = None) -> InferResponse:
+    async def infer(
+        self, request: InferRequest, deadline: float | None = None, gone: Callable[[], bool] | None = None
+    ) -> InferResponse:
+        """Serve one request; ``deadline`` (monotonic seconds) from the client's header, ``gone``
+        tells whether the client has disconnected (see ``deadlines`` and ``batcher``)."""
+        params = request.parameters
+        if params and deadlines.PARAMETER in params:
+            deadline = deadlines.earliest(deadline, deadlines.from_parameter(params.pop(deadlines.PARAMETER), self._clock()))
+        if deadline is None:
+            return await self._infer(request, None, gone)
+        remaining = deadline - self._clock()
+        if remaining <= 0:
+            raise GatewayTimeout("the request's deadline had passed before the gateway could send it")
+        try:
+            async with asyncio.timeout(remaining):
+                return await self._infer(request, deadline, gone)
+        except TimeoutError:
+            raise GatewayTimeout(f"deadline passed: no answer within the {remaining * 1000:.0f} ms left") from None
+
+    async def _infer(self, request: InferRequest, deadline: float | None, gone: Callable[[], bool] | None) -> InferResponse:
         info = await self.metadata.get(request.model, request.version)
         check_request(info, request)
         # The model's input order, so that clients listing inputs differently share batches.
         order = list(info.inputs)
         inputs = sorted(request.inputs, key=lambda t: order.index(t.name)) if len(request.inputs) > 1 else request.inputs
         if info.batched and self._batching.enabled and not request.parameters:
-            result = await self._batcher(request.model, request.version, info).submit(inputs, deadline)
+            result = await self._batcher(request.model, request.version, info).submit(inputs, deadline, gone)
         else:
             # Request parameters (priority, timeout, sequence ids, custom ones) belong to one request
             # and cannot be merged: such a request travels alone, parameters included.

@@ -1,38 +1,40 @@
-"""Choosing a Triton instance for each upstream request, and retrying on another one.
+"""Sending each upstream request to one instance of the fleet, and retrying on another.
 
-The choice is weighted least-outstanding: among healthy instances, the one with the fewest
-requests in flight per unit of weight. A failed connect marks the instance unhealthy until the
-health checker sees it up again. The request is retried once on another instance when no answer
-came (refused, connection dropped) or when the instance says it does not hold the model version.
+For every batch (or lone request) the router:
+
+1. takes the **candidates**: instances that are up (live, not ejected) and have the model
+   version READY in their repository index. When no instance is known to hold it (an index not
+   fetched yet, a version published a moment ago), every up instance is a candidate and Triton's
+   own answer decides;
+2. drops candidates already at ``max_inflight_per_instance`` requests in flight; if that leaves
+   none, waits for a slot (within the request's deadline): requests meanwhile gather in the
+   batcher, which is where batching pays;
+3. lets ``balancer.choose`` pick one (weighted least outstanding, power of two choices);
+4. sends the request with a time limit of ``request_timeout_s`` or the deadline's remainder,
+   whichever is shorter, and records the outcome on the instance (outlier ejection);
+5. retries once (``max_tries``) on a different instance, if the deadline allows, when no answer
+   came (connection refused or broken), the attempt timed out, Triton answered 5xx, or Triton
+   said it does not hold the model version (the instance is then taken off that version until
+   its next repository index). Any other 4xx is the client's and is final. When every try
+   fails, the client gets the last upstream error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from gateway import balancer
 from gateway.batcher import BatchResult
-from gateway.config import InstanceConfig
-from gateway.errors import GatewayTimeout, Unavailable, UpstreamError, missing_model
+from gateway.errors import GatewayError, GatewayTimeout, Unavailable, UpstreamError, missing_model
+from gateway.instances import EjectionPolicy, Instance
 from gateway.tensors import Tensor
 from gateway.upstream.client import InstanceUnreachable, RawResponse, TritonClient
 
-
-@dataclass(slots=True, eq=False)
-class Instance:
-    url: str
-    weight: float = 1.0
-    healthy: bool = True
-    outstanding: int = 0
-    requests: int = 0
-    failures: int = 0
-
-    @classmethod
-    def from_config(cls, config: InstanceConfig) -> Instance:
-        return cls(url=config.url, weight=config.weight)
+__all__ = ["Instance", "Router"]
 
 
 class Router:
@@ -40,28 +42,105 @@ class Router:
         self,
         instances: Iterable[Instance],
         client: TritonClient,
+        *,
         clock: Callable[[], float] = time.monotonic,
         max_tries: int = 2,
+        max_inflight_per_instance: int = 8,
+        attempt_timeout: float = 30.0,
+        ejection: EjectionPolicy = EjectionPolicy(),
+        rng: random.Random | None = None,
     ) -> None:
         self.instances = list(instances)
         self._client = client
         self._clock = clock
         self._max_tries = max_tries
+        self._cap = max_inflight_per_instance
+        self._attempt_timeout = attempt_timeout
+        self.ejection = ejection
+        self._rng = rng or random.Random()
+        self._waiters: list[asyncio.Future[None]] = []
 
-    def pick(self, exclude: Iterable[Instance] = ()) -> Instance:
-        skip = set(map(id, exclude))
-        candidates = [i for i in self.instances if i.healthy and id(i) not in skip]
+    # -- membership and state -------------------------------------------------------------------
+
+    def set_instances(self, instances: Sequence[Instance]) -> None:
+        """A new member list (DNS discovery). Requests in flight keep their instance objects."""
+        self.instances = list(instances)
+        self._wake()
+
+    def routable_count(self) -> int:
+        return sum(1 for i in self.instances if i.routable)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        now = self._clock()
+        return [i.snapshot(now) for i in self.instances]
+
+    # -- choice ---------------------------------------------------------------------------------
+
+    def candidates(self, model: str | None, version: str, exclude: Sequence[Instance] = ()) -> list[Instance]:
+        up = [i for i in self.instances if i.routable and i not in exclude]
+        if model is None:
+            return up
+        holding = [i for i in up if i.holds(model, version) is not False]
+        if holding:
+            return holding
+        if any(i.holds(model, version) is not False for i in self.instances if i not in exclude):
+            return []  # it is held only by instances that are down or ejected, or tried already
+        return up  # nobody is known to hold it: let Triton answer
+
+    def pick(self, model: str | None = None, version: str = "", exclude: Sequence[Instance] = ()) -> Instance | None:
+        """An instance with a free slot, or None if every candidate is at its cap.
+        Raises Unavailable when there is no candidate at all."""
+        candidates = self.candidates(model, version, exclude)
         if not candidates:
-            raise Unavailable("no healthy Triton instance is available")
-        return min(candidates, key=lambda i: (i.outstanding + 1) / i.weight)
+            what = "" if model is None else f" holding model '{model}'" + (f" version {version}" if version else "")
+            raise Unavailable(f"no healthy Triton instance{what} is available")
+        free = [i for i in candidates if i.outstanding < self._cap]
+        return balancer.choose(free, self._rng, self._clock()) if free else None
 
-    def _remaining(self, deadline: float | None) -> float | None:
+    async def _acquire(self, model: str | None, version: str, exclude: Sequence[Instance], deadline: float | None) -> Instance:
+        while True:
+            instance = self.pick(model, version, exclude)
+            if instance is not None:
+                instance.begin(self._clock())
+                return instance
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                if deadline is None:
+                    await waiter
+                else:
+                    async with asyncio.timeout(max(0.0, deadline - self._clock())):
+                        await waiter
+            except TimeoutError:
+                raise GatewayTimeout("deadline passed while waiting for a free Triton instance") from None
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+                    self._waiters.remove(waiter)
+
+    def _release(self, instance: Instance) -> None:
+        instance.end(self._clock())
+        if self._waiters:
+            self._wake()
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def _limit(self, deadline: float | None) -> tuple[float, bool]:
+        """The time limit of the next attempt, and whether it is the client's deadline."""
         if deadline is None:
-            return None
+            return self._attempt_timeout, False
         remaining = deadline - self._clock()
         if remaining <= 0:
             raise GatewayTimeout("deadline passed before the request could be sent upstream")
-        return remaining
+        if remaining < self._attempt_timeout:
+            return remaining, True
+        return self._attempt_timeout, False
 
     async def infer(
         self,
@@ -73,49 +152,84 @@ class Router:
     ) -> BatchResult:
         tried: list[Instance] = []
         while True:
-            instance = self.pick(exclude=tried)
+            instance = await self._acquire(model, version, tried, deadline)
             tried.append(instance)
-            instance.outstanding += 1
-            instance.requests += 1
             try:
-                return await self._client.infer(instance.url, model, version, inputs, parameters, self._remaining(deadline))
-            except InstanceUnreachable as exc:
-                instance.failures += 1
-                if exc.connect_failed:
-                    instance.healthy = False  # the health checker re-admits it once it is up again
-                if not self._may_retry(tried):
+                limit, is_deadline = self._limit(deadline)
+            except GatewayTimeout:
+                self._release(instance)  # never sent: an expired request is not forwarded
+                raise
+            try:
+                result = await self._client.infer(instance.url, model, version, inputs, parameters, limit)
+            except GatewayError as exc:
+                if not self._failed(instance, exc, model, version, is_deadline) or not self._may_retry(
+                    model, version, tried, deadline
+                ):
                     raise
-            except UpstreamError as exc:
-                # This instance does not hold the model version (yet: a rollout in progress, or a
-                # failed load); another one may. Any other answer from Triton is final.
-                if not (missing_model(exc) and self._may_retry(tried)):
-                    raise
+            else:
+                instance.record_success()
+                return result
             finally:
-                instance.outstanding -= 1
+                self._release(instance)
 
-    def _may_retry(self, tried: list[Instance]) -> bool:
-        return len(tried) < self._max_tries and any(i.healthy and i not in tried for i in self.instances)
+    def _failed(self, instance: Instance, exc: GatewayError, model: str, version: str, is_deadline: bool) -> bool:
+        """Record a failed attempt on its instance; return whether another instance may succeed."""
+        now = self._clock()
+        if isinstance(exc, InstanceUnreachable):
+            if exc.connect_failed:
+                instance.mark_down(exc.message, now)  # nothing listens: down until a probe says up
+            else:
+                self._count(instance, exc.message, now)
+            return True
+        if isinstance(exc, GatewayTimeout):
+            if is_deadline:
+                return False  # the client's deadline, not the instance's fault
+            self._count(instance, exc.message, now)
+            return True
+        if isinstance(exc, UpstreamError):
+            if missing_model(exc):
+                instance.forget(model, version)
+                return True
+            if exc.status >= 500:
+                self._count(instance, exc.message, now)
+                return True
+            instance.record_success()  # it answered, correctly: the request was at fault
+        return False
 
-    async def get(self, path: str, timeout: float | None = None) -> RawResponse:
-        """A read-only request (metadata, config, readiness) to any healthy instance, with failover."""
+    def _count(self, instance: Instance, message: str, now: float) -> None:
+        instance.record_failure(message, now, self.instances, self.ejection)
+
+    def _may_retry(self, model: str | None, version: str, tried: list[Instance], deadline: float | None) -> bool:
+        if len(tried) >= self._max_tries:
+            return False
+        if deadline is not None and deadline <= self._clock():
+            return False
+        return bool(self.candidates(model, version, exclude=tried))
+
+    async def get(self, path: str, timeout: float | None = None, model: str | None = None, version: str = "") -> RawResponse:
+        """A read-only request (metadata, config) to an instance that holds ``model`` (when
+        given), failing over when no answer comes. Not counted against the per-instance cap."""
         tried: list[Instance] = []
         while True:
-            instance = self.pick(exclude=tried)
+            candidates = self.candidates(model, version, exclude=tried)
+            if not candidates:
+                raise Unavailable("no healthy Triton instance is available")
+            instance = balancer.choose(candidates, self._rng, self._clock())
             tried.append(instance)
             try:
                 return await self._client.get(instance.url, path, timeout)
             except InstanceUnreachable as exc:
                 if exc.connect_failed:
-                    instance.healthy = False
-                if not any(i.healthy for i in self.instances if i not in tried):
+                    instance.mark_down(exc.message, self._clock())
+                if not self.candidates(model, version, exclude=tried):
                     raise
 
     async def get_all(self, path: str, timeout: float | None = None) -> list[RawResponse]:
-        """The same request to every healthy instance (statistics are summed across the fleet)."""
-        healthy = [i for i in self.instances if i.healthy]
-        if not healthy:
+        """The same request to every live instance (statistics are summed across the fleet)."""
+        live = [i for i in self.instances if i.live]
+        if not live:
             raise Unavailable("no healthy Triton instance is available")
-        results = await asyncio.gather(*(self._client.get(i.url, path, timeout) for i in healthy), return_exceptions=True)
+        results = await asyncio.gather(*(self._client.get(i.url, path, timeout) for i in live), return_exceptions=True)
         answers = [r for r in results if isinstance(r, RawResponse)]
         if not answers:
             raise Unavailable(f"no Triton instance answered {path}")

@@ -72,6 +72,12 @@ class TritonClient:
             pool.close()
         self._pools.clear()
 
+    def forget(self, base_url: str) -> None:
+        """Close the idle connections to an instance that left the fleet."""
+        pool = self._pools.pop(base_url, None)
+        if pool is not None:
+            pool.close()
+
     def _pool(self, base_url: str) -> HostPool:
         pool = self._pools.get(base_url)
         if pool is None:

@@ -1,40 +1,165 @@
-"""Active health checks: each instance's ``/v2/health/live``, polled in the background.
+"""Keeping the router's view of the fleet current: membership (DNS) and active health.
 
-Liveness, not ``/v2/health/ready``: Triton reports itself not ready while it loads a new model
-version (poll mode), although it goes on serving the versions already loaded. Probing readiness
-would take every instance out of routing at once during a rollout. An instance that answers that
-it does not hold a model version is retried elsewhere by the router.
+``FleetMonitor`` runs in the background and writes ``Instance`` fields the router reads:
+
+* **membership**: each ``upstream.instances`` entry is one URL, or a DNS name whose every
+  address is an instance (a Kubernetes headless service), re-resolved every
+  ``upstream.dns_refresh_s``. A name that does not resolve keeps its previous addresses.
+* **active health**, every ``upstream.health_interval_s``, for each instance at once:
+  ``/v2/health/live`` decides whether the instance is up; ``/v2/health/ready`` is recorded for
+  the fleet view; the repository index (``POST /v2/repository/index``) says which model
+  versions are READY there, so the router sends a version only where it is loaded.
+
+Liveness rather than readiness decides routing: Triton reports itself not ready while it loads
+a new model version (poll mode), although it goes on serving the versions already loaded;
+probing readiness would take every instance out of routing at once during a rollout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
 
-from gateway.router import Instance
+import orjson
+
+from gateway.config import InstanceConfig, UpstreamConfig
+from gateway.instances import Instance
+from gateway.router import Router
 from gateway.upstream.client import TritonClient
 
 log = logging.getLogger(__name__)
 
-
-async def probe(client: TritonClient, instance: Instance, timeout: float) -> None:
-    try:
-        ready = (await client.get(instance.url, "/v2/health/live", timeout)).status == 200
-    except Exception:  # whatever the instance (or whatever answers on its port) does, it is not up
-        ready = False
-    if ready != instance.healthy:
-        log.warning("instance %s is now %s", instance.url, "up" if ready else "DOWN")
-    instance.healthy = ready
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+INDEX_BODY = b'{"ready": true}'
+JSON_HEADER = b"Content-Type: application/json\r\n"
 
 
-async def check_all(client: TritonClient, instances: list[Instance], timeout: float) -> None:
-    await asyncio.gather(*(probe(client, i, timeout) for i in instances))
+async def resolve(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to (TCP), in a stable order."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return sorted({str(info[4][0]) for info in infos})
 
 
-async def health_loop(client: TritonClient, instances: list[Instance], interval: float) -> None:
-    while True:
-        await asyncio.sleep(interval)
+def instance_url(address: str, port: int) -> str:
+    return f"http://[{address}]:{port}" if ":" in address else f"http://{address}:{port}"
+
+
+def ready_models(index: object) -> dict[str, frozenset[str]]:
+    """The READY model versions in a repository index answer."""
+    if not isinstance(index, list):
+        raise ValueError("the repository index is not a list")
+    models: dict[str, set[str]] = {}
+    for entry in index:
+        if isinstance(entry, dict) and entry.get("state") == "READY" and isinstance(entry.get("name"), str):
+            models.setdefault(entry["name"], set()).add(str(entry.get("version", "")))
+    return {name: frozenset(v for v in versions if v) for name, versions in models.items()}
+
+
+class FleetMonitor:
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        client: TritonClient,
+        router: Router,
+        resolver: Resolver = resolve,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._config = config
+        self._client = client
+        self._router = router
+        self._resolve = resolver
+        self._clock = clock
+        self._resolved: dict[int, list[str]] = {}  # entry index -> last addresses that resolved
+
+    # -- membership -----------------------------------------------------------------------------
+
+    async def _urls(self, index: int, entry: InstanceConfig) -> list[str]:
+        if entry.url:
+            return [entry.url]
+        assert entry.dns is not None and entry.port is not None
         try:
-            await check_all(client, instances, timeout=max(interval, 0.5))
-        except Exception:  # the loop must outlive any one round: it is what re-admits instances
-            log.exception("health check round failed")
+            addresses = await self._resolve(entry.dns, entry.port)
+        except OSError as exc:
+            log.warning("cannot resolve %s: %s; keeping its last addresses", entry.dns, exc)
+            addresses = self._resolved.get(index, [])
+        else:
+            if addresses != self._resolved.get(index):
+                log.warning("%s resolves to %s", entry.dns, ", ".join(addresses) or "nothing")
+            self._resolved[index] = addresses
+        return [instance_url(a, entry.port) for a in addresses]
+
+    async def discover(self) -> None:
+        """Rebuild the member list from the config, keeping the state of known instances."""
+        known = {i.url: i for i in self._router.instances}
+        members: dict[str, Instance] = {}
+        for index, entry in enumerate(self._config.instances):
+            for url in await self._urls(index, entry):
+                if url not in members:
+                    instance = known.get(url) or Instance(url, entry.weight)
+                    instance.weight = entry.weight
+                    members[url] = instance
+        if list(members) != list(known):
+            for url in set(known) - set(members):
+                self._client.forget(url)
+            self._router.set_instances(list(members.values()))
+
+    # -- health ---------------------------------------------------------------------------------
+
+    async def probe(self, instance: Instance) -> None:
+        timeout = self._config.health_timeout_s
+        url = instance.url
+        try:
+            live = (await self._client.get(url, "/v2/health/live", timeout)).status == 200
+        except Exception:  # whatever the instance (or whatever answers on its port) does, it is not up
+            live = False
+        if live:
+            ready, models = await asyncio.gather(self._ready(url, timeout), self._index(url, timeout))
+            instance.ready = ready
+            if models is not None:
+                instance.models = models
+        else:
+            instance.ready = False
+        was = instance.state
+        instance.probed(live, self._clock())
+        if instance.state != was:
+            log.warning("instance %s is now %s", url, instance.state.upper())
+
+    async def _ready(self, url: str, timeout: float) -> bool:
+        try:
+            return (await self._client.get(url, "/v2/health/ready", timeout)).status == 200
+        except Exception:
+            return False
+
+    async def _index(self, url: str, timeout: float) -> dict[str, frozenset[str]] | None:
+        try:
+            resp, _ = await self._client.request("POST", url, "/v2/repository/index", INDEX_BODY, JSON_HEADER, timeout)
+            if resp.status != 200:
+                return None
+            return ready_models(orjson.loads(resp.body))
+        except Exception as exc:  # an index we cannot read leaves the last one in place
+            log.debug("repository index of %s: %r", url, exc)
+            return None
+
+    async def check_all(self, instances: Sequence[Instance] | None = None) -> None:
+        await asyncio.gather(*(self.probe(i) for i in (self._router.instances if instances is None else instances)))
+
+    async def start(self) -> None:
+        """The first membership and health round, before the gateway takes traffic."""
+        await self.discover()
+        await self.check_all()
+
+    async def run(self) -> None:
+        """Probe every ``health_interval_s`` and re-resolve every ``dns_refresh_s``, forever."""
+        next_discovery = self._clock() + self._config.dns_refresh_s
+        while True:
+            await asyncio.sleep(self._config.health_interval_s)
+            try:
+                if any(e.dns for e in self._config.instances) and self._clock() >= next_discovery:
+                    next_discovery = self._clock() + self._config.dns_refresh_s
+                    await self.discover()
+                await self.check_all()
+            except Exception:  # the loop must outlive any one round: it is what re-admits instances
+                log.exception("fleet health round failed")

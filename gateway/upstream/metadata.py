@@ -46,7 +46,10 @@ class MetadataCache:
         key = (model, version)
         path = model_path(model, version)
         try:
-            meta, config = await asyncio.gather(self._router.get(path), self._router.get(path + "/config"))
+            meta, config = await asyncio.gather(
+                self._router.get(path, model=model, version=version),
+                self._router.get(path + "/config", model=model, version=version),
+            )
             for resp in (meta, config):
                 if resp.status != 200:
                     raise upstream_error(resp.status, resp.body)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gateway.batcher import Batcher, BatchPolicy, BatchResult, Pending, select_batch, signature_of
-from gateway.errors import GatewayTimeout, Unavailable, UpstreamError
+from gateway.errors import ClientGone, GatewayTimeout, Unavailable, UpstreamError
 from gateway.tensors import Tensor
 
 POLICY = BatchPolicy(max_rows=8, max_delay=0.002, max_inflight=1, max_queue_rows=64)
@@ -170,6 +170,27 @@ async def test_a_cancelled_caller_is_dropped_without_disturbing_the_others() -> 
     await blocker
     np.testing.assert_array_equal((await stays).outputs[0].data, rows(1, start=7)[0].data * 2)
     assert up.batches[1].shape[0] == 1  # the cancelled request was never sent
+    await batcher.close(0)
+
+
+async def test_a_request_whose_client_disconnected_is_dropped_unsent() -> None:
+    up = FakeUpstream()
+    batcher = Batcher("m", up, POLICY, clock=FakeClock())
+    blocker = asyncio.create_task(batcher.submit(rows(1)))
+    await up.wait_batches(1)
+    disconnected = False
+    left = asyncio.create_task(batcher.submit(rows(1, start=5), gone=lambda: disconnected))
+    stays = asyncio.create_task(batcher.submit(rows(1, start=7), gone=lambda: False))
+    await settle()
+    disconnected = True
+    up.release_all()
+    with pytest.raises(ClientGone):
+        await left
+    await up.wait_batches(2)
+    up.release_all()
+    await blocker
+    np.testing.assert_array_equal((await stays).outputs[0].data, rows(1, start=7)[0].data * 2)
+    assert up.batches[1].shape[0] == 1 and batcher.queued_rows == 0  # never sent
     await batcher.close(0)
 
 

@@ -27,10 +27,20 @@ def test_cli_overrides_apply() -> None:
     "data, message",
     [
         ({}, "upstream.instances"),
-        ({"upstream": {"instances": [{"weight": 1}]}}, "needs a url"),
+        ({"upstream": {"instances": [{"weight": 1}]}}, "needs either a url, or a dns name and a port"),
+        ({"upstream": {"instances": [{"url": "http://a:1", "dns": "a", "port": 1}]}}, "needs either a url"),
+        ({"upstream": {"instances": [{"dns": "triton"}]}}, "needs a port in 1..65535"),
+        ({"upstream": {"instances": [{"dns": "http://triton", "port": 8000}]}}, ".dns must be a host name"),
+        ({"upstream": {"instances": [{"url": "http://a:1", "port": 2}]}}, "port goes with dns"),
+        ({"upstream": {"instances": [{"dns": "t", "port": 1}, {"dns": "t", "port": 1}]}}, "same instance twice"),
+        ({**BASE, "upstream": {**BASE["upstream"], "max_tries": 0}}, "upstream.max_tries must be >= 1"),
+        ({**BASE, "upstream": {**BASE["upstream"], "max_inflight_per_instance": 0}}, "max_inflight_per_instance"),
+        ({**BASE, "upstream": {**BASE["upstream"], "health_timeout_s": 0.0}}, "upstream.health_timeout_s must be > 0"),
+        ({**BASE, "upstream": {**BASE["upstream"], "eject_max_s": 1.0}}, "eject_max_s >= eject_base_s"),
+        ({**BASE, "upstream": {**BASE["upstream"], "max_ejected_share": 1.5}}, "max_ejected_share must be in 0..1"),
         ({"upstream": {"instances": [{"url": "triton:8000"}]}}, "http://host:port"),
         ({"upstream": {"instances": [{"url": "http://a:1", "weight": 0}]}}, "weight must be > 0"),
-        ({"upstream": {"instances": [{"url": "http://a:1"}, {"url": "http://a:1/"}]}}, "same url twice"),
+        ({"upstream": {"instances": [{"url": "http://a:1"}, {"url": "http://a:1/"}]}}, "same instance twice"),
         ({**BASE, "batching": {"max_batch_size": "64"}}, "batching.max_batch_size must be int"),
         ({**BASE, "batching": {"max_bach_size": 64}}, "unknown key(s) in [batching]: max_bach_size"),
         ({**BASE, "cache": {}}, "unknown section(s): cache"),
@@ -58,3 +68,9 @@ def test_missing_and_invalid_files_are_reported(tmp_path: Path) -> None:
     bad.write_text("[server\nport = 1")
     with pytest.raises(ConfigError, match="invalid TOML"):
         load_config(bad)
+
+
+def test_an_instance_may_be_a_dns_name_with_a_port() -> None:
+    config = parse_config({"upstream": {"instances": [{"dns": "triton-headless", "port": 8000, "weight": 2}]}})
+    (entry,) = config.upstream.instances
+    assert (entry.url, entry.dns, entry.port, entry.weight) == ("", "triton-headless", 8000, 2.0)

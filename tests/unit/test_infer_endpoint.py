@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.errors import BadRequest, PayloadTooLarge
-from gateway.infer_endpoint import ClientGone, infer_target, is_msgpack, read_body
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+from gateway import deadlines
+from gateway.errors import BadRequest, ClientGone, PayloadTooLarge
+from gateway.infer_endpoint import disconnect_probe, infer_target, is_msgpack, read_body
 
 
 @pytest.mark.parametrize(
@@ -81,3 +84,27 @@ def test_gzip_and_deflate_bodies_are_inflated_within_the_limit() -> None:
         inflate(b"not gzip", b"gzip", 1000)
     with pytest.raises(UnsupportedMediaType, match="br"):
         inflate(data, b"br", 1000)
+
+
+def test_the_disconnect_probe_reads_uvicorns_flag() -> None:
+    # The probe relies on uvicorn's per-request cycle: receive is its method, and it keeps a
+    # `disconnected` flag. This pins that contract to the uvicorn version installed.
+    cycle = RequestResponseCycle.__new__(RequestResponseCycle)
+    cycle.disconnected = False
+    probe = disconnect_probe(cycle.receive)
+    assert probe is not None and probe() is False
+    cycle.disconnected = True
+    assert probe() is True
+    assert "disconnected" in RequestResponseCycle.__init__.__code__.co_names
+    assert disconnect_probe(receiver()) is None  # another server: no probe, nothing breaks
+
+
+@pytest.mark.parametrize("value", [b"0", b"-5", b"abc", b"nan", b"inf", b""])
+def test_a_bad_timeout_header_is_400(value: bytes) -> None:
+    with pytest.raises(BadRequest, match="X-Request-Timeout-Ms"):
+        deadlines.from_header(value, 0.0)
+
+
+def test_the_timeout_header_is_milliseconds() -> None:
+    assert deadlines.from_header(b"250", 10.0) == pytest.approx(10.25)
+    assert deadlines.from_header(b"0.5", 10.0) == pytest.approx(10.0005)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
 from gateway.batcher import BatchResult
 from gateway.config import BatchingConfig
-from gateway.errors import UpstreamError
+from gateway.errors import BadRequest, GatewayTimeout, UpstreamError
 from gateway.models import ModelInfo
 from gateway.pipeline import InferencePipeline
 from gateway.router import Instance
@@ -35,9 +37,14 @@ class FakeRouter:
         self.calls: list[tuple[int, dict | None]] = []
         self.outputs = outputs
         self.instances = [Instance("a"), Instance("b")]
+        self.deadlines: list[float | None] = []
+
+    def routable_count(self) -> int:
+        return sum(1 for i in self.instances if i.routable)
 
     async def infer(self, model, version, inputs, parameters=None, deadline=None):  # noqa: ANN001, ANN201
         self.calls.append((inputs[0].data.shape[0], parameters))
+        self.deadlines.append(deadline)
         return BatchResult("1", [Tensor(n, "FP32", inputs[0].data * 2) for n in self.outputs])
 
 
@@ -76,12 +83,68 @@ async def test_a_requested_output_triton_did_not_return_is_502() -> None:
     await pipeline.close(0)
 
 
-async def test_batch_slots_follow_the_number_of_healthy_instances() -> None:
+async def test_batch_slots_follow_the_number_of_routable_instances() -> None:
     router = FakeRouter()
     pipeline = InferencePipeline(BatchingConfig(max_inflight_batches=2), router, FakeMetadata(info(8)))  # type: ignore[arg-type]
     await pipeline.infer(request())
     assert pipeline.batchers[("m", "")].policy.max_inflight == 4
-    router.instances[1].healthy = False
+    router.instances[1].live = False
     await pipeline.infer(request())
     assert pipeline.batchers[("m", "")].policy.max_inflight == 2
+    router.instances[1].live = True
+    router.instances[0].ejected_until = 99.0
+    await pipeline.infer(request())
+    assert pipeline.batchers[("m", "")].policy.max_inflight == 2
+    await pipeline.close(0)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_the_timeout_parameter_becomes_a_deadline_and_does_not_stop_batching() -> None:
+    router, clock = FakeRouter(), Clock()
+    pipeline = InferencePipeline(BatchingConfig(), router, FakeMetadata(info(8)), clock=clock)  # type: ignore[arg-type]
+    await pipeline.infer(request(parameters={"timeout": 250_000}))  # microseconds, as Triton reads it
+    # Consumed: not forwarded, and the request went through the batcher (no lone parameters).
+    assert router.calls == [(1, None)] and list(pipeline.batchers) == [("m", "")]
+    assert router.deadlines == [pytest.approx(100.25)]
+    await pipeline.infer(request(parameters={"timeout": 250_000}), deadline=100.1)  # the header's, earlier
+    assert router.deadlines[-1] == pytest.approx(100.1)
+    await pipeline.infer(request(parameters={"timeout": 0}))  # 0: no deadline, as in Triton
+    assert router.deadlines[-1] is None
+    await pipeline.close(0)
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "100", True])
+async def test_an_invalid_timeout_parameter_is_400(value: object) -> None:
+    pipeline = InferencePipeline(BatchingConfig(), FakeRouter(), FakeMetadata(info(8)))  # type: ignore[arg-type]
+    with pytest.raises(BadRequest, match="parameter 'timeout'"):
+        await pipeline.infer(request(parameters={"timeout": value}))
+
+
+async def test_an_expired_request_is_504_and_never_routed() -> None:
+    router, clock = FakeRouter(), Clock()
+    pipeline = InferencePipeline(BatchingConfig(), router, FakeMetadata(info(8)), clock=clock)  # type: ignore[arg-type]
+    with pytest.raises(GatewayTimeout):
+        await pipeline.infer(request(), deadline=99.0)
+    assert router.calls == []
+
+
+class StuckRouter(FakeRouter):
+    async def infer(self, model, version, inputs, parameters=None, deadline=None):  # noqa: ANN001, ANN201
+        await asyncio.sleep(3600)
+
+
+async def test_a_deadline_passing_while_the_request_waits_is_504() -> None:
+    pipeline = InferencePipeline(BatchingConfig(), StuckRouter(), FakeMetadata(info(8)))  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    with pytest.raises(GatewayTimeout, match="deadline passed"):
+        await pipeline.infer(request(parameters={"timeout": 20_000}))
+    assert loop.time() - start < 1.0
     await pipeline.close(0)

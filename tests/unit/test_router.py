@@ -1,93 +1,261 @@
-"""Instance choice and failover, with a fake Triton client (no network)."""
+"""Instance choice, per-instance caps, failover and deadlines in the router, with a fake Triton
+client (no network) and a fake clock."""
 
 from __future__ import annotations
+
+import asyncio
+import random
 
 import numpy as np
 import pytest
 
 from gateway.batcher import BatchResult
-from gateway.errors import Unavailable, UpstreamError
+from gateway.errors import BadRequest, GatewayTimeout, Unavailable, UpstreamError
+from gateway.instances import EjectionPolicy
 from gateway.router import Instance, Router
 from gateway.tensors import Tensor
 from gateway.upstream.client import InstanceUnreachable
 
+INPUTS = [Tensor("x", "FP32", np.zeros((1, 2), np.float32))]
+MISSING = UpstreamError("Request for unknown model: 'm' version 2 is not found", status=400)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
 
 class FakeClient:
-    def __init__(
-        self, down: set[str] = frozenset(), error: Exception | None = None, errors: dict[str, Exception] | None = None
-    ) -> None:
-        self.down = set(down)
-        self.error = error
+    """Answers per instance url: an exception to raise, or None for success. ``hold`` makes
+    calls wait until released."""
+
+    def __init__(self, errors: dict[str, Exception] | None = None) -> None:
         self.errors = errors or {}
-        self.calls: list[str] = []
+        self.calls: list[tuple[str, float | None]] = []
+        self.hold: asyncio.Event | None = None
 
     async def infer(self, url, model, version, inputs, parameters, timeout):  # noqa: ANN001, ANN201
-        self.calls.append(url)
-        if url in self.down:
-            raise InstanceUnreachable(f"{url}: refused", connect_failed=True)
-        if url in self.errors:
-            raise self.errors[url]
-        if self.error is not None:
-            raise self.error
-        return BatchResult("1", inputs)
+        self.calls.append((url, timeout))
+        if self.hold is not None:
+            await self.hold.wait()
+        error = self.errors.get(url)
+        if error is not None:
+            raise error
+        return BatchResult(version or "1", inputs)
+
+    @property
+    def urls(self) -> list[str]:
+        return [u for u, _ in self.calls]
 
 
-INPUTS = [Tensor("x", "FP32", np.zeros((1, 2), np.float32))]
+def make_router(client: FakeClient, *instances: Instance, **kwargs) -> Router:  # noqa: ANN003
+    kwargs.setdefault("rng", random.Random(0))
+    return Router(list(instances), client, **kwargs)  # type: ignore[arg-type]
 
 
-def test_pick_prefers_fewest_outstanding_per_weight_among_healthy() -> None:
-    a, b, c = Instance("a", weight=1), Instance("b", weight=3), Instance("c", healthy=False)
-    router = Router([a, b, c], FakeClient())  # type: ignore[arg-type]
-    a.outstanding, b.outstanding = 1, 3  # a: 2/1, b: 4/3
-    assert router.pick() is b
-    b.outstanding = 6  # b: 7/3 > 2
-    assert router.pick() is a
-    assert router.pick(exclude=[a]) is b
+# -- choice ---------------------------------------------------------------------------------------
 
 
-def test_no_healthy_instance_is_unavailable() -> None:
-    router = Router([Instance("a", healthy=False)], FakeClient())  # type: ignore[arg-type]
+def test_only_up_instances_holding_the_version_are_candidates() -> None:
+    a, b, c, d = Instance("a"), Instance("b"), Instance("c", live=False), Instance("d", ejected_until=5.0)
+    a.models = {"m": frozenset({"1", "2"})}
+    b.models = {"m": frozenset({"1"})}
+    router = make_router(FakeClient(), a, b, c, d)
+    assert router.candidates("m", "2") == [a]
+    assert router.candidates("m", "1") == [a, b]
+    assert router.candidates("m", "") == [a, b]
+    assert router.candidates(None, "") == [a, b]
+
+
+def test_when_nobody_is_known_to_hold_a_version_triton_decides() -> None:
+    a, b = Instance("a"), Instance("b")  # no repository index yet
+    router = make_router(FakeClient(), a, b)
+    assert router.candidates("m", "7") == [a, b]
+    a.models, b.models = {"m": frozenset({"1"})}, {}
+    assert router.candidates("m", "7") == [a, b]  # nobody holds 7: let Triton answer (404)
+
+
+def test_a_version_held_only_by_a_down_instance_is_unavailable() -> None:
+    a, b = Instance("a", live=False), Instance("b")
+    a.models, b.models = {"m": frozenset({"2"})}, {"m": frozenset({"1"})}
+    router = make_router(FakeClient(), a, b)
+    with pytest.raises(Unavailable, match="holding model 'm' version 2"):
+        router.pick("m", "2")
+
+
+def test_no_routable_instance_is_unavailable() -> None:
+    router = make_router(FakeClient(), Instance("a", live=False))
     with pytest.raises(Unavailable):
         router.pick()
 
 
-async def test_unreachable_instance_is_marked_down_and_the_request_retried_elsewhere() -> None:
+async def test_weights_split_sequential_traffic() -> None:
+    client = FakeClient()
+    router = make_router(client, Instance("a", weight=3), Instance("b", weight=1))
+    for _ in range(200):
+        await router.infer("m", "", INPUTS)
+    assert client.urls.count("a") == 150 and client.urls.count("b") == 50
+
+
+# -- per-instance cap -----------------------------------------------------------------------------
+
+
+async def test_requests_beyond_the_per_instance_cap_wait_for_a_slot() -> None:
+    client = FakeClient()
+    client.hold = asyncio.Event()
     a, b = Instance("a"), Instance("b")
-    client = FakeClient(down={"a"})
-    router = Router([a, b], client)  # type: ignore[arg-type]
-    result = await router.infer("m", "", INPUTS, None)
-    assert result.outputs is INPUTS
-    assert client.calls == ["a", "b"] and not a.healthy and b.healthy
-    assert a.outstanding == b.outstanding == 0
+    router = make_router(client, a, b, max_inflight_per_instance=1)
+    tasks = [asyncio.create_task(router.infer("m", "", INPUTS)) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    assert len(client.calls) == 2 and a.outstanding == b.outstanding == 1  # the third waits
+    client.hold.set()
+    await asyncio.gather(*tasks)
+    assert len(client.calls) == 3 and a.outstanding == b.outstanding == 0
 
 
-async def test_all_unreachable_raises_after_trying_each_once() -> None:
-    client = FakeClient(down={"a", "b"})
-    router = Router([Instance("a"), Instance("b")], client)  # type: ignore[arg-type]
-    with pytest.raises(InstanceUnreachable):
-        await router.infer("m", "", INPUTS, None)
-    assert sorted(client.calls) == ["a", "b"]
+async def test_a_deadline_passing_while_waiting_for_a_slot_is_504() -> None:
+    client = FakeClient()
+    client.hold = asyncio.Event()
+    router = make_router(client, Instance("a"), max_inflight_per_instance=1)
+    busy = asyncio.create_task(router.infer("m", "", INPUTS))
+    await asyncio.sleep(0)
+    loop = asyncio.get_running_loop()
+    with pytest.raises(GatewayTimeout, match="waiting for a free Triton instance"):
+        await router.infer("m", "", INPUTS, deadline=router._clock() + 0.02)
+    assert len(client.calls) == 1
+    client.hold.set()
+    await busy
+    assert loop  # the waiter left no trace behind
+    assert router._waiters == []
 
 
-async def test_an_answer_with_an_error_is_not_retried() -> None:
-    client = FakeClient(error=UpstreamError("bad input", status=400))
-    router = Router([Instance("a"), Instance("b")], client)  # type: ignore[arg-type]
-    with pytest.raises(UpstreamError, match="bad input"):
-        await router.infer("m", "", INPUTS, None)
+# -- failover -------------------------------------------------------------------------------------
+
+
+async def test_a_refused_connection_marks_the_instance_down_and_retries_elsewhere() -> None:
+    a, b = Instance("a"), Instance("b")
+    client = FakeClient({"a": InstanceUnreachable("a: refused", connect_failed=True)})
+    router = make_router(client, a, b, rng=random.Random(1))
+    while not client.calls or client.urls[0] != "a":  # until a is tried first
+        client.calls.clear()
+        a.live = True
+        await router.infer("m", "", INPUTS)
+    assert client.urls == ["a", "b"] and not a.live and a.state == "down" and b.live
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        InstanceUnreachable("a: connection reset", connect_failed=False),
+        GatewayTimeout("a: no answer within the deadline"),
+        UpstreamError("internal error in the model", status=502),  # Triton's 5xx
+    ],
+    ids=["broken-connection", "timeout", "5xx"],
+)
+async def test_failures_are_counted_and_retried_on_another_instance(error: Exception) -> None:
+    a, b = Instance("a"), Instance("b")
+    client = FakeClient({"a": error})
+    router = make_router(client, a, b)
+    for _ in range(20):
+        await router.infer("m", "", INPUTS)
+    assert a.failures == client.urls.count("a") > 0 and a.live
+    assert all(client.urls[i + 1] == "b" for i, u in enumerate(client.urls) if u == "a")
+
+
+async def test_consecutive_failures_eject_an_instance_which_then_gets_nothing() -> None:
+    a, b = Instance("a"), Instance("b")
+    client = FakeClient({"a": UpstreamError("boom", status=502)})
+    router = make_router(client, a, b, ejection=EjectionPolicy(after_failures=2, base_s=5.0))
+    for _ in range(30):
+        await router.infer("m", "", INPUTS)
+    assert a.ejected and a.ejections == 1 and client.urls.count("a") == 2
+
+
+async def test_a_4xx_is_final_and_not_counted_against_the_instance() -> None:
+    a, b = Instance("a"), Instance("b")
+    error = UpstreamError("unexpected shape for input 'x'", status=400)
+    client = FakeClient({"a": error, "b": error})
+    router = make_router(client, a, b)
+    with pytest.raises(UpstreamError, match="unexpected shape"):
+        await router.infer("m", "", INPUTS)
+    assert len(client.calls) == 1 and a.failures == b.failures == 0
+
+
+async def test_when_every_try_fails_the_client_sees_the_upstream_error() -> None:
+    client = FakeClient({"a": UpstreamError("a failed", status=502), "b": UpstreamError("b failed", status=502)})
+    router = make_router(client, Instance("a"), Instance("b"), Instance("c", live=False))
+    with pytest.raises(UpstreamError) as err:
+        await router.infer("m", "", INPUTS)
+    assert len(client.calls) == 2 and err.value.message == f"{client.urls[-1]} failed"
+
+
+async def test_max_tries_one_never_retries() -> None:
+    client = FakeClient({"a": UpstreamError("a failed", status=502), "b": UpstreamError("b failed", status=502)})
+    router = make_router(client, Instance("a"), Instance("b"), max_tries=1)
+    with pytest.raises(UpstreamError):
+        await router.infer("m", "", INPUTS)
     assert len(client.calls) == 1
 
 
-async def test_a_dropped_connection_is_retried_elsewhere_without_evicting_the_instance() -> None:
+async def test_an_instance_without_the_version_is_taken_off_it_and_another_serves() -> None:
     a, b = Instance("a"), Instance("b")
-    client = FakeClient(errors={"a": InstanceUnreachable("a: server disconnected", connect_failed=False)})
-    router = Router([a, b], client)  # type: ignore[arg-type]
-    await router.infer("m", "", INPUTS, None)
-    assert client.calls == ["a", "b"] and a.healthy
+    a.models = b.models = {"m": frozenset({"1", "2"})}
+    client = FakeClient({"a": MISSING})
+    router = make_router(client, a, b)
+    for _ in range(10):
+        await router.infer("m", "2", INPUTS)
+    assert client.urls.count("a") <= 1 and a.models == {"m": frozenset({"1"})} and a.failures == 0
 
 
-async def test_an_instance_without_the_model_version_hands_the_request_to_another() -> None:
-    missing = UpstreamError("Request for unknown model: 'm' version 2 is not found", status=400)
-    client = FakeClient(errors={"a": missing})
-    router = Router([Instance("a"), Instance("b")], client)  # type: ignore[arg-type]
-    result = await router.infer("m", "2", INPUTS, None)
-    assert result.outputs is INPUTS and client.calls == ["a", "b"]
+# -- deadlines ------------------------------------------------------------------------------------
+
+
+async def test_an_expired_request_is_never_sent() -> None:
+    clock = Clock()
+    client = FakeClient()
+    router = make_router(client, Instance("a"), clock=clock)
+    with pytest.raises(GatewayTimeout):
+        await router.infer("m", "", INPUTS, deadline=clock.now - 0.001)
+    assert client.calls == [] and router.instances[0].outstanding == 0
+
+
+async def test_an_attempt_gets_the_shorter_of_its_timeout_and_the_deadline() -> None:
+    clock = Clock()
+    client = FakeClient()
+    router = make_router(client, Instance("a"), clock=clock, attempt_timeout=2.0)
+    await router.infer("m", "", INPUTS, deadline=clock.now + 0.5)
+    await router.infer("m", "", INPUTS, deadline=clock.now + 10)
+    await router.infer("m", "", INPUTS)
+    assert [t for _, t in client.calls] == [0.5, 2.0, 2.0]
+
+
+async def test_a_timeout_at_the_clients_deadline_is_not_retried_nor_held_against_the_instance() -> None:
+    clock = Clock()
+    a, b = Instance("a"), Instance("b")
+    client = FakeClient({"a": GatewayTimeout("a: late"), "b": GatewayTimeout("b: late")})
+    router = make_router(client, a, b, clock=clock, attempt_timeout=5.0)
+    with pytest.raises(GatewayTimeout):
+        await router.infer("m", "", INPUTS, deadline=clock.now + 1.0)
+    assert len(client.calls) == 1 and a.failures == b.failures == 0
+
+
+async def test_no_retry_once_the_deadline_has_passed() -> None:
+    clock = Clock()
+
+    class LateClient(FakeClient):
+        async def infer(self, url, *args):  # noqa: ANN001, ANN002, ANN201
+            clock.now += 3.0  # the failed attempt used up the deadline
+            return await super().infer(url, *args)
+
+    client = LateClient({"a": UpstreamError("a failed", status=502), "b": UpstreamError("b failed", status=502)})
+    router = make_router(client, Instance("a"), Instance("b"), clock=clock)
+    with pytest.raises(UpstreamError):
+        await router.infer("m", "", INPUTS, deadline=clock.now + 2.0)
+    assert len(client.calls) == 1
+
+
+def test_bad_request_is_not_a_router_error() -> None:
+    assert not issubclass(BadRequest, UpstreamError)

@@ -1,0 +1,48 @@
+"""Client deadlines: how long a client is willing to wait for its answer.
+
+Two ways to give one (the earlier wins when both are given):
+
+* the v2 request parameter ``timeout``: an integer number of **microseconds**, as Triton reads
+  it and as ``tritonclient``'s ``infer(..., timeout=...)`` sends it; 0 means no deadline, as
+  in Triton. The gateway consumes it: it is not forwarded, and it does not stop the request
+  from sharing a batch;
+* the HTTP header ``X-Request-Timeout-Ms``: a positive number of milliseconds (fractions
+  allowed), for clients that cannot set parameters (msgpack clients, proxies).
+
+A deadline is an absolute time on the gateway's monotonic clock. The gateway answers 504 once it
+passes and never sends upstream a request whose deadline has passed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from gateway.errors import BadRequest
+
+HEADER = b"x-request-timeout-ms"
+PARAMETER = "timeout"
+
+
+def from_header(value: bytes, now: float) -> float:
+    try:
+        ms = float(value)
+    except ValueError:
+        ms = math.nan
+    if not (ms > 0 and math.isfinite(ms)):
+        raise BadRequest(f"X-Request-Timeout-Ms must be a positive number of milliseconds, got {value.decode('latin-1')!r}")
+    return now + ms / 1000.0
+
+
+def from_parameter(value: Any, now: float) -> float | None:
+    if type(value) is not int or value < 0:
+        raise BadRequest(f"parameter 'timeout' must be a non-negative integer number of microseconds, got {value!r}")
+    return None if value == 0 else now + value / 1_000_000
+
+
+def earliest(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)

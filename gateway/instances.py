@@ -1,0 +1,170 @@
+"""What the gateway knows about each Triton instance, and when it may route to it.
+
+An ``Instance`` is written by two sources and read by the router without awaiting:
+
+* **active health** (``upstream.fleet``): each probe round sets ``live`` (``/v2/health/live``),
+  ``ready`` (``/v2/health/ready``, shown, not routed on: Triton says "not ready" while it loads
+  a new version yet serves the loaded ones) and ``models``, the model versions the instance
+  has READY (its repository index);
+* **passive outcomes** (the router): every upstream request ends in ``record_success`` or
+  ``record_failure``. ``eject_after`` consecutive failures (no answer, a timeout, a 5xx) eject
+  the instance for ``base × k`` seconds, capped at ``max``, where k counts its ejections since
+  it last stayed healthy for ``max`` seconds: a flapping instance stays out longer each time.
+  At most ``max_share`` of the fleet is ejected at once (one instance of two); when the limit is
+  reached the instance stays in, as Envoy does, since ejecting everything serves no one. An
+  ejected instance comes back on the first successful probe after its ejection time.
+
+A connection refused is different from a failed request: nothing listens, so the instance is
+marked down at once (``live = False``) and the next successful probe brings it back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+RECENT_ERRORS = 10  # kept per instance for the fleet view
+LOAD_WINDOW_S = 1.0  # time constant of the averaged load
+
+
+@dataclass(frozen=True, slots=True)
+class EjectionPolicy:
+    after_failures: int = 5
+    base_s: float = 5.0
+    max_s: float = 60.0
+    max_share: float = 0.5
+
+    def max_ejected(self, fleet_size: int) -> int:
+        if fleet_size < 2 or self.max_share <= 0:
+            return 0
+        return max(1, int(self.max_share * fleet_size))
+
+
+@dataclass(slots=True, eq=False)
+class Instance:
+    url: str
+    weight: float = 1.0
+    live: bool = True
+    ready: bool = True
+    # model name -> versions READY on this instance; None until the first repository index.
+    models: dict[str, frozenset[str]] | None = None
+    outstanding: int = 0
+    # Requests in flight averaged over about LOAD_WINDOW_S (time-weighted): the balancer's
+    # measure of how loaded the instance is, steadier than the instant count (see balancer.py).
+    load: float = 0.0
+    load_at: float = 0.0
+    requests: int = 0
+    failures: int = 0
+    consecutive_failures: int = 0
+    ejected_until: float | None = None  # set while ejected, cleared when re-admitted
+    ejections: int = 0  # all ejections, for the fleet view
+    streak: int = 0  # ejections that count towards the next one's length
+    admitted_at: float = 0.0
+    recent_errors: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=RECENT_ERRORS))
+    # Smooth weighted round-robin credit (see balancer.py).
+    credit: float = 0.0
+
+    @property
+    def ejected(self) -> bool:
+        return self.ejected_until is not None
+
+    @property
+    def routable(self) -> bool:
+        return self.live and self.ejected_until is None
+
+    @property
+    def state(self) -> str:
+        return "ejected" if self.ejected else "up" if self.live else "down"
+
+    def holds(self, model: str, version: str) -> bool | None:
+        """Whether the instance has the model version READY; None when it is not known yet."""
+        if self.models is None:
+            return None
+        versions = self.models.get(model)
+        if versions is None:
+            return False
+        return bool(versions) if not version else version in versions
+
+    def forget(self, model: str, version: str) -> None:
+        """The instance said it does not hold this version: stop routing it there until the next
+        repository index says otherwise."""
+        models = dict(self.models or {})  # a new map: never change one another reader holds
+        remaining = frozenset() if not version else models.get(model, frozenset()) - {version}
+        if remaining:
+            models[model] = remaining
+        else:
+            models.pop(model, None)
+        self.models = models
+
+    def settle(self, now: float) -> None:
+        """Bring ``load`` up to ``now``: the count in flight since the last change decays in."""
+        dt = now - self.load_at
+        if dt > 0:
+            self.load = self.outstanding + (self.load - self.outstanding) * math.exp(-dt / LOAD_WINDOW_S)
+            self.load_at = now
+
+    def begin(self, now: float) -> None:
+        self.settle(now)
+        self.outstanding += 1
+        self.requests += 1
+
+    def end(self, now: float) -> None:
+        self.settle(now)
+        self.outstanding -= 1
+
+    def record_success(self) -> None:
+        self.consecutive_failures = 0
+
+    def record_failure(self, error: str, now: float, fleet: Sequence[Instance], policy: EjectionPolicy) -> bool:
+        """Count a failed request; return True if it ejected the instance."""
+        self.failures += 1
+        self.consecutive_failures += 1
+        self.recent_errors.append((now, error))
+        if self.ejected or self.consecutive_failures < policy.after_failures:
+            return False
+        if sum(1 for i in fleet if i.ejected) >= policy.max_ejected(len(fleet)):
+            return False
+        if now - self.admitted_at >= policy.max_s:
+            self.streak = 0  # it behaved for long enough: start the back-off again
+        self.streak += 1
+        self.ejections += 1
+        self.ejected_until = now + min(policy.base_s * self.streak, policy.max_s)
+        return True
+
+    def mark_down(self, error: str, now: float) -> None:
+        self.failures += 1
+        self.live = False
+        self.recent_errors.append((now, error))
+
+    def probed(self, live: bool, now: float) -> None:
+        """The result of an active health probe: it re-admits an ejected instance once its time
+        is over, and brings a down one back up."""
+        self.live = live
+        if live and self.ejected_until is not None and now >= self.ejected_until:
+            self.ejected_until = None
+            self.consecutive_failures = 0
+            self.admitted_at = now
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "weight": self.weight,
+            "state": self.state,
+            "live": self.live,
+            "ready": self.ready,
+            "inflight": self.outstanding,
+            "requests": self.requests,
+            "failures": self.failures,
+            "consecutive_failures": self.consecutive_failures,
+            "ejections": self.ejections,
+            "ejected_for_s": round(max(0.0, self.ejected_until - now), 3) if self.ejected_until is not None else 0.0,
+            "recent_errors": [{"age_s": round(now - t, 3), "error": e} for t, e in reversed(self.recent_errors)],
+            "models": None if self.models is None else {m: sorted(v, key=_version_key) for m, v in sorted(self.models.items())},
+        }
+
+
+def _version_key(version: str) -> tuple[int, str]:
+    return (int(version), version) if version.isdigit() else (1 << 62, version)
