@@ -110,7 +110,7 @@ class TritonClient:
         except ConnectionBroke as exc:
             raise InstanceUnreachable(f"{url}: {exc}", connect_failed=False) from None
         except TimeoutError:
-            raise GatewayTimeout(f"{url}: no answer within the deadline") from None
+            raise GatewayTimeout(f"{url}: no answer within {limit:.3g} s") from None
         except MalformedResponse as exc:  # an answer that is not HTTP (wrong port, broken proxy...)
             raise UpstreamError(f"{url}: malformed answer: {exc}", status=502) from None
         length = resp.headers.get(b"inference-header-content-length")
