@@ -8,8 +8,10 @@ names the offending key.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -77,6 +79,12 @@ class BatchingConfig:
     max_inflight_batches: int = 1
     # Rows waiting per model version beyond which new requests get 503 (load shedding).
     max_queue_rows: int = 8192
+    # Per-model settings, from [batching.models.<name>] tables: any key above, for that model
+    # only; the rest comes from [batching]. (A slow model wants a longer max_queue_delay_ms.)
+    models: Mapping[str, BatchingConfig] = field(default_factory=lambda: MappingProxyType({}))
+
+    def for_model(self, model: str) -> BatchingConfig:
+        return self.models.get(model, self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +145,26 @@ def _instances(raw: Any) -> tuple[InstanceConfig, ...]:
     return tuple(out)
 
 
+def _batching(raw: Any) -> BatchingConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("[batching] must be a table")
+    table = dict(raw)
+    models = table.pop("models", {})
+    base = _build(BatchingConfig, table, "batching")
+    if not isinstance(models, dict):
+        raise ConfigError("batching.models must hold one table per model: [batching.models.<name>]")
+    per_model = {name: _override(base, overrides, name) for name, overrides in models.items()}
+    return replace(base, models=MappingProxyType(per_model))
+
+
+def _override(base: BatchingConfig, overrides: Any, name: str) -> BatchingConfig:
+    where = f"batching.models.{name}"
+    if isinstance(overrides, dict) and "models" in overrides:
+        raise ConfigError(f"unknown key(s) in [{where}]: models")
+    checked = _build(BatchingConfig, overrides, where)  # types and unknown keys
+    return replace(base, **{key: getattr(checked, key) for key in overrides})
+
+
 def parse_config(data: dict[str, Any]) -> GatewayConfig:
     unknown = sorted(set(data) - {"server", "upstream", "batching"})
     if unknown:
@@ -145,7 +173,7 @@ def parse_config(data: dict[str, Any]) -> GatewayConfig:
     upstream_raw = dict(data.get("upstream", {}))
     instances = _instances(upstream_raw.pop("instances", None))
     upstream = replace(_build(UpstreamConfig, upstream_raw, "upstream"), instances=instances)
-    batching = _build(BatchingConfig, data.get("batching", {}), "batching")
+    batching = _batching(data.get("batching", {}))
     config = GatewayConfig(server=server, upstream=upstream, batching=batching)
     validate(config)
     return config
@@ -169,17 +197,23 @@ def validate(config: GatewayConfig) -> None:
         raise ConfigError("upstream.eject_base_s must be > 0 and upstream.eject_max_s >= eject_base_s")
     if not 0 <= u.max_ejected_share <= 1:
         raise ConfigError(f"upstream.max_ejected_share must be in 0..1, got {u.max_ejected_share}")
+    _validate_batching(b, "batching", u)
+    for name, model in b.models.items():
+        _validate_batching(model, f"batching.models.{name}", u)
+
+
+def _validate_batching(b: BatchingConfig, where: str, u: UpstreamConfig) -> None:
     if b.max_batch_size < 1 or b.max_inflight_batches < 1 or b.max_queue_rows < 1:
-        raise ConfigError("batching.max_batch_size, max_inflight_batches and max_queue_rows must be >= 1")
+        raise ConfigError(f"{where}: max_batch_size, max_inflight_batches and max_queue_rows must be >= 1")
     if b.max_queue_delay_ms < 0:
-        raise ConfigError("batching.max_queue_delay_ms must be >= 0")
+        raise ConfigError(f"{where}.max_queue_delay_ms must be >= 0")
     if b.max_queue_delay_ms / 1000 >= u.request_timeout_s:
         raise ConfigError(
-            "batching.max_queue_delay_ms must be shorter than upstream.request_timeout_s: "
+            f"{where}.max_queue_delay_ms must be shorter than upstream.request_timeout_s: "
             "requests would time out while queued"
         )
     if b.max_queue_rows < b.max_batch_size:
-        raise ConfigError("batching.max_queue_rows must be >= batching.max_batch_size")
+        raise ConfigError(f"{where}.max_queue_rows must be >= {where}.max_batch_size")
 
 
 def load_config(path: str | Path, *, host: str | None = None, port: int | None = None) -> GatewayConfig:

@@ -32,8 +32,8 @@ class InferencePipeline:
         self._clock = clock
         self.batchers: dict[tuple[str, str], Batcher] = {}
 
-    def _policy(self, info: ModelInfo) -> BatchPolicy:
-        b = self._batching
+    def _policy(self, model: str, info: ModelInfo) -> BatchPolicy:
+        b = self._batching.for_model(model)
         # Slots scale with the fleet: a batch in flight per healthy instance keeps every instance
         # busy, while requests that arrive meanwhile gather into the next batches.
         routable = self._router.routable_count()
@@ -47,7 +47,7 @@ class InferencePipeline:
     def _batcher(self, model: str, version: str, info: ModelInfo) -> Batcher:
         key = (model, version)
         batcher = self.batchers.get(key)
-        policy = self._policy(info)
+        policy = self._policy(model, info)
         if batcher is None:
 
             async def dispatch(inputs: list[Tensor], deadline: float | None) -> BatchResult:
@@ -85,7 +85,7 @@ class InferencePipeline:
         # The model's input order, so that clients listing inputs differently share batches.
         order = list(info.inputs)
         inputs = sorted(request.inputs, key=lambda t: order.index(t.name)) if len(request.inputs) > 1 else request.inputs
-        if info.batched and self._batching.enabled and not request.parameters:
+        if info.batched and self._batching.for_model(request.model).enabled and not request.parameters:
             result = await self._batcher(request.model, request.version, info).submit(inputs, deadline, gone)
         else:
             # Request parameters (priority, timeout, sequence ids, custom ones) belong to one request

@@ -74,3 +74,28 @@ def test_an_instance_may_be_a_dns_name_with_a_port() -> None:
     config = parse_config({"upstream": {"instances": [{"dns": "triton-headless", "port": 8000, "weight": 2}]}})
     (entry,) = config.upstream.instances
     assert (entry.url, entry.dns, entry.port, entry.weight) == ("", "triton-headless", 8000, 2.0)
+
+
+def test_batching_settings_may_be_set_per_model() -> None:
+    config = parse_config(
+        {**BASE, "batching": {"max_queue_delay_ms": 2.0, "models": {"slow": {"max_queue_delay_ms": 10, "max_batch_size": 8}}}}
+    )
+    slow, other = config.batching.for_model("slow"), config.batching.for_model("other")
+    assert (slow.max_queue_delay_ms, slow.max_batch_size, slow.max_inflight_batches) == (10.0, 8, 1)
+    assert other is config.batching and other.max_queue_delay_ms == 2.0
+
+
+@pytest.mark.parametrize(
+    "models, message",
+    [
+        ({"slow": {"max_queue_delay": 10}}, "unknown key(s) in [batching.models.slow]: max_queue_delay"),
+        ({"slow": {"max_batch_size": 0}}, "batching.models.slow: max_batch_size"),
+        ({"slow": {"max_queue_delay_ms": "10"}}, "batching.models.slow.max_queue_delay_ms must be float"),
+        ({"slow": 3}, "[batching.models.slow] must be a table"),
+        ({"slow": {"models": {}}}, "unknown key(s) in [batching.models.slow]: models"),
+    ],
+)
+def test_bad_per_model_batching_is_rejected(models: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({**BASE, "batching": {"models": models}})
+    assert message in str(err.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
@@ -147,4 +148,13 @@ async def test_a_deadline_passing_while_the_request_waits_is_504() -> None:
     with pytest.raises(GatewayTimeout, match="deadline passed"):
         await pipeline.infer(request(parameters={"timeout": 20_000}))
     assert loop.time() - start < 1.0
+    await pipeline.close(0)
+
+
+async def test_a_model_with_its_own_batching_settings_gets_them() -> None:
+    base = BatchingConfig(max_queue_delay_ms=2.0)
+    batching = dataclasses.replace(base, models={"m": dataclasses.replace(base, max_queue_delay_ms=10.0)})
+    pipeline = InferencePipeline(batching, FakeRouter(), FakeMetadata(info(8)))  # type: ignore[arg-type]
+    await pipeline.infer(request())
+    assert pipeline.batchers[("m", "")].policy.max_delay == pytest.approx(0.010)
     await pipeline.close(0)
