@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,9 +131,20 @@ def direct_triton(triton_setup: None, tmp_path_factory: pytest.TempPathFactory) 
 # --- the gateway, as a real server process ---------------------------------------------------
 
 
-def gateway_config(urls: list[str], port: int, **sections: dict[str, Any]) -> str:
+def gateway_config(
+    urls: Sequence[str | Mapping[str, Any]],
+    port: int,
+    *,
+    weights: Sequence[float] | None = None,
+    **sections: dict[str, Any],
+) -> str:
     """A TOML config for a gateway on ``port`` in front of ``urls``; ``sections`` override keys,
-    e.g. ``batching={"max_queue_delay_ms": 5}``."""
+    e.g. ``batching={"max_queue_delay_ms": 5}``.
+
+    An entry of ``urls`` is a url (its weight taken from ``weights``, 1 when not given) or a
+    raw instance table written as given, e.g. ``{"dns": "localhost", "port": 8000, "weight": 2}``."""
+    if weights is not None and len(weights) != len(urls):
+        raise ValueError(f"{len(weights)} weights for {len(urls)} instances")
     tables: dict[str, dict[str, Any]] = {"server": {"host": "127.0.0.1", "port": port}, "upstream": {}, "batching": {}}
     for name, values in sections.items():
         tables[name].update(values)
@@ -141,12 +152,16 @@ def gateway_config(urls: list[str], port: int, **sections: dict[str, Any]) -> st
     def value(v: Any) -> str:
         return str(v).lower() if isinstance(v, bool) else repr(v) if isinstance(v, str) else str(v)
 
+    def instance(i: int, entry: str | Mapping[str, Any]) -> str:
+        table = {"url": entry, "weight": 1 if weights is None else weights[i]} if isinstance(entry, str) else entry
+        return "{ " + ", ".join(f"{k} = {value(v)}" for k, v in table.items()) + " }"
+
     lines = []
     for name, values in tables.items():
         lines.append(f"[{name}]")
         lines += [f"{k} = {value(v)}" for k, v in values.items()]
         if name == "upstream":
-            items = ", ".join(f'{{ url = "{u}", weight = 1 }}' for u in urls)
+            items = ", ".join(instance(i, u) for i, u in enumerate(urls))
             lines.append(f"instances = [{items}]")
     return "\n".join(lines) + "\n"
 
