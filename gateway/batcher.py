@@ -73,7 +73,17 @@ class Selection:
     wake_at: float | None = None  # when to look again if nothing is sent now (None: on an event)
 
 
-Dispatch = Callable[[list[Tensor], float | None], Awaitable[BatchResult]]
+class NothingToSend(Exception):
+    """Every request of a batch was dropped (deadline passed, client gone) before it was sent."""
+
+
+# A dispatch sends a batch upstream. It receives ``prepare`` rather than the tensors: called
+# once an instance is ready to take the batch (after any wait for a slot), it returns the
+# inputs of the requests still wanted, or None when none is; then the dispatch must raise
+# NothingToSend. A batch waiting for a slot thus never carries requests that expired or whose
+# client left meanwhile.
+Prepare = Callable[[], "list[Tensor] | None"]
+Dispatch = Callable[[Prepare, float | None], Awaitable[BatchResult]]
 
 
 def signature_of(inputs: Sequence[Tensor]) -> Hashable:
@@ -226,20 +236,22 @@ class Batcher:
         ids = {id(i) for i in batch}
         self._queue = deque(i for i in self._queue if id(i) not in ids)
 
+    def _unwanted(self, item: Pending, now: float) -> bool:
+        """Fail a request nobody waits for any more (deadline passed, client gone); True if so."""
+        if item.future.done():
+            return True  # its caller was cancelled
+        if item.deadline is not None and item.deadline <= now:
+            self._fail(item, GatewayTimeout(f"deadline passed while queued for model '{self.name}'"))
+            return True
+        if item.gone is not None and item.gone():
+            self._fail(item, ClientGone("the client disconnected"))
+            return True
+        return False
+
     def _prune(self, now: float) -> None:
-        dropped = [
-            i
-            for i in self._queue
-            if i.future.done() or (i.deadline is not None and i.deadline <= now) or (i.gone is not None and i.gone())
-        ]
-        if not dropped:
-            return
-        self._remove(dropped)
-        for item in dropped:
-            if item.gone is not None and item.gone():
-                self._fail(item, ClientGone("the client disconnected"))
-            else:
-                self._fail(item, GatewayTimeout(f"deadline passed while queued for model '{self.name}'"))
+        dropped = [i for i in self._queue if self._unwanted(i, now)]
+        if dropped:
+            self._remove(dropped)
 
     async def _run(self) -> None:
         while True:
@@ -266,10 +278,33 @@ class Batcher:
                 if timer is not None:
                     timer.cancel()
 
+    async def _dispatch_wanted(self, batch: list[Pending]) -> tuple[list[Pending], BatchResult | None]:
+        """Dispatch the requests of ``batch`` still wanted when an instance takes it; return
+        those requests and the result (None if none was left to send)."""
+        outgoing = batch
+
+        def prepare() -> list[Tensor] | None:
+            nonlocal outgoing
+            now = self._clock()
+            outgoing = [i for i in outgoing if not self._unwanted(i, now)]
+            return concat_inputs(outgoing) if outgoing else None
+
+        deadlines = [i.deadline for i in batch if i.deadline is not None]
+        try:
+            result = await self._dispatch(prepare, max(deadlines) if len(deadlines) == len(batch) else None)
+        except NothingToSend:
+            return [], None
+        except BaseException:
+            batch[:] = outgoing  # the requests the error concerns
+            raise
+        return outgoing, result
+
     async def _send_alone(self, item: Pending) -> None:
         try:
-            result = await self._dispatch(item.inputs, item.deadline)
-            part = split_outputs(result, [item])[0]
+            sent, result = await self._dispatch_wanted([item])
+            if result is None:
+                return
+            part = split_outputs(result, sent)[0]
         except GatewayError as exc:
             self._fail(item, exc)
             return
@@ -277,13 +312,15 @@ class Batcher:
             item.future.set_result(part)
 
     async def _send(self, batch: list[Pending]) -> None:
+        batch = list(batch)  # narrowed to the requests actually sent, if some were dropped
         try:
-            deadlines = [i.deadline for i in batch if i.deadline is not None]
-            result = await self._dispatch(concat_inputs(batch), max(deadlines) if len(deadlines) == len(batch) else None)
-            parts = split_outputs(result, batch)
+            sent, result = await self._dispatch_wanted(batch)
+            if result is None:
+                return
+            parts = split_outputs(result, sent)
             self.batches_sent += 1
-            self.rows_sent += sum(i.rows for i in batch)
-            for item, part in zip(batch, parts):
+            self.rows_sent += sum(i.rows for i in sent)
+            for item, part in zip(sent, parts):
                 if not item.future.done():
                     item.future.set_result(part)
         except asyncio.CancelledError:

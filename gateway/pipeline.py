@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from gateway import deadlines
-from gateway.batcher import Batcher, BatchPolicy, BatchResult
+from gateway.batcher import Batcher, BatchPolicy, BatchResult, Prepare
 from gateway.config import BatchingConfig
 from gateway.errors import GatewayTimeout, UpstreamError
 from gateway.models import ModelInfo, check_request
@@ -50,8 +50,8 @@ class InferencePipeline:
         policy = self._policy(model, info)
         if batcher is None:
 
-            async def dispatch(inputs: list[Tensor], deadline: float | None) -> BatchResult:
-                return await self._router.infer(model, version, inputs, None, deadline)
+            async def dispatch(prepare: Prepare, deadline: float | None) -> BatchResult:
+                return await self._router.infer(model, version, prepare, None, deadline)
 
             name = f"{model}" + (f"/{version}" if version else "")
             batcher = self.batchers[key] = Batcher(name, dispatch, policy, self._clock)

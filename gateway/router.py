@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from gateway import balancer
-from gateway.batcher import BatchResult
+from gateway.batcher import BatchResult, NothingToSend, Prepare
 from gateway.errors import GatewayError, GatewayTimeout, Unavailable, UpstreamError, missing_model
 from gateway.instances import EjectionPolicy, Instance
 from gateway.tensors import Tensor
@@ -146,21 +146,26 @@ class Router:
         self,
         model: str,
         version: str,
-        inputs: list[Tensor],
+        inputs: list[Tensor] | Prepare,
         parameters: dict[str, Any] | None = None,
         deadline: float | None = None,
     ) -> BatchResult:
+        """Serve ``inputs``: tensors, or a batcher's ``prepare`` called once an instance is
+        ready for them (see batcher.Dispatch)."""
         tried: list[Instance] = []
         while True:
             instance = await self._acquire(model, version, tried, deadline)
             tried.append(instance)
             try:
                 limit, is_deadline = self._limit(deadline)
-            except GatewayTimeout:
-                self._release(instance)  # never sent: an expired request is not forwarded
+                tensors = inputs() if callable(inputs) else inputs
+                if tensors is None:
+                    raise NothingToSend()
+            except BaseException:
+                self._release(instance)  # never sent: an expired or abandoned request is not forwarded
                 raise
             try:
-                result = await self._client.infer(instance.url, model, version, inputs, parameters, limit)
+                result = await self._client.infer(instance.url, model, version, tensors, parameters, limit)
             except GatewayError as exc:
                 if not self._failed(instance, exc, model, version, is_deadline) or not self._may_retry(
                     model, version, tried, deadline

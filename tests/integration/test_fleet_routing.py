@@ -687,7 +687,8 @@ class TestDeadlines:
         assert busy_resp.status_code == 200 and fixed_latency_problem(busy_resp.json(), self.x(999)) is None
         for d, (resp, took, done) in zip(self.EXPIRING, expired):
             self.assert_504(resp)
-            assert 0.1 <= took < 0.1 + 0.25, f"{d}: 504 after {took:.3f}s, for a 100 ms deadline"
+            # Well before the busy one's 500 ms; the margin allows for a loaded machine.
+            assert 0.1 <= took < 0.45, f"{d}: 504 after {took:.3f}s, for a 100 ms deadline"
             assert busy_done - done >= 0.1, f"{d}: 504 only {busy_done - done:.3f}s before the busy request ended"
         if patient_x is not None:
             resp, _, _ = await patient
@@ -714,7 +715,7 @@ class TestDeadlines:
     async def test_upstream_attempt_gets_only_the_remaining_time(self, slow_stack: Stack, http: httpx.AsyncClient) -> None:
         resp, took, _ = await self.infer(http, self.x(3), header_ms="200")  # the model takes 500 ms
         self.assert_504(resp)
-        assert 0.2 <= took < 0.2 + 0.2, f"504 after {took:.3f}s for a 200 ms deadline on a {SLOW_MS} ms model"
+        assert 0.2 <= took < 0.45, f"504 after {took:.3f}s for a 200 ms deadline on a {SLOW_MS} ms model"
         # Triton itself finishes it (nothing cancels an execution): wait for that, by a request
         # that Triton runs after it, so that the next test finds the instance idle.
         x = self.x(6)

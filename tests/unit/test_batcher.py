@@ -7,7 +7,16 @@ import asyncio
 import numpy as np
 import pytest
 
-from gateway.batcher import Batcher, BatchPolicy, BatchResult, Pending, select_batch, signature_of
+from gateway.batcher import (
+    Batcher,
+    BatchPolicy,
+    BatchResult,
+    NothingToSend,
+    Pending,
+    Prepare,
+    select_batch,
+    signature_of,
+)
 from gateway.errors import ClientGone, GatewayTimeout, Unavailable, UpstreamError
 from gateway.tensors import Tensor
 
@@ -88,7 +97,10 @@ class FakeUpstream:
         self.fail_with: Exception | None = None
         self.arrived = asyncio.Event()
 
-    async def __call__(self, inputs: list[Tensor], deadline: float | None) -> BatchResult:
+    async def __call__(self, prepare: Prepare, deadline: float | None) -> BatchResult:
+        inputs = prepare()
+        if inputs is None:
+            raise NothingToSend()
         gate = asyncio.Event()
         self.batches.append(inputs[0].data.copy())
         self.gates.append(gate)
@@ -229,7 +241,7 @@ async def test_queue_bound_sheds_load_with_503() -> None:
 
 
 async def test_wrong_output_row_count_from_upstream_fails_the_batch_clearly() -> None:
-    async def bad(inputs: list[Tensor], deadline: float | None) -> BatchResult:
+    async def bad(prepare: Prepare, deadline: float | None) -> BatchResult:
         return BatchResult("1", [Tensor("y", "FP32", np.zeros((1, 3), np.float32))])
 
     batcher = Batcher("m", bad, POLICY, clock=FakeClock())
@@ -250,7 +262,9 @@ async def test_a_batch_rejected_with_4xx_is_retried_one_request_at_a_time() -> N
     calls: list[int] = []
     release_first = asyncio.Event()
 
-    async def picky(inputs: list[Tensor], deadline: float | None) -> BatchResult:
+    async def picky(prepare: Prepare, deadline: float | None) -> BatchResult:
+        inputs = prepare()
+        assert inputs is not None
         calls.append(inputs[0].data.shape[0])
         if len(calls) == 1:
             await release_first.wait()
@@ -290,4 +304,59 @@ async def test_an_idle_batcher_sends_from_the_callers_task_and_then_batches_agai
     assert [b.shape[0] for b in up.batches] == [1, 2]
     for start, res in zip((1, 2, 3), results):
         np.testing.assert_array_equal(res.outputs[0].data, rows(1, start=start)[0].data * 2)
+    await batcher.close(0)
+
+
+class SlotWaitingUpstream:
+    """Like the router at its per-instance cap: a dispatched batch first waits for a slot (the
+    test opens it), and only then asks which requests are still wanted."""
+
+    def __init__(self) -> None:
+        self.slot = asyncio.Event()
+        self.sent: list[int] = []
+        self.dispatched = 0
+
+    async def __call__(self, prepare: Prepare, deadline: float | None) -> BatchResult:
+        self.dispatched += 1
+        await self.slot.wait()
+        inputs = prepare()
+        if inputs is None:
+            raise NothingToSend()
+        self.sent.append(inputs[0].data.shape[0])
+        return BatchResult("1", [Tensor("y", "FP32", inputs[0].data * 2)])
+
+
+async def test_requests_that_expire_or_leave_while_their_batch_waits_for_a_slot_are_not_sent() -> None:
+    clock = FakeClock()
+    up = SlotWaitingUpstream()
+    batcher = Batcher("m", up, BatchPolicy(8, 0.0, 1, 64), clock=clock)
+    left = False
+    tasks = [
+        asyncio.create_task(batcher.submit(rows(1, start=1), deadline=clock.now + 0.1)),
+        asyncio.create_task(batcher.submit(rows(1, start=2), gone=lambda: left)),
+        asyncio.create_task(batcher.submit(rows(1, start=3))),
+    ]
+    await settle()
+    assert up.dispatched >= 1 and up.sent == []  # batches formed, waiting for a slot
+    clock.now += 1.0
+    left = True
+    up.slot.set()
+    expired, gone, kept = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(expired, GatewayTimeout) and isinstance(gone, ClientGone)
+    np.testing.assert_array_equal(kept.outputs[0].data, rows(1, start=3)[0].data * 2)
+    assert up.sent == [1]  # only the request still wanted went upstream
+    await batcher.close(0)
+
+
+async def test_a_batch_with_nobody_left_sends_nothing() -> None:
+    clock = FakeClock()
+    up = SlotWaitingUpstream()
+    batcher = Batcher("m", up, POLICY, clock=clock)
+    task = asyncio.create_task(batcher.submit(rows(2), deadline=clock.now + 0.1))
+    await settle()
+    clock.now += 1.0
+    up.slot.set()
+    with pytest.raises(GatewayTimeout):
+        await task
+    assert up.sent == [] and batcher.inflight == 0
     await batcher.close(0)

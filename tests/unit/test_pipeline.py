@@ -44,6 +44,8 @@ class FakeRouter:
         return sum(1 for i in self.instances if i.routable)
 
     async def infer(self, model, version, inputs, parameters=None, deadline=None):  # noqa: ANN001, ANN201
+        if callable(inputs):  # the batcher's prepare (see batcher.Dispatch)
+            inputs = inputs()
         self.calls.append((inputs[0].data.shape[0], parameters))
         self.deadlines.append(deadline)
         return BatchResult("1", [Tensor(n, "FP32", inputs[0].data * 2) for n in self.outputs])

@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from gateway.batcher import BatchResult
+from gateway.batcher import BatchResult, NothingToSend
 from gateway.errors import BadRequest, GatewayTimeout, Unavailable, UpstreamError
 from gateway.instances import EjectionPolicy
 from gateway.router import Instance, Router
@@ -259,3 +259,26 @@ async def test_no_retry_once_the_deadline_has_passed() -> None:
 
 def test_bad_request_is_not_a_router_error() -> None:
     assert not issubclass(BadRequest, UpstreamError)
+
+
+async def test_inputs_are_prepared_only_once_an_instance_is_free_and_may_be_withdrawn() -> None:
+    client = FakeClient()
+    client.hold = asyncio.Event()
+    a = Instance("a")
+    router = make_router(client, a, max_inflight_per_instance=1)
+    busy = asyncio.create_task(router.infer("m", "", INPUTS))
+    await asyncio.sleep(0)
+    prepared: list[bool] = []
+
+    def withdrawn() -> None:
+        prepared.append(True)
+        return None  # every request of the batch was dropped while it waited
+
+    waiting = asyncio.create_task(router.infer("m", "", withdrawn))
+    await asyncio.sleep(0.01)
+    assert prepared == []  # not while the instance is at its cap
+    client.hold.set()
+    await busy
+    with pytest.raises(NothingToSend):
+        await waiting
+    assert prepared == [True] and len(client.calls) == 1 and a.outstanding == 0
