@@ -59,6 +59,7 @@ def build_app(config: GatewayConfig) -> InferEndpoint:
             max_inflight_per_instance=u.max_inflight_per_instance,
             attempt_timeout=u.request_timeout_s,
             ejection=EjectionPolicy(u.eject_after_failures, u.eject_base_s, u.eject_max_s, u.max_ejected_share),
+            active_request_bias=u.active_request_bias,
         )
         monitor = FleetMonitor(u, client, router)
         await monitor.start()

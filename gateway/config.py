@@ -53,6 +53,9 @@ class UpstreamConfig:
     max_connections_per_instance: int = 64
     # Batches (and lone requests) in flight per instance; beyond it, requests wait in the gateway.
     max_inflight_per_instance: int = 8
+    # With unequal weights, how strongly requests in flight lower an instance's share (Envoy's
+    # active_request_bias): 1 = weighted least-request, 0 = strict weights whatever the load.
+    active_request_bias: float = 1.0
     health_interval_s: float = 1.0
     health_timeout_s: float = 1.0
     # How often DNS names in `instances` are resolved again.
@@ -195,6 +198,8 @@ def validate(config: GatewayConfig) -> None:
             raise ConfigError(f"upstream.{name} must be >= 1")
     if u.eject_base_s <= 0 or u.eject_max_s < u.eject_base_s:
         raise ConfigError("upstream.eject_base_s must be > 0 and upstream.eject_max_s >= eject_base_s")
+    if not 0 <= u.active_request_bias <= 4:
+        raise ConfigError(f"upstream.active_request_bias must be in 0..4, got {u.active_request_bias}")
     if not 0 <= u.max_ejected_share <= 1:
         raise ConfigError(f"upstream.max_ejected_share must be in 0..1, got {u.max_ejected_share}")
     _validate_batching(b, "batching", u)

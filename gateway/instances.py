@@ -66,6 +66,9 @@ class Instance:
     recent_errors: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=RECENT_ERRORS))
     # Smooth weighted round-robin credit (see balancer.py).
     credit: float = 0.0
+    # Newest READY version per model, derived from `models` (recomputed when it is replaced).
+    _newest: dict[str, int] = field(default_factory=dict, repr=False)
+    _newest_of: object = field(default=None, repr=False)
 
     @property
     def ejected(self) -> bool:
@@ -87,6 +90,17 @@ class Instance:
         if versions is None:
             return False
         return bool(versions) if not version else version in versions
+
+    def newest(self, model: str) -> int | None:
+        """The highest version of ``model`` READY here (what Triton serves for no version)."""
+        if self._newest_of is not self.models:
+            self._newest = {
+                name: max(int(v) for v in versions if v.isdigit())
+                for name, versions in (self.models or {}).items()
+                if any(v.isdigit() for v in versions)
+            }
+            self._newest_of = self.models
+        return self._newest.get(model)
 
     def forget(self, model: str, version: str) -> None:
         """The instance said it does not hold this version: stop routing it there until the next

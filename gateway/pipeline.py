@@ -80,6 +80,8 @@ class InferencePipeline:
             raise GatewayTimeout(f"deadline passed: no answer within the {remaining * 1000:.0f} ms left") from None
 
     async def _infer(self, request: InferRequest, deadline: float | None, gone: Callable[[], bool] | None) -> InferResponse:
+        if not request.version:
+            request.version = self._router.newest_version(request.model)
         info = await self.metadata.get(request.model, request.version)
         check_request(info, request)
         # The model's input order, so that clients listing inputs differently share batches.

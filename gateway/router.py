@@ -48,6 +48,7 @@ class Router:
         max_inflight_per_instance: int = 8,
         attempt_timeout: float = 30.0,
         ejection: EjectionPolicy = EjectionPolicy(),
+        active_request_bias: float = 1.0,
         rng: random.Random | None = None,
     ) -> None:
         self.instances = list(instances)
@@ -57,6 +58,7 @@ class Router:
         self._cap = max_inflight_per_instance
         self._attempt_timeout = attempt_timeout
         self.ejection = ejection
+        self._bias = active_request_bias
         self._rng = rng or random.Random()
         self._waiters: list[asyncio.Future[None]] = []
 
@@ -73,6 +75,20 @@ class Router:
     def snapshot(self) -> list[dict[str, Any]]:
         now = self._clock()
         return [i.snapshot(now) for i in self.instances]
+
+    def newest_version(self, model: str) -> str:
+        """The newest version of ``model`` READY on an up instance, "" if none is known.
+
+        A request that names no version is pinned to it, so that while a new version rolls out
+        across the fleet every answer comes from the same version (left to itself, each Triton
+        instance would answer with its own newest), and only instances holding it serve it."""
+        best = None
+        for instance in self.instances:
+            if instance.routable:
+                newest = instance.newest(model)
+                if newest is not None and (best is None or newest > best):
+                    best = newest
+        return "" if best is None else str(best)
 
     # -- choice ---------------------------------------------------------------------------------
 
@@ -95,7 +111,7 @@ class Router:
             what = "" if model is None else f" holding model '{model}'" + (f" version {version}" if version else "")
             raise Unavailable(f"no healthy Triton instance{what} is available")
         free = [i for i in candidates if i.outstanding < self._cap]
-        return balancer.choose(free, self._rng, self._clock()) if free else None
+        return balancer.choose(free, self._rng, self._clock(), self._bias) if free else None
 
     async def _acquire(self, model: str | None, version: str, exclude: Sequence[Instance], deadline: float | None) -> Instance:
         while True:
@@ -219,7 +235,7 @@ class Router:
             candidates = self.candidates(model, version, exclude=tried)
             if not candidates:
                 raise Unavailable("no healthy Triton instance is available")
-            instance = balancer.choose(candidates, self._rng, self._clock())
+            instance = balancer.choose(candidates, self._rng, self._clock(), self._bias)
             tried.append(instance)
             try:
                 return await self._client.get(instance.url, path, timeout)

@@ -102,3 +102,11 @@ async def test_weights_hold_with_one_batch_in_flight_per_instance() -> None:
         done.end(now)
     share = counts["a"] / sum(counts.values())
     assert 0.72 < share < 0.78, share
+
+
+def test_bias_zero_keeps_strict_weights_whatever_the_load() -> None:
+    a, b = Instance("a", weight=3), Instance("b", weight=1)
+    a.load, b.load = 12.0, 0.0  # a is backed up, but the operator asked for strict weights
+    rng = random.Random(0)
+    counts = Counter(choose([a, b], rng, 0.0, bias=0.0).url for _ in range(400))
+    assert counts == {"a": 300, "b": 100}

@@ -38,6 +38,7 @@ def test_cli_overrides_apply() -> None:
         ({**BASE, "upstream": {**BASE["upstream"], "health_timeout_s": 0.0}}, "upstream.health_timeout_s must be > 0"),
         ({**BASE, "upstream": {**BASE["upstream"], "eject_max_s": 1.0}}, "eject_max_s >= eject_base_s"),
         ({**BASE, "upstream": {**BASE["upstream"], "max_ejected_share": 1.5}}, "max_ejected_share must be in 0..1"),
+        ({**BASE, "upstream": {**BASE["upstream"], "active_request_bias": -1.0}}, "active_request_bias must be in 0..4"),
         ({"upstream": {"instances": [{"url": "triton:8000"}]}}, "http://host:port"),
         ({"upstream": {"instances": [{"url": "http://a:1", "weight": 0}]}}, "weight must be > 0"),
         ({"upstream": {"instances": [{"url": "http://a:1"}, {"url": "http://a:1/"}]}}, "same instance twice"),

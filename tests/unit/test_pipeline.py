@@ -39,6 +39,11 @@ class FakeRouter:
         self.outputs = outputs
         self.instances = [Instance("a"), Instance("b")]
         self.deadlines: list[float | None] = []
+        self.newest = ""
+        self.versions: list[str] = []
+
+    def newest_version(self, model: str) -> str:
+        return self.newest
 
     def routable_count(self) -> int:
         return sum(1 for i in self.instances if i.routable)
@@ -48,6 +53,7 @@ class FakeRouter:
             inputs = inputs()
         self.calls.append((inputs[0].data.shape[0], parameters))
         self.deadlines.append(deadline)
+        self.versions.append(version)
         return BatchResult("1", [Tensor(n, "FP32", inputs[0].data * 2) for n in self.outputs])
 
 
@@ -159,4 +165,14 @@ async def test_a_model_with_its_own_batching_settings_gets_them() -> None:
     pipeline = InferencePipeline(batching, FakeRouter(), FakeMetadata(info(8)))  # type: ignore[arg-type]
     await pipeline.infer(request())
     assert pipeline.batchers[("m", "")].policy.max_delay == pytest.approx(0.010)
+    await pipeline.close(0)
+
+
+async def test_a_request_naming_no_version_is_pinned_to_the_fleets_newest() -> None:
+    router = FakeRouter()
+    pipeline = InferencePipeline(BatchingConfig(), router, FakeMetadata(info(8)))  # type: ignore[arg-type]
+    await pipeline.infer(request())
+    router.newest = "3"
+    await pipeline.infer(request())
+    assert router.versions == ["", "3"] and set(pipeline.batchers) == {("m", ""), ("m", "3")}
     await pipeline.close(0)

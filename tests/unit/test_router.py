@@ -282,3 +282,16 @@ async def test_inputs_are_prepared_only_once_an_instance_is_free_and_may_be_with
     with pytest.raises(NothingToSend):
         await waiting
     assert prepared == [True] and len(client.calls) == 1 and a.outstanding == 0
+
+
+def test_the_newest_version_is_the_highest_ready_on_an_up_instance() -> None:
+    a, b, c = Instance("a"), Instance("b"), Instance("c", live=False)
+    a.models = {"m": frozenset({"1", "2"})}
+    b.models = {"m": frozenset({"1", "10"})}
+    c.models = {"m": frozenset({"11"})}  # down: does not count
+    router = make_router(FakeClient(), a, b, c)
+    assert router.newest_version("m") == "10"
+    b.forget("m", "10")
+    assert router.newest_version("m") == "2"
+    assert router.newest_version("unknown") == ""
+    assert make_router(FakeClient(), Instance("x")).newest_version("m") == ""  # no index yet
