@@ -12,11 +12,12 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
 from gateway import handlers
+from gateway.cache import build_cache
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.infer_endpoint import InferEndpoint
-from gateway.pipeline import InferencePipeline
 from gateway.instances import EjectionPolicy
+from gateway.pipeline import InferencePipeline
 from gateway.router import Router
 from gateway.upstream.client import TritonClient
 from gateway.upstream.fleet import FleetMonitor
@@ -34,6 +35,7 @@ def routes() -> list[Route]:
         Route("/v2/health/ready", handlers.ready, methods=["GET"]),
         Route("/v2/models/stats", handlers.model_stats, methods=["GET"]),
         Route("/v2/gateway/fleet", handlers.fleet, methods=["GET"]),
+        Route("/v2/gateway/cache", handlers.cache, methods=["GET"]),
     ]
     for base in (models, versioned):
         table += [
@@ -61,9 +63,10 @@ def build_app(config: GatewayConfig) -> InferEndpoint:
             ejection=EjectionPolicy(u.eject_after_failures, u.eject_base_s, u.eject_max_s, u.max_ejected_share),
             active_request_bias=u.active_request_bias,
         )
-        monitor = FleetMonitor(u, client, router)
+        cache = build_cache(config.cache)
+        monitor = FleetMonitor(u, client, router, on_version_gone=cache.drop_version if cache else None)
         await monitor.start()
-        pipeline = InferencePipeline(config.batching, router, MetadataCache(router, u.metadata_ttl_s))
+        pipeline = InferencePipeline(config.batching, router, MetadataCache(router, u.metadata_ttl_s), cache=cache)
         app.state.services = handlers.Services(router, pipeline)
         health = asyncio.create_task(monitor.run())
         try:
@@ -73,6 +76,8 @@ def build_app(config: GatewayConfig) -> InferEndpoint:
             await pipeline.close(config.server.shutdown_grace_s)
             health.cancel()
             await asyncio.gather(health, return_exceptions=True)
+            if cache is not None:
+                await cache.close()
             await client.close()
 
     starlette = Starlette(

@@ -91,10 +91,37 @@ class BatchingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """The response cache (see gateway/cache/). Off unless enabled: only deterministic models
+    should be cached."""
+
+    enabled: bool = False
+    # Bytes of cached outputs held in this process, all models together (LRU beyond it).
+    max_bytes: int = 256 * 1024 * 1024
+    # How long an entry is served.
+    ttl_s: float = 60.0
+    # The most of max_bytes one model's entries may hold (per-model tables lower it).
+    max_share: float = 1.0
+    # Optional shared tier for fleets of gateway replicas: "redis://host:port/db"; "" = none.
+    redis_url: str = ""
+    # The longest a request waits for Redis; beyond it the gateway goes on without it.
+    redis_timeout_ms: float = 5.0
+    # Per-model settings, from [cache.models.<name>] tables: enabled, ttl_s, max_share.
+    models: Mapping[str, CacheConfig] = field(default_factory=lambda: MappingProxyType({}))
+
+    def for_model(self, model: str) -> CacheConfig:
+        return self.models.get(model, self)
+
+
+CACHE_MODEL_KEYS = frozenset({"enabled", "ttl_s", "max_share"})
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
 
 _SCALARS: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool}
@@ -148,36 +175,39 @@ def _instances(raw: Any) -> tuple[InstanceConfig, ...]:
     return tuple(out)
 
 
-def _batching(raw: Any) -> BatchingConfig:
+def _with_models(cls: type, raw: Any, section: str, allowed: frozenset[str] | None = None) -> Any:
+    """A section with optional [<section>.models.<name>] tables overriding its keys per model."""
     if not isinstance(raw, dict):
-        raise ConfigError("[batching] must be a table")
+        raise ConfigError(f"[{section}] must be a table")
     table = dict(raw)
     models = table.pop("models", {})
-    base = _build(BatchingConfig, table, "batching")
+    base = _build(cls, table, section)
     if not isinstance(models, dict):
-        raise ConfigError("batching.models must hold one table per model: [batching.models.<name>]")
-    per_model = {name: _override(base, overrides, name) for name, overrides in models.items()}
+        raise ConfigError(f"{section}.models must hold one table per model: [{section}.models.<name>]")
+    per_model = {name: _override(base, overrides, f"{section}.models.{name}", allowed) for name, overrides in models.items()}
     return replace(base, models=MappingProxyType(per_model))
 
 
-def _override(base: BatchingConfig, overrides: Any, name: str) -> BatchingConfig:
-    where = f"batching.models.{name}"
-    if isinstance(overrides, dict) and "models" in overrides:
-        raise ConfigError(f"unknown key(s) in [{where}]: models")
-    checked = _build(BatchingConfig, overrides, where)  # types and unknown keys
+def _override(base: Any, overrides: Any, where: str, allowed: frozenset[str] | None) -> Any:
+    if isinstance(overrides, dict):
+        bad = sorted(k for k in overrides if k == "models" or (allowed is not None and k not in allowed))
+        if bad:
+            raise ConfigError(f"unknown key(s) in [{where}]: {', '.join(bad)}")
+    checked = _build(type(base), overrides, where)  # types and unknown keys
     return replace(base, **{key: getattr(checked, key) for key in overrides})
 
 
 def parse_config(data: dict[str, Any]) -> GatewayConfig:
-    unknown = sorted(set(data) - {"server", "upstream", "batching"})
+    unknown = sorted(set(data) - {"server", "upstream", "batching", "cache"})
     if unknown:
         raise ConfigError(f"unknown section(s): {', '.join(unknown)}")
     server = _build(ServerConfig, data.get("server", {}), "server")
     upstream_raw = dict(data.get("upstream", {}))
     instances = _instances(upstream_raw.pop("instances", None))
     upstream = replace(_build(UpstreamConfig, upstream_raw, "upstream"), instances=instances)
-    batching = _batching(data.get("batching", {}))
-    config = GatewayConfig(server=server, upstream=upstream, batching=batching)
+    batching = _with_models(BatchingConfig, data.get("batching", {}), "batching")
+    cache = _with_models(CacheConfig, data.get("cache", {}), "cache", CACHE_MODEL_KEYS)
+    config = GatewayConfig(server=server, upstream=upstream, batching=batching, cache=cache)
     validate(config)
     return config
 
@@ -205,6 +235,18 @@ def validate(config: GatewayConfig) -> None:
     _validate_batching(b, "batching", u)
     for name, model in b.models.items():
         _validate_batching(model, f"batching.models.{name}", u)
+    c = config.cache
+    if c.max_bytes < 0:
+        raise ConfigError("cache.max_bytes must be >= 0")
+    if c.redis_timeout_ms <= 0:
+        raise ConfigError("cache.redis_timeout_ms must be > 0")
+    if c.redis_url and not c.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"cache.redis_url must look like redis://host:port/db, got {c.redis_url!r}")
+    for where, m in [("cache", c), *((f"cache.models.{n}", m) for n, m in c.models.items())]:
+        if m.ttl_s <= 0:
+            raise ConfigError(f"{where}.ttl_s must be > 0")
+        if not 0 < m.max_share <= 1:
+            raise ConfigError(f"{where}.max_share must be in (0, 1], got {m.max_share}")
 
 
 def _validate_batching(b: BatchingConfig, where: str, u: UpstreamConfig) -> None:

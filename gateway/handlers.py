@@ -109,6 +109,13 @@ async def ready(request: Request) -> Response:
     return Response(status_code=200)
 
 
+async def cache(request: Request) -> Response:
+    """The response cache's counters per model (hits, misses, coalesced, evictions, bytes)."""
+    response_cache = services(request).pipeline.cache
+    body = response_cache.snapshot() if response_cache is not None else {"enabled": False, "models": {}}
+    return Response(orjson.dumps(body), media_type=JSON)
+
+
 async def fleet(request: Request) -> Response:
     """The gateway's view of each instance: state, weight, load, errors, ejections, models."""
     return Response(orjson.dumps({"instances": services(request).router.snapshot()}), media_type=JSON)

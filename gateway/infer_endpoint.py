@@ -115,6 +115,7 @@ class Call:
     header_length: bytes | None  # Inference-Header-Content-Length
     deadline: float | None
     gone: Callable[[], bool] | None
+    use_cache: bool = True  # False: "Cache-Control: no-cache" (or no-store) asked for a fresh answer
 
 
 class InferEndpoint:
@@ -133,6 +134,7 @@ class InferEndpoint:
             declared = header_length = None
             encoding = b""
             deadline = None
+            use_cache = True
             for name, value in scope["headers"]:
                 if name == b"content-type":
                     content_type = value
@@ -144,10 +146,12 @@ class InferEndpoint:
                     encoding = value
                 elif name == deadlines.HEADER:
                     deadline = deadlines.from_header(value, time.monotonic())
+                elif name == b"cache-control":
+                    use_cache = not (b"no-cache" in value.lower() or b"no-store" in value.lower())
             body = await read_body(receive, declared, self._limit)
             if encoding:
                 body = inflate(body, encoding, self._limit)
-            call = Call(target, body, content_type, header_length, deadline, disconnect_probe(receive))
+            call = Call(target, body, content_type, header_length, deadline, disconnect_probe(receive), use_cache)
             await self._infer(send, self.app.state.services.pipeline, call)
         except ClientGone:
             return
@@ -162,17 +166,21 @@ class InferEndpoint:
         body = call.body
         if is_msgpack(call.content_type):
             req = msgpack_codec.decode_request(body, model, version)
-            resp = await pipeline.infer(req, call.deadline, call.gone)
+            resp = await pipeline.infer(req, call.deadline, call.gone, call.use_cache)
             payload = msgpack_codec.encode_response(resp, req)
             headers = [(b"content-type", MSGPACK_TYPES[0]), (b"model-version", resp.version.encode())]
+            if resp.cache:
+                headers.append((b"x-cache", resp.cache.encode()))
             return await respond(send, 200, payload, headers)
         header_length = call.header_length
         length = v2.parse_header_length(None if header_length is None else header_length.decode("latin-1"), len(body))
         req = v2.decode_request(body, length, model, version)
-        resp = await pipeline.infer(req, call.deadline, call.gone)
+        resp = await pipeline.infer(req, call.deadline, call.gone, call.use_cache)
         payload, extra = v2.encode_response(resp, req)
         headers = [(k.lower().encode(), v.encode()) for k, v in extra.items()]
         headers.append((b"model-version", resp.version.encode()))
+        if resp.cache:
+            headers.append((b"x-cache", resp.cache.encode()))
         await respond(send, 200, payload, headers)
 
     async def _error(self, send: Send, status: int, message: str, content_type: bytes) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from gateway import deadlines
 from gateway.batcher import Batcher, BatchPolicy, BatchResult, Prepare
+from gateway.cache import ResponseCache, cacheable, request_key
 from gateway.config import BatchingConfig
 from gateway.errors import GatewayTimeout, UpstreamError
 from gateway.models import ModelInfo, check_request
@@ -25,11 +26,13 @@ class InferencePipeline:
         router: Router,
         metadata: MetadataCache,
         clock: Callable[[], float] = time.monotonic,
+        cache: ResponseCache | None = None,
     ) -> None:
         self._batching = batching
         self._router = router
         self.metadata = metadata
         self._clock = clock
+        self.cache = cache
         self.batchers: dict[tuple[str, str], Batcher] = {}
 
     def _policy(self, model: str, info: ModelInfo) -> BatchPolicy:
@@ -61,25 +64,32 @@ class InferencePipeline:
         return batcher
 
     async def infer(
-        self, request: InferRequest, deadline: float | None = None, gone: Callable[[], bool] | None = None
+        self,
+        request: InferRequest,
+        deadline: float | None = None,
+        gone: Callable[[], bool] | None = None,
+        use_cache: bool = True,
     ) -> InferResponse:
         """Serve one request; ``deadline`` (monotonic seconds) from the client's header, ``gone``
-        tells whether the client has disconnected (see ``deadlines`` and ``batcher``)."""
+        tells whether the client has disconnected (see ``deadlines`` and ``batcher``);
+        ``use_cache`` False bypasses the response cache (the client asked for a fresh answer)."""
         params = request.parameters
         if params and deadlines.PARAMETER in params:
             deadline = deadlines.earliest(deadline, deadlines.from_parameter(params.pop(deadlines.PARAMETER), self._clock()))
         if deadline is None:
-            return await self._infer(request, None, gone)
+            return await self._infer(request, None, gone, use_cache)
         remaining = deadline - self._clock()
         if remaining <= 0:
             raise GatewayTimeout("the request's deadline had passed before the gateway could send it")
         try:
             async with asyncio.timeout(remaining):
-                return await self._infer(request, deadline, gone)
+                return await self._infer(request, deadline, gone, use_cache)
         except TimeoutError:
             raise GatewayTimeout(f"deadline passed: no answer within the {remaining * 1000:.0f} ms left") from None
 
-    async def _infer(self, request: InferRequest, deadline: float | None, gone: Callable[[], bool] | None) -> InferResponse:
+    async def _infer(
+        self, request: InferRequest, deadline: float | None, gone: Callable[[], bool] | None, use_cache: bool
+    ) -> InferResponse:
         if not request.version:
             request.version = self._router.newest_version(request.model)
         info = await self.metadata.get(request.model, request.version)
@@ -87,17 +97,43 @@ class InferencePipeline:
         # The model's input order, so that clients listing inputs differently share batches.
         order = list(info.inputs)
         inputs = sorted(request.inputs, key=lambda t: order.index(t.name)) if len(request.inputs) > 1 else request.inputs
-        if info.batched and self._batching.for_model(request.model).enabled and not request.parameters:
-            result = await self._batcher(request.model, request.version, info).submit(inputs, deadline, gone)
+        cache = self.cache
+        source = ""
+        if cache is not None and cache.enabled_for(request.model):
+            if use_cache and request.version and cacheable(request):
+                key = request_key(request.model, request.version, inputs)
+
+                async def compute(abandoned: Callable[[], bool]) -> BatchResult:
+                    # Shared by every identical request in flight: no one request's deadline;
+                    # dropped unsent once all of them have gone (see cache.flight).
+                    return await self._compute(request, info, inputs, None, abandoned)
+
+                result, source = await cache.get_or_compute(request.model, request.version, key, compute, gone)
+            else:
+                result, source = await self._compute(request, info, inputs, deadline, gone), "bypass"
         else:
-            # Request parameters (priority, timeout, sequence ids, custom ones) belong to one request
-            # and cannot be merged: such a request travels alone, parameters included.
-            result = await self._router.infer(request.model, request.version, inputs, request.parameters, deadline)
+            result = await self._compute(request, info, inputs, deadline, gone)
         produced = {t.name for t in result.outputs}
         missing = [o.name for o in request.outputs or () if o.name not in produced]
         if missing:
             raise UpstreamError(f"model '{request.model}' did not produce the requested output(s) {missing}", status=502)
-        return InferResponse(request.model, result.version, result.outputs, id=request.id, parameters=result.parameters)
+        return InferResponse(
+            request.model, result.version, result.outputs, id=request.id, parameters=result.parameters, cache=source
+        )
+
+    async def _compute(
+        self,
+        request: InferRequest,
+        info: ModelInfo,
+        inputs: list[Tensor],
+        deadline: float | None,
+        gone: Callable[[], bool] | None,
+    ) -> BatchResult:
+        if info.batched and self._batching.for_model(request.model).enabled and not request.parameters:
+            return await self._batcher(request.model, request.version, info).submit(inputs, deadline, gone)
+        # Request parameters (priority, sequence ids, custom ones) belong to one request and
+        # cannot be merged: such a request travels alone, parameters included.
+        return await self._router.infer(request.model, request.version, inputs, request.parameters, deadline)
 
     async def close(self, grace: float) -> None:
         await asyncio.gather(*(b.close(grace) for b in self.batchers.values()))

@@ -67,3 +67,4 @@ class InferResponse:
     outputs: list[Tensor]
     id: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
+    cache: str = ""  # "hit", "miss", "coalesced" or "bypass" when the model is cached

@@ -66,12 +66,15 @@ class FleetMonitor:
         router: Router,
         resolver: Resolver = resolve,
         clock: Callable[[], float] = time.monotonic,
+        on_version_gone: Callable[[str, str], object] | None = None,
     ) -> None:
         self._config = config
         self._client = client
         self._router = router
         self._resolve = resolver
         self._clock = clock
+        self._on_version_gone = on_version_gone
+        self._fleet_versions: set[tuple[str, str]] = set()
         self._resolved: dict[int, list[str]] = {}  # entry index -> last addresses that resolved
 
     # -- membership -----------------------------------------------------------------------------
@@ -145,6 +148,22 @@ class FleetMonitor:
 
     async def check_all(self, instances: Sequence[Instance] | None = None) -> None:
         await asyncio.gather(*(self.probe(i) for i in (self._router.instances if instances is None else instances)))
+        self._versions_changed()
+
+    def _versions_changed(self) -> None:
+        """Tell ``on_version_gone`` of every model version that no instance holds any more
+        (unloaded or removed everywhere): what was derived from it, cached results, must go."""
+        now = {
+            (model, version)
+            for instance in self._router.instances
+            for model, versions in (instance.models or {}).items()
+            for version in versions
+        }
+        gone = self._fleet_versions - now
+        self._fleet_versions = now
+        if self._on_version_gone is not None:
+            for model, version in sorted(gone):
+                self._on_version_gone(model, version)
 
     async def start(self) -> None:
         """The first membership and health round, before the gateway takes traffic."""

@@ -44,7 +44,7 @@ def test_cli_overrides_apply() -> None:
         ({"upstream": {"instances": [{"url": "http://a:1"}, {"url": "http://a:1/"}]}}, "same instance twice"),
         ({**BASE, "batching": {"max_batch_size": "64"}}, "batching.max_batch_size must be int"),
         ({**BASE, "batching": {"max_bach_size": 64}}, "unknown key(s) in [batching]: max_bach_size"),
-        ({**BASE, "cache": {}}, "unknown section(s): cache"),
+        ({**BASE, "caches": {}}, "unknown section(s): caches"),
         ({**BASE, "server": {"port": 70000}}, "server.port"),
         ({**BASE, "server": {"workers": 0}}, "server.workers"),
         ({**BASE, "batching": {"max_queue_delay_ms": 40000.0}}, "shorter than upstream.request_timeout_s"),
@@ -99,4 +99,30 @@ def test_batching_settings_may_be_set_per_model() -> None:
 def test_bad_per_model_batching_is_rejected(models: dict, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_config({**BASE, "batching": {"models": models}})
+    assert message in str(err.value)
+
+
+def test_cache_is_off_by_default_and_set_per_model() -> None:
+    assert parse_config(BASE).cache.enabled is False
+    cache = parse_config(
+        {**BASE, "cache": {"enabled": True, "ttl_s": 30, "models": {"noisy": {"enabled": False}, "big": {"max_share": 0.25}}}}
+    ).cache
+    assert cache.for_model("other").enabled and cache.for_model("other").ttl_s == 30.0
+    assert not cache.for_model("noisy").enabled
+    assert cache.for_model("big").max_share == 0.25 and cache.for_model("big").ttl_s == 30.0
+
+
+@pytest.mark.parametrize(
+    "cache, message",
+    [
+        ({"models": {"m": {"max_bytes": 10}}}, "unknown key(s) in [cache.models.m]: max_bytes"),
+        ({"models": {"m": {"ttl_s": 0.0}}}, "cache.models.m.ttl_s must be > 0"),
+        ({"max_share": 0.0}, "cache.max_share must be in (0, 1]"),
+        ({"redis_url": "localhost:6379"}, "cache.redis_url must look like redis://"),
+        ({"redis_timeout_ms": 0.0}, "cache.redis_timeout_ms must be > 0"),
+    ],
+)
+def test_bad_cache_settings_are_rejected(cache: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({**BASE, "cache": cache})
     assert message in str(err.value)

@@ -119,3 +119,16 @@ async def test_an_ejected_instance_returns_after_a_successful_probe_once_its_tim
     m._clock.now = 61.0  # type: ignore[attr-defined]
     await m.check_all()
     assert a.state == "up"
+
+
+async def test_a_version_no_instance_holds_any_more_is_reported_gone() -> None:
+    gone: list[tuple[str, str]] = []
+    m, client, router, _ = monitor((InstanceConfig(url="http://a:1"), InstanceConfig(url="http://b:1")))
+    m._on_version_gone = lambda model, version: gone.append((model, version))  # type: ignore[attr-defined]
+    await m.start()
+    client.index["http://a:1"] = [{"name": "mlp", "version": "3", "state": "READY"}]
+    await m.check_all()
+    assert gone == []  # b still holds digits_cnn 1
+    client.index["http://b:1"] = [{"name": "mlp", "version": "3", "state": "READY"}]
+    await m.check_all()
+    assert gone == [("digits_cnn", "1")]

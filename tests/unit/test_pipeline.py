@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from gateway.batcher import BatchResult
-from gateway.config import BatchingConfig
+from gateway.cache import ResponseCache
+from gateway.config import BatchingConfig, CacheConfig
 from gateway.errors import BadRequest, GatewayTimeout, UpstreamError
 from gateway.models import ModelInfo
 from gateway.pipeline import InferencePipeline
@@ -175,4 +176,19 @@ async def test_a_request_naming_no_version_is_pinned_to_the_fleets_newest() -> N
     router.newest = "3"
     await pipeline.infer(request())
     assert router.versions == ["", "3"] and set(pipeline.batchers) == {("m", ""), ("m", "3")}
+    await pipeline.close(0)
+
+
+async def test_cached_models_answer_from_the_cache_unless_the_client_bypasses_it() -> None:
+    router = FakeRouter()
+    router.newest = "1"
+    cache = ResponseCache(CacheConfig(enabled=True))
+    pipeline = InferencePipeline(BatchingConfig(), router, FakeMetadata(info(8)), cache=cache)  # type: ignore[arg-type]
+    first = await pipeline.infer(request())
+    second = await pipeline.infer(request())
+    bypassed = await pipeline.infer(request(), use_cache=False)
+    with_params = await pipeline.infer(request(parameters={"priority": 1}))
+    assert [r.cache for r in (first, second, bypassed, with_params)] == ["miss", "hit", "bypass", "bypass"]
+    assert len(router.calls) == 3
+    np.testing.assert_array_equal(second.outputs[0].data, first.outputs[0].data)
     await pipeline.close(0)

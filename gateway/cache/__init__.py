@@ -1,0 +1,144 @@
+"""The response cache: one for the whole fleet, in front of every instance.
+
+``ResponseCache.get_or_compute`` serves a request from, in turn:
+
+1. the in-process store (``store.py``): an LRU bounded in bytes, a TTL per model;
+2. a computation already in flight for the same key (``flight.py``): identical requests in
+   flight share one upstream inference;
+3. the optional shared tier (``shared.py``, Redis), inside that same single flight, so one
+   replica's result serves another replica's clients; a slow or dead Redis costs at most its
+   bounded wait, and a result from it is kept locally for the model's TTL;
+4. the upstream computation, whose result is stored (and written to the shared tier without
+   waiting). Errors are never cached.
+
+Keys (``keys.py``) cover the model, the version that serves the request and the raw input
+tensors. Entries of a version are dropped when that version leaves the fleet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from gateway.batcher import BatchResult
+from gateway.cache.entry import decode_entry, encode_entry
+from gateway.cache.flight import Gone, SingleFlight
+from gateway.cache.keys import cacheable, request_key
+from gateway.cache.store import CacheStore
+from gateway.config import CacheConfig
+from gateway.tensors import Tensor
+
+__all__ = ["ResponseCache", "build_cache", "cacheable", "request_key"]
+
+log = logging.getLogger(__name__)
+
+Compute = Callable[[Gone], Awaitable[BatchResult]]
+
+
+class ResponseCache:
+    def __init__(self, config: CacheConfig, shared: Any = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self._config = config
+        self._shared = shared  # a shared.SharedTier, or None
+        self._clock = clock
+        self.store = CacheStore(config.max_bytes)
+        self._flight: SingleFlight[tuple[BatchResult, str]] = SingleFlight()
+        self._writes: set[asyncio.Task[None]] = set()
+
+    def enabled_for(self, model: str) -> bool:
+        return self._config.for_model(model).enabled
+
+    async def get_or_compute(
+        self, model: str, version: str, key: bytes, compute: Compute, gone: Gone | None = None
+    ) -> tuple[BatchResult, str]:
+        """The result and where it came from: "hit" (this gateway's store or the shared tier),
+        "coalesced" (shared with an identical request in flight) or "miss" (computed)."""
+        stats = self.store.model_stats(model)
+        cached = self.store.get(key, self._clock())
+        if cached is not None:
+            stats.hits += 1
+            return cached, "hit"
+
+        async def run(abandoned: Gone) -> tuple[BatchResult, str]:
+            shared = await self._from_shared(key)
+            if shared is not None:
+                stats.shared_hits += 1
+                self._store(model, version, key, shared)
+                return shared, "hit"
+            result = await compute(abandoned)
+            self._store(model, version, key, result)
+            self._to_shared(model, key, result)
+            return result, "miss"
+
+        (result, source), coalesced = await self._flight.do(key, run, gone)
+        if coalesced:
+            stats.coalesced += 1
+            return result, "coalesced"
+        if source == "miss":
+            stats.misses += 1
+        return result, source
+
+    def _store(self, model: str, version: str, key: bytes, result: BatchResult) -> None:
+        policy = self._config.for_model(model)
+        cap = int(self._config.max_bytes * policy.max_share)
+        # Own copies: a caller's rows are views into its whole batch's response, which the
+        # entry would otherwise keep alive, uncounted.
+        owned = BatchResult(result.version, [Tensor(t.name, t.datatype, t.data.copy()) for t in result.outputs], result.parameters)
+        self.store.put(key, owned, model, version, self._clock() + policy.ttl_s, cap)
+
+    async def _from_shared(self, key: bytes) -> BatchResult | None:
+        if self._shared is None:
+            return None
+        raw = await self._shared.get(key)
+        if raw is None:
+            return None
+        try:
+            return decode_entry(raw)
+        except ValueError as exc:
+            log.warning("ignoring a shared cache entry: %s", exc)
+            return None
+
+    def _to_shared(self, model: str, key: bytes, result: BatchResult) -> None:
+        if self._shared is None:
+            return
+        task = asyncio.ensure_future(self._shared.set(key, encode_entry(result), self._config.for_model(model).ttl_s))
+        self._writes.add(task)  # a hard reference until done
+        task.add_done_callback(self._writes.discard)
+
+    def drop_version(self, model: str, version: str) -> int:
+        dropped = self.store.drop_version(model, version)
+        if dropped:
+            log.warning("dropped %d cached result(s) of %s version %s", dropped, model, version)
+        return dropped
+
+    def snapshot(self) -> dict[str, Any]:
+        view: dict[str, Any] = {
+            "enabled": self._config.enabled,
+            "max_bytes": self.store.max_bytes,
+            "bytes": self.store.bytes,
+            "in_flight": len(self._flight),
+            "models": {m: s.as_dict() for m, s in sorted(self.store.stats.items())},
+        }
+        if self._shared is not None:
+            view["shared"] = self._shared.stats()
+        return view
+
+    async def close(self) -> None:
+        if self._writes:
+            await asyncio.wait(self._writes, timeout=1.0)
+        if self._shared is not None:
+            await self._shared.close()
+
+
+def build_cache(config: CacheConfig) -> ResponseCache | None:
+    """The configured cache, or None when no model has it enabled."""
+    if not (config.enabled or any(m.enabled for m in config.models.values())):
+        return None
+    shared = None
+    if config.redis_url:
+        from gateway.cache.shared import RedisTier  # only deployments with a shared tier need redis
+
+        shared = RedisTier(config.redis_url, config.redis_timeout_ms / 1000)
+    return ResponseCache(config, shared)

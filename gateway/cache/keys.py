@@ -1,0 +1,56 @@
+"""The cache key of a request: what decides its answer, hashed from the raw tensor bytes.
+
+The key covers the model, the version that serves the request (after the router's choice:
+never "", so an entry cannot outlive a version change), and every input's name, datatype,
+shape and bytes, in the model's input order. It is a 16-byte BLAKE2b digest over the decoded
+tensors (little-endian, row-major, as on the wire), never over a re-serialisation of the JSON:
+a JSON request and a msgpack or binary request for the same tensors share one entry.
+
+What the request asks to see is not part of the key: the gateway always fetches every output
+from Triton, and picks the requested ones per response. Requests whose parameters could change
+the answer (request parameters, output parameters other than ``binary_data``) are not cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import numpy as np
+
+from gateway.tensors import InferRequest, Tensor
+
+_LEN = struct.Struct("<I")
+
+
+def _update_tensor(h: "hashlib._Hash", t: Tensor) -> None:
+    h.update(t.name.encode())
+    h.update(b"\0")
+    h.update(t.datatype.encode())
+    h.update(b"\0")
+    h.update(struct.pack(f"<{len(t.data.shape)}q", *t.data.shape))
+    if t.datatype == "BYTES":
+        for item in t.data.ravel():
+            raw = item if isinstance(item, bytes) else str(item).encode()
+            h.update(_LEN.pack(len(raw)))
+            h.update(raw)
+    else:
+        h.update(memoryview(np.ascontiguousarray(t.data)).cast("B"))
+
+
+def request_key(model: str, version: str, inputs: list[Tensor]) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(model.encode())
+    h.update(b"\0")
+    h.update(version.encode())
+    h.update(b"\0")
+    for t in inputs:
+        _update_tensor(h, t)
+    return h.digest()
+
+
+def cacheable(request: InferRequest) -> bool:
+    """No parameter that could change the answer: only ``binary_data`` (presentation) on outputs."""
+    if request.parameters:
+        return False
+    return all(set(o.parameters) <= {"binary_data"} for o in request.outputs or ())

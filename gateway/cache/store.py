@@ -1,0 +1,110 @@
+"""The in-process store: an LRU over cached results, bounded in bytes, with a TTL per entry.
+
+One global LRU order and one per model, so that both bounds hold cheaply: the store's
+``max_bytes`` (the least recently used entry of any model goes first) and each model's share
+of it (that model's least recently used entry goes first). Expired entries are dropped when
+met. Everything is synchronous and O(1) per operation (amortised): it runs on the event loop.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from gateway.batcher import BatchResult
+
+ENTRY_OVERHEAD = 256  # bytes counted per entry beyond its outputs (key, bookkeeping)
+
+
+@dataclass(slots=True)
+class Entry:
+    result: BatchResult
+    model: str
+    version: str
+    size: int
+    expires: float
+
+
+@dataclass(slots=True)
+class ModelCacheStats:
+    hits: int = 0
+    misses: int = 0
+    coalesced: int = 0
+    shared_hits: int = 0
+    evictions: int = 0
+    bytes: int = 0
+    entries: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+
+
+def result_size(result: BatchResult) -> int:
+    return ENTRY_OVERHEAD + sum(t.data.nbytes for t in result.outputs)
+
+
+class CacheStore:
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[bytes, Entry] = OrderedDict()
+        self._by_model: dict[str, OrderedDict[bytes, None]] = {}
+        self.stats: dict[str, ModelCacheStats] = {}
+        self.bytes = 0
+
+    def model_stats(self, model: str) -> ModelCacheStats:
+        stats = self.stats.get(model)
+        if stats is None:
+            stats = self.stats[model] = ModelCacheStats()
+        return stats
+
+    def get(self, key: bytes, now: float) -> BatchResult | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry.expires <= now:
+            self._remove(key, entry)
+            return None
+        self._entries.move_to_end(key)
+        self._by_model[entry.model].move_to_end(key)
+        return entry.result
+
+    def put(self, key: bytes, result: BatchResult, model: str, version: str, expires: float, model_max_bytes: int) -> bool:
+        """Store ``result``; False if it is larger than allowed to be held at all."""
+        size = result_size(result)
+        if size > model_max_bytes or size > self.max_bytes:
+            return False
+        old = self._entries.get(key)
+        if old is not None:
+            self._remove(key, old)
+        stats = self.model_stats(model)
+        order = self._by_model.setdefault(model, OrderedDict())
+        while order and stats.bytes + size > model_max_bytes:
+            self._evict(next(iter(order)))
+        while self._entries and self.bytes + size > self.max_bytes:
+            self._evict(next(iter(self._entries)))
+        self._entries[key] = Entry(result, model, version, size, expires)
+        order[key] = None
+        self.bytes += size
+        stats.bytes += size
+        stats.entries += 1
+        return True
+
+    def drop_version(self, model: str, version: str) -> int:
+        """Remove every entry of one model version (it was unloaded or replaced)."""
+        keys = [k for k in self._by_model.get(model, ()) if self._entries[k].version == version]
+        for key in keys:
+            self._remove(key, self._entries[key])
+        return len(keys)
+
+    def _evict(self, key: bytes) -> None:
+        entry = self._entries[key]
+        self._remove(key, entry)
+        self.model_stats(entry.model).evictions += 1
+
+    def _remove(self, key: bytes, entry: Entry) -> None:
+        del self._entries[key]
+        del self._by_model[entry.model][key]
+        self.bytes -= entry.size
+        stats = self.model_stats(entry.model)
+        stats.bytes -= entry.size
+        stats.entries -= 1

@@ -1,0 +1,297 @@
+"""The response cache: keys, the byte-bounded LRU with TTL (a fake clock), single-flight, the
+shared-tier entry format, and the facade with a fake shared tier (no network)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from gateway.batcher import BatchResult
+from gateway.cache import ResponseCache, cacheable, request_key
+from gateway.cache.entry import decode_entry, encode_entry
+from gateway.cache.flight import SingleFlight
+from gateway.cache.store import ENTRY_OVERHEAD, CacheStore
+from gateway.config import CacheConfig
+from gateway.errors import UpstreamError
+from gateway.protocol import msgpack as msgpack_codec
+from gateway.protocol import v2
+from gateway.tensors import InferRequest, RequestedOutput, Tensor
+
+
+def tensor(values: list[float], name: str = "x", shape: tuple[int, ...] | None = None) -> Tensor:
+    data = np.asarray(values, np.float32)
+    return Tensor(name, "FP32", data.reshape(shape) if shape else data.reshape(1, -1))
+
+
+def result(nbytes: int = 40, version: str = "1") -> BatchResult:
+    return BatchResult(version, [Tensor("y", "FP32", np.zeros(nbytes // 4, np.float32))])
+
+
+# -- keys -----------------------------------------------------------------------------------------
+
+
+def test_the_key_depends_on_everything_that_decides_the_answer() -> None:
+    base = request_key("m", "1", [tensor([1, 2, 3, 4])])
+    assert base == request_key("m", "1", [tensor([1, 2, 3, 4])]) and len(base) == 16
+    others = [
+        request_key("n", "1", [tensor([1, 2, 3, 4])]),
+        request_key("m", "2", [tensor([1, 2, 3, 4])]),
+        request_key("m", "1", [tensor([1, 2, 3, 5])]),
+        request_key("m", "1", [tensor([1, 2, 3, 4], shape=(2, 2))]),
+        request_key("m", "1", [tensor([1, 2, 3, 4], name="z")]),
+        request_key("m", "1", [Tensor("x", "INT32", np.asarray([[1, 2, 3, 4]], np.int32))]),
+    ]
+    assert len({base, *others}) == 7
+
+
+def test_json_binary_and_msgpack_requests_for_the_same_tensors_share_a_key() -> None:
+    x = np.random.default_rng(0).random((2, 3)).astype(np.float32)
+    as_json = v2.decode_request(
+        ('{"inputs":[{"name":"x","datatype":"FP32","shape":[2,3],"data":%s}]}' % x.ravel().tolist()).encode(), None, "m", "1"
+    )
+    header = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[2,3],"parameters":{"binary_data_size":24}}]}'
+    as_binary = v2.decode_request(header + x.tobytes(), len(header), "m", "1")
+    as_msgpack = msgpack_codec.decode_request(msgpack_codec.encode_request([Tensor("x", "FP32", x)]), "m", "1")
+    keys = {request_key("m", "1", r.inputs) for r in (as_json, as_binary, as_msgpack)}
+    assert len(keys) == 1
+
+
+def test_bytes_tensors_are_keyed_by_their_elements() -> None:
+    a = Tensor("s", "BYTES", np.asarray([[b"ab", b"c"]], dtype=object))
+    b = Tensor("s", "BYTES", np.asarray([[b"a", b"bc"]], dtype=object))
+    assert request_key("m", "1", [a]) != request_key("m", "1", [b])
+
+
+def test_only_requests_without_answer_changing_parameters_are_cacheable() -> None:
+    plain = InferRequest("m", "1", [tensor([1])], [RequestedOutput("y", parameters={"binary_data": True})])
+    assert cacheable(plain)
+    assert not cacheable(InferRequest("m", "1", [tensor([1])], parameters={"priority": 1}))
+    assert not cacheable(InferRequest("m", "1", [tensor([1])], [RequestedOutput("y", parameters={"classification": 2})]))
+
+
+# -- store ----------------------------------------------------------------------------------------
+
+
+def test_entries_expire_after_their_ttl() -> None:
+    store = CacheStore(10_000)
+    store.put(b"k", result(), "m", "1", expires=10.0, model_max_bytes=10_000)
+    assert store.get(b"k", 9.9) is not None
+    assert store.get(b"k", 10.0) is None and store.bytes == 0 and store.model_stats("m").entries == 0
+
+
+def test_the_byte_bound_evicts_the_least_recently_used() -> None:
+    size = 40 + ENTRY_OVERHEAD
+    store = CacheStore(3 * size)
+    for k in (b"a", b"b", b"c"):
+        store.put(k, result(), "m", "1", 100.0, 10**9)
+    assert store.get(b"a", 0.0) is not None  # a is now the most recently used
+    store.put(b"d", result(), "m", "1", 100.0, 10**9)
+    assert store.get(b"b", 0.0) is None and all(store.get(k, 0.0) is not None for k in (b"a", b"c", b"d"))
+    stats = store.model_stats("m")
+    assert (stats.evictions, stats.entries, stats.bytes, store.bytes) == (1, 3, 3 * size, 3 * size)
+
+
+def test_a_models_share_bounds_its_own_entries_only() -> None:
+    size = 40 + ENTRY_OVERHEAD
+    store = CacheStore(10 * size)
+    store.put(b"other", result(), "n", "1", 100.0, 10**9)
+    for i in range(5):
+        store.put(bytes([i]), result(), "m", "1", 100.0, 2 * size)
+    assert store.model_stats("m").entries == 2 and store.model_stats("m").evictions == 3
+    assert store.get(b"other", 0.0) is not None
+    assert not store.put(b"huge", result(10 * size), "m", "1", 100.0, 2 * size)  # never fits
+
+
+def test_dropping_a_version_removes_only_its_entries() -> None:
+    store = CacheStore(10**6)
+    store.put(b"1", result(), "m", "1", 100.0, 10**6)
+    store.put(b"2", result(version="2"), "m", "2", 100.0, 10**6)
+    assert store.drop_version("m", "1") == 1
+    assert store.get(b"1", 0.0) is None and store.get(b"2", 0.0) is not None
+
+
+# -- single flight --------------------------------------------------------------------------------
+
+
+async def test_identical_requests_in_flight_share_one_computation() -> None:
+    flight: SingleFlight[int] = SingleFlight()
+    calls = 0
+    release = asyncio.Event()
+
+    async def compute(abandoned) -> int:  # noqa: ANN001
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        return 42
+
+    tasks = [asyncio.create_task(flight.do(b"k", compute)) for _ in range(100)]
+    await asyncio.sleep(0)
+    release.set()
+    results = await asyncio.gather(*tasks)
+    assert calls == 1 and results[0] == (42, False) and all(r == (42, True) for r in results[1:])
+    assert len(flight) == 0
+
+
+async def test_a_cancelled_follower_does_not_disturb_the_leader_or_the_others() -> None:
+    flight: SingleFlight[int] = SingleFlight()
+    release = asyncio.Event()
+
+    async def compute(abandoned) -> int:  # noqa: ANN001
+        await release.wait()
+        return 7
+
+    leader = asyncio.create_task(flight.do(b"k", compute))
+    follower = asyncio.create_task(flight.do(b"k", compute))
+    other = asyncio.create_task(flight.do(b"k", compute))
+    await asyncio.sleep(0)
+    follower.cancel()
+    leader_gone = asyncio.create_task(flight.do(b"k", compute))
+    await asyncio.sleep(0)
+    leader_gone.cancel()
+    await asyncio.sleep(0)
+    release.set()
+    assert (await leader)[0] == 7 and (await other)[0] == 7
+    assert follower.cancelled() and leader_gone.cancelled()
+
+
+async def test_a_failure_reaches_every_waiter_as_the_same_error() -> None:
+    flight: SingleFlight[int] = SingleFlight()
+    release = asyncio.Event()
+
+    async def compute(abandoned) -> int:  # noqa: ANN001
+        await release.wait()
+        raise UpstreamError("model failed", status=502)
+
+    tasks = [asyncio.create_task(flight.do(b"k", compute)) for _ in range(3)]
+    await asyncio.sleep(0)
+    release.set()
+    errors = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(e, UpstreamError) and e.message == "model failed" and e.status == 502 for e in errors)
+    assert len({id(e) for e in errors}) == 3  # each its own copy, each its own traceback
+
+
+async def test_the_computation_is_told_when_every_waiter_has_gone() -> None:
+    flight: SingleFlight[int] = SingleFlight()
+    seen: list[bool] = []
+    release = asyncio.Event()
+    client_left = False
+
+    async def compute(abandoned) -> int:  # noqa: ANN001
+        await release.wait()
+        seen.append(abandoned())
+        return 1
+
+    cancelled = asyncio.create_task(flight.do(b"k", compute))
+    disconnected = asyncio.create_task(flight.do(b"k", compute, gone=lambda: client_left))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    client_left = True
+    await asyncio.sleep(0)
+    release.set()
+    await disconnected
+    assert seen == [True]
+
+
+# -- entries for the shared tier ------------------------------------------------------------------
+
+
+def test_entries_round_trip_through_bytes() -> None:
+    original = BatchResult(
+        "3",
+        [Tensor("y", "FP32", np.arange(6, dtype=np.float32).reshape(2, 3)), Tensor("s", "BYTES", np.asarray([b"a", b"bc"], dtype=object))],
+        {"note": 1},
+    )  # fmt: skip
+    copy = decode_entry(encode_entry(original))
+    assert copy.version == "3" and copy.parameters == {"note": 1}
+    np.testing.assert_array_equal(copy.outputs[0].data, original.outputs[0].data)
+    assert list(copy.outputs[1].data) == [b"a", b"bc"]
+    with pytest.raises(ValueError):
+        decode_entry(b"\x00garbage")
+
+
+# -- the facade -----------------------------------------------------------------------------------
+
+
+class Clock:
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeShared:
+    def __init__(self) -> None:
+        self.data: dict[bytes, bytes] = {}
+        self.sets: list[tuple[bytes, float]] = []
+
+    async def get(self, key: bytes) -> bytes | None:
+        return self.data.get(key)
+
+    async def set(self, key: bytes, value: bytes, ttl_s: float) -> None:
+        self.data[key] = value
+        self.sets.append((key, ttl_s))
+
+    async def close(self) -> None:
+        pass
+
+    def stats(self) -> dict[str, int]:
+        return {"hits": 0}
+
+
+async def test_miss_then_hit_then_expiry_and_errors_are_never_cached() -> None:
+    clock = Clock()
+    cache = ResponseCache(CacheConfig(enabled=True, ttl_s=5.0), clock=clock)
+    calls = 0
+
+    async def compute(abandoned) -> BatchResult:  # noqa: ANN001
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise UpstreamError("boom", status=502)
+        return result()
+
+    assert (await cache.get_or_compute("m", "1", b"k", compute))[1] == "miss"
+    assert (await cache.get_or_compute("m", "1", b"k", compute))[1] == "hit"
+    clock.now = 6.0
+    assert (await cache.get_or_compute("m", "1", b"k", compute))[1] == "miss"
+    clock.now = 12.0
+    with pytest.raises(UpstreamError):
+        await cache.get_or_compute("m", "1", b"k", compute)
+    assert (await cache.get_or_compute("m", "1", b"k", compute))[1] == "miss"  # the error was not kept
+    stats = cache.snapshot()["models"]["m"]
+    assert (stats["hits"], stats["misses"], calls) == (1, 3, 4)
+
+
+async def test_the_shared_tier_serves_what_another_gateway_computed() -> None:
+    shared = FakeShared()
+    one = ResponseCache(CacheConfig(enabled=True, ttl_s=30.0), shared)
+    two = ResponseCache(CacheConfig(enabled=True, ttl_s=30.0), shared)
+
+    async def compute(abandoned) -> BatchResult:  # noqa: ANN001
+        return result()
+
+    async def never(abandoned) -> BatchResult:  # noqa: ANN001
+        raise AssertionError("should come from the shared tier")
+
+    assert (await one.get_or_compute("m", "1", b"k", compute))[1] == "miss"
+    await asyncio.sleep(0)  # the write to the shared tier does not hold up the response
+    assert shared.sets == [(b"k", 30.0)]
+    got, source = await two.get_or_compute("m", "1", b"k", never)
+    assert source == "hit" and two.snapshot()["models"]["m"]["shared_hits"] == 1
+    assert (await two.get_or_compute("m", "1", b"k", never))[1] == "hit"  # now held locally too
+    shared.data[b"bad"] = b"not an entry"
+    assert (await two.get_or_compute("m", "1", b"bad", compute))[1] == "miss"
+
+
+async def test_cached_outputs_are_copies_not_views_of_a_whole_batch() -> None:
+    cache = ResponseCache(CacheConfig(enabled=True))
+    batch = np.arange(64, dtype=np.float32).reshape(16, 4)
+
+    async def compute(abandoned) -> BatchResult:  # noqa: ANN001
+        return BatchResult("1", [Tensor("y", "FP32", batch[2:3])])
+
+    await cache.get_or_compute("m", "1", b"k", compute)
+    held, _ = await cache.get_or_compute("m", "1", b"k", compute)
+    assert held.outputs[0].data.base is None and cache.store.bytes == ENTRY_OVERHEAD + 16
