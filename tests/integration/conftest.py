@@ -147,7 +147,7 @@ def gateway_config(
         raise ValueError(f"{len(weights)} weights for {len(urls)} instances")
     tables: dict[str, dict[str, Any]] = {"server": {"host": "127.0.0.1", "port": port}, "upstream": {}, "batching": {}}
     for name, values in sections.items():
-        tables[name].update(values)
+        tables.setdefault(name, {}).update(values)
 
     def value(v: Any) -> str:
         return str(v).lower() if isinstance(v, bool) else repr(v) if isinstance(v, str) else str(v)

@@ -1,0 +1,129 @@
+"""The response cache in front of a real Triton instance: cached answers are byte-identical to
+computed ones in every wire format, identical concurrent requests cost one inference (Triton's
+own statistics say so), the bypass header and the counters work, and answers stay right.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import msgpack
+import numpy as np
+import pytest
+
+import fleet
+from conftest import GatewayProcess, gateway_config, running_gateway
+from gateway.client import GatewayClient
+from served_models import ATOL, DIGITS, torch_reference
+
+pytestmark = pytest.mark.integration
+
+TRITON_PORT = 8145
+GATEWAY_PORT = 8146
+PATH = f"/v2/models/{DIGITS.name}/infer"
+
+
+@dataclass
+class Stack:
+    triton: fleet.Fleet
+    gateway: GatewayProcess
+
+    def inferences(self) -> int:
+        """Rows Triton itself has run for the digits model (its own statistics)."""
+        stats = httpx.get(f"{self.triton.http_urls[0]}/v2/models/{DIGITS.name}/stats").json()
+        return sum(s["inference_count"] for s in stats["model_stats"])
+
+
+@pytest.fixture(scope="module")
+def stack(fleet_module_factory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:  # noqa: ANN001
+    triton = fleet_module_factory(1, TRITON_PORT)
+    config = gateway_config(triton.http_urls, GATEWAY_PORT, cache={"enabled": True, "ttl_s": 300.0})
+    with running_gateway(config, GATEWAY_PORT, tmp_path_factory.mktemp("gateway")) as gw:
+        yield Stack(triton, gw)
+
+
+def images(start: int, rows: int = 1) -> np.ndarray:
+    return DIGITS.splits().x_test[start : start + rows].astype(np.float32)
+
+
+def json_body(x: np.ndarray) -> dict:
+    return {"inputs": [{"name": "image", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}]}
+
+
+def binary_body(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    header = (
+        b'{"inputs":[{"name":"image","datatype":"FP32","shape":%s,"parameters":{"binary_data_size":%d}}],'
+        b'"parameters":{"binary_data_output":true}}' % (str(list(x.shape)).replace(" ", "").encode(), x.nbytes)
+    )
+    return header + x.tobytes(), {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
+
+
+def msgpack_body(x: np.ndarray) -> bytes:
+    return msgpack.packb(
+        {"inputs": [{"name": "image", "datatype": "FP32", "shape": list(x.shape), "data": x.tobytes()}]}, use_bin_type=True
+    )
+
+
+def test_cached_answers_are_byte_identical_in_every_wire_format_and_right(stack: Stack) -> None:
+    x = images(0, 2)
+    _, ref_probs = torch_reference(DIGITS.name, x)
+    before = stack.inferences()
+    with httpx.Client(base_url=stack.gateway.url, timeout=30) as http:
+        first = http.post(PATH, json=json_body(x))
+        assert first.status_code == 200 and first.headers["x-cache"] == "miss", first.text
+        again = http.post(PATH, json=json_body(x))
+        assert again.headers["x-cache"] == "hit" and again.content == first.content
+        body, headers = binary_body(x)
+        binary = [http.post(PATH, content=body, headers=headers) for _ in range(2)]
+        assert [r.headers["x-cache"] for r in binary] == ["hit", "hit"]  # the JSON request's entry
+        assert binary[0].content == binary[1].content
+        packed = [
+            http.post(PATH, content=msgpack_body(x), headers={"Content-Type": "application/msgpack"}) for _ in range(2)
+        ]
+        assert [r.headers["x-cache"] for r in packed] == ["hit", "hit"] and packed[0].content == packed[1].content
+    assert stack.inferences() - before == 2  # the two rows, computed once for all six answers
+    probs = np.asarray({o["name"]: o for o in first.json()["outputs"]}["probabilities"]["data"], np.float32)
+    np.testing.assert_allclose(probs.reshape(ref_probs.shape), ref_probs, atol=ATOL, rtol=0)
+    reply = msgpack.unpackb(packed[0].content)
+    out = {o["name"]: o for o in reply["outputs"]}["probabilities"]
+    np.testing.assert_allclose(np.frombuffer(out["data"], "<f4").reshape(ref_probs.shape), ref_probs, atol=ATOL, rtol=0)
+
+
+async def test_a_hundred_identical_concurrent_requests_cost_one_inference(stack: Stack) -> None:
+    x = images(10)
+    _, ref_probs = torch_reference(DIGITS.name, x)
+    before = stack.inferences()
+    async with GatewayClient(stack.gateway.url) as client:
+        results = await asyncio.gather(*(client.infer(DIGITS.name, {"image": x}, outputs=["probabilities"]) for _ in range(100)))
+    for r in results:
+        np.testing.assert_allclose(r.outputs["probabilities"], ref_probs, atol=ATOL, rtol=0)
+    assert stack.inferences() - before == 1
+    counters = httpx.get(f"{stack.gateway.url}/v2/gateway/cache").json()["models"][DIGITS.name]
+    assert counters["misses"] >= 1 and counters["hits"] + counters["coalesced"] >= 99
+
+
+def test_the_bypass_header_computes_afresh_and_the_counters_move(stack: Stack) -> None:
+    x = images(20)
+    with httpx.Client(base_url=stack.gateway.url, timeout=30) as http:
+        http.post(PATH, json=json_body(x))
+        before_counters = http.get("/v2/gateway/cache").json()["models"][DIGITS.name]
+        before = stack.inferences()
+        fresh = http.post(PATH, json=json_body(x), headers={"Cache-Control": "no-cache"})
+        assert fresh.status_code == 200 and fresh.headers["x-cache"] == "bypass"
+        assert stack.inferences() - before == 1
+        hit = http.post(PATH, json=json_body(x))
+        assert hit.headers["x-cache"] == "hit" and stack.inferences() - before == 1
+        after_counters = http.get("/v2/gateway/cache").json()
+    model = after_counters["models"][DIGITS.name]
+    assert model["hits"] == before_counters["hits"] + 1 and model["entries"] >= 1 and model["bytes"] > 0
+    assert after_counters["enabled"] is True and after_counters["bytes"] >= model["bytes"]
+
+
+def test_errors_are_never_cached(stack: Stack) -> None:
+    bad = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 7], "data": [0.0] * 56}]}
+    with httpx.Client(base_url=stack.gateway.url, timeout=30) as http:
+        answers = [http.post(PATH, json=bad) for _ in range(2)]
+    assert [a.status_code for a in answers] == [400, 400] and all("x-cache" not in a.headers for a in answers)
