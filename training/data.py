@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.datasets import load_breast_cancer, load_digits
-from sklearn.model_selection import train_test_split
 
 TEST_FRACTION = 0.2
 VAL_FRACTION = 0.1  # of the whole dataset
@@ -34,6 +32,8 @@ class Splits:
 
 
 def _split(x: np.ndarray, y: np.ndarray, seed: int) -> Splits:
+    from sklearn.model_selection import train_test_split  # imported on use: it takes a second
+
     x = np.ascontiguousarray(x, dtype=np.float32)
     y = np.asarray(y, dtype=np.int64)
     x_rest, x_test, y_rest, y_test = train_test_split(
@@ -51,11 +51,15 @@ def _split(x: np.ndarray, y: np.ndarray, seed: int) -> Splits:
 
 def digits_splits(seed: int = 0) -> Splits:
     """Handwritten digits (1,797 images), x shaped [N, 1, 8, 8], raw pixel values 0..16."""
+    from sklearn.datasets import load_digits
+
     data = load_digits()
     return _split(data.images.reshape(-1, 1, 8, 8), data.target, seed)
 
 
 def breast_cancer_splits(seed: int = 0) -> Splits:
     """Wisconsin breast cancer (569 rows), x shaped [N, 30], raw (unscaled) feature values."""
+    from sklearn.datasets import load_breast_cancer
+
     data = load_breast_cancer()
     return _split(data.data, data.target, seed)

@@ -1,0 +1,88 @@
+"""What the training module knows of each served model: its dataset, its architecture, the
+name of the tensor Triton feeds it, and the recipe that trains it.
+
+Hyperparameters come from `default_models.RECIPES` (the recipe that trained the served weights),
+so `python -m training train` with no options reproduces the served model's training, now on any
+number of workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from training.data import Splits
+from training.default_models import RECIPES, Recipe
+from training.models import ARCHITECTURES
+
+
+class UsageError(ValueError):
+    """A bad argument from the user: printed as one clear line, exit status 2."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    input_name: str  # the input tensor in config.pbtxt
+    input_shape: tuple[int, ...]  # one row, without the batch dimension
+    default_config: Mapping[str, Any]  # constructor arguments of the served architecture
+    recipe: Recipe
+
+    @property
+    def arch(self) -> type[nn.Module]:
+        return ARCHITECTURES[self.name]
+
+    @property
+    def splits(self) -> Callable[[int], Splits]:
+        return self.recipe.splits
+
+
+MODELS: dict[str, ModelSpec] = {
+    "digits_cnn": ModelSpec(
+        "digits_cnn", "image", (1, 8, 8), {"channels": [16, 32], "hidden": 64, "num_classes": 10}, RECIPES["digits_cnn"]
+    ),
+    "breast_cancer_mlp": ModelSpec(
+        "breast_cancer_mlp",
+        "features",
+        (30,),
+        {"num_features": 30, "hidden": 32, "num_classes": 2},
+        RECIPES["breast_cancer_mlp"],
+    ),
+}
+
+
+def spec(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise UsageError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}") from None
+
+
+def build(name: str, splits: Splits, config: Mapping[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """A freshly initialised model (from the current torch seed) and its constructor arguments.
+
+    The MLP's standardization buffers are set from the training split only, as the served
+    model's were."""
+    s = spec(name)
+    cfg = dict(s.default_config if config is None else config)
+    model = s.arch(**cfg)
+    if name == "breast_cancer_mlp":
+        model.mean.copy_(torch.from_numpy(splits.x_train.mean(axis=0)))
+        model.std.copy_(torch.from_numpy(splits.x_train.std(axis=0) + 1e-6))
+    return model, cfg
+
+
+def parse_ints(text: str, what: str, count: int | None = None) -> list[int]:
+    """'8,16' -> [8, 16], every value >= 1; a clear UsageError otherwise."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values) or (count is not None and len(values) != count):
+        n = f"{count} " if count else ""
+        raise UsageError(f"{what} must be {n}positive integers separated by commas, got {text!r}")
+    return values
