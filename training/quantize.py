@@ -1,0 +1,129 @@
+"""int8 quantization, and loading any artifact this module writes back into a model.
+
+Two schemes, both stored as a plain state dict (loads with torch.load(weights_only=True)):
+
+- `dynamic` (payload "quantization": "dynamic_int8"): every nn.Linear becomes a dynamically
+  quantized int8 Linear (torch.ao.quantization.quantize_dynamic, per-output-channel weight
+  scales): weights stored in int8, activations quantized on the fly, int8 matrix products
+  (fbgemm/x86 kernels). Convolutions stay float.
+- `weight-only` ("weight_only_int8"): the weight of every Conv2d and Linear is stored as int8
+  with one float scale per output channel (symmetric, round to nearest) and turned back into
+  float when loaded; compute stays float. A quarter of the weight bytes, the CNN's convolutions
+  included, and no run-time cost.
+
+torch.ao.quantization is deprecated in favour of the separate torchao package, which this
+project does not depend on; it still ships with the pinned torch, and its deprecation warnings
+are silenced where it is called. The served model.py (training/templates/model.py) repeats the
+loading code below, since Triton runs it without this package.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from training.models import ARCHITECTURES
+
+SCHEMES = {"dynamic": "dynamic_int8", "weight-only": "weight_only_int8"}
+INT8_MAX = 127
+
+
+@contextmanager
+def quiet_quantization() -> Iterator[None]:
+    """Silence the deprecation warnings of torch.ao.quantization and of loading qint8 tensors."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated.*")
+        warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
+        warnings.filterwarnings("ignore", message=r".*TypedStorage is deprecated.*")
+        yield
+
+
+def dynamic_structure(model: nn.Module) -> nn.Module:
+    """The model with every Linear replaced by a dynamically quantized int8 Linear."""
+    with quiet_quantization():
+        qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear: qconfig}, dtype=torch.qint8)
+
+
+def quantize_weights(state_dict: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    """Weight-only int8: each named weight -> `<name>_int8` (int8) + `<name>_scale` (float32, one
+    per output channel); everything else unchanged."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key not in names:
+            out[key] = value
+            continue
+        w = value.detach().float()
+        amax = w.abs().reshape(w.shape[0], -1).amax(dim=1)
+        scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        out[key + "_int8"] = torch.clamp(torch.round(w / scale.view(shape)), -INT8_MAX, INT8_MAX).to(torch.int8)
+        out[key + "_scale"] = scale.to(torch.float32)
+    return out
+
+
+def dequantize_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key.endswith("_scale") and key[: -len("_scale")] + "_int8" in state_dict:
+            continue
+        if key.endswith("_int8"):
+            name = key[: -len("_int8")]
+            scale = state_dict[name + "_scale"]
+            out[name] = value.float() * scale.view((-1,) + (1,) * (value.dim() - 1))
+        else:
+            out[key] = value
+    return out
+
+
+def quantizable_weights(model: nn.Module) -> list[str]:
+    return [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def quantize(model: nn.Module, scheme: str) -> tuple[nn.Module, dict[str, torch.Tensor], str]:
+    """(the quantized model to evaluate, the state dict to store, the payload's scheme name)."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+    model = model.eval()
+    if scheme == "dynamic":
+        q = dynamic_structure(_copy(model))
+        return q, q.state_dict(), SCHEMES[scheme]
+    stored = quantize_weights(model.state_dict(), quantizable_weights(model))
+    restored = _copy(model)
+    restored.load_state_dict(dequantize_weights(stored))
+    return restored.eval(), stored, SCHEMES[scheme]
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
+
+
+def load_payload(path: str | Path) -> dict[str, Any]:
+    with quiet_quantization():
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or "config" not in payload or "state_dict" not in payload:
+        raise ValueError(f"{path} is not a model checkpoint (expected a dict with 'config' and 'state_dict')")
+    return payload
+
+
+def model_from_payload(payload: dict[str, Any]) -> nn.Module:
+    """Rebuild the model a payload describes (float, dynamic int8 or weight-only int8), eval mode."""
+    model = ARCHITECTURES[payload["arch"]](**payload["config"])
+    scheme = payload.get("quantization")
+    state = payload["state_dict"]
+    if scheme == "weight_only_int8":
+        state = dequantize_weights(state)
+    elif scheme == "dynamic_int8":
+        model = dynamic_structure(model)
+    elif scheme is not None:
+        raise ValueError(f"unknown quantization {scheme!r} in checkpoint")
+    with quiet_quantization():
+        model.load_state_dict(state)
+    return model.eval()
