@@ -1,0 +1,266 @@
+"""Publish a checkpoint as the next version of a model in a Triton model repository.
+
+    <repository>/<model>/.publish-<pid>-<token>.tmp/   written first, never seen by Triton
+        model.py        the self-contained served model (training/templates/model.py)
+        model.pt        the checkpoint, byte for byte (float, pruned, distilled or int8)
+        metadata.json   source checkpoint and its hash, metrics, gate decision, time
+    then one rename to <repository>/<model>/<N+1>/   (Triton polls and loads it)
+
+Before the rename, the staged folder is run the way Triton will run it (its own model.py, see
+`training.harness`) on the test split; its accuracy is compared with the stable version's,
+measured the same way on that version's own files. The stable version is the one a rollout
+config names as `stable` for this model, else the newest version in the repository. A
+candidate more than `margin` below it is refused (the staging folder is removed) unless forced.
+
+Optionally a canary entry is written into a rollout config (TOML), touching only this model's
+table:
+
+    [models.digits_cnn]
+    stable = "1"          # the version that takes the rest of the traffic
+    canary = "2"          # the version just published
+    canary_share = 0.1    # share of requests for the canary
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import secrets
+import shutil
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.compress import sha256
+from training.harness import version_network
+from training.measure import Metrics, accuracy, measure
+from training.quantize import load_payload, model_from_payload
+from training.specs import UsageError, spec
+
+TEMPLATE = Path(__file__).resolve().parent / "templates" / "model.py"
+OUTPUT_ATOL = 1e-4
+
+
+class GateRefused(RuntimeError):
+    """The candidate's accuracy is too far below the stable version's (exit status 3)."""
+
+
+@dataclass
+class PublishResult:
+    model: str
+    version: int
+    path: Path
+    metrics: Metrics
+    stable_version: int | None
+    stable_accuracy: float | None
+    forced: bool
+    canary_config: Path | None
+    metadata: dict[str, Any]
+
+
+def versions(model_dir: Path) -> list[int]:
+    """The version numbers present (folders named by a positive integer), ascending."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+
+
+def stable_version(model_dir: Path, model: str, canary_config: Path | None) -> int | None:
+    present = versions(model_dir)
+    if canary_config is not None and canary_config.exists():
+        table = read_rollout(canary_config).get("models", {}).get(model, {})
+        named = str(table.get("stable", ""))
+        if named.isdigit() and int(named) in present:
+            return int(named)
+    return present[-1] if present else None
+
+
+def publish(
+    model: str,
+    source: Path,
+    repository: Path,
+    *,
+    margin: float = 0.01,
+    force: bool = False,
+    canary_config: Path | None = None,
+    canary_share: float | None = None,
+    seed: int = 0,
+    latency_runs: int = 50,
+    log: Any = print,
+) -> PublishResult:
+    s = spec(model)
+    source, repository = Path(source), Path(repository)
+    model_dir = repository / model
+    if not (model_dir / "config.pbtxt").is_file():
+        raise UsageError(f"{model_dir} is not a model of the repository (no config.pbtxt)")
+    if not source.is_file():
+        raise UsageError(f"--from {source}: no such file")
+    if not 0.0 <= margin <= 1.0:
+        raise UsageError(f"--margin must be in [0, 1], got {margin}")
+    if canary_share is not None and canary_config is None:
+        raise UsageError("--canary-share needs --canary-config FILE")
+    if canary_config is not None:
+        canary_share = 0.1 if canary_share is None else canary_share
+        if not 0.0 < canary_share <= 1.0:
+            raise UsageError(f"--canary-share must be in (0, 1], got {canary_share}")
+        if canary_config.exists():
+            read_rollout(canary_config)  # fail before publishing if the file is broken
+    try:
+        payload = load_payload(source)
+    except Exception as exc:
+        raise UsageError(f"--from {source}: cannot read it as a checkpoint ({exc})") from None
+    if payload.get("arch") != model:
+        raise UsageError(f"--from {source} holds a {payload.get('arch')!r} model, not {model!r}")
+
+    splits = s.splits(seed)
+    staging = model_dir / f".publish-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    staging.mkdir()
+    try:
+        shutil.copyfile(TEMPLATE, staging / "model.py")
+        shutil.copyfile(source, staging / "model.pt")
+        # What Triton will run: the staged model.py building the network from the staged file.
+        served = version_network(model_dir, staging.name, model)
+        reference = model_from_payload(payload)
+        probe = torch.from_numpy(splits.x_test[:64])
+        with torch.inference_mode():
+            diff = float((served(probe) - reference(probe)).abs().max())
+        if diff > OUTPUT_ATOL:
+            raise RuntimeError(f"the staged model.py disagrees with the checkpoint (max |diff| {diff:.2e})")
+        metrics = measure(served, splits, staging / "model.pt", runs=latency_runs)
+        log(f"{model}: candidate test accuracy {metrics.test_accuracy:.4f} (measured on the staged version folder)")
+
+        stable = stable_version(model_dir, model, canary_config)
+        stable_acc = None
+        if stable is not None:
+            stable_acc = accuracy(version_network(model_dir, stable, model), splits.x_test, splits.y_test)
+            log(f"{model}: stable version {stable} test accuracy {stable_acc:.4f}")
+            below = stable_acc - metrics.test_accuracy
+            if below > margin + 1e-12:
+                message = (
+                    f"refusing to publish {model}: test accuracy {metrics.test_accuracy:.4f} is "
+                    f"{below * 100:.2f} points below stable version {stable} ({stable_acc:.4f}), "
+                    f"more than the margin of {margin * 100:.2f} points"
+                )
+                if not force:
+                    raise GateRefused(message + "; --force publishes it anyway")
+                log("warning: " + message + "; publishing anyway (--force)")
+
+        metadata = {
+            "model": model,
+            "published_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"path": str(source.resolve()), "sha256": sha256(source), "bytes": source.stat().st_size},
+            "format": payload.get("quantization") or "float32",
+            "config": payload["config"],
+            "metrics": metrics.as_dict(),
+            "gate": {
+                "stable_version": stable,
+                "stable_test_accuracy": stable_acc,
+                "margin": margin,
+                "forced": bool(force and stable_acc is not None and stable_acc - metrics.test_accuracy > margin),
+            },
+            "lineage": {k: payload[k] for k in ("training", "compression", "source", "metrics", "created") if k in payload},
+            "torch_version": str(torch.__version__),
+        }
+        (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+        version = _commit(staging, model_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    metadata["version"] = version
+    final = model_dir / str(version)
+    log(f"{model}: published version {version} -> {final}")
+    if canary_config is not None:
+        assert canary_share is not None
+        if stable is None:
+            write_rollout(canary_config, model, {"stable": str(version)})
+            log(f"{model}: {canary_config}: no earlier version, version {version} written as stable")
+        else:
+            write_rollout(canary_config, model, {"stable": str(stable), "canary": str(version), "canary_share": canary_share})
+            log(f"{model}: {canary_config}: canary version {version} for {canary_share:.0%} of requests, stable {stable}")
+    return PublishResult(model, version, final, metrics, stable, stable_acc, bool(metadata["gate"]["forced"]), canary_config, metadata)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit(staging: Path, model_dir: Path) -> int:
+    """Rename the staged folder to the next version number: one atomic step, so Triton sees
+    either nothing or the complete version. Retries if another publisher took the number."""
+    _fsync_tree(staging)
+    for _ in range(10):
+        version = (versions(model_dir) or [0])[-1] + 1
+        target = model_dir / str(version)
+        if target.exists():
+            continue
+        try:
+            os.rename(staging, target)  # fails if a non-empty folder appeared meanwhile
+        except OSError:
+            continue
+        _fsync_dir(model_dir)
+        return version
+    raise RuntimeError(f"could not claim a new version number in {model_dir}")
+
+
+# --- the rollout config (TOML) ------------------------------------------------------------------
+
+
+def read_rollout(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"--canary-config {path}: not valid TOML ({exc})") from None
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, bool):
+        return str(v).lower()
+    return repr(v)
+
+
+def write_rollout(path: Path, model: str, values: dict[str, Any]) -> None:
+    """Set `values` in the `[models.<model>]` table of the TOML file at `path`, creating the
+    file or the table as needed; every other line of the file is kept as it was. Written
+    atomically (temporary file, then rename)."""
+    text = path.read_text() if path.exists() else ""
+    lines = text.splitlines()
+    header = re.compile(r"^\s*\[\s*models\s*\.\s*(\"?)" + re.escape(model) + r"\1\s*\]\s*(#.*)?$")
+    start = next((i for i, line in enumerate(lines) if header.match(line)), None)
+    if start is None:
+        if lines and lines[-1].strip():
+            lines.append("")
+        lines.append(f"[models.{model}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")), len(lines))
+        remaining = dict(values)
+        for i in range(start + 1, end):
+            m = re.match(r"^(\s*)([A-Za-z0-9_-]+)\s*=", lines[i])
+            if m and m.group(2) in remaining:
+                lines[i] = f"{m.group(1)}{m.group(2)} = {_toml_value(remaining.pop(m.group(2)))}"
+        last = max([i for i in range(start, end) if lines[i].strip()] or [start])
+        lines[last + 1 : last + 1] = [f"{k} = {_toml_value(v)}" for k, v in remaining.items()]
+    new_text = "\n".join(lines) + "\n"
+    tomllib.loads(new_text)  # never write a file the gateway could not read
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(new_text)
+    os.replace(tmp, path)
