@@ -53,6 +53,13 @@ def cases(model: str, epochs: int, average_every: int, threads_max: int) -> list
     return out
 
 
+def _loadavg() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "unknown"
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -64,23 +71,31 @@ def cpu_model() -> str:
 
 
 def run(model: str, epochs: int, repeats: int, average_every: int, out: Path | None, command: str) -> str:
-    rows = []
-    raw = []
-    baseline = None
-    for case in cases(model, epochs, average_every, os.cpu_count() or 1):
-        rates, walls, accs = [], [], []
-        for r in range(repeats):
+    all_cases = cases(model, epochs, average_every, os.cpu_count() or 1)
+    rates: dict[str, list[float]] = {c.label: [] for c in all_cases}
+    walls: dict[str, list[float]] = {c.label: [] for c in all_cases}
+    accs: dict[str, list[float]] = {c.label: [] for c in all_cases}
+    load_before = _loadavg()
+    # Round-robin over the configurations, so load from elsewhere on a shared machine falls
+    # on all of them alike rather than on whichever ran during a busy minute.
+    for r in range(repeats):
+        for case in all_cases:
             started = time.perf_counter()
             result = train(case.config)
             assert result is not None
-            walls.append(time.perf_counter() - started)
-            rates.append(result.metrics["samples_per_s"])
-            accs.append(result.metrics["test_accuracy"])
-            print(f"{case.label}: run {r + 1}/{repeats}: {rates[-1]:,.0f} samples/s, {walls[-1]:.1f} s wall", file=sys.stderr)
-        rate = statistics.median(rates)
-        baseline = baseline or rate
-        rows.append([case.label, f"{rate:,.0f}", f"{rate / baseline:.2f}x", f"{statistics.median(walls):.1f}", f"{statistics.median(accs):.4f}"])
-        raw.append(f"- {case.label}: " + ", ".join(f"{v:,.0f}" for v in rates))
+            walls[case.label].append(time.perf_counter() - started)
+            rates[case.label].append(result.metrics["samples_per_s"])
+            accs[case.label].append(result.metrics["test_accuracy"])
+            print(f"{case.label}: run {r + 1}/{repeats}: {rates[case.label][-1]:,.0f} samples/s, "
+                  f"{walls[case.label][-1]:.1f} s wall", file=sys.stderr)  # fmt: skip
+    load_after = _loadavg()
+    rows, raw = [], []
+    baseline = statistics.median(rates[all_cases[0].label])
+    for case in all_cases:
+        rate = statistics.median(rates[case.label])
+        rows.append([case.label, f"{rate:,.0f}", f"{rate / baseline:.2f}x", f"{statistics.median(walls[case.label]):.1f}",
+                     f"{statistics.median(accs[case.label]):.4f}"])  # fmt: skip
+        raw.append(f"- {case.label}: " + ", ".join(f"{v:,.0f}" for v in rates[case.label]))
     headers = ["configuration", "samples/s (median)", "vs 1 worker", "wall s (median)", "test acc"]
     cfg = cases(model, epochs, average_every, 1)[0].config.resolved()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
@@ -99,7 +114,8 @@ def run(model: str, epochs: int, repeats: int, average_every: int, out: Path | N
             f"Each run: {epochs} epochs of {model} from seed 0, global batch {cfg.batch_size} "
             f"(split evenly across workers), gloo on CPU; {repeats} runs per configuration.",
             "samples/s counts the training loop only (evaluation excluded); wall s is the whole run,",
-            "process start-up and rendezvous included.",
+            "process start-up and rendezvous included. Configurations ran round-robin, one run of each in turn.",
+            f"Load average (1 min) before: {load_before}, after: {load_after} (the machine is shared).",
             "",
             table(headers, rows),
             "",

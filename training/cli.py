@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-epochs", type=_positive_int, help="default: the model's recipe")
     p.add_argument("--no-baseline", action="store_true", help="skip training the student without the teacher")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1: fastest for these models)")
     p.add_argument("--out", type=Path, help="default: next to --from, named after the steps")
     p.add_argument("--quiet", action="store_true")
 
@@ -206,9 +207,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
+    import torch
+
     from training.compress import STAGE_HEADERS, DistillConfig, compress, save, stage_rows
     from training.progress import table
     from training.specs import MODELS, parse_ints
+
+    torch.set_num_threads(args.threads)
 
     distill = None
     if args.distill:

@@ -54,6 +54,7 @@ class Stage:
     name: str
     metrics: Metrics
     note: str = ""
+    model: nn.Module | None = field(default=None, repr=False)  # as loaded back from its saved form
 
 
 @dataclass
@@ -197,7 +198,7 @@ def compress(
         work = Path(tmp)
         source_payload = _payload(model_name, dict(src_payload["config"]), src_payload["state_dict"])
         model, m = _measure_saved(source_payload, splits, work, "source", latency_runs)
-        stages.append(Stage("source", m, Path(source).name))
+        stages.append(Stage("source", m, Path(source).name, model))
         config = dict(src_payload["config"])
 
         if distill is not None:
@@ -210,14 +211,14 @@ def compress(
             initial = copy.deepcopy(student.state_dict())
             if distill.compare_baseline:
                 baseline = fit(student, desc="student alone", **common)
-                _, m = _measure_saved(_payload(model_name, student_config, baseline.state_dict()), splits, work, "baseline", latency_runs)
-                stages.append(Stage("student alone", m, "same student, no teacher"))
+                alone, m = _measure_saved(_payload(model_name, student_config, baseline.state_dict()), splits, work, "baseline", latency_runs)
+                stages.append(Stage("student alone", m, "same student, no teacher", alone))
                 student.load_state_dict(initial)
             student = fit(student, teacher=teacher, temperature=distill.temperature, alpha=distill.alpha,
                           desc="distill", **common)  # fmt: skip
             model, config = student, student_config
             model, m = _measure_saved(_payload(model_name, config, model.state_dict()), splits, work, "distilled", latency_runs)
-            stages.append(Stage("distilled", m, f"T={distill.temperature:g} alpha={distill.alpha:g}"))
+            stages.append(Stage("distilled", m, f"T={distill.temperature:g} alpha={distill.alpha:g}", model))
             steps["distill"] = {"student_config": student_config, "temperature": distill.temperature,
                                 "alpha": distill.alpha, "epochs": epochs}  # fmt: skip
 
@@ -229,7 +230,7 @@ def compress(
             model = prune_global(model, prune_amount, finetune)
             achieved = sparsity(model)
             model, m = _measure_saved(_payload(model_name, config, model.state_dict()), splits, work, "pruned", latency_runs)
-            stages.append(Stage("pruned", m, f"sparsity {achieved:.3f}"))
+            stages.append(Stage("pruned", m, f"sparsity {achieved:.3f}", model))
             steps["prune"] = {"amount": prune_amount, "sparsity": achieved, "finetune_epochs": prune_finetune_epochs}
 
         extra: dict[str, Any] = {}
@@ -237,7 +238,7 @@ def compress(
             _, stored, scheme = quantize(model, quantize_scheme)
             extra["quantization"] = scheme
             model, m = _measure_saved(_payload(model_name, config, stored, quantization=scheme), splits, work, "quantized", latency_runs)
-            stages.append(Stage("quantized", m, scheme))
+            stages.append(Stage("quantized", m, scheme, model))
             steps["quantize"] = {"scheme": scheme}
             state = stored
         else:

@@ -189,6 +189,7 @@ def _spawned_worker(rank: int, cfg: TrainConfig, init_method: str, out: Path) ->
 def _run_worker(
     rank: int, local_rank: int, world: int, cfg: TrainConfig, init_method: str | None, out: Path
 ) -> dict[str, Any]:
+    threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     cuda = cfg.use_cuda()
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
@@ -209,6 +210,7 @@ def _run_worker(
     finally:
         if distributed:
             dist.destroy_process_group()
+        torch.set_num_threads(threads)  # when run in the caller's process
 
 
 def _train_loop(rank: int, world: int, cfg: TrainConfig, device: torch.device, distributed: bool) -> dict[str, Any]:

@@ -1,0 +1,188 @@
+"""Publishing: the next version folder appears in one rename with a self-contained model.py, the
+checkpoint and metadata; its accuracy is measured through its own model.py; the accuracy gate
+refuses a worse model unless forced; the canary entry touches only its model's table; and the
+command line refuses bad arguments clearly."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.cli import main
+from training.distributed import TrainConfig, train
+from training.harness import version_network
+from training.measure import accuracy
+from training.models import DigitsCNN
+from training.publish import GateRefused, publish, versions, write_rollout
+from training.quantize import SCHEMES, model_from_payload, quantize
+from training.specs import MODELS, spec
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+QUIET = dict(latency_runs=5, log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    result = train(TrainConfig("digits_cnn", epochs=6, progress=False))  # one thread, in-process
+    assert result is not None
+    path = tmp_path_factory.mktemp("ckpt") / "good.pt"
+    torch.save(result.payload(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained network: about one digit in ten right."""
+    torch.manual_seed(0)
+    config = dict(MODELS["digits_cnn"].default_config)
+    path = tmp_path_factory.mktemp("ckpt") / "bad.pt"
+    torch.save({"arch": "digits_cnn", "config": config, "state_dict": DigitsCNN(**config).state_dict()}, path)
+    return path
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A repository holding the real config.pbtxt files and no version yet."""
+    root = tmp_path / "model_repository"
+    for name in MODELS:
+        (root / name).mkdir(parents=True)
+        shutil.copyfile(REPO_ROOT / "model_repository" / name / "config.pbtxt", root / name / "config.pbtxt")
+    return root
+
+
+def test_first_and_next_versions_are_complete_folders_renamed_into_place(repo: Path, good: Path) -> None:
+    first = publish("digits_cnn", good, repo, **QUIET)
+    assert first.version == 1 and first.stable_version is None
+    second = publish("digits_cnn", good, repo, **QUIET)
+    assert second.version == 2 and second.stable_version == 1
+    model_dir = repo / "digits_cnn"
+    assert versions(model_dir) == [1, 2]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2", "config.pbtxt"]  # no staging left
+    folder = model_dir / "2"
+    assert sorted(p.name for p in folder.iterdir()) == ["metadata.json", "model.pt", "model.py"]
+    assert (folder / "model.pt").read_bytes() == good.read_bytes()
+    meta = json.loads((folder / "metadata.json").read_text())
+    assert meta["source"]["path"] == str(good.resolve()) and len(meta["source"]["sha256"]) == 64
+    assert meta["gate"] == {"stable_version": 1, "stable_test_accuracy": pytest.approx(first.metrics.test_accuracy),
+                            "margin": 0.01, "forced": False}  # fmt: skip
+    assert meta["published_at"].endswith("+00:00") and meta["lineage"]["training"]["epochs"] == 6
+    # The accuracy recorded is that of the folder as Triton runs it: its own model.py.
+    splits = spec("digits_cnn").splits(0)
+    served = version_network(model_dir, 2, "digits_cnn")
+    assert accuracy(served, splits.x_test, splits.y_test) == meta["metrics"]["test_accuracy"]
+    assert not (folder / "__pycache__").exists()
+
+
+def test_the_gate_refuses_a_worse_model_and_leaves_no_trace(repo: Path, good: Path, bad: Path) -> None:
+    publish("digits_cnn", good, repo, **QUIET)
+    with pytest.raises(GateRefused, match=r"refusing to publish digits_cnn: test accuracy 0\.\d+ is \d+\.\d+ points below stable version 1"):
+        publish("digits_cnn", bad, repo, margin=0.05, **QUIET)
+    assert sorted(p.name for p in (repo / "digits_cnn").iterdir()) == ["1", "config.pbtxt"]
+    forced = publish("digits_cnn", bad, repo, margin=0.05, force=True, **QUIET)
+    assert forced.version == 2 and forced.forced
+    assert json.loads((repo / "digits_cnn" / "2" / "metadata.json").read_text())["gate"]["forced"] is True
+
+
+def test_the_gate_compares_with_the_stable_version_named_in_the_rollout_config(repo: Path, good: Path, bad: Path) -> None:
+    publish("digits_cnn", good, repo, **QUIET)
+    publish("digits_cnn", bad, repo, force=True, **QUIET)  # version 2, bad
+    rollout = repo.parent / "rollout.toml"
+    rollout.write_text('[models.digits_cnn]\nstable = "2"\n')
+    # Against the stable version 2 (bad), a bad model passes; against the newest it would too,
+    # but against version 1 it would not: stable comes from the rollout config.
+    result = publish("digits_cnn", bad, repo, canary_config=rollout, **QUIET)
+    assert result.stable_version == 2 and result.version == 3
+
+
+def test_canary_entry_updates_only_its_model_table(repo: Path, good: Path) -> None:
+    rollout = repo.parent / "rollout.toml"
+    rollout.write_text(
+        "# rollout settings\n[gateway]\nkeep = true\n\n[models.breast_cancer_mlp]\nstable = \"4\"\n\n"
+        "[models.digits_cnn]\nstable = \"1\"  # pinned\nrollback_error_rate = 0.05\n"
+    )
+    publish("digits_cnn", good, repo, **QUIET)
+    result = publish("digits_cnn", good, repo, canary_config=rollout, canary_share=0.25, **QUIET)
+    data = tomllib.loads(rollout.read_text())
+    assert data["models"]["digits_cnn"] == {"stable": "1", "canary": str(result.version), "canary_share": 0.25,
+                                            "rollback_error_rate": 0.05}  # fmt: skip
+    assert data["models"]["breast_cancer_mlp"] == {"stable": "4"} and data["gateway"] == {"keep": True}
+    assert rollout.read_text().startswith("# rollout settings\n[gateway]\nkeep = true\n")
+
+
+def test_canary_config_is_created_when_missing(tmp_path: Path) -> None:
+    path = tmp_path / "configs" / "rollout.toml"
+    write_rollout(path, "digits_cnn", {"stable": "1", "canary": "2", "canary_share": 0.1})
+    write_rollout(path, "breast_cancer_mlp", {"stable": "3"})
+    write_rollout(path, "digits_cnn", {"canary": "3"})
+    assert tomllib.loads(path.read_text()) == {
+        "models": {"digits_cnn": {"stable": "1", "canary": "3", "canary_share": 0.1}, "breast_cancer_mlp": {"stable": "3"}}
+    }
+
+
+@pytest.mark.parametrize("scheme", [None, *SCHEMES])
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_the_served_model_py_gives_the_training_models_outputs(tmp_path: Path, model: str, scheme: str | None) -> None:
+    """The self-contained model.py a version carries rebuilds exactly the network the checkpoint
+    describes: float, dynamic int8 and weight-only int8, for both architectures."""
+    s = spec(model)
+    splits = s.splits(0)
+    torch.manual_seed(0)
+    net = s.arch(**s.default_config).eval()
+    payload = {"arch": model, "config": dict(s.default_config), "state_dict": net.state_dict()}
+    if scheme is not None:
+        _, stored, name = quantize(net, scheme)
+        payload.update(state_dict=stored, quantization=name)
+    folder = tmp_path / model / "7"
+    folder.mkdir(parents=True)
+    shutil.copyfile(REPO_ROOT / "training" / "templates" / "model.py", folder / "model.py")
+    torch.save(payload, folder / "model.pt")
+    served = version_network(tmp_path / model, 7, model)
+    x = torch.from_numpy(splits.x_test[:64])
+    with torch.inference_mode():
+        assert torch.allclose(served(x), model_from_payload(payload)(x), atol=1e-6)
+
+
+def test_config_pbtxt_names_the_inputs_the_training_module_expects() -> None:
+    for name, s in MODELS.items():
+        text = (REPO_ROOT / "model_repository" / name / "config.pbtxt").read_text()
+        block = re.search(r"input \[\s*\{(.*?)\}", text, re.S)
+        assert block is not None
+        assert f'name: "{s.input_name}"' in block.group(1)
+        dims = re.search(r"dims: \[([^\]]*)\]", block.group(1))
+        assert dims is not None and tuple(int(d) for d in dims.group(1).split(",")) == s.input_shape
+        assert 'name: "logits"' in text and 'name: "probabilities"' in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--model", "resnet"], "invalid choice: 'resnet'"),
+        (["train", "--model", "digits_cnn", "--workers", "0"], "--workers: must be at least 1, got 0"),
+        (["compress", "--model", "digits_cnn", "--from", "x.pt", "--prune", "1.0"], r"sparsity must be in \[0, 1\), got 1.0"),
+        (["compress", "--model", "digits_cnn", "--from", "x.pt", "--prune", "-0.5"], r"sparsity must be in \[0, 1\), got -0.5"),
+        (["compress", "--model", "digits_cnn", "--from", "missing.pt", "--prune", "0.5"], "--from missing.pt: no such file"),
+        (["publish", "--model", "digits_cnn", "--from", "x.pt", "--canary-share", "0"], r"must be in \(0, 1\], got 0.0"),
+        (["publish", "--model", "digits_cnn", "--from", "x.pt", "--margin", "5"], r"margin is a share of accuracy in \[0, 1\]"),
+        (["train", "--model", "breast_cancer_mlp", "--channels", "8,16"], "--channels applies to digits_cnn only"),
+        (["train", "--model", "digits_cnn", "--channels", "8"], "--channels must be 2 positive integers"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_clear_message(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        code = main(argv)
+        raise SystemExit(code)
+    assert exc.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_publish_command_exits_3_when_the_gate_refuses(repo: Path, good: Path, bad: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["publish", "--model", "digits_cnn", "--from", str(good), "--repository", str(repo)]) == 0
+    assert main(["publish", "--model", "digits_cnn", "--from", str(bad), "--repository", str(repo)]) == 3
+    assert "refusing to publish digits_cnn" in capsys.readouterr().err
+    assert versions(repo / "digits_cnn") == [1]
