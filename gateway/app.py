@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -18,6 +19,7 @@ from gateway.errors import GatewayError
 from gateway.infer_endpoint import InferEndpoint
 from gateway.instances import EjectionPolicy
 from gateway.pipeline import InferencePipeline
+from gateway.rollout import Rollouts
 from gateway.router import Router
 from gateway.upstream.client import TritonClient
 from gateway.upstream.fleet import FleetMonitor
@@ -36,6 +38,7 @@ def routes() -> list[Route]:
         Route("/v2/models/stats", handlers.model_stats, methods=["GET"]),
         Route("/v2/gateway/fleet", handlers.fleet, methods=["GET"]),
         Route("/v2/gateway/cache", handlers.cache, methods=["GET"]),
+        Route("/v2/gateway/rollout", handlers.rollout, methods=["GET"]),
     ]
     for base in (models, versioned):
         table += [
@@ -45,6 +48,16 @@ def routes() -> list[Route]:
             Route(base + "/stats", handlers.model_stats, methods=["GET"]),
         ]
     return table
+
+
+async def watch_rollouts(rollouts: Rollouts, interval: float) -> None:
+    """Apply the rollout file's changes as they come (a bad file keeps the rollout in force)."""
+    while rollouts.path is not None:
+        await asyncio.sleep(interval)
+        try:
+            rollouts.reload_if_changed()
+        except Exception:
+            log.exception("rollout reload failed")
 
 
 def build_app(config: GatewayConfig) -> InferEndpoint:
@@ -66,16 +79,21 @@ def build_app(config: GatewayConfig) -> InferEndpoint:
         cache = build_cache(config.cache)
         monitor = FleetMonitor(u, client, router, on_version_gone=cache.drop_version if cache else None)
         await monitor.start()
-        pipeline = InferencePipeline(config.batching, router, MetadataCache(router, u.metadata_ttl_s), cache=cache)
+        rollouts = Rollouts.from_file(Path(config.rollout.file)) if config.rollout.file else Rollouts()
+        pipeline = InferencePipeline(
+            config.batching, router, MetadataCache(router, u.metadata_ttl_s), cache=cache, rollouts=rollouts
+        )
         app.state.services = handlers.Services(router, pipeline)
         health = asyncio.create_task(monitor.run())
+        watcher = asyncio.create_task(watch_rollouts(rollouts, config.rollout.reload_interval_s))
         try:
             yield
         finally:
             # Ordered shutdown: queued batches drain (bounded), then background work, then sockets.
             await pipeline.close(config.server.shutdown_grace_s)
             health.cancel()
-            await asyncio.gather(health, return_exceptions=True)
+            watcher.cancel()
+            await asyncio.gather(health, watcher, return_exceptions=True)
             if cache is not None:
                 await cache.close()
             await client.close()

@@ -117,11 +117,20 @@ CACHE_MODEL_KEYS = frozenset({"enabled", "ttl_s", "max_share"})
 
 
 @dataclass(frozen=True, slots=True)
+class RolloutConfig:
+    # The rollout file (see gateway/rollout.py): stable and canary versions per model, read
+    # again when it changes. "" = none: requests naming no version get the fleet's newest.
+    file: str = ""
+    reload_interval_s: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
 
 _SCALARS: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool}
@@ -198,7 +207,7 @@ def _override(base: Any, overrides: Any, where: str, allowed: frozenset[str] | N
 
 
 def parse_config(data: dict[str, Any]) -> GatewayConfig:
-    unknown = sorted(set(data) - {"server", "upstream", "batching", "cache"})
+    unknown = sorted(set(data) - {"server", "upstream", "batching", "cache", "rollout"})
     if unknown:
         raise ConfigError(f"unknown section(s): {', '.join(unknown)}")
     server = _build(ServerConfig, data.get("server", {}), "server")
@@ -207,7 +216,8 @@ def parse_config(data: dict[str, Any]) -> GatewayConfig:
     upstream = replace(_build(UpstreamConfig, upstream_raw, "upstream"), instances=instances)
     batching = _with_models(BatchingConfig, data.get("batching", {}), "batching")
     cache = _with_models(CacheConfig, data.get("cache", {}), "cache", CACHE_MODEL_KEYS)
-    config = GatewayConfig(server=server, upstream=upstream, batching=batching, cache=cache)
+    rollout = _build(RolloutConfig, data.get("rollout", {}), "rollout")
+    config = GatewayConfig(server=server, upstream=upstream, batching=batching, cache=cache, rollout=rollout)
     validate(config)
     return config
 
@@ -235,6 +245,8 @@ def validate(config: GatewayConfig) -> None:
     _validate_batching(b, "batching", u)
     for name, model in b.models.items():
         _validate_batching(model, f"batching.models.{name}", u)
+    if config.rollout.reload_interval_s <= 0:
+        raise ConfigError("rollout.reload_interval_s must be > 0")
     c = config.cache
     if c.max_bytes < 0:
         raise ConfigError("cache.max_bytes must be >= 0")
@@ -279,4 +291,11 @@ def load_config(path: str | Path, *, host: str | None = None, port: int | None =
         server = replace(server, port=port)
     config = replace(config, server=server)
     validate(config)
+    if config.rollout.file:
+        from gateway.rollout import RolloutError, load_rollouts
+
+        try:
+            load_rollouts(Path(config.rollout.file))  # refuse to start on a bad rollout file
+        except RolloutError as exc:
+            raise ConfigError(f"rollout.file: {exc}") from None
     return config

@@ -116,6 +116,12 @@ async def cache(request: Request) -> Response:
     return Response(orjson.dumps(body), media_type=JSON)
 
 
+async def rollout(request: Request) -> Response:
+    """The rollout in force: stable and canary versions, shares, requests served per version,
+    and why the file on disk was rejected, if it was."""
+    return Response(orjson.dumps(services(request).pipeline.rollouts.snapshot()), media_type=JSON)
+
+
 async def fleet(request: Request) -> Response:
     """The gateway's view of each instance: state, weight, load, errors, ejections, models."""
     return Response(orjson.dumps({"instances": services(request).router.snapshot()}), media_type=JSON)

@@ -116,6 +116,7 @@ class Call:
     deadline: float | None
     gone: Callable[[], bool] | None
     use_cache: bool = True  # False: "Cache-Control: no-cache" (or no-store) asked for a fresh answer
+    sticky: dict[bytes, bytes] | None = None  # the headers rollouts pin clients by (rollout.py)
 
 
 class InferEndpoint:
@@ -135,6 +136,9 @@ class InferEndpoint:
             encoding = b""
             deadline = None
             use_cache = True
+            services = self.app.state.services
+            pins = services.pipeline.rollouts.pin_headers
+            sticky: dict[bytes, bytes] | None = None
             for name, value in scope["headers"]:
                 if name == b"content-type":
                     content_type = value
@@ -148,11 +152,13 @@ class InferEndpoint:
                     deadline = deadlines.from_header(value, time.monotonic())
                 elif name == b"cache-control":
                     use_cache = not (b"no-cache" in value.lower() or b"no-store" in value.lower())
+                elif name in pins:
+                    sticky = {**(sticky or {}), name: value}
             body = await read_body(receive, declared, self._limit)
             if encoding:
                 body = inflate(body, encoding, self._limit)
-            call = Call(target, body, content_type, header_length, deadline, disconnect_probe(receive), use_cache)
-            await self._infer(send, self.app.state.services.pipeline, call)
+            call = Call(target, body, content_type, header_length, deadline, disconnect_probe(receive), use_cache, sticky)
+            await self._infer(send, services.pipeline, call)
         except ClientGone:
             return
         except GatewayError as exc:
@@ -166,7 +172,7 @@ class InferEndpoint:
         body = call.body
         if is_msgpack(call.content_type):
             req = msgpack_codec.decode_request(body, model, version)
-            resp = await pipeline.infer(req, call.deadline, call.gone, call.use_cache)
+            resp = await pipeline.infer(req, call.deadline, call.gone, call.use_cache, call.sticky)
             payload = msgpack_codec.encode_response(resp, req)
             headers = [(b"content-type", MSGPACK_TYPES[0]), (b"model-version", resp.version.encode())]
             if resp.cache:
@@ -175,7 +181,7 @@ class InferEndpoint:
         header_length = call.header_length
         length = v2.parse_header_length(None if header_length is None else header_length.decode("latin-1"), len(body))
         req = v2.decode_request(body, length, model, version)
-        resp = await pipeline.infer(req, call.deadline, call.gone, call.use_cache)
+        resp = await pipeline.infer(req, call.deadline, call.gone, call.use_cache, call.sticky)
         payload, extra = v2.encode_response(resp, req)
         headers = [(k.lower().encode(), v.encode()) for k, v in extra.items()]
         headers.append((b"model-version", resp.version.encode()))

@@ -14,6 +14,7 @@ from gateway.cache import ResponseCache, cacheable, request_key
 from gateway.config import BatchingConfig
 from gateway.errors import GatewayTimeout, UpstreamError
 from gateway.models import ModelInfo, check_request
+from gateway.rollout import Rollouts
 from gateway.router import Router
 from gateway.tensors import InferRequest, InferResponse, Tensor
 from gateway.upstream.metadata import MetadataCache
@@ -27,12 +28,14 @@ class InferencePipeline:
         metadata: MetadataCache,
         clock: Callable[[], float] = time.monotonic,
         cache: ResponseCache | None = None,
+        rollouts: Rollouts | None = None,
     ) -> None:
         self._batching = batching
         self._router = router
         self.metadata = metadata
         self._clock = clock
         self.cache = cache
+        self.rollouts = rollouts or Rollouts()
         self.batchers: dict[tuple[str, str], Batcher] = {}
 
     def _policy(self, model: str, info: ModelInfo) -> BatchPolicy:
@@ -69,10 +72,14 @@ class InferencePipeline:
         deadline: float | None = None,
         gone: Callable[[], bool] | None = None,
         use_cache: bool = True,
+        sticky: dict[bytes, bytes] | None = None,
     ) -> InferResponse:
         """Serve one request; ``deadline`` (monotonic seconds) from the client's header, ``gone``
         tells whether the client has disconnected (see ``deadlines`` and ``batcher``);
-        ``use_cache`` False bypasses the response cache (the client asked for a fresh answer)."""
+        ``use_cache`` False bypasses the response cache (the client asked for a fresh answer);
+        ``sticky`` holds the request's headers a rollout pins clients by."""
+        if not request.version:
+            request.version = self._version(request.model, sticky)
         params = request.parameters
         if params and deadlines.PARAMETER in params:
             deadline = deadlines.earliest(deadline, deadlines.from_parameter(params.pop(deadlines.PARAMETER), self._clock()))
@@ -90,8 +97,6 @@ class InferencePipeline:
     async def _infer(
         self, request: InferRequest, deadline: float | None, gone: Callable[[], bool] | None, use_cache: bool
     ) -> InferResponse:
-        if not request.version:
-            request.version = self._router.newest_version(request.model)
         info = await self.metadata.get(request.model, request.version)
         check_request(info, request)
         # The model's input order, so that clients listing inputs differently share batches.
@@ -120,6 +125,18 @@ class InferencePipeline:
         return InferResponse(
             request.model, result.version, result.outputs, id=request.id, parameters=result.parameters, cache=source
         )
+
+    def _version(self, model: str, sticky: dict[bytes, bytes] | None) -> str:
+        """The version for a request naming none: the rollout's choice if the model has one
+        (its stable version when the chosen canary is held nowhere), else the fleet's newest."""
+        chosen = self.rollouts.choose(model, sticky)
+        if not chosen:
+            return self._router.newest_version(model)
+        stable = self.rollouts.models[model].stable
+        if chosen != stable and not self._router.available(model, chosen):
+            chosen = stable
+        self.rollouts.count(model, chosen)
+        return chosen
 
     async def _compute(
         self,

@@ -90,6 +90,10 @@ class Router:
                     best = newest
         return "" if best is None else str(best)
 
+    def available(self, model: str, version: str) -> bool:
+        """Whether an up instance holds the version, or may (its repository index is unknown)."""
+        return any(i.routable and i.holds(model, version) is not False for i in self.instances)
+
     # -- choice ---------------------------------------------------------------------------------
 
     def candidates(self, model: str | None, version: str, exclude: Sequence[Instance] = ()) -> list[Instance]:

@@ -126,3 +126,14 @@ def test_bad_cache_settings_are_rejected(cache: dict, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_config({**BASE, "cache": cache})
     assert message in str(err.value)
+
+
+def test_a_bad_rollout_file_stops_the_gateway_from_starting(tmp_path: Path) -> None:
+    rollout = tmp_path / "rollout.toml"
+    rollout.write_text('[models.m]\nstable = "1"\ncanary = "1"\n')
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[upstream]\ninstances = [{{ url = "http://a:1" }}]\n[rollout]\nfile = "{rollout}"\n')
+    with pytest.raises(ConfigError, match="rollout.file: .*the canary is the stable version"):
+        load_config(config)
+    rollout.write_text('[models.m]\nstable = "1"\n')
+    assert load_config(config).rollout.file == str(rollout)

@@ -14,6 +14,7 @@ from gateway.config import BatchingConfig, CacheConfig
 from gateway.errors import BadRequest, GatewayTimeout, UpstreamError
 from gateway.models import ModelInfo
 from gateway.pipeline import InferencePipeline
+from gateway.rollout import ModelRollout, Rollouts
 from gateway.router import Instance
 from gateway.tensors import InferRequest, RequestedOutput, Tensor
 
@@ -191,4 +192,24 @@ async def test_cached_models_answer_from_the_cache_unless_the_client_bypasses_it
     assert [r.cache for r in (first, second, bypassed, with_params)] == ["miss", "hit", "bypass", "bypass"]
     assert len(router.calls) == 3
     np.testing.assert_array_equal(second.outputs[0].data, first.outputs[0].data)
+    await pipeline.close(0)
+
+
+async def test_the_rollout_chooses_the_version_unless_the_request_names_one() -> None:
+    router = FakeRouter()
+    router.newest = "9"
+    rollouts = Rollouts()
+    rollouts.set_models({"m": ModelRollout("1", "2", 1.0)})
+    pipeline = InferencePipeline(BatchingConfig(), router, FakeMetadata(info(8)), rollouts=rollouts)  # type: ignore[arg-type]
+    router.available = lambda model, version: True  # type: ignore[attr-defined]
+    await pipeline.infer(request())
+    named = request()
+    named.version = "3"
+    await pipeline.infer(named)
+    router.available = lambda model, version: version != "2"  # type: ignore[attr-defined]
+    await pipeline.infer(request())  # the canary is loaded nowhere: stable serves
+    rollouts.set_models({})
+    await pipeline.infer(request())
+    assert router.versions == ["2", "3", "1", "9"]
+    assert rollouts.served == {("m", "2"): 1, ("m", "1"): 1}
     await pipeline.close(0)

@@ -1,0 +1,84 @@
+"""Traffic split between two real model versions through the rollout file: the canary's share,
+sticky clients, a reload without restart, and a bad file that leaves the rollout in force.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+import fleet
+from conftest import gateway_config, running_gateway
+from served_models import ATOL, BREAST_CANCER, MODEL_REPOSITORY, torch_reference
+
+pytestmark = pytest.mark.integration
+
+TRITON_PORT = 8147
+GATEWAY_PORT = 8148
+PATH = f"/v2/models/{BREAST_CANCER.name}/infer"
+
+
+def write(path: Path, text: str, stamp: int) -> None:
+    path.write_text(text)
+    os.utime(path, ns=(stamp, stamp))  # a new stamp whatever the file system's clock resolution
+
+
+def test_canary_share_sticky_clients_reload_and_a_rejected_file(fleet_factory, tmp_path: Path) -> None:  # noqa: ANN001
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copytree(MODEL_REPOSITORY / BREAST_CANCER.name, repo / BREAST_CANCER.name)
+    shutil.copytree(repo / BREAST_CANCER.name / "1", repo / BREAST_CANCER.name / "2")  # same weights
+    triton: fleet.Fleet = fleet_factory(1, TRITON_PORT, repository=repo, model_control_mode="none")
+    rollout = tmp_path / "rollout.toml"
+    write(rollout, f'[models.{BREAST_CANCER.name}]\nstable = "1"\ncanary = "2"\ncanary_share = 0.1\n'
+                   'sticky_header = "x-user"\n', 10**18)  # fmt: skip
+    config = gateway_config(triton.http_urls, GATEWAY_PORT, rollout={"file": str(rollout), "reload_interval_s": 0.2})
+    x = BREAST_CANCER.splits().x_test[:1]
+    _, ref = torch_reference(BREAST_CANCER.name, x)
+    body = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 30], "data": x.ravel().tolist()}],
+            "outputs": [{"name": "probabilities"}]}  # fmt: skip
+    with running_gateway(config, GATEWAY_PORT, tmp_path) as gw, httpx.Client(base_url=gw.url, timeout=30) as http:
+
+        def served(n: int, user: str | None = None) -> Counter[str]:
+            versions: Counter[str] = Counter()
+            headers = {"x-user": user} if user else {}
+            for _ in range(n):
+                resp = http.post(PATH, json=body, headers=headers)
+                assert resp.status_code == 200, resp.text
+                answer = resp.json()
+                assert resp.headers["model-version"] == answer["model_version"]
+                probs = np.asarray(answer["outputs"][0]["data"], np.float32).reshape(ref.shape)
+                np.testing.assert_allclose(probs, ref, atol=ATOL, rtol=0)
+                versions[answer["model_version"]] += 1
+            return versions
+
+        split = served(2000)
+        assert abs(split["2"] / 2000 - 0.10) <= 0.02, split
+        # A client with the sticky header always gets the same version.
+        for user in ("alice", "bob", "carol", "dave"):
+            assert len(served(20, user)) == 1
+        # A version named in the path bypasses the rollout.
+        pinned = http.post(f"/v2/models/{BREAST_CANCER.name}/versions/2/infer", json=body).json()
+        assert pinned["model_version"] == "2"
+        # Reload without restart.
+        write(rollout, f'[models.{BREAST_CANCER.name}]\nstable = "2"\n', 2 * 10**18)
+        deadline = time.monotonic() + 10
+        while http.get("/v2/gateway/rollout").json()["models"][BREAST_CANCER.name]["stable"] != "2":
+            assert time.monotonic() < deadline, "the changed rollout file was not picked up"
+            time.sleep(0.1)
+        assert served(50) == {"2": 50}
+        # A bad file is rejected with a message, and the rollout in force stays.
+        write(rollout, f'[models.{BREAST_CANCER.name}]\nstable = "two"\n', 3 * 10**18)
+        deadline = time.monotonic() + 10
+        while not (view := http.get("/v2/gateway/rollout").json())["error"]:
+            assert time.monotonic() < deadline, "the bad rollout file was not noticed"
+            time.sleep(0.1)
+        assert "version number" in view["error"] and view["models"][BREAST_CANCER.name]["stable"] == "2"
+        assert served(20) == {"2": 20}
