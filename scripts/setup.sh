@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything `make serve` and `make test` need on a fresh machine, idempotent and quick when done:
-# the virtualenv with the project's dependencies, the Triton server, perf_analyzer, and the
-# default models' weights.
+# the virtualenv with the project's dependencies, the Triton server, perf_analyzer, redis-server
+# (for the optional shared cache tier and its tests), and the default models' weights.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -22,4 +22,5 @@ if [[ ! -f "$stamp" ]]; then
 fi
 PYTHON=.venv/bin/python bash triton/fetch.sh
 PYTHON=.venv/bin/python bash triton/fetch_perf_analyzer.sh
+bash scripts/fetch_redis.sh
 .venv/bin/python -m training.default_models --repository model_repository
