@@ -33,8 +33,8 @@ class Case:
     config: TrainConfig
 
 
-def cases(model: str, epochs: int, average_every: int, threads_max: int) -> list[Case]:
-    base = TrainConfig(model, epochs=epochs, keep_best=False, progress=False, device="cpu")
+def cases(model: str, epochs: int, average_every: int, threads_max: int, batch_size: int | None = None) -> list[Case]:
+    base = TrainConfig(model, epochs=epochs, batch_size=batch_size, keep_best=False, progress=False, device="cpu")
     out = [Case("1 worker, 1 thread", base)]
     if threads_max >= 2:
         out.append(Case("1 worker, 2 threads", TrainConfig(**{**base.__dict__, "threads": 2})))
@@ -70,8 +70,10 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def run(model: str, epochs: int, repeats: int, average_every: int, out: Path | None, command: str) -> str:
-    all_cases = cases(model, epochs, average_every, os.cpu_count() or 1)
+def run(
+    model: str, epochs: int, repeats: int, average_every: int, out: Path | None, command: str, batch_size: int | None = None
+) -> str:
+    all_cases = cases(model, epochs, average_every, os.cpu_count() or 1, batch_size)
     rates: dict[str, list[float]] = {c.label: [] for c in all_cases}
     walls: dict[str, list[float]] = {c.label: [] for c in all_cases}
     accs: dict[str, list[float]] = {c.label: [] for c in all_cases}
@@ -97,7 +99,7 @@ def run(model: str, epochs: int, repeats: int, average_every: int, out: Path | N
                      f"{statistics.median(accs[case.label]):.4f}"])  # fmt: skip
         raw.append(f"- {case.label}: " + ", ".join(f"{v:,.0f}" for v in rates[case.label]))
     headers = ["configuration", "samples/s (median)", "vs 1 worker", "wall s (median)", "test acc"]
-    cfg = cases(model, epochs, average_every, 1)[0].config.resolved()
+    cfg = all_cases[0].config.resolved()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     report = "\n".join(
         [

@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=5)
     p.add_argument("--repeats", type=_positive_int, default=3)
     p.add_argument("--average-every", type=_positive_int, default=8)
-    p.add_argument("--out", type=Path, help="default training/results/<date>-workers-<model>.md")
+    p.add_argument("--batch-size", type=_positive_int, help="global batch (default: the recipe's)")
+    p.add_argument("--out", type=Path, help="default training/results/<date>-workers-<model>[-b<batch>].md")
     return parser
 
 
@@ -330,9 +331,10 @@ def cmd_pipeline_check(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from training.bench import RESULTS, run
 
-    out = args.out or RESULTS / f"{dt.date.today().isoformat()}-workers-{args.model}.md"
+    suffix = f"-b{args.batch_size}" if args.batch_size else ""
+    out = args.out or RESULTS / f"{dt.date.today().isoformat()}-workers-{args.model}{suffix}.md"
     command = "python -m training " + " ".join(shlex.quote(a) for a in args.argv)
-    report = run(args.model, args.epochs, args.repeats, args.average_every, out, command)
+    report = run(args.model, args.epochs, args.repeats, args.average_every, out, command, args.batch_size)
     print(report)
     print(f"wrote {out}")
     return 0
