@@ -39,6 +39,7 @@ def routes() -> list[Route]:
         Route("/v2/gateway/fleet", handlers.fleet, methods=["GET"]),
         Route("/v2/gateway/cache", handlers.cache, methods=["GET"]),
         Route("/v2/gateway/rollout", handlers.rollout, methods=["GET"]),
+        Route("/v2/gateway/rollout/{model}", handlers.rollout_action, methods=["POST"]),
     ]
     for base in (models, versioned):
         table += [
@@ -84,6 +85,7 @@ def build_app(config: GatewayConfig) -> InferEndpoint:
             config.batching, router, MetadataCache(router, u.metadata_ttl_s), cache=cache, rollouts=rollouts
         )
         app.state.services = handlers.Services(router, pipeline)
+        app.state.admin_token = config.rollout.admin_token
         health = asyncio.create_task(monitor.run())
         watcher = asyncio.create_task(watch_rollouts(rollouts, config.rollout.reload_interval_s))
         try:

@@ -122,6 +122,8 @@ class RolloutConfig:
     # again when it changes. "" = none: requests naming no version get the fleet's newest.
     file: str = ""
     reload_interval_s: float = 1.0
+    # Bearer token of the rollout admin API (POST /v2/gateway/rollout/{model}); "" = disabled.
+    admin_token: str = ""
 
 
 @dataclass(frozen=True, slots=True)

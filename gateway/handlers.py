@@ -5,6 +5,7 @@ and statistics, answered as Triton answers them. Errors become a v2 error body i
 
 from __future__ import annotations
 
+import hmac
 import logging
 from dataclasses import dataclass
 
@@ -120,6 +121,31 @@ async def rollout(request: Request) -> Response:
     """The rollout in force: stable and canary versions, shares, requests served per version,
     and why the file on disk was rejected, if it was."""
     return Response(orjson.dumps(services(request).pipeline.rollouts.snapshot()), media_type=JSON)
+
+
+async def rollout_action(request: Request) -> Response:
+    """An operator's action on a model's rollout: ``{"action": "promote" | "rollback" |
+    "set_share", "share": 0.25}``, authorised by ``Authorization: Bearer <rollout.admin_token>``."""
+    token = request.app.state.admin_token
+    if not token:
+        raise GatewayError("the rollout admin API is disabled: set rollout.admin_token in the config", status=403)
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        raise GatewayError("missing or wrong admin token (Authorization: Bearer <token>)", status=401)
+    try:
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"the body is not JSON: {exc}") from None
+    if not isinstance(body, dict) or not isinstance(body.get("action"), str):
+        raise BadRequest('the body must be {"action": "promote" | "rollback" | "set_share", "share": 0.25}')
+    model = request.path_params["model"]
+    try:
+        state = services(request).pipeline.rollouts.act(model, body["action"], body.get("share"))
+    except KeyError:
+        raise NotFound(f"model '{model}' has no rollout") from None
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    return Response(orjson.dumps(state), media_type=JSON)
 
 
 async def fleet(request: Request) -> Response:

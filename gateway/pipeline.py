@@ -12,7 +12,7 @@ from gateway import deadlines
 from gateway.batcher import Batcher, BatchPolicy, BatchResult, Prepare
 from gateway.cache import ResponseCache, cacheable, request_key
 from gateway.config import BatchingConfig
-from gateway.errors import GatewayTimeout, UpstreamError
+from gateway.errors import GatewayTimeout, UpstreamError, missing_model
 from gateway.models import ModelInfo, check_request
 from gateway.rollout import Rollouts
 from gateway.router import Router
@@ -78,8 +78,11 @@ class InferencePipeline:
         tells whether the client has disconnected (see ``deadlines`` and ``batcher``);
         ``use_cache`` False bypasses the response cache (the client asked for a fresh answer);
         ``sticky`` holds the request's headers a rollout pins clients by."""
+        via_rollout = False
         if not request.version:
-            request.version = self._version(request.model, sticky)
+            request.version, via_rollout = self._version(request.model, sticky)
+        if via_rollout:
+            return await self._observed(request, deadline, gone, use_cache)
         params = request.parameters
         if params and deadlines.PARAMETER in params:
             deadline = deadlines.earliest(deadline, deadlines.from_parameter(params.pop(deadlines.PARAMETER), self._clock()))
@@ -126,17 +129,37 @@ class InferencePipeline:
             request.model, result.version, result.outputs, id=request.id, parameters=result.parameters, cache=source
         )
 
-    def _version(self, model: str, sticky: dict[bytes, bytes] | None) -> str:
-        """The version for a request naming none: the rollout's choice if the model has one
-        (its stable version when the chosen canary is held nowhere), else the fleet's newest."""
+    def _version(self, model: str, sticky: dict[bytes, bytes] | None) -> tuple[str, bool]:
+        """The version for a request naming none, and whether the rollout chose it: the
+        rollout's choice if the model has one (its stable version when the chosen canary is
+        held nowhere), else the fleet's newest."""
         chosen = self.rollouts.choose(model, sticky)
         if not chosen:
-            return self._router.newest_version(model)
-        stable = self.rollouts.models[model].stable
+            return self._router.newest_version(model), False
+        stable = self.rollouts.stable(model)
         if chosen != stable and not self._router.available(model, chosen):
             chosen = stable
         self.rollouts.count(model, chosen)
-        return chosen
+        return chosen, True
+
+    async def _observed(
+        self, request: InferRequest, deadline: float | None, gone: Callable[[], bool] | None, use_cache: bool
+    ) -> InferResponse:
+        """Serve a request the rollout sent to a version, and tell the rollout how it went:
+        Triton's failures and timeouts count against the version, the client's mistakes and
+        the gateway's load shedding do not."""
+        start = self._clock()
+        try:
+            response = await self.infer(request, deadline, gone, use_cache)
+        except GatewayTimeout:
+            self.rollouts.record(request.model, request.version, False, self._clock() - start)
+            raise
+        except UpstreamError as exc:
+            if not missing_model(exc):  # "not loaded here" is routing's business, not the version's
+                self.rollouts.record(request.model, request.version, False, self._clock() - start)
+            raise
+        self.rollouts.record(request.model, request.version, True, self._clock() - start)
+        return response
 
     async def _compute(
         self,

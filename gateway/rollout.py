@@ -3,10 +3,17 @@
 The rollout file (TOML, ``[rollout] file`` in the gateway config) holds one table per model:
 
     [models.digits_cnn]
-    stable = "1"             # the version that serves by default
-    canary = "2"             # optional: a version under trial...
-    canary_share = 0.1       # ...and the share of requests it gets, 0..1
-    sticky_header = "x-user" # optional: a request header whose value pins a client to a version
+    stable = "1"                  # the version that serves by default
+    canary = "2"                  # optional: a version under trial...
+    canary_share = 0.1            # ...and its share of requests, 0..1
+    sticky_header = "x-user"      # optional: a header whose value pins a client to a version
+    ramp = [0.05, 0.25, 0.5, 1.0] # optional: shares to step through while the canary behaves...
+    ramp_min_requests = 200       # ...each step lasting at least this many canary requests
+    ramp_min_seconds = 30.0       # ...and this long; after the last step the canary is promoted
+    rollback_error_rate = 0.02    # optional: roll back when the canary's error rate exceeds
+                                  # stable's by more than this...
+    rollback_latency_ratio = 2.0  # ...or its p99 latency exceeds this many times stable's...
+    rollback_window = 200         # ...over the last this-many requests of each (at least)
 
 A request naming a version (``/v2/models/{m}/versions/{v}/infer``) bypasses the rollout; a model
 without a table is served by the newest version READY in the fleet. With a sticky header, the
@@ -14,10 +21,20 @@ choice is a hash of the model and the header's value: the same client always get
 version for a given share, and raising the share only moves clients from stable to canary. A
 request without the header is drawn at random.
 
-The file is read at start and again whenever it changes (``Rollouts.reload_if_changed``, polled
-by the app). A file that does not parse or validate is rejected with a message naming the
-problem, and the rollout in force stays. (Ramp schedules, automatic rollback and the admin API
-that changes shares come with the rest of the rollout feature.)
+Automatic decisions (``RolloutState``): every request served through the rollout is recorded
+(its version, whether it failed with a 5xx or timeout, its latency). When the canary breaches
+the rollback rule over a full window, its share goes to 0 at once and a ``rollback`` event is
+recorded with the evidence (both error rates and p99s, the window). When the canary has
+completed every ramp step in good health, it is promoted: it becomes the stable version.
+
+Operators act through the admin API (``promote``, ``rollback``, ``set_share``). Operator actions
+and automatic decisions live in memory: the file stays the source of truth. They last until the
+model's table in the file changes (then the file's table starts afresh) or the gateway restarts;
+to make one permanent, write it into the file.
+
+The file is read at start and again whenever it changes (``Rollouts.reload_if_changed``). A file
+that does not parse or validate is rejected with a message naming the problem, and the rollout
+in force stays.
 """
 
 from __future__ import annotations
@@ -25,14 +42,22 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import time
 import tomllib
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-_KEYS = {"stable", "canary", "canary_share", "sticky_header"}
+_KEYS = {
+    "stable", "canary", "canary_share", "sticky_header", "ramp", "ramp_min_requests", "ramp_min_seconds",
+    "rollback_error_rate", "rollback_latency_ratio", "rollback_window",
+}  # fmt: skip
+EVALUATE_EVERY = 10  # canary outcomes between two checks of the rollback rule
+MAX_EVENTS = 50
 
 
 class RolloutError(ValueError):
@@ -41,20 +66,179 @@ class RolloutError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class ModelRollout:
+    """A model's table in the rollout file."""
+
     stable: str
     canary: str = ""
     canary_share: float = 0.0
     sticky_header: bytes = b""  # lower-case, as ASGI gives header names
+    ramp: tuple[float, ...] = ()
+    ramp_min_requests: int = 100
+    ramp_min_seconds: float = 0.0
+    rollback_error_rate: float | None = None
+    rollback_latency_ratio: float | None = None
+    rollback_window: int = 100
 
     def choose(self, model: str, sticky: bytes | None, rng: random.Random) -> str:
-        if not self.canary or self.canary_share <= 0.0:
-            return self.stable
-        if sticky is not None:
-            digest = hashlib.blake2b(model.encode() + b"\0" + sticky, digest_size=8).digest()
-            point = int.from_bytes(digest, "big") / 2**64
+        return pick(model, self.stable, self.canary, self.canary_share, sticky, rng)
+
+
+def pick(model: str, stable: str, canary: str, share: float, sticky: bytes | None, rng: random.Random) -> str:
+    if not canary or share <= 0.0:
+        return stable
+    if sticky is not None:
+        digest = hashlib.blake2b(model.encode() + b"\0" + sticky, digest_size=8).digest()
+        point = int.from_bytes(digest, "big") / 2**64
+    else:
+        point = rng.random()
+    return canary if point < share else stable
+
+
+class Window:
+    """The outcomes of a version's last ``size`` requests: failures and latencies."""
+
+    def __init__(self, size: int) -> None:
+        self.items: deque[tuple[bool, float]] = deque(maxlen=size)
+        self.failures = 0
+
+    def add(self, ok: bool, latency: float) -> None:
+        if len(self.items) == self.items.maxlen and not self.items[0][0]:
+            self.failures -= 1
+        self.items.append((ok, latency))
+        if not ok:
+            self.failures += 1
+
+    @property
+    def full(self) -> bool:
+        return len(self.items) == self.items.maxlen
+
+    def error_rate(self) -> float:
+        return self.failures / len(self.items) if self.items else 0.0
+
+    def p99(self) -> float:
+        latencies = sorted(lat for _, lat in self.items)
+        return latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else 0.0
+
+
+@dataclass(slots=True)
+class RolloutState:
+    """Where a model's rollout stands now: the file's table, moved on by automatic decisions
+    and operator actions."""
+
+    config: ModelRollout
+    stable: str
+    canary: str
+    share: float
+    status: str  # "stable" (no canary), "canary", "rolled_back", "promoted"
+    step: int = -1  # index into config.ramp, -1 before the ramp (or without one)
+    step_started: float = 0.0
+    step_requests: int = 0
+    windows: dict[str, Window] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    since_check: int = 0
+
+    @classmethod
+    def start(cls, config: ModelRollout, now: float) -> RolloutState:
+        share = config.canary_share if config.canary else 0.0
+        step = -1
+        if config.canary and config.ramp:
+            step, share = 0, config.ramp[0]
+        status = "canary" if config.canary and share > 0 else "stable"
+        return cls(config, config.stable, config.canary, share, status, step, now)
+
+    def window(self, version: str) -> Window:
+        w = self.windows.get(version)
+        if w is None:
+            w = self.windows[version] = Window(self.config.rollback_window)
+        return w
+
+    def event(self, kind: str, now: float, **evidence: Any) -> None:
+        self.events.append({"event": kind, "at": time.time(), "uptime_s": round(now, 3), **evidence})
+        del self.events[:-MAX_EVENTS]
+        log.warning("rollout %s: %s %s", kind, self.canary or self.stable, evidence)
+
+    def record(self, version: str, ok: bool, latency: float, now: float) -> None:
+        self.window(version).add(ok, latency)
+        if self.status != "canary" or version != self.canary:
+            return
+        self.step_requests += 1
+        self.since_check += 1
+        if self.since_check >= EVALUATE_EVERY:
+            self.since_check = 0
+            breach = self.breach()
+            if breach is not None:
+                self.rollback(now, "automatic", **breach)
+                return
+        self.advance(now)
+
+    def breach(self) -> dict[str, Any] | None:
+        """The evidence of a rollback rule broken over full windows, or None."""
+        c = self.config
+        canary, stable = self.window(self.canary), self.window(self.stable)
+        if not canary.full or (c.rollback_error_rate is None and c.rollback_latency_ratio is None):
+            return None
+        evidence = {
+            "window": len(canary.items),
+            "canary_error_rate": round(canary.error_rate(), 4),
+            "stable_error_rate": round(stable.error_rate(), 4),
+            "stable_requests": len(stable.items),
+        }
+        if c.rollback_error_rate is not None and canary.error_rate() > stable.error_rate() + c.rollback_error_rate:
+            return {"rule": f"error rate above stable's by more than {c.rollback_error_rate}", **evidence}
+        if c.rollback_latency_ratio is not None and stable.full:
+            cp99, sp99 = canary.p99(), stable.p99()
+            if sp99 > 0 and cp99 > c.rollback_latency_ratio * sp99:
+                rule = f"p99 latency above {c.rollback_latency_ratio} x stable's"
+                return {"rule": rule, "canary_p99_ms": round(cp99 * 1000, 3), "stable_p99_ms": round(sp99 * 1000, 3), **evidence}
+        return None
+
+    def advance(self, now: float) -> None:
+        c = self.config
+        if self.step < 0 or self.step_requests < c.ramp_min_requests or now - self.step_started < c.ramp_min_seconds:
+            return
+        if self.step + 1 < len(c.ramp):
+            self.step += 1
+            self.share = c.ramp[self.step]
+            self.step_started, self.step_requests = now, 0
+            self.event("ramp", now, share=self.share, step=self.step)
         else:
-            point = rng.random()
-        return self.canary if point < self.canary_share else self.stable
+            self.promote(now, "automatic")
+
+    def rollback(self, now: float, by: str, **evidence: Any) -> None:
+        self.share, self.status = 0.0, "rolled_back"
+        self.event("rollback", now, by=by, canary=self.canary, stable=self.stable, **evidence)
+
+    def promote(self, now: float, by: str) -> None:
+        old = self.stable
+        self.stable, self.share, self.status = self.canary, 0.0, "promoted"
+        self.event("promote", now, by=by, canary=self.canary, previous_stable=old)
+
+    def set_share(self, share: float, now: float) -> None:
+        self.share = share
+        self.status = "canary" if share > 0 else "rolled_back"
+        self.step = -1  # the operator took over: no more ramp steps
+        self.event("set_share", now, by="operator", share=share)
+
+    def choose(self, model: str, sticky: bytes | None, rng: random.Random) -> str:
+        canary = self.canary if self.status == "canary" else ""
+        return pick(model, self.stable, canary, self.share, sticky, rng)
+
+    def snapshot(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "stable": self.stable,
+            "canary": self.canary or None,
+            "canary_share": self.share,
+            "status": self.status,
+            "sticky_header": c.sticky_header.decode() or None,
+            "ramp": list(c.ramp) or None,
+            "ramp_step": self.step if self.step >= 0 else None,
+            "windows": {
+                v: {"requests": len(w.items), "error_rate": round(w.error_rate(), 4), "p99_ms": round(w.p99() * 1000, 3)}
+                for v, w in sorted(self.windows.items())
+            },
+            "events": self.events,
+        }
 
 
 def _version(value: Any, where: str) -> str:
@@ -93,8 +277,31 @@ def parse_rollouts(data: dict[str, Any]) -> dict[str, ModelRollout]:
         sticky = table.get("sticky_header", "")
         if not isinstance(sticky, str) or (sticky and not sticky.replace("-", "").isalnum()):
             raise RolloutError(f"{where}.sticky_header must be a header name, got {sticky!r}")
-        out[name] = ModelRollout(stable, canary, float(share), sticky.lower().encode())
+        ramp = table.get("ramp", [])
+        if not isinstance(ramp, list) or not all(_share(x) for x in ramp) or ramp != sorted(ramp) or (ramp and ramp[-1] != 1):
+            raise RolloutError(f"{where}.ramp must be rising shares in 0..1 ending with 1.0, got {ramp!r}")
+        if ramp and not canary:
+            raise RolloutError(f"{where}.ramp is set but there is no canary version")
+        numbers = {}
+        for key, kind, low in (
+            ("ramp_min_requests", int, 1), ("ramp_min_seconds", float, 0.0), ("rollback_error_rate", float, 0.0),
+            ("rollback_latency_ratio", float, 1.0), ("rollback_window", int, 10),
+        ):  # fmt: skip
+            if key in table:
+                value = table[key]
+                if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and not isinstance(value, int)):
+                    raise RolloutError(f"{where}.{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+                if value < low:
+                    raise RolloutError(f"{where}.{key} must be >= {low}, got {value!r}")
+                numbers[key] = kind(value)
+        out[name] = ModelRollout(
+            stable, canary, float(share), sticky.lower().encode(), tuple(float(x) for x in ramp), **numbers
+        )
     return out
+
+
+def _share(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and 0.0 < value <= 1.0
 
 
 def load_rollouts(path: Path) -> dict[str, ModelRollout]:
@@ -107,45 +314,87 @@ def load_rollouts(path: Path) -> dict[str, ModelRollout]:
     return parse_rollouts(data)
 
 
-@dataclass(slots=True)
 class Rollouts:
-    """The rollout in force, reloaded when its file changes; a bad file keeps the old one."""
+    """The rollout in force: the file's tables, each with its live state; reloaded when the
+    file changes (a bad file keeps the old one)."""
 
-    path: Path | None = None
-    models: dict[str, ModelRollout] = field(default_factory=dict)
-    error: str = ""  # why the file on disk is not the rollout in force, if it is not
-    _stamp: tuple[int, int] | None = None
-    _rng: random.Random = field(default_factory=random.Random)
-    served: dict[tuple[str, str], int] = field(default_factory=dict)  # (model, version) -> requests
+    def __init__(self, path: Path | None = None, clock: Callable[[], float] = time.monotonic, seed: int | None = None) -> None:
+        self.path = path
+        self.states: dict[str, RolloutState] = {}
+        self.error = ""  # why the file on disk is not the rollout in force, if it is not
+        self._stamp: tuple[int, int] | None = None
+        self._rng = random.Random(seed)
+        self._clock = clock
+        self.served: dict[tuple[str, str], int] = {}  # (model, version) -> requests
+        # The header names any rollout pins clients by: the infer endpoint keeps only these.
+        self.pin_headers: frozenset[bytes] = frozenset()
 
-    # The header names any rollout pins clients by: the infer endpoint keeps only these.
-    pin_headers: frozenset[bytes] = frozenset()
+    @property
+    def models(self) -> dict[str, ModelRollout]:
+        return {name: state.config for name, state in self.states.items()}
 
     def set_models(self, models: dict[str, ModelRollout]) -> None:
-        self.models = models
+        """A new set of tables: unchanged tables keep their state, changed ones start afresh."""
+        now = self._clock()
+        self.states = {
+            name: state if (state := self.states.get(name)) is not None and state.config == config
+            else RolloutState.start(config, now)
+            for name, config in models.items()
+        }  # fmt: skip
         self.pin_headers = frozenset(r.sticky_header for r in models.values() if r.sticky_header)
 
     @classmethod
-    def from_file(cls, path: Path) -> Rollouts:
+    def from_file(cls, path: Path, clock: Callable[[], float] = time.monotonic) -> Rollouts:
         """The rollout of ``path``; RolloutError if the file is missing or invalid."""
-        rollouts = cls(path)
+        rollouts = cls(path, clock)
         stat = path.stat() if path.exists() else None
         rollouts.set_models(load_rollouts(path))
         rollouts._stamp = (stat.st_mtime_ns, stat.st_size) if stat else None
         return rollouts
 
+    def stable(self, model: str) -> str:
+        return self.states[model].stable
+
     def choose(self, model: str, headers: dict[bytes, bytes] | None = None) -> str:
         """The version for a request that names none; "" when the model has no rollout."""
-        rollout = self.models.get(model)
-        if rollout is None:
+        state = self.states.get(model)
+        if state is None:
             return ""
-        sticky = headers.get(rollout.sticky_header) if headers and rollout.sticky_header else None
-        return rollout.choose(model, sticky, self._rng)
+        header = state.config.sticky_header
+        sticky = headers.get(header) if headers and header else None
+        return state.choose(model, sticky, self._rng)
 
     def count(self, model: str, version: str) -> None:
-        """One request of ``model`` served by ``version`` through the rollout."""
+        """One request of ``model`` sent to ``version`` through the rollout."""
         key = (model, version)
         self.served[key] = self.served.get(key, 0) + 1
+
+    def record(self, model: str, version: str, ok: bool, latency: float) -> None:
+        """How a request sent through the rollout ended: ``ok`` False for a failure the
+        version is to blame for (5xx, timeout), with its latency in seconds."""
+        state = self.states.get(model)
+        if state is not None:
+            state.record(version, ok, latency, self._clock())
+
+    def act(self, model: str, action: str, share: float | None = None) -> dict[str, Any]:
+        """An operator's action: "promote", "rollback" or "set_share" (with ``share``)."""
+        state = self.states.get(model)
+        if state is None:
+            raise KeyError(model)
+        if not state.canary:
+            raise ValueError(f"model '{model}' has no canary version")
+        now = self._clock()
+        if action == "promote":
+            state.promote(now, "operator")
+        elif action == "rollback":
+            state.rollback(now, "operator")
+        elif action == "set_share":
+            if share is None or isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
+                raise ValueError(f"set_share needs a share in 0..1, got {share!r}")
+            state.set_share(float(share), now)
+        else:
+            raise ValueError(f"unknown action {action!r}: use promote, rollback or set_share")
+        return state.snapshot()
 
     def reload_if_changed(self) -> bool:
         """Read the file again if it changed; True if a new rollout is now in force."""
@@ -155,7 +404,6 @@ class Rollouts:
             stat = self.path.stat()
             stamp = (stat.st_mtime_ns, stat.st_size)
         except OSError as exc:
-            stamp = None
             if self.error != str(exc):
                 log.error("rollout file %s: %s; the rollout in force stays", self.path, exc)
                 self.error = str(exc)
@@ -179,13 +427,7 @@ class Rollouts:
             "file": str(self.path) if self.path else None,
             "error": self.error or None,
             "models": {
-                name: {
-                    "stable": r.stable,
-                    "canary": r.canary or None,
-                    "canary_share": r.canary_share,
-                    "sticky_header": r.sticky_header.decode() or None,
-                    "served": {v: n for (m, v), n in sorted(self.served.items()) if m == name},
-                }
-                for name, r in sorted(self.models.items())
+                name: {**state.snapshot(), "served": {v: n for (m, v), n in sorted(self.served.items()) if m == name}}
+                for name, state in sorted(self.states.items())
             },
         }

@@ -82,3 +82,76 @@ def test_canary_share_sticky_clients_reload_and_a_rejected_file(fleet_factory, t
             time.sleep(0.1)
         assert "version number" in view["error"] and view["models"][BREAST_CANCER.name]["stable"] == "2"
         assert served(20) == {"2": 20}
+
+
+FAULTY = '''
+
+# --- made faulty for the rollback test: every third execution fails ---------------------------
+_execute = TritonPythonModel.execute
+
+
+def _faulty_execute(self, requests):
+    self._calls = getattr(self, "_calls", 0) + 1
+    if self._calls % 3 == 0:
+        return [pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError("faulty canary")) for _ in requests]
+    return _execute(self, requests)
+
+
+TritonPythonModel.execute = _faulty_execute
+'''
+
+
+def test_a_faulty_canary_is_rolled_back_within_its_window_and_operators_can_act(fleet_factory, tmp_path: Path) -> None:  # noqa: ANN001
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    model_dir = repo / BREAST_CANCER.name
+    shutil.copytree(MODEL_REPOSITORY / BREAST_CANCER.name, model_dir)
+    shutil.copytree(model_dir / "1", model_dir / "2")
+    (model_dir / "2" / "model.py").write_text((model_dir / "1" / "model.py").read_text() + FAULTY)
+    triton: fleet.Fleet = fleet_factory(1, TRITON_PORT, repository=repo, model_control_mode="none")
+    window = 20
+    rollout = tmp_path / "rollout.toml"
+    write(rollout, f'[models.{BREAST_CANCER.name}]\nstable = "1"\ncanary = "2"\ncanary_share = 0.2\n'
+                   f'rollback_error_rate = 0.05\nrollback_window = {window}\n', 10**18)  # fmt: skip
+    config = gateway_config(
+        triton.http_urls, GATEWAY_PORT, rollout={"file": str(rollout), "admin_token": "s3cret"}, batching={"enabled": False}
+    )
+    x = BREAST_CANCER.splits().x_test[:1]
+    _, ref = torch_reference(BREAST_CANCER.name, x)
+    body = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 30], "data": x.ravel().tolist()}],
+            "outputs": [{"name": "probabilities"}]}  # fmt: skip
+    with running_gateway(config, GATEWAY_PORT, tmp_path) as gw, httpx.Client(base_url=gw.url, timeout=30) as http:
+        errors, versions = 0, Counter()
+        for _ in range(600):
+            resp = http.post(PATH, json=body)
+            if resp.status_code != 200:
+                errors += 1
+                assert "faulty canary" in resp.json()["error"], resp.text
+                continue
+            answer = resp.json()
+            versions[answer["model_version"]] += 1
+            np.testing.assert_allclose(np.asarray(answer["outputs"][0]["data"], np.float32).reshape(ref.shape), ref, atol=ATOL, rtol=0)
+        view = http.get("/v2/gateway/rollout").json()["models"][BREAST_CANCER.name]
+        assert view["status"] == "rolled_back" and view["canary_share"] == 0.0
+        (event,) = [e for e in view["events"] if e["event"] == "rollback"]
+        assert event["by"] == "automatic" and event["canary_error_rate"] > 0.05 and event["window"] == window
+        canary_requests = view["served"]["2"]
+        # Rolled back within its window (plus one evaluation interval), so the errors clients saw
+        # are a third of at most that many canary requests; none after the rollback.
+        assert canary_requests <= window + 10 and 0 < errors <= canary_requests
+        assert versions["1"] + versions["2"] + errors == 600
+        after = [http.post(PATH, json=body) for _ in range(50)]
+        assert all(r.status_code == 200 and r.json()["model_version"] == "1" for r in after)
+
+        # The admin API: token-protected, and it moves the rollout.
+        action = f"/v2/gateway/rollout/{BREAST_CANCER.name}"
+        assert http.post(action, json={"action": "set_share", "share": 1.0}).status_code == 401
+        wrong = http.post(action, json={"action": "set_share", "share": 1.0}, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        auth = {"Authorization": "Bearer s3cret"}
+        assert http.post(action, json={"action": "fly"}, headers=auth).status_code == 400
+        assert http.post("/v2/gateway/rollout/unknown", json={"action": "promote"}, headers=auth).status_code == 404
+        promoted = http.post(action, json={"action": "promote"}, headers=auth)
+        assert promoted.status_code == 200 and promoted.json()["stable"] == "2"
+        answered = [r for r in (http.post(PATH, json=body) for _ in range(6)) if r.status_code == 200]
+        assert answered and all(r.headers["model-version"] == "2" for r in answered)  # (the faulty one, now)

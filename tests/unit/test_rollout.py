@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,119 @@ def test_a_bad_file_at_start_is_an_error(tmp_path: Path) -> None:
     path.write_text('[models.m]\nstable = "x"\n')
     with pytest.raises(RolloutError, match="version number"):
         Rollouts.from_file(path)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def rollouts_with(table: dict, clock: Clock) -> Rollouts:
+    rollouts = Rollouts(clock=clock, seed=0)
+    rollouts.set_models(parse_rollouts({"models": {"m": table}}))
+    return rollouts
+
+
+def serve(rollouts: Rollouts, n: int, fails: Callable[[str, int], bool] = lambda v, i: False, latency: float = 0.01) -> Counter[str]:
+    """n requests through the rollout; ``fails(version, i)`` decides which fail."""
+    counts: Counter[str] = Counter()
+    for i in range(n):
+        version = rollouts.choose("m")
+        counts[version] += 1
+        rollouts.record("m", version, not fails(version, i), latency)
+    return counts
+
+
+def test_a_failing_canary_is_rolled_back_within_its_window_with_the_evidence() -> None:
+    clock = Clock()
+    rollouts = rollouts_with(
+        {"stable": "1", "canary": "2", "canary_share": 0.1, "rollback_error_rate": 0.05, "rollback_window": 100}, clock
+    )
+    counts = serve(rollouts, 5000, fails=lambda v, i: v == "2" and i % 3 == 0)  # a third of the canary fails
+    state = rollouts.states["m"]
+    assert state.status == "rolled_back" and state.share == 0.0
+    # The window fills after 100 canary requests; the rule is checked every 10: rolled back by 110.
+    assert counts["2"] <= 100 + 10
+    (event,) = [e for e in state.events if e["event"] == "rollback"]
+    assert event["by"] == "automatic" and event["canary_error_rate"] > 0.3 and event["stable_error_rate"] == 0.0
+    assert rollouts.choose("m") == "1"
+
+
+def test_a_slow_canary_is_rolled_back_on_p99() -> None:
+    clock = Clock()
+    rollouts = rollouts_with(
+        {"stable": "1", "canary": "2", "canary_share": 0.5, "rollback_latency_ratio": 2.0, "rollback_window": 50}, clock
+    )
+    for _ in range(400):
+        version = rollouts.choose("m")
+        rollouts.record("m", version, True, 0.05 if version == "2" else 0.01)
+    state = rollouts.states["m"]
+    assert state.status == "rolled_back"
+    event = state.events[-1]
+    assert event["canary_p99_ms"] == 50.0 and event["stable_p99_ms"] == 10.0
+
+
+def test_a_healthy_canary_ramps_step_by_step_and_is_promoted() -> None:
+    clock = Clock()
+    rollouts = rollouts_with(
+        {"stable": "1", "canary": "2", "ramp": [0.1, 0.5, 1.0], "ramp_min_requests": 20, "ramp_min_seconds": 5.0,
+         "rollback_error_rate": 0.05, "rollback_window": 20},
+        clock,
+    )  # fmt: skip
+    state = rollouts.states["m"]
+    assert state.share == 0.1
+    serve(rollouts, 1000)
+    assert state.share == 0.1  # enough requests, not enough time
+    for expected in (0.5, 1.0):
+        clock.now += 5.0
+        serve(rollouts, 200)
+        assert state.share == expected and state.status == "canary"
+    clock.now += 5.0
+    serve(rollouts, 100)
+    assert state.status == "promoted" and state.stable == "2" and serve(rollouts, 50) == {"2": 50}
+    assert [e["event"] for e in state.events] == ["ramp", "ramp", "promote"]
+
+
+def test_operator_actions_and_their_errors() -> None:
+    clock = Clock()
+    rollouts = rollouts_with({"stable": "1", "canary": "2", "canary_share": 0.1}, clock)
+    assert rollouts.act("m", "set_share", 1.0)["canary_share"] == 1.0 and rollouts.choose("m") == "2"
+    assert rollouts.act("m", "rollback")["status"] == "rolled_back" and rollouts.choose("m") == "1"
+    assert rollouts.act("m", "promote")["stable"] == "2"
+    with pytest.raises(ValueError, match="unknown action"):
+        rollouts.act("m", "explode")
+    with pytest.raises(ValueError, match="share in 0..1"):
+        rollouts.act("m", "set_share", 3)
+    with pytest.raises(KeyError):
+        rollouts.act("other", "promote")
+    assert [e["by"] for e in rollouts.states["m"].events] == ["operator"] * 3
+
+
+def test_an_unchanged_table_keeps_its_state_across_reloads_and_a_changed_one_starts_afresh() -> None:
+    clock = Clock()
+    table = {"stable": "1", "canary": "2", "canary_share": 0.1}
+    rollouts = rollouts_with(table, clock)
+    rollouts.act("m", "rollback")
+    rollouts.set_models(parse_rollouts({"models": {"m": table}}))
+    assert rollouts.states["m"].status == "rolled_back"
+    rollouts.set_models(parse_rollouts({"models": {"m": {**table, "canary_share": 0.2}}}))
+    assert rollouts.states["m"].status == "canary" and rollouts.states["m"].share == 0.2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"ramp": [0.5, 0.1, 1.0]}, "ramp must be rising shares"),
+        ({"ramp": [0.1, 0.5]}, "ending with 1.0"),
+        ({"ramp_min_requests": 0}, "ramp_min_requests must be >= 1"),
+        ({"rollback_window": 5}, "rollback_window must be >= 10"),
+        ({"rollback_latency_ratio": "2"}, "rollback_latency_ratio must be a number"),
+    ],
+)
+def test_bad_ramp_and_rollback_settings_are_rejected(extra: dict, message: str) -> None:
+    with pytest.raises(RolloutError) as err:
+        parse_rollouts({"models": {"m": {"stable": "1", "canary": "2", **extra}}})
+    assert message in str(err.value)
