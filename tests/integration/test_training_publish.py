@@ -1,14 +1,15 @@
 """The training module end to end against a real Triton: a model trained on two DDP workers,
 pruned and int8-quantized, is published as version 2 of a copy of the model repository; Triton
 (poll mode) loads it and answers exactly what the artifact's own forward pass gives, at the
-accuracy publish measured; the gateway moves unversioned requests to it; and the accuracy gate
-refuses a bad model, which Triton then never sees.
+accuracy publish measured; a gateway reading the rollout file publish wrote sends it its canary
+share of requests; and the accuracy gate refuses a bad model, which Triton then never sees.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
+from collections import Counter
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -85,7 +86,9 @@ async def test_a_trained_compressed_model_is_published_served_and_gated(fleet_fa
 
     triton: fleet.Fleet = fleet_factory(1, BASE_HTTP, repository=repo)
     base = triton.http_urls[0]
-    published = publish(MODEL, artifact, repo, margin=0.02, latency_runs=10, log=lambda *_: None)
+    rollout = tmp_path / "rollout.toml"
+    published = publish(MODEL, artifact, repo, margin=0.02, canary_config=rollout, canary_share=0.1,
+                        latency_runs=10, log=lambda *_: None)  # fmt: skip
     assert published.version == 2 and published.stable_version == 1
     _wait_ready(base, 2)
 
@@ -113,23 +116,27 @@ async def test_a_trained_compressed_model_is_published_served_and_gated(fleet_fa
     assert served_accuracy >= 0.93
     assert not np.allclose(v1_logits, served_logits, atol=ATOL)  # version 1 still answers, with its own weights
 
-    # Through the gateway, requests that name no version move to the new one.
+    # Through a gateway reading the rollout file publish wrote: version 2 is the canary and
+    # takes about 10% of the requests that name no version; each version answers with its weights.
     port = free_port()
-    with running_gateway(gateway_config([base], port), port, tmp_path) as gw:
-        body = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [8, 1, 8, 8], "data": splits.x_test[:8].ravel().tolist()}],
-                "outputs": [{"name": "logits"}]}  # fmt: skip
-        deadline = time.monotonic() + 30
+    config = gateway_config([base], port, rollout={"file": str(rollout)})
+    x8 = splits.x_test[:8]
+    body = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [8, 1, 8, 8], "data": x8.ravel().tolist()}],
+            "outputs": [{"name": "logits"}]}  # fmt: skip
+    expected = {"1": v1_logits[:8], "2": reference(x8)}
+    counts: Counter[str] = Counter()
+    with running_gateway(config, port, tmp_path) as gw:
         async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http:
-            while True:
+            view = (await http.get("/v2/gateway/rollout")).json()["models"][MODEL]
+            assert (view["stable"], view["canary"], view["canary_share"]) == ("1", "2", 0.1)
+            for _ in range(300):
                 resp = await http.post(f"/v2/models/{MODEL}/infer", json=body)
                 assert resp.status_code == 200, resp.text
-                if resp.json()["model_version"] == "2" or time.monotonic() > deadline:
-                    break
-                time.sleep(0.2)
-        answer = resp.json()
-        assert answer["model_version"] == "2"
-        gateway_logits = np.array(answer["outputs"][0]["data"], np.float32).reshape(8, 10)
-        np.testing.assert_allclose(gateway_logits, reference(splits.x_test[:8]), atol=ATOL)
+                version = resp.json()["model_version"]
+                counts[version] += 1
+                logits = np.array(resp.json()["outputs"][0]["data"], np.float32).reshape(8, 10)
+                np.testing.assert_allclose(logits, expected[version], atol=ATOL, rtol=0)
+    assert set(counts) == {"1", "2"} and 10 <= counts["2"] <= 60, counts  # 30 expected
 
     # The gate refuses an untrained model: no version 3 in the repository, none in Triton.
     torch.manual_seed(0)

@@ -115,6 +115,17 @@ def test_canary_entry_updates_only_its_model_table(repo: Path, good: Path) -> No
     assert rollout.read_text().startswith("# rollout settings\n[gateway]\nkeep = true\n")
 
 
+def test_the_gateway_accepts_the_rollout_file_publish_writes(repo: Path, good: Path) -> None:
+    from gateway.rollout import parse_rollouts
+
+    rollout = repo.parent / "rollout.toml"
+    first = publish("digits_cnn", good, repo, canary_config=rollout, **QUIET)  # no earlier version
+    assert tomllib.loads(rollout.read_text()) == {"models": {"digits_cnn": {"stable": str(first.version)}}}
+    second = publish("digits_cnn", good, repo, canary_config=rollout, canary_share=0.2, **QUIET)
+    parsed = parse_rollouts(tomllib.loads(rollout.read_text()))["digits_cnn"]
+    assert (parsed.stable, parsed.canary, parsed.canary_share) == ("1", str(second.version), 0.2)
+
+
 def test_canary_config_is_created_when_missing(tmp_path: Path) -> None:
     path = tmp_path / "configs" / "rollout.toml"
     write_rollout(path, "digits_cnn", {"stable": "1", "canary": "2", "canary_share": 0.1})
