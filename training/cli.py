@@ -196,7 +196,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     save(result, out)
     c, m = result.config, result.metrics
-    workers = f"{c.workers} ({c.mode}{f', every {c.average_every}' if c.mode == 'average' and c.workers > 1 else ''})"
+    workers = str(c.workers)
+    if c.workers > 1:
+        workers += f" ({c.mode}{f', every {c.average_every}' if c.mode == 'average' else ''})"
     backend = "nccl" if c.use_cuda() else "gloo"
     print(table(
         ["model", "workers", "backend", "epochs", "steps", "batch", "samples/s", "train s", "val acc", "test acc", "checkpoint"],

@@ -1,10 +1,17 @@
 """Publish a checkpoint as the next version of a model in a Triton model repository.
 
-    <repository>/<model>/.publish-<pid>-<token>.tmp/   written first, never seen by Triton
+    <parent of repository>/.<repository>-publish-<pid>-<token>.tmp/   written first, unseen by Triton
         model.py        the self-contained served model (training/templates/model.py)
+        __pycache__/    model.py compiled ahead
         model.pt        the checkpoint, byte for byte (float, pruned, distilled or int8)
         metadata.json   source checkpoint and its hash, metrics, gate decision, time
     then one rename to <repository>/<model>/<N+1>/   (Triton polls and loads it)
+
+Triton in poll mode reloads a model whenever anything in its folder changes, so nothing is
+written there but the final rename: the staging folder sits beside the repository (on the same
+file system, so the rename stays atomic; inside the model's folder, under a name Triton ignores,
+when that is not possible), and model.py is compiled ahead, since the backend's first import
+would otherwise write `__pycache__/` into the new version and cause a second reload.
 
 Before the rename, the staged folder is run the way Triton will run it (its own model.py, see
 `training.harness`) on the test split; its accuracy is compared with the stable version's,
@@ -24,8 +31,10 @@ table:
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import json
 import os
+import py_compile
 import re
 import secrets
 import shutil
@@ -118,13 +127,12 @@ def publish(
         raise UsageError(f"--from {source} holds a {payload.get('arch')!r} model, not {model!r}")
 
     splits = s.splits(seed)
-    staging = model_dir / f".publish-{os.getpid()}-{secrets.token_hex(4)}.tmp"
-    staging.mkdir()
+    staging = _staging_folder(repository, model_dir)
     try:
         shutil.copyfile(TEMPLATE, staging / "model.py")
         shutil.copyfile(source, staging / "model.pt")
         # What Triton will run: the staged model.py building the network from the staged file.
-        served = version_network(model_dir, staging.name, model)
+        served = version_network(staging.parent, staging.name, model)
         reference = model_from_payload(payload)
         probe = torch.from_numpy(splits.x_test[:64])
         with torch.inference_mode():
@@ -167,6 +175,7 @@ def publish(
             "torch_version": str(torch.__version__),
         }
         (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+        _compile_ahead(staging / "model.py")
         version = _commit(staging, model_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -185,11 +194,36 @@ def publish(
     return PublishResult(model, version, final, metrics, stable, stable_acc, bool(metadata["gate"]["forced"]), canary_config, metadata)
 
 
+def _staging_folder(repository: Path, model_dir: Path) -> Path:
+    """A fresh folder outside the model's folder, on its file system (see the module's doc)."""
+    name = f"-publish-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    beside = repository.resolve().parent / f".{repository.resolve().name}{name}"
+    try:
+        beside.mkdir()
+    except OSError:
+        pass
+    else:
+        if os.stat(beside).st_dev == os.stat(model_dir).st_dev:
+            return beside
+        beside.rmdir()
+    inside = model_dir / f".{name.lstrip('-')}"  # Triton ignores (and logs) a non-numeric folder
+    inside.mkdir()
+    return inside
+
+
+def _compile_ahead(source: Path) -> None:
+    """Write model.py's bytecode where the Python backend looks for it. Valid for a backend
+    running this Python version (the local fleet's); another version ignores it."""
+    py_compile.compile(str(source), cfile=importlib.util.cache_from_source(str(source)), doraise=True)
+
+
 def _fsync_tree(folder: Path) -> None:
-    for p in folder.iterdir():
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-    _fsync_dir(folder)
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    for d in [p for p in folder.rglob("*") if p.is_dir()] + [folder]:
+        _fsync_dir(d)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -6,8 +6,10 @@ command line refuses bad arguments clearly."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import sys
 import tomllib
 from pathlib import Path
 
@@ -64,8 +66,12 @@ def test_first_and_next_versions_are_complete_folders_renamed_into_place(repo: P
     model_dir = repo / "digits_cnn"
     assert versions(model_dir) == [1, 2]
     assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2", "config.pbtxt"]  # no staging left
+    assert not [p.name for p in repo.parent.iterdir() if "publish" in p.name]  # staged beside the repository
     folder = model_dir / "2"
-    assert sorted(p.name for p in folder.iterdir()) == ["metadata.json", "model.pt", "model.py"]
+    assert sorted(p.name for p in folder.iterdir()) == ["__pycache__", "metadata.json", "model.pt", "model.py"]
+    # model.py is compiled ahead, so the backend's first import writes nothing into the folder
+    # (a write would make Triton in poll mode reload the model).
+    assert [p.name for p in (folder / "__pycache__").iterdir()] == [f"model.{sys.implementation.cache_tag}.pyc"]
     assert (folder / "model.pt").read_bytes() == good.read_bytes()
     meta = json.loads((folder / "metadata.json").read_text())
     assert meta["source"]["path"] == str(good.resolve()) and len(meta["source"]["sha256"]) == 64
@@ -76,7 +82,24 @@ def test_first_and_next_versions_are_complete_folders_renamed_into_place(repo: P
     splits = spec("digits_cnn").splits(0)
     served = version_network(model_dir, 2, "digits_cnn")
     assert accuracy(served, splits.x_test, splits.y_test) == meta["metrics"]["test_accuracy"]
-    assert not (folder / "__pycache__").exists()
+
+
+def test_staging_falls_back_inside_the_model_folder_across_file_systems(
+    repo: Path, good: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        st = real_stat(path, *args, **kwargs)
+        if "publish" in str(path) and Path(path).parent == repo.parent:  # "another file system"
+            return os.stat_result((st.st_mode, st.st_ino, st.st_dev + 1, *tuple(st)[3:]))
+        return st
+
+    monkeypatch.setattr(os, "stat", stat)
+    result = publish("digits_cnn", good, repo, **QUIET)
+    assert result.version == 1 and (repo / "digits_cnn" / "1" / "model.py").exists()
+    assert sorted(p.name for p in (repo / "digits_cnn").iterdir()) == ["1", "config.pbtxt"]
+    assert not [p.name for p in repo.parent.iterdir() if "publish" in p.name]
 
 
 def test_the_gate_refuses_a_worse_model_and_leaves_no_trace(repo: Path, good: Path, bad: Path) -> None:
@@ -84,6 +107,7 @@ def test_the_gate_refuses_a_worse_model_and_leaves_no_trace(repo: Path, good: Pa
     with pytest.raises(GateRefused, match=r"refusing to publish digits_cnn: test accuracy 0\.\d+ is \d+\.\d+ points below stable version 1"):
         publish("digits_cnn", bad, repo, margin=0.05, **QUIET)
     assert sorted(p.name for p in (repo / "digits_cnn").iterdir()) == ["1", "config.pbtxt"]
+    assert not [p.name for p in repo.parent.iterdir() if "publish" in p.name]
     forced = publish("digits_cnn", bad, repo, margin=0.05, force=True, **QUIET)
     assert forced.version == 2 and forced.forced
     assert json.loads((repo / "digits_cnn" / "2" / "metadata.json").read_text())["gate"]["forced"] is True

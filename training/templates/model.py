@@ -91,6 +91,7 @@ def load_model(path: Path, default_arch: str) -> nn.Module:
         # torch.ao.quantization and qint8 tensors warn that they are deprecated; they still work.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message=r".*TypedStorage is deprecated.*")
+        warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
         payload: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
         model: nn.Module = ARCHITECTURES[payload.get("arch", default_arch)](**payload["config"])
         state = payload["state_dict"]
