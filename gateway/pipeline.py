@@ -12,7 +12,7 @@ from gateway import deadlines
 from gateway.batcher import Batcher, BatchPolicy, BatchResult, Prepare
 from gateway.cache import ResponseCache, cacheable, request_key
 from gateway.config import BatchingConfig
-from gateway.errors import GatewayTimeout, UpstreamError, missing_model
+from gateway.errors import GatewayTimeout, NotFound, Unavailable, UpstreamError, missing_model
 from gateway.models import ModelInfo, check_request
 from gateway.rollout import Rollouts
 from gateway.router import Router
@@ -78,11 +78,14 @@ class InferencePipeline:
         tells whether the client has disconnected (see ``deadlines`` and ``batcher``);
         ``use_cache`` False bypasses the response cache (the client asked for a fresh answer);
         ``sticky`` holds the request's headers a rollout pins clients by."""
-        via_rollout = False
         if not request.version:
-            request.version, via_rollout = self._version(request.model, sticky)
-        if via_rollout:
-            return await self._observed(request, deadline, gone, use_cache)
+            return await self._gateway_chosen(request, deadline, gone, use_cache, sticky)
+        return await self._serve(request, deadline, gone, use_cache)
+
+    async def _serve(
+        self, request: InferRequest, deadline: float | None, gone: Callable[[], bool] | None, use_cache: bool
+    ) -> InferResponse:
+        """Serve a request whose version is decided ("" only when the fleet's is unknown)."""
         params = request.parameters
         if params and deadlines.PARAMETER in params:
             deadline = deadlines.earliest(deadline, deadlines.from_parameter(params.pop(deadlines.PARAMETER), self._clock()))
@@ -129,6 +132,32 @@ class InferencePipeline:
             request.model, result.version, result.outputs, id=request.id, parameters=result.parameters, cache=source
         )
 
+    async def _gateway_chosen(
+        self,
+        request: InferRequest,
+        deadline: float | None,
+        gone: Callable[[], bool] | None,
+        use_cache: bool,
+        sticky: dict[bytes, bytes] | None,
+    ) -> InferResponse:
+        """A request naming no version: the gateway picks one. If that version leaves the fleet
+        between the choice and the answer (removed, unloaded everywhere), the request is not the
+        client's mistake: the gateway picks again, once."""
+        for attempt in (1, 2):
+            version, via_rollout = self._version(request.model, sticky)
+            if attempt == 2 and version == request.version:
+                raise vanished
+            request.version = version
+            try:
+                if via_rollout:
+                    return await self._observed(request, deadline, gone, use_cache)
+                return await self._serve(request, deadline, gone, use_cache)
+            except (NotFound, Unavailable, UpstreamError) as exc:
+                if attempt == 2 or (isinstance(exc, UpstreamError) and not missing_model(exc)):
+                    raise
+                vanished = exc
+        raise AssertionError("unreachable")
+
     def _version(self, model: str, sticky: dict[bytes, bytes] | None) -> tuple[str, bool]:
         """The version for a request naming none, and whether the rollout chose it: the
         rollout's choice if the model has one (its stable version when the chosen canary is
@@ -150,7 +179,7 @@ class InferencePipeline:
         the gateway's load shedding do not."""
         start = self._clock()
         try:
-            response = await self.infer(request, deadline, gone, use_cache)
+            response = await self._serve(request, deadline, gone, use_cache)
         except GatewayTimeout:
             self.rollouts.record(request.model, request.version, False, self._clock() - start)
             raise

@@ -213,3 +213,27 @@ async def test_the_rollout_chooses_the_version_unless_the_request_names_one() ->
     assert router.versions == ["2", "3", "1", "9"]
     assert rollouts.served == {("m", "2"): 1, ("m", "1"): 1}
     await pipeline.close(0)
+
+
+class VanishingRouter(FakeRouter):
+    """Version 2 disappears from the fleet after the pipeline chose it."""
+
+    async def infer(self, model, version, inputs, parameters=None, deadline=None):  # noqa: ANN001, ANN201
+        if version == "2":
+            self.newest = "1"  # the router forgot it on every instance that said so
+            raise UpstreamError("Request for unknown model: 'm' version 2 is not found", status=400)
+        return await super().infer(model, version, inputs, parameters, deadline)
+
+
+async def test_a_version_that_leaves_between_choice_and_answer_is_chosen_again_once() -> None:
+    router = VanishingRouter()
+    router.newest = "2"
+    pipeline = InferencePipeline(BatchingConfig(enabled=False), router, FakeMetadata(info(8)))  # type: ignore[arg-type]
+    response = await pipeline.infer(request())
+    assert response.version == "1" and router.versions == ["1"]
+    named = request()
+    named.version = "2"  # the client named it: its answer is the client's
+    router.newest = "2"
+    with pytest.raises(UpstreamError, match="not found"):
+        await pipeline.infer(named)
+    await pipeline.close(0)
