@@ -1,7 +1,6 @@
-"""Training module: datasets, model definitions, and the default models served by the gateway.
-
-Grows into distributed training, compression and publishing; for now it trains the two
-default models (`python -m training.default_models`).
+"""Training module: datasets, model definitions, the default models served by the gateway, and
+`python -m training`: distributed training, compression and publishing of new model versions
+(see training/README.md). `python -m training.default_models` trains the served version 1.
 """
 
 import importlib.util
