@@ -78,7 +78,9 @@ def build_app(config: GatewayConfig) -> InferEndpoint:
             active_request_bias=u.active_request_bias,
         )
         cache = build_cache(config.cache)
-        monitor = FleetMonitor(u, client, router, on_version_gone=cache.drop_version if cache else None)
+        monitor = FleetMonitor(
+            u, client, router, on_version_gone=cache.drop_version if cache else None, watch_reloads=cache is not None
+        )
         await monitor.start()
         rollouts = Rollouts.from_file(Path(config.rollout.file)) if config.rollout.file else Rollouts()
         pipeline = InferencePipeline(

@@ -12,7 +12,8 @@
    waiting). Errors are never cached.
 
 Keys (``keys.py``) cover the model, the version that serves the request and the raw input
-tensors. Entries of a version are dropped when that version leaves the fleet.
+tensors. Entries of a version are dropped when that version leaves the fleet or is reloaded in
+place (``upstream.fleet`` tells, within one health interval).
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@
 * **active health**, every ``upstream.health_interval_s``, for each instance at once:
   ``/v2/health/live`` decides whether the instance is up; ``/v2/health/ready`` is recorded for
   the fleet view; the repository index (``POST /v2/repository/index``) says which model
-  versions are READY there, so the router sends a version only where it is loaded.
+  versions are READY there, so the router sends a version only where it is loaded; and, when
+  the response cache is on, model statistics reveal a version reloaded in place (its
+  inference count falls back), so its cached results are dropped.
 
 Liveness rather than readiness decides routing: Triton reports itself not ready while it loads
 a new model version (poll mode), although it goes on serving the versions already loaded;
@@ -67,6 +69,7 @@ class FleetMonitor:
         resolver: Resolver = resolve,
         clock: Callable[[], float] = time.monotonic,
         on_version_gone: Callable[[str, str], object] | None = None,
+        watch_reloads: bool = False,
     ) -> None:
         self._config = config
         self._client = client
@@ -75,6 +78,10 @@ class FleetMonitor:
         self._clock = clock
         self._on_version_gone = on_version_gone
         self._fleet_versions: set[tuple[str, str]] = set()
+        # Reload detection (for the response cache): the inference count Triton reports per
+        # instance and version; it only ever grows, unless the version was loaded afresh.
+        self._watch_reloads = watch_reloads
+        self._counts: dict[tuple[str, str, str], int] = {}
         self._resolved: dict[int, list[str]] = {}  # entry index -> last addresses that resolved
 
     # -- membership -----------------------------------------------------------------------------
@@ -119,7 +126,9 @@ class FleetMonitor:
         except Exception:  # whatever the instance (or whatever answers on its port) does, it is not up
             live = False
         if live:
-            ready, models = await asyncio.gather(self._ready(url, timeout), self._index(url, timeout))
+            ready, models, _ = await asyncio.gather(
+                self._ready(url, timeout), self._index(url, timeout), self._reloads(url, timeout)
+            )
             instance.ready = ready
             if models is not None:
                 instance.models = models
@@ -129,6 +138,29 @@ class FleetMonitor:
         instance.probed(live, self._clock())
         if instance.state != was:
             log.warning("instance %s is now %s", url, instance.state.upper())
+
+    async def _reloads(self, url: str, timeout: float) -> None:
+        """Report versions Triton loaded afresh (a version folder replaced in place: same
+        number, new files) through ``on_version_gone``: what was derived from the old files,
+        cached results, must go. Seen as an inference count that went down."""
+        if not self._watch_reloads or self._on_version_gone is None:
+            return
+        try:
+            resp = await self._client.get(url, "/v2/models/stats", timeout)
+            stats = orjson.loads(resp.body)["model_stats"] if resp.status == 200 else None
+        except Exception:
+            return
+        for entry in stats or ():
+            try:
+                key = (url, str(entry["name"]), str(entry["version"]))
+                count = int(entry["inference_count"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            before = self._counts.get(key)
+            self._counts[key] = count
+            if before is not None and count < before:
+                log.warning("%s version %s was reloaded on %s", key[1], key[2], url)
+                self._on_version_gone(key[1], key[2])
 
     async def _ready(self, url: str, timeout: float) -> bool:
         try:

@@ -6,18 +6,22 @@ own statistics say so), the bypass header and the counters work, and answers sta
 from __future__ import annotations
 
 import asyncio
+import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import msgpack
 import numpy as np
 import pytest
+import torch
 
 import fleet
 from conftest import GatewayProcess, gateway_config, running_gateway
 from gateway.client import GatewayClient
-from served_models import ATOL, DIGITS, torch_reference
+from served_models import ATOL, DIGITS, MODEL_REPOSITORY, torch_reference
 
 pytestmark = pytest.mark.integration
 
@@ -127,3 +131,40 @@ def test_errors_are_never_cached(stack: Stack) -> None:
     with httpx.Client(base_url=stack.gateway.url, timeout=30) as http:
         answers = [http.post(PATH, json=bad) for _ in range(2)]
     assert [a.status_code for a in answers] == [400, 400] and all("x-cache" not in a.headers for a in answers)
+
+
+def test_a_version_replaced_in_place_loses_its_cached_results(fleet_factory, tmp_path: Path) -> None:  # noqa: ANN001
+    """Same version number, new weights (Triton reloads it in poll mode): the gateway notices and
+    drops the version's cached answers, so clients get the new weights' answers."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copytree(MODEL_REPOSITORY / DIGITS.name, repo / DIGITS.name)
+    triton: fleet.Fleet = fleet_factory(1, 8144, repository=repo)
+    config = gateway_config(triton.http_urls, 8143, cache={"enabled": True, "ttl_s": 300.0}, upstream={"health_interval_s": 0.5})
+    x = images(30)
+    with running_gateway(config, 8143, tmp_path) as gw, httpx.Client(base_url=gw.url, timeout=30) as http:
+        old = http.post(PATH, json=json_body(x))
+        assert old.headers["x-cache"] == "miss" and http.post(PATH, json=json_body(x)).headers["x-cache"] == "hit"
+        weights = repo / DIGITS.name / "1" / "model.pt"
+        payload = torch.load(weights, weights_only=True)
+        payload["state_dict"] = {k: (v * 0.5 if k.endswith("bias") else v) for k, v in payload["state_dict"].items()}
+        staging = weights.with_suffix(".tmp")
+        torch.save(payload, staging)
+        staging.replace(weights)  # Triton (poll mode) reloads version 1 from the new file
+        deadline = time.monotonic() + 60
+        while (resp := http.post(PATH, json=json_body(x))).headers["x-cache"] == "hit":
+            assert time.monotonic() < deadline, "the replaced version's cached answer is still served"
+            time.sleep(0.2)
+    assert resp.status_code == 200 and resp.content != old.content
+    new_logits = np.asarray({o["name"]: o for o in resp.json()["outputs"]}["logits"]["data"], np.float32)
+    expected = served_logits(repo, x)
+    np.testing.assert_allclose(new_logits.reshape(expected.shape), expected, atol=ATOL, rtol=0)
+
+
+def served_logits(repo: Path, x: np.ndarray) -> np.ndarray:
+    """A direct torch forward pass with the weights now in the repository."""
+    from training.models import load_checkpoint
+
+    model = load_checkpoint(repo / DIGITS.name / "1" / "model.pt").eval()
+    with torch.inference_mode():
+        return model(torch.from_numpy(x)).numpy()

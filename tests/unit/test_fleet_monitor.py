@@ -24,12 +24,16 @@ class FakeClient:
         self.not_ready: set[str] = set()
         self.index: dict[str, list] = {}
         self.forgotten: list[str] = []
+        self.counts: dict[tuple[str, str, str], int] = {}
 
     async def get(self, url: str, path: str, timeout: float | None = None) -> RawResponse:
         if url in self.down:
             raise InstanceUnreachable(f"{url}: refused", connect_failed=True)
         if path == "/v2/health/ready" and url in self.not_ready:
             return RawResponse(400, b"")
+        if path == "/v2/models/stats":
+            stats = [{"name": m, "version": v, "inference_count": n} for (u, m, v), n in self.counts.items() if u == url]
+            return RawResponse(200, orjson.dumps({"model_stats": stats}))
         return RawResponse(200, b"")
 
     async def request(self, method, url, path, body=b"", headers=b"", timeout=None):  # noqa: ANN001, ANN201
@@ -130,5 +134,20 @@ async def test_a_version_no_instance_holds_any_more_is_reported_gone() -> None:
     await m.check_all()
     assert gone == []  # b still holds digits_cnn 1
     client.index["http://b:1"] = [{"name": "mlp", "version": "3", "state": "READY"}]
+    await m.check_all()
+    assert gone == [("digits_cnn", "1")]
+
+
+async def test_a_version_reloaded_in_place_is_reported_so_its_cached_results_go() -> None:
+    gone: list[tuple[str, str]] = []
+    m, client, router, _ = monitor((InstanceConfig(url="http://a:1"),))
+    m._on_version_gone = lambda model, version: gone.append((model, version))  # type: ignore[attr-defined]
+    m._watch_reloads = True  # type: ignore[attr-defined]
+    client.counts[("http://a:1", "digits_cnn", "1")] = 10
+    await m.start()
+    client.counts[("http://a:1", "digits_cnn", "1")] = 25  # served more: the same model object
+    await m.check_all()
+    assert gone == []
+    client.counts[("http://a:1", "digits_cnn", "1")] = 3  # counting from zero again: reloaded
     await m.check_all()
     assert gone == [("digits_cnn", "1")]
