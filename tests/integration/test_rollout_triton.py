@@ -82,6 +82,21 @@ def test_canary_share_sticky_clients_reload_and_a_rejected_file(fleet_factory, t
             time.sleep(0.1)
         assert "version number" in view["error"] and view["models"][BREAST_CANCER.name]["stable"] == "2"
         assert served(20) == {"2": 20}
+        # A ramp that completes promotes the canary.
+        write(rollout, f'[models.{BREAST_CANCER.name}]\nstable = "1"\ncanary = "2"\nramp = [0.25, 0.5, 1.0]\n'
+                       'ramp_min_requests = 20\nramp_min_seconds = 0.0\n', 4 * 10**18)  # fmt: skip
+        deadline = time.monotonic() + 10
+        while http.get("/v2/gateway/rollout").json()["models"][BREAST_CANCER.name].get("ramp") is None:
+            assert time.monotonic() < deadline, "the ramp was not picked up"
+            time.sleep(0.1)
+        for _ in range(20):
+            if http.get("/v2/gateway/rollout").json()["models"][BREAST_CANCER.name]["status"] == "promoted":
+                break
+            served(40)
+        view = http.get("/v2/gateway/rollout").json()["models"][BREAST_CANCER.name]
+        assert view["status"] == "promoted" and view["stable"] == "2", view
+        assert [e["event"] for e in view["events"]] == ["ramp", "ramp", "promote"]
+        assert served(30) == {"2": 30}
 
 
 FAULTY = '''
