@@ -5,6 +5,7 @@ and keep only the outputs the caller asked for.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 
@@ -18,6 +19,12 @@ from gateway.rollout import Rollouts
 from gateway.router import Router
 from gateway.tensors import InferRequest, InferResponse, Tensor
 from gateway.upstream.metadata import MetadataCache
+
+log = logging.getLogger(__name__)
+
+
+# Shadow requests in flight at most; beyond, requests are not mirrored (shadows never queue up).
+MAX_SHADOWS_IN_FLIGHT = 64
 
 
 class InferencePipeline:
@@ -36,6 +43,7 @@ class InferencePipeline:
         self._clock = clock
         self.cache = cache
         self.rollouts = rollouts or Rollouts()
+        self._shadows: set[asyncio.Future[None]] = set()
         self.batchers: dict[tuple[str, str], Batcher] = {}
 
     def _policy(self, model: str, info: ModelInfo) -> BatchPolicy:
@@ -188,7 +196,28 @@ class InferencePipeline:
                 self.rollouts.record(request.model, request.version, False, self._clock() - start)
             raise
         self.rollouts.record(request.model, request.version, True, self._clock() - start)
+        shadow = self.rollouts.shadow_for(request.model)
+        if shadow and shadow != request.version and len(self._shadows) < MAX_SHADOWS_IN_FLIGHT:
+            task = asyncio.ensure_future(self._shadow(request, shadow, response))
+            self._shadows.add(task)  # a hard reference until done
+            task.add_done_callback(self._shadows.discard)
         return response
+
+    async def _shadow(self, request: InferRequest, version: str, served: InferResponse) -> None:
+        """Mirror a served request to a shadow version and compare the answers; the client has
+        its answer already, and nothing here can reach it."""
+        stats = self.rollouts.shadow_stats(request.model)
+        if stats is None:
+            return
+        stats.sent += 1
+        mirror = InferRequest(request.model, version, request.inputs, None, None, {})
+        try:
+            answer = await self._serve(mirror, None, None, use_cache=False)
+        except Exception as exc:  # a failing shadow is data, not an incident
+            stats.failed += 1
+            log.debug("shadow %s/%s failed: %r", request.model, version, exc)
+            return
+        stats.compare({t.name: t.data for t in served.outputs}, {t.name: t.data for t in answer.outputs})
 
     async def _compute(
         self,
@@ -205,4 +234,6 @@ class InferencePipeline:
         return await self._router.infer(request.model, request.version, inputs, request.parameters, deadline)
 
     async def close(self, grace: float) -> None:
+        if self._shadows:
+            await asyncio.wait(self._shadows, timeout=grace)
         await asyncio.gather(*(b.close(grace) for b in self.batchers.values()))

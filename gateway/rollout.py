@@ -14,6 +14,8 @@ The rollout file (TOML, ``[rollout] file`` in the gateway config) holds one tabl
                                   # stable's by more than this...
     rollback_latency_ratio = 2.0  # ...or its p99 latency exceeds this many times stable's...
     rollback_window = 200         # ...over the last this-many requests of each (at least)
+    shadow = "3"                  # optional: a candidate that also gets a copy of requests...
+    shadow_share = 0.1            # ...this share of them; clients never see its answers
 
 A request naming a version (``/v2/models/{m}/versions/{v}/infer``) bypasses the rollout; a model
 without a table is served by the newest version READY in the fleet. With a sticky header, the
@@ -26,6 +28,11 @@ Automatic decisions (``RolloutState``): every request served through the rollout
 the rollback rule over a full window, its share goes to 0 at once and a ``rollback`` event is
 recorded with the evidence (both error rates and p99s, the window). When the canary has
 completed every ramp step in good health, it is promoted: it becomes the stable version.
+
+Shadow mode mirrors a share of the requests the rollout serves to a candidate version, in the
+background: the client's answer never waits for it nor depends on it. Each shadow answer is
+compared with the answer the client got: the largest absolute difference over every output,
+and, for classifiers (a 2-D output), how often both pick the same class (argmax agreement).
 
 Operators act through the admin API (``promote``, ``rollback``, ``set_share``). Operator actions
 and automatic decisions live in memory: the file stays the source of truth. They last until the
@@ -50,11 +57,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 _KEYS = {
     "stable", "canary", "canary_share", "sticky_header", "ramp", "ramp_min_requests", "ramp_min_seconds",
-    "rollback_error_rate", "rollback_latency_ratio", "rollback_window",
+    "rollback_error_rate", "rollback_latency_ratio", "rollback_window", "shadow", "shadow_share",
 }  # fmt: skip
 EVALUATE_EVERY = 10  # canary outcomes between two checks of the rollback rule
 MAX_EVENTS = 50
@@ -78,6 +87,8 @@ class ModelRollout:
     rollback_error_rate: float | None = None
     rollback_latency_ratio: float | None = None
     rollback_window: int = 100
+    shadow: str = ""
+    shadow_share: float = 0.0
 
     def choose(self, model: str, sticky: bytes | None, rng: random.Random) -> str:
         return pick(model, self.stable, self.canary, self.canary_share, sticky, rng)
@@ -121,6 +132,42 @@ class Window:
 
 
 @dataclass(slots=True)
+class ShadowStats:
+    """How a shadow version's answers compare with the answers clients got."""
+
+    sent: int = 0
+    failed: int = 0
+    compared: int = 0
+    max_abs_diff: float = 0.0
+    argmax_rows: int = 0
+    argmax_agree: int = 0
+
+    def compare(self, served: dict[str, Any], shadow: dict[str, Any]) -> None:
+        """Outputs by name (numpy arrays) of the client's answer and of the shadow's."""
+        self.compared += 1
+        for name, a in served.items():
+            b = shadow.get(name)
+            if b is None or a.shape != b.shape or a.dtype.kind not in "fiu":
+                continue
+            if a.size:
+                self.max_abs_diff = max(self.max_abs_diff, float(np.max(np.abs(a.astype(np.float64) - b))))
+            if a.ndim == 2 and a.shape[1] > 1 and a.dtype.kind == "f":
+                self.argmax_rows += a.shape[0]
+                self.argmax_agree += int(np.sum(a.argmax(axis=1) == b.argmax(axis=1)))
+
+    def snapshot(self, version: str, share: float) -> dict[str, Any]:
+        return {
+            "version": version,
+            "share": share,
+            "sent": self.sent,
+            "failed": self.failed,
+            "compared": self.compared,
+            "max_abs_diff": self.max_abs_diff,
+            "argmax_agreement": round(self.argmax_agree / self.argmax_rows, 6) if self.argmax_rows else None,
+        }
+
+
+@dataclass(slots=True)
 class RolloutState:
     """Where a model's rollout stands now: the file's table, moved on by automatic decisions
     and operator actions."""
@@ -136,6 +183,7 @@ class RolloutState:
     windows: dict[str, Window] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
     since_check: int = 0
+    shadow: ShadowStats = field(default_factory=lambda: ShadowStats())
 
     @classmethod
     def start(cls, config: ModelRollout, now: float) -> RolloutState:
@@ -238,6 +286,7 @@ class RolloutState:
                 for v, w in sorted(self.windows.items())
             },
             "events": self.events,
+            "shadow": self.shadow.snapshot(c.shadow, c.shadow_share) if c.shadow else None,
         }
 
 
@@ -294,9 +343,18 @@ def parse_rollouts(data: dict[str, Any]) -> dict[str, ModelRollout]:
                 if value < low:
                     raise RolloutError(f"{where}.{key} must be >= {low}, got {value!r}")
                 numbers[key] = kind(value)
+        shadow = _version(table["shadow"], f"{where}.shadow") if "shadow" in table else ""
+        shadow_share = table.get("shadow_share", 0.1 if shadow else 0.0)
+        if not (shadow_share == 0 or _share(shadow_share)):
+            raise RolloutError(f"{where}.shadow_share must be a number in 0..1, got {shadow_share!r}")
+        if shadow_share and not shadow:
+            raise RolloutError(f"{where}.shadow_share is set but there is no shadow version")
+        if shadow and shadow == stable:
+            raise RolloutError(f"{where}: the shadow is the stable version ({stable})")
         out[name] = ModelRollout(
-            stable, canary, float(share), sticky.lower().encode(), tuple(float(x) for x in ramp), **numbers
-        )
+            stable, canary, float(share), sticky.lower().encode(), tuple(float(x) for x in ramp), **numbers,
+            shadow=shadow, shadow_share=float(shadow_share),
+        )  # fmt: skip
     return out
 
 
@@ -363,6 +421,17 @@ class Rollouts:
         header = state.config.sticky_header
         sticky = headers.get(header) if headers and header else None
         return state.choose(model, sticky, self._rng)
+
+    def shadow_for(self, model: str) -> str:
+        """The shadow version to mirror this request to, or "" (by the model's shadow share)."""
+        state = self.states.get(model)
+        if state is None or not state.config.shadow or self._rng.random() >= state.config.shadow_share:
+            return ""
+        return state.config.shadow
+
+    def shadow_stats(self, model: str) -> ShadowStats | None:
+        state = self.states.get(model)
+        return state.shadow if state is not None else None
 
     def count(self, model: str, version: str) -> None:
         """One request of ``model`` sent to ``version`` through the rollout."""

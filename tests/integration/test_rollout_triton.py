@@ -97,6 +97,19 @@ def test_canary_share_sticky_clients_reload_and_a_rejected_file(fleet_factory, t
         assert view["status"] == "promoted" and view["stable"] == "2", view
         assert [e["event"] for e in view["events"]] == ["ramp", "ramp", "promote"]
         assert served(30) == {"2": 30}
+        # Shadow mode: version 1 gets a copy of every request; clients only ever see version 2.
+        write(rollout, f'[models.{BREAST_CANCER.name}]\nstable = "2"\nshadow = "1"\nshadow_share = 1.0\n', 5 * 10**18)
+        deadline = time.monotonic() + 10
+        while http.get("/v2/gateway/rollout").json()["models"][BREAST_CANCER.name]["shadow"] is None:
+            assert time.monotonic() < deadline, "the shadow was not picked up"
+            time.sleep(0.1)
+        assert served(40) == {"2": 40}
+        deadline = time.monotonic() + 10
+        while (shadow := http.get("/v2/gateway/rollout").json()["models"][BREAST_CANCER.name]["shadow"])["compared"] < 40:
+            assert time.monotonic() < deadline, shadow
+            time.sleep(0.1)
+        # Same weights in both versions: the answers agree exactly.
+        assert shadow["failed"] == 0 and shadow["max_abs_diff"] == 0.0 and shadow["argmax_agreement"] == 1.0
 
 
 FAULTY = '''

@@ -237,3 +237,17 @@ async def test_a_version_that_leaves_between_choice_and_answer_is_chosen_again_o
     with pytest.raises(UpstreamError, match="not found"):
         await pipeline.infer(named)
     await pipeline.close(0)
+
+
+async def test_a_shadow_version_gets_a_copy_and_is_compared_but_never_answers() -> None:
+    router = FakeRouter()
+    rollouts = Rollouts(seed=0)
+    rollouts.set_models({"m": ModelRollout("1", shadow="3", shadow_share=1.0)})
+    pipeline = InferencePipeline(BatchingConfig(enabled=False), router, FakeMetadata(info(8)), rollouts=rollouts)  # type: ignore[arg-type]
+    router.available = lambda model, version: True  # type: ignore[attr-defined]
+    response = await pipeline.infer(request(rows=3))
+    await pipeline.close(1.0)  # lets the shadow finish
+    assert response.version == "1" and sorted(router.versions) == ["1", "3"]
+    shadow = rollouts.snapshot()["models"]["m"]["shadow"]
+    assert shadow == {"version": "3", "share": 1.0, "sent": 1, "failed": 0, "compared": 1, "max_abs_diff": 0.0,
+                      "argmax_agreement": 1.0}  # fmt: skip

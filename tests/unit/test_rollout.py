@@ -192,6 +192,9 @@ def test_an_unchanged_table_keeps_its_state_across_reloads_and_a_changed_one_sta
         ({"ramp_min_requests": 0}, "ramp_min_requests must be >= 1"),
         ({"rollback_window": 5}, "rollback_window must be >= 10"),
         ({"rollback_latency_ratio": "2"}, "rollback_latency_ratio must be a number"),
+        ({"shadow": "1"}, "the shadow is the stable version"),
+        ({"shadow": "3", "shadow_share": 2.0}, "shadow_share must be a number in 0..1"),
+        ({"shadow_share": 0.5}, "there is no shadow version"),
     ],
 )
 def test_bad_ramp_and_rollback_settings_are_rejected(extra: dict, message: str) -> None:
