@@ -18,7 +18,7 @@ The rollout file (TOML, ``[rollout] file`` in the gateway config) holds one tabl
     shadow_share = 0.1            # ...this share of them; clients never see its answers
 
 A request naming a version (``/v2/models/{m}/versions/{v}/infer``) bypasses the rollout; a model
-without a table is served by the newest version READY in the fleet. With a sticky header, the
+without a table is served by the newest version READY on every instance. With a sticky header, the
 choice is a hash of the model and the header's value: the same client always gets the same
 version for a given share, and raising the share only moves clients from stable to canary. A
 request without the header is drawn at random.

@@ -77,18 +77,30 @@ class Router:
         return [i.snapshot(now) for i in self.instances]
 
     def newest_version(self, model: str) -> str:
-        """The newest version of ``model`` READY on an up instance, "" if none is known.
+        """The version a request naming none is pinned to: the newest READY on every up instance
+        that holds the model; "" if none is known.
 
-        A request that names no version is pinned to it, so that while a new version rolls out
-        across the fleet every answer comes from the same version (left to itself, each Triton
-        instance would answer with its own newest), and only instances holding it serve it."""
-        best = None
+        So a version published to the repository becomes the default only once it is loaded
+        across the fleet (not on the first instance to load it, which would then take all the
+        traffic), every answer meanwhile comes from one version (left to itself, each Triton
+        instance would answer with its own newest), and only instances holding it serve it.
+        If the instances hold no version in common, the newest READY anywhere is used."""
+        common: set[int] | None = None
+        newest_anywhere = None
         for instance in self.instances:
-            if instance.routable:
-                newest = instance.newest(model)
-                if newest is not None and (best is None or newest > best):
-                    best = newest
-        return "" if best is None else str(best)
+            if not instance.routable or instance.models is None:
+                continue
+            versions = instance.models.get(model)
+            if not versions:
+                continue
+            numbers = {int(v) for v in versions if v.isdigit()}
+            common = numbers if common is None else common & numbers
+            top = instance.newest(model)
+            if top is not None and (newest_anywhere is None or top > newest_anywhere):
+                newest_anywhere = top
+        if common:
+            return str(max(common))
+        return "" if newest_anywhere is None else str(newest_anywhere)
 
     def available(self, model: str, version: str) -> bool:
         """Whether an up instance holds the version, or may (its repository index is unknown)."""

@@ -284,14 +284,16 @@ async def test_inputs_are_prepared_only_once_an_instance_is_free_and_may_be_with
     assert prepared == [True] and len(client.calls) == 1 and a.outstanding == 0
 
 
-def test_the_newest_version_is_the_highest_ready_on_an_up_instance() -> None:
+def test_the_default_version_is_the_newest_ready_on_every_up_instance_holding_the_model() -> None:
     a, b, c = Instance("a"), Instance("b"), Instance("c", live=False)
-    a.models = {"m": frozenset({"1", "2"})}
-    b.models = {"m": frozenset({"1", "10"})}
+    a.models = {"m": frozenset({"1", "2", "10"})}
+    b.models = {"m": frozenset({"1", "10"}), "other": frozenset({"4"})}
     c.models = {"m": frozenset({"11"})}  # down: does not count
     router = make_router(FakeClient(), a, b, c)
+    assert router.newest_version("m") == "10" and router.newest_version("other") == "4"
+    b.forget("m", "10")  # b has not loaded 10 (yet): 10 is not the default until it has
+    assert router.newest_version("m") == "1"
+    b.models = {"m": frozenset({"3"})}  # nothing in common: the newest anywhere
     assert router.newest_version("m") == "10"
-    b.forget("m", "10")
-    assert router.newest_version("m") == "2"
     assert router.newest_version("unknown") == ""
     assert make_router(FakeClient(), Instance("x")).newest_version("m") == ""  # no index yet
