@@ -1,0 +1,1033 @@
+#!/usr/bin/env python3
+"""Cache benchmark: the gateway's response cache against Triton's own, on a repetitive workload.
+
+One Triton instance serves a copy of a real model (digits_cnn by default) with Triton's response
+cache enabled (``response_cache { enable: true }`` in the copy's config.pbtxt, and
+``--cache-config=local,size=N`` on the server); the gateway runs in front of that same instance
+with its own cache on (``[cache] enabled = true``; batching as in configs/local.toml). Both
+targets get the same sequence of requests from perf_analyzer (HTTP, binary tensors, batch size 1,
+``--input-data``) at the same concurrency:
+
+    .venv/bin/python perf/cache_bench.py [--model digits_cnn] [--concurrency 16,32]
+        [--requests 100000] [--repeat-share 0.9] [--zipf-s 1.1] [--time-windows]
+        [--out perf/results/$(date +%F)-cache.md]
+
+The workload: real inputs (scikit-learn's digits images, or breast cancer rows) in a sequence in
+which each request is a first-time input with probability 1 - repeat_share (0.10), otherwise a
+repeat of an earlier input drawn with Zipf(s) weights over the inputs seen so far, ranked by
+first appearance. The share of first-time inputs is thus the same in every part of the sequence,
+from a cold cache on. Beyond the real rows, new inputs are copies scaled by 1 + k/4096.
+
+The measurement: perf_analyzer sends the whole sequence once (``--request-count N``) and reports
+throughput and latencies over all of it, so what each target serves is exactly the designed
+workload. compare.py's time windows (``--time-windows``) replay the sequence until throughput is
+stable, which on this machine means several hundred thousand requests: the sequence wraps and
+every request after the first pass repeats an earlier one (the report flags it).
+
+Every measurement starts cold: Triton is restarted (empty response cache) before each run, and
+the gateway, started after it, is new for each gateway run. Per concurrency: direct, then the
+gateway.
+
+It checks answers first (16 inputs sent at once through the gateway, which batches them, equal to
+Triton's answers for the same inputs within 1e-5 with the same argmax; the same 16 again say
+``X-Cache: hit`` with the same answers; 16 identical requests at once for a new input give one
+miss, the others coalesced or hit), then measures, reads the cache counters after each run
+(Triton's ``cache_hit``/``cache_miss`` statistics, the gateway's ``/v2/gateway/cache``) and
+the CPU time each process used during the traffic, and reports:
+
+* at each concurrency: gateway / direct throughput > 1.0 (the gateway ahead): PASS/FAIL
+
+Ports: Triton HTTP 8460, gRPC 8560, metrics 8660; gateway 8470 (--base-port moves them all).
+Everything it starts runs in its own process group and is stopped (SIGTERM, then SIGKILL) on
+exit, error, Ctrl-C or SIGTERM. See perf/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import re
+import resource
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "triton"))
+sys.path.insert(0, str(HERE))
+import fleet  # noqa: E402  (triton/ is deliberately not a package)
+from compare import (  # noqa: E402
+    HOST,
+    PERF_ANALYZER,
+    PYTHON,
+    Measurement,
+    Proc,
+    Runner,
+    _raise_interrupt,
+    exit_description,
+    fmt_ms,
+    fmt_tp,
+    http_get,
+    indent,
+    machine_info,
+    other_perf_analyzers,
+    parse_csv,
+    parse_stdout,
+    pick,
+    port_free,
+    wait_http_ok,
+)
+
+MODELS = ("digits_cnn", "breast_cancer_mlp")
+DIRECT = "direct (Triton cache)"
+GATEWAY = "gateway (gateway cache)"
+TARGET_RATIO = 1.0  # the gateway ahead: strictly more infer/s than Triton direct
+TOLERANCE = 1e-5  # answers through the gateway against Triton's
+LOCAL_TOML = REPO / "configs" / "local.toml"
+OTHERS = "other processes"  # CPU the machine spent outside the processes measured
+VARIANT_STEP = 1.0 / 4096  # relative scale between the copies of one real input
+
+
+# -- the workload ----------------------------------------------------------------------------
+
+
+def real_inputs(model: str) -> np.ndarray:
+    """The real rows the workload draws from, float32 in the model's layout (batch dim first)."""
+    from sklearn.datasets import load_breast_cancer, load_digits
+
+    if model == "digits_cnn":
+        return np.ascontiguousarray(load_digits().images.reshape(-1, 1, 8, 8), dtype=np.float32)
+    return np.ascontiguousarray(load_breast_cancer().data, dtype=np.float32)
+
+
+@dataclass
+class Workload:
+    sequence: np.ndarray  # index into `inputs` of each request, in order
+    inputs: np.ndarray  # the distinct inputs, in order of first appearance
+    base_rows: int  # real rows the inputs come from
+    first_seen: np.ndarray  # cumulative count of distinct inputs after each request
+
+    @property
+    def requests(self) -> int:
+        return len(self.sequence)
+
+    def repeat_share(self, prefix: int | None = None) -> float:
+        """Share of requests that repeat an earlier input, over the whole sequence or the first
+        `prefix` requests (what one run sent, if it did not wrap)."""
+        n = self.requests if prefix is None else max(1, min(prefix, self.requests))
+        return 1.0 - int(self.first_seen[n - 1]) / n
+
+    def describe(self, s: float) -> str:
+        distinct = len(self.inputs)
+        copies = -(-distinct // self.base_rows)
+        return (
+            f"{self.requests} requests over {distinct} distinct inputs: {self.repeat_share():.1%} repeat an earlier "
+            f"input; repeats drawn with Zipf(s={s:g}) weights by order of first appearance; inputs: "
+            f"{self.base_rows} real rows, then copies scaled by 1 + k/4096 (k <= {copies - 1})"
+        )
+
+
+def make_workload(model: str, requests: int, repeat_share: float, s: float, seed: int) -> Workload:
+    """A sequence of `requests` in which each one is new with probability 1 - repeat_share, else a
+    repeat of an earlier input with Zipf(s) weights over the inputs seen so far (rank 1 = the
+    first seen). New inputs are the real rows in a seeded random order, then copies of them
+    scaled by 1 + k/4096: as near-duplicates in real traffic, new bytes for any cache."""
+    rng = np.random.default_rng(seed)
+    is_new = rng.random(requests) >= repeat_share
+    is_new[0] = True
+    first_seen = np.cumsum(is_new)  # distinct inputs after each request
+    distinct = int(first_seen[-1])
+    cdf = np.cumsum(np.arange(1, distinct + 1, dtype=np.float64) ** -s)
+    u = rng.random(requests) * cdf[first_seen - 1]
+    rank = np.minimum(np.searchsorted(cdf, u, side="right"), first_seen - 1)
+    sequence = np.where(is_new, first_seen - 1, rank)
+
+    base = real_inputs(model)
+    order = rng.permutation(len(base))
+    j = np.arange(distinct)
+    scale = (1.0 + (j // len(base)) * VARIANT_STEP).astype(np.float32)
+    inputs = base[order[j % len(base)]] * scale.reshape((-1,) + (1,) * (base.ndim - 1))
+    inputs = np.ascontiguousarray(inputs, dtype=np.float32)
+    if len({row.tobytes() for row in inputs}) != distinct:
+        raise RuntimeError("the workload's inputs are not all distinct")
+    return Workload(sequence, inputs, len(base), first_seen)
+
+
+def write_input_data(path: Path, workload: Workload, input_name: str) -> None:
+    """perf_analyzer's --input-data JSON: one entry per request, in order (binary, base64)."""
+    encoded = [base64.b64encode(row.astype("<f4").tobytes()).decode() for row in workload.inputs]
+    with open(path, "w") as out:
+        out.write('{"data":[')
+        for n, i in enumerate(workload.sequence):
+            out.write(("," if n else "") + f'{{"{input_name}":{{"b64":"{encoded[i]}"}}}}')
+        out.write("]}\n")
+
+
+# -- the model repository and the gateway's config -------------------------------------------
+
+
+def make_repository(root: Path, model: str) -> Path:
+    """A copy of model_repository/<model> with Triton's response cache enabled in its config."""
+    repository = root / "models"
+    shutil.copytree(REPO / "model_repository" / model, repository / model, ignore=shutil.ignore_patterns("__pycache__"))
+    config = repository / model / "config.pbtxt"
+    text = config.read_text()
+    if "response_cache" in text:
+        raise RuntimeError(f"{config}: already has a response_cache setting")
+    config.write_text(text.rstrip("\n") + "\n\n# Added by perf/cache_bench.py: Triton's per-model response cache.\nresponse_cache {\n  enable: true\n}\n")
+    return repository
+
+
+def local_batching() -> dict[str, Any]:
+    """configs/local.toml's [batching] scalars (per-model tables left out)."""
+    table = tomllib.loads(LOCAL_TOML.read_text()).get("batching", {})
+    return {k: v for k, v in table.items() if not isinstance(v, dict)}
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    return repr(v)
+
+
+def gateway_toml(triton_url: str, port: int, batching: dict[str, Any], ttl_s: float) -> str:
+    lines = [
+        "[server]",
+        f'host = "{HOST}"',
+        f"port = {port}",
+        "",
+        "[upstream]",
+        f'instances = [ {{ url = "{triton_url}", weight = 1 }} ]',
+        "",
+        "[batching]  # as in configs/local.toml",
+        *(f"{k} = {toml_value(v)}" for k, v in batching.items()),
+        "",
+        "[cache]",
+        "enabled = true",
+        f"ttl_s = {ttl_s:g}  # longer than a run: no entry expires while measured (Triton's have no TTL)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# -- talking to the targets ------------------------------------------------------------------
+
+
+def model_io(url: str, model: str) -> tuple[str, str, list[str]]:
+    status, body = http_get(f"{url}/v2/models/{model}", timeout=5.0)
+    if status != 200:
+        raise RuntimeError(f"{url}: metadata of {model} answered {status}")
+    meta = json.loads(body)
+    inp = meta["inputs"][0]
+    return inp["name"], inp["datatype"], [o["name"] for o in meta["outputs"]]
+
+
+def infer_binary(url: str, model: str, input_name: str, row: np.ndarray, output: str = "probabilities") -> tuple[np.ndarray, str]:
+    """One batch-1 request with a binary input tensor and a binary output, as perf_analyzer
+    sends them; the output row and the X-Cache header ("" when there is none)."""
+    blob = row.astype("<f4").tobytes()
+    header = json.dumps(
+        {
+            "inputs": [{"name": input_name, "datatype": "FP32", "shape": [1, *row.shape], "parameters": {"binary_data_size": len(blob)}}],
+            "outputs": [{"name": output, "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    req = urllib.request.Request(
+        f"{url}/v2/models/{model}/infer",
+        data=header + blob,
+        headers={"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"},
+        method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        body = resp.read()
+        x_cache = resp.headers.get("X-Cache", "")
+        length = int(resp.headers.get("Inference-Header-Content-Length", len(body)))
+    doc = json.loads(body[:length])
+    offset = length
+    for out in doc["outputs"]:
+        size = int(out.get("parameters", {}).get("binary_data_size", 0))
+        if out["name"] == output:
+            if size:
+                return np.frombuffer(body[offset : offset + size], dtype="<f4").copy(), x_cache
+            return np.asarray(out["data"], dtype=np.float32), x_cache
+        offset += size
+    raise RuntimeError(f"{url}: no output {output!r} in the answer")
+
+
+def check_answers(triton_url: str, gw_url: str, model: str, input_name: str, workload: Workload, n: int = 16) -> list[str]:
+    """Right answers and cache behaviour before measuring; raises RuntimeError on a wrong one.
+    Uses inputs that the measured sequence also holds: both targets are restarted afterwards."""
+    rows = workload.inputs[:n]
+    fresh = workload.inputs[n]
+
+    def close(a: np.ndarray, b: np.ndarray) -> bool:
+        return a.shape == b.shape and int(a.argmax()) == int(b.argmax()) and float(np.abs(a - b).max()) <= TOLERANCE
+
+    direct = [infer_binary(triton_url, model, input_name, r)[0] for r in rows]
+    again = [infer_binary(triton_url, model, input_name, r)[0] for r in rows]  # Triton's cache hits
+    for i, (a, b) in enumerate(zip(direct, again)):
+        if not close(a, b):
+            raise RuntimeError(f"Triton answered input {i} differently from its cache: {a} vs {b}")
+    with ThreadPoolExecutor(n) as pool:
+        first = list(pool.map(lambda r: infer_binary(gw_url, model, input_name, r), rows))  # batched misses
+        second = list(pool.map(lambda r: infer_binary(gw_url, model, input_name, r), rows))  # hits
+        same = list(pool.map(lambda _: infer_binary(gw_url, model, input_name, fresh), range(n)))  # one flight
+    worst = 0.0
+    for i, (d, (g1, c1), (g2, c2)) in enumerate(zip(direct, first, second)):
+        if c1 not in ("miss", "coalesced", "hit"):
+            raise RuntimeError(f"gateway: first request for input {i} says X-Cache {c1!r}, expected miss")
+        if c2 != "hit":
+            raise RuntimeError(f"gateway: repeated input {i} says X-Cache {c2!r}, expected hit")
+        for g in (g1, g2):
+            if not close(d, g):
+                raise RuntimeError(f"gateway answered input {i} with {g}, Triton with {d} (tolerance {TOLERANCE})")
+            worst = max(worst, float(np.abs(d - g).max()))
+    sources = [c for _, c in same]
+    if sources.count("miss") != 1 or any(c not in ("miss", "coalesced", "hit") for c in sources):
+        raise RuntimeError(f"gateway: {n} identical requests at once said X-Cache {sources}, expected one miss")
+    ref = infer_binary(triton_url, model, input_name, fresh)[0]
+    if not all(close(ref, g) for g, _ in same):
+        raise RuntimeError("gateway: identical requests at once got an answer different from Triton's")
+    first_sources = sorted({c for _, c in first})
+    return [
+        f"{n} inputs sent at once through the gateway (batched, X-Cache {'/'.join(first_sources)}): same argmax as "
+        f"Triton, probabilities within {worst:.1e} (tolerance {TOLERANCE:g})",
+        f"the same {n} again: all X-Cache hit, same answers; Triton's own repeat of each (its cache): same answers",
+        f"{n} identical requests at once for a new input: {sources.count('miss')} miss, "
+        f"{sources.count('coalesced')} coalesced, {sources.count('hit')} hit, all with Triton's answer",
+    ]
+
+
+# -- statistics ------------------------------------------------------------------------------
+
+
+@dataclass
+class TritonCounters:
+    success: int = 0  # requests answered (cache hits included)
+    cache_hit: int = 0
+    cache_miss: int = 0
+    inferences: int = 0  # rows executed by the model
+    executions: int = 0
+    cache_hit_ns: int = 0
+    cache_miss_ns: int = 0
+
+    def minus(self, before: TritonCounters) -> TritonCounters:
+        return TritonCounters(*(getattr(self, f) - getattr(before, f) for f in self.__dataclass_fields__))
+
+
+def triton_counters(url: str, model: str) -> TritonCounters:
+    status, body = http_get(f"{url}/v2/models/{model}/stats", timeout=5.0)
+    if status != 200:
+        raise RuntimeError(f"{url}: statistics answered {status}: {body[:200]!r}")
+    total = TritonCounters()
+    for version in json.loads(body).get("model_stats", []):
+        stats = version.get("inference_stats", {})
+        total.success += int(stats.get("success", {}).get("count", 0))
+        total.cache_hit += int(stats.get("cache_hit", {}).get("count", 0))
+        total.cache_miss += int(stats.get("cache_miss", {}).get("count", 0))
+        total.cache_hit_ns += int(stats.get("cache_hit", {}).get("ns", 0))
+        total.cache_miss_ns += int(stats.get("cache_miss", {}).get("ns", 0))
+        total.inferences += int(version.get("inference_count", 0))
+        total.executions += int(version.get("execution_count", 0))
+    return total
+
+
+def gateway_counters(gw_url: str, model: str) -> dict[str, int]:
+    status, body = http_get(f"{gw_url}/v2/gateway/cache", timeout=5.0)
+    if status != 200:
+        raise RuntimeError(f"{gw_url}/v2/gateway/cache answered {status}")
+    return {k: int(v) for k, v in json.loads(body).get("models", {}).get(model, {}).items()}
+
+
+_CLK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(path: Path) -> list[str] | None:
+    try:
+        return path.read_text().rsplit(")", 1)[1].split()  # from the state on: field 3 of the file
+    except (OSError, IndexError):
+        return None
+
+
+def group_cpu_s(pgid: int | None) -> float:
+    """CPU seconds (user + system) used so far by the live processes of one process group."""
+    if pgid is None:
+        return 0.0
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        fields = _stat_fields(stat)
+        if fields and int(fields[2]) == pgid:  # pgrp
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / _CLK
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all cores have spent busy (not idle, not waiting for I/O) since boot."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return (sum(ticks) - ticks[3] - ticks[4]) / _CLK  # user nice system idle iowait irq softirq steal
+
+
+def process_cpu_s(pid: int) -> float:
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+    return (int(fields[11]) + int(fields[12])) / _CLK if fields else 0.0
+
+
+ATTEMPTS = 4  # per measurement, each from cold, when perf_analyzer found no stable measurement or hung
+HANG_S = 20.0  # perf_analyzer still running this long after its last request was answered: stuck
+
+
+class TrafficClock(threading.Thread):
+    """Watches one perf_analyzer run through the target's request counter: notes when the traffic
+    starts (the counter first moves, once perf_analyzer has loaded its input data) and, with
+    --request-count, when it ends (all requests answered), with every process's CPU clock at
+    both moments, so that per-request CPU covers the traffic only (not perf_analyzer's start-up
+    nor its writing the export afterwards).
+
+    It is also a watchdog: perf_analyzer 2.48 with --request-count sometimes never exits after
+    every request was answered (it keeps waiting for one it counts as outstanding; seen about once
+    in ten runs against the gateway, with a second run on the same gateway process). If it is
+    still running HANG_S after the last answer, the watchdog stops it and the run counts as
+    failed (main() retries it from cold)."""
+
+    def __init__(self, runner: Runner, answered: Any, groups: dict[str, int], expected: int | None) -> None:
+        super().__init__(daemon=True)
+        self.runner, self.answered, self.groups, self.expected = runner, answered, groups, expected
+        self.stop = threading.Event()
+        self.started = time.monotonic()
+        self.start_at: float | None = None
+        self.end_at: float | None = None
+        self.cpu_start: dict[str, float] = {}
+        self.cpu_end: dict[str, float] = {}
+        self.hung = False
+
+    def snapshot(self, pid: int) -> dict[str, float]:
+        cpu = {k: group_cpu_s(g) for k, g in self.groups.items()}
+        cpu["perf_analyzer"] = process_cpu_s(pid)
+        cpu["machine"] = machine_busy_s()
+        return cpu
+
+    def run(self) -> None:
+        try:
+            before = self.answered()
+            while not self.stop.wait(0.1):
+                proc = self.runner.current
+                if proc is None:
+                    continue
+                done = self.answered() - before
+                if self.start_at is None and done > 0:
+                    self.start_at, self.cpu_start = time.monotonic(), self.snapshot(proc.pid)
+                if self.expected is not None and self.end_at is None and done >= self.expected:
+                    self.end_at, self.cpu_end = time.monotonic(), self.snapshot(proc.pid)
+                if self.end_at is not None and time.monotonic() - self.end_at > HANG_S and proc.poll() is None:
+                    self.hung = True
+                    self.runner.stop_current()
+                    return
+        except Exception:  # a failed probe leaves the moments unset: the report then has no CPU figures
+            return
+
+    def figures(self, run: Run, pa_cpu_total: float) -> None:
+        """Fill the run's traffic time and CPU figures (end = perf_analyzer's exit when the
+        counter never reached the expected count, or with time windows)."""
+        if self.start_at is None:
+            return
+        if self.end_at is None:
+            self.end_at = time.monotonic()
+            self.cpu_end = {k: group_cpu_s(g) for k, g in self.groups.items()}
+            self.cpu_end["perf_analyzer"] = pa_cpu_total
+            self.cpu_end["machine"] = machine_busy_s()
+        run.wall_s, run.load_s = self.end_at - self.start_at, self.start_at - self.started
+        run.cpu_s = {k: self.cpu_end[k] - self.cpu_start[k] for k in [*self.groups, "perf_analyzer"]}
+        busy = self.cpu_end["machine"] - self.cpu_start["machine"]
+        run.cpu_s[OTHERS] = max(0.0, busy - sum(run.cpu_s.values()))
+
+
+@dataclass
+class Run:
+    """One measurement and what the counters and CPU clocks say about it."""
+
+    m: Measurement
+    wall_s: float = 0.0  # traffic only: from the first answered request to perf_analyzer's exit
+    load_s: float = 0.0  # perf_analyzer's start-up (loading the input data) before it
+    requests: int = 0  # requests the target answered during the run
+    hits: int = 0
+    misses: int = 0
+    coalesced: int = 0
+    upstream: TritonCounters = field(default_factory=TritonCounters)  # Triton's counters
+    cpu_s: dict[str, float] = field(default_factory=dict)  # process -> CPU seconds over the run
+
+    @property
+    def hit_rate(self) -> float | None:
+        looked_up = self.hits + self.misses + self.coalesced
+        return self.hits / looked_up if looked_up else None
+
+    @property
+    def others_cores(self) -> float:
+        """Cores that processes not measured here kept busy during the traffic, on average."""
+        return self.cpu_s.get(OTHERS, 0.0) / self.wall_s if self.wall_s else 0.0
+
+    def cpu_us_per_request(self, name: str) -> float | None:
+        if not self.requests or name not in self.cpu_s:
+            return None
+        return self.cpu_s[name] / self.requests * 1e6
+
+
+_SENT = re.compile(rb'"timestamp":(\d+)')
+_ANSWERED = re.compile(rb'"response_timestamps":\[(\d+)')
+
+
+def from_export(path: Path, m: Measurement) -> bool:
+    """Throughput and latencies from perf_analyzer's profile export (every request's send and
+    answer timestamps), over the whole run; the file is removed afterwards (it is large)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    sent = np.array(_SENT.findall(data), dtype=np.int64)
+    answered = np.array(_ANSWERED.findall(data), dtype=np.int64)
+    path.unlink(missing_ok=True)
+    if not len(sent) or len(sent) != len(answered):
+        return False
+    latency_us = (answered - sent) / 1000.0
+    m.throughput = len(sent) / ((answered.max() - sent.min()) / 1e9)
+    m.p50_us, m.p99_us = (float(v) for v in np.percentile(latency_us, [50, 99]))
+    m.avg_us = float(latency_us.mean())
+    return True
+
+
+def measurement_options(args: argparse.Namespace) -> list[str]:
+    """perf_analyzer's measurement: the whole sequence once (default), or compare.py's windows."""
+    if args.time_windows:
+        return [
+            "--measurement-mode", "time_windows",
+            "--measurement-interval", str(args.interval_ms),
+            "--stability-percentage", str(args.stability_percentage),
+            "--max-trials", str(args.max_trials),
+        ]  # fmt: skip
+    return ["--request-count", str(args.requests)]
+
+
+def measurement_description(args: argparse.Namespace) -> str:
+    if args.time_windows:
+        return (
+            f"time_windows {args.interval_ms} ms, stability {args.stability_percentage}%, max trials {args.max_trials} "
+            "(compare.py's; perf_analyzer replays the sequence as long as it needs)"
+        )
+    return (
+        f"--request-count {args.requests}: the whole sequence, each request once; throughput and latencies over all "
+        "of it, from perf_analyzer's per-request timestamps (--profile-export-file)"
+    )
+
+
+class CacheRunner(Runner):
+    """compare.Runner's perf_analyzer run and parsing, with --input-data added, and the CPU time
+    perf_analyzer used (its rusage, once reaped)."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path, input_data: Path) -> None:
+        super().__init__(args, workdir)
+        self.input_data = input_data
+        self.last_cpu_s = 0.0
+
+    def _measure_once(self, target: str, server: str, port: int, concurrency: int) -> Measurement:
+        self.count += 1
+        csv_path = self.workdir / f"pa-{self.count}.csv"
+        cmd = [
+            str(PERF_ANALYZER),
+            "-m", self.args.model,
+            "-u", f"{HOST}:{port}",
+            "-i", "http",
+            "--input-data", str(self.input_data),
+            "--concurrency-range", str(concurrency),
+            *measurement_options(self.args),
+            "-f", str(csv_path),
+        ]  # fmt: skip
+        export = self.workdir / f"pa-{self.count}-requests.json"
+        if not self.args.time_windows:
+            cmd += ["--profile-export-file", str(export)]
+        m = Measurement(target, server, concurrency, command=cmd)
+        print(f"  perf_analyzer -> {m.label:<24} c={concurrency:<3} ...", end="", flush=True)
+        # Worst case, then it is stuck: max_trials windows (1.2 x the interval each, plus their
+        # summaries), or the whole sequence at 500 infer/s; plus loading the input data.
+        if self.args.time_windows:
+            timeout = self.args.interval_ms / 1000 * 3 * (self.args.max_trials + 3) + 90 + self.args.requests / 5000
+        else:
+            timeout = self.args.requests / 500 + 90 + self.args.requests / 5000
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.current = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=fleet._die_with(os.getpid()),
+        )
+        try:
+            out, _ = self.current.communicate(timeout=timeout)
+            rc = self.current.returncode
+        except subprocess.TimeoutExpired:
+            self.stop_current()
+            out, rc = b"", None
+        except BaseException:
+            self.stop_current()
+            raise
+        finally:
+            self.current = None
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.last_cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+        text = out.decode(errors="replace")
+        (self.workdir / f"pa-{self.count}.log").write_text(shlex.join(cmd) + "\n\n" + text)
+        got_csv = rc == 0 and parse_csv(csv_path, m)
+        parse_stdout(text, m)
+        if rc == 0 and not self.args.time_windows:
+            # perf_analyzer times a request-count run in whole seconds (it checks every second
+            # whether all requests are done), up to a second too long: use its per-request
+            # timestamps instead, from the first request sent to the last answer.
+            got_csv = from_export(export, m) or got_csv
+        if rc is None:
+            m.error = f"perf_analyzer timed out after {timeout:.0f}s"
+        elif rc != 0 or not got_csv:
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            if any("stable" in ln.lower() for ln in lines[-5:]) and m.throughput is not None:
+                m.unstable = True  # the numbers are the last window's
+            else:
+                m.error = f"perf_analyzer exit {rc}: " + " | ".join(lines[-4:])[:500]
+        if m.error:
+            print(f" ERROR\n    {m.error}")
+        else:
+            flag = " (unstable)" if m.unstable else ""
+            print(f" {m.throughput:9.1f} infer/s  p50 {m.p50_us / 1000:7.2f} ms  p99 {m.p99_us / 1000:7.2f} ms{flag}")
+        return m
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
+def us(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
+def table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, r in enumerate(rows):
+        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+        if n == 0:
+            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return lines
+
+
+def results_table(runs: list[Run]) -> list[str]:
+    rows = [("target", "concurrency", "infer/s", "p50 ms", "p99 ms", "avg ms", "hit rate", "note")]
+    for r in sorted(runs, key=lambda r: r.m.concurrency):
+        m = r.m
+        note = ("ERROR: " + m.error[:60]) if m.error else ("unstable" if m.unstable else "")
+        rows.append(
+            (m.label, str(m.concurrency), fmt_tp(m.throughput), fmt_ms(m.p50_us), fmt_ms(m.p99_us), fmt_ms(m.avg_us), pct(r.hit_rate), note)
+        )
+    return table(rows)
+
+
+def counters_table(runs: list[Run], workload: Workload) -> list[str]:
+    rows = [
+        (
+            "target", "c", "requests", "traffic s", "sequence", "repeat share sent", "hits", "misses", "coalesced",
+            "Triton executions (rows)", "CPU µs/request: Triton", "gateway", "perf_analyzer", "other load (cores)",
+        )
+    ]  # fmt: skip
+    for r in sorted(runs, key=lambda r: r.m.concurrency):
+        if not r.requests:
+            continue
+        wrapped = r.requests > workload.requests
+        up = r.upstream
+        rows.append(
+            (
+                r.m.label,
+                str(r.m.concurrency),
+                str(r.requests),
+                f"{r.wall_s:.1f}",
+                f"{r.requests / workload.requests:.0%}" + (" WRAPPED" if wrapped else ""),
+                pct(workload.repeat_share(r.requests)) if not wrapped else "> designed",
+                str(r.hits),
+                str(r.misses),
+                str(r.coalesced),
+                f"{up.executions} ({up.inferences})",
+                us(r.cpu_us_per_request("triton")),
+                us(r.cpu_us_per_request("gateway")),
+                us(r.cpu_us_per_request("perf_analyzer")),
+                f"{r.others_cores:.2f}",
+            )
+        )
+    return table(rows)
+
+
+def verdict_lines(runs: list[Run], concurrencies: list[int]) -> tuple[list[str], bool]:
+    lines, ok_all = [], True
+    results = [r.m for r in runs]
+    for c in concurrencies:
+        d, g = pick(results, DIRECT, "-", c), pick(results, GATEWAY, "-", c)
+        if d is None or g is None:
+            lines.append(f"c={c}: gateway / direct throughput: N/A (missing measurement): FAIL")
+            ok_all = False
+            continue
+        ratio = g.throughput / d.throughput
+        ok = ratio > TARGET_RATIO
+        ok_all = ok_all and ok
+        lines.append(
+            f"c={c}: gateway / direct throughput = {g.throughput:.1f} / {d.throughput:.1f} = {ratio:.2f} "
+            f"(target > {TARGET_RATIO:.1f}, the gateway ahead): {'PASS' if ok else 'FAIL'}"
+        )
+    return lines, ok_all
+
+
+def stat_lines(runs: list[Run]) -> list[str]:
+    lines = []
+    for r in sorted(runs, key=lambda r: r.m.concurrency):
+        if not r.requests:
+            continue
+        up = r.upstream
+        cpu = ", ".join(f"{k} {v:.1f} s ({v / r.wall_s:.0%} of a core)" for k, v in r.cpu_s.items()) if r.wall_s else ""
+        if r.m.target == DIRECT:
+            lookup = f"{up.cache_hit_ns / max(1, up.cache_hit) / 1000:.1f} µs per hit lookup (Triton's own timing)"
+            lines.append(
+                f"{r.m.label}, c={r.m.concurrency}: Triton cache {up.cache_hit} hits, {up.cache_miss} misses "
+                f"({pct(r.hit_rate)}), {lookup}; {up.executions} executions for {up.inferences} rows "
+                f"(mean batch {up.inferences / max(1, up.executions):.2f}); CPU: {cpu}"
+            )
+        else:
+            lines.append(
+                f"{r.m.label}, c={r.m.concurrency}: gateway cache {r.hits} hits, {r.misses} misses, {r.coalesced} "
+                f"coalesced ({pct(r.hit_rate)} hits); behind it Triton answered {up.success} requests "
+                f"({up.cache_hit} from its own cache, {up.cache_miss} misses), {up.executions} executions for "
+                f"{up.inferences} rows (mean batch {up.inferences / max(1, up.executions):.2f}); CPU: {cpu}"
+            )
+    return lines
+
+
+def render(
+    args: argparse.Namespace, command: str, info: dict[str, str], workload: Workload, runs: list[Run],
+    checks: list[str], batching: dict[str, Any],
+) -> tuple[str, str, bool]:  # fmt: skip
+    target_lines, ok = verdict_lines(runs, args.concurrency)
+    settings = (
+        f"model {args.model}, concurrency {','.join(map(str, args.concurrency))}, perf_analyzer -i http --input-data "
+        f"(binary tensors, batch size 1), {measurement_description(args)}; one Triton instance, response cache "
+        f"local {args.triton_cache_mb} MiB"
+    )
+    gateway = "1 worker (uvicorn), [cache] enabled, batching " + ", ".join(f"{k} {v}" for k, v in batching.items())
+    wl = workload.describe(args.zipf_s) + f" (seed {args.seed})"
+    method = (
+        "Each measurement starts cold: Triton restarted before each run (empty response cache); for the gateway's "
+        "runs, Triton restarted and a new gateway started in front of it. Per concurrency: direct first, then the gateway."
+    )
+    wrapped = [r for r in runs if r.requests > workload.requests]
+    warn = (
+        [f"WARNING: {len(wrapped)} run(s) sent more requests than the sequence holds (it wrapped: the repeat share "
+         f"was higher than designed); use a larger --requests"]
+        if wrapped else []
+    )  # fmt: skip
+    res = results_table(runs)
+    cnt = counters_table(runs, workload)
+    stats = stat_lines(runs)
+    text = "\n".join(
+        ["", "== Results ==", f"command: {command}", *(f"{k}: {v}" for k, v in info.items())]
+        + [f"settings: {settings}", f"gateway: {gateway}", f"workload: {wl}", f"method: {method}", ""]
+        + ["== Answers checked =="] + checks + [""]
+        + res + [""] + cnt + [""]
+        + ["== Caches and CPU over each run =="] + stats + warn + [""]
+        + ["== Target =="] + target_lines
+        + ["", "TARGET PASSES" if ok else "TARGET FAILS"]
+    )  # fmt: skip
+    md = "\n".join(
+        [
+            f"# Cache benchmark ({info['date']})",
+            "",
+            "The gateway's response cache against Triton's own response cache, on the same repetitive",
+            "workload (about 90% of requests repeat an earlier input), same load, same run.",
+            "",
+            "```",
+            command,
+            "```",
+            "",
+            *(f"- {k}: {v}" for k, v in info.items()),
+            f"- settings: {settings}",
+            f"- gateway: {gateway}",
+            f"- workload: {wl}",
+            f"- method: {method}",
+            "",
+            "## Answers checked",
+            "",
+            *(f"- {ln}" for ln in checks),
+            "",
+            "## Measurements",
+            "",
+            *res,
+            "",
+            "Latencies are perf_analyzer's client-side figures; `unstable` means perf_analyzer did not reach",
+            "its stability criterion and the numbers are its last window's. Hit rate: hits / lookups over the",
+            "whole perf_analyzer run (Triton's `cache_hit`/`cache_miss` statistics for direct, the gateway's",
+            "`/v2/gateway/cache` for the gateway, where coalesced requests count as lookups but not hits).",
+            "",
+            "## Caches and CPU over each run",
+            "",
+            *cnt,
+            "",
+            "`requests`: answered by the target during the run (every window, and the traffic before the",
+            "first); `traffic s`: from the first answered request to perf_analyzer's exit (its start-up, loading",
+            "the input data, excluded); `sequence`: the share of the workload's sequence sent; `repeat share",
+            "sent`: the designed repeat share of that prefix. CPU µs/request: each process group's user + system",
+            "CPU over the traffic per request answered (Triton with its Python-backend stub); other load: the",
+            "cores the rest of the machine kept busy meanwhile (all busy CPU time less the processes measured).",
+            "",
+            *(f"- {ln}" for ln in stats + warn),
+            "",
+            "## Target",
+            "",
+            *(f"- {ln}" for ln in target_lines),
+            "",
+            f"**{'The target passes' if ok else 'The target fails'}.**",
+            "",
+        ]
+    )
+    return text, md, ok
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Gateway cache vs Triton's response cache on a repetitive workload.")
+    p.add_argument("--model", default="digits_cnn", choices=MODELS)
+    p.add_argument("--concurrency", default="16,32", help="comma-separated concurrency levels (default 16,32)")
+    p.add_argument("--requests", type=int, default=100_000, help="length of the request sequence (default 100000)")
+    p.add_argument("--repeat-share", type=float, default=0.9, help="probability that a request repeats an earlier input")
+    p.add_argument("--zipf-s", type=float, default=1.1, help="Zipf exponent of the repeats' popularity (default 1.1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--time-windows", action="store_true",
+        help="measure with compare.py's time windows instead of sending the sequence once (it may then wrap)",
+    )  # fmt: skip
+    p.add_argument("--interval-ms", type=int, default=4000, help="with --time-windows: perf_analyzer --measurement-interval (ms)")
+    p.add_argument("--stability-percentage", type=int, default=25)
+    p.add_argument("--max-trials", type=int, default=6)
+    p.add_argument("--triton-cache-mb", type=int, default=256, help="Triton's response cache size (MiB)")
+    p.add_argument("--out", help="also write the report as markdown to this file")
+    p.add_argument(
+        "--base-port", type=int, default=8460,
+        help="Triton HTTP/gRPC/metrics on base, base+100, base+200; gateway base+10",
+    )  # fmt: skip
+    args = p.parse_args(argv)
+    try:
+        args.concurrency = sorted({int(c) for c in args.concurrency.split(",") if c.strip()})
+    except ValueError:
+        p.error("--concurrency must be comma-separated integers")
+    if not args.concurrency or min(args.concurrency) < 1:
+        p.error("--concurrency needs positive integers")
+    if args.requests < 100:
+        p.error("--requests must be >= 100")
+    if not 0.0 <= args.repeat_share < 1.0:
+        p.error("--repeat-share must be in [0, 1)")
+    if args.zipf_s <= 0:
+        p.error("--zipf-s must be > 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    exe = os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else "perf/cache_bench.py"
+    python = os.path.relpath(PYTHON, Path.cwd()) if PYTHON.exists() else sys.executable
+    command = shlex.join([python, exe, *(sys.argv[1:] if argv is None else argv)])
+    info = machine_info()
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # so `finally` runs on SIGTERM too
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
+
+    base = args.base_port
+    gw_port = base + 10
+    busy = [p for p in (base, base + 100, base + 200, gw_port) if not port_free(p)]
+    if busy:
+        print(f"ports already in use: {busy} (pick another --base-port)", file=sys.stderr)
+        return 2
+    if not PERF_ANALYZER.exists():
+        print(f"{PERF_ANALYZER} is missing: run triton/fetch_perf_analyzer.sh", file=sys.stderr)
+        return 2
+    others = other_perf_analyzers()
+    if others:
+        info["other perf_analyzer processes at start"] = str(len(others))
+        print(f"warning: {len(others)} other perf_analyzer process(es) running (pids {others}): numbers will be low")
+
+    workdir = Path(tempfile.mkdtemp(prefix="perf-cache-"))
+    print(f"command: {command}\nlogs: {workdir}")
+    workload = make_workload(args.model, args.requests, args.repeat_share, args.zipf_s, args.seed)
+    print(f"workload: {workload.describe(args.zipf_s)}")
+    repository = make_repository(workdir, args.model)
+    batching = local_batching()
+    ttl_s = 3600.0
+    config_path = workdir / "gateway.toml"
+    input_data = workdir / "input-data.json"
+    runner = CacheRunner(args, workdir, input_data)
+    runs: list[Run] = []
+    checks: list[str] = []
+    gateway: Proc | None = None
+    triton = fleet.Fleet(
+        repository, instances=1, base_http=base, base_grpc=base + 100, base_metrics=base + 200,
+        model_control_mode="none", log_dir=workdir, cache_size=args.triton_cache_mb * 1024 * 1024,
+    )  # fmt: skip
+    triton_url = triton.http_urls[0]
+    gw_url = f"http://{HOST}:{gw_port}"
+    interrupted = False
+    error: str | None = None
+
+    def start_gateway(name: str) -> Proc:
+        proc = Proc(
+            "gateway",
+            [str(PYTHON), "-m", "gateway", "serve", "--config", str(config_path), "--log-level", "warning"],
+            workdir / f"gateway-{name}.log",
+        )
+        wait_http_ok(proc, [f"{gw_url}/v2/health/ready", f"{gw_url}/v2/models/{args.model}"])
+        return proc
+
+    def stop_gateway() -> None:
+        nonlocal gateway
+        if gateway is not None:
+            gateway.stop()
+            gateway = None
+        deadline = time.monotonic() + 10
+        while not port_free(gw_port) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def cold_triton() -> None:
+        triton.restart(0, timeout=120)
+        wait_http_ok(None, [f"{triton_url}/v2/models/{args.model}/ready"], timeout=60)
+
+    def measure(target: str, port: int, c: int, name: str) -> Run:
+        """One cold run; once more from cold if perf_analyzer found no stable measurement."""
+        nonlocal gateway
+        for attempt in range(1, ATTEMPTS + 1):
+            stop_gateway()
+            cold_triton()
+            if target == GATEWAY:
+                gateway = start_gateway(f"c{c}-{attempt}")
+            before_up = triton_counters(triton_url, args.model)
+            before_gw = gateway_counters(gw_url, args.model) if gateway else {}
+            groups: dict[str, int] = {"triton": triton.instances[0].pid}
+            if gateway is not None:
+                groups["gateway"] = gateway.popen.pid
+                answered = lambda: sum(gateway_counters(gw_url, args.model).get(k, 0) for k in ("hits", "misses", "coalesced"))  # noqa: E731
+            else:
+                answered = lambda: triton_counters(triton_url, args.model).success  # noqa: E731
+            clock = TrafficClock(runner, answered, groups, None if args.time_windows else args.requests)
+            clock.start()
+            m = runner._measure_once(target, "-", port, c)
+            clock.stop.set()
+            clock.join()
+            if clock.hung:
+                m.error = f"perf_analyzer did not exit within {HANG_S:.0f} s of its last request's answer (stopped)"
+                print(f"    {m.error}")
+            run = Run(m)
+            clock.figures(run, runner.last_cpu_s)
+            run.upstream = triton_counters(triton_url, args.model).minus(before_up)
+            if gateway is None:
+                run.requests, run.hits, run.misses = run.upstream.success, run.upstream.cache_hit, run.upstream.cache_miss
+            else:
+                after = gateway_counters(gw_url, args.model)
+                delta = {k: after.get(k, 0) - before_gw.get(k, 0) for k in ("hits", "misses", "coalesced", "shared_hits")}
+                run.hits, run.misses, run.coalesced = delta["hits"], delta["misses"], delta["coalesced"]
+                run.requests = run.hits + run.misses + run.coalesced
+                if m.error or not gateway.running():
+                    print(f"    gateway log tail ({gateway.log_path}):\n" + indent(gateway.tail(20)))
+                    if not gateway.running():
+                        m.error = (m.error or "") + f" [gateway {exit_description(gateway.popen.returncode)}]"
+            print(
+                f"    {run.requests} requests ({run.requests / workload.requests:.0%} of the sequence) in "
+                f"{run.wall_s:.1f} s after {run.load_s:.1f} s of perf_analyzer start-up, hit rate {pct(run.hit_rate)}; "
+                "CPU µs/request: " + ", ".join(f"{k} {us(run.cpu_us_per_request(k))}" for k in run.cpu_s if k != OTHERS)
+                + f"; other processes: {run.others_cores:.2f} core(s)"
+            )
+            retry = m.error and ("stable measurement" in m.error or "did not exit" in m.error)
+            if not retry or attempt == ATTEMPTS:
+                return run
+            print("    once more, from cold")
+        raise AssertionError("unreachable")
+
+    try:
+        print(f"starting Triton on {HOST}:{base} (response cache {args.triton_cache_mb} MiB) ...", flush=True)
+        triton.start()
+        triton.wait_ready(timeout=120)
+        wait_http_ok(None, [f"{triton_url}/v2/models/{args.model}/ready"], timeout=60)
+        input_name, datatype, _ = model_io(triton_url, args.model)
+        if datatype != "FP32":
+            raise RuntimeError(f"{args.model}: input {input_name} is {datatype}, expected FP32")
+        print(f"writing perf_analyzer's input data ({workload.requests} requests) ...", flush=True)
+        write_input_data(input_data, workload, input_name)
+        config_path.write_text(gateway_toml(triton_url, gw_port, batching, ttl_s))
+        print(f"starting the gateway on {HOST}:{gw_port} (cache on) ...", flush=True)
+        gateway = start_gateway("check")
+        checks = check_answers(triton_url, gw_url, args.model, input_name, workload)
+        print("answers checked:\n" + indent("\n".join(checks)))
+        for c in args.concurrency:
+            runs.append(measure(DIRECT, base, c, "direct"))
+            runs.append(measure(GATEWAY, gw_port, c, "gateway"))
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: stopping everything", file=sys.stderr)
+    except Exception as exc:
+        error = str(exc)
+        print(f"\nerror: {error}", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the clean-up
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        runner.stop_current()
+        if gateway is not None:
+            gateway.stop()
+        triton.stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    if not runs:
+        return 130 if interrupted else 1  # nothing measured: the error is printed above
+    try:
+        info["load average (1/5/15 min) at end"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        pass
+    text, md, ok = render(args, command, info, workload, runs, checks, batching)
+    if interrupted or error:
+        why = "interrupted" if interrupted else f"error: {error}"
+        text += f"\n({why}: partial results)"
+        md += f"\n**Partial results ({why}).**\n"
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(md)
+        print(f"\nwrote {out}")
+    print(f"logs: {workdir}")
+    if interrupted:
+        return 130
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
