@@ -9,7 +9,7 @@ targets get the same sequence of requests from perf_analyzer (HTTP, binary tenso
 ``--input-data``) at the same concurrency:
 
     .venv/bin/python perf/cache_bench.py [--model digits_cnn] [--concurrency 16,32]
-        [--requests 100000] [--repeat-share 0.9] [--zipf-s 1.1] [--time-windows]
+        [--requests 100000] [--repeat-share 0.9] [--zipf-s 1.1]
         [--out perf/results/$(date +%F)-cache.md]
 
 The workload: real inputs (scikit-learn's digits images, or breast cancer rows) in a sequence in
@@ -18,11 +18,11 @@ repeat of an earlier input drawn with Zipf(s) weights over the inputs seen so fa
 first appearance. The share of first-time inputs is thus the same in every part of the sequence,
 from a cold cache on. Beyond the real rows, new inputs are copies scaled by 1 + k/4096.
 
-The measurement: perf_analyzer sends the whole sequence once (``--request-count N``) and reports
-throughput and latencies over all of it, so what each target serves is exactly the designed
-workload. compare.py's time windows (``--time-windows``) replay the sequence until throughput is
-stable, which on this machine means several hundred thousand requests: the sequence wraps and
-every request after the first pass repeats an earlier one (the report flags it).
+The measurement: perf_analyzer sends the whole sequence once (``--request-count N``), so each
+target serves exactly the designed workload, from cold to the end; throughput and latencies come
+from perf_analyzer's per-request timestamps. (compare.py's time windows would replay the sequence
+until throughput is stable, hundreds of thousands of requests here: after the first pass every
+request repeats an earlier one. See perf/README.md.)
 
 Every measurement starts cold: Triton is restarted (empty response cache) before each run, and
 the gateway, started after it, is new for each gateway run. Per concurrency: direct, then the
@@ -393,7 +393,7 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK if fields else 0.0
 
 
-ATTEMPTS = 4  # per measurement, each from cold, when perf_analyzer found no stable measurement or hung
+ATTEMPTS = 4  # per measurement, each from cold, when perf_analyzer hung or timed out
 HANG_S = 20.0  # perf_analyzer still running this long after its last request was answered: stuck
 
 
@@ -448,7 +448,7 @@ class TrafficClock(threading.Thread):
 
     def figures(self, run: Run, pa_cpu_total: float) -> None:
         """Fill the run's traffic time and CPU figures (end = perf_analyzer's exit when the
-        counter never reached the expected count, or with time windows)."""
+        counter never reached the expected count)."""
         if self.start_at is None:
             return
         if self.end_at is None:
@@ -478,8 +478,8 @@ class Run:
 
     @property
     def hit_rate(self) -> float | None:
-        looked_up = self.hits + self.misses + self.coalesced
-        return self.hits / looked_up if looked_up else None
+        """Share of the requests answered from the cache."""
+        return self.hits / self.requests if self.requests else None
 
     @property
     def others_cores(self) -> float:
@@ -515,24 +515,7 @@ def from_export(path: Path, m: Measurement) -> bool:
     return True
 
 
-def measurement_options(args: argparse.Namespace) -> list[str]:
-    """perf_analyzer's measurement: the whole sequence once (default), or compare.py's windows."""
-    if args.time_windows:
-        return [
-            "--measurement-mode", "time_windows",
-            "--measurement-interval", str(args.interval_ms),
-            "--stability-percentage", str(args.stability_percentage),
-            "--max-trials", str(args.max_trials),
-        ]  # fmt: skip
-    return ["--request-count", str(args.requests)]
-
-
 def measurement_description(args: argparse.Namespace) -> str:
-    if args.time_windows:
-        return (
-            f"time_windows {args.interval_ms} ms, stability {args.stability_percentage}%, max trials {args.max_trials} "
-            "(compare.py's; perf_analyzer replays the sequence as long as it needs)"
-        )
     return (
         f"--request-count {args.requests}: the whole sequence, each request once; throughput and latencies over all "
         "of it, from perf_analyzer's per-request timestamps (--profile-export-file)"
@@ -551,6 +534,7 @@ class CacheRunner(Runner):
     def _measure_once(self, target: str, server: str, port: int, concurrency: int) -> Measurement:
         self.count += 1
         csv_path = self.workdir / f"pa-{self.count}.csv"
+        export = self.workdir / f"pa-{self.count}-requests.json"
         cmd = [
             str(PERF_ANALYZER),
             "-m", self.args.model,
@@ -558,20 +542,14 @@ class CacheRunner(Runner):
             "-i", "http",
             "--input-data", str(self.input_data),
             "--concurrency-range", str(concurrency),
-            *measurement_options(self.args),
+            "--request-count", str(self.args.requests),
+            "--profile-export-file", str(export),
             "-f", str(csv_path),
         ]  # fmt: skip
-        export = self.workdir / f"pa-{self.count}-requests.json"
-        if not self.args.time_windows:
-            cmd += ["--profile-export-file", str(export)]
         m = Measurement(target, server, concurrency, command=cmd)
         print(f"  perf_analyzer -> {m.label:<24} c={concurrency:<3} ...", end="", flush=True)
-        # Worst case, then it is stuck: max_trials windows (1.2 x the interval each, plus their
-        # summaries), or the whole sequence at 500 infer/s; plus loading the input data.
-        if self.args.time_windows:
-            timeout = self.args.interval_ms / 1000 * 3 * (self.args.max_trials + 3) + 90 + self.args.requests / 5000
-        else:
-            timeout = self.args.requests / 500 + 90 + self.args.requests / 5000
+        # Worst case, then it is stuck: loading the input data, the sequence at 500 infer/s, exit.
+        timeout = self.args.requests / 500 + 90 + self.args.requests / 5000
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         self.current = subprocess.Popen(
             cmd,
@@ -596,26 +574,21 @@ class CacheRunner(Runner):
         self.last_cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
         text = out.decode(errors="replace")
         (self.workdir / f"pa-{self.count}.log").write_text(shlex.join(cmd) + "\n\n" + text)
-        got_csv = rc == 0 and parse_csv(csv_path, m)
+        # perf_analyzer's own figures first (its CSV and stdout); then, replacing them, the same
+        # figures from its per-request timestamps: it times a request-count run in whole seconds
+        # (it checks every second whether all requests are done), up to a second too long.
+        got = rc == 0 and parse_csv(csv_path, m)
         parse_stdout(text, m)
-        if rc == 0 and not self.args.time_windows:
-            # perf_analyzer times a request-count run in whole seconds (it checks every second
-            # whether all requests are done), up to a second too long: use its per-request
-            # timestamps instead, from the first request sent to the last answer.
-            got_csv = from_export(export, m) or got_csv
+        got = rc == 0 and from_export(export, m) or got
         if rc is None:
             m.error = f"perf_analyzer timed out after {timeout:.0f}s"
-        elif rc != 0 or not got_csv:
-            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-            if any("stable" in ln.lower() for ln in lines[-5:]) and m.throughput is not None:
-                m.unstable = True  # the numbers are the last window's
-            else:
-                m.error = f"perf_analyzer exit {rc}: " + " | ".join(lines[-4:])[:500]
+        elif rc != 0 or not got:
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("WARNING: data type")]
+            m.error = f"perf_analyzer exit {rc}: " + " | ".join(lines[-4:])[:500]
         if m.error:
             print(f" ERROR\n    {m.error}")
         else:
-            flag = " (unstable)" if m.unstable else ""
-            print(f" {m.throughput:9.1f} infer/s  p50 {m.p50_us / 1000:7.2f} ms  p99 {m.p99_us / 1000:7.2f} ms{flag}")
+            print(f" {m.throughput:9.1f} infer/s  p50 {m.p50_us / 1000:7.2f} ms  p99 {m.p99_us / 1000:7.2f} ms")
         return m
 
 
@@ -644,24 +617,23 @@ def results_table(runs: list[Run]) -> list[str]:
     rows = [("target", "concurrency", "infer/s", "p50 ms", "p99 ms", "avg ms", "hit rate", "note")]
     for r in sorted(runs, key=lambda r: r.m.concurrency):
         m = r.m
-        note = ("ERROR: " + m.error[:60]) if m.error else ("unstable" if m.unstable else "")
+        note = ("ERROR: " + m.error[:60]) if m.error else ""
         rows.append(
             (m.label, str(m.concurrency), fmt_tp(m.throughput), fmt_ms(m.p50_us), fmt_ms(m.p99_us), fmt_ms(m.avg_us), pct(r.hit_rate), note)
         )
     return table(rows)
 
 
-def counters_table(runs: list[Run], workload: Workload) -> list[str]:
+def counters_table(runs: list[Run]) -> list[str]:
     rows = [
         (
-            "target", "c", "requests", "traffic s", "sequence", "repeat share sent", "hits", "misses", "coalesced",
+            "target", "c", "requests", "traffic s", "hits", "misses", "coalesced",
             "Triton executions (rows)", "CPU µs/request: Triton", "gateway", "perf_analyzer", "other load (cores)",
         )
     ]  # fmt: skip
     for r in sorted(runs, key=lambda r: r.m.concurrency):
         if not r.requests:
             continue
-        wrapped = r.requests > workload.requests
         up = r.upstream
         rows.append(
             (
@@ -669,8 +641,6 @@ def counters_table(runs: list[Run], workload: Workload) -> list[str]:
                 str(r.m.concurrency),
                 str(r.requests),
                 f"{r.wall_s:.1f}",
-                f"{r.requests / workload.requests:.0%}" + (" WRAPPED" if wrapped else ""),
-                pct(workload.repeat_share(r.requests)) if not wrapped else "> designed",
                 str(r.hits),
                 str(r.misses),
                 str(r.coalesced),
@@ -712,9 +682,12 @@ def stat_lines(runs: list[Run]) -> list[str]:
         cpu = ", ".join(f"{k} {v:.1f} s ({v / r.wall_s:.0%} of a core)" for k, v in r.cpu_s.items()) if r.wall_s else ""
         if r.m.target == DIRECT:
             lookup = f"{up.cache_hit_ns / max(1, up.cache_hit) / 1000:.1f} µs per hit lookup (Triton's own timing)"
+            uncounted = r.requests - up.cache_hit - up.cache_miss
             lines.append(
-                f"{r.m.label}, c={r.m.concurrency}: Triton cache {up.cache_hit} hits, {up.cache_miss} misses "
-                f"({pct(r.hit_rate)}), {lookup}; {up.executions} executions for {up.inferences} rows "
+                f"{r.m.label}, c={r.m.concurrency}: Triton cache {up.cache_hit} hits, {up.cache_miss} misses, "
+                f"{uncounted} requests computed without a hit or miss counted (the rows executed beyond the misses: "
+                f"repeats that arrived while their input was being computed; Triton does not coalesce them), hit "
+                f"rate {pct(r.hit_rate)}, {lookup}; {up.executions} executions for {up.inferences} rows "
                 f"(mean batch {up.inferences / max(1, up.executions):.2f}); CPU: {cpu}"
             )
         else:
@@ -737,20 +710,20 @@ def render(
         f"(binary tensors, batch size 1), {measurement_description(args)}; one Triton instance, response cache "
         f"local {args.triton_cache_mb} MiB"
     )
-    gateway = "1 worker (uvicorn), [cache] enabled, batching " + ", ".join(f"{k} {v}" for k, v in batching.items())
+    gateway = "1 worker (uvicorn), [cache] enabled, batching " + ", ".join(f"{k} {toml_value(v)}" for k, v in batching.items())
     wl = workload.describe(args.zipf_s) + f" (seed {args.seed})"
     method = (
         "Each measurement starts cold: Triton restarted before each run (empty response cache); for the gateway's "
         "runs, Triton restarted and a new gateway started in front of it. Per concurrency: direct first, then the gateway."
     )
-    wrapped = [r for r in runs if r.requests > workload.requests]
+    odd = [r for r in runs if r.requests and r.requests != workload.requests]
     warn = (
-        [f"WARNING: {len(wrapped)} run(s) sent more requests than the sequence holds (it wrapped: the repeat share "
-         f"was higher than designed); use a larger --requests"]
-        if wrapped else []
+        [f"WARNING: {len(odd)} run(s) answered another number of requests than the sequence holds "
+         f"({', '.join(str(r.requests) for r in odd)} instead of {workload.requests})"]
+        if odd else []
     )  # fmt: skip
     res = results_table(runs)
-    cnt = counters_table(runs, workload)
+    cnt = counters_table(runs)
     stats = stat_lines(runs)
     text = "\n".join(
         ["", "== Results ==", f"command: {command}", *(f"{k}: {v}" for k, v in info.items())]
@@ -786,21 +759,22 @@ def render(
             "",
             *res,
             "",
-            "Latencies are perf_analyzer's client-side figures; `unstable` means perf_analyzer did not reach",
-            "its stability criterion and the numbers are its last window's. Hit rate: hits / lookups over the",
-            "whole perf_analyzer run (Triton's `cache_hit`/`cache_miss` statistics for direct, the gateway's",
-            "`/v2/gateway/cache` for the gateway, where coalesced requests count as lookups but not hits).",
+            "Throughput: requests / (last answer - first request sent); latencies: client-side, per request,",
+            "from perf_analyzer's per-request timestamps. Hit rate: requests answered from the cache / requests",
+            "answered, over the whole run (Triton's `cache_hit` statistics for direct, the gateway's",
+            "`/v2/gateway/cache` for the gateway; a coalesced request shared an identical one's computation).",
             "",
             "## Caches and CPU over each run",
             "",
             *cnt,
             "",
-            "`requests`: answered by the target during the run (every window, and the traffic before the",
-            "first); `traffic s`: from the first answered request to perf_analyzer's exit (its start-up, loading",
-            "the input data, excluded); `sequence`: the share of the workload's sequence sent; `repeat share",
-            "sent`: the designed repeat share of that prefix. CPU µs/request: each process group's user + system",
-            "CPU over the traffic per request answered (Triton with its Python-backend stub); other load: the",
-            "cores the rest of the machine kept busy meanwhile (all busy CPU time less the processes measured).",
+            "`requests`: answered by the target during the run (from its own counters); `traffic s`: from the",
+            "first answer to the last (perf_analyzer's start-up, loading the input data, excluded); hits, misses,",
+            "coalesced: the cache that served the target (Triton's for direct, the gateway's for the gateway);",
+            "Triton executions: model executions (rows) on the instance. CPU µs/request: each process group's",
+            "user + system CPU over the traffic per request answered (Triton with its Python-backend stub); other",
+            "load: the cores the rest of the machine kept busy meanwhile (all busy CPU time, softirq included,",
+            "less the processes measured).",
             "",
             *(f"- {ln}" for ln in stats + warn),
             "",
@@ -826,13 +800,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat-share", type=float, default=0.9, help="probability that a request repeats an earlier input")
     p.add_argument("--zipf-s", type=float, default=1.1, help="Zipf exponent of the repeats' popularity (default 1.1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--time-windows", action="store_true",
-        help="measure with compare.py's time windows instead of sending the sequence once (it may then wrap)",
-    )  # fmt: skip
-    p.add_argument("--interval-ms", type=int, default=4000, help="with --time-windows: perf_analyzer --measurement-interval (ms)")
-    p.add_argument("--stability-percentage", type=int, default=25)
-    p.add_argument("--max-trials", type=int, default=6)
     p.add_argument("--triton-cache-mb", type=int, default=256, help="Triton's response cache size (MiB)")
     p.add_argument("--out", help="also write the report as markdown to this file")
     p.add_argument(
@@ -938,7 +905,7 @@ def main(argv: list[str] | None = None) -> int:
                 answered = lambda: sum(gateway_counters(gw_url, args.model).get(k, 0) for k in ("hits", "misses", "coalesced"))  # noqa: E731
             else:
                 answered = lambda: triton_counters(triton_url, args.model).success  # noqa: E731
-            clock = TrafficClock(runner, answered, groups, None if args.time_windows else args.requests)
+            clock = TrafficClock(runner, answered, groups, args.requests)
             clock.start()
             m = runner._measure_once(target, "-", port, c)
             clock.stop.set()
@@ -966,7 +933,7 @@ def main(argv: list[str] | None = None) -> int:
                 "CPU µs/request: " + ", ".join(f"{k} {us(run.cpu_us_per_request(k))}" for k in run.cpu_s if k != OTHERS)
                 + f"; other processes: {run.others_cores:.2f} core(s)"
             )
-            retry = m.error and ("stable measurement" in m.error or "did not exit" in m.error)
+            retry = m.error and ("did not exit" in m.error or "timed out" in m.error)
             if not retry or attempt == ATTEMPTS:
                 return run
             print("    once more, from cold")
