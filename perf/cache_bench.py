@@ -73,24 +73,26 @@ sys.path.insert(0, str(REPO / "triton"))
 sys.path.insert(0, str(HERE))
 import fleet  # noqa: E402  (triton/ is deliberately not a package)
 from compare import (  # noqa: E402
-    HOST,
-    PERF_ANALYZER,
-    PYTHON,
-    Measurement,
-    Proc,
-    Runner,
-    _raise_interrupt,
     exit_description,
     fmt_ms,
     fmt_tp,
+    HOST,
     http_get,
     indent,
+    load_average,
     machine_info,
+    Measurement,
     other_perf_analyzers,
     parse_csv,
     parse_stdout,
+    PERF_ANALYZER,
     pick,
     port_free,
+    Proc,
+    PYTHON,
+    _raise_interrupt,
+    Runner,
+    stop_all,
     wait_http_ok,
 )
 
@@ -964,21 +966,12 @@ def main(argv: list[str] | None = None) -> int:
         error = str(exc)
         print(f"\nerror: {error}", file=sys.stderr)
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the clean-up
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        runner.stop_current()
-        if gateway is not None:
-            gateway.stop()
-        triton.stop()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        stop_all(runner, [gateway, triton])
 
     if not runs:
         return 130 if interrupted else 1  # nothing measured: the error is printed above
-    try:
-        info["load average (1/5/15 min) at end"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        pass
+    if (load := load_average()) is not None:
+        info["load average (1/5/15 min) at end"] = load
     text, md, ok = render(args, command, info, workload, runs, checks, batching)
     if interrupted or error:
         why = "interrupted" if interrupted else f"error: {error}"

@@ -342,6 +342,27 @@ class Runner:
 # -- report ----------------------------------------------------------------------------------
 
 
+def load_average() -> str | None:
+    """The 1/5/15-minute load averages, or None where /proc/loadavg cannot be read."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return None
+
+
+def stop_all(runner: Runner, procs: list[Any]) -> None:
+    """Stop the running perf_analyzer, then every process in ``procs`` (None entries skipped),
+    in order, with Ctrl-C and SIGTERM ignored meanwhile: a second one must not skip the clean-up."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    runner.stop_current()
+    for proc in procs:
+        if proc is not None:
+            proc.stop()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def machine_info() -> dict[str, str]:
     cpu = platform.processor() or "unknown"
     try:
@@ -351,10 +372,7 @@ def machine_info() -> dict[str, str]:
                 break
     except OSError:
         pass
-    try:
-        load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        load = "unknown"
+    load = load_average() or "unknown"
     try:
         commit = subprocess.run(
             ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
@@ -643,21 +661,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nerror: {exc}", file=sys.stderr)
         interrupted = True
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the clean-up
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        runner.stop_current()
-        for proc in procs:
-            proc.stop()
-        triton.stop()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        stop_all(runner, [*procs, triton])
 
     if not results:
         return 1
-    try:
-        info["load average (1/5/15 min) at end"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        pass
+    if (load := load_average()) is not None:
+        info["load average (1/5/15 min) at end"] = load
     text, md, all_pass = render(args, command, info, results, servers)
     if interrupted:
         text += "\n(interrupted: partial results)"
