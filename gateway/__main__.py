@@ -40,6 +40,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import build_app
+    from gateway.protocol.http_server import OneWriteHttpToolsProtocol
 
     uvicorn.run(
         build_app(config) if workers == 1 else "gateway.asgi:app_from_env",
@@ -48,7 +49,7 @@ def serve(args: argparse.Namespace) -> int:
         host=config.server.host,
         port=config.server.port,
         loop="uvloop",
-        http="httptools",
+        http=OneWriteHttpToolsProtocol,  # httptools, each response's head and body in one write
         log_level=args.log_level,
         access_log=False,
         # Per-request work the gateway does not need: X-Forwarded-* rewriting and a Server header.

@@ -219,13 +219,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    # Same settings as `python -m gateway serve` (the uvicorn default).
+    sys.path.insert(0, str(HERE.parent))  # the repository root, for the gateway's HTTP protocol
+    from gateway.protocol.http_server import OneWriteHttpToolsProtocol
+
+    # Same settings as `python -m gateway serve` (the uvicorn default), the same HTTP protocol
+    # included (httptools, each response's head and body in one write).
     uvicorn.run(
         build_app(load_spec(spec_path)),
         host=args.host,
         port=args.port,
         loop="uvloop",
-        http="httptools",
+        http=OneWriteHttpToolsProtocol,
         log_level="warning",
         access_log=False,
         # The same server settings as the gateway (gateway/__main__.py).
