@@ -4,6 +4,13 @@ The infer route carries nearly all traffic, so it skips Starlette's middleware, 
 Request/Response objects: ``InferEndpoint`` sits in front of the Starlette app, answers infer
 requests itself and hands every other request (and the lifespan) to Starlette. The per-request
 work left is what the request needs: read the body, decode, run the pipeline, encode, send.
+
+For models with the response cache on, a request is first looked up as it arrived: the served
+version is chosen (the rollout's or the router's choice, made once and handed to the pipeline
+on a miss), and the model, that version, the content type, the binary-header length and the
+body make a raw key (``cache.raw_key``). A repeat of a cacheable request is answered with the
+stored bytes of the first answer, without decoding, checking or encoding anything; the answer
+is byte-identical to the computed one but for ``X-Cache: hit``.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from gateway import deadlines
+from gateway.cache import RawAnswer, ResponseCache, raw_key
 from gateway.errors import BadRequest, ClientGone, GatewayError, PayloadTooLarge, UnsupportedMediaType
 from gateway.pipeline import InferencePipeline
 from gateway.protocol import msgpack as msgpack_codec
@@ -31,6 +39,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 MSGPACK_TYPES = (b"application/msgpack", b"application/x-msgpack", b"application/vnd.msgpack")
 JSON_TYPE = b"application/json"
+
+# Where an answer came from when it may be kept as raw bytes: the cache produced it.
+RAW_STORABLE = frozenset({"miss", "hit", "coalesced"})
 
 
 def infer_target(path: str) -> tuple[str, str] | None:
@@ -105,6 +116,13 @@ async def respond(send: Send, status: int, body: bytes, headers: list[tuple[byte
     await send({"type": "http.response.body", "body": body})
 
 
+def has_shadow(rollouts: Any, model: str) -> bool:
+    """Whether the model's rollout mirrors requests to a shadow version (which a stored answer
+    would skip)."""
+    state = rollouts.states.get(model)
+    return state is not None and bool(state.config.shadow)
+
+
 @dataclass(slots=True)
 class Call:
     """One infer request as it arrived: where it goes, its body and what its headers said."""
@@ -158,7 +176,12 @@ class InferEndpoint:
             if encoding:
                 body = inflate(body, encoding, self._limit)
             call = Call(target, body, content_type, header_length, deadline, disconnect_probe(receive), use_cache, sticky)
-            await self._infer(send, services.pipeline, call)
+            pipeline = services.pipeline
+            cache = pipeline.cache
+            if cache is not None and use_cache and cache.enabled_for(target[0]):
+                await self._infer_cached(send, pipeline, cache, call)
+            else:
+                await self._infer(send, pipeline, call)
         except ClientGone:
             return
         except GatewayError as exc:
@@ -167,27 +190,69 @@ class InferEndpoint:
             log.exception("unhandled error on POST %s", scope["path"])
             await self._error(send, 500, f"internal gateway error ({exc.__class__.__name__})", content_type)
 
-    async def _infer(self, send: Send, pipeline: InferencePipeline, call: Call) -> None:
+    async def _infer_cached(self, send: Send, pipeline: InferencePipeline, cache: ResponseCache, call: Call) -> None:
+        """A request for a cached model: its raw answer if one is stored, else the full path
+        (which keeps the answer for the next identical request)."""
+        model, version = call.target
+        chosen = None
+        if version:
+            served, via_rollout = version, False
+        else:
+            chosen = served, via_rollout = pipeline.choose_version(model, call.sticky)
+        rollouts = pipeline.rollouts
+        if (
+            not served
+            or (call.deadline is not None and call.deadline <= time.monotonic())  # the full path answers 504
+            or (via_rollout and has_shadow(rollouts, model))  # the full path mirrors it
+        ):
+            return await self._infer(send, pipeline, call, chosen)
+        start = time.monotonic() if via_rollout else 0.0
+        key = raw_key(model, served, call.content_type, call.header_length, call.body)
+        answer = cache.get_raw(model, key)
+        if answer is None:
+            return await self._infer(send, pipeline, call, chosen, (cache, cache.store.drops))
+        if via_rollout:  # as the full path would: one request to that version, answered well
+            rollouts.count(model, served)
+            rollouts.record(model, served, True, time.monotonic() - start)
+        await send({"type": "http.response.start", "status": 200, "headers": answer.headers})
+        await send({"type": "http.response.body", "body": answer.body})
+
+    async def _infer(
+        self,
+        send: Send,
+        pipeline: InferencePipeline,
+        call: Call,
+        chosen: tuple[str, bool] | None = None,
+        keep: tuple[ResponseCache, int] | None = None,
+    ) -> None:
+        """Decode, run the pipeline, encode and send; with ``keep`` (the cache and its drop
+        count before computing), a cacheable answer is also kept as raw bytes."""
         model, version = call.target
         body = call.body
         if is_msgpack(call.content_type):
             req = msgpack_codec.decode_request(body, model, version)
-            resp = await pipeline.infer(req, call.deadline, call.gone, call.use_cache, call.sticky)
+            resp = await pipeline.infer(req, call.deadline, call.gone, call.use_cache, call.sticky, chosen)
             payload = msgpack_codec.encode_response(resp, req)
             headers = [(b"content-type", MSGPACK_TYPES[0]), (b"model-version", resp.version.encode())]
-            if resp.cache:
-                headers.append((b"x-cache", resp.cache.encode()))
-            return await respond(send, 200, payload, headers)
-        header_length = call.header_length
-        length = v2.parse_header_length(None if header_length is None else header_length.decode("latin-1"), len(body))
-        req = v2.decode_request(body, length, model, version)
-        resp = await pipeline.infer(req, call.deadline, call.gone, call.use_cache, call.sticky)
-        payload, extra = v2.encode_response(resp, req)
-        headers = [(k.lower().encode(), v.encode()) for k, v in extra.items()]
-        headers.append((b"model-version", resp.version.encode()))
+        else:
+            header_length = call.header_length
+            length = v2.parse_header_length(None if header_length is None else header_length.decode("latin-1"), len(body))
+            req = v2.decode_request(body, length, model, version)
+            resp = await pipeline.infer(req, call.deadline, call.gone, call.use_cache, call.sticky, chosen)
+            payload, extra = v2.encode_response(resp, req)
+            headers = [(k.lower().encode(), v.encode()) for k, v in extra.items()]
+            headers.append((b"model-version", resp.version.encode()))
+        length_header = (b"content-length", str(len(payload)).encode())
+        if keep is not None and resp.cache in RAW_STORABLE:
+            cache, drops = keep
+            stored = RawAnswer((*headers, (b"x-cache", b"hit"), length_header), payload)
+            key = raw_key(model, resp.version, call.content_type, call.header_length, body)
+            cache.put_raw(model, resp.version, key, stored, drops)
         if resp.cache:
             headers.append((b"x-cache", resp.cache.encode()))
-        await respond(send, 200, payload, headers)
+        headers.append(length_header)
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
 
     async def _error(self, send: Send, status: int, message: str, content_type: bytes) -> None:
         if is_msgpack(content_type):

@@ -81,13 +81,15 @@ class InferencePipeline:
         gone: Callable[[], bool] | None = None,
         use_cache: bool = True,
         sticky: dict[bytes, bytes] | None = None,
+        chosen: tuple[str, bool] | None = None,
     ) -> InferResponse:
         """Serve one request; ``deadline`` (monotonic seconds) from the client's header, ``gone``
         tells whether the client has disconnected (see ``deadlines`` and ``batcher``);
         ``use_cache`` False bypasses the response cache (the client asked for a fresh answer);
-        ``sticky`` holds the request's headers a rollout pins clients by."""
+        ``sticky`` holds the request's headers a rollout pins clients by; ``chosen``, for a
+        request naming no version, is ``choose_version``'s answer the caller already has."""
         if not request.version:
-            return await self._gateway_chosen(request, deadline, gone, use_cache, sticky)
+            return await self._gateway_chosen(request, deadline, gone, use_cache, sticky, chosen)
         return await self._serve(request, deadline, gone, use_cache)
 
     async def _serve(
@@ -147,12 +149,18 @@ class InferencePipeline:
         gone: Callable[[], bool] | None,
         use_cache: bool,
         sticky: dict[bytes, bytes] | None,
+        chosen: tuple[str, bool] | None = None,
     ) -> InferResponse:
         """A request naming no version: the gateway picks one. If that version leaves the fleet
         between the choice and the answer (removed, unloaded everywhere), the request is not the
         client's mistake: the gateway picks again, once."""
         for attempt in (1, 2):
-            version, via_rollout = self._version(request.model, sticky)
+            if attempt == 1 and chosen is not None:
+                version, via_rollout = chosen
+                if via_rollout:
+                    self.rollouts.count(request.model, version)
+            else:
+                version, via_rollout = self._version(request.model, sticky)
             if attempt == 2 and version == request.version:
                 raise vanished
             request.version = version
@@ -166,18 +174,23 @@ class InferencePipeline:
                 vanished = exc
         raise AssertionError("unreachable")
 
-    def _version(self, model: str, sticky: dict[bytes, bytes] | None) -> tuple[str, bool]:
+    def choose_version(self, model: str, sticky: dict[bytes, bytes] | None) -> tuple[str, bool]:
         """The version for a request naming none, and whether the rollout chose it: the
         rollout's choice if the model has one (its stable version when the chosen canary is
-        held nowhere), else the fleet's newest."""
+        held nowhere), else the fleet's newest. Not counted: ``infer(chosen=...)`` counts it."""
         chosen = self.rollouts.choose(model, sticky)
         if not chosen:
             return self._router.newest_version(model), False
         stable = self.rollouts.stable(model)
         if chosen != stable and not self._router.available(model, chosen):
             chosen = stable
-        self.rollouts.count(model, chosen)
         return chosen, True
+
+    def _version(self, model: str, sticky: dict[bytes, bytes] | None) -> tuple[str, bool]:
+        version, via_rollout = self.choose_version(model, sticky)
+        if via_rollout:
+            self.rollouts.count(model, version)
+        return version, via_rollout
 
     async def _observed(
         self, request: InferRequest, deadline: float | None, gone: Callable[[], bool] | None, use_cache: bool

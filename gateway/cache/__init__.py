@@ -14,6 +14,14 @@
 Keys (``keys.py``) cover the model, the version that serves the request and the raw input
 tensors. Entries of a version are dropped when that version leaves the fleet or is reloaded in
 place (``upstream.fleet`` tells, within one health interval).
+
+In front of all that, the infer endpoint keeps **raw answers** (``get_raw``/``put_raw``): the
+complete encoded response (headers and body) of a cacheable request, keyed by the request as it
+arrived (``keys.raw_key``: model, served version, content type, binary-header length, body).
+A repeat of the same bytes is answered with them before any decoding. Raw answers live in the
+same store, so the same bounds, TTL, share, enablement and version drops apply to them; only
+answers the cache produced ("miss", "hit", "coalesced": never errors, never bypassed requests)
+are stored, and never across a ``drop_version`` that happened while they were computed.
 """
 
 from __future__ import annotations
@@ -21,22 +29,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from gateway.batcher import BatchResult
 from gateway.cache.entry import decode_entry, encode_entry
 from gateway.cache.flight import Gone, SingleFlight
-from gateway.cache.keys import cacheable, request_key
-from gateway.cache.store import CacheStore
+from gateway.cache.keys import cacheable, raw_key, request_key
+from gateway.cache.store import ENTRY_OVERHEAD, CacheStore
 from gateway.config import CacheConfig
 from gateway.tensors import Tensor
 
-__all__ = ["ResponseCache", "build_cache", "cacheable", "request_key"]
+__all__ = ["RawAnswer", "ResponseCache", "build_cache", "cacheable", "raw_key", "request_key"]
 
 log = logging.getLogger(__name__)
 
 Compute = Callable[[Gone], Awaitable[BatchResult]]
+
+Headers = Sequence[tuple[bytes, bytes]]
+
+
+@dataclass(slots=True, frozen=True)
+class RawAnswer:
+    """A complete 200 answer as sent: its headers (``X-Cache: hit`` among them) and body."""
+
+    headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes
+
+    @property
+    def size(self) -> int:
+        return ENTRY_OVERHEAD + len(self.body) + sum(len(k) + len(v) for k, v in self.headers)
 
 
 class ResponseCache:
@@ -63,13 +86,16 @@ class ResponseCache:
             return cached, "hit"
 
         async def run(abandoned: Gone) -> tuple[BatchResult, str]:
+            drops = self.store.drops
             shared = await self._from_shared(key)
             if shared is not None:
                 stats.shared_hits += 1
-                self._store(model, version, key, shared)
+                if self.store.drops == drops:
+                    self._store(model, version, key, shared)
                 return shared, "hit"
             result = await compute(abandoned)
-            self._store(model, version, key, result)
+            if self.store.drops == drops:  # else a version was dropped meanwhile: maybe this one
+                self._store(model, version, key, result)
             self._to_shared(model, key, result)
             return result, "miss"
 
@@ -80,6 +106,25 @@ class ResponseCache:
         if source == "miss":
             stats.misses += 1
         return result, source
+
+    def get_raw(self, model: str, key: bytes) -> RawAnswer | None:
+        """The stored answer for a request's raw key (counted as a hit), or None (not counted:
+        the request goes on to ``get_or_compute``, which counts it)."""
+        answer = self.store.get(key, self._clock())
+        if answer is not None:
+            stats = self.store.model_stats(model)
+            stats.hits += 1
+            stats.raw_hits += 1
+        return answer
+
+    def put_raw(self, model: str, version: str, key: bytes, answer: RawAnswer, drops: int) -> bool:
+        """Keep ``answer`` for ``key``, unless a version was dropped since ``drops`` (the
+        store's ``drops`` read before the answer was computed) or the model's cache is off."""
+        policy = self._config.for_model(model)
+        if not policy.enabled or self.store.drops != drops:
+            return False
+        cap = int(self._config.max_bytes * policy.max_share)
+        return self.store.put(key, answer, model, version, self._clock() + policy.ttl_s, cap, answer.size)
 
     def _store(self, model: str, version: str, key: bytes, result: BatchResult) -> None:
         policy = self._config.for_model(model)

@@ -54,3 +54,19 @@ def cacheable(request: InferRequest) -> bool:
     if request.parameters:
         return False
     return all(set(o.parameters) <= {"binary_data"} for o in request.outputs or ())
+
+
+def raw_key(model: str, version: str, content_type: bytes, header_length: bytes | None, body: bytes) -> bytes:
+    """The key of a request as it arrived, for answers stored as bytes (``RawAnswer``).
+
+    Everything the encoded answer depends on: the model, the version that serves it (after the
+    rollout's or the router's choice), the content type and binary-header length (which decide
+    how the body is read and which wire format answers), and the body itself, which holds the
+    inputs, the outputs asked for and how, the parameters, and the ``id`` the answer echoes.
+    A different personalisation keeps these keys apart from ``request_key``'s."""
+    h = hashlib.blake2b(digest_size=16, person=b"gateway-raw")
+    h.update(b"%d:%s\0%d:%s\0" % (len(model), model.encode(), len(version), version.encode()))
+    h.update(b"%d:%s\0" % (len(content_type), content_type))
+    h.update(b"-\0" if header_length is None else b"%d:%s\0" % (len(header_length), header_length))
+    h.update(body)
+    return h.digest()

@@ -1,5 +1,9 @@
 """The in-process store: an LRU over cached results, bounded in bytes, with a TTL per entry.
 
+An entry holds either a computed result (a ``BatchResult``, keyed by ``keys.request_key``) or
+a complete encoded answer (a ``RawAnswer``, keyed by ``keys.raw_key``); both kinds share the
+bounds, the TTL, the per-model share and ``drop_version``.
+
 One global LRU order and one per model, so that both bounds hold cheaply: the store's
 ``max_bytes`` (the least recently used entry of any model goes first) and each model's share
 of it (that model's least recently used entry goes first). Expired entries are dropped when
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 from gateway.batcher import BatchResult
 
@@ -18,7 +23,7 @@ ENTRY_OVERHEAD = 256  # bytes counted per entry beyond its outputs (key, bookkee
 
 @dataclass(slots=True)
 class Entry:
-    result: BatchResult
+    result: Any  # a BatchResult, or a RawAnswer
     model: str
     version: str
     size: int
@@ -31,6 +36,7 @@ class ModelCacheStats:
     misses: int = 0
     coalesced: int = 0
     shared_hits: int = 0
+    raw_hits: int = 0  # the hits answered with stored response bytes, before decoding (of hits)
     evictions: int = 0
     bytes: int = 0
     entries: int = 0
@@ -50,6 +56,8 @@ class CacheStore:
         self._by_model: dict[str, OrderedDict[bytes, None]] = {}
         self.stats: dict[str, ModelCacheStats] = {}
         self.bytes = 0
+        # Bumped by every drop_version: a result computed before a drop is not stored after it.
+        self.drops = 0
 
     def model_stats(self, model: str) -> ModelCacheStats:
         stats = self.stats.get(model)
@@ -57,7 +65,7 @@ class CacheStore:
             stats = self.stats[model] = ModelCacheStats()
         return stats
 
-    def get(self, key: bytes, now: float) -> BatchResult | None:
+    def get(self, key: bytes, now: float) -> Any:
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -68,9 +76,20 @@ class CacheStore:
         self._by_model[entry.model].move_to_end(key)
         return entry.result
 
-    def put(self, key: bytes, result: BatchResult, model: str, version: str, expires: float, model_max_bytes: int) -> bool:
-        """Store ``result``; False if it is larger than allowed to be held at all."""
-        size = result_size(result)
+    def put(
+        self,
+        key: bytes,
+        result: Any,
+        model: str,
+        version: str,
+        expires: float,
+        model_max_bytes: int,
+        size: int | None = None,
+    ) -> bool:
+        """Store ``result`` (``size`` bytes; by default a BatchResult's); False if it is larger
+        than allowed to be held at all."""
+        if size is None:
+            size = result_size(result)
         if size > model_max_bytes or size > self.max_bytes:
             return False
         old = self._entries.get(key)
@@ -91,6 +110,7 @@ class CacheStore:
 
     def drop_version(self, model: str, version: str) -> int:
         """Remove every entry of one model version (it was unloaded or replaced)."""
+        self.drops += 1
         keys = [k for k in self._by_model.get(model, ()) if self._entries[k].version == version]
         for key in keys:
             self._remove(key, self._entries[key])

@@ -1,0 +1,244 @@
+"""Raw answers: the infer endpoint answers a repeated request with the stored bytes of the first
+answer, before decoding, and keeps every promise of the response cache. A real pipeline and
+cache behind the real endpoint; a fake router and metadata (no network)."""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import msgpack
+import numpy as np
+import orjson
+
+from gateway.batcher import BatchResult
+from gateway.cache import ResponseCache
+from gateway.config import BatchingConfig, CacheConfig
+from gateway.errors import UpstreamError
+from gateway.infer_endpoint import InferEndpoint
+from gateway.models import ModelInfo
+from gateway.pipeline import InferencePipeline
+from gateway.rollout import ModelRollout, Rollouts
+from gateway.tensors import Tensor
+
+INFO = ModelInfo.from_triton(
+    {"name": "m", "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}],
+     "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}]},
+    {"max_batch_size": 8}, b"{}", b"{}",
+)  # fmt: skip
+
+
+class Metadata:
+    async def get(self, model: str, version: str) -> ModelInfo:
+        return INFO
+
+
+class Router:
+    """Answers y = 2x (+ the version number, so versions answer differently); can be told to fail."""
+
+    def __init__(self) -> None:
+        self.newest = "1"
+        self.calls: list[str] = []
+        self.fail = False
+
+    def newest_version(self, model: str) -> str:
+        return self.newest
+
+    def available(self, model: str, version: str) -> bool:
+        return True
+
+    def routable_count(self) -> int:
+        return 1
+
+    async def infer(self, model, version, inputs, parameters=None, deadline=None):  # noqa: ANN001, ANN201
+        if callable(inputs):
+            inputs = inputs()
+        self.calls.append(version)
+        if self.fail:
+            raise UpstreamError("Triton failed", status=502)
+        return BatchResult(version, [Tensor("y", "FP32", inputs[0].data * 2 + float(version))])
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def stack(cache: CacheConfig | None = None, rollouts: Rollouts | None = None, clock: Clock | None = None):  # noqa: ANN201
+    router = Router()
+    cache_obj = ResponseCache(cache or CacheConfig(enabled=True), clock=clock or Clock())
+    pipeline = InferencePipeline(
+        BatchingConfig(enabled=False), router, Metadata(), cache=cache_obj, rollouts=rollouts  # type: ignore[arg-type]
+    )
+    app = types.SimpleNamespace(state=types.SimpleNamespace(services=types.SimpleNamespace(router=router, pipeline=pipeline)))
+    return InferEndpoint(app, 1 << 20), router, cache_obj
+
+
+def json_body(x: list[float], request_id: str | None = None, **extra: Any) -> bytes:
+    doc: dict[str, Any] = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": x}], **extra}
+    if request_id is not None:
+        doc["id"] = request_id
+    return orjson.dumps(doc)
+
+
+async def post(
+    endpoint: InferEndpoint, body: bytes, path: str = "/v2/models/m/infer", headers: list[tuple[bytes, bytes]] | None = None
+) -> tuple[int, dict[bytes, bytes], bytes, list[tuple[bytes, bytes]]]:
+    scope = {"type": "http", "method": "POST", "path": path, "headers": headers or [(b"content-type", b"application/json")]}
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await endpoint(scope, receive, send)
+    start, end = sent
+    return start["status"], dict(start["headers"]), end["body"], list(start["headers"])
+
+
+def without_x_cache(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [h for h in headers if h[0] != b"x-cache"]
+
+
+async def test_a_repeat_is_the_first_answer_byte_for_byte_and_costs_nothing_upstream() -> None:
+    endpoint, router, cache = stack()
+    body = json_body([1.0, 2.0], request_id="abc")
+    status, headers, first, raw_headers = await post(endpoint, body)
+    assert status == 200 and headers[b"x-cache"] == b"miss" and orjson.loads(first)["id"] == "abc"
+    status, headers2, second, raw_headers2 = await post(endpoint, body)
+    assert status == 200 and headers2[b"x-cache"] == b"hit" and second == first
+    assert without_x_cache(raw_headers2) == without_x_cache(raw_headers)  # header order too
+    assert headers2[b"model-version"] == b"1" and orjson.loads(second)["model_version"] == "1"
+    assert router.calls == ["1"]
+    stats = cache.snapshot()["models"]["m"]
+    assert (stats["hits"], stats["raw_hits"], stats["misses"]) == (1, 1, 1)
+
+
+async def test_another_id_or_wire_format_is_another_raw_answer_with_its_own_bytes() -> None:
+    endpoint, router, cache = stack()
+    await post(endpoint, json_body([1.0, 2.0], request_id="a"))
+    _, headers, other, _ = await post(endpoint, json_body([1.0, 2.0], request_id="b"))
+    assert headers[b"x-cache"] == b"hit" and orjson.loads(other)["id"] == "b"  # the tensors' entry, not "a"'s bytes
+    packed = msgpack.packb({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2],
+                                        "data": np.array([1, 2], np.float32).tobytes()}]})  # fmt: skip
+    mp = [(b"content-type", b"application/msgpack")]
+    _, h1, m1, _ = await post(endpoint, packed, headers=mp)
+    _, h2, m2, _ = await post(endpoint, packed, headers=mp)
+    assert (h1[b"x-cache"], h2[b"x-cache"]) == (b"hit", b"hit") and m1 == m2 and h2[b"content-type"] == b"application/msgpack"
+    assert router.calls == ["1"] and cache.snapshot()["models"]["m"]["raw_hits"] == 1
+
+
+async def test_bypass_header_parameters_and_errors_are_never_answered_from_raw_bytes() -> None:
+    endpoint, router, cache = stack()
+    body = json_body([3.0, 4.0])
+    no_cache = [(b"content-type", b"application/json"), (b"cache-control", b"no-cache")]
+    assert (await post(endpoint, body, headers=no_cache))[1][b"x-cache"] == b"bypass"
+    assert (await post(endpoint, body, headers=no_cache))[1][b"x-cache"] == b"bypass"
+    with_params = json_body([3.0, 4.0], parameters={"priority": 1})
+    assert (await post(endpoint, with_params))[1][b"x-cache"] == b"bypass"
+    assert (await post(endpoint, with_params))[1][b"x-cache"] == b"bypass"
+    assert len(router.calls) == 4
+    router.fail = True
+    failing = json_body([5.0, 6.0])
+    assert (await post(endpoint, failing))[0] == 502
+    router.fail = False
+    status, headers, _, _ = await post(endpoint, failing)
+    assert status == 200 and headers[b"x-cache"] == b"miss"
+    assert (await post(endpoint, failing))[1][b"x-cache"] == b"hit"
+
+
+async def test_raw_answers_expire_are_dropped_with_their_version_and_count_in_the_byte_bound() -> None:
+    clock = Clock()
+    endpoint, router, cache = stack(CacheConfig(enabled=True, ttl_s=10.0), clock=clock)
+    body = json_body([1.0, 1.0])
+    await post(endpoint, body)
+    assert cache.store.bytes > 0 and len(cache.store._entries) == 2  # the tensors' entry and the raw answer
+    assert (await post(endpoint, body))[1][b"x-cache"] == b"hit"
+    clock.now += 11
+    assert (await post(endpoint, body))[1][b"x-cache"] == b"miss"
+    cache.drop_version("m", "1")
+    assert cache.store.bytes == 0
+    assert (await post(endpoint, body))[1][b"x-cache"] == b"miss"
+    assert router.calls == ["1", "1", "1"]
+
+
+async def test_an_answer_computed_across_a_version_drop_is_not_kept() -> None:
+    endpoint, router, cache = stack()
+    original = router.infer
+
+    async def dropping(*args: Any, **kwargs: Any) -> BatchResult:
+        result = await original(*args, **kwargs)
+        cache.drop_version("m", "1")  # Triton reloaded the version while this was computed
+        return result
+
+    router.infer = dropping  # type: ignore[method-assign]
+    body = json_body([7.0, 7.0])
+    assert (await post(endpoint, body))[1][b"x-cache"] == b"miss"
+    router.infer = original  # type: ignore[method-assign]
+    assert (await post(endpoint, body))[1][b"x-cache"] == b"miss" and cache.store.bytes > 0
+
+
+async def test_a_model_with_the_cache_off_gets_no_raw_answers() -> None:
+    config = CacheConfig(enabled=True, models={"m": CacheConfig(enabled=False)})
+    endpoint, router, cache = stack(config)
+    body = json_body([1.0, 2.0])
+    for _ in range(2):
+        _, headers, _, _ = await post(endpoint, body)
+        assert b"x-cache" not in headers
+    assert router.calls == ["1", "1"] and cache.store.bytes == 0
+
+
+async def test_a_model_share_bounds_raw_answers_too() -> None:
+    endpoint, router, cache = stack(CacheConfig(enabled=True, max_bytes=4096, max_share=0.5))
+    for i in range(20):
+        await post(endpoint, json_body([float(i), 0.0]))
+    assert 0 < cache.snapshot()["models"]["m"]["bytes"] <= 2048 and cache.snapshot()["models"]["m"]["evictions"] > 0
+
+
+async def test_a_named_version_is_its_own_raw_answer() -> None:
+    endpoint, router, cache = stack()
+    body = json_body([1.0, 2.0])
+    await post(endpoint, body)
+    router.newest = "2"
+    _, headers, answer, _ = await post(endpoint, body)  # the default moved on: not version 1's bytes
+    assert headers[b"x-cache"] == b"miss" and headers[b"model-version"] == b"2" and orjson.loads(answer)["model_version"] == "2"
+    _, headers, answer, _ = await post(endpoint, body, path="/v2/models/m/versions/1/infer")
+    assert headers[b"x-cache"] == b"hit" and headers[b"model-version"] == b"1"
+    assert router.calls == ["1", "2"]
+
+
+async def test_the_canary_split_is_chosen_once_per_request_and_hits_count_for_the_rollout() -> None:
+    rollouts = Rollouts(seed=1)
+    rollouts.set_models({"m": ModelRollout("1", "2", 0.3)})
+    endpoint, router, cache = stack(rollouts=rollouts)
+    served = {"1": 0, "2": 0}
+    bodies = [json_body([float(i % 5), 0.0]) for i in range(400)]
+    for body in bodies:
+        _, headers, answer, _ = await post(endpoint, body)
+        version = headers[b"model-version"].decode()
+        assert orjson.loads(answer)["model_version"] == version
+        served[version] += 1
+    # Every request counted once, for the version that answered it.
+    assert rollouts.served == {("m", "1"): served["1"], ("m", "2"): served["2"]}
+    # The split holds for hits and misses alike (0.3 of 400 = 120; 5 sigma is about 46).
+    assert abs(served["2"] - 120) < 46, served
+    assert cache.snapshot()["models"]["m"]["raw_hits"] >= 380
+    # Hits counted in the rollout's windows as answered requests.
+    assert rollouts.snapshot()["models"]["m"]["windows"]["2"]["requests"] > 0
+
+
+async def test_a_shadowed_rollout_takes_the_full_path_so_requests_are_mirrored() -> None:
+    rollouts = Rollouts(seed=0)
+    rollouts.set_models({"m": ModelRollout("1", shadow="3", shadow_share=1.0)})
+    endpoint, router, cache = stack(rollouts=rollouts)
+    body = json_body([1.0, 2.0])
+    await post(endpoint, body)
+    _, headers, _, _ = await post(endpoint, body)
+    await endpoint.app.state.services.pipeline.close(1.0)
+    assert headers[b"x-cache"] == b"hit" and cache.snapshot()["models"]["m"]["raw_hits"] == 0
+    assert rollouts.snapshot()["models"]["m"]["shadow"]["sent"] == 2
