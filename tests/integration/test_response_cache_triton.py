@@ -126,6 +126,31 @@ def test_the_bypass_header_computes_afresh_and_the_counters_move(stack: Stack) -
     assert after_counters["enabled"] is True and after_counters["bytes"] >= model["bytes"]
 
 
+def test_a_repeat_is_answered_with_the_first_answers_bytes(stack: Stack) -> None:
+    """The bytes of the first answer, replayed before decoding: same headers (but X-Cache and
+    Date), same body (the id echoed), counted as a raw hit; another id is another answer."""
+    x = images(30)
+    body, headers = binary_body(x)
+    body = body.replace(b'{"inputs"', b'{"id":"req-7","inputs"', 1)
+    headers["Inference-Header-Content-Length"] = str(int(headers["Inference-Header-Content-Length"]) + len(b'"id":"req-7",'))
+    with httpx.Client(base_url=stack.gateway.url, timeout=30) as http:
+        before = http.get("/v2/gateway/cache").json()["models"].get(DIGITS.name, {}).get("raw_hits", 0)
+        first = http.post(PATH, content=body, headers=headers)
+        second = http.post(PATH, content=body, headers=headers)
+        assert (first.status_code, second.status_code) == (200, 200), first.text
+        assert (first.headers["x-cache"], second.headers["x-cache"]) == ("miss", "hit")
+        assert second.content == first.content and b'"id":"req-7"' in first.content
+        drop = {"x-cache", "date"}
+        assert [h for h in second.headers.raw if h[0].decode().lower() not in drop] == [
+            h for h in first.headers.raw if h[0].decode().lower() not in drop
+        ]
+        assert http.get("/v2/gateway/cache").json()["models"][DIGITS.name]["raw_hits"] == before + 1
+        other = body.replace(b"req-7", b"req-8")
+        third = http.post(PATH, content=other, headers=headers)
+        assert third.headers["x-cache"] == "hit" and b'"id":"req-8"' in third.content
+        assert third.content.replace(b"req-8", b"req-7") == first.content
+
+
 def test_errors_are_never_cached(stack: Stack) -> None:
     bad = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 7], "data": [0.0] * 56}]}
     with httpx.Client(base_url=stack.gateway.url, timeout=30) as http:
