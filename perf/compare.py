@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -177,8 +178,24 @@ def capture_spec(triton_url: str, model: str) -> dict[str, Any]:
     }
 
 
-def gateway_toml(triton_url: str, port: int) -> str:
-    # The batching settings are those of configs/local.toml.
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return json.dumps(v) if isinstance(v, str) else repr(v)
+
+
+def local_batching() -> dict[str, Any]:
+    """configs/local.toml's [batching] scalars (per-model tables left out): the defaults the
+    gateway is measured with."""
+    table = tomllib.loads((REPO / "configs" / "local.toml").read_text()).get("batching", {})
+    return {k: v for k, v in table.items() if not isinstance(v, dict)}
+
+
+def gateway_toml(triton_url: str, port: int, batching: dict[str, Any] | None = None) -> str:
+    """The gateway's config: that one instance, and the [batching] settings of configs/local.toml
+    (read from it, so the benchmark measures the defaults in force)."""
+    table = local_batching() if batching is None else batching
+    lines = "\n".join(f"{k} = {toml_value(v)}" for k, v in table.items())
     return f"""\
 [server]
 host = "{HOST}"
@@ -187,12 +204,8 @@ port = {port}
 [upstream]
 instances = [ {{ url = "{triton_url}", weight = 1 }} ]
 
-[batching]
-enabled = true
-max_batch_size = 64
-max_queue_delay_ms = 2.0
-max_inflight_batches = 4
-max_queue_rows = 8192
+[batching]  # as in configs/local.toml
+{lines}
 """
 
 
@@ -498,7 +511,8 @@ def render(
     settings = (
         f"model {args.model}, concurrency {','.join(map(str, args.concurrency))}, perf_analyzer -i http, "
         f"time_windows {args.interval_ms} ms, stability {args.stability_percentage}%, max trials {args.max_trials}, "
-        f"batch size 1; one Triton instance"
+        f"batch size 1; one Triton instance; gateway batching (configs/local.toml) "
+        + ", ".join(f"{k} {toml_value(v)}" for k, v in local_batching().items())
     )
     text = "\n".join(
         ["", "== Results ==", f"command: {command}", *(f"{k}: {v}" for k, v in info.items()), f"settings: {settings}", ""]
