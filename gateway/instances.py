@@ -4,8 +4,11 @@ An ``Instance`` is written by two sources and read by the router without awaitin
 
 * **active health** (``upstream.fleet``): each probe round sets ``live`` (``/v2/health/live``),
   ``ready`` (``/v2/health/ready``, shown, not routed on: Triton says "not ready" while it loads
-  a new version yet serves the loaded ones) and ``models``, the model versions the instance
+  a new version yet serves the loaded ones) and ``loaded``, the model versions the instance
   has READY (its repository index);
+* **repository sync** (``upstream.repository``, when the gateway drives loading) withholds
+  versions that are READY but must not be routed yet or any more: warming up, draining before
+  an unload, failed. ``models``, what the router reads, is ``loaded`` less ``withheld``;
 * **passive outcomes** (the router): every upstream request ends in ``record_success`` or
   ``record_failure``. ``eject_after`` consecutive failures (no answer, a timeout, a 5xx) eject
   the instance for ``base × k`` seconds, capped at ``max``, where k counts its ejections since
@@ -47,10 +50,17 @@ class EjectionPolicy:
 class Instance:
     url: str
     weight: float = 1.0
+    grpc: str = ""  # host:port of its gRPC endpoint, when known (repository loading uses it)
     live: bool = True
     ready: bool = True
     # model name -> versions READY on this instance; None until the first repository index.
+    loaded: dict[str, frozenset[str]] | None = None
+    # (model, version) -> why it is not routed although READY: "warming up", "draining", ...
+    withheld: dict[tuple[str, str], str] = field(default_factory=dict)
+    # What the router routes to: ``loaded`` less ``withheld``.
     models: dict[str, frozenset[str]] | None = None
+    # Requests in flight per (model, version): what draining a version waits for.
+    active: dict[tuple[str, str], int] = field(default_factory=dict)
     outstanding: int = 0
     # Requests in flight averaged over about LOAD_WINDOW_S (time-weighted): the balancer's
     # measure of how loaded the instance is, steadier than the instant count (see balancer.py).
@@ -102,16 +112,69 @@ class Instance:
             self._newest_of = self.models
         return self._newest.get(model)
 
+    def set_index(self, ready: dict[str, frozenset[str]]) -> None:
+        """What the repository index says is READY here."""
+        self.loaded = ready
+        self._refresh()
+
+    def withhold(self, model: str, version: str, why: str) -> None:
+        """Stop routing this version here (it stays loaded), saying why."""
+        self.withheld[(model, version)] = why
+        self._refresh()
+
+    def withholds(self, model: str, version: str) -> str | None:
+        """Why this version (any version, for "") of the model is held back here, if it is."""
+        if version:
+            return self.withheld.get((model, version))
+        return next((why for (m, _), why in self.withheld.items() if m == model), None)
+
+    def release(self, model: str, version: str) -> None:
+        """Forget a withheld version that is no longer loaded here (nothing left to hold back)."""
+        if self.withheld.pop((model, version), None) is not None:
+            self._refresh()
+
+    def admit(self, model: str, version: str) -> None:
+        """Route this version here: it is loaded and warm (the next index confirms it)."""
+        self.withheld.pop((model, version), None)
+        loaded = dict(self.loaded or {})
+        loaded[model] = loaded.get(model, frozenset()) | {version}
+        self.set_index(loaded)
+
+    def _refresh(self) -> None:
+        if self.loaded is None:
+            return
+        if not self.withheld:
+            self.models = self.loaded
+            return
+        models = {}  # a new map: never change one another reader holds
+        for model, versions in self.loaded.items():
+            routable = frozenset(v for v in versions if (model, v) not in self.withheld)
+            if routable:
+                models[model] = routable
+        self.models = models
+
     def forget(self, model: str, version: str) -> None:
         """The instance said it does not hold this version: stop routing it there until the next
         repository index says otherwise."""
-        models = dict(self.models or {})  # a new map: never change one another reader holds
-        remaining = frozenset() if not version else models.get(model, frozenset()) - {version}
+        loaded = dict(self.loaded if self.loaded is not None else self.models or {})
+        remaining = frozenset() if not version else loaded.get(model, frozenset()) - {version}
         if remaining:
-            models[model] = remaining
+            loaded[model] = remaining
         else:
-            models.pop(model, None)
-        self.models = models
+            loaded.pop(model, None)
+        self.set_index(loaded)
+
+    def started(self, model: str, version: str) -> None:
+        key = (model, version)
+        self.active[key] = self.active.get(key, 0) + 1
+
+    def finished(self, model: str, version: str) -> None:
+        key = (model, version)
+        left = self.active.get(key, 0) - 1
+        if left > 0:
+            self.active[key] = left
+        else:
+            self.active.pop(key, None)
 
     def settle(self, now: float) -> None:
         """Bring ``load`` up to ``now``: the count in flight since the last change decays in."""
@@ -177,6 +240,9 @@ class Instance:
             "ejected_for_s": round(max(0.0, self.ejected_until - now), 3) if self.ejected_until is not None else 0.0,
             "recent_errors": [{"age_s": round(now - t, 3), "error": e} for t, e in reversed(self.recent_errors)],
             "models": None if self.models is None else {m: sorted(v, key=_version_key) for m, v in sorted(self.models.items())},
+            "withheld": [
+                {"model": m, "version": v, "why": why} for (m, v), why in sorted(self.withheld.items()) if v in (self.loaded or {}).get(m, ())
+            ],
         }
 
 

@@ -117,7 +117,17 @@ class Router:
             return holding
         if any(i.holds(model, version) is not False for i in self.instances if i not in exclude):
             return []  # it is held only by instances that are down or ejected, or tried already
-        return up  # nobody is known to hold it: let Triton answer
+        # Nobody is known to hold it: let Triton answer (404), except where the version (or,
+        # for "", the model) is withheld (loading, warming up, failed): it is never sent there.
+        return [i for i in up if i.withholds(model, version) is None]
+
+    def withheld_reason(self, model: str, version: str) -> str | None:
+        """Why a version (or for "", the model) is not routed, when the repository sync holds it back."""
+        for instance in self.instances:
+            why = instance.withholds(model, version)
+            if why is not None:
+                return why
+        return None
 
     def pick(self, model: str | None = None, version: str = "", exclude: Sequence[Instance] = ()) -> Instance | None:
         """An instance with a free slot, or None if every candidate is at its cap.
@@ -125,7 +135,8 @@ class Router:
         candidates = self.candidates(model, version, exclude)
         if not candidates:
             what = "" if model is None else f" holding model '{model}'" + (f" version {version}" if version else "")
-            raise Unavailable(f"no healthy Triton instance{what} is available")
+            why = self.withheld_reason(model, version) if model is not None else None
+            raise Unavailable(f"no healthy Triton instance{what} is available" + (f" ({why})" if why else ""))
         free = [i for i in candidates if i.outstanding < self._cap]
         return balancer.choose(free, self._rng, self._clock(), self._bias) if free else None
 
@@ -196,6 +207,7 @@ class Router:
             except BaseException:
                 self._release(instance)  # never sent: an expired or abandoned request is not forwarded
                 raise
+            instance.started(model, version)
             try:
                 result = await self._client.infer(instance.url, model, version, tensors, parameters, limit)
             except GatewayError as exc:
@@ -207,6 +219,7 @@ class Router:
                 instance.record_success()
                 return result
             finally:
+                instance.finished(model, version)
                 self._release(instance)
 
     def _failed(self, instance: Instance, exc: GatewayError, model: str, version: str, is_deadline: bool) -> bool:
@@ -250,7 +263,9 @@ class Router:
         while True:
             candidates = self.candidates(model, version, exclude=tried)
             if not candidates:
-                raise Unavailable("no healthy Triton instance is available")
+                why = self.withheld_reason(model, version) if model is not None else None
+                what = "" if model is None else f" holding model '{model}'" + (f" version {version}" if version else "")
+                raise Unavailable(f"no healthy Triton instance{what} is available" + (f" ({why})" if why else ""))
             instance = balancer.choose(candidates, self._rng, self._clock(), self._bias)
             tried.append(instance)
             try:

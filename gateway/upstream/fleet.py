@@ -24,6 +24,7 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -47,6 +48,14 @@ async def resolve(host: str, port: int) -> list[str]:
 
 def instance_url(address: str, port: int) -> str:
     return f"http://[{address}]:{port}" if ":" in address else f"http://{address}:{port}"
+
+
+def grpc_target(url: str, grpc_port: int) -> str:
+    """host:port of the gRPC endpoint beside an instance's HTTP url; "" if no port is known."""
+    if not grpc_port:
+        return ""
+    host = urlsplit(url).hostname or ""
+    return f"[{host}]:{grpc_port}" if ":" in host else f"{host}:{grpc_port}"
 
 
 def ready_models(index: object) -> dict[str, frozenset[str]]:
@@ -110,6 +119,7 @@ class FleetMonitor:
                 if url not in members:
                     instance = known.get(url) or Instance(url, entry.weight)
                     instance.weight = entry.weight
+                    instance.grpc = grpc_target(url, entry.grpc_port)
                     members[url] = instance
         if list(members) != list(known):
             for url in set(known) - set(members):
@@ -121,23 +131,25 @@ class FleetMonitor:
     async def probe(self, instance: Instance) -> None:
         timeout = self._config.health_timeout_s
         url = instance.url
+        why = ""
         try:
-            live = (await self._client.get(url, "/v2/health/live", timeout)).status == 200
-        except Exception:  # whatever the instance (or whatever answers on its port) does, it is not up
-            live = False
+            status = (await self._client.get(url, "/v2/health/live", timeout)).status
+            live, why = status == 200, f"/v2/health/live answered {status}"
+        except Exception as exc:  # whatever the instance (or whatever answers on its port) does, it is not up
+            live, why = False, f"/v2/health/live: {exc!r}"
         if live:
             ready, models, _ = await asyncio.gather(
                 self._ready(url, timeout), self._index(url, timeout), self._reloads(url, timeout)
             )
             instance.ready = ready
             if models is not None:
-                instance.models = models
+                instance.set_index(models)
         else:
             instance.ready = False
         was = instance.state
         instance.probed(live, self._clock())
         if instance.state != was:
-            log.warning("instance %s is now %s", url, instance.state.upper())
+            log.warning("instance %s is now %s%s", url, instance.state.upper(), "" if live else f" ({why})")
 
     async def _reloads(self, url: str, timeout: float) -> None:
         """Report versions Triton loaded afresh (a version folder replaced in place: same
