@@ -117,9 +117,9 @@ class Router:
             return holding
         if any(i.holds(model, version) is not False for i in self.instances if i not in exclude):
             return []  # it is held only by instances that are down or ejected, or tried already
-        # Nobody is known to hold it: let Triton answer (404), except where the version (or,
-        # for "", the model) is withheld (loading, warming up, failed): it is never sent there.
-        return [i for i in up if i.withholds(model, version) is None]
+        # Nobody is known to hold it: let Triton answer (404), unless the repository sync holds
+        # it back (loading, warming up, failed; for "", the model): then it is sent nowhere.
+        return [] if self.withheld_reason(model, version) is not None else up
 
     def withheld_reason(self, model: str, version: str) -> str | None:
         """Why a version (or for "", the model) is not routed, when the repository sync holds it back."""

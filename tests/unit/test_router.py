@@ -297,3 +297,33 @@ def test_the_default_version_is_the_newest_ready_on_every_up_instance_holding_th
     assert router.newest_version("m") == "10"
     assert router.newest_version("unknown") == ""
     assert make_router(FakeClient(), Instance("x")).newest_version("m") == ""  # no index yet
+
+
+def test_a_withheld_version_is_never_sent_and_the_reason_is_given() -> None:
+    a, b = Instance("a"), Instance("b")
+    a.set_index({"m": frozenset({"1", "2"})})
+    b.set_index({"m": frozenset({"1"})})
+    a.withhold("m", "2", "warming up")
+    router = make_router(FakeClient(), a, b)
+    assert a.models == {"m": frozenset({"1"})} and a.loaded == {"m": frozenset({"1", "2"})}
+    assert router.newest_version("m") == "1"
+    # Nobody routes version 2, yet it is not sent to whoever might hold it: it is withheld.
+    with pytest.raises(Unavailable, match=r"version 2 is available \(warming up\)"):
+        router.pick("m", "2")
+    a.admit("m", "2")
+    assert router.candidates("m", "2") == [a]
+    a.set_index({"m": frozenset({"1"})})  # a later index no longer has it...
+    a.withhold("m", "2", "draining")
+    a.release("m", "2")  # ...and the sync lets go of it
+    assert router.candidates("m", "2") == [a, b]  # unknown again: Triton decides
+
+
+def test_requests_in_flight_are_counted_per_version() -> None:
+    a = Instance("a")
+    a.started("m", "1")
+    a.started("m", "1")
+    a.started("m", "2")
+    a.finished("m", "1")
+    assert a.active == {("m", "1"): 1, ("m", "2"): 1}
+    a.finished("m", "1")
+    assert a.active == {("m", "2"): 1}
