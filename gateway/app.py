@@ -23,6 +23,7 @@ from gateway.rollout import Rollouts
 from gateway.router import Router
 from gateway.upstream.client import TritonClient
 from gateway.upstream.fleet import FleetMonitor
+from gateway.upstream.repository import GrpcControl, RepositorySync
 from gateway.upstream.metadata import MetadataCache
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ def routes() -> list[Route]:
         Route("/v2/gateway/cache", handlers.cache, methods=["GET"]),
         Route("/v2/gateway/rollout", handlers.rollout, methods=["GET"]),
         Route("/v2/gateway/rollout/{model}", handlers.rollout_action, methods=["POST"]),
+        Route("/v2/gateway/repository", handlers.repository, methods=["GET"]),
     ]
     for base in (models, versioned):
         table += [
@@ -82,22 +84,36 @@ def build_app(config: GatewayConfig) -> InferEndpoint:
             u, client, router, on_version_gone=cache.drop_version if cache else None, watch_reloads=cache is not None
         )
         await monitor.start()
+        sync = None
+        if config.repository.path:
+            sync = RepositorySync(
+                config.repository,
+                router,
+                GrpcControl(config.repository.load_timeout_s),
+                on_version_reloaded=cache.drop_version if cache else None,
+            )
+            await sync.start()  # the repository is loaded before the gateway takes traffic
         rollouts = Rollouts.from_file(Path(config.rollout.file)) if config.rollout.file else Rollouts()
         pipeline = InferencePipeline(
             config.batching, router, MetadataCache(router, u.metadata_ttl_s), cache=cache, rollouts=rollouts
         )
-        app.state.services = handlers.Services(router, pipeline)
+        app.state.services = handlers.Services(router, pipeline, sync)
         app.state.admin_token = config.rollout.admin_token
         health = asyncio.create_task(monitor.run())
         watcher = asyncio.create_task(watch_rollouts(rollouts, config.rollout.reload_interval_s))
+        background = [health, watcher]
+        if sync is not None:
+            background.append(asyncio.create_task(sync.run()))
         try:
             yield
         finally:
             # Ordered shutdown: queued batches drain (bounded), then background work, then sockets.
             await pipeline.close(config.server.shutdown_grace_s)
-            health.cancel()
-            watcher.cancel()
-            await asyncio.gather(health, watcher, return_exceptions=True)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            if sync is not None:
+                await sync.close()
             if cache is not None:
                 await cache.close()
             await client.close()

@@ -40,6 +40,9 @@ class InstanceConfig:
     weight: float = 1.0
     dns: str = ""
     port: int = 0
+    # The instance's gRPC port (same host): needed when the gateway drives loading
+    # ([repository] path), whose load calls go over gRPC; 0 = not given.
+    grpc_port: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,12 +130,26 @@ class RolloutConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RepositoryConfig:
+    # The model repository the Triton instances serve, as the gateway sees it. Set, the gateway
+    # drives loading (Triton in explicit model-control mode; see gateway/upstream/repository.py):
+    # new version folders are loaded on every instance and warmed before they get traffic,
+    # removed ones drained then unloaded. "" = Triton manages its repository itself.
+    path: str = ""
+    scan_interval_s: float = 1.0   # how often the folder is scanned; a change acts once it is stable
+    load_timeout_s: float = 300.0  # the longest one load call to one instance may take
+    drain_timeout_s: float = 30.0  # the longest a removed version's requests in flight are awaited
+    warmup: bool = True            # a real inference to each new version before it is routed
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    repository: RepositoryConfig = field(default_factory=RepositoryConfig)
 
 
 _SCALARS: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool}
@@ -179,6 +196,8 @@ def _instances(raw: Any) -> tuple[InstanceConfig, ...]:
                 raise ConfigError(f"{where} needs a port in 1..65535 with its dns name")
         if inst.weight <= 0:
             raise ConfigError(f"{where}.weight must be > 0")
+        if not 0 <= inst.grpc_port <= 65535:
+            raise ConfigError(f"{where}.grpc_port must be in 1..65535")
         out.append(inst)
     keys = [i.url or f"{i.dns}:{i.port}" for i in out]
     if len(set(keys)) != len(keys):
@@ -209,7 +228,7 @@ def _override(base: Any, overrides: Any, where: str, allowed: frozenset[str] | N
 
 
 def parse_config(data: dict[str, Any]) -> GatewayConfig:
-    unknown = sorted(set(data) - {"server", "upstream", "batching", "cache", "rollout"})
+    unknown = sorted(set(data) - {"server", "upstream", "batching", "cache", "rollout", "repository"})
     if unknown:
         raise ConfigError(f"unknown section(s): {', '.join(unknown)}")
     server = _build(ServerConfig, data.get("server", {}), "server")
@@ -219,7 +238,10 @@ def parse_config(data: dict[str, Any]) -> GatewayConfig:
     batching = _with_models(BatchingConfig, data.get("batching", {}), "batching")
     cache = _with_models(CacheConfig, data.get("cache", {}), "cache", CACHE_MODEL_KEYS)
     rollout = _build(RolloutConfig, data.get("rollout", {}), "rollout")
-    config = GatewayConfig(server=server, upstream=upstream, batching=batching, cache=cache, rollout=rollout)
+    repository = _build(RepositoryConfig, data.get("repository", {}), "repository")
+    config = GatewayConfig(
+        server=server, upstream=upstream, batching=batching, cache=cache, rollout=rollout, repository=repository
+    )
     validate(config)
     return config
 
@@ -249,6 +271,15 @@ def validate(config: GatewayConfig) -> None:
         _validate_batching(model, f"batching.models.{name}", u)
     if config.rollout.reload_interval_s <= 0:
         raise ConfigError("rollout.reload_interval_s must be > 0")
+    r = config.repository
+    for name in ("scan_interval_s", "load_timeout_s", "drain_timeout_s"):
+        if getattr(r, name) <= 0:
+            raise ConfigError(f"repository.{name} must be > 0")
+    if r.path and any(not i.grpc_port for i in u.instances):
+        raise ConfigError(
+            "repository.path is set, so the gateway loads models, over gRPC: give every "
+            "upstream.instances entry its grpc_port (Triton's --grpc-port)"
+        )
     c = config.cache
     if c.max_bytes < 0:
         raise ConfigError("cache.max_bytes must be >= 0")

@@ -19,6 +19,7 @@ from gateway.pipeline import InferencePipeline
 from gateway.protocol import v2
 from gateway.router import Router
 from gateway.upstream.client import model_path, upstream_error
+from gateway.upstream.repository import RepositorySync
 from gateway.upstream.stats import merge_statistics
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ JSON = "application/json"
 class Services:
     router: Router
     pipeline: InferencePipeline
+    repository: RepositorySync | None = None
 
 
 def services(request: Request) -> Services:
@@ -67,9 +69,16 @@ async def model_config(request: Request) -> Response:
 
 
 async def model_ready(request: Request) -> Response:
+    """Ready means routable: READY on an up instance and not withheld (still warming up,
+    draining). Triton is asked only where its repository index is not known yet."""
     model, version = model_and_version(request)
-    path = model_path(model, version) + "/ready"
-    answers = await services(request).router.get_all(path)
+    router = services(request).router
+    holds = [i.holds(model, version) for i in router.instances if i.routable]
+    if any(holds):
+        return Response(status_code=200)
+    if None not in holds:
+        return Response(status_code=400)
+    answers = await router.get_all(model_path(model, version) + "/ready")
     return Response(status_code=200 if any(a.status == 200 for a in answers) else 400)
 
 
@@ -146,6 +155,16 @@ async def rollout_action(request: Request) -> Response:
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
     return Response(orjson.dumps(state), media_type=JSON)
+
+
+async def repository(request: Request) -> Response:
+    """The repository sync: per model, the versions on disk, those served, failures with their
+    reasons, each instance's state of each version, and recent events."""
+    sync = services(request).repository
+    body = sync.snapshot() if sync is not None else {"managed": False, "models": {}, "events": []}
+    if sync is not None:
+        body = {"managed": True, **body}
+    return Response(orjson.dumps(body), media_type=JSON)
 
 
 async def fleet(request: Request) -> Response:

@@ -18,6 +18,13 @@ def test_shipped_local_config_loads() -> None:
     assert config.server.port == 8000
 
 
+def test_the_shipped_configs_let_the_gateway_drive_loading_over_grpc() -> None:
+    for name in ("local.toml", "compose.toml"):
+        config = load_config(ROOT / "configs" / name)
+        assert config.repository.path, name
+        assert all(i.grpc_port for i in config.upstream.instances), name
+
+
 def test_cli_overrides_apply() -> None:
     config = load_config(ROOT / "configs" / "local.toml", host="0.0.0.0", port=9000)
     assert (config.server.host, config.server.port) == ("0.0.0.0", 9000)
@@ -49,6 +56,10 @@ def test_cli_overrides_apply() -> None:
         ({**BASE, "server": {"workers": 0}}, "server.workers"),
         ({**BASE, "batching": {"max_queue_delay_ms": 40000.0}}, "shorter than upstream.request_timeout_s"),
         ({**BASE, "batching": {"max_queue_rows": 8, "max_batch_size": 64}}, "max_queue_rows must be >= "),
+        ({**BASE, "repository": {"path": "model_repository"}}, "give every upstream.instances entry its grpc_port"),
+        ({"upstream": {"instances": [{"url": "http://a:1", "grpc_port": 70000}]}}, "grpc_port must be in 1..65535"),
+        ({**BASE, "repository": {"scan_interval_s": 0.0}}, "repository.scan_interval_s must be > 0"),
+        ({**BASE, "repository": {"warm_up": True}}, "unknown key(s) in [repository]: warm_up"),
     ],
 )
 def test_bad_configs_are_rejected_with_a_message_naming_the_key(data: dict, message: str) -> None:

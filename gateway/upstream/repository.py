@@ -1,0 +1,552 @@
+"""Loading the model repository onto every Triton instance, driven by the gateway.
+
+Triton left to itself (poll mode) loads a new version on each instance at its own moment, serves
+it before it has answered once, and a version that fails to load stalls the model's later
+loads. With ``[repository] path`` set, the gateway drives loading instead, Triton running with
+``--model-control-mode=explicit``, so that a version gets traffic only once it works everywhere
+it is loaded:
+
+* **Scan.** Every ``scan_interval_s`` the folder is read: models (folders holding a
+  ``config.pbtxt``; names starting with "." are ignored), their versions (folders named by a
+  number) and a fingerprint of each version (its files' sizes and modification times,
+  ``__pycache__`` left out). A model is acted on once two scans in a row agree, so a folder
+  being copied is not loaded half-written; publishing by renaming a finished folder (as the
+  training module does) takes one scan.
+* **Target.** The versions to serve are those on disk, less those that failed with the same
+  files, filtered by the model's own ``version_policy`` (all, latest N, specific).
+* **Load.** Each up instance whose versions differ from the target (a version added or removed,
+  files or ``config.pbtxt`` changed, an instance restarted empty) gets one load call (over
+  gRPC, see ``GrpcControl``) with the model's config, its version policy set to exactly the
+  target versions, or an unload call when none is left. Triton keeps serving what it has while
+  it loads and swaps reloaded versions in without a gap (it reloads every version of a model
+  whose config changed, and the version list is part of the config).
+* **Admit.** A version new to an instance is withheld from routing while it loads, then
+  answers a warm-up inference (zeros shaped by its config; must come back 200), and only then
+  is routed to there. Requests naming no version move to it once every instance holding the
+  model has it (``Router.newest_version``).
+* **Drain.** A version leaving is withheld on every instance first, its requests in flight
+  there are awaited (at most ``drain_timeout_s``), and only then is it unloaded.
+* **Failure.** A version that fails to load or to warm up is recorded with Triton's reason,
+  never admitted, and unloaded; the versions already serving stay as they are. It is tried
+  again when its files change. A ``config.pbtxt`` that does not parse, or that Triton rejects,
+  leaves the model as it is until the file changes.
+
+State and recent events: ``GET /v2/gateway/repository``. Several gateway replicas in front of
+one fleet must leave loading to one of them (the others without ``[repository] path``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import aiohttp
+import tritonclient.grpc.aio as grpcclient
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2
+from tritonclient.utils import InferenceServerException
+
+from gateway.config import RepositoryConfig
+from gateway.instances import Instance
+from gateway.router import Router
+
+log = logging.getLogger(__name__)
+
+Fingerprint = tuple[int, int, int]  # files, bytes, newest modification (ns)
+MAX_EVENTS = 200
+POLL_S = 0.05  # how often a drain checks the requests in flight
+
+
+# -- the folder ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFolder:
+    name: str
+    config: str | None  # config.pbtxt's text; None if it could not be read
+    config_stamp: tuple[int, int]  # its size and modification time
+    versions: tuple[tuple[str, Fingerprint], ...]  # (version, fingerprint), by version number
+
+
+def fingerprint(folder: Path) -> Fingerprint:
+    files = size = newest = 0
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]  # written by Triton's loading itself
+        for name in filenames:
+            try:
+                st = os.stat(os.path.join(dirpath, name))
+            except OSError:
+                continue  # removed while scanning: the next scan sees the change
+            files += 1
+            size += st.st_size
+            newest = max(newest, st.st_mtime_ns)
+    return files, size, newest
+
+
+def scan_repository(root: Path) -> dict[str, ModelFolder]:
+    """Every model folder under ``root`` (raises OSError if ``root`` cannot be read)."""
+    models: dict[str, ModelFolder] = {}
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        config_path = Path(entry.path) / "config.pbtxt"
+        try:
+            st = config_path.stat()
+            text: str | None = config_path.read_text()
+        except FileNotFoundError:
+            continue  # not a model (yet): Python-backend models need a config.pbtxt
+        except (OSError, UnicodeDecodeError):
+            st, text = config_path.stat(), None
+        versions = sorted(
+            ((v.name, fingerprint(Path(v.path))) for v in os.scandir(entry.path) if v.name.isdigit() and v.is_dir()),
+            key=lambda item: int(item[0]),
+        )
+        models[entry.name] = ModelFolder(entry.name, text, (st.st_size, st.st_mtime_ns), tuple(versions))
+    return models
+
+
+def parse_model_config(text: str | None) -> model_config_pb2.ModelConfig:
+    """config.pbtxt as Triton reads it; ValueError naming the problem otherwise."""
+    if text is None:
+        raise ValueError("config.pbtxt cannot be read")
+    try:
+        return text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as exc:
+        raise ValueError(f"config.pbtxt: {exc}") from None
+
+
+def served_versions(config: model_config_pb2.ModelConfig, versions: Iterable[str]) -> list[str]:
+    """The versions the model's ``version_policy`` serves out of ``versions`` (Triton's rules:
+    no policy means the latest one)."""
+    ordered = sorted(versions, key=int)
+    policy = config.version_policy
+    which = policy.WhichOneof("policy_choice")
+    if which == "all":
+        return ordered
+    if which == "specific":
+        wanted = {int(v) for v in policy.specific.versions}
+        return [v for v in ordered if int(v) in wanted]
+    latest = policy.latest.num_versions if which == "latest" else 1
+    return ordered[-latest:] if latest > 0 else []
+
+
+def pinned_config(config: model_config_pb2.ModelConfig, versions: Iterable[str]) -> str:
+    """The model's config as JSON (what a load call carries), serving exactly ``versions``."""
+    pinned = model_config_pb2.ModelConfig()
+    pinned.CopyFrom(config)
+    pinned.version_policy.specific.versions[:] = sorted(int(v) for v in versions)
+    return json_format.MessageToJson(pinned, preserving_proto_field_name=True, indent=None)
+
+
+def warmup_body(config: Mapping[str, Any]) -> bytes:
+    """An inference request of zeros, one row, shaped by the model's config as Triton reports it
+    (``/v2/models/{m}/versions/{v}/config``)."""
+    batched = int(config.get("max_batch_size", 0) or 0) > 0
+    inputs = []
+    for spec in config.get("input", []):
+        if spec.get("optional"):
+            continue
+        dims = [max(1, int(d)) for d in spec.get("dims", [])]
+        shape = ([1] if batched else []) + dims
+        datatype = str(spec.get("data_type", "TYPE_FP32")).removeprefix("TYPE_")
+        datatype = "BYTES" if datatype == "STRING" else datatype
+        zero: Any = "" if datatype == "BYTES" else False if datatype == "BOOL" else 0
+        inputs.append({"name": spec["name"], "datatype": datatype, "shape": shape, "data": [zero] * math.prod(shape)})
+    return json.dumps({"inputs": inputs}).encode()
+
+
+# -- load and unload calls -----------------------------------------------------------------------
+
+
+class ControlError(Exception):
+    """A load or unload call failed: ``retry`` when no answer came (try again later), else
+    Triton refused it (its message says why)."""
+
+    def __init__(self, message: str, retry: bool) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry = retry
+
+
+class Control(Protocol):
+    async def load(self, target: str, model: str, config: str) -> None: ...
+    async def unload(self, target: str, model: str) -> None: ...
+    async def close(self) -> None: ...
+
+
+class GrpcControl:
+    """Load and unload calls over gRPC (``target`` is an instance's host:port for gRPC).
+
+    Not over HTTP: while Triton 2.51 runs an HTTP load call, every request on its kept-alive
+    HTTP connections waits until the load is done (measured: 16 connections all stalled for
+    the whole 1.4 s load of a Python-backend model; the same load over gRPC left them at 5 ms
+    worst). The gateway's traffic rides kept-alive HTTP connections."""
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+        self._clients: dict[str, grpcclient.InferenceServerClient] = {}
+
+    def _client(self, target: str) -> grpcclient.InferenceServerClient:
+        if not target:
+            raise ControlError("the instance has no grpc_port in the config", retry=False)
+        client = self._clients.get(target)
+        if client is None:
+            client = self._clients[target] = grpcclient.InferenceServerClient(target)
+        return client
+
+    async def load(self, target: str, model: str, config: str) -> None:
+        await self._call(self._client(target).load_model(model, config=config, client_timeout=self._timeout))
+
+    async def unload(self, target: str, model: str) -> None:
+        await self._call(self._client(target).unload_model(model, client_timeout=self._timeout))
+
+    async def _call(self, call: Awaitable[object]) -> None:
+        try:
+            await call
+        except InferenceServerException as exc:
+            status = str(exc.status() or "")
+            retry = status.endswith(("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"))
+            raise ControlError(exc.message() or str(exc), retry) from None
+
+    async def close(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.close()
+
+
+# -- the sync -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What one model should be on every instance."""
+
+    config: model_config_pb2.ModelConfig | None
+    config_stamp: tuple[int, int] | None
+    versions: Mapping[str, Fingerprint]
+
+
+@dataclass(slots=True)
+class Failure:
+    stamp: object  # the files (version fingerprint, or config stamp) that failed
+    reason: str
+
+
+@dataclass(slots=True)
+class RepositorySync:
+    config: RepositoryConfig
+    router: Router
+    control: Control
+    on_version_reloaded: Callable[[str, str], object] | None = None
+    clock: Callable[[], float] = time.monotonic
+    events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=MAX_EVENTS))
+    _session: aiohttp.ClientSession | None = None
+    _last_scan: dict[str, ModelFolder] | None = None
+    _targets: dict[str, Target] = field(default_factory=dict)
+    _placed: dict[str, dict[str, Target]] = field(default_factory=dict)  # url -> model -> target it holds
+    _failed: dict[tuple[str, str], Failure] = field(default_factory=dict)
+    _config_errors: dict[str, Failure] = field(default_factory=dict)
+    _tasks: dict[tuple[str, str], asyncio.Task[None]] = field(default_factory=dict)
+    _scan_error: str | None = None
+
+    @property
+    def root(self) -> Path:
+        return Path(self.config.path)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """The first round, awaited: the repository is loaded before the gateway takes traffic."""
+        if not self.root.is_dir():
+            raise RuntimeError(f"repository.path {str(self.root)!r} is not a folder")
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+        await self.sync_once()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks.values()))
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.scan_interval_s)
+            try:
+                await self.sync_once()
+            except Exception:  # the loop must outlive any one round
+                log.exception("repository sync round failed")
+
+    async def close(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+        await self.control.close()
+
+    # -- one round ------------------------------------------------------------------------------
+
+    async def sync_once(self) -> None:
+        try:
+            scan = await asyncio.to_thread(scan_repository, self.root)
+        except OSError as exc:
+            if self._scan_error != str(exc):
+                self._event("", "", "", "scan failed", str(exc))
+            self._scan_error = str(exc)
+            return  # an unreadable folder changes nothing: what is loaded stays
+        self._scan_error = None
+        first, last = self._last_scan is None, self._last_scan or {}
+        self._last_scan = scan
+        for name in sorted(set(scan) | set(last) | set(self._targets)):
+            folder = scan.get(name)
+            if not first and folder != last.get(name):
+                continue  # still changing: act when two scans agree
+            target = self._target(name, folder)
+            if target is not None:
+                self._targets[name] = target
+            else:
+                self._targets.pop(name, None)  # a bad config.pbtxt: the model stays as it is
+        for instance in self.router.instances:
+            if instance.routable and instance.loaded is not None:
+                self._release_unloaded(instance, scan)
+                for name, target in self._targets.items():
+                    self._reconcile(instance, name, target)
+        for name in [n for n, t in self._targets.items() if not t.versions and not self._held_anywhere(n)]:
+            del self._targets[name]  # a removed model, unloaded everywhere
+
+    def _target(self, name: str, folder: ModelFolder | None) -> Target | None:
+        """The model's target, or None to leave it as it is (its config.pbtxt is bad)."""
+        if folder is None:
+            self._config_errors.pop(name, None)
+            return Target(None, None, {})  # removed: unload
+        error = self._config_errors.get(name)
+        if error is not None and error.stamp == folder.config_stamp:
+            return None
+        try:
+            config = parse_model_config(folder.config)
+        except ValueError as exc:
+            self._config_error(name, folder.config_stamp, str(exc))
+            return None
+        self._config_errors.pop(name, None)
+        on_disk = dict(folder.versions)
+        usable = []
+        for version, print_ in on_disk.items():
+            failure = self._failed.get((name, version))
+            if failure is None or failure.stamp != print_:
+                self._failed.pop((name, version), None)  # new files: try again
+                usable.append(version)
+        return Target(config, folder.config_stamp, {v: on_disk[v] for v in served_versions(config, usable)})
+
+    def _reconcile(self, instance: Instance, name: str, target: Target) -> None:
+        key = (instance.url, name)
+        if key in self._tasks:
+            return
+        held = set((instance.loaded or {}).get(name, ()))
+        placed = self._placed.get(instance.url, {}).get(name)
+        if held == set(target.versions) and (placed == target or (not held and placed is None)):
+            return
+        task = asyncio.create_task(self._apply(instance, name, target))
+        self._tasks[key] = task
+        task.add_done_callback(lambda _: self._tasks.pop(key, None))
+
+    def _release_unloaded(self, instance: Instance, scan: Mapping[str, ModelFolder]) -> None:
+        """Withheld versions no longer loaded on the instance need no holding back once drained
+        (unloaded), or once their folder is gone (a failed one); a failed version still on
+        disk stays held back, so a request naming it is told why."""
+        for (name, version), why in list(instance.withheld.items()):
+            if (instance.url, name) in self._tasks or version in (instance.loaded or {}).get(name, ()):
+                continue
+            folder = scan.get(name)
+            if why == "draining" or folder is None or version not in dict(folder.versions):
+                instance.release(name, version)
+
+    def _held_anywhere(self, name: str) -> bool:
+        return any(
+            (i.loaded or {}).get(name) or name in self._placed.get(i.url, {}) or (i.url, name) in self._tasks
+            for i in self.router.instances
+        )
+
+    # -- one model on one instance --------------------------------------------------------------
+
+    async def _apply(self, instance: Instance, name: str, target: Target) -> None:
+        url = instance.url
+        held = set((instance.loaded or {}).get(name, ()))
+        placed = self._placed.get(url, {}).get(name)
+        keep = set(target.versions)
+        leaving = sorted(held - keep, key=int)
+        arriving = sorted(keep - held, key=int)
+        replaced = sorted(
+            (v for v in keep & held if placed is not None and placed.versions.get(v) not in (None, target.versions[v])),
+            key=int,
+        )
+        for version in leaving:
+            instance.withhold(name, version, "draining")
+        for version in arriving:
+            instance.withhold(name, version, "loading")
+        if leaving:
+            await self._drain(instance, name, leaving)
+        try:
+            if keep:
+                assert target.config is not None
+                await self.control.load(instance.grpc, name, pinned_config(target.config, keep))
+            else:
+                await self.control.unload(instance.grpc, name)
+        except ControlError as exc:
+            await self._load_failed(instance, name, target, arriving + replaced, exc)
+            return
+        # Triton now holds exactly `keep` of this model.
+        loaded = dict(instance.loaded or {})
+        if keep:
+            loaded[name] = frozenset(keep)
+        else:
+            loaded.pop(name, None)
+        instance.set_index(loaded)
+        if keep:
+            self._placed.setdefault(url, {})[name] = target
+        else:
+            self._placed.get(url, {}).pop(name, None)
+        if placed != target:  # (else a stale index showed what was unloaded already)
+            for version in leaving:
+                self._event(url, name, version, "unloaded", "drained, then unloaded")
+        for version in replaced:
+            self._event(url, name, version, "reloaded", "files changed in place; cached answers dropped")
+            if self.on_version_reloaded is not None:
+                self.on_version_reloaded(name, version)
+        for version in arriving:
+            await self._admit(instance, name, version, target)
+
+    async def _admit(self, instance: Instance, name: str, version: str, target: Target) -> None:
+        url = instance.url
+        if self.config.warmup:
+            instance.withhold(name, version, "warming up")
+            error = await self._warm(url, name, version)
+            if error is not None:
+                self._fail(instance, name, version, target.versions[version], f"warm-up inference failed: {error}")
+                self._placed.get(url, {}).pop(name, None)  # the next round unloads it
+                return
+        instance.admit(name, version)
+        self._event(url, name, version, "ready", "loaded and warmed up; routed" if self.config.warmup else "loaded; routed")
+
+    async def _warm(self, url: str, name: str, version: str) -> str | None:
+        base = f"/v2/models/{quote(name, safe='')}/versions/{version}"
+        try:
+            session = self._require_session()
+            timeout = aiohttp.ClientTimeout(total=self.config.load_timeout_s)
+            async with session.get(url + base + "/config", timeout=timeout) as resp:
+                if resp.status != 200:
+                    return f"config: HTTP {resp.status}: {(await resp.text())[:300]}"
+                config = await resp.json(content_type=None)
+            async with session.post(url + base + "/infer", data=warmup_body(config), timeout=timeout) as resp:
+                if resp.status != 200:
+                    return f"HTTP {resp.status}: {(await resp.text())[:300]}"
+                await resp.read()
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError, KeyError, TypeError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    async def _drain(self, instance: Instance, name: str, versions: list[str]) -> None:
+        deadline = self.clock() + self.config.drain_timeout_s
+        while any(instance.active.get((name, v)) for v in versions):
+            if self.clock() >= deadline:
+                left = sum(instance.active.get((name, v), 0) for v in versions)
+                self._event(instance.url, name, ",".join(versions), "drain timed out", f"{left} request(s) still in flight")
+                return
+            await asyncio.sleep(POLL_S)
+
+    async def _load_failed(self, instance: Instance, name: str, target: Target, new: list[str], exc: ControlError) -> None:
+        """Find out which versions failed (Triton marks them UNAVAILABLE with a reason); if none
+        did, Triton refused the model itself: its config."""
+        url = instance.url
+        self._placed.get(url, {}).pop(name, None)
+        if exc.retry:
+            self._event(url, name, "", "load failed", f"{exc.message}; tried again next round")
+            return
+        reasons = await self._unavailable(url, name)
+        failed = [v for v in new if v in reasons]
+        for version in failed:
+            self._fail(instance, name, version, target.versions[version], reasons[version])
+        if not failed and target.config_stamp is not None:
+            self._config_error(name, target.config_stamp, f"Triton refused the model: {exc.message}")
+            for version in new:
+                instance.withhold(name, version, f"failed: {exc.message}")
+
+    async def _unavailable(self, url: str, name: str) -> dict[str, str]:
+        try:
+            status, text = await self._post(url, "/v2/repository/index", b"{}")
+            entries = json.loads(text) if status == 200 else []
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
+            return {}
+        return {
+            str(e.get("version")): str(e.get("reason") or "failed to load")
+            for e in entries
+            if isinstance(e, dict) and e.get("name") == name and e.get("state") == "UNAVAILABLE"
+        }
+
+    async def _post(self, url: str, path: str, body: bytes) -> tuple[int, str]:
+        timeout = aiohttp.ClientTimeout(total=self.config.load_timeout_s)
+        headers = {"Content-Type": "application/json"}
+        async with self._require_session().post(url + path, data=body, headers=headers, timeout=timeout) as resp:
+            return resp.status, await resp.text()
+
+    def _require_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("RepositorySync.start() has not run")
+        return self._session
+
+    # -- records --------------------------------------------------------------------------------
+
+    def _fail(self, instance: Instance, name: str, version: str, print_: Fingerprint, reason: str) -> None:
+        self._failed[(name, version)] = Failure(print_, reason)
+        target = self._targets.get(name)
+        if target is not None and version in target.versions:
+            versions = {v: p for v, p in target.versions.items() if v != version}
+            self._targets[name] = Target(target.config, target.config_stamp, versions)
+        instance.withhold(name, version, f"failed: {reason.splitlines()[0] if reason else 'unknown'}")
+        self._event(instance.url, name, version, "failed", reason)
+
+    def _config_error(self, name: str, stamp: tuple[int, int], reason: str) -> None:
+        self._config_errors[name] = Failure(stamp, reason)
+        self._event("", name, "", "config rejected", reason + "; the model stays as it is until config.pbtxt changes")
+
+    def _event(self, url: str, model: str, version: str, what: str, detail: str) -> None:
+        log.warning("repository: %s%s%s: %s (%s)", model, f" version {version}" if version else "", f" on {url}" if url else "", what, detail)
+        self.events.append(
+            {"time": round(time.time(), 3), "instance": url, "model": model, "version": version, "event": what, "detail": detail}
+        )
+
+    def snapshot(self) -> dict[str, Any]:
+        scan = self._last_scan or {}
+        models: dict[str, Any] = {}
+        for name in sorted(set(scan) | set(self._targets)):
+            folder = scan.get(name)
+            target = self._targets.get(name)
+            instances = {}
+            for i in self.router.instances:
+                states = {v: "ready" for v in (i.models or {}).get(name, ())}
+                for (m, v), why in i.withheld.items():
+                    if m == name and (v in (i.loaded or {}).get(name, ()) or why.startswith(("loading", "failed"))):
+                        states[v] = why
+                instances[i.url] = dict(sorted(states.items(), key=lambda kv: int(kv[0])))
+            error = self._config_errors.get(name)
+            models[name] = {
+                "on_disk": [v for v, _ in folder.versions] if folder else [],
+                "serving": sorted(target.versions, key=int) if target else [],
+                "config_error": error.reason if error else None,
+                "failed": {v: f.reason for (m, v), f in sorted(self._failed.items()) if m == name},
+                "instances": instances,
+            }
+        return {
+            "path": str(self.root),
+            "scan_error": self._scan_error,
+            "models": models,
+            "events": list(reversed(self.events)),
+        }
+
+

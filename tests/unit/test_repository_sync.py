@@ -1,0 +1,466 @@
+"""The repository sync (gateway/upstream/repository.py) against a fake Triton in explicit
+model-control mode: an aiohttp server that keeps the loaded versions of each model as Triton
+does (exactly the versions a load names; a version whose model.py fails is UNAVAILABLE with a
+reason, the others load), and a real model folder in a temporary directory."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from gateway.config import RepositoryConfig
+from gateway.errors import Unavailable
+from gateway.instances import Instance
+from gateway.router import Router
+from gateway.upstream.repository import (
+    ControlError,
+    RepositorySync,
+    fingerprint,
+    parse_model_config,
+    pinned_config,
+    scan_repository,
+    served_versions,
+    warmup_body,
+)
+
+CONFIG = """
+name: "m"
+backend: "python"
+max_batch_size: 8
+version_policy: { all { } }
+input [ { name: "x", data_type: TYPE_FP32, dims: [ 3 ] } ]
+output [ { name: "y", data_type: TYPE_FP32, dims: [ 3 ] } ]
+"""
+
+
+class FakeTriton:
+    def __init__(self) -> None:
+        self.models: dict[str, dict[str, dict[str, str]]] = {}  # model -> version -> {state, reason}
+        self.broken: dict[tuple[str, str], str] = {}  # versions whose load fails, with the reason
+        self.failing_infer: set[tuple[str, str]] = set()
+        self.reject_config = ""  # a config error for every load, when set
+        self.calls: list[tuple[str, str, list[str]]] = []  # (action, model, versions)
+        self.infers: list[tuple[str, str]] = []
+        self.gate: asyncio.Event | None = None  # loads wait on it when set
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v2/repository/index", self.index)
+        app.router.add_get("/v2/models/{model}/versions/{version}/config", self.config)
+        app.router.add_post("/v2/models/{model}/versions/{version}/infer", self.infer)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+    def ready(self) -> dict[str, frozenset[str]]:
+        return {
+            m: frozenset(v for v, s in vs.items() if s["state"] == "READY")
+            for m, vs in self.models.items()
+            if any(s["state"] == "READY" for s in vs.values())
+        }
+
+    async def load(self, model: str, config: str) -> None:
+        versions = [str(v) for v in json.loads(config)["version_policy"]["specific"]["versions"]]
+        self.calls.append(("load", model, versions))
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.reject_config:
+            raise ControlError(self.reject_config, retry=False)
+        states = {}
+        failed = []
+        for v in versions:
+            reason = self.broken.get((model, v))
+            states[v] = {"state": "UNAVAILABLE", "reason": reason} if reason else {"state": "READY", "reason": ""}
+            if reason:
+                failed.append(v)
+        self.models[model] = states
+        if failed:
+            raise ControlError(f"load failed for model '{model}': version {failed[0]} is at UNAVAILABLE state", retry=False)
+
+    async def unload(self, model: str) -> None:
+        self.calls.append(("unload", model, []))
+        self.models.pop(model, None)
+
+    async def index(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            [{"name": m, "version": v, **s} for m, vs in self.models.items() for v, s in vs.items()]
+        )
+
+    async def config(self, request: web.Request) -> web.Response:
+        return web.json_response({"max_batch_size": 8, "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [3]}]})
+
+    async def infer(self, request: web.Request) -> web.Response:
+        key = (request.match_info["model"], request.match_info["version"])
+        body = json.loads(await request.read())
+        assert body["inputs"][0]["shape"] == [1, 3] and body["inputs"][0]["data"] == [0, 0, 0]
+        self.infers.append(key)
+        if key in self.failing_infer:
+            return web.json_response({"error": "execute failed"}, status=500)
+        return web.json_response({"outputs": []})
+
+
+def add_version(repo: Path, model: str, version: str, text: str = "weights") -> None:
+    folder = repo / model / version
+    folder.mkdir(parents=True)
+    (folder / "model.py").write_text(text)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    (root / "m").mkdir(parents=True)
+    (root / "m" / "config.pbtxt").write_text(CONFIG)
+    add_version(root, "m", "1")
+    return root
+
+
+@pytest.fixture
+async def tritons() -> AsyncIterator[list[FakeTriton]]:
+    fakes = [FakeTriton(), FakeTriton()]
+    for fake in fakes:
+        await fake.start()
+    yield fakes
+    for fake in fakes:
+        await fake.stop()
+
+
+class FakeControl:
+    """Load and unload calls, answered by the fake Triton the target names."""
+
+    def __init__(self, tritons: list[FakeTriton]) -> None:
+        self.by_target = {t.url: t for t in tritons}
+        self.unreachable: set[str] = set()
+
+    async def load(self, target: str, model: str, config: str) -> None:
+        if target in self.unreachable:
+            raise ControlError("failed to connect to all addresses", retry=True)
+        await self.by_target[target].load(model, config)
+
+    async def unload(self, target: str, model: str) -> None:
+        await self.by_target[target].unload(model)
+
+    async def close(self) -> None:
+        pass
+
+
+class Harness:
+    def __init__(self, repo: Path, tritons: list[FakeTriton], **config: Any) -> None:
+        self.tritons = tritons
+        self.instances = [Instance(t.url, grpc=t.url) for t in tritons]
+        self.control = FakeControl(tritons)
+        for instance in self.instances:
+            instance.set_index({})  # explicit mode: Triton starts empty
+        self.router = Router(self.instances, client=None)  # type: ignore[arg-type]
+        self.reloaded: list[tuple[str, str]] = []
+        settings = RepositoryConfig(path=str(repo), **{"drain_timeout_s": 5.0, **config})
+        self.sync = RepositorySync(
+            settings, self.router, self.control, on_version_reloaded=lambda m, v: self.reloaded.append((m, v))
+        )
+
+    def probe(self) -> None:
+        """What a health round does: the index says what is READY."""
+        for instance, triton in zip(self.instances, self.tritons):
+            instance.set_index(triton.ready())
+
+    async def round(self) -> None:
+        """One scan-and-act round, waited through (the probe first, as in the gateway)."""
+        self.probe()
+        await self.sync.sync_once()
+        await self.settle()
+
+    async def settle(self) -> None:
+        while self.sync._tasks:
+            await asyncio.wait(list(self.sync._tasks.values()))
+
+    def routed(self, model: str = "m") -> list[list[str]]:
+        return [sorted((i.models or {}).get(model, ()), key=int) for i in self.instances]
+
+    def events(self, what: str) -> list[dict[str, Any]]:
+        return [e for e in self.sync.events if e["event"] == what]
+
+
+@pytest.fixture
+async def harness(repo: Path, tritons: list[FakeTriton]) -> AsyncIterator[Harness]:
+    h = Harness(repo, tritons)
+    await h.sync.start()
+    yield h
+    await h.sync.close()
+
+
+# -- the folder and the config ------------------------------------------------------------------
+
+
+def test_scan_finds_models_and_numbered_versions_only(repo: Path) -> None:
+    add_version(repo, "m", "2")
+    (repo / "m" / ".3.tmp").mkdir()  # being written: not a version yet
+    (repo / "m" / "notes").mkdir()
+    (repo / ".staging").mkdir()
+    (repo / "not_a_model").mkdir()  # no config.pbtxt
+    scan = scan_repository(repo)
+    assert list(scan) == ["m"]
+    assert [v for v, _ in scan["m"].versions] == ["1", "2"]
+
+
+def test_a_fingerprint_changes_with_the_files_but_not_with_pycache(repo: Path) -> None:
+    folder = repo / "m" / "1"
+    before = fingerprint(folder)
+    (folder / "__pycache__").mkdir()
+    (folder / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"compiled by the server")
+    assert fingerprint(folder) == before
+    (folder / "model.py").write_text("new weights, new size")
+    assert fingerprint(folder) != before
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        ("version_policy: { all { } }", ["1", "2", "10"]),
+        ("version_policy: { latest { num_versions: 2 } }", ["2", "10"]),
+        ("version_policy: { specific { versions: [ 1, 10 ] } }", ["1", "10"]),
+        ("", ["10"]),  # Triton's default: the latest one
+    ],
+)
+def test_served_versions_follow_the_models_version_policy(policy: str, expected: list[str]) -> None:
+    config = parse_model_config(f'name: "m"\n{policy}\n')
+    assert served_versions(config, ["10", "1", "2"]) == expected
+
+
+def test_a_config_that_does_not_parse_is_refused_with_its_reason() -> None:
+    with pytest.raises(ValueError, match=r"config.pbtxt: .*no field named \"bogus\""):
+        parse_model_config('name: "m"\nbogus: 3\n')
+
+
+def test_the_load_config_pins_the_versions_and_keeps_the_rest_of_the_config() -> None:
+    sent = json.loads(pinned_config(parse_model_config(CONFIG), ["2", "10"]))
+    assert [int(v) for v in sent["version_policy"]["specific"]["versions"]] == [2, 10]
+    assert "all" not in sent["version_policy"]
+    assert sent["max_batch_size"] == 8 and sent["input"][0]["name"] == "x"
+
+
+def test_the_warmup_request_is_one_row_of_zeros_shaped_by_the_config() -> None:
+    config = {
+        "max_batch_size": 4,
+        "input": [
+            {"name": "img", "data_type": "TYPE_FP32", "dims": [2, -1]},
+            {"name": "text", "data_type": "TYPE_STRING", "dims": [1]},
+            {"name": "mask", "data_type": "TYPE_BOOL", "dims": [2]},
+            {"name": "extra", "data_type": "TYPE_FP32", "dims": [5], "optional": True},
+        ],
+    }
+    inputs = json.loads(warmup_body(config))["inputs"]
+    assert inputs == [
+        {"name": "img", "datatype": "FP32", "shape": [1, 2, 1], "data": [0, 0]},
+        {"name": "text", "datatype": "BYTES", "shape": [1, 1], "data": [""]},
+        {"name": "mask", "datatype": "BOOL", "shape": [1, 2], "data": [False, False]},
+    ]
+    unbatched = json.loads(warmup_body({"max_batch_size": 0, "input": [{"name": "x", "data_type": "TYPE_INT64", "dims": [3]}]}))
+    assert unbatched["inputs"][0]["shape"] == [3]
+
+
+# -- the sync -----------------------------------------------------------------------------------
+
+
+async def test_start_loads_every_model_on_every_instance_warms_it_and_routes_it(harness: Harness) -> None:
+    for triton in harness.tritons:
+        assert triton.calls == [("load", "m", ["1"])]
+        assert triton.infers == [("m", "1")]  # the warm-up
+    assert harness.routed() == [["1"], ["1"]]
+    assert len(harness.events("ready")) == 2
+
+
+async def test_a_new_version_is_routed_only_after_it_loaded_and_warmed_everywhere(harness: Harness, repo: Path) -> None:
+    add_version(repo, "m", "2")
+    await harness.round()
+    assert all(t.calls[-1] == ("load", "m", ["1"]) for t in harness.tritons), "acted before two scans agreed"
+    gate = asyncio.Event()
+    for triton in harness.tritons:
+        triton.gate = gate
+    harness.probe()
+    await harness.sync.sync_once()
+    await asyncio.sleep(0.05)
+    assert [t.calls[-1] for t in harness.tritons] == [("load", "m", ["1", "2"])] * 2
+    assert harness.routed() == [["1"], ["1"]]  # loading: withheld
+    assert harness.router.newest_version("m") == "1"
+    with pytest.raises(Unavailable, match=r"model .m. version 2 is available \(loading\)"):
+        harness.router.pick("m", "2")
+    gate.set()
+    await harness.settle()
+    assert all(("m", "2") in t.infers for t in harness.tritons)
+    assert harness.routed() == [["1", "2"], ["1", "2"]]
+    assert harness.router.newest_version("m") == "2"
+
+
+async def test_a_version_that_fails_its_warmup_is_never_routed_and_is_unloaded(harness: Harness, repo: Path) -> None:
+    for triton in harness.tritons:
+        triton.failing_infer.add(("m", "2"))
+    add_version(repo, "m", "2")
+    await harness.round()
+    await harness.round()
+    assert harness.routed() == [["1"], ["1"]]
+    assert "warm-up inference failed" in harness.sync.snapshot()["models"]["m"]["failed"]["2"]
+    await harness.round()  # the failed version goes; version 1 stays
+    assert all(t.ready() == {"m": frozenset({"1"})} for t in harness.tritons)
+    assert harness.routed() == [["1"], ["1"]]
+    await harness.round()
+    calls = len(harness.tritons[0].calls)
+    await harness.round()
+    assert len(harness.tritons[0].calls) == calls, "a failed version is not tried again with the same files"
+
+
+async def test_a_version_that_fails_to_load_is_reported_and_tried_again_when_its_files_change(harness: Harness, repo: Path) -> None:
+    for triton in harness.tritons:
+        triton.broken[("m", "2")] = "RuntimeError: broken on purpose"
+    add_version(repo, "m", "2")
+    await harness.round()
+    await harness.round()
+    snapshot = harness.sync.snapshot()["models"]["m"]
+    assert snapshot["failed"] == {"2": "RuntimeError: broken on purpose"}
+    assert snapshot["serving"] == ["1"]
+    assert harness.routed() == [["1"], ["1"]]
+    assert all(t.ready() == {"m": frozenset({"1"})} for t in harness.tritons)  # version 1 untouched
+    calls = len(harness.tritons[0].calls)
+    await harness.round()
+    await harness.round()
+    assert all("2" not in versions for _, _, versions in harness.tritons[0].calls[calls:])  # not tried again
+    # Fixed files: tried again (after two scans agree), and routed.
+    for triton in harness.tritons:
+        triton.broken.clear()
+    (repo / "m" / "2" / "model.py").write_text("fixed, and longer than before")
+    await harness.round()
+    await harness.round()
+    assert harness.routed() == [["1", "2"], ["1", "2"]]
+    assert harness.sync.snapshot()["models"]["m"]["failed"] == {}
+
+
+async def test_a_removed_version_is_withheld_drained_then_unloaded(harness: Harness, repo: Path) -> None:
+    add_version(repo, "m", "2")
+    await harness.round()
+    await harness.round()
+    assert harness.routed() == [["1", "2"], ["1", "2"]]
+    busy = harness.instances[0]
+    busy.started("m", "1")  # a request in flight on version 1 there
+    shutil.rmtree(repo / "m" / "1")
+    await harness.round()
+    harness.probe()
+    await harness.sync.sync_once()
+    await asyncio.sleep(0.2)
+    assert harness.routed() == [["2"], ["2"]]  # out of routing everywhere at once
+    assert harness.tritons[1].calls[-1] == ("load", "m", ["2"])  # idle there: unloaded
+    assert harness.tritons[0].calls[-1] == ("load", "m", ["1", "2"]), "unloaded under a request in flight"
+    busy.finished("m", "1")
+    await harness.settle()
+    assert harness.tritons[0].calls[-1] == ("load", "m", ["2"])
+    assert len(harness.events("unloaded")) == 2
+
+
+async def test_a_new_model_folder_becomes_a_model_and_a_removed_one_is_unloaded(harness: Harness, repo: Path) -> None:
+    staging = repo / ".other.tmp"
+    staging.mkdir()
+    (staging / "config.pbtxt").write_text(CONFIG.replace('name: "m"', 'name: "other"'))
+    add_version(staging, ".", "1")
+    staging.rename(repo / "other")
+    await harness.round()
+    await harness.round()
+    assert harness.routed("other") == [["1"], ["1"]]
+    shutil.rmtree(repo / "other")
+    await harness.round()
+    await harness.round()
+    assert all(t.calls[-1] == ("unload", "other", []) for t in harness.tritons)
+    assert harness.routed("other") == [[], []]
+    assert harness.routed("m") == [["1"], ["1"]]
+    await harness.round()
+    assert "other" not in harness.sync.snapshot()["models"]
+
+
+async def test_a_config_that_does_not_parse_leaves_the_model_as_it_is(harness: Harness, repo: Path) -> None:
+    (repo / "m" / "config.pbtxt").write_text(CONFIG + "\nnot a field: at all\n")
+    add_version(repo, "m", "2")
+    await harness.round()
+    await harness.round()
+    await harness.round()
+    assert all(t.calls == [("load", "m", ["1"])] for t in harness.tritons)
+    assert harness.routed() == [["1"], ["1"]]
+    assert "config.pbtxt" in harness.sync.snapshot()["models"]["m"]["config_error"]
+    assert len(harness.events("config rejected")) == 1  # reported once, not every round
+    (repo / "m" / "config.pbtxt").write_text(CONFIG)  # fixed: the new version loads
+    await harness.round()
+    await harness.round()
+    assert harness.routed() == [["1", "2"], ["1", "2"]]
+
+
+async def test_a_config_triton_refuses_leaves_the_model_until_the_file_changes(harness: Harness, repo: Path) -> None:
+    for triton in harness.tritons:
+        triton.reject_config = "unknown backend 'nope'"
+    (repo / "m" / "config.pbtxt").write_text(CONFIG.replace('"python"', '"nope"'))
+    await harness.round()
+    await harness.round()
+    assert "unknown backend 'nope'" in harness.sync.snapshot()["models"]["m"]["config_error"]
+    calls = len(harness.tritons[0].calls)
+    await harness.round()
+    assert len(harness.tritons[0].calls) == calls
+    assert harness.routed() == [["1"], ["1"]]
+
+
+async def test_an_instance_that_restarted_empty_gets_the_models_again(harness: Harness) -> None:
+    restarted = harness.tritons[1]
+    restarted.models.clear()
+    restarted.infers.clear()
+    await harness.round()
+    assert restarted.calls[-1] == ("load", "m", ["1"]) and restarted.infers == [("m", "1")]
+    assert harness.routed() == [["1"], ["1"]]
+
+
+async def test_files_changed_in_place_reload_the_version_and_drop_what_was_derived_from_it(harness: Harness, repo: Path) -> None:
+    (repo / "m" / "1" / "model.py").write_text("retrained weights, other size")
+    await harness.round()
+    await harness.round()
+    assert all(t.calls[-1] == ("load", "m", ["1"]) and len(t.calls) == 2 for t in harness.tritons)
+    assert harness.reloaded == [("m", "1"), ("m", "1")]
+    assert harness.routed() == [["1"], ["1"]]  # never withheld: Triton swaps it in
+
+
+async def test_a_missing_repository_folder_refuses_to_start(tmp_path: Path, tritons: list[FakeTriton]) -> None:
+    h = Harness(tmp_path / "nowhere", tritons)
+    with pytest.raises(RuntimeError, match="is not a folder"):
+        await h.sync.start()
+
+
+async def test_an_unreadable_scan_changes_nothing(harness: Harness, repo: Path) -> None:
+    moved = repo.with_name("moved")
+    os.rename(repo, moved)
+    await harness.round()
+    assert harness.sync.snapshot()["scan_error"]
+    assert harness.routed() == [["1"], ["1"]]
+    assert all(t.calls == [("load", "m", ["1"])] for t in harness.tritons)
+
+
+async def test_an_instance_that_cannot_be_reached_for_a_load_is_tried_again(harness: Harness, repo: Path) -> None:
+    target = harness.tritons[1].url
+    harness.control.unreachable.add(target)
+    add_version(repo, "m", "2")
+    await harness.round()
+    await harness.round()
+    assert harness.routed() == [["1", "2"], ["1"]]
+    assert harness.sync.snapshot()["models"]["m"]["failed"] == {}  # not the version's fault
+    assert harness.router.newest_version("m") == "1"  # not on every instance yet
+    harness.control.unreachable.clear()
+    await harness.round()
+    assert harness.routed() == [["1", "2"], ["1", "2"]]
+    assert harness.router.newest_version("m") == "2"
