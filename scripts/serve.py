@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -20,6 +21,14 @@ sys.path.insert(0, str(ROOT / "triton"))
 import fleet  # noqa: E402  (triton/fleet.py: triton/ is deliberately not a package)
 
 from gateway.config import ConfigError, load_config  # noqa: E402
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
 
 
 def main() -> int:
@@ -39,7 +48,19 @@ def main() -> int:
         return 2
 
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    triton = fleet.Fleet(Path(args.repository), instances=len(ports), base_http=base, base_grpc=base + 100, base_metrics=base + 200)
+    # With [repository] path set the gateway drives loading: Triton starts empty, in explicit
+    # model-control mode, and the gateway loads and warms every model before it takes traffic.
+    managed = bool(config.repository.path)
+    repository = Path(config.repository.path) if managed else Path(args.repository)
+    triton = fleet.Fleet(
+        repository,
+        instances=len(ports),
+        base_http=base,
+        base_grpc=config.upstream.instances[0].grpc_port or base + 100,
+        base_metrics=base + 200,
+        model_control_mode="explicit" if managed else "poll",
+        auto_complete_config=not managed,
+    )
     gateway: subprocess.Popen[bytes] | None = None
     try:
         print(f"serve: starting {len(ports)} Triton instance(s) on ports {ports}...", flush=True)
@@ -47,7 +68,13 @@ def main() -> int:
         triton.wait_ready(180)
         print(f"serve: Triton ready (logs in {triton.log_dir})", flush=True)
         gateway = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", args.config], cwd=ROOT)
-        print(f"serve: gateway on http://{config.server.host}:{config.server.port}  (Ctrl-C stops everything)", flush=True)
+        url = f"http://{config.server.host}:{config.server.port}"
+        if managed:
+            print(f"serve: the gateway loads {repository} onto the fleet...", flush=True)
+        while gateway.poll() is None and not answers(url + "/v2/health/ready"):
+            time.sleep(0.2)
+        if gateway.poll() is None:
+            print(f"serve: gateway on {url}  (Ctrl-C stops everything)", flush=True)
         while gateway.poll() is None:
             time.sleep(0.5)
         print(f"serve: the gateway exited with status {gateway.returncode}", file=sys.stderr)

@@ -170,6 +170,7 @@ class Fleet:
         cache_size: int | None = None,
         poll_secs: int = 1,
         stop_timeout: float = 10.0,
+        auto_complete_config: bool = True,
     ) -> None:
         if instances < 1:
             raise ValueError("instances must be >= 1")
@@ -179,6 +180,9 @@ class Fleet:
         self.host = host
         self.cache_size = cache_size
         self.poll_secs = poll_secs
+        # Off, Triton takes each config.pbtxt as written: a Python-backend model then loads with
+        # one stub process instead of two (auto-complete starts one just to ask model.py).
+        self.auto_complete_config = auto_complete_config
         self.stop_timeout = stop_timeout
         self.python_env = Path(python_env) if python_env else default_python()
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="triton-fleet-"))
@@ -303,6 +307,8 @@ class Fleet:
         ]
         if self.model_control_mode == "poll":
             cmd.append(f"--repository-poll-secs={self.poll_secs}")
+        if not self.auto_complete_config:
+            cmd.append("--disable-auto-complete-config")
         if self.cache_size:
             cmd.append(f"--cache-config=local,size={self.cache_size}")
         cmd.extend(self.extra_args)

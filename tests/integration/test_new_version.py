@@ -1,74 +1,171 @@
-"""Publishing a version the way the README says (write under a temporary name, then rename) while
-clients send requests: Triton (poll mode) loads it, the gateway keeps every request succeeding,
-and requests that name no version move to the new one.
+"""Drop-in model updates with the gateway driving loading: real Triton instances in explicit
+model-control mode, a gateway with ``[repository] path`` on a copy of the model repository, and
+clients sending requests at concurrency 16 while versions are published (written under a
+temporary name, then renamed), removed, or broken. Every answer is checked against a direct
+torch forward pass of the served weights.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 
 import fleet
-from conftest import gateway_config, running_gateway
+from conftest import GatewayProcess, gateway_config, running_gateway
 from served_models import ATOL, BREAST_CANCER, MODEL_REPOSITORY, torch_reference
 
 pytestmark = pytest.mark.integration
 
-
-async def test_publishing_a_version_and_removing_the_old_one_under_load_fail_no_request(fleet_factory, tmp_path: Path) -> None:  # noqa: ANN001
-    repo = tmp_path / "repo"
-    shutil.copytree(MODEL_REPOSITORY, repo)
-    triton: fleet.Fleet = fleet_factory(2, 8175, repository=repo)
-    x = BREAST_CANCER.splits().x_test[:4]
-    _, ref_probs = torch_reference(BREAST_CANCER.name, x)
-    body = {"inputs": [{"name": "features", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}],
-            "outputs": [{"name": "probabilities"}]}  # fmt: skip
-    with running_gateway(gateway_config(triton.http_urls, 8185), 8185, tmp_path) as gw:
-        versions: Counter[str] = Counter()
-        failures: list[str] = []
-        stop = asyncio.Event()
-
-        async def client() -> None:
-            async with httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
-                while not stop.is_set():
-                    resp = await http.post(f"/v2/models/{BREAST_CANCER.name}/infer", json=body)
-                    if resp.status_code != 200:
-                        failures.append(f"{resp.status_code} {resp.text}")
-                        continue
-                    answer = resp.json()
-                    versions[answer["model_version"]] += 1
-                    probs = np.array(answer["outputs"][0]["data"], np.float32).reshape(ref_probs.shape)
-                    if not np.allclose(probs, ref_probs, atol=ATOL):
-                        failures.append(f"wrong answer from version {answer['model_version']}")
-
-        clients = [asyncio.create_task(client()) for _ in range(4)]
-        await asyncio.sleep(1.0)
-        staging = repo / BREAST_CANCER.name / ".2.tmp"
-        shutil.copytree(repo / BREAST_CANCER.name / "1", staging)
-        staging.rename(repo / BREAST_CANCER.name / "2")
-        deadline = time.monotonic() + 60
-        while versions["2"] < 50 and time.monotonic() < deadline and not failures:
-            await asyncio.sleep(0.2)
-        # Then the old version goes: requests keep succeeding, on version 2.
-        shutil.rmtree(repo / BREAST_CANCER.name / "1")
-        removed_at = versions["2"]
-        deadline = time.monotonic() + 30
-        while versions["2"] < removed_at + 200 and time.monotonic() < deadline and not failures:
-            await asyncio.sleep(0.2)
-        stop.set()
-        await asyncio.gather(*clients)
-    assert failures == []
-    assert versions["1"] > 0 and versions["2"] >= removed_at + 200, versions
+MODEL = BREAST_CANCER.name
+TRITON_PORT, GATEWAY_PORT = 8175, 8185
 
 
-BROKEN_MODEL = '''
+class Clients:
+    """``n`` clients sending the same request in a loop, each answer checked; counts versions."""
+
+    def __init__(self, url: str, n: int = 16, model: str = MODEL) -> None:
+        x = BREAST_CANCER.splits().x_test[:4]
+        _, self.expected = torch_reference(BREAST_CANCER.name, x)
+        self.body = {"inputs": [{"name": "features", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}],
+                     "outputs": [{"name": "probabilities"}]}  # fmt: skip
+        self.url, self.n, self.model = url, n, model
+        self.versions: Counter[str] = Counter()
+        self.first_seen: dict[str, float] = {}
+        self.failures: list[str] = []
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def _client(self) -> None:
+        async with httpx.AsyncClient(base_url=self.url, timeout=60) as http:
+            while not self._stop.is_set():
+                resp = await http.post(f"/v2/models/{self.model}/infer", json=self.body)
+                if resp.status_code != 200:
+                    self.failures.append(f"{resp.status_code} {resp.text}")
+                    continue
+                answer = resp.json()
+                version = answer["model_version"]
+                self.versions[version] += 1
+                self.first_seen.setdefault(version, time.time())
+                probs = np.array(answer["outputs"][0]["data"], np.float32).reshape(self.expected.shape)
+                if not np.allclose(probs, self.expected, atol=ATOL):
+                    self.failures.append(f"wrong answer from version {version}")
+
+    async def __aenter__(self) -> Clients:
+        self._tasks = [asyncio.create_task(self._client()) for _ in range(self.n)]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+    async def until(self, done: Any, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert not self.failures, self.failures[:5]
+            assert time.monotonic() < deadline, f"timed out waiting for {what}: {self.versions}"
+            await asyncio.sleep(0.1)
+
+
+def get_json(url: str, body: bytes | None = None) -> Any:
+    request = urllib.request.Request(url, data=body, method="GET" if body is None else "POST")
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        return json.load(resp)
+
+
+def ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status == 200
+    except urllib.error.HTTPError:
+        return False
+
+
+def triton_states(url: str, model: str = MODEL) -> dict[str, str]:
+    """Version -> state in one Triton instance's repository index."""
+    return {e["version"]: e["state"] for e in get_json(url + "/v2/repository/index", b"{}") if e["name"] == model and "version" in e}
+
+
+def inference_count(url: str, version: str, model: str = MODEL) -> int:
+    stats = get_json(f"{url}/v2/models/{model}/versions/{version}/stats")["model_stats"]
+    return int(stats[0]["inference_count"])
+
+
+def publish(model_dir: Path, version: str, broken: str | None = None) -> None:
+    """A copy of version 1 as a new version, written under a temporary name, then renamed."""
+    staging = model_dir / f".{version}.tmp"
+    shutil.copytree(model_dir / "1", staging, ignore=shutil.ignore_patterns("__pycache__"))
+    if broken is not None:
+        (staging / "model.py").write_text(broken)
+    staging.rename(model_dir / version)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    root.mkdir()
+    shutil.copytree(MODEL_REPOSITORY / MODEL, root / MODEL, ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+@contextmanager
+def managed_stack(fleet_factory: Any, repo: Path, workdir: Path) -> Iterator[tuple[fleet.Fleet, GatewayProcess]]:
+    triton = fleet_factory(2, TRITON_PORT, repository=repo, model_control_mode="explicit", auto_complete_config=False)
+    for url in triton.http_urls:
+        assert triton_states(url) == {}, "explicit mode: Triton starts with nothing loaded"
+    instances = [{"url": url, "grpc_port": inst.grpc_port} for url, inst in zip(triton.http_urls, triton.instances)]
+    config = gateway_config(
+        instances, GATEWAY_PORT, repository={"path": str(repo), "scan_interval_s": 0.5, "drain_timeout_s": 10.0}
+    )
+    with running_gateway(config, GATEWAY_PORT, workdir, timeout=180) as gw:
+        yield triton, gw
+
+
+def repository_view(gw: GatewayProcess) -> dict[str, Any]:
+    return get_json(gw.url + "/v2/gateway/repository")
+
+
+async def test_publishing_a_version_and_removing_the_old_one_under_load_fail_no_request(
+    fleet_factory: Any, repo: Path, tmp_path: Path
+) -> None:
+    """Version 2 is loaded on both instances and warmed before any client gets it; version 1 is
+    drained then unloaded; at concurrency 16 not one request fails and every answer is right."""
+    with managed_stack(fleet_factory, repo, tmp_path) as (triton, gw):
+        assert all(triton_states(url) == {"1": "READY"} for url in triton.http_urls)
+        async with Clients(gw.url) as clients:
+            await clients.until(lambda: clients.versions["1"] >= 50, 60, "version 1 answers")
+            publish(repo / MODEL, "2")
+            await clients.until(lambda: clients.versions["2"] >= 100, 120, "version 2 to take over")
+            ready_events = [e for e in repository_view(gw)["events"] if e["event"] == "ready" and e["version"] == "2"]
+            for url in triton.http_urls:
+                assert inference_count(url, "2") >= 1  # the warm-up, on each instance
+            shutil.rmtree(repo / MODEL / "1")
+            removed_at = clients.versions["2"]
+            await clients.until(
+                lambda: all(triton_states(u).get("1") in (None, "UNAVAILABLE") for u in triton.http_urls), 60, "version 1 to unload"
+            )
+            await clients.until(lambda: clients.versions["2"] >= removed_at + 200, 60, "more answers")
+        view = repository_view(gw)
+    assert clients.failures == []
+    assert sorted(e["instance"] for e in ready_events) == sorted(triton.http_urls)
+    assert clients.first_seen["2"] >= max(e["time"] for e in ready_events), "version 2 served before it was ready everywhere"
+    assert {e["instance"] for e in view["events"] if e["event"] == "unloaded" and e["version"] == "1"} == set(triton.http_urls)
+    assert view["models"][MODEL]["serving"] == ["2"]
+
+
+BROKEN_AT_LOAD = '''
 class TritonPythonModel:
     def initialize(self, args):
         raise RuntimeError("this version is broken on purpose: it never loads")
@@ -77,51 +174,91 @@ class TritonPythonModel:
         raise RuntimeError("never reached")
 '''
 
+BROKEN_AT_EXECUTE = '''
+class TritonPythonModel:
+    def initialize(self, args):
+        pass
 
-async def test_a_broken_version_gets_no_traffic(fleet_factory, tmp_path: Path) -> None:  # noqa: ANN001
-    """At concurrency 16, a version whose model.py cannot load is published: Triton never makes it
-    READY, so the gateway never routes to it, and not one client request fails."""
-    repo = tmp_path / "repo"
-    shutil.copytree(MODEL_REPOSITORY, repo)
-    model_dir = repo / BREAST_CANCER.name
-    triton: fleet.Fleet = fleet_factory(2, 8175, repository=repo)
-    x = BREAST_CANCER.splits().x_test[:4]
-    _, ref_probs = torch_reference(BREAST_CANCER.name, x)
-    body = {"inputs": [{"name": "features", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}],
-            "outputs": [{"name": "probabilities"}]}  # fmt: skip
-    with running_gateway(gateway_config(triton.http_urls, 8185), 8185, tmp_path) as gw:
-        versions: Counter[str] = Counter()
-        failures: list[str] = []
-        stop = asyncio.Event()
+    def execute(self, requests):
+        raise RuntimeError("this version loads, then fails every request")
+'''
 
-        async def client() -> None:
-            async with httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
-                while not stop.is_set():
-                    resp = await http.post(f"/v2/models/{BREAST_CANCER.name}/infer", json=body)
-                    if resp.status_code != 200:
-                        failures.append(f"{resp.status_code} {resp.text}")
-                        continue
-                    answer = resp.json()
-                    versions[answer["model_version"]] += 1
-                    probs = np.array(answer["outputs"][0]["data"], np.float32).reshape(ref_probs.shape)
-                    if not np.allclose(probs, ref_probs, atol=ATOL):
-                        failures.append(f"wrong answer from version {answer['model_version']}")
 
-        clients = [asyncio.create_task(client()) for _ in range(16)]
-        try:
-            deadline = time.monotonic() + 30
-            while versions["1"] < 20 and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
-            staging = model_dir / ".2.tmp"
-            shutil.copytree(model_dir / "1", staging)
-            (staging / "model.py").write_text(BROKEN_MODEL)
-            staging.rename(model_dir / "2")
-            served = versions["1"]
-            await asyncio.sleep(5.0)  # several repository polls and health rounds
-            view = httpx.get(f"{gw.url}/v2/gateway/fleet").json()["instances"]
-        finally:
-            stop.set()
-            await asyncio.gather(*clients)
-    assert failures == [], failures[:5]
-    assert versions["2"] == 0 and versions["1"] > served, versions
-    assert all(i["models"][BREAST_CANCER.name] == ["1"] for i in view), view
+@pytest.mark.parametrize(
+    ("broken", "reason", "reloads_v1"),
+    [(BROKEN_AT_LOAD, "never loads", False), (BROKEN_AT_EXECUTE, "warm-up inference failed", True)],
+)
+async def test_a_broken_version_is_reported_and_never_routed(
+    fleet_factory: Any, repo: Path, tmp_path: Path, broken: str, reason: str, reloads_v1: bool
+) -> None:
+    """A version whose model.py fails at load, or fails every request, is published at
+    concurrency 16: it never answers a client, its failure is reported with the reason, and
+    version 1 keeps serving without a failed request. A version that fails to load leaves
+    version 1 as it is (its inference count only grows). One that loads changes the model's
+    version list, twice (added, then taken out), and Triton re-creates version 1 each time,
+    serving the old one until the new one is ready."""
+    with managed_stack(fleet_factory, repo, tmp_path) as (triton, gw):
+        async with Clients(gw.url) as clients:
+            await clients.until(lambda: clients.versions["1"] >= 50, 60, "version 1 answers")
+            counts = [inference_count(url, "1") for url in triton.http_urls]
+            publish(repo / MODEL, "2", broken)
+            await clients.until(lambda: "2" in repository_view(gw)["models"][MODEL]["failed"], 120, "the failure report")
+            await clients.until(
+                lambda: all(triton_states(u).get("2") != "READY" for u in triton.http_urls), 60, "version 2 to be unloaded"
+            )
+            served = clients.versions["1"]
+            await clients.until(lambda: clients.versions["1"] >= served + 100, 60, "more answers")
+        view = repository_view(gw)
+        after = [inference_count(url, "1") for url in triton.http_urls]
+    assert clients.failures == []
+    assert clients.versions["2"] == 0
+    assert reason in view["models"][MODEL]["failed"]["2"]
+    assert view["models"][MODEL]["serving"] == ["1"]
+    if not reloads_v1:
+        assert all(b > a for a, b in zip(counts, after)), (counts, after)
+
+
+async def test_a_new_model_folder_becomes_a_model(fleet_factory: Any, repo: Path, tmp_path: Path) -> None:
+    with managed_stack(fleet_factory, repo, tmp_path) as (triton, gw):
+        staging = repo / ".copy.tmp"
+        shutil.copytree(repo / MODEL, staging)
+        config = staging / "config.pbtxt"
+        config.write_text(config.read_text().replace(f'name: "{MODEL}"', 'name: "breast_cancer_copy"'))
+        staging.rename(repo / "breast_cancer_copy")
+        deadline = time.monotonic() + 120
+        while not ready(f"{gw.url}/v2/models/breast_cancer_copy/ready"):
+            assert time.monotonic() < deadline, repository_view(gw)
+            await asyncio.sleep(0.2)
+        async with Clients(gw.url, n=4, model="breast_cancer_copy") as clients:
+            await clients.until(lambda: clients.versions["1"] >= 50, 60, "the new model to answer")
+        assert clients.failures == []
+        assert all(triton_states(u, "breast_cancer_copy") == {"1": "READY"} for u in triton.http_urls)
+        metadata = get_json(f"{gw.url}/v2/models/breast_cancer_copy")
+        assert metadata["name"] == "breast_cancer_copy" and metadata["versions"] == ["1"]
+
+
+async def test_a_bad_config_is_reported_and_the_serving_versions_stay(fleet_factory: Any, repo: Path, tmp_path: Path) -> None:
+    with managed_stack(fleet_factory, repo, tmp_path) as (triton, gw):
+        config = repo / MODEL / "config.pbtxt"
+        config.write_text(config.read_text() + "\nthis is not: a field\n")
+        publish(repo / MODEL, "2")
+        async with Clients(gw.url, n=4) as clients:
+            await clients.until(lambda: repository_view(gw)["models"][MODEL]["config_error"], 30, "the config error")
+            await asyncio.sleep(2.0)  # several scans
+            served = clients.versions["1"]
+            await clients.until(lambda: clients.versions["1"] >= served + 50, 60, "more answers")
+        assert clients.failures == [] and clients.versions["2"] == 0
+        assert all(triton_states(u) == {"1": "READY"} for u in triton.http_urls)
+        assert "config.pbtxt" in repository_view(gw)["models"][MODEL]["config_error"]
+
+
+async def test_an_instance_restarted_empty_is_loaded_again_before_it_gets_traffic(
+    fleet_factory: Any, repo: Path, tmp_path: Path
+) -> None:
+    with managed_stack(fleet_factory, repo, tmp_path) as (triton, gw):
+        async with Clients(gw.url) as clients:
+            await clients.until(lambda: clients.versions["1"] >= 50, 60, "answers")
+            await asyncio.to_thread(triton.restart, 1)  # explicit mode: it comes back with nothing loaded
+            await clients.until(lambda: triton_states(triton.http_urls[1]) == {"1": "READY"}, 120, "the reload")
+            await clients.until(lambda: inference_count(triton.http_urls[1], "1") > 20, 60, "traffic to the restarted instance")
+    assert clients.failures == []

@@ -236,6 +236,19 @@ def test_each_triton_serves_the_mounted_model_repository(services: dict[str, dic
         )
 
 
+def test_the_gateway_drives_loading_of_the_repository_the_tritons_serve(services: dict[str, dict[str, Any]]) -> None:
+    """With [repository] path set, the gateway loads models itself: each Triton must be in
+    explicit model-control mode (else its load calls are refused), and the gateway's container
+    must see ./model_repository at that path."""
+    path = effective_gateway_config().repository.path
+    assert path, "configs/compose.toml: no [repository] path: Triton would manage loading alone"
+    sources = {target: source for source, target, _ in mounts(services[GATEWAY_SERVICE])}
+    assert path in sources, f"the gateway reads {path} but nothing is mounted there"
+    assert same_path(sources[path], Path("model_repository")), f"{path} is mounted from {sources[path]}"
+    for name, service in triton_services(services).items():
+        assert flag(command_args(service), "--model-control-mode") == "explicit", f"{name}: not in explicit mode"
+
+
 def test_each_triton_healthcheck_asks_its_http_port(services: dict[str, dict[str, Any]]) -> None:
     for name, service in triton_services(services).items():
         http_port = flag(command_args(service), "--http-port")
