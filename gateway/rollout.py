@@ -17,8 +17,16 @@ The rollout file (TOML, ``[rollout] file`` in the gateway config) holds one tabl
     shadow = "3"                  # optional: a candidate that also gets a copy of requests...
     shadow_share = 0.1            # ...this share of them; clients never see its answers
 
+A ``[defaults]`` table (the same keys but ``stable``, ``canary`` and ``shadow``) makes every
+version dropped into the repository a canary by itself: for a model without a table of its own,
+the version serving when the gateway first sees the model is stable, and each newer version that
+becomes routable on every instance starts as a canary of it at ``canary_share`` (or the first ramp
+step), ramps, and is promoted or rolled back by these rules. Its state lives in memory, like
+operator actions: after a restart the newest version serves again, so remove a rolled-back
+version's folder (or give the model a table).
+
 A request naming a version (``/v2/models/{m}/versions/{v}/infer``) bypasses the rollout; a model
-without a table is served by the newest version READY on every instance. With a sticky header, the
+without a table (and no ``[defaults]``) is served by the newest version READY on every instance. With a sticky header, the
 choice is a hash of the model and the header's value: the same client always gets the same
 version for a given share, and raising the share only moves clients from stable to canary. A
 request without the header is drawn at random.
@@ -53,7 +61,7 @@ import time
 import tomllib
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -297,79 +305,105 @@ def _version(value: Any, where: str) -> str:
     return text
 
 
-def parse_rollouts(data: dict[str, Any]) -> dict[str, ModelRollout]:
-    unknown = sorted(set(data) - {"models"})
+@dataclass(frozen=True, slots=True)
+class RolloutFile:
+    models: dict[str, ModelRollout]
+    defaults: ModelRollout | None = None  # the rules for versions dropped in (stable left "")
+
+
+def parse_rollout_file(data: dict[str, Any]) -> RolloutFile:
+    unknown = sorted(set(data) - {"models", "defaults"})
     if unknown:
-        raise RolloutError(f"unknown section(s): {', '.join(unknown)} (expected [models.<name>] tables)")
+        raise RolloutError(f"unknown section(s): {', '.join(unknown)} (expected [models.<name>] tables and [defaults])")
+    defaults = None
+    if "defaults" in data:
+        table = data["defaults"]
+        if not isinstance(table, dict):
+            raise RolloutError("[defaults] must be a table")
+        bad = sorted(set(table) & {"stable", "canary", "shadow", "shadow_share"})
+        if bad:
+            raise RolloutError(f"[defaults] cannot set {', '.join(bad)}: versions are chosen as they arrive")
+        defaults = _table("defaults", {**table, "stable": "0", "canary": "1"})
+        defaults = replace(defaults, stable="", canary="")
+        if not defaults.ramp and not defaults.canary_share:
+            raise RolloutError("[defaults] needs a canary_share or a ramp: the share a new version starts with")
     models = data.get("models", {})
     if not isinstance(models, dict):
         raise RolloutError("'models' must hold one table per model: [models.<name>]")
-    out: dict[str, ModelRollout] = {}
-    for name, table in models.items():
-        where = f"models.{name}"
-        if not isinstance(table, dict):
-            raise RolloutError(f"[{where}] must be a table")
-        bad = sorted(set(table) - _KEYS)
-        if bad:
-            raise RolloutError(f"unknown key(s) in [{where}]: {', '.join(bad)}")
-        if "stable" not in table:
-            raise RolloutError(f"[{where}] needs a stable version")
-        stable = _version(table["stable"], f"{where}.stable")
-        canary = _version(table["canary"], f"{where}.canary") if "canary" in table else ""
-        share = table.get("canary_share", 0.0)
-        if isinstance(share, bool) or not isinstance(share, int | float) or not 0.0 <= share <= 1.0:
-            raise RolloutError(f"{where}.canary_share must be a number in 0..1, got {share!r}")
-        if share and not canary:
-            raise RolloutError(f"{where}.canary_share is set but there is no canary version")
-        if canary == stable:
-            raise RolloutError(f"{where}: the canary is the stable version ({stable})")
-        sticky = table.get("sticky_header", "")
-        if not isinstance(sticky, str) or (sticky and not sticky.replace("-", "").isalnum()):
-            raise RolloutError(f"{where}.sticky_header must be a header name, got {sticky!r}")
-        ramp = table.get("ramp", [])
-        if not isinstance(ramp, list) or not all(_share(x) for x in ramp) or ramp != sorted(ramp) or (ramp and ramp[-1] != 1):
-            raise RolloutError(f"{where}.ramp must be rising shares in 0..1 ending with 1.0, got {ramp!r}")
-        if ramp and not canary:
-            raise RolloutError(f"{where}.ramp is set but there is no canary version")
-        numbers = {}
-        for key, kind, low in (
-            ("ramp_min_requests", int, 1), ("ramp_min_seconds", float, 0.0), ("rollback_error_rate", float, 0.0),
-            ("rollback_latency_ratio", float, 1.0), ("rollback_window", int, 10),
-        ):  # fmt: skip
-            if key in table:
-                value = table[key]
-                if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and not isinstance(value, int)):
-                    raise RolloutError(f"{where}.{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-                if value < low:
-                    raise RolloutError(f"{where}.{key} must be >= {low}, got {value!r}")
-                numbers[key] = kind(value)
-        shadow = _version(table["shadow"], f"{where}.shadow") if "shadow" in table else ""
-        shadow_share = table.get("shadow_share", 0.1 if shadow else 0.0)
-        if not (shadow_share == 0 or _share(shadow_share)):
-            raise RolloutError(f"{where}.shadow_share must be a number in 0..1, got {shadow_share!r}")
-        if shadow_share and not shadow:
-            raise RolloutError(f"{where}.shadow_share is set but there is no shadow version")
-        if shadow and shadow == stable:
-            raise RolloutError(f"{where}: the shadow is the stable version ({stable})")
-        out[name] = ModelRollout(
-            stable, canary, float(share), sticky.lower().encode(), tuple(float(x) for x in ramp), **numbers,
-            shadow=shadow, shadow_share=float(shadow_share),
-        )  # fmt: skip
-    return out
+    return RolloutFile({name: _table(f"models.{name}", table) for name, table in models.items()}, defaults)
+
+
+def parse_rollouts(data: dict[str, Any]) -> dict[str, ModelRollout]:
+    return parse_rollout_file(data).models
+
+
+def _table(where: str, table: Any) -> ModelRollout:
+    if not isinstance(table, dict):
+        raise RolloutError(f"[{where}] must be a table")
+    bad = sorted(set(table) - _KEYS)
+    if bad:
+        raise RolloutError(f"unknown key(s) in [{where}]: {', '.join(bad)}")
+    if "stable" not in table:
+        raise RolloutError(f"[{where}] needs a stable version")
+    stable = _version(table["stable"], f"{where}.stable")
+    canary = _version(table["canary"], f"{where}.canary") if "canary" in table else ""
+    share = table.get("canary_share", 0.0)
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0.0 <= share <= 1.0:
+        raise RolloutError(f"{where}.canary_share must be a number in 0..1, got {share!r}")
+    if share and not canary:
+        raise RolloutError(f"{where}.canary_share is set but there is no canary version")
+    if canary == stable:
+        raise RolloutError(f"{where}: the canary is the stable version ({stable})")
+    sticky = table.get("sticky_header", "")
+    if not isinstance(sticky, str) or (sticky and not sticky.replace("-", "").isalnum()):
+        raise RolloutError(f"{where}.sticky_header must be a header name, got {sticky!r}")
+    ramp = table.get("ramp", [])
+    if not isinstance(ramp, list) or not all(_share(x) for x in ramp) or ramp != sorted(ramp) or (ramp and ramp[-1] != 1):
+        raise RolloutError(f"{where}.ramp must be rising shares in 0..1 ending with 1.0, got {ramp!r}")
+    if ramp and not canary:
+        raise RolloutError(f"{where}.ramp is set but there is no canary version")
+    numbers = {}
+    for key, kind, low in (
+        ("ramp_min_requests", int, 1), ("ramp_min_seconds", float, 0.0), ("rollback_error_rate", float, 0.0),
+        ("rollback_latency_ratio", float, 1.0), ("rollback_window", int, 10),
+    ):  # fmt: skip
+        if key in table:
+            value = table[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and not isinstance(value, int)):
+                raise RolloutError(f"{where}.{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+            if value < low:
+                raise RolloutError(f"{where}.{key} must be >= {low}, got {value!r}")
+            numbers[key] = kind(value)
+    shadow = _version(table["shadow"], f"{where}.shadow") if "shadow" in table else ""
+    shadow_share = table.get("shadow_share", 0.1 if shadow else 0.0)
+    if not (shadow_share == 0 or _share(shadow_share)):
+        raise RolloutError(f"{where}.shadow_share must be a number in 0..1, got {shadow_share!r}")
+    if shadow_share and not shadow:
+        raise RolloutError(f"{where}.shadow_share is set but there is no shadow version")
+    if shadow and shadow == stable:
+        raise RolloutError(f"{where}: the shadow is the stable version ({stable})")
+    return ModelRollout(
+        stable, canary, float(share), sticky.lower().encode(), tuple(float(x) for x in ramp), **numbers,
+        shadow=shadow, shadow_share=float(shadow_share),
+    )  # fmt: skip
 
 
 def _share(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, int | float) and 0.0 < value <= 1.0
 
 
-def load_rollouts(path: Path) -> dict[str, ModelRollout]:
+def load_rollout_file(path: Path) -> RolloutFile:
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise RolloutError(f"rollout file not found: {path}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise RolloutError(f"{path}: invalid TOML: {exc}") from None
-    return parse_rollouts(data)
+    return parse_rollout_file(data)
+
+
+def load_rollouts(path: Path) -> dict[str, ModelRollout]:
+    return load_rollout_file(path).models
 
 
 class Rollouts:
@@ -379,6 +413,8 @@ class Rollouts:
     def __init__(self, path: Path | None = None, clock: Callable[[], float] = time.monotonic, seed: int | None = None) -> None:
         self.path = path
         self.states: dict[str, RolloutState] = {}
+        self.defaults: ModelRollout | None = None
+        self.auto: dict[str, RolloutState] = {}  # models without a table, under [defaults]
         self.error = ""  # why the file on disk is not the rollout in force, if it is not
         self._stamp: tuple[int, int] | None = None
         self._rng = random.Random(seed)
@@ -401,21 +437,54 @@ class Rollouts:
         }  # fmt: skip
         self.pin_headers = frozenset(r.sticky_header for r in models.values() if r.sticky_header)
 
+    def set_file(self, rollout: RolloutFile) -> None:
+        self.set_models(rollout.models)
+        if rollout.defaults != self.defaults:
+            self.defaults, self.auto = rollout.defaults, {}  # new rules: trials start afresh
+        for name in rollout.models:
+            self.auto.pop(name, None)  # a table of its own wins
+        pins = {r.sticky_header for r in rollout.models.values() if r.sticky_header}
+        if self.defaults is not None and self.defaults.sticky_header:
+            pins.add(self.defaults.sticky_header)
+        self.pin_headers = frozenset(pins)
+
     @classmethod
     def from_file(cls, path: Path, clock: Callable[[], float] = time.monotonic) -> Rollouts:
         """The rollout of ``path``; RolloutError if the file is missing or invalid."""
         rollouts = cls(path, clock)
         stat = path.stat() if path.exists() else None
-        rollouts.set_models(load_rollouts(path))
+        rollouts.set_file(load_rollout_file(path))
         rollouts._stamp = (stat.st_mtime_ns, stat.st_size) if stat else None
         return rollouts
 
+    def _state(self, model: str) -> RolloutState | None:
+        state = self.states.get(model)
+        return state if state is not None else self.auto.get(model)
+
+    def observe(self, model: str, newest: str, available: Callable[[str], bool]) -> None:
+        """Under ``[defaults]``, for a model without a table: the fleet's newest version is
+        ``newest``. The first one seen is stable; a newer one starts a canary of the stable;
+        a stable version that left the fleet gives way to the newest."""
+        defaults = self.defaults
+        if defaults is None or not newest or model in self.states:
+            return
+        state = self.auto.get(model)
+        now = self._clock()
+        if state is None or not available(state.stable):
+            self.auto[model] = RolloutState.start(replace(defaults, stable=newest), now)
+            return
+        if int(newest) > max(int(state.stable), int(state.canary or 0)):
+            config = replace(defaults, stable=state.stable, canary=newest)
+            self.auto[model] = RolloutState.start(config, now)
+            self.auto[model].event("canary", now, by="automatic", canary=newest, stable=state.stable, share=self.auto[model].share)
+
     def stable(self, model: str) -> str:
-        return self.states[model].stable
+        state = self._state(model)
+        return state.stable if state is not None else ""
 
     def choose(self, model: str, headers: dict[bytes, bytes] | None = None) -> str:
         """The version for a request that names none; "" when the model has no rollout."""
-        state = self.states.get(model)
+        state = self._state(model)
         if state is None:
             return ""
         header = state.config.sticky_header
@@ -441,13 +510,13 @@ class Rollouts:
     def record(self, model: str, version: str, ok: bool, latency: float) -> None:
         """How a request sent through the rollout ended: ``ok`` False for a failure the
         version is to blame for (5xx, timeout), with its latency in seconds."""
-        state = self.states.get(model)
+        state = self._state(model)
         if state is not None:
             state.record(version, ok, latency, self._clock())
 
     def act(self, model: str, action: str, share: float | None = None) -> dict[str, Any]:
         """An operator's action: "promote", "rollback" or "set_share" (with ``share``)."""
-        state = self.states.get(model)
+        state = self._state(model)
         if state is None:
             raise KeyError(model)
         if not state.canary:
@@ -481,22 +550,41 @@ class Rollouts:
             return False
         self._stamp = stamp
         try:
-            models = load_rollouts(self.path)
+            rollout = load_rollout_file(self.path)
         except RolloutError as exc:
             self.error = str(exc)
             log.error("rejected rollout file: %s; the rollout in force stays", exc)
             return False
-        self.set_models(models)
+        self.set_file(rollout)
         self.error = ""
-        log.warning("rollout loaded from %s: %s", self.path, ", ".join(sorted(models)) or "no models")
+        log.warning("rollout loaded from %s: %s", self.path, ", ".join(sorted(rollout.models)) or "no models")
         return True
 
     def snapshot(self) -> dict[str, Any]:
         return {
             "file": str(self.path) if self.path else None,
             "error": self.error or None,
+            "defaults": _defaults_snapshot(self.defaults),
             "models": {
-                name: {**state.snapshot(), "served": {v: n for (m, v), n in sorted(self.served.items()) if m == name}}
-                for name, state in sorted(self.states.items())
+                name: {
+                    **state.snapshot(),
+                    "automatic": name not in self.states,
+                    "served": {v: n for (m, v), n in sorted(self.served.items()) if m == name},
+                }
+                for name, state in sorted({**self.auto, **self.states}.items())
             },
         }
+
+
+def _defaults_snapshot(defaults: ModelRollout | None) -> dict[str, Any] | None:
+    if defaults is None:
+        return None
+    return {
+        "canary_share": defaults.canary_share,
+        "ramp": list(defaults.ramp) or None,
+        "ramp_min_requests": defaults.ramp_min_requests,
+        "ramp_min_seconds": defaults.ramp_min_seconds,
+        "rollback_error_rate": defaults.rollback_error_rate,
+        "rollback_latency_ratio": defaults.rollback_latency_ratio,
+        "rollback_window": defaults.rollback_window,
+    }

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.rollout import ModelRollout, RolloutError, Rollouts, parse_rollouts
+from gateway.rollout import ModelRollout, RolloutError, Rollouts, parse_rollout_file, parse_rollouts
 
 
 def test_a_rollout_table_parses() -> None:
@@ -201,3 +201,87 @@ def test_bad_ramp_and_rollback_settings_are_rejected(extra: dict, message: str) 
     with pytest.raises(RolloutError) as err:
         parse_rollouts({"models": {"m": {"stable": "1", "canary": "2", **extra}}})
     assert message in str(err.value)
+
+
+# -- [defaults]: versions dropped into the repository become canaries by themselves --------------
+
+DEFAULTS = {"ramp": [0.1, 0.5, 1.0], "ramp_min_requests": 50, "rollback_error_rate": 0.05, "rollback_window": 50}
+
+
+def auto_rollouts(clock: Clock, defaults: dict = DEFAULTS, models: dict | None = None) -> Rollouts:
+    rollouts = Rollouts(clock=clock, seed=0)
+    rollouts.set_file(parse_rollout_file({"defaults": defaults, "models": models or {}}))
+    return rollouts
+
+
+@pytest.mark.parametrize(
+    "defaults, message",
+    [
+        ({"stable": "1", "canary_share": 0.1}, "[defaults] cannot set stable"),
+        ({"shadow": "2", "canary_share": 0.1}, "[defaults] cannot set shadow"),
+        ({"rollback_error_rate": 0.05}, "[defaults] needs a canary_share or a ramp"),
+        ({"ramp": [0.5, 0.2]}, "defaults.ramp must be rising shares"),
+        ({"canary_share": 0.1, "rollback_windw": 50}, "unknown key(s) in [defaults]: rollback_windw"),
+    ],
+)
+def test_bad_defaults_are_rejected_with_a_message_naming_the_problem(defaults: dict, message: str) -> None:
+    with pytest.raises(RolloutError) as err:
+        parse_rollout_file({"defaults": defaults})
+    assert message in str(err.value)
+
+
+def test_a_newer_version_starts_as_a_canary_of_the_serving_one_and_is_promoted_when_healthy() -> None:
+    clock = Clock()
+    rollouts = auto_rollouts(clock)
+    everywhere = lambda v: True  # noqa: E731
+    rollouts.observe("m", "1", everywhere)
+    assert rollouts.choose("m") == "1"  # first sight: the serving version is stable
+    assert serve(rollouts, 100) == Counter({"1": 100})
+    rollouts.observe("m", "2", everywhere)  # version 2 dropped in, routable everywhere
+    state = rollouts.auto["m"]
+    assert (state.stable, state.canary, state.share, state.status) == ("1", "2", 0.1, "canary")
+    counts = serve(rollouts, 2000)
+    assert 0.05 < counts["2"] / 2000 < 0.15 or state.status == "promoted"
+    serve(rollouts, 3000)
+    assert state.status == "promoted" and rollouts.choose("m") == "2"
+    rollouts.observe("m", "2", everywhere)
+    assert rollouts.auto["m"] is state  # nothing new: the promoted version serves
+    snapshot = rollouts.snapshot()
+    assert snapshot["models"]["m"]["automatic"] is True and snapshot["defaults"]["ramp"] == [0.1, 0.5, 1.0]
+    assert [e["event"] for e in snapshot["models"]["m"]["events"]] == ["canary", "ramp", "ramp", "promote"]
+
+
+def test_a_faulty_dropped_in_version_is_rolled_back_and_stays_out() -> None:
+    clock = Clock()
+    rollouts = auto_rollouts(clock)
+    rollouts.observe("m", "1", lambda v: True)
+    rollouts.observe("m", "2", lambda v: True)
+    counts = serve(rollouts, 3000, fails=lambda v, i: v == "2" and i % 3 == 0)
+    state = rollouts.auto["m"]
+    assert state.status == "rolled_back" and counts["2"] <= 50 + 10
+    rollouts.observe("m", "2", lambda v: True)  # still the newest: not tried again
+    assert rollouts.auto["m"] is state and rollouts.choose("m") == "1"
+    rollouts.observe("m", "3", lambda v: True)  # a fix: a new canary of the stable version
+    assert (rollouts.auto["m"].stable, rollouts.auto["m"].canary) == ("1", "3")
+
+
+def test_a_stable_version_that_left_the_fleet_gives_way_to_the_newest() -> None:
+    rollouts = auto_rollouts(Clock())
+    rollouts.observe("m", "1", lambda v: True)
+    rollouts.observe("m", "2", lambda v: v != "1")  # version 1 removed
+    assert rollouts.choose("m") == "2" and rollouts.auto["m"].status == "stable"
+
+
+def test_a_model_with_its_own_table_is_not_under_the_defaults() -> None:
+    rollouts = auto_rollouts(Clock(), models={"m": {"stable": "1"}})
+    rollouts.observe("m", "2", lambda v: True)
+    assert "m" not in rollouts.auto and rollouts.choose("m") == "1"
+    assert Rollouts(clock=Clock()).choose("m") == ""  # no file: no choice, the fleet's newest serves
+
+
+def test_operators_act_on_automatic_canaries_too() -> None:
+    rollouts = auto_rollouts(Clock())
+    rollouts.observe("m", "1", lambda v: True)
+    rollouts.observe("m", "2", lambda v: True)
+    assert rollouts.act("m", "rollback")["status"] == "rolled_back"
+    assert rollouts.choose("m") == "1"
