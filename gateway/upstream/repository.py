@@ -258,6 +258,7 @@ class RepositorySync:
     _config_errors: dict[str, Failure] = field(default_factory=dict)
     _tasks: dict[tuple[str, str], asyncio.Task[None]] = field(default_factory=dict)
     _scan_error: str | None = None
+    _last_event: dict[tuple[str, str, str], tuple[str, str]] = field(default_factory=dict)
 
     @property
     def root(self) -> Path:
@@ -516,6 +517,12 @@ class RepositorySync:
         self._event("", name, "", "config rejected", reason + "; the model stays as it is until config.pbtxt changes")
 
     def _event(self, url: str, model: str, version: str, what: str, detail: str) -> None:
+        """Record and log an event; a load failing again the same way is not repeated (a load
+        retried every round against an instance that refuses it, or is unreachable)."""
+        key = (url, model, version)
+        if what == "load failed" and self._last_event.get(key) == (what, detail):
+            return
+        self._last_event[key] = (what, detail)
         log.warning("repository: %s%s%s: %s (%s)", model, f" version {version}" if version else "", f" on {url}" if url else "", what, detail)
         self.events.append(
             {"time": round(time.time(), 3), "instance": url, "model": model, "version": version, "event": what, "detail": detail}

@@ -460,6 +460,8 @@ async def test_an_instance_that_cannot_be_reached_for_a_load_is_tried_again(harn
     assert harness.routed() == [["1", "2"], ["1"]]
     assert harness.sync.snapshot()["models"]["m"]["failed"] == {}  # not the version's fault
     assert harness.router.newest_version("m") == "1"  # not on every instance yet
+    await harness.round()
+    assert len([e for e in harness.events("load failed") if e["instance"] == target]) == 1  # not once a round
     harness.control.unreachable.clear()
     await harness.round()
     assert harness.routed() == [["1", "2"], ["1", "2"]]
