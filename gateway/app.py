@@ -97,6 +97,8 @@ def build_app(config: GatewayConfig) -> InferEndpoint:
         pipeline = InferencePipeline(
             config.batching, router, MetadataCache(router, u.metadata_ttl_s), cache=cache, rollouts=rollouts
         )
+        pipeline.observe_fleet()  # the versions serving now are the rollout defaults' stable ones
+        monitor.on_round = pipeline.observe_fleet
         app.state.services = handlers.Services(router, pipeline, sync)
         app.state.admin_token = config.rollout.admin_token
         health = asyncio.create_task(monitor.run())

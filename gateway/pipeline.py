@@ -177,19 +177,26 @@ class InferencePipeline:
     def choose_version(self, model: str, sticky: dict[bytes, bytes] | None) -> tuple[str, bool]:
         """The version for a request naming none, and whether the rollout chose it: the
         rollout's choice if the model has one (its stable version when the chosen canary is
-        held nowhere), else the fleet's newest. Not counted: ``infer(chosen=...)`` counts it.
-        Under the rollout's ``[defaults]``, a model without a table of its own gets a canary
-        for each newer version the fleet has everywhere (``Rollouts.observe``)."""
-        rollouts = self.rollouts
-        if rollouts.defaults is not None and model not in rollouts.states:
-            rollouts.observe(model, self._router.newest_version(model), lambda v: self._router.available(model, v))
-        chosen = rollouts.choose(model, sticky)
+        held nowhere), else the fleet's newest. Not counted: ``infer(chosen=...)`` counts it."""
+        chosen = self.rollouts.choose(model, sticky)
         if not chosen:
             return self._router.newest_version(model), False
         stable = self.rollouts.stable(model)
         if chosen != stable and not self._router.available(model, chosen):
             chosen = stable
         return chosen, True
+
+    def observe_fleet(self) -> None:
+        """Tell the rollout each model's newest version on the fleet (after every health round,
+        and once before serving): under the rollout file's ``[defaults]``, a model without a
+        table of its own gets a canary for each newer version the fleet has everywhere
+        (``Rollouts.observe``)."""
+        rollouts, router = self.rollouts, self._router
+        if rollouts.defaults is None:
+            return
+        models = {m for i in router.instances if i.routable for m in (i.models or {})}
+        for model in sorted(models):
+            rollouts.observe(model, router.newest_version(model), lambda v, m=model: router.available(m, v))
 
     def _version(self, model: str, sticky: dict[bytes, bytes] | None) -> tuple[str, bool]:
         version, via_rollout = self.choose_version(model, sticky)

@@ -87,6 +87,8 @@ class FleetMonitor:
         self._clock = clock
         self._on_version_gone = on_version_gone
         self._fleet_versions: set[tuple[str, str]] = set()
+        # Called after every health round (the rollout's view of each model's newest version).
+        self.on_round: Callable[[], object] | None = None
         # Reload detection (for the response cache): the inference count Triton reports per
         # instance and version; it only ever grows, unless the version was loaded afresh.
         self._watch_reloads = watch_reloads
@@ -193,6 +195,8 @@ class FleetMonitor:
     async def check_all(self, instances: Sequence[Instance] | None = None) -> None:
         await asyncio.gather(*(self.probe(i) for i in (self._router.instances if instances is None else instances)))
         self._versions_changed()
+        if self.on_round is not None:
+            self.on_round()
 
     def _versions_changed(self) -> None:
         """Tell ``on_version_gone`` of every model version that no instance holds any more

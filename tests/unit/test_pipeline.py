@@ -14,7 +14,7 @@ from gateway.config import BatchingConfig, CacheConfig
 from gateway.errors import BadRequest, GatewayTimeout, UpstreamError
 from gateway.models import ModelInfo
 from gateway.pipeline import InferencePipeline
-from gateway.rollout import ModelRollout, Rollouts
+from gateway.rollout import ModelRollout, Rollouts, parse_rollout_file
 from gateway.router import Instance
 from gateway.tensors import InferRequest, RequestedOutput, Tensor
 
@@ -251,3 +251,22 @@ async def test_a_shadow_version_gets_a_copy_and_is_compared_but_never_answers() 
     shadow = rollouts.snapshot()["models"]["m"]["shadow"]
     assert shadow == {"version": "3", "share": 1.0, "sent": 1, "failed": 0, "compared": 1, "max_abs_diff": 0.0,
                       "argmax_agreement": 1.0}  # fmt: skip
+
+
+async def test_under_rollout_defaults_the_fleets_new_version_becomes_a_canary_of_the_serving_one() -> None:
+    router = FakeRouter()
+    router.available = lambda model, version: True  # type: ignore[attr-defined]
+    for instance in router.instances:
+        instance.set_index({"m": frozenset({"1"})})
+    router.newest = "1"
+    rollouts = Rollouts(seed=0)
+    rollouts.set_file(parse_rollout_file({"defaults": {"canary_share": 1.0}}))
+    pipeline = InferencePipeline(BatchingConfig(), router, FakeMetadata(info(8)), rollouts=rollouts)  # type: ignore[arg-type]
+    pipeline.observe_fleet()  # before serving: version 1 serves
+    router.newest = "2"  # version 2 arrives everywhere, before the next health round
+    await pipeline.infer(request())
+    pipeline.observe_fleet()  # the health round: version 2 starts as a canary (share 1.0 here)
+    await pipeline.infer(request())
+    assert router.versions == ["1", "2"]
+    assert rollouts.auto["m"].status == "canary" and rollouts.served == {("m", "1"): 1, ("m", "2"): 1}
+    await pipeline.close(0)
