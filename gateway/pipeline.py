@@ -10,10 +10,10 @@ import time
 from collections.abc import Callable
 
 from gateway import deadlines
-from gateway.batcher import Batcher, BatchPolicy, BatchResult, Prepare
+from gateway.batcher import Batcher, BatchPolicy, BatchResult, NothingToSend, Prepare
 from gateway.cache import ResponseCache, cacheable, request_key
 from gateway.config import BatchingConfig
-from gateway.errors import GatewayTimeout, NotFound, Unavailable, UpstreamError, missing_model
+from gateway.errors import ClientGone, GatewayTimeout, NotFound, Unavailable, UpstreamError, missing_model
 from gateway.models import ModelInfo, check_request
 from gateway.rollout import Rollouts
 from gateway.router import Router
@@ -255,8 +255,18 @@ class InferencePipeline:
         if info.batched and self._batching.for_model(request.model).enabled and not request.parameters:
             return await self._batcher(request.model, request.version, info).submit(inputs, deadline, gone)
         # Request parameters (priority, sequence ids, custom ones) belong to one request and
-        # cannot be merged: such a request travels alone, parameters included.
-        return await self._router.infer(request.model, request.version, inputs, request.parameters, deadline)
+        # cannot be merged: such a request travels alone, parameters included. Like a batch, it
+        # is not sent if its client left while it waited for a free instance.
+        if gone is None:
+            return await self._router.infer(request.model, request.version, inputs, request.parameters, deadline)
+
+        def prepare() -> list[Tensor] | None:
+            return None if gone() else inputs
+
+        try:
+            return await self._router.infer(request.model, request.version, prepare, request.parameters, deadline)
+        except NothingToSend:
+            raise ClientGone("the client disconnected") from None
 
     async def close(self, grace: float) -> None:
         if self._shadows:

@@ -8,10 +8,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from gateway.batcher import BatchResult
+from gateway.batcher import BatchResult, NothingToSend
 from gateway.cache import ResponseCache
 from gateway.config import BatchingConfig, CacheConfig
-from gateway.errors import BadRequest, GatewayTimeout, UpstreamError
+from gateway.errors import BadRequest, ClientGone, GatewayTimeout, UpstreamError
 from gateway.models import ModelInfo
 from gateway.pipeline import InferencePipeline
 from gateway.rollout import ModelRollout, Rollouts, parse_rollout_file
@@ -51,8 +51,10 @@ class FakeRouter:
         return sum(1 for i in self.instances if i.routable)
 
     async def infer(self, model, version, inputs, parameters=None, deadline=None):  # noqa: ANN001, ANN201
-        if callable(inputs):  # the batcher's prepare (see batcher.Dispatch)
+        if callable(inputs):  # a prepare (see batcher.Dispatch), called when an instance is free
             inputs = inputs()
+            if inputs is None:
+                raise NothingToSend()
         self.calls.append((inputs[0].data.shape[0], parameters))
         self.deadlines.append(deadline)
         self.versions.append(version)
@@ -269,4 +271,15 @@ async def test_under_rollout_defaults_the_fleets_new_version_becomes_a_canary_of
     await pipeline.infer(request())
     assert router.versions == ["1", "2"]
     assert rollouts.auto["m"].status == "canary" and rollouts.served == {("m", "1"): 1, ("m", "2"): 1}
+    await pipeline.close(0)
+
+
+async def test_a_lone_request_whose_client_left_while_waiting_is_not_sent() -> None:
+    router = FakeRouter()
+    pipeline = InferencePipeline(BatchingConfig(), router, FakeMetadata(info(8)))  # type: ignore[arg-type]
+    with pytest.raises(ClientGone):
+        await pipeline.infer(request(parameters={"priority": 2}), gone=lambda: True)
+    assert router.calls == []
+    response = await pipeline.infer(request(parameters={"priority": 2}), gone=lambda: False)
+    assert router.calls == [(1, {"priority": 2})] and response.outputs
     await pipeline.close(0)
