@@ -61,6 +61,9 @@ class Instance:
     models: dict[str, frozenset[str]] | None = None
     # Requests in flight per (model, version): what draining a version waits for.
     active: dict[tuple[str, str], int] = field(default_factory=dict)
+    # Bumped whenever the repository sync sets ``loaded`` itself: a repository index asked for
+    # before that is stale, and the health probe drops it (see ``set_index``).
+    index_epoch: int = 0
     outstanding: int = 0
     # Requests in flight averaged over about LOAD_WINDOW_S (time-weighted): the balancer's
     # measure of how loaded the instance is, steadier than the instant count (see balancer.py).
@@ -112,10 +115,18 @@ class Instance:
             self._newest_of = self.models
         return self._newest.get(model)
 
-    def set_index(self, ready: dict[str, frozenset[str]]) -> None:
-        """What the repository index says is READY here."""
+    def set_index(self, ready: dict[str, frozenset[str]], epoch: int | None = None) -> None:
+        """What the repository index says is READY here; ``epoch``: ``index_epoch`` when the
+        index was asked for (an index older than the sync's last change is not applied)."""
+        if epoch is not None and epoch != self.index_epoch:
+            return
         self.loaded = ready
         self._refresh()
+
+    def sync_index(self, loaded: dict[str, frozenset[str]]) -> None:
+        """What the repository sync just loaded here (newer than any index in flight)."""
+        self.index_epoch += 1
+        self.set_index(loaded)
 
     def withhold(self, model: str, version: str, why: str) -> None:
         """Stop routing this version here (it stays loaded), saying why."""
@@ -138,7 +149,7 @@ class Instance:
         self.withheld.pop((model, version), None)
         loaded = dict(self.loaded or {})
         loaded[model] = loaded.get(model, frozenset()) | {version}
-        self.set_index(loaded)
+        self.sync_index(loaded)
 
     def _refresh(self) -> None:
         if self.loaded is None:

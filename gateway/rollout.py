@@ -438,11 +438,25 @@ class Rollouts:
         self.pin_headers = frozenset(r.sticky_header for r in models.values() if r.sticky_header)
 
     def set_file(self, rollout: RolloutFile) -> None:
+        now = self._clock()
+        before = self.states
         self.set_models(rollout.models)
-        if rollout.defaults != self.defaults:
-            self.defaults, self.auto = rollout.defaults, {}  # new rules: trials start afresh
+        defaults = rollout.defaults
+        if defaults is None:
+            self.auto = {}
+        elif defaults != self.defaults:
+            # New rules for the trials under way; where each stands (stable, canary, rolled
+            # back) stays: a rolled-back version is not served because a share was edited.
+            for state in self.auto.values():
+                state.config = replace(defaults, stable=state.config.stable, canary=state.config.canary)
+        self.defaults = defaults
         for name in rollout.models:
             self.auto.pop(name, None)  # a table of its own wins
+        if defaults is not None:
+            for name, state in before.items():
+                if name not in rollout.models and name not in self.auto:
+                    # Its table is gone: the version it served stays stable, under the defaults.
+                    self.auto[name] = RolloutState.start(replace(defaults, stable=state.stable), now)
         pins = {r.sticky_header for r in rollout.models.values() if r.sticky_header}
         if self.defaults is not None and self.defaults.sticky_header:
             pins.add(self.defaults.sticky_header)
@@ -472,6 +486,9 @@ class Rollouts:
         now = self._clock()
         if state is None or not available(state.stable):
             self.auto[model] = RolloutState.start(replace(defaults, stable=newest), now)
+            if state is not None:
+                self.auto[model].event("stable", now, by="automatic", stable=newest, previous_stable=state.stable,
+                                       reason="the stable version left the fleet")  # fmt: skip
             return
         if int(newest) > max(int(state.stable), int(state.canary or 0)):
             config = replace(defaults, stable=state.stable, canary=newest)

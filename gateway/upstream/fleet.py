@@ -140,12 +140,13 @@ class FleetMonitor:
         except Exception as exc:  # whatever the instance (or whatever answers on its port) does, it is not up
             live, why = False, f"/v2/health/live: {exc!r}"
         if live:
+            epoch = instance.index_epoch
             ready, models, _ = await asyncio.gather(
                 self._ready(url, timeout), self._index(url, timeout), self._reloads(url, timeout)
             )
             instance.ready = ready
             if models is not None:
-                instance.set_index(models)
+                instance.set_index(models, epoch)  # not if the repository sync changed it meanwhile
         else:
             instance.ready = False
         was = instance.state

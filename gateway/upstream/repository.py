@@ -42,6 +42,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -63,6 +64,7 @@ from gateway.router import Router
 log = logging.getLogger(__name__)
 
 Fingerprint = tuple[int, int, int]  # files, bytes, newest modification (ns)
+VERSION = re.compile(r"[1-9][0-9]*", re.ASCII)  # a version folder's name, as Triton reads them
 MAX_EVENTS = 200
 POLL_S = 0.05  # how often a drain checks the requests in flight
 
@@ -93,8 +95,9 @@ def fingerprint(folder: Path) -> Fingerprint:
     return files, size, newest
 
 
-def scan_repository(root: Path) -> dict[str, ModelFolder]:
-    """Every model folder under ``root`` (raises OSError if ``root`` cannot be read)."""
+def scan_repository(root: Path, previous: Mapping[str, ModelFolder] | None = None) -> dict[str, ModelFolder]:
+    """Every model folder under ``root`` (raises OSError if ``root`` cannot be read); a model
+    folder that cannot be read is taken from ``previous``."""
     models: dict[str, ModelFolder] = {}
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         if entry.name.startswith(".") or not entry.is_dir():
@@ -106,11 +109,20 @@ def scan_repository(root: Path) -> dict[str, ModelFolder]:
         except FileNotFoundError:
             continue  # not a model (yet): Python-backend models need a config.pbtxt
         except (OSError, UnicodeDecodeError):
-            st, text = config_path.stat(), None
-        versions = sorted(
-            ((v.name, fingerprint(Path(v.path))) for v in os.scandir(entry.path) if v.name.isdigit() and v.is_dir()),
-            key=lambda item: int(item[0]),
-        )
+            try:
+                st, text = config_path.stat(), None
+            except OSError:
+                continue
+        try:
+            versions = sorted(
+                ((v.name, fingerprint(Path(v.path))) for v in os.scandir(entry.path) if VERSION.fullmatch(v.name) and v.is_dir()),
+                key=lambda item: int(item[0]),
+            )
+        except OSError as exc:  # one unreadable folder: that model stays as last seen, the rest go on
+            log.warning("repository: cannot read %s: %s", entry.path, exc)
+            if previous is not None and entry.name in previous:
+                models[entry.name] = previous[entry.name]
+            continue
         models[entry.name] = ModelFolder(entry.name, text, (st.st_size, st.st_mtime_ns), tuple(versions))
     return models
 
@@ -226,6 +238,12 @@ class GrpcControl:
 
 # -- the sync -----------------------------------------------------------------------------------
 
+PENDING = ("loading", "warming up")  # withheld, and still to be admitted
+
+
+def _failed_why(reason: str) -> str:
+    return f"failed: {reason.splitlines()[0] if reason else 'unknown'}"
+
 
 @dataclass(frozen=True, slots=True)
 class Target:
@@ -296,7 +314,7 @@ class RepositorySync:
 
     async def sync_once(self) -> None:
         try:
-            scan = await asyncio.to_thread(scan_repository, self.root)
+            scan = await asyncio.to_thread(scan_repository, self.root, self._last_scan)
         except OSError as exc:
             if self._scan_error != str(exc):
                 self._event("", "", "", "scan failed", str(exc))
@@ -355,7 +373,15 @@ class RepositorySync:
             return
         task = asyncio.create_task(self._apply(instance, name, target))
         self._tasks[key] = task
-        task.add_done_callback(lambda _: self._tasks.pop(key, None))
+        task.add_done_callback(lambda t: self._done(key, t))
+
+    def _done(self, key: tuple[str, str], task: asyncio.Task[None]) -> None:
+        self._tasks.pop(key, None)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("repository: %s on %s: unexpected error", key[1], key[0], exc_info=exc)
+            self._placed.get(key[0], {}).pop(key[1], None)  # tried again next round
+            self._event(key[0], key[1], "", "load failed", f"unexpected error: {exc!r}; tried again next round")
 
     def _release_unloaded(self, instance: Instance, scan: Mapping[str, ModelFolder]) -> None:
         """Withheld versions no longer loaded on the instance need no holding back once drained
@@ -381,40 +407,44 @@ class RepositorySync:
         held = set((instance.loaded or {}).get(name, ()))
         placed = self._placed.get(url, {}).get(name)
         keep = set(target.versions)
+        # Loaded but never admitted (a load that timed out on our side, a warm-up to try again)
+        # is still arriving: it must be warmed before it is routed.
+        pending = {v for v in held if instance.withheld.get((name, v)) in PENDING}
         leaving = sorted(held - keep, key=int)
-        arriving = sorted(keep - held, key=int)
+        arriving = sorted((keep - held) | (keep & pending), key=int)
         replaced = sorted(
-            (v for v in keep & held if placed is not None and placed.versions.get(v) not in (None, target.versions[v])),
+            (v for v in keep & held - pending if placed is not None and placed.versions.get(v) not in (None, target.versions[v])),
             key=int,
         )
-        for version in leaving:
-            instance.withhold(name, version, "draining")
         for version in arriving:
             instance.withhold(name, version, "loading")
+        if arriving and leaving:
+            # A version replacing another (a "latest 1" policy): load the new one beside the old
+            # one and admit it first, so the model is never without a routable version.
+            if not await self._load(instance, name, target, held | keep, arriving + replaced):
+                return
+            self._loaded(instance, name, held | keep)
+            admitted = [v for v in arriving if await self._admit(instance, name, v, target)]
+            if len(admitted) < len(arriving):
+                return  # a failed one: the next round unloads it, and the old one stays
+            await self._everywhere(name, max(arriving, key=int))
+            arriving = []
+        for version in leaving:
+            instance.withhold(name, version, "draining")
         if leaving:
             await self._drain(instance, name, leaving)
-        try:
-            if keep:
-                assert target.config is not None
-                await self.control.load(instance.grpc, name, pinned_config(target.config, keep))
-            else:
-                await self.control.unload(instance.grpc, name)
-        except ControlError as exc:
-            await self._load_failed(instance, name, target, arriving + replaced, exc)
+        if not await self._load(instance, name, target, keep, arriving + replaced):
             return
-        # Triton now holds exactly `keep` of this model.
-        loaded = dict(instance.loaded or {})
-        if keep:
-            loaded[name] = frozenset(keep)
-        else:
-            loaded.pop(name, None)
-        instance.set_index(loaded)
+        self._loaded(instance, name, keep)
         if keep:
             self._placed.setdefault(url, {})[name] = target
         else:
             self._placed.get(url, {}).pop(name, None)
-        if placed != target:  # (else a stale index showed what was unloaded already)
-            for version in leaving:
+        for version in leaving:
+            failure = self._failed.get((name, version))
+            if failure is not None:  # keep saying why, for requests that name it
+                instance.withhold(name, version, _failed_why(failure.reason))
+            elif placed != target:  # (else a stale index showed what was unloaded already)
                 self._event(url, name, version, "unloaded", "drained, then unloaded")
         for version in replaced:
             self._event(url, name, version, "reloaded", "files changed in place; cached answers dropped")
@@ -423,34 +453,77 @@ class RepositorySync:
         for version in arriving:
             await self._admit(instance, name, version, target)
 
-    async def _admit(self, instance: Instance, name: str, version: str, target: Target) -> None:
+    async def _load(self, instance: Instance, name: str, target: Target, versions: set[str], new: list[str]) -> bool:
+        """One load (or, for no versions, unload) call; False, with the failure handled, if it failed."""
+        try:
+            if versions:
+                assert target.config is not None
+                await self.control.load(instance.grpc, name, pinned_config(target.config, versions))
+            else:
+                await self.control.unload(instance.grpc, name)
+        except ControlError as exc:
+            await self._load_failed(instance, name, target, new, exc)
+            return False
+        self._last_event.pop((instance.url, name, ""), None)  # a later failure is news again
+        return True
+
+    def _loaded(self, instance: Instance, name: str, versions: set[str]) -> None:
+        """Triton now holds exactly ``versions`` of the model there."""
+        loaded = dict(instance.loaded or {})
+        if versions:
+            loaded[name] = frozenset(versions)
+        else:
+            loaded.pop(name, None)
+        instance.sync_index(loaded)
+
+    async def _admit(self, instance: Instance, name: str, version: str, target: Target) -> bool:
+        """Warm the version up and route it; False if it was not admitted."""
         url = instance.url
         if self.config.warmup:
             instance.withhold(name, version, "warming up")
-            error = await self._warm(url, name, version)
+            error, definite = await self._warm(url, name, version)
             if error is not None:
-                self._fail(instance, name, version, target.versions[version], f"warm-up inference failed: {error}")
-                self._placed.get(url, {}).pop(name, None)  # the next round unloads it
-                return
+                self._placed.get(url, {}).pop(name, None)  # the next round unloads it, or warms it again
+                if definite:
+                    self._fail(instance, name, version, target.versions[version], f"warm-up inference failed: {error}")
+                else:
+                    instance.withhold(name, version, "warming up")
+                    self._event(url, name, version, "load failed", f"warm-up inference: {error}; tried again next round")
+                return False
         instance.admit(name, version)
         self._event(url, name, version, "ready", "loaded and warmed up; routed" if self.config.warmup else "loaded; routed")
+        return True
 
-    async def _warm(self, url: str, name: str, version: str) -> str | None:
+    async def _warm(self, url: str, name: str, version: str) -> tuple[str | None, bool]:
+        """A warm-up inference: (None, _) when it answered 200; else the error, and whether it
+        is the version's own (an error answer) rather than the way there (no answer, 503)."""
         base = f"/v2/models/{quote(name, safe='')}/versions/{version}"
         try:
             session = self._require_session()
             timeout = aiohttp.ClientTimeout(total=self.config.load_timeout_s)
             async with session.get(url + base + "/config", timeout=timeout) as resp:
                 if resp.status != 200:
-                    return f"config: HTTP {resp.status}: {(await resp.text())[:300]}"
+                    return f"config: HTTP {resp.status}: {(await resp.text())[:300]}", False
                 config = await resp.json(content_type=None)
+            if config.get("sequence_batching") or (config.get("model_transaction_policy") or {}).get("decoupled"):
+                return None, True  # a stateful or streaming model: one plain request proves nothing
             async with session.post(url + base + "/infer", data=warmup_body(config), timeout=timeout) as resp:
                 if resp.status != 200:
-                    return f"HTTP {resp.status}: {(await resp.text())[:300]}"
+                    return f"HTTP {resp.status}: {(await resp.text())[:300]}", resp.status not in (502, 503, 504)
                 await resp.read()
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError, KeyError, TypeError) as exc:
-            return f"{type(exc).__name__}: {exc}"
-        return None
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return f"{type(exc).__name__}: {exc}", False
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # a config we cannot shape zeros from
+            return f"{type(exc).__name__}: {exc}", True
+        return None, True
+
+    async def _everywhere(self, name: str, version: str) -> None:
+        """Wait (at most ``load_timeout_s``) until requests naming no version go to ``version``
+        or newer: it is routable on every up instance holding the model. Until then the version
+        it replaces stays, so no instance is left serving only the old one or only the new one."""
+        deadline = self.clock() + self.config.load_timeout_s
+        while int(self.router.newest_version(name) or 0) < int(version) and self.clock() < deadline:
+            await asyncio.sleep(POLL_S)
 
     async def _drain(self, instance: Instance, name: str, versions: list[str]) -> None:
         deadline = self.clock() + self.config.drain_timeout_s
@@ -466,10 +539,10 @@ class RepositorySync:
         did, Triton refused the model itself: its config."""
         url = instance.url
         self._placed.get(url, {}).pop(name, None)
-        if exc.retry:
+        reasons = None if exc.retry else await self._unavailable(url, name)
+        if reasons is None:  # no answer, or no way to tell which version failed: not a verdict
             self._event(url, name, "", "load failed", f"{exc.message}; tried again next round")
             return
-        reasons = await self._unavailable(url, name)
         failed = [v for v in new if v in reasons]
         for version in failed:
             self._fail(instance, name, version, target.versions[version], reasons[version])
@@ -478,12 +551,16 @@ class RepositorySync:
             for version in new:
                 instance.withhold(name, version, f"failed: {exc.message}")
 
-    async def _unavailable(self, url: str, name: str) -> dict[str, str]:
+    async def _unavailable(self, url: str, name: str) -> dict[str, str] | None:
+        """The model's versions Triton marks UNAVAILABLE there, with their reasons; None if the
+        index cannot be read."""
         try:
             status, text = await self._post(url, "/v2/repository/index", b"{}")
-            entries = json.loads(text) if status == 200 else []
+            entries = json.loads(text) if status == 200 else None
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
-            return {}
+            return None
+        if not isinstance(entries, list):
+            return None
         return {
             str(e.get("version")): str(e.get("reason") or "failed to load")
             for e in entries
@@ -505,11 +582,11 @@ class RepositorySync:
 
     def _fail(self, instance: Instance, name: str, version: str, print_: Fingerprint, reason: str) -> None:
         self._failed[(name, version)] = Failure(print_, reason)
+        instance.withhold(name, version, _failed_why(reason))
         target = self._targets.get(name)
         if target is not None and version in target.versions:
             versions = {v: p for v, p in target.versions.items() if v != version}
             self._targets[name] = Target(target.config, target.config_stamp, versions)
-        instance.withhold(name, version, f"failed: {reason.splitlines()[0] if reason else 'unknown'}")
         self._event(instance.url, name, version, "failed", reason)
 
     def _config_error(self, name: str, stamp: tuple[int, int], reason: str) -> None:

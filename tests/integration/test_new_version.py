@@ -144,11 +144,17 @@ def repository_view(gw: GatewayProcess) -> dict[str, Any]:
     return get_json(gw.url + "/v2/gateway/repository")
 
 
+@pytest.mark.parametrize("policy", ["all", "latest"])
 async def test_publishing_a_version_and_removing_the_old_one_under_load_fail_no_request(
-    fleet_factory: Any, repo: Path, tmp_path: Path
+    fleet_factory: Any, repo: Path, tmp_path: Path, policy: str
 ) -> None:
     """Version 2 is loaded on both instances and warmed before any client gets it; version 1 is
-    drained then unloaded; at concurrency 16 not one request fails and every answer is right."""
+    drained then unloaded; at concurrency 16 not one request fails and every answer is right.
+    With the repository's `version_policy: all`, version 1 leaves when its folder is removed;
+    with Triton's default policy (the latest version only), as soon as version 2 is in."""
+    if policy == "latest":
+        config = repo / MODEL / "config.pbtxt"
+        config.write_text(config.read_text().replace("version_policy: { all { } }", ""))
     with managed_stack(fleet_factory, repo, tmp_path) as (triton, gw):
         assert all(triton_states(url) == {"1": "READY"} for url in triton.http_urls)
         async with Clients(gw.url) as clients:

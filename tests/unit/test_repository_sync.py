@@ -46,6 +46,7 @@ class FakeTriton:
         self.models: dict[str, dict[str, dict[str, str]]] = {}  # model -> version -> {state, reason}
         self.broken: dict[tuple[str, str], str] = {}  # versions whose load fails, with the reason
         self.failing_infer: set[tuple[str, str]] = set()
+        self.busy_infer: set[tuple[str, str]] = set()  # answered 503: not the version's fault
         self.reject_config = ""  # a config error for every load, when set
         self.calls: list[tuple[str, str, list[str]]] = []  # (action, model, versions)
         self.infers: list[tuple[str, str]] = []
@@ -111,6 +112,8 @@ class FakeTriton:
         body = json.loads(await request.read())
         assert body["inputs"][0]["shape"] == [1, 3] and body["inputs"][0]["data"] == [0, 0, 0]
         self.infers.append(key)
+        if key in self.busy_infer:
+            return web.json_response({"error": "server busy"}, status=503)
         if key in self.failing_infer:
             return web.json_response({"error": "execute failed"}, status=500)
         return web.json_response({"outputs": []})
@@ -147,11 +150,14 @@ class FakeControl:
     def __init__(self, tritons: list[FakeTriton]) -> None:
         self.by_target = {t.url: t for t in tritons}
         self.unreachable: set[str] = set()
+        self.deadline_after_load: set[str] = set()  # the load happens, but the call times out
 
     async def load(self, target: str, model: str, config: str) -> None:
         if target in self.unreachable:
             raise ControlError("failed to connect to all addresses", retry=True)
         await self.by_target[target].load(model, config)
+        if target in self.deadline_after_load:
+            raise ControlError("Deadline Exceeded", retry=True)
 
     async def unload(self, target: str, model: str) -> None:
         await self.by_target[target].unload(model)
@@ -466,3 +472,85 @@ async def test_an_instance_that_cannot_be_reached_for_a_load_is_tried_again(harn
     await harness.round()
     assert harness.routed() == [["1", "2"], ["1", "2"]]
     assert harness.router.newest_version("m") == "2"
+
+
+LATEST_ONE = CONFIG.replace("version_policy: { all { } }", "")  # Triton's default: the latest version
+
+
+async def test_under_a_latest_one_policy_the_new_version_is_routed_before_the_old_one_leaves(
+    tritons: list[FakeTriton], repo: Path
+) -> None:
+    (repo / "m" / "config.pbtxt").write_text(LATEST_ONE)
+    h = Harness(repo, tritons)
+    await h.sync.start()
+    add_version(repo, "m", "2")
+    await h.round()
+    gates = [asyncio.Event(), asyncio.Event()]
+    for triton, gate in zip(tritons, gates):
+        triton.gate = gate
+    h.probe()
+    await h.sync.sync_once()
+    await asyncio.sleep(0.05)
+    assert [t.calls[-1] for t in tritons] == [("load", "m", ["1", "2"])] * 2  # beside the old one
+    assert h.routed() == [["1"], ["1"]] and h.router.newest_version("m") == "1"  # never nothing
+    tritons[0].gate = None
+    gates[0].set()  # instance 0 loads version 2 and admits it; instance 1 is slower
+    await asyncio.sleep(0.3)
+    assert h.routed() == [["1", "2"], ["1"]]
+    # Version 1 stays on instance 0 until version 2 is routable on instance 1 too.
+    assert tritons[0].calls[-1] == ("load", "m", ["1", "2"]), tritons[0].calls
+    tritons[1].gate = None
+    gates[1].set()
+    await h.settle()
+    assert [t.calls[-1] for t in tritons] == [("load", "m", ["2"])] * 2
+    assert h.routed() == [["2"], ["2"]]
+    await h.sync.close()
+
+
+async def test_a_load_call_that_timed_out_after_loading_is_warmed_and_admitted_later(harness: Harness, repo: Path) -> None:
+    target = harness.tritons[1].url
+    harness.control.deadline_after_load.add(target)
+    add_version(repo, "m", "2")
+    await harness.round()
+    await harness.round()
+    assert harness.tritons[1].ready() == {"m": frozenset({"1", "2"})}  # Triton has it...
+    assert harness.routed() == [["1", "2"], ["1"]]  # ...but it was never warmed: not routed
+    harness.control.deadline_after_load.clear()
+    await harness.round()
+    assert ("m", "2") in harness.tritons[1].infers
+    assert harness.routed() == [["1", "2"], ["1", "2"]]
+
+
+async def test_a_warmup_that_gets_no_answer_is_tried_again_not_failed(harness: Harness, repo: Path) -> None:
+    harness.tritons[0].busy_infer.add(("m", "2"))
+    add_version(repo, "m", "2")
+    await harness.round()
+    await harness.round()
+    assert harness.routed() == [["1"], ["1", "2"]]
+    assert harness.sync.snapshot()["models"]["m"]["failed"] == {}
+    harness.tritons[0].busy_infer.clear()
+    await harness.round()
+    assert harness.routed() == [["1", "2"], ["1", "2"]]
+
+
+def test_version_folders_are_named_as_triton_reads_them(repo: Path) -> None:
+    for name in ("01", "0", "²", "2"):
+        (repo / "m" / name).mkdir()
+    assert [v for v, _ in scan_repository(repo)["m"].versions] == ["1", "2"]
+
+
+async def test_an_unexpected_error_in_a_round_is_reported_and_tried_again(harness: Harness, repo: Path) -> None:
+    calls = []
+
+    def broken_callback(model: str, version: str) -> None:
+        calls.append((model, version))
+        if len(calls) == 1:
+            raise RuntimeError("a bug in a callback")
+
+    harness.sync.on_version_reloaded = broken_callback
+    (repo / "m" / "1" / "model.py").write_text("retrained, other size")
+    await harness.round()
+    await harness.round()
+    assert any("a bug in a callback" in e["detail"] for e in harness.events("load failed"))
+    await harness.round()
+    assert harness.routed() == [["1"], ["1"]]

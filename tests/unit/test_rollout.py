@@ -285,3 +285,24 @@ def test_operators_act_on_automatic_canaries_too() -> None:
     rollouts.observe("m", "2", lambda v: True)
     assert rollouts.act("m", "rollback")["status"] == "rolled_back"
     assert rollouts.choose("m") == "1"
+
+
+def test_editing_the_defaults_keeps_where_each_trial_stands() -> None:
+    clock = Clock()
+    rollouts = auto_rollouts(clock)
+    rollouts.observe("m", "1", lambda v: True)
+    rollouts.observe("m", "2", lambda v: True)
+    rollouts.act("m", "rollback")
+    rollouts.set_file(parse_rollout_file({"defaults": {**DEFAULTS, "rollback_window": 80}}))
+    rollouts.observe("m", "2", lambda v: True)
+    state = rollouts.auto["m"]
+    assert (state.stable, state.canary, state.status) == ("1", "2", "rolled_back")
+    assert state.config.rollback_window == 80 and rollouts.choose("m") == "1"
+
+
+def test_a_model_whose_table_is_removed_keeps_its_stable_version_under_the_defaults() -> None:
+    rollouts = auto_rollouts(Clock(), models={"m": {"stable": "1"}})
+    rollouts.set_file(parse_rollout_file({"defaults": DEFAULTS}))
+    rollouts.observe("m", "3", lambda v: True)  # version 3 is the newest: a canary, not stable
+    state = rollouts.auto["m"]
+    assert (state.stable, state.canary, state.status) == ("1", "3", "canary")

@@ -327,3 +327,14 @@ def test_requests_in_flight_are_counted_per_version() -> None:
     assert a.active == {("m", "1"): 1, ("m", "2"): 1}
     a.finished("m", "1")
     assert a.active == {("m", "2"): 1}
+
+
+def test_an_index_asked_for_before_the_sync_changed_the_instance_is_not_applied() -> None:
+    a = Instance("a")
+    a.set_index({"m": frozenset({"1"})})
+    epoch = a.index_epoch  # a health probe asks for the index...
+    a.admit("m", "2")  # ...the repository sync loads and admits version 2 meanwhile...
+    a.set_index({"m": frozenset({"1"})}, epoch)  # ...the probe's answer is older: dropped
+    assert a.models == {"m": frozenset({"1", "2"})}
+    a.set_index({"m": frozenset({"1", "2", "3"})}, a.index_epoch)  # a fresh one applies
+    assert a.loaded == {"m": frozenset({"1", "2", "3"})}
