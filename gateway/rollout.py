@@ -490,6 +490,10 @@ class Rollouts:
                 self.auto[model].event("stable", now, by="automatic", stable=newest, previous_stable=state.stable,
                                        reason="the stable version left the fleet")  # fmt: skip
             return
+        if state.status == "canary" and not available(state.canary):
+            self.auto[model] = RolloutState.start(replace(defaults, stable=state.stable), now)
+            self.auto[model].event("canary_gone", now, by="automatic", canary=state.canary, stable=state.stable)
+            return
         if int(newest) > max(int(state.stable), int(state.canary or 0)):
             config = replace(defaults, stable=state.stable, canary=newest)
             self.auto[model] = RolloutState.start(config, now)

@@ -332,6 +332,9 @@ class RepositorySync:
                 self._targets[name] = target
             else:
                 self._targets.pop(name, None)  # a bad config.pbtxt: the model stays as it is
+        members = {i.url for i in self.router.instances}
+        for url in [u for u in self._placed if u not in members]:
+            del self._placed[url]  # an instance that left the fleet (DNS)
         for instance in self.router.instances:
             if instance.routable and instance.loaded is not None:
                 self._release_unloaded(instance, scan)
@@ -355,6 +358,8 @@ class RepositorySync:
             return None
         self._config_errors.pop(name, None)
         on_disk = dict(folder.versions)
+        for model, version in [k for k in self._failed if k[0] == name and k[1] not in on_disk]:
+            del self._failed[(model, version)]  # its folder is gone: a new one is new
         usable = []
         for version, print_ in on_disk.items():
             failure = self._failed.get((name, version))

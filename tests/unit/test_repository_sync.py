@@ -554,3 +554,23 @@ async def test_an_unexpected_error_in_a_round_is_reported_and_tried_again(harnes
     assert any("a bug in a callback" in e["detail"] for e in harness.events("load failed"))
     await harness.round()
     assert harness.routed() == [["1"], ["1"]]
+
+
+async def test_a_failed_version_whose_folder_is_removed_and_published_again_is_tried_again(harness: Harness, repo: Path) -> None:
+    for triton in harness.tritons:
+        triton.broken[("m", "2")] = "RuntimeError: broken"
+    add_version(repo, "m", "2")
+    await harness.round()
+    await harness.round()
+    assert "2" in harness.sync.snapshot()["models"]["m"]["failed"]
+    staged = repo / ".2.fixed"
+    shutil.move(str(repo / "m" / "2"), staged)  # taken out (same files, same times)...
+    await harness.round()
+    await harness.round()
+    assert harness.sync.snapshot()["models"]["m"]["failed"] == {}
+    for triton in harness.tritons:
+        triton.broken.clear()
+    shutil.move(str(staged), repo / "m" / "2")  # ...and put back once the server side is fixed
+    await harness.round()
+    await harness.round()
+    assert harness.routed() == [["1", "2"], ["1", "2"]]

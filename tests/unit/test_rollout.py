@@ -306,3 +306,13 @@ def test_a_model_whose_table_is_removed_keeps_its_stable_version_under_the_defau
     rollouts.observe("m", "3", lambda v: True)  # version 3 is the newest: a canary, not stable
     state = rollouts.auto["m"]
     assert (state.stable, state.canary, state.status) == ("1", "3", "canary")
+
+
+def test_a_canary_that_left_the_fleet_ends_its_trial() -> None:
+    rollouts = auto_rollouts(Clock())
+    rollouts.observe("m", "1", lambda v: True)
+    rollouts.observe("m", "2", lambda v: True)
+    rollouts.observe("m", "1", lambda v: v != "2")  # its folder was removed
+    state = rollouts.auto["m"]
+    assert (state.stable, state.canary, state.status) == ("1", "", "stable")
+    assert [e["event"] for e in state.events] == ["canary_gone"]
