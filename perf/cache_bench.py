@@ -58,7 +58,6 @@ import sys
 import tempfile
 import threading
 import time
-import tomllib
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -80,6 +79,7 @@ from compare import (  # noqa: E402
     http_get,
     indent,
     load_average,
+    local_batching,
     machine_info,
     Measurement,
     other_perf_analyzers,
@@ -93,6 +93,7 @@ from compare import (  # noqa: E402
     _raise_interrupt,
     Runner,
     stop_all,
+    toml_value,
     wait_http_ok,
 )
 
@@ -101,7 +102,6 @@ DIRECT = "direct (Triton cache)"
 GATEWAY = "gateway (gateway cache)"
 TARGET_RATIO = 1.0  # the gateway ahead: strictly more infer/s than Triton direct
 TOLERANCE = 1e-5  # answers through the gateway against Triton's
-LOCAL_TOML = REPO / "configs" / "local.toml"
 OTHERS = "other processes"  # CPU the machine spent outside the processes measured
 VARIANT_STEP = 1.0 / 4096  # relative scale between the copies of one real input
 
@@ -194,20 +194,6 @@ def make_repository(root: Path, model: str) -> Path:
         raise RuntimeError(f"{config}: already has a response_cache setting")
     config.write_text(text.rstrip("\n") + "\n\n# Added by perf/cache_bench.py: Triton's per-model response cache.\nresponse_cache {\n  enable: true\n}\n")
     return repository
-
-
-def local_batching() -> dict[str, Any]:
-    """configs/local.toml's [batching] scalars (per-model tables left out)."""
-    table = tomllib.loads(LOCAL_TOML.read_text()).get("batching", {})
-    return {k: v for k, v in table.items() if not isinstance(v, dict)}
-
-
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v)
-    return repr(v)
 
 
 def gateway_toml(triton_url: str, port: int, batching: dict[str, Any], ttl_s: float) -> str:
