@@ -272,18 +272,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.harness import version_network
     from training.measure import accuracy, param_counts
     from training.progress import table
-    from training.quantize import load_payload, model_from_payload
+    from training.quantize import model_from_payload, read_source
     from training.specs import spec
 
     s = spec(args.model)
     splits = s.splits(args.seed)
     if args.source is not None:
-        if not args.source.is_file():
-            raise UsageError(f"--from {args.source}: no such file")
-        payload = load_payload(args.source)
-        if payload.get("arch") != args.model:
-            raise UsageError(f"--from {args.source} holds a {payload.get('arch')!r} model, not {args.model!r}")
-        net, what = model_from_payload(payload), str(args.source)
+        net, what = model_from_payload(read_source(args.source, args.model)), str(args.source)
     else:
         model_dir = args.repository / args.model
         if not (model_dir / str(args.version) / "model.py").exists():

@@ -36,7 +36,7 @@ from training.data import Splits
 from training.default_models import write_weights
 from training.measure import Metrics, accuracy, measure, sparsity
 from training.progress import Progress
-from training.quantize import SCHEMES, load_payload, model_from_payload, quantize
+from training.quantize import SCHEMES, load_payload, model_from_payload, quantize, read_source
 from training.specs import UsageError, build, spec
 
 
@@ -177,14 +177,7 @@ def compress(
         raise UsageError(f"--prune must be in [0, 1), got {prune_amount}")
     if quantize_scheme is not None and quantize_scheme not in SCHEMES:
         raise UsageError(f"--quantize must be one of {', '.join(SCHEMES)}, got {quantize_scheme!r}")
-    if not Path(source).is_file():
-        raise UsageError(f"--from {source}: no such file")
-    try:
-        src_payload = load_payload(source)
-    except Exception as exc:
-        raise UsageError(f"--from {source}: cannot read it as a checkpoint ({exc})") from None
-    if src_payload.get("arch") != model_name:
-        raise UsageError(f"--from {source} holds a {src_payload.get('arch')!r} model, not {model_name!r}")
+    src_payload = read_source(source, model_name)
     if src_payload.get("quantization"):
         raise UsageError(f"--from {source} is already quantized; compress its float source instead")
     if distill is not None and not (distill.temperature > 0 and 0.0 <= distill.alpha <= 1.0):

@@ -48,7 +48,7 @@ import torch
 from training.compress import sha256
 from training.harness import version_network
 from training.measure import Metrics, accuracy, measure
-from training.quantize import load_payload, model_from_payload
+from training.quantize import model_from_payload, read_source
 from training.specs import UsageError, spec
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "model.py"
@@ -107,8 +107,7 @@ def publish(
     model_dir = repository / model
     if not (model_dir / "config.pbtxt").is_file():
         raise UsageError(f"{model_dir} is not a model of the repository (no config.pbtxt)")
-    if not source.is_file():
-        raise UsageError(f"--from {source}: no such file")
+    payload = read_source(source, model)
     if not 0.0 <= margin <= 1.0:
         raise UsageError(f"--margin must be in [0, 1], got {margin}")
     if canary_share is not None and canary_config is None:
@@ -119,12 +118,6 @@ def publish(
             raise UsageError(f"--canary-share must be in (0, 1], got {canary_share}")
         if canary_config.exists():
             read_rollout(canary_config)  # fail before publishing if the file is broken
-    try:
-        payload = load_payload(source)
-    except Exception as exc:
-        raise UsageError(f"--from {source}: cannot read it as a checkpoint ({exc})") from None
-    if payload.get("arch") != model:
-        raise UsageError(f"--from {source} holds a {payload.get('arch')!r} model, not {model!r}")
 
     splits = s.splits(seed)
     staging = _staging_folder(repository, model_dir)

@@ -113,6 +113,22 @@ def load_payload(path: str | Path) -> dict[str, Any]:
     return payload
 
 
+def read_source(source: str | Path, model: str) -> dict[str, Any]:
+    """The checkpoint a command was given with ``--from``, which must hold a ``model``; a
+    UsageError says what is wrong with it."""
+    from training.specs import UsageError
+
+    if not Path(source).is_file():
+        raise UsageError(f"--from {source}: no such file")
+    try:
+        payload = load_payload(source)
+    except Exception as exc:
+        raise UsageError(f"--from {source}: cannot read it as a checkpoint ({exc})") from None
+    if payload.get("arch") != model:
+        raise UsageError(f"--from {source} holds a {payload.get('arch')!r} model, not {model!r}")
+    return payload
+
+
 def model_from_payload(payload: dict[str, Any]) -> nn.Module:
     """Rebuild the model a payload describes (float, dynamic int8 or weight-only int8), eval mode."""
     model = ARCHITECTURES[payload["arch"]](**payload["config"])
