@@ -38,6 +38,7 @@ one fleet must leave loading to one of them (the others without ``[repository] p
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -127,8 +128,10 @@ def scan_repository(root: Path, previous: Mapping[str, ModelFolder] | None = Non
     return models
 
 
+@functools.lru_cache(maxsize=256)
 def parse_model_config(text: str | None) -> model_config_pb2.ModelConfig:
-    """config.pbtxt as Triton reads it; ValueError naming the problem otherwise."""
+    """config.pbtxt as Triton reads it; ValueError naming the problem otherwise. Every scan
+    asks again for every model: an unchanged file is parsed once (callers never modify it)."""
     if text is None:
         raise ValueError("config.pbtxt cannot be read")
     try:
