@@ -161,9 +161,7 @@ async def repository(request: Request) -> Response:
     """The repository sync: per model, the versions on disk, those served, failures with their
     reasons, each instance's state of each version, and recent events."""
     sync = services(request).repository
-    body = sync.snapshot() if sync is not None else {"managed": False, "models": {}, "events": []}
-    if sync is not None:
-        body = {"managed": True, **body}
+    body = {"managed": True, **sync.snapshot()} if sync is not None else {"managed": False, "models": {}, "events": []}
     return Response(orjson.dumps(body), media_type=JSON)
 
 
