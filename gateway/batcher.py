@@ -9,6 +9,8 @@ Policy (``select_batch``, a pure function tested with a fake clock):
   no more than that delay while the upstream keeps up; such early batches may take in-flight
   batches up to ``OVERFLOW_FACTOR * max_inflight``, a hard cap. At the cap the queue grows, and
   past ``max_queue_rows`` new requests are shed with 503.
+* When a batch comes back, the requests that queued meanwhile are sent before its callers are
+  answered: the upstream computes the next batch while the gateway writes this one's answers.
 * A batch holds requests of one signature only (input names, dtypes and non-batch shapes), taken
   in arrival order starting from the oldest request, so no signature starves.
 * Requests whose deadline has passed are failed with 504 and never sent; requests whose caller
@@ -253,24 +255,29 @@ class Batcher:
         if dropped:
             self._remove(dropped)
 
-    async def _run(self) -> None:
+    def _pump(self) -> float | None:
+        """Send every batch the policy allows now; return when to look again (None: on an event)."""
         while True:
-            self._wakeup.clear()
             now = self._clock()
             self._prune(now)
             selection = select_batch(self._queue, self.inflight, now, self.policy)
-            if selection.batch:
-                self._remove(selection.batch)
-                self.inflight += 1
-                task = asyncio.get_running_loop().create_task(self._send(selection.batch))
-                # Keep a hard reference so the task is not garbage collected mid-flight.
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-                continue
+            if not selection.batch:
+                return selection.wake_at
+            self._remove(selection.batch)
+            self.inflight += 1
+            task = asyncio.get_running_loop().create_task(self._send(selection.batch))
+            # Keep a hard reference so the task is not garbage collected mid-flight.
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self) -> None:
+        while True:
+            self._wakeup.clear()
+            wake_at = self._pump()
             timer = None
-            if selection.wake_at is not None:
+            if wake_at is not None:
                 # A plain timer that sets the event: far cheaper than wait_for() on every pass.
-                delay = max(0.0, selection.wake_at - self._clock())
+                delay = max(0.0, wake_at - self._clock())
                 timer = asyncio.get_running_loop().call_later(delay, self._wakeup.set)
             try:
                 await self._wakeup.wait()
@@ -313,6 +320,7 @@ class Batcher:
 
     async def _send(self, batch: list[Pending]) -> None:
         batch = list(batch)  # narrowed to the requests actually sent, if some were dropped
+        released = False
         try:
             sent, result = await self._dispatch_wanted(batch)
             if result is None:
@@ -320,6 +328,12 @@ class Batcher:
             parts = split_outputs(result, sent)
             self.batches_sent += 1
             self.rows_sent += sum(i.rows for i in sent)
+            # The slot is free: send the requests that queued meanwhile before answering these
+            # callers, so the upstream computes the next batch while the gateway sends the
+            # answers of this one (a task created now runs before the callers' tasks resume).
+            self.inflight -= 1
+            released = True
+            self._pump()
             for item, part in zip(sent, parts):
                 if not item.future.done():
                     item.future.set_result(part)
@@ -341,5 +355,6 @@ class Batcher:
             for item in batch:
                 self._fail(item, UpstreamError(f"internal error while serving '{self.name}': {exc}", status=500))
         finally:
-            self.inflight -= 1
+            if not released:
+                self.inflight -= 1
             self._wakeup.set()

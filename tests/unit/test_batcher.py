@@ -307,6 +307,34 @@ async def test_an_idle_batcher_sends_from_the_callers_task_and_then_batches_agai
     await batcher.close(0)
 
 
+async def test_when_a_batch_returns_the_requests_queued_meanwhile_are_sent_before_its_callers_resume() -> None:
+    # The upstream computes the next batch while the gateway answers the callers of this one.
+    up = FakeUpstream()
+    batcher = Batcher("m", up, POLICY, clock=FakeClock())
+    sent_when_answered: dict[int, int] = {}
+
+    async def call(i: int) -> None:
+        await batcher.submit(rows(1, start=i))
+        sent_when_answered[i] = len(up.batches)
+
+    first = asyncio.create_task(call(0))
+    await up.wait_batches(1)
+    second = [asyncio.create_task(call(i)) for i in (1, 2)]
+    await settle()
+    up.release_all()
+    await up.wait_batches(2)  # callers 1 and 2, gathered while the slot was busy
+    third = asyncio.create_task(call(3))
+    await settle()
+    assert len(up.batches) == 2 and batcher.queued_rows == 1
+    up.release_all()  # batch 2 returns while caller 3 waits in the queue
+    await up.wait_batches(3)
+    up.release_all()
+    await asyncio.gather(first, *second, third)
+    assert [b.shape[0] for b in up.batches] == [1, 2, 1]
+    assert sent_when_answered[1] == sent_when_answered[2] == 3  # batch 3 was on its way first
+    await batcher.close(0)
+
+
 class SlotWaitingUpstream:
     """Like the router at its per-instance cap: a dispatched batch first waits for a slot (the
     test opens it), and only then asks which requests are still wanted."""
