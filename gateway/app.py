@@ -19,6 +19,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.infer_endpoint import InferEndpoint
 from gateway.instances import EjectionPolicy
+from gateway.metrics import InferCounts, build_registry
 from gateway.pipeline import InferencePipeline
 from gateway.rollout import Rollouts
 from gateway.router import Router
@@ -43,6 +44,7 @@ def routes() -> list[Route]:
         Route("/v2/gateway/rollout", handlers.rollout, methods=["GET"]),
         Route("/v2/gateway/rollout/{model}", handlers.rollout_action, methods=["POST"]),
         Route("/v2/gateway/repository", handlers.repository, methods=["GET"]),
+        Route("/metrics", handlers.metrics, methods=["GET"]),
     ]
     for base in (models, versioned):
         table += [
@@ -82,6 +84,8 @@ def settle_heap() -> None:
 
 def build_app(config: GatewayConfig) -> InferEndpoint:
     """The ASGI app: infer requests are answered by InferEndpoint, the rest by Starlette."""
+    counts = InferCounts()  # the infer route counts its answers; /metrics reads them
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         u = config.upstream
@@ -118,6 +122,7 @@ def build_app(config: GatewayConfig) -> InferEndpoint:
         monitor.on_round = pipeline.observe_fleet
         settle_heap()
         app.state.services = handlers.Services(router, pipeline, sync)
+        app.state.metrics = build_registry(counts, app.state.services)
         app.state.admin_token = config.rollout.admin_token
         health = asyncio.create_task(monitor.run())
         watcher = asyncio.create_task(watch_rollouts(rollouts, config.rollout.reload_interval_s))
@@ -147,4 +152,4 @@ def build_app(config: GatewayConfig) -> InferEndpoint:
             Exception: handlers.error_response,  # a bug: logged, answered 500
         },
     )
-    return InferEndpoint(starlette, config.server.max_body_bytes)
+    return InferEndpoint(starlette, config.server.max_body_bytes, counts)

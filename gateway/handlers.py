@@ -1,6 +1,6 @@
 """HTTP endpoints other than infer (see ``infer_endpoint``): health, metadata, config, readiness
-and statistics, answered as Triton answers them. Errors become a v2 error body in
-``error_response``.
+and statistics, answered as Triton answers them; the gateway's own views; and ``/metrics``
+(``gateway.metrics``). Errors become a v2 error body in ``error_response``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway import metrics as prometheus
 from gateway.errors import BadRequest, GatewayError, NotFound, Unavailable
 from gateway.pipeline import InferencePipeline
 from gateway.protocol import v2
@@ -168,3 +169,12 @@ async def repository(request: Request) -> Response:
 async def fleet(request: Request) -> Response:
     """The gateway's view of each instance: state, weight, load, errors, ejections, models."""
     return Response(orjson.dumps({"instances": services(request).router.snapshot()}), media_type=JSON)
+
+
+async def metrics(request: Request) -> Response:
+    """The Prometheus text format of what the views above show, and of the infer requests
+    answered (``gateway.metrics``); 503 until the gateway has started."""
+    registry = getattr(request.app.state, "metrics", None)
+    if registry is None:
+        raise Unavailable("the gateway is starting: no metrics yet")
+    return Response(prometheus.render(registry), media_type=prometheus.CONTENT_TYPE)

@@ -11,6 +11,9 @@ on a miss), and the model, that version, the content type, the binary-header len
 body make a raw key (``cache.raw_key``). A repeat of a cacheable request is answered with the
 stored bytes of the first answer, without decoding, checking or encoding anything; the answer
 is byte-identical to the computed one but for ``X-Cache: hit``.
+
+Every answered request is counted once (``metrics.InferCounts``: model, served version, status
+code, latency from one clock reading at arrival); a client that left first is counted apart.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ from typing import Any
 from gateway import deadlines
 from gateway.cache import RawAnswer, ResponseCache, raw_key
 from gateway.errors import BadRequest, ClientGone, GatewayError, PayloadTooLarge, UnsupportedMediaType
+from gateway.metrics import InferCounts, fleet_labels
 from gateway.pipeline import InferencePipeline
 from gateway.protocol import msgpack as msgpack_codec
 from gateway.protocol import v2
+from gateway.tensors import InferRequest
 
 log = logging.getLogger(__name__)
 
@@ -135,17 +140,21 @@ class Call:
     gone: Callable[[], bool] | None
     use_cache: bool = True  # False: "Cache-Control: no-cache" (or no-store) asked for a fresh answer
     sticky: dict[bytes, bytes] | None = None  # the headers rollouts pin clients by (rollout.py)
+    request: InferRequest | None = None  # once decoded: its version is the one chosen, if any
 
 
 class InferEndpoint:
-    def __init__(self, app: Any, max_body_bytes: int) -> None:
+    def __init__(self, app: Any, max_body_bytes: int, counts: InferCounts | None = None) -> None:
         self.app = app  # the Starlette app: everything that is not an infer request
         self._limit = max_body_bytes
+        self.counts = counts if counts is not None else InferCounts()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("/infer"):
             return await self.app(scope, receive, send)
+        start = time.monotonic()
         content_type = b""
+        target = call = None
         try:
             target = infer_target(scope["path"])
             if target is None:
@@ -167,7 +176,7 @@ class InferEndpoint:
                 elif name == b"content-encoding":
                     encoding = value
                 elif name == deadlines.HEADER:
-                    deadline = deadlines.from_header(value, time.monotonic())
+                    deadline = deadlines.from_header(value, start)
                 elif name == b"cache-control":
                     use_cache = not (b"no-cache" in value.lower() or b"no-store" in value.lower())
                 elif name in pins:
@@ -179,20 +188,40 @@ class InferEndpoint:
             pipeline = services.pipeline
             cache = pipeline.cache
             if cache is not None and use_cache and cache.enabled_for(target[0]):
-                await self._infer_cached(send, pipeline, cache, call)
+                version = await self._infer_cached(send, pipeline, cache, call)
             else:
-                await self._infer(send, pipeline, call)
+                version = await self._infer(send, pipeline, call)
+            self.counts.record(target[0], version, 200, time.monotonic() - start)
+            return
         except ClientGone:
+            model, _ = self._labels(scope, target, call)
+            self.counts.disconnected(model)
             return
         except GatewayError as exc:
-            await self._error(send, exc.status, exc.message, content_type)
+            status = exc.status
+            await self._error(send, status, exc.message, content_type)
         except Exception as exc:  # a bug: answer 500 and keep the traceback in the log
+            status = 500
             log.exception("unhandled error on POST %s", scope["path"])
             await self._error(send, 500, f"internal gateway error ({exc.__class__.__name__})", content_type)
+        model, version = self._labels(scope, target, call)
+        self.counts.record(model, version, status, time.monotonic() - start)
 
-    async def _infer_cached(self, send: Send, pipeline: InferencePipeline, cache: ResponseCache, call: Call) -> None:
+    def _labels(self, scope: Scope, target: tuple[str, str] | None, call: Call | None) -> tuple[str, str]:
+        """The model and version a request that no version answered is counted under: those it
+        named or was given (the chosen version, once decoded), where the fleet holds them."""
+        if target is None:  # the path itself was refused
+            parts = scope["path"].split("/")
+            target = (parts[3] if len(parts) > 3 else "", "")
+        services = getattr(self.app.state, "services", None)
+        if services is None:  # not started yet: nothing is known of the fleet
+            return "", ""
+        version = call.request.version if call is not None and call.request is not None else target[1]
+        return fleet_labels(services.router, target[0], version)
+
+    async def _infer_cached(self, send: Send, pipeline: InferencePipeline, cache: ResponseCache, call: Call) -> str:
         """A request for a cached model: its raw answer if one is stored, else the full path
-        (which keeps the answer for the next identical request)."""
+        (which keeps the answer for the next identical request). Returns the version that served it."""
         model, version = call.target
         chosen = None
         if version:
@@ -216,6 +245,7 @@ class InferEndpoint:
             rollouts.record(model, served, True, time.monotonic() - start)
         await send({"type": "http.response.start", "status": 200, "headers": answer.headers})
         await send({"type": "http.response.body", "body": answer.body})
+        return served
 
     async def _infer(
         self,
@@ -224,20 +254,21 @@ class InferEndpoint:
         call: Call,
         chosen: tuple[str, bool] | None = None,
         keep: tuple[ResponseCache, int] | None = None,
-    ) -> None:
+    ) -> str:
         """Decode, run the pipeline, encode and send; with ``keep`` (the cache and its drop
-        count before computing), a cacheable answer is also kept as raw bytes."""
+        count before computing), a cacheable answer is also kept as raw bytes. Returns the
+        version that served it."""
         model, version = call.target
         body = call.body
         if is_msgpack(call.content_type):
-            req = msgpack_codec.decode_request(body, model, version)
+            req = call.request = msgpack_codec.decode_request(body, model, version)
             resp = await pipeline.infer(req, call.deadline, call.gone, call.use_cache, call.sticky, chosen)
             payload = msgpack_codec.encode_response(resp, req)
             headers = [(b"content-type", MSGPACK_TYPES[0]), (b"model-version", resp.version.encode())]
         else:
             header_length = call.header_length
             length = v2.parse_header_length(None if header_length is None else header_length.decode("latin-1"), len(body))
-            req = v2.decode_request(body, length, model, version)
+            req = call.request = v2.decode_request(body, length, model, version)
             resp = await pipeline.infer(req, call.deadline, call.gone, call.use_cache, call.sticky, chosen)
             payload, extra = v2.encode_response(resp, req)
             headers = [(k.lower().encode(), v.encode()) for k, v in extra.items()]
@@ -253,6 +284,7 @@ class InferEndpoint:
         headers.append(length_header)
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
+        return resp.version
 
     async def _error(self, send: Send, status: int, message: str, content_type: bytes) -> None:
         if is_msgpack(content_type):

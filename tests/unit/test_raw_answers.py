@@ -40,6 +40,7 @@ class Router:
         self.newest = "1"
         self.calls: list[str] = []
         self.fail = False
+        self.instances: list = []  # no repository index: errors are counted under model "" (metrics)
 
     def newest_version(self, model: str) -> str:
         return self.newest
