@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 import tritonclient.http.aio as aiohttpclient
+from prometheus_client.parser import text_string_to_metric_families
 
 import fleet
 from conftest import REPO_ROOT, GatewayProcess, gateway_config, running_gateway
@@ -256,6 +257,60 @@ def test_bad_requests_get_a_clear_4xx_and_the_connection_survives(stack: Stack, 
         # The same connection still serves a good request afterwards.
         ok = http.post("/v2/models/breast_cancer_mlp/infer", json=v2_json())
         assert ok.status_code == 200 and ok.json()["model_version"] == "1"
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+def scrape(http: httpx.Client) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    resp = http.get("/metrics")
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain"), resp.text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value for family in text_string_to_metric_families(resp.text) for s in family.samples
+    }
+
+
+def test_metrics_count_answers_by_code_rows_batched_and_every_instance(stack: Stack) -> None:
+    model = BREAST_CANCER.name
+    x = BREAST_CANCER.splits().x_test[:12]
+    sizes = (1, 2, 3, 6)  # the 12 rows in 4 requests
+    with httpx.Client(base_url=stack.gateway.url, timeout=10) as http:
+        before = scrape(http)
+        start = 0
+        for n in sizes:
+            rows = x[start : start + n]
+            start += n
+            body = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [n, 30], "data": rows.ravel().tolist()}]}
+            resp = http.post(f"/v2/models/{model}/infer", json=body)
+            assert resp.status_code == 200, resp.text
+            probs = next(o for o in resp.json()["outputs"] if o["name"] == "probabilities")["data"]
+            np.testing.assert_allclose(np.array(probs, np.float32).reshape(n, 2), torch_reference(model, rows)[1], atol=ATOL, rtol=0)
+        assert http.post(f"/v2/models/{model}/infer", json=v2_json(name="feat")).status_code == 400
+        assert http.post("/v2/models/nope/infer", json=v2_json()).status_code == 404
+        after = scrape(http)
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    counted = {
+        tuple(sorted(labels)): after[(name, labels)] - before.get((name, labels), 0.0)
+        for name, labels in after
+        if name == "gateway_infer_requests_total" and after[(name, labels)] != before.get((name, labels), 0.0)
+    }
+    assert counted == {
+        (("code", "200"), ("model", model), ("version", "1")): 4,
+        (("code", "400"), ("model", model), ("version", "1")): 1,  # the version chosen before the check failed
+        (("code", "404"), ("model", ""), ("version", "")): 1,  # a name the fleet does not serve
+    }
+    assert delta("gateway_infer_request_duration_seconds_count", model=model) == 5
+    assert delta("gateway_infer_request_duration_seconds_bucket", model=model, le="+Inf") == 5
+    assert delta("gateway_batcher_rows_sent_total", model=model, version="1") == sum(sizes)
+    assert delta("gateway_batcher_batches_sent_total", model=model, version="1") == len(sizes)  # one client: no one to batch with
+    urls = stack.triton.http_urls
+    assert {after[("gateway_instance_up", frozenset({("instance", u)}))] for u in urls} == {1.0}
+    assert sum(delta("gateway_instance_requests_total", instance=u) for u in urls) == len(sizes)
+    assert {labels for name, labels in after if name == "gateway_instance_up"} == {frozenset({("instance", u)}) for u in urls}
 
 
 def test_unreachable_upstream_is_503(tmp_path: Path) -> None:
