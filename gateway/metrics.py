@@ -149,7 +149,7 @@ class GatewayCollector(Collector):
         yield from (sent, rows, queued, inflight)
 
     def _instances(self) -> Iterator[Metric]:
-        label = ["instance"]
+        label = ["upstream"]  # not "instance": Prometheus keeps that label for the scraped gateway
         families = {
             "up": GaugeMetricFamily("gateway_instance_up", "1 when the instance is routable: live and not ejected.", labels=label),
             "ejected": GaugeMetricFamily("gateway_instance_ejected", "1 while the instance is ejected (outlier ejection).", labels=label),

@@ -308,9 +308,9 @@ def test_metrics_count_answers_by_code_rows_batched_and_every_instance(stack: St
     assert delta("gateway_batcher_rows_sent_total", model=model, version="1") == sum(sizes)
     assert delta("gateway_batcher_batches_sent_total", model=model, version="1") == len(sizes)  # one client: no one to batch with
     urls = stack.triton.http_urls
-    assert {after[("gateway_instance_up", frozenset({("instance", u)}))] for u in urls} == {1.0}
-    assert sum(delta("gateway_instance_requests_total", instance=u) for u in urls) == len(sizes)
-    assert {labels for name, labels in after if name == "gateway_instance_up"} == {frozenset({("instance", u)}) for u in urls}
+    assert {after[("gateway_instance_up", frozenset({("upstream", u)}))] for u in urls} == {1.0}
+    assert sum(delta("gateway_instance_requests_total", upstream=u) for u in urls) == len(sizes)
+    assert {labels for name, labels in after if name == "gateway_instance_up"} == {frozenset({("upstream", u)}) for u in urls}
 
 
 def test_unreachable_upstream_is_503(tmp_path: Path) -> None:

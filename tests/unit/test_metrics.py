@@ -192,8 +192,8 @@ async def test_the_endpoint_counts_answers_and_errors_by_code_and_disconnects_ap
     assert value(parsed, "gateway_batcher_rows_sent_total", model="m", version="1") == 1 + 2 + 3
     # The router's side: every upstream attempt, the instance's failures (the 504 counts; a
     # 503 raised by the client and the bug do not say the instance failed).
-    assert value(parsed, "gateway_instance_requests_total", instance="http://triton-0") == 6
-    assert value(parsed, "gateway_instance_failures_total", instance="http://triton-0") == 1
+    assert value(parsed, "gateway_instance_requests_total", upstream="http://triton-0") == 6
+    assert value(parsed, "gateway_instance_failures_total", upstream="http://triton-0") == 1
 
 
 # --- components read at scrape time ------------------------------------------------------
@@ -282,7 +282,7 @@ def test_instances_up_ejected_down_and_their_counters() -> None:
     parsed = samples(build_registry(InferCounts(), empty_services(router)))
 
     def per_instance(name: str) -> dict[str, float]:
-        return {dict(k)["instance"].removeprefix("http://"): v for k, v in named(parsed, name).items()}
+        return {dict(k)["upstream"].removeprefix("http://"): v for k, v in named(parsed, name).items()}
 
     assert per_instance("gateway_instance_up") == {"a": 1, "b": 0, "c": 0}
     assert per_instance("gateway_instance_ejected") == {"a": 0, "b": 1, "c": 0}
