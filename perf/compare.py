@@ -6,7 +6,7 @@ config), and the no-op endpoint (perf/noop_app.py) on the same ASGI server set-u
 gateway, then runs perf_analyzer (HTTP, binary tensors) against each, at each concurrency:
 
     .venv/bin/python perf/compare.py [--model digits_cnn] [--concurrency 1,32]
-        [--interval-ms 4000] [--server uvicorn|granian|both] [--out perf/results/x.md]
+        [--window-requests 5000] [--server uvicorn|granian|both] [--out perf/results/x.md]
 
 It prints a table, the ratios the project's targets are about, and PASS/FAIL for each:
 
@@ -263,6 +263,28 @@ def parse_csv(path: Path, m: Measurement) -> bool:
     return True
 
 
+# perf_analyzer's windows hold a fixed number of requests ("count_windows"), not a fixed time.
+# With time windows, each window's bookkeeping costs perf_analyzer time quadratic in the
+# requests it holds (it erases the window's records from a vector one at a time), and the
+# requests that arrive meanwhile lengthen the next one: at ~10000 requests/s on a small
+# machine a 4 s window never finishes. A fixed count keeps that cost bounded for every target.
+SLOWEST_EXPECTED_RATE = 200.0  # requests/s; only for the timeout below
+
+
+def window_args(args: argparse.Namespace) -> list[str]:
+    return ["--measurement-mode", "count_windows", "--measurement-request-count", str(args.window_requests)]
+
+
+def window_description(args: argparse.Namespace) -> str:
+    return f"count_windows {args.window_requests} requests"
+
+
+def measurement_timeout(args: argparse.Namespace) -> float:
+    """Seconds after which a perf_analyzer run counts as stuck: every trial window plus
+    warm-up at the slowest rate any target here reaches, plus start-up."""
+    return args.window_requests / SLOWEST_EXPECTED_RATE * (args.max_trials + 2) + 60
+
+
 class Runner:
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
@@ -286,8 +308,7 @@ class Runner:
             "-u", f"{HOST}:{port}",
             "-i", "http",
             "--concurrency-range", str(concurrency),
-            "--measurement-mode", "time_windows",
-            "--measurement-interval", str(self.args.interval_ms),
+            *window_args(self.args),
             "--stability-percentage", str(self.args.stability_percentage),
             "--max-trials", str(self.args.max_trials),
             "-f", str(csv_path),
@@ -295,8 +316,7 @@ class Runner:
         m = Measurement(target, server, concurrency, command=cmd)
         label = m.label
         print(f"  perf_analyzer -> {label:<20} c={concurrency:<3} ...", end="", flush=True)
-        # Worst case: max_trials windows plus warm-up and start-up; then it is stuck.
-        timeout = self.args.interval_ms / 1000 * (self.args.max_trials + 3) + 60
+        timeout = measurement_timeout(self.args)
         self.current = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
@@ -510,7 +530,7 @@ def render(
     target_lines, all_pass = targets(results, servers, args.concurrency)
     settings = (
         f"model {args.model}, concurrency {','.join(map(str, args.concurrency))}, perf_analyzer -i http, "
-        f"time_windows {args.interval_ms} ms, stability {args.stability_percentage}%, max trials {args.max_trials}, "
+        f"{window_description(args)}, stability {args.stability_percentage}%, max trials {args.max_trials}, "
         f"batch size 1; one Triton instance; gateway batching (configs/local.toml) "
         + ", ".join(f"{k} {toml_value(v)}" for k, v in local_batching().items())
     )
@@ -557,7 +577,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Triton direct vs gateway vs no-op Starlette, with perf_analyzer.")
     p.add_argument("--model", default="digits_cnn")
     p.add_argument("--concurrency", default="1,32", help="comma-separated concurrency levels (default 1,32)")
-    p.add_argument("--interval-ms", type=int, default=4000, help="perf_analyzer --measurement-interval (ms)")
+    add_window_argument(p)
     p.add_argument("--server", choices=["uvicorn", "granian", "both"], default="uvicorn", help="ASGI server(s) for gateway and no-op")
     p.add_argument("--out", help="also write the report as markdown to this file")
     p.add_argument("--stability-percentage", type=int, default=25)
@@ -575,6 +595,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not args.concurrency or min(args.concurrency) < 1:
         p.error("--concurrency needs positive integers")
     return args
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def add_window_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--window-requests", type=positive_int, default=5000,
+        help="requests in each perf_analyzer measurement window (--measurement-request-count)",
+    )  # fmt: skip
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

@@ -10,7 +10,7 @@ in front of both, checks that every target answers y == 2x, then runs perf_analy
 binary tensors, batch size 1) at the same concurrency against instance 0 directly and against
 the gateway:
 
-    .venv/bin/python perf/scaleout.py [--concurrency 32] [--delay-ms 10] [--interval-ms 4000]
+    .venv/bin/python perf/scaleout.py [--concurrency 32] [--delay-ms 10] [--window-requests 5000]
         [--max-inflight-batches 1] [--max-queue-delay-ms DELAY_MS]
         [--out perf/results/$(date +%F)-scaleout.md]
 
@@ -51,6 +51,7 @@ sys.path.insert(0, str(REPO / "triton"))
 sys.path.insert(0, str(HERE))
 import fleet  # noqa: E402  (triton/ is deliberately not a package)
 from compare import (  # noqa: E402
+    add_window_argument,
     exit_description,
     HOST,
     http_get,
@@ -68,6 +69,7 @@ from compare import (  # noqa: E402
     results_table,
     Runner,
     stop_all,
+    window_description,
     wait_http_ok,
 )
 
@@ -263,7 +265,7 @@ def render(
     target_lines, ok = verdict_lines(results, args.concurrency, spec)
     settings = (
         f"model {MODEL} (delay_ms {spec.delay_ms:g}, max_batch_size {spec.max_batch_size}), concurrency "
-        f"{args.concurrency}, perf_analyzer -i http, time_windows {args.interval_ms} ms, stability "
+        f"{args.concurrency}, perf_analyzer -i http, {window_description(args)}, stability "
         f"{args.stability_percentage}%, max trials {args.max_trials}, batch size 1"
     )
     gateway_settings = (
@@ -331,7 +333,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Two Triton instances behind the gateway vs one directly, with perf_analyzer.")
     p.add_argument("--concurrency", type=int, default=32, help="perf_analyzer concurrency for both targets (default 32)")
     p.add_argument("--delay-ms", type=float, default=None, help="the model's time per execution (default: its config's, 10)")
-    p.add_argument("--interval-ms", type=int, default=4000, help="perf_analyzer --measurement-interval (ms)")
+    add_window_argument(p)
     p.add_argument("--stability-percentage", type=int, default=25)
     p.add_argument("--max-trials", type=int, default=6)
     p.add_argument(
