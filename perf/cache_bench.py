@@ -75,11 +75,13 @@ from compare import (  # noqa: E402
     exit_description,
     fmt_ms,
     fmt_tp,
+    group_cpu_s,
     HOST,
     http_get,
     indent,
     load_average,
     local_batching,
+    machine_busy_s,
     machine_info,
     Measurement,
     other_perf_analyzers,
@@ -89,6 +91,7 @@ from compare import (  # noqa: E402
     pick,
     port_free,
     Proc,
+    process_cpu_s,
     PYTHON,
     _raise_interrupt,
     Runner,
@@ -343,42 +346,6 @@ def gateway_counters(gw_url: str, model: str) -> dict[str, int]:
     if status != 200:
         raise RuntimeError(f"{gw_url}/v2/gateway/cache answered {status}")
     return {k: int(v) for k, v in json.loads(body).get("models", {}).get(model, {}).items()}
-
-
-_CLK = os.sysconf("SC_CLK_TCK")
-
-
-def _stat_fields(path: Path) -> list[str] | None:
-    try:
-        return path.read_text().rsplit(")", 1)[1].split()  # from the state on: field 3 of the file
-    except (OSError, IndexError):
-        return None
-
-
-def group_cpu_s(pgid: int | None) -> float:
-    """CPU seconds (user + system) used so far by the live processes of one process group."""
-    if pgid is None:
-        return 0.0
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        fields = _stat_fields(stat)
-        if fields and int(fields[2]) == pgid:  # pgrp
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / _CLK
-
-
-def machine_busy_s() -> float:
-    """CPU seconds all cores have spent busy (not idle, not waiting for I/O) since boot."""
-    try:
-        ticks = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
-    except (OSError, ValueError, IndexError):
-        return 0.0
-    return (sum(ticks) - ticks[3] - ticks[4]) / _CLK  # user nice system idle iowait irq softirq steal
-
-
-def process_cpu_s(pid: int) -> float:
-    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
-    return (int(fields[11]) + int(fields[12])) / _CLK if fields else 0.0
 
 
 ATTEMPTS = 4  # per measurement, each from cold, when perf_analyzer hung or timed out

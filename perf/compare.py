@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shlex
 import signal
 import subprocess
@@ -224,6 +225,15 @@ class Measurement:
     error: str | None = None
     unstable: bool = False
     command: list[str] = field(default_factory=list)
+    # Over the whole perf_analyzer run (warm-up and every window): the requests the target's
+    # server counted, and the CPU seconds each process group used ("perf_analyzer" among them).
+    requests: int | None = None
+    cpu_s: dict[str, float] = field(default_factory=dict)
+
+    def cpu_us_per_request(self, name: str) -> float | None:
+        if not self.requests or name not in self.cpu_s:
+            return None
+        return self.cpu_s[name] / self.requests * 1e6
 
     @property
     def label(self) -> str:
@@ -263,6 +273,57 @@ def parse_csv(path: Path, m: Measurement) -> bool:
     return True
 
 
+# -- CPU accounting --------------------------------------------------------------------------
+
+_CLK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(path: Path) -> list[str] | None:
+    try:
+        return path.read_text().rsplit(")", 1)[1].split()  # from the state on: field 3 of the file
+    except (OSError, IndexError):
+        return None
+
+
+def group_cpu_s(pgid: int | None) -> float:
+    """CPU seconds (user + system) used so far by the live processes of one process group."""
+    if pgid is None:
+        return 0.0
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        fields = _stat_fields(stat)
+        if fields and int(fields[2]) == pgid:  # pgrp
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / _CLK
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all cores have spent busy (not idle, not waiting for I/O) since boot."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return (sum(ticks) - ticks[3] - ticks[4]) / _CLK  # user nice system idle iowait irq softirq steal
+
+
+def process_cpu_s(pid: int) -> float:
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+    return (int(fields[11]) + int(fields[12])) / _CLK if fields else 0.0
+
+
+
+def served_requests(url: str, model: str) -> int | None:
+    """The inference count ``url``'s ``/v2/models/{model}/stats`` reports (summed over
+    versions), or None when it cannot be read."""
+    try:
+        status, body = http_get(f"{url}/v2/models/{model}/stats", timeout=5.0)
+        if status != 200:
+            return None
+        return sum(int(s.get("inference_count", 0)) for s in json.loads(body).get("model_stats", []))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
 # perf_analyzer's windows hold a fixed number of requests ("count_windows"), not a fixed time.
 # With time windows, each window's bookkeeping costs perf_analyzer time quadratic in the
 # requests it holds (it erases the window's records from a vector one at a time), and the
@@ -292,11 +353,36 @@ class Runner:
         self.current: subprocess.Popen[bytes] | None = None
         self.count = 0
 
-    def measure(self, target: str, server: str, port: int, concurrency: int) -> Measurement:
+    def measure(
+        self,
+        target: str,
+        server: str,
+        port: int,
+        concurrency: int,
+        groups: dict[str, int] | None = None,
+        stats_url: str | None = None,
+    ) -> Measurement:
+        """One measurement (tried once more if perf_analyzer found it unstable). With ``groups``
+        (name: process group id) and ``stats_url`` (whose model statistics count the requests
+        served), also the CPU each group and perf_analyzer used over the whole run, and the
+        requests served meanwhile."""
+        groups = groups or {}
+        cpu_before = {name: group_cpu_s(pgid) for name, pgid in groups.items()}
+        served_before = served_requests(stats_url, self.args.model) if stats_url else None
+        children_before = resource.getrusage(resource.RUSAGE_CHILDREN)  # only perf_analyzer is reaped here
         m = self._measure_once(target, server, port, concurrency)
         if m.error and "stable measurement" in m.error:
             print("    not stable: one more try")
             m = self._measure_once(target, server, port, concurrency)
+        if stats_url and served_before is not None:
+            served_after = served_requests(stats_url, self.args.model)
+            if served_after is not None:
+                m.requests = served_after - served_before
+                children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                m.cpu_s = {name: group_cpu_s(pgid) - cpu_before[name] for name, pgid in groups.items()}
+                m.cpu_s["perf_analyzer"] = (children_after.ru_utime + children_after.ru_stime) - (
+                    children_before.ru_utime + children_before.ru_stime
+                )
         return m
 
     def _measure_once(self, target: str, server: str, port: int, concurrency: int) -> Measurement:
@@ -449,6 +535,28 @@ def results_table(results: list[Measurement]) -> list[str]:
     for m in sorted(results, key=lambda r: r.concurrency):  # stable: direct, then run order
         note = ("ERROR: " + m.error[:60]) if m.error else ("unstable" if m.unstable else "")
         rows.append((m.label, str(m.concurrency), fmt_tp(m.throughput), fmt_ms(m.p50_us), fmt_ms(m.p99_us), fmt_ms(m.avg_us), note))
+    return markdown_table(rows)
+
+
+CPU_COLUMNS = (("server", "gateway / no-op"), ("triton", "Triton"), ("perf_analyzer", "perf_analyzer"))
+
+
+def fmt_us(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
+def cpu_table(results: list[Measurement]) -> list[str]:
+    """CPU µs per request served, per process group, over each whole perf_analyzer run."""
+    rows = [("target", "concurrency", "requests", *(f"CPU µs/request: {title}" for _, title in CPU_COLUMNS))]
+    for m in sorted(results, key=lambda r: r.concurrency):
+        rows.append(
+            (m.label, str(m.concurrency), "-" if m.requests is None else str(m.requests),
+             *(fmt_us(m.cpu_us_per_request(name)) for name, _ in CPU_COLUMNS))
+        )  # fmt: skip
+    return markdown_table(rows)
+
+
+def markdown_table(rows: list[tuple[str, ...]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for n, r in enumerate(rows):
@@ -505,6 +613,13 @@ def targets(results: list[Measurement], servers: list[str], concurrencies: list[
             )
         else:
             lines.append(f"[{server}] c={c_tp}: gateway / no-op throughput: {verdict(None)}")
+        g_cpu = g_tp.cpu_us_per_request("server") if g_tp else None
+        n_cpu = n_tp.cpu_us_per_request("server") if n_tp else None
+        if g_cpu and n_cpu:
+            lines.append(
+                f"[{server}] c={c_tp}: no-op / gateway CPU per request = {n_cpu:.0f} / {g_cpu:.0f} µs = {n_cpu / g_cpu:.2f}"
+                " (reported, no target: the throughput ratio where each had a core of its own)"
+            )
         if g_tp and d_tp:
             lines.append(
                 f"[{server}] c={c_tp}: gateway / direct throughput = {g_tp.throughput:.1f} / {d_tp.throughput:.1f}"
@@ -527,6 +642,7 @@ def render(
     args: argparse.Namespace, command: str, info: dict[str, str], results: list[Measurement], servers: list[str]
 ) -> tuple[str, str, bool]:
     table = results_table(results)
+    cpu = cpu_table(results)
     target_lines, all_pass = targets(results, servers, args.concurrency)
     settings = (
         f"model {args.model}, concurrency {','.join(map(str, args.concurrency))}, perf_analyzer -i http, "
@@ -537,6 +653,8 @@ def render(
     text = "\n".join(
         ["", "== Results ==", f"command: {command}", *(f"{k}: {v}" for k, v in info.items()), f"settings: {settings}", ""]
         + table
+        + ["", "== CPU over each run =="]
+        + cpu
         + ["", "== Targets =="]
         + target_lines
         + ["", "ALL TARGETS PASS" if all_pass else "NOT ALL TARGETS PASS"]
@@ -558,6 +676,15 @@ def render(
             "",
             "Latencies are perf_analyzer's client-side figures; `unstable` means perf_analyzer did not reach",
             "its stability criterion and the numbers are its last window's.",
+            "",
+            "## CPU over each run",
+            "",
+            *cpu,
+            "",
+            "Over each whole perf_analyzer run (warm-up and every window): requests counted by the target's",
+            "server (Triton's statistics for direct and the gateway, the no-op's own count), and each process",
+            "group's user + system CPU per request: the gateway or no-op process, Triton with its Python-backend",
+            "stub, and perf_analyzer (its rusage). All of them share the machine's cores.",
             "",
             "## Targets",
             "",
@@ -655,6 +782,7 @@ def main(argv: list[str] | None = None) -> int:
         triton.start()
         triton.wait_ready(timeout=120)
         triton_url = triton.http_urls[0]
+        triton_pgid = triton.instances[0].pid  # its own process group: the server and its stubs
         wait_http_ok(None, [f"{triton_url}/v2/models/{args.model}/ready"], timeout=60)
         spec_path = workdir / "noop-spec.json"
         spec_path.write_text(json.dumps(capture_spec(triton_url, args.model)))
@@ -662,7 +790,7 @@ def main(argv: list[str] | None = None) -> int:
         config_path.write_text(gateway_toml(triton_url, gw_port))
 
         for c in args.concurrency:
-            results.append(runner.measure("direct", "-", triton_ports[0], c))
+            results.append(runner.measure("direct", "-", triton_ports[0], c, {"triton": triton_pgid}, triton_url))
         for server in servers:
             print(f"starting gateway and no-op on {server} ...", flush=True)
             gateway = Proc(
@@ -682,7 +810,9 @@ def main(argv: list[str] | None = None) -> int:
             wait_http_ok(gateway, [f"{gw_url}/v2/health/ready", f"{gw_url}/v2/models/{args.model}"])
             wait_http_ok(noop, [f"{noop_url}/v2/health/ready", f"{noop_url}/v2/models/{args.model}"])
             for c in args.concurrency:
-                m = runner.measure("gateway", server, gw_port, c)
+                m = runner.measure(
+                    "gateway", server, gw_port, c, {"server": gateway.popen.pid, "triton": triton_pgid}, triton_url
+                )
                 results.append(m)
                 if m.error or not gateway.running():
                     print(f"    gateway log tail ({gateway.log_path}):\n" + indent(gateway.tail(20)))
@@ -691,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"    the gateway is no longer running ({how}); skipping the rest on {server}")
                         m.error = (m.error or "") + f" [gateway {how}]"
                         break
-                results.append(runner.measure("no-op", server, noop_port, c))
+                results.append(runner.measure("no-op", server, noop_port, c, {"server": noop.popen.pid}, noop_url))
             gateway_errors = [ln for ln in gateway.tail(200).splitlines() if "Traceback" in ln or " ERROR " in ln]
             if gateway_errors:
                 print(f"    gateway logged {len(gateway_errors)} error line(s); see {gateway.log_path}")
