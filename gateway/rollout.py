@@ -275,9 +275,14 @@ class RolloutState:
         self.step = -1  # the operator took over: no more ramp steps
         self.event("set_share", now, by="operator", share=share)
 
+    @property
+    def share_in_force(self) -> float:
+        """The canary's share of the requests naming no version, as the rollout sends them now:
+        its share while the status is "canary", else 0 (no canary, rolled back, promoted)."""
+        return self.share if self.status == "canary" and self.canary and self.canary != self.stable else 0.0
+
     def choose(self, model: str, sticky: bytes | None, rng: random.Random) -> str:
-        canary = self.canary if self.status == "canary" else ""
-        return pick(model, self.stable, canary, self.share, sticky, rng)
+        return pick(model, self.stable, self.canary, self.share_in_force, sticky, rng)
 
     def snapshot(self) -> dict[str, Any]:
         c = self.config
@@ -475,6 +480,11 @@ class Rollouts:
         state = self.states.get(model)
         return state if state is not None else self.auto.get(model)
 
+    def all_states(self) -> dict[str, RolloutState]:
+        """Every model's state by name: the file's tables and, under ``[defaults]``, the models
+        without one."""
+        return dict(sorted({**self.auto, **self.states}.items()))
+
     def observe(self, model: str, newest: str, available: Callable[[str], bool]) -> None:
         """Under ``[defaults]``, for a model without a table: the fleet's newest version is
         ``newest``. The first one seen is stable; a newer one starts a canary of the stable;
@@ -592,7 +602,7 @@ class Rollouts:
                     "automatic": name not in self.states,
                     "served": {v: n for (m, v), n in sorted(self.served.items()) if m == name},
                 }
-                for name, state in sorted({**self.auto, **self.states}.items())
+                for name, state in self.all_states().items()
             },
         }
 

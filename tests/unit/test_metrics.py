@@ -28,7 +28,7 @@ from gateway.instances import EjectionPolicy, Instance
 from gateway.metrics import BUCKETS, CONTENT_TYPE, InferCounts, build_registry, fleet_labels, render
 from gateway.models import ModelInfo
 from gateway.pipeline import InferencePipeline
-from gateway.rollout import ModelRollout, Rollouts
+from gateway.rollout import ModelRollout, Rollouts, parse_rollout_file
 from gateway.router import Router
 from gateway.tensors import Tensor
 
@@ -327,6 +327,35 @@ def test_rollout_shares_requests_windows_and_status() -> None:
     rollouts.act("m", "promote")  # stable and canary are now both "2": one series, all traffic
     parsed = samples(registry)
     assert named(parsed, "gateway_rollout_traffic_share") == {frozenset({("model", "m"), ("version", "2")}): 1.0}
+
+
+def test_the_traffic_share_is_each_rollouts_share_in_force_as_the_json_view_shows_it() -> None:
+    rollouts = Rollouts(clock=lambda: 10.0)
+    tables = {"m": {"stable": "1", "canary": "2", "canary_share": 0.25}, "n": {"stable": "1"}}
+    rollouts.set_file(parse_rollout_file({"models": tables, "defaults": {"canary_share": 0.1}}))
+    rollouts.observe("a", "1", lambda v: True)
+    rollouts.observe("a", "3", lambda v: True)  # a version dropped in: an automatic canary
+    registry = build_registry(InferCounts(), empty_services(rollouts=rollouts))
+
+    def shares() -> dict[str, dict[str, float]]:
+        """Per model: the traffic share by version, checked against the states and the JSON view."""
+        by_model: dict[str, dict[str, float]] = {}
+        for labels, v in named(samples(registry), "gateway_rollout_traffic_share").items():
+            by_model.setdefault(dict(labels)["model"], {})[dict(labels)["version"]] = v
+        view = rollouts.snapshot()["models"]
+        for model, state in rollouts.all_states().items():
+            assert view[model]["canary_share"] == state.share_in_force
+            assert by_model[model][state.stable] == 1.0 - state.share_in_force
+            if state.canary and state.canary != state.stable:
+                assert by_model[model][state.canary] == state.share_in_force
+        return by_model
+
+    assert shares() == {"m": {"1": 0.75, "2": 0.25}, "n": {"1": 1.0}, "a": {"1": 0.9, "3": 0.1}}
+    rollouts.act("a", "rollback")
+    rollouts.act("m", "set_share", 0.5)
+    assert shares() == {"m": {"1": 0.5, "2": 0.5}, "n": {"1": 1.0}, "a": {"1": 1.0, "3": 0.0}}
+    rollouts.act("m", "promote")
+    assert shares() == {"m": {"2": 1.0}, "n": {"1": 1.0}, "a": {"1": 1.0, "3": 0.0}}
 
 
 class FakeSync:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.rollout import ModelRollout, RolloutError, Rollouts, parse_rollout_file, parse_rollouts
+from gateway.rollout import ModelRollout, RolloutError, Rollouts, RolloutState, parse_rollout_file, parse_rollouts
 
 
 def test_a_rollout_table_parses() -> None:
@@ -115,7 +115,7 @@ def test_a_failing_canary_is_rolled_back_within_its_window_with_the_evidence() -
     )
     counts = serve(rollouts, 5000, fails=lambda v, i: v == "2" and i % 3 == 0)  # a third of the canary fails
     state = rollouts.states["m"]
-    assert state.status == "rolled_back" and state.share == 0.0
+    assert state.status == "rolled_back" and state.share == 0.0 and state.share_in_force == 0.0
     # The window fills after 100 canary requests; the rule is checked every 10: rolled back by 110.
     assert counts["2"] <= 100 + 10
     (event,) = [e for e in state.events if e["event"] == "rollback"]
@@ -151,10 +151,11 @@ def test_a_healthy_canary_ramps_step_by_step_and_is_promoted() -> None:
     for expected in (0.5, 1.0):
         clock.now += 5.0
         serve(rollouts, 200)
-        assert state.share == expected and state.status == "canary"
+        assert state.share == expected and state.status == "canary" and state.share_in_force == expected
     clock.now += 5.0
     serve(rollouts, 100)
     assert state.status == "promoted" and state.stable == "2" and serve(rollouts, 50) == {"2": 50}
+    assert state.share_in_force == 0.0
     assert [e["event"] for e in state.events] == ["ramp", "ramp", "promote"]
 
 
@@ -171,6 +172,41 @@ def test_operator_actions_and_their_errors() -> None:
     with pytest.raises(KeyError):
         rollouts.act("other", "promote")
     assert [e["by"] for e in rollouts.states["m"].events] == ["operator"] * 3
+
+
+def in_force(rollouts: Rollouts) -> tuple[str, float, float]:
+    """Model m's status, its share in force, and the canary's share its JSON view shows."""
+    state = rollouts.all_states()["m"]
+    return state.status, state.share_in_force, rollouts.snapshot()["models"]["m"]["canary_share"]
+
+
+def test_the_share_in_force_in_every_status_and_the_json_view_agrees() -> None:
+    clock = Clock()
+    assert in_force(rollouts_with({"stable": "1"}, clock)) == ("stable", 0.0, 0.0)
+    rollouts = rollouts_with({"stable": "1", "canary": "2", "canary_share": 0.25}, clock)
+    assert in_force(rollouts) == ("canary", 0.25, 0.25)
+    rollouts.act("m", "set_share", 1.0)
+    assert in_force(rollouts) == ("canary", 1.0, 1.0) and serve(rollouts, 20) == {"2": 20}
+    rollouts.act("m", "rollback")
+    assert in_force(rollouts) == ("rolled_back", 0.0, 0.0) and serve(rollouts, 20) == {"1": 20}
+    rollouts.act("m", "set_share", 0.5)  # an operator restarts the trial...
+    assert in_force(rollouts) == ("canary", 0.5, 0.5)
+    rollouts.act("m", "set_share", 0.0)  # ...and stops it again: a rollback
+    assert in_force(rollouts) == ("rolled_back", 0.0, 0.0)
+    rollouts.act("m", "promote")
+    assert in_force(rollouts) == ("promoted", 0.0, 0.0) and serve(rollouts, 20) == {"2": 20}
+    assert rollouts.states["m"].config.canary_share == 0.25  # the file's share, for a fresh start
+
+
+def test_a_share_outside_the_canary_status_is_not_in_force() -> None:
+    config = ModelRollout(stable="1", canary="2", canary_share=0.5)
+    for status in ("stable", "rolled_back", "promoted"):
+        state = RolloutState(config, "1", "2", 0.5, status)
+        assert state.share_in_force == 0.0
+        assert {state.choose("m", None, random.Random(seed)) for seed in range(50)} == {"1"}
+    state = RolloutState(config, "1", "2", 0.5, "canary")
+    assert state.share_in_force == 0.5
+    assert {state.choose("m", None, random.Random(seed)) for seed in range(50)} == {"1", "2"}
 
 
 def test_an_unchanged_table_keeps_its_state_across_reloads_and_a_changed_one_starts_afresh() -> None:
