@@ -45,12 +45,12 @@ class InferencePipeline:
         self.rollouts = rollouts or Rollouts()
         self._shadows: set[asyncio.Future[None]] = set()
         self.batchers: dict[tuple[str, str], Batcher] = {}
+        self._policy_basis: dict[tuple[str, str], tuple[int, int]] = {}
 
-    def _policy(self, model: str, info: ModelInfo) -> BatchPolicy:
+    def _policy(self, model: str, info: ModelInfo, routable: int) -> BatchPolicy:
         b = self._batching.for_model(model)
         # Slots scale with the fleet: a batch in flight per healthy instance keeps every instance
         # busy, while requests that arrive meanwhile gather into the next batches.
-        routable = self._router.routable_count()
         return BatchPolicy(
             max_rows=min(b.max_batch_size, info.max_batch_size),
             max_delay=b.max_queue_delay_ms / 1000,
@@ -61,7 +61,12 @@ class InferencePipeline:
     def _batcher(self, model: str, version: str, info: ModelInfo) -> Batcher:
         key = (model, version)
         batcher = self.batchers.get(key)
-        policy = self._policy(model, info)
+        # What the policy depends on besides the fixed config: it is rebuilt only when that changes.
+        basis = (self._router.routable_count(), info.max_batch_size)
+        if batcher is not None and self._policy_basis.get(key) == basis:
+            return batcher
+        self._policy_basis[key] = basis
+        policy = self._policy(model, info, basis[0])
         if batcher is None:
 
             async def dispatch(prepare: Prepare, deadline: float | None) -> BatchResult:
