@@ -20,12 +20,7 @@ from gateway.models import ModelInfo
 from gateway.pipeline import InferencePipeline
 from gateway.rollout import ModelRollout, Rollouts
 from gateway.tensors import Tensor
-
-INFO = ModelInfo.from_triton(
-    {"name": "m", "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}],
-     "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}]},
-    {"max_batch_size": 8}, b"{}", b"{}",
-)  # fmt: skip
+from model_fixtures import INFO
 
 
 class Metadata:
