@@ -166,8 +166,12 @@ class FakeControl:
         pass
 
 
+BROKEN = "RuntimeError: broken on purpose"  # why a broken version fails to load
+
+
 class Harness:
     def __init__(self, repo: Path, tritons: list[FakeTriton], **config: Any) -> None:
+        self.repo = repo
         self.tritons = tritons
         self.instances = [Instance(t.url, grpc=t.url) for t in tritons]
         self.control = FakeControl(tritons)
@@ -194,6 +198,19 @@ class Harness:
     async def settle(self) -> None:
         while self.sync._tasks:
             await asyncio.wait(list(self.sync._tasks.values()))
+
+    async def publish_broken(self, version: str = "2", warmup: bool = False) -> None:
+        """Break ``version`` of model m on every instance (its load fails with ``BROKEN``, or
+        with ``warmup`` its warm-up inference fails), publish it, and run two rounds: the sync
+        acts on a new folder once two scans agree."""
+        for triton in self.tritons:
+            if warmup:
+                triton.failing_infer.add(("m", version))
+            else:
+                triton.broken[("m", version)] = BROKEN
+        add_version(self.repo, "m", version)
+        await self.round()
+        await self.round()
 
     def routed(self, model: str = "m") -> list[list[str]]:
         return [sorted((i.models or {}).get(model, ()), key=int) for i in self.instances]
@@ -313,12 +330,8 @@ async def test_a_new_version_is_routed_only_after_it_loaded_and_warmed_everywher
     assert harness.router.newest_version("m") == "2"
 
 
-async def test_a_version_that_fails_its_warmup_is_never_routed_and_is_unloaded(harness: Harness, repo: Path) -> None:
-    for triton in harness.tritons:
-        triton.failing_infer.add(("m", "2"))
-    add_version(repo, "m", "2")
-    await harness.round()
-    await harness.round()
+async def test_a_version_that_fails_its_warmup_is_never_routed_and_is_unloaded(harness: Harness) -> None:
+    await harness.publish_broken(warmup=True)
     assert harness.routed() == [["1"], ["1"]]
     assert "warm-up inference failed" in harness.sync.snapshot()["models"]["m"]["failed"]["2"]
     await harness.round()  # the failed version goes; version 1 stays
@@ -331,13 +344,9 @@ async def test_a_version_that_fails_its_warmup_is_never_routed_and_is_unloaded(h
 
 
 async def test_a_version_that_fails_to_load_is_reported_and_tried_again_when_its_files_change(harness: Harness, repo: Path) -> None:
-    for triton in harness.tritons:
-        triton.broken[("m", "2")] = "RuntimeError: broken on purpose"
-    add_version(repo, "m", "2")
-    await harness.round()
-    await harness.round()
+    await harness.publish_broken()
     snapshot = harness.sync.snapshot()["models"]["m"]
-    assert snapshot["failed"] == {"2": "RuntimeError: broken on purpose"}
+    assert snapshot["failed"] == {"2": BROKEN}
     assert snapshot["serving"] == ["1"]
     assert harness.routed() == [["1"], ["1"]]
     assert all(t.ready() == {"m": frozenset({"1"})} for t in harness.tritons)  # version 1 untouched
@@ -557,11 +566,7 @@ async def test_an_unexpected_error_in_a_round_is_reported_and_tried_again(harnes
 
 
 async def test_a_failed_version_whose_folder_is_removed_and_published_again_is_tried_again(harness: Harness, repo: Path) -> None:
-    for triton in harness.tritons:
-        triton.broken[("m", "2")] = "RuntimeError: broken"
-    add_version(repo, "m", "2")
-    await harness.round()
-    await harness.round()
+    await harness.publish_broken()
     assert "2" in harness.sync.snapshot()["models"]["m"]["failed"]
     staged = repo / ".2.fixed"
     shutil.move(str(repo / "m" / "2"), staged)  # taken out (same files, same times)...
