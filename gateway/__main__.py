@@ -40,7 +40,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import build_app
-    from gateway.protocol.http_server import OneWriteHttpToolsProtocol
+    from gateway.protocol.cached_answers import CachedAnswerHttpToolsProtocol
 
     uvicorn.run(
         build_app(config) if workers == 1 else "gateway.asgi:app_from_env",
@@ -49,7 +49,8 @@ def serve(args: argparse.Namespace) -> int:
         host=config.server.host,
         port=config.server.port,
         loop="uvloop",
-        http=OneWriteHttpToolsProtocol,  # httptools, each response's head and body in one write
+        # httptools, each response's head and body in one write, cache hits answered in the protocol
+        http=CachedAnswerHttpToolsProtocol,
         log_level=args.log_level,
         access_log=False,
         # Per-request work the gateway does not need: X-Forwarded-* rewriting and a Server header.

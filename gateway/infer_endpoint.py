@@ -10,7 +10,9 @@ version is chosen (the rollout's or the router's choice, made once and handed to
 on a miss), and the model, that version, the content type, the binary-header length and the
 body make a raw key (``cache.raw_key``). A repeat of a cacheable request is answered with the
 stored bytes of the first answer, without decoding, checking or encoding anything; the answer
-is byte-identical to the computed one but for ``X-Cache: hit``.
+is byte-identical to the computed one but for ``X-Cache: hit``. The same lookup also serves the
+HTTP protocol (``may_answer_from_cache``, ``answer_from_cache``; ``protocol/cached_answers.py``),
+which answers such repeats without starting an ASGI cycle at all.
 
 Every answered request is counted once (``metrics.InferCounts``: model, served version, status
 code, latency from one clock reading at arrival); a client that left first is counted apart.
@@ -22,7 +24,7 @@ import logging
 import time
 import zlib
 from dataclasses import dataclass
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Container, Iterable, MutableMapping
 from typing import Any
 
 from gateway import deadlines
@@ -128,6 +130,75 @@ def has_shadow(rollouts: Any, model: str) -> bool:
     return state is not None and bool(state.config.shadow)
 
 
+# Requests whose answers the HTTP protocol may give from the cache by itself have bodies this
+# small at most (it holds the body until the request is complete, outside uvicorn's flow control).
+SMALL_BODY = 65536
+
+
+def raw_lookup(
+    pipeline: InferencePipeline, cache: ResponseCache, call: Call
+) -> tuple[RawAnswer | None, str, tuple[str, bool] | None]:
+    """(the stored answer or None, the version chosen to serve it, the choice to hand on to the
+    full path). The version is "" where the full path must answer (no version known, the
+    deadline passed, a shadow to mirror to): then nothing was looked up. A hit is counted, and
+    told to the rollout that chose its version, as the full path would: one request to that
+    version, answered well."""
+    model, version = call.target
+    chosen = None
+    if version:
+        served, via_rollout = version, False
+    else:
+        chosen = served, via_rollout = pipeline.choose_version(model, call.sticky)
+    rollouts = pipeline.rollouts
+    if (
+        not served
+        or (call.deadline is not None and call.deadline <= time.monotonic())  # the full path answers 504
+        or (via_rollout and has_shadow(rollouts, model))  # the full path mirrors it
+    ):
+        return None, "", chosen
+    start = time.monotonic() if via_rollout else 0.0
+    answer = cache.get_raw(model, raw_key(model, served, call.content_type, call.header_length, call.body))
+    if answer is not None and via_rollout:
+        rollouts.count(model, served)
+        rollouts.record(model, served, True, time.monotonic() - start)
+    return answer, served, chosen
+
+
+@dataclass(slots=True)
+class Headers:
+    """What an infer request's headers say, read in one pass."""
+
+    content_type: bytes = b""
+    declared: bytes | None = None  # Content-Length
+    header_length: bytes | None = None  # Inference-Header-Content-Length
+    encoding: bytes = b""
+    deadline: float | None = None
+    use_cache: bool = True
+    sticky: dict[bytes, bytes] | None = None
+
+
+def read_headers(headers: Iterable[tuple[bytes, bytes]], pins: Container[bytes], start: float) -> Headers:
+    """``headers``: lower-case names, as ASGI servers give them; ``pins``: the header names
+    rollouts pin clients by; ``start``: the request's arrival, for a relative deadline."""
+    h = Headers()
+    for name, value in headers:
+        if name == b"content-type":
+            h.content_type = value
+        elif name == b"content-length":
+            h.declared = value
+        elif name == b"inference-header-content-length":
+            h.header_length = value
+        elif name == b"content-encoding":
+            h.encoding = value
+        elif name == deadlines.HEADER:
+            h.deadline = deadlines.from_header(value, start)
+        elif name == b"cache-control":
+            h.use_cache = not (b"no-cache" in value.lower() or b"no-store" in value.lower())
+        elif name in pins:
+            h.sticky = {**(h.sticky or {}), name: value}
+    return h
+
+
 @dataclass(slots=True)
 class Call:
     """One infer request as it arrived: where it goes, its body and what its headers said."""
@@ -159,35 +230,18 @@ class InferEndpoint:
             target = infer_target(scope["path"])
             if target is None:
                 return await self.app(scope, receive, send)
-            declared = header_length = None
-            encoding = b""
-            deadline = None
-            use_cache = True
             services = self.app.state.services
-            pins = services.pipeline.rollouts.pin_headers
-            sticky: dict[bytes, bytes] | None = None
-            for name, value in scope["headers"]:
-                if name == b"content-type":
-                    content_type = value
-                elif name == b"content-length":
-                    declared = value
-                elif name == b"inference-header-content-length":
-                    header_length = value
-                elif name == b"content-encoding":
-                    encoding = value
-                elif name == deadlines.HEADER:
-                    deadline = deadlines.from_header(value, start)
-                elif name == b"cache-control":
-                    use_cache = not (b"no-cache" in value.lower() or b"no-store" in value.lower())
-                elif name in pins:
-                    sticky = {**(sticky or {}), name: value}
-            body = await read_body(receive, declared, self._limit)
-            if encoding:
-                body = inflate(body, encoding, self._limit)
-            call = Call(target, body, content_type, header_length, deadline, disconnect_probe(receive), use_cache, sticky)
             pipeline = services.pipeline
+            h = read_headers(scope["headers"], pipeline.rollouts.pin_headers, start)
+            content_type = h.content_type
+            body = await read_body(receive, h.declared, self._limit)
+            if h.encoding:
+                body = inflate(body, h.encoding, self._limit)
+            call = Call(
+                target, body, content_type, h.header_length, h.deadline, disconnect_probe(receive), h.use_cache, h.sticky
+            )
             cache = pipeline.cache
-            if cache is not None and use_cache and cache.enabled_for(target[0]):
+            if cache is not None and h.use_cache and cache.enabled_for(target[0]):
                 version = await self._infer_cached(send, pipeline, cache, call)
             else:
                 version = await self._infer(send, pipeline, call)
@@ -222,30 +276,58 @@ class InferEndpoint:
     async def _infer_cached(self, send: Send, pipeline: InferencePipeline, cache: ResponseCache, call: Call) -> str:
         """A request for a cached model: its raw answer if one is stored, else the full path
         (which keeps the answer for the next identical request). Returns the version that served it."""
-        model, version = call.target
-        chosen = None
-        if version:
-            served, via_rollout = version, False
-        else:
-            chosen = served, via_rollout = pipeline.choose_version(model, call.sticky)
-        rollouts = pipeline.rollouts
-        if (
-            not served
-            or (call.deadline is not None and call.deadline <= time.monotonic())  # the full path answers 504
-            or (via_rollout and has_shadow(rollouts, model))  # the full path mirrors it
-        ):
-            return await self._infer(send, pipeline, call, chosen)
-        start = time.monotonic() if via_rollout else 0.0
-        key = raw_key(model, served, call.content_type, call.header_length, call.body)
-        answer = cache.get_raw(model, key)
+        answer, served, chosen = raw_lookup(pipeline, cache, call)
         if answer is None:
-            return await self._infer(send, pipeline, call, chosen, (cache, cache.store.drops))
-        if via_rollout:  # as the full path would: one request to that version, answered well
-            rollouts.count(model, served)
-            rollouts.record(model, served, True, time.monotonic() - start)
+            keep = (cache, cache.store.drops) if served else None
+            return await self._infer(send, pipeline, call, chosen, keep)
         await send({"type": "http.response.start", "status": 200, "headers": answer.headers})
         await send({"type": "http.response.body", "body": answer.body})
         return served
+
+    # -- answers from the HTTP protocol itself (protocol/cached_answers.py) ---------------------
+
+    def may_answer_from_cache(self, url: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bool:
+        """Whether an arriving POST (its request target and lower-case headers) may be a repeat the
+        protocol can answer from the cache by itself: an infer request for a cached model, with a
+        small body of declared length, not compressed. False costs the caller nothing more."""
+        services = getattr(self.app.state, "services", None)
+        if services is None or services.pipeline.cache is None or not url.endswith(b"/infer") or b"%" in url:
+            return False
+        declared = None
+        for name, value in headers:
+            if name == b"content-length":
+                declared = value
+            elif name in (b"content-encoding", b"transfer-encoding"):
+                return False
+        if declared is None or not declared.isdigit() or int(declared) > min(SMALL_BODY, self._limit):
+            return False
+        try:
+            target = infer_target(url.decode("latin-1"))
+        except BadRequest:
+            return False
+        return target is not None and services.pipeline.cache.enabled_for(target[0])
+
+    def answer_from_cache(
+        self, url: bytes, headers: list[tuple[bytes, bytes]], body: bytes, start: float
+    ) -> RawAnswer | None:
+        """The stored answer to a request ``may_answer_from_cache`` accepted, counted as the ASGI
+        path counts one, or None: then the request goes the ASGI way (which looks again)."""
+        pipeline = self.app.state.services.pipeline
+        cache = pipeline.cache
+        target = infer_target(url.decode("latin-1"))
+        if cache is None or target is None:
+            return None
+        try:
+            h = read_headers(headers, pipeline.rollouts.pin_headers, start)
+        except GatewayError:  # a malformed header: the ASGI path answers it
+            return None
+        if not h.use_cache:
+            return None
+        call = Call(target, body, h.content_type, h.header_length, h.deadline, None, True, h.sticky)
+        answer, served, _ = raw_lookup(pipeline, cache, call)
+        if answer is not None:
+            self.counts.record(target[0], served, 200, time.monotonic() - start)
+        return answer
 
     async def _infer(
         self,

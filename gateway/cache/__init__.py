@@ -30,7 +30,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.batcher import BatchResult
@@ -52,14 +52,19 @@ Headers = Sequence[tuple[bytes, bytes]]
 
 @dataclass(slots=True, frozen=True)
 class RawAnswer:
-    """A complete 200 answer as sent: its headers (``X-Cache: hit`` among them) and body."""
+    """A complete 200 answer as sent: its headers (``X-Cache: hit`` among them) and body; and
+    the headers as HTTP/1.1 header lines, for the protocol that writes them itself."""
 
     headers: tuple[tuple[bytes, bytes], ...]
     body: bytes
+    head: bytes = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "head", b"".join(b"%s: %s\r\n" % (k, v) for k, v in self.headers))
 
     @property
     def size(self) -> int:
-        return ENTRY_OVERHEAD + len(self.body) + sum(len(k) + len(v) for k, v in self.headers)
+        return ENTRY_OVERHEAD + len(self.body) + 2 * len(self.head)
 
 
 class ResponseCache:

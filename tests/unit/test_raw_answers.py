@@ -238,3 +238,51 @@ async def test_a_shadowed_rollout_takes_the_full_path_so_requests_are_mirrored()
     await endpoint.app.state.services.pipeline.close(1.0)
     assert headers[b"x-cache"] == b"hit" and cache.snapshot()["models"]["m"]["raw_hits"] == 0
     assert rollouts.snapshot()["models"]["m"]["shadow"]["sent"] == 2
+
+
+# -- the protocol's own lookup (gateway/protocol/cached_answers.py) --------------------------
+
+
+def arriving(body: bytes, *extra: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
+    return [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]
+
+
+async def test_the_protocol_is_answered_the_asgi_paths_stored_bytes_and_counts_them_the_same_way() -> None:
+    endpoint, router, cache = stack()
+    body = json_body([1.0, 2.0], request_id="abc")
+    url = b"/v2/models/m/infer"
+    assert endpoint.may_answer_from_cache(url, arriving(body))
+    assert endpoint.answer_from_cache(url, arriving(body), body, 0.0) is None  # nothing stored yet
+    _, _, first, raw_headers = await post(endpoint, body)  # the miss, on the ASGI path, stores it
+    answer = endpoint.answer_from_cache(url, arriving(body), body, 0.0)
+    assert answer is not None and answer.body == first
+    assert without_x_cache(list(answer.headers)) == without_x_cache(raw_headers) and (b"x-cache", b"hit") in answer.headers
+    assert answer.head == b"".join(b"%s: %s\r\n" % h for h in answer.headers)
+    stats = cache.snapshot()["models"]["m"]
+    assert (stats["hits"], stats["raw_hits"], stats["misses"]) == (1, 1, 1) and router.calls == ["1"]
+    row = endpoint.counts.rows[("m", "1", 200)]
+    assert sum(row[:-1]) == 2  # the miss and the protocol's hit, each once
+    # A bypass, a passed deadline, a malformed header: not answered here (the ASGI path answers them).
+    assert endpoint.answer_from_cache(url, arriving(body, (b"cache-control", b"no-cache")), body, 0.0) is None
+    assert endpoint.answer_from_cache(url, arriving(body, (b"x-request-timeout-ms", b"1")), body, 0.0) is None
+    assert endpoint.answer_from_cache(url, arriving(body, (b"x-request-timeout-ms", b"soon")), body, 0.0) is None
+    assert cache.snapshot()["models"]["m"]["hits"] == 1 and sum(row[:-1]) == 2
+
+
+def test_the_protocol_holds_only_small_plain_infer_requests_of_cached_models() -> None:
+    config = CacheConfig(enabled=True, models={"off": CacheConfig(enabled=False)})
+    endpoint, _, _ = stack(config)
+    small = arriving(b"x" * 100)
+    assert endpoint.may_answer_from_cache(b"/v2/models/m/infer", small)
+    assert endpoint.may_answer_from_cache(b"/v2/models/m/versions/2/infer", small)
+    assert not endpoint.may_answer_from_cache(b"/v2/models/off/infer", small)  # its cache is off
+    assert not endpoint.may_answer_from_cache(b"/v2/models/m/ready", small)
+    assert not endpoint.may_answer_from_cache(b"/v2/models/m/versions/x/infer", small)  # a 400, the ASGI path's
+    assert not endpoint.may_answer_from_cache(b"/v2/models/m%2Fx/infer", small)
+    assert not endpoint.may_answer_from_cache(b"/v2/models/m/infer", [(b"content-type", b"application/json")])
+    assert not endpoint.may_answer_from_cache(b"/v2/models/m/infer", [*small, (b"content-encoding", b"gzip")])
+    assert not endpoint.may_answer_from_cache(b"/v2/models/m/infer", [*small, (b"transfer-encoding", b"chunked")])
+    assert not endpoint.may_answer_from_cache(b"/v2/models/m/infer", arriving(b"x" * 70000))
+    no_cache, _, _ = stack(CacheConfig(enabled=False))
+    no_cache.app.state.services.pipeline.cache = None
+    assert not no_cache.may_answer_from_cache(b"/v2/models/m/infer", small)

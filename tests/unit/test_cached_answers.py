@@ -1,0 +1,177 @@
+"""The HTTP protocol that answers cache hits itself, on a real uvicorn over real sockets, in front
+of an app that stands in for the infer endpoint (its cache lookup and its ASGI path)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import uvicorn
+
+from gateway.cache import RawAnswer
+from gateway.protocol.cached_answers import CachedAnswerHttpToolsProtocol
+
+HIT = RawAnswer(((b"content-type", b"application/octet-stream"), (b"x-cache", b"hit"), (b"content-length", b"6")), b"stored")
+
+
+class Endpoint:
+    """Answers a body it has stored from the cache; everything else through ASGI."""
+
+    def __init__(self) -> None:
+        self.stored: dict[bytes, RawAnswer] = {b"repeat": HIT}
+        self.asgi: list[tuple[str, bytes]] = []  # (path, body) of each request the ASGI path served
+        self.lookups: list[tuple[bytes, bytes, list[tuple[bytes, bytes]]]] = []
+        self.slow = asyncio.Event()
+        self.slow.set()
+
+    def may_answer_from_cache(self, url: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
+        return url.endswith(b"/infer")
+
+    def answer_from_cache(self, url: bytes, headers: list[tuple[bytes, bytes]], body: bytes, start: float) -> RawAnswer | None:
+        self.lookups.append((url, body, list(headers)))
+        return self.stored.get(body)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        self.asgi.append((scope["path"], body))
+        await self.slow.wait()
+        answer = b"asgi:" + body
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(answer)).encode())]})
+        await send({"type": "http.response.body", "body": answer})
+
+
+async def start(app: Endpoint) -> tuple[uvicorn.Server, asyncio.Task[None], int]:
+    """A server as the gateway runs it (this protocol, no proxy-header rewriting); its port."""
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, http=CachedAnswerHttpToolsProtocol, log_level="critical", lifespan="off", proxy_headers=False
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    return server, task, server.servers[0].sockets[0].getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Endpoint) -> AsyncIterator[int]:
+    server, task, port = await start(app)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        await task
+
+
+def post(path: str, body: bytes, *headers: str) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: test", f"Content-Length: {len(body)}", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    status, *lines = head[:-4].split(b"\r\n")
+    headers = dict(line.split(b": ", 1) for line in lines)
+    body = await reader.readexactly(int(headers[b"content-length"]))
+    return status, headers, body
+
+
+async def test_a_hit_is_written_by_the_protocol_with_the_servers_headers_and_the_app_never_runs() -> None:
+    app = Endpoint()
+    async with serving(app) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/v2/models/m/infer", b"repeat", "X-Other: 1"))
+        status, headers, body = await read_response(reader)
+        assert (status, body) == (b"HTTP/1.1 200 OK", b"stored")
+        assert headers[b"x-cache"] == b"hit" and headers[b"content-type"] == b"application/octet-stream"
+        assert b"date" in headers  # uvicorn's default header, as on every other answer
+        assert app.asgi == []
+        url, seen_body, seen_headers = app.lookups[0]
+        assert (url, seen_body) == (b"/v2/models/m/infer", b"repeat") and (b"x-other", b"1") in seen_headers
+        # The connection stays open for the next request, hit or not.
+        for body, answer in ((b"new", b"asgi:new"), (b"repeat", b"stored")):
+            writer.write(post("/v2/models/m/infer", body))
+            assert (await read_response(reader))[2] == answer
+        assert app.asgi == [("/v2/models/m/infer", b"new")]
+        writer.close()
+
+
+async def test_a_miss_goes_the_asgi_way_with_its_whole_body_even_when_it_arrives_in_pieces() -> None:
+    app = Endpoint()
+    async with serving(app) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        request = post("/v2/models/m/infer", b"first-time-body")
+        writer.write(request[:-9])
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(request[-9:])
+        _, _, body = await read_response(reader)
+        assert body == b"asgi:first-time-body"
+        assert app.asgi == [("/v2/models/m/infer", b"first-time-body")]
+        assert [b for _, b, _ in app.lookups] == [b"first-time-body"]
+        writer.close()
+
+
+async def test_requests_the_protocol_may_not_hold_are_never_looked_up() -> None:
+    app = Endpoint()
+    async with serving(app) as port:
+        cases = [
+            post("/v2/models/m/other", b"repeat"),  # the app says no
+            post("/v2/models/m/infer", b"repeat", "Expect: 100-continue"),
+            post("/v2/models/m/infer", b"repeat", "Connection: close"),
+            b"POST /v2/models/m/infer HTTP/1.0\r\nContent-Length: 6\r\n\r\nrepeat",
+        ]
+        for raw in cases:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(raw)
+            if b"100-continue" in raw:
+                assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100")
+            status, _, body = await read_response(reader)
+            assert body == b"asgi:repeat", raw
+            writer.close()
+        assert app.lookups == []
+        assert len(app.asgi) == len(cases)
+
+
+async def test_pipelined_requests_are_answered_in_order() -> None:
+    """A hit sent behind a request still being answered waits its turn (uvicorn's queue)."""
+    app = Endpoint()
+    app.slow.clear()
+    async with serving(app) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/v2/models/m/infer", b"slow-miss") + post("/v2/models/m/infer", b"repeat"))
+        await asyncio.sleep(0.1)
+        app.slow.set()
+        first = await read_response(reader)
+        second = await read_response(reader)
+        assert first[2] == b"asgi:slow-miss"
+        assert second[2] == b"asgi:repeat"  # not held: it arrived while the first was being answered
+        assert [b for _, b, _ in app.lookups] == [b"slow-miss"]
+        writer.close()
+
+
+async def test_a_request_arriving_during_shutdown_is_answered_then_the_connection_closes() -> None:
+    app = Endpoint()
+    server, task, port = await start(app)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    request = post("/v2/models/m/infer", b"repeat")
+    writer.write(request[:-3])  # held: its body is not complete
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    server.should_exit = True
+    await asyncio.sleep(0.3)  # the server is shutting down, waiting for this connection
+    assert not task.done()
+    writer.write(request[-3:])
+    status, headers, body = await read_response(reader)
+    assert body == b"asgi:repeat" and headers.get(b"connection") == b"close"
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed
+    await asyncio.wait_for(task, 5)
+    writer.close()
