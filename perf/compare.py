@@ -14,6 +14,10 @@ It prints a table, the ratios the project's targets are about, and PASS/FAIL for
 * concurrency 32: gateway / no-op throughput >= 0.60     (how close to the Python ceiling)
 * concurrency 32: gateway / direct throughput            (reported, no target)
 
+Diagnostics: ``--upstream instant`` puts perf/instant_triton.py (instant zero answers) behind
+the gateway instead of Triton, measuring the gateway's own capacity; ``--pin`` gives the gateway
+and the no-op a CPU of their own. Neither is the targets' set-up, and the report says so.
+
 Everything it starts runs in its own process group and is stopped (SIGTERM, then SIGKILL) on
 exit, error, Ctrl-C or SIGTERM. See perf/README.md.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import csv
 import datetime as dt
 import io
@@ -310,6 +315,23 @@ def process_cpu_s(pid: int) -> float:
     fields = _stat_fields(Path(f"/proc/{pid}/stat"))
     return (int(fields[11]) + int(fields[12])) / _CLK if fields else 0.0
 
+
+
+def cpu_split() -> tuple[str, str]:
+    """(the CPU for the process measured, the CPUs for everything else), as taskset lists."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return str(cpus[-1]), ",".join(map(str, cpus[:-1]))
+
+
+def pin_group(pgid: int | None, cpus: str) -> None:
+    """Move every live process of a process group (Triton and its stubs) onto ``cpus``."""
+    allowed = {int(c) for c in cpus.split(",")}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        fields = _stat_fields(stat)
+        if pgid is not None and fields and int(fields[2]) == pgid:
+            with contextlib.suppress(OSError):
+                for task in (stat.parent / "task").iterdir():  # every thread, not only the main one
+                    os.sched_setaffinity(int(task.name), allowed)
 
 
 def served_requests(url: str, model: str) -> int | None:
@@ -644,6 +666,12 @@ def render(
     table = results_table(results)
     cpu = cpu_table(results)
     target_lines, all_pass = targets(results, servers, args.concurrency)
+    if args.upstream == "instant" or args.pin:
+        how = " and ".join(
+            what for flag, what in ((args.upstream == "instant", "the instant stand-in for Triton"),
+                                    (args.pin, "the gateway and the no-op on a CPU of their own")) if flag
+        )  # fmt: skip
+        target_lines.insert(0, f"measured with {how}: a diagnostic of the gateway's own cost, not the targets' set-up")
     settings = (
         f"model {args.model}, concurrency {','.join(map(str, args.concurrency))}, perf_analyzer -i http, "
         f"{window_description(args)}, stability {args.stability_percentage}%, max trials {args.max_trials}, "
@@ -705,6 +733,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="digits_cnn")
     p.add_argument("--concurrency", default="1,32", help="comma-separated concurrency levels (default 1,32)")
     add_window_argument(p)
+    p.add_argument(
+        "--upstream", choices=["triton", "instant"], default="triton",
+        help="what the gateway forwards to: the real Triton (default), or perf/instant_triton.py, an instant "
+        "stand-in that measures the gateway's own capacity (no direct rows, no latency target then)",
+    )  # fmt: skip
+    p.add_argument(
+        "--pin", action="store_true",
+        help="run the gateway and the no-op on the last CPU and Triton (or its stand-in) on the others",
+    )  # fmt: skip
     p.add_argument("--server", choices=["uvicorn", "granian", "both"], default="uvicorn", help="ASGI server(s) for gateway and no-op")
     p.add_argument("--out", help="also write the report as markdown to this file")
     p.add_argument("--stability-percentage", type=int, default=25)
@@ -712,9 +749,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repository", default=str(REPO / "model_repository"))
     p.add_argument(
         "--base-port", type=int, default=8400,
-        help="Triton HTTP/gRPC/metrics on base, base+100, base+200; gateway base+10; no-op base+20",
+        help="Triton HTTP/gRPC/metrics on base, base+100, base+200; gateway base+10; no-op base+20; "
+        "instant stand-in base+30",
     )  # fmt: skip
     args = p.parse_args(argv)
+    if args.pin and len(os.sched_getaffinity(0)) < 2:
+        p.error("--pin needs at least two CPUs")
     try:
         args.concurrency = sorted({int(c) for c in args.concurrency.split(",") if c.strip()})
     except ValueError:
@@ -754,8 +794,8 @@ def main(argv: list[str] | None = None) -> int:
 
     base = args.base_port
     triton_ports = (base, base + 100, base + 200)
-    gw_port, noop_port = base + 10, base + 20
-    busy = [p for p in (*triton_ports, gw_port, noop_port) if not port_free(p)]
+    gw_port, noop_port, instant_port = base + 10, base + 20, base + 30
+    busy = [p for p in (*triton_ports, gw_port, noop_port, instant_port) if not port_free(p)]
     if busy:
         print(f"ports already in use: {busy} (pick another --base-port)", file=sys.stderr)
         return 2
@@ -771,6 +811,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: {command}\nlogs: {workdir}")
     results: list[Measurement] = []
     runner = Runner(args, workdir)
+    measured_cpu, other_cpus = cpu_split() if args.pin else ("", "")
+    pinned = ["taskset", "-c", measured_cpu] if args.pin else []  # the gateway or the no-op
+    upstream_pin = ["taskset", "-c", other_cpus] if args.pin else []  # Triton or its stand-in
+    if args.pin:
+        # perf_analyzer stays unpinned: confined to fewer cores, its main thread starves behind its
+        # 32 senders and its window bookkeeping never catches up (see "Why count windows").
+        info["pinning"] = f"gateway and no-op on CPU {measured_cpu}; Triton (or its stand-in) on CPUs {other_cpus}"
     procs: list[Proc] = []
     triton = fleet.Fleet(
         args.repository, instances=1, base_http=triton_ports[0], base_grpc=triton_ports[1],
@@ -784,25 +831,38 @@ def main(argv: list[str] | None = None) -> int:
         triton_url = triton.http_urls[0]
         triton_pgid = triton.instances[0].pid  # its own process group: the server and its stubs
         wait_http_ok(None, [f"{triton_url}/v2/models/{args.model}/ready"], timeout=60)
+        if args.pin:
+            pin_group(triton_pgid, other_cpus)
         spec_path = workdir / "noop-spec.json"
         spec_path.write_text(json.dumps(capture_spec(triton_url, args.model)))
+        upstream_url, upstream_pgid = triton_url, triton_pgid
+        if args.upstream == "instant":  # the gateway forwards to the stand-in; Triton only gave the spec
+            instant = Proc(
+                "instant stand-in",
+                [*upstream_pin, str(PYTHON), str(HERE / "instant_triton.py"), "--spec", str(spec_path), "--port", str(instant_port)],
+                workdir / "instant.log",
+            )  # fmt: skip
+            procs.append(instant)
+            upstream_url, upstream_pgid = f"http://{HOST}:{instant_port}", instant.popen.pid
+            wait_http_ok(instant, [f"{upstream_url}/v2/health/ready"])
+            info["upstream"] = "perf/instant_triton.py (instant zero answers): the gateway's own capacity"
         config_path = workdir / "gateway.toml"
-        config_path.write_text(gateway_toml(triton_url, gw_port))
+        config_path.write_text(gateway_toml(upstream_url, gw_port))
 
-        for c in args.concurrency:
+        for c in args.concurrency if args.upstream == "triton" else ():
             results.append(runner.measure("direct", "-", triton_ports[0], c, {"triton": triton_pgid}, triton_url))
         for server in servers:
             print(f"starting gateway and no-op on {server} ...", flush=True)
             gateway = Proc(
                 f"gateway ({server})",
-                [str(PYTHON), "-m", "gateway", "serve", "--config", str(config_path), "--port", str(gw_port),
+                [*pinned, str(PYTHON), "-m", "gateway", "serve", "--config", str(config_path), "--port", str(gw_port),
                  "--server", server, "--log-level", "warning"],
                 workdir / f"gateway-{server}.log",
             )  # fmt: skip
             procs.append(gateway)
             noop = Proc(
                 f"no-op ({server})",
-                [str(PYTHON), str(HERE / "noop_app.py"), "--spec", str(spec_path), "--port", str(noop_port), "--server", server],
+                [*pinned, str(PYTHON), str(HERE / "noop_app.py"), "--spec", str(spec_path), "--port", str(noop_port), "--server", server],
                 workdir / f"noop-{server}.log",
             )
             procs.append(noop)
@@ -811,7 +871,7 @@ def main(argv: list[str] | None = None) -> int:
             wait_http_ok(noop, [f"{noop_url}/v2/health/ready", f"{noop_url}/v2/models/{args.model}"])
             for c in args.concurrency:
                 m = runner.measure(
-                    "gateway", server, gw_port, c, {"server": gateway.popen.pid, "triton": triton_pgid}, triton_url
+                    "gateway", server, gw_port, c, {"server": gateway.popen.pid, "triton": upstream_pgid}, upstream_url
                 )
                 results.append(m)
                 if m.error or not gateway.running():
