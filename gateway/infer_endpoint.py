@@ -33,6 +33,7 @@ from gateway.errors import BadRequest, ClientGone, GatewayError, PayloadTooLarge
 from gateway.metrics import InferCounts, fleet_labels
 from gateway.pipeline import InferencePipeline
 from gateway.protocol import msgpack as msgpack_codec
+from gateway.protocol.cached_answers import HELD
 from gateway.protocol import v2
 from gateway.tensors import InferRequest
 
@@ -136,19 +137,21 @@ SMALL_BODY = 65536
 
 
 def raw_lookup(
-    pipeline: InferencePipeline, cache: ResponseCache, call: Call
+    pipeline: InferencePipeline, cache: ResponseCache, call: Call, chosen: tuple[str, bool] | None = None
 ) -> tuple[RawAnswer | None, str, tuple[str, bool] | None]:
     """(the stored answer or None, the version chosen to serve it, the choice to hand on to the
-    full path). The version is "" where the full path must answer (no version known, the
-    deadline passed, a shadow to mirror to): then nothing was looked up. A hit is counted, and
-    told to the rollout that chose its version, as the full path would: one request to that
-    version, answered well."""
+    full path). ``chosen``: a choice already made for this request (by an earlier lookup).
+    The version is "" where the full path must answer (no version known, the deadline passed,
+    a shadow to mirror to): then nothing was looked up. A hit is counted, and told to the
+    rollout that chose its version, as the full path would: one request to that version,
+    answered well."""
     model, version = call.target
-    chosen = None
     if version:
         served, via_rollout = version, False
     else:
-        chosen = served, via_rollout = pipeline.choose_version(model, call.sticky)
+        if chosen is None:
+            chosen = pipeline.choose_version(model, call.sticky)
+        served, via_rollout = chosen
     rollouts = pipeline.rollouts
     if (
         not served
@@ -223,7 +226,8 @@ class InferEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("/infer"):
             return await self.app(scope, receive, send)
-        start = time.monotonic()
+        held = scope.get(HELD)  # the protocol held it first: (arrival, version chosen or None)
+        start = time.monotonic() if held is None else held[0]
         content_type = b""
         target = call = None
         try:
@@ -242,7 +246,7 @@ class InferEndpoint:
             )
             cache = pipeline.cache
             if cache is not None and h.use_cache and cache.enabled_for(target[0]):
-                version = await self._infer_cached(send, pipeline, cache, call)
+                version = await self._infer_cached(send, pipeline, cache, call, None if held is None else held[1])
             else:
                 version = await self._infer(send, pipeline, call)
             self.counts.record(target[0], version, 200, time.monotonic() - start)
@@ -273,10 +277,12 @@ class InferEndpoint:
         version = call.request.version if call is not None and call.request is not None else target[1]
         return fleet_labels(services.router, target[0], version)
 
-    async def _infer_cached(self, send: Send, pipeline: InferencePipeline, cache: ResponseCache, call: Call) -> str:
+    async def _infer_cached(
+        self, send: Send, pipeline: InferencePipeline, cache: ResponseCache, call: Call, chosen: tuple[str, bool] | None
+    ) -> str:
         """A request for a cached model: its raw answer if one is stored, else the full path
         (which keeps the answer for the next identical request). Returns the version that served it."""
-        answer, served, chosen = raw_lookup(pipeline, cache, call)
+        answer, served, chosen = raw_lookup(pipeline, cache, call, chosen)
         if answer is None:
             keep = (cache, cache.store.drops) if served else None
             return await self._infer(send, pipeline, call, chosen, keep)
@@ -309,25 +315,34 @@ class InferEndpoint:
 
     def answer_from_cache(
         self, url: bytes, headers: list[tuple[bytes, bytes]], body: bytes, start: float
-    ) -> RawAnswer | None:
+    ) -> tuple[RawAnswer | None, tuple[str, bool] | None]:
         """The stored answer to a request ``may_answer_from_cache`` accepted, counted as the ASGI
-        path counts one, or None: then the request goes the ASGI way (which looks again)."""
+        path counts one, and the version chosen for it (None if none was). Without an answer the
+        request goes the ASGI way, which looks again with that same choice (``HELD``)."""
         pipeline = self.app.state.services.pipeline
         cache = pipeline.cache
         target = infer_target(url.decode("latin-1"))
         if cache is None or target is None:
-            return None
+            return None, None
         try:
             h = read_headers(headers, pipeline.rollouts.pin_headers, start)
         except GatewayError:  # a malformed header: the ASGI path answers it
-            return None
+            return None, None
         if not h.use_cache:
-            return None
+            return None, None
         call = Call(target, body, h.content_type, h.header_length, h.deadline, None, True, h.sticky)
-        answer, served, _ = raw_lookup(pipeline, cache, call)
+        answer, served, chosen = raw_lookup(pipeline, cache, call)
         if answer is not None:
             self.counts.record(target[0], served, 200, time.monotonic() - start)
-        return answer
+        return answer, chosen
+
+    def request_lost(self, url: bytes) -> None:
+        """A request the protocol held whose client left before it was complete: counted as the
+        ASGI path counts a client gone before its answer."""
+        target = infer_target(url.decode("latin-1"))
+        services = getattr(self.app.state, "services", None)
+        if target is not None and services is not None:
+            self.counts.disconnected(fleet_labels(services.router, target[0], target[1])[0])
 
     async def _infer(
         self,

@@ -11,11 +11,14 @@ and once the request is complete asks the app for the stored answer
 (``answer_from_cache``: the same lookup, counting and rollout bookkeeping as the ASGI path).
 A hit is written at once, with the server's default headers (``date``) as uvicorn would add
 them; anything else (a miss, a bypass, a passed deadline) goes on exactly as if the headers had
-only just arrived: the ordinary cycle starts and gets the whole body.
+only just arrived: the ordinary cycle starts and gets the whole body, and the scope carries
+``HELD`` (the arrival time, and the version a rollout drew for the request, so it is drawn once).
 
 Only a request that uvicorn would run at once is held: HTTP/1.1, kept alive, no ``Expect:
-100-continue``, no upgrade, no concurrency limit, and no earlier request of the connection still
-being answered (pipelining keeps its order through uvicorn's own queue).
+100-continue``, no upgrade, no concurrency limit, no earlier request of the connection still
+being answered (pipelining keeps its order through uvicorn's own queue), and the socket taking
+writes (a client that does not read its answers gets the ordinary path, which waits for it).
+A client that leaves while its request is held is counted by the app (``request_lost``).
 
 Use it with ``uvicorn.run(app, http=CachedAnswerHttpToolsProtocol, loop="uvloop")``, where
 ``app`` has the two methods above (``gateway.infer_endpoint.InferEndpoint``); with any other app
@@ -29,6 +32,11 @@ import time
 from typing import Any
 
 from gateway.protocol.http_server import OneWriteHttpToolsProtocol
+
+# The scope key of a request the protocol held and then handed to the app: (arrival time, the
+# version chosen for it or None). The app reuses both, so the request is timed from its arrival
+# and a rollout draws its version once.
+HELD = "gateway.held"
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +68,20 @@ class CachedAnswerHttpToolsProtocol(OneWriteHttpToolsProtocol):
     _held_since = 0.0
     _shutting_down = False
 
+    def on_message_begin(self) -> None:
+        # A hit completes its response inside the parser's run, which arms the keep-alive timer
+        # (on_response_complete); a request that follows in the same read must disarm it, as the
+        # next read would, or the timer could close the connection while that request is served.
+        self._unset_keepalive_if_required()
+        super().on_message_begin()
+
     def on_headers_complete(self) -> None:
         if (
             self.parser.get_method() == b"POST"
             and not self.expect_100_continue
             and (self.cycle is None or self.cycle.response_complete)
+            # A client not reading its answers: the ordinary path, which waits for the socket.
+            and not self.flow.write_paused
             and self.limit_concurrency is None
             and self.parser.get_http_version() == "1.1"
             and self.parser.should_keep_alive()
@@ -99,10 +116,10 @@ class CachedAnswerHttpToolsProtocol(OneWriteHttpToolsProtocol):
             return super().on_message_complete()
         self._held = None
         body = held[0] if len(held) == 1 else b"".join(held)
-        answer = None
+        answer = chosen = None
         if not self._shutting_down:
             try:
-                answer = self.app.answer_from_cache(self.url, self.headers, body, self._held_since)
+                answer, chosen = self.app.answer_from_cache(self.url, self.headers, body, self._held_since)
             except Exception:  # a bug: the ordinary path still answers the request
                 log.exception("answering from the cache in the protocol failed")
         if answer is not None:
@@ -110,13 +127,26 @@ class CachedAnswerHttpToolsProtocol(OneWriteHttpToolsProtocol):
             self.transport.write(b"".join((head, answer.head, b"\r\n", answer.body)))
             self.on_response_complete()
             return
-        # Not answered here: the ordinary way, as if the headers had only just arrived.
+        # Not answered here: the ordinary way, as if the headers had only just arrived, with when
+        # the request arrived and the version already chosen for it (``HELD`` in the scope).
+        self.scope[HELD] = (self._held_since, chosen)
         super().on_headers_complete()
         if self._shutting_down and self.cycle is not None:
             self.cycle.keep_alive = False
         if body:
             super().on_body(body)
         super().on_message_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._held is not None:  # the client left while its request arrived
+            self._held = None
+            lost = getattr(self.app, "request_lost", None)
+            if lost is not None:
+                try:
+                    lost(self.url)
+                except Exception:
+                    log.exception("counting a request lost in the protocol failed")
+        super().connection_lost(exc)
 
     def shutdown(self) -> None:
         if self._held is not None:  # a request arriving: answer it, then close

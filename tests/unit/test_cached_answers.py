@@ -11,7 +11,7 @@ from typing import Any
 import uvicorn
 
 from gateway.cache import RawAnswer
-from gateway.protocol.cached_answers import CachedAnswerHttpToolsProtocol
+from gateway.protocol.cached_answers import HELD, CachedAnswerHttpToolsProtocol
 
 HIT = RawAnswer(((b"content-type", b"application/octet-stream"), (b"x-cache", b"hit"), (b"content-length", b"6")), b"stored")
 
@@ -22,16 +22,23 @@ class Endpoint:
     def __init__(self) -> None:
         self.stored: dict[bytes, RawAnswer] = {b"repeat": HIT}
         self.asgi: list[tuple[str, bytes]] = []  # (path, body) of each request the ASGI path served
+        self.held: list[Any] = []  # what the protocol handed on with each of them (scope[HELD])
         self.lookups: list[tuple[bytes, bytes, list[tuple[bytes, bytes]]]] = []
+        self.lost: list[bytes] = []
         self.slow = asyncio.Event()
         self.slow.set()
 
     def may_answer_from_cache(self, url: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
         return url.endswith(b"/infer")
 
-    def answer_from_cache(self, url: bytes, headers: list[tuple[bytes, bytes]], body: bytes, start: float) -> RawAnswer | None:
+    def answer_from_cache(
+        self, url: bytes, headers: list[tuple[bytes, bytes]], body: bytes, start: float
+    ) -> tuple[RawAnswer | None, tuple[str, bool] | None]:
         self.lookups.append((url, body, list(headers)))
-        return self.stored.get(body)
+        return self.stored.get(body), ("7", True)  # the version "chosen" for it
+
+    def request_lost(self, url: bytes) -> None:
+        self.lost.append(url)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -43,17 +50,20 @@ class Endpoint:
             if not message.get("more_body"):
                 break
         self.asgi.append((scope["path"], body))
+        self.held.append(scope.get(HELD))
         await self.slow.wait()
         answer = b"asgi:" + body
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(answer)).encode())]})
         await send({"type": "http.response.body", "body": answer})
 
 
-async def start(app: Endpoint) -> tuple[uvicorn.Server, asyncio.Task[None], int]:
+async def start(app: Endpoint, **settings: Any) -> tuple[uvicorn.Server, asyncio.Task[None], int]:
     """A server as the gateway runs it (this protocol, no proxy-header rewriting); its port."""
+    settings.setdefault("timeout_graceful_shutdown", 2)  # a failed test's open connections must not hang it
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, http=CachedAnswerHttpToolsProtocol, log_level="critical", lifespan="off", proxy_headers=False
-    )
+        app, host="127.0.0.1", port=0, http=CachedAnswerHttpToolsProtocol, log_level="critical", lifespan="off",
+        proxy_headers=False, **settings,
+    )  # fmt: skip
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:
@@ -62,8 +72,8 @@ async def start(app: Endpoint) -> tuple[uvicorn.Server, asyncio.Task[None], int]
 
 
 @contextlib.asynccontextmanager
-async def serving(app: Endpoint) -> AsyncIterator[int]:
-    server, task, port = await start(app)
+async def serving(app: Endpoint, **settings: Any) -> AsyncIterator[int]:
+    server, task, port = await start(app, **settings)
     try:
         yield port
     finally:
@@ -117,6 +127,8 @@ async def test_a_miss_goes_the_asgi_way_with_its_whole_body_even_when_it_arrives
         assert body == b"asgi:first-time-body"
         assert app.asgi == [("/v2/models/m/infer", b"first-time-body")]
         assert [b for _, b, _ in app.lookups] == [b"first-time-body"]
+        arrival, chosen = app.held[0]  # handed on: timed from its arrival, the version chosen once
+        assert isinstance(arrival, float) and chosen == ("7", True)
         writer.close()
 
 
@@ -175,3 +187,51 @@ async def test_a_request_arriving_during_shutdown_is_answered_then_the_connectio
     assert await asyncio.wait_for(reader.read(), 5) == b""  # closed
     await asyncio.wait_for(task, 5)
     writer.close()
+
+
+async def test_a_request_pipelined_behind_a_hit_is_not_cut_off_by_the_keep_alive_timer() -> None:
+    """The hit completes inside the parser's run and arms the keep-alive timer; the request read
+    with it must disarm it, or the timer closes the connection while that request is served."""
+    app = Endpoint()
+    app.slow.clear()
+    async with serving(app, timeout_keep_alive=0.2) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/v2/models/m/infer", b"repeat") + post("/v2/models/m/other", b"slow"))
+        assert (await read_response(reader))[2] == b"stored"
+        await asyncio.sleep(0.5)  # longer than the keep-alive timeout
+        app.slow.set()
+        assert (await read_response(reader))[2] == b"asgi:slow"
+        writer.close()
+
+
+async def test_hits_for_a_client_that_does_not_read_wait_for_the_socket() -> None:
+    """Pipelined hits with large answers, never read: once the socket's buffer is full the
+    requests go the ordinary way, which waits for it to drain, so the server does not buffer
+    every answer; all are answered, in order, once the client reads."""
+    app = Endpoint()
+    big = b"x" * (1 << 20)
+    app.stored[b"big"] = RawAnswer(((b"content-length", str(len(big)).encode()),), big)
+    sent = 100
+    async with serving(app) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/v2/models/m/infer", b"big") * sent)
+        await asyncio.sleep(0.5)
+        assert len(app.lookups) < sent // 2  # bounded by the socket buffers, not by the requests sent
+        bodies = [(await read_response(reader))[2] for _ in range(sent)]
+        assert all(b == big or b == b"asgi:big" for b in bodies) and len(bodies) == sent
+        writer.close()
+
+
+async def test_a_client_leaving_while_its_request_is_held_is_counted() -> None:
+    app = Endpoint()
+    async with serving(app) as port:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/v2/models/m/infer", b"repeat")[:-3])
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()
+        for _ in range(100):
+            if app.lost:
+                break
+            await asyncio.sleep(0.01)
+        assert app.lost == [b"/v2/models/m/infer"] and app.asgi == [] and app.lookups == []

@@ -252,9 +252,9 @@ async def test_the_protocol_is_answered_the_asgi_paths_stored_bytes_and_counts_t
     body = json_body([1.0, 2.0], request_id="abc")
     url = b"/v2/models/m/infer"
     assert endpoint.may_answer_from_cache(url, arriving(body))
-    assert endpoint.answer_from_cache(url, arriving(body), body, 0.0) is None  # nothing stored yet
+    assert endpoint.answer_from_cache(url, arriving(body), body, 0.0) == (None, ("1", False))  # nothing stored yet
     _, _, first, raw_headers = await post(endpoint, body)  # the miss, on the ASGI path, stores it
-    answer = endpoint.answer_from_cache(url, arriving(body), body, 0.0)
+    answer, _ = endpoint.answer_from_cache(url, arriving(body), body, 0.0)
     assert answer is not None and answer.body == first
     assert without_x_cache(list(answer.headers)) == without_x_cache(raw_headers) and (b"x-cache", b"hit") in answer.headers
     assert answer.head == b"".join(b"%s: %s\r\n" % h for h in answer.headers)
@@ -263,9 +263,9 @@ async def test_the_protocol_is_answered_the_asgi_paths_stored_bytes_and_counts_t
     row = endpoint.counts.rows[("m", "1", 200)]
     assert sum(row[:-1]) == 2  # the miss and the protocol's hit, each once
     # A bypass, a passed deadline, a malformed header: not answered here (the ASGI path answers them).
-    assert endpoint.answer_from_cache(url, arriving(body, (b"cache-control", b"no-cache")), body, 0.0) is None
-    assert endpoint.answer_from_cache(url, arriving(body, (b"x-request-timeout-ms", b"1")), body, 0.0) is None
-    assert endpoint.answer_from_cache(url, arriving(body, (b"x-request-timeout-ms", b"soon")), body, 0.0) is None
+    assert endpoint.answer_from_cache(url, arriving(body, (b"cache-control", b"no-cache")), body, 0.0)[0] is None
+    assert endpoint.answer_from_cache(url, arriving(body, (b"x-request-timeout-ms", b"1")), body, 0.0)[0] is None
+    assert endpoint.answer_from_cache(url, arriving(body, (b"x-request-timeout-ms", b"soon")), body, 0.0)[0] is None
     assert cache.snapshot()["models"]["m"]["hits"] == 1 and sum(row[:-1]) == 2
 
 
@@ -286,3 +286,33 @@ def test_the_protocol_holds_only_small_plain_infer_requests_of_cached_models() -
     no_cache, _, _ = stack(CacheConfig(enabled=False))
     no_cache.app.state.services.pipeline.cache = None
     assert not no_cache.may_answer_from_cache(b"/v2/models/m/infer", small)
+
+
+async def test_a_request_the_protocol_held_keeps_its_arrival_and_its_rollout_choice() -> None:
+    """A miss in the protocol goes on through ASGI with the version drawn for it: the canary's
+    share is drawn once per request, not again on the ASGI path."""
+    from gateway.protocol.cached_answers import HELD
+
+    rollouts = Rollouts(seed=3)
+    rollouts.set_models({"m": ModelRollout("1", "2", 0.5)})
+    endpoint, router, cache = stack(rollouts=rollouts)
+    url = b"/v2/models/m/infer"
+    for i in range(40):
+        body = json_body([float(i), 1.0])
+        answer, chosen = endpoint.answer_from_cache(url, arriving(body), body, 5.0)
+        assert answer is None and chosen is not None and chosen[1]  # drawn by the rollout
+        scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer", "headers": arriving(body),
+                 HELD: (5.0, chosen)}  # fmt: skip
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": body}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await endpoint(scope, receive, send)
+        assert dict(sent[0]["headers"])[b"model-version"] == chosen[0].encode()
+    assert sum(rollouts.served.values()) == 40  # each request counted once for its version
+    row_seconds = endpoint.counts.rows  # timed from the arrival handed on (5.0), long before now
+    assert all(row[-1] > 1.0 for row in row_seconds.values())
