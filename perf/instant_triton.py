@@ -4,11 +4,13 @@
 
 It answers like the Triton the spec was captured from (``noop_app.py``'s spec: server and model
 metadata, model config), plus what the gateway asks of an instance (``/v2/health/*``,
-``POST /v2/repository/index``, model statistics), and answers every infer request at once, in
-the HTTP protocol itself: a binary-tensor response of zeros with as many rows as the request's
-first input has, so the gateway's batches split back to their callers. It does no inference:
-its answers are never right, only instant and cheap, so the gateway in front of it is the
-only thing measured. Never a Triton for tests of answers.
+``POST /v2/repository/index``, model statistics), and answers every infer request at once: a
+binary-tensor response of zeros with as many rows as the request's first input has, so the
+gateway's batches split back to their callers. The answers are written by the gateway's own
+HTTP protocol (``gateway/protocol/cached_answers.py``) through the same two hooks the gateway
+answers its cache hits with; a request that protocol does not hold gets the same answer via
+ASGI. It does no inference: its answers are never right, only instant and cheap, so the gateway
+in front of it is the only thing measured. Never a Triton for tests of answers.
 
     .venv/bin/python perf/instant_triton.py --spec spec.json --port 8430
 """
@@ -19,6 +21,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import orjson
 import uvicorn
@@ -31,7 +34,8 @@ sys.path.insert(0, str(HERE.parent))  # the repository root, for the gateway's H
 sys.path.insert(0, str(HERE))
 
 import noop_app  # noqa: E402
-from gateway.protocol.http_server import OneWriteHttpToolsProtocol  # noqa: E402
+from gateway.cache import RawAnswer  # noqa: E402
+from gateway.protocol.cached_answers import CachedAnswerHttpToolsProtocol  # noqa: E402
 
 
 class Answers:
@@ -40,22 +44,54 @@ class Answers:
     def __init__(self, spec: dict) -> None:
         self.metadata = {name: m["metadata"] for name, m in spec["models"].items()}
         self.rows = dict.fromkeys(self.metadata, 0)
-        self._built: dict[tuple[str, int], bytes] = {}
+        self._built: dict[tuple[str, int], RawAnswer] = {}
 
-    def answer(self, model: str, rows: int) -> bytes:
+    def answer(self, model: str, header_length: bytes | None, body: bytes) -> RawAnswer:
+        """The answer to an infer request of ``model`` (its Inference-Header-Content-Length and body)."""
+        header = orjson.loads(body[: int(header_length)] if header_length else body)
+        rows = int(header["inputs"][0]["shape"][0])
         built = self._built.get((model, rows))
         if built is None:
-            body, header_length = noop_app.synthesise_infer_response(self.metadata[model], rows)
-            built = self._built[(model, rows)] = (
-                b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n"
-                b"inference-header-content-length: %d\r\ncontent-length: %d\r\n\r\n%s" % (header_length, len(body), body)
+            data, json_length = noop_app.synthesise_infer_response(self.metadata[model], rows)
+            headers = (
+                (b"content-type", b"application/octet-stream"),
+                (b"inference-header-content-length", b"%d" % json_length),
+                (b"content-length", b"%d" % len(data)),
             )
+            built = self._built[(model, rows)] = RawAnswer(headers, data)
         self.rows[model] += rows
         return built
 
 
-def build(spec: dict, answers: Answers):  # noqa: ANN201
+class InstantTriton:
+    """The ASGI app, with the hooks ``CachedAnswerHttpToolsProtocol`` asks of the app it serves:
+    every infer request is held, and answered."""
+
+    def __init__(self, app: Any, answers: Answers) -> None:
+        self.app, self.answers = app, answers
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+    def may_answer_from_cache(self, url: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
+        return url.endswith(b"/infer")
+
+    def answer_from_cache(
+        self, url: bytes, headers: list[tuple[bytes, bytes]], body: bytes, start: float
+    ) -> tuple[RawAnswer, None]:
+        model = url.split(b"/")[3].decode()
+        return self.answers.answer(model, dict(headers).get(b"inference-header-content-length"), body), None
+
+
+def build(spec: dict, answers: Answers) -> InstantTriton:
     app = noop_app.build_app(spec)
+
+    async def infer(request: Request) -> Response:  # requests the protocol did not hold
+        answer = answers.answer(
+            request.path_params["model"], request.headers.get("inference-header-content-length", "").encode() or None,
+            await request.body(),
+        )  # fmt: skip
+        return Response(answer.body, headers={k.decode(): v.decode() for k, v in answer.headers})
 
     async def index(request: Request) -> Response:
         listed = [{"name": name, "version": str((m.get("versions") or ["1"])[-1]), "state": "READY"} for name, m in answers.metadata.items()]
@@ -76,46 +112,13 @@ def build(spec: dict, answers: Answers):  # noqa: ANN201
         }]}  # fmt: skip
         return Response(json.dumps(body), media_type="application/json")
 
-    # Ahead of the no-op's own routes: the index, and statistics that count rows answered here.
-    app.router.routes[:0] = [
-        Route("/v2/repository/index", index, methods=["POST"]),
-        Route("/v2/models/{model}/stats", stats, methods=["GET"]),
-        Route("/v2/models/{model}/versions/{version}/stats", stats, methods=["GET"]),
-    ]
-    return app
-
-
-def protocol(answers: Answers) -> type:
-    class InstantInferProtocol(OneWriteHttpToolsProtocol):
-        """POST /v2/models/{m}[/versions/{v}]/infer answered when complete, without ASGI."""
-
-        _held: list[bytes] | None = None
-
-        def on_headers_complete(self) -> None:
-            if self.parser.get_method() == b"POST" and self.url.endswith(b"/infer"):
-                self._held = []
-                return
-            super().on_headers_complete()
-
-        def on_body(self, body: bytes) -> None:
-            if self._held is not None:
-                self._held.append(body)
-                return
-            super().on_body(body)
-
-        def on_message_complete(self) -> None:
-            held = self._held
-            if held is None:
-                return super().on_message_complete()
-            self._held = None
-            body = b"".join(held)
-            model = self.url.split(b"/")[3].decode()
-            length = dict(self.headers).get(b"inference-header-content-length")
-            header = orjson.loads(body[: int(length)] if length else body)
-            self.transport.write(answers.answer(model, int(header["inputs"][0]["shape"][0])))
-            self.on_response_complete()
-
-    return InstantInferProtocol
+    # Ahead of the no-op's own routes: the index, infer answers of the right rows, and
+    # statistics that count the rows answered here.
+    routes = [Route("/v2/repository/index", index, methods=["POST"])]
+    for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+        routes += [Route(base + "/infer", infer, methods=["POST"]), Route(base + "/stats", stats, methods=["GET"])]
+    app.router.routes[:0] = routes
+    return InstantTriton(app, answers)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,9 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8430)
     args = parser.parse_args(argv)
     spec = noop_app.load_spec(args.spec)
-    answers = Answers(spec)
     uvicorn.run(
-        build(spec, answers), host=args.host, port=args.port, loop="uvloop", http=protocol(answers),
+        build(spec, Answers(spec)), host=args.host, port=args.port, loop="uvloop", http=CachedAnswerHttpToolsProtocol,
         log_level="warning", access_log=False, proxy_headers=False, server_header=False,
     )  # fmt: skip
     return 0
