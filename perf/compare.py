@@ -44,6 +44,7 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -290,16 +291,19 @@ def _stat_fields(path: Path) -> list[str] | None:
         return None
 
 
-def group_cpu_s(pgid: int | None) -> float:
-    """CPU seconds (user + system) used so far by the live processes of one process group."""
+def _group(pgid: int | None) -> Iterator[tuple[Path, list[str]]]:
+    """Each live process of one process group: its /proc directory and its stat fields."""
     if pgid is None:
-        return 0.0
-    total = 0
+        return
     for stat in Path("/proc").glob("[0-9]*/stat"):
         fields = _stat_fields(stat)
         if fields and int(fields[2]) == pgid:  # pgrp
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / _CLK
+            yield stat.parent, fields
+
+
+def group_cpu_s(pgid: int | None) -> float:
+    """CPU seconds (user + system) used so far by the live processes of one process group."""
+    return sum(int(fields[11]) + int(fields[12]) for _, fields in _group(pgid)) / _CLK  # utime, stime
 
 
 def machine_busy_s() -> float:
@@ -326,12 +330,10 @@ def cpu_split() -> tuple[str, str]:
 def pin_group(pgid: int | None, cpus: str) -> None:
     """Move every live process of a process group (Triton and its stubs) onto ``cpus``."""
     allowed = {int(c) for c in cpus.split(",")}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        fields = _stat_fields(stat)
-        if pgid is not None and fields and int(fields[2]) == pgid:
-            with contextlib.suppress(OSError):
-                for task in (stat.parent / "task").iterdir():  # every thread, not only the main one
-                    os.sched_setaffinity(int(task.name), allowed)
+    for process, _ in _group(pgid):
+        with contextlib.suppress(OSError):
+            for task in (process / "task").iterdir():  # every thread, not only the main one
+                os.sched_setaffinity(int(task.name), allowed)
 
 
 def served_requests(url: str, model: str) -> int | None:
