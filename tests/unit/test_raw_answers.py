@@ -81,9 +81,14 @@ def json_body(x: list[float], request_id: str | None = None, **extra: Any) -> by
 
 
 async def post(
-    endpoint: InferEndpoint, body: bytes, path: str = "/v2/models/m/infer", headers: list[tuple[bytes, bytes]] | None = None
+    endpoint: InferEndpoint,
+    body: bytes,
+    path: str = "/v2/models/m/infer",
+    headers: list[tuple[bytes, bytes]] | None = None,
+    **scope_extra: Any,
 ) -> tuple[int, dict[bytes, bytes], bytes, list[tuple[bytes, bytes]]]:
     scope = {"type": "http", "method": "POST", "path": path, "headers": headers or [(b"content-type", b"application/json")]}
+    scope.update(scope_extra)
     sent: list[dict] = []
 
     async def receive() -> dict:
@@ -301,18 +306,8 @@ async def test_a_request_the_protocol_held_keeps_its_arrival_and_its_rollout_cho
         body = json_body([float(i), 1.0])
         answer, chosen = endpoint.answer_from_cache(url, arriving(body), body, 5.0)
         assert answer is None and chosen is not None and chosen[1]  # drawn by the rollout
-        scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer", "headers": arriving(body),
-                 HELD: (5.0, chosen)}  # fmt: skip
-        sent: list[dict] = []
-
-        async def receive() -> dict:
-            return {"type": "http.request", "body": body}
-
-        async def send(message: dict) -> None:
-            sent.append(message)
-
-        await endpoint(scope, receive, send)
-        assert dict(sent[0]["headers"])[b"model-version"] == chosen[0].encode()
+        _, headers, _, _ = await post(endpoint, body, headers=arriving(body), **{HELD: (5.0, chosen)})
+        assert headers[b"model-version"] == chosen[0].encode()
     assert sum(rollouts.served.values()) == 40  # each request counted once for its version
     row_seconds = endpoint.counts.rows  # timed from the arrival handed on (5.0), long before now
     assert all(row[-1] > 1.0 for row in row_seconds.values())

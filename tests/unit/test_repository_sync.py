@@ -199,18 +199,22 @@ class Harness:
         while self.sync._tasks:
             await asyncio.wait(list(self.sync._tasks.values()))
 
+    async def publish(self, version: str = "2") -> None:
+        """Publish ``version`` of model m and run two rounds: the sync acts on a new folder once
+        two scans agree."""
+        add_version(self.repo, "m", version)
+        await self.round()
+        await self.round()
+
     async def publish_broken(self, version: str = "2", warmup: bool = False) -> None:
         """Break ``version`` of model m on every instance (its load fails with ``BROKEN``, or
-        with ``warmup`` its warm-up inference fails), publish it, and run two rounds: the sync
-        acts on a new folder once two scans agree."""
+        with ``warmup`` its warm-up inference fails), and publish it."""
         for triton in self.tritons:
             if warmup:
                 triton.failing_infer.add(("m", version))
             else:
                 triton.broken[("m", version)] = BROKEN
-        add_version(self.repo, "m", version)
-        await self.round()
-        await self.round()
+        await self.publish(version)
 
     def routed(self, model: str = "m") -> list[list[str]]:
         return [sorted((i.models or {}).get(model, ()), key=int) for i in self.instances]
@@ -365,9 +369,7 @@ async def test_a_version_that_fails_to_load_is_reported_and_tried_again_when_its
 
 
 async def test_a_removed_version_is_withheld_drained_then_unloaded(harness: Harness, repo: Path) -> None:
-    add_version(repo, "m", "2")
-    await harness.round()
-    await harness.round()
+    await harness.publish()
     assert harness.routed() == [["1", "2"], ["1", "2"]]
     busy = harness.instances[0]
     busy.started("m", "1")  # a request in flight on version 1 there
@@ -406,9 +408,7 @@ async def test_a_new_model_folder_becomes_a_model_and_a_removed_one_is_unloaded(
 
 async def test_a_config_that_does_not_parse_leaves_the_model_as_it_is(harness: Harness, repo: Path) -> None:
     (repo / "m" / "config.pbtxt").write_text(CONFIG + "\nnot a field: at all\n")
-    add_version(repo, "m", "2")
-    await harness.round()
-    await harness.round()
+    await harness.publish()
     await harness.round()
     assert all(t.calls == [("load", "m", ["1"])] for t in harness.tritons)
     assert harness.routed() == [["1"], ["1"]]
@@ -469,9 +469,7 @@ async def test_an_unreadable_scan_changes_nothing(harness: Harness, repo: Path) 
 async def test_an_instance_that_cannot_be_reached_for_a_load_is_tried_again(harness: Harness, repo: Path) -> None:
     target = harness.tritons[1].url
     harness.control.unreachable.add(target)
-    add_version(repo, "m", "2")
-    await harness.round()
-    await harness.round()
+    await harness.publish()
     assert harness.routed() == [["1", "2"], ["1"]]
     assert harness.sync.snapshot()["models"]["m"]["failed"] == {}  # not the version's fault
     assert harness.router.newest_version("m") == "1"  # not on every instance yet
@@ -519,9 +517,7 @@ async def test_under_a_latest_one_policy_the_new_version_is_routed_before_the_ol
 async def test_a_load_call_that_timed_out_after_loading_is_warmed_and_admitted_later(harness: Harness, repo: Path) -> None:
     target = harness.tritons[1].url
     harness.control.deadline_after_load.add(target)
-    add_version(repo, "m", "2")
-    await harness.round()
-    await harness.round()
+    await harness.publish()
     assert harness.tritons[1].ready() == {"m": frozenset({"1", "2"})}  # Triton has it...
     assert harness.routed() == [["1", "2"], ["1"]]  # ...but it was never warmed: not routed
     harness.control.deadline_after_load.clear()
@@ -532,9 +528,7 @@ async def test_a_load_call_that_timed_out_after_loading_is_warmed_and_admitted_l
 
 async def test_a_warmup_that_gets_no_answer_is_tried_again_not_failed(harness: Harness, repo: Path) -> None:
     harness.tritons[0].busy_infer.add(("m", "2"))
-    add_version(repo, "m", "2")
-    await harness.round()
-    await harness.round()
+    await harness.publish()
     assert harness.routed() == [["1"], ["1", "2"]]
     assert harness.sync.snapshot()["models"]["m"]["failed"] == {}
     harness.tritons[0].busy_infer.clear()
