@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import struct
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -123,12 +124,21 @@ def tensor_from_buffer(
     return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
+# Numeric tensors this small are copied out, which costs less than making a view of them.
+COPY_BELOW = 65536
+
+
 def tensor_to_buffer(tensor: Tensor) -> bytes | memoryview:
-    """The tensor's wire bytes; numeric tensors are exposed without a copy when contiguous."""
+    """The tensor's wire bytes; larger contiguous numeric tensors are exposed without a copy."""
     if tensor.datatype == "BYTES":
         return serialize_bytes(tensor.data)
-    flat = np.ascontiguousarray(tensor.data, dtype=V2_TO_NUMPY[tensor.datatype]).reshape(-1)
-    return memoryview(flat).cast("B")
+    data = tensor.data
+    wire = V2_TO_NUMPY[tensor.datatype]
+    if data.dtype != wire:
+        data = data.astype(wire)
+    if data.nbytes < COPY_BELOW or not data.flags.c_contiguous:
+        return data.tobytes()
+    return memoryview(data).cast("B")
 
 
 def select_outputs(response: InferResponse, request: InferRequest) -> list[tuple[Tensor, bool]]:
@@ -314,8 +324,65 @@ def _requested_outputs(raw: Any) -> list[RequestedOutput] | None:
     return outputs or None  # an empty list asks for every output, like no list
 
 
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """What a request's JSON header says when every input is numeric binary data and the header
+    carries no id and no request parameters: clients such as perf_analyzer and tritonclient then
+    send the same header bytes again and again, so it is validated once and remembered."""
+
+    inputs: tuple[tuple[str, str, np.dtype, int, tuple[int, ...]], ...]  # name, datatype, dtype, count, shape
+    binary_size: int  # the bytes that must follow the header
+    outputs: tuple[RequestedOutput, ...] | None  # shared by every request decoded with it: read-only
+    binary_output: bool
+
+    @classmethod
+    def of(cls, doc: dict[str, Any], request: InferRequest) -> _Layout | None:
+        """The layout of a request just decoded from ``doc`` in full, if it has one."""
+        if request.id is not None or request.parameters or any("data" in obj for obj in doc["inputs"]):
+            return None
+        inputs = []
+        for tensor in request.inputs:
+            if tensor.datatype in ("BYTES", "BOOL"):  # their bytes need checking each time
+                return None
+            inputs.append((tensor.name, tensor.datatype, tensor.data.dtype, tensor.data.size, tensor.data.shape))
+        size = sum(t.data.nbytes for t in request.inputs)
+        outputs = None if request.outputs is None else tuple(request.outputs)
+        return cls(tuple(inputs), size, outputs, request.binary_output)
+
+    def request(self, body: bytes, offset: int, model: str, version: str) -> InferRequest:
+        inputs = []
+        for name, datatype, dtype, count, shape in self.inputs:
+            inputs.append(Tensor(name, datatype, np.frombuffer(body, dtype, count, offset).reshape(shape)))
+            offset += count * dtype.itemsize
+        outputs = None if self.outputs is None else list(self.outputs)
+        return InferRequest(model, version, inputs, outputs, None, {}, self.binary_output)
+
+
+# Layouts by their header's bytes; headers up to this long, this many at most (oldest dropped).
+_LAYOUTS: dict[bytes, _Layout] = {}
+MAX_LAYOUT_HEADER = 2048
+MAX_LAYOUTS = 512
+
+
 def decode_request(body: bytes, header_length: int | None, model: str, version: str) -> InferRequest:
     """Decode a v2 infer request body (JSON, optionally followed by binary tensor data)."""
+    remember = header_length is not None and 0 < header_length <= MAX_LAYOUT_HEADER and header_length <= len(body)
+    if remember:
+        key = body[:header_length]
+        layout = _LAYOUTS.get(key)
+        if layout is not None and len(body) - header_length == layout.binary_size:
+            return layout.request(body, header_length, model, version)
+    request, doc = _decode_in_full(body, header_length)
+    if remember and (layout := _Layout.of(doc, request)) is not None:
+        if len(_LAYOUTS) >= MAX_LAYOUTS:
+            del _LAYOUTS[next(iter(_LAYOUTS))]
+        _LAYOUTS[key] = layout
+    request.model, request.version = model, version
+    return request
+
+
+def _decode_in_full(body: bytes, header_length: int | None) -> tuple[InferRequest, dict[str, Any]]:
+    """The request (model and version left to the caller) and its JSON header as parsed."""
     header, binary = _split_body(body, header_length, BadRequest)
     doc = _load_object(header, BadRequest)
     if "inputs" not in doc:
@@ -329,7 +396,7 @@ def decode_request(body: bytes, header_length: int | None, model: str, version: 
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise BadRequest("request 'id' must be a string")
-    return InferRequest(model, version, inputs, outputs, request_id, params, binary_output)
+    return InferRequest("", "", inputs, outputs, request_id, params, binary_output), doc
 
 
 def encode_response(response: InferResponse, request: InferRequest) -> tuple[bytes, dict[str, str]]:

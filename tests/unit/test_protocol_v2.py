@@ -372,3 +372,85 @@ def test_a_zero_element_tensor_with_enormous_dimensions_is_a_400() -> None:
     body = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [0, 2**62, 2**62], "data": []}]})
     with pytest.raises(BadRequest, match="too large"):
         v2.decode_request(body, None, "m", "")
+
+
+# ------------------------------------------------------------------ remembered header layouts
+
+
+@pytest.fixture
+def layouts(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """An empty layout memo; returns the list of bodies decoded in full (not from a layout)."""
+    monkeypatch.setattr(v2, "_LAYOUTS", {})
+    full: list[bytes] = []
+    decode_in_full = v2._decode_in_full
+
+    def counted(body: bytes, header_length: int | None):  # noqa: ANN202
+        full.append(body)
+        return decode_in_full(body, header_length)
+
+    monkeypatch.setattr(v2, "_decode_in_full", counted)
+    return full
+
+
+def test_a_repeated_header_is_parsed_once_and_each_body_keeps_its_own_data(layouts: list[bytes]) -> None:
+    outputs = [httpclient.InferRequestedOutput("OUT", binary_data=True)]
+    first = SAMPLES["FP32"]
+    bodies = [triton_body({"IN": first + k, "N": SAMPLES["INT64"] // (k + 1)}, True, outputs) for k in (1, 2, 3)]
+    assert len({body[:size] for body, size in bodies}) == 1  # the same JSON header every time
+    requests = [decode(body, size) for body, size in bodies]
+    assert layouts == [bodies[0][0]]
+    for k, request in zip((1, 2, 3), requests):
+        assert [t.name for t in request.inputs] == ["IN", "N"]
+        assert_same(request.inputs[0].data, first + k)
+        assert_same(request.inputs[1].data, SAMPLES["INT64"] // (k + 1))
+        assert request.outputs == [RequestedOutput("OUT", True, {})]
+        assert (request.model, request.version, request.id, request.parameters) == ("m", "1", None, {})
+    assert requests[1].outputs is not requests[2].outputs
+    other = v2.decode_request(*bodies[1], "other", "")
+    assert (other.model, other.version) == ("other", "")
+
+
+def test_a_remembered_header_with_the_wrong_amount_of_data_is_still_a_400(layouts: list[bytes]) -> None:
+    body, size = triton_body({"IN": SAMPLES["FP32"]}, True)
+    decode(body, size)
+    with pytest.raises(BadRequest, match="runs past the end of the body"):
+        decode(body[:-4], size)
+    with pytest.raises(BadRequest, match="add up to 24 bytes but 28 follow"):
+        decode(body + b"\0" * 4, size)
+
+
+@pytest.mark.parametrize(
+    "arrays, extra",
+    [
+        ({"IN": SAMPLES["FP32"]}, {"request_id": "r-1"}),  # the id differs from request to request
+        ({"IN": SAMPLES["FP32"]}, {"parameters": {"custom": 1}}),  # parameters are the request's own
+        ({"IN": SAMPLES["BOOL"]}, {}),  # data checked every time
+        ({"IN": SAMPLES["BYTES"]}, {}),
+    ],
+    ids=["id", "parameters", "BOOL", "BYTES"],
+)
+def test_headers_not_remembered(layouts: list[bytes], arrays: dict, extra: dict) -> None:
+    inputs = []
+    for name, array in arrays.items():
+        item = httpclient.InferInput(name, list(array.shape), _v2_type(array))
+        item.set_data_from_numpy(array, binary_data=True)
+        inputs.append(item)
+    body, size = httpclient.InferenceServerClient.generate_request_body(inputs, **extra)
+    first, second = decode(body, size), decode(body, size)
+    assert layouts == [body, body]
+    first.parameters.clear()  # what the pipeline does to a deadline parameter
+    assert second.parameters == extra.get("parameters", {})
+
+
+def test_json_data_in_the_header_is_not_remembered(layouts: list[bytes]) -> None:
+    body, size = _binary_request([_input(data=[1, 2]), _input(name="y", parameters={"binary_data_size": 8})], b"\0" * 8)
+    decode(body, size), decode(body, size)
+    assert len(layouts) == 2
+
+
+def test_the_layout_memo_is_bounded(layouts: list[bytes]) -> None:
+    for rows in range(1, v2.MAX_LAYOUTS + 20):
+        body, size = triton_body({"IN": np.zeros((rows, 1), "<f4")}, True)
+        decode(body, size)
+    assert len(v2._LAYOUTS) == v2.MAX_LAYOUTS
+    assert len(layouts) == v2.MAX_LAYOUTS + 19
