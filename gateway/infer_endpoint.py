@@ -46,7 +46,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 MSGPACK_TYPES = (b"application/msgpack", b"application/x-msgpack", b"application/vnd.msgpack")
-JSON_TYPE = b"application/json"
+JSON_TYPE = v2.JSON_CONTENT_TYPE.encode()
+BINARY_TYPE = v2.BINARY_CONTENT_TYPE.encode()
 
 # Where an answer came from when it may be kept as raw bytes: the cache produced it.
 RAW_STORABLE = frozenset({"miss", "hit", "coalesced"})
@@ -367,8 +368,11 @@ class InferEndpoint:
             length = v2.parse_header_length(None if header_length is None else header_length.decode("latin-1"), len(body))
             req = call.request = v2.decode_request(body, length, model, version)
             resp = await pipeline.infer(req, call.deadline, call.gone, call.use_cache, call.sticky, chosen)
-            payload, extra = v2.encode_response(resp, req)
-            headers = [(k.lower().encode(), v.encode()) for k, v in extra.items()]
+            payload, json_length = v2.encode_response(resp, req)
+            if json_length is None:
+                headers = [(b"content-type", JSON_TYPE)]
+            else:
+                headers = [(b"content-type", BINARY_TYPE), (b"inference-header-content-length", b"%d" % json_length)]
             headers.append((b"model-version", resp.version.encode()))
         length_header = (b"content-length", str(len(payload)).encode())
         if keep is not None and resp.cache in RAW_STORABLE:

@@ -54,6 +54,14 @@ class ModelInfo:
         return self.max_batch_size > 0
 
 
+def _fits(expected: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """Whether ``shape`` matches ``expected`` dimension by dimension (-1 matches any size)."""
+    for e, d in zip(expected, shape):
+        if e != d and e != -1:
+            return False
+    return True
+
+
 def check_request(info: ModelInfo, request: InferRequest) -> int:
     """Raise BadRequest naming the tensor at fault; return the request's batch size (rows)."""
     model = info.name
@@ -69,7 +77,7 @@ def check_request(info: ModelInfo, request: InferRequest) -> int:
                 f"input '{tensor.name}' of model '{model}' must have datatype {spec.datatype}, got {tensor.datatype}"
             )
         shape = tensor.data.shape
-        if len(shape) != len(spec.shape) or any(e != -1 and e != d for e, d in zip(spec.shape, shape)):
+        if len(shape) != len(spec.shape) or not _fits(spec.shape, shape):
             raise BadRequest(
                 f"input '{tensor.name}' of model '{model}' has shape {list(shape)}; expected {list(spec.shape)} "
                 "(-1 means any size)"
@@ -83,9 +91,10 @@ def check_request(info: ModelInfo, request: InferRequest) -> int:
             if rows is not None and shape[0] != rows:
                 raise BadRequest(f"inputs of model '{model}' disagree on the batch size ({rows} and {shape[0]})")
             rows = shape[0]
-    missing = sorted(n for n, s in info.inputs.items() if n not in seen and not s.optional)
-    if missing:
-        raise BadRequest(f"missing input(s) {missing} for model '{model}'")
+    if len(seen) < len(info.inputs):
+        missing = sorted(n for n, s in info.inputs.items() if n not in seen and not s.optional)
+        if missing:
+            raise BadRequest(f"missing input(s) {missing} for model '{model}'")
     for out in request.outputs or ():
         if out.name not in info.outputs:
             raise BadRequest(f"unknown output '{out.name}' for model '{model}'; it has {sorted(info.outputs)}")

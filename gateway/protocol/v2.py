@@ -399,8 +399,10 @@ def _decode_in_full(body: bytes, header_length: int | None) -> tuple[InferReques
     return InferRequest("", "", inputs, outputs, request_id, params, binary_output), doc
 
 
-def encode_response(response: InferResponse, request: InferRequest) -> tuple[bytes, dict[str, str]]:
-    """Encode an answer as Triton would; returns the body and the HTTP headers to send with it."""
+def encode_response(response: InferResponse, request: InferRequest) -> tuple[bytes, int | None]:
+    """Encode an answer as Triton would: the body, and the length of its JSON header when binary
+    tensor data follows it (the ``Inference-Header-Content-Length`` header; the content type is
+    then ``BINARY_CONTENT_TYPE``), else None (plain JSON)."""
     header: dict[str, Any] = {"model_name": response.model, "model_version": response.version}
     if request.id is not None:
         header["id"] = request.id
@@ -409,7 +411,8 @@ def encode_response(response: InferResponse, request: InferRequest) -> tuple[byt
     outputs: list[dict[str, Any]] = []
     blobs: list[bytes | memoryview] = []
     for tensor, binary in select_outputs(response, request):
-        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+        # orjson writes the shape tuple as a JSON array.
+        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.data.shape}
         if binary:
             blob = tensor_to_buffer(tensor)
             entry["parameters"] = {"binary_data_size": len(blob)}
@@ -420,8 +423,8 @@ def encode_response(response: InferResponse, request: InferRequest) -> tuple[byt
     header["outputs"] = outputs
     head = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:
-        return head, {"Content-Type": JSON_CONTENT_TYPE}
-    return b"".join([head, *blobs]), {"Content-Type": BINARY_CONTENT_TYPE, HEADER_LENGTH: str(len(head))}
+        return head, None
+    return b"".join([head, *blobs]), len(head)
 
 
 def error_body(message: str) -> bytes:
