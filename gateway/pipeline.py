@@ -118,7 +118,7 @@ class InferencePipeline:
     async def _infer(
         self, request: InferRequest, deadline: float | None, gone: Callable[[], bool] | None, use_cache: bool
     ) -> InferResponse:
-        info = await self.metadata.get(request.model, request.version)
+        info = self.metadata.fresh(request.model, request.version) or await self.metadata.get(request.model, request.version)
         check_request(info, request)
         # The model's input order, so that clients listing inputs differently share batches.
         order = list(info.inputs)

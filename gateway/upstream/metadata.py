@@ -27,6 +27,13 @@ class MetadataCache:
         self._entries: dict[tuple[str, str], tuple[float, ModelInfo | GatewayError]] = {}
         self._inflight: dict[tuple[str, str], asyncio.Future[ModelInfo]] = {}
 
+    def fresh(self, model: str, version: str) -> ModelInfo | None:
+        """The model's info if it is cached and fresh, without awaiting (the common case)."""
+        entry = self._entries.get((model, version))
+        if entry is not None and entry[0] > self._clock() and not isinstance(entry[1], GatewayError):
+            return entry[1]
+        return None
+
     async def get(self, model: str, version: str) -> ModelInfo:
         key = (model, version)
         entry = self._entries.get(key)

@@ -31,6 +31,9 @@ class FakeMetadata:
     def __init__(self, model_info: ModelInfo) -> None:
         self.info = model_info
 
+    def fresh(self, model: str, version: str) -> None:
+        return None  # every request takes the awaited path, as on a cold or expired entry
+
     async def get(self, model: str, version: str) -> ModelInfo:
         return self.info
 

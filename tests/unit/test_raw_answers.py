@@ -24,6 +24,9 @@ from model_fixtures import INFO
 
 
 class Metadata:
+    def fresh(self, model: str, version: str) -> ModelInfo:
+        return INFO
+
     async def get(self, model: str, version: str) -> ModelInfo:
         return INFO
 
