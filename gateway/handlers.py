@@ -128,9 +128,9 @@ async def cache(request: Request) -> Response:
 
 
 async def rollout(request: Request) -> Response:
-    """The rollout in force: stable and canary versions, shares, requests served per version,
-    and why the file on disk was rejected, if it was."""
-    return Response(orjson.dumps(services(request).pipeline.rollouts.snapshot()), media_type=JSON)
+    """The rollout in force: stable and canary versions, shares (configured and in force),
+    requests served per version, and why the file on disk was rejected, if it was."""
+    return Response(orjson.dumps(services(request).pipeline.rollout_view()), media_type=JSON)
 
 
 async def rollout_action(request: Request) -> Response:

@@ -10,8 +10,8 @@ Two halves:
 * ``GatewayCollector``, at scrape time only: reads the counters the components keep anyway,
   through the same snapshots the JSON views serve (``/v2/gateway/fleet``, ``/cache``,
   ``/rollout``, ``/repository``) so the two views cannot disagree, plus the batchers'
-  counters and each rollout's share in force (``RolloutState.share_in_force``, the rule it
-  routes by), and yields metric families for a registry of the app's own (``build_registry``:
+  counters and each rollout's canary share in force (``InferencePipeline.canary_share``: 0
+  while no instance holds the canary), and yields metric families for a registry of the app's own (``build_registry``:
   never the process-wide default registry, so two apps in one process do not clash).
 
 Labels come from what the fleet serves, never from what a client wrote alone: a request that
@@ -224,9 +224,8 @@ class GatewayCollector(Collector):
             yield calls
 
     def _rollouts(self) -> Iterator[Metric]:
-        rollouts = self._services.pipeline.rollouts
-        view = rollouts.snapshot()  # the /v2/gateway/rollout view
-        states = rollouts.all_states()
+        pipeline = self._services.pipeline
+        view = pipeline.rollout_view()  # the /v2/gateway/rollout view
         both = ["model", "version"]
         share = GaugeMetricFamily(
             "gateway_rollout_traffic_share", "Share of the requests naming no version the rollout sends to each version.", labels=both
@@ -247,7 +246,7 @@ class GatewayCollector(Collector):
         )
         for model, state in view["models"].items():
             stable, canary = state["stable"], state["canary"]
-            canary_share = states[model].share_in_force  # the rule the rollout routes by
+            canary_share = state["canary_share_in_force"]  # as requests are routed now
             share.add_metric([model, stable], 1.0 - canary_share)
             if canary and canary != stable:
                 share.add_metric([model, canary], canary_share)

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from gateway import deadlines
 from gateway.batcher import Batcher, BatchPolicy, BatchResult, NothingToSend, Prepare
@@ -190,6 +191,23 @@ class InferencePipeline:
         if chosen != stable and not self._router.available(model, chosen):
             chosen = stable
         return chosen, True
+
+    def canary_share(self, model: str) -> float:
+        """The share of the model's requests naming no version that go to its canary now: the
+        rollout's share in force, or 0 while no instance holds the canary (``choose_version``
+        then serves them from stable)."""
+        state = self.rollouts.states.get(model) or self.rollouts.auto.get(model)
+        if state is None or not state.share_in_force:
+            return 0.0
+        return state.share_in_force if self._router.available(model, state.canary) else 0.0
+
+    def rollout_view(self) -> dict[str, Any]:
+        """The rollouts' view (``/v2/gateway/rollout``), each model's with the canary's share in
+        force (``canary_share_in_force``) beside the share configured (``canary_share``)."""
+        view = self.rollouts.snapshot()
+        for model, state in view["models"].items():
+            state["canary_share_in_force"] = self.canary_share(model)
+        return view
 
     def observe_fleet(self) -> None:
         """Tell the rollout each model's newest version on the fleet (after every health round,

@@ -37,6 +37,9 @@ from model_fixtures import INFO
 class Metadata:
     """Model "m" version 1 exists; anything else is unknown."""
 
+    def fresh(self, model: str, version: str) -> None:
+        return None  # always the awaited path, where unknown names raise
+
     async def get(self, model: str, version: str) -> ModelInfo:
         if model != "m" or version not in ("", "1"):
             raise NotFound(f"model '{model}' version {version or '-'} is not served")
@@ -71,6 +74,11 @@ def value(parsed: dict, name: str, **labels: str) -> float:
 
 def named(parsed: dict, name: str) -> dict[frozenset[tuple[str, str]], float]:
     return {labels: v for (n, labels), v in parsed.items() if n == name}
+
+
+def holding_any() -> Router:
+    """A router with one up instance whose repository index is unknown: it may hold any version."""
+    return Router([Instance("http://a")], None)  # type: ignore[arg-type]
 
 
 def empty_services(router: Router | None = None, cache: ResponseCache | None = None, rollouts: Rollouts | None = None) -> handlers.Services:
@@ -299,7 +307,7 @@ def test_rollout_shares_requests_windows_and_status() -> None:
         rollouts.count("m", version)
     rollouts.record("m", "2", False, 0.1)
     rollouts.record("m", "1", True, 0.02)
-    registry = build_registry(InferCounts(), empty_services(rollouts=rollouts))
+    registry = build_registry(InferCounts(), empty_services(holding_any(), rollouts=rollouts))
     parsed = samples(registry)
     assert value(parsed, "gateway_rollout_traffic_share", model="m", version="1") == 0.75
     assert value(parsed, "gateway_rollout_traffic_share", model="m", version="2") == 0.25
@@ -330,16 +338,17 @@ def test_the_traffic_share_is_each_rollouts_share_in_force_as_the_json_view_show
     rollouts.set_file(parse_rollout_file({"models": tables, "defaults": {"canary_share": 0.1}}))
     rollouts.observe("a", "1", lambda v: True)
     rollouts.observe("a", "3", lambda v: True)  # a version dropped in: an automatic canary
-    registry = build_registry(InferCounts(), empty_services(rollouts=rollouts))
+    services = empty_services(holding_any(), rollouts=rollouts)
+    registry = build_registry(InferCounts(), services)
 
     def shares() -> dict[str, dict[str, float]]:
         """Per model: the traffic share by version, checked against the states and the JSON view."""
         by_model: dict[str, dict[str, float]] = {}
         for labels, v in named(samples(registry), "gateway_rollout_traffic_share").items():
             by_model.setdefault(dict(labels)["model"], {})[dict(labels)["version"]] = v
-        view = rollouts.snapshot()["models"]
+        view = services.pipeline.rollout_view()["models"]
         for model, state in rollouts.all_states().items():
-            assert view[model]["canary_share"] == state.share_in_force
+            assert view[model]["canary_share_in_force"] == state.share_in_force
             assert by_model[model][state.stable] == 1.0 - state.share_in_force
             if state.canary and state.canary != state.stable:
                 assert by_model[model][state.canary] == state.share_in_force
@@ -351,6 +360,28 @@ def test_the_traffic_share_is_each_rollouts_share_in_force_as_the_json_view_show
     assert shares() == {"m": {"1": 0.5, "2": 0.5}, "n": {"1": 1.0}, "a": {"1": 1.0, "3": 0.0}}
     rollouts.act("m", "promote")
     assert shares() == {"m": {"2": 1.0}, "n": {"1": 1.0}, "a": {"1": 1.0, "3": 0.0}}
+
+
+def test_a_canary_no_instance_holds_gets_no_traffic_and_the_share_in_force_says_so() -> None:
+    rollouts = Rollouts(clock=lambda: 10.0)
+    rollouts.set_models({"m": ModelRollout(stable="1", canary="2", canary_share=0.25)})
+    instance = Instance("http://a")
+    instance.models = {"m": frozenset({"1"})}  # version 2 is not loaded anywhere yet
+    services = empty_services(Router([instance], None), rollouts=rollouts)  # type: ignore[arg-type]
+    registry = build_registry(InferCounts(), services)
+
+    def in_force() -> tuple[float, float, float]:
+        parsed = samples(registry)
+        view = services.pipeline.rollout_view()["models"]["m"]
+        assert view["canary_share"] == 0.25  # the share configured
+        stable = value(parsed, "gateway_rollout_traffic_share", model="m", version="1")
+        return stable, value(parsed, "gateway_rollout_traffic_share", model="m", version="2"), view["canary_share_in_force"]
+
+    assert in_force() == (1.0, 0.0, 0.0)
+    assert {services.pipeline.choose_version("m", None)[0] for _ in range(50)} == {"1"}  # what routing does
+    instance.models = {"m": frozenset({"1", "2"})}
+    assert in_force() == (0.75, 0.25, 0.25)
+    assert {services.pipeline.choose_version("m", None)[0] for _ in range(200)} == {"1", "2"}
 
 
 class FakeSync:
