@@ -41,7 +41,7 @@ from gateway.cache.store import ENTRY_OVERHEAD, CacheStore
 from gateway.config import CacheConfig
 from gateway.tensors import Tensor
 
-__all__ = ["RawAnswer", "ResponseCache", "build_cache", "cacheable", "raw_key", "request_key"]
+__all__ = ["RawAnswer", "ResponseCache", "build_cache", "cacheable", "configured", "raw_key", "request_key"]
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +183,14 @@ class ResponseCache:
             await self._shared.close()
 
 
+def configured(config: CacheConfig) -> bool:
+    """Whether any model has the cache enabled (else the gateway runs without one)."""
+    return config.enabled or any(m.enabled for m in config.models.values())
+
+
 def build_cache(config: CacheConfig) -> ResponseCache | None:
     """The configured cache, or None when no model has it enabled."""
-    if not (config.enabled or any(m.enabled for m in config.models.values())):
+    if not configured(config):
         return None
     shared = None
     if config.redis_url:
