@@ -3,7 +3,9 @@
 Policy (``select_batch``, a pure function tested with a fake clock):
 
 * A batch is sent at once while fewer than ``max_inflight`` batches of this model version are
-  in flight: at low load nothing waits for a timer.
+  in flight: at low load nothing waits for a timer. With a ``hold`` (0 by default), a batch that
+  is not full waits until its oldest request has waited that long, for company: fewer, larger
+  upstream batches (cheaper for a model whose cost is per execution) for that much latency.
 * Otherwise requests gather. A batch is sent when a slot frees, or as soon as it is full
   (``max_rows``), or when its oldest request has waited ``max_delay`` seconds, so the queue adds
   no more than that delay while the upstream keeps up; such early batches may take in-flight
@@ -49,6 +51,7 @@ class BatchPolicy:
     max_delay: float  # seconds
     max_inflight: int
     max_queue_rows: int
+    hold: float = 0.0  # seconds a batch that is not full waits for company while a slot is free
 
 
 @dataclass(slots=True)
@@ -110,7 +113,9 @@ def select_batch(queue: Sequence[Pending], inflight: int, now: float, policy: Ba
     full = full or rows >= policy.max_rows
     waited_out = now - head.enqueued >= policy.max_delay
     if inflight < policy.max_inflight:
-        return Selection(batch=batch)
+        if full or now - head.enqueued >= policy.hold:
+            return Selection(batch=batch)
+        return Selection(wake_at=head.enqueued + policy.hold)
     if inflight >= policy.max_inflight * OVERFLOW_FACTOR:
         # The hard cap: the queue grows instead, and max_queue_rows sheds load with 503.
         return Selection()
@@ -186,7 +191,7 @@ class Batcher:
             raise Unavailable(f"model '{self.name}' is overloaded: its queue is full, try again later")
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
         item = Pending(inputs, rows, signature_of(inputs), future, self._clock(), deadline, gone)
-        if not self._queue and self.inflight == 0:
+        if not self._queue and self.inflight == 0 and not self.policy.hold:
             # Idle: the policy would send this request alone at once. Send it from the caller's
             # own task, sparing two event-loop hops through the worker (latency at low load).
             # Only when nothing is in flight: under load, the worker's hop is what lets requests

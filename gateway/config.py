@@ -85,6 +85,10 @@ class BatchingConfig:
     max_inflight_batches: int = 1
     # Rows waiting per model version beyond which new requests get 503 (load shedding).
     max_queue_rows: int = 8192
+    # How long a batch that is not full waits for more requests even while an upstream slot is
+    # free (like Triton's max_queue_delay_microseconds): larger batches for that much latency.
+    # 0: sent at once.
+    hold_ms: float = 0.0
     # Per-model settings, from [batching.models.<name>] tables: any key above, for that model
     # only; the rest comes from [batching]. (A slow model wants a longer max_queue_delay_ms.)
     models: Mapping[str, BatchingConfig] = field(default_factory=lambda: MappingProxyType({}))
@@ -297,13 +301,14 @@ def validate(config: GatewayConfig) -> None:
 def _validate_batching(b: BatchingConfig, where: str, u: UpstreamConfig) -> None:
     if b.max_batch_size < 1 or b.max_inflight_batches < 1 or b.max_queue_rows < 1:
         raise ConfigError(f"{where}: max_batch_size, max_inflight_batches and max_queue_rows must be >= 1")
-    if b.max_queue_delay_ms < 0:
-        raise ConfigError(f"{where}.max_queue_delay_ms must be >= 0")
-    if b.max_queue_delay_ms / 1000 >= u.request_timeout_s:
-        raise ConfigError(
-            f"{where}.max_queue_delay_ms must be shorter than upstream.request_timeout_s: "
-            "requests would time out while queued"
-        )
+    for name in ("max_queue_delay_ms", "hold_ms"):
+        delay = getattr(b, name)
+        if not delay >= 0:  # also refuses NaN
+            raise ConfigError(f"{where}.{name} must be >= 0")
+        if delay / 1000 >= u.request_timeout_s:
+            raise ConfigError(
+                f"{where}.{name} must be shorter than upstream.request_timeout_s: requests would time out while queued"
+            )
     if b.max_queue_rows < b.max_batch_size:
         raise ConfigError(f"{where}.max_queue_rows must be >= {where}.max_batch_size")
 

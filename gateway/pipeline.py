@@ -57,6 +57,7 @@ class InferencePipeline:
             max_delay=b.max_queue_delay_ms / 1000,
             max_inflight=b.max_inflight_batches * max(1, routable),
             max_queue_rows=b.max_queue_rows,
+            hold=b.hold_ms / 1000,
         )
 
     def _batcher(self, model: str, version: str, info: ModelInfo) -> Batcher:

@@ -9,8 +9,12 @@ targets get the same sequence of requests from perf_analyzer (HTTP, binary tenso
 ``--input-data``) at the same concurrency:
 
     .venv/bin/python perf/cache_bench.py [--model digits_cnn] [--concurrency 16,32]
-        [--requests 100000] [--repeat-share 0.9] [--zipf-s 1.1]
+        [--requests 100000] [--repeat-share 0.9] [--zipf-s 1.1] [--hold-ms 0]
         [--out perf/results/$(date +%F)-cache.md]
+
+``--hold-ms X`` gives both targets the same batching delay: the gateway's ``[batching] hold_ms``
+and Triton's ``max_queue_delay_microseconds`` in the model copy's config (by default neither
+waits: the model's own 0 and the gateway's default 0).
 
 The workload: real inputs (scikit-learn's digits images, or breast cancer rows) in a sequence in
 which each request is a first-time input with probability 1 - repeat_share (0.10), otherwise a
@@ -187,14 +191,19 @@ def write_input_data(path: Path, workload: Workload, input_name: str) -> None:
 # -- the model repository and the gateway's config -------------------------------------------
 
 
-def make_repository(root: Path, model: str) -> Path:
-    """A copy of model_repository/<model> with Triton's response cache enabled in its config."""
+def make_repository(root: Path, model: str, hold_ms: float = 0.0) -> Path:
+    """A copy of model_repository/<model> with Triton's response cache enabled in its config;
+    with ``hold_ms``, its dynamic batcher's max_queue_delay_microseconds set to that hold."""
     repository = root / "models"
     shutil.copytree(REPO / "model_repository" / model, repository / model, ignore=shutil.ignore_patterns("__pycache__"))
     config = repository / model / "config.pbtxt"
     text = config.read_text()
     if "response_cache" in text:
         raise RuntimeError(f"{config}: already has a response_cache setting")
+    if hold_ms:
+        text, n = re.subn(r"max_queue_delay_microseconds:\s*\d+", f"max_queue_delay_microseconds: {round(hold_ms * 1000)}", text)
+        if n != 1:
+            raise RuntimeError(f"{config}: expected one max_queue_delay_microseconds setting, found {n}")
     config.write_text(text.rstrip("\n") + "\n\n# Added by perf/cache_bench.py: Triton's per-model response cache.\nresponse_cache {\n  enable: true\n}\n")
     return repository
 
@@ -663,7 +672,8 @@ def render(
     settings = (
         f"model {args.model}, concurrency {','.join(map(str, args.concurrency))}, perf_analyzer -i http --input-data "
         f"(binary tensors, batch size 1), {measurement_description(args)}; one Triton instance, response cache "
-        f"local {args.triton_cache_mb} MiB"
+        f"local {args.triton_cache_mb} MiB, dynamic batching max_queue_delay_microseconds "
+        f"{round(args.hold_ms * 1000)}" + (" (--hold-ms, as the gateway's hold_ms)" if args.hold_ms else " (the model's own)")
     )
     gateway = "1 worker (uvicorn), [cache] enabled, batching " + ", ".join(f"{k} {toml_value(v)}" for k, v in batching.items())
     wl = workload.describe(args.zipf_s) + f" (seed {args.seed})"
@@ -756,6 +766,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--zipf-s", type=float, default=1.1, help="Zipf exponent of the repeats' popularity (default 1.1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--triton-cache-mb", type=int, default=256, help="Triton's response cache size (MiB)")
+    p.add_argument(
+        "--hold-ms", type=float, default=0.0,
+        help="how long a batch waits for company, for both targets alike: the gateway's [batching] hold_ms "
+        "and Triton's max_queue_delay_microseconds in the model's config (default 0: neither waits)",
+    )  # fmt: skip
     p.add_argument("--out", help="also write the report as markdown to this file")
     p.add_argument(
         "--base-port", type=int, default=8460,
@@ -774,6 +789,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--repeat-share must be in [0, 1)")
     if args.zipf_s <= 0:
         p.error("--zipf-s must be > 0")
+    if not 0 <= args.hold_ms < 1000:
+        p.error("--hold-ms must be in [0, 1000)")
     return args
 
 
@@ -804,8 +821,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: {command}\nlogs: {workdir}")
     workload = make_workload(args.model, args.requests, args.repeat_share, args.zipf_s, args.seed)
     print(f"workload: {workload.describe(args.zipf_s)}")
-    repository = make_repository(workdir, args.model)
+    repository = make_repository(workdir, args.model, args.hold_ms)
     batching = local_batching()
+    if args.hold_ms:
+        batching["hold_ms"] = args.hold_ms
     ttl_s = 3600.0
     config_path = workdir / "gateway.toml"
     input_data = workdir / "input-data.json"

@@ -60,6 +60,33 @@ def test_busy_slots_gather_until_the_oldest_has_waited_max_delay() -> None:
     assert sel.batch == queue
 
 
+def test_with_a_hold_a_free_slot_waits_for_company_until_the_oldest_has_waited_it() -> None:
+    policy = BatchPolicy(max_rows=8, max_delay=0.002, max_inflight=1, max_queue_rows=64, hold=0.001)
+    queue = [pending(1, 100.0), pending(2, 100.0005)]
+    sel = select_batch(queue, inflight=0, now=100.0005, policy=policy)
+    assert sel.batch == [] and sel.wake_at == pytest.approx(100.001)
+    assert select_batch(queue, inflight=0, now=100.001, policy=policy).batch == queue
+    full = [pending(4, 100.0), pending(4, 100.0)]
+    assert select_batch(full, inflight=0, now=100.0, policy=policy).batch == full  # full: no wait
+
+
+async def test_a_hold_gathers_requests_arriving_at_an_idle_batcher_into_one_batch() -> None:
+    clock = FakeClock()
+    up = FakeUpstream()
+    batcher = Batcher("m", up, BatchPolicy(8, 0.002, 1, 64, hold=0.001), clock=clock)
+    tasks = [asyncio.create_task(batcher.submit(rows(n, start=10 * n))) for n in (1, 2)]
+    await settle()
+    assert up.batches == []  # idle, but holding: the fake clock has not moved
+    clock.now += 0.001
+    await up.wait_batches(1)  # the worker's timer looks again and finds the hold over
+    up.release_all()
+    results = await asyncio.gather(*tasks)
+    assert [b.shape[0] for b in up.batches] == [3]
+    for n, result in zip((1, 2), results):
+        np.testing.assert_array_equal(result.outputs[0].data, rows(n, start=10 * n)[0].data * 2)
+    await batcher.close(0)
+
+
 def test_full_batch_is_sent_even_when_slots_are_busy() -> None:
     queue = [pending(4, 100.0), pending(4, 100.0), pending(1, 100.0)]
     sel = select_batch(queue, inflight=1, now=100.0, policy=POLICY)

@@ -55,6 +55,8 @@ def test_cli_overrides_apply() -> None:
         ({**BASE, "server": {"port": 70000}}, "server.port"),
         ({**BASE, "server": {"workers": 0}}, "server.workers"),
         ({**BASE, "batching": {"max_queue_delay_ms": 40000.0}}, "shorter than upstream.request_timeout_s"),
+        ({**BASE, "batching": {"hold_ms": -0.5}}, "batching.hold_ms must be >= 0"),
+        ({**BASE, "batching": {"models": {"m": {"hold_ms": 40000.0}}}}, "batching.models.m.hold_ms must be shorter than"),
         ({**BASE, "batching": {"max_queue_rows": 8, "max_batch_size": 64}}, "max_queue_rows must be >= "),
         ({**BASE, "repository": {"path": "model_repository"}}, "give every upstream.instances entry its grpc_port"),
         ({"upstream": {"instances": [{"url": "http://a:1", "grpc_port": 70000}]}}, "grpc_port must be in 1..65535"),
