@@ -11,8 +11,9 @@ Two halves:
   through the same snapshots the JSON views serve (``/v2/gateway/fleet``, ``/cache``,
   ``/rollout``, ``/repository``) so the two views cannot disagree, plus the batchers'
   counters and each rollout's canary share in force (``InferencePipeline.canary_share``: 0
-  while no instance holds the canary), and yields metric families for a registry of the app's own (``build_registry``:
-  never the process-wide default registry, so two apps in one process do not clash).
+  while no instance holds the canary), and yields metric families for a registry of the
+  app's own (``build_registry``: never the process-wide default registry, so two apps in one
+  process do not clash).
 
 Labels come from what the fleet serves, never from what a client wrote alone: a request that
 got no answer from a model version is counted under the model and version it named only where

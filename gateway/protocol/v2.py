@@ -366,7 +366,12 @@ MAX_LAYOUTS = 512
 
 def decode_request(body: bytes, header_length: int | None, model: str, version: str) -> InferRequest:
     """Decode a v2 infer request body (JSON, optionally followed by binary tensor data)."""
-    remember = header_length is not None and 0 < header_length <= MAX_LAYOUT_HEADER and header_length <= len(body)
+    remember = (
+        header_length is not None
+        and 0 < header_length <= MAX_LAYOUT_HEADER
+        and header_length <= len(body)
+        and type(body) is bytes  # a slice of it is the memo's (hashable) key
+    )
     if remember:
         key = body[:header_length]
         layout = _LAYOUTS.get(key)
