@@ -4,8 +4,9 @@ Policy (``select_batch``, a pure function tested with a fake clock):
 
 * A batch is sent at once while fewer than ``max_inflight`` batches of this model version are
   in flight: at low load nothing waits for a timer. With a ``hold`` (0 by default), a batch that
-  is not full waits until its oldest request has waited that long, for company: fewer, larger
-  upstream batches (cheaper for a model whose cost is per execution) for that much latency.
+  is not full waits until its oldest request has waited that long (``max_delay`` at most), for
+  company: fewer, larger upstream batches (cheaper for a model whose cost is per execution) for
+  that much latency; a request whose deadline would pass meanwhile is sent at once, with its batch.
 * Otherwise requests gather. A batch is sent when a slot frees, or as soon as it is full
   (``max_rows``), or when its oldest request has waited ``max_delay`` seconds, so the queue adds
   no more than that delay while the upstream keeps up; such early batches may take in-flight
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
@@ -113,9 +115,13 @@ def select_batch(queue: Sequence[Pending], inflight: int, now: float, policy: Ba
     full = full or rows >= policy.max_rows
     waited_out = now - head.enqueued >= policy.max_delay
     if inflight < policy.max_inflight:
-        if full or now - head.enqueued >= policy.hold:
+        if not policy.hold or full:
             return Selection(batch=batch)
-        return Selection(wake_at=head.enqueued + policy.hold)
+        # Held for company, but never past max_delay nor past a request's deadline.
+        until = head.enqueued + min(policy.hold, policy.max_delay)
+        if now >= until or any(item.deadline is not None and item.deadline <= until for item in batch):
+            return Selection(batch=batch)
+        return Selection(wake_at=until)
     if inflight >= policy.max_inflight * OVERFLOW_FACTOR:
         # The hard cap: the queue grows instead, and max_queue_rows sheds load with 503.
         return Selection()
@@ -282,7 +288,9 @@ class Batcher:
             timer = None
             if wake_at is not None:
                 # A plain timer that sets the event: far cheaper than wait_for() on every pass.
-                delay = max(0.0, wake_at - self._clock())
+                # Rounded up to whole milliseconds: uvloop's timers have that resolution, and
+                # one that fires early would only re-arm itself at once, round after round.
+                delay = math.ceil(max(0.0, wake_at - self._clock()) * 1000) / 1000
                 timer = asyncio.get_running_loop().call_later(delay, self._wakeup.set)
             try:
                 await self._wakeup.wait()

@@ -149,13 +149,14 @@ async def rollout_action(request: Request) -> Response:
     if not isinstance(body, dict) or not isinstance(body.get("action"), str):
         raise BadRequest('the body must be {"action": "promote" | "rollback" | "set_share", "share": 0.25}')
     model = request.path_params["model"]
+    pipeline = services(request).pipeline
     try:
-        state = services(request).pipeline.rollouts.act(model, body["action"], body.get("share"))
+        state = pipeline.rollouts.act(model, body["action"], body.get("share"))
     except KeyError:
         raise NotFound(f"model '{model}' has no rollout") from None
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
-    return Response(orjson.dumps(state), media_type=JSON)
+    return Response(orjson.dumps({**state, "canary_share_in_force": pipeline.canary_share(model)}), media_type=JSON)
 
 
 async def repository(request: Request) -> Response:

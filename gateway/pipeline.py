@@ -197,14 +197,15 @@ class InferencePipeline:
         """The share of the model's requests naming no version that go to its canary now: the
         rollout's share in force, or 0 while no instance holds the canary (``choose_version``
         then serves them from stable)."""
-        state = self.rollouts.states.get(model) or self.rollouts.auto.get(model)
+        state = self.rollouts.state(model)
         if state is None or not state.share_in_force:
             return 0.0
         return state.share_in_force if self._router.available(model, state.canary) else 0.0
 
     def rollout_view(self) -> dict[str, Any]:
         """The rollouts' view (``/v2/gateway/rollout``), each model's with the canary's share in
-        force (``canary_share_in_force``) beside the share configured (``canary_share``)."""
+        force (``canary_share_in_force``) beside the rollout's own share (``canary_share``: the
+        file's, the ramp's step or the operator's; 0 after a rollback)."""
         view = self.rollouts.snapshot()
         for model, state in view["models"].items():
             state["canary_share_in_force"] = self.canary_share(model)

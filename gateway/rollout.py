@@ -476,7 +476,8 @@ class Rollouts:
         rollouts._stamp = (stat.st_mtime_ns, stat.st_size) if stat else None
         return rollouts
 
-    def _state(self, model: str) -> RolloutState | None:
+    def state(self, model: str) -> RolloutState | None:
+        """The model's rollout state: its table's, else its automatic one, else None."""
         state = self.states.get(model)
         return state if state is not None else self.auto.get(model)
 
@@ -510,12 +511,12 @@ class Rollouts:
             self.auto[model].event("canary", now, by="automatic", canary=newest, stable=state.stable, share=self.auto[model].share)
 
     def stable(self, model: str) -> str:
-        state = self._state(model)
+        state = self.state(model)
         return state.stable if state is not None else ""
 
     def choose(self, model: str, headers: dict[bytes, bytes] | None = None) -> str:
         """The version for a request that names none; "" when the model has no rollout."""
-        state = self._state(model)
+        state = self.state(model)
         if state is None:
             return ""
         header = state.config.sticky_header
@@ -541,13 +542,13 @@ class Rollouts:
     def record(self, model: str, version: str, ok: bool, latency: float) -> None:
         """How a request sent through the rollout ended: ``ok`` False for a failure the
         version is to blame for (5xx, timeout), with its latency in seconds."""
-        state = self._state(model)
+        state = self.state(model)
         if state is not None:
             state.record(version, ok, latency, self._clock())
 
     def act(self, model: str, action: str, share: float | None = None) -> dict[str, Any]:
         """An operator's action: "promote", "rollback" or "set_share" (with ``share``)."""
-        state = self._state(model)
+        state = self.state(model)
         if state is None:
             raise KeyError(model)
         if not state.canary:

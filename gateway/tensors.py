@@ -42,7 +42,7 @@ class Tensor:
         return tuple(self.data.shape)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class RequestedOutput:
     name: str
     binary: bool | None = None  # the output's ``binary_data`` parameter; None: request default

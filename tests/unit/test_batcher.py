@@ -70,6 +70,18 @@ def test_with_a_hold_a_free_slot_waits_for_company_until_the_oldest_has_waited_i
     assert select_batch(full, inflight=0, now=100.0, policy=policy).batch == full  # full: no wait
 
 
+def test_a_hold_never_outlasts_max_delay_nor_a_deadline() -> None:
+    longer = BatchPolicy(max_rows=8, max_delay=0.002, max_inflight=1, max_queue_rows=64, hold=0.004)
+    queue = [pending(1, 100.0)]
+    assert select_batch(queue, inflight=0, now=100.001, policy=longer).wake_at == pytest.approx(100.002)
+    assert select_batch(queue, inflight=0, now=100.002, policy=longer).batch == queue  # as a busy slot would
+    hurried = [pending(1, 100.0), pending(1, 100.0)]
+    hurried[1].deadline = 100.0015  # would pass during the hold: the batch goes now
+    assert select_batch(hurried, inflight=0, now=100.0, policy=longer).batch == hurried
+    hurried[1].deadline = 100.5
+    assert select_batch(hurried, inflight=0, now=100.0, policy=longer).batch == []
+
+
 async def test_a_hold_gathers_requests_arriving_at_an_idle_batcher_into_one_batch() -> None:
     clock = FakeClock()
     up = FakeUpstream()

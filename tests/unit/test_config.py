@@ -56,6 +56,7 @@ def test_cli_overrides_apply() -> None:
         ({**BASE, "server": {"workers": 0}}, "server.workers"),
         ({**BASE, "batching": {"max_queue_delay_ms": 40000.0}}, "shorter than upstream.request_timeout_s"),
         ({**BASE, "batching": {"hold_ms": -0.5}}, "batching.hold_ms must be >= 0"),
+        ({**BASE, "batching": {"hold_ms": float("nan")}}, "batching.hold_ms must be >= 0"),
         ({**BASE, "batching": {"models": {"m": {"hold_ms": 40000.0}}}}, "batching.models.m.hold_ms must be shorter than"),
         ({**BASE, "batching": {"max_queue_rows": 8, "max_batch_size": 64}}, "max_queue_rows must be >= "),
         ({**BASE, "repository": {"path": "model_repository"}}, "give every upstream.instances entry its grpc_port"),

@@ -109,3 +109,19 @@ async def test_pipelined_requests_get_their_own_answers_in_order() -> None:
             data += chunk
         assert data.index(b"\r\n\r\na") < data.index(b"\r\n\r\nbb")
         writer.close()
+
+
+def test_serve_runs_the_cache_answering_protocol_only_with_a_cache(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    from gateway.__main__ import main
+    from gateway.protocol.cached_answers import CachedAnswerHttpToolsProtocol
+
+    ran: list[Any] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: ran.append(kwargs["http"]))
+    monkeypatch.delenv("GATEWAY_CONFIG", raising=False)  # serve sets it for worker processes
+    base = '[upstream]\ninstances = [{ url = "http://127.0.0.1:8100" }]\n'
+    for cache, expected in [("", OneWriteHttpToolsProtocol), ("[cache]\nenabled = true\n", CachedAnswerHttpToolsProtocol),
+                            ("[cache.models.m]\nenabled = true\n", CachedAnswerHttpToolsProtocol)]:  # fmt: skip
+        config = tmp_path / "gateway.toml"
+        config.write_text(base + cache)
+        assert main(["serve", "--config", str(config), "--log-level", "warning"]) == 0
+        assert ran.pop() is expected

@@ -410,10 +410,19 @@ def test_a_repeated_header_is_parsed_once_and_each_body_keeps_its_own_data(layou
 def test_a_remembered_header_with_the_wrong_amount_of_data_is_still_a_400(layouts: list[bytes]) -> None:
     body, size = triton_body({"IN": SAMPLES["FP32"]}, True)
     decode(body, size)
+    assert layouts == [body] and body[:size] in v2._LAYOUTS  # remembered
     with pytest.raises(BadRequest, match="runs past the end of the body"):
         decode(body[:-4], size)
     with pytest.raises(BadRequest, match="add up to 24 bytes but 28 follow"):
         decode(body + b"\0" * 4, size)
+    assert len(layouts) == 3  # both went the full way, which refuses them
+
+
+def test_binary_output_without_outputs_comes_back_from_a_remembered_layout(layouts: list[bytes]) -> None:
+    body, size = triton_body({"IN": SAMPLES["INT32"]}, True)  # tritonclient: binary_data_output, no outputs
+    first, second = decode(body, size), decode(body, size)
+    assert layouts == [body]
+    assert (first.outputs, first.binary_output) == (second.outputs, second.binary_output) == (None, True)
 
 
 @pytest.mark.parametrize(
@@ -435,8 +444,8 @@ def test_headers_not_remembered(layouts: list[bytes], arrays: dict, extra: dict)
     body, size = httpclient.InferenceServerClient.generate_request_body(inputs, **extra)
     first, second = decode(body, size), decode(body, size)
     assert layouts == [body, body]
-    first.parameters.clear()  # what the pipeline does to a deadline parameter
-    assert second.parameters == extra.get("parameters", {})
+    assert second.parameters == first.parameters == extra.get("parameters", {})
+    assert second.id == first.id == extra.get("request_id")
 
 
 def test_json_data_in_the_header_is_not_remembered(layouts: list[bytes]) -> None:

@@ -314,3 +314,19 @@ async def test_a_request_the_protocol_held_keeps_its_arrival_and_its_rollout_cho
     assert sum(rollouts.served.values()) == 40  # each request counted once for its version
     row_seconds = endpoint.counts.rows  # timed from the arrival handed on (5.0), long before now
     assert all(row[-1] > 1.0 for row in row_seconds.values())
+
+
+async def test_answers_say_their_format_binary_with_the_json_header_length() -> None:
+    endpoint, _, _ = stack(CacheConfig(enabled=False))
+    x = np.array([[1.0, 2.0]], dtype=np.float32)
+    header = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "parameters": {"binary_data_size": 8}}],
+                           "outputs": [{"name": "y", "parameters": {"binary_data": True}}]})  # fmt: skip
+    binary = [(b"content-type", b"application/octet-stream"), (b"inference-header-content-length", str(len(header)).encode())]
+    status, headers, body, _ = await post(endpoint, header + x.tobytes(), headers=binary)
+    length = int(headers[b"inference-header-content-length"])
+    assert status == 200 and headers[b"content-type"] == b"application/octet-stream"
+    assert orjson.loads(body[:length])["outputs"][0]["parameters"] == {"binary_data_size": 8}
+    assert np.frombuffer(body[length:], dtype="<f4").tolist() == [3.0, 5.0]  # 2x + version 1
+    status, headers, body, _ = await post(endpoint, json_body([1.0, 2.0]))
+    assert status == 200 and headers[b"content-type"] == b"application/json"
+    assert b"inference-header-content-length" not in headers and orjson.loads(body)["outputs"][0]["data"] == [3.0, 5.0]
