@@ -13,8 +13,9 @@ targets get the same sequence of requests from perf_analyzer (HTTP, binary tenso
         [--out perf/results/$(date +%F)-cache.md]
 
 ``--hold-ms X`` gives both targets the same batching delay: the gateway's ``[batching] hold_ms``
-and Triton's ``max_queue_delay_microseconds`` in the model copy's config (by default neither
-waits: the model's own 0 and the gateway's default 0).
+(and ``max_queue_delay_ms`` raised to X where it is lower, since it caps the hold) and Triton's
+``max_queue_delay_microseconds`` in the model copy's config (by default neither waits: the
+model's own 0 and the gateway's default 0).
 
 The workload: real inputs (scikit-learn's digits images, or breast cancer rows) in a sequence in
 which each request is a first-time input with probability 1 - repeat_share (0.10), otherwise a
@@ -824,7 +825,9 @@ def main(argv: list[str] | None = None) -> int:
     repository = make_repository(workdir, args.model, args.hold_ms)
     batching = local_batching()
     if args.hold_ms:
+        # The gateway holds for max_queue_delay_ms at most: raise it to the hold where it is lower.
         batching["hold_ms"] = args.hold_ms
+        batching["max_queue_delay_ms"] = max(float(batching.get("max_queue_delay_ms", 2.0)), args.hold_ms)
     ttl_s = 3600.0
     config_path = workdir / "gateway.toml"
     input_data = workdir / "input-data.json"
