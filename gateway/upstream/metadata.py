@@ -27,20 +27,23 @@ class MetadataCache:
         self._entries: dict[tuple[str, str], tuple[float, ModelInfo | GatewayError]] = {}
         self._inflight: dict[tuple[str, str], asyncio.Future[ModelInfo]] = {}
 
+    def _unexpired(self, key: tuple[str, str]) -> ModelInfo | GatewayError | None:
+        """What is remembered for ``key`` (an answer or an error), unless it has expired."""
+        entry = self._entries.get(key)
+        return entry[1] if entry is not None and entry[0] > self._clock() else None
+
     def fresh(self, model: str, version: str) -> ModelInfo | None:
         """The model's info if it is cached and fresh, without awaiting (the common case)."""
-        entry = self._entries.get((model, version))
-        if entry is not None and entry[0] > self._clock() and not isinstance(entry[1], GatewayError):
-            return entry[1]
-        return None
+        known = self._unexpired((model, version))
+        return known if isinstance(known, ModelInfo) else None
 
     async def get(self, model: str, version: str) -> ModelInfo:
         key = (model, version)
-        entry = self._entries.get(key)
-        if entry is not None and entry[0] > self._clock():
-            if isinstance(entry[1], GatewayError):
-                raise NotFound(entry[1].message)  # a fresh error: re-raising one object grows its traceback
-            return entry[1]
+        known = self._unexpired(key)
+        if isinstance(known, GatewayError):
+            raise NotFound(known.message)  # a fresh error: re-raising one object grows its traceback
+        if known is not None:
+            return known
         pending = self._inflight.get(key)
         if pending is None:
             pending = asyncio.ensure_future(self._fetch(model, version))
