@@ -108,7 +108,7 @@ def request() -> tuple[bytes, list[tuple[bytes, bytes]]]:
     """The body and headers perf_analyzer sends for one digits_cnn image (binary tensors)."""
     outputs = [{"name": name, "parameters": {"binary_data": True}} for name in ("logits", "probabilities")]
     spec = {"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "parameters": {"binary_data_size": 256}}
-    header = orjson.dumps({"inputs": [spec], "outputs": outputs})
+    header = orjson.dumps({"id": "", "inputs": [spec], "outputs": outputs})  # perf_analyzer's empty id included
     body = header + np.arange(64, dtype=np.float32).tobytes()
     headers = [
         (b"host", b"127.0.0.1:8000"),

@@ -327,18 +327,21 @@ def _requested_outputs(raw: Any) -> list[RequestedOutput] | None:
 @dataclass(frozen=True, slots=True)
 class _Layout:
     """What a request's JSON header says when every input is numeric binary data and the header
-    carries no id and no request parameters: clients such as perf_analyzer and tritonclient then
-    send the same header bytes again and again, so it is validated once and remembered."""
+    carries no request parameters and no id but an empty one: clients such as perf_analyzer
+    (``"id":""``) and tritonclient (no id) then send the same header bytes again and again, so it
+    is validated once and remembered. (An id that changes from request to request would only
+    fill the memo with headers never seen again.)"""
 
     inputs: tuple[tuple[str, str, np.dtype, int, tuple[int, ...]], ...]  # name, datatype, dtype, count, shape
     binary_size: int  # the bytes that must follow the header
     outputs: tuple[RequestedOutput, ...] | None  # shared by every request decoded with it: read-only
     binary_output: bool
+    id: str | None  # None or ""
 
     @classmethod
     def of(cls, doc: dict[str, Any], request: InferRequest) -> _Layout | None:
         """The layout of a request just decoded from ``doc`` in full, if it has one."""
-        if request.id is not None or request.parameters or any("data" in obj for obj in doc["inputs"]):
+        if request.id or request.parameters or any("data" in obj for obj in doc["inputs"]):
             return None
         inputs = []
         for tensor in request.inputs:
@@ -347,7 +350,7 @@ class _Layout:
             inputs.append((tensor.name, tensor.datatype, tensor.data.dtype, tensor.data.size, tensor.data.shape))
         size = sum(t.data.nbytes for t in request.inputs)
         outputs = None if request.outputs is None else tuple(request.outputs)
-        return cls(tuple(inputs), size, outputs, request.binary_output)
+        return cls(tuple(inputs), size, outputs, request.binary_output, request.id)
 
     def request(self, body: bytes, offset: int, model: str, version: str) -> InferRequest:
         inputs = []
@@ -355,7 +358,7 @@ class _Layout:
             inputs.append(Tensor(name, datatype, np.frombuffer(body, dtype, count, offset).reshape(shape)))
             offset += count * dtype.itemsize
         outputs = None if self.outputs is None else list(self.outputs)
-        return InferRequest(model, version, inputs, outputs, None, {}, self.binary_output)
+        return InferRequest(model, version, inputs, outputs, self.id, {}, self.binary_output)
 
 
 # Layouts by their header's bytes; headers up to this long, this many at most (oldest dropped).

@@ -448,6 +448,19 @@ def test_headers_not_remembered(layouts: list[bytes], arrays: dict, extra: dict)
     assert second.id == first.id == extra.get("request_id")
 
 
+def test_an_empty_id_is_remembered_and_given_back(layouts: list[bytes]) -> None:
+    """perf_analyzer sends ``"id":""`` with every request."""
+    head = json_body({"id": "", "inputs": [_input(parameters={"binary_data_size": 8})]})
+    body, size = head + np.array([1.5, 2.5], "<f4").tobytes(), len(head)
+    first, second = decode(body, size), decode(body, size)
+    assert layouts == [body]
+    assert first.id == second.id == ""
+    assert_same(second.inputs[0].data, np.array([1.5, 2.5], "<f4"))
+    assert v2.encode_response(InferResponse("m", "1", [Tensor("y", "FP32", np.zeros((1, 2), "<f4"))]), second)[0].startswith(
+        b'{"model_name":"m","model_version":"1","id":""'
+    )
+
+
 def test_json_data_in_the_header_is_not_remembered(layouts: list[bytes]) -> None:
     body, size = _binary_request([_input(data=[1, 2]), _input(name="y", parameters={"binary_data_size": 8})], b"\0" * 8)
     decode(body, size), decode(body, size)
