@@ -213,9 +213,16 @@ class Batcher:
                 raise
             return future.result()
         self.start()
+        # The worker is woken only when this request may change what the policy decides: a new
+        # head of the queue (its max_delay timer), a free slot (send it, or hold it), or rows
+        # enough for a full batch. Under load, waking it for every request while a batch is in
+        # flight would cost a task step, a queue scan and a timer each, for nothing; a batch
+        # coming back wakes it anyway.
+        woken = not self._queue or self.inflight < self.policy.max_inflight
         self._queue.append(item)
         self._queued_rows += rows
-        self._wakeup.set()
+        if woken or self._queued_rows >= self.policy.max_rows:
+            self._wakeup.set()
         return await future
 
     async def close(self, grace: float) -> None:

@@ -183,6 +183,36 @@ async def test_requests_arriving_while_the_slot_is_busy_share_one_batch_and_get_
     await batcher.close(0)
 
 
+async def test_requests_queued_behind_a_busy_slot_wake_the_worker_only_when_the_policy_may_change() -> None:
+    up = FakeUpstream()
+    batcher = Batcher("m", up, POLICY, clock=FakeClock())  # max_rows 8, one slot
+    passes = 0
+    pump = batcher._pump
+
+    def counted() -> float | None:
+        nonlocal passes
+        passes += 1
+        return pump()
+
+    batcher._pump = counted  # type: ignore[method-assign]
+    tasks = [asyncio.create_task(batcher.submit(rows(1, start=0)))]
+    await up.wait_batches(1)  # the slot is now busy
+    tasks.append(asyncio.create_task(batcher.submit(rows(1, start=1))))
+    await settle()
+    assert passes == 1  # a new head of the queue: the worker arms its max_delay timer
+    tasks += [asyncio.create_task(batcher.submit(rows(2, start=10 * i))) for i in (2, 3, 4)]
+    await settle()
+    assert (passes, batcher.queued_rows, len(up.batches)) == (1, 7, 1)  # nothing to decide: not woken
+    tasks.append(asyncio.create_task(batcher.submit(rows(1, start=50))))
+    await up.wait_batches(2)  # 8 rows: a full batch goes at once, slot busy or not
+    assert passes == 2 and up.batches[1].shape[0] == 8
+    up.release_all()
+    results = await asyncio.gather(*tasks)
+    for res, (n, start) in zip(results, [(1, 0), (1, 1), (2, 20), (2, 30), (2, 40), (1, 50)]):
+        np.testing.assert_array_equal(res.outputs[0].data, rows(n, start=start)[0].data * 2)
+    await batcher.close(0)
+
+
 async def test_a_failed_batch_fails_every_request_in_it_and_the_loop_keeps_serving() -> None:
     up = FakeUpstream()
     batcher = Batcher("m", up, BatchPolicy(8, 0.002, 1, 64), clock=FakeClock())
