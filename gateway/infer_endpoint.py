@@ -137,15 +137,22 @@ def has_shadow(rollouts: Any, model: str) -> bool:
 SMALL_BODY = 65536
 
 
+# What a raw lookup learned, for a later lookup and the full path to reuse: the version the
+# rollout or the router chose for a request naming none (else None), and the raw key the request
+# was looked up under (None if it was not looked up).
+Looked = tuple[tuple[str, bool] | None, bytes | None]
+
+
 def raw_lookup(
-    pipeline: InferencePipeline, cache: ResponseCache, call: Call, chosen: tuple[str, bool] | None = None
-) -> tuple[RawAnswer | None, str, tuple[str, bool] | None]:
-    """(the stored answer or None, the version chosen to serve it, the choice to hand on to the
-    full path). ``chosen``: a choice already made for this request (by an earlier lookup).
-    The version is "" where the full path must answer (no version known, the deadline passed,
-    a shadow to mirror to): then nothing was looked up. A hit is counted, and told to the
-    rollout that chose its version, as the full path would: one request to that version,
-    answered well."""
+    pipeline: InferencePipeline, cache: ResponseCache, call: Call, looked: Looked = (None, None)
+) -> tuple[RawAnswer | None, str, Looked]:
+    """(the stored answer or None, the version chosen to serve it, what the lookup learned).
+    ``looked``: what an earlier lookup of this same request learned (its choice is kept, its
+    key not computed again). The version is "" where the full path must answer (no version
+    known, the deadline passed, a shadow to mirror to): then nothing was looked up. A hit is
+    counted, and told to the rollout that chose its version, as the full path would: one
+    request to that version, answered well."""
+    chosen, key = looked
     model, version = call.target
     if version:
         served, via_rollout = version, False
@@ -159,13 +166,15 @@ def raw_lookup(
         or (call.deadline is not None and call.deadline <= time.monotonic())  # the full path answers 504
         or (via_rollout and has_shadow(rollouts, model))  # the full path mirrors it
     ):
-        return None, "", chosen
+        return None, "", (chosen, None)
     start = time.monotonic() if via_rollout else 0.0
-    answer = cache.get_raw(model, raw_key(model, served, call.content_type, call.header_length, call.body))
+    if key is None:
+        key = raw_key(model, served, call.content_type, call.header_length, call.body)
+    answer = cache.get_raw(model, key)
     if answer is not None and via_rollout:
         rollouts.count(model, served)
         rollouts.record(model, served, True, time.monotonic() - start)
-    return answer, served, chosen
+    return answer, served, (chosen, key)
 
 
 @dataclass(slots=True)
@@ -227,7 +236,7 @@ class InferEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("/infer"):
             return await self.app(scope, receive, send)
-        held = scope.get(HELD)  # the protocol held it first: (arrival, version chosen or None)
+        held = scope.get(HELD)  # the protocol held it first: (arrival, what its lookup learned)
         start = time.monotonic() if held is None else held[0]
         content_type = b""
         target = call = None
@@ -247,7 +256,8 @@ class InferEndpoint:
             )
             cache = pipeline.cache
             if cache is not None and h.use_cache and cache.enabled_for(target[0]):
-                version = await self._infer_cached(send, pipeline, cache, call, None if held is None else held[1])
+                looked = held[1] if held is not None and held[1] is not None else (None, None)
+                version = await self._infer_cached(send, pipeline, cache, call, looked)
             else:
                 version = await self._infer(send, pipeline, call)
             self.counts.record(target[0], version, 200, time.monotonic() - start)
@@ -279,13 +289,13 @@ class InferEndpoint:
         return fleet_labels(services.router, target[0], version)
 
     async def _infer_cached(
-        self, send: Send, pipeline: InferencePipeline, cache: ResponseCache, call: Call, chosen: tuple[str, bool] | None
+        self, send: Send, pipeline: InferencePipeline, cache: ResponseCache, call: Call, looked: Looked
     ) -> str:
         """A request for a cached model: its raw answer if one is stored, else the full path
         (which keeps the answer for the next identical request). Returns the version that served it."""
-        answer, served, chosen = raw_lookup(pipeline, cache, call, chosen)
+        answer, served, (chosen, key) = raw_lookup(pipeline, cache, call, looked)
         if answer is None:
-            keep = (cache, cache.store.drops) if served else None
+            keep = (cache, cache.store.drops, served, key) if key is not None else None
             return await self._infer(send, pipeline, call, chosen, keep)
         await send({"type": "http.response.start", "status": 200, "headers": answer.headers})
         await send({"type": "http.response.body", "body": answer.body})
@@ -316,26 +326,26 @@ class InferEndpoint:
 
     def answer_from_cache(
         self, url: bytes, headers: list[tuple[bytes, bytes]], body: bytes, start: float
-    ) -> tuple[RawAnswer | None, tuple[str, bool] | None]:
+    ) -> tuple[RawAnswer | None, Looked]:
         """The stored answer to a request ``may_answer_from_cache`` accepted, counted as the ASGI
-        path counts one, and the version chosen for it (None if none was). Without an answer the
-        request goes the ASGI way, which looks again with that same choice (``HELD``)."""
+        path counts one, and what the lookup learned (``Looked``). Without an answer the request
+        goes the ASGI way, which looks again with that same choice and key (``HELD``)."""
         pipeline = self.app.state.services.pipeline
         cache = pipeline.cache
         target = infer_target(url.decode("latin-1"))
         if cache is None or target is None:
-            return None, None
+            return None, (None, None)
         try:
             h = read_headers(headers, pipeline.rollouts.pin_headers, start)
         except GatewayError:  # a malformed header: the ASGI path answers it
-            return None, None
+            return None, (None, None)
         if not h.use_cache:
-            return None, None
+            return None, (None, None)
         call = Call(target, body, h.content_type, h.header_length, h.deadline, None, True, h.sticky)
-        answer, served, chosen = raw_lookup(pipeline, cache, call)
+        answer, served, looked = raw_lookup(pipeline, cache, call)
         if answer is not None:
             self.counts.record(target[0], served, 200, time.monotonic() - start)
-        return answer, chosen
+        return answer, looked
 
     def request_lost(self, url: bytes) -> None:
         """A request the protocol held whose client left before it was complete: counted as the
@@ -351,11 +361,11 @@ class InferEndpoint:
         pipeline: InferencePipeline,
         call: Call,
         chosen: tuple[str, bool] | None = None,
-        keep: tuple[ResponseCache, int] | None = None,
+        keep: tuple[ResponseCache, int, str, bytes] | None = None,
     ) -> str:
-        """Decode, run the pipeline, encode and send; with ``keep`` (the cache and its drop
-        count before computing), a cacheable answer is also kept as raw bytes. Returns the
-        version that served it."""
+        """Decode, run the pipeline, encode and send; with ``keep`` (the cache, its drop count
+        before computing, and the version and raw key the request was looked up under), a
+        cacheable answer is also kept as raw bytes. Returns the version that served it."""
         model, version = call.target
         body = call.body
         if is_msgpack(call.content_type):
@@ -376,9 +386,10 @@ class InferEndpoint:
             headers.append((b"model-version", resp.version.encode()))
         length_header = (b"content-length", str(len(payload)).encode())
         if keep is not None and resp.cache in RAW_STORABLE:
-            cache, drops = keep
+            cache, drops, looked_up, key = keep
             stored = RawAnswer((*headers, (b"x-cache", b"hit"), length_header), payload)
-            key = raw_key(model, resp.version, call.content_type, call.header_length, body)
+            if resp.version != looked_up:  # that version left the fleet meanwhile: another served it
+                key = raw_key(model, resp.version, call.content_type, call.header_length, body)
             cache.put_raw(model, resp.version, key, stored, drops)
         if resp.cache:
             headers.append((b"x-cache", resp.cache.encode()))

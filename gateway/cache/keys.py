@@ -64,9 +64,21 @@ def raw_key(model: str, version: str, content_type: bytes, header_length: bytes 
     how the body is read and which wire format answers), and the body itself, which holds the
     inputs, the outputs asked for and how, the parameters, and the ``id`` the answer echoes.
     A different personalisation keeps these keys apart from ``request_key``'s."""
-    h = hashlib.blake2b(digest_size=16, person=b"gateway-raw")
-    h.update(b"%d:%s\0%d:%s\0" % (len(model), model.encode(), len(version), version.encode()))
-    h.update(b"%d:%s\0" % (len(content_type), content_type))
-    h.update(b"-\0" if header_length is None else b"%d:%s\0" % (len(header_length), header_length))
+    fields = (model, version, content_type, header_length)
+    prefix = _RAW_PREFIXES.get(fields)
+    if prefix is None:
+        prefix = b"%d:%s\0%d:%s\0%d:%s\0" % (
+            len(model), model.encode(), len(version), version.encode(), len(content_type), content_type
+        )
+        prefix += b"-\0" if header_length is None else b"%d:%s\0" % (len(header_length), header_length)
+        if len(_RAW_PREFIXES) >= MAX_RAW_PREFIXES:
+            _RAW_PREFIXES.clear()
+        _RAW_PREFIXES[fields] = prefix
+    h = hashlib.blake2b(prefix, digest_size=16, person=b"gateway-raw")
     h.update(body)
     return h.digest()
+
+
+# The encoded fields before the body, by the fields: clients send the same few again and again.
+_RAW_PREFIXES: dict[tuple[str, str, bytes, bytes | None], bytes] = {}
+MAX_RAW_PREFIXES = 1024

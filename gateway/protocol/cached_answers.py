@@ -12,7 +12,8 @@ and once the request is complete asks the app for the stored answer
 A hit is written at once, with the server's default headers (``date``) as uvicorn would add
 them; anything else (a miss, a bypass, a passed deadline) goes on exactly as if the headers had
 only just arrived: the ordinary cycle starts and gets the whole body, and the scope carries
-``HELD`` (the arrival time, and the version a rollout drew for the request, so it is drawn once).
+``HELD`` (the arrival time, and what the app's lookup learned: the version a rollout drew for
+the request, so it is drawn once, and the key it was looked up under, so it is hashed once).
 
 Only a request that uvicorn would run at once is held: HTTP/1.1, kept alive, no ``Expect:
 100-continue``, no upgrade, no concurrency limit, no earlier request of the connection still
@@ -33,9 +34,9 @@ from typing import Any
 
 from gateway.protocol.http_server import OneWriteHttpToolsProtocol
 
-# The scope key of a request the protocol held and then handed to the app: (arrival time, the
-# version chosen for it or None). The app reuses both, so the request is timed from its arrival
-# and a rollout draws its version once.
+# The scope key of a request the protocol held and then handed to the app: (arrival time, what
+# ``answer_from_cache`` returned beside its answer). The app reuses both, so the request is timed
+# from its arrival and its lookup's work (the rollout's draw, the key) is not done twice.
 HELD = "gateway.held"
 
 log = logging.getLogger(__name__)
@@ -116,10 +117,10 @@ class CachedAnswerHttpToolsProtocol(OneWriteHttpToolsProtocol):
             return super().on_message_complete()
         self._held = None
         body = held[0] if len(held) == 1 else b"".join(held)
-        answer = chosen = None
+        answer = looked = None
         if not self._shutting_down:
             try:
-                answer, chosen = self.app.answer_from_cache(self.url, self.headers, body, self._held_since)
+                answer, looked = self.app.answer_from_cache(self.url, self.headers, body, self._held_since)
             except Exception:  # a bug: the ordinary path still answers the request
                 log.exception("answering from the cache in the protocol failed")
         if answer is not None:
@@ -128,8 +129,8 @@ class CachedAnswerHttpToolsProtocol(OneWriteHttpToolsProtocol):
             self.on_response_complete()
             return
         # Not answered here: the ordinary way, as if the headers had only just arrived, with when
-        # the request arrived and the version already chosen for it (``HELD`` in the scope).
-        self.scope[HELD] = (self._held_since, chosen)
+        # the request arrived and what the lookup learned (``HELD`` in the scope).
+        self.scope[HELD] = (self._held_since, looked)
         super().on_headers_complete()
         if self._shutting_down and self.cycle is not None:
             self.cycle.keep_alive = False

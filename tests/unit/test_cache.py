@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gateway.batcher import BatchResult
-from gateway.cache import ResponseCache, cacheable, request_key
+from gateway.cache import ResponseCache, cacheable, keys, raw_key, request_key
 from gateway.cache.entry import decode_entry, encode_entry
 from gateway.cache.flight import SingleFlight
 from gateway.cache.store import ENTRY_OVERHEAD, CacheStore
@@ -44,6 +44,26 @@ def test_the_key_depends_on_everything_that_decides_the_answer() -> None:
         request_key("m", "1", [Tensor("x", "INT32", np.asarray([[1, 2, 3, 4]], np.int32))]),
     ]
     assert len({base, *others}) == 7
+
+
+def test_the_raw_key_depends_on_every_field_and_on_where_one_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(keys, "MAX_RAW_PREFIXES", 4)  # the remembered prefixes start over often
+    base = ("m", "1", b"application/octet-stream", b"12", b"body")
+    variants = [
+        ("n", "1", b"application/octet-stream", b"12", b"body"),
+        ("m", "2", b"application/octet-stream", b"12", b"body"),
+        ("m", "1", b"application/json", b"12", b"body"),
+        ("m", "1", b"application/octet-stream", b"13", b"body"),
+        ("m", "1", b"application/octet-stream", None, b"body"),
+        ("m", "1", b"application/octet-stream", b"", b"body"),
+        ("m", "1", b"application/octet-stream", b"12", b"bodz"),
+        ("m1", "", b"application/octet-stream", b"12", b"body"),  # the same bytes split elsewhere
+        ("m", "1", b"application/octet-stream", b"1", b"2body"),
+    ]
+    first = [raw_key(*args) for args in [base, *variants]]
+    assert len(set(first)) == len(first) and all(len(k) == 16 for k in first)
+    assert [raw_key(*args) for args in [base, *variants]] == first  # remembered or not, the same keys
+    assert len(keys._RAW_PREFIXES) <= 4
 
 
 def test_json_binary_and_msgpack_requests_for_the_same_tensors_share_a_key() -> None:

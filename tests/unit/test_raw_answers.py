@@ -12,12 +12,13 @@ import numpy as np
 import orjson
 
 from gateway.batcher import BatchResult
-from gateway.cache import ResponseCache
+from gateway.cache import ResponseCache, raw_key
 from gateway.config import BatchingConfig, CacheConfig
 from gateway.errors import UpstreamError
 from gateway.infer_endpoint import InferEndpoint
 from gateway.models import ModelInfo
 from gateway.pipeline import InferencePipeline
+from gateway.protocol.cached_answers import HELD
 from gateway.rollout import ModelRollout, Rollouts
 from gateway.tensors import Tensor
 from model_fixtures import INFO
@@ -260,7 +261,8 @@ async def test_the_protocol_is_answered_the_asgi_paths_stored_bytes_and_counts_t
     body = json_body([1.0, 2.0], request_id="abc")
     url = b"/v2/models/m/infer"
     assert endpoint.may_answer_from_cache(url, arriving(body))
-    assert endpoint.answer_from_cache(url, arriving(body), body, 0.0) == (None, ("1", False))  # nothing stored yet
+    key = raw_key("m", "1", b"application/json", None, body)
+    assert endpoint.answer_from_cache(url, arriving(body), body, 0.0) == (None, (("1", False), key))  # nothing stored yet
     _, _, first, raw_headers = await post(endpoint, body)  # the miss, on the ASGI path, stores it
     answer, _ = endpoint.answer_from_cache(url, arriving(body), body, 0.0)
     assert answer is not None and answer.body == first
@@ -299,18 +301,19 @@ def test_the_protocol_holds_only_small_plain_infer_requests_of_cached_models() -
 async def test_a_request_the_protocol_held_keeps_its_arrival_and_its_rollout_choice() -> None:
     """A miss in the protocol goes on through ASGI with the version drawn for it: the canary's
     share is drawn once per request, not again on the ASGI path."""
-    from gateway.protocol.cached_answers import HELD
-
     rollouts = Rollouts(seed=3)
     rollouts.set_models({"m": ModelRollout("1", "2", 0.5)})
     endpoint, router, cache = stack(rollouts=rollouts)
     url = b"/v2/models/m/infer"
     for i in range(40):
         body = json_body([float(i), 1.0])
-        answer, chosen = endpoint.answer_from_cache(url, arriving(body), body, 5.0)
+        answer, looked = endpoint.answer_from_cache(url, arriving(body), body, 5.0)
+        chosen, key = looked
         assert answer is None and chosen is not None and chosen[1]  # drawn by the rollout
-        _, headers, _, _ = await post(endpoint, body, headers=arriving(body), **{HELD: (5.0, chosen)})
+        assert key == raw_key("m", chosen[0], b"application/json", None, body)  # looked up under it
+        _, headers, _, _ = await post(endpoint, body, headers=arriving(body), **{HELD: (5.0, looked)})
         assert headers[b"model-version"] == chosen[0].encode()
+        assert cache.store.get(key, 0.0) is not None  # kept under the key it was looked up under
     assert sum(rollouts.served.values()) == 40  # each request counted once for its version
     row_seconds = endpoint.counts.rows  # timed from the arrival handed on (5.0), long before now
     assert all(row[-1] > 1.0 for row in row_seconds.values())
@@ -330,3 +333,26 @@ async def test_answers_say_their_format_binary_with_the_json_header_length() -> 
     status, headers, body, _ = await post(endpoint, json_body([1.0, 2.0]))
     assert status == 200 and headers[b"content-type"] == b"application/json"
     assert b"inference-header-content-length" not in headers and orjson.loads(body)["outputs"][0]["data"] == [3.0, 5.0]
+
+
+async def test_an_answer_from_another_version_than_the_one_looked_up_is_kept_under_its_own_key() -> None:
+    """The version chosen for a request left the fleet before it was served, so another one
+    answered it: that answer must not be kept under the first version's key."""
+    endpoint, router, cache = stack()
+    body = json_body([1.0, 2.0])
+    url = b"/v2/models/m/infer"
+    answer, looked = endpoint.answer_from_cache(url, arriving(body), body, 0.0)
+    assert answer is None and looked[0] == ("1", False)
+    serve = router.infer
+
+    async def vanishing(model, version, inputs, parameters=None, deadline=None):  # noqa: ANN001, ANN202
+        if version == "1":
+            router.newest = "2"
+            raise UpstreamError("Request for unknown model: 'm' version 1 is not found", status=400)
+        return await serve(model, version, inputs, parameters, deadline)
+
+    router.infer = vanishing
+    status, headers, _, _ = await post(endpoint, body, headers=arriving(body), **{HELD: (0.0, looked)})
+    assert status == 200 and headers[b"model-version"] == b"2"
+    assert cache.store.get(looked[1], 0.0) is None  # nothing under version 1's key
+    assert cache.store.get(raw_key("m", "2", b"application/json", None, body), 0.0) is not None
