@@ -1,12 +1,17 @@
 """Single-flight: identical requests in flight share one computation.
 
-The first request for a key starts the computation as a task of its own; every request for
-that key while it runs (the first included) waits for the task through ``asyncio.shield``.
-So a waiter that goes away (its client disconnected, its deadline passed) cancels only its own
-wait, never the computation the others wait for; a failure reaches every waiter as the same
-error (each gets its own copy, with its own traceback); and the computation is told, through
-``abandoned()``, when nobody waits any more (every waiter cancelled or its client gone), so the
-batcher can drop it before it is sent.
+The first request for a key (the leader) runs the computation in its own task; every request
+for that key while it runs (a follower) waits on a future of its own, which the leader
+resolves. So a follower that goes away (its client disconnected, its deadline passed) cancels
+only its own wait; a failure reaches every waiter as the same error (each follower gets its own
+copy, with its own traceback); and the computation is told, through ``abandoned()``, when
+nobody waits any more (every waiter cancelled or its client gone), so the batcher can drop it
+before it is sent.
+
+The leader computing in its own task spares every miss a task and two event-loop turns. If the
+leader itself is cancelled (its deadline passed) while followers still wait, its computation is
+cancelled with it and started again in a task of its own for them: the only case in which a key
+is computed twice, and then only because the leader gave up first.
 """
 
 from __future__ import annotations
@@ -26,17 +31,31 @@ Gone = Callable[[], bool]
 
 @dataclass(slots=True, eq=False)
 class _Flight(Generic[T]):
-    task: asyncio.Task[T] | None = None
     # One entry per waiter: how to tell whether its client has gone (None: it cannot tell).
     waiters: list[Gone | None] = field(default_factory=list)
+    followers: list[asyncio.Future[T]] = field(default_factory=list)
 
     def abandoned(self) -> bool:
         return all(g is not None and g() for g in self.waiters)
+
+    def settle(self, result: T | None, error: BaseException | None) -> None:
+        for future in list(self.followers):
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(result)  # type: ignore[arg-type]
+            else:
+                future.set_exception(copy.copy(error).with_traceback(None))
+
+    def cancel(self) -> None:
+        for future in list(self.followers):
+            future.cancel()
 
 
 class SingleFlight(Generic[T]):
     def __init__(self) -> None:
         self._flights: dict[bytes, _Flight[T]] = {}
+        self._handed_over: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
         return len(self._flights)
@@ -45,25 +64,63 @@ class SingleFlight(Generic[T]):
         """The result for ``key`` and whether it was shared with an earlier request. ``gone``
         tells whether this waiter's client has left (a cancelled waiter leaves by itself)."""
         flight = self._flights.get(key)
-        shared = flight is not None
-        if flight is None:
-            flight = _Flight()
-            flight.task = asyncio.ensure_future(compute(flight.abandoned))
-            self._flights[key] = flight
-            new = flight
-            flight.task.add_done_callback(lambda task: self._done(key, new, task))
+        if flight is not None:
+            return await self._follow(flight, gone), True
+        flight = self._flights[key] = _Flight([gone])
+        try:
+            result = await compute(flight.abandoned)
+        except Exception as exc:
+            self._end(key, flight)
+            flight.settle(None, exc)
+            raise
+        except BaseException:  # the leader was cancelled: not the computation's failure
+            flight.waiters.remove(gone)
+            self._hand_over(key, flight, compute)
+            raise
+        self._end(key, flight)
+        flight.settle(result, None)
+        return result, False
+
+    async def _follow(self, flight: _Flight[T], gone: Gone | None) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        flight.followers.append(future)
         flight.waiters.append(gone)
         try:
-            return await asyncio.shield(flight.task), shared  # type: ignore[arg-type]
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            raise copy.copy(exc).with_traceback(None) from None
+            return await future
         finally:
             flight.waiters.remove(gone)
+            flight.followers.remove(future)
 
-    def _done(self, key: bytes, flight: _Flight[T], task: asyncio.Task[T]) -> None:
+    def _end(self, key: bytes, flight: _Flight[T]) -> None:
         if self._flights.get(key) is flight:
             del self._flights[key]
-        if not task.cancelled():
-            task.exception()  # retrieved: a failure nobody waited for is not an asyncio warning
+
+    def _hand_over(self, key: bytes, flight: _Flight[T], compute: Compute[T]) -> None:
+        """The leader gave up: compute again, in a task of its own, for the followers still
+        waiting (or end the flight if none is)."""
+        if all(f.done() for f in flight.followers):
+            self._end(key, flight)
+            return
+
+        async def finish() -> None:
+            try:
+                result = await compute(flight.abandoned)
+            except Exception as exc:
+                self._end(key, flight)
+                flight.settle(None, exc)
+                return
+            except BaseException:  # cancelled in turn (shutdown): so are the followers
+                self._end(key, flight)
+                flight.cancel()
+                raise
+            self._end(key, flight)
+            flight.settle(result, None)
+
+        try:
+            task = asyncio.get_running_loop().create_task(finish())
+        except RuntimeError:  # no loop left to compute in (the gateway is stopping)
+            self._end(key, flight)
+            flight.cancel()
+            return
+        self._handed_over.add(task)  # a hard reference until done
+        task.add_done_callback(self._handed_over.discard)

@@ -176,6 +176,62 @@ async def test_a_cancelled_follower_does_not_disturb_the_leader_or_the_others() 
     assert follower.cancelled() and leader_gone.cancelled()
 
 
+async def test_a_cancelled_leader_hands_the_computation_over_to_the_others() -> None:
+    """The leader computes in its own task; when it is cancelled (its deadline passed), those
+    still waiting get their answer from the computation started again for them."""
+    flight: SingleFlight[int] = SingleFlight()
+    release = asyncio.Event()
+    calls = 0
+
+    async def compute(abandoned) -> int:  # noqa: ANN001
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        return 7 * calls
+
+    leader = asyncio.create_task(flight.do(b"k", compute))
+    await asyncio.sleep(0)
+    followers = [asyncio.create_task(flight.do(b"k", compute)) for _ in range(2)]
+    await asyncio.sleep(0)
+    leader.cancel()
+    await asyncio.sleep(0)
+    late = asyncio.create_task(flight.do(b"k", compute))  # joins the computation handed over
+    await asyncio.sleep(0)
+    release.set()
+    assert [await f for f in followers] == [(14, True), (14, True)] and await late == (14, True)
+    assert leader.cancelled() and calls == 2 and len(flight) == 0
+
+
+async def test_a_cancelled_leader_alone_ends_its_flight_and_a_handed_over_failure_reaches_the_others() -> None:
+    flight: SingleFlight[int] = SingleFlight()
+    release = asyncio.Event()
+    calls = 0
+
+    async def compute(abandoned) -> int:  # noqa: ANN001
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        if calls > 1:
+            raise UpstreamError("model failed", status=502)
+        return 1
+
+    alone = asyncio.create_task(flight.do(b"k", compute))
+    await asyncio.sleep(0)
+    alone.cancel()
+    await asyncio.sleep(0)
+    assert alone.cancelled() and len(flight) == 0 and calls == 1  # nothing computed again
+    leader = asyncio.create_task(flight.do(b"k", compute))
+    await asyncio.sleep(0)
+    follower = asyncio.create_task(flight.do(b"k", compute))
+    await asyncio.sleep(0)
+    leader.cancel()
+    await asyncio.sleep(0)
+    release.set()
+    with pytest.raises(UpstreamError, match="model failed"):
+        await follower
+    assert calls == 3 and len(flight) == 0
+
+
 async def test_a_failure_reaches_every_waiter_as_the_same_error() -> None:
     flight: SingleFlight[int] = SingleFlight()
     release = asyncio.Event()
