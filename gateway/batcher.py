@@ -169,12 +169,12 @@ class Batcher:
     ) -> None:
         self.name = name
         self._dispatch = dispatch
-        self.policy = policy
         self._clock = clock
         self._queue: deque[Pending] = deque()
         self._queued_rows = 0
         self.inflight = 0
         self._wakeup = asyncio.Event()
+        self.policy = policy
         self._tasks: set[asyncio.Task[None]] = set()
         self._worker: asyncio.Task[None] | None = None
         self.batches_sent = 0
@@ -183,6 +183,17 @@ class Batcher:
     @property
     def queued_rows(self) -> int:
         return self._queued_rows
+
+    @property
+    def policy(self) -> BatchPolicy:
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: BatchPolicy) -> None:
+        """A new policy (the fleet changed size, or the model's max_batch_size): the worker
+        looks at the queue again at once, which requests would not make it do (``submit``)."""
+        self._policy = policy
+        self._wakeup.set()
 
     def start(self) -> None:
         if self._worker is None:

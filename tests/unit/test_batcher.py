@@ -213,6 +213,25 @@ async def test_requests_queued_behind_a_busy_slot_wake_the_worker_only_when_the_
     await batcher.close(0)
 
 
+async def test_a_new_policy_is_acted_on_at_once_even_at_the_hard_cap() -> None:
+    """The fleet grew: more batches may be in flight. Requests queued at the old cap go out
+    without waiting for a batch to come back (no request would wake the worker for them)."""
+    up = FakeUpstream()
+    batcher = Batcher("m", up, BatchPolicy(8, 0.0, 1, 64), clock=FakeClock())  # no delay: overflow at once
+    tasks = [asyncio.create_task(batcher.submit(rows(1, start=i))) for i in range(2)]
+    await up.wait_batches(2)  # one in its slot, one overflowing: the hard cap (2 x 1)
+    tasks.append(asyncio.create_task(batcher.submit(rows(1, start=2))))
+    await settle()
+    assert len(up.batches) == 2 and batcher.queued_rows == 1  # waits at the cap
+    batcher.policy = BatchPolicy(8, 0.0, 2, 64)  # two instances now
+    await asyncio.wait_for(up.wait_batches(3), 2.0)
+    up.release_all()
+    results = await asyncio.gather(*tasks)
+    for i, res in enumerate(results):
+        np.testing.assert_array_equal(res.outputs[0].data, rows(1, start=i)[0].data * 2)
+    await batcher.close(0)
+
+
 async def test_a_failed_batch_fails_every_request_in_it_and_the_loop_keeps_serving() -> None:
     up = FakeUpstream()
     batcher = Batcher("m", up, BatchPolicy(8, 0.002, 1, 64), clock=FakeClock())
