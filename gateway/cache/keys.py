@@ -71,9 +71,10 @@ def raw_key(model: str, version: str, content_type: bytes, header_length: bytes 
             len(model), model.encode(), len(version), version.encode(), len(content_type), content_type
         )
         prefix += b"-\0" if header_length is None else b"%d:%s\0" % (len(header_length), header_length)
-        if len(_RAW_PREFIXES) >= MAX_RAW_PREFIXES:
-            _RAW_PREFIXES.clear()
-        _RAW_PREFIXES[fields] = prefix
+        if len(prefix) <= MAX_RAW_PREFIX_BYTES:  # headers are the client's: only short ones are kept
+            if len(_RAW_PREFIXES) >= MAX_RAW_PREFIXES:
+                _RAW_PREFIXES.clear()
+            _RAW_PREFIXES[fields] = prefix
     h = hashlib.blake2b(prefix, digest_size=16, person=b"gateway-raw")
     h.update(body)
     return h.digest()
@@ -82,3 +83,4 @@ def raw_key(model: str, version: str, content_type: bytes, header_length: bytes 
 # The encoded fields before the body, by the fields: clients send the same few again and again.
 _RAW_PREFIXES: dict[tuple[str, str, bytes, bytes | None], bytes] = {}
 MAX_RAW_PREFIXES = 1024
+MAX_RAW_PREFIX_BYTES = 256
