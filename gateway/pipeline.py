@@ -136,7 +136,9 @@ class InferencePipeline:
                     # dropped unsent once all of them have gone (see cache.flight).
                     return await self._compute(request, info, inputs, None, abandoned)
 
-                result, source = await cache.get_or_compute(request.model, request.version, key, compute, gone)
+                result, source = await cache.get_or_compute(
+                    request.model, request.version, key, compute, gone, detach=deadline is not None
+                )
             else:
                 result, source = await self._compute(request, info, inputs, deadline, gone), "bypass"
         else:

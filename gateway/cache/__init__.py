@@ -80,10 +80,12 @@ class ResponseCache:
         return self._config.for_model(model).enabled
 
     async def get_or_compute(
-        self, model: str, version: str, key: bytes, compute: Compute, gone: Gone | None = None
+        self, model: str, version: str, key: bytes, compute: Compute, gone: Gone | None = None, detach: bool = False
     ) -> tuple[BatchResult, str]:
         """The result and where it came from: "hit" (this gateway's store or the shared tier),
-        "coalesced" (shared with an identical request in flight) or "miss" (computed)."""
+        "coalesced" (shared with an identical request in flight) or "miss" (computed).
+        ``detach``: the caller has a deadline, so a computation it starts runs in a task of
+        its own, which the caller's timing out does not cancel (``flight``)."""
         stats = self.store.model_stats(model)
         cached = self.store.get(key, self._clock())
         if cached is not None:
@@ -104,7 +106,7 @@ class ResponseCache:
             self._to_shared(model, key, result)
             return result, "miss"
 
-        (result, source), coalesced = await self._flight.do(key, run, gone)
+        (result, source), coalesced = await self._flight.do(key, run, gone, detach)
         if coalesced:
             stats.coalesced += 1
             return result, "coalesced"

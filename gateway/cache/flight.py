@@ -1,17 +1,20 @@
 """Single-flight: identical requests in flight share one computation.
 
-The first request for a key (the leader) runs the computation in its own task; every request
-for that key while it runs (a follower) waits on a future of its own, which the leader
-resolves. So a follower that goes away (its client disconnected, its deadline passed) cancels
-only its own wait; a failure reaches every waiter as the same error (each follower gets its own
-copy, with its own traceback); and the computation is told, through ``abandoned()``, when
-nobody waits any more (every waiter cancelled or its client gone), so the batcher can drop it
-before it is sent.
+The first request for a key (the leader) starts the computation; every request for that key
+while it runs (a follower) waits on a future of its own. So a follower that goes away (its
+client disconnected, its deadline passed) cancels only its own wait; a failure reaches every
+waiter as the same error (each follower gets its own copy, with its own traceback); and the
+computation is told, through ``abandoned()``, when nobody waits any more (every waiter
+cancelled or its client gone), so the batcher can drop it before it is sent.
 
-The leader computing in its own task spares every miss a task and two event-loop turns. If the
-leader itself is cancelled (its deadline passed) while followers still wait, its computation is
-cancelled with it and started again in a task of its own for them: the only case in which a key
-is computed twice, and then only because the leader gave up first.
+Where the computation runs depends on whether the leader may give up before it ends:
+
+* a leader with a deadline (``detach=True``) could be cancelled when it passes, so the
+  computation runs in a task of its own, which the leader waits for like a follower: the others
+  keep their computation, whatever happens to the leader;
+* any other leader computes in its own task: no task and no extra event-loop turns per miss.
+  Only a shutdown cancels such a leader; if followers still wait then, the computation starts
+  again for them in a task of its own (which the shutdown ends in turn, with a 503 for them).
 """
 
 from __future__ import annotations
@@ -22,11 +25,22 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from gateway.errors import Unavailable
+
 T = TypeVar("T")
 Compute = Callable[[Callable[[], bool]], Awaitable[T]]
 
 
 Gone = Callable[[], bool]
+
+
+def _own_copy(error: BaseException) -> BaseException:
+    """A copy of ``error`` without its traceback, for one waiter (the error itself if it cannot
+    be copied: sharing it beats leaving a waiter without an answer)."""
+    try:
+        return copy.copy(error).with_traceback(None)
+    except Exception:
+        return error
 
 
 @dataclass(slots=True, eq=False)
@@ -45,37 +59,42 @@ class _Flight(Generic[T]):
             if error is None:
                 future.set_result(result)  # type: ignore[arg-type]
             else:
-                future.set_exception(copy.copy(error).with_traceback(None))
-
-    def cancel(self) -> None:
-        for future in list(self.followers):
-            future.cancel()
+                future.set_exception(_own_copy(error))
 
 
 class SingleFlight(Generic[T]):
     def __init__(self) -> None:
         self._flights: dict[bytes, _Flight[T]] = {}
-        self._handed_over: set[asyncio.Task[None]] = set()
+        self._detached: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
         return len(self._flights)
 
-    async def do(self, key: bytes, compute: Compute[T], gone: Gone | None = None) -> tuple[T, bool]:
+    async def do(self, key: bytes, compute: Compute[T], gone: Gone | None = None, detach: bool = False) -> tuple[T, bool]:
         """The result for ``key`` and whether it was shared with an earlier request. ``gone``
-        tells whether this waiter's client has left (a cancelled waiter leaves by itself)."""
+        tells whether this waiter's client has left (a cancelled waiter leaves by itself);
+        ``detach``: this waiter may be cancelled before the computation ends (it has a
+        deadline), so if it starts one, the computation runs in a task of its own."""
         flight = self._flights.get(key)
         if flight is not None:
             return await self._follow(flight, gone), True
-        flight = self._flights[key] = _Flight([gone])
+        flight = self._flights[key] = _Flight()
+        if detach:
+            self._detach(key, flight, compute)
+            return await self._follow(flight, gone), False
+        flight.waiters.append(gone)
         try:
             result = await compute(flight.abandoned)
         except Exception as exc:
             self._end(key, flight)
             flight.settle(None, exc)
             raise
-        except BaseException:  # the leader was cancelled: not the computation's failure
+        except BaseException:  # the leader was cancelled (shutdown): not the computation's failure
             flight.waiters.remove(gone)
-            self._hand_over(key, flight, compute)
+            if all(f.done() for f in flight.followers):
+                self._end(key, flight)
+            else:
+                self._detach(key, flight, compute)
             raise
         self._end(key, flight)
         flight.settle(result, None)
@@ -95,32 +114,30 @@ class SingleFlight(Generic[T]):
         if self._flights.get(key) is flight:
             del self._flights[key]
 
-    def _hand_over(self, key: bytes, flight: _Flight[T], compute: Compute[T]) -> None:
-        """The leader gave up: compute again, in a task of its own, for the followers still
-        waiting (or end the flight if none is)."""
-        if all(f.done() for f in flight.followers):
-            self._end(key, flight)
-            return
+    def _detach(self, key: bytes, flight: _Flight[T], compute: Compute[T]) -> None:
+        """Run the flight's computation in a task of its own, which settles every waiter."""
 
-        async def finish() -> None:
+        async def run() -> None:
             try:
                 result = await compute(flight.abandoned)
             except Exception as exc:
                 self._end(key, flight)
                 flight.settle(None, exc)
                 return
-            except BaseException:  # cancelled in turn (shutdown): so are the followers
-                self._end(key, flight)
-                flight.cancel()
-                raise
             self._end(key, flight)
             flight.settle(result, None)
 
+        def stopped(task: asyncio.Task[None]) -> None:
+            self._detached.discard(task)
+            if task.cancelled():  # the gateway is stopping (perhaps before the task ever ran)
+                self._end(key, flight)
+                flight.settle(None, Unavailable("the gateway is shutting down"))
+
         try:
-            task = asyncio.get_running_loop().create_task(finish())
-        except RuntimeError:  # no loop left to compute in (the gateway is stopping)
+            task = asyncio.get_running_loop().create_task(run())
+        except RuntimeError:  # no loop left to compute in: the gateway is stopping
             self._end(key, flight)
-            flight.cancel()
+            flight.settle(None, Unavailable("the gateway is shutting down"))
             return
-        self._handed_over.add(task)  # a hard reference until done
-        task.add_done_callback(self._handed_over.discard)
+        self._detached.add(task)  # a hard reference until done
+        task.add_done_callback(stopped)

@@ -33,7 +33,7 @@ class InstanceUnreachable(Unavailable):
     kept-alive connection the instance had closed): worth a retry, no proof the instance is down.
     """
 
-    def __init__(self, message: str, connect_failed: bool) -> None:
+    def __init__(self, message: str, connect_failed: bool = False) -> None:  # the default lets copy.copy work
         super().__init__(message)
         self.connect_failed = connect_failed
 

@@ -14,10 +14,11 @@ from gateway.cache.entry import decode_entry, encode_entry
 from gateway.cache.flight import SingleFlight
 from gateway.cache.store import ENTRY_OVERHEAD, CacheStore
 from gateway.config import CacheConfig
-from gateway.errors import UpstreamError
+from gateway.errors import Unavailable, UpstreamError
 from gateway.protocol import msgpack as msgpack_codec
 from gateway.protocol import v2
 from gateway.tensors import InferRequest, RequestedOutput, Tensor
+from gateway.upstream.client import InstanceUnreachable
 
 
 def tensor(values: list[float], name: str = "x", shape: tuple[int, ...] | None = None) -> Tensor:
@@ -60,10 +61,17 @@ def test_the_raw_key_depends_on_every_field_and_on_where_one_ends(monkeypatch: p
         ("m1", "", b"application/octet-stream", b"12", b"body"),  # the same bytes split elsewhere
         ("m", "1", b"application/octet-stream", b"1", b"2body"),
     ]
-    first = [raw_key(*args) for args in [base, *variants]]
+    first, again = [], []
+    for args in [base, *variants]:
+        first.append(raw_key(*args))
+        assert args[:4] in keys._RAW_PREFIXES  # remembered...
+        again.append(raw_key(*args))  # ...and used
+    assert first == again
     assert len(set(first)) == len(first) and all(len(k) == 16 for k in first)
-    assert [raw_key(*args) for args in [base, *variants]] == first  # remembered or not, the same keys
     assert len(keys._RAW_PREFIXES) <= 4
+    long_type = b"application/" + b"x" * 300  # the client's header: computed, not remembered
+    assert raw_key("m", "1", long_type, None, b"body") == raw_key("m", "1", long_type, None, b"body")
+    assert ("m", "1", long_type, None) not in keys._RAW_PREFIXES
 
 
 def test_json_binary_and_msgpack_requests_for_the_same_tensors_share_a_key() -> None:
@@ -177,8 +185,9 @@ async def test_a_cancelled_follower_does_not_disturb_the_leader_or_the_others() 
 
 
 async def test_a_cancelled_leader_hands_the_computation_over_to_the_others() -> None:
-    """The leader computes in its own task; when it is cancelled (its deadline passed), those
-    still waiting get their answer from the computation started again for them."""
+    """A leader without a deadline computes in its own task; if it is cancelled all the same
+    (the gateway stopping), those still waiting get their answer from the computation started
+    again for them."""
     flight: SingleFlight[int] = SingleFlight()
     release = asyncio.Event()
     calls = 0
@@ -230,6 +239,70 @@ async def test_a_cancelled_leader_alone_ends_its_flight_and_a_handed_over_failur
     with pytest.raises(UpstreamError, match="model failed"):
         await follower
     assert calls == 3 and len(flight) == 0
+
+
+async def test_a_leader_with_a_deadline_leaves_its_computation_to_the_others() -> None:
+    """A leader that may time out (``detach``) starts the computation in a task of its own: its
+    timing out cancels neither that computation nor anyone else's wait."""
+    flight: SingleFlight[int] = SingleFlight()
+    release = asyncio.Event()
+    calls = 0
+
+    async def compute(abandoned) -> int:  # noqa: ANN001
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        return 5
+
+    leader = asyncio.create_task(flight.do(b"k", compute, detach=True))
+    await asyncio.sleep(0)
+    follower = asyncio.create_task(flight.do(b"k", compute))
+    await asyncio.sleep(0)
+    leader.cancel()  # its deadline passed
+    await asyncio.sleep(0)
+    release.set()
+    assert await follower == (5, True) and calls == 1 and leader.cancelled() and len(flight) == 0
+
+
+async def test_a_detached_computation_stopped_before_it_ran_answers_its_waiters_503() -> None:
+    flight: SingleFlight[int] = SingleFlight()
+
+    async def compute(abandoned) -> int:  # noqa: ANN001
+        return 9
+
+    leader = asyncio.create_task(flight.do(b"k", compute, detach=True))
+    follower = asyncio.create_task(flight.do(b"k", compute))
+    await asyncio.sleep(0)  # the leader started the computation's task, the follower joined it
+    (task,) = flight._detached
+    task.cancel()  # the gateway stopping, before the computation's first step
+    for waiter in (leader, follower):
+        with pytest.raises(Unavailable, match="shutting down"):
+            await waiter
+    assert len(flight) == 0
+    assert await flight.do(b"k", compute) == (9, False)  # the key is not stuck
+
+
+class Uncopyable(UpstreamError):
+    def __init__(self, message: str, extra: int) -> None:  # copy.copy cannot rebuild it
+        super().__init__(message, status=502)
+
+
+async def test_errors_reach_every_waiter_even_when_they_cannot_be_copied() -> None:
+    for error in (InstanceUnreachable("no route", connect_failed=True), Uncopyable("odd", 1)):
+        flight: SingleFlight[int] = SingleFlight()
+        release = asyncio.Event()
+
+        async def compute(abandoned) -> int:  # noqa: ANN001
+            await release.wait()
+            raise error
+
+        tasks = [asyncio.create_task(flight.do(b"k", compute)) for _ in range(3)]
+        await asyncio.sleep(0)
+        release.set()
+        errors = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 1.0)
+        assert all(type(e) is type(error) and e.message == error.message for e in errors)
+        if isinstance(error, InstanceUnreachable):
+            assert all(e.connect_failed for e in errors) and len({id(e) for e in errors}) == 3
 
 
 async def test_a_failure_reaches_every_waiter_as_the_same_error() -> None:

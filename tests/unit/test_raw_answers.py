@@ -4,6 +4,7 @@ cache behind the real endpoint; a fake router and metadata (no network)."""
 
 from __future__ import annotations
 
+import asyncio
 import types
 from typing import Any
 
@@ -356,3 +357,31 @@ async def test_an_answer_from_another_version_than_the_one_looked_up_is_kept_und
     assert status == 200 and headers[b"model-version"] == b"2"
     assert cache.store.get(looked[1], 0.0) is None  # nothing under version 1's key
     assert cache.store.get(raw_key("m", "2", b"application/json", None, body), 0.0) is not None
+
+
+async def test_a_request_whose_deadline_passes_leaves_its_computation_to_an_identical_one() -> None:
+    """Two identical requests in flight share one inference; the first one's deadline passing
+    (504 for it) neither cancels that inference nor makes the second one start another."""
+    endpoint, router, _ = stack()
+    release = asyncio.Event()
+    serve = router.infer
+
+    started: list[str] = []
+
+    async def slow(model, version, inputs, parameters=None, deadline=None):  # noqa: ANN001, ANN202
+        started.append(version)
+        await release.wait()
+        return await serve(model, version, inputs, parameters, deadline)
+
+    router.infer = slow
+    body = json_body([3.0, 4.0])
+    headers = [(b"content-type", b"application/json"), (b"x-request-timeout-ms", b"30")]
+    hurried = asyncio.create_task(post(endpoint, body, headers=headers))
+    await asyncio.sleep(0)
+    patient = asyncio.create_task(post(endpoint, body))
+    status, _, _, _ = await hurried
+    assert status == 504
+    release.set()
+    status, headers, answer, _ = await patient
+    assert status == 200 and orjson.loads(answer)["outputs"][0]["data"] == [7.0, 9.0]
+    assert started == ["1"] and router.calls == ["1"]  # one inference, shared
