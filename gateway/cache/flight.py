@@ -86,8 +86,7 @@ class SingleFlight(Generic[T]):
         try:
             result = await compute(flight.abandoned)
         except Exception as exc:
-            self._end(key, flight)
-            flight.settle(None, exc)
+            self._close(key, flight, None, exc)
             raise
         except BaseException:  # the leader was cancelled (shutdown): not the computation's failure
             flight.waiters.remove(gone)
@@ -96,8 +95,7 @@ class SingleFlight(Generic[T]):
             else:
                 self._detach(key, flight, compute)
             raise
-        self._end(key, flight)
-        flight.settle(result, None)
+        self._close(key, flight, result, None)
         return result, False
 
     async def _follow(self, flight: _Flight[T], gone: Gone | None) -> T:
@@ -114,6 +112,12 @@ class SingleFlight(Generic[T]):
         if self._flights.get(key) is flight:
             del self._flights[key]
 
+    def _close(self, key: bytes, flight: _Flight[T], result: T | None, error: BaseException | None) -> None:
+        """The computation is over: later requests start a new one, and every follower gets
+        its answer."""
+        self._end(key, flight)
+        flight.settle(result, error)
+
     def _detach(self, key: bytes, flight: _Flight[T], compute: Compute[T]) -> None:
         """Run the flight's computation in a task of its own, which settles every waiter."""
 
@@ -121,23 +125,19 @@ class SingleFlight(Generic[T]):
             try:
                 result = await compute(flight.abandoned)
             except Exception as exc:
-                self._end(key, flight)
-                flight.settle(None, exc)
+                self._close(key, flight, None, exc)
                 return
-            self._end(key, flight)
-            flight.settle(result, None)
+            self._close(key, flight, result, None)
 
         def stopped(task: asyncio.Task[None]) -> None:
             self._detached.discard(task)
             if task.cancelled():  # the gateway is stopping (perhaps before the task ever ran)
-                self._end(key, flight)
-                flight.settle(None, Unavailable("the gateway is shutting down"))
+                self._close(key, flight, None, Unavailable("the gateway is shutting down"))
 
         try:
             task = asyncio.get_running_loop().create_task(run())
         except RuntimeError:  # no loop left to compute in: the gateway is stopping
-            self._end(key, flight)
-            flight.settle(None, Unavailable("the gateway is shutting down"))
+            self._close(key, flight, None, Unavailable("the gateway is shutting down"))
             return
         self._detached.add(task)  # a hard reference until done
         task.add_done_callback(stopped)
