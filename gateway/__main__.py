@@ -39,14 +39,8 @@ def serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from gateway import cache
     from gateway.app import build_app
-    from gateway.protocol.cached_answers import CachedAnswerHttpToolsProtocol
-    from gateway.protocol.http_server import OneWriteHttpToolsProtocol
-
-    # httptools, each response's head and body in one write; with a cache, hits answered in the
-    # protocol itself (without one, that protocol's per-request check would only cost time).
-    protocol = CachedAnswerHttpToolsProtocol if cache.configured(config.cache) else OneWriteHttpToolsProtocol
+    from gateway.protocol.infer_server import InferHttpToolsProtocol
 
     uvicorn.run(
         build_app(config) if workers == 1 else "gateway.asgi:app_from_env",
@@ -55,7 +49,8 @@ def serve(args: argparse.Namespace) -> int:
         host=config.server.host,
         port=config.server.port,
         loop="uvloop",
-        http=protocol,
+        # httptools; small infer requests served by the protocol itself, without an ASGI cycle.
+        http=InferHttpToolsProtocol,
         log_level=args.log_level,
         access_log=False,
         # Per-request work the gateway does not need: X-Forwarded-* rewriting and a Server header.

@@ -1,18 +1,23 @@
-"""``POST /v2/models/{m}[/versions/{v}]/infer`` as a plain ASGI callable.
+"""``POST /v2/models/{m}[/versions/{v}]/infer``: the infer endpoint, for the HTTP protocol and
+as a plain ASGI callable.
 
 The infer route carries nearly all traffic, so it skips Starlette's middleware, router and
-Request/Response objects: ``InferEndpoint`` sits in front of the Starlette app, answers infer
-requests itself and hands every other request (and the lifespan) to Starlette. The per-request
-work left is what the request needs: read the body, decode, run the pipeline, encode, send.
+Request/Response objects: ``InferEndpoint.serve`` turns one request (its path, headers and body)
+into a ``Reply``, doing only what the request needs: decode, run the pipeline, encode. Two ways
+in: the gateway's HTTP protocol (``protocol/infer_server.py``) holds a small infer request until
+it is complete and hands it over (``may_serve``, ``answer_from_cache``, ``serve_held``), without
+any ASGI cycle; every other infer request (large, compressed, HTTP/1.0, ...) arrives as ASGI
+(``__call__``), which hands everything that is not an infer request (and the lifespan) to
+Starlette.
 
 For models with the response cache on, a request is first looked up as it arrived: the served
 version is chosen (the rollout's or the router's choice, made once and handed to the pipeline
 on a miss), and the model, that version, the content type, the binary-header length and the
 body make a raw key (``cache.raw_key``). A repeat of a cacheable request is answered with the
 stored bytes of the first answer, without decoding, checking or encoding anything; the answer
-is byte-identical to the computed one but for ``X-Cache: hit``. The same lookup also serves the
-HTTP protocol (``may_answer_from_cache``, ``answer_from_cache``; ``protocol/cached_answers.py``),
-which answers such repeats without starting an ASGI cycle at all.
+is byte-identical to the computed one but for ``X-Cache: hit``. The protocol asks for it first
+(``answer_from_cache``) and writes a hit at once, without a task; a miss is served with what
+that lookup learned (the version chosen, the key), so neither is done twice.
 
 Every answered request is counted once (``metrics.InferCounts``: model, served version, status
 code, latency from one clock reading at arrival); a client that left first is counted apart.
@@ -24,16 +29,15 @@ import logging
 import time
 import zlib
 from dataclasses import dataclass
-from collections.abc import Awaitable, Callable, Container, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Container, Iterable, MutableMapping, Sequence
 from typing import Any
 
 from gateway import deadlines
 from gateway.cache import RawAnswer, ResponseCache, raw_key
-from gateway.errors import BadRequest, ClientGone, GatewayError, PayloadTooLarge, UnsupportedMediaType
+from gateway.errors import BadRequest, ClientGone, GatewayError, NotFound, PayloadTooLarge, UnsupportedMediaType
 from gateway.metrics import InferCounts, fleet_labels
 from gateway.pipeline import InferencePipeline
 from gateway.protocol import msgpack as msgpack_codec
-from gateway.protocol.cached_answers import HELD
 from gateway.protocol import v2
 from gateway.tensors import InferRequest
 
@@ -64,6 +68,14 @@ def infer_target(path: str) -> tuple[str, str] | None:
             raise BadRequest(f"model version must be a positive integer, got {version!r}")
         return parts[3], version
     return None
+
+
+def is_infer_path(path: str) -> bool:
+    """Whether the infer endpoint answers a POST to ``path`` (a malformed version too: with 400)."""
+    try:
+        return infer_target(path) is not None
+    except BadRequest:
+        return True
 
 
 def disconnect_probe(receive: Receive) -> Callable[[], bool] | None:
@@ -119,10 +131,24 @@ def inflate(body: bytes, encoding: bytes, limit: int) -> bytes:
     return data
 
 
-async def respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-    headers.append((b"content-length", str(len(body)).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+@dataclass(slots=True)
+class Reply:
+    """An infer request's answer: status, headers (Content-Length among them) and body; ``head``:
+    the headers as HTTP/1.1 header lines where they are at hand already (a stored answer)."""
+
+    status: int
+    headers: Sequence[tuple[bytes, bytes]]
+    body: bytes
+    head: bytes | None = None
+
+
+def error_reply(status: int, message: str, content_type: bytes) -> Reply:
+    """An error answer, in the wire format of the request (msgpack, else JSON)."""
+    if is_msgpack(content_type):
+        body, media = msgpack_codec.error_body(message), MSGPACK_TYPES[0]
+    else:
+        body, media = v2.error_body(message), JSON_TYPE
+    return Reply(status, [(b"content-type", media), (b"content-length", str(len(body)).encode())], body)
 
 
 def has_shadow(rollouts: Any, model: str) -> bool:
@@ -234,53 +260,72 @@ class InferEndpoint:
         self.counts = counts if counts is not None else InferCounts()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("/infer"):
+        if scope["type"] != "http" or scope["method"] != "POST" or not is_infer_path(scope["path"]):
             return await self.app(scope, receive, send)
-        held = scope.get(HELD)  # the protocol held it first: (arrival, what its lookup learned)
-        start = time.monotonic() if held is None else held[0]
+        start = time.monotonic()
+        reply = await self.serve(scope["path"], scope["headers"], start, receive=receive, gone=disconnect_probe(receive))
+        if reply is not None:
+            await send({"type": "http.response.start", "status": reply.status, "headers": reply.headers})
+            await send({"type": "http.response.body", "body": reply.body})
+
+    async def serve(
+        self,
+        path: str,
+        headers: Iterable[tuple[bytes, bytes]],
+        start: float,
+        *,
+        body: bytes | None = None,
+        receive: Receive | None = None,
+        gone: Callable[[], bool] | None = None,
+        looked: Looked = (None, None),
+        target: tuple[str, str] | None = None,
+    ) -> Reply | None:
+        """The answer to an infer request (``path``, its lower-case ``headers``), counted; None if
+        its client left first. The body is ``body`` as it arrived, or read from ``receive``;
+        ``start``: its arrival; ``gone``: whether its client has left; ``looked``: what a lookup
+        of it already learned; ``target``: its (model, version), where already parsed from
+        ``path``. Never raises for a request: errors are answers."""
         content_type = b""
-        target = call = None
+        call = None
         try:
-            target = infer_target(scope["path"])
             if target is None:
-                return await self.app(scope, receive, send)
+                target = infer_target(path)
+            if target is None:
+                raise NotFound(f"no such endpoint: POST {path}")
             services = self.app.state.services
             pipeline = services.pipeline
-            h = read_headers(scope["headers"], pipeline.rollouts.pin_headers, start)
+            h = read_headers(headers, pipeline.rollouts.pin_headers, start)
             content_type = h.content_type
-            body = await read_body(receive, h.declared, self._limit)
+            if body is None:
+                body = await read_body(receive, h.declared, self._limit)
             if h.encoding:
                 body = inflate(body, h.encoding, self._limit)
-            call = Call(
-                target, body, content_type, h.header_length, h.deadline, disconnect_probe(receive), h.use_cache, h.sticky
-            )
+            call = Call(target, body, content_type, h.header_length, h.deadline, gone, h.use_cache, h.sticky)
             cache = pipeline.cache
             if cache is not None and h.use_cache and cache.enabled_for(target[0]):
-                looked = held[1] if held is not None and held[1] is not None else (None, None)
-                version = await self._infer_cached(send, pipeline, cache, call, looked)
+                reply, version = await self._infer_cached(pipeline, cache, call, looked)
             else:
-                version = await self._infer(send, pipeline, call)
+                reply, version = await self._infer(pipeline, call)
             self.counts.record(target[0], version, 200, time.monotonic() - start)
-            return
+            return reply
         except ClientGone:
-            model, _ = self._labels(scope, target, call)
+            model, _ = self._labels(path, target, call)
             self.counts.disconnected(model)
-            return
+            return None
         except GatewayError as exc:
-            status = exc.status
-            await self._error(send, status, exc.message, content_type)
+            reply = error_reply(exc.status, exc.message, content_type)
         except Exception as exc:  # a bug: answer 500 and keep the traceback in the log
-            status = 500
-            log.exception("unhandled error on POST %s", scope["path"])
-            await self._error(send, 500, f"internal gateway error ({exc.__class__.__name__})", content_type)
-        model, version = self._labels(scope, target, call)
-        self.counts.record(model, version, status, time.monotonic() - start)
+            log.exception("unhandled error on POST %s", path)
+            reply = error_reply(500, f"internal gateway error ({exc.__class__.__name__})", content_type)
+        model, version = self._labels(path, target, call)
+        self.counts.record(model, version, reply.status, time.monotonic() - start)
+        return reply
 
-    def _labels(self, scope: Scope, target: tuple[str, str] | None, call: Call | None) -> tuple[str, str]:
+    def _labels(self, path: str, target: tuple[str, str] | None, call: Call | None) -> tuple[str, str]:
         """The model and version a request that no version answered is counted under: those it
         named or was given (the chosen version, once decoded), where the fleet holds them."""
         if target is None:  # the path itself was refused
-            parts = scope["path"].split("/")
+            parts = path.split("/")
             target = (parts[3] if len(parts) > 3 else "", "")
         services = getattr(self.app.state, "services", None)
         if services is None:  # not started yet: nothing is known of the fleet
@@ -289,55 +334,51 @@ class InferEndpoint:
         return fleet_labels(services.router, target[0], version)
 
     async def _infer_cached(
-        self, send: Send, pipeline: InferencePipeline, cache: ResponseCache, call: Call, looked: Looked
-    ) -> str:
+        self, pipeline: InferencePipeline, cache: ResponseCache, call: Call, looked: Looked
+    ) -> tuple[Reply, str]:
         """A request for a cached model: its raw answer if one is stored, else the full path
-        (which keeps the answer for the next identical request). Returns the version that served it."""
+        (which keeps the answer for the next identical request). Returns the reply and the
+        version that served it."""
         answer, served, (chosen, key) = raw_lookup(pipeline, cache, call, looked)
         if answer is None:
             keep = (cache, cache.store.drops, served, key) if key is not None else None
-            return await self._infer(send, pipeline, call, chosen, keep)
-        await send({"type": "http.response.start", "status": 200, "headers": answer.headers})
-        await send({"type": "http.response.body", "body": answer.body})
-        return served
+            return await self._infer(pipeline, call, chosen, keep)
+        return Reply(200, answer.headers, answer.body, answer.head), served
 
-    # -- answers from the HTTP protocol itself (protocol/cached_answers.py) ---------------------
+    # -- infer requests served by the HTTP protocol itself (protocol/cached_answers.py) --------
 
-    def may_answer_from_cache(self, url: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bool:
-        """Whether an arriving POST (its request target and lower-case headers) may be a repeat the
-        protocol can answer from the cache by itself: an infer request for a cached model, with a
-        small body of declared length, not compressed. False costs the caller nothing more."""
-        services = getattr(self.app.state, "services", None)
-        if services is None or services.pipeline.cache is None or not url.endswith(b"/infer") or b"%" in url:
-            return False
+    def may_serve(self, url: bytes, headers: Iterable[tuple[bytes, bytes]]) -> tuple[str, str] | None:
+        """The (model, version) of an arriving POST (its request target and lower-case headers)
+        that the protocol may serve by itself, without an ASGI cycle: an infer request with a
+        small body of declared length, not compressed. None: the ASGI path serves it."""
+        if not url.endswith(b"/infer") or b"%" in url or getattr(self.app.state, "services", None) is None:
+            return None
         declared = None
         for name, value in headers:
             if name == b"content-length":
                 declared = value
             elif name in (b"content-encoding", b"transfer-encoding"):
-                return False
+                return None
         if declared is None or not declared.isdigit() or int(declared) > min(SMALL_BODY, self._limit):
-            return False
+            return None
         try:
-            target = infer_target(url.decode("latin-1"))
-        except BadRequest:
-            return False
-        return target is not None and services.pipeline.cache.enabled_for(target[0])
+            return infer_target(url.decode("latin-1"))
+        except BadRequest:  # the ASGI path answers it
+            return None
 
     def answer_from_cache(
-        self, url: bytes, headers: list[tuple[bytes, bytes]], body: bytes, start: float
+        self, target: tuple[str, str], headers: list[tuple[bytes, bytes]], body: bytes, start: float
     ) -> tuple[RawAnswer | None, Looked]:
-        """The stored answer to a request ``may_answer_from_cache`` accepted, counted as the ASGI
-        path counts one, and what the lookup learned (``Looked``). Without an answer the request
-        goes the ASGI way, which looks again with that same choice and key (``HELD``)."""
+        """The stored answer to a request ``may_serve`` accepted, counted as ``serve`` counts one,
+        and what the lookup learned (``Looked``), for ``serve_held`` to reuse. None at once for
+        a model whose cache is off."""
         pipeline = self.app.state.services.pipeline
         cache = pipeline.cache
-        target = infer_target(url.decode("latin-1"))
-        if cache is None or target is None:
+        if cache is None or not cache.enabled_for(target[0]):
             return None, (None, None)
         try:
             h = read_headers(headers, pipeline.rollouts.pin_headers, start)
-        except GatewayError:  # a malformed header: the ASGI path answers it
+        except GatewayError:  # a malformed header: serve_held answers it
             return None, (None, None)
         if not h.use_cache:
             return None, (None, None)
@@ -347,25 +388,36 @@ class InferEndpoint:
             self.counts.record(target[0], served, 200, time.monotonic() - start)
         return answer, looked
 
-    def request_lost(self, url: bytes) -> None:
-        """A request the protocol held whose client left before it was complete: counted as the
-        ASGI path counts a client gone before its answer."""
-        target = infer_target(url.decode("latin-1"))
+    def serve_held(
+        self,
+        url: bytes,
+        target: tuple[str, str],
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        start: float,
+        looked: Looked,
+        gone: Callable[[], bool],
+    ) -> Awaitable[Reply | None]:
+        """``serve`` for a request ``may_serve`` accepted and the protocol holds complete (``body``)."""
+        return self.serve(url.decode("latin-1"), headers, start, body=body, gone=gone, looked=looked, target=target)
+
+    def request_lost(self, target: tuple[str, str]) -> None:
+        """A request the protocol held whose client left before it was complete: counted as
+        ``serve`` counts a client gone before its answer."""
         services = getattr(self.app.state, "services", None)
-        if target is not None and services is not None:
+        if services is not None:
             self.counts.disconnected(fleet_labels(services.router, target[0], target[1])[0])
 
     async def _infer(
         self,
-        send: Send,
         pipeline: InferencePipeline,
         call: Call,
         chosen: tuple[str, bool] | None = None,
         keep: tuple[ResponseCache, int, str, bytes] | None = None,
-    ) -> str:
-        """Decode, run the pipeline, encode and send; with ``keep`` (the cache, its drop count
-        before computing, and the version and raw key the request was looked up under), a
-        cacheable answer is also kept as raw bytes. Returns the version that served it."""
+    ) -> tuple[Reply, str]:
+        """Decode, run the pipeline and encode; with ``keep`` (the cache, its drop count before
+        computing, and the version and raw key the request was looked up under), a cacheable
+        answer is also kept as raw bytes. Returns the reply and the version that served it."""
         model, version = call.target
         body = call.body
         if is_msgpack(call.content_type):
@@ -394,13 +446,4 @@ class InferEndpoint:
         if resp.cache:
             headers.append((b"x-cache", resp.cache.encode()))
         headers.append(length_header)
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
-        return resp.version
-
-    async def _error(self, send: Send, status: int, message: str, content_type: bytes) -> None:
-        if is_msgpack(content_type):
-            body, media = msgpack_codec.error_body(message), MSGPACK_TYPES[0]
-        else:
-            body, media = v2.error_body(message), JSON_TYPE
-        await respond(send, status, body, [(b"content-type", media)])
+        return Reply(200, headers, payload), resp.version

@@ -7,8 +7,8 @@ metadata, model config), plus what the gateway asks of an instance (``/v2/health
 ``POST /v2/repository/index``, model statistics), and answers every infer request at once: a
 binary-tensor response of zeros with as many rows as the request's first input has, so the
 gateway's batches split back to their callers. The answers are written by the gateway's own
-HTTP protocol (``gateway/protocol/cached_answers.py``) through the same two hooks the gateway
-answers its cache hits with; a request that protocol does not hold gets the same answer via
+HTTP protocol (``gateway/protocol/infer_server.py``) through the hooks the gateway answers
+its cache hits with; a request that protocol does not hold gets the same answer via
 ASGI. It does no inference: its answers are never right, only instant and cheap, so the gateway
 in front of it is the only thing measured. Never a Triton for tests of answers.
 
@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE))
 
 import noop_app  # noqa: E402
 from gateway.cache import RawAnswer  # noqa: E402
-from gateway.protocol.cached_answers import CachedAnswerHttpToolsProtocol  # noqa: E402
+from gateway.protocol.infer_server import InferHttpToolsProtocol  # noqa: E402
 
 
 class Answers:
@@ -64,7 +64,7 @@ class Answers:
 
 
 class InstantTriton:
-    """The ASGI app, with the hooks ``CachedAnswerHttpToolsProtocol`` asks of the app it serves:
+    """The ASGI app, with the hooks ``InferHttpToolsProtocol`` asks of the app it serves:
     every infer request is held, and answered."""
 
     def __init__(self, app: Any, answers: Answers) -> None:
@@ -73,13 +73,12 @@ class InstantTriton:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await self.app(scope, receive, send)
 
-    def may_answer_from_cache(self, url: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
-        return url.endswith(b"/infer")
+    def may_serve(self, url: bytes, headers: list[tuple[bytes, bytes]]) -> str | None:
+        return url.split(b"/")[3].decode() if url.endswith(b"/infer") else None
 
     def answer_from_cache(
-        self, url: bytes, headers: list[tuple[bytes, bytes]], body: bytes, start: float
+        self, model: str, headers: list[tuple[bytes, bytes]], body: bytes, start: float
     ) -> tuple[RawAnswer, None]:
-        model = url.split(b"/")[3].decode()
         return self.answers.answer(model, dict(headers).get(b"inference-header-content-length"), body), None
 
 
@@ -129,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     spec = noop_app.load_spec(args.spec)
     uvicorn.run(
-        build(spec, Answers(spec)), host=args.host, port=args.port, loop="uvloop", http=CachedAnswerHttpToolsProtocol,
+        build(spec, Answers(spec)), host=args.host, port=args.port, loop="uvloop", http=InferHttpToolsProtocol,
         log_level="warning", access_log=False, proxy_headers=False, server_header=False,
     )  # fmt: skip
     return 0

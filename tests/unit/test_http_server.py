@@ -111,17 +111,16 @@ async def test_pipelined_requests_get_their_own_answers_in_order() -> None:
         writer.close()
 
 
-def test_serve_runs_the_cache_answering_protocol_only_with_a_cache(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+def test_serve_runs_the_infer_serving_protocol_with_or_without_a_cache(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     from gateway.__main__ import main
-    from gateway.protocol.cached_answers import CachedAnswerHttpToolsProtocol
+    from gateway.protocol.infer_server import InferHttpToolsProtocol
 
     ran: list[Any] = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: ran.append(kwargs["http"]))
     monkeypatch.delenv("GATEWAY_CONFIG", raising=False)  # serve sets it for worker processes
     base = '[upstream]\ninstances = [{ url = "http://127.0.0.1:8100" }]\n'
-    for cache, expected in [("", OneWriteHttpToolsProtocol), ("[cache]\nenabled = true\n", CachedAnswerHttpToolsProtocol),
-                            ("[cache.models.m]\nenabled = true\n", CachedAnswerHttpToolsProtocol)]:  # fmt: skip
+    for cache in ["", "[cache]\nenabled = true\n"]:
         config = tmp_path / "gateway.toml"
         config.write_text(base + cache)
         assert main(["serve", "--config", str(config), "--log-level", "warning"]) == 0
-        assert ran.pop() is expected
+        assert ran.pop() is InferHttpToolsProtocol

@@ -12,14 +12,13 @@ import msgpack
 import numpy as np
 import orjson
 
-from gateway.batcher import BatchResult
+from gateway.batcher import BatchResult, NothingToSend
 from gateway.cache import ResponseCache, raw_key
 from gateway.config import BatchingConfig, CacheConfig
 from gateway.errors import UpstreamError
 from gateway.infer_endpoint import InferEndpoint
 from gateway.models import ModelInfo
 from gateway.pipeline import InferencePipeline
-from gateway.protocol.cached_answers import HELD
 from gateway.rollout import ModelRollout, Rollouts
 from gateway.tensors import Tensor
 from model_fixtures import INFO
@@ -54,6 +53,8 @@ class Router:
     async def infer(self, model, version, inputs, parameters=None, deadline=None):  # noqa: ANN001, ANN201
         if callable(inputs):
             inputs = inputs()
+            if inputs is None:  # nobody wants the answer any more (the router's contract)
+                raise NothingToSend
         self.calls.append(version)
         if self.fail:
             raise UpstreamError("Triton failed", status=502)
@@ -90,10 +91,8 @@ async def post(
     body: bytes,
     path: str = "/v2/models/m/infer",
     headers: list[tuple[bytes, bytes]] | None = None,
-    **scope_extra: Any,
 ) -> tuple[int, dict[bytes, bytes], bytes, list[tuple[bytes, bytes]]]:
     scope = {"type": "http", "method": "POST", "path": path, "headers": headers or [(b"content-type", b"application/json")]}
-    scope.update(scope_extra)
     sent: list[dict] = []
 
     async def receive() -> dict:
@@ -250,7 +249,7 @@ async def test_a_shadowed_rollout_takes_the_full_path_so_requests_are_mirrored()
     assert rollouts.snapshot()["models"]["m"]["shadow"]["sent"] == 2
 
 
-# -- the protocol's own lookup (gateway/protocol/cached_answers.py) --------------------------
+# -- requests the HTTP protocol serves itself (gateway/protocol/infer_server.py) -------------
 
 
 def arriving(body: bytes, *extra: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
@@ -261,11 +260,12 @@ async def test_the_protocol_is_answered_the_asgi_paths_stored_bytes_and_counts_t
     endpoint, router, cache = stack()
     body = json_body([1.0, 2.0], request_id="abc")
     url = b"/v2/models/m/infer"
-    assert endpoint.may_answer_from_cache(url, arriving(body))
+    target = endpoint.may_serve(url, arriving(body))
+    assert target == ("m", "")
     key = raw_key("m", "1", b"application/json", None, body)
-    assert endpoint.answer_from_cache(url, arriving(body), body, 0.0) == (None, (("1", False), key))  # nothing stored yet
+    assert endpoint.answer_from_cache(target, arriving(body), body, 0.0) == (None, (("1", False), key))  # nothing stored yet
     _, _, first, raw_headers = await post(endpoint, body)  # the miss, on the ASGI path, stores it
-    answer, _ = endpoint.answer_from_cache(url, arriving(body), body, 0.0)
+    answer, _ = endpoint.answer_from_cache(target, arriving(body), body, 0.0)
     assert answer is not None and answer.body == first
     assert without_x_cache(list(answer.headers)) == without_x_cache(raw_headers) and (b"x-cache", b"hit") in answer.headers
     assert answer.head == b"".join(b"%s: %s\r\n" % h for h in answer.headers)
@@ -274,45 +274,92 @@ async def test_the_protocol_is_answered_the_asgi_paths_stored_bytes_and_counts_t
     row = endpoint.counts.rows[("m", "1", 200)]
     assert sum(row[:-1]) == 2  # the miss and the protocol's hit, each once
     # A bypass, a passed deadline, a malformed header: not answered here (the ASGI path answers them).
-    assert endpoint.answer_from_cache(url, arriving(body, (b"cache-control", b"no-cache")), body, 0.0)[0] is None
-    assert endpoint.answer_from_cache(url, arriving(body, (b"x-request-timeout-ms", b"1")), body, 0.0)[0] is None
-    assert endpoint.answer_from_cache(url, arriving(body, (b"x-request-timeout-ms", b"soon")), body, 0.0)[0] is None
+    assert endpoint.answer_from_cache(target, arriving(body, (b"cache-control", b"no-cache")), body, 0.0)[0] is None
+    assert endpoint.answer_from_cache(target, arriving(body, (b"x-request-timeout-ms", b"1")), body, 0.0)[0] is None
+    assert endpoint.answer_from_cache(target, arriving(body, (b"x-request-timeout-ms", b"soon")), body, 0.0)[0] is None
     assert cache.snapshot()["models"]["m"]["hits"] == 1 and sum(row[:-1]) == 2
 
 
-def test_the_protocol_holds_only_small_plain_infer_requests_of_cached_models() -> None:
+def test_the_protocol_holds_only_small_plain_infer_requests() -> None:
     config = CacheConfig(enabled=True, models={"off": CacheConfig(enabled=False)})
     endpoint, _, _ = stack(config)
     small = arriving(b"x" * 100)
-    assert endpoint.may_answer_from_cache(b"/v2/models/m/infer", small)
-    assert endpoint.may_answer_from_cache(b"/v2/models/m/versions/2/infer", small)
-    assert not endpoint.may_answer_from_cache(b"/v2/models/off/infer", small)  # its cache is off
-    assert not endpoint.may_answer_from_cache(b"/v2/models/m/ready", small)
-    assert not endpoint.may_answer_from_cache(b"/v2/models/m/versions/x/infer", small)  # a 400, the ASGI path's
-    assert not endpoint.may_answer_from_cache(b"/v2/models/m%2Fx/infer", small)
-    assert not endpoint.may_answer_from_cache(b"/v2/models/m/infer", [(b"content-type", b"application/json")])
-    assert not endpoint.may_answer_from_cache(b"/v2/models/m/infer", [*small, (b"content-encoding", b"gzip")])
-    assert not endpoint.may_answer_from_cache(b"/v2/models/m/infer", [*small, (b"transfer-encoding", b"chunked")])
-    assert not endpoint.may_answer_from_cache(b"/v2/models/m/infer", arriving(b"x" * 70000))
+    assert endpoint.may_serve(b"/v2/models/m/infer", small) == ("m", "")
+    assert endpoint.may_serve(b"/v2/models/m/versions/2/infer", small) == ("m", "2")
+    assert endpoint.may_serve(b"/v2/models/off/infer", small) == ("off", "")  # served, never looked up
+    assert endpoint.answer_from_cache(("off", ""), small, b"x" * 100, 0.0) == (None, (None, None))
+    assert endpoint.may_serve(b"/v2/models/m/ready", small) is None
+    assert endpoint.may_serve(b"/v2/models/m/versions/x/infer", small) is None  # a 400, the ASGI path's
+    assert endpoint.may_serve(b"/v2/models/m%2Fx/infer", small) is None
+    assert endpoint.may_serve(b"/v2/models/m/infer?x=1", small) is None
+    assert endpoint.may_serve(b"/v2/models/m/infer", [(b"content-type", b"application/json")]) is None
+    assert endpoint.may_serve(b"/v2/models/m/infer", [*small, (b"content-encoding", b"gzip")]) is None
+    assert endpoint.may_serve(b"/v2/models/m/infer", [*small, (b"transfer-encoding", b"chunked")]) is None
+    assert endpoint.may_serve(b"/v2/models/m/infer", arriving(b"x" * 70000)) is None
     no_cache, _, _ = stack(CacheConfig(enabled=False))
     no_cache.app.state.services.pipeline.cache = None
-    assert not no_cache.may_answer_from_cache(b"/v2/models/m/infer", small)
+    assert no_cache.may_serve(b"/v2/models/m/infer", small) == ("m", "")
+    assert no_cache.answer_from_cache(("m", ""), small, b"x" * 100, 0.0) == (None, (None, None))
+
+
+async def serve_held(
+    endpoint: InferEndpoint, body: bytes, looked: Any = (None, None), start: float = 0.0, gone: Any = lambda: False,
+    headers: list[tuple[bytes, bytes]] | None = None, url: bytes = b"/v2/models/m/infer",
+) -> tuple[int, dict[bytes, bytes], bytes]:  # fmt: skip
+    headers = headers if headers is not None else arriving(body)
+    target = endpoint.may_serve(url, headers)
+    assert target is not None
+    reply = await endpoint.serve_held(url, target, headers, body, start, looked, gone)
+    assert reply is not None
+    head = b"".join(b"%s: %s\r\n" % h for h in reply.headers)
+    assert reply.head is None or reply.head == head
+    return reply.status, dict(reply.headers), reply.body
+
+
+async def test_the_protocol_serves_what_the_asgi_path_serves_errors_included() -> None:
+    endpoint, router, cache = stack(CacheConfig(enabled=False))
+    endpoint.app.state.services.pipeline.cache = None
+    body = json_body([1.0, 2.0])
+    status, headers, served = await serve_held(endpoint, body)
+    _, asgi_headers, asgi_body, _ = await post(endpoint, body, headers=arriving(body))
+    assert status == 200 and served == asgi_body and headers == asgi_headers
+    assert orjson.loads(served)["outputs"][0]["data"] == [3.0, 5.0]  # 2x + version 1
+    assert sum(endpoint.counts.rows[("m", "1", 200)][:-1]) == 2
+    bad = b'{"inputs": [{"name": "nope", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]}'
+    status, headers, error = await serve_held(endpoint, bad)
+    assert status == 400 and b"nope" in error and headers[b"content-type"] == b"application/json"
+    assert int(headers[b"content-length"]) == len(error)
+    status, _, error = await serve_held(endpoint, b"{not json")
+    assert status == 400
+    router.fail = True
+    status, _, error = await serve_held(endpoint, json_body([7.0, 8.0]))
+    assert status == 502 and b"Triton failed" in error
+
+
+async def test_a_request_whose_client_left_while_served_is_not_answered_and_counted_apart() -> None:
+    endpoint, router, _ = stack(CacheConfig(enabled=False))
+    endpoint.app.state.services.pipeline.cache = None
+    body = json_body([1.0, 2.0])
+    target = endpoint.may_serve(b"/v2/models/m/infer", arriving(body))
+    reply = await endpoint.serve_held(b"/v2/models/m/infer", target, arriving(body), body, 0.0, (None, None), lambda: True)
+    assert reply is None and router.calls == []  # dropped before it was sent upstream
+    assert endpoint.counts.disconnects == {"": 1}  # the test router knows no repository index
 
 
 async def test_a_request_the_protocol_held_keeps_its_arrival_and_its_rollout_choice() -> None:
-    """A miss in the protocol goes on through ASGI with the version drawn for it: the canary's
-    share is drawn once per request, not again on the ASGI path."""
+    """A miss in the protocol is served with the version drawn for it: the canary's share is
+    drawn once per request, not again on the full path."""
     rollouts = Rollouts(seed=3)
     rollouts.set_models({"m": ModelRollout("1", "2", 0.5)})
     endpoint, router, cache = stack(rollouts=rollouts)
     url = b"/v2/models/m/infer"
     for i in range(40):
         body = json_body([float(i), 1.0])
-        answer, looked = endpoint.answer_from_cache(url, arriving(body), body, 5.0)
+        answer, looked = endpoint.answer_from_cache(("m", ""), arriving(body), body, 5.0)
         chosen, key = looked
         assert answer is None and chosen is not None and chosen[1]  # drawn by the rollout
         assert key == raw_key("m", chosen[0], b"application/json", None, body)  # looked up under it
-        _, headers, _, _ = await post(endpoint, body, headers=arriving(body), **{HELD: (5.0, looked)})
+        _, headers, _ = await serve_held(endpoint, body, looked, start=5.0)
         assert headers[b"model-version"] == chosen[0].encode()
         assert cache.store.get(key, 0.0) is not None  # kept under the key it was looked up under
     assert sum(rollouts.served.values()) == 40  # each request counted once for its version
@@ -342,7 +389,7 @@ async def test_an_answer_from_another_version_than_the_one_looked_up_is_kept_und
     endpoint, router, cache = stack()
     body = json_body([1.0, 2.0])
     url = b"/v2/models/m/infer"
-    answer, looked = endpoint.answer_from_cache(url, arriving(body), body, 0.0)
+    answer, looked = endpoint.answer_from_cache(("m", ""), arriving(body), body, 0.0)
     assert answer is None and looked[0] == ("1", False)
     serve = router.infer
 
@@ -353,7 +400,7 @@ async def test_an_answer_from_another_version_than_the_one_looked_up_is_kept_und
         return await serve(model, version, inputs, parameters, deadline)
 
     router.infer = vanishing
-    status, headers, _, _ = await post(endpoint, body, headers=arriving(body), **{HELD: (0.0, looked)})
+    status, headers, _ = await serve_held(endpoint, body, looked)
     assert status == 200 and headers[b"model-version"] == b"2"
     assert cache.store.get(looked[1], 0.0) is None  # nothing under version 1's key
     assert cache.store.get(raw_key("m", "2", b"application/json", None, body), 0.0) is not None

@@ -1,44 +1,61 @@
-"""The HTTP protocol that answers cache hits itself, on a real uvicorn over real sockets, in front
-of an app that stands in for the infer endpoint (its cache lookup and its ASGI path)."""
+"""The HTTP protocol that serves infer requests itself (cache hits at once, the rest through the
+app's ``serve_held``), on a real uvicorn over real sockets, in front of an app that stands in
+for the infer endpoint (its cache lookup, its full path and its ASGI path)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import uvicorn
 
 from gateway.cache import RawAnswer
-from gateway.protocol.cached_answers import HELD, CachedAnswerHttpToolsProtocol
+from gateway.infer_endpoint import Reply
+from gateway.protocol.infer_server import InferHttpToolsProtocol
 
 HIT = RawAnswer(((b"content-type", b"application/octet-stream"), (b"x-cache", b"hit"), (b"content-length", b"6")), b"stored")
 
 
 class Endpoint:
-    """Answers a body it has stored from the cache; everything else through ASGI."""
+    """Answers a body it has stored from the cache; serves other infer requests (``serve_held``);
+    everything else through ASGI."""
 
     def __init__(self) -> None:
         self.stored: dict[bytes, RawAnswer] = {b"repeat": HIT}
         self.asgi: list[tuple[str, bytes]] = []  # (path, body) of each request the ASGI path served
-        self.held: list[Any] = []  # what the protocol handed on with each of them (scope[HELD])
-        self.lookups: list[tuple[bytes, bytes, list[tuple[bytes, bytes]]]] = []
-        self.lost: list[bytes] = []
+        self.served: list[tuple[bytes, bytes, Any, float]] = []  # (url, body, looked, arrival) of serve_held's
+        self.gone: list[Callable[[], bool]] = []  # each served request's disconnect probe
+        self.lookups: list[tuple[Any, bytes, list[tuple[bytes, bytes]]]] = []
+        self.lost: list[Any] = []
         self.slow = asyncio.Event()
         self.slow.set()
 
-    def may_answer_from_cache(self, url: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
-        return url.endswith(b"/infer")
+    def may_serve(self, url: bytes, headers: list[tuple[bytes, bytes]]) -> tuple[str, str] | None:
+        return ("m", "") if url.endswith(b"/infer") else None
 
     def answer_from_cache(
-        self, url: bytes, headers: list[tuple[bytes, bytes]], body: bytes, start: float
+        self, target: tuple[str, str], headers: list[tuple[bytes, bytes]], body: bytes, start: float
     ) -> tuple[RawAnswer | None, tuple[str, bool] | None]:
-        self.lookups.append((url, body, list(headers)))
+        self.lookups.append((target, body, list(headers)))
         return self.stored.get(body), ("7", True)  # the version "chosen" for it
 
-    def request_lost(self, url: bytes) -> None:
-        self.lost.append(url)
+    async def serve_held(
+        self, url: bytes, target: tuple[str, str], headers: Any, body: bytes, start: float, looked: Any, gone: Any
+    ) -> Reply | None:
+        self.served.append((url, body, looked, start))
+        self.gone.append(gone)
+        await self.slow.wait()
+        if body == b"boom":
+            raise RuntimeError("a bug")
+        if gone():
+            return None
+        answer = b"served:" + body
+        return Reply(200, [(b"content-type", b"text/plain"), (b"content-length", str(len(answer)).encode())], answer)
+
+    def request_lost(self, target: tuple[str, str]) -> None:
+        self.lost.append(target)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -50,18 +67,23 @@ class Endpoint:
             if not message.get("more_body"):
                 break
         self.asgi.append((scope["path"], body))
-        self.held.append(scope.get(HELD))
         await self.slow.wait()
         answer = b"asgi:" + body
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(answer)).encode())]})
         await send({"type": "http.response.body", "body": answer})
 
 
+class AnswersOnly(Endpoint):
+    """An app that answers from its cache in the protocol but serves nothing else there."""
+
+    serve_held = None  # type: ignore[assignment]
+
+
 async def start(app: Endpoint, **settings: Any) -> tuple[uvicorn.Server, asyncio.Task[None], int]:
     """A server as the gateway runs it (this protocol, no proxy-header rewriting); its port."""
     settings.setdefault("timeout_graceful_shutdown", 2)  # a failed test's open connections must not hang it
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, http=CachedAnswerHttpToolsProtocol, log_level="critical", lifespan="off",
+        app, host="127.0.0.1", port=0, http=InferHttpToolsProtocol, log_level="critical", lifespan="off",
         proxy_headers=False, **settings,
     )  # fmt: skip
     server = uvicorn.Server(config)
@@ -103,18 +125,18 @@ async def test_a_hit_is_written_by_the_protocol_with_the_servers_headers_and_the
         assert (status, body) == (b"HTTP/1.1 200 OK", b"stored")
         assert headers[b"x-cache"] == b"hit" and headers[b"content-type"] == b"application/octet-stream"
         assert b"date" in headers  # uvicorn's default header, as on every other answer
-        assert app.asgi == []
-        url, seen_body, seen_headers = app.lookups[0]
-        assert (url, seen_body) == (b"/v2/models/m/infer", b"repeat") and (b"x-other", b"1") in seen_headers
+        assert app.asgi == [] and app.served == []
+        target, seen_body, seen_headers = app.lookups[0]
+        assert (target, seen_body) == (("m", ""), b"repeat") and (b"x-other", b"1") in seen_headers
         # The connection stays open for the next request, hit or not.
-        for body, answer in ((b"new", b"asgi:new"), (b"repeat", b"stored")):
+        for body, answer in ((b"new", b"served:new"), (b"repeat", b"stored")):
             writer.write(post("/v2/models/m/infer", body))
             assert (await read_response(reader))[2] == answer
-        assert app.asgi == [("/v2/models/m/infer", b"new")]
+        assert app.asgi == [] and [b for _, b, _, _ in app.served] == [b"new"]
         writer.close()
 
 
-async def test_a_miss_goes_the_asgi_way_with_its_whole_body_even_when_it_arrives_in_pieces() -> None:
+async def test_a_miss_is_served_in_the_protocol_with_its_whole_body_even_when_it_arrives_in_pieces() -> None:
     app = Endpoint()
     async with serving(app) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -123,12 +145,14 @@ async def test_a_miss_goes_the_asgi_way_with_its_whole_body_even_when_it_arrives
         await writer.drain()
         await asyncio.sleep(0.05)
         writer.write(request[-9:])
-        _, _, body = await read_response(reader)
-        assert body == b"asgi:first-time-body"
-        assert app.asgi == [("/v2/models/m/infer", b"first-time-body")]
-        assert [b for _, b, _ in app.lookups] == [b"first-time-body"]
-        arrival, chosen = app.held[0]  # handed on: timed from its arrival, the version chosen once
-        assert isinstance(arrival, float) and chosen == ("7", True)
+        status, headers, body = await read_response(reader)
+        assert (status, body) == (b"HTTP/1.1 200 OK", b"served:first-time-body")
+        assert headers[b"content-type"] == b"text/plain" and b"date" in headers and b"connection" not in headers
+        assert app.asgi == [] and [b for _, b, _ in app.lookups] == [b"first-time-body"]
+        url, _, looked, arrival = app.served[0]  # what the lookup learned, and when the request arrived
+        assert url == b"/v2/models/m/infer" and looked == ("7", True) and isinstance(arrival, float)
+        writer.write(post("/v2/models/m/infer", b"again"))  # kept alive
+        assert (await read_response(reader))[2] == b"served:again"
         writer.close()
 
 
@@ -149,22 +173,23 @@ async def test_requests_the_protocol_may_not_hold_are_never_looked_up() -> None:
             status, _, body = await read_response(reader)
             assert body == b"asgi:repeat", raw
             writer.close()
-        assert app.lookups == []
+        assert app.lookups == [] and app.served == []
         assert len(app.asgi) == len(cases)
 
 
 async def test_pipelined_requests_are_answered_in_order() -> None:
-    """A hit sent behind a request still being answered waits its turn (uvicorn's queue)."""
+    """A request sent behind one still being served waits its turn (uvicorn's queue)."""
     app = Endpoint()
     app.slow.clear()
     async with serving(app) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(post("/v2/models/m/infer", b"slow-miss") + post("/v2/models/m/infer", b"repeat"))
         await asyncio.sleep(0.1)
+        assert app.asgi == []  # the second waits for the first
         app.slow.set()
         first = await read_response(reader)
         second = await read_response(reader)
-        assert first[2] == b"asgi:slow-miss"
+        assert first[2] == b"served:slow-miss"
         assert second[2] == b"asgi:repeat"  # not held: it arrived while the first was being answered
         assert [b for _, b, _ in app.lookups] == [b"slow-miss"]
         writer.close()
@@ -183,10 +208,81 @@ async def test_a_request_arriving_during_shutdown_is_answered_then_the_connectio
     assert not task.done()
     writer.write(request[-3:])
     status, headers, body = await read_response(reader)
-    assert body == b"asgi:repeat" and headers.get(b"connection") == b"close"
+    assert body == b"served:repeat" and headers.get(b"connection") == b"close"
     assert await asyncio.wait_for(reader.read(), 5) == b""  # closed
     await asyncio.wait_for(task, 5)
     writer.close()
+
+
+async def test_shutdown_lets_a_request_being_served_finish_then_closes_the_connection() -> None:
+    app = Endpoint()
+    app.slow.clear()
+    server, task, port = await start(app)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(post("/v2/models/m/infer", b"in-flight"))
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    assert len(app.served) == 1
+    server.should_exit = True
+    await asyncio.sleep(0.3)
+    assert not task.done()  # waiting for the request being served
+    app.slow.set()
+    status, headers, body = await read_response(reader)
+    assert body == b"served:in-flight" and headers.get(b"connection") == b"close"
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    await asyncio.wait_for(task, 5)
+    writer.close()
+
+
+async def test_a_client_leaving_while_its_request_is_served_is_seen_and_nothing_is_written() -> None:
+    app = Endpoint()
+    app.slow.clear()
+    async with serving(app) as port:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/v2/models/m/infer", b"leaving"))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        assert len(app.gone) == 1 and not app.gone[0]()
+        writer.close()
+        for _ in range(100):
+            if app.gone[0]():
+                break
+            await asyncio.sleep(0.01)
+        assert app.gone[0]()  # what the batcher asks before sending the request upstream
+        app.slow.set()
+        await asyncio.sleep(0.05)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)  # the server serves on
+        writer.write(post("/v2/models/m/infer", b"next"))
+        assert (await read_response(reader))[2] == b"served:next"
+        writer.close()
+
+
+async def test_a_failure_of_the_app_while_serving_is_a_500_and_the_connection_closes() -> None:
+    app = Endpoint()
+    async with serving(app) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/v2/models/m/infer", b"boom"))
+        status, headers, body = await read_response(reader)
+        assert status == b"HTTP/1.1 500 Internal Server Error" and headers.get(b"connection") == b"close"
+        assert b"internal gateway error" in body
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+
+
+async def test_an_app_that_serves_nothing_in_the_protocol_gets_its_misses_the_asgi_way() -> None:
+    app = AnswersOnly()
+    async with serving(app) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        request = post("/v2/models/m/infer", b"first-time-body")
+        writer.write(request[:-9])
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(request[-9:])
+        assert (await read_response(reader))[2] == b"asgi:first-time-body"
+        writer.write(post("/v2/models/m/infer", b"repeat"))
+        assert (await read_response(reader))[2] == b"stored"
+        assert app.asgi == [("/v2/models/m/infer", b"first-time-body")] and app.served == []
+        writer.close()
 
 
 async def test_a_request_pipelined_behind_a_hit_is_not_cut_off_by_the_keep_alive_timer() -> None:
@@ -196,11 +292,11 @@ async def test_a_request_pipelined_behind_a_hit_is_not_cut_off_by_the_keep_alive
     app.slow.clear()
     async with serving(app, timeout_keep_alive=0.2) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(post("/v2/models/m/infer", b"repeat") + post("/v2/models/m/other", b"slow"))
+        writer.write(post("/v2/models/m/infer", b"repeat") + post("/v2/models/m/infer", b"slow"))
         assert (await read_response(reader))[2] == b"stored"
         await asyncio.sleep(0.5)  # longer than the keep-alive timeout
         app.slow.set()
-        assert (await read_response(reader))[2] == b"asgi:slow"
+        assert (await read_response(reader))[2] == b"served:slow"
         writer.close()
 
 
@@ -234,4 +330,4 @@ async def test_a_client_leaving_while_its_request_is_held_is_counted() -> None:
             if app.lost:
                 break
             await asyncio.sleep(0.01)
-        assert app.lost == [b"/v2/models/m/infer"] and app.asgi == [] and app.lookups == []
+        assert app.lost == [("m", "")] and app.asgi == [] and app.lookups == [] and app.served == []
