@@ -29,7 +29,7 @@ import logging
 import time
 import zlib
 from dataclasses import dataclass
-from collections.abc import Awaitable, Callable, Container, Iterable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Container, Iterable, MutableMapping
 from typing import Any
 
 from gateway import deadlines
@@ -39,6 +39,7 @@ from gateway.metrics import InferCounts, fleet_labels
 from gateway.pipeline import InferencePipeline
 from gateway.protocol import msgpack as msgpack_codec
 from gateway.protocol import v2
+from gateway.protocol.infer_server import Reply
 from gateway.tensors import InferRequest
 
 log = logging.getLogger(__name__)
@@ -129,17 +130,6 @@ def inflate(body: bytes, encoding: bytes, limit: int) -> bytes:
     if len(data) > limit or inflater.unconsumed_tail:
         raise PayloadTooLarge(f"decompressed request body exceeds the gateway's limit of {limit} bytes")
     return data
-
-
-@dataclass(slots=True)
-class Reply:
-    """An infer request's answer: status, headers (Content-Length among them) and body; ``head``:
-    the headers as HTTP/1.1 header lines where they are at hand already (a stored answer)."""
-
-    status: int
-    headers: Sequence[tuple[bytes, bytes]]
-    body: bytes
-    head: bytes | None = None
 
 
 def error_reply(status: int, message: str, content_type: bytes) -> Reply:

@@ -18,7 +18,9 @@ While that task runs, the protocol's request cycle is a ``_Served``: uvicorn's o
 reads it as it reads its cycles, so a request pipelined behind it waits in uvicorn's queue (its
 order kept), a shutdown lets it finish and then closes the connection, and a lost connection
 marks it ``disconnected`` (the batcher drops a queued request whose client left). The task is
-one of the server's tasks, which a graceful shutdown waits for.
+one of the server's tasks, which a graceful shutdown waits for; one still running when that
+wait runs out (uvicorn cancels it), or a bug, is answered 500 and its connection closed, as
+uvicorn answers an ASGI app that fails, so a request pipelined behind it never takes its place.
 
 Only a request that uvicorn would run at once is held: HTTP/1.1, kept alive, no ``Expect:
 100-continue``, no upgrade, no concurrency limit, no earlier request of the connection still
@@ -37,6 +39,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
@@ -45,8 +49,20 @@ from gateway.protocol.http_server import OneWriteHttpToolsProtocol
 
 log = logging.getLogger(__name__)
 
-STATUS_500 = STATUS_LINE[500]
-INTERNAL_ERROR = b'{"error":"internal gateway error"}'
+
+@dataclass(slots=True)
+class Reply:
+    """The answer ``serve_held`` gives: status, headers (Content-Length among them) and body; ``head``:
+    the headers as HTTP/1.1 header lines where they are at hand already (a stored answer)."""
+
+    status: int
+    headers: Sequence[tuple[bytes, bytes]]
+    body: bytes
+    head: bytes | None = None
+
+
+_ERROR_BODY = b'{"error":"internal gateway error"}'
+INTERNAL_ERROR = Reply(500, [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(_ERROR_BODY))], _ERROR_BODY)
 
 
 class _DefaultHead:
@@ -176,30 +192,40 @@ class InferHttpToolsProtocol(OneWriteHttpToolsProtocol):
         self.cycle = served = _Served()  # type: ignore[assignment]
         if self._shutting_down:
             served.keep_alive = False
-        task = self.loop.create_task(self._serve(served, serve(self.url, target, self.headers, body, start, looked, served.gone)))
+        try:
+            answering = serve(self.url, target, self.headers, body, start, looked, served.gone)
+        except Exception:  # a bug: answered 500 by _serve
+            log.exception("serving a request in the protocol failed")
+            answering = None
+        task = self.loop.create_task(self._serve(served, answering))
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
 
     async def _serve(self, served: _Served, answering: Any) -> None:
-        reply = None
         try:
+            if answering is None:
+                raise RuntimeError("serve_held could not start")
             reply = await answering
-        except Exception:  # serve_held answers every error itself: this is a bug
-            log.exception("serving a request in the protocol failed")
-            if not served.disconnected:
-                self.transport.write(b"".join((STATUS_500, b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(INTERNAL_ERROR), INTERNAL_ERROR)))
+            if reply is None and not served.disconnected:
+                raise RuntimeError("serve_held gave no answer to a client still connected")
+        except BaseException as exc:  # a bug, or the server cancelling it (its shutdown grace ran out)
+            if not isinstance(exc, asyncio.CancelledError):
+                log.exception("serving a request in the protocol failed")
+            # Answered 500 as uvicorn answers an ASGI app that failed, and the connection closed:
+            # a request pipelined behind this one must never take this one's answer.
+            reply = INTERNAL_ERROR
             served.keep_alive = False
-        finally:
-            if reply is not None and not served.disconnected and not self.transport.is_closing():
-                head = reply.head
-                if head is None:
-                    head = b"".join(b"%s: %s\r\n" % h for h in reply.headers)
-                close = b"" if served.keep_alive else b"connection: close\r\n"
-                self.transport.write(b"".join((STATUS_LINE[reply.status], _DEFAULT_HEAD.get(self.server_state.default_headers), head, close, b"\r\n", reply.body)))
-            served.response_complete = True
-            if not served.keep_alive:
-                self.transport.close()
-            self.on_response_complete()
+        if reply is not None and not served.disconnected and not self.transport.is_closing():
+            head = reply.head
+            if head is None:
+                head = b"".join(b"%s: %s\r\n" % h for h in reply.headers)
+            close = b"" if served.keep_alive else b"connection: close\r\n"
+            default = _DEFAULT_HEAD.get(self.server_state.default_headers)
+            self.transport.write(b"".join((STATUS_LINE[reply.status], default, head, close, b"\r\n", reply.body)))
+        served.response_complete = True
+        if not served.keep_alive:
+            self.transport.close()
+        self.on_response_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._held is not None:  # the client left while its request arrived

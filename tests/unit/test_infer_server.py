@@ -12,8 +12,8 @@ from typing import Any
 import uvicorn
 
 from gateway.cache import RawAnswer
-from gateway.infer_endpoint import Reply
-from gateway.protocol.infer_server import InferHttpToolsProtocol
+from gateway.protocol.infer_server import InferHttpToolsProtocol, Reply
+
 
 HIT = RawAnswer(((b"content-type", b"application/octet-stream"), (b"x-cache", b"hit"), (b"content-length", b"6")), b"stored")
 
@@ -234,7 +234,7 @@ async def test_shutdown_lets_a_request_being_served_finish_then_closes_the_conne
     writer.close()
 
 
-async def test_a_client_leaving_while_its_request_is_served_is_seen_and_nothing_is_written() -> None:
+async def test_a_client_leaving_while_its_request_is_served_is_seen_and_the_server_serves_on() -> None:
     app = Endpoint()
     app.slow.clear()
     async with serving(app) as port:
@@ -254,6 +254,28 @@ async def test_a_client_leaving_while_its_request_is_served_is_seen_and_nothing_
         reader, writer = await asyncio.open_connection("127.0.0.1", port)  # the server serves on
         writer.write(post("/v2/models/m/infer", b"next"))
         assert (await read_response(reader))[2] == b"served:next"
+        writer.close()
+
+
+async def test_a_request_still_served_when_the_shutdown_grace_runs_out_is_answered_500_and_closed() -> None:
+    """uvicorn cancels the server's tasks when its graceful shutdown times out: the request being
+    served gets a 500 and the connection closes; a request pipelined behind it is never started,
+    so its answer can never be taken for the first one's."""
+    for pipelined in (b"", post("/v2/models/m/other", b"behind")):
+        app = Endpoint()
+        app.slow.clear()  # never answered
+        server, task, port = await start(app, timeout_graceful_shutdown=0.3)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/v2/models/m/infer", b"stuck") + pipelined)
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        server.should_exit = True
+        status, headers, body = await read_response(reader)
+        assert status == b"HTTP/1.1 500 Internal Server Error" and headers.get(b"connection") == b"close"
+        assert b"internal gateway error" in body
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed: nothing more, no other answer
+        await asyncio.wait_for(task, 5)
+        assert app.asgi == []  # the pipelined request never ran
         writer.close()
 
 
