@@ -335,7 +335,7 @@ class InferEndpoint:
             return await self._infer(pipeline, call, chosen, keep)
         return Reply(200, answer.headers, answer.body, answer.head), served
 
-    # -- infer requests served by the HTTP protocol itself (protocol/cached_answers.py) --------
+    # -- infer requests served by the HTTP protocol itself (protocol/infer_server.py) --------
 
     def may_serve(self, url: bytes, headers: Iterable[tuple[bytes, bytes]]) -> tuple[str, str] | None:
         """The (model, version) of an arriving POST (its request target and lower-case headers)
