@@ -62,7 +62,9 @@ class Reply:
 
 
 _ERROR_BODY = b'{"error":"internal gateway error"}'
-INTERNAL_ERROR = Reply(500, [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(_ERROR_BODY))], _ERROR_BODY)
+INTERNAL_ERROR = Reply(
+    500, [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(_ERROR_BODY))], _ERROR_BODY
+)
 
 
 class _DefaultHead:
@@ -177,7 +179,8 @@ class InferHttpToolsProtocol(OneWriteHttpToolsProtocol):
             except Exception:  # a bug: the full path still answers the request
                 log.exception("answering from the cache in the protocol failed")
         if answer is not None:
-            self.transport.write(b"".join((STATUS_LINE[200], _DEFAULT_HEAD.get(self.server_state.default_headers), answer.head, b"\r\n", answer.body)))
+            default = _DEFAULT_HEAD.get(self.server_state.default_headers)
+            self.transport.write(b"".join((STATUS_LINE[200], default, answer.head, b"\r\n", answer.body)))
             self.on_response_complete()
             return
         serve = getattr(self.app, "serve_held", None)
