@@ -45,6 +45,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
+from gateway.protocol import v2
 from gateway.protocol.http_server import OneWriteHttpToolsProtocol
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class Reply:
     head: bytes | None = None
 
 
-_ERROR_BODY = b'{"error":"internal gateway error"}'
+_ERROR_BODY = v2.error_body("internal gateway error")
 INTERNAL_ERROR = Reply(
     500, [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(_ERROR_BODY))], _ERROR_BODY
 )
@@ -179,8 +180,7 @@ class InferHttpToolsProtocol(OneWriteHttpToolsProtocol):
             except Exception:  # a bug: the full path still answers the request
                 log.exception("answering from the cache in the protocol failed")
         if answer is not None:
-            default = _DEFAULT_HEAD.get(self.server_state.default_headers)
-            self.transport.write(b"".join((STATUS_LINE[200], default, answer.head, b"\r\n", answer.body)))
+            self._write(200, answer.head, answer.body)
             self.on_response_complete()
             return
         serve = getattr(self.app, "serve_held", None)
@@ -205,15 +205,17 @@ class InferHttpToolsProtocol(OneWriteHttpToolsProtocol):
         self.tasks.add(task)
 
     async def _serve(self, served: _Served, answering: Any) -> None:
-        try:
-            if answering is None:
-                raise RuntimeError("serve_held could not start")
-            reply = await answering
-            if reply is None and not served.disconnected:
-                raise RuntimeError("serve_held gave no answer to a client still connected")
-        except BaseException as exc:  # a bug, or the server cancelling it (its shutdown grace ran out)
-            if not isinstance(exc, asyncio.CancelledError):
-                log.exception("serving a request in the protocol failed")
+        reply = None
+        if answering is not None:  # else serve_held failed to start (logged)
+            try:
+                reply = await answering
+            except BaseException as exc:  # a bug, or the server cancelling it (its shutdown grace ran out)
+                if not isinstance(exc, asyncio.CancelledError):
+                    log.exception("serving a request in the protocol failed")
+            else:
+                if reply is None and not served.disconnected:
+                    log.error("serve_held gave no answer to a client still connected")
+        if reply is None and not served.disconnected:
             # Answered 500 as uvicorn answers an ASGI app that failed, and the connection closed:
             # a request pipelined behind this one must never take this one's answer.
             reply = INTERNAL_ERROR
@@ -222,13 +224,19 @@ class InferHttpToolsProtocol(OneWriteHttpToolsProtocol):
             head = reply.head
             if head is None:
                 head = b"".join(b"%s: %s\r\n" % h for h in reply.headers)
-            close = b"" if served.keep_alive else b"connection: close\r\n"
-            default = _DEFAULT_HEAD.get(self.server_state.default_headers)
-            self.transport.write(b"".join((STATUS_LINE[reply.status], default, head, close, b"\r\n", reply.body)))
+            if not served.keep_alive:
+                head += b"connection: close\r\n"
+            self._write(reply.status, head, reply.body)
         served.response_complete = True
         if not served.keep_alive:
             self.transport.close()
         self.on_response_complete()
+
+    def _write(self, status: int, head: bytes, body: bytes) -> None:
+        """A whole response in one write: the status line, the server's default headers (``date``),
+        ``head`` (header lines) and ``body``."""
+        default = _DEFAULT_HEAD.get(self.server_state.default_headers)
+        self.transport.write(b"".join((STATUS_LINE[status], default, head, b"\r\n", body)))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._held is not None:  # the client left while its request arrived

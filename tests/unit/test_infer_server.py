@@ -108,6 +108,14 @@ def post(path: str, body: bytes, *headers: str) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
+async def send_in_two_pieces(writer: asyncio.StreamWriter, request: bytes) -> None:
+    """The request with its body's last bytes sent a moment after the rest."""
+    writer.write(request[:-9])
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.write(request[-9:])
+
+
 async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, dict[bytes, bytes], bytes]:
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     status, *lines = head[:-4].split(b"\r\n")
@@ -140,11 +148,7 @@ async def test_a_miss_is_served_in_the_protocol_with_its_whole_body_even_when_it
     app = Endpoint()
     async with serving(app) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        request = post("/v2/models/m/infer", b"first-time-body")
-        writer.write(request[:-9])
-        await writer.drain()
-        await asyncio.sleep(0.05)
-        writer.write(request[-9:])
+        await send_in_two_pieces(writer, post("/v2/models/m/infer", b"first-time-body"))
         status, headers, body = await read_response(reader)
         assert (status, body) == (b"HTTP/1.1 200 OK", b"served:first-time-body")
         assert headers[b"content-type"] == b"text/plain" and b"date" in headers and b"connection" not in headers
@@ -295,11 +299,7 @@ async def test_an_app_that_serves_nothing_in_the_protocol_gets_its_misses_the_as
     app = AnswersOnly()
     async with serving(app) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        request = post("/v2/models/m/infer", b"first-time-body")
-        writer.write(request[:-9])
-        await writer.drain()
-        await asyncio.sleep(0.05)
-        writer.write(request[-9:])
+        await send_in_two_pieces(writer, post("/v2/models/m/infer", b"first-time-body"))
         assert (await read_response(reader))[2] == b"asgi:first-time-body"
         writer.write(post("/v2/models/m/infer", b"repeat"))
         assert (await read_response(reader))[2] == b"stored"
