@@ -209,11 +209,12 @@ def make_repository(root: Path, model: str, hold_ms: float = 0.0) -> Path:
     return repository
 
 
-def gateway_toml(triton_url: str, port: int, batching: dict[str, Any], ttl_s: float) -> str:
+def gateway_toml(triton_url: str, port: int, batching: dict[str, Any], ttl_s: float, workers: int = 1) -> str:
     lines = [
         "[server]",
         f'host = "{HOST}"',
         f"port = {port}",
+        f"workers = {workers}",
         "",
         "[upstream]",
         f'instances = [ {{ url = "{triton_url}", weight = 1 }} ]',
@@ -437,7 +438,7 @@ class Run:
     requests: int = 0  # requests the target answered during the run
     hits: int = 0
     misses: int = 0
-    coalesced: int = 0
+    coalesced: int | None = 0  # None: counted among the hits (several gateway workers)
     upstream: TritonCounters = field(default_factory=TritonCounters)  # Triton's counters
     cpu_s: dict[str, float] = field(default_factory=dict)  # process -> CPU seconds over the run
 
@@ -474,6 +475,7 @@ def from_export(path: Path, m: Measurement) -> bool:
     if not len(sent) or len(sent) != len(answered):
         return False
     latency_us = (answered - sent) / 1000.0
+    m.requests = len(sent)
     m.throughput = len(sent) / ((answered.max() - sent.min()) / 1e9)
     m.p50_us, m.p99_us = (float(v) for v in np.percentile(latency_us, [50, 99]))
     m.avg_us = float(latency_us.mean())
@@ -608,7 +610,7 @@ def counters_table(runs: list[Run]) -> list[str]:
                 f"{r.wall_s:.1f}",
                 str(r.hits),
                 str(r.misses),
-                str(r.coalesced),
+                "-" if r.coalesced is None else str(r.coalesced),
                 f"{up.executions} ({up.inferences})",
                 us(r.cpu_us_per_request("triton")),
                 us(r.cpu_us_per_request("gateway")),
@@ -656,9 +658,10 @@ def stat_lines(runs: list[Run]) -> list[str]:
                 f"(mean batch {up.inferences / max(1, up.executions):.2f}); CPU: {cpu}"
             )
         else:
+            coalesced = "coalesced among the hits" if r.coalesced is None else f"{r.coalesced} coalesced"
             lines.append(
-                f"{r.m.label}, c={r.m.concurrency}: gateway cache {r.hits} hits, {r.misses} misses, {r.coalesced} "
-                f"coalesced ({pct(r.hit_rate)} hits); behind it Triton answered {up.success} requests "
+                f"{r.m.label}, c={r.m.concurrency}: gateway cache {r.hits} hits, {r.misses} misses, {coalesced} "
+                f"({pct(r.hit_rate)} hits); behind it Triton answered {up.success} requests "
                 f"({up.cache_hit} from its own cache, {up.cache_miss} misses), {up.executions} executions for "
                 f"{up.inferences} rows (mean batch {up.inferences / max(1, up.executions):.2f}); CPU: {cpu}"
             )
@@ -676,7 +679,14 @@ def render(
         f"local {args.triton_cache_mb} MiB, dynamic batching max_queue_delay_microseconds "
         f"{round(args.hold_ms * 1000)}" + (" (--hold-ms, as the gateway's hold_ms)" if args.hold_ms else " (the model's own)")
     )
-    gateway = "1 worker (uvicorn), [cache] enabled, batching " + ", ".join(f"{k} {toml_value(v)}" for k, v in batching.items())
+    workers = args.gateway_workers
+    gateway = (
+        f"{workers} worker{'s' if workers > 1 else ''} (uvicorn)"
+        + (" (answers checked on 1 worker; counts from Triton's: misses = rows it computed, hits = the rest, "
+           "coalesced among them)" if workers > 1 else "")
+        + ", [cache] enabled, batching "
+    )
+    gateway += ", ".join(f"{k} {toml_value(v)}" for k, v in batching.items())
     wl = workload.describe(args.zipf_s) + f" (seed {args.seed})"
     method = (
         "Each measurement starts cold: Triton restarted before each run (empty response cache); for the gateway's "
@@ -772,6 +782,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="how long a batch waits for company, for both targets alike: the gateway's [batching] hold_ms "
         "and Triton's max_queue_delay_microseconds in the model's config (default 0: neither waits)",
     )  # fmt: skip
+    p.add_argument(
+        "--gateway-workers", type=int, default=1,
+        help="gateway processes (server.workers), each with a cache of its own; above 1 the gateway's counts "
+        "come from Triton's (misses = rows Triton computed, hits = the rest, coalesced among them)",
+    )  # fmt: skip
     p.add_argument("--out", help="also write the report as markdown to this file")
     p.add_argument(
         "--base-port", type=int, default=8460,
@@ -790,6 +805,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--repeat-share must be in [0, 1)")
     if args.zipf_s <= 0:
         p.error("--zipf-s must be > 0")
+    if not 1 <= args.gateway_workers <= 64:
+        p.error("--gateway-workers must be in 1..64")
     if not 0 <= args.hold_ms < 1000:
         p.error("--hold-ms must be in [0, 1000)")
     return args
@@ -877,12 +894,20 @@ def main(argv: list[str] | None = None) -> int:
             before_up = triton_counters(triton_url, args.model)
             before_gw = gateway_counters(gw_url, args.model) if gateway else {}
             groups: dict[str, int] = {"triton": triton.instances[0].pid}
-            if gateway is not None:
+            expected: int | None = args.requests
+            if gateway is not None and args.gateway_workers > 1:
+                # Each worker counts its own requests and a query reaches one of them: the traffic
+                # starts with Triton's first answer (a cold cache's first request is a miss) and
+                # ends when perf_analyzer exits.
+                groups["gateway"] = gateway.popen.pid
+                answered = lambda: triton_counters(triton_url, args.model).success  # noqa: E731
+                expected = None
+            elif gateway is not None:
                 groups["gateway"] = gateway.popen.pid
                 answered = lambda: sum(gateway_counters(gw_url, args.model).get(k, 0) for k in ("hits", "misses", "coalesced"))  # noqa: E731
             else:
                 answered = lambda: triton_counters(triton_url, args.model).success  # noqa: E731
-            clock = TrafficClock(runner, answered, groups, args.requests)
+            clock = TrafficClock(runner, answered, groups, expected)
             clock.start()
             m = runner._measure_once(target, "-", port, c)
             clock.stop.set()
@@ -895,6 +920,10 @@ def main(argv: list[str] | None = None) -> int:
             run.upstream = triton_counters(triton_url, args.model).minus(before_up)
             if gateway is None:
                 run.requests, run.hits, run.misses = run.upstream.success, run.upstream.cache_hit, run.upstream.cache_miss
+            elif args.gateway_workers > 1:
+                # Every miss (a leader) is one row Triton computes; hits and coalesced requests none.
+                run.requests, run.misses = m.requests or 0, run.upstream.inferences
+                run.hits, run.coalesced = run.requests - run.misses, None
             else:
                 after = gateway_counters(gw_url, args.model)
                 delta = {k: after.get(k, 0) - before_gw.get(k, 0) for k in ("hits", "misses", "coalesced", "shared_hits")}
@@ -926,11 +955,13 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(f"{args.model}: input {input_name} is {datatype}, expected FP32")
         print(f"writing perf_analyzer's input data ({workload.requests} requests) ...", flush=True)
         write_input_data(input_data, workload, input_name)
+        # One worker for the answer checks: a repeat must reach the cache that saw the first.
         config_path.write_text(gateway_toml(triton_url, gw_port, batching, ttl_s))
         print(f"starting the gateway on {HOST}:{gw_port} (cache on) ...", flush=True)
         gateway = start_gateway("check")
         checks = check_answers(triton_url, gw_url, args.model, input_name, workload)
         print("answers checked:\n" + indent("\n".join(checks)))
+        config_path.write_text(gateway_toml(triton_url, gw_port, batching, ttl_s, args.gateway_workers))
         for c in args.concurrency:
             runs.append(measure(DIRECT, base, c, "direct"))
             runs.append(measure(GATEWAY, gw_port, c, "gateway"))
