@@ -58,6 +58,7 @@ import resource
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -106,6 +107,7 @@ from compare import (  # noqa: E402
 )
 
 MODELS = ("digits_cnn", "breast_cancer_mlp")
+REDIS_SERVER = REPO / ".cache" / "redis" / "bin" / "redis-server"  # scripts/fetch_redis.sh
 DIRECT = "direct (Triton cache)"
 GATEWAY = "gateway (gateway cache)"
 TARGET_RATIO = 1.0  # the gateway ahead: strictly more infer/s than Triton direct
@@ -209,7 +211,9 @@ def make_repository(root: Path, model: str, hold_ms: float = 0.0) -> Path:
     return repository
 
 
-def gateway_toml(triton_url: str, port: int, batching: dict[str, Any], ttl_s: float, workers: int = 1) -> str:
+def gateway_toml(
+    triton_url: str, port: int, batching: dict[str, Any], ttl_s: float, workers: int = 1, redis_url: str = ""
+) -> str:
     lines = [
         "[server]",
         f'host = "{HOST}"',
@@ -225,6 +229,7 @@ def gateway_toml(triton_url: str, port: int, batching: dict[str, Any], ttl_s: fl
         "[cache]",
         "enabled = true",
         f"ttl_s = {ttl_s:g}  # longer than a run: no entry expires while measured (Triton's have no TTL)",
+        f'redis_url = "{redis_url}"',
         "",
     ]
     return "\n".join(lines)
@@ -357,6 +362,16 @@ def gateway_counters(gw_url: str, model: str) -> dict[str, int]:
     if status != 200:
         raise RuntimeError(f"{gw_url}/v2/gateway/cache answered {status}")
     return {k: int(v) for k, v in json.loads(body).get("models", {}).get(model, {}).items()}
+
+
+def redis_command(port: int, command: bytes) -> bytes:
+    """One inline command to the redis-server on ``port``; its one-line reply ("" if none)."""
+    try:
+        with socket.create_connection((HOST, port), timeout=2.0) as sock:
+            sock.sendall(command + b"\r\n")
+            return sock.recv(256).split(b"\r\n", 1)[0]
+    except OSError:
+        return b""
 
 
 ATTEMPTS = 4  # per measurement, each from cold, when perf_analyzer hung or timed out
@@ -684,7 +699,9 @@ def render(
         f"{workers} worker{'s' if workers > 1 else ''} (uvicorn)"
         + (" (answers checked on 1 worker; counts from Triton's: misses = rows it computed, hits = the rest, "
            "coalesced among them)" if workers > 1 else "")
-        + ", [cache] enabled, batching "
+        + ", [cache] enabled"
+        + (" with the shared tier on a redis-server of its own (emptied before each run)" if args.redis else "")
+        + ", batching "
     )
     gateway += ", ".join(f"{k} {toml_value(v)}" for k, v in batching.items())
     wl = workload.describe(args.zipf_s) + f" (seed {args.seed})"
@@ -787,10 +804,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="gateway processes (server.workers), each with a cache of its own; above 1 the gateway's counts "
         "come from Triton's (misses = rows Triton computed, hits = the rest, coalesced among them)",
     )  # fmt: skip
+    p.add_argument(
+        "--redis", action="store_true",
+        help="give the gateway its shared cache tier (cache.redis_url) on a redis-server started here, emptied "
+        "before each gateway run: what lets several workers share what each computed",
+    )  # fmt: skip
     p.add_argument("--out", help="also write the report as markdown to this file")
     p.add_argument(
         "--base-port", type=int, default=8460,
-        help="Triton HTTP/gRPC/metrics on base, base+100, base+200; gateway base+10",
+        help="Triton HTTP/gRPC/metrics on base, base+100, base+200; gateway base+10; redis-server base+20",
     )  # fmt: skip
     args = p.parse_args(argv)
     try:
@@ -823,9 +845,13 @@ def main(argv: list[str] | None = None) -> int:
 
     base = args.base_port
     gw_port = base + 10
-    busy = [p for p in (base, base + 100, base + 200, gw_port) if not port_free(p)]
+    redis_port = base + 20
+    busy = [p for p in (base, base + 100, base + 200, gw_port, redis_port) if not port_free(p)]
     if busy:
         print(f"ports already in use: {busy} (pick another --base-port)", file=sys.stderr)
+        return 2
+    if args.redis and not os.access(REDIS_SERVER, os.X_OK):
+        print(f"{REDIS_SERVER} is missing: run scripts/fetch_redis.sh", file=sys.stderr)
         return 2
     if not PERF_ANALYZER.exists():
         print(f"{PERF_ANALYZER} is missing: run triton/fetch_perf_analyzer.sh", file=sys.stderr)
@@ -852,6 +878,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Run] = []
     checks: list[str] = []
     gateway: Proc | None = None
+    redis_proc: Proc | None = None
+    redis_url = f"redis://{HOST}:{redis_port}/0" if args.redis else ""
     triton = fleet.Fleet(
         repository, instances=1, base_http=base, base_grpc=base + 100, base_metrics=base + 200,
         model_control_mode="none", log_dir=workdir, cache_size=args.triton_cache_mb * 1024 * 1024,
@@ -883,6 +911,20 @@ def main(argv: list[str] | None = None) -> int:
         triton.restart(0, timeout=120)
         wait_http_ok(None, [f"{triton_url}/v2/models/{args.model}/ready"], timeout=60)
 
+    def start_redis() -> Proc:
+        proc = Proc(
+            "redis",
+            [str(REDIS_SERVER), "--port", str(redis_port), "--bind", HOST, "--save", "", "--appendonly", "no",
+             "--dir", str(workdir)],
+            workdir / "redis.log",
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while redis_command(redis_port, b"PING") != b"+PONG":
+            if not proc.running() or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start; log {proc.log_path}:\n{proc.tail(10)}")
+            time.sleep(0.1)
+        return proc
+
     def measure(target: str, port: int, c: int, name: str) -> Run:
         """One cold run; once more from cold if perf_analyzer found no stable measurement."""
         nonlocal gateway
@@ -890,11 +932,15 @@ def main(argv: list[str] | None = None) -> int:
             stop_gateway()
             cold_triton()
             if target == GATEWAY:
+                if redis_proc is not None and redis_command(redis_port, b"FLUSHALL") != b"+OK":
+                    raise RuntimeError("redis-server did not empty its cache (FLUSHALL)")
                 gateway = start_gateway(f"c{c}-{attempt}")
             before_up = triton_counters(triton_url, args.model)
             before_gw = gateway_counters(gw_url, args.model) if gateway else {}
             groups: dict[str, int] = {"triton": triton.instances[0].pid}
             expected: int | None = args.requests
+            if redis_proc is not None and target == GATEWAY:
+                groups["redis"] = redis_proc.popen.pid
             if gateway is not None and args.gateway_workers > 1:
                 # Each worker counts its own requests and a query reaches one of them: the traffic
                 # starts with Triton's first answer (a cold cache's first request is a miss) and
@@ -956,12 +1002,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"writing perf_analyzer's input data ({workload.requests} requests) ...", flush=True)
         write_input_data(input_data, workload, input_name)
         # One worker for the answer checks: a repeat must reach the cache that saw the first.
-        config_path.write_text(gateway_toml(triton_url, gw_port, batching, ttl_s))
+        if args.redis:
+            print(f"starting redis-server on {HOST}:{redis_port} (the gateway's shared tier) ...", flush=True)
+            redis_proc = start_redis()
+        config_path.write_text(gateway_toml(triton_url, gw_port, batching, ttl_s, redis_url=redis_url))
         print(f"starting the gateway on {HOST}:{gw_port} (cache on) ...", flush=True)
         gateway = start_gateway("check")
         checks = check_answers(triton_url, gw_url, args.model, input_name, workload)
         print("answers checked:\n" + indent("\n".join(checks)))
-        config_path.write_text(gateway_toml(triton_url, gw_port, batching, ttl_s, args.gateway_workers))
+        config_path.write_text(gateway_toml(triton_url, gw_port, batching, ttl_s, args.gateway_workers, redis_url))
         for c in args.concurrency:
             runs.append(measure(DIRECT, base, c, "direct"))
             runs.append(measure(GATEWAY, gw_port, c, "gateway"))
@@ -972,7 +1021,7 @@ def main(argv: list[str] | None = None) -> int:
         error = str(exc)
         print(f"\nerror: {error}", file=sys.stderr)
     finally:
-        stop_all(runner, [gateway, triton])
+        stop_all(runner, [gateway, triton, redis_proc])
 
     if not runs:
         return 130 if interrupted else 1  # nothing measured: the error is printed above

@@ -10,6 +10,7 @@
 #   perf_analyzer.tar.xz   triton/perf_analyzer/ (the binary and its two libraries)
 #   wheels/                the gateway's other dependencies, built for that Python
 #   weights.tar            the trained default models (model_repository/*/*/model.pt)
+#   redis.tar.xz           .cache/redis/ (scripts/fetch_redis.sh), for cache_bench.py --redis
 # On the host, perf/gpu/setup.sh unpacks it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -18,7 +19,7 @@ PY_XY="${PY_XY:-3.12}"
 BUNDLE="$ROOT/.gpu-bundle"
 PYTRITON_VERSION=0.7.0
 
-for need in triton/perf_analyzer/perf_analyzer .venv/bin/python; do
+for need in triton/perf_analyzer/perf_analyzer .venv/bin/python .cache/redis/bin/redis-server; do
     [[ -e "$need" ]] || { echo "bundle.sh: $need missing; run make setup first" >&2; exit 1; }
 done
 rm -rf "$BUNDLE"
@@ -45,6 +46,7 @@ unzip -q "$wheel" 'pytriton/tritonserver/*' 'nvidia_pytriton.libs/*' -d "$tmp/se
 tar -C "$tmp/server" -cf - . | xz -T0 -6 > "$BUNDLE/server.tar.xz"
 tar -C triton -cf - perf_analyzer | xz -T0 -6 > "$BUNDLE/perf_analyzer.tar.xz"
 tar -cf "$BUNDLE/weights.tar" model_repository/*/*/model.pt
+tar -C .cache -cf - redis | xz -T0 -6 > "$BUNDLE/redis.tar.xz"
 
 # The same versions as the local virtualenv, for the host's Python.
 pins=()

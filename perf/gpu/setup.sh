@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU host without network access: unpack .gpu-bundle/ (made by perf/gpu/bundle.sh) into
-# this checkout so perf/compare.py and perf/cache_bench.py run as they do after `make setup`.
+# this checkout so perf/compare.py, perf/cache_bench.py and the integration tests run as they do
+# after `make setup`.
 # PYTHON (default python3) is the host's interpreter with torch on CUDA; the gateway's missing
 # dependencies are installed into its environment, and .venv points at that environment, which
 # is where Triton's Python backend runs the models too.
@@ -21,6 +22,9 @@ mkdir -p triton/server
 xz -dc "$BUNDLE/server.tar.xz" | tar -C triton/server -xf -
 xz -dc "$BUNDLE/perf_analyzer.tar.xz" | tar -C triton -xf -
 tar -xf "$BUNDLE/weights.tar"
+mkdir -p .cache
+rm -rf .cache/redis
+xz -dc "$BUNDLE/redis.tar.xz" | tar -C .cache -xf -
 .venv/bin/python - <<'PY'
 import numpy, torch
 print(f"python torch {torch.__version__} cuda {torch.cuda.is_available()} numpy {numpy.__version__}")
