@@ -1,6 +1,7 @@
 """Run the local stack in the foreground: a Triton fleet, then the gateway in front of it.
 
-Ctrl-C (or SIGTERM) stops the gateway first, then every Triton instance.
+Ctrl-C (or SIGTERM) stops the gateway first, then every Triton instance, and exits 0; so does
+SIGINT sent to a run in the background, where the shell started it with SIGINT ignored.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ def main() -> int:
         return 2
 
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Even when started with SIGINT ignored (a background job): the gateway, which installs its
+    # own handlers, stops on it, and the fleet must stop with it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     # With [repository] path set the gateway drives loading: Triton starts empty, in explicit
     # model-control mode, and the gateway loads and warms every model before it takes traffic.
     managed = bool(config.repository.path)
@@ -78,7 +82,7 @@ def main() -> int:
         while gateway.poll() is None:
             time.sleep(0.5)
         print(f"serve: the gateway exited with status {gateway.returncode}", file=sys.stderr)
-        return gateway.returncode or 1
+        return gateway.returncode if gateway.returncode >= 0 else 128 - gateway.returncode
     except KeyboardInterrupt:
         print("\nserve: stopping", flush=True)
         return 0
