@@ -398,6 +398,14 @@ class InferEndpoint:
         if services is not None:
             self.counts.disconnected(fleet_labels(services.router, target[0], target[1])[0])
 
+    def request_failed(self, target: tuple[str, str], start: float) -> None:
+        """A request the protocol answered 500 itself (``serve`` never answered it: cancelled when
+        the server's shutdown grace ran out, or a bug): counted as ``serve`` counts a 500."""
+        services = getattr(self.app.state, "services", None)
+        if services is not None:
+            model, version = fleet_labels(services.router, target[0], target[1])
+            self.counts.record(model, version, 500, time.monotonic() - start)
+
     async def _infer(
         self,
         pipeline: InferencePipeline,

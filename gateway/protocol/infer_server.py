@@ -20,7 +20,8 @@ order kept), a shutdown lets it finish and then closes the connection, and a los
 marks it ``disconnected`` (the batcher drops a queued request whose client left). The task is
 one of the server's tasks, which a graceful shutdown waits for; one still running when that
 wait runs out (uvicorn cancels it), or a bug, is answered 500 and its connection closed, as
-uvicorn answers an ASGI app that fails, so a request pipelined behind it never takes its place.
+uvicorn answers an ASGI app that fails, so a request pipelined behind it never takes its place;
+the app counts it (``request_failed``).
 
 Only a request that uvicorn would run at once is held: HTTP/1.1, kept alive, no ``Expect:
 100-continue``, no upgrade, no concurrency limit, no earlier request of the connection still
@@ -200,11 +201,11 @@ class InferHttpToolsProtocol(OneWriteHttpToolsProtocol):
         except Exception:  # a bug: answered 500 by _serve
             log.exception("serving a request in the protocol failed")
             answering = None
-        task = self.loop.create_task(self._serve(served, answering))
+        task = self.loop.create_task(self._serve(served, answering, target, start))
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
 
-    async def _serve(self, served: _Served, answering: Any) -> None:
+    async def _serve(self, served: _Served, answering: Any, target: tuple[str, str], start: float) -> None:
         reply = None
         if answering is not None:  # else serve_held failed to start (logged)
             try:
@@ -220,6 +221,12 @@ class InferHttpToolsProtocol(OneWriteHttpToolsProtocol):
             # a request pipelined behind this one must never take this one's answer.
             reply = INTERNAL_ERROR
             served.keep_alive = False
+            failed = getattr(self.app, "request_failed", None)
+            if failed is not None:
+                try:
+                    failed(target, start)
+                except Exception:
+                    log.exception("counting a request failed in the protocol failed")
         if reply is not None and not served.disconnected and not self.transport.is_closing():
             head = reply.head
             if head is None:

@@ -29,6 +29,7 @@ class Endpoint:
         self.gone: list[Callable[[], bool]] = []  # each served request's disconnect probe
         self.lookups: list[tuple[Any, bytes, list[tuple[bytes, bytes]]]] = []
         self.lost: list[Any] = []
+        self.failed: list[Any] = []  # (target, arrival) of each request the protocol answered 500
         self.slow = asyncio.Event()
         self.slow.set()
 
@@ -56,6 +57,9 @@ class Endpoint:
 
     def request_lost(self, target: tuple[str, str]) -> None:
         self.lost.append(target)
+
+    def request_failed(self, target: tuple[str, str], start: float) -> None:
+        self.failed.append((target, start))
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -280,6 +284,7 @@ async def test_a_request_still_served_when_the_shutdown_grace_runs_out_is_answer
         assert await asyncio.wait_for(reader.read(), 5) == b""  # closed: nothing more, no other answer
         await asyncio.wait_for(task, 5)
         assert app.asgi == []  # the pipelined request never ran
+        assert app.failed == [(("m", ""), app.served[0][3])]  # counted, with its arrival
         writer.close()
 
 
@@ -292,6 +297,7 @@ async def test_a_failure_of_the_app_while_serving_is_a_500_and_the_connection_cl
         assert status == b"HTTP/1.1 500 Internal Server Error" and headers.get(b"connection") == b"close"
         assert b"internal gateway error" in body
         assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert [target for target, _ in app.failed] == [("m", "")]
         writer.close()
 
 

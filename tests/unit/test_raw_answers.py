@@ -5,6 +5,7 @@ cache behind the real endpoint; a fake router and metadata (no network)."""
 from __future__ import annotations
 
 import asyncio
+import time
 import types
 from typing import Any
 
@@ -344,6 +345,14 @@ async def test_a_request_whose_client_left_while_served_is_not_answered_and_coun
     reply = await endpoint.serve_held(b"/v2/models/m/infer", target, arriving(body), body, 0.0, (None, None), lambda: True)
     assert reply is None and router.calls == []  # dropped before it was sent upstream
     assert endpoint.counts.disconnects == {"": 1}  # the test router knows no repository index
+
+
+def test_a_request_the_protocol_answered_500_itself_is_counted_as_a_500() -> None:
+    endpoint, _, _ = stack(CacheConfig(enabled=False))
+    endpoint.request_failed(("m", ""), time.monotonic() - 0.2)
+    ((labels, row),) = endpoint.counts.rows.items()
+    assert labels == ("", "", 500)  # the test router knows no repository index
+    assert sum(row[:-1]) == 1 and row[-1] >= 0.2  # one request, its time since arrival
 
 
 async def test_a_request_the_protocol_held_keeps_its_arrival_and_its_rollout_choice() -> None:
