@@ -179,6 +179,7 @@ class ResponseCache:
         return view
 
     async def close(self) -> None:
+        await self._flight.close(timeout=1.0)
         if self._writes:
             await asyncio.wait(self._writes, timeout=1.0)
         if self._shared is not None:

@@ -70,6 +70,18 @@ class SingleFlight(Generic[T]):
     def __len__(self) -> int:
         return len(self._flights)
 
+    async def close(self, timeout: float) -> None:
+        """At shutdown: let computations running in tasks of their own finish for up to
+        ``timeout`` seconds, then cancel the rest (their waiters get 503), so none is left
+        pending when the event loop closes."""
+        if self._detached:
+            await asyncio.wait(set(self._detached), timeout=timeout)
+        left = set(self._detached)
+        for task in left:
+            task.cancel()
+        if left:
+            await asyncio.wait(left)
+
     async def do(self, key: bytes, compute: Compute[T], gone: Gone | None = None, detach: bool = False) -> tuple[T, bool]:
         """The result for ``key`` and whether it was shared with an earlier request. ``gone``
         tells whether this waiter's client has left (a cancelled waiter leaves by itself);

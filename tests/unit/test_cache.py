@@ -282,6 +282,30 @@ async def test_a_detached_computation_stopped_before_it_ran_answers_its_waiters_
     assert await flight.do(b"k", compute) == (9, False)  # the key is not stuck
 
 
+async def test_closing_waits_for_a_detached_computation_then_stops_one_that_will_not_end() -> None:
+    flight: SingleFlight[int] = SingleFlight()
+    release = asyncio.Event()
+
+    async def finishing(abandoned) -> int:  # noqa: ANN001
+        await release.wait()
+        return 4
+
+    async def endless(abandoned) -> int:  # noqa: ANN001
+        await asyncio.Event().wait()
+        return 0
+
+    done = asyncio.create_task(flight.do(b"a", finishing, detach=True))
+    stuck = asyncio.create_task(flight.do(b"b", endless, detach=True))
+    await asyncio.sleep(0)
+    asyncio.get_running_loop().call_later(0.05, release.set)
+    await flight.close(timeout=0.3)
+    assert not flight._detached  # nothing left pending for the loop to destroy
+    assert await done == (4, False)  # finished within the wait: its answer delivered
+    with pytest.raises(Unavailable, match="shutting down"):
+        await stuck
+    assert len(flight) == 0
+
+
 class Uncopyable(UpstreamError):
     def __init__(self, message: str, extra: int) -> None:  # copy.copy cannot rebuild it
         super().__init__(message, status=502)
