@@ -82,7 +82,8 @@ def main() -> int:
         while gateway.poll() is None:
             time.sleep(0.5)
         print(f"serve: the gateway exited with status {gateway.returncode}", file=sys.stderr)
-        return gateway.returncode if gateway.returncode >= 0 else 128 - gateway.returncode
+        rc = gateway.returncode
+        return rc if rc > 0 else 128 - rc if rc < 0 else 1  # it was not asked to stop
     except KeyboardInterrupt:
         print("\nserve: stopping", flush=True)
         return 0
@@ -91,9 +92,11 @@ def main() -> int:
         return 1
     finally:
         if gateway is not None and gateway.poll() is None:
-            gateway.send_signal(signal.SIGINT)
+            # SIGTERM, not SIGINT: after Ctrl-C the gateway already has one SIGINT, and a second
+            # makes uvicorn quit at once instead of finishing the requests in flight.
+            gateway.send_signal(signal.SIGTERM)
             try:
-                gateway.wait(15)
+                gateway.wait(config.server.shutdown_grace_s + 10)
             except subprocess.TimeoutExpired:
                 gateway.kill()
         triton.stop()

@@ -18,7 +18,7 @@ from conftest import REPO_ROOT, ensure_default_weights, ensure_triton_fetched, g
 pytestmark = pytest.mark.integration
 
 TRITON_PORTS = (8190, 8191)
-GATEWAY_PORT = 8196
+GATEWAY_PORT = 8197
 
 
 def answers_ok(url: str) -> bool:
