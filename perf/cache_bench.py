@@ -697,8 +697,9 @@ def render(
     workers = args.gateway_workers
     gateway = (
         f"{workers} worker{'s' if workers > 1 else ''} (uvicorn)"
-        + (" (answers checked on 1 worker; counts from Triton's: misses = rows it computed, hits = the rest, "
-           "coalesced among them)" if workers > 1 else "")
+        + (" (answers checked on 1 worker; counts from Triton's: misses = rows it computed + requests its own "
+           "cache answered, hits = the rest of perf_analyzer's requests, coalesced among them; traffic s from "
+           "perf_analyzer's timestamps, CPU until it exited)" if workers > 1 else "")
         + ", [cache] enabled"
         + (" with the shared tier on a redis-server of its own (emptied before each run)" if args.redis else "")
         + ", batching "
@@ -802,7 +803,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--gateway-workers", type=int, default=1,
         help="gateway processes (server.workers), each with a cache of its own; above 1 the gateway's counts "
-        "come from Triton's (misses = rows Triton computed, hits = the rest, coalesced among them)",
+        "come from Triton's (misses = rows Triton computed + requests its own cache answered, hits = the rest, "
+        "coalesced among them)",
     )  # fmt: skip
     p.add_argument(
         "--redis", action="store_true",
@@ -846,7 +848,8 @@ def main(argv: list[str] | None = None) -> int:
     base = args.base_port
     gw_port = base + 10
     redis_port = base + 20
-    busy = [p for p in (base, base + 100, base + 200, gw_port, redis_port) if not port_free(p)]
+    ports = (base, base + 100, base + 200, gw_port, *((redis_port,) if args.redis else ()))
+    busy = [p for p in ports if not port_free(p)]
     if busy:
         print(f"ports already in use: {busy} (pick another --base-port)", file=sys.stderr)
         return 2
@@ -921,6 +924,7 @@ def main(argv: list[str] | None = None) -> int:
         deadline = time.monotonic() + 10
         while redis_command(redis_port, b"PING") != b"+PONG":
             if not proc.running() or time.monotonic() > deadline:
+                proc.stop()
                 raise RuntimeError(f"redis-server did not start; log {proc.log_path}:\n{proc.tail(10)}")
             time.sleep(0.1)
         return proc
@@ -967,14 +971,22 @@ def main(argv: list[str] | None = None) -> int:
             if gateway is None:
                 run.requests, run.hits, run.misses = run.upstream.success, run.upstream.cache_hit, run.upstream.cache_miss
             elif args.gateway_workers > 1:
-                # Every miss (a leader) is one row Triton computes; hits and coalesced requests none.
-                run.requests, run.misses = m.requests or 0, run.upstream.inferences
+                # Every miss (a leader) is one row upstream: computed by Triton, or answered by
+                # Triton's own cache (a request there; one row unless an identical batch repeated).
+                # Hits and coalesced requests send nothing. The requests are perf_analyzer's.
+                run.requests = m.requests or 0
+                run.misses = min(run.requests, run.upstream.inferences + run.upstream.cache_hit)
                 run.hits, run.coalesced = run.requests - run.misses, None
+                if run.requests and m.throughput:
+                    # The window ran until perf_analyzer exited (export written): the traffic's
+                    # own duration is the export's, from the first request sent to the last answer.
+                    run.wall_s = run.requests / m.throughput
             else:
                 after = gateway_counters(gw_url, args.model)
                 delta = {k: after.get(k, 0) - before_gw.get(k, 0) for k in ("hits", "misses", "coalesced", "shared_hits")}
                 run.hits, run.misses, run.coalesced = delta["hits"], delta["misses"], delta["coalesced"]
                 run.requests = run.hits + run.misses + run.coalesced
+            if gateway is not None:
                 if m.error or not gateway.running():
                     print(f"    gateway log tail ({gateway.log_path}):\n" + indent(gateway.tail(20)))
                     if not gateway.running():

@@ -527,14 +527,14 @@ def machine_info() -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     versions = []
-    for pkg in ("starlette", "uvicorn", "granian", "uvloop", "httptools"):
+    for pkg in ("starlette", "uvicorn", "granian", "uvloop", "httptools", "numpy", "torch"):
         try:
             from importlib.metadata import version
 
             versions.append(f"{pkg} {version(pkg)}")
         except Exception:
             pass
-    return {
+    info = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "nproc": str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()),
         "cpu": cpu,
@@ -544,6 +544,13 @@ def machine_info() -> dict[str, str]:
         "packages": ", ".join(versions),
         "git": commit,
     }
+    try:  # the models run on the GPU when there is one (model.py)
+        gpus = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        gpus = ""
+    if gpus:
+        info["gpu"] = "; ".join(line.split(" (UUID")[0] for line in gpus.splitlines())
+    return info
 
 
 def fmt_ms(us: float | None) -> str:

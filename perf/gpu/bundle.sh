@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Pack what the benchmarks need on a GPU host without network access into .gpu-bundle/
-# (ignored by git, ~36 MB), to copy there with the checkout. Run here after `make setup`.
+# (ignored by git, ~40 MB), to copy there with the checkout. Run on a machine with network
+# access, after `make setup`.
 #
-# The host is expected to bring its own Python with torch on CUDA, numpy, aiohttp, uvloop,
-# msgpack, xxhash, prometheus-client and scikit-learn (a typical CUDA PyTorch image). The bundle
-# adds what such an image lacks:
+# The host brings a virtualenv whose Python (PY_XY, default 3.12) has torch on CUDA and, as a
+# typical CUDA PyTorch image has them: numpy, aiohttp, uvloop, msgpack, prometheus-client,
+# scikit-learn, grpcio, protobuf, anyio, click, h11, certifi, urllib3, httpx and pytest
+# (perf/gpu/setup.sh checks that everything imports). The bundle adds the rest:
 #   server.tar.xz          the Triton server as triton/fetch.sh lays it out, with only the
-#                          Python backend stub for the host's Python (PY_XY, default 3.12)
+#                          Python backend stub for PY_XY
 #   perf_analyzer.tar.xz   triton/perf_analyzer/ (the binary and its two libraries)
-#   wheels/                the gateway's other dependencies, built for that Python
-#   weights.tar            the trained default models (model_repository/*/*/model.pt)
 #   redis.tar.xz           .cache/redis/ (scripts/fetch_redis.sh), for cache_bench.py --redis
-# On the host, perf/gpu/setup.sh unpacks it.
+#   weights.tar            the trained default models (model_repository/*/*/model.pt)
+#   wheels/                the gateway's other dependencies (and the integration tests'), for PY_XY
+#   python-version         PY_XY, which setup.sh checks against the host's Python
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -19,20 +21,30 @@ PY_XY="${PY_XY:-3.12}"
 BUNDLE="$ROOT/.gpu-bundle"
 PYTRITON_VERSION=0.7.0
 
+fail() { echo "bundle.sh: $*" >&2; exit 1; }
 for need in triton/perf_analyzer/perf_analyzer .venv/bin/python .cache/redis/bin/redis-server; do
-    [[ -e "$need" ]] || { echo "bundle.sh: $need missing; run make setup first" >&2; exit 1; }
+    [[ -e "$need" ]] || fail "$need missing; run make setup first"
 done
+# scripts/fetch_redis.sh links to this machine's own redis-server when it has one: not portable.
+[[ -L .cache/redis/bin/redis-server ]] && fail ".cache/redis/bin/redis-server is a link to this machine's redis-server"
+shopt -s nullglob
+wheels=(.cache/wheels/nvidia_pytriton-"$PYTRITON_VERSION"-*.whl)
+(( ${#wheels[@]} == 1 )) || fail "expected one nvidia_pytriton-$PYTRITON_VERSION wheel in .cache/wheels (run make setup)"
+weights=(model_repository/*/*/model.pt)
+(( ${#weights[@]} > 0 )) || fail "no trained weights in model_repository (run make setup)"
+
 rm -rf "$BUNDLE"
 mkdir -p "$BUNDLE/wheels"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 
 # The server, laid out as triton/fetch.sh leaves it, for Python $PY_XY.
-wheel="$(ls .cache/wheels/nvidia_pytriton-$PYTRITON_VERSION-*.whl)"
-unzip -q "$wheel" 'pytriton/tritonserver/*' 'nvidia_pytriton.libs/*' -d "$tmp/server"
+unzip -q "${wheels[0]}" 'pytriton/tritonserver/*' 'nvidia_pytriton.libs/*' -d "$tmp/server"
 (
     cd "$tmp/server"
     stubs=pytriton/tritonserver/python_backend_stubs
+    [[ -f "$stubs/$PY_XY/triton_python_backend_stub" ]] \
+        || fail "nvidia-pytriton $PYTRITON_VERSION has no Python backend stub for Python $PY_XY"
     find "$stubs" -mindepth 1 -maxdepth 1 ! -name "$PY_XY" -exec rm -rf {} +
     # The libpython of another stub (3.13) is the largest file in the wheel and unused here.
     find nvidia_pytriton.libs -name 'libpython3-*' ! -name "*.${PY_XY#3.}.so*" -delete
@@ -45,12 +57,13 @@ unzip -q "$wheel" 'pytriton/tritonserver/*' 'nvidia_pytriton.libs/*' -d "$tmp/se
 )
 tar -C "$tmp/server" -cf - . | xz -T0 -6 > "$BUNDLE/server.tar.xz"
 tar -C triton -cf - perf_analyzer | xz -T0 -6 > "$BUNDLE/perf_analyzer.tar.xz"
-tar -cf "$BUNDLE/weights.tar" model_repository/*/*/model.pt
 tar -C .cache -cf - redis | xz -T0 -6 > "$BUNDLE/redis.tar.xz"
+tar -cf "$BUNDLE/weights.tar" "${weights[@]}"
+echo "$PY_XY" > "$BUNDLE/python-version"
 
-# The same versions as the local virtualenv, for the host's Python.
+# The same versions as the local virtualenv, for the host's Python. tritonclient.http (the
+# integration tests use it) needs gevent and geventhttpclient.
 pins=()
-# tritonclient.http (the integration tests use it) needs gevent and geventhttpclient.
 for name in starlette uvicorn httptools orjson redis hiredis tritonclient python-rapidjson pytest-asyncio \
         gevent geventhttpclient greenlet zope.event zope.interface brotli; do
     version="$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('$name'))")"
