@@ -58,7 +58,6 @@ import resource
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -71,6 +70,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import redis
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -364,14 +364,13 @@ def gateway_counters(gw_url: str, model: str) -> dict[str, int]:
     return {k: int(v) for k, v in json.loads(body).get("models", {}).get(model, {}).items()}
 
 
-def redis_command(port: int, command: bytes) -> bytes:
-    """One inline command to the redis-server on ``port``; its one-line reply ("" if none)."""
+def redis_answers(port: int) -> bool:
+    """Whether the redis-server on ``port`` answers a PING."""
     try:
-        with socket.create_connection((HOST, port), timeout=2.0) as sock:
-            sock.sendall(command + b"\r\n")
-            return sock.recv(256).split(b"\r\n", 1)[0]
-    except OSError:
-        return b""
+        with redis.Redis(host=HOST, port=port, socket_timeout=2.0) as client:
+            return bool(client.ping())
+    except redis.RedisError:
+        return False
 
 
 ATTEMPTS = 4  # per measurement, each from cold, when perf_analyzer hung or timed out
@@ -922,7 +921,7 @@ def main(argv: list[str] | None = None) -> int:
             workdir / "redis.log",
         )  # fmt: skip
         deadline = time.monotonic() + 10
-        while redis_command(redis_port, b"PING") != b"+PONG":
+        while not redis_answers(redis_port):
             if not proc.running() or time.monotonic() > deadline:
                 proc.stop()
                 raise RuntimeError(f"redis-server did not start; log {proc.log_path}:\n{proc.tail(10)}")
@@ -936,8 +935,9 @@ def main(argv: list[str] | None = None) -> int:
             stop_gateway()
             cold_triton()
             if target == GATEWAY:
-                if redis_proc is not None and redis_command(redis_port, b"FLUSHALL") != b"+OK":
-                    raise RuntimeError("redis-server did not empty its cache (FLUSHALL)")
+                if redis_proc is not None:
+                    with redis.Redis(host=HOST, port=redis_port, socket_timeout=5.0) as client:
+                        client.flushall()  # cold: as empty as the gateway's own cache
                 gateway = start_gateway(f"c{c}-{attempt}")
             before_up = triton_counters(triton_url, args.model)
             before_gw = gateway_counters(gw_url, args.model) if gateway else {}
