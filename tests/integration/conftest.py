@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -25,6 +26,17 @@ DEFAULT_MODELS = ("digits_cnn", "breast_cancer_mlp")
 # triton/ is deliberately not a package (it would shadow the Triton compiler torch imports).
 sys.path.insert(0, str(REPO_ROOT / "triton"))
 import fleet  # noqa: E402
+
+
+def http_status(url: str, timeout: float = 2.0) -> int:
+    """The status a GET of ``url`` answers, 0 when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
 
 
 def ensure_triton_fetched() -> None:

@@ -9,24 +9,15 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, ensure_default_weights, ensure_triton_fetched, gateway_config
+from conftest import REPO_ROOT, ensure_default_weights, ensure_triton_fetched, gateway_config, http_status
 
 pytestmark = pytest.mark.integration
 
 TRITON_PORTS = (8190, 8191)
 GATEWAY_PORT = 8197
-
-
-def answers_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
 
 
 def group_members(pgid: int) -> list[int]:
@@ -64,11 +55,11 @@ def test_sigint_stops_the_stack_with_status_0(tmp_path: Path, background: bool) 
     try:
         gateway = f"http://127.0.0.1:{GATEWAY_PORT}"
         deadline = time.monotonic() + 180
-        while not answers_ok(f"{gateway}/v2/health/ready"):
+        while http_status(f"{gateway}/v2/health/ready") != 200:
             assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "the stack did not become ready"
             time.sleep(0.5)
-        assert answers_ok(f"{gateway}/v2/models/digits_cnn/ready")
+        assert http_status(f"{gateway}/v2/models/digits_cnn/ready") == 200
 
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does to the foreground group
         status = proc.wait(60)
@@ -76,7 +67,7 @@ def test_sigint_stops_the_stack_with_status_0(tmp_path: Path, background: bool) 
         assert status == 0, output
         assert "serve: stopping" in output
         for port in (*TRITON_PORTS, GATEWAY_PORT):
-            assert not answers_ok(f"http://127.0.0.1:{port}/v2/health/live"), f"port {port} still answers"
+            assert http_status(f"http://127.0.0.1:{port}/v2/health/live") == 0, f"port {port} still answers"
         assert group_members(proc.pid) == []
     finally:
         if proc.poll() is None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import shutil
 import time
 from collections import Counter
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import httpx
@@ -21,7 +19,7 @@ import torch
 import tritonclient.http as httpclient
 
 import fleet
-from conftest import gateway_config, running_gateway
+from conftest import gateway_config, http_status, running_gateway
 from served_models import MAX_BATCH, MODEL_REPOSITORY
 from training.compress import compress
 from training.compress import save as save_compressed
@@ -40,19 +38,9 @@ BASE_HTTP = 8196  # this module's port block: 8196 (HTTP), 8296 (gRPC), 8396 (me
 ATOL = 1e-4
 
 
-def _status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return 0
-
-
 def _wait_ready(base: str, version: int, timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
-    while _status(f"{base}/v2/models/{MODEL}/versions/{version}/ready") != 200:
+    while http_status(f"{base}/v2/models/{MODEL}/versions/{version}/ready") != 200:
         if time.monotonic() > deadline:
             raise AssertionError(f"Triton did not load {MODEL} version {version} within {timeout}s")
         time.sleep(0.25)
@@ -148,6 +136,6 @@ async def test_a_trained_compressed_model_is_published_served_and_gated(fleet_fa
     assert versions(repo / MODEL) == [1, 2]
     assert sorted(p.name for p in (repo / MODEL).iterdir()) == ["1", "2", "config.pbtxt"]
     time.sleep(2.5)  # more than Triton's poll interval
-    assert _status(f"{base}/v2/models/{MODEL}/versions/3/ready") != 200
+    assert http_status(f"{base}/v2/models/{MODEL}/versions/3/ready") != 200
     index = httpx.post(f"{base}/v2/repository/index", json={}).json()
     assert sorted(e["version"] for e in index if e["name"] == MODEL and e.get("state") == "READY") == ["1", "2"]
