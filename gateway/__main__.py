@@ -8,7 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from gateway.config import ConfigError, load_config
+from gateway.cache import configured
+from gateway.cache.host import SEGMENT_ENV, create_segment, remove_segment
+from gateway.config import ConfigError, GatewayConfig, load_config
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -21,6 +23,19 @@ def serve(args: argparse.Namespace) -> int:
     # Worker processes import the app by name and read the config file themselves.
     os.environ["GATEWAY_CONFIG"] = str(Path(args.config).resolve())
     workers = config.server.workers
+    segment = None
+    if workers > 1 and configured(config.cache) and config.cache.host_bytes > 0:
+        # The workers share one cache store in memory (gateway/cache/host.py).
+        segment = create_segment(config.cache.host_bytes)
+        os.environ[SEGMENT_ENV] = str(segment)
+    try:
+        return _run(args, config, workers)
+    finally:
+        if segment is not None:
+            remove_segment(segment)
+
+
+def _run(args: argparse.Namespace, config: GatewayConfig, workers: int) -> int:
     if args.server == "granian":
         from granian import Granian
         from granian.constants import Interfaces, Loops

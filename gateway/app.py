@@ -82,8 +82,9 @@ def settle_heap() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
-def build_app(config: GatewayConfig) -> InferEndpoint:
-    """The ASGI app: infer requests are answered by InferEndpoint, the rest by Starlette."""
+def build_app(config: GatewayConfig, cache_segment: str = "") -> InferEndpoint:
+    """The ASGI app: infer requests are answered by InferEndpoint, the rest by Starlette.
+    ``cache_segment``: the shared-memory file of the cache's host tier, for a worker process."""
     counts = InferCounts()  # the infer route counts its answers; /metrics reads them
 
     @contextlib.asynccontextmanager
@@ -100,7 +101,7 @@ def build_app(config: GatewayConfig) -> InferEndpoint:
             ejection=EjectionPolicy(u.eject_after_failures, u.eject_base_s, u.eject_max_s, u.max_ejected_share),
             active_request_bias=u.active_request_bias,
         )
-        cache = build_cache(config.cache)
+        cache = build_cache(config.cache, cache_segment)
         monitor = FleetMonitor(
             u, client, router, on_version_gone=cache.drop_version if cache else None, watch_reloads=cache is not None
         )

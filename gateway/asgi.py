@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 from gateway.app import build_app
+from gateway.cache.host import SEGMENT_ENV
 from gateway.config import load_config
 from gateway.infer_endpoint import InferEndpoint
 
@@ -15,4 +16,5 @@ def app_from_env() -> InferEndpoint:
     path = os.environ.get("GATEWAY_CONFIG")
     if not path:
         raise RuntimeError("set GATEWAY_CONFIG to the gateway's TOML config file")
-    return build_app(load_config(path))
+    # Set by ``python -m gateway serve`` for its workers: the cache's host tier (cache/host.py).
+    return build_app(load_config(path), os.environ.get(SEGMENT_ENV, ""))

@@ -113,11 +113,18 @@ class CacheConfig:
     redis_url: str = ""
     # The longest a request waits for Redis; beyond it the gateway goes on without it.
     redis_timeout_ms: float = 5.0
+    # With server.workers > 1: bytes of the store the workers share in memory (/dev/shm), so
+    # one worker's answer serves the others' clients; -1 = as max_bytes, 0 = none.
+    host_max_bytes: int = -1
     # Per-model settings, from [cache.models.<name>] tables: enabled, ttl_s, max_share.
     models: Mapping[str, CacheConfig] = field(default_factory=lambda: MappingProxyType({}))
 
     def for_model(self, model: str) -> CacheConfig:
         return self.models.get(model, self)
+
+    @property
+    def host_bytes(self) -> int:
+        return self.max_bytes if self.host_max_bytes < 0 else self.host_max_bytes
 
 
 CACHE_MODEL_KEYS = frozenset({"enabled", "ttl_s", "max_share"})
@@ -289,6 +296,8 @@ def validate(config: GatewayConfig) -> None:
         raise ConfigError("cache.max_bytes must be >= 0")
     if c.redis_timeout_ms <= 0:
         raise ConfigError("cache.redis_timeout_ms must be > 0")
+    if c.host_max_bytes < -1:
+        raise ConfigError("cache.host_max_bytes must be >= 0 (or -1: as cache.max_bytes)")
     if c.redis_url and not c.redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"cache.redis_url must look like redis://host:port/db, got {c.redis_url!r}")
     for where, m in [("cache", c), *((f"cache.models.{n}", m) for n, m in c.models.items())]:

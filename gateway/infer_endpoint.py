@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable, Container, Iterable, MutableMap
 from typing import Any
 
 from gateway import deadlines
-from gateway.cache import RawAnswer, ResponseCache, raw_key
+from gateway.cache import Epoch, RawAnswer, ResponseCache, raw_key
 from gateway.errors import BadRequest, ClientGone, GatewayError, NotFound, PayloadTooLarge, UnsupportedMediaType
 from gateway.metrics import InferCounts, fleet_labels
 from gateway.pipeline import InferencePipeline
@@ -186,7 +186,7 @@ def raw_lookup(
     start = time.monotonic() if via_rollout else 0.0
     if key is None:
         key = raw_key(model, served, call.content_type, call.header_length, call.body)
-    answer = cache.get_raw(model, key)
+    answer = cache.get_raw(model, served, key)
     if answer is not None and via_rollout:
         rollouts.count(model, served)
         rollouts.record(model, served, True, time.monotonic() - start)
@@ -331,7 +331,7 @@ class InferEndpoint:
         version that served it."""
         answer, served, (chosen, key) = raw_lookup(pipeline, cache, call, looked)
         if answer is None:
-            keep = (cache, cache.store.drops, served, key) if key is not None else None
+            keep = (cache, cache.epoch(call.target[0], served), served, key) if key is not None else None
             return await self._infer(pipeline, call, chosen, keep)
         return Reply(200, answer.headers, answer.body, answer.head), served
 
@@ -411,9 +411,9 @@ class InferEndpoint:
         pipeline: InferencePipeline,
         call: Call,
         chosen: tuple[str, bool] | None = None,
-        keep: tuple[ResponseCache, int, str, bytes] | None = None,
+        keep: tuple[ResponseCache, Epoch, str, bytes] | None = None,
     ) -> tuple[Reply, str]:
-        """Decode, run the pipeline and encode; with ``keep`` (the cache, its drop count before
+        """Decode, run the pipeline and encode; with ``keep`` (the cache, its epoch before
         computing, and the version and raw key the request was looked up under), a cacheable
         answer is also kept as raw bytes. Returns the reply and the version that served it."""
         model, version = call.target
@@ -436,11 +436,11 @@ class InferEndpoint:
             headers.append((b"model-version", resp.version.encode()))
         length_header = (b"content-length", str(len(payload)).encode())
         if keep is not None and resp.cache in RAW_STORABLE:
-            cache, drops, looked_up, key = keep
+            cache, epoch, looked_up, key = keep
             stored = RawAnswer((*headers, (b"x-cache", b"hit"), length_header), payload)
             if resp.version != looked_up:  # that version left the fleet meanwhile: another served it
                 key = raw_key(model, resp.version, call.content_type, call.header_length, body)
-            cache.put_raw(model, resp.version, key, stored, drops)
+            cache.put_raw(model, resp.version, key, stored, epoch)
         if resp.cache:
             headers.append((b"x-cache", resp.cache.encode()))
         headers.append(length_header)

@@ -203,6 +203,7 @@ class GatewayCollector(Collector):
             "misses": "Requests computed upstream and stored.",
             "coalesced": "Requests that shared an identical request's computation in flight.",
             "shared_hits": "Hits from the shared tier (Redis).",
+            "host_hits": "Hits from the store this host's workers share (part of hits).",
             "evictions": "Entries evicted to stay within the byte bounds.",
         }
         families = {k: CounterMetricFamily(f"gateway_cache_{k}", doc, labels=label) for k, doc in counters.items()}
@@ -214,6 +215,15 @@ class GatewayCollector(Collector):
         yield from families.values()
         yield GaugeMetricFamily("gateway_cache_max_bytes", "The store's byte bound (cache.max_bytes).", value=view["max_bytes"])
         yield GaugeMetricFamily("gateway_cache_in_flight", "Cache computations in flight now.", value=view["in_flight"])
+        if "host" in view:
+            host = view["host"]
+            yield GaugeMetricFamily("gateway_cache_host_capacity_bytes", "Bytes of the host tier's log.", value=host["capacity"])
+            yield CounterMetricFamily(
+                "gateway_cache_host_written_bytes", "Bytes written to the host tier's log by all workers.", value=host["bytes_written"]
+            )
+            yield CounterMetricFamily(
+                "gateway_cache_host_writes", "Entries written to the host tier by all workers.", value=host["writes"]
+            )
         if "shared" in view:
             calls = CounterMetricFamily(
                 "gateway_cache_shared_tier_calls",

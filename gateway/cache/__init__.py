@@ -3,17 +3,21 @@
 ``ResponseCache.get_or_compute`` serves a request from, in turn:
 
 1. the in-process store (``store.py``): an LRU bounded in bytes, a TTL per model;
-2. a computation already in flight for the same key (``flight.py``): identical requests in
+2. with several worker processes, the host tier (``host.py``): a store in shared memory that
+   the workers of one host all read and write, so one worker's result serves another's
+   clients; a result from it is kept in the process for the rest of its TTL;
+3. a computation already in flight for the same key (``flight.py``): identical requests in
    flight share one upstream inference;
-3. the optional shared tier (``shared.py``, Redis), inside that same single flight, so one
+4. the optional shared tier (``shared.py``, Redis), inside that same single flight, so one
    replica's result serves another replica's clients; a slow or dead Redis costs at most its
    bounded wait, and a result from it is kept locally for the model's TTL;
-4. the upstream computation, whose result is stored (and written to the shared tier without
-   waiting). Errors are never cached.
+5. the upstream computation, whose result is stored (in the process and the host tier, and
+   written to the shared tier without waiting). Errors are never cached.
 
 Keys (``keys.py``) cover the model, the version that serves the request and the raw input
 tensors. Entries of a version are dropped when that version leaves the fleet or is reloaded in
-place (``upstream.fleet`` tells, within one health interval).
+place (``upstream.fleet`` tells, within one health interval); in the host tier, dropping a
+version bumps its generation, which hides its entries from every worker at once.
 
 In front of all that, the infer endpoint keeps **raw answers** (``get_raw``/``put_raw``): the
 complete encoded response (headers and body) of a cacheable request, keyed by the request as it
@@ -21,13 +25,16 @@ arrived (``keys.raw_key``: model, served version, content type, binary-header le
 A repeat of the same bytes is answered with them before any decoding. Raw answers live in the
 same store, so the same bounds, TTL, share, enablement and version drops apply to them; only
 answers the cache produced ("miss", "hit", "coalesced": never errors, never bypassed requests)
-are stored, and never across a ``drop_version`` that happened while they were computed.
+are stored, and never across a ``drop_version`` that happened while they were computed
+(``epoch``, read before computing).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,18 +43,25 @@ from typing import Any
 from gateway.batcher import BatchResult
 from gateway.cache.entry import decode_entry, encode_entry
 from gateway.cache.flight import Gone, SingleFlight
+from gateway.cache.host import HostStore
 from gateway.cache.keys import cacheable, raw_key, request_key
 from gateway.cache.store import ENTRY_OVERHEAD, CacheStore
 from gateway.config import CacheConfig
 from gateway.tensors import Tensor
 
-__all__ = ["RawAnswer", "ResponseCache", "build_cache", "cacheable", "configured", "raw_key", "request_key"]
+__all__ = ["Epoch", "RawAnswer", "ResponseCache", "build_cache", "cacheable", "configured", "raw_key", "request_key"]
 
 log = logging.getLogger(__name__)
 
 Compute = Callable[[Gone], Awaitable[BatchResult]]
 
 Headers = Sequence[tuple[bytes, bytes]]
+
+# What must not change while an answer is computed for it to be kept (``ResponseCache.epoch``):
+# the process's count of version drops, the version, and the host tier's generation of it.
+Epoch = tuple[int, str, int]
+
+_HEAD_LENGTH = struct.Struct("<I")
 
 
 @dataclass(slots=True, frozen=True)
@@ -66,11 +80,38 @@ class RawAnswer:
     def size(self) -> int:
         return ENTRY_OVERHEAD + len(self.body) + 2 * len(self.head)
 
+    def to_bytes(self) -> bytes:
+        return _HEAD_LENGTH.pack(len(self.head)) + self.head + self.body
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> RawAnswer:
+        """The answer ``to_bytes`` wrote, or ValueError."""
+        if len(raw) < 4:
+            raise ValueError("a stored answer too short")
+        (length,) = _HEAD_LENGTH.unpack_from(raw)
+        head = raw[4 : 4 + length]
+        if len(head) != length or not head.endswith(b"\r\n"):
+            raise ValueError("a stored answer's head is cut short")
+        headers = []
+        for line in head[:-2].split(b"\r\n"):
+            name, sep, value = line.partition(b": ")
+            if not sep:
+                raise ValueError("a stored answer's header has no value")
+            headers.append((name, value))
+        return cls(tuple(headers), raw[4 + length :])
+
 
 class ResponseCache:
-    def __init__(self, config: CacheConfig, shared: Any = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: CacheConfig,
+        shared: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+        host: HostStore | None = None,
+    ) -> None:
         self._config = config
         self._shared = shared  # a shared.SharedTier, or None
+        self._host = host
         self._clock = clock
         self.store = CacheStore(config.max_bytes)
         self._flight: SingleFlight[tuple[BatchResult, str]] = SingleFlight()
@@ -87,22 +128,23 @@ class ResponseCache:
         ``detach``: the caller has a deadline, so a computation it starts runs in a task of
         its own, which the caller's timing out does not cancel (``flight``)."""
         stats = self.store.model_stats(model)
-        cached = self.store.get(key, self._clock())
+        now = self._clock()
+        cached = self.store.get(key, now)
+        if cached is None and self._host is not None:
+            cached = self._from_host(model, version, key, now, _ENTRY_TAG)
         if cached is not None:
             stats.hits += 1
             return cached, "hit"
 
         async def run(abandoned: Gone) -> tuple[BatchResult, str]:
-            drops = self.store.drops
+            epoch = self.epoch(model, version)
             shared = await self._from_shared(key)
             if shared is not None:
                 stats.shared_hits += 1
-                if self.store.drops == drops:
-                    self._store(model, version, key, shared)
+                self._store(model, version, key, shared, epoch)
                 return shared, "hit"
             result = await compute(abandoned)
-            if self.store.drops == drops:  # else a version was dropped meanwhile: maybe this one
-                self._store(model, version, key, result)
+            self._store(model, version, key, result, epoch)
             self._to_shared(model, key, result)
             return result, "miss"
 
@@ -114,32 +156,71 @@ class ResponseCache:
             stats.misses += 1
         return result, source
 
-    def get_raw(self, model: str, key: bytes) -> RawAnswer | None:
-        """The stored answer for a request's raw key (counted as a hit), or None (not counted:
-        the request goes on to ``get_or_compute``, which counts it)."""
-        answer = self.store.get(key, self._clock())
+    def get_raw(self, model: str, version: str, key: bytes) -> RawAnswer | None:
+        """The stored answer for a request's raw key, served by ``version`` (counted as a hit),
+        or None (not counted: the request goes on to ``get_or_compute``, which counts it)."""
+        now = self._clock()
+        answer = self.store.get(key, now)
+        if answer is None and self._host is not None:
+            answer = self._from_host(model, version, key, now, _RAW_TAG)
         if answer is not None:
             stats = self.store.model_stats(model)
             stats.hits += 1
             stats.raw_hits += 1
         return answer
 
-    def put_raw(self, model: str, version: str, key: bytes, answer: RawAnswer, drops: int) -> bool:
-        """Keep ``answer`` for ``key``, unless a version was dropped since ``drops`` (the
-        store's ``drops`` read before the answer was computed) or the model's cache is off."""
-        policy = self._config.for_model(model)
-        if not policy.enabled or self.store.drops != drops:
-            return False
-        cap = int(self._config.max_bytes * policy.max_share)
-        return self.store.put(key, answer, model, version, self._clock() + policy.ttl_s, cap, answer.size)
+    def epoch(self, model: str, version: str) -> Epoch:
+        """Read before computing an answer for ``version`` and given to ``put_raw``: an answer
+        is not kept across a version drop that happened while it was computed."""
+        return self.store.drops, version, self._host.generation(model, version) if self._host is not None else 0
 
-    def _store(self, model: str, version: str, key: bytes, result: BatchResult) -> None:
+    def put_raw(self, model: str, version: str, key: bytes, answer: RawAnswer, epoch: Epoch) -> bool:
+        """Keep ``answer`` for ``key``, unless a version was dropped since ``epoch`` or the
+        model's cache is off."""
+        policy = self._config.for_model(model)
+        if not policy.enabled or self.store.drops != epoch[0]:
+            return False
+        expires = self._clock() + policy.ttl_s
+        cap = int(self._config.max_bytes * policy.max_share)
+        kept = self.store.put(key, answer, model, version, expires, cap, answer.size)
+        if self._host is not None and epoch[1] == version:
+            self._host.put(key, epoch[2], _RAW_TAG + answer.to_bytes(), expires)
+        return kept
+
+    def _store(self, model: str, version: str, key: bytes, result: BatchResult, epoch: Epoch) -> None:
+        """Keep a computed result, unless a version was dropped since ``epoch`` (maybe this one)."""
+        if self.store.drops != epoch[0]:
+            return
         policy = self._config.for_model(model)
         cap = int(self._config.max_bytes * policy.max_share)
+        expires = self._clock() + policy.ttl_s
         # Own copies: a caller's rows are views into its whole batch's response, which the
         # entry would otherwise keep alive, uncounted.
         owned = BatchResult(result.version, [Tensor(t.name, t.datatype, t.data.copy()) for t in result.outputs], result.parameters)
-        self.store.put(key, owned, model, version, self._clock() + policy.ttl_s, cap)
+        self.store.put(key, owned, model, version, expires, cap)
+        if self._host is not None:
+            self._host.put(key, epoch[2], _ENTRY_TAG + encode_entry(owned), expires)
+
+    def _from_host(self, model: str, version: str, key: bytes, now: float, tag: bytes) -> Any:
+        """The host tier's entry for ``key`` (a RawAnswer for ``_RAW_TAG``, a BatchResult for
+        ``_ENTRY_TAG``), kept in this process for the rest of its TTL; or None."""
+        assert self._host is not None
+        found = self._host.get(key, model, version, now)
+        if found is None:
+            return None
+        raw, expires = found
+        try:
+            if raw[:1] != tag:
+                raise ValueError("an entry of another kind")
+            entry: Any = RawAnswer.from_bytes(raw[1:]) if tag == _RAW_TAG else decode_entry(raw[1:])
+        except ValueError as exc:
+            log.warning("ignoring a host cache entry: %s", exc)
+            return None
+        policy = self._config.for_model(model)
+        size = entry.size if tag == _RAW_TAG else None
+        self.store.put(key, entry, model, version, expires, int(self._config.max_bytes * policy.max_share), size)
+        self.store.model_stats(model).host_hits += 1
+        return entry
 
     async def _from_shared(self, key: bytes) -> BatchResult | None:
         if self._shared is None:
@@ -161,6 +242,8 @@ class ResponseCache:
         task.add_done_callback(self._writes.discard)
 
     def drop_version(self, model: str, version: str) -> int:
+        if self._host is not None:
+            self._host.bump(model, version)
         dropped = self.store.drop_version(model, version)
         if dropped:
             log.warning("dropped %d cached result(s) of %s version %s", dropped, model, version)
@@ -168,12 +251,15 @@ class ResponseCache:
 
     def snapshot(self) -> dict[str, Any]:
         view: dict[str, Any] = {
+            "pid": os.getpid(),  # with several workers, each answers for itself (but "host")
             "enabled": self._config.enabled,
             "max_bytes": self.store.max_bytes,
             "bytes": self.store.bytes,
             "in_flight": len(self._flight),
             "models": {m: s.as_dict() for m, s in sorted(self.store.stats.items())},
         }
+        if self._host is not None:
+            view["host"] = self._host.stats()
         if self._shared is not None:
             view["shared"] = self._shared.stats()
         return view
@@ -184,6 +270,9 @@ class ResponseCache:
             await asyncio.wait(self._writes, timeout=1.0)
         if self._shared is not None:
             await self._shared.close()
+        if self._host is not None:
+            self._host.close()
+            self._host = None
 
 
 def configured(config: CacheConfig) -> bool:
@@ -191,8 +280,9 @@ def configured(config: CacheConfig) -> bool:
     return config.enabled or any(m.enabled for m in config.models.values())
 
 
-def build_cache(config: CacheConfig) -> ResponseCache | None:
-    """The configured cache, or None when no model has it enabled."""
+def build_cache(config: CacheConfig, host_segment: str = "") -> ResponseCache | None:
+    """The configured cache, or None when no model has it enabled. ``host_segment``: the
+    host tier's shared-memory file, made by the command that started the workers (``host.py``)."""
     if not configured(config):
         return None
     shared = None
@@ -200,4 +290,9 @@ def build_cache(config: CacheConfig) -> ResponseCache | None:
         from gateway.cache.shared import RedisTier  # only deployments with a shared tier need redis
 
         shared = RedisTier(config.redis_url, config.redis_timeout_ms / 1000)
-    return ResponseCache(config, shared)
+    return ResponseCache(config, shared, host=HostStore(host_segment) if host_segment else None)
+
+
+# What a host tier entry holds: a complete answer (RawAnswer) or a computed result (entry.py).
+_RAW_TAG = b"R"
+_ENTRY_TAG = b"E"

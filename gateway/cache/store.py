@@ -36,6 +36,7 @@ class ModelCacheStats:
     misses: int = 0
     coalesced: int = 0
     shared_hits: int = 0
+    host_hits: int = 0  # hits from the store the host's workers share (of hits)
     raw_hits: int = 0  # the hits answered with stored response bytes, before decoding (of hits)
     evictions: int = 0
     bytes: int = 0

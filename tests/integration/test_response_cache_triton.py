@@ -158,16 +158,67 @@ def test_errors_are_never_cached(stack: Stack) -> None:
     assert [a.status_code for a in answers] == [400, 400] and all("x-cache" not in a.headers for a in answers)
 
 
-def test_a_version_replaced_in_place_loses_its_cached_results(fleet_factory, tmp_path: Path) -> None:  # noqa: ANN001
+def worker_views(url: str, workers: int, timeout: float = 30.0) -> dict[int, dict]:
+    """The cache view of every worker process, by pid: asked over new connections until each
+    worker has answered (the kernel hands each connection to one of them)."""
+    views: dict[int, dict] = {}
+    deadline = time.monotonic() + timeout
+    while len(views) < workers:
+        assert time.monotonic() < deadline, f"only workers {sorted(views)} answered"
+        view = httpx.get(f"{url}/v2/gateway/cache", timeout=10).json()
+        views[view["pid"]] = view
+    return views
+
+
+def test_worker_processes_share_one_cache(stack: Stack, tmp_path: Path) -> None:
+    """With two workers, an answer one computed serves the other's clients, in another wire
+    format too: Triton computes the rows once. The shared segment goes when the gateway stops."""
+    config = gateway_config(stack.triton.http_urls, 8152, server={"workers": 2}, cache={"enabled": True, "ttl_s": 300.0})
+    x = images(40, 2)
+    _, ref_probs = torch_reference(DIGITS.name, x)
+    with running_gateway(config, 8152, tmp_path) as gw:
+        segment = Path(next(iter(worker_views(gw.url, 2).values()))["host"]["path"])
+        assert segment.exists()
+        before = stack.inferences()
+        first = httpx.post(gw.url + PATH, json=json_body(x), timeout=30)  # each call: a new connection
+        assert first.status_code == 200 and first.headers["x-cache"] == "miss", first.text
+        repeats = [httpx.post(gw.url + PATH, json=json_body(x), timeout=30) for _ in range(20)]
+        assert all(r.headers["x-cache"] == "hit" and r.content == first.content for r in repeats)
+        packed = [
+            httpx.post(gw.url + PATH, content=msgpack_body(x), headers={"Content-Type": "application/msgpack"}, timeout=30)
+            for _ in range(10)
+        ]
+        assert all(r.status_code == 200 and r.headers["x-cache"] == "hit" for r in packed)
+        assert stack.inferences() - before == 2  # the two rows, once, whichever worker answered
+        views = worker_views(gw.url, 2)
+        counts = [v["models"][DIGITS.name] for v in views.values()]
+        assert sum(c["misses"] for c in counts) == 1 and sum(c["host_hits"] for c in counts) >= 1
+    probs = np.asarray({o["name"]: o for o in repeats[-1].json()["outputs"]}["probabilities"]["data"], np.float32)
+    np.testing.assert_allclose(probs.reshape(ref_probs.shape), ref_probs, atol=ATOL, rtol=0)
+    out = {o["name"]: o for o in msgpack.unpackb(packed[-1].content)["outputs"]}["probabilities"]
+    np.testing.assert_allclose(np.frombuffer(out["data"], "<f4").reshape(ref_probs.shape), ref_probs, atol=ATOL, rtol=0)
+    assert not segment.exists()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_version_replaced_in_place_loses_its_cached_results(fleet_factory, tmp_path: Path, workers: int) -> None:  # noqa: ANN001
     """Same version number, new weights (Triton reloads it in poll mode): the gateway notices and
-    drops the version's cached answers, so clients get the new weights' answers."""
+    drops the version's cached answers, so clients get the new weights' answers; with two
+    workers, from each of them."""
     repo = tmp_path / "repo"
     repo.mkdir()
     shutil.copytree(MODEL_REPOSITORY / DIGITS.name, repo / DIGITS.name)
     triton: fleet.Fleet = fleet_factory(1, 8144, repository=repo)
-    config = gateway_config(triton.http_urls, 8143, cache={"enabled": True, "ttl_s": 300.0}, upstream={"health_interval_s": 0.5})
+    config = gateway_config(
+        triton.http_urls,
+        8143,
+        server={"workers": workers},
+        cache={"enabled": True, "ttl_s": 300.0},
+        upstream={"health_interval_s": 0.5},
+    )
     x = images(30)
     with running_gateway(config, 8143, tmp_path) as gw, httpx.Client(base_url=gw.url, timeout=30) as http:
+        worker_views(gw.url, workers)  # every worker serving
         old = http.post(PATH, json=json_body(x))
         assert old.headers["x-cache"] == "miss" and http.post(PATH, json=json_body(x)).headers["x-cache"] == "hit"
         weights = repo / DIGITS.name / "1" / "model.pt"
@@ -180,7 +231,10 @@ def test_a_version_replaced_in_place_loses_its_cached_results(fleet_factory, tmp
         while (resp := http.post(PATH, json=json_body(x))).headers["x-cache"] == "hit":
             assert time.monotonic() < deadline, "the replaced version's cached answer is still served"
             time.sleep(0.2)
+        time.sleep(1.5)  # three health intervals: every worker has seen the reload
+        later = [httpx.post(gw.url + PATH, json=json_body(x), timeout=30) for _ in range(10)]  # new connections
     assert resp.status_code == 200 and resp.content != old.content
+    assert all(r.status_code == 200 and r.content == resp.content for r in later)
     new_logits = np.asarray({o["name"]: o for o in resp.json()["outputs"]}["logits"]["data"], np.float32)
     expected = served_logits(repo, x)
     np.testing.assert_allclose(new_logits.reshape(expected.shape), expected, atol=ATOL, rtol=0)

@@ -124,6 +124,8 @@ def test_cache_is_off_by_default_and_set_per_model() -> None:
     assert cache.for_model("other").enabled and cache.for_model("other").ttl_s == 30.0
     assert not cache.for_model("noisy").enabled
     assert cache.for_model("big").max_share == 0.25 and cache.for_model("big").ttl_s == 30.0
+    assert cache.host_bytes == cache.max_bytes  # the host tier: as large as max_bytes unless given
+    assert parse_config({**BASE, "cache": {"host_max_bytes": 0}}).cache.host_bytes == 0
 
 
 @pytest.mark.parametrize(
@@ -134,6 +136,8 @@ def test_cache_is_off_by_default_and_set_per_model() -> None:
         ({"max_share": 0.0}, "cache.max_share must be in (0, 1]"),
         ({"redis_url": "localhost:6379"}, "cache.redis_url must look like redis://"),
         ({"redis_timeout_ms": 0.0}, "cache.redis_timeout_ms must be > 0"),
+        ({"host_max_bytes": -2}, "cache.host_max_bytes must be >= 0"),
+        ({"host_max_bytes": 1.5}, "cache.host_max_bytes must be int"),
     ],
 )
 def test_bad_cache_settings_are_rejected(cache: dict, message: str) -> None:

@@ -262,7 +262,7 @@ async def test_cache_counters_match_the_cache_view() -> None:
     assert sorted(source for _, source in await asyncio.gather(*both)) == ["coalesced", "miss"]  # evicts b
 
     parsed = samples(build_registry(InferCounts(), empty_services(cache=cache)))
-    expected = {"hits": 1, "raw_hits": 0, "misses": 3, "coalesced": 1, "shared_hits": 0, "evictions": 2}
+    expected = {"hits": 1, "raw_hits": 0, "misses": 3, "coalesced": 1, "shared_hits": 0, "host_hits": 0, "evictions": 2}
     for name, n in expected.items():
         assert value(parsed, f"gateway_cache_{name}_total", model="m") == n, name
     assert value(parsed, "gateway_cache_entries", model="m") == 1

@@ -1,0 +1,264 @@
+"""The host tier: one store the gateway's worker processes on a host share, in shared memory.
+
+With ``server.workers`` > 1 each worker has its own in-process store; without this tier every
+worker would compute each distinct request once more for itself. Here, an answer one worker
+computed answers the others' clients, at the cost of a local lookup (no network hop, no
+syscall on a hit).
+
+The segment is a file in ``/dev/shm`` that the serving command creates before it starts the
+workers (``create_segment``) and removes when they have stopped; each worker maps it
+(``HostStore``). It holds:
+
+- a header: sizes, the write cursor (bytes ever written to the log) and a count of writes;
+- a table of generations: one counter per slot, a model version hashing to a slot;
+  ``bump`` (a version dropped) makes every entry of that slot's versions written before it
+  invisible;
+- an index: buckets of 8 ways, each the log position of an entry whose key falls in it;
+- the log, a ring of ``capacity`` bytes: entries are appended, and the oldest are overwritten
+  as it wraps around (bounded in bytes; first in, first out).
+
+Writers serialise on an advisory lock of the file (``flock``: only misses write). Readers take
+no lock: an entry is used only if its key matches, its generation is current, it has not
+expired (the system-wide monotonic clock), the CRC32 of its bytes matches, and the write
+cursor shows that the log had not wrapped over it by the time it was copied (a writer moves
+the cursor before it writes). Anything else reads as a miss, never as another entry's answer.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import mmap
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"GWHOST01"
+HEADER_BYTES = 4096
+WAYS = 8
+GENERATIONS = 4096
+AVERAGE_ENTRY = 512  # bytes per entry the index is sized for (one way per AVERAGE_ENTRY bytes)
+
+# magic, capacity, buckets, generations; the cursor and the write count on a line of their own.
+_HEADER = struct.Struct("<8sQQQ")
+_CURSOR = 64
+_WRITES = 72
+_U64 = struct.Struct("<Q")
+_BUCKET = struct.Struct(f"<{WAYS}Q")
+# key, generation, expiry (monotonic seconds), value length, CRC32 of the value.
+_ENTRY = struct.Struct("<16sQdII")
+
+PREFIX = "gateway-cache-"
+SEGMENT_ENV = "GATEWAY_CACHE_SEGMENT"  # how the serving command tells its workers the segment
+DEFAULT_DIR = "/dev/shm"
+
+
+def _align(n: int, to: int = 8) -> int:
+    return (n + to - 1) // to * to
+
+
+def _layout(capacity: int) -> tuple[int, int, int, int]:
+    """(buckets, index offset, log offset, file size) for a log of ``capacity`` bytes."""
+    buckets = 1
+    while buckets * WAYS * AVERAGE_ENTRY < capacity:
+        buckets *= 2
+    index = HEADER_BYTES + GENERATIONS * 8
+    log_at = _align(index + buckets * WAYS * 8, 4096)
+    return buckets, index, log_at, log_at + capacity
+
+
+def create_segment(capacity: int, directory: str | None = None) -> Path:
+    """A new, empty segment whose log holds ``capacity`` bytes (rounded up to 4 KiB), named
+    after this process; stale segments of processes that are gone are removed first."""
+    folder = Path(directory or (DEFAULT_DIR if os.path.isdir(DEFAULT_DIR) else "/tmp"))
+    sweep_stale(folder)
+    capacity = _align(max(capacity, 65536), 4096)
+    buckets, _, _, size = _layout(capacity)
+    path = folder / f"{PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, size)  # zeros: no entries, generations 0
+        os.pwrite(fd, _HEADER.pack(MAGIC, capacity, buckets, GENERATIONS), 0)
+    finally:
+        os.close(fd)
+    return path
+
+
+def remove_segment(path: str | Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def sweep_stale(folder: Path) -> None:
+    """Remove segments left by serving processes that died without removing theirs."""
+    try:
+        names = [p for p in folder.iterdir() if p.name.startswith(PREFIX)]
+    except OSError:
+        return
+    for path in names:
+        pid = path.name[len(PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            log.warning("removing %s, left by process %s", path, pid)
+            remove_segment(path)
+        except PermissionError:  # alive, someone else's
+            pass
+
+
+class HostStore:
+    """One process's view of a segment: ``get``, ``put``, ``generation`` and ``bump``.
+
+    Synchronous and non-blocking for readers; a writer waits only for another writer."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._fd = os.open(self.path, os.O_RDWR)
+        try:
+            size = os.fstat(self._fd).st_size
+            self._mm = mmap.mmap(self._fd, size)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        magic, capacity, buckets, generations = _HEADER.unpack_from(self._mm, 0)
+        expected = _layout(capacity)
+        if magic != MAGIC or buckets != expected[0] or generations != GENERATIONS or size != expected[3]:
+            self.close()
+            raise ValueError(f"{self.path} is not a gateway cache segment of this version")
+        self.capacity = capacity
+        self._mask = buckets - 1
+        _, self._index, self._log, _ = expected
+        self._max_entry = capacity // 8  # one entry never takes more than an eighth of the log
+        self._slots: dict[tuple[str, str], int] = {}
+        self.hits = 0
+        self.stale = 0  # found but unusable: expired, dropped, overwritten or torn
+
+    def _slot(self, model: str, version: str) -> int:
+        slot = self._slots.get((model, version))
+        if slot is None:
+            digest = hashlib.blake2b(f"{model}\0{version}".encode(), digest_size=8).digest()
+            slot = HEADER_BYTES + (int.from_bytes(digest, "little") % GENERATIONS) * 8
+            if len(self._slots) < 4096:
+                self._slots[(model, version)] = slot
+        return slot
+
+    def generation(self, model: str, version: str) -> int:
+        """The current generation of a model version: read it before computing an answer, and
+        give it to ``put``: a ``bump`` in between makes that answer invisible."""
+        return _U64.unpack_from(self._mm, self._slot(model, version))[0]
+
+    def bump(self, model: str, version: str) -> None:
+        """Every entry of this model version written so far is dropped (for every worker)."""
+        slot = self._slot(model, version)
+        with self._locked():
+            _U64.pack_into(self._mm, slot, _U64.unpack_from(self._mm, slot)[0] + 1)
+
+    def get(self, key: bytes, model: str, version: str, now: float) -> tuple[bytes, float] | None:
+        """(the value stored for ``key``, its expiry), or None."""
+        mm = self._mm
+        bucket = self._index + (int.from_bytes(key[:8], "little") & self._mask) * WAYS * 8
+        capacity = self.capacity
+        for p in _BUCKET.unpack_from(mm, bucket):
+            if not p:
+                continue
+            pos = p - 1
+            at = self._log + pos % capacity
+            if at + _ENTRY.size > self._log + capacity:
+                continue  # torn position
+            stored_key, gen, expires, length, crc = _ENTRY.unpack_from(mm, at)
+            if stored_key != key:
+                continue
+            start = at + _ENTRY.size
+            value = mm[start : start + length]
+            if (
+                expires <= now
+                or gen != _U64.unpack_from(mm, self._slot(model, version))[0]
+                or zlib.crc32(value) != crc
+                or _U64.unpack_from(mm, _CURSOR)[0] > pos + capacity  # wrapped over while copied
+            ):
+                self.stale += 1
+                return None
+            self.hits += 1
+            return value, expires
+        return None
+
+    def put(self, key: bytes, gen: int, value: bytes, expires: float) -> bool:
+        """Append an entry (``gen``: the model version's ``generation`` read before computing
+        ``value``); False if it is too large for the log."""
+        size = _align(_ENTRY.size + len(value))
+        if size > self._max_entry:
+            return False
+        mm, capacity = self._mm, self.capacity
+        bucket = self._index + (int.from_bytes(key[:8], "little") & self._mask) * WAYS * 8
+        with self._locked():
+            cursor = _U64.unpack_from(mm, _CURSOR)[0]
+            offset = cursor % capacity
+            if offset + size > capacity:  # no entry wraps: start the next lap
+                cursor += capacity - offset
+                offset = 0
+            _U64.pack_into(mm, _CURSOR, cursor + size)  # before the bytes it makes stale change
+            at = self._log + offset
+            _ENTRY.pack_into(mm, at, key, gen, expires, len(value), zlib.crc32(value))
+            mm[at + _ENTRY.size : at + _ENTRY.size + len(value)] = value
+            ways = _BUCKET.unpack_from(mm, bucket)
+            _U64.pack_into(mm, bucket + 8 * self._way(ways, key, cursor + size), cursor + 1)
+            _U64.pack_into(mm, _WRITES, _U64.unpack_from(mm, _WRITES)[0] + 1)
+        return True
+
+    def _way(self, ways: tuple[int, ...], key: bytes, cursor: int) -> int:
+        """Where a new entry for ``key`` goes in its bucket: the way holding that key, else an
+        empty or overwritten one, else the oldest."""
+        capacity = self.capacity
+        free = oldest = -1
+        for i, p in enumerate(ways):
+            if not p or p - 1 + capacity < cursor:
+                if free < 0:
+                    free = i
+                continue
+            if self._mm[self._log + (p - 1) % capacity : self._log + (p - 1) % capacity + 16] == key:
+                return i
+            if oldest < 0 or p < ways[oldest]:
+                oldest = i
+        return free if free >= 0 else oldest
+
+    def _locked(self) -> Any:
+        return _FileLock(self._fd)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "capacity": self.capacity,
+            "bytes_written": _U64.unpack_from(self._mm, _CURSOR)[0],
+            "writes": _U64.unpack_from(self._mm, _WRITES)[0],
+            "hits": self.hits,
+            "stale": self.stale,
+        }
+
+    def close(self) -> None:
+        if not self._mm.closed:
+            self._mm.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class _FileLock:
+    __slots__ = ("_fd",)
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def __enter__(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
