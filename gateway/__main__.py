@@ -27,7 +27,8 @@ def serve(args: argparse.Namespace) -> int:
     if workers > 1 and configured(config.cache) and config.cache.host_bytes > 0:
         # The workers share one cache store in memory (gateway/cache/host.py).
         segment = create_segment(config.cache.host_bytes)
-        os.environ[SEGMENT_ENV] = str(segment)
+        if segment is not None:
+            os.environ[SEGMENT_ENV] = str(segment)
     try:
         return _run(args, config, workers)
     finally:

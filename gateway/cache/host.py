@@ -26,6 +26,7 @@ the cursor before it writes). Anything else reads as a miss, never as another en
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import logging
@@ -72,20 +73,52 @@ def _layout(capacity: int) -> tuple[int, int, int, int]:
     return buckets, index, log_at, log_at + capacity
 
 
-def create_segment(capacity: int, directory: str | None = None) -> Path:
+MIN_CAPACITY = 1024 * 1024
+
+
+def free_bytes(folder: Path) -> int:
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
+
+
+def create_segment(capacity: int, directory: str | None = None) -> Path | None:
     """A new, empty segment whose log holds ``capacity`` bytes (rounded up to 4 KiB), named
-    after this process; stale segments of processes that are gone are removed first."""
+    after this process; stale segments of processes that are gone are removed first.
+
+    Its memory is reserved at once: a page of a shared-memory file that cannot be had when it
+    is first written kills the writer (SIGBUS). Where the folder has less than twice the
+    segment's size free (Docker gives containers 64 MiB of /dev/shm), the log is made smaller,
+    but not below ``MIN_CAPACITY``; if even that does not fit, or if the reservation fails, there is no segment
+    (None), and the reason is logged."""
     folder = Path(directory or (DEFAULT_DIR if os.path.isdir(DEFAULT_DIR) else "/tmp"))
     sweep_stale(folder)
     capacity = _align(max(capacity, 65536), 4096)
+    room = free_bytes(folder) // 2
+    while _layout(capacity)[3] > room and capacity > MIN_CAPACITY:
+        capacity = max(MIN_CAPACITY, _align(capacity // 2, 4096))
     buckets, _, _, size = _layout(capacity)
+    if size > room:
+        log.error("no cache shared between workers: %s has %d bytes free, too few", folder, room * 2)
+        return None
     path = folder / f"{PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.ftruncate(fd, size)  # zeros: no entries, generations 0
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                log.error("no cache shared between workers: %s has no room for %d bytes", folder, size)
+                os.close(fd)
+                fd = -1
+                remove_segment(path)
+                return None
+            # A file system that cannot reserve (not tmpfs): its pages come from disk anyway.
         os.pwrite(fd, _HEADER.pack(MAGIC, capacity, buckets, GENERATIONS), 0)
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
+    log.info("cache shared between workers: %s, %d bytes", path, capacity)
     return path
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from gateway.batcher import BatchResult
 from gateway.cache import RawAnswer, ResponseCache, build_cache
+from gateway.cache import host
 from gateway.cache.host import PREFIX, HostStore, create_segment, remove_segment
 from gateway.config import CacheConfig
 from gateway.tensors import Tensor
@@ -22,7 +23,9 @@ from gateway.tensors import Tensor
 
 @pytest.fixture
 def segment(tmp_path: Path) -> Path:
-    return create_segment(64 * 1024, str(tmp_path))
+    path = create_segment(64 * 1024, str(tmp_path))
+    assert path is not None
+    return path
 
 
 def key(n: int) -> bytes:
@@ -117,6 +120,18 @@ def test_segments_left_by_dead_processes_are_removed(tmp_path: Path) -> None:
     assert not stale.exists() and mine.exists() and made.name.startswith(f"{PREFIX}{os.getpid()}-")
     remove_segment(made)
     assert not made.exists()
+
+
+def test_a_segment_shrinks_to_the_room_there_is_and_reserves_its_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(host, "free_bytes", lambda folder: 12 * 1024 * 1024)  # a small /dev/shm
+    path = create_segment(256 * 1024 * 1024, str(tmp_path))
+    assert path is not None
+    store = HostStore(path)
+    assert store.capacity == 4 * 1024 * 1024  # halved until the segment takes at most half the room
+    assert os.stat(path).st_blocks * 512 >= store.capacity  # reserved, not a sparse file
+    monkeypatch.setattr(host, "free_bytes", lambda folder: 2 * 1024 * 1024)
+    assert create_segment(256 * 1024 * 1024, str(tmp_path)) is None  # not even the smallest fits
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 def _hammer(path: str, seed: int, ops: int) -> tuple[int, int, int]:
