@@ -696,6 +696,7 @@ def render(
     workers = args.gateway_workers
     gateway = (
         f"{workers} worker{'s' if workers > 1 else ''} (uvicorn)"
+        + (" sharing one cache in memory (the cache's host tier)" if workers > 1 else "")
         + (" (answers checked on 1 worker; counts from Triton's: misses = rows it computed + requests its own "
            "cache answered, hits = the rest of perf_analyzer's requests, coalesced among them; traffic s from "
            "perf_analyzer's timestamps, CPU until it exited)" if workers > 1 else "")
@@ -785,6 +786,11 @@ def render(
 # -- main ------------------------------------------------------------------------------------
 
 
+def auto_workers(cores: int) -> int:
+    """Gateway workers for a host with ``cores`` cores: a quarter of them, 1 to 8."""
+    return max(1, min(8, cores // 4))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Gateway cache vs Triton's response cache on a repetitive workload.")
     p.add_argument("--model", default="digits_cnn", choices=MODELS)
@@ -800,10 +806,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "and Triton's max_queue_delay_microseconds in the model's config (default 0: neither waits)",
     )  # fmt: skip
     p.add_argument(
-        "--gateway-workers", type=int, default=1,
-        help="gateway processes (server.workers), each with a cache of its own; above 1 the gateway's counts "
-        "come from Triton's (misses = rows Triton computed + requests its own cache answered, hits = the rest, "
-        "coalesced among them)",
+        "--gateway-workers", default="auto",
+        help="gateway processes (server.workers), sharing one cache in memory (the cache's host tier); "
+        "default auto: a quarter of the cores, 1 to 8 (perf_analyzer and Triton's own threads need the rest); "
+        "above 1 the gateway's counts come from Triton's (misses = rows Triton computed + requests its own "
+        "cache answered, hits = the rest, coalesced among them)",
     )  # fmt: skip
     p.add_argument(
         "--redis", action="store_true",
@@ -828,8 +835,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--repeat-share must be in [0, 1)")
     if args.zipf_s <= 0:
         p.error("--zipf-s must be > 0")
-    if not 1 <= args.gateway_workers <= 64:
-        p.error("--gateway-workers must be in 1..64")
+    if args.gateway_workers == "auto":
+        args.gateway_workers = auto_workers(os.cpu_count() or 1)
+    elif not args.gateway_workers.isdigit() or not 1 <= int(args.gateway_workers) <= 64:
+        p.error("--gateway-workers must be auto or a number in 1..64")
+    args.gateway_workers = int(args.gateway_workers)
     if not 0 <= args.hold_ms < 1000:
         p.error("--hold-ms must be in [0, 1000)")
     return args
