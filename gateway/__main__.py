@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from gateway.cache import configured
-from gateway.cache.host import SEGMENT_ENV, create_segment, remove_segment
+from gateway.cache.host import SEGMENT_ENV, create_segment
 from gateway.config import ConfigError, GatewayConfig, load_config
 
 
@@ -23,17 +23,21 @@ def serve(args: argparse.Namespace) -> int:
     # Worker processes import the app by name and read the config file themselves.
     os.environ["GATEWAY_CONFIG"] = str(Path(args.config).resolve())
     workers = config.server.workers
+    os.environ.pop(SEGMENT_ENV, None)  # only the segment made here, if any
     segment = None
     if workers > 1 and configured(config.cache) and config.cache.host_bytes > 0:
         # The workers share one cache store in memory (gateway/cache/host.py).
-        segment = create_segment(config.cache.host_bytes)
+        try:
+            segment = create_segment(config.cache.host_bytes)
+        except OSError as exc:
+            logging.getLogger("gateway").error("no cache shared between workers: %s", exc)
         if segment is not None:
             os.environ[SEGMENT_ENV] = str(segment)
     try:
         return _run(args, config, workers)
     finally:
         if segment is not None:
-            remove_segment(segment)
+            segment.remove()
 
 
 def _run(args: argparse.Namespace, config: GatewayConfig, workers: int) -> int:

@@ -54,8 +54,10 @@ MSGPACK_TYPES = (b"application/msgpack", b"application/x-msgpack", b"application
 JSON_TYPE = v2.JSON_CONTENT_TYPE.encode()
 BINARY_TYPE = v2.BINARY_CONTENT_TYPE.encode()
 
-# Where an answer came from when it may be kept as raw bytes: the cache produced it.
-RAW_STORABLE = frozenset({"miss", "hit", "coalesced"})
+# Where an answer came from when it may be kept as raw bytes: the cache produced it, and no
+# version drop since the request's epoch can have made it stale. Not "coalesced": that
+# computation began before this request read its epoch (its first request keeps it).
+RAW_STORABLE = frozenset({"miss", "hit"})
 
 
 def infer_target(path: str) -> tuple[str, str] | None:
@@ -440,7 +442,7 @@ class InferEndpoint:
             stored = RawAnswer((*headers, (b"x-cache", b"hit"), length_header), payload)
             if resp.version != looked_up:  # that version left the fleet meanwhile: another served it
                 key = raw_key(model, resp.version, call.content_type, call.header_length, body)
-            cache.put_raw(model, resp.version, key, stored, epoch)
+            cache.put_raw(model, resp.version, key, stored, epoch, computed=resp.cache == "miss")
         if resp.cache:
             headers.append((b"x-cache", resp.cache.encode()))
         headers.append(length_header)

@@ -24,9 +24,9 @@ complete encoded response (headers and body) of a cacheable request, keyed by th
 arrived (``keys.raw_key``: model, served version, content type, binary-header length, body).
 A repeat of the same bytes is answered with them before any decoding. Raw answers live in the
 same store, so the same bounds, TTL, share, enablement and version drops apply to them; only
-answers the cache produced ("miss", "hit", "coalesced": never errors, never bypassed requests)
-are stored, and never across a ``drop_version`` that happened while they were computed
-(``epoch``, read before computing).
+answers the cache produced ("miss", "hit": never errors, never bypassed requests, never
+answers shared with a computation that began earlier) are stored, and never across a
+``drop_version`` that happened while they were computed (``epoch``, read before computing).
 """
 
 from __future__ import annotations
@@ -174,17 +174,22 @@ class ResponseCache:
         is not kept across a version drop that happened while it was computed."""
         return self.store.drops, version, self._host.generation(model, version) if self._host is not None else 0
 
-    def put_raw(self, model: str, version: str, key: bytes, answer: RawAnswer, epoch: Epoch) -> bool:
+    def put_raw(
+        self, model: str, version: str, key: bytes, answer: RawAnswer, epoch: Epoch, computed: bool = True
+    ) -> bool:
         """Keep ``answer`` for ``key``, unless a version was dropped since ``epoch`` or the
-        model's cache is off."""
+        model's cache is off. ``computed``: the answer comes from a computation this request
+        started, after ``epoch``; only such answers go to the host tier (a hit from this
+        process's store may predate a drop another worker saw first, which ``epoch`` would not
+        show)."""
         policy = self._config.for_model(model)
         if not policy.enabled or self.store.drops != epoch[0]:
             return False
         expires = self._clock() + policy.ttl_s
         cap = int(self._config.max_bytes * policy.max_share)
         kept = self.store.put(key, answer, model, version, expires, cap, answer.size)
-        if self._host is not None and epoch[1] == version:
-            self._host.put(key, epoch[2], _RAW_TAG + answer.to_bytes(), expires)
+        if computed and self._host is not None and epoch[1] == version:
+            self._host.put(key, model, version, epoch[2], _RAW_TAG + answer.to_bytes(), expires)
         return kept
 
     def _store(self, model: str, version: str, key: bytes, result: BatchResult, epoch: Epoch) -> None:
@@ -199,7 +204,7 @@ class ResponseCache:
         owned = BatchResult(result.version, [Tensor(t.name, t.datatype, t.data.copy()) for t in result.outputs], result.parameters)
         self.store.put(key, owned, model, version, expires, cap)
         if self._host is not None:
-            self._host.put(key, epoch[2], _ENTRY_TAG + encode_entry(owned), expires)
+            self._host.put(key, model, version, epoch[2], _ENTRY_TAG + encode_entry(owned), expires)
 
     def _from_host(self, model: str, version: str, key: bytes, now: float, tag: bytes) -> Any:
         """The host tier's entry for ``key`` (a RawAnswer for ``_RAW_TAG``, a BatchResult for
@@ -290,7 +295,13 @@ def build_cache(config: CacheConfig, host_segment: str = "") -> ResponseCache | 
         from gateway.cache.shared import RedisTier  # only deployments with a shared tier need redis
 
         shared = RedisTier(config.redis_url, config.redis_timeout_ms / 1000)
-    return ResponseCache(config, shared, host=HostStore(host_segment) if host_segment else None)
+    host = None
+    if host_segment:
+        try:
+            host = HostStore(host_segment)
+        except (OSError, ValueError) as exc:  # a worker still serves, with a cache of its own
+            log.error("no cache shared between workers: %s", exc)
+    return ResponseCache(config, shared, host=host)
 
 
 # What a host tier entry holds: a complete answer (RawAnswer) or a computed result (entry.py).

@@ -17,11 +17,16 @@ workers (``create_segment``) and removes when they have stopped; each worker map
 - the log, a ring of ``capacity`` bytes: entries are appended, and the oldest are overwritten
   as it wraps around (bounded in bytes; first in, first out).
 
-Writers serialise on an advisory lock of the file (``flock``: only misses write). Readers take
-no lock: an entry is used only if its key matches, its generation is current, it has not
-expired (the system-wide monotonic clock), the CRC32 of its bytes matches, and the write
-cursor shows that the log had not wrapped over it by the time it was copied (a writer moves
-the cursor before it writes). Anything else reads as a miss, never as another entry's answer.
+Writers serialise on a record lock of the file's first byte (``lockf``: only misses write; a
+writer that finds it taken skips its write rather than wait). Readers take no lock: an entry is
+used only if its key matches, its generation is current, it has not expired (the system-wide
+monotonic clock), the CRC32 over the whole entry (key, generation, expiry, length, bytes)
+matches, and the write cursor shows that the log had not wrapped over it by the time it was
+copied (a writer moves the cursor before it writes). Anything else reads as a miss, never as
+another entry's answer.
+
+Every process using a segment holds a shared ``flock`` on it for as long as it does; a segment
+nobody holds (its server was killed) is removed by the next ``create_segment`` in that folder.
 """
 
 from __future__ import annotations
@@ -51,8 +56,10 @@ _CURSOR = 64
 _WRITES = 72
 _U64 = struct.Struct("<Q")
 _BUCKET = struct.Struct(f"<{WAYS}Q")
-# key, generation, expiry (monotonic seconds), value length, CRC32 of the value.
-_ENTRY = struct.Struct("<16sQdII")
+# key, generation, expiry (monotonic seconds), value length; then the CRC32 of those and the value.
+_ENTRY_HEAD = struct.Struct("<16sQdI")
+_CRC = struct.Struct("<I")
+ENTRY_BYTES = _ENTRY_HEAD.size + _CRC.size
 
 PREFIX = "gateway-cache-"
 SEGMENT_ENV = "GATEWAY_CACHE_SEGMENT"  # how the serving command tells its workers the segment
@@ -81,15 +88,34 @@ def free_bytes(folder: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def create_segment(capacity: int, directory: str | None = None) -> Path | None:
+class Segment:
+    """A segment this process made: it holds it (so no other server's sweep removes it) until
+    ``remove``."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+
+    def remove(self) -> None:
+        if self._fd >= 0:
+            _unlink(self.path)
+            os.close(self._fd)
+            self._fd = -1
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+def create_segment(capacity: int, directory: str | None = None) -> Segment | None:
     """A new, empty segment whose log holds ``capacity`` bytes (rounded up to 4 KiB), named
-    after this process; stale segments of processes that are gone are removed first.
+    after this process; segments nobody holds any more are removed first.
 
     Its memory is reserved at once: a page of a shared-memory file that cannot be had when it
     is first written kills the writer (SIGBUS). Where the folder has less than twice the
     segment's size free (Docker gives containers 64 MiB of /dev/shm), the log is made smaller,
-    but not below ``MIN_CAPACITY``; if even that does not fit, or if the reservation fails, there is no segment
-    (None), and the reason is logged."""
+    but not below ``MIN_CAPACITY``; if even that does not fit, or the reservation fails, there
+    is no segment (None), and the reason is logged. Other failures (the folder not writable)
+    raise OSError."""
     folder = Path(directory or (DEFAULT_DIR if os.path.isdir(DEFAULT_DIR) else "/tmp"))
     sweep_stale(folder)
     capacity = _align(max(capacity, 65536), 4096)
@@ -103,26 +129,24 @@ def create_segment(capacity: int, directory: str | None = None) -> Path | None:
     path = folder / f"{PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # held until remove(): the segment is in use
         os.ftruncate(fd, size)  # zeros: no entries, generations 0
         try:
             os.posix_fallocate(fd, 0, size)
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                log.error("no cache shared between workers: %s has no room for %d bytes", folder, size)
-                os.close(fd)
-                fd = -1
-                remove_segment(path)
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot reserve
+                log.error("no cache shared between workers: %s could not reserve %d bytes: %s", folder, size, exc)
+                Segment(path, fd).remove()
                 return None
-            # A file system that cannot reserve (not tmpfs): its pages come from disk anyway.
         os.pwrite(fd, _HEADER.pack(MAGIC, capacity, buckets, GENERATIONS), 0)
-    finally:
-        if fd >= 0:
-            os.close(fd)
+    except BaseException:
+        Segment(path, fd).remove()
+        raise
     log.info("cache shared between workers: %s, %d bytes", path, capacity)
-    return path
+    return Segment(path, fd)
 
 
-def remove_segment(path: str | Path) -> None:
+def _unlink(path: str | Path) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -130,22 +154,29 @@ def remove_segment(path: str | Path) -> None:
 
 
 def sweep_stale(folder: Path) -> None:
-    """Remove segments left by serving processes that died without removing theirs."""
+    """Remove the segments in ``folder`` that no process holds: left by a server that was
+    killed. One that cannot be opened or removed (another user's) is left alone."""
     try:
-        names = [p for p in folder.iterdir() if p.name.startswith(PREFIX)]
+        paths = [p for p in folder.iterdir() if p.name.startswith(PREFIX)]
     except OSError:
         return
-    for path in names:
-        pid = path.name[len(PREFIX) :].split("-", 1)[0]
-        if not pid.isdigit():
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
             continue
         try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            log.warning("removing %s, left by process %s", path, pid)
-            remove_segment(path)
-        except PermissionError:  # alive, someone else's
-            pass
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: in use
+            os.close(fd)
+            continue
+        try:
+            log.warning("removing %s, a cache segment no process holds", path)
+            os.unlink(path)
+        except OSError as exc:
+            log.warning("could not remove %s: %s", path, exc)
+        finally:
+            os.close(fd)
 
 
 class HostStore:
@@ -157,6 +188,7 @@ class HostStore:
         self.path = str(path)
         self._fd = os.open(self.path, os.O_RDWR)
         try:
+            fcntl.flock(self._fd, fcntl.LOCK_SH)  # in use: no sweep removes it
             size = os.fstat(self._fd).st_size
             self._mm = mmap.mmap(self._fd, size)
         except BaseException:
@@ -170,10 +202,11 @@ class HostStore:
         self.capacity = capacity
         self._mask = buckets - 1
         _, self._index, self._log, _ = expected
-        self._max_entry = capacity // 8  # one entry never takes more than an eighth of the log
+        self._max_entry = min(capacity // 8, 2**32 - 1)  # an entry takes an eighth of the log at most
         self._slots: dict[tuple[str, str], int] = {}
         self.hits = 0
         self.stale = 0  # found but unusable: expired, dropped, overwritten or torn
+        self.busy = 0  # writes skipped: another worker was writing
 
     def _slot(self, model: str, version: str) -> int:
         slot = self._slots.get((model, version))
@@ -192,8 +225,11 @@ class HostStore:
     def bump(self, model: str, version: str) -> None:
         """Every entry of this model version written so far is dropped (for every worker)."""
         slot = self._slot(model, version)
-        with self._locked():
+        fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, 0)
+        try:
             _U64.pack_into(self._mm, slot, _U64.unpack_from(self._mm, slot)[0] + 1)
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 0)
 
     def get(self, key: bytes, model: str, version: str, now: float) -> tuple[bytes, float] | None:
         """(the value stored for ``key``, its expiry), or None."""
@@ -205,17 +241,19 @@ class HostStore:
                 continue
             pos = p - 1
             at = self._log + pos % capacity
-            if at + _ENTRY.size > self._log + capacity:
-                continue  # torn position
-            stored_key, gen, expires, length, crc = _ENTRY.unpack_from(mm, at)
-            if stored_key != key:
+            if at + ENTRY_BYTES > self._log + capacity:
+                continue  # a torn position
+            if mm[at : at + 16] != key:
                 continue
-            start = at + _ENTRY.size
+            head = mm[at : at + _ENTRY_HEAD.size]
+            _, gen, expires, length = _ENTRY_HEAD.unpack(head)
+            (crc,) = _CRC.unpack_from(mm, at + _ENTRY_HEAD.size)
+            start = at + ENTRY_BYTES
             value = mm[start : start + length]
             if (
                 expires <= now
                 or gen != _U64.unpack_from(mm, self._slot(model, version))[0]
-                or zlib.crc32(value) != crc
+                or zlib.crc32(value, zlib.crc32(head)) != crc
                 or _U64.unpack_from(mm, _CURSOR)[0] > pos + capacity  # wrapped over while copied
             ):
                 self.stale += 1
@@ -224,15 +262,25 @@ class HostStore:
             return value, expires
         return None
 
-    def put(self, key: bytes, gen: int, value: bytes, expires: float) -> bool:
+    def put(self, key: bytes, model: str, version: str, gen: int, value: bytes, expires: float) -> bool:
         """Append an entry (``gen``: the model version's ``generation`` read before computing
-        ``value``); False if it is too large for the log."""
-        size = _align(_ENTRY.size + len(value))
+        ``value``). False if it is not written: too large for the log, its generation already
+        past (it would never be read), or another worker writing at this moment."""
+        size = _align(ENTRY_BYTES + len(value))
         if size > self._max_entry:
             return False
+        head = _ENTRY_HEAD.pack(key, gen, expires, len(value))
+        crc = _CRC.pack(zlib.crc32(value, zlib.crc32(head)))
         mm, capacity = self._mm, self.capacity
         bucket = self._index + (int.from_bytes(key[:8], "little") & self._mask) * WAYS * 8
-        with self._locked():
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+        except OSError:  # another worker is writing: this entry is not worth waiting for
+            self.busy += 1
+            return False
+        try:
+            if gen != _U64.unpack_from(mm, self._slot(model, version))[0]:
+                return False
             cursor = _U64.unpack_from(mm, _CURSOR)[0]
             offset = cursor % capacity
             if offset + size > capacity:  # no entry wraps: start the next lap
@@ -240,11 +288,12 @@ class HostStore:
                 offset = 0
             _U64.pack_into(mm, _CURSOR, cursor + size)  # before the bytes it makes stale change
             at = self._log + offset
-            _ENTRY.pack_into(mm, at, key, gen, expires, len(value), zlib.crc32(value))
-            mm[at + _ENTRY.size : at + _ENTRY.size + len(value)] = value
+            mm[at : at + ENTRY_BYTES + len(value)] = head + crc + value
             ways = _BUCKET.unpack_from(mm, bucket)
             _U64.pack_into(mm, bucket + 8 * self._way(ways, key, cursor + size), cursor + 1)
             _U64.pack_into(mm, _WRITES, _U64.unpack_from(mm, _WRITES)[0] + 1)
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 0)
         return True
 
     def _way(self, ways: tuple[int, ...], key: bytes, cursor: int) -> int:
@@ -263,9 +312,6 @@ class HostStore:
                 oldest = i
         return free if free >= 0 else oldest
 
-    def _locked(self) -> Any:
-        return _FileLock(self._fd)
-
     def stats(self) -> dict[str, Any]:
         return {
             "path": self.path,
@@ -274,6 +320,7 @@ class HostStore:
             "writes": _U64.unpack_from(self._mm, _WRITES)[0],
             "hits": self.hits,
             "stale": self.stale,
+            "busy": self.busy,
         }
 
     def close(self) -> None:
@@ -282,16 +329,3 @@ class HostStore:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-
-class _FileLock:
-    __slots__ = ("_fd",)
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-
-    def __enter__(self) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc: object) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
