@@ -186,8 +186,7 @@ class ResponseCache:
         if not policy.enabled or self.store.drops != epoch[0]:
             return False
         expires = self._clock() + policy.ttl_s
-        cap = int(self._config.max_bytes * policy.max_share)
-        kept = self.store.put(key, answer, model, version, expires, cap, answer.size)
+        kept = self.store.put(key, answer, model, version, expires, self._model_bytes(policy), answer.size)
         if computed and self._host is not None and epoch[1] == version:
             self._host.put(key, model, version, epoch[2], _RAW_TAG + answer.to_bytes(), expires)
         return kept
@@ -197,12 +196,11 @@ class ResponseCache:
         if self.store.drops != epoch[0]:
             return
         policy = self._config.for_model(model)
-        cap = int(self._config.max_bytes * policy.max_share)
         expires = self._clock() + policy.ttl_s
         # Own copies: a caller's rows are views into its whole batch's response, which the
         # entry would otherwise keep alive, uncounted.
         owned = BatchResult(result.version, [Tensor(t.name, t.datatype, t.data.copy()) for t in result.outputs], result.parameters)
-        self.store.put(key, owned, model, version, expires, cap)
+        self.store.put(key, owned, model, version, expires, self._model_bytes(policy))
         if self._host is not None:
             self._host.put(key, model, version, epoch[2], _ENTRY_TAG + encode_entry(owned), expires)
 
@@ -223,9 +221,13 @@ class ResponseCache:
             return None
         policy = self._config.for_model(model)
         size = entry.size if tag == _RAW_TAG else None
-        self.store.put(key, entry, model, version, expires, int(self._config.max_bytes * policy.max_share), size)
+        self.store.put(key, entry, model, version, expires, self._model_bytes(policy), size)
         self.store.model_stats(model).host_hits += 1
         return entry
+
+    def _model_bytes(self, policy: CacheConfig) -> int:
+        """The most one model's entries may hold in this process (its share of max_bytes)."""
+        return int(self._config.max_bytes * policy.max_share)
 
     async def _from_shared(self, key: bytes) -> BatchResult | None:
         if self._shared is None:

@@ -182,7 +182,8 @@ def sweep_stale(folder: Path) -> None:
 class HostStore:
     """One process's view of a segment: ``get``, ``put``, ``generation`` and ``bump``.
 
-    Synchronous and non-blocking for readers; a writer waits only for another writer."""
+    Synchronous; readers take no lock, and ``put`` skips its write rather than wait for
+    another writer (only ``bump`` waits)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
@@ -234,25 +235,24 @@ class HostStore:
     def get(self, key: bytes, model: str, version: str, now: float) -> tuple[bytes, float] | None:
         """(the value stored for ``key``, its expiry), or None."""
         mm = self._mm
-        bucket = self._index + (int.from_bytes(key[:8], "little") & self._mask) * WAYS * 8
         capacity = self.capacity
-        for p in _BUCKET.unpack_from(mm, bucket):
+        for p in _BUCKET.unpack_from(mm, self._bucket(key)):
             if not p:
                 continue
             pos = p - 1
             at = self._log + pos % capacity
             if at + ENTRY_BYTES > self._log + capacity:
                 continue  # a torn position
-            if mm[at : at + 16] != key:
-                continue
             head = mm[at : at + _ENTRY_HEAD.size]
+            if head[:16] != key:
+                continue
             _, gen, expires, length = _ENTRY_HEAD.unpack(head)
             (crc,) = _CRC.unpack_from(mm, at + _ENTRY_HEAD.size)
             start = at + ENTRY_BYTES
             value = mm[start : start + length]
             if (
                 expires <= now
-                or gen != _U64.unpack_from(mm, self._slot(model, version))[0]
+                or gen != self.generation(model, version)
                 or zlib.crc32(value, zlib.crc32(head)) != crc
                 or _U64.unpack_from(mm, _CURSOR)[0] > pos + capacity  # wrapped over while copied
             ):
@@ -272,14 +272,14 @@ class HostStore:
         head = _ENTRY_HEAD.pack(key, gen, expires, len(value))
         crc = _CRC.pack(zlib.crc32(value, zlib.crc32(head)))
         mm, capacity = self._mm, self.capacity
-        bucket = self._index + (int.from_bytes(key[:8], "little") & self._mask) * WAYS * 8
+        bucket = self._bucket(key)
         try:
             fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
         except OSError:  # another worker is writing: this entry is not worth waiting for
             self.busy += 1
             return False
         try:
-            if gen != _U64.unpack_from(mm, self._slot(model, version))[0]:
+            if gen != self.generation(model, version):
                 return False
             cursor = _U64.unpack_from(mm, _CURSOR)[0]
             offset = cursor % capacity
@@ -295,6 +295,10 @@ class HostStore:
         finally:
             fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 0)
         return True
+
+    def _bucket(self, key: bytes) -> int:
+        """Where the index's bucket for ``key`` starts."""
+        return self._index + (int.from_bytes(key[:8], "little") & self._mask) * WAYS * 8
 
     def _way(self, ways: tuple[int, ...], key: bytes, cursor: int) -> int:
         """Where a new entry for ``key`` goes in its bucket: the way holding that key, else an
