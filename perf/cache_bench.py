@@ -815,7 +815,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--redis", action="store_true",
         help="give the gateway its shared cache tier (cache.redis_url) on a redis-server started here, emptied "
-        "before each gateway run: what lets several workers share what each computed",
+        "before each gateway run: what lets gateway replicas share what each computed (the workers of one "
+        "gateway share the host tier without it)",
     )  # fmt: skip
     p.add_argument("--out", help="also write the report as markdown to this file")
     p.add_argument(
