@@ -25,13 +25,19 @@ def test_two_ddp_workers_match_one_process_on_the_same_global_batch() -> None:
     assert len(two.rank_states) == 2
     # The replicas stay identical (DDP's all-reduce) ...
     assert _max_diff(two.rank_states[0], two.rank_states[1]) == 0.0
-    # ... and equal the single process: each worker computes 32 rows of the same 64-row batch.
-    assert _max_diff(one.rank_states[0], two.rank_states[0]) < 1e-5
     assert two.metrics["steps"] == one.metrics["steps"] == STEPS
     assert two.metrics["samples"] == STEPS * 64
     # Training moved the weights away from their shared initial values.
     untrained = train(TrainConfig("digits_cnn", workers=1, **{**common, "max_steps": 1}))
-    assert untrained is not None and _max_diff(untrained.rank_states[0], one.rank_states[0]) > 1e-2
+    assert untrained is not None
+    moved = _max_diff(untrained.rank_states[0], one.rank_states[0])
+    assert moved > 1e-2
+    # ... and equal the single process: each worker computes 32 rows of the same 64-row batch.
+    # Summing 2 x 32 rows rounds differently from 64 at once, by an amount that depends on the
+    # CPU's kernels, and Adam scales tiny gradients up: after 12 steps the two differ by 0.6%
+    # of how far the weights moved on one CPU seen here (an AVX-512 Xeon), by less on others.
+    # Training on 32-row batches instead, a wrong split, differs by about 180%.
+    assert _max_diff(one.rank_states[0], two.rank_states[0]) < 0.02 * moved
 
 
 def test_parameter_averaging_converges_and_leaves_identical_replicas() -> None:
