@@ -11,6 +11,7 @@ from pathlib import Path
 from gateway.cache import configured
 from gateway.cache.host import SEGMENT_ENV, create_segment
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.worker_metrics import FOLDER_ENV, create_folder
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -23,8 +24,9 @@ def serve(args: argparse.Namespace) -> int:
     # Worker processes import the app by name and read the config file themselves.
     os.environ["GATEWAY_CONFIG"] = str(Path(args.config).resolve())
     workers = config.server.workers
-    os.environ.pop(SEGMENT_ENV, None)  # only the segment made here, if any
-    segment = None
+    os.environ.pop(SEGMENT_ENV, None)  # only the segment and folder made here, if any
+    os.environ.pop(FOLDER_ENV, None)
+    segment = folder = None
     if workers > 1 and configured(config.cache) and config.cache.host_bytes > 0:
         # The workers share one cache store in memory (gateway/cache/host.py).
         try:
@@ -33,11 +35,21 @@ def serve(args: argparse.Namespace) -> int:
             logging.getLogger("gateway").error("no cache shared between workers: %s", exc)
         if segment is not None:
             os.environ[SEGMENT_ENV] = str(segment)
+    if workers > 1:
+        # Each worker publishes its metrics there; a scrape sums them (gateway/worker_metrics.py).
+        try:
+            folder = create_folder()
+        except OSError as exc:
+            logging.getLogger("gateway").error("/metrics will count each worker alone: %s", exc)
+        if folder is not None:
+            os.environ[FOLDER_ENV] = str(folder)
     try:
         return _run(args, config, workers)
     finally:
         if segment is not None:
             segment.remove()
+        if folder is not None:
+            folder.remove()
 
 
 def _run(args: argparse.Namespace, config: GatewayConfig, workers: int) -> int:

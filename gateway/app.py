@@ -19,7 +19,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.infer_endpoint import InferEndpoint
 from gateway.instances import EjectionPolicy
-from gateway.metrics import InferCounts, build_registry
+from gateway.metrics import GatewayCollector, InferCounts, registry_of
 from gateway.pipeline import InferencePipeline
 from gateway.rollout import Rollouts
 from gateway.router import Router
@@ -27,6 +27,7 @@ from gateway.upstream.client import TritonClient
 from gateway.upstream.fleet import FleetMonitor
 from gateway.upstream.repository import GrpcControl, RepositorySync
 from gateway.upstream.metadata import MetadataCache
+from gateway.worker_metrics import summing
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +83,10 @@ def settle_heap() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
-def build_app(config: GatewayConfig, cache_segment: str = "") -> InferEndpoint:
+def build_app(config: GatewayConfig, cache_segment: str = "", metrics_folder: str = "") -> InferEndpoint:
     """The ASGI app: infer requests are answered by InferEndpoint, the rest by Starlette.
-    ``cache_segment``: the shared-memory file of the cache's host tier, for a worker process."""
+    For a worker process: ``cache_segment``, the shared-memory file of the cache's host tier;
+    ``metrics_folder``, where the workers publish their metrics to sum them (worker_metrics.py)."""
     counts = InferCounts()  # the infer route counts its answers; /metrics reads them
 
     @contextlib.asynccontextmanager
@@ -123,13 +125,17 @@ def build_app(config: GatewayConfig, cache_segment: str = "") -> InferEndpoint:
         monitor.on_round = pipeline.observe_fleet
         settle_heap()
         app.state.services = handlers.Services(router, pipeline, sync)
-        app.state.metrics = build_registry(counts, app.state.services)
+        collector = GatewayCollector(counts, app.state.services)
+        summed = summing(collector, metrics_folder) if metrics_folder else None
+        app.state.metrics = registry_of(summed or collector)
         app.state.admin_token = config.rollout.admin_token
         health = asyncio.create_task(monitor.run())
         watcher = asyncio.create_task(watch_rollouts(rollouts, config.rollout.reload_interval_s))
         background = [health, watcher]
         if sync is not None:
             background.append(asyncio.create_task(sync.run()))
+        if summed is not None:
+            background.append(asyncio.create_task(summed.run()))
         try:
             yield
         finally:
@@ -143,6 +149,8 @@ def build_app(config: GatewayConfig, cache_segment: str = "") -> InferEndpoint:
             if cache is not None:
                 await cache.close()
             await client.close()
+            if summed is not None:
+                summed.close()  # after the last answers: they stay counted
 
     starlette = Starlette(
         routes=routes(),

@@ -13,7 +13,8 @@ Two halves:
   counters and each rollout's canary share in force (``InferencePipeline.canary_share``: 0
   while no instance holds the canary), and yields metric families for a registry of the
   app's own (``build_registry``: never the process-wide default registry, so two apps in one
-  process do not clash).
+  process do not clash). With several worker processes, ``worker_metrics.WorkerSum`` wraps
+  the collector, so that a scrape sums the workers' counters.
 
 Labels come from what the fleet serves, never from what a client wrote alone: a request that
 got no answer from a model version is counted under the model and version it named only where
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from gateway.handlers import Services
     from gateway.router import Router
 
-__all__ = ["BUCKETS", "CONTENT_TYPE", "GatewayCollector", "InferCounts", "build_registry", "fleet_labels", "render"]
+__all__ = ["BUCKETS", "CONTENT_TYPE", "GatewayCollector", "InferCounts", "build_registry", "fleet_labels", "registry_of", "render"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -307,8 +308,13 @@ class GatewayCollector(Collector):
 
 def build_registry(counts: InferCounts, services: Services) -> CollectorRegistry:
     """A registry of the app's own with the gateway's collector on it."""
+    return registry_of(GatewayCollector(counts, services))
+
+
+def registry_of(collector: Collector) -> CollectorRegistry:
+    """A registry of the app's own with ``collector`` on it."""
     registry = CollectorRegistry()
-    registry.register(GatewayCollector(counts, services))
+    registry.register(collector)
     return registry
 
 

@@ -17,10 +17,12 @@ import msgpack
 import numpy as np
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 import fleet
 from conftest import GatewayProcess, gateway_config, running_gateway
 from gateway.client import GatewayClient
+from gateway.worker_metrics import default_directory
 from served_models import ATOL, DIGITS, MODEL_REPOSITORY, torch_reference
 
 pytestmark = pytest.mark.integration
@@ -208,6 +210,49 @@ def test_worker_processes_share_one_cache(stack: Stack, tmp_path: Path) -> None:
     out = {o["name"]: o for o in msgpack.unpackb(packed[-1].content)["outputs"]}["probabilities"]
     np.testing.assert_allclose(np.frombuffer(out["data"], "<f4").reshape(ref_probs.shape), ref_probs, atol=ATOL, rtol=0)
     assert not segment.exists()
+
+
+def test_metrics_of_worker_processes_add_up(stack: Stack, tmp_path: Path) -> None:
+    """With two workers, every scrape of /metrics counts the requests both answered, whichever
+    worker the scrape reaches; the folder they publish in goes when the gateway stops."""
+    config = gateway_config(stack.triton.http_urls, 8153, server={"workers": 2}, cache={"enabled": True, "ttl_s": 300.0})
+    with running_gateway(config, 8153, tmp_path) as gw:
+        sent, misses = 0, [0, 0]
+        while min(misses) == 0:  # until each worker has answered some (the kernel picks one per connection)
+            assert sent < 200, f"one worker answered every request: {misses}"
+            for _ in range(5):
+                x = images(sent % 300)  # each a new input: a miss, counted by the worker that answered it
+                resp = httpx.post(gw.url + PATH, json=json_body(x), timeout=30)  # a new connection each
+                assert resp.status_code == 200 and resp.headers["x-cache"] == "miss", resp.text
+                probs = np.asarray({o["name"]: o for o in resp.json()["outputs"]}["probabilities"]["data"], np.float32)
+                np.testing.assert_allclose(probs.reshape(1, -1), torch_reference(DIGITS.name, x)[1], atol=ATOL, rtol=0)
+                sent += 1
+            misses = [v["models"][DIGITS.name]["misses"] if DIGITS.name in v["models"] else 0 for v in worker_views(gw.url, 2).values()]
+        assert sum(misses) == sent
+
+        def scrape() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+            text = httpx.get(gw.url + "/metrics", timeout=10).text  # a new connection: either worker
+            return {(s.name, frozenset(s.labels.items())): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+        answered = ("gateway_infer_requests_total", frozenset({("model", DIGITS.name), ("version", "1"), ("code", "200")}))
+        # The worker a scrape does not reach is counted as it published last (every second).
+        seen = [scrape()[answered]]
+        deadline = time.monotonic() + 15
+        while seen[-1] < sent:
+            assert time.monotonic() < deadline, f"the answers of both workers never added up to {sent}: {seen}"
+            time.sleep(0.2)
+            seen.append(scrape()[answered])
+        assert seen == sorted(seen), seen  # never back, whichever worker answered
+        for _ in range(10):  # over new connections: both workers answer some of these
+            parsed = scrape()
+            assert parsed[answered] == sent
+            assert parsed[("gateway_infer_request_duration_seconds_count", frozenset({("model", DIGITS.name)}))] == sent
+            assert parsed[("gateway_cache_misses_total", frozenset({("model", DIGITS.name)}))] == sent
+            assert parsed[("gateway_metrics_worker_processes", frozenset())] == 2
+        folders = list(Path(default_directory()).glob(f"gateway-metrics-{gw.process.pid}-*"))
+        assert len(folders) == 1
+        folder = folders[0]
+    assert not folder.exists()
 
 
 @pytest.mark.parametrize("workers", [1, 2])
