@@ -71,6 +71,7 @@ from typing import Any
 
 import numpy as np
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -362,6 +363,32 @@ def gateway_counters(gw_url: str, model: str) -> dict[str, int]:
     if status != 200:
         raise RuntimeError(f"{gw_url}/v2/gateway/cache answered {status}")
     return {k: int(v) for k, v in json.loads(body).get("models", {}).get(model, {}).items()}
+
+
+def summed_counters(gw_url: str, model: str) -> dict[str, int]:
+    """The model's cache counters in the gateway's /metrics: with several workers, summed over
+    them (each worker's as it last published, at most a second ago)."""
+    status, body = http_get(f"{gw_url}/metrics", timeout=5.0)
+    if status != 200:
+        raise RuntimeError(f"{gw_url}/metrics answered {status}")
+    counts: dict[str, int] = {}
+    for family in text_string_to_metric_families(body.decode() if isinstance(body, bytes) else body):
+        for sample in family.samples:
+            name = sample.name.removeprefix("gateway_cache_").removesuffix("_total")
+            if sample.name.startswith("gateway_cache_") and sample.name.endswith("_total") and sample.labels.get("model") == model:
+                counts[name] = int(sample.value)
+    return counts
+
+
+def settled_counters(gw_url: str, model: str, requests: int, timeout: float = 15.0) -> dict[str, int]:
+    """``summed_counters`` once they count ``requests`` answers (every worker has published
+    since the run ended), or as they are at ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        counts = summed_counters(gw_url, model)
+        if sum(counts.get(k, 0) for k in ("hits", "misses", "coalesced")) >= requests or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.25)
 
 
 def redis_answers(port: int) -> bool:
@@ -697,9 +724,8 @@ def render(
     gateway = (
         f"{workers} worker{'s' if workers > 1 else ''} (uvicorn)"
         + (" sharing one cache in memory (the cache's host tier)" if workers > 1 else "")
-        + (" (answers checked on 1 worker; counts from Triton's: misses = rows it computed + requests its own "
-           "cache answered, hits = the rest of perf_analyzer's requests, coalesced among them; traffic s from "
-           "perf_analyzer's timestamps, CPU until it exited)" if workers > 1 else "")
+        + (" (answers checked on 1 worker; counts from the gateway's /metrics, summed over its workers; traffic s "
+           "from perf_analyzer's timestamps, CPU until it exited)" if workers > 1 else "")
         + ", [cache] enabled"
         + (" with the shared tier on a redis-server of its own (emptied before each run)" if args.redis else "")
         + ", batching "
@@ -809,8 +835,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--gateway-workers", default="auto",
         help="gateway processes (server.workers), sharing one cache in memory (the cache's host tier); "
         "default auto: a quarter of the cores, 1 to 8 (perf_analyzer and Triton's own threads need the rest); "
-        "above 1 the gateway's counts come from Triton's (misses = rows Triton computed + requests its own "
-        "cache answered, hits = the rest, coalesced among them)",
+        "above 1 the gateway's counts come from its /metrics, summed over the workers",
     )  # fmt: skip
     p.add_argument(
         "--redis", action="store_true",
@@ -982,12 +1007,10 @@ def main(argv: list[str] | None = None) -> int:
             if gateway is None:
                 run.requests, run.hits, run.misses = run.upstream.success, run.upstream.cache_hit, run.upstream.cache_miss
             elif args.gateway_workers > 1:
-                # Every miss (a leader) is one row upstream: computed by Triton, or answered by
-                # Triton's own cache (a request there; one row unless an identical batch repeated).
-                # Hits and coalesced requests send nothing. The requests are perf_analyzer's.
-                run.requests = m.requests or 0
-                run.misses = min(run.requests, run.upstream.inferences + run.upstream.cache_hit)
-                run.hits, run.coalesced = run.requests - run.misses, None
+                # The gateway's /metrics, summed over its workers (a new gateway: from zero).
+                counts = settled_counters(gw_url, args.model, m.requests or 0)
+                run.hits, run.misses, run.coalesced = (counts.get(k, 0) for k in ("hits", "misses", "coalesced"))
+                run.requests = run.hits + run.misses + run.coalesced
                 if run.requests and m.throughput:
                     # The window ran until perf_analyzer exited (export written): the traffic's
                     # own duration is the export's, from the first request sent to the last answer.
