@@ -8,10 +8,10 @@ its own in a folder the serving command makes for them (``create_folder``; its p
 
 * **counters and histograms summed over every worker's file**, its own published first (at
   the scrape, so it is current; the others' as they last published, at most ``PUBLISH_S``
-  ago). A worker that exited leaves its file, so a worker replaced by
-  a new process takes nothing away: each series only grows for as long as the gateway runs,
-  whichever worker answers each scrape (each worker's own file only ever grows, and the one
-  that answers has just written its own);
+  ago). A worker that exited leaves its file, so a worker replaced by a new process takes
+  nothing away: each series only grows for as long as the gateway runs, whichever worker
+  answers each scrape (each worker's own file only ever grows, and the one that answers has
+  just written its own);
 * the gauges that add up across workers (rows queued, batches and requests in flight, bytes
   and entries in the workers' own cache stores) summed over the workers still running;
 * every other gauge (an instance's health, a rollout's state, ...) as the answering worker
