@@ -21,10 +21,10 @@ its own in a folder the serving command makes for them (``create_folder``; its p
 
 The JSON views (``/v2/gateway/...``) stay one worker's own (the cache view names its ``pid``).
 
-Liveness, as for the cache's host tier: the serving command holds a shared ``flock`` on the
-folder's ``held`` file and so does every worker; a folder nobody holds (its server was killed)
-is removed at the next start, and a worker's file counts as running while its worker holds a
-lock on the file beside it (``<pid>.lock``).
+Liveness, as for the cache's host tier (``host_files.py``): the serving command holds a shared
+``flock`` on the folder's ``held`` file and so does every worker; a folder nobody holds (its
+server was killed) is removed at the next start, and a worker's file counts as running while its
+worker holds a lock on the file beside it (``<pid>.lock``).
 """
 
 from __future__ import annotations
@@ -44,13 +44,14 @@ import orjson
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gateway.host_files import Made, default_directory, hold, sweep_unheld
+
 log = logging.getLogger(__name__)
 
 FOLDER_ENV = "GATEWAY_METRICS_FOLDER"  # how the serving command tells its workers the folder
 PREFIX = "gateway-metrics-"
 HELD = "held"  # the file every process using the folder holds a shared lock on
 PUBLISH_S = 1.0
-MEMORY_DIR = "/dev/shm"
 
 # Gauges that add up across workers: each worker's is its share of the host's total.
 SUMMED_GAUGES = frozenset(
@@ -68,78 +69,26 @@ HOST_WIDE = frozenset({"gateway_cache_host_written_bytes", "gateway_cache_host_w
 _SUMMED_TYPES = ("counter", "histogram", "summary")
 
 
-class Folder:
-    """The folder the serving command made: it holds it (so no other server's sweep removes
-    it) until ``remove``."""
-
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path = path
-        self._fd = fd
-
-    def remove(self) -> None:
-        if self._fd >= 0:
-            shutil.rmtree(self.path, ignore_errors=True)
-            os.close(self._fd)
-            self._fd = -1
-
-    def __str__(self) -> str:
-        return str(self.path)
-
-
-def _hold(path: Path) -> int:
-    """An open descriptor of ``path`` with a shared flock on it (created if missing)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def default_directory() -> str:
-    """Where the folder goes by default: in memory (``/dev/shm``) where there is one, as the
-    workers write their files every second; else the system's temporary folder."""
-    return MEMORY_DIR if os.access(MEMORY_DIR, os.W_OK | os.X_OK) else tempfile.gettempdir()
-
-
-def create_folder(directory: str | None = None) -> Folder:
+def create_folder(directory: str | None = None) -> Made:
     """A new folder for the workers' metrics, in ``directory`` (``default_directory()`` if
     None), after removing the folders left there by servers that were killed."""
     base = Path(directory or default_directory())
     sweep_stale(base)
     path = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=base))
     try:
-        return Folder(path, _hold(path / HELD))
+        return Made(path, hold(path / HELD, create=True), _rmtree)
     except BaseException:
-        shutil.rmtree(path, ignore_errors=True)
+        _rmtree(path)
         raise
 
 
 def sweep_stale(base: Path) -> None:
-    """Remove the folders in ``base`` that no process holds. One that cannot be opened or
-    removed (another user's) is left alone."""
-    try:
-        paths = [p for p in base.iterdir() if p.name.startswith(PREFIX)]
-    except OSError:
-        return
-    for path in paths:
-        try:
-            fd = os.open(path / HELD, os.O_RDWR)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held: in use
-            os.close(fd)
-            continue
-        try:
-            log.warning("removing %s, a metrics folder no process holds", path)
-            shutil.rmtree(path)
-        except OSError as exc:
-            log.warning("could not remove %s: %s", path, exc)
-        finally:
-            os.close(fd)
+    """Remove the folders in ``base`` that no process holds."""
+    sweep_unheld(base, PREFIX, lambda path: path / HELD, shutil.rmtree, "a metrics folder")
+
+
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _to_json(families: Iterable[Metric]) -> bytes:
@@ -176,7 +125,7 @@ class WorkerSum(Collector):
         self._path = self._folder / f"{name or os.getpid()}.json"
         self._tmp = self._folder / f".{self._path.name}.tmp"
         self._warned: set[str] = set()
-        self._held = _hold(self._folder / HELD)  # the folder is in use while this worker runs
+        self._held = hold(self._folder / HELD)  # the folder is in use while this worker runs
         try:
             # Beside its file (which each publish replaces), one the worker holds locked while
             # it runs (``_running``).

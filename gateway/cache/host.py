@@ -26,7 +26,8 @@ copied (a writer moves the cursor before it writes). Anything else reads as a mi
 another entry's answer.
 
 Every process using a segment holds a shared ``flock`` on it for as long as it does; a segment
-nobody holds (its server was killed) is removed by the next ``create_segment`` in that folder.
+nobody holds (its server was killed) is removed by the next ``create_segment`` in that folder
+(``gateway/host_files.py``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ import struct
 import zlib
 from pathlib import Path
 from typing import Any
+
+from gateway.host_files import Made, default_directory, hold, sweep_unheld
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,6 @@ ENTRY_BYTES = _ENTRY_HEAD.size + _CRC.size
 
 PREFIX = "gateway-cache-"
 SEGMENT_ENV = "GATEWAY_CACHE_SEGMENT"  # how the serving command tells its workers the segment
-DEFAULT_DIR = "/dev/shm"
 
 
 def _align(n: int, to: int = 8) -> int:
@@ -88,25 +90,7 @@ def free_bytes(folder: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-class Segment:
-    """A segment this process made: it holds it (so no other server's sweep removes it) until
-    ``remove``."""
-
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path = path
-        self._fd = fd
-
-    def remove(self) -> None:
-        if self._fd >= 0:
-            _unlink(self.path)
-            os.close(self._fd)
-            self._fd = -1
-
-    def __str__(self) -> str:
-        return str(self.path)
-
-
-def create_segment(capacity: int, directory: str | None = None) -> Segment | None:
+def create_segment(capacity: int, directory: str | None = None) -> Made | None:
     """A new, empty segment whose log holds ``capacity`` bytes (rounded up to 4 KiB), named
     after this process; segments nobody holds any more are removed first.
 
@@ -116,8 +100,8 @@ def create_segment(capacity: int, directory: str | None = None) -> Segment | Non
     but not below ``MIN_CAPACITY``; if even that does not fit, or the reservation fails, there
     is no segment (None), and the reason is logged. Other failures (the folder not writable)
     raise OSError."""
-    folder = Path(directory or (DEFAULT_DIR if os.path.isdir(DEFAULT_DIR) else "/tmp"))
-    sweep_stale(folder)
+    folder = Path(directory or default_directory())
+    sweep_unheld(folder, PREFIX, lambda path: path, os.unlink, "a cache segment")
     capacity = _align(max(capacity, 65536), 4096)
     room = free_bytes(folder) // 2
     while _layout(capacity)[3] > room and capacity > MIN_CAPACITY:
@@ -136,14 +120,14 @@ def create_segment(capacity: int, directory: str | None = None) -> Segment | Non
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot reserve
                 log.error("no cache shared between workers: %s could not reserve %d bytes: %s", folder, size, exc)
-                Segment(path, fd).remove()
+                Made(path, fd, _unlink).remove()
                 return None
         os.pwrite(fd, _HEADER.pack(MAGIC, capacity, buckets, GENERATIONS), 0)
     except BaseException:
-        Segment(path, fd).remove()
+        Made(path, fd, _unlink).remove()
         raise
     log.info("cache shared between workers: %s, %d bytes", path, capacity)
-    return Segment(path, fd)
+    return Made(path, fd, _unlink)
 
 
 def _unlink(path: str | Path) -> None:
@@ -151,32 +135,6 @@ def _unlink(path: str | Path) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def sweep_stale(folder: Path) -> None:
-    """Remove the segments in ``folder`` that no process holds: left by a server that was
-    killed. One that cannot be opened or removed (another user's) is left alone."""
-    try:
-        paths = [p for p in folder.iterdir() if p.name.startswith(PREFIX)]
-    except OSError:
-        return
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held: in use
-            os.close(fd)
-            continue
-        try:
-            log.warning("removing %s, a cache segment no process holds", path)
-            os.unlink(path)
-        except OSError as exc:
-            log.warning("could not remove %s: %s", path, exc)
-        finally:
-            os.close(fd)
 
 
 class HostStore:
@@ -187,9 +145,8 @@ class HostStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        self._fd = os.open(self.path, os.O_RDWR)
+        self._fd = hold(self.path)  # in use: no sweep removes it
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_SH)  # in use: no sweep removes it
             size = os.fstat(self._fd).st_size
             self._mm = mmap.mmap(self._fd, size)
         except BaseException:

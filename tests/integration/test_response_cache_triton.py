@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import fleet
 from conftest import GatewayProcess, gateway_config, running_gateway
 from gateway.client import GatewayClient
-from gateway.worker_metrics import default_directory
+from gateway.host_files import default_directory
 from served_models import ATOL, DIGITS, MODEL_REPOSITORY, torch_reference
 
 pytestmark = pytest.mark.integration

@@ -1,0 +1,85 @@
+"""Files the serving command makes for its worker processes on one host: the cache's host tier
+(``cache/host.py``) and the folder of the workers' metrics (``worker_metrics.py``).
+
+Each is in use while some process holds a shared ``flock`` on it (on a lock file inside, for a
+folder): the serving command from making it until it removes it, and every worker using it. One
+that nobody holds was left by a server that was killed, and is removed (``sweep_unheld``) when
+the next one is made; one that is held is never removed, whatever pids or namespaces do.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MEMORY_DIR = "/dev/shm"
+
+
+def default_directory() -> str:
+    """Where they go by default: in memory (``/dev/shm``) where there is one, else the system's
+    temporary folder."""
+    return MEMORY_DIR if os.path.isdir(MEMORY_DIR) else tempfile.gettempdir()
+
+
+def hold(path: str | Path, create: bool = False) -> int:
+    """An open descriptor of ``path`` with a shared flock on it: in use until it is closed."""
+    fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class Made:
+    """A file or folder this process made: it holds it (so no other server's sweep removes it)
+    until ``remove``."""
+
+    def __init__(self, path: Path, fd: int, delete: Callable[[Path], None]) -> None:
+        self.path = path
+        self._fd = fd
+        self._delete = delete
+
+    def remove(self) -> None:
+        if self._fd >= 0:
+            self._delete(self.path)
+            os.close(self._fd)
+            self._fd = -1
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+def sweep_unheld(
+    base: Path, prefix: str, lock_of: Callable[[Path], Path], delete: Callable[[Path], None], what: str
+) -> None:
+    """Remove what in ``base`` is named ``prefix``... and that no process holds (the lock file
+    ``lock_of(path)``). One that cannot be opened or removed (another user's) is left alone."""
+    try:
+        paths = [p for p in base.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return
+    for path in paths:
+        try:
+            fd = os.open(lock_of(path), os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: in use
+            os.close(fd)
+            continue
+        try:
+            log.warning("removing %s, %s no process holds", path, what)
+            delete(path)
+        except OSError as exc:
+            log.warning("could not remove %s: %s", path, exc)
+        finally:
+            os.close(fd)
