@@ -11,7 +11,7 @@ from pathlib import Path
 from gateway.cache import configured
 from gateway.cache.host import SEGMENT_ENV, create_segment
 from gateway.config import ConfigError, GatewayConfig, load_config
-from gateway.worker_metrics import FOLDER_ENV, create_folder
+from gateway.host_files import WORKERS_ENV, create_workers_folder
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -25,7 +25,7 @@ def serve(args: argparse.Namespace) -> int:
     os.environ["GATEWAY_CONFIG"] = str(Path(args.config).resolve())
     workers = config.server.workers
     os.environ.pop(SEGMENT_ENV, None)  # only the segment and folder made here, if any
-    os.environ.pop(FOLDER_ENV, None)
+    os.environ.pop(WORKERS_ENV, None)
     segment = folder = None
     if workers > 1 and configured(config.cache) and config.cache.host_bytes > 0:
         # The workers share one cache store in memory (gateway/cache/host.py).
@@ -36,13 +36,17 @@ def serve(args: argparse.Namespace) -> int:
         if segment is not None:
             os.environ[SEGMENT_ENV] = str(segment)
     if workers > 1:
-        # Each worker publishes its metrics there; a scrape sums them (gateway/worker_metrics.py).
+        # The workers' folder: each publishes its metrics there, for a scrape to sum them
+        # (gateway/worker_metrics.py), and they share the driving of the model repository
+        # (gateway/upstream/repository_workers.py).
         try:
-            folder = create_folder()
+            folder = create_workers_folder()
         except OSError as exc:
-            logging.getLogger("gateway").error("/metrics will count each worker alone: %s", exc)
+            logging.getLogger("gateway").error(
+                "no folder for the workers: /metrics will count each worker alone, and each drives the repository: %s", exc
+            )
         if folder is not None:
-            os.environ[FOLDER_ENV] = str(folder)
+            os.environ[WORKERS_ENV] = str(folder)
     try:
         return _run(args, config, workers)
     finally:

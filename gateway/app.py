@@ -26,6 +26,7 @@ from gateway.router import Router
 from gateway.upstream.client import TritonClient
 from gateway.upstream.fleet import FleetMonitor
 from gateway.upstream.repository import GrpcControl, RepositorySync
+from gateway.upstream.repository_workers import WorkerRepository, worker_repository
 from gateway.upstream.metadata import MetadataCache
 from gateway.worker_metrics import summing
 
@@ -83,10 +84,11 @@ def settle_heap() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
-def build_app(config: GatewayConfig, cache_segment: str = "", metrics_folder: str = "") -> InferEndpoint:
+def build_app(config: GatewayConfig, cache_segment: str = "", workers_folder: str = "") -> InferEndpoint:
     """The ASGI app: infer requests are answered by InferEndpoint, the rest by Starlette.
     For a worker process: ``cache_segment``, the shared-memory file of the cache's host tier;
-    ``metrics_folder``, where the workers publish their metrics to sum them (worker_metrics.py)."""
+    ``workers_folder``, where the workers publish their metrics to sum them (worker_metrics.py)
+    and share the driving of the repository (upstream/repository_workers.py)."""
     counts = InferCounts()  # the infer route counts its answers; /metrics reads them
 
     @contextlib.asynccontextmanager
@@ -108,14 +110,17 @@ def build_app(config: GatewayConfig, cache_segment: str = "", metrics_folder: st
             u, client, router, on_version_gone=cache.drop_version if cache else None, watch_reloads=cache is not None
         )
         await monitor.start()
-        sync = None
+        sync: RepositorySync | WorkerRepository | None = None
         if config.repository.path:
-            sync = RepositorySync(
-                config.repository,
-                router,
-                GrpcControl(config.repository.load_timeout_s),
-                on_version_reloaded=cache.drop_version if cache else None,
-            )
+
+            def repository_sync(peers: WorkerRepository | None = None) -> RepositorySync:
+                control = GrpcControl(config.repository.load_timeout_s)
+                on_reloaded = cache.drop_version if cache else None
+                return RepositorySync(config.repository, router, control, on_version_reloaded=on_reloaded, peers=peers)
+
+            # With several workers, one drives loading and the others follow it.
+            shared = worker_repository(workers_folder, config.repository, router, repository_sync) if workers_folder else None
+            sync = shared or repository_sync()
             await sync.start()  # the repository is loaded before the gateway takes traffic
         rollouts = Rollouts.from_file(Path(config.rollout.file)) if config.rollout.file else Rollouts()
         pipeline = InferencePipeline(
@@ -126,20 +131,23 @@ def build_app(config: GatewayConfig, cache_segment: str = "", metrics_folder: st
         settle_heap()
         app.state.services = handlers.Services(router, pipeline, sync)
         collector = GatewayCollector(counts, app.state.services)
-        summed = summing(collector, metrics_folder) if metrics_folder else None
+        summed = summing(collector, workers_folder) if workers_folder else None
         app.state.metrics = registry_of(summed or collector)
         app.state.admin_token = config.rollout.admin_token
         health = asyncio.create_task(monitor.run())
         watcher = asyncio.create_task(watch_rollouts(rollouts, config.rollout.reload_interval_s))
         background = [health, watcher]
-        if sync is not None:
-            background.append(asyncio.create_task(sync.run()))
+        syncing = asyncio.create_task(sync.run()) if sync is not None else None
         if summed is not None:
             background.append(asyncio.create_task(summed.run()))
         try:
             yield
         finally:
-            # Ordered shutdown: queued batches drain (bounded), then background work, then sockets.
+            # Ordered shutdown: no more loading (nor, in a worker, taking the driving over from
+            # one that stopped first); queued batches drain (bounded); background work; sockets.
+            if syncing is not None:
+                syncing.cancel()
+                background.append(syncing)
             await pipeline.close(config.server.shutdown_grace_s)
             for task in background:
                 task.cancel()

@@ -9,8 +9,8 @@ import os
 from gateway.app import build_app
 from gateway.cache.host import SEGMENT_ENV
 from gateway.config import load_config
+from gateway.host_files import WORKERS_ENV
 from gateway.infer_endpoint import InferEndpoint
-from gateway.worker_metrics import FOLDER_ENV
 
 
 def app_from_env() -> InferEndpoint:
@@ -18,5 +18,5 @@ def app_from_env() -> InferEndpoint:
     if not path:
         raise RuntimeError("set GATEWAY_CONFIG to the gateway's TOML config file")
     # Set by ``python -m gateway serve`` for its workers: the cache's host tier (cache/host.py)
-    # and the folder where they publish their metrics to sum them (worker_metrics.py).
-    return build_app(load_config(path), os.environ.get(SEGMENT_ENV, ""), os.environ.get(FOLDER_ENV, ""))
+    # and the workers' folder (host_files.create_workers_folder).
+    return build_app(load_config(path), os.environ.get(SEGMENT_ENV, ""), os.environ.get(WORKERS_ENV, ""))

@@ -21,6 +21,7 @@ from gateway.protocol import v2
 from gateway.router import Router
 from gateway.upstream.client import model_path, upstream_error
 from gateway.upstream.repository import RepositorySync
+from gateway.upstream.repository_workers import WorkerRepository
 from gateway.upstream.stats import merge_statistics
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ JSON = "application/json"
 class Services:
     router: Router
     pipeline: InferencePipeline
-    repository: RepositorySync | None = None
+    repository: RepositorySync | WorkerRepository | None = None
 
 
 def services(request: Request) -> Services:

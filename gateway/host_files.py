@@ -1,5 +1,7 @@
 """Files the serving command makes for its worker processes on one host: the cache's host tier
-(``cache/host.py``) and the folder of the workers' metrics (``worker_metrics.py``).
+(``cache/host.py``) and the workers' folder (``create_workers_folder``), where they publish their
+metrics (``worker_metrics.py``) and share the driving of the model repository
+(``upstream/repository_workers.py``).
 
 Each is in use while some process holds a shared ``flock`` on it (on a lock file inside, for a
 folder): the serving command from making it until it removes it, and every worker using it. One
@@ -12,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +22,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 MEMORY_DIR = "/dev/shm"
+WORKERS_ENV = "GATEWAY_WORKERS_FOLDER"  # how the serving command tells its workers their folder
+WORKERS_PREFIX = "gateway-workers-"
+HELD = "held"  # the file in the workers' folder every process using it holds a shared lock on
 
 
 def default_directory() -> str:
@@ -83,3 +89,25 @@ def sweep_unheld(
             log.warning("could not remove %s: %s", path, exc)
         finally:
             os.close(fd)
+
+
+def create_workers_folder(directory: str | None = None) -> Made:
+    """A new folder for the workers of one server, in ``directory`` (``default_directory()``
+    if None), after removing the folders left there by servers that were killed."""
+    base = Path(directory or default_directory())
+    sweep_workers_folders(base)
+    path = Path(tempfile.mkdtemp(prefix=f"{WORKERS_PREFIX}{os.getpid()}-", dir=base))
+    try:
+        return Made(path, hold(path / HELD, create=True), _rmtree)
+    except BaseException:
+        _rmtree(path)
+        raise
+
+
+def sweep_workers_folders(base: Path) -> None:
+    """Remove the workers' folders in ``base`` that no process holds."""
+    sweep_unheld(base, WORKERS_PREFIX, lambda path: path / HELD, shutil.rmtree, "a workers' folder")
+
+
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -8,7 +8,9 @@ An ``Instance`` is written by two sources and read by the router without awaitin
   has READY (its repository index);
 * **repository sync** (``upstream.repository``, when the gateway drives loading) withholds
   versions that are READY but must not be routed yet or any more: warming up, draining before
-  an unload, failed. ``models``, what the router reads, is ``loaded`` less ``withheld``;
+  an unload, failed. ``models``, what the router reads, is ``loaded`` less ``withheld``; in a
+  worker process that follows another worker driving the repository
+  (``upstream.repository_workers``), it is what that worker routes (``follow``);
 * **passive outcomes** (the router): every upstream request ends in ``record_success`` or
   ``record_failure``. ``eject_after`` consecutive failures (no answer, a timeout, a 5xx) eject
   the instance for ``base × k`` seconds, capped at ``max``, where k counts its ejections since
@@ -57,8 +59,10 @@ class Instance:
     loaded: dict[str, frozenset[str]] | None = None
     # (model, version) -> why it is not routed although READY: "warming up", "draining", ...
     withheld: dict[tuple[str, str], str] = field(default_factory=dict)
-    # What the router routes to: ``loaded`` less ``withheld``.
+    # What the router routes to: ``loaded`` less ``withheld`` (or ``led``).
     models: dict[str, frozenset[str]] | None = None
+    # In a worker following the worker that drives the repository: what that one routes here.
+    led: dict[str, frozenset[str]] | None = None
     # Requests in flight per (model, version): what draining a version waits for.
     active: dict[tuple[str, str], int] = field(default_factory=dict)
     # Bumped whenever the repository sync sets ``loaded`` itself: a repository index asked for
@@ -151,7 +155,18 @@ class Instance:
         loaded[model] = loaded.get(model, frozenset()) | {version}
         self.sync_index(loaded)
 
+    def follow(self, routed: dict[str, frozenset[str]] | None, withheld: dict[tuple[str, str], str]) -> None:
+        """Route what the worker driving the repository routes here, and hold back what it
+        withholds (``upstream.repository_workers``); ``routed`` None: this worker's own index
+        less ``withheld``."""
+        self.led = routed
+        self.withheld = withheld
+        self._refresh()
+
     def _refresh(self) -> None:
+        if self.led is not None:
+            self.models = self.led
+            return
         if self.loaded is None:
             return
         if not self.withheld:
@@ -167,12 +182,9 @@ class Instance:
     def forget(self, model: str, version: str) -> None:
         """The instance said it does not hold this version: stop routing it there until the next
         repository index says otherwise."""
-        loaded = dict(self.loaded if self.loaded is not None else self.models or {})
-        remaining = frozenset() if not version else loaded.get(model, frozenset()) - {version}
-        if remaining:
-            loaded[model] = remaining
-        else:
-            loaded.pop(model, None)
+        loaded = _without(self.loaded if self.loaded is not None else self.models or {}, model, version)
+        if self.led is not None:
+            self.led = _without(self.led, model, version)  # until the driver says otherwise
         self.set_index(loaded)
 
     def started(self, model: str, version: str) -> None:
@@ -255,6 +267,17 @@ class Instance:
                 {"model": m, "version": v, "why": why} for (m, v), why in sorted(self.withheld.items()) if v in (self.loaded or {}).get(m, ())
             ],
         }
+
+
+def _without(models: dict[str, frozenset[str]], model: str, version: str) -> dict[str, frozenset[str]]:
+    """A copy of ``models`` without one version of ``model`` (without the model, for "")."""
+    copy = dict(models)
+    remaining = frozenset() if not version else copy.get(model, frozenset()) - {version}
+    if remaining:
+        copy[model] = remaining
+    else:
+        copy.pop(model, None)
+    return copy
 
 
 def _version_key(version: str) -> tuple[int, str]:

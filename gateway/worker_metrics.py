@@ -3,8 +3,8 @@
 Each worker counts what it answers; a scrape reaches one of them (they share the port). Read
 alone, a worker's counters would jump between workers' totals from one scrape to the next,
 which Prometheus takes for resets. So every worker publishes its metric families to a file of
-its own in a folder the serving command makes for them (``create_folder``; its path in
-``FOLDER_ENV``), every ``PUBLISH_S`` and when it stops, and a scrape answers with:
+its own in the folder the serving command makes for them (``host_files.create_workers_folder``),
+every ``PUBLISH_S`` and when it stops, and a scrape answers with:
 
 * **counters and histograms summed over every worker's file**, its own published first (at
   the scrape, so it is current; the others' as they last published, at most ``PUBLISH_S``
@@ -34,8 +34,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -44,13 +42,10 @@ import orjson
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway.host_files import Made, default_directory, hold, sweep_unheld
+from gateway.host_files import HELD, hold
 
 log = logging.getLogger(__name__)
 
-FOLDER_ENV = "GATEWAY_METRICS_FOLDER"  # how the serving command tells its workers the folder
-PREFIX = "gateway-metrics-"
-HELD = "held"  # the file every process using the folder holds a shared lock on
 PUBLISH_S = 1.0
 
 # Gauges that add up across workers: each worker's is its share of the host's total.
@@ -67,28 +62,6 @@ SUMMED_GAUGES = frozenset(
 # Counters every worker reads from the same place already (the host tier): counted once.
 HOST_WIDE = frozenset({"gateway_cache_host_written_bytes", "gateway_cache_host_writes"})
 _SUMMED_TYPES = ("counter", "histogram", "summary")
-
-
-def create_folder(directory: str | None = None) -> Made:
-    """A new folder for the workers' metrics, in ``directory`` (``default_directory()`` if
-    None), after removing the folders left there by servers that were killed."""
-    base = Path(directory or default_directory())
-    sweep_stale(base)
-    path = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=base))
-    try:
-        return Made(path, hold(path / HELD, create=True), _rmtree)
-    except BaseException:
-        _rmtree(path)
-        raise
-
-
-def sweep_stale(base: Path) -> None:
-    """Remove the folders in ``base`` that no process holds."""
-    sweep_unheld(base, PREFIX, lambda path: path / HELD, shutil.rmtree, "a metrics folder")
-
-
-def _rmtree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _to_json(families: Iterable[Metric]) -> bytes:

@@ -31,8 +31,10 @@ it is loaded:
   again when its files change. A ``config.pbtxt`` that does not parse, or that Triton rejects,
   leaves the model as it is until the file changes.
 
-State and recent events: ``GET /v2/gateway/repository``. Several gateway replicas in front of
-one fleet must leave loading to one of them (the others without ``[repository] path``).
+State and recent events: ``GET /v2/gateway/repository``. The worker processes of one gateway
+(``server.workers`` > 1) leave loading to one of them, which the others follow
+(``repository_workers.py``). Several gateway replicas in front of one fleet must leave loading to
+one of them (the others without ``[repository] path``).
 """
 
 from __future__ import annotations
@@ -248,6 +250,10 @@ def _failed_why(reason: str) -> str:
     return f"failed: {reason.splitlines()[0] if reason else 'unknown'}"
 
 
+class Peers(Protocol):
+    async def drained(self, url: str, model: str, versions: list[str], deadline: float) -> int: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """What one model should be on every instance."""
@@ -269,6 +275,9 @@ class RepositorySync:
     router: Router
     control: Control
     on_version_reloaded: Callable[[str, str], object] | None = None
+    # With several worker processes, the others (upstream.repository_workers): a drain waits
+    # for their requests in flight too.
+    peers: Peers | None = None
     clock: Callable[[], float] = time.monotonic
     events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=MAX_EVENTS))
     _session: aiohttp.ClientSession | None = None
@@ -534,6 +543,8 @@ class RepositorySync:
             await asyncio.sleep(POLL_S)
 
     async def _drain(self, instance: Instance, name: str, versions: list[str]) -> None:
+        """Wait (at most ``drain_timeout_s``) until no request is in flight to ``versions`` there:
+        this process's, then the other workers' (``peers``)."""
         deadline = self.clock() + self.config.drain_timeout_s
         while any(instance.active.get((name, v)) for v in versions):
             if self.clock() >= deadline:
@@ -541,6 +552,12 @@ class RepositorySync:
                 self._event(instance.url, name, ",".join(versions), "drain timed out", f"{left} request(s) still in flight")
                 return
             await asyncio.sleep(POLL_S)
+        if self.peers is not None:
+            left = await self.peers.drained(instance.url, name, versions, deadline)
+            if left:
+                self._event(
+                    instance.url, name, ",".join(versions), "drain timed out", f"{left} request(s) still in flight in other workers"
+                )
 
     async def _load_failed(self, instance: Instance, name: str, target: Target, new: list[str], exc: ControlError) -> None:
         """Find out which versions failed (Triton marks them UNAVAILABLE with a reason); if none

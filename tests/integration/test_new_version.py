@@ -25,6 +25,7 @@ import pytest
 
 import fleet
 from conftest import GatewayProcess, gateway_config, running_gateway
+from gateway.host_files import default_directory
 from served_models import ATOL, BREAST_CANCER, MODEL_REPOSITORY, torch_reference
 from test_rollout_triton import FAULTY
 
@@ -37,8 +38,12 @@ TRITON_PORT, GATEWAY_PORT = 8175, 8185
 class Clients:
     """``n`` clients sending the same request in a loop, each answer checked; counts versions."""
 
-    def __init__(self, url: str, n: int = 16, model: str = MODEL, tolerate_errors: bool = False) -> None:
+    def __init__(
+        self, url: str, n: int = 16, model: str = MODEL, tolerate_errors: bool = False, reconnect: bool = False
+    ) -> None:
         self.tolerate_errors = tolerate_errors
+        # A new connection per request: with several gateway workers, every one gets some.
+        self.limits = httpx.Limits(max_keepalive_connections=0) if reconnect else httpx.Limits()
         x = BREAST_CANCER.splits().x_test[:4]
         _, self.expected = torch_reference(BREAST_CANCER.name, x)
         self.body = {"inputs": [{"name": "features", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}],
@@ -51,7 +56,7 @@ class Clients:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def _client(self) -> None:
-        async with httpx.AsyncClient(base_url=self.url, timeout=60) as http:
+        async with httpx.AsyncClient(base_url=self.url, timeout=60, limits=self.limits) as http:
             while not self._stop.is_set():
                 resp = await http.post(f"/v2/models/{self.model}/infer", json=self.body)
                 if resp.status_code != 200:
@@ -124,7 +129,7 @@ def repo(tmp_path: Path) -> Path:
 
 @contextmanager
 def managed_stack(
-    fleet_factory: Any, repo: Path, workdir: Path, rollout: dict[str, Any] | None = None
+    fleet_factory: Any, repo: Path, workdir: Path, rollout: dict[str, Any] | None = None, workers: int = 1
 ) -> Iterator[tuple[fleet.Fleet, GatewayProcess]]:
     triton = fleet_factory(2, TRITON_PORT, repository=repo, model_control_mode="explicit", auto_complete_config=False)
     for url in triton.http_urls:
@@ -134,6 +139,7 @@ def managed_stack(
         instances,
         GATEWAY_PORT,
         repository={"path": str(repo), "scan_interval_s": 0.5, "drain_timeout_s": 10.0},
+        server={"workers": workers},
         **({"rollout": rollout} if rollout else {}),
     )
     with running_gateway(config, GATEWAY_PORT, workdir, timeout=180) as gw:
@@ -142,6 +148,25 @@ def managed_stack(
 
 def repository_view(gw: GatewayProcess) -> dict[str, Any]:
     return get_json(gw.url + "/v2/gateway/repository")
+
+
+def answers_per_worker(gw: GatewayProcess) -> list[float]:
+    """The infer requests each worker process of the gateway answered 200, as they last
+    published them (every second) in their folder, for /metrics to sum."""
+    [folder] = Path(default_directory()).glob(f"gateway-workers-{gw.process.pid}-*")
+    counts = []
+    for path in sorted(folder.glob("*.json")):
+        families = json.loads(path.read_bytes())
+        counts.append(
+            sum(
+                value
+                for f in families
+                if f["name"] == "gateway_infer_requests"
+                for name, labels, value in f["samples"]
+                if name == "gateway_infer_requests_total" and labels.get("code") == "200"
+            )
+        )
+    return counts
 
 
 @pytest.mark.parametrize("policy", ["all", "latest"])
@@ -176,6 +201,38 @@ async def test_publishing_a_version_and_removing_the_old_one_under_load_fail_no_
     assert clients.first_seen["2"] >= max(e["time"] for e in ready_events), "version 2 served before it was ready everywhere"
     assert {e["instance"] for e in view["events"] if e["event"] == "unloaded" and e["version"] == "1"} == set(triton.http_urls)
     assert view["models"][MODEL]["serving"] == ["2"]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_removing_the_newest_version_moves_every_worker_back_without_a_failure(
+    fleet_factory: Any, repo: Path, tmp_path: Path, workers: int
+) -> None:
+    """Versions 1 and 2 serve (2 takes the requests naming no version); version 2's folder is
+    removed under load at concurrency 16: requests go back to version 1 and not one fails. With
+    two worker processes, both answering clients, one drives loading and the other follows it:
+    the version is unloaded only once neither routes to it nor has a request in flight to it."""
+    publish(repo / MODEL, "2")
+    with managed_stack(fleet_factory, repo, tmp_path, workers=workers) as (triton, gw):
+        assert all(triton_states(url) == {"1": "READY", "2": "READY"} for url in triton.http_urls)
+        async with Clients(gw.url, reconnect=workers > 1) as clients:
+            await clients.until(lambda: clients.versions["2"] >= 200, 60, "version 2 answers")
+            if workers > 1:
+                await clients.until(
+                    lambda: len(answers_per_worker(gw)) == workers and all(answers_per_worker(gw)), 30, "every worker to answer"
+                )
+                driver = repository_view(gw)["driver_pid"]
+                assert all(repository_view(gw)["driver_pid"] == driver for _ in range(10))  # whichever worker answers
+            shutil.rmtree(repo / MODEL / "2")
+            await clients.until(
+                lambda: all(triton_states(u).get("2") in (None, "UNAVAILABLE") for u in triton.http_urls), 60, "version 2 to unload"
+            )
+            back = clients.versions["1"]
+            await clients.until(lambda: clients.versions["1"] >= back + 200, 60, "answers from version 1")
+        view = repository_view(gw)
+    assert clients.failures == []
+    assert {e["instance"] for e in view["events"] if e["event"] == "unloaded" and e["version"] == "2"} == set(triton.http_urls)
+    assert not [e for e in view["events"] if e["event"] == "drain timed out"], view["events"]
+    assert view["models"][MODEL]["serving"] == ["1"]
 
 
 BROKEN_AT_LOAD = '''

@@ -249,7 +249,7 @@ def test_metrics_of_worker_processes_add_up(stack: Stack, tmp_path: Path) -> Non
             assert parsed[("gateway_infer_request_duration_seconds_count", frozenset({("model", DIGITS.name)}))] == sent
             assert parsed[("gateway_cache_misses_total", frozenset({("model", DIGITS.name)}))] == sent
             assert parsed[("gateway_metrics_worker_processes", frozenset())] == 2
-        folders = list(Path(default_directory()).glob(f"gateway-metrics-{gw.process.pid}-*"))
+        folders = list(Path(default_directory()).glob(f"gateway-workers-{gw.process.pid}-*"))
         assert len(folders) == 1
         folder = folders[0]
     assert not folder.exists()

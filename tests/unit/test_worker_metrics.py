@@ -17,8 +17,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from gateway.host_files import HELD, WORKERS_PREFIX, create_workers_folder, sweep_workers_folders
 from gateway.metrics import InferCounts, registry_of
-from gateway.worker_metrics import HELD, PREFIX, WorkerSum, create_folder, summing, sweep_stale
+from gateway.worker_metrics import WorkerSum, summing
 
 
 class Counts(Collector):
@@ -54,7 +55,7 @@ def val(parsed: dict, name: str, **labels: str) -> float:
 
 @pytest.fixture
 def folder(tmp_path: Path) -> Iterator[Path]:
-    made = create_folder(str(tmp_path))
+    made = create_workers_folder(str(tmp_path))
     yield made.path
     made.remove()
 
@@ -167,23 +168,23 @@ def test_the_real_collector_of_two_workers_sums(folder: Path) -> None:
 
 
 def test_a_folder_nobody_holds_is_swept_at_the_next_start_a_held_one_stays(tmp_path: Path) -> None:
-    left = create_folder(str(tmp_path))
+    left = create_workers_folder(str(tmp_path))
     WorkerSum(Counts(), left.path, "a").close()
     os.close(left._fd)  # its server was killed: nobody holds it now
     left._fd = -1
-    held = create_folder(str(tmp_path))
+    held = create_workers_folder(str(tmp_path))
     worker = WorkerSum(Counts(), held.path, "w")
     os.close(held._fd)  # the server was killed, but a worker still runs
     held._fd = -1
-    new = create_folder(str(tmp_path))
+    new = create_workers_folder(str(tmp_path))
     try:
         assert not left.path.exists()
         assert held.path.exists() and (held.path / HELD).exists()
-        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(PREFIX)) == sorted([held.path.name, new.path.name])
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(WORKERS_PREFIX)) == sorted([held.path.name, new.path.name])
     finally:
         worker.close()
         new.remove()
-    sweep_stale(tmp_path)
+    sweep_workers_folders(tmp_path)
     assert not held.path.exists()
 
 
@@ -194,8 +195,8 @@ def test_a_folder_the_worker_cannot_use_leaves_it_counting_alone(tmp_path: Path,
 
 
 def test_the_serving_command_makes_the_folder_and_removes_it(tmp_path: Path) -> None:
-    made = create_folder(str(tmp_path))
-    assert made.path.is_dir() and made.path.name.startswith(f"{PREFIX}{os.getpid()}-")
+    made = create_workers_folder(str(tmp_path))
+    assert made.path.is_dir() and made.path.name.startswith(f"{WORKERS_PREFIX}{os.getpid()}-")
     made.remove()
     assert not made.path.exists()
     made.remove()  # twice: nothing

@@ -1,0 +1,312 @@
+"""Driving the model repository from several worker processes (``server.workers`` > 1).
+
+Each worker has its own router and its own requests in flight, but the repository and the
+Triton instances are the same for all. Left to themselves, every worker would make load calls
+of its own, competing with the others' (a version pinned in by one, out by another), and a
+version one worker drained and unloaded could still be routed to by the others: their requests
+to it would fail. So one worker drives loading (``RepositorySync``, as a one-process gateway
+does) and the others follow it, through files in the workers' folder
+(``host_files.create_workers_folder``), under ``repository/``:
+
+* **One driver.** The driver is the worker holding an exclusive ``flock`` on ``driver.lock``.
+  The others try to take it every ``scan_interval_s``: when the driver exits (or is replaced),
+  the kernel lets go of its lock and another worker takes over. Its first round is a starting
+  gateway's: it reconciles every instance with the folder.
+* **The driver publishes what it routes.** ``driver.json`` holds, per instance, the versions it
+  routes there and those it withholds (loading, warming up, draining, failed) with why, and its
+  repository view (``/v2/gateway/repository``), under a sequence number. It is rewritten (in
+  one step) within ``POLL_S`` of a change, and at once when a drain starts.
+* **Followers route exactly that.** Each reads the file within ``POLL_S`` of a change and routes,
+  per instance, what the driver routes (``Instance.follow``): a new version only once the driver
+  has warmed it up, and none the driver has withheld. A follower answers the repository view
+  with the driver's.
+* **A drain covers every worker.** Each follower writes ``<pid>.json``: the last sequence it
+  applied and its requests in flight to versions the driver withholds. Before it unloads a
+  version, the driver waits (within ``drain_timeout_s``) until every follower still running
+  (holding its ``<pid>.lock``) has applied the withhold and has no request in flight to it.
+* **Start.** A follower takes traffic once the driver has published the end of its first round
+  (the repository loaded), as a one-process gateway does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from gateway.config import RepositoryConfig
+from gateway.instances import Instance
+from gateway.router import Router
+from gateway.upstream.repository import RepositorySync
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.05  # how often the driver publishes a change, and followers read it
+FOLDER = "repository"
+DRIVER = "driver.json"
+
+Routed = dict[str, frozenset[str]]
+Withheld = dict[tuple[str, str], str]
+
+
+def _write(path: Path, body: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(body)
+    os.replace(tmp, path)  # readers see the old file or the new one, never a part
+
+
+def _locked_by_other(path: Path) -> bool:
+    """Whether some process holds an exclusive lock on ``path`` (a follower still running)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def instance_state(instance: Instance) -> dict[str, Any]:
+    """What the driver publishes for one instance: what it routes there (None: not known yet)
+    and what it withholds, with why."""
+    return {
+        "routed": None if instance.models is None else {m: sorted(v) for m, v in sorted(instance.models.items())},
+        "withheld": sorted([m, v, why] for (m, v), why in instance.withheld.items()),
+    }
+
+
+def in_flight_to_withheld(instances: Iterable[Instance]) -> list[list[Any]]:
+    """A follower's requests in flight to withheld versions: [url, model, version, count]."""
+    return sorted(
+        [i.url, m, v, n] for i in instances for (m, v), n in i.active.items() if n and (m, v) in i.withheld
+    )
+
+
+class WorkerRepository:
+    """One worker's part in driving the repository: the driver's ``RepositorySync`` while this
+    worker holds the lock, else following the driver. ``start``, ``run``, ``close`` and
+    ``snapshot`` as ``RepositorySync``'s."""
+
+    def __init__(
+        self,
+        folder: str | Path,
+        config: RepositoryConfig,
+        router: Router,
+        make_sync: Callable[[WorkerRepository], RepositorySync],
+        clock: Callable[[], float] = time.monotonic,
+        pid: int | None = None,
+    ) -> None:
+        self._dir = Path(folder) / FOLDER
+        self._dir.mkdir(exist_ok=True)
+        self._config = config
+        self._router = router
+        self._make_sync = make_sync
+        self._clock = clock
+        self.pid = pid or os.getpid()
+        self.sync: RepositorySync | None = None  # while this worker drives
+        self._tasks: list[asyncio.Task[None]] = []
+        # Driving: the state last published and its sequence number.
+        self._published: dict[str, Any] | None = None
+        self._seq = 0
+        self._started = False
+        # Following: the driver's file as last read, and this worker's acknowledgement.
+        self._seen: tuple[int, int, int] | None = None
+        self._driver: dict[str, Any] | None = None
+        self._acked: bytes | None = None
+        self._ack_path = self._dir / f"{self.pid}.json"
+        self._driver_lock = os.open(self._dir / "driver.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self._alive = os.open(self._dir / f"{self.pid}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except BaseException:
+            os.close(self._driver_lock)
+            raise
+        fcntl.flock(self._alive, fcntl.LOCK_EX)  # running, for the driver's drains
+
+    @property
+    def driving(self) -> bool:
+        return self.sync is not None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Drive, or wait until the driver has loaded the repository (taking over if it goes)."""
+        while True:
+            if self._take_lead():
+                await self._drive()
+                return
+            self._follow()
+            if self._driver is not None and self._driver.get("started"):
+                self._acknowledge()
+                return
+            await asyncio.sleep(POLL_S)
+
+    async def run(self) -> None:
+        next_try = self._clock() + self._config.scan_interval_s
+        while True:
+            await asyncio.sleep(POLL_S)
+            try:
+                if self.sync is not None:
+                    self.publish()
+                    continue
+                if self._clock() >= next_try:
+                    next_try = self._clock() + self._config.scan_interval_s
+                    if self._take_lead():
+                        log.warning("repository: worker %d drives loading now (the driver left)", self.pid)
+                        await self._drive()
+                        continue
+                    # Applied again even if unchanged: a version this worker stopped routing
+                    # (an instance said it lacks it: ``Instance.forget``) is routed as the
+                    # driver routes it again, as a one-process gateway's next index would.
+                    self._seen = None
+                self._follow()
+                self._acknowledge()
+            except Exception:  # the loop must outlive any one round
+                log.exception("repository: sharing the driving between workers failed")
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.sync is not None:
+            await self.sync.close()
+        for fd in (self._alive, self._driver_lock):
+            with contextlib.suppress(OSError):
+                os.close(fd)  # lets go of the locks: another worker may drive
+        self._alive = self._driver_lock = -1
+
+    def _take_lead(self) -> bool:
+        try:
+            fcntl.flock(self._driver_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    async def _drive(self) -> None:
+        for instance in self._router.instances:
+            # Route by this worker's own index again; what the last driver withheld stays
+            # withheld (a version it was still warming up is warmed up again).
+            instance.follow(None, dict(instance.withheld))
+        self.sync = self._make_sync(self)
+        self.publish()
+        await self.sync.start()
+        self._started = True
+        self.publish()
+        self._tasks.append(asyncio.create_task(self.sync.run()))
+
+    # -- the driver -----------------------------------------------------------------------------
+
+    def publish(self, force: bool = False) -> int:
+        """Write ``driver.json`` if the state changed (or ``force``); the sequence number in force."""
+        assert self.sync is not None
+        state = {
+            "pid": self.pid,
+            "started": self._started,
+            "instances": {i.url: instance_state(i) for i in self._router.instances},
+            "view": self.sync.snapshot(),
+        }
+        if force or state != self._published:
+            self._seq += 1
+            _write(self._dir / DRIVER, orjson.dumps({"seq": self._seq, **state}))
+            self._published = state
+        return self._seq
+
+    async def drained(self, url: str, model: str, versions: list[str], deadline: float) -> int:
+        """Wait until no follower has requests in flight to ``versions`` of ``model`` on the
+        instance at ``url`` (the driver has withheld them): 0, or how many were left at
+        ``deadline`` (a follower that has not yet applied the withhold counts as one)."""
+        seq = self.publish(force=True)  # the withhold is out now
+        wanted = set(versions)
+        while True:
+            left = 0
+            for path in self._dir.glob("*.json"):
+                if path.name == DRIVER or not _locked_by_other(path.with_suffix(".lock")):
+                    continue  # the driver's own file, or a follower that exited
+                try:
+                    ack = orjson.loads(path.read_bytes())
+                except (OSError, orjson.JSONDecodeError):
+                    ack = None
+                if not isinstance(ack, dict) or ack.get("driver") != self.pid or ack.get("seq", 0) < seq:
+                    left += 1
+                    continue
+                left += sum(n for u, m, v, n in ack.get("in_flight", ()) if u == url and m == model and v in wanted)
+            if not left or self._clock() >= deadline:
+                return left
+            await asyncio.sleep(POLL_S)
+
+    # -- a follower -----------------------------------------------------------------------------
+
+    def _follow(self) -> None:
+        """Read ``driver.json`` if it changed, and route what it says."""
+        path = self._dir / DRIVER
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return
+        seen = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if seen == self._seen:
+            return
+        try:
+            driver = orjson.loads(path.read_bytes())
+        except (OSError, orjson.JSONDecodeError) as exc:
+            log.warning("repository: cannot read the driving worker's %s: %s", path, exc)
+            return
+        self._seen = seen
+        self._driver = driver
+        states = driver.get("instances", {})
+        for instance in self._router.instances:
+            state = states.get(instance.url)
+            if state is None:
+                continue  # an instance the driver does not know (yet): this worker's own view
+            routed = state["routed"]
+            instance.follow(
+                None if routed is None else {m: frozenset(v) for m, v in routed.items()},
+                {(m, v): why for m, v, why in state["withheld"]},
+            )
+
+    def _acknowledge(self) -> None:
+        """Write this worker's ``<pid>.json`` if it changed."""
+        if self._driver is None:
+            return
+        ack = orjson.dumps(
+            {
+                "driver": self._driver.get("pid"),
+                "seq": self._driver.get("seq", 0),
+                "in_flight": in_flight_to_withheld(self._router.instances),
+            }
+        )
+        if ack != self._acked:
+            _write(self._ack_path, ack)
+            self._acked = ack
+
+    # -- the view -------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        if self.sync is not None:
+            return {**self.sync.snapshot(), "driver_pid": self.pid}
+        if self._driver is not None:
+            return {**self._driver["view"], "driver_pid": self._driver.get("pid")}
+        return {"path": self._config.path, "scan_error": None, "models": {}, "events": [], "driver_pid": None}
+
+
+def worker_repository(
+    folder: str | Path, config: RepositoryConfig, router: Router, make_sync: Callable[[WorkerRepository], RepositorySync]
+) -> WorkerRepository | None:
+    """This worker's ``WorkerRepository`` in ``folder``, or None where the folder cannot be used
+    (logged: the worker then drives loading alone, as if it were the only one)."""
+    try:
+        return WorkerRepository(folder, config, router, make_sync)
+    except OSError as exc:
+        log.error("repository: this worker drives loading on its own, unaware of the others: %s", exc)
+        return None

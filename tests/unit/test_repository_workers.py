@@ -1,0 +1,213 @@
+"""Sharing the driving of the model repository between worker processes
+(gateway/upstream/repository_workers.py): two ``WorkerRepository`` objects on one folder stand for
+two workers (each with its own locks, as two processes would have), each with its own instances;
+the driver's ``RepositorySync`` is a stand-in that only starts, runs and describes itself."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from gateway.config import RepositoryConfig
+from gateway.instances import Instance
+from gateway.upstream.repository_workers import WorkerRepository
+
+URL = "http://triton-0:8000"
+
+
+class FakeSync:
+    """What the driver runs: ``start`` waits for ``gate`` (the first round: loading)."""
+
+    def __init__(self, name: str, gate: asyncio.Event | None = None) -> None:
+        self.name = name
+        self.gate = gate
+        self.closed = False
+
+    async def start(self) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
+
+    async def run(self) -> None:
+        await asyncio.Event().wait()
+
+    async def close(self) -> None:
+        self.closed = True
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"path": "repo", "scan_error": None, "models": {"m": {"serving": ["1", "2"], "driven_by": self.name}}, "events": []}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def worker(folder: Path, pid: int, gate: asyncio.Event | None = None, clock: Clock | None = None) -> WorkerRepository:
+    instance = Instance(URL)
+    instance.set_index({"m": frozenset({"1", "2"})})
+    router: Any = SimpleNamespace(instances=[instance])
+    config = RepositoryConfig(path="repo", scan_interval_s=1.0)
+    return WorkerRepository(folder, config, router, lambda peers: FakeSync(f"sync of {pid}", gate), clock=clock or Clock(), pid=pid)  # type: ignore[arg-type, return-value]
+
+
+def instance_of(w: WorkerRepository) -> Instance:
+    return w._router.instances[0]
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> Any:
+    gate = asyncio.Event()
+    a, b = worker(tmp_path, 101, gate), worker(tmp_path, 102, gate)
+    yield a, b, gate
+    await a.close()
+    await b.close()
+
+
+async def test_one_worker_drives_and_the_other_takes_traffic_only_once_it_has_loaded(pair: Any) -> None:
+    a, b, gate = pair
+    driving = asyncio.create_task(a.start())
+    await asyncio.sleep(0.01)
+    following = asyncio.create_task(b.start())
+    await asyncio.sleep(0.3)
+    assert a.driving and not b.driving
+    assert not driving.done() and not following.done(), "neither takes traffic before the first round is over"
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(driving, following), 2)
+    assert not b.driving
+    assert a.snapshot()["driver_pid"] == b.snapshot()["driver_pid"] == 101
+    assert b.snapshot()["models"]["m"]["driven_by"] == "sync of 101"  # the driver's view, from either worker
+
+
+async def test_a_follower_routes_exactly_what_the_driver_routes(pair: Any) -> None:
+    a, b, gate = pair
+    gate.set()
+    await a.start()
+    await b.start()
+    mine, theirs = instance_of(b), instance_of(a)
+    assert mine.models == {"m": frozenset({"1", "2"})}
+    # The driver warms a new version up and drains an old one: the follower does not route either.
+    theirs.set_index({"m": frozenset({"1", "2", "3"})})
+    theirs.withhold("m", "3", "warming up")
+    theirs.withhold("m", "1", "draining")
+    a.publish()
+    b._follow()
+    assert mine.models == {"m": frozenset({"2"})}
+    assert mine.withholds("m", "1") == "draining" and mine.withholds("m", "3") == "warming up"
+    # Version 3 admitted: routed by the follower too, although its own index has not seen it yet.
+    theirs.admit("m", "3")
+    a.publish()
+    b._follow()
+    assert mine.loaded == {"m": frozenset({"1", "2"})}
+    assert mine.models == {"m": frozenset({"2", "3"})}
+    # The follower's own index changing does not override the driver.
+    mine.set_index({"m": frozenset({"1", "2", "3"})})
+    assert mine.models == {"m": frozenset({"2", "3"})}
+
+
+async def test_a_version_a_follower_was_told_is_missing_comes_back_when_the_driver_is_read_again(pair: Any) -> None:
+    a, b, gate = pair
+    gate.set()
+    await a.start()
+    await b.start()
+    mine = instance_of(b)
+    mine.forget("m", "2")  # the instance answered that it does not hold it
+    assert mine.models == {"m": frozenset({"1"})}
+    b._follow()  # unchanged file: nothing new
+    assert mine.models == {"m": frozenset({"1"})}
+    b._seen = None  # what the follower's loop does every scan interval
+    b._follow()
+    assert mine.models == {"m": frozenset({"1", "2"})}
+
+
+async def test_a_drain_waits_for_the_followers_requests_in_flight(pair: Any) -> None:
+    a, b, gate = pair
+    gate.set()
+    await a.start()
+    await b.start()
+    mine, theirs = instance_of(b), instance_of(a)
+    mine.started("m", "2")  # a request of the follower's, in flight to version 2
+    theirs.withhold("m", "2", "draining")
+    drain = asyncio.create_task(a.drained(URL, "m", ["2"], deadline=1e9))
+    await asyncio.sleep(0.2)
+    assert not drain.done(), "the follower has not even seen the withhold"
+    b._follow()
+    b._acknowledge()
+    assert mine.models == {"m": frozenset({"1"})}  # no new request goes to version 2...
+    await asyncio.sleep(0.2)
+    assert not drain.done(), "...but one is still in flight"
+    mine.finished("m", "2")
+    b._acknowledge()
+    assert await asyncio.wait_for(drain, 1) == 0
+
+
+async def test_a_drain_does_not_wait_for_a_follower_that_exited(pair: Any) -> None:
+    a, b, gate = pair
+    gate.set()
+    await a.start()
+    await b.start()
+    instance_of(b).started("m", "2")
+    b._acknowledge()
+    await b.close()  # its process is gone, and its requests with it
+    instance_of(a).withhold("m", "2", "draining")
+    assert await asyncio.wait_for(a.drained(URL, "m", ["2"], deadline=1e9), 1) == 0
+
+
+async def test_a_drain_gives_up_at_its_deadline_and_says_how_many_were_left(tmp_path: Path) -> None:
+    gate = asyncio.Event()
+    gate.set()
+    clock = Clock()
+    a, b = worker(tmp_path, 101, gate, clock), worker(tmp_path, 102, gate)
+    try:
+        await a.start()
+        await b.start()
+        for _ in range(3):
+            instance_of(b).started("m", "2")
+        instance_of(a).withhold("m", "2", "draining")
+        drain = asyncio.create_task(a.drained(URL, "m", ["2"], deadline=10.0))
+        await asyncio.sleep(0.05)  # the drain publishes the withhold first
+        b._follow()
+        b._acknowledge()
+        await asyncio.sleep(0.2)
+        assert not drain.done()
+        clock.now = 10.0
+        assert await asyncio.wait_for(drain, 1) == 3
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_when_the_driver_exits_a_follower_takes_over(tmp_path: Path) -> None:
+    gate = asyncio.Event()
+    gate.set()
+    clock = Clock()
+    a, b = worker(tmp_path, 101, gate), worker(tmp_path, 102, gate, clock)
+    await a.start()
+    await b.start()
+    running = asyncio.create_task(b.run())
+    try:
+        await asyncio.sleep(0.2)
+        assert not b.driving
+        await a.close()
+        await asyncio.sleep(0.2)
+        assert not b.driving, "it tries once per scan interval"
+        clock.now = 5.0
+        await asyncio.sleep(0.3)
+        assert b.driving
+        assert b.snapshot()["driver_pid"] == 102
+        c = worker(tmp_path, 103, gate)
+        try:
+            await asyncio.wait_for(c.start(), 2)
+            assert not c.driving and c.snapshot()["driver_pid"] == 102
+        finally:
+            await c.close()
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await b.close()
