@@ -44,6 +44,21 @@ def hold(path: str | Path, create: bool = False) -> int:
     return fd
 
 
+def held_exclusively(path: str | Path) -> bool:
+    """Whether some process holds an exclusive flock on ``path`` (how a worker says it runs)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 class Made:
     """A file or folder this process made: it holds it (so no other server's sweep removes it)
     until ``remove``."""

@@ -42,7 +42,7 @@ import orjson
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway.host_files import HELD, hold
+from gateway.host_files import HELD, held_exclusively, hold
 
 log = logging.getLogger(__name__)
 
@@ -73,21 +73,6 @@ def _to_json(families: Iterable[Metric]) -> bytes:
     )
 
 
-def _running(path: Path) -> bool:
-    """Whether the worker that writes ``path`` still runs (it holds the lock file beside it)."""
-    try:
-        fd = os.open(path.with_suffix(".lock"), os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return True  # its writer holds it exclusively: running
-    finally:
-        os.close(fd)
-    return False
-
-
 class WorkerSum(Collector):
     """Wraps the worker's own collector: ``publish`` writes its families to the worker's file;
     ``collect`` answers a scrape with every worker's (see the module's docstring)."""
@@ -101,7 +86,7 @@ class WorkerSum(Collector):
         self._held = hold(self._folder / HELD)  # the folder is in use while this worker runs
         try:
             # Beside its file (which each publish replaces), one the worker holds locked while
-            # it runs (``_running``).
+            # it runs (``host_files.held_exclusively``).
             self._lock = os.open(self._path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BaseException:
@@ -136,7 +121,7 @@ class WorkerSum(Collector):
                     self._warned.add(path.name)
                     log.warning("ignoring the metrics in %s: %s", path, exc)
                 continue
-            yield families, _running(path)
+            yield families, held_exclusively(path.with_suffix(".lock"))
 
     def collect(self) -> Iterator[Metric]:
         try:

@@ -43,6 +43,7 @@ from typing import Any
 import orjson
 
 from gateway.config import RepositoryConfig
+from gateway.host_files import held_exclusively
 from gateway.instances import Instance
 from gateway.router import Router
 from gateway.upstream.repository import RepositorySync
@@ -61,21 +62,6 @@ def _write(path: Path, body: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(body)
     os.replace(tmp, path)  # readers see the old file or the new one, never a part
-
-
-def _locked_by_other(path: Path) -> bool:
-    """Whether some process holds an exclusive lock on ``path`` (a follower still running)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 def instance_state(instance: Instance) -> dict[str, Any]:
@@ -127,12 +113,15 @@ class WorkerRepository:
         self._acked: bytes | None = None
         self._ack_path = self._dir / f"{self.pid}.json"
         self._driver_lock = os.open(self._dir / "driver.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        self._alive = -1
         try:
             self._alive = os.open(self._dir / f"{self.pid}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._alive, fcntl.LOCK_EX | fcntl.LOCK_NB)  # running, for the driver's drains
         except BaseException:
-            os.close(self._driver_lock)
+            for fd in (self._alive, self._driver_lock):
+                if fd >= 0:
+                    os.close(fd)
             raise
-        fcntl.flock(self._alive, fcntl.LOCK_EX)  # running, for the driver's drains
 
     @property
     def driving(self) -> bool:
@@ -164,7 +153,7 @@ class WorkerRepository:
                     next_try = self._clock() + self._config.scan_interval_s
                     if self._take_lead():
                         log.warning("repository: worker %d drives loading now (the driver left)", self.pid)
-                        await self._drive()
+                        await self._drive(taking_over=True)
                         continue
                     # Applied again even if unchanged: a version this worker stopped routing
                     # (an instance said it lacks it: ``Instance.forget``) is routed as the
@@ -193,14 +182,19 @@ class WorkerRepository:
             return False
         return True
 
-    async def _drive(self) -> None:
+    async def _drive(self, taking_over: bool = False) -> None:
         for instance in self._router.instances:
             # Route by this worker's own index again; what the last driver withheld stays
             # withheld (a version it was still warming up is warmed up again).
             instance.follow(None, dict(instance.withheld))
         self.sync = self._make_sync(self)
         self.publish()
-        await self.sync.start()
+        try:
+            await self.sync.start()
+        except Exception:
+            if not taking_over:
+                raise  # the gateway does not start, as with one process
+            log.exception("repository: the first round of driving failed; the next rounds go on")
         self._started = True
         self.publish()
         self._tasks.append(asyncio.create_task(self.sync.run()))
@@ -231,7 +225,7 @@ class WorkerRepository:
         while True:
             left = 0
             for path in self._dir.glob("*.json"):
-                if path.name == DRIVER or not _locked_by_other(path.with_suffix(".lock")):
+                if path.name == DRIVER or not held_exclusively(path.with_suffix(".lock")):
                     continue  # the driver's own file, or a follower that exited
                 try:
                     ack = orjson.loads(path.read_bytes())
