@@ -147,8 +147,7 @@ class WorkerRepository:
             await asyncio.sleep(POLL_S)
             try:
                 if self.sync is not None:
-                    self.publish()
-                    continue
+                    continue  # driving: ``_publishing`` writes the changes
                 if self._clock() >= next_try:
                     next_try = self._clock() + self._config.scan_interval_s
                     if self._take_lead():
@@ -189,10 +188,15 @@ class WorkerRepository:
             instance.follow(None, dict(instance.withheld))
         self.sync = self._make_sync(self)
         self.publish()
+        # Published while the first round runs too: a worker taking over mid-run has followers
+        # already serving, who must see what it withholds as it loads.
+        self._tasks.append(asyncio.create_task(self._publishing()))
         try:
             await self.sync.start()
         except Exception:
             if not taking_over:
+                for task in self._tasks:
+                    task.cancel()
                 raise  # the gateway does not start, as with one process
             log.exception("repository: the first round of driving failed; the next rounds go on")
         self._started = True
@@ -200,6 +204,14 @@ class WorkerRepository:
         self._tasks.append(asyncio.create_task(self.sync.run()))
 
     # -- the driver -----------------------------------------------------------------------------
+
+    async def _publishing(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_S)
+            try:
+                self.publish()
+            except Exception:  # a full folder, or a bug: the next round tries again
+                log.exception("repository: could not publish the driving worker's state")
 
     def publish(self, force: bool = False) -> int:
         """Write ``driver.json`` if the state changed (or ``force``); the sequence number in force."""

@@ -22,12 +22,15 @@ URL = "http://triton-0:8000"
 class FakeSync:
     """What the driver runs: ``start`` waits for ``gate`` (the first round: loading)."""
 
-    def __init__(self, name: str, gate: asyncio.Event | None = None) -> None:
+    def __init__(self, name: str, gate: asyncio.Event | None = None, first_round: Any = None) -> None:
         self.name = name
         self.gate = gate
+        self.first_round = first_round  # called when the first round begins
         self.closed = False
 
     async def start(self) -> None:
+        if self.first_round is not None:
+            self.first_round()
         if self.gate is not None:
             await self.gate.wait()
 
@@ -49,12 +52,18 @@ class Clock:
         return self.now
 
 
-def worker(folder: Path, pid: int, gate: asyncio.Event | None = None, clock: Clock | None = None) -> WorkerRepository:
+def worker(
+    folder: Path, pid: int, gate: asyncio.Event | None = None, clock: Clock | None = None, first_round: Any = None
+) -> WorkerRepository:
     instance = Instance(URL)
     instance.set_index({"m": frozenset({"1", "2"})})
     router: Any = SimpleNamespace(instances=[instance])
     config = RepositoryConfig(path="repo", scan_interval_s=1.0)
-    return WorkerRepository(folder, config, router, lambda peers: FakeSync(f"sync of {pid}", gate), clock=clock or Clock(), pid=pid)  # type: ignore[arg-type, return-value]
+
+    def make_sync(peers: WorkerRepository) -> Any:
+        return FakeSync(f"sync of {pid}", gate, first_round)
+
+    return WorkerRepository(folder, config, router, make_sync, clock=clock or Clock(), pid=pid)
 
 
 def instance_of(w: WorkerRepository) -> Instance:
@@ -211,3 +220,30 @@ async def test_when_the_driver_exits_a_follower_takes_over(tmp_path: Path) -> No
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
         await b.close()
+
+
+async def test_a_worker_taking_over_publishes_what_it_withholds_while_its_first_round_runs(tmp_path: Path) -> None:
+    ready, loading = asyncio.Event(), asyncio.Event()
+    ready.set()
+    clock = Clock()
+    a = worker(tmp_path, 101, ready)
+    b = worker(tmp_path, 102, loading, clock, first_round=lambda: instance_of(b).withhold("m", "2", "loading"))
+    c = worker(tmp_path, 103, ready)
+    await a.start()
+    await b.start()
+    await c.start()
+    running = asyncio.create_task(b.run())
+    try:
+        await a.close()
+        clock.now = 5.0
+        await asyncio.sleep(0.3)
+        assert b.driving, "it took over, and its first round is still loading"
+        c._follow()
+        assert instance_of(c).models == {"m": frozenset({"1"})}
+        assert instance_of(c).withholds("m", "2") == "loading"
+        loading.set()
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        for w in (b, c):
+            await w.close()
