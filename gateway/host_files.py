@@ -11,6 +11,7 @@ the next one is made; one that is held is never removed, whatever pids or namesp
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import logging
 import os
@@ -44,6 +45,19 @@ def hold(path: str | Path, create: bool = False) -> int:
     return fd
 
 
+def claim(path: str | Path) -> int:
+    """An open descriptor of ``path`` (made if need be) with an exclusive flock on it, taken
+    without waiting (OSError if another process holds it): how a worker says it runs, to
+    ``held_exclusively``, until it closes it or exits."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def held_exclusively(path: str | Path) -> bool:
     """Whether some process holds an exclusive flock on ``path`` (how a worker says it runs)."""
     try:
@@ -57,6 +71,24 @@ def held_exclusively(path: str | Path) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+def replace_file(path: Path, body: bytes) -> None:
+    """Write ``path`` in one step: readers see the old file or the new one, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(body)
+    os.replace(tmp, path)
+
+
+async def publish_every(interval: float, publish: Callable[[], object], what: str) -> None:
+    """Call ``publish`` every ``interval`` seconds until cancelled; a failure (a full folder, or a
+    bug) is logged, and the next round tries again."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            publish()
+        except Exception:
+            log.exception("could not publish %s", what)
 
 
 class Made:

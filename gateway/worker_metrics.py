@@ -29,9 +29,7 @@ worker holds a lock on the file beside it (``<pid>.lock``).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -42,7 +40,7 @@ import orjson
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway.host_files import HELD, held_exclusively, hold
+from gateway.host_files import HELD, claim, held_exclusively, hold, publish_every, replace_file
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +79,12 @@ class WorkerSum(Collector):
         self._own = own
         self._folder = Path(folder)
         self._path = self._folder / f"{name or os.getpid()}.json"
-        self._tmp = self._folder / f".{self._path.name}.tmp"
         self._warned: set[str] = set()
         self._held = hold(self._folder / HELD)  # the folder is in use while this worker runs
         try:
             # Beside its file (which each publish replaces), one the worker holds locked while
             # it runs (``host_files.held_exclusively``).
-            self._lock = os.open(self._path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._lock = claim(self._path.with_suffix(".lock"))
         except BaseException:
             os.close(self._held)
             raise
@@ -96,18 +92,12 @@ class WorkerSum(Collector):
     def publish(self) -> list[Metric]:
         """Write the worker's families to its file (replaced in one step) and return them."""
         families = list(self._own.collect())
-        self._tmp.write_bytes(_to_json(families))
-        os.replace(self._tmp, self._path)
+        replace_file(self._path, _to_json(families))
         return families
 
     async def run(self, interval: float = PUBLISH_S) -> None:
         """Publish every ``interval`` seconds, so that a worker no scrape reaches is counted."""
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                self.publish()
-            except Exception:  # a full folder, or a bug: the next round tries again
-                log.exception("could not publish this worker's metrics")
+        await publish_every(interval, self.publish, "this worker's metrics")
 
     def _others(self) -> Iterator[tuple[list[dict[str, Any]], bool]]:
         """(families, still running) of every other worker's file."""

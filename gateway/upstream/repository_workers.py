@@ -43,7 +43,7 @@ from typing import Any
 import orjson
 
 from gateway.config import RepositoryConfig
-from gateway.host_files import held_exclusively
+from gateway.host_files import claim, held_exclusively, publish_every, replace_file
 from gateway.instances import Instance
 from gateway.router import Router
 from gateway.upstream.repository import RepositorySync
@@ -56,12 +56,6 @@ DRIVER = "driver.json"
 
 Routed = dict[str, frozenset[str]]
 Withheld = dict[tuple[str, str], str]
-
-
-def _write(path: Path, body: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(body)
-    os.replace(tmp, path)  # readers see the old file or the new one, never a part
 
 
 def instance_state(instance: Instance) -> dict[str, Any]:
@@ -102,7 +96,7 @@ class WorkerRepository:
         self._clock = clock
         self.pid = pid or os.getpid()
         self.sync: RepositorySync | None = None  # while this worker drives
-        self._tasks: list[asyncio.Task[None]] = []
+        self._publishing: asyncio.Task[None] | None = None  # while this worker drives
         # Driving: the state last published and its sequence number.
         self._published: dict[str, Any] | None = None
         self._seq = 0
@@ -113,14 +107,10 @@ class WorkerRepository:
         self._acked: bytes | None = None
         self._ack_path = self._dir / f"{self.pid}.json"
         self._driver_lock = os.open(self._dir / "driver.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        self._alive = -1
         try:
-            self._alive = os.open(self._dir / f"{self.pid}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(self._alive, fcntl.LOCK_EX | fcntl.LOCK_NB)  # running, for the driver's drains
+            self._alive = claim(self._dir / f"{self.pid}.lock")  # running, for the driver's drains
         except BaseException:
-            for fd in (self._alive, self._driver_lock):
-                if fd >= 0:
-                    os.close(fd)
+            os.close(self._driver_lock)
             raise
 
     @property
@@ -142,18 +132,22 @@ class WorkerRepository:
             await asyncio.sleep(POLL_S)
 
     async def run(self) -> None:
+        """Follow the driver until this worker drives; then run the sync's rounds."""
+        await self._follow_until_driving()
+        assert self.sync is not None
+        await self.sync.run()
+
+    async def _follow_until_driving(self) -> None:
         next_try = self._clock() + self._config.scan_interval_s
-        while True:
+        while self.sync is None:
             await asyncio.sleep(POLL_S)
             try:
-                if self.sync is not None:
-                    continue  # driving: ``_publishing`` writes the changes
                 if self._clock() >= next_try:
                     next_try = self._clock() + self._config.scan_interval_s
                     if self._take_lead():
                         log.warning("repository: worker %d drives loading now (the driver left)", self.pid)
                         await self._drive(taking_over=True)
-                        continue
+                        return
                     # Applied again even if unchanged: a version this worker stopped routing
                     # (an instance said it lacks it: ``Instance.forget``) is routed as the
                     # driver routes it again, as a one-process gateway's next index would.
@@ -164,9 +158,9 @@ class WorkerRepository:
                 log.exception("repository: sharing the driving between workers failed")
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._publishing is not None:
+            self._publishing.cancel()
+            await asyncio.gather(self._publishing, return_exceptions=True)
         if self.sync is not None:
             await self.sync.close()
         for fd in (self._alive, self._driver_lock):
@@ -190,28 +184,18 @@ class WorkerRepository:
         self.publish()
         # Published while the first round runs too: a worker taking over mid-run has followers
         # already serving, who must see what it withholds as it loads.
-        self._tasks.append(asyncio.create_task(self._publishing()))
+        self._publishing = asyncio.create_task(publish_every(POLL_S, self.publish, "the driving worker's state"))
         try:
             await self.sync.start()
         except Exception:
             if not taking_over:
-                for task in self._tasks:
-                    task.cancel()
+                self._publishing.cancel()
                 raise  # the gateway does not start, as with one process
             log.exception("repository: the first round of driving failed; the next rounds go on")
         self._started = True
         self.publish()
-        self._tasks.append(asyncio.create_task(self.sync.run()))
 
     # -- the driver -----------------------------------------------------------------------------
-
-    async def _publishing(self) -> None:
-        while True:
-            await asyncio.sleep(POLL_S)
-            try:
-                self.publish()
-            except Exception:  # a full folder, or a bug: the next round tries again
-                log.exception("repository: could not publish the driving worker's state")
 
     def publish(self, force: bool = False) -> int:
         """Write ``driver.json`` if the state changed (or ``force``); the sequence number in force."""
@@ -224,7 +208,7 @@ class WorkerRepository:
         }
         if force or state != self._published:
             self._seq += 1
-            _write(self._dir / DRIVER, orjson.dumps({"seq": self._seq, **state}))
+            replace_file(self._dir / DRIVER, orjson.dumps({"seq": self._seq, **state}))
             self._published = state
         return self._seq
 
@@ -293,7 +277,7 @@ class WorkerRepository:
             }
         )
         if ack != self._acked:
-            _write(self._ack_path, ack)
+            replace_file(self._ack_path, ack)
             self._acked = ack
 
     # -- the view -------------------------------------------------------------------------------

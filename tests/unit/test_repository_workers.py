@@ -79,6 +79,16 @@ async def pair(tmp_path: Path) -> Any:
     await b.close()
 
 
+@pytest.fixture
+async def started(pair: Any) -> tuple[WorkerRepository, WorkerRepository]:
+    """A driver (101) and a follower (102), both past their start."""
+    a, b, gate = pair
+    gate.set()
+    await a.start()
+    await b.start()
+    return a, b
+
+
 async def test_one_worker_drives_and_the_other_takes_traffic_only_once_it_has_loaded(pair: Any) -> None:
     a, b, gate = pair
     driving = asyncio.create_task(a.start())
@@ -94,11 +104,8 @@ async def test_one_worker_drives_and_the_other_takes_traffic_only_once_it_has_lo
     assert b.snapshot()["models"]["m"]["driven_by"] == "sync of 101"  # the driver's view, from either worker
 
 
-async def test_a_follower_routes_exactly_what_the_driver_routes(pair: Any) -> None:
-    a, b, gate = pair
-    gate.set()
-    await a.start()
-    await b.start()
+async def test_a_follower_routes_exactly_what_the_driver_routes(started: Any) -> None:
+    a, b = started
     mine, theirs = instance_of(b), instance_of(a)
     assert mine.models == {"m": frozenset({"1", "2"})}
     # The driver warms a new version up and drains an old one: the follower does not route either.
@@ -120,11 +127,8 @@ async def test_a_follower_routes_exactly_what_the_driver_routes(pair: Any) -> No
     assert mine.models == {"m": frozenset({"2", "3"})}
 
 
-async def test_a_version_a_follower_was_told_is_missing_comes_back_when_the_driver_is_read_again(pair: Any) -> None:
-    a, b, gate = pair
-    gate.set()
-    await a.start()
-    await b.start()
+async def test_a_version_a_follower_was_told_is_missing_comes_back_when_the_driver_is_read_again(started: Any) -> None:
+    a, b = started
     mine = instance_of(b)
     mine.forget("m", "2")  # the instance answered that it does not hold it
     assert mine.models == {"m": frozenset({"1"})}
@@ -135,11 +139,8 @@ async def test_a_version_a_follower_was_told_is_missing_comes_back_when_the_driv
     assert mine.models == {"m": frozenset({"1", "2"})}
 
 
-async def test_a_drain_waits_for_the_followers_requests_in_flight(pair: Any) -> None:
-    a, b, gate = pair
-    gate.set()
-    await a.start()
-    await b.start()
+async def test_a_drain_waits_for_the_followers_requests_in_flight(started: Any) -> None:
+    a, b = started
     mine, theirs = instance_of(b), instance_of(a)
     mine.started("m", "2")  # a request of the follower's, in flight to version 2
     theirs.withhold("m", "2", "draining")
@@ -156,11 +157,8 @@ async def test_a_drain_waits_for_the_followers_requests_in_flight(pair: Any) -> 
     assert await asyncio.wait_for(drain, 1) == 0
 
 
-async def test_a_drain_does_not_wait_for_a_follower_that_exited(pair: Any) -> None:
-    a, b, gate = pair
-    gate.set()
-    await a.start()
-    await b.start()
+async def test_a_drain_does_not_wait_for_a_follower_that_exited(started: Any) -> None:
+    a, b = started
     instance_of(b).started("m", "2")
     b._acknowledge()
     await b.close()  # its process is gone, and its requests with it
