@@ -1,7 +1,9 @@
 """Run the local stack in the foreground: a Triton fleet, then the gateway in front of it.
 
 Ctrl-C (or SIGTERM) stops the gateway first, then every Triton instance, and exits 0; so does
-SIGINT sent to a run in the background, where the shell started it with SIGINT ignored.
+SIGINT sent to a run in the background, where the shell started it with SIGINT ignored. The
+gateway first finishes the requests in flight; another Ctrl-C meanwhile stops it at once. Either
+way the fleet is stopped too.
 """
 
 from __future__ import annotations
@@ -91,15 +93,31 @@ def main() -> int:
         print(f"serve: {exc}", file=sys.stderr)
         return 1
     finally:
+        stop(gateway, triton, config.server.shutdown_grace_s + 10)
+
+
+def stop(gateway: subprocess.Popen[bytes] | None, triton: fleet.Fleet, grace: float) -> None:
+    """Stop the gateway, letting it finish the requests in flight for up to ``grace`` seconds,
+    then the fleet. Another Ctrl-C or SIGTERM meanwhile hurries the gateway (a second SIGINT
+    makes uvicorn quit at once) and never interrupts the stopping itself."""
+
+    def hurry(signum: int, frame: object) -> None:
         if gateway is not None and gateway.poll() is None:
-            # SIGTERM, not SIGINT: after Ctrl-C the gateway already has one SIGINT, and a second
-            # makes uvicorn quit at once instead of finishing the requests in flight.
-            gateway.send_signal(signal.SIGTERM)
-            try:
-                gateway.wait(config.server.shutdown_grace_s + 10)
-            except subprocess.TimeoutExpired:
-                gateway.kill()
-        triton.stop()
+            print("serve: stopping now, without waiting for the requests in flight", flush=True)
+            gateway.send_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGINT, hurry)
+    signal.signal(signal.SIGTERM, hurry)
+    if gateway is not None and gateway.poll() is None:
+        # SIGTERM, not SIGINT: after Ctrl-C the gateway already has one SIGINT, and a second
+        # makes uvicorn quit at once instead of finishing the requests in flight.
+        gateway.send_signal(signal.SIGTERM)
+        try:
+            gateway.wait(grace)
+        except subprocess.TimeoutExpired:
+            gateway.kill()
+            gateway.wait()
+    triton.stop()
 
 
 if __name__ == "__main__":
