@@ -9,8 +9,15 @@ targets get the same sequence of requests from perf_analyzer (HTTP, binary tenso
 ``--input-data``) at the same concurrency:
 
     .venv/bin/python perf/cache_bench.py [--model digits_cnn] [--concurrency 16,32]
-        [--requests 100000] [--repeat-share 0.9] [--zipf-s 1.1] [--hold-ms 0]
+        [--requests 100000] [--repeat-share 0.9] [--zipf-s 1.1] [--hold-ms 0] [--instances 1]
         [--out perf/results/$(date +%F)-cache.md]
+
+``--instances N`` runs a fleet of N instances, each with its own response cache, the case the
+gateway's cache is for: each run then has N perf_analyzer processes sharing the concurrency,
+and client i sends requests i, i+N, i+2N, ... of the sequence, as a round-robin balancer in
+front of the fleet deals them. Direct, client i talks to instance i, so a repeat reaches an
+instance that has not seen its input whenever the first request went to another; through the
+gateway, the same clients send the same requests to the gateway, with the whole fleet behind it.
 
 ``--hold-ms X`` gives both targets the same batching delay: the gateway's ``[batching] hold_ms``
 (and ``max_queue_delay_ms`` raised to X where it is lower, since it caps the hold) and Triton's
@@ -92,8 +99,6 @@ from compare import (  # noqa: E402
     machine_info,
     Measurement,
     other_perf_analyzers,
-    parse_csv,
-    parse_stdout,
     PERF_ANALYZER,
     pick,
     port_free,
@@ -115,6 +120,7 @@ TARGET_RATIO = 1.0  # the gateway ahead: strictly more infer/s than Triton direc
 TOLERANCE = 1e-5  # answers through the gateway against Triton's
 OTHERS = "other processes"  # CPU the machine spent outside the processes measured
 VARIANT_STEP = 1.0 / 4096  # relative scale between the copies of one real input
+MAX_INSTANCES = 8  # Triton's ports base..base+7 stay clear of the gateway's base+10
 
 
 # -- the workload ----------------------------------------------------------------------------
@@ -145,6 +151,11 @@ class Workload:
         `prefix` requests (what one run sent, if it did not wrap)."""
         n = self.requests if prefix is None else max(1, min(prefix, self.requests))
         return 1.0 - int(self.first_seen[n - 1]) / n
+
+    def dealt(self, client: int, clients: int) -> np.ndarray:
+        """The requests one of ``clients`` clients sends: ``client``, ``client + clients``, ... of
+        the sequence, as a round-robin balancer deals them to the instances behind it."""
+        return self.sequence[client::clients]
 
     def describe(self, s: float) -> str:
         distinct = len(self.inputs)
@@ -182,12 +193,13 @@ def make_workload(model: str, requests: int, repeat_share: float, s: float, seed
     return Workload(sequence, inputs, len(base), first_seen)
 
 
-def write_input_data(path: Path, workload: Workload, input_name: str) -> None:
-    """perf_analyzer's --input-data JSON: one entry per request, in order (binary, base64)."""
+def write_input_data(path: Path, workload: Workload, input_name: str, sequence: np.ndarray) -> None:
+    """perf_analyzer's --input-data JSON: one entry per request of ``sequence`` (indices into the
+    workload's inputs), in order (binary, base64)."""
     encoded = [base64.b64encode(row.astype("<f4").tobytes()).decode() for row in workload.inputs]
     with open(path, "w") as out:
         out.write('{"data":[')
-        for n, i in enumerate(workload.sequence):
+        for n, i in enumerate(sequence):
             out.write(("," if n else "") + f'{{"{input_name}":{{"b64":"{encoded[i]}"}}}}')
         out.write("]}\n")
 
@@ -213,7 +225,7 @@ def make_repository(root: Path, model: str, hold_ms: float = 0.0) -> Path:
 
 
 def gateway_toml(
-    triton_url: str, port: int, batching: dict[str, Any], ttl_s: float, workers: int = 1, redis_url: str = ""
+    triton_urls: list[str], port: int, batching: dict[str, Any], ttl_s: float, workers: int = 1, redis_url: str = ""
 ) -> str:
     lines = [
         "[server]",
@@ -222,7 +234,7 @@ def gateway_toml(
         f"workers = {workers}",
         "",
         "[upstream]",
-        f'instances = [ {{ url = "{triton_url}", weight = 1 }} ]',
+        "instances = [ " + ", ".join(f'{{ url = "{url}", weight = 1 }}' for url in triton_urls) + " ]",
         "",
         "[batching]  # as in configs/local.toml",
         *(f"{k} = {toml_value(v)}" for k, v in batching.items()),
@@ -340,6 +352,9 @@ class TritonCounters:
     def minus(self, before: TritonCounters) -> TritonCounters:
         return TritonCounters(*(getattr(self, f) - getattr(before, f) for f in self.__dataclass_fields__))
 
+    def plus(self, other: TritonCounters) -> TritonCounters:
+        return TritonCounters(*(getattr(self, f) + getattr(other, f) for f in self.__dataclass_fields__))
+
 
 def triton_counters(url: str, model: str) -> TritonCounters:
     status, body = http_get(f"{url}/v2/models/{model}/stats", timeout=5.0)
@@ -355,6 +370,14 @@ def triton_counters(url: str, model: str) -> TritonCounters:
         total.cache_miss_ns += int(stats.get("cache_miss", {}).get("ns", 0))
         total.inferences += int(version.get("inference_count", 0))
         total.executions += int(version.get("execution_count", 0))
+    return total
+
+
+def fleet_counters(urls: list[str], model: str) -> TritonCounters:
+    """``triton_counters`` summed over the instances."""
+    total = TritonCounters()
+    for url in urls:
+        total = total.plus(triton_counters(url, model))
     return total
 
 
@@ -404,8 +427,14 @@ ATTEMPTS = 4  # per measurement, each from cold, when perf_analyzer hung or time
 HANG_S = 20.0  # perf_analyzer still running this long after its last request was answered: stuck
 
 
+def groups_cpu_s(groups: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds used so far by each named set of process groups."""
+    return {name: sum(group_cpu_s(g) for g in pgids) for name, pgids in groups.items()}
+
+
 class TrafficClock(threading.Thread):
-    """Watches one perf_analyzer run through the target's request counter: notes when the traffic
+    """Watches one perf_analyzer run (one process per client) through the target's request
+    counter: notes when the traffic
     starts (the counter first moves, once perf_analyzer has loaded its input data) and, with
     --request-count, when it ends (all requests answered), with every process's CPU clock at
     both moments, so that per-request CPU covers the traffic only (not perf_analyzer's start-up
@@ -413,11 +442,11 @@ class TrafficClock(threading.Thread):
 
     It is also a watchdog: perf_analyzer 2.48 with --request-count sometimes never exits after
     every request was answered (it keeps waiting for one it counts as outstanding; seen about once
-    in ten runs against the gateway, with a second run on the same gateway process). If it is
-    still running HANG_S after the last answer, the watchdog stops it and the run counts as
-    failed (main() retries it from cold)."""
+    in ten runs against the gateway, with a second run on the same gateway process). If one is
+    still running HANG_S after the last answer, the watchdog stops them all and the run counts
+    as failed (main() retries it from cold)."""
 
-    def __init__(self, runner: Runner, answered: Any, groups: dict[str, int], expected: int | None) -> None:
+    def __init__(self, runner: CacheRunner, answered: Any, groups: dict[str, list[int]], expected: int | None) -> None:
         super().__init__(daemon=True)
         self.runner, self.answered, self.groups, self.expected = runner, answered, groups, expected
         self.stop = threading.Event()
@@ -427,10 +456,20 @@ class TrafficClock(threading.Thread):
         self.cpu_start: dict[str, float] = {}
         self.cpu_end: dict[str, float] = {}
         self.hung = False
+        self.pa_seen: dict[int, float] = {}
 
-    def snapshot(self, pid: int) -> dict[str, float]:
-        cpu = {k: group_cpu_s(g) for k, g in self.groups.items()}
-        cpu["perf_analyzer"] = process_cpu_s(pid)
+    def pa_cpu_s(self, procs: list[subprocess.Popen[bytes]]) -> float:
+        """The perf_analyzer processes' CPU seconds; one that has exited (a client done before
+        the others) counts as last seen, at most a tick before it ended."""
+        for proc in procs:
+            seen = process_cpu_s(proc.pid)
+            if seen:
+                self.pa_seen[proc.pid] = seen
+        return sum(self.pa_seen.get(proc.pid, 0.0) for proc in procs)
+
+    def snapshot(self, procs: list[subprocess.Popen[bytes]]) -> dict[str, float]:
+        cpu = groups_cpu_s(self.groups)
+        cpu["perf_analyzer"] = self.pa_cpu_s(procs)
         cpu["machine"] = machine_busy_s()
         return cpu
 
@@ -438,15 +477,17 @@ class TrafficClock(threading.Thread):
         try:
             before = self.answered()
             while not self.stop.wait(0.1):
-                proc = self.runner.current
-                if proc is None:
+                procs = list(self.runner.procs)
+                if not procs:
                     continue
+                self.pa_cpu_s(procs)
                 done = self.answered() - before
                 if self.start_at is None and done > 0:
-                    self.start_at, self.cpu_start = time.monotonic(), self.snapshot(proc.pid)
+                    self.start_at, self.cpu_start = time.monotonic(), self.snapshot(procs)
                 if self.expected is not None and self.end_at is None and done >= self.expected:
-                    self.end_at, self.cpu_end = time.monotonic(), self.snapshot(proc.pid)
-                if self.end_at is not None and time.monotonic() - self.end_at > HANG_S and proc.poll() is None:
+                    self.end_at, self.cpu_end = time.monotonic(), self.snapshot(procs)
+                running = any(proc.poll() is None for proc in procs)
+                if self.end_at is not None and time.monotonic() - self.end_at > HANG_S and running:
                     self.hung = True
                     self.runner.stop_current()
                     return
@@ -460,7 +501,7 @@ class TrafficClock(threading.Thread):
             return
         if self.end_at is None:
             self.end_at = time.monotonic()
-            self.cpu_end = {k: group_cpu_s(g) for k, g in self.groups.items()}
+            self.cpu_end = groups_cpu_s(self.groups)
             self.cpu_end["perf_analyzer"] = pa_cpu_total
             self.cpu_end["machine"] = machine_busy_s()
         run.wall_s, run.load_s = self.end_at - self.start_at, self.start_at - self.started
@@ -480,7 +521,8 @@ class Run:
     hits: int = 0
     misses: int = 0
     coalesced: int | None = 0  # None: counted among the hits (several gateway workers)
-    upstream: TritonCounters = field(default_factory=TritonCounters)  # Triton's counters
+    upstream: TritonCounters = field(default_factory=TritonCounters)  # Triton's counters, over the instances
+    spans: list[ClientSpan] = field(default_factory=list)  # each perf_analyzer process's, in order
     cpu_s: dict[str, float] = field(default_factory=dict)  # process -> CPU seconds over the run
 
     @property
@@ -503,96 +545,165 @@ _SENT = re.compile(rb'"timestamp":(\d+)')
 _ANSWERED = re.compile(rb'"response_timestamps":\[(\d+)')
 
 
-def from_export(path: Path, m: Measurement) -> bool:
-    """Throughput and latencies from perf_analyzer's profile export (every request's send and
-    answer timestamps), over the whole run; the file is removed afterwards (it is large)."""
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return False
-    sent = np.array(_SENT.findall(data), dtype=np.int64)
-    answered = np.array(_ANSWERED.findall(data), dtype=np.int64)
-    path.unlink(missing_ok=True)
-    if not len(sent) or len(sent) != len(answered):
-        return False
+@dataclass
+class ClientSpan:
+    """When one perf_analyzer process sent its first request and got its last answer (ns)."""
+
+    first_sent: int
+    last_answered: int
+
+
+def from_exports(paths: list[Path], m: Measurement) -> list[ClientSpan] | None:
+    """Throughput and latencies from the perf_analyzer processes' profile exports (every
+    request's send and answer timestamps), and each one's span; the files are removed afterwards
+    (they are large). None when one is missing or torn.
+
+    Latencies are over every request. Throughput is over the time every client was sending, from
+    the last one's first request to the first one's last answer: the requests answered within it
+    over its length. With one client that is the whole run. With several, one that starts late or
+    ends early would otherwise count a stretch at part of the concurrency against its target."""
+    sent_all, answered_all, spans = [], [], []
+    for path in paths:
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        path.unlink(missing_ok=True)
+        sent = np.array(_SENT.findall(data), dtype=np.int64)
+        answered = np.array(_ANSWERED.findall(data), dtype=np.int64)
+        if not len(sent) or len(sent) != len(answered):
+            return None
+        sent_all.append(sent)
+        answered_all.append(answered)
+        spans.append(ClientSpan(int(sent.min()), int(answered.max())))
+    sent, answered = np.concatenate(sent_all), np.concatenate(answered_all)
     latency_us = (answered - sent) / 1000.0
     m.requests = len(sent)
-    m.throughput = len(sent) / ((answered.max() - sent.min()) / 1e9)
+    start, end = max(s.first_sent for s in spans), min(s.last_answered for s in spans)
+    if end <= start:
+        return None  # the clients never all sent at once
+    m.throughput = int(np.count_nonzero((answered >= start) & (answered <= end))) / ((end - start) / 1e9)
     m.p50_us, m.p99_us = (float(v) for v in np.percentile(latency_us, [50, 99]))
     m.avg_us = float(latency_us.mean())
-    return True
+    return spans
 
 
 def measurement_description(args: argparse.Namespace) -> str:
+    if args.instances == 1:
+        return (
+            f"--request-count {args.requests}: the whole sequence, each request once; throughput and latencies over "
+            "all of it, from perf_analyzer's per-request timestamps (--profile-export-file)"
+        )
     return (
-        f"--request-count {args.requests}: the whole sequence, each request once; throughput and latencies over all "
-        "of it, from perf_analyzer's per-request timestamps (--profile-export-file)"
+        f"--request-count per client (its share of the {args.requests} requests): the whole sequence, each request "
+        "once; latencies over all of it, throughput while every client sent, from perf_analyzer's per-request "
+        "timestamps (--profile-export-file)"
     )
 
 
+def split_concurrency(concurrency: int, clients: int) -> list[int]:
+    """``concurrency`` shared as evenly as it goes among ``clients`` perf_analyzer processes."""
+    return [concurrency // clients + (i < concurrency % clients) for i in range(clients)]
+
+
+@dataclass
+class Client:
+    """One perf_analyzer process of a run: where it sends, at what concurrency, which requests."""
+
+    port: int
+    concurrency: int
+    input_data: Path
+    requests: int
+
+
 class CacheRunner(Runner):
-    """compare.Runner's perf_analyzer run and parsing, with --input-data added, and the CPU time
-    perf_analyzer used (its rusage, once reaped)."""
+    """compare.Runner's perf_analyzer run and parsing, with --input-data added, one process per
+    client run side by side (``procs`` while they run), and the CPU time they used (their
+    rusage, once reaped)."""
 
-    def __init__(self, args: argparse.Namespace, workdir: Path, input_data: Path) -> None:
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         super().__init__(args, workdir)
-        self.input_data = input_data
+        self.procs: list[subprocess.Popen[bytes]] = []
         self.last_cpu_s = 0.0
+        self.last_spans: list[ClientSpan] = []
 
-    def _measure_once(self, target: str, server: str, port: int, concurrency: int) -> Measurement:
+    def stop_current(self) -> None:
+        for proc in self.procs:
+            self.current = proc
+            super().stop_current()
+        self.current = None
+
+    def run_clients(self, target: str, clients: list[Client]) -> Measurement:
+        """One run: every client's perf_analyzer started at once; the measurement over them all."""
         self.count += 1
-        csv_path = self.workdir / f"pa-{self.count}.csv"
-        export = self.workdir / f"pa-{self.count}-requests.json"
-        cmd = [
-            str(PERF_ANALYZER),
-            "-m", self.args.model,
-            "-u", f"{HOST}:{port}",
-            "-i", "http",
-            "--input-data", str(self.input_data),
-            "--concurrency-range", str(concurrency),
-            "--request-count", str(self.args.requests),
-            "--profile-export-file", str(export),
-            "-f", str(csv_path),
-        ]  # fmt: skip
-        m = Measurement(target, server, concurrency, command=cmd)
+        logs, cmds, exports = [], [], []
+        for i, client in enumerate(clients):
+            export = self.workdir / f"pa-{self.count}-{i}-requests.json"
+            cmd = [
+                str(PERF_ANALYZER),
+                "-m", self.args.model,
+                "-u", f"{HOST}:{client.port}",
+                "-i", "http",
+                "--input-data", str(client.input_data),
+                "--concurrency-range", str(client.concurrency),
+                "--request-count", str(client.requests),
+                "--profile-export-file", str(export),
+                "-f", str(self.workdir / f"pa-{self.count}-{i}.csv"),
+            ]  # fmt: skip
+            cmds.append(cmd)
+            exports.append(export)
+            logs.append(self.workdir / f"pa-{self.count}-{i}.log")
+        concurrency = sum(c.concurrency for c in clients)
+        m = Measurement(target, "-", concurrency, command=cmds[0])
         print(f"  perf_analyzer -> {m.label:<24} c={concurrency:<3} ...", end="", flush=True)
         # Worst case, then it is stuck: loading the input data, the sequence at 500 infer/s, exit.
-        timeout = self.args.requests / 500 + 90 + self.args.requests / 5000
+        requests = sum(c.requests for c in clients)
+        timeout = requests / 500 + 90 + requests / 5000
+        deadline = time.monotonic() + timeout
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        self.current = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=fleet._die_with(os.getpid()),
-        )
+        codes: list[int | None] = []
         try:
-            out, _ = self.current.communicate(timeout=timeout)
-            rc = self.current.returncode
-        except subprocess.TimeoutExpired:
-            self.stop_current()
-            out, rc = b"", None
+            for cmd, log in zip(cmds, logs):
+                with open(log, "wb") as out:
+                    out.write(shlex.join(cmd).encode() + b"\n\n")
+                    out.flush()
+                    self.procs.append(
+                        subprocess.Popen(
+                            cmd,
+                            stdin=subprocess.DEVNULL,
+                            stdout=out,
+                            stderr=subprocess.STDOUT,
+                            start_new_session=True,
+                            preexec_fn=fleet._die_with(os.getpid()),
+                        )
+                    )
+            for proc in self.procs:
+                try:
+                    codes.append(proc.wait(timeout=max(0.0, deadline - time.monotonic())))
+                except subprocess.TimeoutExpired:
+                    self.stop_current()
+                    codes = [None]
+                    break
         except BaseException:
             self.stop_current()
             raise
         finally:
-            self.current = None
+            self.procs = []
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         self.last_cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-        text = out.decode(errors="replace")
-        (self.workdir / f"pa-{self.count}.log").write_text(shlex.join(cmd) + "\n\n" + text)
-        # perf_analyzer's own figures first (its CSV and stdout); then, replacing them, the same
-        # figures from its per-request timestamps: it times a request-count run in whole seconds
-        # (it checks every second whether all requests are done), up to a second too long.
-        got = rc == 0 and parse_csv(csv_path, m)
-        parse_stdout(text, m)
-        got = rc == 0 and from_export(export, m) or got
-        if rc is None:
+        texts = [log.read_text(errors="replace") for log in logs]
+        failed = next((i for i, rc in enumerate(codes) if rc != 0), None)
+        spans = from_exports(exports, m) if failed is None else None
+        for export in exports:  # large: gone once read, or of no use
+            export.unlink(missing_ok=True)
+        self.last_spans = spans or []
+        if None in codes:
             m.error = f"perf_analyzer timed out after {timeout:.0f}s"
-        elif rc != 0 or not got:
-            lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("WARNING: data type")]
-            m.error = f"perf_analyzer exit {rc}: " + " | ".join(lines[-4:])[:500]
+        elif failed is not None:
+            lines = [ln.strip() for ln in texts[failed].splitlines()[2:] if ln.strip() and not ln.startswith("WARNING: data type")]
+            m.error = f"perf_analyzer exit {codes[failed]}: " + " | ".join(lines[-4:])[:500]
+        elif spans is None:
+            m.error = "perf_analyzer's profile exports are missing or torn, or its clients never all sent at once"
         if m.error:
             print(f" ERROR\n    {m.error}")
         else:
@@ -681,6 +792,22 @@ def verdict_lines(runs: list[Run], concurrencies: list[int]) -> tuple[list[str],
     return lines, ok_all
 
 
+def instances_description(n: int) -> str:
+    return "one Triton instance" if n == 1 else f"{n} Triton instances, each with its own response cache"
+
+
+def spans_description(spans: list[ClientSpan]) -> str:
+    """How far apart the clients of one run started and ended (their requests overlap the rest)."""
+    if len(spans) < 2:
+        return ""
+    starts = [s.first_sent for s in spans]
+    ends = [s.last_answered for s in spans]
+    return (
+        f"; its {len(spans)} clients' first requests within {(max(starts) - min(starts)) / 1e6:.0f} ms of each other, "
+        f"last answers within {(max(ends) - min(ends)) / 1e6:.0f} ms"
+    )
+
+
 def stat_lines(runs: list[Run]) -> list[str]:
     lines = []
     for r in sorted(runs, key=lambda r: r.m.concurrency):
@@ -688,6 +815,7 @@ def stat_lines(runs: list[Run]) -> list[str]:
             continue
         up = r.upstream
         cpu = ", ".join(f"{k} {v:.1f} s ({v / r.wall_s:.0%} of a core)" for k, v in r.cpu_s.items()) if r.wall_s else ""
+        cpu += spans_description(r.spans)
         if r.m.target == DIRECT:
             lookup = f"{up.cache_hit_ns / max(1, up.cache_hit) / 1000:.1f} µs per hit lookup (Triton's own timing)"
             uncounted = r.requests - up.cache_hit - up.cache_miss
@@ -716,10 +844,17 @@ def render(
     target_lines, ok = verdict_lines(runs, args.concurrency)
     settings = (
         f"model {args.model}, concurrency {','.join(map(str, args.concurrency))}, perf_analyzer -i http --input-data "
-        f"(binary tensors, batch size 1), {measurement_description(args)}; one Triton instance, response cache "
-        f"local {args.triton_cache_mb} MiB, dynamic batching max_queue_delay_microseconds "
+        f"(binary tensors, batch size 1), {measurement_description(args)}; {instances_description(args.instances)}, "
+        f"response cache local {args.triton_cache_mb} MiB, dynamic batching max_queue_delay_microseconds "
         f"{round(args.hold_ms * 1000)}" + (" (--hold-ms, as the gateway's hold_ms)" if args.hold_ms else " (the model's own)")
     )
+    if args.instances > 1:
+        settings += (
+            f"; clients: {args.instances} perf_analyzer processes per run, sharing the concurrency, client i sending "
+            f"requests i, i+{args.instances}, i+{2 * args.instances}, ... of the sequence (as a round-robin balancer "
+            "in front of the instances deals them): direct, client i to instance i; through the gateway, the same "
+            "clients with the same requests, all to the gateway"
+        )
     workers = args.gateway_workers
     gateway = (
         f"{workers} worker{'s' if workers > 1 else ''} (uvicorn)"
@@ -733,7 +868,7 @@ def render(
     gateway += ", ".join(f"{k} {toml_value(v)}" for k, v in batching.items())
     wl = workload.describe(args.zipf_s) + f" (seed {args.seed})"
     method = (
-        "Each measurement starts cold: Triton restarted before each run (empty response cache); for the gateway's "
+        "Each measurement starts cold: Triton restarted before each run (empty response caches); for the gateway's "
         "runs, Triton restarted and a new gateway started in front of it. Per concurrency: direct first, then the gateway."
     )
     odd = [r for r in runs if r.requests and r.requests != workload.requests]
@@ -779,7 +914,9 @@ def render(
             "",
             *res,
             "",
-            "Throughput: requests / (last answer - first request sent); latencies: client-side, per request,",
+            "Throughput: requests answered / time, from the first request sent to the last answer (with several",
+            "clients: from the last client's first request to the first client's last answer, while all of them",
+            "sent, counting the answers within); latencies: client-side, per request,",
             "from perf_analyzer's per-request timestamps. Hit rate: requests answered from the cache / requests",
             "answered, over the whole run (Triton's `cache_hit` statistics for direct, the gateway's",
             "`/v2/gateway/cache` for the gateway; a coalesced request shared an identical one's computation).",
@@ -791,7 +928,7 @@ def render(
             "`requests`: answered by the target during the run (from its own counters); `traffic s`: from the",
             "first answer to the last (perf_analyzer's start-up, loading the input data, excluded); hits, misses,",
             "coalesced: the cache that served the target (Triton's for direct, the gateway's for the gateway);",
-            "Triton executions: model executions (rows) on the instance. CPU µs/request: each process group's",
+            "Triton executions: model executions (rows), over the instances. CPU µs/request: each process group's",
             "user + system CPU over the traffic per request answered (Triton with its Python-backend stub); other",
             "load: the cores the rest of the machine kept busy meanwhile (all busy CPU time, softirq included,",
             "less the processes measured).",
@@ -843,10 +980,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "before each gateway run: what lets gateway replicas share what each computed (the workers of one "
         "gateway share the host tier without it)",
     )  # fmt: skip
+    p.add_argument(
+        "--instances", type=int, default=1,
+        help="Triton instances, each with its own response cache (default 1). Above 1, each run has one "
+        "perf_analyzer process per instance, sharing the concurrency, and client i sends requests i, i+N, ... "
+        "of the sequence (as a round-robin balancer deals them): direct, to instance i; through the gateway, "
+        "the same clients with the same requests, all to the gateway, which has every instance behind it",
+    )  # fmt: skip
     p.add_argument("--out", help="also write the report as markdown to this file")
     p.add_argument(
         "--base-port", type=int, default=8460,
-        help="Triton HTTP/gRPC/metrics on base, base+100, base+200; gateway base+10; redis-server base+20",
+        help="Triton instance i: HTTP/gRPC/metrics on base+i, base+100+i, base+200+i; gateway base+10; "
+        "redis-server base+20",
     )  # fmt: skip
     args = p.parse_args(argv)
     try:
@@ -868,6 +1013,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.gateway_workers = int(args.gateway_workers)
     if not 0 <= args.hold_ms < 1000:
         p.error("--hold-ms must be in [0, 1000)")
+    if not 1 <= args.instances <= MAX_INSTANCES:
+        p.error(f"--instances must be in 1..{MAX_INSTANCES}")
+    if min(args.concurrency) < args.instances:
+        p.error("--concurrency must be at least --instances: each instance's client needs one request in flight")
     return args
 
 
@@ -883,7 +1032,10 @@ def main(argv: list[str] | None = None) -> int:
     base = args.base_port
     gw_port = base + 10
     redis_port = base + 20
-    ports = (base, base + 100, base + 200, gw_port, *((redis_port,) if args.redis else ()))
+    n = args.instances
+    ports = (
+        *(base + offset + i for offset in (0, 100, 200) for i in range(n)), gw_port, *((redis_port,) if args.redis else ())
+    )
     busy = [p for p in ports if not port_free(p)]
     if busy:
         print(f"ports already in use: {busy} (pick another --base-port)", file=sys.stderr)
@@ -911,18 +1063,19 @@ def main(argv: list[str] | None = None) -> int:
         batching["max_queue_delay_ms"] = max(float(batching.get("max_queue_delay_ms", 2.0)), args.hold_ms)
     ttl_s = 3600.0
     config_path = workdir / "gateway.toml"
-    input_data = workdir / "input-data.json"
-    runner = CacheRunner(args, workdir, input_data)
+    input_data = [workdir / f"input-data-{i}.json" for i in range(n)] if n > 1 else [workdir / "input-data.json"]
+    runner = CacheRunner(args, workdir)
     runs: list[Run] = []
     checks: list[str] = []
     gateway: Proc | None = None
     redis_proc: Proc | None = None
     redis_url = f"redis://{HOST}:{redis_port}/0" if args.redis else ""
     triton = fleet.Fleet(
-        repository, instances=1, base_http=base, base_grpc=base + 100, base_metrics=base + 200,
+        repository, instances=n, base_http=base, base_grpc=base + 100, base_metrics=base + 200,
         model_control_mode="none", log_dir=workdir, cache_size=args.triton_cache_mb * 1024 * 1024,
     )  # fmt: skip
-    triton_url = triton.http_urls[0]
+    triton_urls = triton.http_urls
+    triton_url = triton_urls[0]
     gw_url = f"http://{HOST}:{gw_port}"
     interrupted = False
     error: str | None = None
@@ -946,8 +1099,10 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.2)
 
     def cold_triton() -> None:
-        triton.restart(0, timeout=120)
-        wait_http_ok(None, [f"{triton_url}/v2/models/{args.model}/ready"], timeout=60)
+        triton.stop()  # every instance at once, then all started again: empty caches
+        triton.start()
+        triton.wait_ready(timeout=120)
+        wait_http_ok(None, [f"{url}/v2/models/{args.model}/ready" for url in triton_urls], timeout=60)
 
     def start_redis() -> Proc:
         proc = Proc(
@@ -964,7 +1119,14 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.1)
         return proc
 
-    def measure(target: str, port: int, c: int, name: str) -> Run:
+    def clients(target: str, c: int) -> list[Client]:
+        """Client i sends its share of the sequence to instance i (direct) or to the gateway."""
+        return [
+            Client(gw_port if target == GATEWAY else base + i, share, input_data[i], len(workload.dealt(i, n)))
+            for i, share in enumerate(split_concurrency(c, n))
+        ]
+
+    def measure(target: str, c: int) -> Run:
         """One cold run; once more from cold if perf_analyzer found no stable measurement."""
         nonlocal gateway
         for attempt in range(1, ATTEMPTS + 1):
@@ -975,35 +1137,35 @@ def main(argv: list[str] | None = None) -> int:
                     with redis.Redis(host=HOST, port=redis_port, socket_timeout=5.0) as client:
                         client.flushall()  # cold: as empty as the gateway's own cache
                 gateway = start_gateway(f"c{c}-{attempt}")
-            before_up = triton_counters(triton_url, args.model)
+            before_up = fleet_counters(triton_urls, args.model)
             before_gw = gateway_counters(gw_url, args.model) if gateway else {}
-            groups: dict[str, int] = {"triton": triton.instances[0].pid}
+            groups: dict[str, list[int]] = {"triton": [inst.pid for inst in triton.instances]}
             expected: int | None = args.requests
             if redis_proc is not None and target == GATEWAY:
-                groups["redis"] = redis_proc.popen.pid
+                groups["redis"] = [redis_proc.popen.pid]
             if gateway is not None and args.gateway_workers > 1:
                 # Each worker counts its own requests and a query reaches one of them: the traffic
                 # starts with Triton's first answer (a cold cache's first request is a miss) and
                 # ends when perf_analyzer exits.
-                groups["gateway"] = gateway.popen.pid
-                answered = lambda: triton_counters(triton_url, args.model).success  # noqa: E731
+                groups["gateway"] = [gateway.popen.pid]
+                answered = lambda: fleet_counters(triton_urls, args.model).success  # noqa: E731
                 expected = None
             elif gateway is not None:
-                groups["gateway"] = gateway.popen.pid
+                groups["gateway"] = [gateway.popen.pid]
                 answered = lambda: sum(gateway_counters(gw_url, args.model).get(k, 0) for k in ("hits", "misses", "coalesced"))  # noqa: E731
             else:
-                answered = lambda: triton_counters(triton_url, args.model).success  # noqa: E731
+                answered = lambda: fleet_counters(triton_urls, args.model).success  # noqa: E731
             clock = TrafficClock(runner, answered, groups, expected)
             clock.start()
-            m = runner._measure_once(target, "-", port, c)
+            m = runner.run_clients(target, clients(target, c))
             clock.stop.set()
             clock.join()
             if clock.hung:
                 m.error = f"perf_analyzer did not exit within {HANG_S:.0f} s of its last request's answer (stopped)"
                 print(f"    {m.error}")
-            run = Run(m)
+            run = Run(m, spans=runner.last_spans)
             clock.figures(run, runner.last_cpu_s)
-            run.upstream = triton_counters(triton_url, args.model).minus(before_up)
+            run.upstream = fleet_counters(triton_urls, args.model).minus(before_up)
             if gateway is None:
                 run.requests, run.hits, run.misses = run.upstream.success, run.upstream.cache_hit, run.upstream.cache_miss
             elif args.gateway_workers > 1:
@@ -1038,28 +1200,30 @@ def main(argv: list[str] | None = None) -> int:
         raise AssertionError("unreachable")
 
     try:
-        print(f"starting Triton on {HOST}:{base} (response cache {args.triton_cache_mb} MiB) ...", flush=True)
+        where = f"{HOST}:{base}" + (f"-{base + n - 1}" if n > 1 else "")
+        print(f"starting {n} Triton instance{'s' if n > 1 else ''} on {where} (response cache {args.triton_cache_mb} MiB each) ...", flush=True)
         triton.start()
         triton.wait_ready(timeout=120)
-        wait_http_ok(None, [f"{triton_url}/v2/models/{args.model}/ready"], timeout=60)
+        wait_http_ok(None, [f"{url}/v2/models/{args.model}/ready" for url in triton_urls], timeout=60)
         input_name, datatype, _ = model_io(triton_url, args.model)
         if datatype != "FP32":
             raise RuntimeError(f"{args.model}: input {input_name} is {datatype}, expected FP32")
         print(f"writing perf_analyzer's input data ({workload.requests} requests) ...", flush=True)
-        write_input_data(input_data, workload, input_name)
+        for i, path in enumerate(input_data):
+            write_input_data(path, workload, input_name, workload.dealt(i, n))
         # One worker for the answer checks: a repeat must reach the cache that saw the first.
         if args.redis:
             print(f"starting redis-server on {HOST}:{redis_port} (the gateway's shared tier) ...", flush=True)
             redis_proc = start_redis()
-        config_path.write_text(gateway_toml(triton_url, gw_port, batching, ttl_s, redis_url=redis_url))
+        config_path.write_text(gateway_toml(triton_urls, gw_port, batching, ttl_s, redis_url=redis_url))
         print(f"starting the gateway on {HOST}:{gw_port} (cache on) ...", flush=True)
         gateway = start_gateway("check")
         checks = check_answers(triton_url, gw_url, args.model, input_name, workload)
         print("answers checked:\n" + indent("\n".join(checks)))
-        config_path.write_text(gateway_toml(triton_url, gw_port, batching, ttl_s, args.gateway_workers, redis_url))
+        config_path.write_text(gateway_toml(triton_urls, gw_port, batching, ttl_s, args.gateway_workers, redis_url))
         for c in args.concurrency:
-            runs.append(measure(DIRECT, base, c, "direct"))
-            runs.append(measure(GATEWAY, gw_port, c, "gateway"))
+            runs.append(measure(DIRECT, c))
+            runs.append(measure(GATEWAY, c))
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: stopping everything", file=sys.stderr)
