@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Cache benchmark: the gateway's response cache against Triton's own, on a repetitive workload.
 
-One Triton instance serves a copy of a real model (digits_cnn by default) with Triton's response
-cache enabled (``response_cache { enable: true }`` in the copy's config.pbtxt, and
-``--cache-config=local,size=N`` on the server); the gateway runs in front of that same instance
-with its own cache on (``[cache] enabled = true``; batching as in configs/local.toml). Both
+One Triton instance (or a fleet: ``--instances``) serves a copy of a real model (digits_cnn by
+default) with Triton's response cache enabled (``response_cache { enable: true }`` in the copy's
+config.pbtxt, and ``--cache-config=local,size=...`` on the server); the gateway runs in front of
+the same instances with its own cache on (``[cache] enabled = true``; batching as in configs/local.toml). Both
 targets get the same sequence of requests from perf_analyzer (HTTP, binary tensors, batch size 1,
 ``--input-data``) at the same concurrency:
 
@@ -30,13 +30,14 @@ repeat of an earlier input drawn with Zipf(s) weights over the inputs seen so fa
 first appearance. The share of first-time inputs is thus the same in every part of the sequence,
 from a cold cache on. Beyond the real rows, new inputs are copies scaled by 1 + k/4096.
 
-The measurement: perf_analyzer sends the whole sequence once (``--request-count N``), so each
-target serves exactly the designed workload, from cold to the end; throughput and latencies come
-from perf_analyzer's per-request timestamps. (compare.py's time windows would replay the sequence
+The measurement: perf_analyzer sends the whole sequence once (``--request-count``, each client
+its share), so each target serves exactly the designed workload, from cold to the end;
+throughput and latencies come from perf_analyzer's per-request timestamps (with several
+clients, throughput over the time all of them were sending). (compare.py's time windows would replay the sequence
 until throughput is stable, hundreds of thousands of requests here: after the first pass every
 request repeats an earlier one. See perf/README.md.)
 
-Every measurement starts cold: Triton is restarted (empty response cache) before each run, and
+Every measurement starts cold: Triton is restarted (empty response caches) before each run, and
 the gateway, started after it, is new for each gateway run. Per concurrency: direct, then the
 gateway.
 
@@ -49,7 +50,8 @@ the CPU time each process used during the traffic, and reports:
 
 * at each concurrency: gateway / direct throughput > 1.0 (the gateway ahead): PASS/FAIL
 
-Ports: Triton HTTP 8460, gRPC 8560, metrics 8660; gateway 8470 (--base-port moves them all).
+Ports: Triton HTTP 8460, gRPC 8560, metrics 8660 (instance i: each + i); gateway 8470
+(--base-port moves them all).
 Everything it starts runs in its own process group and is stopped (SIGTERM, then SIGKILL) on
 exit, error, Ctrl-C or SIGTERM. See perf/README.md.
 """
@@ -107,7 +109,10 @@ from compare import (  # noqa: E402
     PYTHON,
     _raise_interrupt,
     Runner,
+    parse_csv,
+    parse_stdout,
     stop_all,
+    stop_process,
     toml_value,
     wait_http_ok,
 )
@@ -628,18 +633,20 @@ class CacheRunner(Runner):
         self.last_spans: list[ClientSpan] = []
 
     def stop_current(self) -> None:
-        for proc in self.procs:
-            self.current = proc
-            super().stop_current()
-        self.current = None
+        for proc in list(self.procs):
+            stop_process(proc)
 
     def run_clients(self, target: str, clients: list[Client]) -> Measurement:
-        """One run: every client's perf_analyzer started at once; the measurement over them all."""
+        """One run: every client's perf_analyzer started at once; the measurement over them all.
+        A client that fails stops the others."""
         self.count += 1
-        logs, cmds, exports = [], [], []
+        logs, cmds, exports, csvs = [], [], [], []
         for i, client in enumerate(clients):
-            export = self.workdir / f"pa-{self.count}-{i}-requests.json"
-            cmd = [
+            name = f"pa-{self.count}" if len(clients) == 1 else f"pa-{self.count}-{i}"
+            exports.append(self.workdir / f"{name}-requests.json")
+            csvs.append(self.workdir / f"{name}.csv")
+            logs.append(self.workdir / f"{name}.log")
+            cmds.append([
                 str(PERF_ANALYZER),
                 "-m", self.args.model,
                 "-u", f"{HOST}:{client.port}",
@@ -647,12 +654,9 @@ class CacheRunner(Runner):
                 "--input-data", str(client.input_data),
                 "--concurrency-range", str(client.concurrency),
                 "--request-count", str(client.requests),
-                "--profile-export-file", str(export),
-                "-f", str(self.workdir / f"pa-{self.count}-{i}.csv"),
-            ]  # fmt: skip
-            cmds.append(cmd)
-            exports.append(export)
-            logs.append(self.workdir / f"pa-{self.count}-{i}.log")
+                "--profile-export-file", str(exports[i]),
+                "-f", str(csvs[i]),
+            ])  # fmt: skip
         concurrency = sum(c.concurrency for c in clients)
         m = Measurement(target, "-", concurrency, command=cmds[0])
         print(f"  perf_analyzer -> {m.label:<24} c={concurrency:<3} ...", end="", flush=True)
@@ -661,7 +665,8 @@ class CacheRunner(Runner):
         timeout = requests / 500 + 90 + requests / 5000
         deadline = time.monotonic() + timeout
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        codes: list[int | None] = []
+        codes: list[int | None] = [None] * len(clients)
+        timed_out = False
         try:
             for cmd, log in zip(cmds, logs):
                 with open(log, "wb") as out:
@@ -677,33 +682,48 @@ class CacheRunner(Runner):
                             preexec_fn=fleet._die_with(os.getpid()),
                         )
                     )
-            for proc in self.procs:
-                try:
-                    codes.append(proc.wait(timeout=max(0.0, deadline - time.monotonic())))
-                except subprocess.TimeoutExpired:
-                    self.stop_current()
-                    codes = [None]
+            while None in codes:
+                codes = [proc.poll() for proc in self.procs]
+                if any(code not in (None, 0) for code in codes):
+                    break  # one failed: the others' figures would not be the designed run
+                if time.monotonic() > deadline:
+                    timed_out = True
                     break
-        except BaseException:
-            self.stop_current()
-            raise
+                time.sleep(0.05)
         finally:
+            self.stop_current()  # none left running, whatever happened
             self.procs = []
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         self.last_cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-        texts = [log.read_text(errors="replace") for log in logs]
-        failed = next((i for i, rc in enumerate(codes) if rc != 0), None)
-        spans = from_exports(exports, m) if failed is None else None
+        failed = next((i for i, code in enumerate(codes) if code not in (None, 0)), None)
+        one = len(clients) == 1
+        spans = None
+        if failed is None and not timed_out:
+            # One client: perf_analyzer's own figures first (its CSV and stdout), kept if its
+            # export is of no use; it times a request-count run in whole seconds (it checks every
+            # second whether all requests are done), up to a second too long, so the export's
+            # per-request timestamps replace them whenever they can.
+            got_csv = one and parse_csv(csvs[0], m)
+            if one:
+                parse_stdout(logs[0].read_text(errors="replace"), m)
+            spans = from_exports(exports, m)
+            if spans is None and got_csv:
+                spans = []
         for export in exports:  # large: gone once read, or of no use
             export.unlink(missing_ok=True)
         self.last_spans = spans or []
-        if None in codes:
+        if timed_out:
             m.error = f"perf_analyzer timed out after {timeout:.0f}s"
         elif failed is not None:
-            lines = [ln.strip() for ln in texts[failed].splitlines()[2:] if ln.strip() and not ln.startswith("WARNING: data type")]
-            m.error = f"perf_analyzer exit {codes[failed]}: " + " | ".join(lines[-4:])[:500]
+            text = logs[failed].read_text(errors="replace")
+            lines = [ln.strip() for ln in text.splitlines()[2:] if ln.strip() and not ln.startswith("WARNING: data type")]
+            who = "" if one else f" (client {failed}, port {clients[failed].port})"
+            m.error = f"perf_analyzer exit {codes[failed]}{who}: " + " | ".join(lines[-4:])[:500]
         elif spans is None:
-            m.error = "perf_analyzer's profile exports are missing or torn, or its clients never all sent at once"
+            m.error = (
+                "perf_analyzer's profile export is missing or torn" if one
+                else "the clients' profile exports are missing or torn, or the clients never all sent at once"
+            )  # fmt: skip
         if m.error:
             print(f" ERROR\n    {m.error}")
         else:
@@ -736,7 +756,7 @@ def results_table(runs: list[Run]) -> list[str]:
     rows = [("target", "concurrency", "infer/s", "p50 ms", "p99 ms", "avg ms", "hit rate", "note")]
     for r in sorted(runs, key=lambda r: r.m.concurrency):
         m = r.m
-        note = ("ERROR: " + m.error[:60]) if m.error else ""
+        note = ("ERROR: " + m.error[:60]) if m.error else overlap_note(r.spans)
         rows.append(
             (m.label, str(m.concurrency), fmt_tp(m.throughput), fmt_ms(m.p50_us), fmt_ms(m.p99_us), fmt_ms(m.avg_us), pct(r.hit_rate), note)
         )
@@ -790,6 +810,19 @@ def verdict_lines(runs: list[Run], concurrencies: list[int]) -> tuple[list[str],
             f"(target > {TARGET_RATIO:.1f}, the gateway ahead): {'PASS' if ok else 'FAIL'}"
         )
     return lines, ok_all
+
+
+def traffic_s(spans: list[ClientSpan]) -> float:
+    """From the first request any client sent to the last answer any client got."""
+    return (max(s.last_answered for s in spans) - min(s.first_sent for s in spans)) / 1e9
+
+
+def overlap_note(spans: list[ClientSpan]) -> str:
+    """With several clients: the share of the run in which all of them sent (the throughput's window)."""
+    if len(spans) < 2:
+        return ""
+    both = (min(s.last_answered for s in spans) - max(s.first_sent for s in spans)) / 1e9
+    return f"all {len(spans)} clients sending {both / traffic_s(spans):.0%} of the run"
 
 
 def instances_description(n: int) -> str:
@@ -926,7 +959,8 @@ def render(
             *cnt,
             "",
             "`requests`: answered by the target during the run (from its own counters); `traffic s`: from the",
-            "first answer to the last (perf_analyzer's start-up, loading the input data, excluded); hits, misses,",
+            "first answer to the last (perf_analyzer's start-up, loading the input data, excluded; with several",
+            "clients, from any client's first answer); hits, misses,",
             "coalesced: the cache that served the target (Triton's for direct, the gateway's for the gateway);",
             "Triton executions: model executions (rows), over the instances. CPU µs/request: each process group's",
             "user + system CPU over the traffic per request answered (Triton with its Python-backend stub); other",
@@ -1173,10 +1207,10 @@ def main(argv: list[str] | None = None) -> int:
                 counts = settled_counters(gw_url, args.model, m.requests or 0)
                 run.hits, run.misses, run.coalesced = (counts.get(k, 0) for k in ("hits", "misses", "coalesced"))
                 run.requests = run.hits + run.misses + run.coalesced
-                if run.requests and m.throughput:
+                if run.spans:
                     # The window ran until perf_analyzer exited (export written): the traffic's
-                    # own duration is the export's, from the first request sent to the last answer.
-                    run.wall_s = run.requests / m.throughput
+                    # own duration is the exports', from the first request sent to the last answer.
+                    run.wall_s = traffic_s(run.spans)
             else:
                 after = gateway_counters(gw_url, args.model)
                 delta = {k: after.get(k, 0) - before_gw.get(k, 0) for k in ("hits", "misses", "coalesced", "shared_hits")}

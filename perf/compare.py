@@ -467,19 +467,24 @@ class Runner:
         return m
 
     def stop_current(self) -> None:
-        proc = self.current
-        if proc is None or proc.poll() is not None:
+        stop_process(self.current)
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
+    """Stop a process started in a session of its own (perf_analyzer): SIGTERM to its group,
+    SIGKILL after 5 s."""
+    if proc is None or proc.poll() is not None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(5)
             return
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                proc.wait(5)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        except subprocess.TimeoutExpired:
+            continue
 
 
 # -- report ----------------------------------------------------------------------------------
