@@ -108,7 +108,6 @@ from compare import (  # noqa: E402
     process_cpu_s,
     PYTHON,
     _raise_interrupt,
-    Runner,
     parse_csv,
     parse_stdout,
     stop_all,
@@ -621,13 +620,15 @@ class Client:
     requests: int
 
 
-class CacheRunner(Runner):
-    """compare.Runner's perf_analyzer run and parsing, with --input-data added, one process per
-    client run side by side (``procs`` while they run), and the CPU time they used (their
-    rusage, once reaped)."""
+class CacheRunner:
+    """perf_analyzer runs with --input-data and --request-count, one process per client side by
+    side (``procs`` while they run), and the CPU time they used (their rusage, once reaped).
+    ``stop_current`` stops them, as compare.Runner's does its one process (``stop_all``)."""
 
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
-        super().__init__(args, workdir)
+        self.args = args
+        self.workdir = workdir
+        self.count = 0  # runs so far: names their files
         self.procs: list[subprocess.Popen[bytes]] = []
         self.last_cpu_s = 0.0
         self.last_spans: list[ClientSpan] = []

@@ -498,8 +498,9 @@ def load_average() -> str | None:
         return None
 
 
-def stop_all(runner: Runner, procs: list[Any]) -> None:
-    """Stop the running perf_analyzer, then every process in ``procs`` (None entries skipped),
+def stop_all(runner: Any, procs: list[Any]) -> None:
+    """Stop the running perf_analyzer (``runner.stop_current()``: a ``Runner``, or
+    cache_bench's runner of several), then every process in ``procs`` (None entries skipped),
     in order, with Ctrl-C and SIGTERM ignored meanwhile: a second one must not skip the clean-up."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
