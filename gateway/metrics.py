@@ -203,6 +203,7 @@ class GatewayCollector(Collector):
             "raw_hits": "Hits answered with stored answer bytes, before any decoding (part of hits).",
             "misses": "Requests computed upstream and stored.",
             "coalesced": "Requests that shared an identical request's computation in flight.",
+            "host_coalesced": "Requests that shared a computation in flight in another worker of this host (part of coalesced).",
             "shared_hits": "Hits from the shared tier (Redis).",
             "host_hits": "Hits from the store this host's workers share (part of hits).",
             "evictions": "Entries evicted to stay within the byte bounds.",

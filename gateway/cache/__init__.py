@@ -7,7 +7,8 @@
    the workers of one host all read and write, so one worker's result serves another's
    clients; a result from it is kept in the process for the rest of its TTL;
 3. a computation already in flight for the same key (``flight.py``): identical requests in
-   flight share one upstream inference;
+   flight share one upstream inference; with the host tier, across the host's workers too
+   (``host_flight.py``): one worker computes a key, the others wait for its answer there;
 4. the optional shared tier (``shared.py``, Redis), inside that same single flight, so one
    replica's result serves another replica's clients; a slow or dead Redis costs at most its
    bounded wait, and a result from it is kept locally for the model's TTL;
@@ -44,6 +45,7 @@ from gateway.batcher import BatchResult
 from gateway.cache.entry import decode_entry, encode_entry
 from gateway.cache.flight import Gone, SingleFlight
 from gateway.cache.host import HostStore
+from gateway.cache.host_flight import HostFlight
 from gateway.cache.keys import cacheable, raw_key, request_key
 from gateway.cache.store import ENTRY_OVERHEAD, CacheStore
 from gateway.config import CacheConfig
@@ -108,10 +110,14 @@ class ResponseCache:
         shared: Any = None,
         clock: Callable[[], float] = time.monotonic,
         host: HostStore | None = None,
+        claim_s: float = 60.0,
     ) -> None:
+        """``claim_s``: the longest one computation may take (its upstream tries), after which
+        other workers stop waiting for it and compute the key themselves."""
         self._config = config
         self._shared = shared  # a shared.SharedTier, or None
         self._host = host
+        self._host_flight = HostFlight(host, clock, claim_s) if host is not None else None
         self._clock = clock
         self.store = CacheStore(config.max_bytes)
         self._flight: SingleFlight[tuple[BatchResult, str]] = SingleFlight()
@@ -124,7 +130,8 @@ class ResponseCache:
         self, model: str, version: str, key: bytes, compute: Compute, gone: Gone | None = None, detach: bool = False
     ) -> tuple[BatchResult, str]:
         """The result and where it came from: "hit" (this gateway's store or the shared tier),
-        "coalesced" (shared with an identical request in flight) or "miss" (computed).
+        "coalesced" (shared with an identical request in flight, in this worker or another) or
+        "miss" (computed).
         ``detach``: the caller has a deadline, so a computation it starts runs in a task of
         its own, which the caller's timing out does not cancel (``flight``)."""
         stats = self.store.model_stats(model)
@@ -138,15 +145,26 @@ class ResponseCache:
 
         async def run(abandoned: Gone) -> tuple[BatchResult, str]:
             epoch = self.epoch(model, version)
-            shared = await self._from_shared(key)
-            if shared is not None:
-                stats.shared_hits += 1
-                self._store(model, version, key, shared, epoch)
-                return shared, "hit"
-            result = await compute(abandoned)
-            self._store(model, version, key, result, epoch)
-            self._to_shared(model, key, result)
-            return result, "miss"
+
+            async def computed() -> tuple[BatchResult, str]:
+                shared = await self._from_shared(key)
+                if shared is not None:
+                    stats.shared_hits += 1
+                    self._store(model, version, key, shared, epoch)
+                    return shared, "hit"
+                result = await compute(abandoned)
+                self._store(model, version, key, result, epoch)
+                self._to_shared(model, key, result)
+                return result, "miss"
+
+            if self._host_flight is None:
+                return await computed()
+
+            def fetch() -> tuple[BatchResult, str] | None:
+                found = self._from_host(model, version, key, self._clock(), _ENTRY_TAG, counted=False)
+                return None if found is None else (found, "coalesced")
+
+            return (await self._host_flight.do(key, fetch, computed, abandoned))[0]
 
         (result, source), coalesced = await self._flight.do(key, run, gone, detach)
         if coalesced:
@@ -154,6 +172,9 @@ class ResponseCache:
             return result, "coalesced"
         if source == "miss":
             stats.misses += 1
+        elif source == "coalesced":  # another worker's computation
+            stats.coalesced += 1
+            stats.host_coalesced += 1
         return result, source
 
     def get_raw(self, model: str, version: str, key: bytes) -> RawAnswer | None:
@@ -202,11 +223,13 @@ class ResponseCache:
         owned = BatchResult(result.version, [Tensor(t.name, t.datatype, t.data.copy()) for t in result.outputs], result.parameters)
         self.store.put(key, owned, model, version, expires, self._model_bytes(policy))
         if self._host is not None:
-            self._host.put(key, model, version, epoch[2], _ENTRY_TAG + encode_entry(owned), expires)
+            # Waiting for the log's lock, if need be: the other workers wait for this entry.
+            self._host.put(key, model, version, epoch[2], _ENTRY_TAG + encode_entry(owned), expires, wait=True)
 
-    def _from_host(self, model: str, version: str, key: bytes, now: float, tag: bytes) -> Any:
+    def _from_host(self, model: str, version: str, key: bytes, now: float, tag: bytes, counted: bool = True) -> Any:
         """The host tier's entry for ``key`` (a RawAnswer for ``_RAW_TAG``, a BatchResult for
-        ``_ENTRY_TAG``), kept in this process for the rest of its TTL; or None."""
+        ``_ENTRY_TAG``), kept in this process for the rest of its TTL; or None. ``counted``: as
+        a host hit (not for an answer another worker computed while this one waited)."""
         assert self._host is not None
         found = self._host.get(key, model, version, now)
         if found is None:
@@ -222,7 +245,8 @@ class ResponseCache:
         policy = self._config.for_model(model)
         size = entry.size if tag == _RAW_TAG else None
         self.store.put(key, entry, model, version, expires, self._model_bytes(policy), size)
-        self.store.model_stats(model).host_hits += 1
+        if counted:
+            self.store.model_stats(model).host_hits += 1
         return entry
 
     def _model_bytes(self, policy: CacheConfig) -> int:
@@ -287,9 +311,10 @@ def configured(config: CacheConfig) -> bool:
     return config.enabled or any(m.enabled for m in config.models.values())
 
 
-def build_cache(config: CacheConfig, host_segment: str = "") -> ResponseCache | None:
+def build_cache(config: CacheConfig, host_segment: str = "", claim_s: float = 60.0) -> ResponseCache | None:
     """The configured cache, or None when no model has it enabled. ``host_segment``: the
-    host tier's shared-memory file, made by the command that started the workers (``host.py``)."""
+    host tier's shared-memory file, made by the command that started the workers (``host.py``);
+    ``claim_s``: the longest one computation may take (``ResponseCache``)."""
     if not configured(config):
         return None
     shared = None
@@ -303,7 +328,7 @@ def build_cache(config: CacheConfig, host_segment: str = "") -> ResponseCache | 
             host = HostStore(host_segment)
         except (OSError, ValueError) as exc:  # a worker still serves, with a cache of its own
             log.error("no cache shared between workers: %s", exc)
-    return ResponseCache(config, shared, host=host)
+    return ResponseCache(config, shared, host=host, claim_s=claim_s)
 
 
 # What a host tier entry holds: a complete answer (RawAnswer) or a computed result (entry.py).

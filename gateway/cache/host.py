@@ -13,12 +13,17 @@ workers (``create_segment``) and removes when they have stopped; each worker map
 - a table of generations: one counter per slot, a model version hashing to a slot;
   ``bump`` (a version dropped) makes every entry of that slot's versions written before it
   invisible;
+- a table of claims: which worker is computing which key now, or how its computation failed
+  (``claim``, ``look``, ``release``, ``fail``; what ``host_flight.py`` builds single flight
+  across the workers on);
 - an index: buckets of 8 ways, each the log position of an entry whose key falls in it;
 - the log, a ring of ``capacity`` bytes: entries are appended, and the oldest are overwritten
   as it wraps around (bounded in bytes; first in, first out).
 
 Writers serialise on a record lock of the file's first byte (``lockf``: only misses write; a
-writer that finds it taken skips its write rather than wait). Readers take no lock: an entry is
+writer that finds it taken skips its write rather than wait, unless it holds the key's claim,
+whose followers look for its answer here). Claims are changed under a lock of the second byte;
+they are read without one, and a failure's details under it. Readers of entries take no lock: an entry is
 used only if its key matches, its generation is current, it has not expired (the system-wide
 monotonic clock), the CRC32 over the whole entry (key, generation, expiry, length, bytes)
 matches, and the write cursor shows that the log had not wrapped over it by the time it was
@@ -40,6 +45,7 @@ import mmap
 import os
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +53,7 @@ from gateway.host_files import Made, default_directory, hold, sweep_unheld
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"GWHOST01"
+MAGIC = b"GWHOST02"
 HEADER_BYTES = 4096
 WAYS = 8
 GENERATIONS = 4096
@@ -64,6 +70,16 @@ _ENTRY_HEAD = struct.Struct("<16sQdI")
 _CRC = struct.Struct("<I")
 ENTRY_BYTES = _ENTRY_HEAD.size + _CRC.size
 
+# A claim: key, owner's pid, owner's token (one per HostStore: several views in one process
+# are distinct owners), state, until (monotonic seconds), then a failure's HTTP status, error
+# class name and message length; the message fills the rest of the slot.
+_CLAIM = struct.Struct("<16sIIIdI24sH")
+CLAIM_BYTES = 256
+CLAIM_SLOTS = 2048
+CLAIM_WAYS = 8
+MESSAGE_BYTES = CLAIM_BYTES - _CLAIM.size
+FREE, COMPUTING, FAILED = 0, 1, 2
+
 PREFIX = "gateway-cache-"
 SEGMENT_ENV = "GATEWAY_CACHE_SEGMENT"  # how the serving command tells its workers the segment
 
@@ -72,12 +88,15 @@ def _align(n: int, to: int = 8) -> int:
     return (n + to - 1) // to * to
 
 
+CLAIMS_AT = HEADER_BYTES + GENERATIONS * 8
+
+
 def _layout(capacity: int) -> tuple[int, int, int, int]:
     """(buckets, index offset, log offset, file size) for a log of ``capacity`` bytes."""
     buckets = 1
     while buckets * WAYS * AVERAGE_ENTRY < capacity:
         buckets *= 2
-    index = HEADER_BYTES + GENERATIONS * 8
+    index = CLAIMS_AT + CLAIM_SLOTS * CLAIM_BYTES
     log_at = _align(index + buckets * WAYS * 8, 4096)
     return buckets, index, log_at, log_at + capacity
 
@@ -137,11 +156,37 @@ def _unlink(path: str | Path) -> None:
         pass
 
 
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Another worker's claim on a key: computing it (``COMPUTING``), or how that failed
+    (``FAILED``: the error's HTTP status, class name and message, for its followers)."""
+
+    pid: int
+    state: int
+    until: float
+    status: int = 0
+    kind: str = ""
+    message: str = ""
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
 class HostStore:
-    """One process's view of a segment: ``get``, ``put``, ``generation`` and ``bump``.
+    """One process's view of a segment: ``get``, ``put``, ``generation`` and ``bump``; and the
+    claims: ``claim``, ``look``, ``release``, ``fail``.
 
     Synchronous; readers take no lock, and ``put`` skips its write rather than wait for
-    another writer (only ``bump`` waits)."""
+    another writer (unless told to wait; ``bump`` and the claims wait, for microseconds)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
@@ -162,9 +207,13 @@ class HostStore:
         _, self._index, self._log, _ = expected
         self._max_entry = min(capacity // 8, 2**32 - 1)  # an entry takes an eighth of the log at most
         self._slots: dict[tuple[str, str], int] = {}
+        self._pid = os.getpid()
+        self._token = int.from_bytes(os.urandom(4), "little") | 1  # never 0, a free slot's
         self.hits = 0
         self.stale = 0  # found but unusable: expired, dropped, overwritten or torn
         self.busy = 0  # writes skipped: another worker was writing
+        self.claims = 0  # keys this view claimed, to compute them for every worker
+        self.unclaimed = 0  # keys computed without a claim: every way of their bucket taken
 
     def _slot(self, model: str, version: str) -> int:
         slot = self._slots.get((model, version))
@@ -219,10 +268,13 @@ class HostStore:
             return value, expires
         return None
 
-    def put(self, key: bytes, model: str, version: str, gen: int, value: bytes, expires: float) -> bool:
+    def put(
+        self, key: bytes, model: str, version: str, gen: int, value: bytes, expires: float, wait: bool = False
+    ) -> bool:
         """Append an entry (``gen``: the model version's ``generation`` read before computing
         ``value``). False if it is not written: too large for the log, its generation already
-        past (it would never be read), or another worker writing at this moment."""
+        past (it would never be read), or another worker writing at this moment (unless
+        ``wait``: the writer holds the key's claim, and other workers wait for this entry)."""
         size = _align(ENTRY_BYTES + len(value))
         if size > self._max_entry:
             return False
@@ -231,7 +283,7 @@ class HostStore:
         mm, capacity = self._mm, self.capacity
         bucket = self._bucket(key)
         try:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+            fcntl.lockf(self._fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
         except OSError:  # another worker is writing: this entry is not worth waiting for
             self.busy += 1
             return False
@@ -273,6 +325,106 @@ class HostStore:
                 oldest = i
         return free if free >= 0 else oldest
 
+    # -- claims: which worker computes a key ----------------------------------------------
+
+    def claim(self, key: bytes, until: float, now: float) -> Claim | None:
+        """Claim ``key`` for this view until ``until``: None when this view is to compute it
+        (it now holds the claim, or there was no room for one: then nobody does), else the
+        live claim of the worker computing it or its failure (read it with ``look``). A claim
+        whose owner's process is gone, or past its ``until``, is taken over; so is a failure:
+        errors are not cached, and a new request for the key computes it anew."""
+        base = self._claim_bucket(key)
+        self._lock_claims()
+        try:
+            way = -1
+            for i in range(CLAIM_WAYS):
+                at = base + i * CLAIM_BYTES
+                held, pid, token, state, until_, *_ = _CLAIM.unpack_from(self._mm, at)
+                if held == key:
+                    if state == COMPUTING and until_ > now and token != self._token and _alive(pid):
+                        return Claim(pid, state, until_)
+                    way = i
+                    break
+                if way < 0 and (state == FREE or until_ <= now or (state == COMPUTING and not _alive(pid))):
+                    way = i
+            if way < 0:
+                self.unclaimed += 1
+                return None
+            _CLAIM.pack_into(self._mm, base + way * CLAIM_BYTES, key, self._pid, self._token, COMPUTING, until, 0, b"", 0)
+            self.claims += 1
+            return None
+        finally:
+            self._unlock_claims()
+
+    def look(self, key: bytes, now: float) -> Claim | None:
+        """The live claim on ``key`` (another worker computing it), its failure, or None: nobody
+        computes it now (done, given up, or its worker gone)."""
+        base = self._claim_bucket(key)
+        for i in range(CLAIM_WAYS):
+            at = base + i * CLAIM_BYTES
+            if self._mm[at : at + 16] != key:
+                continue
+            _, pid, _, state, until, *_ = _CLAIM.unpack_from(self._mm, at)
+            if until <= now:
+                return None
+            if state == COMPUTING:
+                return Claim(pid, state, until) if _alive(pid) else None
+            if state == FAILED:
+                self._lock_claims()  # the details, whole
+                try:
+                    held, pid, _, state, until, status, kind, length = _CLAIM.unpack_from(self._mm, at)
+                    message = self._mm[at + _CLAIM.size : at + _CLAIM.size + min(length, MESSAGE_BYTES)]
+                finally:
+                    self._unlock_claims()
+                if held != key or state != FAILED:
+                    return None
+                return Claim(pid, state, until, status, kind.rstrip(b"\0").decode("ascii", "replace"), message.decode("utf-8", "replace"))
+            return None
+        return None
+
+    def release(self, key: bytes) -> None:
+        """This view's claim on ``key`` ends: its answer is in the log (or nobody waits for it)."""
+        at = self._own_claim(key)
+        if at is not None:
+            self._mm[at : at + CLAIM_BYTES] = bytes(CLAIM_BYTES)
+            self._unlock_claims()
+
+    def fail(self, key: bytes, until: float, status: int, kind: str, message: str) -> None:
+        """This view's computation of ``key`` failed: the workers following it read the error
+        from the claim until ``until``, then it is free."""
+        at = self._own_claim(key)
+        if at is None:
+            return
+        try:
+            text = message.encode()[:MESSAGE_BYTES]
+            text = text.decode("utf-8", "ignore").encode()  # not cut inside a character
+            _CLAIM.pack_into(self._mm, at, key, self._pid, self._token, FAILED, until, status, kind.encode("ascii", "replace")[:24], len(text))
+            self._mm[at + _CLAIM.size : at + _CLAIM.size + len(text)] = text
+        finally:
+            self._unlock_claims()
+
+    def _own_claim(self, key: bytes) -> int | None:
+        """Where this view's claim on ``key`` is, with the claims' lock taken; None (and no
+        lock) if it holds none."""
+        base = self._claim_bucket(key)
+        self._lock_claims()
+        for i in range(CLAIM_WAYS):
+            at = base + i * CLAIM_BYTES
+            held, _, token, state, *_ = _CLAIM.unpack_from(self._mm, at)
+            if held == key and token == self._token and state == COMPUTING:
+                return at
+        self._unlock_claims()
+        return None
+
+    def _claim_bucket(self, key: bytes) -> int:
+        return CLAIMS_AT + (int.from_bytes(key[8:12], "little") % (CLAIM_SLOTS // CLAIM_WAYS)) * CLAIM_WAYS * CLAIM_BYTES
+
+    def _lock_claims(self) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, 1)
+
+    def _unlock_claims(self) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 1)
+
     def stats(self) -> dict[str, Any]:
         return {
             "path": self.path,
@@ -282,6 +434,8 @@ class HostStore:
             "hits": self.hits,
             "stale": self.stale,
             "busy": self.busy,
+            "claims": self.claims,
+            "unclaimed": self.unclaimed,
         }
 
     def close(self) -> None:

@@ -35,6 +35,7 @@ class ModelCacheStats:
     hits: int = 0
     misses: int = 0
     coalesced: int = 0
+    host_coalesced: int = 0  # answers another worker computed while this one waited (of coalesced)
     shared_hits: int = 0
     host_hits: int = 0  # hits from the store the host's workers share (of hits)
     raw_hits: int = 0  # the hits answered with stored response bytes, before decoding (of hits)

@@ -212,6 +212,50 @@ def test_worker_processes_share_one_cache(stack: Stack, tmp_path: Path) -> None:
     assert not segment.exists()
 
 
+async def test_identical_requests_reaching_two_workers_at_once_cost_one_inference(stack: Stack, tmp_path: Path) -> None:
+    """Single flight across the workers: a hundred identical requests over a hundred connections,
+    answered by both workers while the first computation waits in the batcher (a 300 ms hold),
+    cost Triton one inference; the worker that did not compute it counts its requests as
+    coalesced with the other's."""
+    config = gateway_config(
+        stack.triton.http_urls,
+        8154,
+        server={"workers": 2},
+        cache={"enabled": True, "ttl_s": 300.0},
+        batching={"hold_ms": 300.0, "max_queue_delay_ms": 300.0},
+    )
+    with running_gateway(config, 8154, tmp_path) as gw:
+        worker_views(gw.url, 2)  # both serving
+        for attempt in range(5):  # until both workers took some of the connections
+            x = images(50 + attempt)
+            _, ref_probs = torch_reference(DIGITS.name, x)
+            before = stack.inferences()
+            views_before = worker_views(gw.url, 2)
+            limits = httpx.Limits(max_connections=100, max_keepalive_connections=0)
+            async with httpx.AsyncClient(base_url=gw.url, timeout=30, limits=limits) as http:
+                answers = await asyncio.gather(*(http.post(PATH, json=json_body(x)) for _ in range(100)))
+            views = worker_views(gw.url, 2)
+            assert all(a.status_code == 200 for a in answers), [a.text for a in answers if a.status_code != 200][:3]
+            for a in answers:
+                probs = np.asarray({o["name"]: o for o in a.json()["outputs"]}["probabilities"]["data"], np.float32)
+                np.testing.assert_allclose(probs.reshape(ref_probs.shape), ref_probs, atol=ATOL, rtol=0)
+            assert stack.inferences() - before == 1
+            moved = {}
+            for pid, view in views.items():
+                now = view["models"][DIGITS.name] if DIGITS.name in view["models"] else {}
+                was = views_before[pid]["models"].get(DIGITS.name, {})
+                moved[pid] = {k: now.get(k, 0) - was.get(k, 0) for k in ("misses", "coalesced", "host_coalesced", "hits")}
+            answered = [m["misses"] + m["coalesced"] + m["hits"] for m in moved.values()]
+            assert sum(answered) == 100, moved
+            if min(answered) > 0:
+                break
+        else:
+            pytest.fail(f"one worker took every connection in 5 attempts: {moved}")
+    assert sum(m["misses"] for m in moved.values()) == 1, moved
+    follower = next(m for m in moved.values() if m["misses"] == 0)
+    assert follower["host_coalesced"] == 1, moved  # its first request waited for the other worker's answer
+
+
 def test_metrics_of_worker_processes_add_up(stack: Stack, tmp_path: Path) -> None:
     """With two workers, every scrape of /metrics counts the requests both answered, whichever
     worker the scrape reaches; the folder they publish in goes when the gateway stops."""

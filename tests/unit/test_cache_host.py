@@ -4,6 +4,7 @@ real processes against one segment; the last ones put the response cache on top 
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import hashlib
 import multiprocessing
@@ -20,6 +21,7 @@ from gateway.batcher import BatchResult
 from gateway.cache import RawAnswer, ResponseCache, build_cache, host
 from gateway.cache.host import ENTRY_BYTES, PREFIX, HostStore, create_segment
 from gateway.config import CacheConfig
+from gateway.errors import ClientGone, Unavailable, UpstreamError
 from gateway.tensors import Tensor
 
 Open = Callable[[], HostStore]
@@ -316,3 +318,189 @@ def test_the_cache_maps_the_segment_it_is_given_and_serves_without_one_it_cannot
     assert "host" not in build_cache(CacheConfig(enabled=True)).snapshot()  # type: ignore[union-attr]
     gone = build_cache(CacheConfig(enabled=True), str(tmp_path / "removed"))  # a worker restarted after a cleanup
     assert gone is not None and "host" not in gone.snapshot()
+
+
+# -- claims: single flight across workers -----------------------------------------------------
+
+
+def same_bucket_keys(n: int) -> list[bytes]:
+    """``n`` keys whose claims fall in one bucket (the bucket comes from bytes 8-12)."""
+    return [bytes([i]) * 8 + b"\0\0\0\0" + bytes([i]) * 4 for i in range(1, n + 1)]
+
+
+def test_a_claim_is_seen_by_other_workers_until_released(worker: Open) -> None:
+    one, two = worker(), worker()
+    assert one.claim(key(1), until=30.0, now=0.0) is None  # one computes it
+    held = two.claim(key(1), until=30.0, now=0.0)
+    assert held is not None and held.state == host.COMPUTING and held.pid == os.getpid()
+    assert two.look(key(1), now=1.0) == held
+    assert two.look(key(2), now=1.0) is None
+    assert one.claim(key(1), until=30.0, now=0.0) is None  # its own claim: taken again
+    one.release(key(1))
+    assert two.look(key(1), now=1.0) is None
+    assert two.claim(key(1), until=30.0, now=1.0) is None  # free: two claims it
+    assert one.look(key(1), now=1.0) is not None
+    two.release(key(1))
+    assert one.stats()["claims"] == 2 and two.stats()["claims"] == 1
+
+
+def test_a_claim_past_its_time_is_taken_over(worker: Open) -> None:
+    one, two = worker(), worker()
+    assert one.claim(key(1), until=30.0, now=0.0) is None
+    assert two.look(key(1), now=30.0) is None
+    assert two.claim(key(1), until=60.0, now=30.0) is None
+    one.release(key(1))  # no longer its claim: left alone
+    assert one.look(key(1), now=31.0) is not None
+
+
+def _claim_and_die(path: str, claimed: multiprocessing.synchronize.Event) -> None:
+    store = HostStore(path)
+    store.claim(key(1), until=1e12, now=0.0)
+    claimed.set()
+    os._exit(0)  # no release: a worker killed mid-computation
+
+
+def test_a_claim_of_a_dead_worker_is_taken_over(segment: Path, worker: Open) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    claimed = ctx.Event()
+    other = ctx.Process(target=_claim_and_die, args=(str(segment), claimed))
+    other.start()
+    assert claimed.wait(30)
+    other.join(30)
+    store = worker()
+    assert store.look(key(1), now=0.0) is None
+    assert store.claim(key(1), until=30.0, now=0.0) is None
+
+
+def test_a_failure_is_read_by_the_followers_then_a_new_request_computes_afresh(worker: Open) -> None:
+    one, two = worker(), worker()
+    one.claim(key(1), until=30.0, now=0.0)
+    one.fail(key(1), until=2.0, status=400, kind="UpstreamError", message="bad input: " + "é" * 200)
+    failed = two.look(key(1), now=1.0)
+    assert failed is not None and failed.state == host.FAILED
+    assert (failed.status, failed.kind) == (400, "UpstreamError")
+    assert failed.message.startswith("bad input: é") and len(failed.message.encode()) <= host.MESSAGE_BYTES
+    assert two.look(key(1), now=2.0) is None  # past its time
+    assert two.claim(key(1), until=30.0, now=1.0) is None  # errors are not cached: computed anew
+    assert one.look(key(1), now=1.0).state == host.COMPUTING  # type: ignore[union-attr]
+
+
+def test_with_a_full_bucket_a_key_is_computed_without_a_claim(worker: Open) -> None:
+    one, two = worker(), worker()
+    keys = same_bucket_keys(host.CLAIM_WAYS + 1)
+    for k in keys[:-1]:
+        assert one.claim(k, until=30.0, now=0.0) is None
+    assert two.claim(keys[-1], until=30.0, now=0.0) is None and two.stats()["unclaimed"] == 1
+    assert one.look(keys[-1], now=0.0) is None  # nobody claims it: each worker computes it
+    one.release(keys[0])
+    assert two.claim(keys[-1], until=30.0, now=0.0) is None and two.stats()["claims"] == 1
+
+
+class Upstream:
+    """A computation the test releases: counts its calls, and fails when told to."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.go = asyncio.Event()
+        self.error: BaseException | None = None
+
+    async def __call__(self, abandoned) -> BatchResult:  # noqa: ANN001
+        self.calls += 1
+        await self.go.wait()
+        if self.error is not None:
+            raise self.error
+        return result()
+
+
+async def until_claimed(store: ResponseCache) -> None:
+    for _ in range(500):
+        if store.snapshot()["host"]["claims"]:
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("the key was never claimed")
+
+
+async def test_identical_requests_on_two_workers_are_computed_once(worker: Open) -> None:
+    one, two = workers(worker)
+    upstream = Upstream()
+    first = asyncio.ensure_future(one.get_or_compute("m", "1", b"k" * 16, upstream))
+    await until_claimed(one)
+    second = asyncio.ensure_future(two.get_or_compute("m", "1", b"k" * 16, upstream))
+    third = asyncio.ensure_future(two.get_or_compute("m", "1", b"k" * 16, upstream))  # two's own follower
+    await asyncio.sleep(0.02)  # two polls meanwhile
+    upstream.go.set()
+    (a, source_a), (b, source_b), (c, source_c) = await asyncio.gather(first, second, third)
+    assert upstream.calls == 1 and (source_a, source_b, source_c) == ("miss", "coalesced", "coalesced")
+    np.testing.assert_array_equal(b.outputs[0].data, a.outputs[0].data)
+    stats = two.snapshot()["models"]["m"]
+    assert (stats["misses"], stats["coalesced"], stats["host_coalesced"], stats["host_hits"]) == (0, 2, 1, 0)
+    assert (await two.get_or_compute("m", "1", b"k" * 16, upstream))[1] == "hit"  # kept in two's store
+
+
+async def test_a_leaders_failure_reaches_the_other_workers_as_the_same_error(worker: Open) -> None:
+    one, two = workers(worker)
+    upstream = Upstream()
+    upstream.error = UpstreamError("[400] unexpected shape for input 'x'", status=400)
+    first = asyncio.ensure_future(one.get_or_compute("m", "1", b"k" * 16, upstream))
+    await until_claimed(one)
+    second = asyncio.ensure_future(two.get_or_compute("m", "1", b"k" * 16, upstream))
+    await asyncio.sleep(0.02)
+    upstream.go.set()
+    errors = await asyncio.gather(first, second, return_exceptions=True)
+    assert upstream.calls == 1
+    for error in errors:
+        assert isinstance(error, UpstreamError) and error.status == 400
+        assert str(error) == "[400] unexpected shape for input 'x'"
+    upstream.error = None  # errors are not cached: the next request computes
+    assert (await two.get_or_compute("m", "1", b"k" * 16, upstream))[1] == "miss" and upstream.calls == 2
+
+
+@pytest.mark.parametrize("ending", ["its own worker's error", "cancelled"])
+async def test_a_leader_that_ends_without_an_answer_lets_another_worker_compute(worker: Open, ending: str) -> None:
+    one, two = workers(worker)
+    upstream = Upstream()
+    first = asyncio.ensure_future(one.get_or_compute("m", "1", b"k" * 16, upstream))
+    await until_claimed(one)
+    second = asyncio.ensure_future(two.get_or_compute("m", "1", b"k" * 16, upstream))
+    await asyncio.sleep(0.02)
+    assert upstream.calls == 1
+    if ending == "cancelled":
+        first.cancel()
+    else:
+        upstream.error = Unavailable("model 'm' is overloaded: its queue is full, try again later")
+        upstream.go.set()
+    with pytest.raises((asyncio.CancelledError, Unavailable)):
+        await first
+    upstream.error = None
+    upstream.go.set()
+    got, source = await asyncio.wait_for(second, 5)
+    assert source == "miss" and upstream.calls == 2
+    np.testing.assert_array_equal(got.outputs[0].data, result().outputs[0].data)
+
+
+async def test_a_follower_whose_clients_left_stops_waiting_and_the_leader_goes_on(worker: Open) -> None:
+    one, two = workers(worker)
+    upstream = Upstream()
+    first = asyncio.ensure_future(one.get_or_compute("m", "1", b"k" * 16, upstream))
+    await until_claimed(one)
+    left = False
+    second = asyncio.ensure_future(two.get_or_compute("m", "1", b"k" * 16, upstream, gone=lambda: left))
+    await asyncio.sleep(0.02)
+    left = True
+    with pytest.raises(ClientGone):
+        await asyncio.wait_for(second, 5)
+    upstream.go.set()
+    assert (await first)[1] == "miss" and upstream.calls == 1
+
+
+async def test_an_answer_computed_across_a_version_drop_is_not_handed_to_the_other_workers(worker: Open) -> None:
+    one, two = workers(worker)
+    upstream = Upstream()
+    first = asyncio.ensure_future(one.get_or_compute("m", "1", b"k" * 16, upstream))
+    await until_claimed(one)
+    second = asyncio.ensure_future(two.get_or_compute("m", "1", b"k" * 16, upstream))
+    await asyncio.sleep(0.02)
+    two.drop_version("m", "1")  # version 1 reloaded meanwhile: one's answer may be the old one's
+    upstream.go.set()
+    await first
+    assert (await asyncio.wait_for(second, 5))[1] == "miss" and upstream.calls == 2
