@@ -105,7 +105,8 @@ def build_app(config: GatewayConfig, cache_segment: str = "", workers_folder: st
             ejection=EjectionPolicy(u.eject_after_failures, u.eject_base_s, u.eject_max_s, u.max_ejected_share),
             active_request_bias=u.active_request_bias,
         )
-        # The longest a miss may be computed: its tries, each bounded, after a queue wait.
+        # How long the other workers wait for one worker's computation of a key (while that
+        # worker lives): its tries, each bounded, and room for queueing; then they compute it.
         claim_s = u.max_tries * u.request_timeout_s + u.connect_timeout_s + 10.0
         cache = build_cache(config.cache, cache_segment, claim_s)
         monitor = FleetMonitor(

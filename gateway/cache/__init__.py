@@ -45,7 +45,7 @@ from gateway.batcher import BatchResult
 from gateway.cache.entry import decode_entry, encode_entry
 from gateway.cache.flight import Gone, SingleFlight
 from gateway.cache.host import HostStore
-from gateway.cache.host_flight import HostFlight
+from gateway.cache.host_flight import FOUND, HostFlight
 from gateway.cache.keys import cacheable, raw_key, request_key
 from gateway.cache.store import ENTRY_OVERHEAD, CacheStore
 from gateway.config import CacheConfig
@@ -112,12 +112,14 @@ class ResponseCache:
         host: HostStore | None = None,
         claim_s: float = 60.0,
     ) -> None:
-        """``claim_s``: the longest one computation may take (its upstream tries), after which
-        other workers stop waiting for it and compute the key themselves."""
+        """``claim_s``: how long other workers wait for one worker's computation of a key
+        (while that worker lives); past it they compute the key themselves."""
         self._config = config
         self._shared = shared  # a shared.SharedTier, or None
         self._host = host
         self._host_flight = HostFlight(host, clock, claim_s) if host is not None else None
+        # Models whose last computed answer was too large for the host tier: not worth a claim.
+        self._unfit: set[str] = set()
         self._clock = clock
         self.store = CacheStore(config.max_bytes)
         self._flight: SingleFlight[tuple[BatchResult, str]] = SingleFlight()
@@ -143,28 +145,36 @@ class ResponseCache:
             stats.hits += 1
             return cached, "hit"
 
-        async def run(abandoned: Gone) -> tuple[BatchResult, str]:
+        async def computed(abandoned: Gone, claimed: bool = False) -> tuple[BatchResult, str, bool]:
+            """The result from the shared tier or upstream, where it came from, and whether it
+            is now in the host tier (``claimed``: this worker holds the key's claim)."""
             epoch = self.epoch(model, version)
+            shared = await self._from_shared(key)
+            if shared is not None:
+                stats.shared_hits += 1
+                return shared, "hit", self._store(model, version, key, shared, epoch, claimed)
+            result = await compute(abandoned)
+            stored = self._store(model, version, key, result, epoch, claimed)
+            self._to_shared(model, key, result)
+            return result, "miss", stored
 
-            async def computed() -> tuple[BatchResult, str]:
-                shared = await self._from_shared(key)
-                if shared is not None:
-                    stats.shared_hits += 1
-                    self._store(model, version, key, shared, epoch)
-                    return shared, "hit"
-                result = await compute(abandoned)
-                self._store(model, version, key, result, epoch)
-                self._to_shared(model, key, result)
-                return result, "miss"
-
-            if self._host_flight is None:
-                return await computed()
+        async def run(abandoned: Gone) -> tuple[BatchResult, str]:
+            if self._host_flight is None or model in self._unfit:
+                return (await computed(abandoned))[:2]
 
             def fetch() -> tuple[BatchResult, str] | None:
                 found = self._from_host(model, version, key, self._clock(), _ENTRY_TAG, counted=False)
                 return None if found is None else (found, "coalesced")
 
-            return (await self._host_flight.do(key, fetch, computed, abandoned))[0]
+            async def claimed_compute(claimed: bool) -> tuple[tuple[BatchResult, str], bool]:
+                result, source, stored = await computed(abandoned, claimed)
+                return (result, source), stored
+
+            (result, source), how = await self._host_flight.do(key, fetch, claimed_compute, abandoned)
+            if how == FOUND:  # in the host tier by the time this worker claimed the key
+                stats.host_hits += 1
+                return result, "hit"
+            return result, source
 
         (result, source), coalesced = await self._flight.do(key, run, gone, detach)
         if coalesced:
@@ -172,7 +182,9 @@ class ResponseCache:
             return result, "coalesced"
         if source == "miss":
             stats.misses += 1
-        elif source == "coalesced":  # another worker's computation
+        elif source == "hit":  # the shared tier's, or the host tier's found on claiming
+            stats.hits += 1
+        else:  # another worker's computation
             stats.coalesced += 1
             stats.host_coalesced += 1
         return result, source
@@ -212,26 +224,35 @@ class ResponseCache:
             self._host.put(key, model, version, epoch[2], _RAW_TAG + answer.to_bytes(), expires)
         return kept
 
-    def _store(self, model: str, version: str, key: bytes, result: BatchResult, epoch: Epoch) -> None:
-        """Keep a computed result, unless a version was dropped since ``epoch`` (maybe this one)."""
+    def _store(self, model: str, version: str, key: bytes, result: BatchResult, epoch: Epoch, claimed: bool = False) -> bool:
+        """Keep a computed result, unless a version was dropped since ``epoch`` (maybe this one);
+        whether it is in the host tier. ``claimed``: this worker holds the key's claim, and the
+        other workers wait for this entry there: written even if that means waiting for the
+        log's lock (else skipped when another worker is writing)."""
         if self.store.drops != epoch[0]:
-            return
+            return False
         policy = self._config.for_model(model)
         expires = self._clock() + policy.ttl_s
         # Own copies: a caller's rows are views into its whole batch's response, which the
         # entry would otherwise keep alive, uncounted.
         owned = BatchResult(result.version, [Tensor(t.name, t.datatype, t.data.copy()) for t in result.outputs], result.parameters)
         self.store.put(key, owned, model, version, expires, self._model_bytes(policy))
-        if self._host is not None:
-            # Waiting for the log's lock, if need be: the other workers wait for this entry.
-            self._host.put(key, model, version, epoch[2], _ENTRY_TAG + encode_entry(owned), expires, wait=True)
+        if self._host is None:
+            return False
+        value = _ENTRY_TAG + encode_entry(owned)
+        if not self._host.fits(len(value)):
+            self._unfit.add(model)  # its next misses are computed without a claim, in parallel
+            return False
+        self._unfit.discard(model)
+        return self._host.put(key, model, version, epoch[2], value, expires, wait=claimed)
 
     def _from_host(self, model: str, version: str, key: bytes, now: float, tag: bytes, counted: bool = True) -> Any:
         """The host tier's entry for ``key`` (a RawAnswer for ``_RAW_TAG``, a BatchResult for
         ``_ENTRY_TAG``), kept in this process for the rest of its TTL; or None. ``counted``: as
         a host hit (not for an answer another worker computed while this one waited)."""
-        assert self._host is not None
-        found = self._host.get(key, model, version, now)
+        if self._host is None:  # closed meanwhile (the worker is stopping)
+            return None
+        found = self._host.get(key, model, version, now, counted)
         if found is None:
             return None
         raw, expires = found
@@ -302,6 +323,7 @@ class ResponseCache:
         if self._shared is not None:
             await self._shared.close()
         if self._host is not None:
+            self._host_flight = None
             self._host.close()
             self._host = None
 
@@ -314,7 +336,7 @@ def configured(config: CacheConfig) -> bool:
 def build_cache(config: CacheConfig, host_segment: str = "", claim_s: float = 60.0) -> ResponseCache | None:
     """The configured cache, or None when no model has it enabled. ``host_segment``: the
     host tier's shared-memory file, made by the command that started the workers (``host.py``);
-    ``claim_s``: the longest one computation may take (``ResponseCache``)."""
+    ``claim_s``: how long other workers wait for one worker's computation (``ResponseCache``)."""
     if not configured(config):
         return None
     shared = None

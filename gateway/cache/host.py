@@ -22,8 +22,9 @@ workers (``create_segment``) and removes when they have stopped; each worker map
 
 Writers serialise on a record lock of the file's first byte (``lockf``: only misses write; a
 writer that finds it taken skips its write rather than wait, unless it holds the key's claim,
-whose followers look for its answer here). Claims are changed under a lock of the second byte;
-they are read without one, and a failure's details under it. Readers of entries take no lock: an entry is
+whose followers look for its answer here). Claims are changed under a lock of the second byte
+(a claim is tried without waiting for it; ending one waits, for microseconds) and read without
+one, a slot copied until two copies agree. Readers of entries take no lock: an entry is
 used only if its key matches, its generation is current, it has not expired (the system-wide
 monotonic clock), the CRC32 over the whole entry (key, generation, expiry, length, bytes)
 matches, and the write cursor shows that the log had not wrapped over it by the time it was
@@ -78,7 +79,7 @@ CLAIM_BYTES = 256
 CLAIM_SLOTS = 2048
 CLAIM_WAYS = 8
 MESSAGE_BYTES = CLAIM_BYTES - _CLAIM.size
-FREE, COMPUTING, FAILED = 0, 1, 2
+FREE, COMPUTING, FAILED, ENDED = 0, 1, 2, 3
 
 PREFIX = "gateway-cache-"
 SEGMENT_ENV = "GATEWAY_CACHE_SEGMENT"  # how the serving command tells its workers the segment
@@ -158,8 +159,9 @@ def _unlink(path: str | Path) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """Another worker's claim on a key: computing it (``COMPUTING``), or how that failed
-    (``FAILED``: the error's HTTP status, class name and message, for its followers)."""
+    """Another worker's claim on a key: computing it (``COMPUTING``), how that failed
+    (``FAILED``: the error's HTTP status, class name and message, for its followers), or that
+    it ended without an answer in the log (``ENDED``)."""
 
     pid: int
     state: int
@@ -238,8 +240,11 @@ class HostStore:
         finally:
             fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 0)
 
-    def get(self, key: bytes, model: str, version: str, now: float) -> tuple[bytes, float] | None:
-        """(the value stored for ``key``, its expiry), or None."""
+    def get(self, key: bytes, model: str, version: str, now: float, counted: bool = True) -> tuple[bytes, float] | None:
+        """(the value stored for ``key``, its expiry), or None. ``counted``: in ``hits`` and
+        ``stale`` (not for a worker polling for another's answer)."""
+        if self._fd < 0:  # closed (the worker is stopping)
+            return None
         mm = self._mm
         capacity = self.capacity
         for p in _BUCKET.unpack_from(mm, self._bucket(key)):
@@ -262,9 +267,9 @@ class HostStore:
                 or zlib.crc32(value, zlib.crc32(head)) != crc
                 or _U64.unpack_from(mm, _CURSOR)[0] > pos + capacity  # wrapped over while copied
             ):
-                self.stale += 1
+                self.stale += counted
                 return None
-            self.hits += 1
+            self.hits += counted
             return value, expires
         return None
 
@@ -276,7 +281,7 @@ class HostStore:
         past (it would never be read), or another worker writing at this moment (unless
         ``wait``: the writer holds the key's claim, and other workers wait for this entry)."""
         size = _align(ENTRY_BYTES + len(value))
-        if size > self._max_entry:
+        if size > self._max_entry or self._fd < 0:
             return False
         head = _ENTRY_HEAD.pack(key, gen, expires, len(value))
         crc = _CRC.pack(zlib.crc32(value, zlib.crc32(head)))
@@ -329,12 +334,15 @@ class HostStore:
 
     def claim(self, key: bytes, until: float, now: float) -> Claim | None:
         """Claim ``key`` for this view until ``until``: None when this view is to compute it
-        (it now holds the claim, or there was no room for one: then nobody does), else the
-        live claim of the worker computing it or its failure (read it with ``look``). A claim
-        whose owner's process is gone, or past its ``until``, is taken over; so is a failure:
-        errors are not cached, and a new request for the key computes it anew."""
+        (it now holds the claim, or there was no room for one, or the segment is closed: then
+        nobody holds it), else the live claim of the worker computing it. A claim whose
+        owner's process is gone or that is past its ``until`` is taken over; so is an ended
+        one (``FAILED``, ``ENDED``): errors are not cached, and a new request computes anew.
+        BlockingIOError when another worker is changing the claims (try again)."""
+        if self._fd < 0:
+            return None
         base = self._claim_bucket(key)
-        self._lock_claims()
+        self._lock_claims(wait=False)
         try:
             way = -1
             for i in range(CLAIM_WAYS):
@@ -357,70 +365,83 @@ class HostStore:
             self._unlock_claims()
 
     def look(self, key: bytes, now: float) -> Claim | None:
-        """The live claim on ``key`` (another worker computing it), its failure, or None: nobody
-        computes it now (done, given up, or its worker gone)."""
+        """The claim on ``key``: another worker computing it, its failure, its end without an
+        answer in the log; or None: nobody claims it (done, its worker gone, past its time).
+        Takes no lock: a slot is copied until two copies agree (a writer changing it meanwhile)."""
+        if self._fd < 0:
+            return None
         base = self._claim_bucket(key)
         for i in range(CLAIM_WAYS):
             at = base + i * CLAIM_BYTES
             if self._mm[at : at + 16] != key:
                 continue
-            _, pid, _, state, until, *_ = _CLAIM.unpack_from(self._mm, at)
-            if until <= now:
+            for _ in range(3):
+                slot = self._mm[at : at + CLAIM_BYTES]
+                if slot == self._mm[at : at + CLAIM_BYTES]:
+                    break
+            else:
+                return None  # changing under this read: as good as gone, the caller looks again
+            held, pid, _, state, until, status, kind, length = _CLAIM.unpack_from(slot)
+            if held != key or until <= now or state == FREE:
                 return None
             if state == COMPUTING:
                 return Claim(pid, state, until) if _alive(pid) else None
-            if state == FAILED:
-                self._lock_claims()  # the details, whole
-                try:
-                    held, pid, _, state, until, status, kind, length = _CLAIM.unpack_from(self._mm, at)
-                    message = self._mm[at + _CLAIM.size : at + _CLAIM.size + min(length, MESSAGE_BYTES)]
-                finally:
-                    self._unlock_claims()
-                if held != key or state != FAILED:
-                    return None
-                return Claim(pid, state, until, status, kind.rstrip(b"\0").decode("ascii", "replace"), message.decode("utf-8", "replace"))
-            return None
+            message = slot[_CLAIM.size : _CLAIM.size + min(length, MESSAGE_BYTES)]
+            return Claim(pid, state, until, status, kind.rstrip(b"\0").decode("ascii", "replace"), message.decode("utf-8", "replace"))
         return None
 
     def release(self, key: bytes) -> None:
-        """This view's claim on ``key`` ends: its answer is in the log (or nobody waits for it)."""
-        at = self._own_claim(key)
-        if at is not None:
-            self._mm[at : at + CLAIM_BYTES] = bytes(CLAIM_BYTES)
-            self._unlock_claims()
+        """This view's claim on ``key`` ends: its answer is in the log."""
+        self._finish(key, None)
+
+    def end(self, key: bytes, until: float) -> None:
+        """This view's claim on ``key`` ends without an answer in the log: the workers waiting
+        for it compute the key themselves at once (the end is readable until ``until``)."""
+        self._finish(key, (ENDED, until, 0, b"", b""))
 
     def fail(self, key: bytes, until: float, status: int, kind: str, message: str) -> None:
         """This view's computation of ``key`` failed: the workers following it read the error
-        from the claim until ``until``, then it is free."""
-        at = self._own_claim(key)
-        if at is None:
+        (HTTP status, error class name, message) until ``until``."""
+        text = message.encode()[:MESSAGE_BYTES].decode("utf-8", "ignore").encode()  # not cut inside a character
+        self._finish(key, (FAILED, until, status, kind.encode("ascii", "replace")[:24], text))
+
+    def _finish(self, key: bytes, record: tuple[int, float, int, bytes, bytes] | None) -> None:
+        """Replace this view's live claim on ``key`` (if it still holds it) with ``record``
+        (state, until, status, kind, message), or free it. Waits for the claims' lock: it is
+        held for microseconds, and the followers wait for this."""
+        if self._fd < 0:
             return
+        base = self._claim_bucket(key)
+        self._lock_claims(wait=True)
         try:
-            text = message.encode()[:MESSAGE_BYTES]
-            text = text.decode("utf-8", "ignore").encode()  # not cut inside a character
-            _CLAIM.pack_into(self._mm, at, key, self._pid, self._token, FAILED, until, status, kind.encode("ascii", "replace")[:24], len(text))
-            self._mm[at + _CLAIM.size : at + _CLAIM.size + len(text)] = text
+            for i in range(CLAIM_WAYS):
+                at = base + i * CLAIM_BYTES
+                held, _, token, state, *_ = _CLAIM.unpack_from(self._mm, at)
+                if held == key and token == self._token and state == COMPUTING:
+                    if record is None:
+                        self._mm[at : at + CLAIM_BYTES] = bytes(CLAIM_BYTES)
+                    else:
+                        state, until, status, kind, text = record
+                        slot = _CLAIM.pack(key, self._pid, self._token, state, until, status, kind, len(text)) + text
+                        self._mm[at : at + CLAIM_BYTES] = slot.ljust(CLAIM_BYTES, b"\0")
+                    return
         finally:
             self._unlock_claims()
 
-    def _own_claim(self, key: bytes) -> int | None:
-        """Where this view's claim on ``key`` is, with the claims' lock taken; None (and no
-        lock) if it holds none."""
-        base = self._claim_bucket(key)
-        self._lock_claims()
-        for i in range(CLAIM_WAYS):
-            at = base + i * CLAIM_BYTES
-            held, _, token, state, *_ = _CLAIM.unpack_from(self._mm, at)
-            if held == key and token == self._token and state == COMPUTING:
-                return at
-        self._unlock_claims()
-        return None
+    def fits(self, nbytes: int) -> bool:
+        """Whether a value of ``nbytes`` can be stored in the log at all."""
+        return _align(ENTRY_BYTES + nbytes) <= self._max_entry
 
     def _claim_bucket(self, key: bytes) -> int:
         return CLAIMS_AT + (int.from_bytes(key[8:12], "little") % (CLAIM_SLOTS // CLAIM_WAYS)) * CLAIM_WAYS * CLAIM_BYTES
 
-    def _lock_claims(self) -> None:
-        fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, 1)
+    def _lock_claims(self, wait: bool) -> None:
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 1)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EAGAIN):
+                raise BlockingIOError(errno.EAGAIN, "another worker is changing the claims") from None
+            raise
 
     def _unlock_claims(self) -> None:
         fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 1)

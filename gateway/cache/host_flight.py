@@ -9,18 +9,20 @@ has at most one poller per key, whatever the number of its waiting requests.
 
 A follower's wait ends with:
 
-* the answer, found in the host tier: shared with the request's whole flight ("coalesced");
-* the leader's error, when its computation failed with an error about the request or the model
-  (``SHARED_ERRORS``: Triton's answer, a bad request, an unknown model, an upstream timeout):
-  every follower gets the same status and message. Errors of the leader's own worker (its queue
-  full, its shutdown) and a leader whose clients all left end the claim without an error;
-* nothing: the claim ended without an answer in the host tier (as above, or the answer too large
-  for it), its worker died, or it ran past its ``until``; then the follower claims the key in
-  turn and computes it (or follows whoever claimed it first);
+* the answer, found in the host tier: shared with the request's whole flight ("followed");
+* the leader's error, when its computation failed with an error about the request itself
+  (``shared_error``: Triton's 4xx answer, an upstream timeout): every follower gets the same
+  status and message;
+* the claim's end without an answer in the tier (``ENDED``: the answer too large for the log,
+  a version dropped meanwhile, any other error, such as the leader worker's own queue being
+  full or its shutdown, or its clients all gone): each follower computes the key itself, at
+  once;
+* the claim gone (its worker died, or it ran past its ``until``): the follower claims the key in
+  turn (or follows whoever claimed it first);
 * its own flight's waiters all gone (``ClientGone``), or a cancellation.
 
-No wait is unbounded: a claim lasts as long as one computation may take (``lifetime``), and a
-follower checks, at each poll, that the leader's process is still alive.
+No wait is unbounded: a claim lasts at most ``lifetime`` (as long as one computation may take),
+and a follower checks at each poll that the leader's process is still alive.
 """
 
 from __future__ import annotations
@@ -30,24 +32,37 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from gateway import errors
-from gateway.cache.host import FAILED, HostStore
-from gateway.errors import ClientGone, GatewayError
+from gateway.cache.host import COMPUTING, ENDED, FAILED, Claim, HostStore
+from gateway.errors import ClientGone, GatewayError, GatewayTimeout, UpstreamError, missing_model
 
 T = TypeVar("T")
 
-# Errors about the request or the model, which any worker computing it would meet too: shared
-# with the followers. The rest (Unavailable: one worker's queue full or its shutdown) are not.
-SHARED_ERRORS = (errors.UpstreamError, errors.BadRequest, errors.NotFound, errors.GatewayTimeout)
-FAILURE_S = 1.0  # how long a failure stays readable for the followers that poll for it
-POLL_FIRST_S = 0.001
-POLL_MAX_S = 0.01
+END_S = 1.0  # how long a failure or an end stays readable for the followers polling for it
+POLL_FIRST_S = 0.0005
+POLL_MAX_S = 0.002
+CLAIM_TRIES = 100  # tries of a claim while another worker changes the claims (microseconds each)
+
+# How the result came: another worker computed it, it was in the host tier when this worker
+# claimed the key, or this worker computed it.
+FOLLOWED, FOUND, COMPUTED = "followed", "found", "computed"
 
 
-def _error(kind: str, status: int, message: str) -> GatewayError:
-    cls = getattr(errors, kind, None)
+def shared_error(exc: BaseException) -> bool:
+    """Whether a computation's error is about the request itself, so that every worker
+    computing it would meet it too: Triton's 4xx answers (but for a model it does not hold,
+    which depends on each worker's view of the fleet) and upstream timeouts. Not the leader
+    worker's own state: its queue full or its shutdown (``Unavailable``), its clients gone, a
+    5xx of its own."""
+    if isinstance(exc, GatewayTimeout):
+        return True
+    return isinstance(exc, UpstreamError) and 400 <= exc.status < 500 and not missing_model(exc)
+
+
+def _error(claim: Claim) -> GatewayError:
+    cls = getattr(errors, claim.kind, None)
     if not (isinstance(cls, type) and issubclass(cls, GatewayError)):
         cls = GatewayError
-    return cls(message, status)
+    return cls(claim.message, claim.status)
 
 
 class HostFlight:
@@ -62,44 +77,65 @@ class HostFlight:
         self,
         key: bytes,
         fetch: Callable[[], T | None],
-        compute: Callable[[], Awaitable[T]],
+        compute: Callable[[bool], Awaitable[tuple[T, bool]]],
         abandoned: Callable[[], bool],
-    ) -> tuple[T, bool]:
-        """The result for ``key`` and whether another worker computed it. ``fetch``: the host
-        tier's entry for the key, or None; ``compute``: computes the key and writes its entry
-        to the host tier (waiting for the log's lock) before it returns."""
+    ) -> tuple[T, str]:
+        """The result for ``key`` and how it came (``FOLLOWED``, ``FOUND``, ``COMPUTED``).
+        ``fetch``: the host tier's entry for the key, or None. ``compute(claimed)``: computes
+        the key and returns the result and whether it is now in the host tier; ``claimed``:
+        this worker holds the key's claim, so it writes its entry there even if it has to wait
+        for the log's lock."""
         host = self._host
         delay = POLL_FIRST_S
         while True:
-            now = self._clock()
-            holder = host.claim(key, now + self._lifetime, now)
+            holder = await self._claim(key)
             if holder is None:
                 break
-            while holder is not None and holder.state != FAILED:
+            while holder is not None and holder.state == COMPUTING:
                 found = fetch()
                 if found is not None:
-                    return found, True
+                    return found, FOLLOWED
                 if abandoned():
                     raise ClientGone("the client disconnected")
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, POLL_MAX_S)
                 holder = host.look(key, self._clock())
-            if holder is not None:
-                raise _error(holder.kind, holder.status, holder.message)
-            found = fetch()  # the claim ended, perhaps with the answer written just before
+            if holder is not None and holder.state == FAILED:
+                raise _error(holder)
+            found = fetch()  # written just before the claim ended
             if found is not None:
-                return found, True
-        # This worker computes the key. Another may have ended its claim between this worker's
-        # look in the host tier and its claim: look once more.
-        found = fetch()
-        if found is not None:
-            host.release(key)
-            return found, True
+                return found, FOLLOWED
+            if holder is not None and holder.state == ENDED:  # no answer to share: compute it
+                return (await compute(False))[0], COMPUTED
+            # The claim is gone (its worker died, or past its time): claim the key in turn.
         try:
-            result = await compute()
-        except SHARED_ERRORS as exc:
-            host.fail(key, self._clock() + FAILURE_S, exc.status, type(exc).__name__, exc.message)
+            # Another worker may have ended its claim between this worker's look in the host
+            # tier and its claim: look once more.
+            found = fetch()
+            if found is not None:
+                host.release(key)
+                return found, FOUND
+            result, stored = await compute(True)
+        except BaseException as exc:
+            if shared_error(exc):
+                assert isinstance(exc, GatewayError)
+                host.fail(key, self._clock() + END_S, exc.status, type(exc).__name__, exc.message)
+            else:
+                host.end(key, self._clock() + END_S)
             raise
-        finally:
-            host.release(key)  # after fail(): a no-op, the claim is no longer computing
-        return result, False
+        if stored:
+            host.release(key)
+        else:
+            host.end(key, self._clock() + END_S)
+        return result, COMPUTED
+
+    async def _claim(self, key: bytes) -> Claim | None:
+        """``HostStore.claim``, tried again while another worker changes the claims; after
+        ``CLAIM_TRIES``, None: computed without a claim."""
+        for _ in range(CLAIM_TRIES):
+            now = self._clock()
+            try:
+                return self._host.claim(key, now + self._lifetime, now)
+            except BlockingIOError:
+                await asyncio.sleep(0)
+        return None

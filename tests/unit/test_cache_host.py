@@ -144,9 +144,12 @@ def test_an_entry_too_large_for_the_log_is_not_stored(worker: Open) -> None:
     assert store.get(key(1), "m", "1", now=0.0) is None and store.stats()["writes"] == 0
 
 
-def _hold_write_lock(path: str, held: multiprocessing.synchronize.Event, release: multiprocessing.synchronize.Event) -> None:
+def _hold_write_lock(
+    path: str, held: multiprocessing.synchronize.Event, release: multiprocessing.synchronize.Event, byte: int = 0
+) -> None:
+    """Another worker holding the log's lock (byte 0) or the claims' (byte 1) until released."""
     fd = os.open(path, os.O_RDWR)
-    fcntl.lockf(fd, fcntl.LOCK_EX, 1, 0)
+    fcntl.lockf(fd, fcntl.LOCK_EX, 1, byte)
     held.set()
     release.wait(30)
     os.close(fd)
@@ -383,6 +386,9 @@ def test_a_failure_is_read_by_the_followers_then_a_new_request_computes_afresh(w
     assert two.look(key(1), now=2.0) is None  # past its time
     assert two.claim(key(1), until=30.0, now=1.0) is None  # errors are not cached: computed anew
     assert one.look(key(1), now=1.0).state == host.COMPUTING  # type: ignore[union-attr]
+    two.end(key(1), until=3.0)  # ended without an answer in the log
+    assert one.look(key(1), now=2.0).state == host.ENDED  # type: ignore[union-attr]
+    assert one.claim(key(1), until=30.0, now=2.0) is None  # a new request claims it anew
 
 
 def test_with_a_full_bucket_a_key_is_computed_without_a_claim(worker: Open) -> None:
@@ -397,7 +403,8 @@ def test_with_a_full_bucket_a_key_is_computed_without_a_claim(worker: Open) -> N
 
 
 class Upstream:
-    """A computation the test releases: counts its calls, and fails when told to."""
+    """A computation the test releases: counts its calls; the first call released after
+    ``error`` is set fails with it."""
 
     def __init__(self) -> None:
         self.calls = 0
@@ -407,8 +414,9 @@ class Upstream:
     async def __call__(self, abandoned) -> BatchResult:  # noqa: ANN001
         self.calls += 1
         await self.go.wait()
-        if self.error is not None:
-            raise self.error
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
         return result()
 
 
@@ -451,12 +459,21 @@ async def test_a_leaders_failure_reaches_the_other_workers_as_the_same_error(wor
     for error in errors:
         assert isinstance(error, UpstreamError) and error.status == 400
         assert str(error) == "[400] unexpected shape for input 'x'"
-    upstream.error = None  # errors are not cached: the next request computes
+    # Errors are not cached: the next request computes.
     assert (await two.get_or_compute("m", "1", b"k" * 16, upstream))[1] == "miss" and upstream.calls == 2
 
 
-@pytest.mark.parametrize("ending", ["its own worker's error", "cancelled"])
-async def test_a_leader_that_ends_without_an_answer_lets_another_worker_compute(worker: Open, ending: str) -> None:
+LEADERS_OWN_ERRORS = {
+    "its queue full": Unavailable("model 'm' is overloaded: its queue is full, try again later"),
+    "its view of the fleet": UpstreamError("[400] Request for unknown model: 'm' version 1 is not found", status=400),
+    "its own fault": UpstreamError("internal error while serving 'm': boom", status=500),
+}
+
+
+@pytest.mark.parametrize("ending", [*LEADERS_OWN_ERRORS, "cancelled"])
+async def test_a_leader_that_ends_without_an_answer_lets_another_worker_compute_at_once(worker: Open, ending: str) -> None:
+    """An error of the leader worker's own state is not handed to the other workers' clients:
+    they compute the key themselves, without waiting for another claim."""
     one, two = workers(worker)
     upstream = Upstream()
     first = asyncio.ensure_future(one.get_or_compute("m", "1", b"k" * 16, upstream))
@@ -467,15 +484,126 @@ async def test_a_leader_that_ends_without_an_answer_lets_another_worker_compute(
     if ending == "cancelled":
         first.cancel()
     else:
-        upstream.error = Unavailable("model 'm' is overloaded: its queue is full, try again later")
+        upstream.error = LEADERS_OWN_ERRORS[ending]
         upstream.go.set()
-    with pytest.raises((asyncio.CancelledError, Unavailable)):
+    with pytest.raises((asyncio.CancelledError, Unavailable, UpstreamError)):
         await first
-    upstream.error = None
+    for _ in range(500):
+        if upstream.calls == 2:
+            break
+        await asyncio.sleep(0.001)
+    assert upstream.calls == 2 and two.snapshot()["host"]["claims"] == 0  # computing, unclaimed
     upstream.go.set()
     got, source = await asyncio.wait_for(second, 5)
-    assert source == "miss" and upstream.calls == 2
+    assert source == "miss"
     np.testing.assert_array_equal(got.outputs[0].data, result().outputs[0].data)
+
+
+async def test_answers_too_large_for_the_log_are_computed_by_each_worker_at_once(worker: Open) -> None:
+    """A follower learns at the leader's end that its answer could not be shared, and computes
+    (not in turn after each other); the next misses of that model take no claim."""
+    one, two, three = workers(worker, 3)
+    big = BatchResult("1", [Tensor("y", "FP32", np.ones((1, 4096), np.float32))])  # 16 KiB: over an eighth of the log
+    calls = 0
+    go = asyncio.Event()
+
+    async def compute(abandoned) -> BatchResult:  # noqa: ANN001
+        nonlocal calls
+        calls += 1
+        await go.wait()
+        return big
+
+    first = asyncio.ensure_future(one.get_or_compute("m", "1", b"k" * 16, compute))
+    await until_claimed(one)
+    followers = [asyncio.ensure_future(c.get_or_compute("m", "1", b"k" * 16, compute)) for c in (two, three)]
+    await asyncio.sleep(0.02)
+    assert calls == 1
+    go.set()
+    assert (await first)[1] == "miss"
+    go.clear()
+    for _ in range(500):
+        if calls == 3:
+            break
+        await asyncio.sleep(0.001)
+    assert calls == 3  # both followers computing at once
+    go.set()
+    assert [(await f)[1] for f in followers] == ["miss", "miss"]
+    claims = one.snapshot()["host"]["claims"]
+    go.set()
+    assert (await one.get_or_compute("m", "1", b"j" * 16, compute))[1] == "miss"
+    assert one.snapshot()["host"]["claims"] == claims  # no claim for a model whose answers do not fit
+
+
+async def test_a_cache_closed_while_its_leader_computes_still_answers(worker: Open) -> None:
+    one, two = workers(worker)
+    upstream = Upstream()
+    first = asyncio.ensure_future(one.get_or_compute("m", "1", b"k" * 16, upstream))
+    await until_claimed(one)
+    await one.close()  # shutting down: the segment unmapped under the computation
+    upstream.go.set()
+    got, source = await first
+    assert source == "miss"
+    np.testing.assert_array_equal(got.outputs[0].data, result().outputs[0].data)
+    assert (await one.get_or_compute("m", "1", b"q" * 16, upstream))[1] == "miss"  # no host tier left
+
+
+def claim_key(n: int) -> bytes:
+    """Key ``n`` of ``host.CLAIM_SLOTS``, spread so that each bucket of claims gets exactly its
+    ways' worth."""
+    buckets = host.CLAIM_SLOTS // host.CLAIM_WAYS
+    return key(n)[:8] + (n % buckets).to_bytes(4, "little") + key(n)[12:]
+
+
+def _race_claims(path: str, start: multiprocessing.synchronize.Event) -> list[int]:
+    """A worker racing the others, key by key in the same order, to claim every slot's worth of
+    keys; the keys it won."""
+    store = HostStore(path)
+    start.wait(30)
+    won = []
+    for n in range(host.CLAIM_SLOTS):
+        while True:
+            try:
+                if store.claim(claim_key(n), until=1e12, now=0.0) is None:
+                    won.append(n)
+                break
+            except BlockingIOError:
+                continue
+    store.close()
+    return won
+
+
+def test_a_claim_while_another_worker_changes_the_claims_is_not_waited_for(segment: Path, worker: Open) -> None:
+    """Claims change under the lock of the segment's second byte: while another process holds
+    it, a claim says so at once (the caller tries again after an event-loop turn); the log's
+    lock is another one."""
+    store = worker()
+    ctx = multiprocessing.get_context("spawn")
+    held, release = ctx.Event(), ctx.Event()
+    other = ctx.Process(target=_hold_write_lock, args=(str(segment), held, release, 1))
+    other.start()
+    try:
+        assert held.wait(30)
+        with pytest.raises(BlockingIOError):
+            store.claim(key(1), until=30.0, now=0.0)
+        assert put(store, 1, b"answer")  # the log's lock is free
+    finally:
+        release.set()
+        other.join(30)
+    assert store.claim(key(1), until=30.0, now=0.0) is None and store.stats()["claims"] == 1
+
+
+def test_racing_workers_claim_each_key_once(segment: Path) -> None:
+    """A smoke test of the whole, like the one of reads and writes above: the test before pins
+    the lock down."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager:
+        start = manager.Event()
+        with ctx.Pool(4) as pool:
+            pending = pool.starmap_async(_race_claims, [(str(segment), start) for _ in range(4)])
+            start.set()
+            won = pending.get(60)
+    winners = sorted(n for w in won for n in w)
+    assert winners == list(range(host.CLAIM_SLOTS))  # every key claimed, by exactly one worker
 
 
 async def test_a_follower_whose_clients_left_stops_waiting_and_the_leader_goes_on(worker: Open) -> None:
