@@ -25,7 +25,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_bytes: int = 64 * 1024 * 1024
-    # Processes serving the same port (SO_REUSEPORT); each batches and routes on its own.
+    # Processes serving the same port (one listening socket, each connection accepted by one
+    # of them); each batches and routes on its own.
     workers: int = 1
     # How long in-flight requests may take to finish on shutdown before they are cancelled.
     shutdown_grace_s: float = 10.0
