@@ -280,9 +280,9 @@ class HostStore:
         ``value``). False if it is not written: too large for the log, its generation already
         past (it would never be read), or another worker writing at this moment (unless
         ``wait``: the writer holds the key's claim, and other workers wait for this entry)."""
-        size = _align(ENTRY_BYTES + len(value))
-        if size > self._max_entry or self._fd < 0:
+        if self._fd < 0 or not self.fits(len(value)):
             return False
+        size = _align(ENTRY_BYTES + len(value))
         head = _ENTRY_HEAD.pack(key, gen, expires, len(value))
         crc = _CRC.pack(zlib.crc32(value, zlib.crc32(head)))
         mm, capacity = self._mm, self.capacity

@@ -13,6 +13,7 @@ import random
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -403,13 +404,14 @@ def test_with_a_full_bucket_a_key_is_computed_without_a_claim(worker: Open) -> N
 
 
 class Upstream:
-    """A computation the test releases: counts its calls; the first call released after
-    ``error`` is set fails with it."""
+    """A computation the test releases: counts its calls, answers ``answer`` (``result()`` by
+    default); the first call released after ``error`` is set fails with it."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: BatchResult | None = None) -> None:
         self.calls = 0
         self.go = asyncio.Event()
         self.error: BaseException | None = None
+        self.answer = answer or result()
 
     async def __call__(self, abandoned) -> BatchResult:  # noqa: ANN001
         self.calls += 1
@@ -417,24 +419,34 @@ class Upstream:
         error, self.error = self.error, None
         if error is not None:
             raise error
-        return result()
+        return self.answer
 
 
-async def until_claimed(store: ResponseCache) -> None:
+KEY = b"k" * 16
+
+
+def asking(cache: ResponseCache, upstream: Upstream, **options: Any) -> asyncio.Future[tuple[BatchResult, str]]:
+    """A request for ``KEY`` to ``cache``, running."""
+    return asyncio.ensure_future(cache.get_or_compute("m", "1", KEY, upstream, **options))
+
+
+async def leading(cache: ResponseCache, upstream: Upstream) -> asyncio.Future[tuple[BatchResult, str]]:
+    """A request for ``KEY`` to ``cache``, running, once its worker has claimed the key."""
+    first = asking(cache, upstream)
     for _ in range(500):
-        if store.snapshot()["host"]["claims"]:
-            return
+        if cache.snapshot()["host"]["claims"]:
+            return first
         await asyncio.sleep(0.001)
+    first.cancel()
     raise AssertionError("the key was never claimed")
 
 
 async def test_identical_requests_on_two_workers_are_computed_once(worker: Open) -> None:
     one, two = workers(worker)
     upstream = Upstream()
-    first = asyncio.ensure_future(one.get_or_compute("m", "1", b"k" * 16, upstream))
-    await until_claimed(one)
-    second = asyncio.ensure_future(two.get_or_compute("m", "1", b"k" * 16, upstream))
-    third = asyncio.ensure_future(two.get_or_compute("m", "1", b"k" * 16, upstream))  # two's own follower
+    first = await leading(one, upstream)
+    second = asking(two, upstream)
+    third = asking(two, upstream)  # two's own follower
     await asyncio.sleep(0.02)  # two polls meanwhile
     upstream.go.set()
     (a, source_a), (b, source_b), (c, source_c) = await asyncio.gather(first, second, third)
@@ -442,16 +454,15 @@ async def test_identical_requests_on_two_workers_are_computed_once(worker: Open)
     np.testing.assert_array_equal(b.outputs[0].data, a.outputs[0].data)
     stats = two.snapshot()["models"]["m"]
     assert (stats["misses"], stats["coalesced"], stats["host_coalesced"], stats["host_hits"]) == (0, 2, 1, 0)
-    assert (await two.get_or_compute("m", "1", b"k" * 16, upstream))[1] == "hit"  # kept in two's store
+    assert (await asking(two, upstream))[1] == "hit"  # kept in two's store
 
 
 async def test_a_leaders_failure_reaches_the_other_workers_as_the_same_error(worker: Open) -> None:
     one, two = workers(worker)
     upstream = Upstream()
     upstream.error = UpstreamError("[400] unexpected shape for input 'x'", status=400)
-    first = asyncio.ensure_future(one.get_or_compute("m", "1", b"k" * 16, upstream))
-    await until_claimed(one)
-    second = asyncio.ensure_future(two.get_or_compute("m", "1", b"k" * 16, upstream))
+    first = await leading(one, upstream)
+    second = asking(two, upstream)
     await asyncio.sleep(0.02)
     upstream.go.set()
     errors = await asyncio.gather(first, second, return_exceptions=True)
@@ -460,7 +471,7 @@ async def test_a_leaders_failure_reaches_the_other_workers_as_the_same_error(wor
         assert isinstance(error, UpstreamError) and error.status == 400
         assert str(error) == "[400] unexpected shape for input 'x'"
     # Errors are not cached: the next request computes.
-    assert (await two.get_or_compute("m", "1", b"k" * 16, upstream))[1] == "miss" and upstream.calls == 2
+    assert (await asking(two, upstream))[1] == "miss" and upstream.calls == 2
 
 
 LEADERS_OWN_ERRORS = {
@@ -476,9 +487,8 @@ async def test_a_leader_that_ends_without_an_answer_lets_another_worker_compute_
     they compute the key themselves, without waiting for another claim."""
     one, two = workers(worker)
     upstream = Upstream()
-    first = asyncio.ensure_future(one.get_or_compute("m", "1", b"k" * 16, upstream))
-    await until_claimed(one)
-    second = asyncio.ensure_future(two.get_or_compute("m", "1", b"k" * 16, upstream))
+    first = await leading(one, upstream)
+    second = asking(two, upstream)
     await asyncio.sleep(0.02)
     assert upstream.calls == 1
     if ending == "cancelled":
@@ -504,41 +514,30 @@ async def test_answers_too_large_for_the_log_are_computed_by_each_worker_at_once
     (not in turn after each other); the next misses of that model take no claim."""
     one, two, three = workers(worker, 3)
     big = BatchResult("1", [Tensor("y", "FP32", np.ones((1, 4096), np.float32))])  # 16 KiB: over an eighth of the log
-    calls = 0
-    go = asyncio.Event()
-
-    async def compute(abandoned) -> BatchResult:  # noqa: ANN001
-        nonlocal calls
-        calls += 1
-        await go.wait()
-        return big
-
-    first = asyncio.ensure_future(one.get_or_compute("m", "1", b"k" * 16, compute))
-    await until_claimed(one)
-    followers = [asyncio.ensure_future(c.get_or_compute("m", "1", b"k" * 16, compute)) for c in (two, three)]
+    upstream = Upstream(big)
+    first = await leading(one, upstream)
+    followers = [asking(c, upstream) for c in (two, three)]
     await asyncio.sleep(0.02)
-    assert calls == 1
-    go.set()
+    assert upstream.calls == 1
+    upstream.go.set()
     assert (await first)[1] == "miss"
-    go.clear()
+    upstream.go.clear()
     for _ in range(500):
-        if calls == 3:
+        if upstream.calls == 3:
             break
         await asyncio.sleep(0.001)
-    assert calls == 3  # both followers computing at once
-    go.set()
+    assert upstream.calls == 3  # both followers computing at once
+    upstream.go.set()
     assert [(await f)[1] for f in followers] == ["miss", "miss"]
     claims = one.snapshot()["host"]["claims"]
-    go.set()
-    assert (await one.get_or_compute("m", "1", b"j" * 16, compute))[1] == "miss"
+    assert (await one.get_or_compute("m", "1", b"j" * 16, upstream))[1] == "miss"
     assert one.snapshot()["host"]["claims"] == claims  # no claim for a model whose answers do not fit
 
 
 async def test_a_cache_closed_while_its_leader_computes_still_answers(worker: Open) -> None:
     one, two = workers(worker)
     upstream = Upstream()
-    first = asyncio.ensure_future(one.get_or_compute("m", "1", b"k" * 16, upstream))
-    await until_claimed(one)
+    first = await leading(one, upstream)
     await one.close()  # shutting down: the segment unmapped under the computation
     upstream.go.set()
     got, source = await first
@@ -609,10 +608,9 @@ def test_racing_workers_claim_each_key_once(segment: Path) -> None:
 async def test_a_follower_whose_clients_left_stops_waiting_and_the_leader_goes_on(worker: Open) -> None:
     one, two = workers(worker)
     upstream = Upstream()
-    first = asyncio.ensure_future(one.get_or_compute("m", "1", b"k" * 16, upstream))
-    await until_claimed(one)
+    first = await leading(one, upstream)
     left = False
-    second = asyncio.ensure_future(two.get_or_compute("m", "1", b"k" * 16, upstream, gone=lambda: left))
+    second = asking(two, upstream, gone=lambda: left)
     await asyncio.sleep(0.02)
     left = True
     with pytest.raises(ClientGone):
@@ -624,9 +622,8 @@ async def test_a_follower_whose_clients_left_stops_waiting_and_the_leader_goes_o
 async def test_an_answer_computed_across_a_version_drop_is_not_handed_to_the_other_workers(worker: Open) -> None:
     one, two = workers(worker)
     upstream = Upstream()
-    first = asyncio.ensure_future(one.get_or_compute("m", "1", b"k" * 16, upstream))
-    await until_claimed(one)
-    second = asyncio.ensure_future(two.get_or_compute("m", "1", b"k" * 16, upstream))
+    first = await leading(one, upstream)
+    second = asking(two, upstream)
     await asyncio.sleep(0.02)
     two.drop_version("m", "1")  # version 1 reloaded meanwhile: one's answer may be the old one's
     upstream.go.set()
