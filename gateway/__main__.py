@@ -37,13 +37,15 @@ def serve(args: argparse.Namespace) -> int:
             os.environ[SEGMENT_ENV] = str(segment)
     if workers > 1:
         # The workers' folder: each publishes its metrics there, for a scrape to sum them
-        # (gateway/worker_metrics.py), and they share the driving of the model repository
-        # (gateway/upstream/repository_workers.py).
+        # (gateway/worker_metrics.py), and its count of connections (gateway/accept_balance.py),
+        # and they share the driving of the model repository (gateway/upstream/repository_workers.py).
         try:
             folder = create_workers_folder()
         except OSError as exc:
             logging.getLogger("gateway").error(
-                "no folder for the workers: /metrics will count each worker alone, and each drives the repository: %s", exc
+                "no folder for the workers: /metrics will count each worker alone, each drives the repository,"
+                " and connections are not balanced over the workers: %s",
+                exc,
             )
         if folder is not None:
             os.environ[WORKERS_ENV] = str(folder)
@@ -78,10 +80,7 @@ def _run(args: argparse.Namespace, config: GatewayConfig, workers: int) -> int:
     from gateway.app import build_app
     from gateway.protocol.infer_server import InferHttpToolsProtocol
 
-    uvicorn.run(
-        build_app(config) if workers == 1 else "gateway.asgi:app_from_env",
-        factory=workers > 1,
-        workers=workers,
+    settings: dict = dict(
         host=config.server.host,
         port=config.server.port,
         loop="uvloop",
@@ -94,6 +93,15 @@ def _run(args: argparse.Namespace, config: GatewayConfig, workers: int) -> int:
         server_header=False,
         timeout_graceful_shutdown=int(config.server.shutdown_grace_s) + 1,
     )
+    if workers == 1:
+        uvicorn.run(build_app(config), **settings)
+    elif os.environ.get(WORKERS_ENV) and config.server.balance_connections:
+        # uvicorn's workers, with connections spread evenly over them (gateway/accept_balance.py).
+        from gateway.accept_balance import run_workers
+
+        run_workers(uvicorn.Config("gateway.asgi:app_from_env", factory=True, workers=workers, **settings))
+    else:  # not asked for, or no folder for the workers to share: uvicorn's own
+        uvicorn.run("gateway.asgi:app_from_env", factory=True, workers=workers, **settings)
     return 0
 
 
