@@ -137,14 +137,12 @@ class Balancer:
         listen: Callable[[], Awaitable[None]],
         held: Callable[[], int],
         waiting: Callable[[], int] = lambda: 0,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._table = table
         self._stop_listening = stop_listening
         self._listen = listen
         self._held = held
         self._waiting = waiting
-        self._clock = clock
         self._waiting_since: float | None = None
         self.count = 0
         self._unopened = [0, 0]  # accepted, not yet opened: before the last heartbeat, since
@@ -215,7 +213,7 @@ class Balancer:
         or its server failed); else poll again."""
         if self._stopped or self.listening or self._resuming is not None:
             return
-        now = self._clock()
+        now = time.monotonic()
         if not self._waiting():
             self._waiting_since = None
         elif self._waiting_since is None:

@@ -26,6 +26,7 @@ DEFAULT_MODELS = ("digits_cnn", "breast_cancer_mlp")
 # triton/ is deliberately not a package (it would shadow the Triton compiler torch imports).
 sys.path.insert(0, str(REPO_ROOT / "triton"))
 import fleet  # noqa: E402
+from gateway.host_files import WORKERS_PREFIX, default_directory  # noqa: E402
 
 
 def http_status(url: str, timeout: float = 2.0) -> int:
@@ -190,6 +191,24 @@ class GatewayProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def workers_folder(self) -> Path:
+        """The one folder ``serve`` made for its workers (``server.workers`` > 1)."""
+        [folder] = Path(default_directory()).glob(f"{WORKERS_PREFIX}{self.process.pid}-*")
+        return folder
+
+    def worker_pids(self) -> list[int]:
+        """The worker processes (uvicorn's spawned children); one that exits while they are
+        listed is left out."""
+        path = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        workers = []
+        for pid in map(int, path.read_text().split() if path.exists() else []):
+            try:
+                if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text():
+                    workers.append(pid)
+            except OSError:  # exited meanwhile
+                pass
+        return workers
 
 
 @contextmanager

@@ -323,16 +323,11 @@ def test_unreachable_upstream_is_503(tmp_path: Path) -> None:
         assert http.get("/v2/models/breast_cancer_mlp").status_code == 503
 
 
-def children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
-
-
 def test_worker_processes_share_the_port_and_stop_together(stack: Stack, tmp_path: Path) -> None:
     config = gateway_config(stack.triton.http_urls, GATEWAY_PORT + 2, server={"workers": 2})
     with running_gateway(config, GATEWAY_PORT + 2, tmp_path) as gw:
-        workers = [c for c in children(gw.process.pid) if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
-        assert len(workers) == 2, children(gw.process.pid)
+        workers = gw.worker_pids()
+        assert len(workers) == 2, workers
         with httpx.Client(base_url=gw.url, timeout=10) as http:
             x = BREAST_CANCER.splits().x_test[:3]
             body = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [3, 30], "data": x.ravel().tolist()}]}

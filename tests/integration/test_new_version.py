@@ -25,7 +25,6 @@ import pytest
 
 import fleet
 from conftest import GatewayProcess, gateway_config, running_gateway
-from gateway.host_files import default_directory
 from served_models import ATOL, BREAST_CANCER, MODEL_REPOSITORY, torch_reference
 from test_rollout_triton import FAULTY
 
@@ -156,7 +155,7 @@ def repository_view(gw: GatewayProcess) -> dict[str, Any]:
 def answers_per_worker(gw: GatewayProcess) -> list[float]:
     """The infer requests each worker process of the gateway answered 200, as they last
     published them (every second) in their folder, for /metrics to sum."""
-    [folder] = Path(default_directory()).glob(f"gateway-workers-{gw.process.pid}-*")
+    folder = gw.workers_folder()
     counts = []
     for path in sorted(folder.glob("*.json")):
         families = json.loads(path.read_bytes())

@@ -22,7 +22,6 @@ from prometheus_client.parser import text_string_to_metric_families
 import fleet
 from conftest import GatewayProcess, gateway_config, running_gateway
 from gateway.client import GatewayClient
-from gateway.host_files import default_directory
 from served_models import ATOL, DIGITS, MODEL_REPOSITORY, torch_reference
 
 pytestmark = pytest.mark.integration
@@ -292,9 +291,7 @@ def test_metrics_of_worker_processes_add_up(stack: Stack, tmp_path: Path) -> Non
             assert parsed[("gateway_infer_request_duration_seconds_count", frozenset({("model", DIGITS.name)}))] == sent
             assert parsed[("gateway_cache_misses_total", frozenset({("model", DIGITS.name)}))] == sent
             assert parsed[("gateway_metrics_worker_processes", frozenset())] == 2
-        folders = list(Path(default_directory()).glob(f"gateway-workers-{gw.process.pid}-*"))
-        assert len(folders) == 1
-        folder = folders[0]
+        folder = gw.workers_folder()
     assert not folder.exists()
 
 

@@ -4,6 +4,7 @@ Triton; which worker holds a connection is read from /proc."""
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import os
@@ -23,7 +24,6 @@ import pytest
 import fleet
 from conftest import GatewayProcess, gateway_config, running_gateway
 from gateway.accept_balance import SLOT, STALE_S, TABLE
-from gateway.host_files import default_directory
 from served_models import ATOL, BREAST_CANCER, torch_reference
 
 pytestmark = pytest.mark.integration
@@ -32,21 +32,8 @@ WORKERS = 4
 PORTS = iter((8140, 8141, 8142, 8151))  # one gateway per test
 
 
-def worker_pids(gw: GatewayProcess) -> list[int]:
-    path = Path(f"/proc/{gw.process.pid}/task/{gw.process.pid}/children")
-    workers = []
-    for pid in map(int, path.read_text().split() if path.exists() else []):
-        try:
-            if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text():
-                workers.append(pid)
-        except OSError:  # exited meanwhile
-            pass
-    return workers
-
-
 def live_slots(gw: GatewayProcess) -> int:
-    [folder] = Path(default_directory()).glob(f"gateway-workers-{gw.process.pid}-*")
-    values = (folder / TABLE).read_bytes()
+    values = (gw.workers_folder() / TABLE).read_bytes()
     now = time.monotonic()
     return sum(1 for _, beat in SLOT.iter_unpack(values) if now - beat < STALE_S)
 
@@ -56,7 +43,7 @@ def four_workers(triton: fleet.Fleet, tmp_path: Path) -> Iterator[GatewayProcess
     port = next(PORTS)
     with running_gateway(gateway_config(triton.http_urls, port, server={"workers": WORKERS}), port, tmp_path) as gw:
         deadline = time.monotonic() + 60
-        while len(worker_pids(gw)) < WORKERS or live_slots(gw) < WORKERS:
+        while len(gw.worker_pids()) < WORKERS or live_slots(gw) < WORKERS:
             assert time.monotonic() < deadline, f"the workers did not all start:\n{gw.log()}"
             time.sleep(0.1)
         yield gw
@@ -73,7 +60,7 @@ def holders(gw: GatewayProcess, clients: list[socket.socket]) -> Counter[int]:
         if state == "01":  # established
             inodes[inode] = (socket.inet_ntoa(struct.pack("<I", int(ip, 16))), int(port, 16))
     held: Counter[int] = Counter()
-    for pid in worker_pids(gw):
+    for pid in gw.worker_pids():
         try:
             fds = list(Path(f"/proc/{pid}/fd").iterdir())
         except OSError:  # exited meanwhile
@@ -89,9 +76,14 @@ def holders(gw: GatewayProcess, clients: list[socket.socket]) -> Counter[int]:
     return held
 
 
-INFER = json.dumps(
-    {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 30], "data": BREAST_CANCER.splits().x_test[:1].ravel().tolist()}]}
-).encode()
+ROW = BREAST_CANCER.splits().x_test[:1]
+INFER = json.dumps({"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 30], "data": ROW.ravel().tolist()}]}).encode()
+
+
+@functools.cache
+def expected() -> np.ndarray:
+    """The row's probabilities from a direct torch forward pass of the served weights."""
+    return torch_reference(BREAST_CANCER.name, ROW)[1]
 
 
 def ask(sock: socket.socket) -> None:
@@ -103,7 +95,7 @@ def ask(sock: socket.socket) -> None:
     response.begin()
     assert response.status == 200
     probs = np.array(json.loads(response.read())["outputs"][1]["data"], np.float32).reshape(1, 2)
-    np.testing.assert_allclose(probs, torch_reference(BREAST_CANCER.name, BREAST_CANCER.splits().x_test[:1])[1], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(probs, expected(), atol=ATOL, rtol=0)
 
 
 def connect(gw: GatewayProcess, timeout: float = 30.0, infer: bool = True) -> socket.socket:
