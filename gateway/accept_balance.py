@@ -3,7 +3,7 @@
 uvicorn's workers share one listening socket. A connection goes to whichever worker's event loop
 accepts it first, and libuv accepts every connection waiting at that moment, so one burst of
 connects can land on a single worker: measured with 4 workers and 16 connections opened at once
-or one after another, the busiest worker held 5 to 8 of them and the idlest 0 to 3. A connection
+or one after another, the busiest worker held 5 to 10 of them and the idlest 0 to 3. A connection
 stays with its worker for its life, so with the few long-lived connections of a load balancer or
 ``perf_analyzer`` in front, one worker carries up to twice its share while another idles.
 
