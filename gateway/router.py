@@ -7,8 +7,8 @@ For every batch (or lone request) the router:
    fetched yet, a version published a moment ago), every up instance is a candidate and Triton's
    own answer decides;
 2. drops candidates already at ``max_inflight_per_instance`` requests in flight; if that leaves
-   none, waits for a slot (within the request's deadline): requests meanwhile gather in the
-   batcher, which is where batching pays;
+   none, waits for a slot (within the request's deadline; without one, at most
+   ``request_timeout_s``): requests meanwhile gather in the batcher, which is where batching pays;
 3. lets ``balancer.choose`` pick one (weighted least outstanding, power of two choices);
 4. sends the request with a time limit of ``request_timeout_s`` or the deadline's remainder,
    whichever is shorter, and records the outcome on the instance (outlier ejection);
@@ -141,6 +141,13 @@ class Router:
         return balancer.choose(free, self._rng, self._clock(), self._bias) if free else None
 
     async def _acquire(self, model: str | None, version: str, exclude: Sequence[Instance], deadline: float | None) -> Instance:
+        """An instance with a free slot, waiting for one until the deadline; a request without
+        one waits at most ``attempt_timeout`` (as long as one attempt may take), never forever."""
+        if deadline is None:
+            limit = self._clock() + self._attempt_timeout
+            why = f"no Triton instance had a free slot within {self._attempt_timeout:g} s (upstream.request_timeout_s)"
+        else:
+            limit, why = deadline, "deadline passed while waiting for a free Triton instance"
         while True:
             instance = self.pick(model, version, exclude)
             if instance is not None:
@@ -149,16 +156,13 @@ class Router:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
-                if deadline is None:
+                async with asyncio.timeout(max(0.0, limit - self._clock())):
                     await waiter
-                else:
-                    async with asyncio.timeout(max(0.0, deadline - self._clock())):
-                        await waiter
             except TimeoutError:
-                raise GatewayTimeout("deadline passed while waiting for a free Triton instance") from None
+                raise GatewayTimeout(why) from None
             finally:
-                if not waiter.done():
-                    waiter.cancel()
+                waiter.cancel()  # timed out or cancelled: no longer a waiter (a no-op once woken)
+                if waiter in self._waiters:
                     self._waiters.remove(waiter)
 
     def _release(self, instance: Instance) -> None:

@@ -132,6 +132,21 @@ async def test_a_deadline_passing_while_waiting_for_a_slot_is_504() -> None:
     assert router._waiters == []
 
 
+async def test_a_request_without_a_deadline_waits_for_a_slot_at_most_the_attempt_timeout() -> None:
+    client = FakeClient()
+    client.hold = asyncio.Event()
+    router = make_router(client, Instance("a"), max_inflight_per_instance=1, attempt_timeout=0.05)
+    busy = asyncio.create_task(router.infer("m", "", INPUTS))
+    await asyncio.sleep(0)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(GatewayTimeout, match="no Triton instance had a free slot within 0.05 s"):
+        await router.infer("m", "", INPUTS)
+    assert 0.04 <= asyncio.get_running_loop().time() - started < 1.0
+    assert len(client.calls) == 1 and router._waiters == []
+    client.hold.set()
+    await busy
+
+
 # -- failover -------------------------------------------------------------------------------------
 
 
