@@ -113,7 +113,8 @@ class ResponseCache:
         claim_s: float = 60.0,
     ) -> None:
         """``claim_s``: how long other workers wait for one worker's computation of a key
-        (while that worker lives); past it they compute the key themselves."""
+        (while that worker lives and renews its claim, ``host_flight.py``); past it they
+        compute the key themselves."""
         self._config = config
         self._shared = shared  # a shared.SharedTier, or None
         self._host = host
@@ -323,6 +324,8 @@ class ResponseCache:
         if self._shared is not None:
             await self._shared.close()
         if self._host is not None:
+            if self._host_flight is not None:
+                self._host_flight.close()
             self._host_flight = None
             self._host.close()
             self._host = None

@@ -14,7 +14,7 @@ workers (``create_segment``) and removes when they have stopped; each worker map
   ``bump`` (a version dropped) makes every entry of that slot's versions written before it
   invisible;
 - a table of claims: which worker is computing which key now, or how its computation failed
-  (``claim``, ``look``, ``release``, ``fail``; what ``host_flight.py`` builds single flight
+  (``claim``, ``look``, ``renew``, ``release``, ``fail``; what ``host_flight.py`` builds single flight
   across the workers on);
 - an index: buckets of 8 ways, each the log position of an entry whose key falls in it;
 - the log, a ring of ``capacity`` bytes: entries are appended, and the oldest are overwritten
@@ -79,6 +79,8 @@ CLAIM_BYTES = 256
 CLAIM_SLOTS = 2048
 CLAIM_WAYS = 8
 MESSAGE_BYTES = CLAIM_BYTES - _CLAIM.size
+_CLAIM_HEAD = struct.Struct("<16sIII")  # a claim up to its until
+_UNTIL = struct.Struct("<d")
 FREE, COMPUTING, FAILED, ENDED = 0, 1, 2, 3
 
 PREFIX = "gateway-cache-"
@@ -185,7 +187,7 @@ def _alive(pid: int) -> bool:
 
 class HostStore:
     """One process's view of a segment: ``get``, ``put``, ``generation`` and ``bump``; and the
-    claims: ``claim``, ``look``, ``release``, ``fail``.
+    claims: ``claim``, ``look``, ``renew``, ``release``, ``end``, ``fail``.
 
     Synchronous; readers take no lock, and ``put`` skips its write rather than wait for
     another writer (unless told to wait; ``bump`` and the claims wait, for microseconds)."""
@@ -389,6 +391,26 @@ class HostStore:
             message = slot[_CLAIM.size : _CLAIM.size + min(length, MESSAGE_BYTES)]
             return Claim(pid, state, until, status, kind.rstrip(b"\0").decode("ascii", "replace"), message.decode("utf-8", "replace"))
         return None
+
+    def renew(self, until: dict[bytes, float]) -> None:
+        """Extend this view's live claims: each key of ``until`` to its time (the claims this
+        view still holds; one another worker took over stays that worker's). Waits for the
+        claims' lock, once for them all."""
+        if self._fd < 0 or not until:
+            return
+        self._lock_claims(wait=True)
+        try:
+            for key, time in until.items():
+                base = self._claim_bucket(key)
+                for i in range(CLAIM_WAYS):
+                    at = base + i * CLAIM_BYTES
+                    held, _, token, state = _CLAIM_HEAD.unpack_from(self._mm, at)
+                    if held == key:
+                        if token == self._token and state == COMPUTING:
+                            _UNTIL.pack_into(self._mm, at + _CLAIM_HEAD.size, time)
+                        break
+        finally:
+            self._unlock_claims()
 
     def release(self, key: bytes) -> None:
         """This view's claim on ``key`` ends: its answer is in the log."""

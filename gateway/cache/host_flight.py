@@ -17,12 +17,16 @@ A follower's wait ends with:
   a version dropped meanwhile, any other error, such as the leader worker's own queue being
   full or its shutdown, or its clients all gone): each follower computes the key itself, at
   once;
-* the claim gone (its worker died, or it ran past its ``until``): the follower claims the key in
-  turn (or follows whoever claimed it first);
+* the claim gone (its worker died, stopped renewing it, or ran past ``lifetime``): the follower
+  claims the key in turn (or follows whoever claimed it first);
 * its own flight's waiters all gone (``ClientGone``), or a cancellation.
 
-No wait is unbounded: a claim lasts at most ``lifetime`` (as long as one computation may take),
-and a follower checks at each poll that the leader's process is still alive.
+No wait is unbounded. A claim is a lease of ``LEASE_S``, which its worker's event loop renews
+every ``RENEW_S`` while the computation runs, for at most ``lifetime`` (as long as one
+computation may take). A worker that dies lets go at once (a follower checks the leader's
+process at each poll); one whose event loop stalls (stopped, stuck in a call) stops renewing,
+and its followers take over within ``LEASE_S``. A lease that lapses under a leader that is
+merely slow costs one computation more, never a wrong answer.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ END_S = 1.0  # how long a failure or an end stays readable for the followers pol
 POLL_FIRST_S = 0.0005
 POLL_MAX_S = 0.002
 CLAIM_TRIES = 100  # tries of a claim while another worker changes the claims (microseconds each)
+LEASE_S = 2.0  # a claim lapses this long after its worker last renewed it...
+RENEW_S = 0.5  # ...which it does this often while it computes
 
 # How the result came: another worker computed it, it was in the host tier when this worker
 # claimed the key, or this worker computed it.
@@ -72,6 +78,8 @@ class HostFlight:
         self._host = host
         self._clock = clock
         self._lifetime = lifetime
+        self._held: dict[bytes, float] = {}  # keys this worker claimed: the last time to renew them to
+        self._renewing: asyncio.Task[None] | None = None
 
     async def do(
         self,
@@ -108,6 +116,7 @@ class HostFlight:
             if holder is not None and holder.state == ENDED:  # no answer to share: compute it
                 return (await compute(False))[0], COMPUTED
             # The claim is gone (its worker died, or past its time): claim the key in turn.
+        self._hold(key)
         try:
             # Another worker may have ended its claim between this worker's look in the host
             # tier and its claim: look once more.
@@ -123,11 +132,30 @@ class HostFlight:
             else:
                 host.end(key, self._clock() + END_S)
             raise
+        finally:
+            self._held.pop(key, None)
         if stored:
             host.release(key)
         else:
             host.end(key, self._clock() + END_S)
         return result, COMPUTED
+
+    def _hold(self, key: bytes) -> None:
+        """Renew the claim on ``key`` while this worker computes it, up to ``lifetime``."""
+        self._held[key] = self._clock() + self._lifetime
+        if self._renewing is None or self._renewing.done():
+            self._renewing = asyncio.get_running_loop().create_task(self._renew())
+
+    async def _renew(self) -> None:
+        while self._held:
+            await asyncio.sleep(RENEW_S)
+            now = self._clock()
+            self._host.renew({key: min(now + LEASE_S, last) for key, last in self._held.items()})
+
+    def close(self) -> None:
+        if self._renewing is not None:
+            self._renewing.cancel()
+            self._renewing = None
 
     async def _claim(self, key: bytes) -> Claim | None:
         """``HostStore.claim``, tried again while another worker changes the claims; after
@@ -135,7 +163,7 @@ class HostFlight:
         for _ in range(CLAIM_TRIES):
             now = self._clock()
             try:
-                return self._host.claim(key, now + self._lifetime, now)
+                return self._host.claim(key, now + min(LEASE_S, self._lifetime), now)
             except BlockingIOError:
                 await asyncio.sleep(0)
         return None

@@ -10,7 +10,11 @@ import hashlib
 import multiprocessing
 import os
 import random
+import signal
 import struct
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +23,7 @@ import numpy as np
 import pytest
 
 from gateway.batcher import BatchResult
-from gateway.cache import RawAnswer, ResponseCache, build_cache, host
+from gateway.cache import RawAnswer, ResponseCache, build_cache, host, host_flight
 from gateway.cache.host import ENTRY_BYTES, PREFIX, HostStore, create_segment
 from gateway.config import CacheConfig
 from gateway.errors import ClientGone, Unavailable, UpstreamError
@@ -629,3 +633,73 @@ async def test_an_answer_computed_across_a_version_drop_is_not_handed_to_the_oth
     upstream.go.set()
     await first
     assert (await asyncio.wait_for(second, 5))[1] == "miss" and upstream.calls == 2
+
+
+async def test_a_leader_computing_longer_than_its_lease_keeps_its_claim(worker: Open, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(host_flight, "LEASE_S", 0.1)
+    monkeypatch.setattr(host_flight, "RENEW_S", 0.02)
+    one, two = workers(worker)
+    upstream = Upstream()
+    first = await leading(one, upstream)
+    second = asking(two, upstream)
+    await asyncio.sleep(0.5)  # five leases: renewed all along
+    assert upstream.calls == 1 and not second.done()
+    upstream.go.set()
+    assert [(await f)[1] for f in (first, second)] == ["miss", "coalesced"] and upstream.calls == 1
+
+
+# A worker that claims KEY and computes it forever, renewing its claim as its event loop runs.
+STUCK_LEADER = """
+import asyncio, sys
+from gateway.cache import ResponseCache, host_flight
+from gateway.cache.host import HostStore
+from gateway.config import CacheConfig
+
+host_flight.LEASE_S, host_flight.RENEW_S = float(sys.argv[2]), float(sys.argv[3])
+
+async def compute(abandoned):
+    print("computing", flush=True)
+    await asyncio.Event().wait()
+
+async def main():
+    cache = ResponseCache(CacheConfig(enabled=True, ttl_s=30.0), host=HostStore(sys.argv[1]))
+    await cache.get_or_compute("m", "1", %r, compute)
+
+asyncio.run(main())
+""" % KEY
+
+
+async def test_a_leader_whose_event_loop_stops_is_taken_over_within_its_lease(segment: Path, worker: Open) -> None:
+    """A live process that no longer runs (stopped, its event loop stuck) keeps its claim only
+    until its lease lapses, not for the whole ``lifetime``."""
+    lease, renew = 0.3, 0.05
+    leader = subprocess.Popen(
+        [sys.executable, "-c", STUCK_LEADER, str(segment), str(lease), str(renew)],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2],
+    )
+    try:
+        assert leader.stdout is not None and leader.stdout.readline().strip() == "computing"
+        view = worker()
+        claim = view.look(KEY, time.monotonic())
+        assert claim is not None and claim.pid == leader.pid
+        (two,) = workers(worker, 1)
+        upstream = Upstream()
+        upstream.go.set()
+        follower = asking(two, upstream)
+        await asyncio.sleep(4 * lease)
+        assert upstream.calls == 0 and not follower.done()  # the leader renews its claim
+        # Stop the leader between two renewals (not inside one, which holds the claims' lock).
+        until = view.look(KEY, time.monotonic()).until
+        while (seen := view.look(KEY, time.monotonic())) is not None and seen.until == until:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(renew / 2)
+        leader.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        got, source = await asyncio.wait_for(follower, 5)
+        waited = time.monotonic() - stopped
+        assert source == "miss" and upstream.calls == 1 and waited < lease + 0.5
+        np.testing.assert_array_equal(got.outputs[0].data, result().outputs[0].data)
+    finally:
+        leader.kill()
+        leader.wait(10)
+        leader.stdout.close()
