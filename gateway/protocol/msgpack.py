@@ -31,6 +31,7 @@ import msgpack
 from gateway.errors import BadRequest, UpstreamError
 from gateway.protocol.v2 import (
     MakeError,
+    check_request_parameters,
     parse_tensor_spec,
     select_outputs,
     tensor_from_buffer,
@@ -54,6 +55,13 @@ def _response_error(message: str) -> Exception:
     return UpstreamError(f"malformed msgpack response: {message}")
 
 
+# What the unpacker's errors that carry no message mean.
+_UNPACK_ERRORS = {
+    msgpack.exceptions.FormatError: "a byte that starts no msgpack value",
+    msgpack.exceptions.StackError: "nested too deeply",
+}
+
+
 def _unpack(body: bytes, err: MakeError) -> dict[str, Any]:
     try:
         doc = msgpack.unpackb(
@@ -68,7 +76,7 @@ def _unpack(body: bytes, err: MakeError) -> dict[str, Any]:
             max_ext_len=0,  # no extension types in this format
         )
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise err(f"malformed msgpack body: {exc}") from None
+        raise err(f"malformed msgpack body: {str(exc) or _UNPACK_ERRORS.get(type(exc), type(exc).__name__)}") from None
     if not isinstance(doc, dict):
         raise err(f"the msgpack body must be a map, got {type(doc).__name__}")
     return doc
@@ -146,7 +154,7 @@ def decode_request(body: bytes, model: str, version: str) -> InferRequest:
         inputs=_tensors(doc["inputs"], "input", BadRequest),
         outputs=_requested_outputs(doc.get("outputs")),
         id=_optional_str(doc, "id", BadRequest),
-        parameters=dict(_optional_map(doc, "parameters", BadRequest)),
+        parameters=check_request_parameters(dict(_optional_map(doc, "parameters", BadRequest))),
     )
 
 

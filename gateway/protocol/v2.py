@@ -11,6 +11,7 @@ The buffer helpers (``parse_tensor_spec``, ``tensor_from_buffer``, ``tensor_to_b
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 from dataclasses import dataclass
@@ -223,7 +224,12 @@ def _json_values(tensor: Tensor) -> Any:
         except UnicodeDecodeError:
             raise BadRequest(f"output '{tensor.name}' holds non-UTF-8 bytes; ask for binary_data=true") from None
     # orjson serializes contiguous native numpy arrays directly (OPT_SERIALIZE_NUMPY).
-    return np.ascontiguousarray(tensor.data, dtype=V2_TO_NUMPY[tensor.datatype]).reshape(-1)
+    values = np.ascontiguousarray(tensor.data, dtype=V2_TO_NUMPY[tensor.datatype]).reshape(-1)
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        # orjson writes NaN and infinities as null; Triton writes NaN, Infinity and -Infinity,
+        # which its clients (tritonclient reads with rapidjson) read back as such.
+        return orjson.Fragment(json.dumps(values.tolist(), separators=(",", ":")).encode())
+    return values
 
 
 def parse_header_length(value: str | None, body_length: int) -> int | None:
@@ -267,6 +273,44 @@ def _parameters(obj: dict[str, Any], where: str, err: MakeError) -> dict[str, An
     if "shared_memory_region" in params:
         raise err(f"{where}: shared memory is not supported by this server")
     return dict(params)
+
+
+_U64_MAX = 2**64 - 1
+# Triton's own request parameters and what it accepts for each; any other is the model's, passed on.
+_UNSIGNED, _BOOLEAN = "an unsigned integer", "true or false"
+_KNOWN_PARAMETERS = {
+    "priority": _UNSIGNED,
+    "timeout": _UNSIGNED,
+    "sequence_id": "an unsigned integer or a string",
+    "sequence_start": _BOOLEAN,
+    "sequence_end": _BOOLEAN,
+    "binary_data_output": _BOOLEAN,
+}
+
+
+def _parameter_fits(name: str, value: Any) -> bool:
+    unsigned = type(value) is int and 0 <= value <= _U64_MAX
+    rule = _KNOWN_PARAMETERS.get(name)
+    if rule is _UNSIGNED:
+        return unsigned
+    if rule is _BOOLEAN:
+        return type(value) is bool
+    if rule is not None:  # sequence_id
+        return unsigned or type(value) is str
+    return type(value) in (str, int, bool) or (type(value) is float and math.isfinite(value))
+
+
+def check_request_parameters(params: dict[Any, Any]) -> dict[str, Any]:
+    """The request-level ``parameters``, checked as Triton would read them (it answers a bad
+    ``priority`` or sequence parameter with a 500, which would count against a healthy
+    instance): a 400 naming the parameter instead."""
+    for name, value in params.items():
+        if type(name) is not str:
+            raise BadRequest(f"request parameter names must be strings, got {_short(name)}")
+        if not _parameter_fits(name, value):
+            what = _KNOWN_PARAMETERS.get(name, "a string, an integer, a finite number or a boolean")
+            raise BadRequest(f"request parameter '{name}' must be {what}, got {_short(value)}")
+    return params
 
 
 def _decode_tensors(raw: Any, binary: memoryview, kind: str, err: MakeError) -> list[Tensor]:
@@ -397,10 +441,8 @@ def _decode_in_full(body: bytes, header_length: int | None) -> tuple[InferReques
         raise BadRequest("the request has no 'inputs'")
     inputs = _decode_tensors(doc["inputs"], binary, "input", BadRequest)
     outputs = _requested_outputs(doc.get("outputs"))
-    params = _parameters(doc, "request", BadRequest)
+    params = check_request_parameters(_parameters(doc, "request", BadRequest))
     binary_output = params.pop("binary_data_output", False)
-    if not isinstance(binary_output, bool):
-        raise BadRequest("request parameter binary_data_output must be true or false")
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise BadRequest("request 'id' must be a string")

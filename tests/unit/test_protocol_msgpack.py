@@ -106,10 +106,10 @@ def _inp(**fields) -> dict:
     ("body", "message"),
     [
         (b"", "malformed msgpack body"),
-        (b"\xc1", "malformed msgpack body"),
+        (b"\xc1", "malformed msgpack body: a byte that starts no msgpack value"),
         (pack({"inputs": []}) + b"\x00", "malformed msgpack body"),
         (b"\xdd\xff\xff\xff\xff", "malformed msgpack body"),  # array32 claiming 4G items
-        (b"\x91" * 5000 + b"\x90", "malformed msgpack body"),  # nesting deeper than the unpacker stack
+        (b"\x91" * 5000 + b"\x90", "malformed msgpack body: nested too deeply"),  # deeper than the unpacker's stack
         (b"\x81\xa1\xff\x90", "malformed msgpack body"),  # invalid UTF-8 string
         (pack({1: 2}), "malformed msgpack body"),  # non-string map key
         (pack({"inputs": [], "p": msgpack.ExtType(5, b"x")}), "malformed msgpack body"),
@@ -135,6 +135,10 @@ def _inp(**fields) -> dict:
         (pack({"inputs": [], "outputs": ["y", {"name": "y"}]}), "duplicate requested output 'y'"),
         (pack({"inputs": [], "id": 5}), "'id' must be a string"),
         (pack({"inputs": [], "parameters": [1]}), "'parameters' must be a map"),
+        (pack({"inputs": [], "parameters": {"x": b"a"}}), "request parameter 'x' must be a string, an integer, a finite number or a boolean, got b'a'"),
+        (pack({"inputs": [], "parameters": {"x": [b"a"]}}), "request parameter 'x' must be"),
+        (pack({"inputs": [], "parameters": {b"x": 1}}), "request parameter names must be strings, got b'x'"),
+        (pack({"inputs": [], "parameters": {"priority": "high"}}), "request parameter 'priority' must be an unsigned integer, got 'high'"),
     ],
 )
 def test_malformed_requests(body: bytes, message: str) -> None:

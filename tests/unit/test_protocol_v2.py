@@ -171,6 +171,17 @@ def test_response_parses_with_tritonclient(datatype: str, binary: bool) -> None:
     assert [o["name"] for o in doc["outputs"]] == ["OUT"]  # only what was requested
 
 
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64"])
+def test_nan_and_infinities_in_json_outputs_are_written_as_triton_writes_them(datatype: str) -> None:
+    values = np.array([[np.nan, np.inf, -np.inf, 1.5]], V2_TO_NUMPY[datatype])
+    request = InferRequest("m", "", [], [RequestedOutput("y", False)])
+    body, header_length = v2.encode_response(InferResponse("m", "1", [Tensor("y", datatype, values)]), request)
+    assert b'"data":[NaN,Infinity,-Infinity,1.5]' in body  # not null, which orjson would write
+    got = httpclient.InferResult.from_response_body(body, verbose=False, header_length=header_length).as_numpy("y")
+    assert got.dtype == values.dtype
+    np.testing.assert_array_equal(got, values)  # NaN where NaN, each infinity with its sign
+
+
 def test_response_defaults_order_and_mixed_binary() -> None:
     arrays = {"A": SAMPLES["FP16"], "B": SAMPLES["BYTES"], "C": SAMPLES["BOOL"]}
     response = response_for(arrays)
@@ -272,6 +283,36 @@ def _binary_request(inputs: list[dict], payload: bytes) -> tuple[bytes, int]:
 
 
 @pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"priority": "high"}, "'priority' must be an unsigned integer, got 'high'"),
+        ({"priority": -1}, "'priority' must be an unsigned integer, got -1"),
+        ({"priority": True}, "'priority' must be an unsigned integer, got True"),
+        ({"sequence_id": -1}, "'sequence_id' must be an unsigned integer or a string, got -1"),
+        ({"sequence_id": 1.5}, "'sequence_id' must be an unsigned integer or a string"),
+        ({"sequence_start": "x"}, "'sequence_start' must be true or false, got 'x'"),
+        ({"sequence_end": 1}, "'sequence_end' must be true or false, got 1"),
+        ({"custom": None}, "'custom' must be a string, an integer, a finite number or a boolean, got None"),
+        ({"custom": [1]}, "'custom' must be a string"),
+        ({"custom": {"a": 1}}, "'custom' must be a string"),
+    ],
+)
+def test_request_parameters_triton_would_refuse_are_a_400_naming_them(parameters: dict, message: str) -> None:
+    """Triton answers a bad priority or sequence parameter with a 500, which the gateway would
+    take for the instance's fault (a retry elsewhere, an ejection)."""
+    with pytest.raises(BadRequest, match=f"request parameter {message}") as info:
+        decode(json_body({"inputs": [_input(data=[1, 2])], "parameters": parameters}))
+    assert info.value.status == 400
+
+
+def test_request_parameters_triton_accepts_pass() -> None:
+    parameters = {"priority": 3, "sequence_id": "abc", "sequence_start": True, "sequence_end": False, "custom": 1.5, "n": -7, "s": "x"}
+    request = decode(json_body({"inputs": [_input(data=[1, 2])], "parameters": parameters}))
+    assert request.parameters == parameters
+    assert decode(json_body({"inputs": [_input(data=[1, 2])], "parameters": {"sequence_id": 2**64 - 1}})).parameters == {"sequence_id": 2**64 - 1}
+
+
+@pytest.mark.parametrize(
     ("body", "message"),
     [
         (b"{not json", "malformed JSON"),
@@ -312,7 +353,7 @@ def _binary_request(inputs: list[dict], payload: bytes) -> tuple[bytes, int]:
         (json_body({"inputs": [_input(data=[1, 2])], "outputs": [{"nom": "y"}]}), "requested output #0 must be an object"),
         (json_body({"inputs": [_input(data=[1, 2])], "outputs": [{"name": "y"}, {"name": "y"}]}), "duplicate requested output 'y'"),
         (json_body({"inputs": [_input(data=[1, 2])], "outputs": [{"name": "y", "parameters": {"binary_data": 1}}]}), "requested output 'y': binary_data must be true or false"),
-        (json_body({"inputs": [_input(data=[1, 2])], "parameters": {"binary_data_output": "yes"}}), "binary_data_output must be true or false"),
+        (json_body({"inputs": [_input(data=[1, 2])], "parameters": {"binary_data_output": "yes"}}), "parameter 'binary_data_output' must be true or false"),
         (json_body({"inputs": [_input(data=[1, 2])], "parameters": 3}), "request: 'parameters' must be an object"),
         (json_body({"inputs": [_input(data=[1, 2])], "id": 17}), "'id' must be a string"),
     ],
