@@ -52,10 +52,7 @@ async def error_response(request: Request, exc: Exception) -> Response:
 
 
 def model_and_version(request: Request) -> tuple[str, str]:
-    version = request.path_params.get("version", "")
-    if version and not (version.isascii() and version.isdigit()):
-        raise BadRequest(f"model version must be a positive integer, got {version!r}")
-    return request.path_params["model"], version
+    return v2.model_and_version(request.path_params["model"], request.path_params.get("version", ""))
 
 
 async def model_metadata(request: Request) -> Response:
@@ -85,8 +82,11 @@ async def model_ready(request: Request) -> Response:
 
 
 async def model_stats(request: Request) -> Response:
-    # Forward the path as the client encoded it: a decoded model name could change its meaning.
-    path = request.scope.get("raw_path", b"").decode("latin-1") or request.url.path
+    if "model" in request.path_params:
+        model, version = model_and_version(request)
+        path = model_path(model, version) + "/stats"  # the name quoted again, never trusted
+    else:
+        path = "/v2/models/stats"
     answers = await services(request).router.get_all(path)
     ok = [orjson.loads(a.body) for a in answers if a.status == 200]
     if not ok:

@@ -64,12 +64,9 @@ def infer_target(path: str) -> tuple[str, str] | None:
     """(model, version) for an infer path, else None. Version "" lets the server choose."""
     parts = path.split("/")
     if len(parts) == 5 and parts[4] == "infer" and parts[1] == "v2" and parts[2] == "models" and parts[3]:
-        return parts[3], ""
+        return v2.model_and_version(parts[3], "")
     if len(parts) == 7 and parts[6] == "infer" and parts[1:3] == ["v2", "models"] and parts[4] == "versions" and parts[3]:
-        version = parts[5]
-        if not (version.isascii() and version.isdigit()):
-            raise BadRequest(f"model version must be a positive integer, got {version!r}")
-        return parts[3], version
+        return v2.model_and_version(parts[3], parts[5])
     return None
 
 

@@ -232,6 +232,23 @@ def _json_values(tensor: Tensor) -> Any:
     return values
 
 
+MAX_MODEL_NAME_BYTES = 255  # a model is a folder of the repository: a file name's limit
+
+
+def model_and_version(model: str, version: str) -> tuple[str, str]:
+    """A request path's model name and version ("": none named), checked. A version is a decimal
+    number (Triton's are 64-bit), returned in its canonical form: Triton reads "01" as "1", so
+    the gateway does too, with one batcher, cache key and metrics series per version."""
+    if len(model.encode()) > MAX_MODEL_NAME_BYTES:
+        raise BadRequest(f"model name is longer than {MAX_MODEL_NAME_BYTES} bytes, the longest a repository folder can be")
+    if not version:
+        return model, ""
+    digits = version.lstrip("0") or "0"
+    if not (version.isascii() and version.isdigit()) or len(digits) > 19 or int(digits) > _INT64_MAX:
+        raise BadRequest(f"model version must be a positive integer (64-bit), got {_short(version)}")
+    return model, digits
+
+
 def parse_header_length(value: str | None, body_length: int) -> int | None:
     """Parse the ``Inference-Header-Content-Length`` header; None when it is absent."""
     if value is None:

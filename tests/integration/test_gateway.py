@@ -239,6 +239,26 @@ ERROR_CASES = [
         "features",
     ),
     ("body over the limit", "POST", "/v2/models/breast_cancer_mlp/infer", {"content": b" " * (BODY_LIMIT + 1)}, 413, "limit"),
+    # Triton answers these parameters with a 500, which the gateway would hold against the instance.
+    (
+        "priority not a number",
+        "POST",
+        "/v2/models/breast_cancer_mlp/infer",
+        {"json": {**v2_json(), "parameters": {"priority": "high"}}},
+        400,
+        "request parameter 'priority' must be an unsigned integer",
+    ),
+    (
+        "sequence_start not a boolean",
+        "POST",
+        "/v2/models/breast_cancer_mlp/infer",
+        {"json": {**v2_json(), "parameters": {"sequence_start": "x"}}},
+        400,
+        "request parameter 'sequence_start' must be true or false",
+    ),
+    ("non-numeric version stats", "GET", "/v2/models/breast_cancer_mlp/versions/abc/stats", {}, 400, "'abc'"),
+    ("model name too long", "GET", "/v2/models/" + "a" * 9000 + "/config", {}, 400, "longer than 255 bytes"),
+    ("model name too long infer", "POST", "/v2/models/" + "a" * 9000 + "/infer", {"json": v2_json()}, 400, "longer than 255 bytes"),
     ("unknown route", "GET", "/v2/nothing/here", {}, 404, "Not Found"),
 ]
 
@@ -257,6 +277,33 @@ def test_bad_requests_get_a_clear_4xx_and_the_connection_survives(stack: Stack, 
         # The same connection still serves a good request afterwards.
         ok = http.post("/v2/models/breast_cancer_mlp/infer", json=v2_json())
         assert ok.status_code == 200 and ok.json()["model_version"] == "1"
+
+
+def test_bad_parameters_from_a_client_never_count_against_an_instance(stack: Stack) -> None:
+    with httpx.Client(base_url=stack.gateway.url, timeout=10) as http:
+        for bad in ({"priority": "high"}, {"sequence_id": -1}, {"sequence_end": 1}) * 4:
+            resp = http.post("/v2/models/breast_cancer_mlp/infer", json={**v2_json(), "parameters": bad})
+            assert resp.status_code == 400, resp.text
+        instances = http.get("/v2/gateway/fleet").json()["instances"]
+    assert len(instances) == 2
+    assert all(i["state"] == "up" and i["consecutive_failures"] == 0 for i in instances), instances
+
+
+def test_a_version_is_read_as_a_number_as_triton_reads_it(stack: Stack) -> None:
+    """"01" and "1" are one version: one answer, one metrics series."""
+    model = BREAST_CANCER.name
+    rows = BREAST_CANCER.splits().x_test[:1]
+    body = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 30], "data": rows.ravel().tolist()}]}
+    with httpx.Client(base_url=stack.gateway.url, timeout=10) as http:
+        for spelling in ("01", "0001"):
+            resp = http.post(f"/v2/models/{model}/versions/{spelling}/infer", json=body)
+            assert resp.status_code == 200 and resp.json()["model_version"] == "1", resp.text
+            probs = next(o for o in resp.json()["outputs"] if o["name"] == "probabilities")["data"]
+            np.testing.assert_allclose(np.array(probs, np.float32).reshape(1, 2), torch_reference(model, rows)[1], atol=ATOL, rtol=0)
+            assert http.get(f"/v2/models/{model}/versions/{spelling}/ready").status_code == 200
+            assert http.get(f"/v2/models/{model}/versions/{spelling}").json()["name"] == model
+        versions = {dict(labels).get("version") for name, labels in scrape(http) if dict(labels).get("model") == model}
+    assert "1" in versions and not versions & {"01", "0001"}, versions
 
 
 # --- metrics ----------------------------------------------------------------------------------

@@ -16,6 +16,11 @@ from gateway.infer_endpoint import disconnect_probe, infer_target, is_msgpack, r
     [
         ("/v2/models/digits_cnn/infer", ("digits_cnn", "")),
         ("/v2/models/digits_cnn/versions/3/infer", ("digits_cnn", "3")),
+        # Triton reads a version as a number: one spelling per version, one batcher, cache key, series.
+        ("/v2/models/digits_cnn/versions/003/infer", ("digits_cnn", "3")),
+        ("/v2/models/digits_cnn/versions/" + "0" * 5000 + "1/infer", ("digits_cnn", "1")),
+        ("/v2/models/digits_cnn/versions/00/infer", ("digits_cnn", "0")),
+        ("/v2/models/digits_cnn/versions/9223372036854775807/infer", ("digits_cnn", "9223372036854775807")),
         ("/v2/models//infer", None),
         ("/v2/models/m/versions/3/other/infer", None),
         ("/v1/models/m/infer", None),
@@ -26,9 +31,18 @@ def test_infer_paths(path: str, target: tuple[str, str] | None) -> None:
     assert infer_target(path) == target
 
 
-def test_non_numeric_version_is_a_bad_request() -> None:
-    with pytest.raises(BadRequest, match="'latest'"):
-        infer_target("/v2/models/m/versions/latest/infer")
+@pytest.mark.parametrize("version", ["latest", "-1", "1.0", "\u0661", "9223372036854775808", "1" * 5000])
+def test_a_version_that_is_no_64_bit_number_is_a_bad_request(version: str) -> None:
+    with pytest.raises(BadRequest, match="model version must be a positive integer \\(64-bit\\), got '"):
+        infer_target(f"/v2/models/m/versions/{version}/infer")
+
+
+def test_a_model_name_longer_than_a_folder_name_is_a_bad_request() -> None:
+    assert infer_target("/v2/models/" + "a" * 255 + "/infer") == ("a" * 255, "")
+    with pytest.raises(BadRequest, match="model name is longer than 255 bytes"):
+        infer_target("/v2/models/" + "a" * 256 + "/infer")
+    with pytest.raises(BadRequest, match="model name is longer than 255 bytes"):
+        infer_target("/v2/models/" + "é" * 128 + "/versions/1/infer")  # 256 bytes in UTF-8
 
 
 def test_msgpack_content_types() -> None:
