@@ -172,4 +172,4 @@ def build_app(config: GatewayConfig, cache_segment: str = "", workers_folder: st
             Exception: handlers.error_response,  # a bug: logged, answered 500
         },
     )
-    return InferEndpoint(starlette, config.server.max_body_bytes, counts)
+    return InferEndpoint(starlette, config.server.max_body_bytes, counts, read_timeout_s=config.server.read_timeout_s)

@@ -34,6 +34,9 @@ class ServerConfig:
     balance_connections: bool = True
     # How long in-flight requests may take to finish on shutdown before they are cancelled.
     shutdown_grace_s: float = 10.0
+    # A request that stops arriving (nothing of its head or body for this long) is answered
+    # 408 and its connection closed; a connection that sends nothing is closed (uvicorn only).
+    read_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +273,8 @@ def validate(config: GatewayConfig) -> None:
         raise ConfigError(f"server.workers must be in 1..256, got {s.workers}")
     if s.max_body_bytes < 1024:
         raise ConfigError("server.max_body_bytes must be at least 1024")
+    if not s.read_timeout_s > 0:
+        raise ConfigError(f"server.read_timeout_s must be > 0, got {s.read_timeout_s}")
     for name in ("connect_timeout_s", "request_timeout_s", "health_interval_s", "health_timeout_s", "dns_refresh_s"):
         if getattr(u, name) <= 0:
             raise ConfigError(f"upstream.{name} must be > 0")

@@ -6,15 +6,29 @@ small response. ``OneWriteHttpToolsProtocol`` holds the head back until the firs
 and writes both together. Everything else is uvicorn's own code: header validation,
 keep-alive, flow control, pipelining, HEAD, chunked bodies, 100-continue, errors.
 
+It also bounds how long a request may take to arrive, which uvicorn does not: a connection
+whose request stops arriving (its head, or its body before the last byte) for
+``read_timeout_s`` is answered 408 and closed, and one that sends nothing at all is closed
+after as long; a slow client still gets there, as long as its bytes keep coming. Without it,
+a client that stops halfway holds its connection and its request forever. The app may set
+the time (its ``read_timeout_s`` attribute; ``server.read_timeout_s`` for the gateway). The
+clock is read once per socket read and the timer armed once per period, not per request.
+
 Use it with ``uvicorn.run(app, http=OneWriteHttpToolsProtocol, loop="uvloop")``; both the
 gateway (``python -m gateway serve``) and the no-op anchor (``perf/noop_app.py``) do.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+
+READ_TIMEOUT_S = 30.0  # unless the app says otherwise
+# Where a connection is: waiting for its first request, in a request's head or body, or
+# between requests (its request arrived; uvicorn's keep-alive timeout closes it when idle).
+_FIRST, _READING, _READ = 0, 1, 2
 
 
 class _HeldHead:
@@ -83,7 +97,70 @@ class OneWriteCycle(RequestResponseCycle):
             transport.write(first.head)
 
 
+def _read_timeout(app: Any) -> float:
+    """The app's ``read_timeout_s``, looked for through the middleware uvicorn may wrap it in."""
+    for _ in range(4):
+        if hasattr(app, "read_timeout_s"):
+            return float(app.read_timeout_s)
+        app = getattr(app, "app", None)
+    return READ_TIMEOUT_S
+
+
 class OneWriteHttpToolsProtocol(HttpToolsProtocol):
+    _reading = _FIRST
+    _last_read = 0.0
+    _read_timer: asyncio.TimerHandle | None = None
+    read_timeout_s = READ_TIMEOUT_S
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.read_timeout_s = _read_timeout(self.app)
+        self._last_read = self.loop.time()
+        self._read_timer = self.loop.call_later(self.read_timeout_s, self._check_reading)
+
+    def data_received(self, data: bytes) -> None:
+        self._last_read = self.loop.time()
+        super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        self._reading = _READING
+        super().on_message_begin()
+
+    def on_message_complete(self) -> None:
+        self._reading = _READ
+        super().on_message_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+        super().connection_lost(exc)
+
+    def _check_reading(self) -> None:
+        self._read_timer = None
+        if self.transport.is_closing():
+            return
+        waited = self.loop.time() - self._last_read
+        if self._reading == _READ or self.flow.read_paused or waited < self.read_timeout_s:
+            # Not waiting for a request, or reading paused by the server itself, or bytes came
+            # meanwhile: look again one period after the last of them.
+            delay = self.read_timeout_s if self._reading == _READ or self.flow.read_paused else self.read_timeout_s - waited
+            self._read_timer = self.loop.call_later(delay, self._check_reading)
+            return
+        if self._reading == _READING:
+            message = b"the request did not arrive: nothing came for %g s" % self.read_timeout_s
+            body = b'{"error":"%s"}' % message
+            self.transport.write(
+                b"".join(
+                    (
+                        STATUS_LINE[408],
+                        b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body),
+                        body,
+                    )
+                )
+            )
+        self.transport.close()
+
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
         cycle = self.cycle

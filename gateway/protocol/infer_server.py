@@ -47,7 +47,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from gateway.protocol import v2
-from gateway.protocol.http_server import OneWriteHttpToolsProtocol
+from gateway.protocol.http_server import _READ, OneWriteHttpToolsProtocol
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,7 @@ class InferHttpToolsProtocol(OneWriteHttpToolsProtocol):
         held = self._held
         if held is None:
             return super().on_message_complete()
+        self._reading = _READ
         self._held = None
         target, start = self._held_target, self._held_since
         body = held[0] if len(held) == 1 else b"".join(held)

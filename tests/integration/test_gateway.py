@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import json
+import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +33,7 @@ pytestmark = pytest.mark.integration
 
 GATEWAY_PORT = 8180
 BODY_LIMIT = 1 << 20
+READ_TIMEOUT = 2.0
 
 
 @dataclass
@@ -41,7 +45,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(fleet_module_factory: Callable[..., fleet.Fleet], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     triton = fleet_module_factory(2, 8170)
-    config = gateway_config(triton.http_urls, GATEWAY_PORT, server={"max_body_bytes": BODY_LIMIT})
+    config = gateway_config(triton.http_urls, GATEWAY_PORT, server={"max_body_bytes": BODY_LIMIT, "read_timeout_s": READ_TIMEOUT})
     with running_gateway(config, GATEWAY_PORT, tmp_path_factory.mktemp("gateway")) as gw:
         yield Stack(triton, gw)
 
@@ -277,6 +281,25 @@ def test_bad_requests_get_a_clear_4xx_and_the_connection_survives(stack: Stack, 
         # The same connection still serves a good request afterwards.
         ok = http.post("/v2/models/breast_cancer_mlp/infer", json=v2_json())
         assert ok.status_code == 200 and ok.json()["model_version"] == "1"
+
+
+@pytest.mark.parametrize("small", [True, False], ids=["held by the protocol", "ASGI"])
+def test_a_request_whose_body_stops_arriving_is_408_and_the_gateway_serves_on(stack: Stack, small: bool) -> None:
+    body = json.dumps(v2_json()).encode()
+    declared = len(body) if small else BODY_LIMIT  # a large body is read through ASGI
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", GATEWAY_PORT), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v2/models/breast_cancer_mlp/infer HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (declared, body[: len(body) // 2])
+        )
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert READ_TIMEOUT - 0.5 < time.monotonic() - started < READ_TIMEOUT + 3
+    assert answer.startswith(b"HTTP/1.1 408") and b"nothing came for 2 s" in answer
+    with httpx.Client(base_url=stack.gateway.url, timeout=10) as http:
+        assert http.post("/v2/models/breast_cancer_mlp/infer", json=v2_json()).status_code == 200
 
 
 def test_bad_parameters_from_a_client_never_count_against_an_instance(stack: Stack) -> None:

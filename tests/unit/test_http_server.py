@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import pytest
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -60,8 +62,8 @@ APP = Starlette(
 
 
 @contextlib.asynccontextmanager
-async def serving() -> AsyncIterator[str]:
-    config = uvicorn.Config(APP, host="127.0.0.1", port=0, http=CountingProtocol, log_level="critical", lifespan="off")
+async def serving(app: Any = APP) -> AsyncIterator[str]:
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, http=CountingProtocol, log_level="critical", lifespan="off")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:
@@ -109,6 +111,69 @@ async def test_pipelined_requests_get_their_own_answers_in_order() -> None:
             data += chunk
         assert data.index(b"\r\n\r\na") < data.index(b"\r\n\r\nbb")
         writer.close()
+
+
+class Patient:
+    """APP with a short read timeout, and a route that takes longer than it to answer."""
+
+    read_timeout_s = 0.3
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/think":
+            await asyncio.sleep(2 * self.read_timeout_s)
+            scope = {**scope, "path": "/echo"}
+        await APP(scope, receive, send)
+
+
+@contextlib.asynccontextmanager
+async def connected() -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    async with serving(Patient()) as url:
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            yield reader, writer
+        finally:
+            writer.close()
+
+
+async def everything(reader: asyncio.StreamReader) -> tuple[bytes, float]:
+    """All the server sends until it closes the connection, and how long that took."""
+    started = time.monotonic()
+    data = await asyncio.wait_for(reader.read(), 5)
+    return data, time.monotonic() - started
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nhalf", b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-le"],
+    ids=["body", "head"],
+)
+async def test_a_request_that_stops_arriving_is_answered_408_and_its_connection_closed(sent: bytes) -> None:
+    async with connected() as (reader, writer):
+        writer.write(sent)
+        data, waited = await everything(reader)
+    assert data.startswith(b"HTTP/1.1 408 Request Timeout\r\n") and b"connection: close" in data
+    assert data.endswith(b'{"error":"the request did not arrive: nothing came for 0.3 s"}')
+    assert 0.25 < waited < 2.0
+
+
+async def test_a_connection_that_sends_nothing_is_closed() -> None:
+    async with connected() as (reader, _):
+        data, waited = await everything(reader)
+    assert data == b"" and 0.25 < waited < 2.0
+
+
+async def test_a_slow_request_whose_bytes_keep_coming_and_a_slow_answer_are_served() -> None:
+    async with connected() as (reader, writer):
+        writer.write(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 8\r\n\r\n")
+        for byte in b"trickled":  # 8 bytes over 1.2 s: four read timeouts, each wait under one
+            await asyncio.sleep(0.15)
+            writer.write(bytes([byte]))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200") and await reader.readexactly(8) == b"trickled"
+        writer.write(b"POST /think HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nok")  # answered after 0.6 s
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200") and await reader.readexactly(2) == b"ok"
 
 
 def test_serve_runs_the_infer_serving_protocol_with_or_without_a_cache(tmp_path, monkeypatch) -> None:  # noqa: ANN001
