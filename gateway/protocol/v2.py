@@ -450,10 +450,29 @@ def decode_request(body: bytes, header_length: int | None, model: str, version: 
     return request
 
 
+def _json_object_length(body: bytes) -> int | None:
+    """The length of the JSON object a body starts with, when more bytes follow it (binary
+    tensor data sent without its header length); else None. Only for a body already refused."""
+    try:
+        doc, end = json.JSONDecoder().raw_decode(bytes(body).decode("latin-1"))  # one char per byte
+    except ValueError:
+        return None
+    return end if isinstance(doc, dict) and end < len(body) else None
+
+
 def _decode_in_full(body: bytes, header_length: int | None) -> tuple[InferRequest, dict[str, Any]]:
     """The request (model and version left to the caller) and its JSON header as parsed."""
     header, binary = _split_body(body, header_length, BadRequest)
-    doc = _load_object(header, BadRequest)
+    try:
+        doc = _load_object(header, BadRequest)
+    except BadRequest as exc:
+        json_length = _json_object_length(body) if header_length is None else None
+        if json_length is not None:
+            raise BadRequest(
+                f"{exc.message}; the body holds a JSON object of {json_length} bytes and then {len(body) - json_length} "
+                f"more: binary tensor data after the JSON needs the {HEADER_LENGTH} header ({json_length})"
+            ) from None
+        raise
     if "inputs" not in doc:
         raise BadRequest("the request has no 'inputs'")
     inputs = _decode_tensors(doc["inputs"], binary, "input", BadRequest)

@@ -305,6 +305,18 @@ def test_request_parameters_triton_would_refuse_are_a_400_naming_them(parameters
     assert info.value.status == 400
 
 
+def test_binary_data_without_its_header_length_is_a_400_that_says_so() -> None:
+    header = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[2],"parameters":{"binary_data_size":8}}]}'
+    body = header + np.array([1.5, 2.5], np.float32).tobytes()
+    with pytest.raises(BadRequest, match=f"a JSON object of {len(header)} bytes and then 8 more: binary tensor data after "
+                       f"the JSON needs the Inference-Header-Content-Length header \\({len(header)}\\)"):
+        v2.decode_request(body, None, "m", "1")
+    assert v2.decode_request(body, len(header), "m", "1").inputs[0].data.tolist() == [1.5, 2.5]
+    with pytest.raises(BadRequest) as info:
+        v2.decode_request(b'{"inputs": [', None, "m", "1")  # plain malformed JSON: no such hint
+    assert "Inference-Header-Content-Length" not in info.value.message
+
+
 def test_request_parameters_triton_accepts_pass() -> None:
     parameters = {"priority": 3, "sequence_id": "abc", "sequence_start": True, "sequence_end": False, "custom": 1.5, "n": -7, "s": "x"}
     request = decode(json_body({"inputs": [_input(data=[1, 2])], "parameters": parameters}))
