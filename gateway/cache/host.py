@@ -401,14 +401,9 @@ class HostStore:
         self._lock_claims(wait=True)
         try:
             for key, time in until.items():
-                base = self._claim_bucket(key)
-                for i in range(CLAIM_WAYS):
-                    at = base + i * CLAIM_BYTES
-                    held, _, token, state = _CLAIM_HEAD.unpack_from(self._mm, at)
-                    if held == key:
-                        if token == self._token and state == COMPUTING:
-                            _UNTIL.pack_into(self._mm, at + _CLAIM_HEAD.size, time)
-                        break
+                at = self._own_claim(key)
+                if at >= 0:
+                    _UNTIL.pack_into(self._mm, at + _CLAIM_HEAD.size, time)
         finally:
             self._unlock_claims()
 
@@ -433,22 +428,30 @@ class HostStore:
         held for microseconds, and the followers wait for this."""
         if self._fd < 0:
             return
-        base = self._claim_bucket(key)
         self._lock_claims(wait=True)
         try:
-            for i in range(CLAIM_WAYS):
-                at = base + i * CLAIM_BYTES
-                held, _, token, state, *_ = _CLAIM.unpack_from(self._mm, at)
-                if held == key and token == self._token and state == COMPUTING:
-                    if record is None:
-                        self._mm[at : at + CLAIM_BYTES] = bytes(CLAIM_BYTES)
-                    else:
-                        state, until, status, kind, text = record
-                        slot = _CLAIM.pack(key, self._pid, self._token, state, until, status, kind, len(text)) + text
-                        self._mm[at : at + CLAIM_BYTES] = slot.ljust(CLAIM_BYTES, b"\0")
-                    return
+            at = self._own_claim(key)
+            if at < 0:
+                return
+            if record is None:
+                self._mm[at : at + CLAIM_BYTES] = bytes(CLAIM_BYTES)
+            else:
+                state, until, status, kind, text = record
+                slot = _CLAIM.pack(key, self._pid, self._token, state, until, status, kind, len(text)) + text
+                self._mm[at : at + CLAIM_BYTES] = slot.ljust(CLAIM_BYTES, b"\0")
         finally:
             self._unlock_claims()
+
+    def _own_claim(self, key: bytes) -> int:
+        """Where this view's live claim on ``key`` is in the segment, or -1 (never claimed, or
+        taken over by another worker). The caller holds the claims' lock."""
+        base = self._claim_bucket(key)
+        for i in range(CLAIM_WAYS):
+            at = base + i * CLAIM_BYTES
+            held, _, token, state = _CLAIM_HEAD.unpack_from(self._mm, at)
+            if held == key and token == self._token and state == COMPUTING:
+                return at
+        return -1
 
     def fits(self, nbytes: int) -> bool:
         """Whether a value of ``nbytes`` can be stored in the log at all."""
