@@ -67,6 +67,8 @@ from typing import Any
 
 import numpy as np
 
+from gateway.protocol.v2 import canonical_version
+
 log = logging.getLogger(__name__)
 
 _KEYS = {
@@ -304,10 +306,12 @@ class RolloutState:
 
 
 def _version(value: Any, where: str) -> str:
+    """A version as requests name it (``v2.canonical_version``: "02" is "2", as Triton reads it)."""
     text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
-    if not isinstance(text, str) or not text.isascii() or not text.isdigit():
+    number = canonical_version(text) if isinstance(text, str) else None
+    if number is None:
         raise RolloutError(f"{where} must be a version number such as \"2\", got {value!r}")
-    return text
+    return number
 
 
 @dataclass(frozen=True, slots=True)

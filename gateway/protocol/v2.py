@@ -243,10 +243,18 @@ def model_and_version(model: str, version: str) -> tuple[str, str]:
         raise BadRequest(f"model name is longer than {MAX_MODEL_NAME_BYTES} bytes, the longest a repository folder can be")
     if not version:
         return model, ""
-    digits = version.lstrip("0") or "0"
-    if not (version.isascii() and version.isdigit()) or len(digits) > 19 or int(digits) > _INT64_MAX:
+    number = canonical_version(version)
+    if number is None:
         raise BadRequest(f"model version must be a positive integer (64-bit), got {_short(version)}")
-    return model, digits
+    return model, number
+
+
+def canonical_version(text: str) -> str | None:
+    """A version number as Triton reads it (64-bit; "01" is "1"), or None if ``text`` is none."""
+    digits = text.lstrip("0") or "0"
+    if not (text.isascii() and text.isdigit()) or len(digits) > 19 or int(digits) > _INT64_MAX:
+        return None
+    return digits
 
 
 def parse_header_length(value: str | None, body_length: int) -> int | None:

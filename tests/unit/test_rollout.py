@@ -21,12 +21,18 @@ def test_a_rollout_table_parses() -> None:
     assert models == {"digits_cnn": ModelRollout("1", "2", 0.1, b"x-user")}
 
 
+def test_versions_in_a_rollout_are_numbers_as_in_requests() -> None:
+    """"02" is version 2, as Triton and the request paths read it: the rollout applies to it."""
+    assert parse_rollouts({"models": {"m": {"stable": "01", "canary": "002"}}}) == {"m": ModelRollout("1", "2", 0.0)}
+
+
 @pytest.mark.parametrize(
     "data, message",
     [
         ({"model": {}}, "unknown section(s): model"),
         ({"models": {"m": {"canary": "2"}}}, "[models.m] needs a stable version"),
         ({"models": {"m": {"stable": "one"}}}, "models.m.stable must be a version number"),
+        ({"models": {"m": {"stable": "9" * 20}}}, "models.m.stable must be a version number"),
         ({"models": {"m": {"stable": "1", "canary": "2", "canary_share": 1.5}}}, "canary_share must be a number in 0..1"),
         ({"models": {"m": {"stable": "1", "canary_share": 0.2}}}, "there is no canary version"),
         ({"models": {"m": {"stable": "1", "canary": "1"}}}, "the canary is the stable version"),
