@@ -25,6 +25,8 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
+from gateway.protocol import v2
+
 READ_TIMEOUT_S = 30.0  # unless the app says otherwise
 # Where a connection is: waiting for its first request, in a request's head or body, or
 # between requests (its request arrived; uvicorn's keep-alive timeout closes it when idle).
@@ -141,24 +143,15 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         waited = self.loop.time() - self._last_read
-        if self._reading == _READ or self.flow.read_paused or waited < self.read_timeout_s:
-            # Not waiting for a request, or reading paused by the server itself, or bytes came
-            # meanwhile: look again one period after the last of them.
-            delay = self.read_timeout_s if self._reading == _READ or self.flow.read_paused else self.read_timeout_s - waited
-            self._read_timer = self.loop.call_later(delay, self._check_reading)
+        idle = self._reading == _READ or self.flow.read_paused  # no request on its way, or paused by uvicorn
+        if idle or waited < self.read_timeout_s:
+            # Look again one period after the last bytes (or from now, while idle).
+            self._read_timer = self.loop.call_later(self.read_timeout_s - (0.0 if idle else waited), self._check_reading)
             return
         if self._reading == _READING:
-            message = b"the request did not arrive: nothing came for %g s" % self.read_timeout_s
-            body = b'{"error":"%s"}' % message
-            self.transport.write(
-                b"".join(
-                    (
-                        STATUS_LINE[408],
-                        b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body),
-                        body,
-                    )
-                )
-            )
+            body = v2.error_body(f"the request did not arrive: nothing came for {self.read_timeout_s:g} s")
+            head = b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+            self.transport.write(b"".join((STATUS_LINE[408], head, body)))
         self.transport.close()
 
     def on_headers_complete(self) -> None:
