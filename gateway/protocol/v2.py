@@ -301,11 +301,11 @@ def _parameters(obj: dict[str, Any], where: str, err: MakeError) -> dict[str, An
 
 
 _U64_MAX = 2**64 - 1
-# Triton's own request parameters and what it accepts for each; any other is the model's, passed on.
+# Triton's own request parameters and what it accepts for each; any other is the model's, passed
+# on. Not "timeout": the gateway consumes it as the request's deadline (deadlines.py checks it).
 _UNSIGNED, _BOOLEAN = "an unsigned integer", "true or false"
 _KNOWN_PARAMETERS = {
     "priority": _UNSIGNED,
-    "timeout": _UNSIGNED,
     "sequence_id": "an unsigned integer or a string",
     "sequence_start": _BOOLEAN,
     "sequence_end": _BOOLEAN,
