@@ -172,4 +172,7 @@ def build_app(config: GatewayConfig, cache_segment: str = "", workers_folder: st
             Exception: handlers.error_response,  # a bug: logged, answered 500
         },
     )
-    return InferEndpoint(starlette, config.server.max_body_bytes, counts, read_timeout_s=config.server.read_timeout_s)
+    server = config.server
+    return InferEndpoint(
+        starlette, server.max_body_bytes, counts, read_timeout_s=server.read_timeout_s, max_header_bytes=server.max_header_bytes
+    )

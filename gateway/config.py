@@ -37,6 +37,9 @@ class ServerConfig:
     # A request that stops arriving (nothing of its head or body for this long) is answered
     # 408 and its connection closed; a connection that sends nothing is closed (uvicorn only).
     read_timeout_s: float = 30.0
+    # A request whose head (request line and headers) is larger is answered 431 and its
+    # connection closed (uvicorn only).
+    max_header_bytes: int = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +278,8 @@ def validate(config: GatewayConfig) -> None:
         raise ConfigError("server.max_body_bytes must be at least 1024")
     if not s.read_timeout_s > 0:
         raise ConfigError(f"server.read_timeout_s must be > 0, got {s.read_timeout_s}")
+    if s.max_header_bytes < 1024:
+        raise ConfigError(f"server.max_header_bytes must be at least 1024, got {s.max_header_bytes}")
     for name in ("connect_timeout_s", "request_timeout_s", "health_interval_s", "health_timeout_s", "dns_refresh_s"):
         if getattr(u, name) <= 0:
             raise ConfigError(f"upstream.{name} must be > 0")

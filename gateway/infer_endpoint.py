@@ -243,11 +243,20 @@ class Call:
 
 
 class InferEndpoint:
-    def __init__(self, app: Any, max_body_bytes: int, counts: InferCounts | None = None, read_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        app: Any,
+        max_body_bytes: int,
+        counts: InferCounts | None = None,
+        read_timeout_s: float = 30.0,
+        max_header_bytes: int = 65536,
+    ) -> None:
         self.app = app  # the Starlette app: everything that is not an infer request
         self._limit = max_body_bytes
         self.counts = counts if counts is not None else InferCounts()
-        self.read_timeout_s = read_timeout_s  # read by the HTTP protocol (protocol/http_server.py)
+        # Read by the HTTP protocol (protocol/http_server.py).
+        self.read_timeout_s = read_timeout_s
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or not is_infer_path(scope["path"]):

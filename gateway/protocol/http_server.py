@@ -14,6 +14,10 @@ a client that stops halfway holds its connection and its request forever. The ap
 the time (its ``read_timeout_s`` attribute; ``server.read_timeout_s`` for the gateway). The
 clock is read once per socket read and the timer armed once per period, not per request.
 
+And it bounds a request's head (its request line and headers), which httptools reads whole
+however large: one over ``max_header_bytes`` (the app's attribute; ``server.max_header_bytes``
+for the gateway) is answered 431 and its connection closed, before the app sees it.
+
 Use it with ``uvicorn.run(app, http=OneWriteHttpToolsProtocol, loop="uvloop")``; both the
 gateway (``python -m gateway serve``) and the no-op anchor (``perf/noop_app.py``) do.
 """
@@ -28,6 +32,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from gateway.protocol import v2
 
 READ_TIMEOUT_S = 30.0  # unless the app says otherwise
+MAX_HEADER_BYTES = 65536  # unless the app says otherwise
 # Where a connection is: waiting for its first request, in a request's head or body, or
 # between requests (its request arrived; uvicorn's keep-alive timeout closes it when idle).
 _FIRST, _READING, _READ = 0, 1, 2
@@ -99,24 +104,32 @@ class OneWriteCycle(RequestResponseCycle):
             transport.write(first.head)
 
 
-def _read_timeout(app: Any) -> float:
-    """The app's ``read_timeout_s``, looked for through the middleware uvicorn may wrap it in."""
+def _app_setting(app: Any, name: str, default: float) -> float:
+    """The app's attribute ``name``, looked for through the middleware uvicorn may wrap it in."""
     for _ in range(4):
-        if hasattr(app, "read_timeout_s"):
-            return float(app.read_timeout_s)
+        if hasattr(app, name):
+            return getattr(app, name)
         app = getattr(app, "app", None)
-    return READ_TIMEOUT_S
+    return default
+
+
+class HeadTooLarge(Exception):
+    """Raised inside the parser's callbacks to stop reading a head over the limit."""
 
 
 class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     _reading = _FIRST
     _last_read = 0.0
     _read_timer: asyncio.TimerHandle | None = None
+    _head_left = 0  # bytes the request's head may still take
+    _head_over = False
     read_timeout_s = READ_TIMEOUT_S
+    max_header_bytes = MAX_HEADER_BYTES
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self.read_timeout_s = _read_timeout(self.app)
+        self.read_timeout_s = float(_app_setting(self.app, "read_timeout_s", READ_TIMEOUT_S))
+        self.max_header_bytes = int(_app_setting(self.app, "max_header_bytes", MAX_HEADER_BYTES))
         self._last_read = self.loop.time()
         self._read_timer = self.loop.call_later(self.read_timeout_s, self._check_reading)
 
@@ -126,7 +139,32 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         self._reading = _READING
+        self._head_left = self.max_header_bytes
         super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        self._head_left -= len(url)
+        if self._head_left < 0:
+            self._refuse_head()
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_left -= len(name) + len(value) + 4  # as sent: "name: value\r\n"
+        if self._head_left < 0:
+            self._refuse_head()
+        super().on_header(name, value)
+
+    def _refuse_head(self) -> None:
+        self._head_over = True
+        raise HeadTooLarge  # the parser stops; uvicorn answers its error with send_400_response
+
+    def send_400_response(self, msg: str) -> None:
+        if not self._head_over:
+            return super().send_400_response(msg)
+        body = v2.error_body(f"request head (request line and headers) exceeds the gateway's limit of {self.max_header_bytes} bytes")
+        head = b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+        self.transport.write(b"".join((STATUS_LINE[431], head, body)))
+        self.transport.close()
 
     def on_message_complete(self) -> None:
         self._reading = _READ

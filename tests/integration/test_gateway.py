@@ -302,6 +302,20 @@ def test_a_request_whose_body_stops_arriving_is_408_and_the_gateway_serves_on(st
         assert http.post("/v2/models/breast_cancer_mlp/infer", json=v2_json()).status_code == 200
 
 
+def test_a_request_head_over_the_limit_is_431_and_the_gateway_serves_on(stack: Stack) -> None:
+    with socket.create_connection(("127.0.0.1", GATEWAY_PORT), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v2/models/breast_cancer_mlp/infer HTTP/1.1\r\nhost: x\r\nx-padding: %s\r\n"
+            b"content-type: application/json\r\ncontent-length: 2\r\n\r\n{}" % (b"a" * 70_000)
+        )
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 431") and b"limit of 65536 bytes" in answer
+    with httpx.Client(base_url=stack.gateway.url, timeout=10) as http:
+        assert http.post("/v2/models/breast_cancer_mlp/infer", json=v2_json()).status_code == 200
+
+
 def test_bad_parameters_from_a_client_never_count_against_an_instance(stack: Stack) -> None:
     with httpx.Client(base_url=stack.gateway.url, timeout=10) as http:
         for bad in ({"priority": "high"}, {"sequence_id": -1}, {"sequence_end": 1}) * 4:

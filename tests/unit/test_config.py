@@ -54,6 +54,8 @@ def test_cli_overrides_apply() -> None:
         ({**BASE, "caches": {}}, "unknown section(s): caches"),
         ({**BASE, "server": {"port": 70000}}, "server.port"),
         ({**BASE, "server": {"workers": 0}}, "server.workers"),
+        ({**BASE, "server": {"read_timeout_s": 0.0}}, "server.read_timeout_s must be > 0"),
+        ({**BASE, "server": {"max_header_bytes": 100}}, "server.max_header_bytes must be at least 1024"),
         ({**BASE, "batching": {"max_queue_delay_ms": 40000.0}}, "shorter than upstream.request_timeout_s"),
         ({**BASE, "batching": {"hold_ms": -0.5}}, "batching.hold_ms must be >= 0"),
         ({**BASE, "batching": {"hold_ms": float("nan")}}, "batching.hold_ms must be >= 0"),

@@ -117,6 +117,7 @@ class Patient:
     """APP with a short read timeout, and a route that takes longer than it to answer."""
 
     read_timeout_s = 0.3
+    max_header_bytes = 2048
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"] == "/think":
@@ -174,6 +175,33 @@ async def test_a_slow_request_whose_bytes_keep_coming_and_a_slow_answer_are_serv
         writer.write(b"POST /think HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nok")  # answered after 0.6 s
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 200") and await reader.readexactly(2) == b"ok"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /echo HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 4096 + b"\r\ncontent-length: 2\r\n\r\nok",
+        b"POST /echo HTTP/1.1\r\nhost: x\r\n" + b"x-many: a\r\n" * 300 + b"content-length: 2\r\n\r\nok",
+        b"GET /echo?" + b"q" * 4096 + b" HTTP/1.1\r\nhost: x\r\n\r\n",
+    ],
+    ids=["one-header", "many-headers", "url"],
+)
+async def test_a_request_head_over_the_limit_is_answered_431_and_its_connection_closed(head: bytes) -> None:
+    async with connected() as (reader, writer):
+        writer.write(head)
+        data, waited = await everything(reader)
+    assert data.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n") and b"connection: close" in data
+    assert data.endswith(b'{"error":"request head (request line and headers) exceeds the gateway\'s limit of 2048 bytes"}')
+    assert waited < 0.25  # at once, not at the read timeout
+
+
+async def test_a_request_head_within_the_limit_is_served_and_the_limit_applies_per_request() -> None:
+    async with connected() as (reader, writer):
+        near = b"x-near: " + b"a" * 1800 + b"\r\n"  # under 2048 bytes in all; twice would be over
+        for body in (b"one", b"two"):  # the same connection: each head is counted on its own
+            writer.write(b"POST /echo HTTP/1.1\r\nhost: x\r\n" + near + b"content-length: 3\r\n\r\n" + body)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200") and await reader.readexactly(3) == body
 
 
 def test_serve_runs_the_infer_serving_protocol_with_or_without_a_cache(tmp_path, monkeypatch) -> None:  # noqa: ANN001
