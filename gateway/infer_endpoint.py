@@ -209,6 +209,7 @@ def read_headers(headers: Iterable[tuple[bytes, bytes]], pins: Container[bytes],
     """``headers``: lower-case names, as ASGI servers give them; ``pins``: the header names
     rollouts pin clients by; ``start``: the request's arrival, for a relative deadline."""
     h = Headers()
+    pragma_no_cache = cache_control = False
     for name, value in headers:
         if name == b"content-type":
             h.content_type = value
@@ -221,9 +222,14 @@ def read_headers(headers: Iterable[tuple[bytes, bytes]], pins: Container[bytes],
         elif name == deadlines.HEADER:
             h.deadline = deadlines.from_header(value, start)
         elif name == b"cache-control":
+            cache_control = True
             h.use_cache = not (b"no-cache" in value.lower() or b"no-store" in value.lower())
+        elif name == b"pragma":
+            pragma_no_cache = b"no-cache" in value.lower()
         elif name in pins:
             h.sticky = {**(h.sticky or {}), name: value}
+    if pragma_no_cache and not cache_control:  # HTTP/1.0's no-cache, which Cache-Control overrides
+        h.use_cache = False
     return h
 
 

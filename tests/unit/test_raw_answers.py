@@ -12,12 +12,13 @@ from typing import Any
 import msgpack
 import numpy as np
 import orjson
+import pytest
 
 from gateway.batcher import BatchResult, NothingToSend
 from gateway.cache import ResponseCache, raw_key
 from gateway.config import BatchingConfig, CacheConfig
 from gateway.errors import UpstreamError
-from gateway.infer_endpoint import InferEndpoint
+from gateway.infer_endpoint import InferEndpoint, read_headers
 from gateway.models import ModelInfo
 from gateway.pipeline import InferencePipeline
 from gateway.rollout import ModelRollout, Rollouts
@@ -137,6 +138,22 @@ async def test_another_id_or_wire_format_is_another_raw_answer_with_its_own_byte
     _, h2, m2, _ = await post(endpoint, packed, headers=mp)
     assert (h1[b"x-cache"], h2[b"x-cache"]) == (b"hit", b"hit") and m1 == m2 and h2[b"content-type"] == b"application/msgpack"
     assert router.calls == ["1"] and cache.snapshot()["models"]["m"]["raw_hits"] == 1
+
+
+@pytest.mark.parametrize(
+    "headers, cached",
+    [
+        ([(b"cache-control", b"no-cache")], False),
+        ([(b"cache-control", b"No-Store")], False),
+        ([(b"pragma", b"no-cache")], False),  # HTTP/1.0's way to ask for a fresh answer
+        ([(b"pragma", b"no-cache"), (b"cache-control", b"max-age=60")], True),  # Cache-Control overrides Pragma
+        ([(b"cache-control", b"max-age=60"), (b"pragma", b"no-cache")], True),
+        ([(b"pragma", b"x-other")], True),
+        ([], True),
+    ],
+)
+def test_cache_control_and_pragma_headers_decide_whether_the_cache_may_answer(headers: list, cached: bool) -> None:
+    assert read_headers(headers, (), 0.0).use_cache is cached
 
 
 async def test_bypass_header_parameters_and_errors_are_never_answered_from_raw_bytes() -> None:
