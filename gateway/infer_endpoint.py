@@ -265,10 +265,14 @@ class InferEndpoint:
         self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or not is_infer_path(scope["path"]):
+        if scope["type"] != "http" or not is_infer_path(scope["path"]):
             return await self.app(scope, receive, send)
-        start = time.monotonic()
-        reply = await self.serve(scope["path"], scope["headers"], start, receive=receive, gone=disconnect_probe(receive))
+        if scope["method"] == "POST":
+            start = time.monotonic()
+            reply = await self.serve(scope["path"], scope["headers"], start, receive=receive, gone=disconnect_probe(receive))
+        else:  # not an inference: answered, not counted
+            refused = error_reply(405, f"method {scope['method']} is not allowed on {scope['path']}: inference is a POST", b"")
+            reply = Reply(405, [*refused.headers, (b"allow", b"POST")], refused.body)
         if reply is not None:
             await send({"type": "http.response.start", "status": reply.status, "headers": reply.headers})
             await send({"type": "http.response.body", "body": reply.body})

@@ -264,6 +264,8 @@ ERROR_CASES = [
     ("model name too long", "GET", "/v2/models/" + "a" * 9000 + "/config", {}, 400, "longer than 255 bytes"),
     ("model name too long infer", "POST", "/v2/models/" + "a" * 9000 + "/infer", {"json": v2_json()}, 400, "longer than 255 bytes"),
     ("unknown route", "GET", "/v2/nothing/here", {}, 404, "Not Found"),
+    ("GET on infer", "GET", "/v2/models/breast_cancer_mlp/infer", {}, 405, "method GET is not allowed"),
+    ("PUT on a version's infer", "PUT", "/v2/models/breast_cancer_mlp/versions/1/infer", {"json": v2_json()}, 405, "POST"),
 ]
 
 
