@@ -101,18 +101,19 @@ class TritonClient:
     ) -> tuple[RawResponse, str | None]:
         """Send one request; return the response and its binary header length header, if any."""
         limit = self._config.request_timeout_s if timeout is None else min(timeout, self._config.request_timeout_s)
-        url = base_url + path
+        # The messages name no address: they reach clients. The router files each under its
+        # instance (the fleet view, and the log line when an instance changes state).
         try:
             resp = await self._pool(base_url).request(method, path, headers, body, max(limit, 0.001))
         except ConnectFailed as exc:
             # Nothing was sent: the instance is unreachable, and another one may take the request.
-            raise InstanceUnreachable(f"{url}: {exc}", connect_failed=True) from None
+            raise InstanceUnreachable(f"Triton instance unreachable: {exc}", connect_failed=True) from None
         except ConnectionBroke as exc:
-            raise InstanceUnreachable(f"{url}: {exc}", connect_failed=False) from None
+            raise InstanceUnreachable(f"Triton instance did not answer: {exc}", connect_failed=False) from None
         except TimeoutError:
-            raise GatewayTimeout(f"{url}: no answer within {limit:.3g} s") from None
+            raise GatewayTimeout(f"Triton instance did not answer within {limit:.3g} s") from None
         except MalformedResponse as exc:  # an answer that is not HTTP (wrong port, broken proxy...)
-            raise UpstreamError(f"{url}: malformed answer: {exc}", status=502) from None
+            raise UpstreamError(f"Triton instance gave a malformed answer: {exc}", status=502) from None
         length = resp.headers.get(b"inference-header-content-length")
         return RawResponse(resp.status, resp.body), None if length is None else length.decode("latin-1")
 
@@ -137,6 +138,6 @@ class TritonClient:
         try:
             length = v2.parse_header_length(header_length, len(resp.body))
         except BadRequest as exc:  # Triton's answer is malformed: not the client's fault
-            raise UpstreamError(f"{base_url}: {exc.message}", status=502) from None
+            raise UpstreamError(f"Triton instance gave a malformed answer: {exc.message}", status=502) from None
         header, tensors = v2.decode_upstream_response(resp.body, length)
         return BatchResult(str(header.get("model_version", version)), tensors, header.get("parameters") or {})

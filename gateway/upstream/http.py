@@ -11,11 +11,23 @@ connection reuse, limits and timeouts.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import httptools
+
+
+def failure_reason(exc: BaseException) -> str:
+    """Why a connection failed, in words that name no address: messages reach clients, and the
+    one that failed is the caller's to name (asyncio's own loop puts it in its OSError text)."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    errno = getattr(exc, "errno", None)
+    if isinstance(exc, OSError) and isinstance(errno, int) and errno > 0:
+        return os.strerror(errno)
+    return getattr(exc, "strerror", None) or exc.__class__.__name__
 
 
 class ConnectFailed(Exception):
@@ -54,7 +66,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.open = False
-        self._fail(ConnectionBroke(f"connection closed: {exc or 'by the server'}"))
+        self._fail(ConnectionBroke(f"connection closed: {'by the server' if exc is None else failure_reason(exc)}"))
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -119,7 +131,7 @@ class HostPool:
             async with asyncio.timeout(self._connect_timeout):
                 _, conn = await loop.create_connection(_Connection, self.host, self.port)
         except (OSError, TimeoutError) as exc:
-            raise ConnectFailed(f"cannot connect to {self.host}:{self.port}: {exc or 'timed out'}") from None
+            raise ConnectFailed(f"cannot connect: {failure_reason(exc)}") from None
         return conn
 
     async def request(self, method: str, target: str, headers: bytes, body: bytes, timeout: float) -> Response:

@@ -406,6 +406,7 @@ def test_unreachable_upstream_is_503(tmp_path: Path) -> None:
         assert http.get("/v2/health/ready").status_code == 503
         resp = http.post("/v2/models/breast_cancer_mlp/infer", json=v2_json())
         assert resp.status_code == 503 and "instance" in resp.json()["error"]
+        assert "8199" not in resp.json()["error"]  # no internal address reaches a client
         assert http.get("/v2/models/breast_cancer_mlp").status_code == 503
 
 

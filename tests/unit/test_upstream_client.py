@@ -93,12 +93,31 @@ async def test_malformed_answer_is_502_not_the_clients_fault(fake_triton, client
     url = await fake_triton(garbage)
     with pytest.raises(UpstreamError) as err:
         await client.infer(url, "m", "", INPUTS, None)
-    assert err.value.status == 502
+    assert err.value.status == 502 and err.value.message.startswith("Triton instance gave a malformed answer: ")
+    assert "127.0.0.1" not in err.value.message  # messages reach clients: no internal address
 
 
 async def test_refused_connection_is_unreachable(client: TritonClient) -> None:
-    with pytest.raises(InstanceUnreachable):
+    with pytest.raises(InstanceUnreachable) as err:
         await client.infer(f"http://127.0.0.1:{free_port()}", "m", "", INPUTS, None)
+    # asyncio's own error names the address; the message that reaches clients does not.
+    assert err.value.connect_failed and err.value.message == "Triton instance unreachable: cannot connect: Connection refused"
+
+
+async def test_a_connection_closed_without_an_answer_is_unreachable_but_not_down(client: TritonClient) -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(100)
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    try:
+        with pytest.raises(InstanceUnreachable) as err:
+            await client.infer(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", "m", "", INPUTS, None)
+        assert not err.value.connect_failed
+        assert err.value.message == "Triton instance did not answer: connection closed: by the server"
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_no_answer_within_the_deadline_is_504(fake_triton, client: TritonClient) -> None:  # noqa: ANN001
@@ -107,8 +126,9 @@ async def test_no_answer_within_the_deadline_is_504(fake_triton, client: TritonC
         return web.Response()
 
     url = await fake_triton(hang)
-    with pytest.raises(GatewayTimeout):
+    with pytest.raises(GatewayTimeout) as err:
         await client.infer(url, "m", "", INPUTS, None, timeout=0.2)
+    assert err.value.message == "Triton instance did not answer within 0.2 s"
 
 
 async def test_connections_are_kept_alive_and_a_closed_idle_one_is_replaced(fake_triton, client: TritonClient) -> None:  # noqa: ANN001
@@ -144,7 +164,8 @@ async def test_an_answer_that_is_not_http_is_502(client: TritonClient) -> None:
     try:
         with pytest.raises(UpstreamError) as err:
             await client.infer(f"http://127.0.0.1:{port}", "m", "", INPUTS, None)
-        assert err.value.status == 502
+        assert err.value.status == 502 and err.value.message.startswith("Triton instance gave a malformed answer: not an HTTP")
+        assert str(port) not in err.value.message
     finally:
         server.close()
         await server.wait_closed()
