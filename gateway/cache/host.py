@@ -23,8 +23,13 @@ workers (``create_segment``) and removes when they have stopped; each worker map
 Writers serialise on a record lock of the file's first byte (``lockf``: only misses write; a
 writer that finds it taken skips its write rather than wait, unless it holds the key's claim,
 whose followers look for its answer here). Claims are changed under a lock of the second byte
-(a claim is tried without waiting for it; ending one waits, for microseconds) and read without
-one, a slot copied until two copies agree. Readers of entries take no lock: an entry is
+(a claim is tried without waiting for it; ending or renewing one waits, for microseconds) and
+read without one, a slot copied until two copies agree. A lock is held for microseconds, by
+code that never awaits; but a worker stopped while it holds one (a debugger, SIGSTOP) must not
+stop the others: no wait for a lock blocks, and none lasts beyond ``LOCK_WAIT_S``. A write
+that gives up is skipped, a renewal waits for the next, and a claim that could not be ended
+lapses with its lease (``host_flight.py``); only a ``bump`` (a version dropped) waits for as
+long as it takes. Readers of entries take no lock: an entry is
 used only if its key matches, its generation is current, it has not expired (the system-wide
 monotonic clock), the CRC32 over the whole entry (key, generation, expiry, length, bytes)
 matches, and the write cursor shows that the log had not wrapped over it by the time it was
@@ -45,6 +50,7 @@ import logging
 import mmap
 import os
 import struct
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +60,7 @@ from gateway.host_files import Made, default_directory, hold, sweep_unheld
 
 log = logging.getLogger(__name__)
 
+LOCK_WAIT_S = 0.005  # the longest a worker waits for a lock another worker holds (not bump's)
 MAGIC = b"GWHOST02"
 HEADER_BYTES = 4096
 WAYS = 8
@@ -216,6 +223,7 @@ class HostStore:
         self.hits = 0
         self.stale = 0  # found but unusable: expired, dropped, overwritten or torn
         self.busy = 0  # writes skipped: another worker was writing
+        self.gave_up = 0  # claims not renewed or not ended: another worker held their lock too long
         self.claims = 0  # keys this view claimed, to compute them for every worker
         self.unclaimed = 0  # keys computed without a claim: every way of their bucket taken
 
@@ -289,9 +297,7 @@ class HostStore:
         crc = _CRC.pack(zlib.crc32(value, zlib.crc32(head)))
         mm, capacity = self._mm, self.capacity
         bucket = self._bucket(key)
-        try:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
-        except OSError:  # another worker is writing: this entry is not worth waiting for
+        if not self._lock(0, LOCK_WAIT_S if wait else 0.0):  # another worker is writing
             self.busy += 1
             return False
         try:
@@ -344,7 +350,8 @@ class HostStore:
         if self._fd < 0:
             return None
         base = self._claim_bucket(key)
-        self._lock_claims(wait=False)
+        if not self._lock(1, 0.0):
+            raise BlockingIOError(errno.EAGAIN, "another worker is changing the claims")
         try:
             way = -1
             for i in range(CLAIM_WAYS):
@@ -398,7 +405,9 @@ class HostStore:
         claims' lock, once for them all."""
         if self._fd < 0 or not until:
             return
-        self._lock_claims(wait=True)
+        if not self._lock(1, LOCK_WAIT_S):  # the next renewal will do, well within the lease
+            self.gave_up += 1
+            return
         try:
             for key, time in until.items():
                 at = self._own_claim(key)
@@ -424,11 +433,14 @@ class HostStore:
 
     def _finish(self, key: bytes, record: tuple[int, float, int, bytes, bytes] | None) -> None:
         """Replace this view's live claim on ``key`` (if it still holds it) with ``record``
-        (state, until, status, kind, message), or free it. Waits for the claims' lock: it is
-        held for microseconds, and the followers wait for this."""
+        (state, until, status, kind, message), or free it. Waits for the claims' lock (held
+        for microseconds; the followers wait for this) at most ``LOCK_WAIT_S``: past that, the
+        claim is left to lapse with its lease, which is no longer renewed."""
         if self._fd < 0:
             return
-        self._lock_claims(wait=True)
+        if not self._lock(1, LOCK_WAIT_S):
+            self.gave_up += 1
+            return
         try:
             at = self._own_claim(key)
             if at < 0:
@@ -460,13 +472,27 @@ class HostStore:
     def _claim_bucket(self, key: bytes) -> int:
         return CLAIMS_AT + (int.from_bytes(key[8:12], "little") % (CLAIM_SLOTS // CLAIM_WAYS)) * CLAIM_WAYS * CLAIM_BYTES
 
-    def _lock_claims(self, wait: bool) -> None:
+    def _lock(self, byte: int, wait_s: float) -> bool:
+        """Take the record lock of the segment's ``byte`` (0: the log, 1: the claims): at once,
+        or trying again for at most ``wait_s``, never blocking. False if it stayed taken."""
         try:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 1)
+            fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, byte)
+            return True
         except OSError as exc:
-            if exc.errno in (errno.EACCES, errno.EAGAIN):
-                raise BlockingIOError(errno.EAGAIN, "another worker is changing the claims") from None
-            raise
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+        deadline = time.monotonic() + wait_s
+        pause = 20e-6
+        while time.monotonic() < deadline:
+            time.sleep(pause)  # its holder is microseconds from letting go, unless stopped there
+            pause = min(2 * pause, 0.001)
+            try:
+                fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, byte)
+                return True
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
+        return False
 
     def _unlock_claims(self) -> None:
         fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 1)
@@ -480,6 +506,7 @@ class HostStore:
             "hits": self.hits,
             "stale": self.stale,
             "busy": self.busy,
+            "gave_up": self.gave_up,
             "claims": self.claims,
             "unclaimed": self.unclaimed,
         }

@@ -176,6 +176,36 @@ def test_a_write_while_another_worker_writes_is_skipped_not_waited_for(segment: 
     assert put(store, 1, b"answer") and store.get(key(1), "m", "1", now=0.0) is not None
 
 
+def test_a_worker_holding_the_locks_stops_no_other_for_longer_than_the_bound(segment: Path, worker: Open) -> None:
+    """A worker stopped while it holds a lock (a debugger, SIGSTOP) holds it for as long as it
+    is stopped: a claimed write, a renewal and a claim's end each give up after LOCK_WAIT_S,
+    and the claim left behind lapses at its lease's end, for another worker to take over."""
+    store, other_worker = worker(), worker()
+    assert store.claim(key(1), until=2.0, now=0.0) is None  # this worker computes key 1, leased until 2.0
+    ctx = multiprocessing.get_context("spawn")
+    holders = []
+    for byte in (0, 1):
+        held, release = ctx.Event(), ctx.Event()
+        holder = ctx.Process(target=_hold_write_lock, args=(str(segment), held, release, byte))
+        holder.start()
+        holders.append((holder, release))
+        assert held.wait(30)
+    try:
+        started = time.monotonic()
+        assert not store.put(key(1), "m", "1", store.generation("m", "1"), b"answer", 50.0, wait=True)
+        store.renew({key(1): 30.0})
+        store.release(key(1))
+        waited = time.monotonic() - started
+        assert waited < 3 * 10 * host.LOCK_WAIT_S  # three bounded waits, with room for a busy machine
+        assert store.stats()["busy"] == 1 and store.stats()["gave_up"] == 2
+    finally:
+        for holder, release in holders:
+            release.set()
+            holder.join(30)
+    assert other_worker.look(key(1), now=1.0) is not None  # neither renewed nor released: still leased...
+    assert other_worker.claim(key(1), until=30.0, now=2.5) is None  # ...until its lease ends: taken over
+
+
 def test_a_file_that_is_not_a_segment_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "other"
     path.write_bytes(bytes(65536))
