@@ -16,7 +16,9 @@ clock is read once per socket read and the timer armed once per period, not per 
 
 And it bounds a request's head (its request line and headers), which httptools reads whole
 however large: one over ``max_header_bytes`` (the app's attribute; ``server.max_header_bytes``
-for the gateway) is answered 431 and its connection closed, before the app sees it.
+for the gateway) is answered 431 and its connection closed, before the app sees it. Both what
+the parser has read of it (the URL as it comes, each header once complete) and the bytes that
+arrived for it (one header that never ends) are counted.
 
 Use it with ``uvicorn.run(app, http=OneWriteHttpToolsProtocol, loop="uvloop")``; both the
 gateway (``python -m gateway serve``) and the no-op anchor (``perf/noop_app.py``) do.
@@ -121,7 +123,9 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     _reading = _FIRST
     _last_read = 0.0
     _read_timer: asyncio.TimerHandle | None = None
-    _head_left = 0  # bytes the request's head may still take
+    _head_left = 0  # bytes the request's head may still take, by what the parser read of it
+    _head_arrived = -1  # bytes that arrived for it after the read it began in; -1: no head being read
+    _head_began = False  # a head began in the read being parsed
     _head_over = False
     read_timeout_s = READ_TIMEOUT_S
     max_header_bytes = MAX_HEADER_BYTES
@@ -136,11 +140,22 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         self._last_read = self.loop.time()
         super().data_received(data)
+        if self._head_arrived >= 0 and not self._head_began:  # every byte of this read is the head's
+            self._head_arrived += len(data)
+            if self._head_arrived > self.max_header_bytes and not self.transport.is_closing():
+                self._head_over = True
+                self._send_431()
+        self._head_began = False
 
     def on_message_begin(self) -> None:
         self._reading = _READING
         self._head_left = self.max_header_bytes
+        self._head_arrived, self._head_began = 0, True
         super().on_message_begin()
+
+    def _head_read(self) -> None:
+        """The request's head is complete (called by every ``on_headers_complete``)."""
+        self._head_arrived = -1
 
     def on_url(self, url: bytes) -> None:
         self._head_left -= len(url)
@@ -161,6 +176,9 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         if not self._head_over:
             return super().send_400_response(msg)
+        self._send_431()
+
+    def _send_431(self) -> None:
         body = v2.error_body(f"request head (request line and headers) exceeds the gateway's limit of {self.max_header_bytes} bytes")
         head = b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
         self.transport.write(b"".join((STATUS_LINE[431], head, body)))
@@ -193,6 +211,7 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def on_headers_complete(self) -> None:
+        self._head_read()
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and type(cycle) is RequestResponseCycle:

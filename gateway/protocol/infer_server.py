@@ -129,6 +129,7 @@ class InferHttpToolsProtocol(OneWriteHttpToolsProtocol):
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
+        self._head_read()
         target = None
         if (
             self.parser.get_method() == b"POST"

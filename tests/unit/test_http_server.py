@@ -195,6 +195,31 @@ async def test_a_request_head_over_the_limit_is_answered_431_and_its_connection_
     assert waited < 0.25  # at once, not at the read timeout
 
 
+async def test_a_header_that_never_ends_is_answered_431_once_its_bytes_pass_the_limit() -> None:
+    """httptools hands a header over only once it is complete: the bytes that arrive for an
+    unfinished head are counted too, or one endless header would be read into memory."""
+    async with connected() as (reader, writer):
+        writer.write(b"POST /echo HTTP/1.1\r\nhost: x\r\nx-endless: ")
+        data = b""
+        for _ in range(10):  # up to 10 reads of 500 bytes, none ending the header, until answered
+            writer.write(b"a" * 500)
+            with contextlib.suppress(TimeoutError):
+                data = await asyncio.wait_for(reader.read(65536), 0.05)
+                break
+        data += (await everything(reader))[0]
+    assert data.startswith(b"HTTP/1.1 431 ") and data.endswith(b"limit of 2048 bytes\"}")
+
+
+async def test_a_large_body_is_not_counted_as_head() -> None:
+    async with connected() as (reader, writer):
+        body = b"b" * 200_000
+        writer.write(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % len(body))
+        await asyncio.sleep(0.05)  # the head is read on its own; the body comes in later reads
+        writer.write(body)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200") and await reader.readexactly(len(body)) == body
+
+
 async def test_a_request_head_within_the_limit_is_served_and_the_limit_applies_per_request() -> None:
     async with connected() as (reader, writer):
         near = b"x-near: " + b"a" * 1800 + b"\r\n"  # under 2048 bytes in all; twice would be over
