@@ -63,6 +63,12 @@ class UpstreamError(GatewayError):
     status = 502
 
 
+class ModelError(UpstreamError):
+    """Triton answered with a server error (5xx) and its own error message: the model's fault
+    (a model that raises, a bad version) as often as the instance's. The router tells them
+    apart by trying another instance (``router.py``)."""
+
+
 def missing_model(error: UpstreamError) -> bool:
     """Triton's answer for a model (version) it does not hold or has not finished loading."""
     text = error.message.lower()

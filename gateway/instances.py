@@ -225,7 +225,8 @@ class Instance:
         self.recent_errors.append((now, error))
         if self.ejected or self.consecutive_failures < policy.after_failures:
             return False
-        if sum(1 for i in fleet if i.ejected) >= policy.max_ejected(len(fleet)):
+        # Down instances count as out: ejecting beside them could leave no instance at all.
+        if sum(1 for i in fleet if i.ejected or not i.live) >= policy.max_ejected(len(fleet)):
             return False
         if now - self.admitted_at >= policy.max_s:
             self.streak = 0  # it behaved for long enough: start the back-off again

@@ -17,11 +17,19 @@ For every batch (or lone request) the router:
    said it does not hold the model version (the instance is then taken off that version until
    its next repository index). Any other 4xx is the client's and is final. When every try
    fails, the client gets the last upstream error.
+
+An attempt that failed counts against its instance (consecutive failures eject it), but for
+Triton's own 5xx answer (``ModelError``): a model that raises fails on every instance, and
+counting that would eject healthy instances, for every model, until none was left. Such an
+answer counts against its instance only once another instance has answered the same request;
+when the next instance fails it too, it is the model's error, counted against no instance and
+not tried further.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -29,12 +37,14 @@ from typing import Any
 
 from gateway import balancer
 from gateway.batcher import BatchResult, NothingToSend, Prepare
-from gateway.errors import GatewayError, GatewayTimeout, Unavailable, UpstreamError, missing_model
+from gateway.errors import GatewayError, GatewayTimeout, ModelError, Unavailable, UpstreamError, missing_model
 from gateway.instances import EjectionPolicy, Instance
 from gateway.tensors import Tensor
 from gateway.upstream.client import InstanceUnreachable, RawResponse, TritonClient
 
 __all__ = ["Instance", "Router"]
+
+log = logging.getLogger(__name__)
 
 
 class Router:
@@ -200,6 +210,7 @@ class Router:
         """Serve ``inputs``: tensors, or a batcher's ``prepare`` called once an instance is
         ready for them (see batcher.Dispatch)."""
         tried: list[Instance] = []
+        suspect: tuple[Instance, str] | None = None  # answered a ModelError: its fault if another answers
         while True:
             instance = await self._acquire(model, version, tried, deadline)
             tried.append(instance)
@@ -214,6 +225,13 @@ class Router:
             instance.started(model, version)
             try:
                 result = await self._client.infer(instance.url, model, version, tensors, parameters, limit)
+            except ModelError as exc:
+                if suspect is not None:  # two instances failed it alike: the model's error
+                    instance.record_success()  # it answered
+                    raise
+                suspect = (instance, exc.message)
+                if not self._may_retry(model, version, tried, deadline):
+                    raise
             except GatewayError as exc:
                 if not self._failed(instance, exc, model, version, is_deadline) or not self._may_retry(
                     model, version, tried, deadline
@@ -221,6 +239,8 @@ class Router:
                     raise
             else:
                 instance.record_success()
+                if suspect is not None:  # another instance answered what it failed: its fault
+                    self._count(suspect[0], suspect[1], self._clock())
                 return result
             finally:
                 instance.finished(model, version)
@@ -251,7 +271,11 @@ class Router:
         return False
 
     def _count(self, instance: Instance, message: str, now: float) -> None:
-        instance.record_failure(message, now, self.instances, self.ejection)
+        if instance.record_failure(message, now, self.instances, self.ejection):
+            log.warning(
+                "instance %s ejected for %.0f s after %d consecutive failures; the last: %s",
+                instance.url, instance.ejected_until - now, instance.consecutive_failures, message,
+            )
 
     def _may_retry(self, model: str | None, version: str, tried: list[Instance], deadline: float | None) -> bool:
         if len(tried) >= self._max_tries:

@@ -17,7 +17,7 @@ import orjson
 
 from gateway.batcher import BatchResult
 from gateway.config import UpstreamConfig
-from gateway.errors import BadRequest, GatewayTimeout, Unavailable, UpstreamError
+from gateway.errors import BadRequest, GatewayTimeout, ModelError, Unavailable, UpstreamError
 from gateway.protocol import v2
 from gateway.protocol.v2 import HEADER_LENGTH
 from gateway.tensors import Tensor
@@ -54,9 +54,14 @@ def upstream_error(status: int, body: bytes) -> UpstreamError:
     try:
         message = orjson.loads(body)["error"]
     except Exception:
-        message = body[:200].decode("utf-8", "replace") or f"HTTP {status}"
+        # Not Triton's own error answer (a proxy's page, an empty body): the instance's fault.
+        text = body[:200].decode("utf-8", "replace") or f"HTTP {status}"
+        return UpstreamError(text, status=status if 400 <= status < 500 else 502)
+    message = str(message) or f"Triton answered HTTP {status} without a message"
+    if 400 <= status < 500:
+        return UpstreamError(message, status=status)
     # Triton's 5xx is the gateway's 502: the fault is upstream, not the client's or ours.
-    return UpstreamError(str(message), status=status if 400 <= status < 500 else 502)
+    return ModelError(message, status=502)
 
 
 class TritonClient:

@@ -791,3 +791,37 @@ class TestDeadlines:
         answers = await asyncio.gather(*(self.infer(http, x, **d) for x, d in zip(xs, given)))
         for x, d, (resp, _, _) in zip(xs, given, answers):
             assert resp.status_code == 200 and fixed_latency_problem(resp.json(), x) is None, (d, resp.text)
+
+
+FAILING_EXECUTE = '''
+
+def _failing_execute(self, requests):
+    raise RuntimeError("version 2 is broken")
+
+
+TritonPythonModel.execute = _failing_execute
+'''
+
+
+def test_a_model_that_fails_everywhere_ejects_no_instance_and_other_models_are_served(fleet_factory, tmp_path: Path) -> None:  # noqa: ANN001
+    """Triton answers a model that raises with a 5xx of its own. Counted against the instances,
+    a dozen such requests would eject healthy ones, and every model would lose them."""
+    repo = build_repository(tmp_path / "repo", digits_versions=["1", "2"])
+    model_py = repo / "digits_cnn" / "2" / "model.py"
+    model_py.write_text(model_py.read_text() + FAILING_EXECUTE)
+    triton = fleet_factory(2, 8140, repository=repo, **FIXED_MODELS)
+    urls = triton.http_urls
+    config = gateway_config(urls, 8142, upstream={"eject_after_failures": 3}, batching={"enabled": False})
+    case = digits_cases(1, version="2")[0]
+    with running_gateway(config, 8142, tmp_path) as gw, httpx.Client(base_url=gw.url, timeout=30) as http:
+        for _ in range(12):
+            resp = http.post(case.path, json=case.body)
+            assert resp.status_code == 502 and "version 2 is broken" in resp.json()["error"], resp.text
+        view = fleet_view(gw)
+        assert [view[u]["state"] for u in urls] == ["up", "up"], view
+        assert all(view[u]["ejections"] == 0 and view[u]["consecutive_failures"] == 0 for u in urls), view
+        # Version 1 on both instances, as before.
+        for good in digits_cases(8, version="1"):
+            resp = http.post(good.path, json=good.body)
+            assert resp.status_code == 200, resp.text
+            assert good.check(resp.json()) is None

@@ -58,6 +58,11 @@ def test_at_most_the_allowed_share_of_the_fleet_is_ejected() -> None:
     assert not fail(single, [single], 0.0, 10) and single.routable  # ejecting it would serve no one
 
 
+def test_down_instances_count_in_the_share_so_ejection_never_empties_the_fleet() -> None:
+    a, b = Instance("a"), Instance("b", live=False)  # b is down: a is all that serves
+    assert not fail(a, [a, b], 0.0, 10) and a.routable
+
+
 def test_zero_share_disables_ejection() -> None:
     a, b = Instance("a"), Instance("b")
     policy = EjectionPolicy(after_failures=1, max_share=0.0)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gateway.batcher import BatchResult, NothingToSend
-from gateway.errors import BadRequest, GatewayTimeout, Unavailable, UpstreamError
+from gateway.errors import BadRequest, GatewayTimeout, ModelError, Unavailable, UpstreamError
 from gateway.instances import EjectionPolicy
 from gateway.router import Instance, Router
 from gateway.tensors import Tensor
@@ -187,6 +187,38 @@ async def test_consecutive_failures_eject_an_instance_which_then_gets_nothing() 
     for _ in range(30):
         await router.infer("m", "", INPUTS)
     assert a.ejected and a.ejections == 1 and client.urls.count("a") == 2
+
+
+async def test_a_model_that_fails_on_every_instance_ejects_none_of_them() -> None:
+    """Triton's own 5xx answer for a model that raises: the same on every instance. Counting it
+    against the instances would eject healthy ones, for every model, until none was left."""
+    a, b, c = Instance("a"), Instance("b"), Instance("c")
+    error = ModelError("breast_cancer_mlp: the model raised", status=502)
+    client = FakeClient({"a": error, "b": error, "c": error})
+    router = make_router(client, a, b, c, ejection=EjectionPolicy(after_failures=2, base_s=5.0), max_tries=3)
+    for _ in range(30):
+        with pytest.raises(ModelError, match="the model raised"):
+            await router.infer("m", "", INPUTS)
+    assert len(client.calls) == 60  # two instances failed each alike: not tried on a third
+    assert not any(i.ejected for i in (a, b, c)) and a.failures == b.failures == c.failures == 0
+
+
+async def test_a_model_error_where_another_instance_answers_counts_against_the_instance() -> None:
+    a, b = Instance("a"), Instance("b")
+    client = FakeClient({"a": ModelError("CUDA error: an illegal memory access", status=502)})
+    router = make_router(client, a, b, ejection=EjectionPolicy(after_failures=2, base_s=5.0))
+    for _ in range(30):
+        await router.infer("m", "", INPUTS)  # b answers every one
+    assert a.ejected and a.failures == 2 and client.urls.count("a") == 2
+
+
+async def test_a_lone_model_error_is_not_counted() -> None:
+    a = Instance("a")
+    client = FakeClient({"a": ModelError("the model raised", status=502)})
+    router = make_router(client, a, Instance("b", live=False))
+    with pytest.raises(ModelError):
+        await router.infer("m", "", INPUTS)
+    assert a.failures == 0 and a.consecutive_failures == 0
 
 
 async def test_a_4xx_is_final_and_not_counted_against_the_instance() -> None:

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from gateway.config import UpstreamConfig
-from gateway.errors import GatewayTimeout, UpstreamError
+from gateway.errors import GatewayTimeout, ModelError, UpstreamError
 from gateway.protocol import v2
 from gateway.tensors import Tensor
 from gateway.upstream.client import InstanceUnreachable, TritonClient
@@ -84,6 +84,17 @@ async def test_triton_errors_keep_their_message(fake_triton, client: TritonClien
     with pytest.raises(UpstreamError) as err:
         await client.infer(url, "m", "", INPUTS, None)
     assert err.value.status == expected and err.value.message == "model said no"
+    assert isinstance(err.value, ModelError) is (status >= 500)  # Triton's own 5xx: maybe the model's fault
+
+
+async def test_a_5xx_that_is_not_tritons_error_answer_is_the_instances_fault(fake_triton, client: TritonClient) -> None:  # noqa: ANN001
+    async def proxy_page(request: web.Request) -> web.Response:
+        return web.Response(status=503, text="<html>Service Unavailable</html>", content_type="text/html")
+
+    url = await fake_triton(proxy_page)
+    with pytest.raises(UpstreamError) as err:
+        await client.infer(url, "m", "", INPUTS, None)
+    assert err.value.status == 502 and not isinstance(err.value, ModelError) and "Service Unavailable" in err.value.message
 
 
 async def test_malformed_answer_is_502_not_the_clients_fault(fake_triton, client: TritonClient) -> None:  # noqa: ANN001
