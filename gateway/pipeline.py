@@ -186,14 +186,21 @@ class InferencePipeline:
     def choose_version(self, model: str, sticky: dict[bytes, bytes] | None) -> tuple[str, bool]:
         """The version for a request naming none, and whether the rollout chose it: the
         rollout's choice if the model has one (its stable version when the chosen canary is
-        held nowhere), else the fleet's newest. Not counted: ``infer(chosen=...)`` counts it."""
+        held nowhere), else the fleet's newest. When neither the choice nor the stable version
+        is held anywhere (removed from the repository and draining, not loaded yet, or a
+        version the rollout file names that the fleet never had), the fleet's newest answers:
+        a drop-in change fails no request. Not counted: ``infer(chosen=...)`` counts it."""
+        router = self._router
         chosen = self.rollouts.choose(model, sticky)
         if not chosen:
-            return self._router.newest_version(model), False
+            return router.newest_version(model), False
+        if router.available(model, chosen):
+            return chosen, True
         stable = self.rollouts.stable(model)
-        if chosen != stable and not self._router.available(model, chosen):
-            chosen = stable
-        return chosen, True
+        if chosen != stable and router.available(model, stable):
+            return stable, True
+        newest = router.newest_version(model)
+        return (newest, False) if newest else (stable, True)
 
     def canary_share(self, model: str) -> float:
         """The share of the model's requests naming no version that go to its canary now: the

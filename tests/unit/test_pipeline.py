@@ -214,9 +214,11 @@ async def test_the_rollout_chooses_the_version_unless_the_request_names_one() ->
     await pipeline.infer(named)
     router.available = lambda model, version: version != "2"  # type: ignore[attr-defined]
     await pipeline.infer(request())  # the canary is loaded nowhere: stable serves
+    router.available = lambda model, version: version not in ("1", "2")  # type: ignore[attr-defined]
+    await pipeline.infer(request())  # stable too (removed, draining): the fleet's newest, not the rollout's
     rollouts.set_models({})
     await pipeline.infer(request())
-    assert router.versions == ["2", "3", "1", "9"]
+    assert router.versions == ["2", "3", "1", "9", "9"]
     assert rollouts.served == {("m", "2"): 1, ("m", "1"): 1}
     await pipeline.close(0)
 
