@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
 import time
 import tomllib
@@ -380,8 +381,8 @@ def _table(where: str, table: Any) -> ModelRollout:
             value = table[key]
             if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and not isinstance(value, int)):
                 raise RolloutError(f"{where}.{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-            if value < low:
-                raise RolloutError(f"{where}.{key} must be >= {low}, got {value!r}")
+            if not (math.isfinite(value) and value >= low):  # NaN compares false: it would never roll back
+                raise RolloutError(f"{where}.{key} must be a finite number >= {low}, got {value!r}")
             numbers[key] = kind(value)
     shadow = _version(table["shadow"], f"{where}.shadow") if "shadow" in table else ""
     shadow_share = table.get("shadow_share", 0.1 if shadow else 0.0)
