@@ -18,6 +18,7 @@ from gateway import metrics as prometheus
 from gateway.errors import BadRequest, GatewayError, NotFound, Unavailable
 from gateway.pipeline import InferencePipeline
 from gateway.protocol import v2
+from gateway.rollout import RolloutConflict
 from gateway.router import Router
 from gateway.upstream.client import model_path, upstream_error
 from gateway.upstream.repository import RepositorySync
@@ -155,6 +156,8 @@ async def rollout_action(request: Request) -> Response:
         state = pipeline.rollouts.act(model, body["action"], body.get("share"))
     except KeyError:
         raise NotFound(f"model '{model}' has no rollout") from None
+    except RolloutConflict as exc:
+        raise GatewayError(str(exc), status=409) from None
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
     return Response(orjson.dumps({**state, "canary_share_in_force": pipeline.canary_share(model)}), media_type=JSON)

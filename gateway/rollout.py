@@ -80,6 +80,10 @@ EVALUATE_EVERY = 10  # canary outcomes between two checks of the rollback rule
 MAX_EVENTS = 50
 
 
+class RolloutConflict(ValueError):
+    """An operator's action that the rollout's state makes meaningless (HTTP 409)."""
+
+
 class RolloutError(ValueError):
     pass
 
@@ -558,6 +562,12 @@ class Rollouts:
             raise KeyError(model)
         if not state.canary:
             raise ValueError(f"model '{model}' has no canary version")
+        if state.status == "promoted" and action in ("rollback", "set_share"):
+            # The canary is the stable version now: nothing is left to roll back or share.
+            raise RolloutConflict(
+                f"model '{model}': version {state.canary} was promoted and is the stable version; "
+                "to go back, name the old version as stable in the rollout file"
+            )
         now = self._clock()
         if action == "promote":
             state.promote(now, "operator")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.rollout import ModelRollout, RolloutError, Rollouts, RolloutState, parse_rollout_file, parse_rollouts
+from gateway.rollout import ModelRollout, RolloutConflict, RolloutError, Rollouts, RolloutState, parse_rollout_file, parse_rollouts
 
 
 def test_a_rollout_table_parses() -> None:
@@ -170,11 +170,16 @@ def test_operator_actions_and_their_errors() -> None:
     rollouts = rollouts_with({"stable": "1", "canary": "2", "canary_share": 0.1}, clock)
     assert rollouts.act("m", "set_share", 1.0)["canary_share"] == 1.0 and rollouts.choose("m") == "2"
     assert rollouts.act("m", "rollback")["status"] == "rolled_back" and rollouts.choose("m") == "1"
-    assert rollouts.act("m", "promote")["stable"] == "2"
     with pytest.raises(ValueError, match="unknown action"):
         rollouts.act("m", "explode")
     with pytest.raises(ValueError, match="share in 0..1"):
         rollouts.act("m", "set_share", 3)
+    assert rollouts.act("m", "promote")["stable"] == "2"
+    # Promoted, the canary is the stable version: a rollback or a share would change nothing.
+    for action, share in (("rollback", None), ("set_share", 0.5)):
+        with pytest.raises(RolloutConflict, match="version 2 was promoted and is the stable version"):
+            rollouts.act("m", action, share)
+    assert rollouts.choose("m") == "2" and rollouts.states["m"].status == "promoted"
     with pytest.raises(KeyError):
         rollouts.act("other", "promote")
     assert [e["by"] for e in rollouts.states["m"].events] == ["operator"] * 3
