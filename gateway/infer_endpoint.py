@@ -205,6 +205,17 @@ class Headers:
     sticky: dict[bytes, bytes] | None = None
 
 
+def wants_fresh(cache_control: bytes) -> bool:
+    """Whether a request's Cache-Control asks for an answer computed afresh: ``no-cache``,
+    ``no-store``, or ``max-age=0`` (no stored answer is young enough)."""
+    for directive in cache_control.lower().split(b","):
+        name, _, arg = directive.partition(b"=")
+        name, arg = name.strip(), arg.strip().strip(b'"')
+        if name in (b"no-cache", b"no-store") or (name == b"max-age" and arg.isdigit() and int(arg) == 0):
+            return True
+    return False
+
+
 def read_headers(headers: Iterable[tuple[bytes, bytes]], pins: Container[bytes], start: float) -> Headers:
     """``headers``: lower-case names, as ASGI servers give them; ``pins``: the header names
     rollouts pin clients by; ``start``: the request's arrival, for a relative deadline."""
@@ -223,7 +234,7 @@ def read_headers(headers: Iterable[tuple[bytes, bytes]], pins: Container[bytes],
             h.deadline = deadlines.from_header(value, start)
         elif name == b"cache-control":
             cache_control = True
-            h.use_cache = not (b"no-cache" in value.lower() or b"no-store" in value.lower())
+            h.use_cache = not wants_fresh(value)
         elif name == b"pragma":
             pragma_no_cache = b"no-cache" in value.lower()
         elif name in pins:

@@ -145,6 +145,10 @@ async def test_another_id_or_wire_format_is_another_raw_answer_with_its_own_byte
     [
         ([(b"cache-control", b"no-cache")], False),
         ([(b"cache-control", b"No-Store")], False),
+        ([(b"cache-control", b"max-age=0")], False),  # no stored answer is fresh enough
+        ([(b"cache-control", b"max-age = 0, private")], False),
+        ([(b"cache-control", b"max-age=600")], True),
+        ([(b"cache-control", b"max-age=05")], True),
         ([(b"pragma", b"no-cache")], False),  # HTTP/1.0's way to ask for a fresh answer
         ([(b"pragma", b"no-cache"), (b"cache-control", b"max-age=60")], True),  # Cache-Control overrides Pragma
         ([(b"cache-control", b"max-age=60"), (b"pragma", b"no-cache")], True),
