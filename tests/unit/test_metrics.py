@@ -275,7 +275,9 @@ async def test_cache_counters_match_the_cache_view() -> None:
 
 def test_instances_up_ejected_down_and_their_counters() -> None:
     a, b, c = Instance("http://a", weight=3.0), Instance("http://b"), Instance("http://c", live=False)
-    router = Router([a, b, c], None, clock=lambda: 100.0, ejection=EjectionPolicy(after_failures=2, base_s=5.0))  # type: ignore[arg-type]
+    # max_share 1.0: c is down, which counts in the share; b may still be ejected beside it.
+    policy = EjectionPolicy(after_failures=2, base_s=5.0, max_share=1.0)
+    router = Router([a, b, c], None, clock=lambda: 100.0, ejection=policy)  # type: ignore[arg-type]
     a.begin(100.0)
     for _ in range(2):
         b.begin(100.0)
