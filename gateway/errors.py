@@ -1,7 +1,7 @@
 """The gateway's error hierarchy.
 
 Every error carries an HTTP status and a message. Errors are raised anywhere and rendered as a
-KServe v2 error body (``{"error": "..."}``) only at the HTTP edge: ``InferEndpoint._error`` for
+KServe v2 error body (``{"error": "..."}``) only at the HTTP edge: ``infer_endpoint.error_reply`` for
 infer requests (msgpack-encoded for msgpack clients), ``handlers.error_response`` for the rest.
 """
 
