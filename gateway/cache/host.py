@@ -475,24 +475,22 @@ class HostStore:
     def _lock(self, byte: int, wait_s: float) -> bool:
         """Take the record lock of the segment's ``byte`` (0: the log, 1: the claims): at once,
         or trying again for at most ``wait_s``, never blocking. False if it stayed taken."""
-        try:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, byte)
-            return True
-        except OSError as exc:
-            if exc.errno not in (errno.EACCES, errno.EAGAIN):
-                raise
-        deadline = time.monotonic() + wait_s
-        pause = 20e-6
-        while time.monotonic() < deadline:
-            time.sleep(pause)  # its holder is microseconds from letting go, unless stopped there
-            pause = min(2 * pause, 0.001)
+        deadline, pause = 0.0, 20e-6
+        while True:
             try:
                 fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, byte)
                 return True
             except OSError as exc:
                 if exc.errno not in (errno.EACCES, errno.EAGAIN):
                     raise
-        return False
+            if not wait_s:
+                return False
+            now = time.monotonic()
+            deadline = deadline or now + wait_s  # from the first refusal
+            if now >= deadline:
+                return False
+            time.sleep(pause)  # its holder is microseconds from letting go, unless stopped there
+            pause = min(2 * pause, 0.001)
 
     def _unlock_claims(self) -> None:
         fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 1)

@@ -143,7 +143,6 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         if self._head_arrived >= 0 and not self._head_began:  # every byte of this read is the head's
             self._head_arrived += len(data)
             if self._head_arrived > self.max_header_bytes and not self.transport.is_closing():
-                self._head_over = True
                 self._send_431()
         self._head_began = False
 
@@ -179,9 +178,14 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         self._send_431()
 
     def _send_431(self) -> None:
-        body = v2.error_body(f"request head (request line and headers) exceeds the gateway's limit of {self.max_header_bytes} bytes")
+        limit = self.max_header_bytes
+        self._refuse(431, f"request head (request line and headers) exceeds the gateway's limit of {limit} bytes")
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer the request arriving with an error of the protocol's own, and close."""
+        body = v2.error_body(message)
         head = b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
-        self.transport.write(b"".join((STATUS_LINE[431], head, body)))
+        self.transport.write(b"".join((STATUS_LINE[status], head, body)))
         self.transport.close()
 
     def on_message_complete(self) -> None:
@@ -205,10 +209,9 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
             self._read_timer = self.loop.call_later(self.read_timeout_s - (0.0 if idle else waited), self._check_reading)
             return
         if self._reading == _READING:
-            body = v2.error_body(f"the request did not arrive: nothing came for {self.read_timeout_s:g} s")
-            head = b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
-            self.transport.write(b"".join((STATUS_LINE[408], head, body)))
-        self.transport.close()
+            self._refuse(408, f"the request did not arrive: nothing came for {self.read_timeout_s:g} s")
+        else:
+            self.transport.close()
 
     def on_headers_complete(self) -> None:
         self._head_read()
