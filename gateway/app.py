@@ -22,6 +22,7 @@ from gateway.instances import EjectionPolicy
 from gateway.metrics import GatewayCollector, InferCounts, registry_of
 from gateway.pipeline import InferencePipeline
 from gateway.rollout import Rollouts
+from gateway.rollout_workers import shared_decisions
 from gateway.router import Router
 from gateway.upstream.client import TritonClient
 from gateway.upstream.fleet import FleetMonitor
@@ -87,8 +88,9 @@ def settle_heap() -> None:
 def build_app(config: GatewayConfig, cache_segment: str = "", workers_folder: str = "") -> InferEndpoint:
     """The ASGI app: infer requests are answered by InferEndpoint, the rest by Starlette.
     For a worker process: ``cache_segment``, the shared-memory file of the cache's host tier;
-    ``workers_folder``, where the workers publish their metrics to sum them (worker_metrics.py)
-    and share the driving of the repository (upstream/repository_workers.py)."""
+    ``workers_folder``, where the workers publish their metrics to sum them (worker_metrics.py),
+    share the driving of the repository (upstream/repository_workers.py) and their rollout
+    decisions (rollout_workers.py)."""
     counts = InferCounts()  # the infer route counts its answers; /metrics reads them
 
     @contextlib.asynccontextmanager
@@ -129,6 +131,7 @@ def build_app(config: GatewayConfig, cache_segment: str = "", workers_folder: st
         pipeline = InferencePipeline(
             config.batching, router, MetadataCache(router, u.metadata_ttl_s), cache=cache, rollouts=rollouts
         )
+        decisions = shared_decisions(workers_folder, rollouts) if workers_folder else None
         pipeline.observe_fleet()  # the versions serving now are the rollout defaults' stable ones
         monitor.on_round = pipeline.observe_fleet
         settle_heap()
@@ -143,6 +146,8 @@ def build_app(config: GatewayConfig, cache_segment: str = "", workers_folder: st
         syncing = asyncio.create_task(sync.run()) if sync is not None else None
         if summed is not None:
             background.append(asyncio.create_task(summed.run()))
+        if decisions is not None:
+            background.append(asyncio.create_task(decisions.run()))
         try:
             yield
         finally:

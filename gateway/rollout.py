@@ -45,7 +45,8 @@ and, for classifiers (a 2-D output), how often both pick the same class (argmax 
 Operators act through the admin API (``promote``, ``rollback``, ``set_share``). Operator actions
 and automatic decisions live in memory: the file stays the source of truth. They last until the
 model's table in the file changes (then the file's table starts afresh) or the gateway restarts;
-to make one permanent, write it into the file.
+to make one permanent, write it into the file. With several worker processes, a decision made in
+one reaches the others (``rollout_workers.py``).
 
 The file is read at start and again whenever it changes (``Rollouts.reload_if_changed``). A file
 that does not parse or validate is rejected with a message naming the problem, and the rollout
@@ -199,6 +200,7 @@ class RolloutState:
     events: list[dict[str, Any]] = field(default_factory=list)
     since_check: int = 0
     shadow: ShadowStats = field(default_factory=lambda: ShadowStats())
+    trial: str = ""  # which trial this is, the same in every worker (``trial_key``)
 
     @classmethod
     def start(cls, config: ModelRollout, now: float) -> RolloutState:
@@ -283,6 +285,23 @@ class RolloutState:
         self.event("set_share", now, by="operator", share=share)
 
     @property
+    def position(self) -> tuple[str, float, str, int]:
+        """Where the rollout stands: what a decision changes (and ``adopt`` takes over)."""
+        return self.stable, self.share, self.status, self.step
+
+    def adopt(self, position: tuple[str, float, str, int], event: dict[str, Any], now: float) -> None:
+        """Take over a decision another worker made in the same trial (``rollout_workers.py``):
+        its position, and its event."""
+        step = self.step
+        self.stable, self.share, self.status, self.step = position
+        if self.step != step:
+            self.step_started, self.step_requests = now, 0
+        self.since_check = 0
+        self.events.append(event)
+        del self.events[:-MAX_EVENTS]
+        log.warning("rollout %s: %s, as another worker decided", event.get("event"), self.canary or self.stable)
+
+    @property
     def share_in_force(self) -> float:
         """The canary's share of the requests naming no version, as the rollout sends them now:
         its share while the status is "canary", else 0 (no canary, rolled back, promoted)."""
@@ -308,6 +327,14 @@ class RolloutState:
             "events": self.events,
             "shadow": self.shadow.snapshot(c.shadow, c.shadow_share) if c.shadow else None,
         }
+
+
+def trial_key(model: str, config: ModelRollout, since: object = None) -> str:
+    """What names a trial the same way in every worker: the model, its table (or, under
+    ``[defaults]``, its stable and canary versions), and ``since``, the rollout file's stamp when
+    the table took effect: a table edited away and back is a new trial."""
+    text = repr((model, config, since) if since is not None else (model, config.stable, config.canary))
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
 def _version(value: Any, where: str) -> str:
@@ -436,6 +463,9 @@ class Rollouts:
         self.served: dict[tuple[str, str], int] = {}  # (model, version) -> requests
         # The header names any rollout pins clients by: the infer endpoint keeps only these.
         self.pin_headers: frozenset[bytes] = frozenset()
+        # Told of every decision this process makes (model, state, "automatic" | "operator"),
+        # for the other workers to take over (rollout_workers.py).
+        self.on_decision: Callable[[str, RolloutState, str], None] | None = None
 
     @property
     def models(self) -> dict[str, ModelRollout]:
@@ -446,7 +476,7 @@ class Rollouts:
         now = self._clock()
         self.states = {
             name: state if (state := self.states.get(name)) is not None and state.config == config
-            else RolloutState.start(config, now)
+            else self._start(name, config, now, since=self._stamp or ())
             for name, config in models.items()
         }  # fmt: skip
         self.pin_headers = frozenset(r.sticky_header for r in models.values() if r.sticky_header)
@@ -470,7 +500,7 @@ class Rollouts:
             for name, state in before.items():
                 if name not in rollout.models and name not in self.auto:
                     # Its table is gone: the version it served stays stable, under the defaults.
-                    self.auto[name] = RolloutState.start(replace(defaults, stable=state.stable), now)
+                    self.auto[name] = self._start(name, replace(defaults, stable=state.stable), now)
         pins = {r.sticky_header for r in rollout.models.values() if r.sticky_header}
         if self.defaults is not None and self.defaults.sticky_header:
             pins.add(self.defaults.sticky_header)
@@ -481,9 +511,15 @@ class Rollouts:
         """The rollout of ``path``; RolloutError if the file is missing or invalid."""
         rollouts = cls(path, clock)
         stat = path.stat() if path.exists() else None
-        rollouts.set_file(load_rollout_file(path))
         rollouts._stamp = (stat.st_mtime_ns, stat.st_size) if stat else None
+        rollouts.set_file(load_rollout_file(path))
         return rollouts
+
+    @staticmethod
+    def _start(model: str, config: ModelRollout, now: float, since: object = None) -> RolloutState:
+        state = RolloutState.start(config, now)
+        state.trial = trial_key(model, config, since)
+        return state
 
     def state(self, model: str) -> RolloutState | None:
         """The model's rollout state: its table's, else its automatic one, else None."""
@@ -505,18 +541,18 @@ class Rollouts:
         state = self.auto.get(model)
         now = self._clock()
         if state is None or not available(state.stable):
-            self.auto[model] = RolloutState.start(replace(defaults, stable=newest), now)
+            self.auto[model] = self._start(model, replace(defaults, stable=newest), now)
             if state is not None:
                 self.auto[model].event("stable", now, by="automatic", stable=newest, previous_stable=state.stable,
                                        reason="the stable version left the fleet")  # fmt: skip
             return
         if state.status == "canary" and not available(state.canary):
-            self.auto[model] = RolloutState.start(replace(defaults, stable=state.stable), now)
+            self.auto[model] = self._start(model, replace(defaults, stable=state.stable), now)
             self.auto[model].event("canary_gone", now, by="automatic", canary=state.canary, stable=state.stable)
             return
         if int(newest) > max(int(state.stable), int(state.canary or 0)):
             config = replace(defaults, stable=state.stable, canary=newest)
-            self.auto[model] = RolloutState.start(config, now)
+            self.auto[model] = self._start(model, config, now)
             self.auto[model].event("canary", now, by="automatic", canary=newest, stable=state.stable, share=self.auto[model].share)
 
     def stable(self, model: str) -> str:
@@ -553,7 +589,10 @@ class Rollouts:
         version is to blame for (5xx, timeout), with its latency in seconds."""
         state = self.state(model)
         if state is not None:
+            before = state.position
             state.record(version, ok, latency, self._clock())
+            if self.on_decision is not None and state.position != before:
+                self.on_decision(model, state, "automatic")
 
     def act(self, model: str, action: str, share: float | None = None) -> dict[str, Any]:
         """An operator's action: "promote", "rollback" or "set_share" (with ``share``)."""
@@ -579,6 +618,8 @@ class Rollouts:
             state.set_share(float(share), now)
         else:
             raise ValueError(f"unknown action {action!r}: use promote, rollback or set_share")
+        if self.on_decision is not None:
+            self.on_decision(model, state, "operator")
         return state.snapshot()
 
     def reload_if_changed(self) -> bool:

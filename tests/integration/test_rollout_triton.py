@@ -183,3 +183,53 @@ def test_a_faulty_canary_is_rolled_back_within_its_window_and_operators_can_act(
         assert promoted.status_code == 200 and promoted.json()["stable"] == "2"
         answered = [r for r in (http.post(PATH, json=body) for _ in range(6)) if r.status_code == 200]
         assert answered and all(r.headers["model-version"] == "2" for r in answered)  # (the faulty one, now)
+
+
+def test_with_two_workers_a_rollback_made_in_one_reaches_every_worker(fleet_factory, tmp_path: Path) -> None:  # noqa: ANN001
+    """The admin API reaches the one worker that took its connection; the decision reaches the
+    other within moments (gateway/rollout_workers.py). Each request on a new connection, so the
+    workers share them."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copytree(MODEL_REPOSITORY / BREAST_CANCER.name, repo / BREAST_CANCER.name)
+    shutil.copytree(repo / BREAST_CANCER.name / "1", repo / BREAST_CANCER.name / "2")
+    triton: fleet.Fleet = fleet_factory(1, TRITON_PORT, repository=repo, model_control_mode="none")
+    rollout = tmp_path / "rollout.toml"
+    write(rollout, f'[models.{BREAST_CANCER.name}]\nstable = "1"\ncanary = "2"\ncanary_share = 0.5\n', 10**18)
+    config = gateway_config(
+        triton.http_urls, GATEWAY_PORT, server={"workers": 2}, rollout={"file": str(rollout), "admin_token": "s3cret"}
+    )
+    x = BREAST_CANCER.splits().x_test[:1]
+    _, ref = torch_reference(BREAST_CANCER.name, x)
+    body = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 30], "data": x.ravel().tolist()}],
+            "outputs": [{"name": "probabilities"}]}  # fmt: skip
+    with running_gateway(config, GATEWAY_PORT, tmp_path) as gw:
+        deadline = time.monotonic() + 60
+        while len(gw.worker_pids()) < 2:
+            assert time.monotonic() < deadline, f"the workers did not both start:\n{gw.log()}"
+            time.sleep(0.1)
+
+        def served(n: int) -> tuple[Counter[str], Counter[str]]:
+            """Versions that answered, and the rollout status each answering worker reports."""
+            versions: Counter[str] = Counter()
+            statuses: Counter[str] = Counter()
+            for _ in range(n):
+                with httpx.Client(base_url=gw.url, timeout=30) as fresh:  # a new connection
+                    resp = fresh.post(PATH, json=body)
+                    assert resp.status_code == 200, resp.text
+                    probs = np.asarray(resp.json()["outputs"][0]["data"], np.float32).reshape(ref.shape)
+                    np.testing.assert_allclose(probs, ref, atol=ATOL, rtol=0)
+                    versions[resp.headers["model-version"]] += 1
+                with httpx.Client(base_url=gw.url, timeout=30) as fresh:
+                    statuses[fresh.get("/v2/gateway/rollout").json()["models"][BREAST_CANCER.name]["status"]] += 1
+            return versions, statuses
+
+        versions, statuses = served(100)
+        assert versions["1"] > 20 and versions["2"] > 20 and statuses == {"canary": 100}, (versions, statuses)
+        with httpx.Client(base_url=gw.url, timeout=30) as admin:
+            resp = admin.post(f"/v2/gateway/rollout/{BREAST_CANCER.name}", json={"action": "rollback"},
+                              headers={"Authorization": "Bearer s3cret"})  # fmt: skip
+            assert resp.status_code == 200 and resp.json()["status"] == "rolled_back", resp.text
+        time.sleep(0.5)  # the other worker looks every 50 ms
+        versions, statuses = served(200)
+        assert versions == {"1": 200} and statuses == {"rolled_back": 200}, (versions, statuses)

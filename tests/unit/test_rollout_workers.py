@@ -1,0 +1,169 @@
+"""Rollout decisions shared between worker processes (gateway/rollout_workers.py): two
+``Rollouts``, each with its own ``SharedDecisions`` on one folder, stand for two workers."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import orjson
+
+from gateway.rollout import ModelRollout, Rollouts, trial_key
+from gateway.rollout_workers import DECISIONS, FOLDER, SharedDecisions, shared_decisions
+
+CANARY = ModelRollout("1", "2", 0.5, rollback_error_rate=0.1, rollback_window=10)
+RAMP = ModelRollout("1", "2", ramp=(0.1, 0.5, 1.0), ramp_min_requests=5)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def worker(folder: Path, pid: int, config: ModelRollout = CANARY, clock: Clock | None = None) -> tuple[Rollouts, SharedDecisions]:
+    rollouts = Rollouts(clock=clock or Clock(), seed=pid)
+    rollouts.set_models({"m": config})
+    return rollouts, SharedDecisions(folder, rollouts, clock=rollouts._clock, pid=pid)
+
+
+def served(rollouts: Rollouts, n: int = 400) -> Counter[str]:
+    return Counter(rollouts.choose("m") for _ in range(n))
+
+
+def fail_canary(rollouts: Rollouts) -> None:
+    """Enough canary failures, against a healthy stable, to break the rollback rule."""
+    for _ in range(10):
+        rollouts.record("m", "1", True, 0.01)
+    for _ in range(10):
+        rollouts.record("m", "2", False, 0.01)
+
+
+def test_an_operators_rollback_in_one_worker_reaches_the_other(tmp_path: Path) -> None:
+    a, shared_a = worker(tmp_path, 1)
+    b, shared_b = worker(tmp_path, 2)
+    assert set(served(b)) == {"1", "2"}
+    a.act("m", "rollback")
+    shared_b.poll()
+    assert served(b) == {"1": 400}
+    state = b.state("m")
+    assert state is not None and state.status == "rolled_back" and state.share == 0.0
+    assert state.events[-1]["event"] == "rollback" and state.events[-1]["by"] == "operator" and state.events[-1]["worker"] == 1
+    # The worker that wrote it reads its own record as already in force: no second event.
+    shared_a.poll()
+    state_a = a.state("m")
+    assert state_a is not None and [e["event"] for e in state_a.events] == ["rollback"]
+    # And a later operator action the other way reaches the first worker in turn.
+    b.act("m", "set_share", 0.25)
+    shared_a.poll()
+    assert state_a.status == "canary" and state_a.share == 0.25
+
+
+def test_an_automatic_rollback_in_one_worker_reaches_the_other(tmp_path: Path) -> None:
+    a, _ = worker(tmp_path, 1)
+    b, shared_b = worker(tmp_path, 2)
+    fail_canary(a)
+    state_a = a.state("m")
+    assert state_a is not None and state_a.status == "rolled_back"
+    shared_b.poll()
+    state_b = b.state("m")
+    assert state_b is not None and state_b.status == "rolled_back" and served(b) == {"1": 400}
+    event = state_b.events[-1]
+    assert event["by"] == "automatic" and event["canary_error_rate"] == 1.0 and event["worker"] == 1
+
+
+def test_ramp_steps_and_the_promotion_reach_the_other_worker(tmp_path: Path) -> None:
+    a, _ = worker(tmp_path, 1, RAMP)
+    b, shared_b = worker(tmp_path, 2, RAMP)
+    for _ in range(5):
+        a.record("m", "2", True, 0.01)
+    shared_b.poll()
+    state_b = b.state("m")
+    assert state_b is not None and (state_b.step, state_b.share) == (1, 0.5)
+    for _ in range(10):  # the last step (1.0), then the promotion
+        a.record("m", "2", True, 0.01)
+    shared_b.poll()
+    assert state_b.status == "promoted" and state_b.stable == "2" and served(b) == {"2": 400}
+
+
+def test_a_worker_behind_does_not_undo_a_rollback_with_a_ramp_step(tmp_path: Path) -> None:
+    """Worker 1 rolls the canary back; worker 2, before it has looked, completes a ramp step.
+    The step is not written over the rollback: worker 2 takes the rollback instead."""
+    a, _ = worker(tmp_path, 1, RAMP)
+    b, _ = worker(tmp_path, 2, RAMP)
+    a.act("m", "rollback")
+    for _ in range(5):
+        b.record("m", "2", True, 0.01)
+    state_b = b.state("m")
+    assert state_b is not None and state_b.status == "rolled_back" and served(b) == {"1": 400}
+    (record,) = orjson.loads((tmp_path / FOLDER / DECISIONS).read_bytes())["trials"].values()
+    assert record["status"] == "rolled_back" and record["pid"] == 1
+
+
+def test_a_worker_behind_still_rolls_back_over_a_ramp_step(tmp_path: Path) -> None:
+    """Worker 1 completes a ramp step; worker 2, before it has looked, sees the canary fail: its
+    rollback goes further, so it is written, and worker 1 takes it."""
+    config = ModelRollout("1", "2", ramp=(0.5, 0.75, 1.0), ramp_min_requests=5, rollback_error_rate=0.1, rollback_window=10)
+    a, shared_a = worker(tmp_path, 1, config)
+    b, _ = worker(tmp_path, 2, config)
+    for _ in range(5):
+        a.record("m", "2", True, 0.01)
+    fail_canary(b)
+    shared_a.poll()
+    state_a = a.state("m")
+    assert state_a is not None and state_a.status == "rolled_back" and served(a) == {"1": 400}
+
+
+def test_workers_on_different_trials_neither_apply_nor_overwrite_each_others_decisions(tmp_path: Path) -> None:
+    """A worker that has not yet read an edited rollout file runs the old table's trial."""
+    old, shared_old = worker(tmp_path, 1, CANARY)
+    new, shared_new = worker(tmp_path, 2, ModelRollout("1", "2", 0.2))
+    old.act("m", "rollback")
+    shared_new.poll()
+    state_new = new.state("m")
+    assert state_new is not None and state_new.status == "canary" and state_new.share == 0.2
+    new.act("m", "set_share", 0.3)
+    shared_old.poll()
+    state_old = old.state("m")
+    assert state_old is not None and state_old.status == "rolled_back"
+    trials = orjson.loads((tmp_path / FOLDER / DECISIONS).read_bytes())["trials"]
+    assert {r["status"] for r in trials.values()} == {"rolled_back", "canary"}
+
+
+def test_a_trial_is_named_alike_in_every_worker_and_anew_when_its_table_comes_back() -> None:
+    assert trial_key("m", CANARY, (1, 2)) == trial_key("m", ModelRollout("1", "2", 0.5, rollback_error_rate=0.1, rollback_window=10), (1, 2))
+    assert trial_key("m", CANARY, (1, 2)) != trial_key("m", CANARY, (3, 2))  # edited away and back
+    assert trial_key("m", CANARY, (1, 2)) != trial_key("n", CANARY, (1, 2))
+    # Under [defaults], a trial is its stable and canary versions (its rules may be edited).
+    assert trial_key("m", CANARY) == trial_key("m", ModelRollout("1", "2", 0.3))
+
+
+def test_a_worker_that_starts_a_trial_late_takes_over_its_decisions(tmp_path: Path) -> None:
+    a, _ = worker(tmp_path, 1)
+    a.act("m", "rollback")
+    late, shared_late = worker(tmp_path, 2)
+    shared_late.poll()
+    assert served(late) == {"1": 400}
+
+
+def test_an_unusable_folder_leaves_the_decisions_to_each_worker(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    rollouts = Rollouts(clock=Clock())
+    rollouts.set_models({"m": CANARY})
+    assert shared_decisions(blocker, rollouts) is None
+    rollouts.act("m", "rollback")  # still works, in this worker
+    assert served(rollouts) == {"1": 400}
+
+
+def test_a_spoilt_decisions_file_is_logged_and_replaced_by_the_next_decision(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    a, shared_a = worker(tmp_path, 1)
+    b, shared_b = worker(tmp_path, 2)
+    (tmp_path / FOLDER / DECISIONS).write_bytes(b"{not json")
+    shared_b.poll()  # logged, nothing taken over
+    assert "do not parse" in caplog.text and served(b).keys() == {"1", "2"}
+    a.act("m", "rollback")
+    shared_b.poll()
+    assert served(b) == {"1": 400}
