@@ -26,7 +26,10 @@ it is loaded:
   model has it (``Router.newest_version``).
 * **Drain.** A version leaving is withheld on every instance first, its requests in flight
   there are awaited (at most ``drain_timeout_s``), and only then is it unloaded.
-* **Failure.** A version that fails to load or to warm up is recorded with Triton's reason,
+* **Failure.** A version folder without the file its backend loads (``model.py`` for the
+  Python backend, or the config's ``default_model_filename``) is failed without a load call:
+  Triton would hold it loading for good, and the model's later versions behind it. A version
+  that fails to load or to warm up is recorded with Triton's reason,
   never admitted, and unloaded; the versions already serving stay as they are. It is tried
   again when its files change. A ``config.pbtxt`` that does not parse, or that Triton rejects,
   leaves the model as it is until the file changes.
@@ -81,6 +84,7 @@ class ModelFolder:
     config: str | None  # config.pbtxt's text; None if it could not be read
     config_stamp: tuple[int, int]  # its size and modification time
     versions: tuple[tuple[str, Fingerprint], ...]  # (version, fingerprint), by version number
+    names: tuple[tuple[str, frozenset[str]], ...] = ()  # (version, the names at its top level)
 
 
 def fingerprint(folder: Path) -> Fingerprint:
@@ -117,17 +121,28 @@ def scan_repository(root: Path, previous: Mapping[str, ModelFolder] | None = Non
             except OSError:
                 continue
         try:
-            versions = sorted(
-                ((v.name, fingerprint(Path(v.path))) for v in os.scandir(entry.path) if VERSION.fullmatch(v.name) and v.is_dir()),
-                key=lambda item: int(item[0]),
+            folders = sorted(
+                (v for v in os.scandir(entry.path) if VERSION.fullmatch(v.name) and v.is_dir()), key=lambda v: int(v.name)
             )
+            versions = [(v.name, fingerprint(Path(v.path))) for v in folders]
+            names = [(v.name, frozenset(os.listdir(v.path))) for v in folders]
         except OSError as exc:  # one unreadable folder: that model stays as last seen, the rest go on
             log.warning("repository: cannot read %s: %s", entry.path, exc)
             if previous is not None and entry.name in previous:
                 models[entry.name] = previous[entry.name]
             continue
-        models[entry.name] = ModelFolder(entry.name, text, (st.st_size, st.st_mtime_ns), tuple(versions))
+        models[entry.name] = ModelFolder(entry.name, text, (st.st_size, st.st_mtime_ns), tuple(versions), tuple(names))
     return models
+
+
+def model_file(config: model_config_pb2.ModelConfig) -> str:
+    """The file a version folder must hold for Triton to load it ("" where we cannot tell): the
+    config's ``default_model_filename``, else the Python backend's ``model.py``. Without it
+    Triton 2.51 does not fail the load: it holds the version LOADING for good, and every later
+    load of the model waits behind it."""
+    if config.default_model_filename:
+        return config.default_model_filename
+    return "model.py" if config.backend == "python" else ""
 
 
 @functools.lru_cache(maxsize=256)
@@ -373,10 +388,18 @@ class RepositorySync:
         for model, version in [k for k in self._failed if k[0] == name and k[1] not in on_disk]:
             del self._failed[(model, version)]  # its folder is gone: a new one is new
         usable = []
+        required, names = model_file(config), dict(folder.names)
         for version, print_ in on_disk.items():
             failure = self._failed.get((name, version))
             if failure is None or failure.stamp != print_:
                 self._failed.pop((name, version), None)  # new files: try again
+                if required and required not in names.get(version, frozenset({required})):
+                    reason = f"the version folder has no {required}, which the model's backend loads; not loaded"
+                    self._failed[(name, version)] = Failure(print_, reason)
+                    for instance in self.router.instances:  # a request naming it is told why
+                        instance.withhold(name, version, _failed_why(reason))
+                    self._event("", name, version, "failed", reason)
+                    continue
                 usable.append(version)
         return Target(config, folder.config_stamp, {v: on_disk[v] for v in served_versions(config, usable)})
 

@@ -290,6 +290,28 @@ async def test_a_broken_version_is_reported_and_never_routed(
         assert all(b > a for a, b in zip(counts, after)), (counts, after)
 
 
+async def test_a_version_folder_without_model_py_does_not_hold_back_the_next_version(
+    fleet_factory: Any, repo: Path, tmp_path: Path
+) -> None:
+    """Sent to Triton, a version folder without model.py stays LOADING for good and the model's
+    later loads wait behind it. The gateway fails it without a load call: version 3, published
+    after it, is loaded and serves the right answers, and nothing fails meanwhile."""
+    with managed_stack(fleet_factory, repo, tmp_path) as (triton, gw):
+        async with Clients(gw.url) as clients:
+            await clients.until(lambda: clients.versions["1"] >= 50, 60, "version 1 answers")
+            staging = repo / MODEL / ".2.tmp"
+            shutil.copytree(repo / MODEL / "1", staging, ignore=shutil.ignore_patterns("__pycache__", "model.py"))
+            staging.rename(repo / MODEL / "2")
+            publish(repo / MODEL, "3")
+            await clients.until(lambda: clients.versions["3"] >= 50, 120, "version 3 answers")
+        view = repository_view(gw)
+        states = [triton_states(url) for url in triton.http_urls]
+    assert clients.failures == [] and clients.versions["2"] == 0
+    assert "has no model.py" in view["models"][MODEL]["failed"]["2"]
+    assert view["models"][MODEL]["serving"] == ["1", "3"]
+    assert all(s.get("3") == "READY" and "2" not in s for s in states), states
+
+
 async def test_a_new_model_folder_becomes_a_model(fleet_factory: Any, repo: Path, tmp_path: Path) -> None:
     with managed_stack(fleet_factory, repo, tmp_path) as (triton, gw):
         staging = repo / ".copy.tmp"

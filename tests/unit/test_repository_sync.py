@@ -24,6 +24,7 @@ from gateway.upstream.repository import (
     ControlError,
     RepositorySync,
     fingerprint,
+    model_file,
     parse_model_config,
     pinned_config,
     scan_repository,
@@ -573,3 +574,34 @@ async def test_a_failed_version_whose_folder_is_removed_and_published_again_is_t
     await harness.round()
     await harness.round()
     assert harness.routed() == [["1", "2"], ["1", "2"]]
+
+
+async def test_a_version_folder_without_its_model_file_is_failed_without_a_load_call(harness: Harness, repo: Path) -> None:
+    """Triton holds such a version LOADING for good, and the model's later loads behind it: it is
+    never sent. The versions around it load; once the file arrives, it loads too."""
+    (repo / "m" / "2").mkdir()
+    (repo / "m" / "2" / "weights.pt").write_text("weights, but no model.py")
+    add_version(repo, "m", "3")
+    await harness.round()
+    await harness.round()
+    snapshot = harness.sync.snapshot()["models"]["m"]
+    assert "has no model.py" in snapshot["failed"]["2"] and snapshot["serving"] == ["1", "3"]
+    assert all(("load", "m", ["1", "3"]) in t.calls for t in harness.tritons)
+    assert all("2" not in versions for t in harness.tritons for _, _, versions in t.calls)
+    assert harness.routed() == [["1", "3"], ["1", "3"]]
+    with pytest.raises(Unavailable, match="has no model.py"):
+        harness.router.pick("m", "2")
+    assert len(harness.events("failed")) == 1
+    await harness.round()
+    assert len(harness.events("failed")) == 1, "reported once, not every round"
+    (repo / "m" / "2" / "model.py").write_text("the model, at last")
+    await harness.round()
+    await harness.round()
+    assert harness.routed() == [["1", "2", "3"], ["1", "2", "3"]]
+    assert harness.sync.snapshot()["models"]["m"]["failed"] == {}
+
+
+def test_the_file_a_version_needs_follows_the_backend_and_the_config() -> None:
+    assert model_file(parse_model_config('backend: "python"')) == "model.py"
+    assert model_file(parse_model_config('backend: "python" default_model_filename: "serve.py"')) == "serve.py"
+    assert model_file(parse_model_config('platform: "onnxruntime_onnx"')) == ""
