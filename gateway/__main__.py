@@ -95,13 +95,14 @@ def _run(args: argparse.Namespace, config: GatewayConfig, workers: int) -> int:
     )
     if workers == 1:
         uvicorn.run(build_app(config), **settings)
-    elif os.environ.get(WORKERS_ENV) and config.server.balance_connections:
-        # uvicorn's workers, with connections spread evenly over them (gateway/accept_balance.py).
-        from gateway.accept_balance import run_workers
+    else:
+        # uvicorn's workers, refusing new connections once told to stop (gateway/supervisor.py),
+        # with connections spread evenly over them (gateway/accept_balance.py) unless that is
+        # not asked for or there is no folder for the workers to share.
+        from gateway.supervisor import run_workers
 
-        run_workers(uvicorn.Config("gateway.asgi:app_from_env", factory=True, workers=workers, **settings))
-    else:  # not asked for, or no folder for the workers to share: uvicorn's own
-        uvicorn.run("gateway.asgi:app_from_env", factory=True, workers=workers, **settings)
+        balanced = bool(os.environ.get(WORKERS_ENV)) and config.server.balance_connections
+        run_workers(uvicorn.Config("gateway.asgi:app_from_env", factory=True, workers=workers, **settings), balanced)
     return 0
 
 

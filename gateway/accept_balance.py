@@ -30,8 +30,8 @@ the others: about 0.1 ms, which a client opening one connection after another on
 notices (2,700 connections a second against 4,200); ``server.balance_connections = false``
 leaves connections to the kernel's accept race.
 
-``run_workers`` runs uvicorn's own supervisor (``uvicorn.supervisors.Multiprocess``: restarts,
-signals, health checks) with ``BalancedServer`` in each worker instead of ``uvicorn.Server``.
+``supervisor.run_workers`` runs uvicorn's own supervisor with ``BalancedServer`` in each worker
+instead of ``uvicorn.Server``.
 """
 
 from __future__ import annotations
@@ -297,6 +297,16 @@ TCP_INFO_UNACKED = 24
 TCP_INFO_BYTES = 28
 
 
+def still_listening(sock: socket.socket) -> bool:
+    """Whether the shared socket listens still: the supervisor stops it when told to stop
+    (``supervisor.py``), and listening again on it (``create_server`` calls ``listen``) would
+    undo that."""
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except OSError:  # no such reading: as before
+        return True
+
+
 class BalancedServer(uvicorn.Server):
     """A uvicorn worker that listens only while it is among the least loaded (module docstring).
     Without the workers' folder, or without a slot in the table, it is uvicorn's server."""
@@ -339,6 +349,8 @@ class BalancedServer(uvicorn.Server):
         servers = []
         try:
             for spare in self._spares:
+                if not still_listening(spare):
+                    continue  # the supervisor stopped it: the gateway is stopping
                 sock = spare.dup()
                 servers.append(await loop.create_server(protocol, sock=sock, ssl=config.ssl, backlog=config.backlog))
         except BaseException:
@@ -379,18 +391,3 @@ class BalancedProcess(multiprocess.Process):
         if self._server is None:
             self._server = BalancedServer(config=self.config)
         return self._server
-
-
-def run_workers(config: uvicorn.Config) -> None:
-    """Serve ``config`` (``workers`` > 1, the app an import string) as ``uvicorn.run`` does, with
-    each worker a ``BalancedServer``."""
-    sock = config.bind_socket()
-    # uvicorn's supervisor makes each worker with its module's ``Process``; this process runs
-    # nothing else of that module.
-    original, multiprocess.Process = multiprocess.Process, BalancedProcess  # type: ignore[misc]
-    try:
-        multiprocess.Multiprocess(config, sockets=[sock]).run()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        multiprocess.Process = original  # type: ignore[misc]

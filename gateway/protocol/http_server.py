@@ -20,6 +20,13 @@ for the gateway) is answered 431 and its connection closed, before the app sees 
 the parser has read of it (the URL as it comes, each header once complete) and the bytes that
 arrived for it (one header that never ends) are counted.
 
+And at a graceful shutdown, it does not close a connection between requests (or before its first)
+at once, as uvicorn does: a client may be sending its request that very moment, and a close with
+the request unread resets the connection after the request went out, so the client cannot tell
+whether it was served. Such a connection is closed once it has stayed idle for
+``SHUTDOWN_IDLE_S``; a request that arrives meanwhile is answered, with ``connection: close``. A
+request under way is answered, and its connection closed, as in uvicorn.
+
 Use it with ``uvicorn.run(app, http=OneWriteHttpToolsProtocol, loop="uvloop")``; both the
 gateway (``python -m gateway serve``) and the no-op anchor (``perf/noop_app.py``) do.
 """
@@ -38,6 +45,7 @@ MAX_HEADER_BYTES = 65536  # unless the app says otherwise
 # Where a connection is: waiting for its first request, in a request's head or body, or
 # between requests (its request arrived; uvicorn's keep-alive timeout closes it when idle).
 _FIRST, _READING, _READ = 0, 1, 2
+SHUTDOWN_IDLE_S = 0.5  # at shutdown, how long an idle connection may still bring a request
 
 
 class _HeldHead:
@@ -127,6 +135,7 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     _head_arrived = -1  # bytes that arrived for it after the read it began in; -1: no head being read
     _head_began = False  # a head began in the read being parsed
     _head_over = False
+    _shutting_down = False  # the server is stopping: answer what arrives, then close
     read_timeout_s = READ_TIMEOUT_S
     max_header_bytes = MAX_HEADER_BYTES
 
@@ -219,3 +228,20 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is not None and type(cycle) is RequestResponseCycle:
             cycle.__class__ = OneWriteCycle
+        if self._shutting_down and cycle is not None:
+            cycle.keep_alive = False
+
+    def shutdown(self) -> None:
+        """The server is stopping (module docstring): a request under way is answered and its
+        connection closed; an idle connection is closed once idle for ``SHUTDOWN_IDLE_S``."""
+        self._shutting_down = True
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False
+        elif self._reading != _READING:
+            self.loop.call_later(SHUTDOWN_IDLE_S, self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        if self.transport.is_closing() or self._reading == _READING:
+            return
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.close()

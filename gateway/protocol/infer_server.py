@@ -119,7 +119,6 @@ class InferHttpToolsProtocol(OneWriteHttpToolsProtocol):
     _held: list[bytes] | None = None  # the body of a request being held, while it arrives
     _held_target: Any = None  # what may_serve said of it
     _held_since = 0.0
-    _shutting_down = False
 
     def on_message_begin(self) -> None:
         # A hit completes its response inside the parser's run, which arms the keep-alive timer
@@ -258,8 +257,3 @@ class InferHttpToolsProtocol(OneWriteHttpToolsProtocol):
                     log.exception("counting a request lost in the protocol failed")
         super().connection_lost(exc)
 
-    def shutdown(self) -> None:
-        if self._held is not None:  # a request arriving: answer it, then close
-            self._shutting_down = True
-            return
-        super().shutdown()

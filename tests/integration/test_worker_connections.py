@@ -30,6 +30,7 @@ pytestmark = pytest.mark.integration
 
 WORKERS = 4
 PORTS = iter((8140, 8141, 8142, 8151))  # one gateway per test
+STOP_PORT = 8154
 
 
 def live_slots(gw: GatewayProcess) -> int:
@@ -169,3 +170,58 @@ def test_a_least_loaded_worker_that_dies_or_is_stuck_holds_no_new_connection_bac
         finally:
             for sock in clients:
                 sock.close()
+
+
+def test_once_told_to_stop_the_workers_refuse_new_connections_and_reset_none_after_its_request(
+    direct_triton: fleet.Fleet, tmp_path: Path
+) -> None:
+    """SIGTERM to the serving process, as a service manager sends it, while clients keep opening
+    connections: the requests already sent are answered, and a connection opened from then on is
+    refused (safe to retry). None is accepted and then reset after its request went out: the
+    client could not tell whether such a request was served (gateway/supervisor.py)."""
+    config = gateway_config(direct_triton.http_urls, STOP_PORT, server={"workers": 2})
+    with running_gateway(config, STOP_PORT, tmp_path) as gw:
+        deadline = time.monotonic() + 60
+        while len(gw.worker_pids()) < 2 or live_slots(gw) < 2:
+            assert time.monotonic() < deadline, f"the workers did not both start:\n{gw.log()}"
+            time.sleep(0.1)
+        signalled = [0.0]
+        outcomes: list[tuple[float, str]] = []  # (when the connection was opened; what it got)
+
+        def client() -> None:
+            while True:
+                opened = time.monotonic()
+                try:
+                    sock = socket.create_connection(("127.0.0.1", STOP_PORT), timeout=30)
+                except ConnectionRefusedError:
+                    outcomes.append((opened, "refused"))
+                    if signalled[0] and opened - signalled[0] > 1.0:
+                        return
+                    time.sleep(0.005)
+                    continue
+                try:
+                    ask(sock)
+                    what = "answered"
+                except ConnectionResetError:
+                    what = "reset"
+                except (AssertionError, http.client.HTTPException, OSError) as exc:
+                    what = f"failed: {exc!r}"
+                finally:
+                    sock.close()
+                outcomes.append((opened, what))
+
+        with ThreadPoolExecutor(8) as pool:
+            clients = [pool.submit(client) for _ in range(8)]
+            time.sleep(1.0)
+            signalled[0] = time.monotonic()
+            gw.process.send_signal(signal.SIGTERM)
+            assert gw.process.wait(30) == 0
+            for c in clients:
+                c.result(timeout=30)
+    before = Counter(what for t, what in outcomes if t < signalled[0])
+    after = [(round(t - signalled[0], 4), what) for t, what in outcomes if t >= signalled[0]]
+    assert before["answered"] > 100 and set(before) <= {"answered", "reset"}, before
+    # Opened from 5 ms after the signal on: refused, every one (the kernel's queue at the signal
+    # itself is reset, as when any listening socket closes).
+    late = Counter(what for t, what in after if t > 0.005)
+    assert late.keys() == {"refused"} and late["refused"] > 50, sorted(after)[:40]

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from gateway.protocol.http_server import OneWriteHttpToolsProtocol
+from gateway.protocol.http_server import SHUTDOWN_IDLE_S, OneWriteHttpToolsProtocol
 
 WRITES: list[bytes] = []
 
@@ -227,6 +227,38 @@ async def test_a_request_head_within_the_limit_is_served_and_the_limit_applies_p
             writer.write(b"POST /echo HTTP/1.1\r\nhost: x\r\n" + near + b"content-length: 3\r\n\r\n" + body)
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             assert head.startswith(b"HTTP/1.1 200") and await reader.readexactly(3) == body
+
+
+async def test_at_shutdown_an_idle_connection_still_gets_the_request_it_sends_then_is_closed() -> None:
+    """A client may be sending its request on an idle connection (new, or between requests) when
+    the server begins to stop: answered, with connection: close. One that sends nothing more is
+    closed once idle for SHUTDOWN_IDLE_S."""
+    config = uvicorn.Config(APP, host="127.0.0.1", port=0, http=CountingProtocol, log_level="critical", lifespan="off")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    request = b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi"
+    fresh = await asyncio.open_connection("127.0.0.1", port)
+    used = await asyncio.open_connection("127.0.0.1", port)
+    silent = await asyncio.open_connection("127.0.0.1", port)
+    used[1].write(request)
+    first = await asyncio.wait_for(used[0].readuntil(b"hi"), 5)
+    assert first.startswith(b"HTTP/1.1 200") and b"connection: close" not in first
+    await asyncio.sleep(0.05)
+    server.should_exit = True
+    await asyncio.sleep(0.25)  # uvicorn's loop sees it within 0.1 s, then tells every connection
+    started = time.monotonic()
+    for reader, writer in (fresh, used):
+        writer.write(request)
+        data = await asyncio.wait_for(reader.read(), 5)  # the answer, then the end of the connection
+        assert data.startswith(b"HTTP/1.1 200") and b"connection: close" in data and data.endswith(b"hi"), data
+    assert await asyncio.wait_for(silent[0].read(), 5) == b""
+    assert 0.1 < time.monotonic() - started + 0.25 < SHUTDOWN_IDLE_S + 0.5
+    await asyncio.wait_for(task, 5)
+    for _, writer in (fresh, used, silent):
+        writer.close()
 
 
 def test_serve_runs_the_infer_serving_protocol_with_or_without_a_cache(tmp_path, monkeypatch) -> None:  # noqa: ANN001
