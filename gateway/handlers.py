@@ -92,7 +92,9 @@ async def model_stats(request: Request) -> Response:
     ok = [orjson.loads(a.body) for a in answers if a.status == 200]
     if not ok:
         error = upstream_error(answers[0].status, answers[0].body)
-        if "unknown model" in error.message or "not found" in error.message:
+        # Triton answers statistics of an unknown model or version 400 "... is not available",
+        # where its metadata answers 404 "unknown model": both are the client's 404 here.
+        if any(s in error.message for s in ("unknown model", "not found", "is not available")):
             raise NotFound(error.message)
         raise error
     return Response(orjson.dumps(merge_statistics(ok)), media_type=JSON)
@@ -143,7 +145,8 @@ async def rollout_action(request: Request) -> Response:
         raise GatewayError("the rollout admin API is disabled: set rollout.admin_token in the config", status=403)
     given = request.headers.get("authorization", "")
     if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-        raise GatewayError("missing or wrong admin token (Authorization: Bearer <token>)", status=401)
+        body = v2.error_body("missing or wrong admin token (Authorization: Bearer <token>)")
+        return Response(body, 401, headers={"WWW-Authenticate": 'Bearer realm="gateway rollout"'}, media_type=JSON)
     try:
         body = orjson.loads(await request.body())
     except orjson.JSONDecodeError as exc:

@@ -424,7 +424,7 @@ def _table(where: str, table: Any) -> ModelRollout:
     if shadow and shadow == stable:
         raise RolloutError(f"{where}: the shadow is the stable version ({stable})")
     return ModelRollout(
-        stable, canary, float(share), sticky.lower().encode(), tuple(float(x) for x in ramp), **numbers,
+        stable, canary, float(share) + 0.0, sticky.lower().encode(), tuple(float(x) for x in ramp), **numbers,
         shadow=shadow, shadow_share=float(shadow_share),
     )  # fmt: skip
 
@@ -615,7 +615,7 @@ class Rollouts:
         elif action == "set_share":
             if share is None or isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
                 raise ValueError(f"set_share needs a share in 0..1, got {share!r}")
-            state.set_share(float(share), now)
+            state.set_share(float(share) + 0.0, now)  # + 0.0: -0.0 is 0
         else:
             raise ValueError(f"unknown action {action!r}: use promote, rollback or set_share")
         if self.on_decision is not None:

@@ -260,8 +260,10 @@ def cmd_publish(args: argparse.Namespace) -> int:
           f"{m.file_bytes / 1024:.1f}", f"{m.latency_ms_b1:.3f}", "yes" if r.forced else "no"]],
     ))  # fmt: skip
     print(
-        f"\nTriton (poll mode) loads {r.path} within its poll interval; requests that name no version go to the\n"
-        f"newest version once it is READY. Watch it through the gateway:\n"
+        f"\nPublished as {r.path}. The gateway, when it drives loading ([repository] path), loads it on every\n"
+        f"instance within its scan interval and routes it once warmed up everywhere; Triton in poll mode loads\n"
+        f"it within its poll interval. Requests that name no version then go to the newest version (or the\n"
+        f"rollout's choice). Watch it through the gateway:\n"
         f"  curl -s localhost:8000/v2/models/{r.model}/versions/{r.version}/ready -o /dev/null -w '%{{http_code}}\\n'\n"
         f"  curl -s localhost:8000/v2/models/{r.model}/versions/{r.version}   # metadata of the new version"
     )

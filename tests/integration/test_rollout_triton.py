@@ -173,9 +173,10 @@ def test_a_faulty_canary_is_rolled_back_within_its_window_and_operators_can_act(
 
         # The admin API: token-protected, and it moves the rollout.
         action = f"/v2/gateway/rollout/{BREAST_CANCER.name}"
-        assert http.post(action, json={"action": "set_share", "share": 1.0}).status_code == 401
+        missing = http.post(action, json={"action": "set_share", "share": 1.0})
+        assert missing.status_code == 401 and missing.headers["www-authenticate"].startswith("Bearer")
         wrong = http.post(action, json={"action": "set_share", "share": 1.0}, headers={"Authorization": "Bearer nope"})
-        assert wrong.status_code == 401
+        assert wrong.status_code == 401 and "admin token" in wrong.json()["error"]
         auth = {"Authorization": "Bearer s3cret"}
         assert http.post(action, json={"action": "fly"}, headers=auth).status_code == 400
         assert http.post("/v2/gateway/rollout/unknown", json={"action": "promote"}, headers=auth).status_code == 404

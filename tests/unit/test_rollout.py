@@ -369,3 +369,11 @@ def test_a_canary_that_left_the_fleet_ends_its_trial() -> None:
     state = rollouts.auto["m"]
     assert (state.stable, state.canary, state.status) == ("1", "", "stable")
     assert [e["event"] for e in state.events] == ["canary_gone"]
+
+
+def test_a_share_of_minus_zero_is_zero_in_the_file_and_from_an_operator() -> None:
+    models = parse_rollouts({"models": {"m": {"stable": "1", "canary": "2", "canary_share": -0.0}}})
+    assert str(models["m"].canary_share) == "0.0"
+    rollouts = Rollouts()
+    rollouts.set_models({"m": ModelRollout("1", "2", 0.5)})
+    assert str(rollouts.act("m", "set_share", -0.0)["canary_share"]) == "0.0"
