@@ -218,10 +218,12 @@ def test_once_told_to_stop_the_workers_refuse_new_connections_and_reset_none_aft
             assert gw.process.wait(30) == 0
             for c in clients:
                 c.result(timeout=30)
-    before = Counter(what for t, what in outcomes if t < signalled[0])
-    after = [(round(t - signalled[0], 4), what) for t, what in outcomes if t >= signalled[0]]
-    assert before["answered"] > 100 and set(before) <= {"answered", "reset"}, before
-    # Opened from 5 ms after the signal on: refused, every one (the kernel's queue at the signal
-    # itself is reset, as when any listening socket closes).
-    late = Counter(what for t, what in after if t > 0.005)
-    assert late.keys() == {"refused"} and late["refused"] > 50, sorted(after)[:40]
+    # Around the signal itself (50 ms either way: a client thread may wait for a core between
+    # reading the clock and connecting) anything goes: a connection in the kernel's
+    # queue then is reset, as when any listening socket closes. Before, all answered; from 50 ms
+    # after the signal on, all refused.
+    since = sorted((round(t - signalled[0], 4), what) for t, what in outcomes)
+    early = Counter(what for t, what in since if t < -0.05)
+    late = Counter(what for t, what in since if t > 0.05)
+    assert early.keys() == {"answered"} and early["answered"] > 100, early
+    assert late.keys() == {"refused"} and late["refused"] > 50, [x for x in since if x[0] > -0.05][:40]
