@@ -588,11 +588,16 @@ class Rollouts:
         """How a request sent through the rollout ended: ``ok`` False for a failure the
         version is to blame for (5xx, timeout), with its latency in seconds."""
         state = self.state(model)
-        if state is not None:
-            before = state.position
+        if state is None:
+            return
+        decided = self.on_decision
+        if decided is None:  # one worker: nobody to tell
             state.record(version, ok, latency, self._clock())
-            if self.on_decision is not None and state.position != before:
-                self.on_decision(model, state, "automatic")
+            return
+        before = state.position
+        state.record(version, ok, latency, self._clock())
+        if state.position != before:
+            decided(model, state, "automatic")
 
     def act(self, model: str, action: str, share: float | None = None) -> dict[str, Any]:
         """An operator's action: "promote", "rollback" or "set_share" (with ``share``)."""
