@@ -73,6 +73,16 @@ def held_exclusively(path: str | Path) -> bool:
     return False
 
 
+def file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when ``replace_file`` writes ``path`` anew (None: there is none): how a
+    reader tells whether to read it again."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def replace_file(path: Path, body: bytes) -> None:
     """Write ``path`` in one step: readers see the old file or the new one, never a part."""
     tmp = path.with_name(f".{path.name}.tmp")

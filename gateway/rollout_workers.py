@@ -43,7 +43,7 @@ from typing import Any
 
 import orjson
 
-from gateway.host_files import replace_file
+from gateway.host_files import file_stamp, replace_file
 from gateway.rollout import Rollouts, RolloutState
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class SharedDecisions:
         self._clock = clock
         self.pid = pid or os.getpid()
         self._seen: tuple[int, int, int] | None = None
+        self._records: dict[str, Any] = {}  # the file's records, by trial, as last read
         self._applied: dict[str, int] = {}  # trial -> the sequence number of its record in force here
         rollouts.on_decision = self.decided
 
@@ -130,22 +131,19 @@ class SharedDecisions:
                 log.exception("rollout: taking over the other workers' decisions failed")
 
     def poll(self) -> None:
-        """Take over the decisions other workers wrote since the last look."""
-        try:
-            st = self._path.stat()
-        except FileNotFoundError:
-            return
-        seen = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if seen == self._seen:
-            return
-        try:
-            trials = self._read()["trials"]
-        except OSError as exc:
-            log.warning("rollout: cannot read the workers' decisions in %s: %s", self._path, exc)
-            return
-        self._seen = seen
+        """Take over the decisions other workers wrote that this worker has not applied: the
+        file is read again when it changed, and its records are held to every trial this worker
+        runs, including one it started since the file last changed (a rollout file read late)."""
+        seen = file_stamp(self._path)
+        if seen is not None and seen != self._seen:
+            try:
+                self._records = self._read()["trials"]
+            except OSError as exc:
+                log.warning("rollout: cannot read the workers' decisions in %s: %s", self._path, exc)
+                return
+            self._seen = seen
         for state in self._rollouts.all_states().values():
-            record = trials.get(state.trial)
+            record = self._records.get(state.trial)
             if record is not None and record["seq"] != self._applied.get(state.trial):
                 self._adopt(state, record)
 

@@ -43,7 +43,7 @@ from typing import Any
 import orjson
 
 from gateway.config import RepositoryConfig
-from gateway.host_files import claim, held_exclusively, publish_every, replace_file
+from gateway.host_files import claim, file_stamp, held_exclusively, publish_every, replace_file
 from gateway.instances import Instance
 from gateway.router import Router
 from gateway.upstream.repository import RepositorySync
@@ -240,12 +240,8 @@ class WorkerRepository:
     def _follow(self) -> None:
         """Read ``driver.json`` if it changed, and route what it says."""
         path = self._dir / DRIVER
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            return
-        seen = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if seen == self._seen:
+        seen = file_stamp(path)
+        if seen is None or seen == self._seen:
             return
         try:
             driver = orjson.loads(path.read_bytes())

@@ -148,6 +148,21 @@ def test_a_worker_that_starts_a_trial_late_takes_over_its_decisions(tmp_path: Pa
     assert served(late) == {"1": 400}
 
 
+def test_a_worker_that_reads_the_edited_rollout_file_after_the_others_decided_takes_their_decision(tmp_path: Path) -> None:
+    """Worker 2 looks at the decisions while still on the old table, so the file does not change
+    again when it starts the new table's trial: the record it read already still applies."""
+    edited = ModelRollout("1", "2", 0.2)
+    a, _ = worker(tmp_path, 1, edited)
+    b, shared_b = worker(tmp_path, 2, CANARY)
+    a.act("m", "rollback")
+    shared_b.poll()  # on the old trial: nothing to take
+    state_b = b.state("m")
+    assert state_b is not None and state_b.status == "canary"
+    b.set_models({"m": edited})
+    shared_b.poll()
+    assert served(b) == {"1": 400}
+
+
 def test_an_unusable_folder_leaves_the_decisions_to_each_worker(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
