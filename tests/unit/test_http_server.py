@@ -61,14 +61,19 @@ APP = Starlette(
 )
 
 
-@contextlib.asynccontextmanager
-async def serving(app: Any = APP) -> AsyncIterator[str]:
+async def started(app: Any = APP) -> tuple[uvicorn.Server, asyncio.Task[None], int]:
+    """A real uvicorn serving ``app`` with the protocol: the server, its task, its port."""
     config = uvicorn.Config(app, host="127.0.0.1", port=0, http=CountingProtocol, log_level="critical", lifespan="off")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
+    return server, task, server.servers[0].sockets[0].getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Any = APP) -> AsyncIterator[str]:
+    server, task, port = await started(app)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -233,12 +238,7 @@ async def test_at_shutdown_an_idle_connection_still_gets_the_request_it_sends_th
     """A client may be sending its request on an idle connection (new, or between requests) when
     the server begins to stop: answered, with connection: close. One that sends nothing more is
     closed once idle for SHUTDOWN_IDLE_S."""
-    config = uvicorn.Config(APP, host="127.0.0.1", port=0, http=CountingProtocol, log_level="critical", lifespan="off")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
+    server, task, port = await started()
     request = b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi"
     fresh = await asyncio.open_connection("127.0.0.1", port)
     used = await asyncio.open_connection("127.0.0.1", port)
@@ -249,13 +249,13 @@ async def test_at_shutdown_an_idle_connection_still_gets_the_request_it_sends_th
     await asyncio.sleep(0.05)
     server.should_exit = True
     await asyncio.sleep(0.25)  # uvicorn's loop sees it within 0.1 s, then tells every connection
-    started = time.monotonic()
+    asked = time.monotonic()
     for reader, writer in (fresh, used):
         writer.write(request)
         data = await asyncio.wait_for(reader.read(), 5)  # the answer, then the end of the connection
         assert data.startswith(b"HTTP/1.1 200") and b"connection: close" in data and data.endswith(b"hi"), data
     assert await asyncio.wait_for(silent[0].read(), 5) == b""
-    assert 0.1 < time.monotonic() - started + 0.25 < SHUTDOWN_IDLE_S + 0.5
+    assert 0.1 < time.monotonic() - asked + 0.25 < SHUTDOWN_IDLE_S + 0.5
     await asyncio.wait_for(task, 5)
     for _, writer in (fresh, used, silent):
         writer.close()
