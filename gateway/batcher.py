@@ -3,10 +3,14 @@
 Policy (``select_batch``, a pure function tested with a fake clock):
 
 * A batch is sent at once while fewer than ``max_inflight`` batches of this model version are
-  in flight: at low load nothing waits for a timer. With a ``hold`` (0 by default), a batch that
-  is not full waits until its oldest request has waited that long (``max_delay`` at most), for
-  company: fewer, larger upstream batches (cheaper for a model whose cost is per execution) for
-  that much latency; a request whose deadline would pass meanwhile is sent at once, with its batch.
+  in flight: at low load nothing waits for a timer. With a ``hold``, a batch that is not full
+  waits until its oldest request has waited that long (``max_delay`` at most), for company, but
+  only while company comes: while the last few batches carried ``HOLD_AFTER`` requests or more
+  on average (``Batcher.company``), and only until the batch has ``HOLD_ROWS`` rows (as Triton's
+  preferred batch size ends its queue delay). Then fewer, larger upstream batches (cheaper for a
+  model whose cost is per execution, and for the gateway, whose cost is largely per batch) for
+  that much latency; a lone client is never held, since nobody would join it, nor a batch that
+  is large already. A request whose deadline would pass meanwhile is sent at once, with its batch.
 * Otherwise requests gather. A batch is sent when a slot frees, or as soon as it is full
   (``max_rows``), or when its oldest request has waited ``max_delay`` seconds, so the queue adds
   no more than that delay while the upstream keeps up; such early batches may take in-flight
@@ -45,6 +49,15 @@ log = logging.getLogger(__name__)
 
 
 OVERFLOW_FACTOR = 2
+# A hold applies while the batches sent carried this many requests or more, on average over the
+# last few (an average that weighs each new batch by RECENT_WEIGHT): concurrent clients, whose
+# requests a held batch may gather. One client alone, or clients that never overlap, make
+# batches of one request, and are sent at once.
+HOLD_AFTER = 1.5
+RECENT_WEIGHT = 0.5
+# A held batch goes as soon as it has this many rows (max_rows where lower): by then its per-batch
+# costs are shared widely, and under heavy load batches this large form without a hold.
+HOLD_ROWS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +110,10 @@ def signature_of(inputs: Sequence[Tensor]) -> Hashable:
     return tuple((t.name, t.datatype, t.data.shape[1:]) for t in inputs)
 
 
-def select_batch(queue: Sequence[Pending], inflight: int, now: float, policy: BatchPolicy) -> Selection:
+def select_batch(
+    queue: Sequence[Pending], inflight: int, now: float, policy: BatchPolicy, company: bool = True
+) -> Selection:
+    """``company``: whether requests come concurrently (``Batcher.company``); a hold applies only then."""
     if not queue:
         return Selection()
     head = queue[0]
@@ -115,7 +131,7 @@ def select_batch(queue: Sequence[Pending], inflight: int, now: float, policy: Ba
     full = full or rows >= policy.max_rows
     waited_out = now - head.enqueued >= policy.max_delay
     if inflight < policy.max_inflight:
-        if not policy.hold or full:
+        if not policy.hold or full or not company or rows >= HOLD_ROWS:
             return Selection(batch=batch)
         # Held for company, but never past max_delay nor past a request's deadline.
         until = head.enqueued + min(policy.hold, policy.max_delay)
@@ -179,10 +195,17 @@ class Batcher:
         self._worker: asyncio.Task[None] | None = None
         self.batches_sent = 0
         self.rows_sent = 0
+        # Requests per batch sent, averaged over the last few batches (see HOLD_AFTER).
+        self.recent_requests = 1.0
 
     @property
     def queued_rows(self) -> int:
         return self._queued_rows
+
+    @property
+    def company(self) -> bool:
+        """Whether requests have been coming concurrently: the last few batches carried several."""
+        return self.recent_requests >= HOLD_AFTER
 
     @property
     def policy(self) -> BatchPolicy:
@@ -208,7 +231,7 @@ class Batcher:
             raise Unavailable(f"model '{self.name}' is overloaded: its queue is full, try again later")
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
         item = Pending(inputs, rows, signature_of(inputs), future, self._clock(), deadline, gone)
-        if not self._queue and self.inflight == 0 and not self.policy.hold:
+        if not self._queue and self.inflight == 0 and not (self.policy.hold and self.company):
             # Idle: the policy would send this request alone at once. Send it from the caller's
             # own task, sparing two event-loop hops through the worker (latency at low load).
             # Only when nothing is in flight: under load, the worker's hop is what lets requests
@@ -289,7 +312,7 @@ class Batcher:
         while True:
             now = self._clock()
             self._prune(now)
-            selection = select_batch(self._queue, self.inflight, now, self.policy)
+            selection = select_batch(self._queue, self.inflight, now, self.policy, self.company)
             if not selection.batch:
                 return selection.wake_at
             self._remove(selection.batch)
@@ -359,6 +382,7 @@ class Batcher:
             parts = split_outputs(result, sent)
             self.batches_sent += 1
             self.rows_sent += sum(i.rows for i in sent)
+            self.recent_requests += RECENT_WEIGHT * (len(sent) - self.recent_requests)
             # The slot is free: send the requests that queued meanwhile before answering these
             # callers, so the upstream computes the next batch while the gateway sends the
             # answers of this one (a task created now runs before the callers' tasks resume).

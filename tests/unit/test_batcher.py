@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from gateway.batcher import (
+    HOLD_ROWS,
     Batcher,
     BatchPolicy,
     BatchResult,
@@ -82,20 +83,87 @@ def test_a_hold_never_outlasts_max_delay_nor_a_deadline() -> None:
     assert select_batch(hurried, inflight=0, now=100.0, policy=longer).batch == []
 
 
-async def test_a_hold_gathers_requests_arriving_at_an_idle_batcher_into_one_batch() -> None:
+def test_a_hold_ends_once_the_batch_has_hold_rows() -> None:
+    policy = BatchPolicy(max_rows=64, max_delay=0.004, max_inflight=1, max_queue_rows=256, hold=0.004)
+    short = [pending(1, 100.0) for _ in range(HOLD_ROWS - 1)]
+    assert select_batch(short, inflight=0, now=100.0, policy=policy).batch == []
+    enough = [*short, pending(1, 100.0)]
+    assert select_batch(enough, inflight=0, now=100.0, policy=policy).batch == enough
+
+
+def test_without_company_a_free_slot_sends_at_once_whatever_the_hold() -> None:
+    policy = BatchPolicy(max_rows=8, max_delay=0.002, max_inflight=1, max_queue_rows=64, hold=0.001)
+    queue = [pending(1, 100.0)]
+    assert select_batch(queue, inflight=0, now=100.0, policy=policy, company=False).batch == queue
+    assert select_batch(queue, inflight=0, now=100.0, policy=policy, company=True).batch == []
+
+
+async def batches_of(batcher: Batcher, up: FakeUpstream, clock: FakeClock, sizes: list[int], start: int = 0) -> None:
+    """Send batches of ``sizes`` requests, one after another: each set submitted while the
+    previous batch is in flight, so that the set goes as one batch once the slot frees (the
+    clock moved past any hold)."""
+    busy = asyncio.create_task(batcher.submit(rows(1, start=start)))
+    await up.wait_batches(len(up.batches) + 1)
+    for n, size in enumerate(sizes):
+        waiting = [asyncio.create_task(batcher.submit(rows(1, start=start + 10 * n + k))) for k in range(size)]
+        await settle()
+        before = len(up.batches)
+        up.release_all()
+        await busy
+        clock.now += 0.002
+        await up.wait_batches(before + 1)
+        busy = asyncio.gather(*waiting)  # type: ignore[assignment]
+    up.release_all()
+    await busy
+
+
+async def test_a_lone_client_is_never_held() -> None:
     clock = FakeClock()
     up = FakeUpstream()
     batcher = Batcher("m", up, BatchPolicy(8, 0.002, 1, 64, hold=0.001), clock=clock)
+    for n in range(5):  # one request at a time, each answered before the next: the clock never moves
+        task = asyncio.create_task(batcher.submit(rows(1, start=n)))
+        await asyncio.wait_for(up.wait_batches(n + 1), 1.0)  # held: times out, the clock being still
+        up.release_all()
+        await task
+    assert len(up.batches) == 5 and not batcher.company
+    await batcher.close(0)
+
+
+async def test_a_hold_gathers_requests_while_they_come_concurrently_and_stops_when_they_no_longer_do() -> None:
+    clock = FakeClock()
+    up = FakeUpstream()
+    batcher = Batcher("m", up, BatchPolicy(8, 0.002, 1, 64, hold=0.001), clock=clock)
+    await batches_of(batcher, up, clock, [3, 3])  # concurrent clients: batches of several requests
+    assert batcher.company
+    # Now two requests reach the idle batcher in one loop turn: held for company, one batch.
+    sent = len(up.batches)
     tasks = [asyncio.create_task(batcher.submit(rows(n, start=10 * n))) for n in (1, 2)]
     await settle()
-    assert up.batches == []  # idle, but holding: the fake clock has not moved
+    assert len(up.batches) == sent  # idle, but holding: the fake clock has not moved
     clock.now += 0.001
-    await up.wait_batches(1)  # the worker's timer looks again and finds the hold over
+    await up.wait_batches(sent + 1)  # the worker's timer looks again and finds the hold over
     up.release_all()
     results = await asyncio.gather(*tasks)
-    assert [b.shape[0] for b in up.batches] == [3]
+    assert up.batches[-1].shape[0] == 3
     for n, result in zip((1, 2), results):
         np.testing.assert_array_equal(result.outputs[0].data, rows(n, start=10 * n)[0].data * 2)
+    # The clients no longer overlap: a few batches of one request, then nothing is held.
+    for n in range(4):
+        if not batcher.company:
+            break
+        task = asyncio.create_task(batcher.submit(rows(1, start=n)))
+        await settle()
+        clock.now += 0.001
+        await up.wait_batches(len(up.batches) + 1)
+        up.release_all()
+        await task
+    assert not batcher.company
+    task = asyncio.create_task(batcher.submit(rows(1)))
+    await settle()
+    assert up.batches[-1].shape[0] == 1 and len(up.gates) == len(up.batches)  # sent at once, clock still
+    up.release_all()
+    await task
     await batcher.close(0)
 
 
