@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from gateway.errors import ClientGone, GatewayError, GatewayTimeout, Unavailable, UpstreamError, missing_model
+from gateway.metrics import count_latency, latency_row
 from gateway.tensors import Tensor
 
 log = logging.getLogger(__name__)
@@ -197,6 +198,8 @@ class Batcher:
         self.rows_sent = 0
         # Requests per batch sent, averaged over the last few batches (see HOLD_AFTER).
         self.recent_requests = 1.0
+        # How long the requests sent waited here (metrics.latency_row): the hold's cost, seen.
+        self.waits = latency_row()
 
     @property
     def queued_rows(self) -> int:
@@ -348,6 +351,8 @@ class Batcher:
             nonlocal outgoing
             now = self._clock()
             outgoing = [i for i in outgoing if not self._unwanted(i, now)]
+            for item in outgoing:
+                count_latency(self.waits, now - item.enqueued)
             return concat_inputs(outgoing) if outgoing else None
 
         deadlines = [i.deadline for i in batch if i.deadline is not None]

@@ -20,7 +20,8 @@ is byte-identical to the computed one but for ``X-Cache: hit``. The protocol ask
 that lookup learned (the version chosen, the key), so neither is done twice.
 
 Every answered request is counted once (``metrics.InferCounts``: model, served version, status
-code, latency from one clock reading at arrival); a client that left first is counted apart.
+code, where a cached model's answer came from, latency from one clock reading at arrival); a
+client that left first is counted apart.
 """
 
 from __future__ import annotations
@@ -323,10 +324,10 @@ class InferEndpoint:
             call = Call(target, body, content_type, h.header_length, h.deadline, gone, h.use_cache, h.sticky)
             cache = pipeline.cache
             if cache is not None and h.use_cache and cache.enabled_for(target[0]):
-                reply, version = await self._infer_cached(pipeline, cache, call, looked)
+                reply, version, source = await self._infer_cached(pipeline, cache, call, looked)
             else:
-                reply, version = await self._infer(pipeline, call)
-            self.counts.record(target[0], version, 200, time.monotonic() - start)
+                reply, version, source = await self._infer(pipeline, call)
+            self.counts.record(target[0], version, 200, time.monotonic() - start, source)
             return reply
         except ClientGone:
             model, _ = self._labels(path, target, call)
@@ -355,15 +356,15 @@ class InferEndpoint:
 
     async def _infer_cached(
         self, pipeline: InferencePipeline, cache: ResponseCache, call: Call, looked: Looked
-    ) -> tuple[Reply, str]:
+    ) -> tuple[Reply, str, str]:
         """A request for a cached model: its raw answer if one is stored, else the full path
-        (which keeps the answer for the next identical request). Returns the reply and the
-        version that served it."""
+        (which keeps the answer for the next identical request). Returns the reply, the version
+        that served it and where the answer came from (``X-Cache``)."""
         answer, served, (chosen, key) = raw_lookup(pipeline, cache, call, looked)
         if answer is None:
             keep = (cache, cache.epoch(call.target[0], served), served, key) if key is not None else None
             return await self._infer(pipeline, call, chosen, keep)
-        return Reply(200, answer.headers, answer.body, answer.head), served
+        return Reply(200, answer.headers, answer.body, answer.head), served, "hit"
 
     # -- infer requests served by the HTTP protocol itself (protocol/infer_server.py) --------
 
@@ -405,7 +406,7 @@ class InferEndpoint:
         call = Call(target, body, h.content_type, h.header_length, h.deadline, None, True, h.sticky)
         answer, served, looked = raw_lookup(pipeline, cache, call)
         if answer is not None:
-            self.counts.record(target[0], served, 200, time.monotonic() - start)
+            self.counts.record(target[0], served, 200, time.monotonic() - start, "hit")
         return answer, looked
 
     def serve_held(
@@ -442,10 +443,11 @@ class InferEndpoint:
         call: Call,
         chosen: tuple[str, bool] | None = None,
         keep: tuple[ResponseCache, Epoch, str, bytes] | None = None,
-    ) -> tuple[Reply, str]:
+    ) -> tuple[Reply, str, str]:
         """Decode, run the pipeline and encode; with ``keep`` (the cache, its epoch before
         computing, and the version and raw key the request was looked up under), a cacheable
-        answer is also kept as raw bytes. Returns the reply and the version that served it."""
+        answer is also kept as raw bytes. Returns the reply, the version that served it and
+        where the answer came from (``X-Cache``; "" for a model without the cache)."""
         model, version = call.target
         body = call.body
         if is_msgpack(call.content_type):
@@ -474,4 +476,4 @@ class InferEndpoint:
         if resp.cache:
             headers.append((b"x-cache", resp.cache.encode()))
         headers.append(length_header)
-        return Reply(200, headers, payload), resp.version
+        return Reply(200, headers, payload), resp.version, resp.cache

@@ -3,10 +3,13 @@
 Two halves:
 
 * ``InferCounts``, on the infer path: plain Python, no Prometheus client. Each answered infer
-  request adds one to a row keyed by (model, version, status code): its latency bucket (found
-  with ``bisect``) and its latency sum. Counts and histograms are derived from those rows when
-  scraped. A request whose client disconnected before its answer is counted apart, under
-  ``gateway_infer_client_disconnects_total``: it was not answered.
+  request adds one to a row keyed by (model, version, status code, cache outcome): its latency
+  bucket (found with ``bisect``) and its latency sum. Counts and histograms are derived from
+  those rows when scraped; the cache outcome (``X-Cache``: hit, miss, coalesced, bypass; "" for
+  a model without the cache, or an error) has a latency histogram of its own, so that an
+  operator sees what a miss costs beside a hit. A request whose client disconnected before its
+  answer is counted apart, under ``gateway_infer_client_disconnects_total``: it was not
+  answered.
 * ``GatewayCollector``, at scrape time only: reads the counters the components keep anyway,
   through the same snapshots the JSON views serve (``/v2/gateway/fleet``, ``/cache``,
   ``/rollout``, ``/repository``) so the two views cannot disagree, plus the batchers'
@@ -36,7 +39,10 @@ if TYPE_CHECKING:
     from gateway.handlers import Services
     from gateway.router import Router
 
-__all__ = ["BUCKETS", "CONTENT_TYPE", "GatewayCollector", "InferCounts", "build_registry", "fleet_labels", "registry_of", "render"]
+__all__ = [
+    "BUCKETS", "CONTENT_TYPE", "GatewayCollector", "InferCounts", "build_registry", "count_latency", "fleet_labels", "latency_row",
+    "registry_of", "render",
+]  # fmt: skip
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -45,23 +51,35 @@ BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 _SUM = len(BUCKETS) + 1  # a row: one count per bucket (+Inf included), then the latency sum
 
 
+def latency_row() -> list[float]:
+    """An empty row of latency bucket counts and sum (``count_latency`` fills it)."""
+    return [0] * _SUM + [0.0]
+
+
+def count_latency(row: list[float], seconds: float) -> None:
+    row[bisect_left(BUCKETS, seconds)] += 1
+    row[_SUM] += seconds
+
+
 class InferCounts:
-    """Infer requests answered, by (model, version, status code): a row of latency bucket
-    counts (not cumulative) and the latency sum. ``record`` is the whole per-request cost."""
+    """Infer requests answered, by (model, version, status code, cache outcome): a row of
+    latency bucket counts (not cumulative) and the latency sum. ``record`` is the whole
+    per-request cost."""
 
     __slots__ = ("rows", "disconnects")
 
     def __init__(self) -> None:
-        self.rows: dict[tuple[str, str, int], list[float]] = {}
+        self.rows: dict[tuple[str, str, int, str], list[float]] = {}
         self.disconnects: dict[str, int] = {}  # model -> requests whose client left unanswered
 
-    def record(self, model: str, version: str, code: int, seconds: float) -> None:
-        key = (model, version, code)
+    def record(self, model: str, version: str, code: int, seconds: float, cache: str = "") -> None:
+        """``cache``: where the answer came from (the ``X-Cache`` value), "" where the cache had
+        no part in it."""
+        key = (model, version, code, cache)
         row = self.rows.get(key)
         if row is None:
-            row = self.rows[key] = [0] * _SUM + [0.0]
-        row[bisect_left(BUCKETS, seconds)] += 1
-        row[_SUM] += seconds
+            row = self.rows[key] = latency_row()
+        count_latency(row, seconds)
 
     def disconnected(self, model: str) -> None:
         self.disconnects[model] = self.disconnects.get(model, 0) + 1
@@ -78,6 +96,26 @@ def fleet_labels(router: Router, model: str, version: str) -> tuple[str, str]:
                 return model, version
             known = True
     return (model if known else ""), ""
+
+
+def _add_row(rows: dict[tuple[str, ...], list[float]], key: tuple[str, ...], row: list[float]) -> None:
+    total = rows.get(key)
+    if total is None:
+        total = rows[key] = [0.0] * (_SUM + 1)
+    for i, value in enumerate(row):
+        total[i] += value
+
+
+def _histogram(name: str, doc: str, labels: list[str], rows: dict[tuple[str, ...], list[float]]) -> HistogramMetricFamily:
+    """A histogram family from rows of ``InferCounts``' shape (per-bucket counts, then the sum)."""
+    family = HistogramMetricFamily(name, doc, labels=labels)
+    for key, row in sorted(rows.items()):
+        cumulative, buckets = 0.0, []
+        for bound, count in zip((*map(repr, BUCKETS), "+Inf"), row[:_SUM]):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        family.add_metric(list(key), buckets, row[_SUM])
+    return family
 
 
 def _bool(value: Any) -> float:
@@ -107,25 +145,31 @@ class GatewayCollector(Collector):
             "resolved) and HTTP status code. Clients that disconnected first are not counted here.",
             labels=["model", "version", "code"],
         )
-        merged: dict[str, list[float]] = {}
-        for (model, version, code), row in self._counts.rows.items():
-            requests.add_metric([model, version, str(code)], sum(row[:_SUM]))
-            total = merged.setdefault(model, [0.0] * (_SUM + 1))
-            for i, value in enumerate(row):
-                total[i] += value
+        answered: dict[tuple[str, str, str], float] = {}
+        by_model: dict[tuple[str, ...], list[float]] = {}
+        by_cache: dict[tuple[str, ...], list[float]] = {}
+        for (model, version, code, cache), row in self._counts.rows.items():
+            key = (model, version, str(code))
+            answered[key] = answered.get(key, 0.0) + sum(row[:_SUM])
+            _add_row(by_model, (model,), row)
+            if cache:
+                _add_row(by_cache, (model, cache), row)
+        for labels, n in answered.items():
+            requests.add_metric(list(labels), n)
         yield requests
-        duration = HistogramMetricFamily(
+        yield _histogram(
             "gateway_infer_request_duration_seconds",
             "Time from an infer request's arrival to its answer sent, by model (every status code).",
-            labels=["model"],
+            ["model"],
+            by_model,
         )
-        for model, row in sorted(merged.items()):
-            cumulative, buckets = 0.0, []
-            for bound, count in zip((*map(repr, BUCKETS), "+Inf"), row[:_SUM]):
-                cumulative += count
-                buckets.append((bound, cumulative))
-            duration.add_metric([model], buckets, row[_SUM])
-        yield duration
+        yield _histogram(
+            "gateway_infer_cache_request_duration_seconds",
+            "Time from arrival to answer of the infer requests of models with the response cache on, by model "
+            "and where the answer came from (the X-Cache header: hit, miss, coalesced, bypass); errors are not counted here.",
+            ["model", "cache"],
+            by_cache,
+        )
         gone = CounterMetricFamily(
             "gateway_infer_client_disconnects",
             "Infer requests whose client disconnected before the answer (not in gateway_infer_requests_total).",
@@ -143,13 +187,22 @@ class GatewayCollector(Collector):
         rows = CounterMetricFamily("gateway_batcher_rows_sent", "Rows of the batches counted in batches_sent.", labels=labels)
         queued = GaugeMetricFamily("gateway_batcher_queued_rows", "Rows waiting in the batcher's queue now.", labels=labels)
         inflight = GaugeMetricFamily("gateway_batcher_inflight_batches", "Batches in flight upstream now.", labels=labels)
+        waits: dict[tuple[str, ...], list[float]] = {}
         for (model, version), batcher in sorted(self._services.pipeline.batchers.items()):
             key = [model, version]
             sent.add_metric(key, batcher.batches_sent)
             rows.add_metric(key, batcher.rows_sent)
             queued.add_metric(key, batcher.queued_rows)
             inflight.add_metric(key, batcher.inflight)
+            waits[(model, version)] = batcher.waits
         yield from (sent, rows, queued, inflight)
+        yield _histogram(
+            "gateway_batcher_queue_seconds",
+            "Time requests waited in the batcher, from their arrival there until an instance took their batch: "
+            "the batching hold, and any wait for a free upstream slot.",
+            labels,
+            waits,
+        )
 
     def _instances(self) -> Iterator[Metric]:
         label = ["upstream"]  # not "instance": Prometheus keeps that label for the scraped gateway

@@ -290,6 +290,9 @@ def test_metrics_of_worker_processes_add_up(stack: Stack, tmp_path: Path) -> Non
             assert parsed[answered] == sent
             assert parsed[("gateway_infer_request_duration_seconds_count", frozenset({("model", DIGITS.name)}))] == sent
             assert parsed[("gateway_cache_misses_total", frozenset({("model", DIGITS.name)}))] == sent
+            miss = frozenset({("model", DIGITS.name), ("cache", "miss")})
+            assert parsed[("gateway_infer_cache_request_duration_seconds_count", miss)] == sent  # each a miss
+            assert parsed[("gateway_batcher_queue_seconds_count", frozenset({("model", DIGITS.name), ("version", "1")}))] == sent
             assert parsed[("gateway_metrics_worker_processes", frozenset())] == 2
         folder = gw.workers_folder()
     assert not folder.exists()

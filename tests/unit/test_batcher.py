@@ -167,6 +167,32 @@ async def test_a_hold_gathers_requests_while_they_come_concurrently_and_stops_wh
     await batcher.close(0)
 
 
+async def test_the_time_each_request_waited_here_is_counted_the_hold_included() -> None:
+    clock = FakeClock()
+    up = FakeUpstream()
+    batcher = Batcher("m", up, BatchPolicy(8, 0.002, 1, 64, hold=0.001), clock=clock)
+    task = asyncio.create_task(batcher.submit(rows(1)))  # alone and idle: sent at once
+    await up.wait_batches(1)
+    up.release_all()
+    await task
+    assert (sum(batcher.waits[:-1]), batcher.waits[-1]) == (1, 0.0)
+    await batches_of(batcher, up, clock, [3, 3])  # concurrent clients: a hold applies now
+    counted, waited = sum(batcher.waits[:-1]), batcher.waits[-1]
+    tasks = [asyncio.create_task(batcher.submit(rows(1, start=n))) for n in (1, 2)]
+    await settle()
+    clock.now += 0.0007
+    tasks.append(asyncio.create_task(batcher.submit(rows(1, start=3))))  # joins the held batch late
+    await settle()
+    clock.now += 0.0004  # the hold is over (past it: a fake clock's sums are not exact)
+    await up.wait_batches(len(up.batches) + 1)
+    up.release_all()
+    await asyncio.gather(*tasks)
+    assert up.batches[-1].shape[0] == 3
+    assert sum(batcher.waits[:-1]) == counted + 3
+    assert batcher.waits[-1] - waited == pytest.approx(0.0011 + 0.0011 + 0.0004)  # as long as each was held
+    await batcher.close(0)
+
+
 def test_full_batch_is_sent_even_when_slots_are_busy() -> None:
     queue = [pending(4, 100.0), pending(4, 100.0), pending(1, 100.0)]
     sel = select_batch(queue, inflight=1, now=100.0, policy=POLICY)

@@ -116,6 +116,28 @@ def test_requests_by_code_and_the_latency_histogram_add_up_exactly() -> None:
     assert n[10.0] == 0 and n[math.inf] == 1
 
 
+def test_cached_models_requests_have_a_latency_histogram_by_where_the_answer_came_from() -> None:
+    counts = InferCounts()
+    counts.record("m", "1", 200, 0.0004, "hit")
+    counts.record("m", "1", 200, 0.0003, "hit")
+    counts.record("m", "1", 200, 0.004, "miss")
+    counts.record("m", "1", 200, 0.003, "coalesced")
+    counts.record("m", "1", 503, 0.001)  # an error: no cache outcome
+    counts.record("n", "2", 200, 0.002)  # a model without the cache
+    parsed = samples(build_registry(counts, empty_services()))
+    # The requests' counts and the model's histogram take every request, whatever its outcome.
+    assert value(parsed, "gateway_infer_requests_total", model="m", version="1", code="200") == 4
+    assert value(parsed, "gateway_infer_requests_total", model="m", version="1", code="503") == 1
+    assert value(parsed, "gateway_infer_request_duration_seconds_count", model="m") == 5
+    name = "gateway_infer_cache_request_duration_seconds"
+    counted = {(dict(k)["model"], dict(k)["cache"]): v for k, v in named(parsed, f"{name}_count").items()}
+    assert counted == {("m", "hit"): 2, ("m", "miss"): 1, ("m", "coalesced"): 1}
+    assert value(parsed, f"{name}_sum", model="m", cache="hit") == pytest.approx(0.0007)
+    assert value(parsed, f"{name}_sum", model="m", cache="miss") == pytest.approx(0.004)
+    assert value(parsed, f"{name}_bucket", model="m", cache="miss", le="0.0025") == 0
+    assert value(parsed, f"{name}_bucket", model="m", cache="miss", le="0.005") == 1
+
+
 def test_labels_of_an_unanswered_request_come_from_the_fleet_index() -> None:
     a, b = Instance("http://a"), Instance("http://b")
     a.set_index({"m": frozenset({"1", "2"})})
@@ -238,6 +260,9 @@ async def test_batcher_counters_and_gauges_while_a_batch_is_in_flight() -> None:
     assert value(after, "gateway_batcher_rows_sent_total", model="m", version="1") == 6
     assert value(after, "gateway_batcher_queued_rows", model="m", version="1") == 0
     assert value(after, "gateway_batcher_inflight_batches", model="m", version="1") == 0
+    # Each of the three requests waited in the batcher until its batch was taken.
+    assert value(after, "gateway_batcher_queue_seconds_count", model="m", version="1") == 3
+    assert value(after, "gateway_batcher_queue_seconds_sum", model="m", version="1") >= 0
     await batcher.close(0.1)
 
 

@@ -293,13 +293,14 @@ async def test_the_protocol_is_answered_the_asgi_paths_stored_bytes_and_counts_t
     assert answer.head == b"".join(b"%s: %s\r\n" % h for h in answer.headers)
     stats = cache.snapshot()["models"]["m"]
     assert (stats["hits"], stats["raw_hits"], stats["misses"]) == (1, 1, 1) and router.calls == ["1"]
-    row = endpoint.counts.rows[("m", "1", 200)]
-    assert sum(row[:-1]) == 2  # the miss and the protocol's hit, each once
+    answered = {key: sum(row[:-1]) for key, row in endpoint.counts.rows.items()}
+    assert answered == {("m", "1", 200, "miss"): 1, ("m", "1", 200, "hit"): 1}  # each once, by where it came from
     # A bypass, a passed deadline, a malformed header: not answered here (the ASGI path answers them).
     assert endpoint.answer_from_cache(target, arriving(body, (b"cache-control", b"no-cache")), body, 0.0)[0] is None
     assert endpoint.answer_from_cache(target, arriving(body, (b"x-request-timeout-ms", b"1")), body, 0.0)[0] is None
     assert endpoint.answer_from_cache(target, arriving(body, (b"x-request-timeout-ms", b"soon")), body, 0.0)[0] is None
-    assert cache.snapshot()["models"]["m"]["hits"] == 1 and sum(row[:-1]) == 2
+    assert cache.snapshot()["models"]["m"]["hits"] == 1
+    assert {key: sum(row[:-1]) for key, row in endpoint.counts.rows.items()} == answered  # none of them counted
 
 
 def test_the_protocol_holds_only_small_plain_infer_requests() -> None:
@@ -346,7 +347,7 @@ async def test_the_protocol_serves_what_the_asgi_path_serves_errors_included() -
     _, asgi_headers, asgi_body, _ = await post(endpoint, body, headers=arriving(body))
     assert status == 200 and served == asgi_body and headers == asgi_headers
     assert orjson.loads(served)["outputs"][0]["data"] == [3.0, 5.0]  # 2x + version 1
-    assert sum(endpoint.counts.rows[("m", "1", 200)][:-1]) == 2
+    assert sum(endpoint.counts.rows[("m", "1", 200, "")][:-1]) == 2  # "": no cache had a part in it
     bad = b'{"inputs": [{"name": "nope", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]}'
     status, headers, error = await serve_held(endpoint, bad)
     assert status == 400 and b"nope" in error and headers[b"content-type"] == b"application/json"
@@ -372,7 +373,7 @@ def test_a_request_the_protocol_answered_500_itself_is_counted_as_a_500() -> Non
     endpoint, _, _ = stack(CacheConfig(enabled=False))
     endpoint.request_failed(("m", ""), time.monotonic() - 0.2)
     ((labels, row),) = endpoint.counts.rows.items()
-    assert labels == ("", "", 500)  # the test router knows no repository index
+    assert labels == ("", "", 500, "")  # the test router knows no repository index
     assert sum(row[:-1]) == 1 and row[-1] >= 0.2  # one request, its time since arrival
 
 
