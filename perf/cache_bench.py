@@ -45,8 +45,10 @@ It checks answers first (16 inputs sent at once through the gateway, which batch
 Triton's answers for the same inputs within 1e-5 with the same argmax; the same 16 again say
 ``X-Cache: hit`` with the same answers; 16 identical requests at once for a new input give one
 miss, the others coalesced or hit), then measures, reads the cache counters after each run
-(Triton's ``cache_hit``/``cache_miss`` statistics, the gateway's ``/v2/gateway/cache``) and
-the CPU time each process used during the traffic, and reports:
+(Triton's ``cache_hit``/``cache_miss`` statistics, the gateway's ``/v2/gateway/cache``), the
+time requests spent where (Triton's queue and compute statistics; the gateway's /metrics: mean
+time to answer a hit, a miss and a coalesced request, and the batched requests' wait in its
+batcher) and the CPU time each process used during the traffic, and reports:
 
 * at each concurrency: gateway / direct throughput > 1.0 (the gateway ahead): PASS/FAIL
 
@@ -352,6 +354,14 @@ class TritonCounters:
     executions: int = 0
     cache_hit_ns: int = 0
     cache_miss_ns: int = 0
+    queued: int = 0  # requests through Triton's scheduler queue (cache hits too: looked up after it)
+    queue_ns: int = 0
+    computed: int = 0  # requests the model computed
+    compute_ns: int = 0  # their computation: inputs, execution (each request of a batch counts it whole), outputs
+
+    def times_ms(self) -> tuple[float, float]:
+        """A request's mean wait in Triton's queue, and a computed request's mean computation (ms)."""
+        return self.queue_ns / max(1, self.queued) / 1e6, self.compute_ns / max(1, self.computed) / 1e6
 
     def minus(self, before: TritonCounters) -> TritonCounters:
         return TritonCounters(*(getattr(self, f) - getattr(before, f) for f in self.__dataclass_fields__))
@@ -372,6 +382,10 @@ def triton_counters(url: str, model: str) -> TritonCounters:
         total.cache_miss += int(stats.get("cache_miss", {}).get("count", 0))
         total.cache_hit_ns += int(stats.get("cache_hit", {}).get("ns", 0))
         total.cache_miss_ns += int(stats.get("cache_miss", {}).get("ns", 0))
+        total.queued += int(stats.get("queue", {}).get("count", 0))
+        total.queue_ns += int(stats.get("queue", {}).get("ns", 0))
+        total.computed += int(stats.get("compute_infer", {}).get("count", 0))
+        total.compute_ns += sum(int(stats.get(k, {}).get("ns", 0)) for k in ("compute_input", "compute_infer", "compute_output"))
         total.inferences += int(version.get("inference_count", 0))
         total.executions += int(version.get("execution_count", 0))
     return total
@@ -405,6 +419,33 @@ def summed_counters(gw_url: str, model: str) -> dict[str, int]:
             if sample.name.startswith("gateway_cache_") and sample.name.endswith("_total") and sample.labels.get("model") == model:
                 counts[name] = int(sample.value)
     return counts
+
+
+def gateway_times(gw_url: str, model: str) -> dict[str, tuple[int, float]]:
+    """From the gateway's /metrics (summed over its workers): for each cache outcome (hit, miss,
+    coalesced), the model's requests answered 200 and their mean time in the gateway, arrival
+    to answer (ms); and under "batcher", the requests the batchers sent and their mean wait
+    there (the hold, and any wait for a free upstream slot)."""
+    status, body = http_get(f"{gw_url}/metrics", timeout=5.0)
+    if status != 200:
+        raise RuntimeError(f"{gw_url}/metrics answered {status}")
+    sums: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(body.decode() if isinstance(body, bytes) else body):
+        for sample in family.samples:
+            if sample.labels.get("model") != model:
+                continue
+            if family.name == "gateway_infer_cache_request_duration_seconds":
+                key = sample.labels["cache"]
+            elif family.name == "gateway_batcher_queue_seconds":
+                key = "batcher"  # summed over the model's versions
+            else:
+                continue
+            total = sums.setdefault(key, [0.0, 0.0])
+            if sample.name.endswith("_count"):
+                total[0] += sample.value
+            elif sample.name.endswith("_sum"):
+                total[1] += sample.value
+    return {k: (int(n), total / n * 1000 if n else 0.0) for k, (n, total) in sums.items()}
 
 
 def settled_counters(gw_url: str, model: str, requests: int, timeout: float = 15.0) -> dict[str, int]:
@@ -528,6 +569,7 @@ class Run:
     upstream: TritonCounters = field(default_factory=TritonCounters)  # Triton's counters, over the instances
     spans: list[ClientSpan] = field(default_factory=list)  # each perf_analyzer process's, in order
     cpu_s: dict[str, float] = field(default_factory=dict)  # process -> CPU seconds over the run
+    times: dict[str, tuple[int, float]] = field(default_factory=dict)  # the gateway's: gateway_times
 
     @property
     def hit_rate(self) -> float | None:
@@ -858,7 +900,9 @@ def stat_lines(runs: list[Run]) -> list[str]:
                 f"{uncounted} requests computed without a hit or miss counted (the rows executed beyond the misses: "
                 f"repeats that arrived while their input was being computed; Triton does not coalesce them), hit "
                 f"rate {pct(r.hit_rate)}, {lookup}; {up.executions} executions for {up.inferences} rows "
-                f"(mean batch {up.inferences / max(1, up.executions):.2f}); CPU: {cpu}"
+                f"(mean batch {up.inferences / max(1, up.executions):.2f}); a request waited {up.times_ms()[0]:.2f} ms in "
+                f"Triton's queue on average (hits too: Triton looks them up after it), a computed one "
+                f"{up.times_ms()[1]:.2f} ms in computation; CPU: {cpu}"
             )
         else:
             coalesced = "coalesced among the hits" if r.coalesced is None else f"{r.coalesced} coalesced"
@@ -866,9 +910,23 @@ def stat_lines(runs: list[Run]) -> list[str]:
                 f"{r.m.label}, c={r.m.concurrency}: gateway cache {r.hits} hits, {r.misses} misses, {coalesced} "
                 f"({pct(r.hit_rate)} hits); behind it Triton answered {up.success} requests "
                 f"({up.cache_hit} from its own cache, {up.cache_miss} misses), {up.executions} executions for "
-                f"{up.inferences} rows (mean batch {up.inferences / max(1, up.executions):.2f}); CPU: {cpu}"
+                f"{up.inferences} rows (mean batch {up.inferences / max(1, up.executions):.2f}), each batch "
+                f"{up.times_ms()[0]:.2f} ms in Triton's queue and {up.times_ms()[1]:.2f} ms in computation; CPU: {cpu}"
+                + times_description(r.times)
             )
     return lines
+
+
+def times_description(times: dict[str, tuple[int, float]]) -> str:
+    """Where a gateway run's requests spent their time in the gateway (``gateway_times``)."""
+    names = {"hit": "hits", "miss": "misses", "coalesced": "coalesced"}
+    answered = [f"{name} {times[k][1]:.2f} ms" for k, name in names.items() if times.get(k, (0, 0))[0]]
+    if not answered:
+        return ""
+    text = "; mean time in the gateway, arrival to answer: " + ", ".join(answered)
+    if times.get("batcher", (0, 0))[0]:
+        text += f"; the batched requests waited {times['batcher'][1]:.2f} ms on average in the batcher (the hold, a busy slot)"
+    return text
 
 
 def render(
@@ -1217,6 +1275,8 @@ def main(argv: list[str] | None = None) -> int:
                 delta = {k: after.get(k, 0) - before_gw.get(k, 0) for k in ("hits", "misses", "coalesced", "shared_hits")}
                 run.hits, run.misses, run.coalesced = delta["hits"], delta["misses"], delta["coalesced"]
                 run.requests = run.hits + run.misses + run.coalesced
+            if gateway is not None and gateway.running():
+                run.times = gateway_times(gw_url, args.model)  # a new gateway: this run's alone
             if gateway is not None:
                 if m.error or not gateway.running():
                     print(f"    gateway log tail ({gateway.log_path}):\n" + indent(gateway.tail(20)))
