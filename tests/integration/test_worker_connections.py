@@ -129,13 +129,15 @@ def test_connections_opened_one_after_another_are_spread_evenly_over_the_workers
 
 def test_connections_opened_all_at_once_are_spread_evenly_over_the_workers(direct_triton: fleet.Fleet, tmp_path: Path) -> None:
     """16 connections from 16 threads at once: without the balancing the busiest worker held
-    5-10 of them here."""
+    5-10 of them here, and the idlest 0-3. Within one of each other as a rule; but a worker
+    that should take the next connection and is not scheduled within 2 ms lets a busier one
+    take it (accept_balance's safety valve, seen once in a full test run: 5, 4, 4, 3)."""
     with four_workers(direct_triton, tmp_path) as gw:
         with ThreadPoolExecutor(16) as pool:
             clients = list(pool.map(lambda _: connect(gw, infer=False), range(16)))
         try:
             held = holders(gw, clients)
-            assert max(held.values()) - min(held.values()) <= 1 and len(held) == WORKERS, held
+            assert max(held.values()) - min(held.values()) <= 2 and len(held) == WORKERS, held
             for sock in clients:
                 ask(sock)
         finally:
