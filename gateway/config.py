@@ -99,7 +99,8 @@ class BatchingConfig:
     # How long a batch that is not full waits for more requests even while an upstream slot is
     # free (like Triton's max_queue_delay_microseconds): larger batches for that much latency.
     # Only while requests come concurrently (the last batches carried several), and only until
-    # the batch has 8 rows: a lone client is never held. 0: sent at once. Never beyond max_queue_delay_ms, nor past a request's deadline.
+    # the batch has 8 rows: a lone client is never held. 0: sent at once. Never beyond
+    # max_queue_delay_ms, nor past a request's deadline.
     hold_ms: float = 0.0
     # Per-model settings, from [batching.models.<name>] tables: any key above, for that model
     # only; the rest comes from [batching]. (A slow model wants a longer max_queue_delay_ms.)
