@@ -75,6 +75,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -406,14 +407,19 @@ def gateway_counters(gw_url: str, model: str) -> dict[str, int]:
     return {k: int(v) for k, v in json.loads(body).get("models", {}).get(model, {}).items()}
 
 
-def summed_counters(gw_url: str, model: str) -> dict[str, int]:
-    """The model's cache counters in the gateway's /metrics: with several workers, summed over
-    them (each worker's as it last published, at most a second ago)."""
+def gateway_metrics(gw_url: str) -> Iterator[Any]:
+    """The metric families of the gateway's /metrics, parsed (with several workers: summed over
+    them, each worker's as it last published, at most a second ago)."""
     status, body = http_get(f"{gw_url}/metrics", timeout=5.0)
     if status != 200:
         raise RuntimeError(f"{gw_url}/metrics answered {status}")
+    return text_string_to_metric_families(body.decode() if isinstance(body, bytes) else body)
+
+
+def summed_counters(gw_url: str, model: str) -> dict[str, int]:
+    """The model's cache counters in the gateway's /metrics (``gateway_metrics``)."""
     counts: dict[str, int] = {}
-    for family in text_string_to_metric_families(body.decode() if isinstance(body, bytes) else body):
+    for family in gateway_metrics(gw_url):
         for sample in family.samples:
             name = sample.name.removeprefix("gateway_cache_").removesuffix("_total")
             if sample.name.startswith("gateway_cache_") and sample.name.endswith("_total") and sample.labels.get("model") == model:
@@ -426,11 +432,8 @@ def gateway_times(gw_url: str, model: str) -> dict[str, tuple[int, float]]:
     coalesced), the model's requests answered 200 and their mean time in the gateway, arrival
     to answer (ms); and under "batcher", the requests the batchers sent and their mean wait
     there (the hold, and any wait for a free upstream slot)."""
-    status, body = http_get(f"{gw_url}/metrics", timeout=5.0)
-    if status != 200:
-        raise RuntimeError(f"{gw_url}/metrics answered {status}")
     sums: dict[str, list[float]] = {}
-    for family in text_string_to_metric_families(body.decode() if isinstance(body, bytes) else body):
+    for family in gateway_metrics(gw_url):
         for sample in family.samples:
             if sample.labels.get("model") != model:
                 continue
