@@ -201,6 +201,9 @@ def test_once_told_to_stop_the_workers_refuse_new_connections_and_reset_none_aft
                         return
                     time.sleep(0.005)
                     continue
+                except ConnectionResetError:  # in the kernel's queue as the socket stopped listening
+                    outcomes.append((opened, "reset while connecting"))
+                    continue
                 try:
                     ask(sock)
                     what = "answered"
