@@ -158,7 +158,13 @@ async def rollout_action(request: Request) -> Response:
     try:
         state = pipeline.rollouts.act(model, body["action"], body.get("share"))
     except KeyError:
-        raise NotFound(f"model '{model}' has no rollout") from None
+        router = services(request).router
+        if not any(i.holds(model, "") for i in router.instances):
+            raise NotFound(f"unknown model '{model}': no instance serves it") from None
+        raise NotFound(
+            f"model '{model}' has no rollout: it has no table in the rollout file, and no newer "
+            "version for an automatic canary"
+        ) from None
     except RolloutConflict as exc:
         raise GatewayError(str(exc), status=409) from None
     except ValueError as exc:

@@ -16,7 +16,7 @@ import pytest
 
 import fleet
 from conftest import gateway_config, running_gateway
-from served_models import ATOL, BREAST_CANCER, MODEL_REPOSITORY, torch_reference
+from served_models import ATOL, BREAST_CANCER, DIGITS, MODEL_REPOSITORY, torch_reference
 
 pytestmark = pytest.mark.integration
 
@@ -136,6 +136,7 @@ def test_a_faulty_canary_is_rolled_back_within_its_window_and_operators_can_act(
     shutil.copytree(MODEL_REPOSITORY / BREAST_CANCER.name, model_dir)
     shutil.copytree(model_dir / "1", model_dir / "2")
     (model_dir / "2" / "model.py").write_text((model_dir / "1" / "model.py").read_text() + FAULTY)
+    shutil.copytree(MODEL_REPOSITORY / DIGITS.name, repo / DIGITS.name)  # served, with no rollout
     triton: fleet.Fleet = fleet_factory(1, TRITON_PORT, repository=repo, model_control_mode="none")
     window = 20
     rollout = tmp_path / "rollout.toml"
@@ -179,7 +180,10 @@ def test_a_faulty_canary_is_rolled_back_within_its_window_and_operators_can_act(
         assert wrong.status_code == 401 and "admin token" in wrong.json()["error"]
         auth = {"Authorization": "Bearer s3cret"}
         assert http.post(action, json={"action": "fly"}, headers=auth).status_code == 400
-        assert http.post("/v2/gateway/rollout/unknown", json={"action": "promote"}, headers=auth).status_code == 404
+        unknown = http.post("/v2/gateway/rollout/unknown", json={"action": "promote"}, headers=auth)
+        assert unknown.status_code == 404 and unknown.json()["error"] == "unknown model 'unknown': no instance serves it"
+        plain = http.post(f"/v2/gateway/rollout/{DIGITS.name}", json={"action": "promote"}, headers=auth)
+        assert plain.status_code == 404 and f"model '{DIGITS.name}' has no rollout" in plain.json()["error"]
         promoted = http.post(action, json={"action": "promote"}, headers=auth)
         assert promoted.status_code == 200 and promoted.json()["stable"] == "2"
         answered = [r for r in (http.post(PATH, json=body) for _ in range(6)) if r.status_code == 200]
