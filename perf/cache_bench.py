@@ -20,9 +20,10 @@ instance that has not seen its input whenever the first request went to another;
 gateway, the same clients send the same requests to the gateway, with the whole fleet behind it.
 
 ``--hold-ms X`` gives both targets the same batching delay: the gateway's ``[batching] hold_ms``
-(and ``max_queue_delay_ms`` raised to X where it is lower, since it caps the hold) and Triton's
-``max_queue_delay_microseconds`` in the model copy's config (by default neither waits: the
-model's own 0 and the gateway's default 0).
+(and ``max_queue_delay_ms`` raised to X where it is lower, since it caps the hold) and, for the
+direct runs, Triton's ``max_queue_delay_microseconds`` in the model copy's config. Triton behind
+the gateway keeps the model's own delay (0): the gateway's batches have waited already, and
+would otherwise wait twice. By default neither waits (the model's own 0, the gateway's 0).
 
 The workload: real inputs (scikit-learn's digits images, or breast cancer rows) in a sequence in
 which each request is a first-time input with probability 1 - repeat_share (0.10), otherwise a
@@ -214,10 +215,11 @@ def write_input_data(path: Path, workload: Workload, input_name: str, sequence: 
 # -- the model repository and the gateway's config -------------------------------------------
 
 
-def make_repository(root: Path, model: str, hold_ms: float = 0.0) -> Path:
-    """A copy of model_repository/<model> with Triton's response cache enabled in its config;
-    with ``hold_ms``, its dynamic batcher's max_queue_delay_microseconds set to that hold."""
-    repository = root / "models"
+def make_repository(root: Path, model: str, hold_ms: float = 0.0, name: str = "models") -> Path:
+    """A copy of model_repository/<model> in ``root/name`` with Triton's response cache enabled
+    in its config; with ``hold_ms``, its dynamic batcher's max_queue_delay_microseconds set to
+    that hold."""
+    repository = root / name
     shutil.copytree(REPO / "model_repository" / model, repository / model, ignore=shutil.ignore_patterns("__pycache__"))
     config = repository / model / "config.pbtxt"
     text = config.read_text()
@@ -941,7 +943,11 @@ def render(
         f"model {args.model}, concurrency {','.join(map(str, args.concurrency))}, perf_analyzer -i http --input-data "
         f"(binary tensors, batch size 1), {measurement_description(args)}; {instances_description(args.instances)}, "
         f"response cache local {args.triton_cache_mb} MiB, dynamic batching max_queue_delay_microseconds "
-        f"{round(args.hold_ms * 1000)}" + (" (--hold-ms, as the gateway's hold_ms)" if args.hold_ms else " (the model's own)")
+        + (
+            f"{round(args.hold_ms * 1000)} direct (--hold-ms, as the gateway's hold_ms), the model's own 0 behind the gateway"
+            if args.hold_ms
+            else "0 (the model's own)"
+        )
     )
     if args.instances > 1:
         settings += (
@@ -1152,6 +1158,8 @@ def main(argv: list[str] | None = None) -> int:
     workload = make_workload(args.model, args.requests, args.repeat_share, args.zipf_s, args.seed)
     print(f"workload: {workload.describe(args.zipf_s)}")
     repository = make_repository(workdir, args.model, args.hold_ms)
+    # Behind the gateway, Triton does not hold the gateway's batches again.
+    behind = make_repository(workdir, args.model, name="models-behind") if args.hold_ms else repository
     batching = local_batching()
     if args.hold_ms:
         # The gateway holds for max_queue_delay_ms at most: raise it to the hold where it is lower.
@@ -1194,8 +1202,9 @@ def main(argv: list[str] | None = None) -> int:
         while not port_free(gw_port) and time.monotonic() < deadline:
             time.sleep(0.2)
 
-    def cold_triton() -> None:
+    def cold_triton(target: str) -> None:
         triton.stop()  # every instance at once, then all started again: empty caches
+        triton.repository = behind if target == GATEWAY else repository
         triton.start()
         triton.wait_ready(timeout=120)
         wait_http_ok(None, [f"{url}/v2/models/{args.model}/ready" for url in triton_urls], timeout=60)
@@ -1227,7 +1236,7 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal gateway
         for attempt in range(1, ATTEMPTS + 1):
             stop_gateway()
-            cold_triton()
+            cold_triton(target)
             if target == GATEWAY:
                 if redis_proc is not None:
                     with redis.Redis(host=HOST, port=redis_port, socket_timeout=5.0) as client:
@@ -1300,6 +1309,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         where = f"{HOST}:{base}" + (f"-{base + n - 1}" if n > 1 else "")
         print(f"starting {n} Triton instance{'s' if n > 1 else ''} on {where} (response cache {args.triton_cache_mb} MiB each) ...", flush=True)
+        triton.repository = behind  # the answer checks go through the gateway
         triton.start()
         triton.wait_ready(timeout=120)
         wait_http_ok(None, [f"{url}/v2/models/{args.model}/ready" for url in triton_urls], timeout=60)
