@@ -194,12 +194,21 @@ class Batcher:
         self.policy = policy
         self._tasks: set[asyncio.Task[None]] = set()
         self._worker: asyncio.Task[None] | None = None
+        # The loop serving this batcher, looked up once: asyncio.get_running_loop() costs a
+        # getpid() syscall on every call (its fork check), and the request path needs it often.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.batches_sent = 0
         self.rows_sent = 0
         # Requests per batch sent, averaged over the last few batches (see HOLD_AFTER).
         self.recent_requests = 1.0
         # How long the requests sent waited here (metrics.latency_row): the hold's cost, seen.
         self.waits = latency_row()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
 
     @property
     def queued_rows(self) -> int:
@@ -223,7 +232,7 @@ class Batcher:
 
     def start(self) -> None:
         if self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher:{self.name}")
+            self._worker = self.loop.create_task(self._run(), name=f"batcher:{self.name}")
             self._worker.add_done_callback(self._worker_done)
 
     async def submit(
@@ -232,7 +241,7 @@ class Batcher:
         rows = inputs[0].data.shape[0] if inputs and inputs[0].data.ndim else 1
         if self._queued_rows + rows > self.policy.max_queue_rows:
             raise Unavailable(f"model '{self.name}' is overloaded: its queue is full, try again later")
-        future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[BatchResult] = self.loop.create_future()
         item = Pending(inputs, rows, signature_of(inputs), future, self._clock(), deadline, gone)
         if not self._queue and self.inflight == 0 and not (self.policy.hold and self.company):
             # Idle: the policy would send this request alone at once. Send it from the caller's
@@ -320,7 +329,7 @@ class Batcher:
                 return selection.wake_at
             self._remove(selection.batch)
             self.inflight += 1
-            task = asyncio.get_running_loop().create_task(self._send(selection.batch))
+            task = self.loop.create_task(self._send(selection.batch))
             # Keep a hard reference so the task is not garbage collected mid-flight.
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -335,7 +344,7 @@ class Batcher:
                 # Rounded up to whole milliseconds: uvloop's timers have that resolution, and
                 # one that fires early would only re-arm itself at once, round after round.
                 delay = math.ceil(max(0.0, wake_at - self._clock()) * 1000) / 1000
-                timer = asyncio.get_running_loop().call_later(delay, self._wakeup.set)
+                timer = self.loop.call_later(delay, self._wakeup.set)
             try:
                 await self._wakeup.wait()
             finally:

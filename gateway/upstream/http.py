@@ -52,6 +52,7 @@ class Response:
 @dataclass(slots=True, eq=False)
 class _Connection(asyncio.Protocol):
     transport: asyncio.Transport | None = None
+    loop: asyncio.AbstractEventLoop | None = None
     parser: httptools.HttpResponseParser | None = None
     waiter: asyncio.Future[Response] | None = None
     headers: dict[bytes, bytes] = field(default_factory=dict)
@@ -62,6 +63,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.loop = asyncio.get_running_loop()  # once: each lookup costs a getpid() syscall
         self.parser = httptools.HttpResponseParser(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -95,7 +97,7 @@ class _Connection(asyncio.Protocol):
             self.waiter.set_exception(exc)
 
     def send(self, head: bytes, body: bytes) -> asyncio.Future[Response]:
-        self.waiter = asyncio.get_running_loop().create_future()
+        self.waiter = self.loop.create_future()  # type: ignore[union-attr]
         if len(body) < 65536:
             self.transport.write(head + body)  # type: ignore[union-attr]  # one syscall
         else:
