@@ -17,6 +17,7 @@ from gateway import handlers
 from gateway.cache import build_cache
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
+from gateway.host_cpu import HostCpu
 from gateway.infer_endpoint import InferEndpoint
 from gateway.instances import EjectionPolicy
 from gateway.metrics import GatewayCollector, InferCounts, registry_of
@@ -129,8 +130,9 @@ def build_app(config: GatewayConfig, cache_segment: str = "", workers_folder: st
             await sync.start()  # the repository is loaded before the gateway takes traffic
         rollouts = Rollouts.from_file(Path(config.rollout.file)) if config.rollout.file else Rollouts()
         pipeline = InferencePipeline(
-            config.batching, router, MetadataCache(router, u.metadata_ttl_s), cache=cache, rollouts=rollouts
-        )
+            config.batching, router, MetadataCache(router, u.metadata_ttl_s), cache=cache, rollouts=rollouts,
+            cpu_busy=HostCpu().busy,
+        )  # fmt: skip
         decisions = shared_decisions(workers_folder, rollouts) if workers_folder else None
         pipeline.observe_fleet()  # the versions serving now are the rollout defaults' stable ones
         monitor.on_round = pipeline.observe_fleet

@@ -10,7 +10,10 @@ Policy (``select_batch``, a pure function tested with a fake clock):
   preferred batch size ends its queue delay). Then fewer, larger upstream batches (cheaper for a
   model whose cost is per execution, and for the gateway, whose cost is largely per batch) for
   that much latency; a lone client is never held, since nobody would join it, nor a batch that
-  is large already. A request whose deadline would pass meanwhile is sent at once, with its batch.
+  is large already. With ``hold_cpu_busy``, only while the host's CPUs are at least that busy
+  (``gateway.host_cpu``): the batches saved are worth the wait when cores are short, and with
+  cores to spare the hold would only add latency (``Batcher.holding``). A request whose
+  deadline would pass meanwhile is sent at once, with its batch.
 * Otherwise requests gather. A batch is sent when a slot frees, or as soon as it is full
   (``max_rows``), or when its oldest request has waited ``max_delay`` seconds, so the queue adds
   no more than that delay while the upstream keeps up; such early batches may take in-flight
@@ -68,6 +71,7 @@ class BatchPolicy:
     max_inflight: int
     max_queue_rows: int
     hold: float = 0.0  # seconds a batch that is not full waits for company while a slot is free
+    hold_cpu_busy: float = 0.0  # the hold applies only while the host's CPUs are this busy (0: always)
 
 
 @dataclass(slots=True)
@@ -112,9 +116,10 @@ def signature_of(inputs: Sequence[Tensor]) -> Hashable:
 
 
 def select_batch(
-    queue: Sequence[Pending], inflight: int, now: float, policy: BatchPolicy, company: bool = True
+    queue: Sequence[Pending], inflight: int, now: float, policy: BatchPolicy, hold_now: bool = True
 ) -> Selection:
-    """``company``: whether requests come concurrently (``Batcher.company``); a hold applies only then."""
+    """``hold_now``: whether the policy's hold applies now (``Batcher.holding``: requests come
+    concurrently, and the host's CPUs are short)."""
     if not queue:
         return Selection()
     head = queue[0]
@@ -132,7 +137,7 @@ def select_batch(
     full = full or rows >= policy.max_rows
     waited_out = now - head.enqueued >= policy.max_delay
     if inflight < policy.max_inflight:
-        if not policy.hold or full or not company or rows >= HOLD_ROWS:
+        if not policy.hold or full or not hold_now or rows >= HOLD_ROWS:
             return Selection(batch=batch)
         # Held for company, but never past max_delay nor past a request's deadline.
         until = head.enqueued + min(policy.hold, policy.max_delay)
@@ -183,8 +188,10 @@ class Batcher:
         dispatch: Dispatch,
         policy: BatchPolicy,
         clock: Callable[[], float] = time.monotonic,
+        cpu_busy: Callable[[], float | None] | None = None,
     ) -> None:
         self.name = name
+        self._cpu_busy = cpu_busy  # the host's CPUs' busy share (HostCpu.busy); None: unknown
         self._dispatch = dispatch
         self._clock = clock
         self._queue: deque[Pending] = deque()
@@ -220,6 +227,19 @@ class Batcher:
         return self.recent_requests >= HOLD_AFTER
 
     @property
+    def holding(self) -> bool:
+        """Whether a batch with a free slot waits for company now: the policy has a hold,
+        requests come concurrently, and the host's CPUs are at least ``hold_cpu_busy`` busy
+        (or their load is unknown: the hold applies as configured)."""
+        policy = self.policy
+        if not policy.hold or not self.company:
+            return False
+        if policy.hold_cpu_busy <= 0 or self._cpu_busy is None:
+            return True
+        busy = self._cpu_busy()
+        return busy is None or busy >= policy.hold_cpu_busy
+
+    @property
     def policy(self) -> BatchPolicy:
         return self._policy
 
@@ -243,7 +263,7 @@ class Batcher:
             raise Unavailable(f"model '{self.name}' is overloaded: its queue is full, try again later")
         future: asyncio.Future[BatchResult] = self.loop.create_future()
         item = Pending(inputs, rows, signature_of(inputs), future, self._clock(), deadline, gone)
-        if not self._queue and self.inflight == 0 and not (self.policy.hold and self.company):
+        if not self._queue and self.inflight == 0 and not self.holding:
             # Idle: the policy would send this request alone at once. Send it from the caller's
             # own task, sparing two event-loop hops through the worker (latency at low load).
             # Only when nothing is in flight: under load, the worker's hop is what lets requests
@@ -324,7 +344,7 @@ class Batcher:
         while True:
             now = self._clock()
             self._prune(now)
-            selection = select_batch(self._queue, self.inflight, now, self.policy, self.company)
+            selection = select_batch(self._queue, self.inflight, now, self.policy, self.holding)
             if not selection.batch:
                 return selection.wake_at
             self._remove(selection.batch)

@@ -102,6 +102,11 @@ class BatchingConfig:
     # the batch has 8 rows: a lone client is never held. 0: sent at once. Never beyond
     # max_queue_delay_ms, nor past a request's deadline.
     hold_ms: float = 0.0
+    # The hold applies only while the host's CPUs are at least this busy (the share of all cores'
+    # time, over the last half second, from /proc/stat): fewer batches save the gateway's CPU,
+    # and a co-located Triton's, which is worth the wait while cores are short; with cores to
+    # spare a hold only adds latency. 0: whatever the load. Unknown (no /proc/stat): it applies.
+    hold_cpu_busy: float = 0.8
     # Per-model settings, from [batching.models.<name>] tables: any key above, for that model
     # only; the rest comes from [batching]. (A slow model wants a longer max_queue_delay_ms.)
     models: Mapping[str, BatchingConfig] = field(default_factory=lambda: MappingProxyType({}))
@@ -335,6 +340,8 @@ def _validate_batching(b: BatchingConfig, where: str, u: UpstreamConfig) -> None
             raise ConfigError(
                 f"{where}.{name} must be shorter than upstream.request_timeout_s: requests would time out while queued"
             )
+    if not 0 <= b.hold_cpu_busy <= 1:  # also refuses NaN
+        raise ConfigError(f"{where}.hold_cpu_busy must be in [0, 1], got {b.hold_cpu_busy}")
     if b.max_queue_rows < b.max_batch_size:
         raise ConfigError(f"{where}.max_queue_rows must be >= {where}.max_batch_size")
 

@@ -37,11 +37,15 @@ class InferencePipeline:
         clock: Callable[[], float] = time.monotonic,
         cache: ResponseCache | None = None,
         rollouts: Rollouts | None = None,
+        cpu_busy: Callable[[], float | None] | None = None,
     ) -> None:
+        """``cpu_busy``: the host's CPUs' busy share now (``HostCpu.busy``), for the batchers'
+        ``hold_cpu_busy``; None: unknown, and a hold applies as configured."""
         self._batching = batching
         self._router = router
         self.metadata = metadata
         self._clock = clock
+        self._cpu_busy = cpu_busy
         self.cache = cache
         self.rollouts = rollouts or Rollouts()
         self._shadows: set[asyncio.Future[None]] = set()
@@ -58,6 +62,7 @@ class InferencePipeline:
             max_inflight=b.max_inflight_batches * max(1, routable),
             max_queue_rows=b.max_queue_rows,
             hold=b.hold_ms / 1000,
+            hold_cpu_busy=b.hold_cpu_busy,
         )
 
     def _batcher(self, model: str, version: str, info: ModelInfo) -> Batcher:
@@ -75,7 +80,7 @@ class InferencePipeline:
                 return await self._router.infer(model, version, prepare, None, deadline)
 
             name = f"{model}" + (f"/{version}" if version else "")
-            batcher = self.batchers[key] = Batcher(name, dispatch, policy, self._clock)
+            batcher = self.batchers[key] = Batcher(name, dispatch, policy, self._clock, self._cpu_busy)
         elif batcher.policy != policy:
             # The fleet changed size, or the model's max_batch_size changed (config reloaded).
             batcher.policy = policy

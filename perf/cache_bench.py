@@ -20,7 +20,8 @@ instance that has not seen its input whenever the first request went to another;
 gateway, the same clients send the same requests to the gateway, with the whole fleet behind it.
 
 ``--hold-ms X`` gives both targets the same batching delay: the gateway's ``[batching] hold_ms``
-(and ``max_queue_delay_ms`` raised to X where it is lower, since it caps the hold) and, for the
+(and ``max_queue_delay_ms`` raised to X where it is lower, since it caps the hold; held
+whatever the host's load, ``hold_cpu_busy`` 0) and, for the
 direct runs, Triton's ``max_queue_delay_microseconds`` in the model copy's config. Triton behind
 the gateway keeps the model's own delay (0): the gateway's batches have waited already, and
 would otherwise wait twice. By default neither waits (the model's own 0, the gateway's 0).
@@ -1164,6 +1165,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.hold_ms:
         # The gateway holds for max_queue_delay_ms at most: raise it to the hold where it is lower.
         batching["hold_ms"] = args.hold_ms
+        batching["hold_cpu_busy"] = 0.0  # whatever the load, as Triton's queue delay
         batching["max_queue_delay_ms"] = max(float(batching.get("max_queue_delay_ms", 2.0)), args.hold_ms)
     ttl_s = 3600.0
     config_path = workdir / "gateway.toml"

@@ -221,7 +221,7 @@ async def test_identical_requests_reaching_two_workers_at_once_cost_one_inferenc
         8154,
         server={"workers": 2},
         cache={"enabled": True, "ttl_s": 300.0},
-        batching={"hold_ms": 300.0, "max_queue_delay_ms": 300.0},
+        batching={"hold_ms": 300.0, "max_queue_delay_ms": 300.0, "hold_cpu_busy": 0.0},
     )
     with running_gateway(config, 8154, tmp_path) as gw:
         worker_views(gw.url, 2)  # both serving

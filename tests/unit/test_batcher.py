@@ -94,8 +94,8 @@ def test_a_hold_ends_once_the_batch_has_hold_rows() -> None:
 def test_without_company_a_free_slot_sends_at_once_whatever_the_hold() -> None:
     policy = BatchPolicy(max_rows=8, max_delay=0.002, max_inflight=1, max_queue_rows=64, hold=0.001)
     queue = [pending(1, 100.0)]
-    assert select_batch(queue, inflight=0, now=100.0, policy=policy, company=False).batch == queue
-    assert select_batch(queue, inflight=0, now=100.0, policy=policy, company=True).batch == []
+    assert select_batch(queue, inflight=0, now=100.0, policy=policy, hold_now=False).batch == queue
+    assert select_batch(queue, inflight=0, now=100.0, policy=policy, hold_now=True).batch == []
 
 
 async def batches_of(batcher: Batcher, up: FakeUpstream, clock: FakeClock, sizes: list[int], start: int = 0) -> None:
@@ -127,6 +127,40 @@ async def test_a_lone_client_is_never_held() -> None:
         up.release_all()
         await task
     assert len(up.batches) == 5 and not batcher.company
+    await batcher.close(0)
+
+
+async def test_a_hold_applies_only_while_the_hosts_cpus_are_busy_enough() -> None:
+    clock = FakeClock()
+    up = FakeUpstream()
+    cpu: list[float | None] = [0.5]
+    policy = BatchPolicy(8, 0.002, 1, 64, hold=0.001, hold_cpu_busy=0.8)
+    batcher = Batcher("m", up, policy, clock=clock, cpu_busy=lambda: cpu[0])
+    await batches_of(batcher, up, clock, [3, 3])  # concurrent clients: company
+    assert batcher.company and not batcher.holding
+    # Cores to spare: two requests reaching the idle batcher go at once, without waiting.
+    sent = len(up.batches)
+    tasks = [asyncio.create_task(batcher.submit(rows(1, start=n))) for n in range(2)]
+    await settle()
+    assert len(up.batches) == sent + 1  # the first went at once, the clock being still
+    up.release_all()
+    await up.wait_batches(sent + 2)  # the second, once the slot freed: no hold either
+    up.release_all()
+    await asyncio.gather(*tasks)
+    await batches_of(batcher, up, clock, [3, 3])
+    # Cores short (and, as where /proc/stat is unreadable, unknown): the same requests are held.
+    for busy in (0.9, None):
+        cpu[0] = busy
+        assert batcher.company and batcher.holding
+        sent = len(up.batches)
+        tasks = [asyncio.create_task(batcher.submit(rows(1, start=n))) for n in range(2)]
+        await settle()
+        assert len(up.batches) == sent
+        clock.now += 0.001
+        await up.wait_batches(sent + 1)
+        up.release_all()
+        await asyncio.gather(*tasks)
+        assert up.batches[-1].shape[0] == 2
     await batcher.close(0)
 
 

@@ -168,11 +168,12 @@ async def test_a_deadline_passing_while_the_request_waits_is_504() -> None:
 
 async def test_a_model_with_its_own_batching_settings_gets_them() -> None:
     base = BatchingConfig(max_queue_delay_ms=2.0)
-    batching = dataclasses.replace(base, models={"m": dataclasses.replace(base, max_queue_delay_ms=10.0, hold_ms=0.5)})
+    batching = dataclasses.replace(base, models={"m": dataclasses.replace(base, max_queue_delay_ms=10.0, hold_ms=0.5, hold_cpu_busy=0.25)})
     pipeline = InferencePipeline(batching, FakeRouter(), FakeMetadata(info(8)))  # type: ignore[arg-type]
     await pipeline.infer(request())
     policy = pipeline.batchers[("m", "")].policy
     assert policy.max_delay == pytest.approx(0.010) and policy.hold == pytest.approx(0.0005)
+    assert policy.hold_cpu_busy == 0.25
     await pipeline.close(0)
 
 
