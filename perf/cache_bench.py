@@ -24,7 +24,9 @@ gateway, the same clients send the same requests to the gateway, with the whole 
 whatever the host's load, ``hold_cpu_busy`` 0) and, for the
 direct runs, Triton's ``max_queue_delay_microseconds`` in the model copy's config. Triton behind
 the gateway keeps the model's own delay (0): the gateway's batches have waited already, and
-would otherwise wait twice. By default neither waits (the model's own 0, the gateway's 0).
+would otherwise wait twice. ``--hold-ms 0``: neither waits. Without it, each target has its
+own settings: the model's own delay (0) for Triton, ``configs/local.toml``'s ``[batching]`` for
+the gateway (a hold of 4 ms while the host's CPUs are short).
 
 The workload: real inputs (scikit-learn's digits images, or breast cancer rows) in a sequence in
 which each request is a first-time input with probability 1 - repeat_share (0.10), otherwise a
@@ -946,7 +948,7 @@ def render(
         f"response cache local {args.triton_cache_mb} MiB, dynamic batching max_queue_delay_microseconds "
         + (
             f"{round(args.hold_ms * 1000)} direct (--hold-ms, as the gateway's hold_ms), the model's own 0 behind the gateway"
-            if args.hold_ms
+            if args.hold_ms is not None
             else "0 (the model's own)"
         )
     )
@@ -1067,9 +1069,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--triton-cache-mb", type=int, default=256, help="Triton's response cache size (MiB)")
     p.add_argument(
-        "--hold-ms", type=float, default=0.0,
+        "--hold-ms", type=float, default=None,
         help="how long a batch waits for company, for both targets alike: the gateway's [batching] hold_ms "
-        "and Triton's max_queue_delay_microseconds in the model's config (default 0: neither waits)",
+        "(whatever the load) and direct Triton's max_queue_delay_microseconds in the model's config (0: "
+        "neither waits; default: each its own, configs/local.toml's [batching] and the model's 0)",
     )  # fmt: skip
     p.add_argument(
         "--gateway-workers", default="auto",
@@ -1114,7 +1117,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     elif not args.gateway_workers.isdigit() or not 1 <= int(args.gateway_workers) <= 64:
         p.error("--gateway-workers must be auto or a number in 1..64")
     args.gateway_workers = int(args.gateway_workers)
-    if not 0 <= args.hold_ms < 1000:
+    if args.hold_ms is not None and not 0 <= args.hold_ms < 1000:
         p.error("--hold-ms must be in [0, 1000)")
     if not 1 <= args.instances <= MAX_INSTANCES:
         p.error(f"--instances must be in 1..{MAX_INSTANCES}")
@@ -1158,11 +1161,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: {command}\nlogs: {workdir}")
     workload = make_workload(args.model, args.requests, args.repeat_share, args.zipf_s, args.seed)
     print(f"workload: {workload.describe(args.zipf_s)}")
-    repository = make_repository(workdir, args.model, args.hold_ms)
+    repository = make_repository(workdir, args.model, args.hold_ms or 0.0)
     # Behind the gateway, Triton does not hold the gateway's batches again.
     behind = make_repository(workdir, args.model, name="models-behind") if args.hold_ms else repository
     batching = local_batching()
-    if args.hold_ms:
+    if args.hold_ms is not None:
         # The gateway holds for max_queue_delay_ms at most: raise it to the hold where it is lower.
         batching["hold_ms"] = args.hold_ms
         batching["hold_cpu_busy"] = 0.0  # whatever the load, as Triton's queue delay
