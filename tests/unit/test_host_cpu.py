@@ -16,6 +16,22 @@ def test_read_jiffies_counts_idle_and_iowait_as_not_busy(tmp_path: Path) -> None
     assert read_jiffies(str(stat)) == (160, 1000)
 
 
+def test_read_jiffies_counts_only_the_cpus_this_process_may_use(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    stat.write_text(
+        "cpu  300 0 0 700 0 0 0 0 0 0\n"
+        "cpu0 10 0 0 90 0 0 0 0 0 0\n"
+        "cpu1 90 0 0 10 0 0 0 0 0 0\n"
+        "cpu2 200 0 0 600 0 0 0 0 0 0\n"
+        "cpu3 1 2 3 4\n"  # an older kernel's four fields
+        "intr 1 2 3\n"
+    )
+    assert read_jiffies(str(stat), frozenset({1})) == (90, 100)
+    assert read_jiffies(str(stat), frozenset({0, 1})) == (100, 200)
+    assert read_jiffies(str(stat), frozenset({3})) == (6, 10)
+    assert read_jiffies(str(stat), frozenset({7})) is None  # none of them listed
+
+
 @pytest.mark.parametrize("text", ["", "intr 1 2 3\n", "cpu  1 2 x 4 5\n", "cpu 1 2\n"])
 def test_read_jiffies_is_none_for_what_it_cannot_read(tmp_path: Path, text: str) -> None:
     stat = tmp_path / "stat"
