@@ -187,6 +187,12 @@ class GatewayCollector(Collector):
         rows = CounterMetricFamily("gateway_batcher_rows_sent", "Rows of the batches counted in batches_sent.", labels=labels)
         queued = GaugeMetricFamily("gateway_batcher_queued_rows", "Rows waiting in the batcher's queue now.", labels=labels)
         inflight = GaugeMetricFamily("gateway_batcher_inflight_batches", "Batches in flight upstream now.", labels=labels)
+        holding = GaugeMetricFamily(
+            "gateway_batcher_holding",
+            "1 while a batch with a free upstream slot waits for company (hold_ms applies now: requests come "
+            "concurrently, and the host's CPUs are at least hold_cpu_busy busy).",
+            labels=labels,
+        )
         waits: dict[tuple[str, ...], list[float]] = {}
         for (model, version), batcher in sorted(self._services.pipeline.batchers.items()):
             key = [model, version]
@@ -194,8 +200,18 @@ class GatewayCollector(Collector):
             rows.add_metric(key, batcher.rows_sent)
             queued.add_metric(key, batcher.queued_rows)
             inflight.add_metric(key, batcher.inflight)
+            holding.add_metric(key, float(batcher.holding))
             waits[(model, version)] = batcher.waits
-        yield from (sent, rows, queued, inflight)
+        yield from (sent, rows, queued, inflight, holding)
+        cpu_busy = self._services.pipeline.cpu_busy
+        busy = cpu_busy() if cpu_busy is not None else None
+        if busy is not None:
+            yield GaugeMetricFamily(
+                "gateway_host_cpu_busy_ratio",
+                "The share of the host's CPUs (those the gateway may run on) busy over the last half second, "
+                "as the batching hold reads it (hold_cpu_busy).",
+                value=busy,
+            )
         yield _histogram(
             "gateway_batcher_queue_seconds",
             "Time requests waited in the batcher, from their arrival there until an instance took their batch: "

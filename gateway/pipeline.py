@@ -45,7 +45,7 @@ class InferencePipeline:
         self._router = router
         self.metadata = metadata
         self._clock = clock
-        self._cpu_busy = cpu_busy
+        self.cpu_busy = cpu_busy
         self.cache = cache
         self.rollouts = rollouts or Rollouts()
         self._shadows: set[asyncio.Future[None]] = set()
@@ -80,7 +80,7 @@ class InferencePipeline:
                 return await self._router.infer(model, version, prepare, None, deadline)
 
             name = f"{model}" + (f"/{version}" if version else "")
-            batcher = self.batchers[key] = Batcher(name, dispatch, policy, self._clock, self._cpu_busy)
+            batcher = self.batchers[key] = Batcher(name, dispatch, policy, self._clock, self.cpu_busy)
         elif batcher.policy != policy:
             # The fleet changed size, or the model's max_batch_size changed (config reloaded).
             batcher.policy = policy

@@ -400,6 +400,10 @@ def test_metrics_count_answers_by_code_rows_batched_and_every_instance(stack: St
     assert {after[("gateway_instance_up", frozenset({("upstream", u)}))] for u in urls} == {1.0}
     assert sum(delta("gateway_instance_requests_total", upstream=u) for u in urls) == len(sizes)
     assert {labels for name, labels in after if name == "gateway_instance_up"} == {frozenset({("upstream", u)}) for u in urls}
+    # One request at a time: the batcher never held (no company), whatever the host's load, which
+    # the gateway reads from /proc/stat (its first half second past long before this scrape).
+    assert after[("gateway_batcher_holding", frozenset({("model", model), ("version", "1")}))] == 0
+    assert 0 <= after[("gateway_host_cpu_busy_ratio", frozenset())] <= 1
 
 
 def test_unreachable_upstream_is_503(tmp_path: Path) -> None:

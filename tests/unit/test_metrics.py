@@ -266,6 +266,28 @@ async def test_batcher_counters_and_gauges_while_a_batch_is_in_flight() -> None:
     await batcher.close(0.1)
 
 
+async def test_whether_a_batchers_hold_applies_now_and_the_cpu_share_it_reads() -> None:
+    async def dispatch(prepare, deadline):  # noqa: ANN001, ANN202
+        return BatchResult("1", prepare())
+
+    cpu: list[float | None] = [None]
+    services = empty_services()
+    services.pipeline.cpu_busy = lambda: cpu[0]
+    policy = BatchPolicy(max_rows=64, max_delay=0.004, max_inflight=1, max_queue_rows=100, hold=0.004, hold_cpu_busy=0.8)
+    held = services.pipeline.batchers[("m", "1")] = Batcher("m/1", dispatch, policy, cpu_busy=services.pipeline.cpu_busy)
+    services.pipeline.batchers[("m", "2")] = Batcher("m/2", dispatch, BatchPolicy(64, 0.004, 1, 100))  # no hold
+    registry = build_registry(InferCounts(), services)
+    held.recent_requests = 4.0  # the last batches carried several requests: company
+    for busy, holding in ((None, 1), (0.5, 0), (0.95, 1)):
+        cpu[0] = busy
+        parsed = samples(registry)
+        assert value(parsed, "gateway_batcher_holding", model="m", version="1") == holding
+        assert value(parsed, "gateway_batcher_holding", model="m", version="2") == 0
+        assert named(parsed, "gateway_host_cpu_busy_ratio") == ({} if busy is None else {frozenset(): busy})
+    held.recent_requests = 1.0  # one request at a time: nobody to wait for
+    assert value(samples(registry), "gateway_batcher_holding", model="m", version="1") == 0
+
+
 async def test_cache_counters_match_the_cache_view() -> None:
     cache = ResponseCache(CacheConfig(enabled=True, max_bytes=300))  # room for one entry of 264 bytes
     gate = asyncio.Event()
