@@ -177,6 +177,19 @@ async def test_a_model_with_its_own_batching_settings_gets_them() -> None:
     await pipeline.close(0)
 
 
+async def test_the_batchers_read_the_cpu_load_the_pipeline_is_given() -> None:
+    cpu = [0.1]
+    batching = BatchingConfig(hold_ms=1.0, hold_cpu_busy=0.8)
+    pipeline = InferencePipeline(batching, FakeRouter(), FakeMetadata(info(8)), cpu_busy=lambda: cpu[0])  # type: ignore[arg-type]
+    await pipeline.infer(request())
+    batcher = pipeline.batchers[("m", "")]
+    batcher.recent_requests = 4.0  # concurrent clients: company
+    assert not batcher.holding  # cores to spare
+    cpu[0] = 0.9
+    assert batcher.holding
+    await pipeline.close(0)
+
+
 async def test_a_request_naming_no_version_is_pinned_to_the_fleets_newest() -> None:
     router = FakeRouter()
     pipeline = InferencePipeline(BatchingConfig(), router, FakeMetadata(info(8)))  # type: ignore[arg-type]
