@@ -190,7 +190,7 @@ class GatewayCollector(Collector):
         holding = GaugeMetricFamily(
             "gateway_batcher_holding",
             "1 while a batch with a free upstream slot waits for company (hold_ms applies now: requests come "
-            "concurrently, and the host's CPUs are at least hold_cpu_busy busy).",
+            "concurrently, and the host's CPUs are at least hold_cpu_busy busy); with several workers, how many hold.",
             labels=labels,
         )
         waits: dict[tuple[str, ...], list[float]] = {}

@@ -51,6 +51,7 @@ SUMMED_GAUGES = frozenset(
     {
         "gateway_batcher_queued_rows",
         "gateway_batcher_inflight_batches",
+        "gateway_batcher_holding",  # summed: the workers whose batcher holds now
         "gateway_instance_inflight_requests",
         "gateway_cache_bytes",
         "gateway_cache_entries",
