@@ -101,7 +101,7 @@ def fleet_labels(router: Router, model: str, version: str) -> tuple[str, str]:
 def _add_row(rows: dict[tuple[str, ...], list[float]], key: tuple[str, ...], row: list[float]) -> None:
     total = rows.get(key)
     if total is None:
-        total = rows[key] = [0.0] * (_SUM + 1)
+        total = rows[key] = latency_row()
     for i, value in enumerate(row):
         total[i] += value
 

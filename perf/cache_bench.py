@@ -898,6 +898,7 @@ def stat_lines(runs: list[Run]) -> list[str]:
         if not r.requests:
             continue
         up = r.upstream
+        queue_ms, compute_ms = up.times_ms()
         cpu = ", ".join(f"{k} {v:.1f} s ({v / r.wall_s:.0%} of a core)" for k, v in r.cpu_s.items()) if r.wall_s else ""
         cpu += spans_description(r.spans)
         if r.m.target == DIRECT:
@@ -908,9 +909,9 @@ def stat_lines(runs: list[Run]) -> list[str]:
                 f"{uncounted} requests computed without a hit or miss counted (the rows executed beyond the misses: "
                 f"repeats that arrived while their input was being computed; Triton does not coalesce them), hit "
                 f"rate {pct(r.hit_rate)}, {lookup}; {up.executions} executions for {up.inferences} rows "
-                f"(mean batch {up.inferences / max(1, up.executions):.2f}); a request waited {up.times_ms()[0]:.2f} ms in "
+                f"(mean batch {up.inferences / max(1, up.executions):.2f}); a request waited {queue_ms:.2f} ms in "
                 f"Triton's queue on average (hits too: Triton looks them up after it), a computed one "
-                f"{up.times_ms()[1]:.2f} ms in computation; CPU: {cpu}"
+                f"{compute_ms:.2f} ms in computation; CPU: {cpu}"
             )
         else:
             coalesced = "coalesced among the hits" if r.coalesced is None else f"{r.coalesced} coalesced"
@@ -919,7 +920,7 @@ def stat_lines(runs: list[Run]) -> list[str]:
                 f"({pct(r.hit_rate)} hits); behind it Triton answered {up.success} requests "
                 f"({up.cache_hit} from its own cache, {up.cache_miss} misses), {up.executions} executions for "
                 f"{up.inferences} rows (mean batch {up.inferences / max(1, up.executions):.2f}), each batch "
-                f"{up.times_ms()[0]:.2f} ms in Triton's queue and {up.times_ms()[1]:.2f} ms in computation; CPU: {cpu}"
+                f"{queue_ms:.2f} ms in Triton's queue and {compute_ms:.2f} ms in computation; CPU: {cpu}"
                 + times_description(r.times)
             )
     return lines
