@@ -88,8 +88,22 @@ class ModelFolder:
 
 
 def fingerprint(folder: Path) -> Fingerprint:
+    return read_version(folder)[0]
+
+
+def read_version(folder: Path) -> tuple[Fingerprint, frozenset[str]]:
+    """A version folder's fingerprint and the names at its top level, in one walk (OSError if
+    the folder itself cannot be read; an unreadable folder inside it is left out)."""
     files = size = newest = 0
-    for dirpath, dirnames, filenames in os.walk(folder):
+    names: frozenset[str] | None = None
+
+    def unreadable(exc: OSError) -> None:
+        if names is None:
+            raise exc
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable):
+        if names is None:
+            names = frozenset(dirnames + filenames)
         dirnames[:] = [d for d in dirnames if d != "__pycache__"]  # written by Triton's loading itself
         for name in filenames:
             try:
@@ -99,7 +113,7 @@ def fingerprint(folder: Path) -> Fingerprint:
             files += 1
             size += st.st_size
             newest = max(newest, st.st_mtime_ns)
-    return files, size, newest
+    return (files, size, newest), names or frozenset()
 
 
 def scan_repository(root: Path, previous: Mapping[str, ModelFolder] | None = None) -> dict[str, ModelFolder]:
@@ -124,8 +138,9 @@ def scan_repository(root: Path, previous: Mapping[str, ModelFolder] | None = Non
             folders = sorted(
                 (v for v in os.scandir(entry.path) if VERSION.fullmatch(v.name) and v.is_dir()), key=lambda v: int(v.name)
             )
-            versions = [(v.name, fingerprint(Path(v.path))) for v in folders]
-            names = [(v.name, frozenset(os.listdir(v.path))) for v in folders]
+            contents = [(v.name, read_version(Path(v.path))) for v in folders]
+            versions = [(name, fp) for name, (fp, _) in contents]
+            names = [(name, top) for name, (_, top) in contents]
         except OSError as exc:  # one unreadable folder: that model stays as last seen, the rest go on
             log.warning("repository: cannot read %s: %s", entry.path, exc)
             if previous is not None and entry.name in previous:

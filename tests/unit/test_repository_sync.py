@@ -27,6 +27,7 @@ from gateway.upstream.repository import (
     model_file,
     parse_model_config,
     pinned_config,
+    read_version,
     scan_repository,
     served_versions,
     warmup_body,
@@ -254,6 +255,25 @@ def test_a_fingerprint_changes_with_the_files_but_not_with_pycache(repo: Path) -
     assert fingerprint(folder) == before
     (folder / "model.py").write_text("new weights, new size")
     assert fingerprint(folder) != before
+
+
+def test_a_version_is_read_in_one_walk_with_its_top_level_names(repo: Path) -> None:
+    folder = repo / "m" / "1"
+    (folder / "__pycache__").mkdir()
+    (folder / "weights").mkdir()
+    (folder / "weights" / "part.bin").write_bytes(b"0123")
+    stamp, names = read_version(folder)
+    assert stamp == fingerprint(folder)
+    assert stamp[0] == sum(1 for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    assert names == frozenset(os.listdir(folder))  # __pycache__ too: Triton sees it
+
+
+def test_a_version_folder_that_cannot_be_read_raises(repo: Path) -> None:
+    with pytest.raises(OSError):
+        read_version(repo / "m" / "9")
+    (repo / "m" / "8").write_text("a file, not a folder")
+    with pytest.raises(OSError):
+        read_version(repo / "m" / "8")
 
 
 @pytest.mark.parametrize(
