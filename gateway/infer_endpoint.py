@@ -189,7 +189,7 @@ def raw_lookup(
     answer = cache.get_raw(model, served, key)
     if answer is not None and via_rollout:
         rollouts.count(model, served)
-        rollouts.record(model, served, True, time.monotonic() - start)
+        rollouts.record(model, served, True, time.monotonic() - start, computed=False)
     return answer, served, (chosen, key)
 
 

@@ -259,7 +259,8 @@ class InferencePipeline:
             if not missing_model(exc):  # "not loaded here" is routing's business, not the version's
                 self.rollouts.record(request.model, request.version, False, self._clock() - start)
             raise
-        self.rollouts.record(request.model, request.version, True, self._clock() - start)
+        computed = response.cache not in ("hit", "coalesced")
+        self.rollouts.record(request.model, request.version, True, self._clock() - start, computed)
         shadow = self.rollouts.shadow_for(request.model)
         if shadow and shadow != request.version and len(self._shadows) < MAX_SHADOWS_IN_FLIGHT:
             task = asyncio.ensure_future(self._shadow(request, shadow, response))

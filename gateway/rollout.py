@@ -32,7 +32,8 @@ version for a given share, and raising the share only moves clients from stable 
 request without the header is drawn at random.
 
 Automatic decisions (``RolloutState``): every request served through the rollout is recorded
-(its version, whether it failed with a 5xx or timeout, its latency). When the canary breaches
+(its version, whether it failed with a 5xx or timeout, its latency); answers from the cache
+count for the ramp but not in the rollback windows, which compare the versions' computations. When the canary breaches
 the rollback rule over a full window, its share goes to 0 at once and a ``rollback`` event is
 recorded with the evidence (both error rates and p99s, the window). When the canary has
 completed every ramp step in good health, it is promoted: it becomes the stable version.
@@ -222,8 +223,13 @@ class RolloutState:
         del self.events[:-MAX_EVENTS]
         log.warning("rollout %s: %s %s", kind, self.canary or self.stable, evidence)
 
-    def record(self, version: str, ok: bool, latency: float, now: float) -> None:
-        self.window(version).add(ok, latency)
+    def record(self, version: str, ok: bool, latency: float, now: float, computed: bool = True) -> None:
+        """``computed`` False: an answer the version did not compute for this request (a cache
+        hit, or a share of an identical request's computation): it counts for the ramp, but
+        leaves the rollback windows alone, which compare what each version's computations cost
+        and how often they fail (a stable version's cached answers are not faster inference)."""
+        if computed:
+            self.window(version).add(ok, latency)
         if self.status != "canary" or version != self.canary:
             return
         self.step_requests += 1
@@ -584,18 +590,19 @@ class Rollouts:
         key = (model, version)
         self.served[key] = self.served.get(key, 0) + 1
 
-    def record(self, model: str, version: str, ok: bool, latency: float) -> None:
+    def record(self, model: str, version: str, ok: bool, latency: float, computed: bool = True) -> None:
         """How a request sent through the rollout ended: ``ok`` False for a failure the
-        version is to blame for (5xx, timeout), with its latency in seconds."""
+        version is to blame for (5xx, timeout), with its latency in seconds; ``computed`` False
+        for an answer from the cache (``RolloutState.record``)."""
         state = self.state(model)
         if state is None:
             return
         decided = self.on_decision
         if decided is None:  # one worker: nobody to tell
-            state.record(version, ok, latency, self._clock())
+            state.record(version, ok, latency, self._clock(), computed)
             return
         before = state.position
-        state.record(version, ok, latency, self._clock())
+        state.record(version, ok, latency, self._clock(), computed)
         if state.position != before:
             decided(model, state, "automatic")
 

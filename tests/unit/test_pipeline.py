@@ -237,6 +237,20 @@ async def test_the_rollout_chooses_the_version_unless_the_request_names_one() ->
     await pipeline.close(0)
 
 
+async def test_the_rollout_windows_hold_the_answers_computed_not_the_cache_hits() -> None:
+    router = FakeRouter()
+    router.newest = "1"
+    router.available = lambda model, version: True  # type: ignore[attr-defined]
+    rollouts = Rollouts()
+    rollouts.set_models({"m": ModelRollout("1", "2", 1.0)})
+    cache = ResponseCache(CacheConfig(enabled=True))
+    pipeline = InferencePipeline(BatchingConfig(), router, FakeMetadata(info(8)), cache=cache, rollouts=rollouts)  # type: ignore[arg-type]
+    answers = [await pipeline.infer(request()) for _ in range(3)]
+    assert [a.cache for a in answers] == ["miss", "hit", "hit"]
+    assert len(rollouts.states["m"].window("2").items) == 1 and rollouts.served == {("m", "2"): 3}
+    await pipeline.close(0)
+
+
 class VanishingRouter(FakeRouter):
     """Version 2 disappears from the fleet after the pipeline chose it."""
 

@@ -239,7 +239,7 @@ async def test_a_named_version_is_its_own_raw_answer() -> None:
     assert router.calls == ["1", "2"]
 
 
-async def test_the_canary_split_is_chosen_once_per_request_and_hits_count_for_the_rollout() -> None:
+async def test_the_canary_split_is_chosen_once_per_request_and_hits_count_for_the_trial_not_its_windows() -> None:
     rollouts = Rollouts(seed=1)
     rollouts.set_models({"m": ModelRollout("1", "2", 0.3)})
     endpoint, router, cache = stack(rollouts=rollouts)
@@ -255,8 +255,10 @@ async def test_the_canary_split_is_chosen_once_per_request_and_hits_count_for_th
     # The split holds for hits and misses alike (0.3 of 400 = 120; 5 sigma is about 46).
     assert abs(served["2"] - 120) < 46, served
     assert cache.snapshot()["models"]["m"]["raw_hits"] >= 380
-    # Hits counted in the rollout's windows as answered requests.
-    assert rollouts.snapshot()["models"]["m"]["windows"]["2"]["requests"] > 0
+    # Every canary request counts for the trial; its rollback window holds only what version 2
+    # computed (at most the 5 distinct inputs), not the hits.
+    assert rollouts.states["m"].step_requests == served["2"]
+    assert 0 < rollouts.snapshot()["models"]["m"]["windows"]["2"]["requests"] <= 5
 
 
 async def test_a_shadowed_rollout_takes_the_full_path_so_requests_are_mirrored() -> None:

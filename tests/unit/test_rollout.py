@@ -143,6 +143,34 @@ def test_a_slow_canary_is_rolled_back_on_p99() -> None:
     assert event["canary_p99_ms"] == 50.0 and event["stable_p99_ms"] == 10.0
 
 
+def test_cached_answers_count_for_the_ramp_but_not_against_the_canary() -> None:
+    clock = Clock()
+    rollouts = rollouts_with(
+        {"stable": "1", "canary": "2", "ramp": [0.25, 0.5, 1.0], "ramp_min_requests": 20, "ramp_min_seconds": 5.0,
+         "rollback_latency_ratio": 2.0, "rollback_window": 20},
+        clock,
+    )  # fmt: skip
+    state = rollouts.states["m"]
+    clock.now = 5.0
+    for _ in range(20):  # the canary's answers from the cache: requests it served
+        rollouts.record("m", "2", True, 0.00002, computed=False)
+    assert state.share == 0.5 and not state.window("2").items  # stepped on; nothing computed to judge
+    # Stable's answers mostly come from the cache (microseconds); its computations take 10 ms,
+    # as the canary's do: no reason to roll the canary back.
+    for _ in range(200):
+        for _ in range(9):
+            rollouts.record("m", "1", True, 0.00002, computed=False)
+        rollouts.record("m", "1", True, 0.01)
+        rollouts.record("m", "2", True, 0.01)
+    assert state.status == "canary"
+    assert [latency for _, latency in state.windows["1"].items] == [0.01] * 20
+    # Counted as computed, the same hits make stable's p99 tiny, and the canary is rolled back.
+    for _ in range(200):
+        rollouts.record("m", "1", True, 0.00002)
+        rollouts.record("m", "2", True, 0.01)
+    assert state.status == "rolled_back"
+
+
 def test_a_healthy_canary_ramps_step_by_step_and_is_promoted() -> None:
     clock = Clock()
     rollouts = rollouts_with(
