@@ -305,7 +305,11 @@ class ResponseCache:
     def snapshot(self) -> dict[str, Any]:
         view: dict[str, Any] = {
             "pid": os.getpid(),  # with several workers, each answers for itself (but "host")
-            "enabled": self._config.enabled,
+            "enabled": self._config.enabled,  # for the models without a table of their own
+            "per_model": {
+                name: {"enabled": m.enabled, "ttl_s": m.ttl_s, "max_share": m.max_share}
+                for name, m in sorted(self._config.models.items())
+            },
             "max_bytes": self.store.max_bytes,
             "bytes": self.store.bytes,
             "in_flight": len(self._flight),

@@ -437,6 +437,15 @@ async def test_miss_then_hit_then_expiry_and_errors_are_never_cached() -> None:
     assert (stats["hits"], stats["misses"], calls) == (1, 3, 4)
 
 
+def test_the_view_names_the_models_cached_by_a_table_of_their_own() -> None:
+    config = CacheConfig(enabled=False, models={"digits": CacheConfig(enabled=True, ttl_s=30.0, max_share=0.5)})
+    cache = ResponseCache(config, clock=Clock())
+    assert cache.enabled_for("digits") and not cache.enabled_for("other")
+    view = cache.snapshot()
+    assert view["enabled"] is False
+    assert view["per_model"] == {"digits": {"enabled": True, "ttl_s": 30.0, "max_share": 0.5}}
+
+
 async def test_the_shared_tier_serves_what_another_gateway_computed() -> None:
     shared = FakeShared()
     one = ResponseCache(CacheConfig(enabled=True, ttl_s=30.0), shared)

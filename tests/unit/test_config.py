@@ -16,6 +16,9 @@ def test_shipped_local_config_loads() -> None:
     config = load_config(ROOT / "configs" / "local.toml")
     assert [i.url for i in config.upstream.instances] == ["http://127.0.0.1:8100", "http://127.0.0.1:8101"]
     assert config.server.port == 8000
+    # The default models are deterministic: the shipped config caches them (and nothing else).
+    assert not config.cache.enabled
+    assert config.cache.for_model("digits_cnn").enabled and config.cache.for_model("breast_cancer_mlp").enabled
 
 
 def test_the_shipped_configs_let_the_gateway_drive_loading_over_grpc() -> None:
