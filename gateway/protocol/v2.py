@@ -463,7 +463,7 @@ def _json_object_length(body: bytes) -> int | None:
     tensor data sent without its header length); else None. Only for a body already refused."""
     try:
         doc, end = json.JSONDecoder().raw_decode(bytes(body).decode("latin-1"))  # one char per byte
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's stack allows
         return None
     return end if isinstance(doc, dict) and end < len(body) else None
 

@@ -418,6 +418,18 @@ def test_deeply_nested_data() -> None:
         decode(body)
 
 
+@pytest.mark.parametrize("depth", [1000, 1024, 5000])
+def test_a_body_nested_deeper_than_the_parsers_go_is_a_400(depth: int) -> None:
+    # Not an object, or deeper than orjson's limit: refused, and the look for a JSON object
+    # followed by binary data (Python's own parser, whose recursion stops sooner) finds none.
+    deep = ("[" * depth + "]" * depth).encode()
+    with pytest.raises(BadRequest, match="malformed JSON|must be an object"):
+        v2.decode_request(deep, None, "m", "")
+    inside = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": ' + deep + b"}]}"
+    with pytest.raises(BadRequest):
+        v2.decode_request(inside, None, "m", "")
+
+
 def test_a_zero_element_tensor_with_enormous_dimensions_is_a_400() -> None:
     body = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [0, 2**62, 2**62], "data": []}]})
     with pytest.raises(BadRequest, match="too large"):
