@@ -155,6 +155,9 @@ class ResponseCache:
                 stats.shared_hits += 1
                 return shared, "hit", self._store(model, version, key, shared, epoch, claimed)
             result = await compute(abandoned)
+            # Counted here, once per computation: a detached one whose callers all gave up
+            # (their deadlines) still computed an answer, and stored it.
+            stats.misses += 1
             stored = self._store(model, version, key, result, epoch, claimed)
             self._to_shared(model, key, result)
             return result, "miss", stored
@@ -181,11 +184,10 @@ class ResponseCache:
         if coalesced:
             stats.coalesced += 1
             return result, "coalesced"
-        if source == "miss":
-            stats.misses += 1
-        elif source == "hit":  # the shared tier's, or the host tier's found on claiming
+        # A "miss" was counted where it was computed.
+        if source == "hit":  # the shared tier's, or the host tier's found on claiming
             stats.hits += 1
-        else:  # another worker's computation
+        elif source == "coalesced":  # another worker's computation
             stats.coalesced += 1
             stats.host_coalesced += 1
         return result, source

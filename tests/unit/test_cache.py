@@ -437,6 +437,30 @@ async def test_miss_then_hit_then_expiry_and_errors_are_never_cached() -> None:
     assert (stats["hits"], stats["misses"], calls) == (1, 3, 4)
 
 
+async def test_a_computation_whose_callers_all_timed_out_is_counted_and_kept() -> None:
+    cache = ResponseCache(CacheConfig(enabled=True, ttl_s=5.0), clock=Clock())
+    release = asyncio.Event()
+    calls = 0
+
+    async def compute(abandoned) -> BatchResult:  # noqa: ANN001
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        return result()
+
+    callers = [asyncio.create_task(cache.get_or_compute("m", "1", b"k", compute, detach=True)) for _ in range(3)]
+    await asyncio.sleep(0)
+    for caller in callers:
+        caller.cancel()  # every caller's deadline passed; the computation goes on
+    await asyncio.sleep(0)
+    release.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    stats = cache.snapshot()["models"]["m"]
+    assert (stats["misses"], stats["coalesced"], stats["entries"]) == (1, 0, 1)  # Triton did compute it
+    assert (await cache.get_or_compute("m", "1", b"k", compute))[1] == "hit" and calls == 1
+
+
 def test_the_view_names_the_models_cached_by_a_table_of_their_own() -> None:
     config = CacheConfig(enabled=False, models={"digits": CacheConfig(enabled=True, ttl_s=30.0, max_share=0.5)})
     cache = ResponseCache(config, clock=Clock())
