@@ -33,9 +33,9 @@ request without the header is drawn at random.
 
 Automatic decisions (``RolloutState``): every request served through the rollout is recorded
 (its version, whether it failed with a 5xx or timeout, its latency); answers from the cache
-count for the ramp but not in the rollback windows, which compare the versions' computations. When the canary breaches
-the rollback rule over a full window, its share goes to 0 at once and a ``rollback`` event is
-recorded with the evidence (both error rates and p99s, the window). When the canary has
+count for the ramp but not in the rollback windows, which compare the versions' computations.
+When the canary breaches the rollback rule over a full window, its share goes to 0 at once and
+a ``rollback`` event is recorded with the evidence (both error rates and p99s, the window). When the canary has
 completed every ramp step in good health, it is promoted: it becomes the stable version.
 
 Shadow mode mirrors a share of the requests the rollout serves to a candidate version, in the
