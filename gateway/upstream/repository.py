@@ -87,10 +87,6 @@ class ModelFolder:
     names: tuple[tuple[str, frozenset[str]], ...] = ()  # (version, the names at its top level)
 
 
-def fingerprint(folder: Path) -> Fingerprint:
-    return read_version(folder)[0]
-
-
 def read_version(folder: Path) -> tuple[Fingerprint, frozenset[str]]:
     """A version folder's fingerprint and the names at its top level, in one walk (OSError if
     the folder itself cannot be read; an unreadable folder inside it is left out)."""

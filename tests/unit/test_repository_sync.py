@@ -23,7 +23,6 @@ from gateway.router import Router
 from gateway.upstream.repository import (
     ControlError,
     RepositorySync,
-    fingerprint,
     model_file,
     parse_model_config,
     pinned_config,
@@ -249,12 +248,12 @@ def test_scan_finds_models_and_numbered_versions_only(repo: Path) -> None:
 
 def test_a_fingerprint_changes_with_the_files_but_not_with_pycache(repo: Path) -> None:
     folder = repo / "m" / "1"
-    before = fingerprint(folder)
+    before = read_version(folder)[0]
     (folder / "__pycache__").mkdir()
     (folder / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"compiled by the server")
-    assert fingerprint(folder) == before
+    assert read_version(folder)[0] == before
     (folder / "model.py").write_text("new weights, new size")
-    assert fingerprint(folder) != before
+    assert read_version(folder)[0] != before
 
 
 def test_a_version_is_read_in_one_walk_with_its_top_level_names(repo: Path) -> None:
@@ -263,8 +262,8 @@ def test_a_version_is_read_in_one_walk_with_its_top_level_names(repo: Path) -> N
     (folder / "weights").mkdir()
     (folder / "weights" / "part.bin").write_bytes(b"0123")
     stamp, names = read_version(folder)
-    assert stamp == fingerprint(folder)
-    assert stamp[0] == sum(1 for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    counted = [p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    assert stamp[:2] == (len(counted), sum(p.stat().st_size for p in counted))
     assert names == frozenset(os.listdir(folder))  # __pycache__ too: Triton sees it
 
 
