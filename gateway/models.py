@@ -11,6 +11,10 @@ from gateway.errors import BadRequest
 from gateway.tensors import InferRequest
 
 
+# The output datatypes Triton ranks for the classification extension (others: a 400 from Triton).
+CLASSIFIABLE = frozenset({"UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP32", "FP64"})
+
+
 @dataclass(frozen=True, slots=True)
 class TensorSpec:
     name: str
@@ -98,6 +102,9 @@ def check_request(info: ModelInfo, request: InferRequest) -> int:
     for out in request.outputs or ():
         if out.name not in info.outputs:
             raise BadRequest(f"unknown output '{out.name}' for model '{model}'; it has {sorted(info.outputs)}")
-        if "classification" in out.parameters:
-            raise BadRequest(f"output '{out.name}': the classification extension is not supported by the gateway")
+        if out.class_count and info.outputs[out.name].datatype not in CLASSIFIABLE:
+            raise BadRequest(
+                f"output '{out.name}' of model '{model}' is {info.outputs[out.name].datatype}: classification "
+                f"needs one of {sorted(CLASSIFIABLE)}"
+            )
     return rows or 1

@@ -18,7 +18,7 @@ from gateway.errors import ClientGone, GatewayTimeout, NotFound, Unavailable, Up
 from gateway.models import ModelInfo, check_request
 from gateway.rollout import Rollouts
 from gateway.router import Router
-from gateway.tensors import InferRequest, InferResponse, Tensor
+from gateway.tensors import InferRequest, InferResponse, RequestedOutput, Tensor
 from gateway.upstream.metadata import MetadataCache
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,13 @@ log = logging.getLogger(__name__)
 
 # Shadow requests in flight at most; beyond, requests are not mirrored (shadows never queue up).
 MAX_SHADOWS_IN_FLIGHT = 64
+
+
+def _classes(request: InferRequest) -> list[RequestedOutput] | None:
+    """A request's outputs if it asks for an output's top classes (Triton computes them, so
+    they are asked for per request), else None: a batch asks Triton for every output."""
+    outputs = request.outputs
+    return outputs if outputs is not None and any(o.class_count for o in outputs) else None
 
 
 class InferencePipeline:
@@ -134,7 +141,7 @@ class InferencePipeline:
         source = ""
         if cache is not None and cache.enabled_for(request.model):
             if use_cache and request.version and cacheable(request):
-                key = request_key(request.model, request.version, inputs)
+                key = request_key(request.model, request.version, inputs, _classes(request))
 
                 async def compute(abandoned: Callable[[], bool]) -> BatchResult:
                     # Shared by every identical request in flight: no one request's deadline;
@@ -292,19 +299,22 @@ class InferencePipeline:
         deadline: float | None,
         gone: Callable[[], bool] | None,
     ) -> BatchResult:
-        if info.batched and self._batching.for_model(request.model).enabled and not request.parameters:
+        classes = _classes(request)
+        if info.batched and self._batching.for_model(request.model).enabled and not request.parameters and not classes:
             return await self._batcher(request.model, request.version, info).submit(inputs, deadline, gone)
         # Request parameters (priority, sequence ids, custom ones) belong to one request and
-        # cannot be merged: such a request travels alone, parameters included. Like a batch, it
-        # is not sent if its client left while it waited for a free instance.
+        # cannot be merged, nor can a classification: such a request travels alone, parameters
+        # and outputs included (Triton's own scheduler may still batch it). Like a batch, it is
+        # not sent if its client left while it waited for a free instance.
+        model, version, params = request.model, request.version, request.parameters
         if gone is None:
-            return await self._router.infer(request.model, request.version, inputs, request.parameters, deadline)
+            return await self._router.infer(model, version, inputs, params, deadline, classes)
 
         def prepare() -> list[Tensor] | None:
             return None if gone() else inputs
 
         try:
-            return await self._router.infer(request.model, request.version, prepare, request.parameters, deadline)
+            return await self._router.infer(model, version, prepare, params, deadline, classes)
         except NothingToSend:
             raise ClientGone("the client disconnected") from None
 

@@ -39,7 +39,7 @@ from gateway import balancer
 from gateway.batcher import BatchResult, NothingToSend, Prepare
 from gateway.errors import GatewayError, GatewayTimeout, ModelError, Unavailable, UpstreamError, missing_model
 from gateway.instances import EjectionPolicy, Instance
-from gateway.tensors import Tensor
+from gateway.tensors import RequestedOutput, Tensor
 from gateway.upstream.client import InstanceUnreachable, RawResponse, TritonClient
 
 __all__ = ["Instance", "Router"]
@@ -206,9 +206,11 @@ class Router:
         inputs: list[Tensor] | Prepare,
         parameters: dict[str, Any] | None = None,
         deadline: float | None = None,
+        outputs: list[RequestedOutput] | None = None,
     ) -> BatchResult:
         """Serve ``inputs``: tensors, or a batcher's ``prepare`` called once an instance is
-        ready for them (see batcher.Dispatch)."""
+        ready for them (see batcher.Dispatch); ``outputs``: the outputs to ask Triton for, with
+        their classification (None: every output)."""
         tried: list[Instance] = []
         suspect: tuple[Instance, str] | None = None  # answered a ModelError: its fault if another answers
         while True:
@@ -224,7 +226,7 @@ class Router:
                 raise
             instance.started(model, version)
             try:
-                result = await self._client.infer(instance.url, model, version, tensors, parameters, limit)
+                result = await self._client.infer(instance.url, model, version, tensors, parameters, limit, outputs)
             except ModelError as exc:
                 if suspect is not None:  # two instances failed it alike: the model's error
                     instance.record_success()  # it answered

@@ -46,7 +46,11 @@ class Tensor:
 class RequestedOutput:
     name: str
     binary: bool | None = None  # the output's ``binary_data`` parameter; None: request default
-    parameters: dict[str, Any] = field(default_factory=dict)
+    parameters: dict[str, Any] = field(default_factory=dict)  # any others, which Triton ignores
+    # The classification extension (the ``classification`` parameter, tritonclient's
+    # ``class_count``): N > 0 asks for the output's top N classes per row, as BYTES strings
+    # "value:index[:label]" computed by Triton; 0 asks for the values themselves.
+    class_count: int = 0
 
 
 @dataclass(slots=True)

@@ -7,8 +7,11 @@ tensors (little-endian, row-major, as on the wire), never over a re-serialisatio
 a JSON request and a msgpack or binary request for the same tensors share one entry.
 
 What the request asks to see is not part of the key: the gateway always fetches every output
-from Triton, and picks the requested ones per response. Requests whose parameters could change
-the answer (request parameters, output parameters other than ``binary_data``) are not cached.
+from Triton, and picks the requested ones per response. Except for a classification (an
+output's top classes, which Triton computes): the outputs asked for and their class counts
+are then part of the key, since the answer holds those outputs only. Requests whose parameters
+could change the answer (request parameters, output parameters Triton does not define) are
+not cached.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import struct
 
 import numpy as np
 
-from gateway.tensors import InferRequest, Tensor
+from gateway.tensors import InferRequest, RequestedOutput, Tensor
 
 _LEN = struct.Struct("<I")
 
@@ -38,19 +41,25 @@ def _update_tensor(h: "hashlib._Hash", t: Tensor) -> None:
         h.update(memoryview(np.ascontiguousarray(t.data)).cast("B"))
 
 
-def request_key(model: str, version: str, inputs: list[Tensor]) -> bytes:
-    h = hashlib.blake2b(digest_size=16)
+def request_key(model: str, version: str, inputs: list[Tensor], classes: list[RequestedOutput] | None = None) -> bytes:
+    """``classes``: the outputs of a request that asks for a classification (None otherwise)."""
+    h = hashlib.blake2b(digest_size=16, person=b"classes" if classes else b"")
     h.update(model.encode())
     h.update(b"\0")
     h.update(version.encode())
     h.update(b"\0")
     for t in inputs:
         _update_tensor(h, t)
+    for out in classes or ():
+        h.update(_LEN.pack(len(out.name.encode())))
+        h.update(out.name.encode())
+        h.update(struct.pack("<Q", out.class_count))
     return h.digest()
 
 
 def cacheable(request: InferRequest) -> bool:
-    """No parameter that could change the answer: only ``binary_data`` (presentation) on outputs."""
+    """No parameter that could change the answer: only ``binary_data`` (presentation) and
+    ``classification`` (part of the key) on outputs."""
     if request.parameters:
         return False
     return all(set(o.parameters) <= {"binary_data"} for o in request.outputs or ())

@@ -16,6 +16,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from gateway.batcher import BatchResult
 
 ENTRY_OVERHEAD = 256  # bytes counted per entry beyond its outputs (key, bookkeeping)
@@ -48,7 +50,13 @@ class ModelCacheStats:
 
 
 def result_size(result: BatchResult) -> int:
-    return ENTRY_OVERHEAD + sum(t.data.nbytes for t in result.outputs)
+    return ENTRY_OVERHEAD + sum(_tensor_size(t.data) for t in result.outputs)
+
+
+def _tensor_size(data: np.ndarray) -> int:
+    if data.dtype == object:  # BYTES (a classification's strings): the strings, not the pointers
+        return data.nbytes + sum(len(x) for x in data.ravel())
+    return data.nbytes
 
 
 class CacheStore:

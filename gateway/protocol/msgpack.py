@@ -7,7 +7,7 @@ element by element except BYTES.
 Request (a map)::
 
     {"inputs": [{"name": str, "datatype": "FP32" | ..., "shape": [int, ...], "data": bin}, ...],
-     "outputs"?: [str | {"name": str}, ...],   # absent, nil or []: every output
+     "outputs"?: [str | {"name": str, "classification"?: int}, ...],   # absent, nil or []: every output
      "id"?: str,
      "parameters"?: map}
 
@@ -17,6 +17,9 @@ Response (a map)::
      "outputs": [{"name": str, "datatype": str, "shape": [int, ...], "data": bin}, ...]}
 
 Error (any non-2xx status): ``{"error": str}``.
+
+``classification`` asks for an output's top N classes per row, as v2's output parameter of that
+name does (BYTES strings "value:index[:label]"; 0: the values).
 
 ``data`` of a BYTES tensor uses the v2 binary layout: per element a 4-byte little-endian length,
 then the bytes. BOOL is one byte per element, 0 or 1. Unknown map keys are rejected.
@@ -32,6 +35,7 @@ from gateway.errors import BadRequest, UpstreamError
 from gateway.protocol.v2 import (
     MakeError,
     check_request_parameters,
+    class_count,
     parse_tensor_spec,
     select_outputs,
     tensor_from_buffer,
@@ -49,6 +53,7 @@ MAX_MAP_LEN = 1 << 12
 _REQUEST_KEYS = frozenset({"inputs", "outputs", "id", "parameters"})
 _RESPONSE_KEYS = frozenset({"model_name", "model_version", "id", "parameters", "outputs"})
 _TENSOR_KEYS = frozenset({"name", "datatype", "shape", "data"})
+_OUTPUT_KEYS = frozenset({"name", "classification"})
 
 
 def _response_error(message: str) -> Exception:
@@ -131,15 +136,17 @@ def _requested_outputs(raw: Any) -> list[RequestedOutput] | None:
     outputs: list[RequestedOutput] = []
     seen: set[str] = set()
     for index, item in enumerate(raw):
+        classes: Any = 0
         if isinstance(item, dict):
-            _check_keys(item, frozenset({"name"}), f"requested output #{index}", BadRequest)
+            _check_keys(item, _OUTPUT_KEYS, f"requested output #{index}", BadRequest)
+            classes = item.get("classification", 0)
             item = item.get("name")
         if not isinstance(item, str) or not item:
             raise BadRequest(f"requested output #{index} must be a non-empty string or a map with 'name'")
         if item in seen:
             raise BadRequest(f"duplicate requested output '{item}'")
         seen.add(item)
-        outputs.append(RequestedOutput(item))
+        outputs.append(RequestedOutput(item, class_count=class_count(classes, item)))
     return outputs or None
 
 

@@ -371,6 +371,17 @@ def _decode_tensors(raw: Any, binary: memoryview, kind: str, err: MakeError) -> 
     return tensors
 
 
+def class_count(value: Any, output: str) -> int:
+    """The ``classification`` parameter of a requested output, checked as Triton reads it (an
+    unsigned integer; Triton answers anything else with a 500)."""
+    if type(value) is not int or not 0 <= value <= _U64_MAX:
+        raise BadRequest(
+            f"requested output '{output}': classification must be an unsigned integer (the number of "
+            f"top classes to return; 0 for the values), got {_short(value)}"
+        )
+    return value
+
+
 def _requested_outputs(raw: Any) -> list[RequestedOutput] | None:
     if raw is None:
         return None
@@ -389,7 +400,7 @@ def _requested_outputs(raw: Any) -> list[RequestedOutput] | None:
         binary = params.pop("binary_data", None)
         if binary is not None and not isinstance(binary, bool):
             raise BadRequest(f"requested output '{name}': binary_data must be true or false")
-        outputs.append(RequestedOutput(name, binary, params))
+        outputs.append(RequestedOutput(name, binary, params, class_count(params.pop("classification", 0), name)))
     return outputs or None  # an empty list asks for every output, like no list
 
 
@@ -530,11 +541,12 @@ def error_body(message: str) -> bytes:
 
 def encode_upstream_request(
     inputs: list[Tensor],
-    outputs: list[str] | None,
+    outputs: list[RequestedOutput] | None,
     request_id: str | None = None,
     parameters: dict[str, Any] | None = None,
 ) -> tuple[bytes, int]:
-    """A binary-inputs, binary-outputs request body for Triton, and its JSON header length."""
+    """A binary-inputs, binary-outputs request body for Triton, and its JSON header length.
+    ``outputs``: the outputs to ask for, each with its classification (None: every output)."""
     doc: dict[str, Any] = {}
     if request_id is not None:
         doc["id"] = request_id
@@ -548,13 +560,19 @@ def encode_upstream_request(
     doc["inputs"] = specs
     params = dict(parameters or {})
     if outputs:
-        doc["outputs"] = [{"name": name, "parameters": {"binary_data": True}} for name in outputs]
+        doc["outputs"] = [_upstream_output(out) for out in outputs]
     else:
         params["binary_data_output"] = True
     if params:
         doc["parameters"] = params
     head = orjson.dumps(doc)
     return b"".join([head, *blobs]), len(head)
+
+
+def _upstream_output(out: RequestedOutput) -> dict[str, Any]:
+    if out.class_count:
+        return {"name": out.name, "parameters": {"binary_data": True, "classification": out.class_count}}
+    return {"name": out.name, "parameters": {"binary_data": True}}
 
 
 def decode_upstream_response(body: bytes, header_length: int | None) -> tuple[dict[str, Any], list[Tensor]]:

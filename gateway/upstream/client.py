@@ -20,7 +20,7 @@ from gateway.config import UpstreamConfig
 from gateway.errors import BadRequest, GatewayTimeout, ModelError, Unavailable, UpstreamError
 from gateway.protocol import v2
 from gateway.protocol.v2 import HEADER_LENGTH
-from gateway.tensors import Tensor
+from gateway.tensors import RequestedOutput, Tensor
 from gateway.upstream.http import ConnectFailed, ConnectionBroke, HostPool, MalformedResponse
 
 
@@ -134,8 +134,9 @@ class TritonClient:
         inputs: list[Tensor],
         parameters: dict[str, Any] | None = None,
         timeout: float | None = None,
+        outputs: list[RequestedOutput] | None = None,
     ) -> BatchResult:
-        body, json_length = v2.encode_upstream_request(inputs, None, parameters=parameters)
+        body, json_length = v2.encode_upstream_request(inputs, outputs, parameters=parameters)
         headers = b"%s: %d\r\nContent-Type: application/octet-stream\r\n" % (HEADER_LENGTH.encode(), json_length)
         resp, header_length = await self.request("POST", base_url, model_path(model, version) + "/infer", body, headers, timeout)
         if resp.status != 200:

@@ -124,6 +124,40 @@ def test_gateway_answers_equal_direct_triton_answers(stack: Stack, client: httpc
         np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_classification_gives_the_top_classes_of_the_torch_forward_with_their_labels(
+    stack: Stack, client: httpclient.InferenceServerClient, binary: bool
+) -> None:
+    """tritonclient's class_count (the classification extension): Triton ranks the output,
+    naming each class from the model's labels.txt; the gateway asks for it and passes it on."""
+    splits = BREAST_CANCER.splits()
+    x = splits.x_test[:MAX_BATCH]
+    labels = (REPO_ROOT / "model_repository" / BREAST_CANCER.name / "labels.txt").read_text().split()
+    outputs = [httpclient.InferRequestedOutput("probabilities", binary_data=binary, class_count=2)]
+    outputs.append(httpclient.InferRequestedOutput("logits", binary_data=binary))
+    answer = client.infer(BREAST_CANCER.name, [infer_input("features", x, binary)], outputs=outputs)
+    ranked, logits = answer.as_numpy("probabilities"), answer.as_numpy("logits")
+    ref_logits, ref_probs = torch_reference(BREAST_CANCER.name, x)
+    assert ranked.shape == (len(x), 2) and ranked.dtype == object
+    np.testing.assert_allclose(logits, ref_logits, atol=ATOL, rtol=0)
+    text = [[item.decode() if isinstance(item, bytes) else item for item in row] for row in ranked.tolist()]
+    for row, ref in zip(text, ref_probs):
+        fields = [item.split(":") for item in row]
+        indices = [int(index) for _, index, _ in fields]
+        assert indices == list(np.argsort(-ref, kind="stable")), (row, ref)
+        assert [label for _, _, label in fields] == [labels[i] for i in indices]
+        np.testing.assert_allclose([float(value) for value, _, _ in fields], ref[indices], atol=1e-5, rtol=0)
+    top = np.array([int(row[0].split(":")[1]) for row in text])
+    assert float((top == splits.y_test[:MAX_BATCH]).mean()) >= BREAST_CANCER.target_accuracy
+    # Triton's own answer, string for string.
+    direct = httpclient.InferenceServerClient(stack.triton.http_urls[0].removeprefix("http://"))
+    try:
+        expected = direct.infer(BREAST_CANCER.name, [infer_input("features", x, binary)], outputs=outputs[:1])
+    finally:
+        direct.close()
+    assert ranked.tolist() == expected.as_numpy("probabilities").tolist()
+
+
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
 def test_compressed_requests_from_tritonclient(client: httpclient.InferenceServerClient, algorithm: str) -> None:
     x = BREAST_CANCER.splits().x_test[:8]
@@ -251,6 +285,14 @@ ERROR_CASES = [
         {"json": {**v2_json(), "parameters": {"priority": "high"}}},
         400,
         "request parameter 'priority' must be an unsigned integer",
+    ),
+    (
+        "classification not a number",
+        "POST",
+        "/v2/models/breast_cancer_mlp/infer",
+        {"json": {**v2_json(), "outputs": [{"name": "probabilities", "parameters": {"classification": "2"}}]}},
+        400,
+        "requested output 'probabilities': classification must be an unsigned integer",
     ),
     (
         "sequence_start not a boolean",

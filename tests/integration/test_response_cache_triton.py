@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import fleet
 from conftest import GatewayProcess, gateway_config, running_gateway
 from gateway.client import GatewayClient
+from gateway.protocol.v2 import deserialize_bytes
 from served_models import ATOL, DIGITS, MODEL_REPOSITORY, torch_reference
 
 pytestmark = pytest.mark.integration
@@ -150,6 +151,34 @@ def test_a_repeat_is_answered_with_the_first_answers_bytes(stack: Stack) -> None
         third = http.post(PATH, content=other, headers=headers)
         assert third.headers["x-cache"] == "hit" and b'"id":"req-8"' in third.content
         assert third.content.replace(b"req-8", b"req-7") == first.content
+
+
+def test_top_classes_are_cached_apart_from_the_values_and_json_and_msgpack_share_them(stack: Stack) -> None:
+    """A classification (Triton ranks the output) is its own entry, keyed by the outputs and
+    class counts asked for; its JSON and msgpack forms share it, as values do."""
+    x = images(40, 3)
+    _, ref_probs = torch_reference(DIGITS.name, x)
+    top3 = {**json_body(x), "outputs": [{"name": "probabilities", "parameters": {"classification": 3}}]}
+    packed = msgpack.packb({**msgpack.unpackb(msgpack_body(x)), "outputs": [{"name": "probabilities", "classification": 3}]})
+    before = stack.inferences()
+    with httpx.Client(base_url=stack.gateway.url, timeout=30) as http:
+        values = http.post(PATH, json=json_body(x))
+        first, again = (http.post(PATH, json=top3) for _ in range(2))
+        top2 = http.post(PATH, json={**top3, "outputs": [{"name": "probabilities", "parameters": {"classification": 2}}]})
+        as_msgpack = http.post(PATH, content=packed, headers={"Content-Type": "application/msgpack"})
+    assert [r.headers["x-cache"] for r in (values, first, again, top2, as_msgpack)] == ["miss", "miss", "hit", "miss", "hit"]
+    assert again.content == first.content and stack.inferences() - before == 9  # three rows, computed three times
+    ranked = first.json()["outputs"][0]
+    assert ranked["datatype"] == "BYTES" and ranked["shape"] == [3, 3]
+    rows = np.array(ranked["data"]).reshape(3, 3)
+    for row, ref in zip(rows, ref_probs):
+        assert [int(item.split(":")[1]) for item in row] == list(np.argsort(-ref, kind="stable")[:3])
+        np.testing.assert_allclose([float(item.split(":")[0]) for item in row], np.sort(ref)[::-1][:3], atol=1e-5, rtol=0)
+    assert [row[:2] for row in rows.tolist()] == np.array(top2.json()["outputs"][0]["data"]).reshape(3, 2).tolist()
+    out = msgpack.unpackb(as_msgpack.content)["outputs"][0]
+    assert out["datatype"] == "BYTES" and out["shape"] == [3, 3]
+    strings = deserialize_bytes(out["data"], 9, "probabilities", ValueError)
+    assert [item.decode() for item in strings] == rows.ravel().tolist()
 
 
 def test_errors_are_never_cached(stack: Stack) -> None:

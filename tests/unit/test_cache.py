@@ -12,7 +12,7 @@ from gateway.batcher import BatchResult
 from gateway.cache import ResponseCache, cacheable, keys, raw_key, request_key
 from gateway.cache.entry import decode_entry, encode_entry
 from gateway.cache.flight import SingleFlight
-from gateway.cache.store import ENTRY_OVERHEAD, CacheStore
+from gateway.cache.store import ENTRY_OVERHEAD, CacheStore, result_size
 from gateway.config import CacheConfig
 from gateway.errors import Unavailable, UpstreamError
 from gateway.protocol import msgpack as msgpack_codec
@@ -96,10 +96,33 @@ def test_only_requests_without_answer_changing_parameters_are_cacheable() -> Non
     plain = InferRequest("m", "1", [tensor([1])], [RequestedOutput("y", parameters={"binary_data": True})])
     assert cacheable(plain)
     assert not cacheable(InferRequest("m", "1", [tensor([1])], parameters={"priority": 1}))
-    assert not cacheable(InferRequest("m", "1", [tensor([1])], [RequestedOutput("y", parameters={"classification": 2})]))
+    assert not cacheable(InferRequest("m", "1", [tensor([1])], [RequestedOutput("y", parameters={"custom": 2})]))
+    assert cacheable(InferRequest("m", "1", [tensor([1])], [RequestedOutput("y", class_count=2)]))
+
+
+def test_a_classification_is_keyed_by_the_outputs_and_class_counts_asked_for() -> None:
+    inputs = [tensor([1])]
+    keys = {
+        request_key("m", "1", inputs),
+        request_key("m", "1", inputs, [RequestedOutput("y", class_count=2)]),
+        request_key("m", "1", inputs, [RequestedOutput("y", class_count=3)]),
+        request_key("m", "1", inputs, [RequestedOutput("z", class_count=2)]),
+        request_key("m", "1", inputs, [RequestedOutput("y", class_count=2), RequestedOutput("z")]),
+    }
+    assert len(keys) == 5
+    # How the answer is presented (binary or JSON) is no part of it.
+    assert request_key("m", "1", inputs, [RequestedOutput("y", True, class_count=2)]) == request_key(
+        "m", "1", inputs, [RequestedOutput("y", False, class_count=2)]
+    )
 
 
 # -- store ----------------------------------------------------------------------------------------
+
+
+def test_an_entry_of_strings_counts_their_bytes() -> None:
+    strings = np.array([[b"0.999840:7", b"x" * 1000]], dtype=object)
+    size = result_size(BatchResult("1", [Tensor("top", "BYTES", strings)]))
+    assert size == ENTRY_OVERHEAD + strings.nbytes + 1010
 
 
 def test_entries_expire_after_their_ttl() -> None:

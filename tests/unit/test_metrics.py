@@ -52,7 +52,7 @@ class FakeClient:
     def __init__(self) -> None:
         self.fail: BaseException | None = None
 
-    async def infer(self, url, model, version, tensors, parameters, limit):  # noqa: ANN001, ANN201
+    async def infer(self, url, model, version, tensors, parameters, limit, outputs=None):  # noqa: ANN001, ANN201
         if self.fail is not None:
             raise self.fail
         return BatchResult(version, [Tensor("y", "FP32", tensors[0].data * 2)])

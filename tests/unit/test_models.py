@@ -50,3 +50,15 @@ def test_bad_requests_name_the_problem(request_: InferRequest, message: str) -> 
     with pytest.raises(BadRequest) as err:
         check_request(INFO, request_)
     assert message in str(err.value)
+
+
+def test_classification_is_checked_against_the_outputs_datatype() -> None:
+    ranked = InferRequest("m", "", [a()], [RequestedOutput("y", class_count=2)])
+    assert check_request(INFO, ranked) == 2
+    strings = ModelInfo.from_triton(
+        {**METADATA, "outputs": [{"name": "s", "datatype": "BYTES", "shape": [-1, 1]}]}, CONFIG, b"{}", b"{}"
+    )
+    with pytest.raises(BadRequest, match="output 's' of model 'm' is BYTES: classification needs one of"):
+        check_request(strings, InferRequest("m", "", [a()], [RequestedOutput("s", class_count=1)]))
+    # Values, not classes: any datatype.
+    assert check_request(strings, InferRequest("m", "", [a()], [RequestedOutput("s")])) == 2

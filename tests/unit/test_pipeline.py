@@ -42,6 +42,7 @@ class FakeRouter:
     def __init__(self, outputs: tuple[str, ...] = ("y",)) -> None:
         self.calls: list[tuple[int, dict | None]] = []
         self.outputs = outputs
+        self.asked: list[list[RequestedOutput] | None] = []  # the outputs each call asked Triton for
         self.instances = [Instance("a"), Instance("b")]
         self.deadlines: list[float | None] = []
         self.newest = ""
@@ -53,7 +54,7 @@ class FakeRouter:
     def routable_count(self) -> int:
         return sum(1 for i in self.instances if i.routable)
 
-    async def infer(self, model, version, inputs, parameters=None, deadline=None):  # noqa: ANN001, ANN201
+    async def infer(self, model, version, inputs, parameters=None, deadline=None, outputs=None):  # noqa: ANN001, ANN201
         if callable(inputs):  # a prepare (see batcher.Dispatch), called when an instance is free
             inputs = inputs()
             if inputs is None:
@@ -61,7 +62,18 @@ class FakeRouter:
         self.calls.append((inputs[0].data.shape[0], parameters))
         self.deadlines.append(deadline)
         self.versions.append(version)
+        self.asked.append(outputs)
+        if outputs is not None:  # as Triton answers: the outputs asked for, top classes as strings
+            return BatchResult("1", [_asked(o, inputs[0].data * 2) for o in outputs])
         return BatchResult("1", [Tensor(n, "FP32", inputs[0].data * 2) for n in self.outputs])
+
+
+def _asked(out: RequestedOutput, values: np.ndarray) -> Tensor:
+    if not out.class_count:
+        return Tensor(out.name, "FP32", values)
+    top = np.argsort(-values, axis=1, kind="stable")[:, : out.class_count]
+    strings = [[b"%f:%d" % (values[r, i], i) for i in row] for r, row in enumerate(top)]
+    return Tensor(out.name, "BYTES", np.array(strings, dtype=object))
 
 
 def request(rows: int = 1, parameters: dict | None = None, outputs: list[str] | None = None) -> InferRequest:
@@ -77,6 +89,26 @@ async def test_a_request_with_parameters_travels_alone_with_them() -> None:
     np.testing.assert_array_equal(response.outputs[0].data, np.full((1, 2), 2, np.float32))
     await pipeline.infer(request())
     assert router.calls[-1] == (1, None) and list(pipeline.batchers) == [("m", "")]
+    await pipeline.close(0)
+
+
+async def test_a_classification_travels_alone_with_its_outputs_and_is_cached_under_its_own_key() -> None:
+    router = FakeRouter()
+    cache = ResponseCache(CacheConfig(enabled=True))
+    pipeline = InferencePipeline(BatchingConfig(), router, FakeMetadata(info(8)), cache=cache)  # type: ignore[arg-type]
+    x = Tensor("x", "FP32", np.array([[1.0, 3.0], [4.0, 2.0]], np.float32))
+    top1 = [RequestedOutput("y", class_count=1)]
+    first = await pipeline.infer(InferRequest("m", "1", [x], top1))
+    again = await pipeline.infer(InferRequest("m", "1", [x], [RequestedOutput("y", True, class_count=1)]))
+    top2 = await pipeline.infer(InferRequest("m", "1", [x], [RequestedOutput("y", class_count=2)]))
+    values = await pipeline.infer(InferRequest("m", "1", [x], [RequestedOutput("y")]))
+    # Alone (no batcher), asking Triton for the output and its class count; values go batched.
+    assert router.asked == [top1, [RequestedOutput("y", class_count=2)], None]
+    assert list(pipeline.batchers) == [("m", "1")]
+    assert [r.cache for r in (first, again, top2, values)] == ["miss", "hit", "miss", "miss"]
+    assert first.outputs[0].data.tolist() == again.outputs[0].data.tolist() == [[b"6.000000:1"], [b"8.000000:0"]]
+    assert top2.outputs[0].data.tolist() == [[b"6.000000:1", b"2.000000:0"], [b"8.000000:0", b"4.000000:1"]]
+    np.testing.assert_array_equal(values.outputs[0].data, x.data * 2)
     await pipeline.close(0)
 
 
@@ -152,7 +184,7 @@ async def test_an_expired_request_is_504_and_never_routed() -> None:
 
 
 class StuckRouter(FakeRouter):
-    async def infer(self, model, version, inputs, parameters=None, deadline=None):  # noqa: ANN001, ANN201
+    async def infer(self, model, version, inputs, parameters=None, deadline=None, outputs=None):  # noqa: ANN001, ANN201
         await asyncio.sleep(3600)
 
 
@@ -254,7 +286,7 @@ async def test_the_rollout_windows_hold_the_answers_computed_not_the_cache_hits(
 class VanishingRouter(FakeRouter):
     """Version 2 disappears from the fleet after the pipeline chose it."""
 
-    async def infer(self, model, version, inputs, parameters=None, deadline=None):  # noqa: ANN001, ANN201
+    async def infer(self, model, version, inputs, parameters=None, deadline=None, outputs=None):  # noqa: ANN001, ANN201
         if version == "2":
             self.newest = "1"  # the router forgot it on every instance that said so
             raise UpstreamError("Request for unknown model: 'm' version 2 is not found", status=400)

@@ -82,6 +82,16 @@ def test_hand_built_request_and_output_forms() -> None:
     assert codec.decode_request(pack({"inputs": [], "outputs": []}), "m", "").outputs is None
 
 
+def test_an_output_may_ask_for_its_top_classes() -> None:
+    body = pack({"inputs": [], "outputs": [{"name": "p", "classification": 3}, {"name": "q", "classification": 0}]})
+    assert codec.decode_request(body, "m", "").outputs == [RequestedOutput("p", class_count=3), RequestedOutput("q")]
+    for bad in (-1, 1.5, "3", None):
+        with pytest.raises(BadRequest, match="requested output 'p': classification must be an unsigned integer"):
+            codec.decode_request(pack({"inputs": [], "outputs": [{"name": "p", "classification": bad}]}), "m", "")
+    with pytest.raises(BadRequest, match=r"requested output #0: unknown key\(s\) \['binary'\]"):
+        codec.decode_request(pack({"inputs": [], "outputs": [{"name": "p", "binary": True}]}), "m", "")
+
+
 def test_response_order_parameters_and_missing_output() -> None:
     tensors = [Tensor(n, "INT32", SAMPLES["INT32"]) for n in ("a", "b", "c")]
     response = InferResponse("m", "1", tensors, parameters={"seq": 1})

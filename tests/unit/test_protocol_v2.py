@@ -133,8 +133,27 @@ def test_nested_json_data_and_scalars() -> None:
     assert_same(scalar, np.array(4.5))
     assert_same(empty, np.empty((0, 3), dtype="<u1"))
     assert_same(strings, np.array([[b"a"], ["\u00e9".encode()]], dtype=object))
-    assert request.outputs == [RequestedOutput("y", None, {"classification": 2})]
+    assert request.outputs == [RequestedOutput("y", None, {}, class_count=2)]
     assert request.binary_output is True and request.parameters == {}
+
+
+def test_classification_is_read_from_tritonclient_and_checked() -> None:
+    outputs = [
+        httpclient.InferRequestedOutput("top", binary_data=True, class_count=3),
+        httpclient.InferRequestedOutput("plain", binary_data=False, class_count=0),
+    ]
+    request = decode(*triton_body({"x": SAMPLES["FP32"]}, True, outputs))
+    assert request.outputs == [RequestedOutput("top", True, {}, class_count=3), RequestedOutput("plain", False, {}, class_count=0)]
+
+
+@pytest.mark.parametrize("value", [-1, -(2**63), 2.5, "2", True, None, [2]])
+def test_a_classification_that_is_no_unsigned_integer_is_400(value: object) -> None:
+    doc = {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}],
+        "outputs": [{"name": "y", "parameters": {"classification": value}}],
+    }
+    with pytest.raises(BadRequest, match="requested output 'y': classification must be an unsigned integer"):
+        decode(json_body(doc))
 
 
 def test_binary_bytes_with_non_utf8_and_empty_tensors() -> None:
@@ -222,10 +241,15 @@ def test_error_body() -> None:
 @pytest.mark.parametrize("datatype", ALL_TYPES)
 def test_upstream_roundtrip(datatype: str) -> None:
     tensor = Tensor("X", datatype, SAMPLES[datatype])
-    body, json_size = v2.encode_upstream_request([tensor], ["Y"], request_id="r1", parameters={"priority": 1})
+    outputs = [RequestedOutput("Y"), RequestedOutput("Z", False, class_count=3)]
+    body, json_size = v2.encode_upstream_request([tensor], outputs, request_id="r1", parameters={"priority": 1})
     head = orjson.loads(body[:json_size])
     assert head["id"] == "r1" and head["parameters"] == {"priority": 1}
-    assert head["outputs"] == [{"name": "Y", "parameters": {"binary_data": True}}]
+    # Every output comes back binary; a classification travels with its output.
+    assert head["outputs"] == [
+        {"name": "Y", "parameters": {"binary_data": True}},
+        {"name": "Z", "parameters": {"binary_data": True, "classification": 3}},
+    ]
     assert head["inputs"][0]["parameters"]["binary_data_size"] == len(body) - json_size
     # Triton would parse it as our own server side does.
     assert_same(decode(body, json_size).inputs[0].data, SAMPLES[datatype])

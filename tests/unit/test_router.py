@@ -37,7 +37,7 @@ class FakeClient:
         self.calls: list[tuple[str, float | None]] = []
         self.hold: asyncio.Event | None = None
 
-    async def infer(self, url, model, version, inputs, parameters, timeout):  # noqa: ANN001, ANN201
+    async def infer(self, url, model, version, inputs, parameters, timeout, outputs=None):  # noqa: ANN001, ANN201
         self.calls.append((url, timeout))
         if self.hold is not None:
             await self.hold.wait()
