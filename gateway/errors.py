@@ -10,6 +10,9 @@ from __future__ import annotations
 
 class GatewayError(Exception):
     status: int = 500
+    # The failure of a computation another request started and this one waited for (a coalesced
+    # request, ``cache.flight``): that request's failure, counted once, by that request.
+    shared: bool = False
 
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)

@@ -255,16 +255,18 @@ class InferencePipeline:
     ) -> InferResponse:
         """Serve a request the rollout sent to a version, and tell the rollout how it went:
         Triton's failures and timeouts count against the version, the client's mistakes and
-        the gateway's load shedding do not."""
+        the gateway's load shedding do not. As with answers, a failure enters the rollback
+        windows once per computation: an identical request that waited for it (``shared``)
+        counts for the ramp only."""
         start = self._clock()
         try:
             response = await self._serve(request, deadline, gone, use_cache)
-        except GatewayTimeout:
-            self.rollouts.record(request.model, request.version, False, self._clock() - start)
+        except GatewayTimeout as exc:
+            self.rollouts.record(request.model, request.version, False, self._clock() - start, not exc.shared)
             raise
         except UpstreamError as exc:
             if not missing_model(exc):  # "not loaded here" is routing's business, not the version's
-                self.rollouts.record(request.model, request.version, False, self._clock() - start)
+                self.rollouts.record(request.model, request.version, False, self._clock() - start, not exc.shared)
             raise
         computed = response.cache not in ("hit", "coalesced")
         self.rollouts.record(request.model, request.version, True, self._clock() - start, computed)

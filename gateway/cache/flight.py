@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from gateway.errors import Unavailable
+from gateway.errors import GatewayError, Unavailable
 
 T = TypeVar("T")
 Compute = Callable[[Callable[[], bool]], Awaitable[T]]
@@ -89,7 +89,11 @@ class SingleFlight(Generic[T]):
         deadline), so if it starts one, the computation runs in a task of its own."""
         flight = self._flights.get(key)
         if flight is not None:
-            return await self._follow(flight, gone), True
+            try:
+                return await self._follow(flight, gone), True
+            except GatewayError as exc:
+                exc.shared = True  # this follower's own copy of the leader's error
+                raise
         flight = self._flights[key] = _Flight()
         if detach:
             self._detach(key, flight, compute)

@@ -11,7 +11,7 @@ import pytest
 from gateway.batcher import BatchResult, NothingToSend
 from gateway.cache import ResponseCache
 from gateway.config import BatchingConfig, CacheConfig
-from gateway.errors import BadRequest, ClientGone, GatewayTimeout, UpstreamError
+from gateway.errors import BadRequest, ClientGone, GatewayTimeout, ModelError, UpstreamError
 from gateway.models import ModelInfo
 from gateway.pipeline import InferencePipeline
 from gateway.rollout import ModelRollout, Rollouts, parse_rollout_file
@@ -280,6 +280,31 @@ async def test_the_rollout_windows_hold_the_answers_computed_not_the_cache_hits(
     answers = [await pipeline.infer(request()) for _ in range(3)]
     assert [a.cache for a in answers] == ["miss", "hit", "hit"]
     assert len(rollouts.states["m"].window("2").items) == 1 and rollouts.served == {("m", "2"): 3}
+    await pipeline.close(0)
+
+
+class FailingRouter(FakeRouter):
+    """Triton fails every request, after a moment (so identical requests gather)."""
+
+    async def infer(self, model, version, inputs, parameters=None, deadline=None, outputs=None):  # noqa: ANN001, ANN201
+        await asyncio.sleep(0.01)
+        self.versions.append(version)
+        raise ModelError("Triton: the model raised", status=500)
+
+
+async def test_a_failure_enters_the_rollout_windows_once_for_the_identical_requests_that_shared_it() -> None:
+    router = FailingRouter()
+    router.available = lambda model, version: True  # type: ignore[attr-defined]
+    rollouts = Rollouts()
+    rollouts.set_models({"m": ModelRollout("1", "2", 1.0)})
+    cache = ResponseCache(CacheConfig(enabled=True))
+    pipeline = InferencePipeline(BatchingConfig(), router, FakeMetadata(info(8)), cache=cache, rollouts=rollouts)  # type: ignore[arg-type]
+    answers = await asyncio.gather(*(pipeline.infer(request()) for _ in range(5)), return_exceptions=True)
+    assert all(isinstance(a, ModelError) and a.status == 500 for a in answers)
+    assert router.versions == ["2"]  # one computation, which failed
+    window = rollouts.states["m"].window("2")
+    assert [ok for ok, _ in window.items] == [False] and rollouts.served == {("m", "2"): 5}
+    assert rollouts.states["m"].step_requests == 5  # every request counts for the ramp
     await pipeline.close(0)
 
 
