@@ -48,6 +48,9 @@ def routes() -> list[Route]:
         Route("/v2/gateway/rollout", handlers.rollout, methods=["GET"]),
         Route("/v2/gateway/rollout/{model}", handlers.rollout_action, methods=["POST"]),
         Route("/v2/gateway/repository", handlers.repository, methods=["GET"]),
+        Route("/v2/repository/index", handlers.repository_index, methods=["POST"]),
+        Route("/v2/repository/models/{model}/load", handlers.model_control, methods=["POST"]),
+        Route("/v2/repository/models/{model}/unload", handlers.model_control, methods=["POST"]),
         Route("/metrics", handlers.metrics, methods=["GET"]),
     ]
     for base in (models, versioned):

@@ -101,8 +101,9 @@ async def model_stats(request: Request) -> Response:
 
 
 # What the gateway itself implements; Triton's other extensions (shared memory, sequences,
-# repository control...) are not passed through, so clients do not rely on them here.
-EXTENSIONS = ["binary_tensor_data", "parameters", "statistics", "model_configuration", "schedule_policy"]
+# repository control: the index is answered, load and unload are not) are not passed
+# through, so clients do not rely on them here.
+EXTENSIONS = ["binary_tensor_data", "classification", "parameters", "statistics", "model_configuration", "schedule_policy"]
 
 
 async def server_metadata(request: Request) -> Response:
@@ -170,6 +171,37 @@ async def rollout_action(request: Request) -> Response:
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
     return Response(orjson.dumps({**state, "canary_share_in_force": pipeline.canary_share(model)}), media_type=JSON)
+
+
+async def repository_index(request: Request) -> Response:
+    """Triton's repository index, for the whole fleet (``Router.index``); ``{"ready": true}``
+    lists only the versions ready to serve, as Triton's does."""
+    raw = await request.body()
+    ready_only = False
+    if raw.strip():
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(f"the body is not JSON: {exc}") from None
+        if not isinstance(body, dict) or not isinstance(body.get("ready", False), bool):
+            raise BadRequest('the body must be a JSON object, {"ready": true} or {"ready": false}')
+        ready_only = body.get("ready", False)
+    entries = services(request).router.index()
+    if ready_only:
+        entries = [e for e in entries if e["state"] == "READY"]
+    return Response(orjson.dumps(entries), media_type=JSON)
+
+
+async def model_control(request: Request) -> Response:
+    """Triton's load and unload calls: not the gateway's to make on a client's behalf. It
+    loads what its repository folder holds (``[repository] path``), on every instance, or
+    serves what the instances load themselves."""
+    action = request.url.path.rsplit("/", 1)[1]
+    raise BadRequest(
+        f"{action}ing a model through the gateway is not supported: it serves the versions its "
+        "Triton instances hold; publish a version folder in the model repository (with "
+        "[repository] path the gateway loads it on every instance), or remove one to unload it"
+    )
 
 
 async def repository(request: Request) -> Response:

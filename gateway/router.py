@@ -112,6 +112,26 @@ class Router:
             return str(max(common))
         return "" if newest_anywhere is None else str(newest_anywhere)
 
+    def index(self) -> list[dict[str, str]]:
+        """The fleet's repository index, as Triton's ``/v2/repository/index`` lists its own: each
+        model version an up instance holds, READY where one routes it, else in the state of
+        its first instance that holds it back (LOADING while loading or warming up, UNLOADING
+        while draining, UNAVAILABLE once failed, with the reason), by name and version."""
+        ready: set[tuple[str, str]] = set()
+        held: dict[tuple[str, str], str] = {}
+        for instance in self.instances:
+            if not instance.routable:
+                continue
+            ready.update((m, v) for m, versions in (instance.models or {}).items() for v in versions)
+            for key, why in instance.withheld.items():
+                held.setdefault(key, why)
+        entries = [{"name": m, "version": v, "state": "READY"} for m, v in ready]
+        for (model, version), why in held.items():
+            if (model, version) not in ready:
+                state = _HELD_STATES.get(why, "UNAVAILABLE")
+                entries.append({"name": model, "version": version, "state": state, "reason": why})
+        return sorted(entries, key=lambda e: (e["name"], _version_number(e["version"])))
+
     def available(self, model: str, version: str) -> bool:
         """Whether an up instance holds the version, or may (its repository index is unknown)."""
         return any(i.routable and i.holds(model, version) is not False for i in self.instances)
@@ -316,3 +336,11 @@ class Router:
         if not answers:
             raise Unavailable(f"no Triton instance answered {path}")
         return answers
+
+
+# Triton's model states for the reasons the repository sync holds a loaded version back.
+_HELD_STATES = {"loading": "LOADING", "warming up": "LOADING", "draining": "UNLOADING"}
+
+
+def _version_number(version: str) -> int:
+    return int(version) if version.isdigit() else -1

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 import tritonclient.http.aio as aiohttpclient
+from tritonclient.utils import InferenceServerException
 from prometheus_client.parser import text_string_to_metric_families
 
 import fleet
@@ -84,7 +85,8 @@ def test_health_and_metadata_answer_like_triton(stack: Stack, client: httpclient
     direct = httpclient.InferenceServerClient(stack.triton.http_urls[0].removeprefix("http://"))
     try:
         assert client.is_server_live() and client.is_server_ready()
-        assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+        extensions = client.get_server_metadata()["extensions"]
+        assert "binary_tensor_data" in extensions and "classification" in extensions
         for model in MODELS:
             assert client.is_model_ready(model.name)
             assert client.is_model_ready(model.name, "1")
@@ -94,6 +96,28 @@ def test_health_and_metadata_answer_like_triton(stack: Stack, client: httpclient
         assert not client.is_model_ready("no_such_model")
     finally:
         direct.close()
+
+
+def test_the_repository_index_is_the_fleets_and_model_control_is_refused(
+    stack: Stack, client: httpclient.InferenceServerClient
+) -> None:
+    direct = httpclient.InferenceServerClient(stack.triton.http_urls[0].removeprefix("http://"))
+    try:
+        ready_on_triton = [e for e in direct.get_model_repository_index() if e.get("state") == "READY"]
+    finally:
+        direct.close()
+    index = client.get_model_repository_index()
+    assert index == sorted(ready_on_triton, key=lambda e: (e["name"], int(e["version"])))
+    assert {(e["name"], e["version"]) for e in index} == {(m.name, "1") for m in MODELS}
+    with httpx.Client(base_url=stack.gateway.url, timeout=10) as http:
+        assert http.post("/v2/repository/index", json={"ready": True}).json() == index
+        bad = http.post("/v2/repository/index", json={"ready": "yes"})
+        assert bad.status_code == 400 and "ready" in bad.json()["error"]
+    for call in (client.load_model, client.unload_model):
+        with pytest.raises(InferenceServerException) as err:
+            call(DIGITS.name)
+        assert err.value.status() == "400" and "through the gateway is not supported" in err.value.message()
+    assert client.is_model_ready(DIGITS.name)  # still served
 
 
 # --- right answers ----------------------------------------------------------------------------

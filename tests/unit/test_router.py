@@ -365,6 +365,26 @@ def test_a_withheld_version_is_never_sent_and_the_reason_is_given() -> None:
     assert router.candidates("m", "2") == [a, b]  # unknown again: Triton decides
 
 
+def test_the_fleets_index_lists_what_it_serves_and_what_it_holds_back() -> None:
+    a, b, c = Instance("a"), Instance("b"), Instance("c", live=False)
+    a.set_index({"m": frozenset({"1", "2", "10"}), "z": frozenset({"3"})})
+    b.set_index({"m": frozenset({"1", "10"}), "other": frozenset({"4"})})
+    c.set_index({"gone": frozenset({"1"})})  # down: not listed
+    a.withhold("m", "2", "warming up")
+    a.withhold("m", "10", "draining")  # still READY on b
+    b.withhold("other", "4", "failed: warm-up answered 500")
+    router = make_router(FakeClient(), a, b, c)
+    assert router.index() == [
+        {"name": "m", "version": "1", "state": "READY"},
+        {"name": "m", "version": "2", "state": "LOADING", "reason": "warming up"},
+        {"name": "m", "version": "10", "state": "READY"},
+        {"name": "other", "version": "4", "state": "UNAVAILABLE", "reason": "failed: warm-up answered 500"},
+        {"name": "z", "version": "3", "state": "READY"},
+    ]
+    b.withhold("m", "10", "draining")
+    assert {"name": "m", "version": "10", "state": "UNLOADING", "reason": "draining"} in router.index()
+
+
 def test_requests_in_flight_are_counted_per_version() -> None:
     a = Instance("a")
     a.started("m", "1")
