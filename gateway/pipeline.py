@@ -123,14 +123,22 @@ class InferencePipeline:
         remaining = deadline - self._clock()
         if remaining <= 0:
             raise GatewayTimeout("the request's deadline had passed before the gateway could send it")
+        following: list[bool] = []  # whether it waits for an identical request's computation
         try:
             async with asyncio.timeout(remaining):
-                return await self._infer(request, deadline, gone, use_cache)
+                return await self._infer(request, deadline, gone, use_cache, following)
         except TimeoutError:
-            raise GatewayTimeout(f"deadline passed: no answer within the {remaining * 1000:.0f} ms left") from None
+            error = GatewayTimeout(f"deadline passed: no answer within the {remaining * 1000:.0f} ms left")
+            error.shared = bool(following)  # that computation's slowness: counted once, by its own request
+            raise error from None
 
     async def _infer(
-        self, request: InferRequest, deadline: float | None, gone: Callable[[], bool] | None, use_cache: bool
+        self,
+        request: InferRequest,
+        deadline: float | None,
+        gone: Callable[[], bool] | None,
+        use_cache: bool,
+        following: list[bool] | None = None,
     ) -> InferResponse:
         info = self.metadata.fresh(request.model, request.version) or await self.metadata.get(request.model, request.version)
         check_request(info, request)
@@ -148,8 +156,9 @@ class InferencePipeline:
                     # dropped unsent once all of them have gone (see cache.flight).
                     return await self._compute(request, info, inputs, None, abandoned)
 
+                on_follow = None if following is None else lambda: following.append(True)
                 result, source = await cache.get_or_compute(
-                    request.model, request.version, key, compute, gone, detach=deadline is not None
+                    request.model, request.version, key, compute, gone, deadline is not None, on_follow
                 )
             else:
                 result, source = await self._compute(request, info, inputs, deadline, gone), "bypass"
@@ -256,8 +265,10 @@ class InferencePipeline:
         """Serve a request the rollout sent to a version, and tell the rollout how it went:
         Triton's failures and timeouts count against the version, the client's mistakes and
         the gateway's load shedding do not. As with answers, a failure enters the rollback
-        windows once per computation: an identical request that waited for it (``shared``)
-        counts for the ramp only."""
+        windows once per computation: an identical request that waited for it (``shared``: in
+        this worker or another, or whose deadline passed while it waited) counts for the ramp
+        only. (A computation started by a request that named the version, which the rollout
+        does not see, enters them neither as a success nor as a failure.)"""
         start = self._clock()
         try:
             response = await self._serve(request, deadline, gone, use_cache)
@@ -271,7 +282,8 @@ class InferencePipeline:
         computed = response.cache not in ("hit", "coalesced")
         self.rollouts.record(request.model, request.version, True, self._clock() - start, computed)
         shadow = self.rollouts.shadow_for(request.model)
-        if shadow and shadow != request.version and len(self._shadows) < MAX_SHADOWS_IN_FLIGHT:
+        # Not a classification: the shadow answers values, which its strings cannot be compared with.
+        if shadow and shadow != request.version and len(self._shadows) < MAX_SHADOWS_IN_FLIGHT and not _classes(request):
             task = asyncio.ensure_future(self._shadow(request, shadow, response))
             self._shadows.add(task)  # a hard reference until done
             task.add_done_callback(self._shadows.discard)

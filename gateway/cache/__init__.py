@@ -16,7 +16,7 @@
    written to the shared tier without waiting). Errors are never cached.
 
 Keys (``keys.py``) cover the model, the version that serves the request and the raw input
-tensors. Entries of a version are dropped when that version leaves the fleet or is reloaded in
+tensors (for a classification, the outputs and class counts asked for too). Entries of a version are dropped when that version leaves the fleet or is reloaded in
 place (``upstream.fleet`` tells, within one health interval); in the host tier, dropping a
 version bumps its generation, which hides its entries from every worker at once.
 
@@ -130,13 +130,21 @@ class ResponseCache:
         return self._config.for_model(model).enabled
 
     async def get_or_compute(
-        self, model: str, version: str, key: bytes, compute: Compute, gone: Gone | None = None, detach: bool = False
+        self,
+        model: str,
+        version: str,
+        key: bytes,
+        compute: Compute,
+        gone: Gone | None = None,
+        detach: bool = False,
+        on_follow: Callable[[], None] | None = None,
     ) -> tuple[BatchResult, str]:
         """The result and where it came from: "hit" (this gateway's store or the shared tier),
         "coalesced" (shared with an identical request in flight, in this worker or another) or
         "miss" (computed).
         ``detach``: the caller has a deadline, so a computation it starts runs in a task of
-        its own, which the caller's timing out does not cancel (``flight``)."""
+        its own, which the caller's timing out does not cancel (``flight``); ``on_follow``:
+        called when the caller waits for an identical request's computation in this worker."""
         stats = self.store.model_stats(model)
         now = self._clock()
         cached = self.store.get(key, now)
@@ -180,7 +188,7 @@ class ResponseCache:
                 return result, "hit"
             return result, source
 
-        (result, source), coalesced = await self._flight.do(key, run, gone, detach)
+        (result, source), coalesced = await self._flight.do(key, run, gone, detach, on_follow)
         if coalesced:
             stats.coalesced += 1
             return result, "coalesced"

@@ -82,13 +82,23 @@ class SingleFlight(Generic[T]):
         if left:
             await asyncio.wait(left)
 
-    async def do(self, key: bytes, compute: Compute[T], gone: Gone | None = None, detach: bool = False) -> tuple[T, bool]:
+    async def do(
+        self,
+        key: bytes,
+        compute: Compute[T],
+        gone: Gone | None = None,
+        detach: bool = False,
+        on_follow: Callable[[], None] | None = None,
+    ) -> tuple[T, bool]:
         """The result for ``key`` and whether it was shared with an earlier request. ``gone``
         tells whether this waiter's client has left (a cancelled waiter leaves by itself);
         ``detach``: this waiter may be cancelled before the computation ends (it has a
-        deadline), so if it starts one, the computation runs in a task of its own."""
+        deadline), so if it starts one, the computation runs in a task of its own;
+        ``on_follow``: called when this waiter waits for an earlier request's computation."""
         flight = self._flights.get(key)
         if flight is not None:
+            if on_follow is not None:
+                on_follow()
             try:
                 return await self._follow(flight, gone), True
             except GatewayError as exc:

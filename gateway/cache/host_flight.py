@@ -109,7 +109,9 @@ class HostFlight:
                 delay = min(2 * delay, POLL_MAX_S)
                 holder = host.look(key, self._clock())
             if holder is not None and holder.state == FAILED:
-                raise _error(holder)
+                error = _error(holder)
+                error.shared = True  # another worker's computation failed: counted there
+                raise error
             found = fetch()  # written just before the claim ended
             if found is not None:
                 return found, FOLLOWED

@@ -301,6 +301,7 @@ def _parameters(obj: dict[str, Any], where: str, err: MakeError) -> dict[str, An
 
 
 _U64_MAX = 2**64 - 1
+_U32_MAX = 2**32 - 1
 # Triton's own request parameters and what it accepts for each; any other is the model's, passed
 # on. Not "timeout": the gateway consumes it as the request's deadline (deadlines.py checks it).
 _UNSIGNED, _BOOLEAN = "an unsigned integer", "true or false"
@@ -372,12 +373,13 @@ def _decode_tensors(raw: Any, binary: memoryview, kind: str, err: MakeError) -> 
 
 
 def class_count(value: Any, output: str) -> int:
-    """The ``classification`` parameter of a requested output, checked as Triton reads it (an
-    unsigned integer; Triton answers anything else with a 500)."""
-    if type(value) is not int or not 0 <= value <= _U64_MAX:
+    """The ``classification`` parameter of a requested output, checked as Triton reads it: an
+    unsigned integer (Triton answers anything else with a 500), kept in 32 bits (a larger one
+    would wrap around there, 2**32 to 0: the values, not classes)."""
+    if type(value) is not int or not 0 <= value <= _U32_MAX:
         raise BadRequest(
-            f"requested output '{output}': classification must be an unsigned integer (the number of "
-            f"top classes to return; 0 for the values), got {_short(value)}"
+            f"requested output '{output}': classification must be an unsigned 32-bit integer (the number "
+            f"of top classes to return; 0 for the values), got {_short(value)}"
         )
     return value
 

@@ -316,7 +316,7 @@ ERROR_CASES = [
         "/v2/models/breast_cancer_mlp/infer",
         {"json": {**v2_json(), "outputs": [{"name": "probabilities", "parameters": {"classification": "2"}}]}},
         400,
-        "requested output 'probabilities': classification must be an unsigned integer",
+        "requested output 'probabilities': classification must be an unsigned 32-bit integer",
     ),
     (
         "sequence_start not a boolean",

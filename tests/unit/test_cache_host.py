@@ -504,6 +504,8 @@ async def test_a_leaders_failure_reaches_the_other_workers_as_the_same_error(wor
     for error in errors:
         assert isinstance(error, UpstreamError) and error.status == 400
         assert str(error) == "[400] unexpected shape for input 'x'"
+    # The other worker's copy is marked shared: a rollout counts the failure once, where computed.
+    assert [error.shared for error in errors] == [False, True]
     # Errors are not cached: the next request computes.
     assert (await asking(two, upstream))[1] == "miss" and upstream.calls == 2
 

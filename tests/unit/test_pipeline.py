@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -306,6 +307,42 @@ async def test_a_failure_enters_the_rollout_windows_once_for_the_identical_reque
     assert [ok for ok, _ in window.items] == [False] and rollouts.served == {("m", "2"): 5}
     assert rollouts.states["m"].step_requests == 5  # every request counts for the ramp
     await pipeline.close(0)
+
+
+class SlowRouter(FakeRouter):
+    async def infer(self, model, version, inputs, parameters=None, deadline=None, outputs=None):  # noqa: ANN001, ANN201
+        await asyncio.sleep(0.2)
+        return await super().infer(model, version, inputs, parameters, deadline, outputs)
+
+
+async def test_a_computation_too_slow_for_the_deadlines_of_its_identical_requests_is_one_failure() -> None:
+    router = SlowRouter()
+    router.available = lambda model, version: True  # type: ignore[attr-defined]
+    rollouts = Rollouts()
+    rollouts.set_models({"m": ModelRollout("1", "2", 1.0)})
+    cache = ResponseCache(CacheConfig(enabled=True))
+    pipeline = InferencePipeline(BatchingConfig(), router, FakeMetadata(info(8)), cache=cache, rollouts=rollouts)  # type: ignore[arg-type]
+    deadline = time.monotonic() + 0.05
+    answers = await asyncio.gather(*(pipeline.infer(request(), deadline) for _ in range(5)), return_exceptions=True)
+    assert all(isinstance(a, GatewayTimeout) for a in answers)
+    assert [a.shared for a in answers] == [False, True, True, True, True]  # type: ignore[union-attr]
+    assert [ok for ok, _ in rollouts.states["m"].window("2").items] == [False]
+    assert rollouts.states["m"].step_requests == 5
+    await pipeline.close(1.0)
+
+
+async def test_a_classification_is_not_mirrored_to_the_shadow() -> None:
+    router = FakeRouter()
+    router.available = lambda model, version: True  # type: ignore[attr-defined]
+    rollouts = Rollouts(seed=0)
+    rollouts.set_models({"m": ModelRollout("1", shadow="3", shadow_share=1.0)})
+    pipeline = InferencePipeline(BatchingConfig(enabled=False), router, FakeMetadata(info(8)), rollouts=rollouts)  # type: ignore[arg-type]
+    ranked = InferRequest("m", "", [Tensor("x", "FP32", np.ones((1, 2), np.float32))], [RequestedOutput("y", class_count=1)])
+    await pipeline.infer(ranked)
+    await pipeline.infer(request())
+    await pipeline.close(1.0)
+    assert sorted(router.versions) == ["1", "1", "3"]  # the values request only was mirrored
+    assert rollouts.snapshot()["models"]["m"]["shadow"]["sent"] == 1
 
 
 class VanishingRouter(FakeRouter):

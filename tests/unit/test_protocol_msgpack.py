@@ -85,8 +85,8 @@ def test_hand_built_request_and_output_forms() -> None:
 def test_an_output_may_ask_for_its_top_classes() -> None:
     body = pack({"inputs": [], "outputs": [{"name": "p", "classification": 3}, {"name": "q", "classification": 0}]})
     assert codec.decode_request(body, "m", "").outputs == [RequestedOutput("p", class_count=3), RequestedOutput("q")]
-    for bad in (-1, 1.5, "3", None):
-        with pytest.raises(BadRequest, match="requested output 'p': classification must be an unsigned integer"):
+    for bad in (-1, 2**32, 1.5, "3", None):
+        with pytest.raises(BadRequest, match="requested output 'p': classification must be an unsigned 32-bit integer"):
             codec.decode_request(pack({"inputs": [], "outputs": [{"name": "p", "classification": bad}]}), "m", "")
     with pytest.raises(BadRequest, match=r"requested output #0: unknown key\(s\) \['binary'\]"):
         codec.decode_request(pack({"inputs": [], "outputs": [{"name": "p", "binary": True}]}), "m", "")

@@ -146,13 +146,13 @@ def test_classification_is_read_from_tritonclient_and_checked() -> None:
     assert request.outputs == [RequestedOutput("top", True, {}, class_count=3), RequestedOutput("plain", False, {}, class_count=0)]
 
 
-@pytest.mark.parametrize("value", [-1, -(2**63), 2.5, "2", True, None, [2]])
+@pytest.mark.parametrize("value", [-1, -(2**63), 2**32, 2**64 - 1, 2.5, "2", True, None, [2]])
 def test_a_classification_that_is_no_unsigned_integer_is_400(value: object) -> None:
     doc = {
         "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}],
         "outputs": [{"name": "y", "parameters": {"classification": value}}],
     }
-    with pytest.raises(BadRequest, match="requested output 'y': classification must be an unsigned integer"):
+    with pytest.raises(BadRequest, match="requested output 'y': classification must be an unsigned 32-bit integer"):
         decode(json_body(doc))
 
 
