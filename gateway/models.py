@@ -32,6 +32,7 @@ class ModelInfo:
     outputs: dict[str, TensorSpec]
     metadata: bytes  # Triton's own answers, returned to clients unchanged
     config: bytes
+    stateful: bool = False  # sequence batching: a sequence's requests need its instance
 
     @classmethod
     def from_triton(cls, metadata: dict[str, Any], config: dict[str, Any], metadata_raw: bytes, config_raw: bytes) -> ModelInfo:
@@ -51,6 +52,7 @@ class ModelInfo:
             outputs=specs(metadata.get("outputs", [])),
             metadata=metadata_raw,
             config=config_raw,
+            stateful=bool(config.get("sequence_batching")),
         )
 
     @property

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from gateway import deadlines
+from gateway import deadlines, sequences
 from gateway.batcher import Batcher, BatchPolicy, BatchResult, NothingToSend, Prepare
 from gateway.cache import ResponseCache, cacheable, request_key
 from gateway.config import BatchingConfig
@@ -58,6 +58,10 @@ class InferencePipeline:
         self._shadows: set[asyncio.Future[None]] = set()
         self.batchers: dict[tuple[str, str], Batcher] = {}
         self._policy_basis: dict[tuple[str, str], tuple[int, int]] = {}
+        # Sequences of stateful models: the version (for requests naming none) and the instance
+        # each is pinned to (``gateway.sequences``).
+        self._sequence_versions: sequences.Pins[tuple[str, bool]] = sequences.Pins(clock)
+        self._sequence_instances: sequences.Pins[str] = sequences.Pins(clock)
 
     def _policy(self, model: str, info: ModelInfo, routable: int) -> BatchPolicy:
         b = self._batching.for_model(model)
@@ -183,36 +187,56 @@ class InferencePipeline:
     ) -> InferResponse:
         """A request naming no version: the gateway picks one. If that version leaves the fleet
         between the choice and the answer (removed, unloaded everywhere), the request is not the
-        client's mistake: the gateway picks again, once."""
+        client's mistake: the gateway picks again, once. A request of a sequence keeps the
+        version its sequence has (``gateway.sequences``)."""
+        model, sequence = request.model, sequences.sequence_of(request.parameters)
+        if sequence is not None:
+            chosen = None  # chosen before the request was read: not by its sequence
         for attempt in (1, 2):
             if attempt == 1 and chosen is not None:
                 version, via_rollout = chosen
                 if via_rollout:
-                    self.rollouts.count(request.model, version)
+                    self.rollouts.count(model, version)
             else:
-                version, via_rollout = self._version(request.model, sticky)
+                version, via_rollout = self._version(model, sticky, sequence)
             if attempt == 2 and version == request.version:
                 raise vanished
             request.version = version
             try:
                 if via_rollout:
-                    return await self._observed(request, deadline, gone, use_cache)
-                return await self._serve(request, deadline, gone, use_cache)
+                    response = await self._observed(request, deadline, gone, use_cache)
+                else:
+                    response = await self._serve(request, deadline, gone, use_cache)
             except (NotFound, Unavailable, UpstreamError) as exc:
                 if attempt == 2 or (isinstance(exc, UpstreamError) and not missing_model(exc)):
                     raise
                 vanished = exc
+                continue
+            if sequence is not None:
+                if sequences.ends(request.parameters):
+                    self._sequence_versions.forget(model, "", sequence)
+                else:
+                    self._sequence_versions.pin(model, "", sequence, (version, via_rollout))
+            return response
         raise AssertionError("unreachable")
 
-    def choose_version(self, model: str, sticky: dict[bytes, bytes] | None) -> tuple[str, bool]:
+    def choose_version(
+        self, model: str, sticky: dict[bytes, bytes] | None, sequence: bytes | None = None
+    ) -> tuple[str, bool]:
         """The version for a request naming none, and whether the rollout chose it: the
         rollout's choice if the model has one (its stable version when the chosen canary is
         held nowhere), else the fleet's newest. When neither the choice nor the stable version
         is held anywhere (removed from the repository and draining, not loaded yet, or a
         version the rollout file names that the fleet never had), the fleet's newest answers:
-        a drop-in change fails no request. Not counted: ``infer(chosen=...)`` counts it."""
+        a drop-in change fails no request. A request of a ``sequence`` gets the version pinned
+        to it while the fleet holds it, else the rollout draws from the sequence. Not counted:
+        ``infer(chosen=...)`` counts it."""
         router = self._router
-        chosen = self.rollouts.choose(model, sticky)
+        if sequence is not None:
+            pinned = self._sequence_versions.get(model, "", sequence)
+            if pinned is not None and router.available(model, pinned[0]):
+                return pinned
+        chosen = self.rollouts.choose(model, sticky, sequence)
         if not chosen:
             return router.newest_version(model), False
         if router.available(model, chosen):
@@ -253,8 +277,8 @@ class InferencePipeline:
         for model in sorted(models):
             rollouts.observe(model, router.newest_version(model), lambda v, m=model: router.available(m, v))
 
-    def _version(self, model: str, sticky: dict[bytes, bytes] | None) -> tuple[str, bool]:
-        version, via_rollout = self.choose_version(model, sticky)
+    def _version(self, model: str, sticky: dict[bytes, bytes] | None, sequence: bytes | None = None) -> tuple[str, bool]:
+        version, via_rollout = self.choose_version(model, sticky, sequence)
         if via_rollout:
             self.rollouts.count(model, version)
         return version, via_rollout
@@ -319,18 +343,32 @@ class InferencePipeline:
         # Request parameters (priority, sequence ids, custom ones) belong to one request and
         # cannot be merged, nor can a classification: such a request travels alone, parameters
         # and outputs included (Triton's own scheduler may still batch it). Like a batch, it is
-        # not sent if its client left while it waited for a free instance.
+        # not sent if its client left while it waited for a free instance. A request of a
+        # sequence goes to its sequence's instance (``gateway.sequences``).
         model, version, params = request.model, request.version, request.parameters
-        if gone is None:
-            return await self._router.infer(model, version, inputs, params, deadline, classes)
+        sequence = sequences.sequence_of(params) if info.stateful else None
+        affinity = None
+        if sequence is not None:
+            start = sequences.starts(params)
+            pinned = None if start else self._sequence_instances.get(model, version, sequence)
+            affinity = sequences.Affinity(sequence, pinned, strict=not start)
+        sent: list[Tensor] | Prepare = inputs
+        if gone is not None:
 
-        def prepare() -> list[Tensor] | None:
-            return None if gone() else inputs
+            def prepare() -> list[Tensor] | None:
+                return None if gone() else inputs
 
+            sent = prepare
         try:
-            return await self._router.infer(model, version, prepare, params, deadline, classes)
+            result = await self._router.infer(model, version, sent, params, deadline, classes, affinity)
         except NothingToSend:
             raise ClientGone("the client disconnected") from None
+        if affinity is not None:
+            if sequences.ends(params):
+                self._sequence_instances.forget(model, version, affinity.key)
+            elif affinity.served is not None:
+                self._sequence_instances.pin(model, version, affinity.key, affinity.served)
+        return result
 
     async def close(self, grace: float) -> None:
         if self._shadows:

@@ -565,13 +565,15 @@ class Rollouts:
         state = self.state(model)
         return state.stable if state is not None else ""
 
-    def choose(self, model: str, headers: dict[bytes, bytes] | None = None) -> str:
-        """The version for a request that names none; "" when the model has no rollout."""
+    def choose(self, model: str, headers: dict[bytes, bytes] | None = None, key: bytes | None = None) -> str:
+        """The version for a request that names none; "" when the model has no rollout.
+        ``key``: what to draw from instead of the sticky header (a sequence's id, so that all
+        its requests draw alike)."""
         state = self.state(model)
         if state is None:
             return ""
         header = state.config.sticky_header
-        sticky = headers.get(header) if headers and header else None
+        sticky = key if key is not None else headers.get(header) if headers and header else None
         return state.choose(model, sticky, self._rng)
 
     def shadow_for(self, model: str) -> str:

@@ -39,6 +39,7 @@ from gateway import balancer
 from gateway.batcher import BatchResult, NothingToSend, Prepare
 from gateway.errors import GatewayError, GatewayTimeout, ModelError, Unavailable, UpstreamError, missing_model
 from gateway.instances import EjectionPolicy, Instance
+from gateway.sequences import Affinity
 from gateway.tensors import RequestedOutput, Tensor
 from gateway.upstream.client import InstanceUnreachable, RawResponse, TritonClient
 
@@ -159,10 +160,15 @@ class Router:
                 return why
         return None
 
-    def pick(self, model: str | None = None, version: str = "", exclude: Sequence[Instance] = ()) -> Instance | None:
-        """An instance with a free slot, or None if every candidate is at its cap.
-        Raises Unavailable when there is no candidate at all."""
+    def pick(
+        self, model: str | None = None, version: str = "", exclude: Sequence[Instance] = (), affinity: Affinity | None = None
+    ) -> Instance | None:
+        """An instance with a free slot, or None if every candidate is at its cap (with
+        ``affinity``, the sequence's own instance). Raises Unavailable when there is no
+        candidate at all."""
         candidates = self.candidates(model, version, exclude)
+        if affinity is not None:
+            candidates = affinity.narrow(candidates)
         if not candidates:
             what = "" if model is None else f" holding model '{model}'" + (f" version {version}" if version else "")
             why = self.withheld_reason(model, version) if model is not None else None
@@ -170,7 +176,9 @@ class Router:
         free = [i for i in candidates if i.outstanding < self._cap]
         return balancer.choose(free, self._rng, self._clock(), self._bias) if free else None
 
-    async def _acquire(self, model: str | None, version: str, exclude: Sequence[Instance], deadline: float | None) -> Instance:
+    async def _acquire(
+        self, model: str | None, version: str, exclude: Sequence[Instance], deadline: float | None, affinity: Affinity | None = None
+    ) -> Instance:
         """An instance with a free slot, waiting for one until the deadline; a request without
         one waits at most ``attempt_timeout`` (as long as one attempt may take), never forever."""
         if deadline is None:
@@ -179,7 +187,7 @@ class Router:
         else:
             limit, why = deadline, "deadline passed while waiting for a free Triton instance"
         while True:
-            instance = self.pick(model, version, exclude)
+            instance = self.pick(model, version, exclude, affinity)
             if instance is not None:
                 instance.begin(self._clock())
                 return instance
@@ -227,14 +235,16 @@ class Router:
         parameters: dict[str, Any] | None = None,
         deadline: float | None = None,
         outputs: list[RequestedOutput] | None = None,
+        affinity: Affinity | None = None,
     ) -> BatchResult:
         """Serve ``inputs``: tensors, or a batcher's ``prepare`` called once an instance is
         ready for them (see batcher.Dispatch); ``outputs``: the outputs to ask Triton for, with
-        their classification (None: every output)."""
+        their classification (None: every output); ``affinity``: a request of a sequence, sent
+        to the sequence's instance (``gateway.sequences``), which it records in ``served``."""
         tried: list[Instance] = []
         suspect: tuple[Instance, str] | None = None  # answered a ModelError: its fault if another answers
         while True:
-            instance = await self._acquire(model, version, tried, deadline)
+            instance = await self._acquire(model, version, tried, deadline, affinity)
             tried.append(instance)
             try:
                 limit, is_deadline = self._limit(deadline)
@@ -252,15 +262,17 @@ class Router:
                     instance.record_success()  # it answered
                     raise
                 suspect = (instance, exc.message)
-                if not self._may_retry(model, version, tried, deadline):
+                if not self._may_retry(model, version, tried, deadline, affinity):
                     raise
             except GatewayError as exc:
                 if not self._failed(instance, exc, model, version, is_deadline) or not self._may_retry(
-                    model, version, tried, deadline
+                    model, version, tried, deadline, affinity
                 ):
                     raise
             else:
                 instance.record_success()
+                if affinity is not None:
+                    affinity.served = instance.url
                 if suspect is not None:  # another instance answered what it failed: its fault
                     self._count(suspect[0], suspect[1], self._clock())
                 return result
@@ -299,9 +311,11 @@ class Router:
                 instance.url, instance.ejected_until - now, instance.consecutive_failures, message,
             )
 
-    def _may_retry(self, model: str | None, version: str, tried: list[Instance], deadline: float | None) -> bool:
-        if len(tried) >= self._max_tries:
-            return False
+    def _may_retry(
+        self, model: str | None, version: str, tried: list[Instance], deadline: float | None, affinity: Affinity | None = None
+    ) -> bool:
+        if len(tried) >= self._max_tries or (affinity is not None and affinity.strict):
+            return False  # a sequence's later request: its state is on that instance only
         if deadline is not None and deadline <= self._clock():
             return False
         return bool(self.candidates(model, version, exclude=tried))

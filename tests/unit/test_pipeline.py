@@ -55,7 +55,7 @@ class FakeRouter:
     def routable_count(self) -> int:
         return sum(1 for i in self.instances if i.routable)
 
-    async def infer(self, model, version, inputs, parameters=None, deadline=None, outputs=None):  # noqa: ANN001, ANN201
+    async def infer(self, model, version, inputs, parameters=None, deadline=None, outputs=None, affinity=None):  # noqa: ANN001, ANN201
         if callable(inputs):  # a prepare (see batcher.Dispatch), called when an instance is free
             inputs = inputs()
             if inputs is None:
@@ -185,7 +185,7 @@ async def test_an_expired_request_is_504_and_never_routed() -> None:
 
 
 class StuckRouter(FakeRouter):
-    async def infer(self, model, version, inputs, parameters=None, deadline=None, outputs=None):  # noqa: ANN001, ANN201
+    async def infer(self, model, version, inputs, parameters=None, deadline=None, outputs=None, affinity=None):  # noqa: ANN001, ANN201
         await asyncio.sleep(3600)
 
 
@@ -287,7 +287,7 @@ async def test_the_rollout_windows_hold_the_answers_computed_not_the_cache_hits(
 class FailingRouter(FakeRouter):
     """Triton fails every request, after a moment (so identical requests gather)."""
 
-    async def infer(self, model, version, inputs, parameters=None, deadline=None, outputs=None):  # noqa: ANN001, ANN201
+    async def infer(self, model, version, inputs, parameters=None, deadline=None, outputs=None, affinity=None):  # noqa: ANN001, ANN201
         await asyncio.sleep(0.01)
         self.versions.append(version)
         raise ModelError("Triton: the model raised", status=500)
@@ -310,7 +310,7 @@ async def test_a_failure_enters_the_rollout_windows_once_for_the_identical_reque
 
 
 class SlowRouter(FakeRouter):
-    async def infer(self, model, version, inputs, parameters=None, deadline=None, outputs=None):  # noqa: ANN001, ANN201
+    async def infer(self, model, version, inputs, parameters=None, deadline=None, outputs=None, affinity=None):  # noqa: ANN001, ANN201
         await asyncio.sleep(0.2)
         return await super().infer(model, version, inputs, parameters, deadline, outputs)
 
@@ -348,7 +348,7 @@ async def test_a_classification_is_not_mirrored_to_the_shadow() -> None:
 class VanishingRouter(FakeRouter):
     """Version 2 disappears from the fleet after the pipeline chose it."""
 
-    async def infer(self, model, version, inputs, parameters=None, deadline=None, outputs=None):  # noqa: ANN001, ANN201
+    async def infer(self, model, version, inputs, parameters=None, deadline=None, outputs=None, affinity=None):  # noqa: ANN001, ANN201
         if version == "2":
             self.newest = "1"  # the router forgot it on every instance that said so
             raise UpstreamError("Request for unknown model: 'm' version 2 is not found", status=400)

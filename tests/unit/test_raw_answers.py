@@ -52,7 +52,7 @@ class Router:
     def routable_count(self) -> int:
         return 1
 
-    async def infer(self, model, version, inputs, parameters=None, deadline=None, outputs=None):  # noqa: ANN001, ANN201
+    async def infer(self, model, version, inputs, parameters=None, deadline=None, outputs=None, affinity=None):  # noqa: ANN001, ANN201
         if callable(inputs):
             inputs = inputs()
             if inputs is None:  # nobody wants the answer any more (the router's contract)
@@ -426,7 +426,7 @@ async def test_an_answer_from_another_version_than_the_one_looked_up_is_kept_und
     assert answer is None and looked[0] == ("1", False)
     serve = router.infer
 
-    async def vanishing(model, version, inputs, parameters=None, deadline=None, outputs=None):  # noqa: ANN001, ANN202
+    async def vanishing(model, version, inputs, parameters=None, deadline=None, outputs=None, affinity=None):  # noqa: ANN001, ANN202
         if version == "1":
             router.newest = "2"
             raise UpstreamError("Request for unknown model: 'm' version 1 is not found", status=400)
@@ -448,7 +448,7 @@ async def test_a_request_whose_deadline_passes_leaves_its_computation_to_an_iden
 
     started: list[str] = []
 
-    async def slow(model, version, inputs, parameters=None, deadline=None, outputs=None):  # noqa: ANN001, ANN202
+    async def slow(model, version, inputs, parameters=None, deadline=None, outputs=None, affinity=None):  # noqa: ANN001, ANN202
         started.append(version)
         await release.wait()
         return await serve(model, version, inputs, parameters, deadline)
