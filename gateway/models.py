@@ -52,7 +52,7 @@ class ModelInfo:
             outputs=specs(metadata.get("outputs", [])),
             metadata=metadata_raw,
             config=config_raw,
-            stateful=bool(config.get("sequence_batching")),
+            stateful=config.get("sequence_batching") is not None,
         )
 
     @property

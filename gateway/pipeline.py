@@ -189,9 +189,17 @@ class InferencePipeline:
         between the choice and the answer (removed, unloaded everywhere), the request is not the
         client's mistake: the gateway picks again, once. A request of a sequence keeps the
         version its sequence has (``gateway.sequences``)."""
-        model, sequence = request.model, sequences.sequence_of(request.parameters)
+        model, params = request.model, request.parameters
+        sequence = sequences.sequence_of(params)
         if sequence is not None:
             chosen = None  # chosen before the request was read: not by its sequence
+            if not sequences.starts(params):
+                pinned = self._sequence_versions.get(model, "", sequence)
+                if pinned is not None and not self._router.available(model, pinned[0]):
+                    why = f"version {pinned[0]}, which it started on, is no longer served"
+                    raise sequences.gone(sequences.shown(params), why)
+            else:
+                self._sequence_versions.forget(model, "", sequence)  # a new sequence: chosen afresh
         for attempt in (1, 2):
             if attempt == 1 and chosen is not None:
                 version, via_rollout = chosen
@@ -213,7 +221,7 @@ class InferencePipeline:
                 vanished = exc
                 continue
             if sequence is not None:
-                if sequences.ends(request.parameters):
+                if sequences.ends(params):
                     self._sequence_versions.forget(model, "", sequence)
                 else:
                     self._sequence_versions.pin(model, "", sequence, (version, via_rollout))
@@ -287,8 +295,8 @@ class InferencePipeline:
         self, request: InferRequest, deadline: float | None, gone: Callable[[], bool] | None, use_cache: bool
     ) -> InferResponse:
         """Serve a request the rollout sent to a version, and tell the rollout how it went:
-        Triton's failures and timeouts count against the version, the client's mistakes and
-        the gateway's load shedding do not. As with answers, a failure enters the rollback
+        Triton's failures (5xx) and timeouts count against the version; the client's mistakes,
+        Triton's 4xx about the request and the gateway's load shedding do not. As with answers, a failure enters the rollback
         windows once per computation: an identical request that waited for it (``shared``: in
         this worker or another, or whose deadline passed while it waited) counts for the ramp
         only. (A computation started by a request that named the version, which the rollout
@@ -300,14 +308,23 @@ class InferencePipeline:
             self.rollouts.record(request.model, request.version, False, self._clock() - start, not exc.shared)
             raise
         except UpstreamError as exc:
-            if not missing_model(exc):  # "not loaded here" is routing's business, not the version's
+            # Triton's 4xx is about the request (a sequence it does not hold, an input it
+            # refuses), and "not loaded here" is routing's business: neither is the version's.
+            if exc.status >= 500 and not missing_model(exc):
                 self.rollouts.record(request.model, request.version, False, self._clock() - start, not exc.shared)
             raise
         computed = response.cache not in ("hit", "coalesced")
         self.rollouts.record(request.model, request.version, True, self._clock() - start, computed)
         shadow = self.rollouts.shadow_for(request.model)
-        # Not a classification: the shadow answers values, which its strings cannot be compared with.
-        if shadow and shadow != request.version and len(self._shadows) < MAX_SHADOWS_IN_FLIGHT and not _classes(request):
+        # Not a classification: the shadow answers values, which its strings cannot be compared
+        # with; nor a request of a sequence: the shadow would get a part of the sequence only.
+        if (
+            shadow
+            and shadow != request.version
+            and len(self._shadows) < MAX_SHADOWS_IN_FLIGHT
+            and not _classes(request)
+            and sequences.sequence_of(request.parameters) is None
+        ):
             task = asyncio.ensure_future(self._shadow(request, shadow, response))
             self._shadows.add(task)  # a hard reference until done
             task.add_done_callback(self._shadows.discard)
@@ -351,7 +368,7 @@ class InferencePipeline:
         if sequence is not None:
             start = sequences.starts(params)
             pinned = None if start else self._sequence_instances.get(model, version, sequence)
-            affinity = sequences.Affinity(sequence, pinned, strict=not start)
+            affinity = sequences.Affinity(sequence, sequences.shown(params), pinned, strict=not start)
         sent: list[Tensor] | Prepare = inputs
         if gone is not None:
 

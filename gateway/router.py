@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from gateway import balancer
+from gateway import balancer, sequences
 from gateway.batcher import BatchResult, NothingToSend, Prepare
 from gateway.errors import GatewayError, GatewayTimeout, ModelError, Unavailable, UpstreamError, missing_model
 from gateway.instances import EjectionPolicy, Instance
@@ -152,6 +152,10 @@ class Router:
         # it back (loading, warming up, failed; for "", the model): then it is sent nowhere.
         return [] if self.withheld_reason(model, version) is not None else up
 
+    def _holders(self, model: str | None, version: str) -> list[Instance]:
+        """The instances holding the version (or not known not to), up or not."""
+        return [i for i in self.instances if model is None or i.holds(model, version) is not False]
+
     def withheld_reason(self, model: str, version: str) -> str | None:
         """Why a version (or for "", the model) is not routed, when the repository sync holds it back."""
         for instance in self.instances:
@@ -168,7 +172,7 @@ class Router:
         candidate at all."""
         candidates = self.candidates(model, version, exclude)
         if affinity is not None:
-            candidates = affinity.narrow(candidates)
+            candidates = affinity.narrow(candidates, self._holders(model, version), exclude)
         if not candidates:
             what = "" if model is None else f" holding model '{model}'" + (f" version {version}" if version else "")
             why = self.withheld_reason(model, version) if model is not None else None
@@ -258,16 +262,19 @@ class Router:
             try:
                 result = await self._client.infer(instance.url, model, version, tensors, parameters, limit, outputs)
             except ModelError as exc:
-                if suspect is not None:  # two instances failed it alike: the model's error
+                if suspect is not None or affinity is not None:  # the model's error; or a sequence's, sent once
                     instance.record_success()  # it answered
                     raise
                 suspect = (instance, exc.message)
-                if not self._may_retry(model, version, tried, deadline, affinity):
+                if not self._may_retry(model, version, tried, deadline):
                     raise
             except GatewayError as exc:
-                if not self._failed(instance, exc, model, version, is_deadline) or not self._may_retry(
-                    model, version, tried, deadline, affinity
-                ):
+                retry = self._failed(instance, exc, model, version, is_deadline)
+                if affinity is not None:
+                    retry = affinity.retries(exc)
+                if not retry or not self._may_retry(model, version, tried, deadline, affinity):
+                    if affinity is not None and affinity.unreachable and retry:
+                        raise sequences.gone(affinity.name, "the Triton instance holding its state is unavailable") from None
                     raise
             else:
                 instance.record_success()
@@ -314,9 +321,12 @@ class Router:
     def _may_retry(
         self, model: str | None, version: str, tried: list[Instance], deadline: float | None, affinity: Affinity | None = None
     ) -> bool:
-        if len(tried) >= self._max_tries or (affinity is not None and affinity.strict):
-            return False  # a sequence's later request: its state is on that instance only
         if deadline is not None and deadline <= self._clock():
+            return False
+        if affinity is not None:  # a sequence's request: along its ranking, however long
+            routable = self.candidates(model, version, exclude=tried)
+            return affinity.next(routable, self._holders(model, version), tried) is not None
+        if len(tried) >= self._max_tries:
             return False
         return bool(self.candidates(model, version, exclude=tried))
 

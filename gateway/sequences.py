@@ -8,17 +8,25 @@ land on other instances, or on a newer version after a drop-in update, and Trito
 there (400 "must specify the START flag"). So a request carrying a ``sequence_id`` (not 0, not
 "") is routed by its sequence:
 
-* **Instance** (for a model with ``sequence_batching``): the one this process pinned the
-  sequence to, else the rendezvous choice: the instance whose hash of (sequence, instance) is
-  highest among those holding the version. Every worker process and every gateway replica that
-  sees the same fleet makes the same choice, without sharing anything; the pin, set by each
-  answer, keeps a sequence where it is when instances join the fleet meanwhile.
-* **Version**, for a request naming none: the one pinned, while the fleet still holds it, else
-  the rollout's draw made from the sequence id (the same draw for all its requests) or the
-  fleet's newest.
-* A start may be sent to another instance when its own cannot take it: no state is lost. A later
-  request never is: if its instance is down, or no longer holds the version, it fails with 503
-  naming the sequence, and the client starts the sequence again.
+* **Instance** (for a model with ``sequence_batching``): the instances holding the version are
+  ranked by a hash of (sequence, instance) (rendezvous hashing), the same ranking in every worker
+  process and gateway replica, whatever each thinks of the instances' health. A start goes to
+  the first that is up; if nothing could be sent there (connection refused), to the next; any
+  other failure of a start is the client's answer, since Triton may have started the sequence.
+  A later request goes to the instance this process pinned the sequence to (at each answer),
+  else to the first up in the ranking; Triton's "must specify the START flag" there (the
+  sequence is not on that instance: it started on another, which was down then, or before an
+  instance joined) sends it on to the next, which changes nothing where it is refused. Where
+  an instance that may hold the sequence is down or ejected, or no instance holds the version
+  any more, the request fails with 503 naming the sequence: the client starts it again.
+* **Version**, for a request naming none: the rollout's draw is made from the sequence id
+  (a canary split moves whole sequences) and the answer pins the version in this process; a
+  later request whose pinned version the fleet no longer serves (drained after a newer one
+  arrived) fails with 503 naming the sequence. The pin is this process's: with several worker
+  processes or replicas, a sequence under way when the version a request naming none resolves
+  to changes (a new version is routed, the rollout's share moves) can reach the new version
+  in another process, which refuses it. Clients whose sequences must outlive such changes name
+  the version (the start's answer gives it: ``model_version``, the ``Model-Version`` header).
 * ``sequence_end`` forgets the sequence. Pins not used for ``IDLE_S`` are forgotten (Triton
   frees an idle sequence's slot much sooner: ``max_sequence_idle_microseconds``, 1 s by
   default), and at most ``MAX_PINS`` are kept, the least recently used dropped first.
@@ -33,23 +41,35 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from gateway.errors import Unavailable
+from gateway.errors import Unavailable, UpstreamError
 from gateway.instances import Instance
+from gateway.upstream.client import InstanceUnreachable
 
 IDLE_S = 600.0
 MAX_PINS = 65536
+MAX_KEY_BYTES = 64  # longer string ids are keyed by a hash
 
 V = TypeVar("V")
 
 
 def sequence_of(parameters: dict[str, Any] | None) -> bytes | None:
-    """The request's sequence as a key (its ``sequence_id``), or None when it belongs to none."""
+    """The request's sequence as a key (from its ``sequence_id``), or None when it belongs to
+    none. Integer and string ids differ (7 and "7"); long string ids are hashed."""
     if not parameters:
         return None
     sid = parameters.get("sequence_id")
     if sid is None or sid == 0 or sid == "":
         return None
-    return b"%d" % sid if type(sid) is int else b"s" + str(sid).encode()  # 7 and "7" differ
+    if type(sid) is int:
+        return b"%d" % sid
+    raw = str(sid).encode()
+    return b"s" + raw if len(raw) <= MAX_KEY_BYTES else b"h" + hashlib.blake2b(raw, digest_size=16).digest()
+
+
+def shown(parameters: dict[str, Any]) -> str:
+    """The sequence id as a message names it."""
+    sid = parameters.get("sequence_id")
+    return str(sid) if type(sid) is int else repr(str(sid)[:MAX_KEY_BYTES])
 
 
 def starts(parameters: dict[str, Any]) -> bool:
@@ -60,15 +80,19 @@ def ends(parameters: dict[str, Any]) -> bool:
     return parameters.get("sequence_end") is True
 
 
-def rendezvous(key: bytes, instances: Sequence[Instance]) -> Instance:
-    """The instance whose hash with ``key`` is highest: the same for any process that sees the
-    same instances, and when one leaves only its own sequences move."""
-    return max(instances, key=lambda i: hashlib.blake2b(key + b"\0" + i.url.encode(), digest_size=8).digest())
+def not_here(error: BaseException) -> bool:
+    """Triton's answer for a later request of a sequence it does not hold."""
+    return isinstance(error, UpstreamError) and error.status == 400 and "must specify the START flag" in error.message
 
 
-def shown(key: bytes) -> str:
-    text = key.decode(errors="replace")
-    return repr(text[1:]) if text.startswith("s") else text
+def ranked(key: bytes, instances: Sequence[Instance]) -> list[Instance]:
+    """``instances`` in the sequence's order (rendezvous hashing): the same in any process that
+    knows them, and when one leaves, only the sequences it led move."""
+    return sorted(instances, key=lambda i: hashlib.blake2b(key + b"\0" + i.url.encode(), digest_size=8).digest(), reverse=True)
+
+
+def gone(name: str, why: str) -> Unavailable:
+    return Unavailable(f"sequence {name}: {why}; start the sequence again (sequence_start)")
 
 
 @dataclass(slots=True)
@@ -76,22 +100,47 @@ class Affinity:
     """How the router picks the instance for one request of a sequence (``Router.infer``)."""
 
     key: bytes  # the sequence
-    pinned: str | None  # the instance it is pinned to in this process (its URL), if any
-    strict: bool  # not a start: only that instance holds the state, no other may take it
+    name: str  # its id, for messages
+    pinned: str | None  # a later request: the instance this process pinned it to (URL), if any
+    strict: bool  # not a start: only the instance holding the state may take it
     served: str | None = None  # set by the router: the instance that answered
+    unreachable: bool = False  # an instance that may hold the state was down or ejected
 
-    def narrow(self, candidates: Sequence[Instance]) -> list[Instance]:
-        """The instance of ``candidates`` (those holding the version) for this sequence."""
+    def next(self, routable: Sequence[Instance], holders: Sequence[Instance], tried: Sequence[Instance]) -> Instance | None:
+        """The instance to try next: of ``holders`` (the instances holding the version, up or
+        not), the pinned one, else the first in the sequence's ranking not ``tried`` that is
+        in ``routable``; None when none is left (``unreachable`` says whether one that may
+        hold the sequence was skipped, being down)."""
         if self.pinned is not None:
-            held = [i for i in candidates if i.url == self.pinned]
-            if held:
-                return held
+            pinned = next((i for i in holders if i.url == self.pinned), None)
+            if pinned is not None and pinned not in tried:
+                if pinned in routable:
+                    return pinned
+                self.unreachable = True  # the sequence is there, and that instance is down
+                return None
+        for instance in ranked(self.key, holders):
+            if instance in tried:
+                continue
+            if instance in routable:
+                return instance
             if self.strict:
-                raise Unavailable(
-                    f"sequence {shown(self.key)}: the Triton instance holding its state is unavailable or no "
-                    "longer holds the version; start the sequence again (sequence_start)"
-                )
-        return [rendezvous(self.key, candidates)] if candidates else []
+                self.unreachable = True
+        return None
+
+    def narrow(self, routable: Sequence[Instance], holders: Sequence[Instance], tried: Sequence[Instance]) -> list[Instance]:
+        instance = self.next(routable, holders, tried)
+        if instance is not None:
+            return [instance]
+        if self.strict and (self.unreachable or self.pinned is not None):
+            raise gone(self.name, "the Triton instance holding its state is unavailable")
+        return []
+
+    def retries(self, error: BaseException) -> bool:
+        """Whether another instance may take the request after ``error``: a start only when
+        nothing was sent; a later request when the sequence is not where it was sent."""
+        if self.strict:
+            return not_here(error)
+        return isinstance(error, InstanceUnreachable) and error.connect_failed
 
 
 class Pins(Generic[V]):

@@ -1,5 +1,6 @@
 """Routing a stateful model's sequences: each request of a sequence reaches its instance and
-version (``gateway.sequences``), in the router and the pipeline."""
+version (``gateway.sequences``), in the router and the pipeline. Two pipelines over one fleet
+stand for two worker processes (or replicas): they share nothing but the fleet."""
 
 from __future__ import annotations
 
@@ -10,16 +11,15 @@ import pytest
 
 from gateway.batcher import BatchResult
 from gateway.config import BatchingConfig
-from gateway.errors import GatewayTimeout, Unavailable
+from gateway.errors import GatewayTimeout, Unavailable, UpstreamError
 from gateway.instances import Instance
 from gateway.models import ModelInfo
 from gateway.pipeline import InferencePipeline
 from gateway.rollout import ModelRollout, Rollouts
 from gateway.router import Router
-from gateway.sequences import Affinity, Pins, rendezvous, sequence_of
+from gateway.sequences import Pins, ranked, sequence_of
 from gateway.tensors import InferRequest, Tensor
-
-INPUTS = [Tensor("x", "FP32", np.ones((1, 1), np.float32))]
+from gateway.upstream.client import InstanceUnreachable
 
 
 class Clock:
@@ -30,17 +30,31 @@ class Clock:
         return self.now
 
 
-class FakeClient:
-    """Answers from every instance but those in ``failing``, recording where each request went."""
+class StatefulTriton:
+    """Instances that hold sequences as Triton does: a start opens one where it lands, a later
+    request where none is open gets Triton's 400, an end closes it. ``failing``: an instance's
+    error for the next request sent there."""
 
     def __init__(self) -> None:
-        self.urls: list[str] = []
+        self.open: set[tuple[str, str, object]] = set()  # (url, version, sequence id)
+        self.sent: list[str] = []
         self.failing: dict[str, Exception] = {}
 
     async def infer(self, url, model, version, inputs, parameters, timeout, outputs=None):  # noqa: ANN001, ANN201
-        self.urls.append(url)
+        self.sent.append(url)
         if url in self.failing:
-            raise self.failing[url]
+            raise self.failing.pop(url)
+        sid = (parameters or {}).get("sequence_id")
+        key = (url, version, sid)
+        if sid and parameters.get("sequence_start"):
+            self.open.add(key)
+        elif sid and key not in self.open:
+            raise UpstreamError(
+                f"inference request for sequence {sid} to model '{model}' must specify the START flag on the first "
+                "request of the sequence", status=400,
+            )  # fmt: skip
+        if sid and parameters.get("sequence_end"):
+            self.open.discard(key)
         return BatchResult(version or "1", inputs)
 
 
@@ -51,24 +65,64 @@ def fleet(n: int, versions: tuple[str, ...] = ("1",)) -> list[Instance]:
     return instances
 
 
+class Metadata:
+    def __init__(self, stateful: bool = True) -> None:
+        config: dict = {"max_batch_size": 8}
+        if stateful:
+            config["sequence_batching"] = {"max_sequence_idle_microseconds": 1000000}
+        self.info = ModelInfo.from_triton(
+            {"name": "s", "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 1]}],
+             "outputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 1]}]},
+            config, b"{}", b"{}",
+        )  # fmt: skip
+
+    def fresh(self, model: str, version: str) -> ModelInfo:
+        return self.info
+
+    async def get(self, model: str, version: str) -> ModelInfo:
+        return self.info
+
+
+def step(sequence: int | str, start: bool = False, end: bool = False, version: str = "") -> InferRequest:
+    params: dict = {"sequence_id": sequence}
+    if start:
+        params["sequence_start"] = True
+    if end:
+        params["sequence_end"] = True
+    return InferRequest("s", version, [Tensor("x", "FP32", np.ones((1, 1), np.float32))], parameters=params)
+
+
+def worker(instances: list[Instance], triton: StatefulTriton, rollouts: Rollouts | None = None, stateful: bool = True) -> InferencePipeline:
+    """One gateway process: its own router state and pins over the shared fleet."""
+    router = Router(instances, triton, clock=Clock(), rng=random.Random(0))  # type: ignore[arg-type]
+    return InferencePipeline(BatchingConfig(), router, Metadata(stateful), rollouts=rollouts)  # type: ignore[arg-type]
+
+
+def key_led_by(url: str, instances: list[Instance]) -> int:
+    """A sequence id whose ranking puts ``url`` first among ``instances``."""
+    return next(n for n in range(1, 1000) if ranked(b"%d" % n, instances)[0].url == url)
+
+
 # -- the pieces -----------------------------------------------------------------------------------
 
 
 def test_a_sequence_is_its_id_and_none_is_no_sequence() -> None:
     assert sequence_of({"sequence_id": 7}) == b"7"
     assert sequence_of({"sequence_id": "7"}) != sequence_of({"sequence_id": 7})
+    long_ids = [sequence_of({"sequence_id": "x" * 1000 + c}) for c in "ab"]
+    assert long_ids[0] != long_ids[1] and all(len(k) <= 65 for k in long_ids)  # type: ignore[arg-type]
     for params in (None, {}, {"priority": 1}, {"sequence_id": 0}, {"sequence_id": ""}):
         assert sequence_of(params) is None
 
 
-def test_rendezvous_moves_only_the_sequences_of_an_instance_that_leaves() -> None:
+def test_the_ranking_is_the_same_everywhere_and_moves_only_the_sequences_of_an_instance_that_leaves() -> None:
     instances = fleet(4)
     keys = [b"%d" % n for n in range(400)]
-    before = {k: rendezvous(k, instances) for k in keys}
-    assert {i.url for i in before.values()} == {i.url for i in instances}  # all get some
-    assert before == {k: rendezvous(k, list(reversed(instances))) for k in keys}  # order does not matter
-    after = {k: rendezvous(k, instances[1:]) for k in keys}
-    assert all(after[k] is before[k] for k in keys if before[k] is not instances[0])
+    first = {k: ranked(k, instances)[0] for k in keys}
+    assert {i.url for i in first.values()} == {i.url for i in instances}  # each leads some
+    assert first == {k: ranked(k, list(reversed(instances)))[0] for k in keys}  # order does not matter
+    after = {k: ranked(k, instances[1:])[0] for k in keys}
+    assert all(after[k] is first[k] for k in keys if first[k] is not instances[0])
 
 
 def test_pins_expire_when_idle_and_the_least_recently_used_go_first() -> None:
@@ -84,111 +138,149 @@ def test_pins_expire_when_idle_and_the_least_recently_used_go_first() -> None:
     assert pins.get("m", "1", b"a") is None and len(pins) == 0
 
 
-def test_a_later_request_whose_instance_is_gone_names_its_sequence() -> None:
-    a, b = fleet(2)
-    affinity = Affinity(b"s" + b"order-7", pinned="http://t9", strict=True)
-    with pytest.raises(Unavailable, match="sequence 'order-7': the Triton instance holding its state is unavailable"):
-        affinity.narrow([a, b])
-    start = Affinity(b"5", pinned="http://t9", strict=False)
-    assert start.narrow([a, b]) == [rendezvous(b"5", [a, b])]
+# -- instances ------------------------------------------------------------------------------------
 
 
-# -- the router -----------------------------------------------------------------------------------
-
-
-async def test_the_router_sends_a_sequence_to_one_instance_and_never_retries_a_later_request_elsewhere() -> None:
+async def test_every_process_sends_a_sequence_to_the_instance_that_holds_it() -> None:
     instances = fleet(3)
-    client = FakeClient()
-    router = Router(instances, client, clock=Clock(), rng=random.Random(0))  # type: ignore[arg-type]
-    for n in range(10):
-        affinity = Affinity(b"%d" % n, None, strict=n % 2 == 1)
-        await router.infer("s", "1", INPUTS, {"sequence_id": n}, None, None, affinity)
-        assert client.urls[-1] == affinity.served == rendezvous(b"%d" % n, instances).url
-    home = rendezvous(b"3", instances)
-    client.failing[home.url] = GatewayTimeout("no answer")
-    client.urls.clear()
+    triton = StatefulTriton()
+    a, b = worker(instances, triton), worker(instances, triton)
+    for n in range(1, 31):
+        await a.infer(step(n, start=True))
+    for n in range(1, 31):  # the other process, which pinned nothing
+        await b.infer(step(n))
+        await a.infer(step(n))
+    assert len(set(triton.sent)) == 3 and len(triton.sent) == 90  # spread, and nothing refused
+    await a.infer(step(5, end=True))
+    with pytest.raises(UpstreamError, match="must specify the START flag"):  # ended: Triton's answer
+        await b.infer(step(5))
+    await a.close(0)
+    await b.close(0)
+
+
+async def test_a_start_moves_on_only_when_nothing_was_sent() -> None:
+    instances = fleet(3)
+    triton = StatefulTriton()
+    a, b = worker(instances, triton), worker(instances, triton)
+    n = key_led_by("http://t0", instances)
+    triton.failing["http://t0"] = InstanceUnreachable("refused", connect_failed=True)
+    await a.infer(step(n, start=True))  # t0 down: the next in the sequence's ranking
+    second = ranked(b"%d" % n, instances)[1].url
+    assert triton.sent == ["http://t0", second]
+    await b.infer(step(n))  # b knows t0 is down too, here after a probe
+    assert triton.sent[-1] == second
+    # A start whose instance may have seen it (no answer in time) is not sent twice.
+    m = key_led_by("http://t1", instances)
+    triton.failing["http://t1"] = GatewayTimeout("no answer within 1 s")
+    triton.sent.clear()
     with pytest.raises(GatewayTimeout):
-        await router.infer("s", "1", INPUTS, {"sequence_id": 3}, None, None, Affinity(b"3", None, strict=True))
-    assert client.urls == [home.url]  # not retried: the state is there only
-    start = Affinity(b"3", None, strict=False)
-    await router.infer("s", "1", INPUTS, {"sequence_id": 3, "sequence_start": True}, None, None, start)
-    assert client.urls[1] == home.url and start.served not in (None, home.url)  # a start moves on
+        await a.infer(step(m, start=True))
+    assert triton.sent == ["http://t1"]
+    await a.close(0)
+    await b.close(0)
 
 
-# -- the pipeline ---------------------------------------------------------------------------------
-
-
-class FakeMetadata:
-    def __init__(self, stateful: bool) -> None:
-        self.info = ModelInfo.from_triton(
-            {"name": "s", "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 1]}],
-             "outputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 1]}]},
-            {"max_batch_size": 8, **({"sequence_batching": {"max_sequence_idle_microseconds": 1000000}} if stateful else {})},
-            b"{}", b"{}",
-        )  # fmt: skip
-
-    def fresh(self, model: str, version: str) -> ModelInfo:
-        return self.info
-
-    async def get(self, model: str, version: str) -> ModelInfo:
-        return self.info
-
-
-def step(sequence: int, start: bool = False, end: bool = False) -> InferRequest:
-    params: dict = {"sequence_id": sequence}
-    if start:
-        params["sequence_start"] = True
-    if end:
-        params["sequence_end"] = True
-    return InferRequest("s", "", [Tensor("x", "FP32", np.ones((1, 1), np.float32))], parameters=params)
-
-
-async def test_a_sequence_keeps_its_instance_and_version_while_the_fleet_changes() -> None:
-    instances = fleet(2, versions=("1",))
-    client = FakeClient()
-    router = Router(instances, client, clock=Clock(), rng=random.Random(0))  # type: ignore[arg-type]
-    pipeline = InferencePipeline(BatchingConfig(), router, FakeMetadata(stateful=True))  # type: ignore[arg-type]
-    first = await pipeline.infer(step(11, start=True))
-    home = client.urls[-1]
-    # Version 2 arrives everywhere and an instance joins: the sequence stays on version 1, there.
-    for i in instances:
-        i.set_index({"s": frozenset({"1", "2"})})
+async def test_a_sequence_started_before_an_instance_joined_is_found_where_it_is() -> None:
+    instances = fleet(2)
+    triton = StatefulTriton()
     newcomer = Instance("http://t-new")
-    newcomer.set_index({"s": frozenset({"1", "2"})})
-    router.set_instances([*instances, newcomer])
-    later = [await pipeline.infer(step(11)) for _ in range(5)]
-    assert first.version == "1" and all(r.version == "1" for r in later)
-    assert client.urls[-5:] == [home] * 5
-    await pipeline.infer(step(11, end=True))
-    assert client.urls[-1] == home
-    # Ended: a new sequence with the same id starts on the newest version.
-    assert (await pipeline.infer(step(11, start=True))).version == "2"
-    await pipeline.close(0)
+    newcomer.set_index({"s": frozenset({"1"})})
+    n = key_led_by("http://t-new", [*instances, newcomer])
+    a = worker(instances, triton)
+    await a.infer(step(n, start=True))
+    home = triton.sent[-1]
+    b = worker([*instances, newcomer], triton)  # a process that sees the newcomer, and no pin
+    a._router.set_instances([*instances, newcomer])
+    await b.infer(step(n))
+    assert triton.sent[-2:] == ["http://t-new", home]  # refused where it is not: on to the next
+    await a.infer(step(n))
+    assert triton.sent[-1] == home  # the pin, straight there
+    await a.close(0)
+    await b.close(0)
 
 
-async def test_a_canary_share_splits_sequences_not_their_requests() -> None:
-    instances = fleet(2, versions=("1", "2"))
-    router = Router(instances, FakeClient(), clock=Clock(), rng=random.Random(0))  # type: ignore[arg-type]
-    rollouts = Rollouts(seed=1)
-    rollouts.set_models({"s": ModelRollout("1", "2", 0.5)})
-    pipeline = InferencePipeline(BatchingConfig(), router, FakeMetadata(stateful=True), rollouts=rollouts)  # type: ignore[arg-type]
-    versions: dict[int, set[str]] = {}
-    for n in range(1, 41):
-        versions[n] = {(await pipeline.infer(step(n, start=True))).version}
-    for _ in range(3):
-        for n in range(1, 41):
-            versions[n].add((await pipeline.infer(step(n))).version)
-    assert all(len(v) == 1 for v in versions.values())
-    assert 8 <= sum(v == {"2"} for v in versions.values()) <= 32  # about half the sequences
-    await pipeline.close(0)
+async def test_a_later_request_whose_instance_is_down_is_503_naming_the_sequence() -> None:
+    instances = fleet(2)
+    triton = StatefulTriton()
+    a, b = worker(instances, triton), worker(instances, triton)
+    await a.infer(step("order-7", start=True))
+    home = next(i for i in instances if i.url == triton.sent[-1])
+    home.mark_down("refused", 0.0)
+    sent = len(triton.sent)
+    gone = "sequence 'order-7': the Triton instance holding its state is unavailable"
+    with pytest.raises(Unavailable, match=gone):  # pinned here: nothing sent elsewhere
+        await a.infer(step("order-7"))
+    assert len(triton.sent) == sent
+    with pytest.raises(Unavailable, match=gone):  # there, it may have started where it is refused
+        await b.infer(step("order-7"))
+    assert len(triton.sent) == sent + 1 and triton.sent[-1] != home.url
+    await a.close(0)
+    await b.close(0)
 
 
 async def test_a_model_without_sequence_batching_balances_its_requests_as_usual() -> None:
     instances = fleet(2)
-    client = FakeClient()
-    router = Router(instances, client, clock=Clock(), rng=random.Random(0))  # type: ignore[arg-type]
-    pipeline = InferencePipeline(BatchingConfig(), router, FakeMetadata(stateful=False))  # type: ignore[arg-type]
+    triton = StatefulTriton()
+    pipeline = worker(instances, triton, stateful=False)
     for _ in range(20):
-        await pipeline.infer(step(5))
-    assert len(set(client.urls)) == 2
+        await pipeline.infer(step(5, start=True))
+    assert len(set(triton.sent)) == 2
     await pipeline.close(0)
+
+
+# -- versions -------------------------------------------------------------------------------------
+
+
+async def test_a_sequence_keeps_its_version_when_a_newer_one_arrives_and_fails_clearly_once_it_is_gone() -> None:
+    instances = fleet(2, versions=("1",))
+    triton = StatefulTriton()
+    a = worker(instances, triton)
+    assert (await a.infer(step(11, start=True))).version == "1"
+    for i in instances:
+        i.set_index({"s": frozenset({"1", "2"})})
+    assert [(await a.infer(step(11))).version for _ in range(3)] == ["1", "1", "1"]
+    assert (await a.infer(step(12, start=True))).version == "2"  # a new sequence: the newest
+    for i in instances:  # version 1 drained and unloaded
+        i.set_index({"s": frozenset({"2"})})
+    with pytest.raises(Unavailable, match="sequence 11: version 1, which it started on, is no longer served"):
+        await a.infer(step(11))
+    await a.infer(step(11, start=True))  # started again: on version 2
+    await a.infer(step(11, end=True))
+    assert (await a.infer(step(11, start=True))).version == "2"
+    await a.close(0)
+
+
+async def test_a_canary_split_moves_whole_sequences_in_every_process() -> None:
+    instances = fleet(2, versions=("1", "2"))
+    triton = StatefulTriton()
+
+    def rollouts(seed: int) -> Rollouts:
+        r = Rollouts(seed=seed)
+        r.set_models({"s": ModelRollout("1", "2", 0.5)})
+        return r
+
+    a, b = worker(instances, triton, rollouts(1)), worker(instances, triton, rollouts(2))
+    versions: dict[int, set[str]] = {}
+    for n in range(1, 41):
+        versions[n] = {(await a.infer(step(n, start=True))).version}
+    for w in (b, a, b):
+        for n in range(1, 41):
+            versions[n].add((await w.infer(step(n))).version)
+    assert all(len(v) == 1 for v in versions.values())
+    assert 8 <= sum(v == {"2"} for v in versions.values()) <= 32  # about half the sequences
+    await a.close(0)
+    await b.close(0)
+
+
+async def test_triton_refusing_a_sequence_does_not_count_against_the_canary_nor_is_it_mirrored() -> None:
+    instances = fleet(2, versions=("1", "2", "3"))
+    triton = StatefulTriton()
+    rollouts = Rollouts(seed=0)
+    rollouts.set_models({"s": ModelRollout("1", "2", 1.0, shadow="3", shadow_share=1.0)})
+    a = worker(instances, triton, rollouts)
+    await a.infer(step(1, start=True))
+    with pytest.raises(UpstreamError, match="START flag"):
+        await a.infer(step(99))  # never started
+    await a.close(1.0)
+    assert [ok for ok, _ in rollouts.states["s"].window("2").items] == [True]
+    assert rollouts.snapshot()["models"]["s"]["shadow"]["sent"] == 0

@@ -1,7 +1,7 @@
 """Triton Python-backend model: sequence_sum (see ../config.pbtxt and ../../README.md).
 
 Keeps a running total per sequence (by its correlation id, the CORRID control input): START
-resets it, every request adds its x and answers the total. A request of a sequence whose start
+resets it, every request adds its x and answers the total, END forgets it. A request of a sequence whose start
 this instance never saw is answered with an error, as a stateful model would fail it.
 numpy stays out of it (DLPack and torch), as in the other models.
 """
@@ -38,5 +38,7 @@ class TritonPythonModel:
                 continue
             self.totals[corrid] += float(x[0])
             total = torch.tensor([[self.totals[corrid]]], dtype=torch.float32)
+            if bool(_tensor(request, "END").reshape(-1)[0] != 0):
+                del self.totals[corrid]
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack("total", torch.utils.dlpack.to_dlpack(total))]))
         return responses
