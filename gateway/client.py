@@ -116,12 +116,15 @@ class GatewayClient:
         outputs: list[str] | None = None,
         version: str | None = None,
         request_id: str | None = None,
+        parameters: dict[str, Any] | None = None,
     ) -> InferResult:
+        """``parameters``: the v2 request parameters, e.g. ``{"sequence_id": 7,
+        "sequence_start": True}`` for a stateful model, ``{"timeout": 200_000}`` (µs)."""
         path = f"/v2/models/{quote(model, safe='')}"
         if version:
             path += f"/versions/{quote(version, safe='')}"
         body = codec.encode_request(
-            [tensor_from_numpy(name, array) for name, array in inputs.items()], outputs, request_id
+            [tensor_from_numpy(name, array) for name, array in inputs.items()], outputs, request_id, parameters
         )
         headers = {"Content-Type": codec.CONTENT_TYPE, "Accept": codec.CONTENT_TYPE}
         async with self._get_session().post(f"{self._url}{path}/infer", data=body, headers=headers) as resp:

@@ -15,11 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import fleet
 from conftest import REPO_ROOT, gateway_config, running_fleet, running_gateway
+from gateway.client import GatewayClient
 
 pytestmark = pytest.mark.integration
 
@@ -86,3 +88,16 @@ def test_each_sequence_keeps_its_instance_across_worker_processes(triton: fleet.
         while sum(sent := instance_requests(gw.url, triton.http_urls)) < len(order) + 2 and time.monotonic() < deadline:
             time.sleep(0.2)
     assert sum(sent) == len(order) + 2 and min(sent) > 0, sent
+
+
+async def test_a_sequence_through_the_msgpack_client(triton: fleet.Fleet, tmp_path: Path) -> None:
+    config = gateway_config(triton.http_urls, GATEWAY_PORT + 1, server={"workers": 2})
+    with running_gateway(config, GATEWAY_PORT + 1, tmp_path) as gw:
+        totals = []
+        for sequence in (101, 102):
+            async with GatewayClient(gw.url) as client:
+                for i, x in enumerate((2.0, 3.0, 5.0)):
+                    params = {"sequence_id": sequence, "sequence_start": i == 0, "sequence_end": i == 2}
+                    result = await client.infer("sequence_sum", {"x": np.array([[x]], np.float32)}, parameters=params)
+                    totals.append(float(result.outputs["total"][0, 0]))
+    assert totals == [2.0, 5.0, 10.0] * 2

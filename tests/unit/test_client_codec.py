@@ -68,7 +68,7 @@ async def _infer_handler(request: web.Request) -> web.Response:
             return web.Response(body=b"\xc1", content_type=codec.CONTENT_TYPE)
         # Echo: every input comes back doubled (BYTES repeated) as "<name>_out".
         outputs = [Tensor(f"{t.name}_out", t.datatype, t.data * 2) for t in infer.inputs]
-        answer = codec.encode_response(InferResponse(infer.model, infer.version or "1", outputs), infer)
+        answer = codec.encode_response(InferResponse(infer.model, infer.version or "1", outputs, parameters=infer.parameters), infer)
     except GatewayError as exc:
         return web.Response(status=exc.status, body=codec.error_body(exc.message), content_type=codec.CONTENT_TYPE)
     return web.Response(body=answer, content_type=codec.CONTENT_TYPE)
@@ -92,8 +92,10 @@ async def test_client_infer_against_stub(server: TestServer) -> None:
             outputs=["s_out", "a_out"],
             version="7",
             request_id="rid",
+            parameters={"sequence_id": 7, "sequence_start": True},
         )
         assert (result.model_name, result.model_version, result.id) == ("m/odd name", "7", "rid")
+        assert result.parameters == {"sequence_id": 7, "sequence_start": True}  # sent, and echoed by the stub
         assert list(result.outputs) == ["s_out", "a_out"]
         np.testing.assert_array_equal(result.outputs["a_out"], np.arange(4, dtype=np.float32).reshape(2, 2) * 2)
         assert result.outputs["s_out"].tolist() == [b"xyxy"]
