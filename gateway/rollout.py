@@ -29,7 +29,8 @@ A request naming a version (``/v2/models/{m}/versions/{v}/infer``) bypasses the 
 without a table (and no ``[defaults]``) is served by the newest version READY on every instance. With a sticky header, the
 choice is a hash of the model and the header's value: the same client always gets the same
 version for a given share, and raising the share only moves clients from stable to canary. A
-request without the header is drawn at random.
+request of a sequence (``sequence_id``) is drawn from its id instead, so the split moves whole
+sequences (``gateway.sequences``). Any other request without the header is drawn at random.
 
 Automatic decisions (``RolloutState``): every request served through the rollout is recorded
 (its version, whether it failed with a 5xx or timeout, its latency); answers from the cache
