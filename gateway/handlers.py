@@ -23,7 +23,7 @@ from gateway.router import Router
 from gateway.upstream.client import model_path, upstream_error
 from gateway.upstream.repository import RepositorySync
 from gateway.upstream.repository_workers import WorkerRepository
-from gateway.upstream.stats import merge_statistics
+from gateway.upstream.stats import add_cache_answers, merge_statistics
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,11 @@ async def model_stats(request: Request) -> Response:
         if any(s in error.message for s in ("unknown model", "not found", "is not available")):
             raise NotFound(error.message)
         raise error
-    return Response(orjson.dumps(merge_statistics(ok)), media_type=JSON)
+    stats = merge_statistics(ok)
+    registry = getattr(request.app.state, "metrics", None)
+    if registry is not None:
+        add_cache_answers(stats, prometheus.cache_answers(registry))
+    return Response(orjson.dumps(stats), media_type=JSON)
 
 
 # What the gateway itself implements; Triton's other extensions (shared memory, sequences,

@@ -145,6 +145,16 @@ class GatewayCollector(Collector):
             "resolved) and HTTP status code. Clients that disconnected first are not counted here.",
             labels=["model", "version", "code"],
         )
+        cached = CounterMetricFamily(
+            CACHE_ANSWERS,
+            "Infer requests the gateway answered without Triton computing them for them (from its cache: hit; "
+            "sharing an identical request's computation: coalesced), by model and the version whose answer it was; "
+            "/v2/models/.../stats counts them as Triton counts its own cache hits.",
+            labels=["model", "version", "cache"],
+        )
+        cached_seconds = CounterMetricFamily(
+            CACHE_ANSWER_SECONDS, f"Arrival to answer, summed over the requests of {CACHE_ANSWERS}_total.", labels=["model", "version", "cache"]
+        )
         answered: dict[tuple[str, str, str], float] = {}
         by_model: dict[tuple[str, ...], list[float]] = {}
         by_cache: dict[tuple[str, ...], list[float]] = {}
@@ -154,9 +164,14 @@ class GatewayCollector(Collector):
             _add_row(by_model, (model,), row)
             if cache:
                 _add_row(by_cache, (model, cache), row)
+            if code == 200 and cache in ("hit", "coalesced"):
+                cached.add_metric([model, version, cache], sum(row[:_SUM]))
+                cached_seconds.add_metric([model, version, cache], row[_SUM])
         for labels, n in answered.items():
             requests.add_metric(list(labels), n)
         yield requests
+        yield cached
+        yield cached_seconds
         yield _histogram(
             "gateway_infer_request_duration_seconds",
             "Time from an infer request's arrival to its answer sent, by model (every status code).",
@@ -379,6 +394,31 @@ class GatewayCollector(Collector):
 def build_registry(counts: InferCounts, services: Services) -> CollectorRegistry:
     """A registry of the app's own with the gateway's collector on it."""
     return registry_of(GatewayCollector(counts, services))
+
+
+CACHE_ANSWERS = "gateway_infer_cache_answers"
+CACHE_ANSWER_SECONDS = "gateway_infer_cache_answer_seconds"
+
+
+def cache_answers(registry: CollectorRegistry) -> dict[tuple[str, str], tuple[float, float]]:
+    """The requests answered without a computation of their own, by (model, version): their
+    count and their seconds from arrival to answer, summed over the worker processes (the
+    registry's counters are)."""
+    out: dict[tuple[str, str], tuple[float, float]] = {}
+    for family in registry.collect():
+        if family.name not in (CACHE_ANSWERS, CACHE_ANSWER_SECONDS):
+            continue
+        for sample in family.samples:
+            if not sample.name.endswith("_total"):
+                continue
+            key = (sample.labels["model"], sample.labels["version"])
+            count, seconds = out.get(key, (0.0, 0.0))
+            if family.name == CACHE_ANSWERS:
+                count += sample.value
+            else:
+                seconds += sample.value
+            out[key] = (count, seconds)
+    return out
 
 
 def registry_of(collector: Collector) -> CollectorRegistry:

@@ -47,6 +47,24 @@ def _merge_list(a: list[Any], b: list[Any]) -> list[Any]:
     return out
 
 
+def add_cache_answers(stats: dict[str, Any], answers: dict[tuple[str, str], tuple[float, float]]) -> None:
+    """Count the requests the gateway answered from its cache (or by sharing an identical
+    request's computation) as Triton counts its own cache hits: in ``success``, ``queue`` and
+    ``cache_hit`` (not in ``inference_count`` or ``execution_count``: nothing ran). One big
+    Triton would have counted them, and perf_analyzer, asked for no version, reads the version
+    it measured from whose ``queue`` count grew."""
+    for entry in stats.get("model_stats", []):
+        found = answers.get((entry.get("name"), entry.get("version")))
+        if not found or not found[0]:
+            continue
+        count, ns = int(found[0]), int(found[1] * 1e9)
+        inference = entry.setdefault("inference_stats", {})
+        for key, add_ns in (("success", ns), ("queue", 0), ("cache_hit", ns)):
+            item = inference.setdefault(key, {"count": 0, "ns": 0})
+            item["count"] = item.get("count", 0) + count
+            item["ns"] = item.get("ns", 0) + add_ns
+
+
 def merge_statistics(answers: list[dict[str, Any]]) -> dict[str, Any]:
     merged: dict[str, Any] = {"model_stats": []}
     for answer in answers:

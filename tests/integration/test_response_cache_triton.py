@@ -181,6 +181,26 @@ def test_top_classes_are_cached_apart_from_the_values_and_json_and_msgpack_share
     assert [item.decode() for item in strings] == rows.ravel().tolist()
 
 
+def test_stats_count_the_cache_answers_as_triton_counts_its_cache_hits(stack: Stack) -> None:
+    """One big Triton would count every request; perf_analyzer, asked for no version, reads the
+    version it measured from whose queue count grew, which cached answers alone never moved."""
+    x = images(50)
+
+    def version_stats(url: str) -> dict:
+        stats = httpx.get(f"{url}/v2/models/{DIGITS.name}/stats", timeout=10).json()["model_stats"]
+        return next(s for s in stats if s["version"] == "1")["inference_stats"]
+
+    before, triton_before = version_stats(stack.gateway.url), version_stats(stack.triton.http_urls[0])
+    with httpx.Client(base_url=stack.gateway.url, timeout=30) as http:
+        answers = [http.post(PATH, json=json_body(x)).headers["x-cache"] for _ in range(5)]
+    assert answers == ["miss", "hit", "hit", "hit", "hit"]
+    after, triton_after = version_stats(stack.gateway.url), version_stats(stack.triton.http_urls[0])
+    assert triton_after["queue"]["count"] - triton_before["queue"]["count"] == 1  # Triton computed one
+    for key in ("queue", "success"):
+        assert after[key]["count"] - before[key]["count"] == 5
+    assert after["cache_hit"]["count"] - before["cache_hit"]["count"] == 4 and after["cache_hit"]["ns"] > before["cache_hit"]["ns"]
+
+
 def test_errors_are_never_cached(stack: Stack) -> None:
     bad = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 7], "data": [0.0] * 56}]}
     with httpx.Client(base_url=stack.gateway.url, timeout=30) as http:

@@ -167,6 +167,20 @@ def test_the_real_collector_of_two_workers_sums(folder: Path) -> None:
     assert val(parsed, "gateway_infer_request_duration_seconds_count", model="m") == 7
 
 
+def test_cache_answers_for_the_stats_are_summed_over_the_workers(folder: Path) -> None:
+    from gateway.metrics import GatewayCollector, cache_answers, registry_of
+    from test_metrics import empty_services
+
+    one, two = InferCounts(), InferCounts()
+    for counts, n in ((one, 3), (two, 4)):
+        for _ in range(n):
+            counts.record("m", "1", 200, 0.002, "hit")
+    wa = WorkerSum(GatewayCollector(one, empty_services()), folder, "a")
+    WorkerSum(GatewayCollector(two, empty_services()), folder, "b").publish()
+    count, seconds = cache_answers(registry_of(wa))[("m", "1")]
+    assert count == 7 and abs(seconds - 0.014) < 1e-9
+
+
 def test_a_folder_nobody_holds_is_swept_at_the_next_start_a_held_one_stays(tmp_path: Path) -> None:
     left = create_workers_folder(str(tmp_path))
     WorkerSum(Counts(), left.path, "a").close()
