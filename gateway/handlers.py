@@ -8,6 +8,7 @@ from __future__ import annotations
 import hmac
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from starlette.exceptions import HTTPException
@@ -15,7 +16,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway import metrics as prometheus
-from gateway.errors import BadRequest, GatewayError, NotFound, Unavailable
+from gateway.errors import BadRequest, GatewayError, NotFound, PayloadTooLarge, Unavailable
+from gateway.infer_endpoint import inflate
 from gateway.pipeline import InferencePipeline
 from gateway.protocol import v2
 from gateway.rollout import RolloutConflict
@@ -54,6 +56,26 @@ async def error_response(request: Request, exc: Exception) -> Response:
 
 def model_and_version(request: Request) -> tuple[str, str]:
     return v2.model_and_version(request.path_params["model"], request.path_params.get("version", ""))
+
+
+MAX_JSON_BODY = 1 << 20  # the admin and repository calls' bodies are a few bytes
+
+
+async def json_body(request: Request, empty: Any = None) -> Any:
+    """A small JSON request body, gzip- or deflate-compressed or not (``Content-Encoding``, as
+    on the infer route); ``empty``: what an empty body means (None: it is not JSON)."""
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_JSON_BODY:
+            raise PayloadTooLarge(f"request body exceeds {MAX_JSON_BODY} bytes")
+    raw = inflate(raw, request.headers.get("content-encoding", "").encode("latin-1"), MAX_JSON_BODY)
+    if empty is not None and not raw.strip():
+        return empty
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"the body is not JSON: {exc}") from None
 
 
 async def model_metadata(request: Request) -> Response:
@@ -152,10 +174,7 @@ async def rollout_action(request: Request) -> Response:
     if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
         body = v2.error_body("missing or wrong admin token (Authorization: Bearer <token>)")
         return Response(body, 401, headers={"WWW-Authenticate": 'Bearer realm="gateway rollout"'}, media_type=JSON)
-    try:
-        body = orjson.loads(await request.body())
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"the body is not JSON: {exc}") from None
+    body = await json_body(request)
     if not isinstance(body, dict) or not isinstance(body.get("action"), str):
         raise BadRequest('the body must be {"action": "promote" | "rollback" | "set_share", "share": 0.25}')
     model = request.path_params["model"]
@@ -180,13 +199,9 @@ async def rollout_action(request: Request) -> Response:
 async def repository_index(request: Request) -> Response:
     """Triton's repository index, for the whole fleet (``Router.index``); ``{"ready": true}``
     lists only the versions ready to serve, as Triton's does."""
-    raw = await request.body()
+    body = await json_body(request, empty={})
     ready_only = False
-    if raw.strip():
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise BadRequest(f"the body is not JSON: {exc}") from None
+    if body != {}:
         if not isinstance(body, dict) or not isinstance(body.get("ready", False), bool):
             raise BadRequest('the body must be a JSON object, {"ready": true} or {"ready": false}')
         ready_only = body.get("ready", False)

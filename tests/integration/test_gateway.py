@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import gzip
 import json
 import socket
 import subprocess
@@ -113,6 +114,11 @@ def test_the_repository_index_is_the_fleets_and_model_control_is_refused(
         assert http.post("/v2/repository/index", json={"ready": True}).json() == index
         bad = http.post("/v2/repository/index", json={"ready": "yes"})
         assert bad.status_code == 400 and "ready" in bad.json()["error"]
+        # Compressed as tritonclient compresses request bodies, as on the infer route.
+        packed = gzip.compress(b'{"ready": true}')
+        assert http.post("/v2/repository/index", content=packed, headers={"Content-Encoding": "gzip"}).json() == index
+        brotli = http.post("/v2/repository/index", content=packed, headers={"Content-Encoding": "br"})
+        assert brotli.status_code == 415 and "Content-Encoding" in brotli.json()["error"]
     for call in (client.load_model, client.unload_model):
         with pytest.raises(InferenceServerException) as err:
             call(DIGITS.name)
