@@ -153,7 +153,9 @@ class GatewayCollector(Collector):
             labels=["model", "version", "cache"],
         )
         cached_seconds = CounterMetricFamily(
-            CACHE_ANSWER_SECONDS, f"Arrival to answer, summed over the requests of {CACHE_ANSWERS}_total.", labels=["model", "version", "cache"]
+            CACHE_ANSWER_SECONDS,
+            f"Arrival to answer, summed over the requests of {CACHE_ANSWERS}_total.",
+            labels=["model", "version", "cache"],
         )
         answered: dict[tuple[str, str, str], float] = {}
         by_model: dict[tuple[str, ...], list[float]] = {}

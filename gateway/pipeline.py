@@ -296,11 +296,12 @@ class InferencePipeline:
     ) -> InferResponse:
         """Serve a request the rollout sent to a version, and tell the rollout how it went:
         Triton's failures (5xx) and timeouts count against the version; the client's mistakes,
-        Triton's 4xx about the request and the gateway's load shedding do not. As with answers, a failure enters the rollback
-        windows once per computation: an identical request that waited for it (``shared``: in
-        this worker or another, or whose deadline passed while it waited) counts for the ramp
-        only. (A computation started by a request that named the version, which the rollout
-        does not see, enters them neither as a success nor as a failure.)"""
+        Triton's 4xx about the request and the gateway's load shedding do not. As with
+        answers, a failure enters the rollback windows once per computation: an identical
+        request that waited for it (``shared``: in this worker or another, or whose deadline
+        passed while it waited) counts for the ramp only. (A computation started by a request
+        that named the version, which the rollout does not see, enters them neither as a
+        success nor as a failure.)"""
         start = self._clock()
         try:
             response = await self._serve(request, deadline, gone, use_cache)
