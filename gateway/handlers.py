@@ -16,8 +16,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway import metrics as prometheus
-from gateway.errors import BadRequest, GatewayError, NotFound, PayloadTooLarge, Unavailable
-from gateway.infer_endpoint import inflate
+from gateway.errors import BadRequest, GatewayError, NotFound, Unavailable
+from gateway.infer_endpoint import inflate, read_body
 from gateway.pipeline import InferencePipeline
 from gateway.protocol import v2
 from gateway.rollout import RolloutConflict
@@ -64,12 +64,10 @@ MAX_JSON_BODY = 1 << 20  # the admin and repository calls' bodies are a few byte
 async def json_body(request: Request, empty: Any = None) -> Any:
     """A small JSON request body, gzip- or deflate-compressed or not (``Content-Encoding``, as
     on the infer route); ``empty``: what an empty body means (None: it is not JSON)."""
-    raw = b""
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > MAX_JSON_BODY:
-            raise PayloadTooLarge(f"request body exceeds {MAX_JSON_BODY} bytes")
-    raw = inflate(raw, request.headers.get("content-encoding", "").encode("latin-1"), MAX_JSON_BODY)
+    headers = request.headers
+    declared = headers.get("content-length")
+    raw = await read_body(request.receive, None if declared is None else declared.encode("latin-1"), MAX_JSON_BODY)
+    raw = inflate(raw, headers.get("content-encoding", "").encode("latin-1"), MAX_JSON_BODY)
     if empty is not None and not raw.strip():
         return empty
     try:
