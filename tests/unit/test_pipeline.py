@@ -270,14 +270,20 @@ async def test_the_rollout_chooses_the_version_unless_the_request_names_one() ->
     await pipeline.close(0)
 
 
-async def test_the_rollout_windows_hold_the_answers_computed_not_the_cache_hits() -> None:
-    router = FakeRouter()
-    router.newest = "1"
+def cached_canary(router: FakeRouter) -> tuple[InferencePipeline, Rollouts]:
+    """A pipeline with the cache on, whose requests naming no version all go to canary 2."""
     router.available = lambda model, version: True  # type: ignore[attr-defined]
     rollouts = Rollouts()
     rollouts.set_models({"m": ModelRollout("1", "2", 1.0)})
     cache = ResponseCache(CacheConfig(enabled=True))
     pipeline = InferencePipeline(BatchingConfig(), router, FakeMetadata(info(8)), cache=cache, rollouts=rollouts)  # type: ignore[arg-type]
+    return pipeline, rollouts
+
+
+async def test_the_rollout_windows_hold_the_answers_computed_not_the_cache_hits() -> None:
+    router = FakeRouter()
+    router.newest = "1"
+    pipeline, rollouts = cached_canary(router)
     answers = [await pipeline.infer(request()) for _ in range(3)]
     assert [a.cache for a in answers] == ["miss", "hit", "hit"]
     assert len(rollouts.states["m"].window("2").items) == 1 and rollouts.served == {("m", "2"): 3}
@@ -295,11 +301,7 @@ class FailingRouter(FakeRouter):
 
 async def test_a_failure_enters_the_rollout_windows_once_for_the_identical_requests_that_shared_it() -> None:
     router = FailingRouter()
-    router.available = lambda model, version: True  # type: ignore[attr-defined]
-    rollouts = Rollouts()
-    rollouts.set_models({"m": ModelRollout("1", "2", 1.0)})
-    cache = ResponseCache(CacheConfig(enabled=True))
-    pipeline = InferencePipeline(BatchingConfig(), router, FakeMetadata(info(8)), cache=cache, rollouts=rollouts)  # type: ignore[arg-type]
+    pipeline, rollouts = cached_canary(router)
     answers = await asyncio.gather(*(pipeline.infer(request()) for _ in range(5)), return_exceptions=True)
     assert all(isinstance(a, ModelError) and a.status == 500 for a in answers)
     assert router.versions == ["2"]  # one computation, which failed
@@ -317,11 +319,7 @@ class SlowRouter(FakeRouter):
 
 async def test_a_computation_too_slow_for_the_deadlines_of_its_identical_requests_is_one_failure() -> None:
     router = SlowRouter()
-    router.available = lambda model, version: True  # type: ignore[attr-defined]
-    rollouts = Rollouts()
-    rollouts.set_models({"m": ModelRollout("1", "2", 1.0)})
-    cache = ResponseCache(CacheConfig(enabled=True))
-    pipeline = InferencePipeline(BatchingConfig(), router, FakeMetadata(info(8)), cache=cache, rollouts=rollouts)  # type: ignore[arg-type]
+    pipeline, rollouts = cached_canary(router)
     deadline = time.monotonic() + 0.05
     answers = await asyncio.gather(*(pipeline.infer(request(), deadline) for _ in range(5)), return_exceptions=True)
     assert all(isinstance(a, GatewayTimeout) for a in answers)

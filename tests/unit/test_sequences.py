@@ -8,6 +8,7 @@ import random
 
 import numpy as np
 import pytest
+from test_router import Clock
 
 from gateway.batcher import BatchResult
 from gateway.config import BatchingConfig
@@ -20,14 +21,6 @@ from gateway.router import Router
 from gateway.sequences import Pins, ranked, sequence_of
 from gateway.tensors import InferRequest, Tensor
 from gateway.upstream.client import InstanceUnreachable
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class StatefulTriton:
