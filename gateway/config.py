@@ -15,6 +15,8 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway.errors import shown
+
 
 class ConfigError(ValueError):
     pass
@@ -197,7 +199,7 @@ def _build(cls: type, table: Any, where: str) -> Any:
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if expected is not None and type(value) is not expected:
-            raise ConfigError(f"{where}.{name} must be {expected.__name__}, got {value!r}")
+            raise ConfigError(f"{where}.{name} must be {expected.__name__}, got {shown(value)}")
         values[name] = value
     return cls(**values)
 
@@ -214,13 +216,13 @@ def _instances(raw: Any) -> tuple[InstanceConfig, ...]:
         if inst.url:
             parts = urlsplit(inst.url)
             if parts.scheme != "http" or not parts.hostname or parts.port is None:
-                raise ConfigError(f"{where}.url must look like http://host:port, got {inst.url!r}")
+                raise ConfigError(f"{where}.url must look like http://host:port, got {shown(inst.url)}")
             if "port" in item:
                 raise ConfigError(f"{where}: port goes with dns; a url carries its own")
             inst = replace(inst, url=inst.url.rstrip("/"))
         else:
             if not inst.dns.strip() or "/" in inst.dns or ":" in inst.dns:
-                raise ConfigError(f"{where}.dns must be a host name, got {inst.dns!r}")
+                raise ConfigError(f"{where}.dns must be a host name, got {shown(inst.dns)}")
             if not 1 <= inst.port <= 65535:
                 raise ConfigError(f"{where} needs a port in 1..65535 with its dns name")
         if inst.weight <= 0:
@@ -321,7 +323,7 @@ def validate(config: GatewayConfig) -> None:
     if c.host_max_bytes < -1:
         raise ConfigError("cache.host_max_bytes must be >= 0 (or -1: as cache.max_bytes)")
     if c.redis_url and not c.redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(f"cache.redis_url must look like redis://host:port/db, got {c.redis_url!r}")
+        raise ConfigError(f"cache.redis_url must look like redis://host:port/db, got {shown(c.redis_url)}")
     for where, m in [("cache", c), *((f"cache.models.{n}", m) for n, m in c.models.items())]:
         if m.ttl_s <= 0:
             raise ConfigError(f"{where}.ttl_s must be > 0")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from gateway.errors import BadRequest
+from gateway.errors import BadRequest, shown
 
 HEADER = b"x-request-timeout-ms"
 PARAMETER = "timeout"
@@ -30,13 +30,13 @@ def from_header(value: bytes, now: float) -> float:
     except ValueError:
         ms = math.nan
     if not (ms > 0 and math.isfinite(ms)):
-        raise BadRequest(f"X-Request-Timeout-Ms must be a positive number of milliseconds, got {value.decode('latin-1')!r}")
+        raise BadRequest(f"X-Request-Timeout-Ms must be a positive number of milliseconds, got {shown(value.decode('latin-1'))}")
     return now + ms / 1000.0
 
 
 def from_parameter(value: Any, now: float) -> float | None:
     if type(value) is not int or value < 0:
-        raise BadRequest(f"parameter 'timeout' must be a non-negative integer number of microseconds, got {value!r}")
+        raise BadRequest(f"parameter 'timeout' must be a non-negative integer number of microseconds, got {shown(value)}")
     return None if value == 0 else now + value / 1_000_000
 
 

@@ -7,6 +7,31 @@ infer requests (msgpack-encoded for msgpack clients), ``handlers.error_response`
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """A value a client sent, for an error message: written as JSON (``true``, ``null``,
+    ``"2"``), as the client wrote it, or Python's repr for what JSON cannot hold (bytes from a
+    msgpack body, a NaN); cut to ``limit`` characters."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def type_name(value: Any) -> str:
+    """The JSON (or msgpack) name of a value's type, for an error message."""
+    if value is None:
+        return "null"
+    for types, name in ((bool, "boolean"), ((int, float), "number"), (str, "string"), ((list, tuple), "array"),
+                        (dict, "object"), ((bytes, bytearray, memoryview), "binary")):
+        if isinstance(value, types):
+            return name
+    return type(value).__name__
+
 
 class GatewayError(Exception):
     status: int = 500

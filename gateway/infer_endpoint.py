@@ -35,7 +35,7 @@ from typing import Any
 
 from gateway import deadlines
 from gateway.cache import Epoch, RawAnswer, ResponseCache, raw_key
-from gateway.errors import BadRequest, ClientGone, GatewayError, NotFound, PayloadTooLarge, UnsupportedMediaType
+from gateway.errors import BadRequest, ClientGone, GatewayError, NotFound, PayloadTooLarge, UnsupportedMediaType, shown
 from gateway.metrics import InferCounts, fleet_labels
 from gateway.pipeline import InferencePipeline
 from gateway.protocol import msgpack as msgpack_codec
@@ -97,7 +97,7 @@ def is_msgpack(content_type: bytes) -> bool:
 async def read_body(receive: Receive, declared: bytes | None, limit: int) -> bytes:
     if declared is not None:
         if not declared.isdigit():
-            raise BadRequest(f"invalid Content-Length header: {declared.decode('latin-1')!r}")
+            raise BadRequest(f"invalid Content-Length header: {shown(declared.decode('latin-1'))}")
         if int(declared) > limit:
             raise PayloadTooLarge(f"request body of {int(declared)} bytes exceeds the gateway's limit of {limit} bytes")
     chunks: list[bytes] = []
@@ -121,7 +121,7 @@ def inflate(body: bytes, encoding: bytes, limit: int) -> bytes:
     if name in (b"", b"identity"):
         return body
     if name not in (b"gzip", b"deflate"):
-        raise UnsupportedMediaType(f"unsupported Content-Encoding {name.decode('latin-1')!r}; use gzip, deflate or none")
+        raise UnsupportedMediaType(f"unsupported Content-Encoding {shown(name.decode('latin-1'))}; use gzip, deflate or none")
     inflater = zlib.decompressobj(wbits=31 if name == b"gzip" else 15)
     try:
         data = inflater.decompress(body, limit + 1)

@@ -71,6 +71,7 @@ from typing import Any
 
 import numpy as np
 
+from gateway.errors import shown
 from gateway.protocol.v2 import canonical_version
 
 log = logging.getLogger(__name__)
@@ -349,7 +350,7 @@ def _version(value: Any, where: str) -> str:
     text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
     number = canonical_version(text) if isinstance(text, str) else None
     if number is None:
-        raise RolloutError(f"{where} must be a version number such as \"2\", got {value!r}")
+        raise RolloutError(f"{where} must be a version number such as \"2\", got {shown(value)}")
     return number
 
 
@@ -397,17 +398,17 @@ def _table(where: str, table: Any) -> ModelRollout:
     canary = _version(table["canary"], f"{where}.canary") if "canary" in table else ""
     share = table.get("canary_share", 0.0)
     if isinstance(share, bool) or not isinstance(share, int | float) or not 0.0 <= share <= 1.0:
-        raise RolloutError(f"{where}.canary_share must be a number in 0..1, got {share!r}")
+        raise RolloutError(f"{where}.canary_share must be a number in 0..1, got {shown(share)}")
     if share and not canary:
         raise RolloutError(f"{where}.canary_share is set but there is no canary version")
     if canary == stable:
         raise RolloutError(f"{where}: the canary is the stable version ({stable})")
     sticky = table.get("sticky_header", "")
     if not isinstance(sticky, str) or (sticky and not sticky.replace("-", "").isalnum()):
-        raise RolloutError(f"{where}.sticky_header must be a header name, got {sticky!r}")
+        raise RolloutError(f"{where}.sticky_header must be a header name, got {shown(sticky)}")
     ramp = table.get("ramp", [])
     if not isinstance(ramp, list) or not all(_share(x) for x in ramp) or ramp != sorted(ramp) or (ramp and ramp[-1] != 1):
-        raise RolloutError(f"{where}.ramp must be rising shares in 0..1 ending with 1.0, got {ramp!r}")
+        raise RolloutError(f"{where}.ramp must be rising shares in 0..1 ending with 1.0, got {shown(ramp)}")
     if ramp and not canary:
         raise RolloutError(f"{where}.ramp is set but there is no canary version")
     numbers = {}
@@ -418,14 +419,14 @@ def _table(where: str, table: Any) -> ModelRollout:
         if key in table:
             value = table[key]
             if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and not isinstance(value, int)):
-                raise RolloutError(f"{where}.{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+                raise RolloutError(f"{where}.{key} must be {'an integer' if kind is int else 'a number'}, got {shown(value)}")
             if not (math.isfinite(value) and value >= low):  # NaN compares false: it would never roll back
-                raise RolloutError(f"{where}.{key} must be a finite number >= {low}, got {value!r}")
+                raise RolloutError(f"{where}.{key} must be a finite number >= {low}, got {shown(value)}")
             numbers[key] = kind(value)
     shadow = _version(table["shadow"], f"{where}.shadow") if "shadow" in table else ""
     shadow_share = table.get("shadow_share", 0.1 if shadow else 0.0)
     if not (shadow_share == 0 or _share(shadow_share)):
-        raise RolloutError(f"{where}.shadow_share must be a number in 0..1, got {shadow_share!r}")
+        raise RolloutError(f"{where}.shadow_share must be a number in 0..1, got {shown(shadow_share)}")
     if shadow_share and not shadow:
         raise RolloutError(f"{where}.shadow_share is set but there is no shadow version")
     if shadow and shadow == stable:
@@ -629,10 +630,10 @@ class Rollouts:
             state.rollback(now, "operator")
         elif action == "set_share":
             if share is None or isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
-                raise ValueError(f"set_share needs a share in 0..1, got {share!r}")
+                raise ValueError(f"set_share needs a share in 0..1, got {shown(share)}")
             state.set_share(float(share) + 0.0, now)  # + 0.0: -0.0 is 0
         else:
-            raise ValueError(f"unknown action {action!r}: use promote, rollback or set_share")
+            raise ValueError(f"unknown action {shown(action)}: use promote, rollback or set_share")
         if self.on_decision is not None:
             self.on_decision(model, state, "operator")
         return state.snapshot()

@@ -31,7 +31,7 @@ from typing import Any
 
 import msgpack
 
-from gateway.errors import BadRequest, UpstreamError
+from gateway.errors import BadRequest, UpstreamError, type_name
 from gateway.protocol.v2 import (
     MakeError,
     check_request_parameters,
@@ -83,7 +83,7 @@ def _unpack(body: bytes, err: MakeError) -> dict[str, Any]:
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise err(f"malformed msgpack body: {str(exc) or _UNPACK_ERRORS.get(type(exc), type(exc).__name__)}") from None
     if not isinstance(doc, dict):
-        raise err(f"the msgpack body must be a map, got {type(doc).__name__}")
+        raise err(f"the msgpack body must be a map, got {type_name(doc)}")
     return doc
 
 
@@ -107,7 +107,7 @@ def _tensors(raw: Any, kind: str, err: MakeError) -> list[Tensor]:
         seen.add(name)
         data = obj.get("data")
         if not isinstance(data, bytes):
-            raise err(f"{where}: 'data' must be msgpack bin, got {type(data).__name__}")
+            raise err(f"{where}: 'data' must be msgpack bin, got {type_name(data)}")
         tensors.append(Tensor(name, datatype, tensor_from_buffer(data, datatype, shape, where, err)))
     return tensors
 

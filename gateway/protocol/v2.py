@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import orjson
 
-from gateway.errors import BadRequest, UpstreamError
+from gateway.errors import BadRequest, UpstreamError, shown, type_name
 from gateway.tensors import V2_TO_NUMPY, InferRequest, InferResponse, RequestedOutput, Tensor
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -44,26 +44,22 @@ def _is_dim(value: Any) -> bool:
     return type(value) is int and 0 <= value <= _INT64_MAX  # bool is not a dimension
 
 
-def _short(value: Any) -> str:
-    return text if len(text := repr(value)) <= 80 else text[:77] + "..."
-
-
 def parse_tensor_spec(obj: Any, kind: str, index: int, err: MakeError) -> tuple[str, str, tuple[int, ...]]:
     """Validate the ``name``, ``datatype`` and ``shape`` of the ``index``-th input/output object."""
     if not isinstance(obj, dict):
-        raise err(f"{kind} #{index} must be an object, got {type(obj).__name__}")
+        raise err(f"{kind} #{index} must be an object, got {type_name(obj)}")
     name = obj.get("name")
     if not isinstance(name, str) or not name:
         raise err(f"{kind} #{index}: 'name' must be a non-empty string")
     datatype = obj.get("datatype")
     if not isinstance(datatype, str) or datatype not in V2_TO_NUMPY:
-        raise err(f"{kind} '{name}': unknown datatype {_short(datatype)}")
+        raise err(f"{kind} '{name}': unknown datatype {shown(datatype)}")
     shape = obj.get("shape")
     if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_dim(d) for d in shape):
-        raise err(f"{kind} '{name}': shape must be a list of non-negative integers, got {_short(shape)}")
+        raise err(f"{kind} '{name}': shape must be a list of non-negative integers, got {shown(shape)}")
     if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
         # Even with a zero dimension (no data at all), numpy cannot represent such a shape.
-        raise err(f"{kind} '{name}': shape {_short(shape)} is too large")
+        raise err(f"{kind} '{name}': shape {shown(shape)} is too large")
     return name, datatype, tuple(shape)
 
 
@@ -166,7 +162,7 @@ def _flatten_strings(data: list, where: str, err: MakeError) -> list[bytes]:
                 stack.append(iter(item))
                 break
             if not isinstance(item, str):
-                raise err(f"{where}: BYTES data elements must be strings, got {type(item).__name__}")
+                raise err(f"{where}: BYTES data elements must be strings, got {type_name(item)}")
             out.append(item.encode("utf-8"))
         else:
             stack.pop()
@@ -175,7 +171,7 @@ def _flatten_strings(data: list, where: str, err: MakeError) -> list[bytes]:
 
 def _tensor_from_json(data: Any, datatype: str, shape: tuple[int, ...], where: str, err: MakeError) -> np.ndarray:
     if not isinstance(data, list):
-        raise err(f"{where}: 'data' must be a list, got {type(data).__name__}")
+        raise err(f"{where}: 'data' must be a list, got {type_name(data)}")
     count = math.prod(shape)
     dtype = V2_TO_NUMPY[datatype]
     if datatype == "BYTES":
@@ -245,7 +241,7 @@ def model_and_version(model: str, version: str) -> tuple[str, str]:
         return model, ""
     number = canonical_version(version)
     if number is None:
-        raise BadRequest(f"model version must be a positive integer (64-bit), got {_short(version)}")
+        raise BadRequest(f"model version must be a positive integer (64-bit), got {shown(version)}")
     return model, number
 
 
@@ -263,7 +259,7 @@ def parse_header_length(value: str | None, body_length: int) -> int | None:
         return None
     text = value.strip()
     if not (text.isascii() and text.isdigit()) or len(text) > 19:
-        raise BadRequest(f"{HEADER_LENGTH} header must be a non-negative integer, got {_short(value)}")
+        raise BadRequest(f"{HEADER_LENGTH} header must be a non-negative integer, got {shown(value)}")
     length = int(text)
     if length > body_length:
         raise BadRequest(f"{HEADER_LENGTH} header ({length}) exceeds the body length ({body_length})")
@@ -285,7 +281,7 @@ def _load_object(data: memoryview, err: MakeError) -> dict[str, Any]:
     except orjson.JSONDecodeError as exc:
         raise err(f"malformed JSON: {exc}") from None
     if not isinstance(doc, dict):
-        raise err(f"the JSON body must be an object, got {type(doc).__name__}")
+        raise err(f"the JSON body must be an object, got {type_name(doc)}")
     return doc
 
 
@@ -332,10 +328,10 @@ def check_request_parameters(params: dict[Any, Any]) -> dict[str, Any]:
     instance): a 400 naming the parameter instead."""
     for name, value in params.items():
         if type(name) is not str:
-            raise BadRequest(f"request parameter names must be strings, got {_short(name)}")
+            raise BadRequest(f"request parameter names must be strings, got {shown(name)}")
         if not _parameter_fits(name, value):
             what = _KNOWN_PARAMETERS.get(name, "a string, an integer, a finite number or a boolean")
-            raise BadRequest(f"request parameter '{name}' must be {what}, got {_short(value)}")
+            raise BadRequest(f"request parameter '{name}' must be {what}, got {shown(value)}")
     return params
 
 
@@ -356,7 +352,7 @@ def _decode_tensors(raw: Any, binary: memoryview, kind: str, err: MakeError) -> 
             if "data" in obj:
                 raise err(f"{where} has both 'data' and parameters.binary_data_size")
             if type(size) is not int or size < 0:
-                raise err(f"{where}: binary_data_size must be a non-negative integer, got {_short(size)}")
+                raise err(f"{where}: binary_data_size must be a non-negative integer, got {shown(size)}")
             if offset + size > available:
                 left = available - offset
                 raise err(f"{where}: binary_data_size {size} runs past the end of the body ({left} bytes left)")
@@ -379,7 +375,7 @@ def class_count(value: Any, output: str) -> int:
     if type(value) is not int or not 0 <= value <= _U32_MAX:
         raise BadRequest(
             f"requested output '{output}': classification must be an unsigned 32-bit integer (the number "
-            f"of top classes to return; 0 for the values), got {_short(value)}"
+            f"of top classes to return; 0 for the values), got {shown(value)}"
         )
     return value
 

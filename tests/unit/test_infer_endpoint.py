@@ -33,7 +33,7 @@ def test_infer_paths(path: str, target: tuple[str, str] | None) -> None:
 
 @pytest.mark.parametrize("version", ["latest", "-1", "1.0", "\u0661", "9223372036854775808", "1" * 5000])
 def test_a_version_that_is_no_64_bit_number_is_a_bad_request(version: str) -> None:
-    with pytest.raises(BadRequest, match="model version must be a positive integer \\(64-bit\\), got '"):
+    with pytest.raises(BadRequest, match="model version must be a positive integer \\(64-bit\\), got \""):
         infer_target(f"/v2/models/m/versions/{version}/infer")
 
 

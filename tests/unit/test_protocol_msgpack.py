@@ -123,16 +123,16 @@ def _inp(**fields) -> dict:
         (b"\x81\xa1\xff\x90", "malformed msgpack body"),  # invalid UTF-8 string
         (pack({1: 2}), "malformed msgpack body"),  # non-string map key
         (pack({"inputs": [], "p": msgpack.ExtType(5, b"x")}), "malformed msgpack body"),
-        (pack([1, 2]), "must be a map, got list"),
+        (pack([1, 2]), "must be a map, got array"),
         (pack({}), "no 'inputs'"),
         (pack({"inputs": [], "input": []}), "request: unknown key\\(s\\) \\['input'\\]"),
         (pack({"inputs": {"x": 1}}), "'inputs' must be an array"),
         (pack({"inputs": [3]}), "input #0 must be an object"),
         (pack({"inputs": [_inp(name=5)]}), "input #0: 'name' must be a non-empty string"),
-        (pack({"inputs": [_inp(datatype="BF16")]}), "input 'x': unknown datatype 'BF16'"),
+        (pack({"inputs": [_inp(datatype="BF16")]}), "input 'x': unknown datatype \"BF16\""),
         (pack({"inputs": [_inp(shape=[2, -1])]}), "input 'x': shape must be a list of non-negative integers"),
         (pack({"inputs": [_inp(shape=2)]}), "input 'x': shape must be"),
-        (pack({"inputs": [_inp(data="\0" * 8)]}), "input 'x': 'data' must be msgpack bin, got str"),
+        (pack({"inputs": [_inp(data="\0" * 8)]}), "input 'x': 'data' must be msgpack bin, got string"),
         (pack({"inputs": [_inp(data=None)]}), "input 'x': 'data' must be msgpack bin"),
         (pack({"inputs": [_inp(data=b"\0" * 7)]}), "input 'x': got 7 bytes of data, INT32 shape \\[2\\] needs 8"),
         (pack({"inputs": [_inp(datatype="BOOL", data=b"\x00\x07")]}), "input 'x': BOOL data holds bytes"),
@@ -148,7 +148,7 @@ def _inp(**fields) -> dict:
         (pack({"inputs": [], "parameters": {"x": b"a"}}), "request parameter 'x' must be a string, an integer, a finite number or a boolean, got b'a'"),
         (pack({"inputs": [], "parameters": {"x": [b"a"]}}), "request parameter 'x' must be"),
         (pack({"inputs": [], "parameters": {b"x": 1}}), "request parameter names must be strings, got b'x'"),
-        (pack({"inputs": [], "parameters": {"priority": "high"}}), "request parameter 'priority' must be an unsigned integer, got 'high'"),
+        (pack({"inputs": [], "parameters": {"priority": "high"}}), "request parameter 'priority' must be an unsigned integer, got \"high\""),
     ],
 )
 def test_malformed_requests(body: bytes, message: str) -> None:
