@@ -26,7 +26,7 @@ marked down at once (``live = False``) and the next successful probe brings it b
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +65,13 @@ class Instance:
     led: dict[str, frozenset[str]] | None = None
     # Requests in flight per (model, version): what draining a version waits for.
     active: dict[tuple[str, str], int] = field(default_factory=dict)
+    # Sequences of a stateful model under way here per (model, version), each with the time
+    # (monotonic) at which Triton forgets it if no request comes (``gateway.sequences``), the
+    # soonest first: a draining version waits for them too, and still takes their requests.
+    sequences: dict[tuple[str, str], OrderedDict[bytes, float]] = field(default_factory=dict)
+    # Stateful models about to be reloaded here (any version change makes Triton reload the
+    # model, dropping its sequences under way): new sequences start elsewhere meanwhile.
+    quiescing: frozenset[str] = frozenset()
     # Bumped whenever the repository sync sets ``loaded`` itself: a repository index asked for
     # before that is stale, and the health probe drops it (see ``set_index``).
     index_epoch: int = 0
@@ -155,12 +162,15 @@ class Instance:
         loaded[model] = loaded.get(model, frozenset()) | {version}
         self.sync_index(loaded)
 
-    def follow(self, routed: dict[str, frozenset[str]] | None, withheld: dict[tuple[str, str], str]) -> None:
-        """Route what the worker driving the repository routes here, and hold back what it
-        withholds (``upstream.repository_workers``); ``routed`` None: this worker's own index
-        less ``withheld``."""
+    def follow(
+        self, routed: dict[str, frozenset[str]] | None, withheld: dict[tuple[str, str], str], quiescing: frozenset[str] = frozenset()
+    ) -> None:
+        """Route what the worker driving the repository routes here, hold back what it
+        withholds, and start no sequence of a model it quiesces (``upstream.repository_workers``);
+        ``routed`` None: this worker's own index less ``withheld``."""
         self.led = routed
         self.withheld = withheld
+        self.quiescing = quiescing
         self._refresh()
 
     def _refresh(self) -> None:
@@ -198,6 +208,54 @@ class Instance:
             self.active[key] = left
         else:
             self.active.pop(key, None)
+
+    def sequence_answered(self, model: str, version: str, sequence: bytes, ended: bool, now: float, idle_s: float) -> None:
+        """A request of ``sequence`` was answered here at ``now``: the sequence is under way
+        for ``idle_s`` more unless another request comes, or over when it ``ended``."""
+        key = (model, version)
+        open_ = self.sequences.get(key)
+        if ended:
+            if open_ is not None and open_.pop(sequence, None) is not None and not open_:
+                del self.sequences[key]
+            return
+        if open_ is None:
+            open_ = self.sequences[key] = OrderedDict()
+        open_[sequence] = now + idle_s
+        open_.move_to_end(sequence)  # one idle time per model: in order of expiry
+        self._expire_sequences(key, open_, now)
+
+    def forget_sequences(self, model: str) -> None:
+        """The model was reloaded here: Triton holds none of its sequences any more."""
+        for key in [k for k in self.sequences if k[0] == model]:
+            del self.sequences[key]
+
+    def open_sequences(self, model: str, version: str, now: float) -> int:
+        """How many sequences are under way here on the version at ``now``."""
+        key = (model, version)
+        open_ = self.sequences.get(key)
+        if open_ is None:
+            return 0
+        self._expire_sequences(key, open_, now)
+        return len(open_)
+
+    def keeps(self, model: str, version: str, sequence: bytes, now: float) -> bool:
+        """Whether ``sequence`` is under way here on a version being drained: its later
+        requests still go to it."""
+        open_ = self.sequences.get((model, version))
+        return (
+            open_ is not None
+            and open_.get(sequence, 0.0) > now
+            and self.withheld.get((model, version)) == "draining"
+            and (self.loaded is None or version in self.loaded.get(model, ()))
+        )
+
+    def _expire_sequences(self, key: tuple[str, str], open_: OrderedDict[bytes, float], now: float) -> None:
+        while open_:
+            sequence, until = next(iter(open_.items()))
+            if until > now:
+                return
+            del open_[sequence]
+        del self.sequences[key]
 
     def settle(self, now: float) -> None:
         """Bring ``load`` up to ``now``: the count in flight since the last change decays in."""
@@ -267,6 +325,8 @@ class Instance:
             "withheld": [
                 {"model": m, "version": v, "why": why} for (m, v), why in sorted(self.withheld.items()) if v in (self.loaded or {}).get(m, ())
             ],
+            "sequences": {f"{m}/{v}": n for m, v in sorted(self.sequences) if (n := self.open_sequences(m, v, now))},
+            "quiescing": sorted(self.quiescing),
         }
 
 

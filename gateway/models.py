@@ -33,6 +33,7 @@ class ModelInfo:
     metadata: bytes  # Triton's own answers, returned to clients unchanged
     config: bytes
     stateful: bool = False  # sequence batching: a sequence's requests need its instance
+    sequence_idle_s: float = 1.0  # how long Triton keeps an idle sequence (max_sequence_idle_microseconds)
 
     @classmethod
     def from_triton(cls, metadata: dict[str, Any], config: dict[str, Any], metadata_raw: bytes, config_raw: bytes) -> ModelInfo:
@@ -53,11 +54,22 @@ class ModelInfo:
             metadata=metadata_raw,
             config=config_raw,
             stateful=config.get("sequence_batching") is not None,
+            sequence_idle_s=_sequence_idle_s(config.get("sequence_batching")),
         )
 
     @property
     def batched(self) -> bool:
         return self.max_batch_size > 0
+
+
+def _sequence_idle_s(sequence_batching: Any) -> float:
+    """Triton's ``max_sequence_idle_microseconds`` in seconds (a uint64, a string in JSON; 0
+    or absent: its default, 1 s)."""
+    try:
+        micros = int((sequence_batching or {}).get("max_sequence_idle_microseconds") or 0)
+    except (TypeError, ValueError, AttributeError):
+        micros = 0
+    return micros / 1e6 if micros > 0 else 1.0
 
 
 def _fits(expected: tuple[int, ...], shape: tuple[int, ...]) -> bool:

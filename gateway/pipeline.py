@@ -195,7 +195,7 @@ class InferencePipeline:
             chosen = None  # chosen before the request was read: not by its sequence
             if not sequences.starts(params):
                 pinned = self._sequence_versions.get(model, "", sequence)
-                if pinned is not None and not self._router.available(model, pinned[0]):
+                if pinned is not None and not self._router.available(model, pinned[0], sequence):
                     why = f"version {pinned[0]}, which it started on, is no longer served"
                     raise sequences.gone(sequences.shown(params), why)
             else:
@@ -242,7 +242,7 @@ class InferencePipeline:
         router = self._router
         if sequence is not None:
             pinned = self._sequence_versions.get(model, "", sequence)
-            if pinned is not None and router.available(model, pinned[0]):
+            if pinned is not None and router.available(model, pinned[0], sequence):
                 return pinned
         chosen = self.rollouts.choose(model, sticky, sequence)
         if not chosen:
@@ -369,7 +369,9 @@ class InferencePipeline:
         if sequence is not None:
             start = sequences.starts(params)
             pinned = None if start else self._sequence_instances.get(model, version, sequence)
-            affinity = sequences.Affinity(sequence, sequences.shown(params), pinned, strict=not start)
+            affinity = sequences.Affinity(
+                sequence, sequences.shown(params), pinned, strict=not start, ends=sequences.ends(params), idle_s=info.sequence_idle_s
+            )
         sent: list[Tensor] | Prepare = inputs
         if gone is not None:
 

@@ -133,9 +133,14 @@ class Router:
                 entries.append({"name": model, "version": version, "state": state, "reason": why})
         return sorted(entries, key=lambda e: (e["name"], _version_number(e["version"])))
 
-    def available(self, model: str, version: str) -> bool:
-        """Whether an up instance holds the version, or may (its repository index is unknown)."""
-        return any(i.routable and i.holds(model, version) is not False for i in self.instances)
+    def available(self, model: str, version: str, sequence: bytes | None = None) -> bool:
+        """Whether an up instance holds the version, or may (its repository index is unknown);
+        for a later request of a ``sequence``, also while the version drains where the
+        sequence is under way."""
+        if any(i.routable and i.holds(model, version) is not False for i in self.instances):
+            return True
+        now = self._clock()
+        return sequence is not None and any(i.routable and i.keeps(model, version, sequence, now) for i in self.instances)
 
     # -- choice ---------------------------------------------------------------------------------
 
@@ -156,6 +161,16 @@ class Router:
         """The instances holding the version (or not known not to), up or not."""
         return [i for i in self.instances if model is None or i.holds(model, version) is not False]
 
+    def _draining(self, model: str | None, version: str, exclude: Sequence[Instance]) -> list[Instance]:
+        """The up instances where the version is loaded but drained before it is unloaded."""
+        if model is None or not version:
+            return []
+        return [
+            i for i in self.instances
+            if i.routable and i not in exclude and i.withholds(model, version) == "draining"
+            and version in (i.loaded or {}).get(model, ())
+        ]  # fmt: skip
+
     def withheld_reason(self, model: str, version: str) -> str | None:
         """Why a version (or for "", the model) is not routed, when the repository sync holds it back."""
         for instance in self.instances:
@@ -172,7 +187,15 @@ class Router:
         candidate at all."""
         candidates = self.candidates(model, version, exclude)
         if affinity is not None:
-            candidates = affinity.narrow(candidates, self._holders(model, version), exclude)
+            holders = self._holders(model, version)
+            if model is not None and affinity.strict:  # its version may be draining: still there
+                now = self._clock()
+                keeping = [i for i in self.instances if i.keeps(model, version, affinity.key, now)]
+                holders += keeping
+                candidates = candidates + [i for i in keeping if i.routable and i not in exclude]
+            elif model is not None:  # a start: not where the model is about to be reloaded, if it can be helped
+                candidates = [i for i in candidates if model not in i.quiescing] or candidates
+            candidates = affinity.narrow(candidates, holders, exclude)
         if not candidates:
             what = "" if model is None else f" holding model '{model}'" + (f" version {version}" if version else "")
             why = self.withheld_reason(model, version) if model is not None else None
@@ -280,6 +303,7 @@ class Router:
                 instance.record_success()
                 if affinity is not None:
                     affinity.served = instance.url
+                    instance.sequence_answered(model, version, affinity.key, affinity.ends, self._clock(), affinity.idle_s)
                 if suspect is not None:  # another instance answered what it failed: its fault
                     self._count(suspect[0], suspect[1], self._clock())
                 return result
@@ -332,10 +356,11 @@ class Router:
 
     async def get(self, path: str, timeout: float | None = None, model: str | None = None, version: str = "") -> RawResponse:
         """A read-only request (metadata, config) to an instance that holds ``model`` (when
-        given), failing over when no answer comes. Not counted against the per-instance cap."""
+        given; a version being drained is still there for its sequences under way), failing over
+        when no answer comes. Not counted against the per-instance cap."""
         tried: list[Instance] = []
         while True:
-            candidates = self.candidates(model, version, exclude=tried)
+            candidates = self.candidates(model, version, exclude=tried) or self._draining(model, version, tried)
             if not candidates:
                 why = self.withheld_reason(model, version) if model is not None else None
                 what = "" if model is None else f" holding model '{model}'" + (f" version {version}" if version else "")
@@ -347,7 +372,7 @@ class Router:
             except InstanceUnreachable as exc:
                 if exc.connect_failed:
                     instance.mark_down(exc.message, self._clock())
-                if not self.candidates(model, version, exclude=tried):
+                if not (self.candidates(model, version, exclude=tried) or self._draining(model, version, tried)):
                     raise
 
     async def get_all(self, path: str, timeout: float | None = None) -> list[RawResponse]:

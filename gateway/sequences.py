@@ -19,14 +19,20 @@ there (400 "must specify the START flag"). So a request carrying a ``sequence_id
   instance joined) sends it on to the next, which changes nothing where it is refused. Where
   an instance that may hold the sequence is down or ejected, or no instance holds the version
   any more, the request fails with 503 naming the sequence: the client starts it again.
-* **Version**, for a request naming none: the rollout's draw is made from the sequence id
-  (a canary split moves whole sequences) and the answer pins the version in this process; a
-  later request whose pinned version the fleet no longer serves (drained after a newer one
-  arrived) fails with 503 naming the sequence. The pin is this process's: with several worker
-  processes or replicas, a sequence under way when the version a request naming none resolves
-  to changes (a new version is routed, the rollout's share moves) can reach the new version
-  in another process, which refuses it. Clients whose sequences must outlive such changes name
-  the version (the start's answer gives it: ``model_version``, the ``Model-Version`` header).
+* **Version**, for a request naming none: the rollout's draw is made from the sequence id (a
+  canary split moves whole sequences) and the answer pins the version in this process. When the
+  version leaves (a newer one arrived, or it was removed), the repository sync waits for the
+  sequences under way on it, which keep reaching it (``Instance.keeps``), and reloads no
+  instance under its sequences (``upstream.repository``); a later request whose pinned version
+  the fleet no longer serves fails with 503 naming the sequence. The pin is this process's: with
+  several worker processes or replicas, a sequence under way when the version a request naming
+  none resolves to changes (a new version is routed, the rollout's share moves) can reach the
+  new version in another process, which refuses it. Clients whose sequences must outlive such
+  changes name the version (the start's answer gives it: ``model_version``, the
+  ``Model-Version`` header).
+* **Under way.** Each instance counts the sequences it answered that have not ended nor gone
+  idle for longer than Triton keeps them (the model's ``max_sequence_idle_microseconds``):
+  ``Instance.sequences``, what those waits are for.
 * ``sequence_end`` forgets the sequence. Pins not used for ``IDLE_S`` are forgotten (Triton
   frees an idle sequence's slot much sooner: ``max_sequence_idle_microseconds``, 1 s by
   default), and at most ``MAX_PINS`` are kept, the least recently used dropped first.
@@ -41,6 +47,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from gateway import errors
 from gateway.errors import Unavailable, UpstreamError
 from gateway.instances import Instance
 from gateway.upstream.client import InstanceUnreachable
@@ -69,7 +76,7 @@ def sequence_of(parameters: dict[str, Any] | None) -> bytes | None:
 def shown(parameters: dict[str, Any]) -> str:
     """The sequence id as a message names it."""
     sid = parameters.get("sequence_id")
-    return str(sid) if type(sid) is int else repr(str(sid)[:MAX_KEY_BYTES])
+    return str(sid) if type(sid) is int else errors.shown(str(sid)[:MAX_KEY_BYTES])
 
 
 def starts(parameters: dict[str, Any]) -> bool:
@@ -103,6 +110,8 @@ class Affinity:
     name: str  # its id, for messages
     pinned: str | None  # a later request: the instance this process pinned it to (URL), if any
     strict: bool  # not a start: only the instance holding the state may take it
+    ends: bool = False  # the sequence's last request (``sequence_end``)
+    idle_s: float = 1.0  # how long Triton keeps the sequence without a request
     served: str | None = None  # set by the router: the instance that answered
     unreachable: bool = False  # an instance that may hold the state was down or ejected
 

@@ -26,6 +26,14 @@ it is loaded:
   model has it (``Router.newest_version``).
 * **Drain.** A version leaving is withheld on every instance first, its requests in flight
   there are awaited (at most ``drain_timeout_s``), and only then is it unloaded.
+* **Stateful models** (``sequence_batching``). Any load or unload call makes Triton reload the
+  model there, every version, dropping its sequences under way (Triton's documentation leaves
+  finishing them to the user). So before such a call on an instance, new sequences start on
+  other instances (``Instance.quiescing``) and those under way there are awaited, within
+  ``drain_timeout_s`` (each ends, or goes idle for longer than Triton keeps it); a version
+  being drained meanwhile still takes the later requests of its sequences
+  (``Instance.keeps``). What is left at the deadline is dropped and reported. The warm-up of
+  such a model is a sequence of one request.
 * **Failure.** A version folder without the file its backend loads (``model.py`` for the
   Python backend, or the config's ``default_model_filename``) is failed without a load call:
   Triton would hold it loading for good, and the model's later versions behind it. A version
@@ -191,9 +199,15 @@ def pinned_config(config: model_config_pb2.ModelConfig, versions: Iterable[str])
     return json_format.MessageToJson(pinned, preserving_proto_field_name=True, indent=None)
 
 
+WARMUP_SEQUENCE = 0x7761726D  # "warm": a stateful model's warm-up is a sequence of one request
+
+
 def warmup_body(config: Mapping[str, Any]) -> bytes:
     """An inference request of zeros, one row, shaped by the model's config as Triton reports it
-    (``/v2/models/{m}/versions/{v}/config``)."""
+    (``/v2/models/{m}/versions/{v}/config``). For a stateful model (``sequence_batching``),
+    which Triton refuses any request outside a sequence, a whole sequence in one request: it
+    starts and ends, with an id of the type the model takes (a string where its correlation
+    id is TYPE_STRING)."""
     batched = int(config.get("max_batch_size", 0) or 0) > 0
     inputs = []
     for spec in config.get("input", []):
@@ -205,7 +219,14 @@ def warmup_body(config: Mapping[str, Any]) -> bytes:
         datatype = "BYTES" if datatype == "STRING" else datatype
         zero: Any = "" if datatype == "BYTES" else False if datatype == "BOOL" else 0
         inputs.append({"name": spec["name"], "datatype": datatype, "shape": shape, "data": [zero] * math.prod(shape)})
-    return json.dumps({"inputs": inputs}).encode()
+    body: dict[str, Any] = {"inputs": inputs}
+    sequences = config.get("sequence_batching")
+    if sequences is not None:
+        controls = [c for i in sequences.get("control_input", []) for c in i.get("control", [])]
+        strings = any(c.get("kind") == "CONTROL_SEQUENCE_CORRID" and c.get("data_type") == "TYPE_STRING" for c in controls)
+        sid: int | str = str(WARMUP_SEQUENCE) if strings else WARMUP_SEQUENCE
+        body["parameters"] = {"sequence_id": sid, "sequence_start": True, "sequence_end": True}
+    return json.dumps(body).encode()
 
 
 # -- load and unload calls -----------------------------------------------------------------------
@@ -272,12 +293,25 @@ class GrpcControl:
 PENDING = ("loading", "warming up")  # withheld, and still to be admitted
 
 
+def _stateful(target: Target, instance: Instance, name: str) -> bool:
+    """Whether the model keeps sequences (``sequence_batching``), or had some there."""
+    if target.config is not None and target.config.HasField("sequence_batching"):
+        return True
+    return any(m == name for m, _ in instance.sequences)
+
+
 def _failed_why(reason: str) -> str:
     return f"failed: {reason.splitlines()[0] if reason else 'unknown'}"
 
 
+def busy(instance: Instance, model: str, versions: Iterable[str], now: float, requests: bool = True) -> int:
+    """What draining ``versions`` there still waits for: requests in flight (unless not
+    ``requests``), and sequences under way (each of which has more requests to come)."""
+    return sum((instance.active.get((model, v), 0) if requests else 0) + instance.open_sequences(model, v, now) for v in versions)
+
+
 class Peers(Protocol):
-    async def drained(self, url: str, model: str, versions: list[str], deadline: float) -> int: ...
+    async def drained(self, url: str, model: str, versions: list[str], deadline: float, requests: bool = True) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -505,7 +539,24 @@ class RepositorySync:
             await self._admit(instance, name, version, target)
 
     async def _load(self, instance: Instance, name: str, target: Target, versions: set[str], new: list[str]) -> bool:
-        """One load (or, for no versions, unload) call; False, with the failure handled, if it failed."""
+        """One load (or, for no versions, unload) call; False, with the failure handled, if it
+        failed. Any such call reloads the model there (every version, whatever changed), which
+        drops a stateful model's sequences under way: for one, it is made once its sequences
+        there are over (``_quiesce``)."""
+        held = sorted((instance.loaded or {}).get(name, ()))
+        if not held or not _stateful(target, instance, name):
+            return await self._call(instance, name, target, versions, new)
+        instance.quiescing = instance.quiescing | {name}
+        try:
+            await self._quiesce(instance, name, held)
+            called = await self._call(instance, name, target, versions, new)
+        finally:
+            instance.quiescing = instance.quiescing - {name}
+        if called:  # reloaded: whatever was still under way is gone
+            instance.forget_sequences(name)
+        return called
+
+    async def _call(self, instance: Instance, name: str, target: Target, versions: set[str], new: list[str]) -> bool:
         try:
             if versions:
                 assert target.config is not None
@@ -517,6 +568,24 @@ class RepositorySync:
             return False
         self._last_event.pop((instance.url, name, ""), None)  # a later failure is news again
         return True
+
+    async def _quiesce(self, instance: Instance, name: str, held: list[str]) -> None:
+        """Wait (at most ``drain_timeout_s``) until no sequence of the model is under way there,
+        this process's, then the other workers'. New ones start on other instances meanwhile
+        (``Instance.quiescing``), unless every instance holding the version waits too; those
+        still under way at the deadline are dropped."""
+        deadline = self.clock() + self.config.drain_timeout_s
+        what = ",".join(held)
+        while left := busy(instance, name, held, self.clock(), requests=False):
+            if self.clock() >= deadline:
+                self._event(instance.url, name, what, "sequences dropped", f"{left} sequence(s) still under way when reloaded")
+                return
+            await asyncio.sleep(POLL_S)
+        if self.peers is not None:
+            left = await self.peers.drained(instance.url, name, held, deadline, requests=False)
+            if left:
+                why = f"{left} sequence(s) still under way in other workers when reloaded"
+                self._event(instance.url, name, what, "sequences dropped", why)
 
     def _loaded(self, instance: Instance, name: str, versions: set[str]) -> None:
         """Triton now holds exactly ``versions`` of the model there."""
@@ -556,8 +625,8 @@ class RepositorySync:
                 if resp.status != 200:
                     return f"config: HTTP {resp.status}: {(await resp.text())[:300]}", False
                 config = await resp.json(content_type=None)
-            if config.get("sequence_batching") or (config.get("model_transaction_policy") or {}).get("decoupled"):
-                return None, True  # a stateful or streaming model: one plain request proves nothing
+            if (config.get("model_transaction_policy") or {}).get("decoupled"):
+                return None, True  # a streaming model: its answers do not come back on this request
             async with session.post(url + base + "/infer", data=warmup_body(config), timeout=timeout) as resp:
                 if resp.status != 200:
                     return f"HTTP {resp.status}: {(await resp.text())[:300]}", resp.status not in (502, 503, 504)
@@ -577,21 +646,21 @@ class RepositorySync:
             await asyncio.sleep(POLL_S)
 
     async def _drain(self, instance: Instance, name: str, versions: list[str]) -> None:
-        """Wait (at most ``drain_timeout_s``) until no request is in flight to ``versions`` there:
-        this process's, then the other workers' (``peers``)."""
+        """Wait (at most ``drain_timeout_s``) until no request is in flight to ``versions`` there
+        and no sequence is under way on them (``Instance.sequences``; its later requests still
+        go there meanwhile): this process's, then the other workers' (``peers``)."""
         deadline = self.clock() + self.config.drain_timeout_s
-        while any(instance.active.get((name, v)) for v in versions):
+        what = ",".join(versions)
+        while left := busy(instance, name, versions, self.clock()):
             if self.clock() >= deadline:
-                left = sum(instance.active.get((name, v), 0) for v in versions)
-                self._event(instance.url, name, ",".join(versions), "drain timed out", f"{left} request(s) still in flight")
+                self._event(instance.url, name, what, "drain timed out", f"{left} request(s) in flight or sequence(s) under way")
                 return
             await asyncio.sleep(POLL_S)
         if self.peers is not None:
             left = await self.peers.drained(instance.url, name, versions, deadline)
             if left:
-                self._event(
-                    instance.url, name, ",".join(versions), "drain timed out", f"{left} request(s) still in flight in other workers"
-                )
+                why = f"{left} request(s) in flight or sequence(s) under way in other workers"
+                self._event(instance.url, name, what, "drain timed out", why)
 
     async def _load_failed(self, instance: Instance, name: str, target: Target, new: list[str], exc: ControlError) -> None:
         """Find out which versions failed (Triton marks them UNAVAILABLE with a reason); if none

@@ -13,17 +13,21 @@ does) and the others follow it, through files in the workers' folder
   the kernel lets go of its lock and another worker takes over. Its first round is a starting
   gateway's: it reconciles every instance with the folder.
 * **The driver publishes what it routes.** ``driver.json`` holds, per instance, the versions it
-  routes there and those it withholds (loading, warming up, draining, failed) with why, and its
-  repository view (``/v2/gateway/repository``), under a sequence number. It is rewritten (in
-  one step) within ``POLL_S`` of a change, and at once when a drain starts.
+  routes there, those it withholds (loading, warming up, draining, failed) with why, and the
+  stateful models it quiesces there before reloading them; and its repository view
+  (``/v2/gateway/repository``), under a sequence number. It is rewritten (in one step) within
+  ``POLL_S`` of a change, and at once when a drain starts.
 * **Followers route exactly that.** Each reads the file within ``POLL_S`` of a change and routes,
   per instance, what the driver routes (``Instance.follow``): a new version only once the driver
-  has warmed it up, and none the driver has withheld. A follower answers the repository view
-  with the driver's.
+  has warmed it up, none the driver has withheld, and no new sequence where it quiesces the
+  model. A follower answers the repository view with the driver's.
 * **A drain covers every worker.** Each follower writes ``<pid>.json``: the last sequence it
-  applied and its requests in flight to versions the driver withholds. Before it unloads a
-  version, the driver waits (within ``drain_timeout_s``) until every follower still running
-  (holding its ``<pid>.lock``) has applied the withhold and has no request in flight to it.
+  applied and what it has under way where the driver waits (``under_way``): its requests in
+  flight and sequences under way on versions the driver withholds, and its sequences under way
+  on a stateful model the driver quiesces before reloading it. Before it unloads a version (or
+  reloads a stateful model), the driver waits (within ``drain_timeout_s``) until every follower
+  still running (holding its ``<pid>.lock``) has applied the change and has nothing under way
+  there.
 * **Start.** A follower takes traffic once the driver has published the end of its first round
   (the repository loaded), as a one-process gateway does.
 """
@@ -64,14 +68,22 @@ def instance_state(instance: Instance) -> dict[str, Any]:
     return {
         "routed": None if instance.models is None else {m: sorted(v) for m, v in sorted(instance.models.items())},
         "withheld": sorted([m, v, why] for (m, v), why in instance.withheld.items()),
+        "quiescing": sorted(instance.quiescing),
     }
 
 
-def in_flight_to_withheld(instances: Iterable[Instance]) -> list[list[Any]]:
-    """A follower's requests in flight to withheld versions: [url, model, version, count]."""
-    return sorted(
-        [i.url, m, v, n] for i in instances for (m, v), n in i.active.items() if n and (m, v) in i.withheld
-    )
+def under_way(instances: Iterable[Instance], now: float) -> list[list[Any]]:
+    """What a follower has under way where the driver waits: on versions it withholds (a
+    drain), and on every version of a model it quiesces (a stateful model to be reloaded):
+    [url, model, version, requests in flight, sequences under way]."""
+    found = []
+    for i in instances:
+        watched = set(i.withheld) | {key for key in i.sequences if key[0] in i.quiescing}
+        for m, v in watched:
+            requests, sequences = i.active.get((m, v), 0), i.open_sequences(m, v, now)
+            if requests or sequences:
+                found.append([i.url, m, v, requests, sequences])
+    return sorted(found)
 
 
 class WorkerRepository:
@@ -212,10 +224,11 @@ class WorkerRepository:
             self._published = state
         return self._seq
 
-    async def drained(self, url: str, model: str, versions: list[str], deadline: float) -> int:
-        """Wait until no follower has requests in flight to ``versions`` of ``model`` on the
-        instance at ``url`` (the driver has withheld them): 0, or how many were left at
-        ``deadline`` (a follower that has not yet applied the withhold counts as one)."""
+    async def drained(self, url: str, model: str, versions: list[str], deadline: float, requests: bool = True) -> int:
+        """Wait until no follower has requests in flight (unless not ``requests``) or sequences
+        under way on ``versions`` of ``model`` on the instance at ``url`` (the driver has
+        withheld them, or quiesces the model): 0, or how many were left at ``deadline`` (a
+        follower that has not yet applied the driver's change counts as one)."""
         seq = self.publish(force=True)  # the withhold is out now
         wanted = set(versions)
         while True:
@@ -230,7 +243,9 @@ class WorkerRepository:
                 if not isinstance(ack, dict) or ack.get("driver") != self.pid or ack.get("seq", 0) < seq:
                     left += 1
                     continue
-                left += sum(n for u, m, v, n in ack.get("in_flight", ()) if u == url and m == model and v in wanted)
+                for u, m, v, n, seqs in ack.get("under_way", ()):
+                    if u == url and m == model and v in wanted:
+                        left += (n if requests else 0) + seqs
             if not left or self._clock() >= deadline:
                 return left
             await asyncio.sleep(POLL_S)
@@ -259,6 +274,7 @@ class WorkerRepository:
             instance.follow(
                 None if routed is None else {m: frozenset(v) for m, v in routed.items()},
                 {(m, v): why for m, v, why in state["withheld"]},
+                frozenset(state.get("quiescing", ())),
             )
 
     def _acknowledge(self) -> None:
@@ -269,7 +285,7 @@ class WorkerRepository:
             {
                 "driver": self._driver.get("pid"),
                 "seq": self._driver.get("seq", 0),
-                "in_flight": in_flight_to_withheld(self._router.instances),
+                "under_way": under_way(self._router.instances, self._clock()),
             }
         )
         if ack != self._acked:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -27,6 +27,7 @@ pytestmark = pytest.mark.integration
 
 TRITON_PORT = 8130
 GATEWAY_PORT = 8136
+MANAGED_TRITON_PORT, MANAGED_GATEWAY_PORT = 8112, 8118  # a fleet the gateway loads (explicit mode)
 PATH = "/v2/models/sequence_sum/infer"
 
 
@@ -101,3 +102,97 @@ async def test_a_sequence_through_the_msgpack_client(triton: fleet.Fleet, tmp_pa
                     result = await client.infer("sequence_sum", {"x": np.array([[x]], np.float32)}, parameters=params)
                     totals.append(float(result.outputs["total"][0, 0]))
     assert totals == [2.0, 5.0, 10.0] * 2
+
+
+def repository_index(url: str) -> dict[str, str]:
+    """Version -> state of sequence_sum in an index (Triton's, or the gateway's for the fleet)."""
+    entries = httpx.post(url + "/v2/repository/index", json={}, timeout=10).json()
+    return {e["version"]: e["state"] for e in entries if e["name"] == "sequence_sum" and "version" in e}
+
+
+def test_version_changes_wait_for_the_sequences_under_way_which_keep_their_state(
+    fleet_factory: Callable[..., fleet.Fleet], tmp_path: Path
+) -> None:
+    """Triton reloads a model (every version) whenever its versions change on an instance,
+    dropping its sequences under way there. The gateway loading the repository waits for them:
+    version 2, published while sequences run on version 1, is loaded once they end; version 1,
+    removed while sequences run on both versions, is unloaded once they end, and a sequence
+    on it keeps reaching it meanwhile. Every answer is its sequence's running total."""
+    repo = tmp_path / "repo"
+    model_dir = repo / "sequence_sum"
+    shutil.copytree(REPO_ROOT / "triton" / "emulated" / "sequence_sum", model_dir)
+    triton = fleet_factory(2, MANAGED_TRITON_PORT, repository=repo, model_control_mode="explicit", auto_complete_config=False)
+    instances = [{"url": url, "grpc_port": inst.grpc_port} for url, inst in zip(triton.http_urls, triton.instances)]
+    repository = {"path": str(repo), "scan_interval_s": 0.5, "drain_timeout_s": 60.0}
+    config = gateway_config(instances, MANAGED_GATEWAY_PORT, repository=repository)
+    totals: dict[int, float] = {}
+    running: dict[int, str] = {}  # sequence -> the version it runs on
+
+    with running_gateway(config, MANAGED_GATEWAY_PORT, tmp_path, timeout=180) as gw, httpx.Client(base_url=gw.url, timeout=30) as http:
+
+        def send(sequence: int, x: float, start: bool = False, end: bool = False, version: str = "") -> str:
+            path = PATH.replace("/infer", f"/versions/{version}/infer") if version else PATH
+            answer = http.post(path, json=body(sequence, x, start=start, end=end))
+            assert answer.status_code == 200, (sequence, answer.text)
+            totals[sequence] = (0.0 if start else totals[sequence]) + x
+            doc = answer.json()
+            assert doc["outputs"][0]["data"] == [totals[sequence]], sequence
+            if start:
+                running[sequence] = doc["model_version"]
+            assert doc["model_version"] == running[sequence], sequence
+            if end:
+                del running[sequence]
+            return doc["model_version"]
+
+        def steps(seconds: float) -> None:
+            """Every sequence running sends a step every 0.5 s (within the model's 10 s idle time)."""
+            until = time.monotonic() + seconds
+            while time.monotonic() < until:
+                for sequence in list(running):
+                    send(sequence, 1.0)
+                time.sleep(0.5)
+
+        def wait(done: Callable[[], bool], what: str) -> None:
+            deadline = time.monotonic() + 30
+            while not done():
+                assert time.monotonic() < deadline, f"timed out waiting for {what}"
+                time.sleep(0.2)
+
+        def states(version: str) -> list[str | None]:
+            return [repository_index(url).get(version) for url in triton.http_urls]
+
+        # 1. Version 2 published while sequences run on version 1 on both instances.
+        first = [1, 2, 3, 8, 9, 10]  # three led by each instance (rendezvous hashing)
+        for sequence in first:
+            assert send(sequence, float(sequence), start=True) == "1"
+        fleet_view = httpx.get(gw.url + "/v2/gateway/fleet", timeout=10).json()
+        assert [i["sequences"] for i in fleet_view["instances"]] == [{"sequence_sum/1": 3}] * 2
+        staging = model_dir / ".2.tmp"  # written aside, then renamed
+        shutil.copytree(model_dir / "1", staging, ignore=shutil.ignore_patterns("__pycache__"))
+        staging.rename(model_dir / "2")
+        steps(4.0)  # long enough for the gateway to load it anywhere it could
+        assert states("2") == [None, None], "loaded under sequences under way"
+        for sequence in first:
+            send(sequence, 3.0, end=True)
+        # A sequence of one request (start and end) shows where new ones go: version 2 once
+        # it is loaded and warm on every instance.
+        wait(lambda: send(99, 1.0, start=True, end=True) == "2", "version 2 once the sequences ended")
+
+        # 2. Version 1 removed while sequences run on both versions.
+        assert send(100, 7.0, start=True) == "2"
+        assert send(101, 5.0, start=True, version="1") == "1"  # a client naming version 1
+        shutil.rmtree(model_dir / "1")
+        wait(lambda: repository_index(gw.url).get("1") == "UNLOADING", "version 1 to drain")
+        for _ in range(6):
+            send(100, 1.0)
+            send(101, 2.0, version="1")  # draining, and still there for its sequence
+            time.sleep(0.5)
+        assert "READY" in states("1") and "READY" in states("2")
+        send(101, 1.0, end=True, version="1")
+        send(100, 1.0, end=True)
+        wait(lambda: states("1") == [None, None] or all(s in (None, "UNAVAILABLE") for s in states("1")), "version 1 to unload")
+        assert send(200, 1.0, start=True) == "2"
+        events = httpx.get(gw.url + "/v2/gateway/repository", timeout=10).json()["events"]
+    unloaded = [e for e in events if e["event"] == "unloaded" and e["version"] == "1"]
+    assert sorted(e["instance"] for e in unloaded) == sorted(triton.http_urls)
+    assert [e for e in events if e["event"] in ("sequences dropped", "drain timed out")] == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -62,3 +64,20 @@ def test_classification_is_checked_against_the_outputs_datatype() -> None:
         check_request(strings, InferRequest("m", "", [a()], [RequestedOutput("s", class_count=1)]))
     # Values, not classes: any datatype.
     assert check_request(strings, InferRequest("m", "", [a()], [RequestedOutput("s")])) == 2
+
+
+@pytest.mark.parametrize(
+    ("sequence_batching", "stateful", "idle_s"),
+    [
+        (None, False, 1.0),
+        ({}, True, 1.0),  # Triton's default idle time
+        ({"max_sequence_idle_microseconds": "5000000"}, True, 5.0),  # a uint64: a string in Triton's JSON
+        ({"max_sequence_idle_microseconds": 250000}, True, 0.25),
+        ({"max_sequence_idle_microseconds": "0"}, True, 1.0),
+        ({"max_sequence_idle_microseconds": "soon"}, True, 1.0),
+    ],
+)
+def test_a_stateful_model_and_its_sequence_idle_time_come_from_its_config(sequence_batching: Any, stateful: bool, idle_s: float) -> None:
+    config = dict(CONFIG) if sequence_batching is None else {**CONFIG, "sequence_batching": sequence_batching}
+    info = ModelInfo.from_triton(METADATA, config, b"{}", b"{}")
+    assert (info.stateful, info.sequence_idle_s) == (stateful, idle_s)

@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from gateway.errors import Unavailable
 from gateway.instances import Instance
 from gateway.router import Router
 from gateway.upstream.repository import (
+    WARMUP_SEQUENCE,
     ControlError,
     RepositorySync,
     model_file,
@@ -321,6 +323,20 @@ def test_the_warmup_request_is_one_row_of_zeros_shaped_by_the_config() -> None:
     assert unbatched["inputs"][0]["shape"] == [3]
 
 
+@pytest.mark.parametrize(("corrid", "sid"), [("TYPE_UINT64", WARMUP_SEQUENCE), ("TYPE_STRING", str(WARMUP_SEQUENCE)), (None, WARMUP_SEQUENCE)])
+def test_a_stateful_models_warmup_is_a_whole_sequence_in_one_request(corrid: str | None, sid: int | str) -> None:
+    """Triton refuses a request outside a sequence to a model with sequence batching."""
+    controls = [{"name": "START", "control": [{"kind": "CONTROL_SEQUENCE_START", "fp32_false_true": [0, 1]}]}]
+    if corrid is not None:
+        controls.append({"name": "CORRID", "control": [{"kind": "CONTROL_SEQUENCE_CORRID", "data_type": corrid}]})
+    config = {"max_batch_size": 8, "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [1]}],
+              "sequence_batching": {"control_input": controls}}  # fmt: skip
+    body = json.loads(warmup_body(config))
+    assert body["parameters"] == {"sequence_id": sid, "sequence_start": True, "sequence_end": True}
+    assert body["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [0]}]
+    assert "parameters" not in json.loads(warmup_body({"max_batch_size": 8, "input": config["input"]}))
+
+
 # -- the sync -----------------------------------------------------------------------------------
 
 
@@ -405,6 +421,62 @@ async def test_a_removed_version_is_withheld_drained_then_unloaded(harness: Harn
     await harness.settle()
     assert harness.tritons[0].calls[-1] == ("load", "m", ["2"])
     assert len(harness.events("unloaded")) == 2
+
+
+@pytest.mark.parametrize("how", ["ended", "idle"])
+async def test_a_removed_version_is_unloaded_only_once_its_sequences_under_way_are_over(harness: Harness, repo: Path, how: str) -> None:
+    await harness.publish()
+    home = harness.instances[0]
+    # A sequence of a stateful model answered there on version 1: more of its requests to come,
+    # unless none comes within the model's idle time (Triton then forgets it).
+    home.sequence_answered("m", "1", b"7", False, time.monotonic(), idle_s=0.5 if how == "idle" else 60.0)
+    shutil.rmtree(repo / "m" / "1")
+    await harness.round()
+    harness.probe()
+    await harness.sync.sync_once()
+    await asyncio.sleep(0.2)
+    assert harness.routed() == [["2"], ["2"]]  # no new request goes to version 1...
+    assert home.keeps("m", "1", b"7", time.monotonic())  # ...but the sequence's next ones do
+    assert harness.tritons[1].calls[-1] == ("load", "m", ["2"])
+    assert harness.tritons[0].calls[-1] == ("load", "m", ["1", "2"]), "unloaded under a sequence under way"
+    if how == "ended":
+        home.sequence_answered("m", "1", b"7", True, time.monotonic(), idle_s=60.0)  # its last request
+    await asyncio.wait_for(harness.settle(), 2)
+    assert harness.tritons[0].calls[-1] == ("load", "m", ["2"])
+    assert not harness.events("drain timed out")
+
+
+@pytest.mark.parametrize("how", ["ended", "timed out"])
+async def test_a_stateful_model_is_reloaded_where_its_sequences_are_under_way_only_once_they_are_over(
+    repo: Path, tritons: list[FakeTriton], how: str
+) -> None:
+    """Any load call reloads the model (every version), which drops its sequences under way."""
+    (repo / "m" / "config.pbtxt").write_text(CONFIG + "sequence_batching { }\n")
+    harness = Harness(repo, tritons, drain_timeout_s=0.5 if how == "timed out" else 5.0)
+    await harness.sync.start()
+    try:
+        home, other = harness.instances
+        home.sequence_answered("m", "1", b"7", False, time.monotonic(), idle_s=60.0)
+        add_version(repo, "m", "2")
+        await harness.round()
+        harness.probe()
+        await harness.sync.sync_once()
+        await asyncio.sleep(0.2)
+        assert tritons[1].calls[-1] == ("load", "m", ["1", "2"])  # nothing under way there: at once
+        assert tritons[0].calls[-1] == ("load", "m", ["1"]), "reloaded under a sequence"
+        assert home.quiescing == {"m"} and not other.quiescing  # new sequences start elsewhere
+        if how == "ended":
+            home.sequence_answered("m", "1", b"7", True, time.monotonic(), idle_s=60.0)
+        await asyncio.wait_for(harness.settle(), 2)
+        assert tritons[0].calls[-1] == ("load", "m", ["1", "2"]) and not home.quiescing
+        assert home.open_sequences("m", "1", time.monotonic()) == 0  # reloaded: none left there
+        dropped = harness.events("sequences dropped")
+        if how == "ended":
+            assert dropped == []
+        else:
+            assert [(e["instance"], e["detail"]) for e in dropped] == [(home.url, "1 sequence(s) still under way when reloaded")]
+    finally:
+        await harness.sync.close()
 
 
 async def test_a_new_model_folder_becomes_a_model_and_a_removed_one_is_unloaded(harness: Harness, repo: Path) -> None:

@@ -157,6 +157,41 @@ async def test_a_drain_waits_for_the_followers_requests_in_flight(started: Any) 
     assert await asyncio.wait_for(drain, 1) == 0
 
 
+async def test_a_drain_waits_for_the_followers_sequences_under_way(started: Any) -> None:
+    a, b = started
+    mine, theirs = instance_of(b), instance_of(a)
+    mine.sequence_answered("m", "2", b"7", False, b._clock(), idle_s=60.0)  # a sequence of the follower's
+    theirs.withhold("m", "2", "draining")
+    drain = asyncio.create_task(a.drained(URL, "m", ["2"], deadline=1e9))
+    await asyncio.sleep(0.1)
+    b._follow()
+    b._acknowledge()
+    await asyncio.sleep(0.2)
+    assert not drain.done(), "the follower's sequence has more requests to come"
+    mine.sequence_answered("m", "2", b"7", True, b._clock(), idle_s=60.0)  # its last one
+    b._acknowledge()
+    assert await asyncio.wait_for(drain, 1) == 0
+
+
+async def test_a_follower_starts_no_sequence_where_the_driver_quiesces_a_model_and_reports_those_under_way(started: Any) -> None:
+    a, b = started
+    mine, theirs = instance_of(b), instance_of(a)
+    mine.sequence_answered("m", "1", b"7", False, b._clock(), idle_s=60.0)  # the follower's sequence
+    mine.started("m", "1")  # and a request in flight: a reload does not wait for those
+    theirs.quiescing = frozenset({"m"})  # the driver is about to reload the model there
+    quiesced = asyncio.create_task(a.drained(URL, "m", ["1", "2"], deadline=1e9, requests=False))
+    await asyncio.sleep(0.1)
+    b._follow()
+    b._acknowledge()
+    assert mine.quiescing == {"m"}
+    await asyncio.sleep(0.2)
+    assert not quiesced.done(), "the follower's sequence has more requests to come"
+    mine.sequence_answered("m", "1", b"7", True, b._clock(), idle_s=60.0)
+    b._acknowledge()
+    assert await asyncio.wait_for(quiesced, 1) == 0
+    mine.finished("m", "1")
+
+
 async def test_a_drain_does_not_wait_for_a_follower_that_exited(started: Any) -> None:
     a, b = started
     instance_of(b).started("m", "2")

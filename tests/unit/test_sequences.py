@@ -85,9 +85,11 @@ def step(sequence: int | str, start: bool = False, end: bool = False, version: s
     return InferRequest("s", version, [Tensor("x", "FP32", np.ones((1, 1), np.float32))], parameters=params)
 
 
-def worker(instances: list[Instance], triton: StatefulTriton, rollouts: Rollouts | None = None, stateful: bool = True) -> InferencePipeline:
+def worker(
+    instances: list[Instance], triton: StatefulTriton, rollouts: Rollouts | None = None, stateful: bool = True, clock: Clock | None = None
+) -> InferencePipeline:
     """One gateway process: its own router state and pins over the shared fleet."""
-    router = Router(instances, triton, clock=Clock(), rng=random.Random(0))  # type: ignore[arg-type]
+    router = Router(instances, triton, clock=clock or Clock(), rng=random.Random(0))  # type: ignore[arg-type]
     return InferencePipeline(BatchingConfig(), router, Metadata(stateful), rollouts=rollouts)  # type: ignore[arg-type]
 
 
@@ -200,7 +202,7 @@ async def test_a_later_request_whose_instance_is_down_is_503_naming_the_sequence
     home = next(i for i in instances if i.url == triton.sent[-1])
     home.mark_down("refused", 0.0)
     sent = len(triton.sent)
-    gone = "sequence 'order-7': the Triton instance holding its state is unavailable"
+    gone = 'sequence "order-7": the Triton instance holding its state is unavailable'
     with pytest.raises(Unavailable, match=gone):  # pinned here: nothing sent elsewhere
         await a.infer(step("order-7"))
     assert len(triton.sent) == sent
@@ -209,6 +211,21 @@ async def test_a_later_request_whose_instance_is_down_is_503_naming_the_sequence
     assert len(triton.sent) == sent + 1 and triton.sent[-1] != home.url
     await a.close(0)
     await b.close(0)
+
+
+async def test_new_sequences_start_elsewhere_than_where_the_model_is_about_to_be_reloaded() -> None:
+    instances = fleet(2)
+    triton = StatefulTriton()
+    a = worker(instances, triton)
+    led_by_first = [n for n in range(1, 1000) if ranked(b"%d" % n, instances)[0] is instances[0]][:2]
+    instances[0].quiescing = frozenset({"s"})  # its sequences under way there are awaited, then it reloads
+    await a.infer(step(led_by_first[0], start=True))
+    await a.infer(step(led_by_first[0]))
+    assert triton.sent[-2:] == [instances[1].url] * 2
+    instances[1].quiescing = frozenset({"s"})  # every instance about to reload: a start still goes
+    await a.infer(step(led_by_first[1], start=True))
+    assert triton.sent[-1] == instances[0].url
+    await a.close(0)
 
 
 async def test_a_model_without_sequence_batching_balances_its_requests_as_usual() -> None:
@@ -240,6 +257,38 @@ async def test_a_sequence_keeps_its_version_when_a_newer_one_arrives_and_fails_c
     await a.infer(step(11, start=True))  # started again: on version 2
     await a.infer(step(11, end=True))
     assert (await a.infer(step(11, start=True))).version == "2"
+    await a.close(0)
+
+
+async def test_a_draining_version_takes_the_later_requests_of_its_sequences_until_they_end_or_idle() -> None:
+    instances = fleet(2, versions=("1",))
+    triton = StatefulTriton()
+    clock = Clock()
+    a = worker(instances, triton, clock=clock)
+    for sequence in (11, 12, 13):
+        assert (await a.infer(step(sequence, start=True))).version == "1"
+    homes = {sid: url for (url, _, sid) in triton.open}
+    for i in instances:  # version 2 arrives, version 1 leaves: drained before it is unloaded
+        i.set_index({"s": frozenset({"1", "2"})})
+        i.withhold("s", "1", "draining")
+    assert sum(i.open_sequences("s", "1", clock.now) for i in instances) == 3  # what the drain waits for
+    for _ in range(2):
+        assert (await a.infer(step(11))).version == "1" and triton.sent[-1] == homes[11]
+        assert (await a.infer(step(12, version="1"))).version == "1" and triton.sent[-1] == homes[12]  # naming it
+    assert (await a.infer(step(14, start=True))).version == "2"  # a new sequence: not on the leaving version
+    with pytest.raises(Unavailable, match="version 1 is available \\(draining\\)"):
+        await a.infer(step(15, start=True, version="1"))
+    assert (await a.infer(step(11, end=True))).version == "1"
+    clock.now += 0.6
+    assert (await a.infer(step(12))).version == "1"  # used: stays under way
+    clock.now += 0.6  # 13 idle beyond the model's 1 s: Triton has forgotten it
+    assert sum(i.open_sequences("s", "1", clock.now) for i in instances) == 1
+    with pytest.raises(Unavailable, match="sequence 13: version 1, which it started on, is no longer served"):
+        await a.infer(step(13))
+    with pytest.raises(Unavailable, match="version 1 is available \\(draining\\)"):  # ended: no longer under way
+        await a.infer(step(11, version="1"))
+    assert (await a.infer(step(12, end=True))).version == "1"
+    assert sum(i.open_sequences("s", "1", clock.now) for i in instances) == 0
     await a.close(0)
 
 
