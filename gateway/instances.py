@@ -67,7 +67,7 @@ class Instance:
     active: dict[tuple[str, str], int] = field(default_factory=dict)
     # Sequences of a stateful model under way here per (model, version), each with the time
     # (monotonic) at which Triton forgets it if no request comes (``gateway.sequences``), the
-    # soonest first: a draining version waits for them too, and still takes their requests.
+    # soonest first: what a draining or reloading version waits for.
     sequences: dict[tuple[str, str], OrderedDict[bytes, float]] = field(default_factory=dict)
     # Stateful models about to be reloaded here (any version change makes Triton reload the
     # model, dropping its sequences under way): new sequences start elsewhere meanwhile.
@@ -238,16 +238,12 @@ class Instance:
         self._expire_sequences(key, open_, now)
         return len(open_)
 
-    def keeps(self, model: str, version: str, sequence: bytes, now: float) -> bool:
-        """Whether ``sequence`` is under way here on a version being drained: its later
-        requests still go to it."""
-        open_ = self.sequences.get((model, version))
-        return (
-            open_ is not None
-            and open_.get(sequence, 0.0) > now
-            and self.withheld.get((model, version)) == "draining"
-            and (self.loaded is None or version in self.loaded.get(model, ()))
-        )
+    def drains(self, model: str, version: str) -> bool:
+        """Whether the version is loaded here but drained before it is unloaded: not routed,
+        except for the later requests of sequences, which may be under way on it (if one is
+        not, Triton says so, as any instance does that does not hold a sequence).
+        """
+        return self.withheld.get((model, version)) == "draining" and version in (self.loaded or {}).get(model, ())
 
     def _expire_sequences(self, key: tuple[str, str], open_: OrderedDict[bytes, float], now: float) -> None:
         while open_:

@@ -135,12 +135,10 @@ class Router:
 
     def available(self, model: str, version: str, sequence: bytes | None = None) -> bool:
         """Whether an up instance holds the version, or may (its repository index is unknown);
-        for a later request of a ``sequence``, also while the version drains where the
-        sequence is under way."""
+        for a later request of a ``sequence``, also while the version is being drained."""
         if any(i.routable and i.holds(model, version) is not False for i in self.instances):
             return True
-        now = self._clock()
-        return sequence is not None and any(i.routable and i.keeps(model, version, sequence, now) for i in self.instances)
+        return sequence is not None and bool(self._draining(model, version, ()))
 
     # -- choice ---------------------------------------------------------------------------------
 
@@ -165,11 +163,7 @@ class Router:
         """The up instances where the version is loaded but drained before it is unloaded."""
         if model is None or not version:
             return []
-        return [
-            i for i in self.instances
-            if i.routable and i not in exclude and i.withholds(model, version) == "draining"
-            and version in (i.loaded or {}).get(model, ())
-        ]  # fmt: skip
+        return [i for i in self.instances if i.routable and i not in exclude and i.drains(model, version)]
 
     def withheld_reason(self, model: str, version: str) -> str | None:
         """Why a version (or for "", the model) is not routed, when the repository sync holds it back."""
@@ -188,11 +182,10 @@ class Router:
         candidates = self.candidates(model, version, exclude)
         if affinity is not None:
             holders = self._holders(model, version)
-            if model is not None and affinity.strict:  # its version may be draining: still there
-                now = self._clock()
-                keeping = [i for i in self.instances if i.keeps(model, version, affinity.key, now)]
-                holders += keeping
-                candidates = candidates + [i for i in keeping if i.routable and i not in exclude]
+            if model is not None and affinity.strict:  # its version may be draining: still there for it
+                draining = [i for i in self.instances if i.drains(model, version)]
+                holders += draining
+                candidates = candidates + [i for i in draining if i.routable and i not in exclude]
             elif model is not None:  # a start: not where the model is about to be reloaded, if it can be helped
                 candidates = [i for i in candidates if model not in i.quiescing] or candidates
             candidates = affinity.narrow(candidates, holders, exclude)

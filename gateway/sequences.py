@@ -22,7 +22,7 @@ there (400 "must specify the START flag"). So a request carrying a ``sequence_id
 * **Version**, for a request naming none: the rollout's draw is made from the sequence id (a
   canary split moves whole sequences) and the answer pins the version in this process. When the
   version leaves (a newer one arrived, or it was removed), the repository sync waits for the
-  sequences under way on it, which keep reaching it (``Instance.keeps``), and reloads no
+  sequences under way on it, which keep reaching it (``Instance.drains``), and reloads no
   instance under its sequences (``upstream.repository``); a later request whose pinned version
   the fleet no longer serves fails with 503 naming the sequence. The pin is this process's: with
   several worker processes or replicas, a sequence under way when the version a request naming

@@ -32,7 +32,7 @@ it is loaded:
   other instances (``Instance.quiescing``) and those under way there are awaited, within
   ``drain_timeout_s`` (each ends, or goes idle for longer than Triton keeps it); a version
   being drained meanwhile still takes the later requests of its sequences
-  (``Instance.keeps``). What is left at the deadline is dropped and reported. The warm-up of
+  (``Instance.drains``). What is left at the deadline is dropped and reported. The warm-up of
   such a model is a sequence of one request.
 * **Failure.** A version folder without the file its backend loads (``model.py`` for the
   Python backend, or the config's ``default_model_filename``) is failed without a load call:

@@ -436,7 +436,7 @@ async def test_a_removed_version_is_unloaded_only_once_its_sequences_under_way_a
     await harness.sync.sync_once()
     await asyncio.sleep(0.2)
     assert harness.routed() == [["2"], ["2"]]  # no new request goes to version 1...
-    assert home.keeps("m", "1", b"7", time.monotonic())  # ...but the sequence's next ones do
+    assert home.drains("m", "1")  # ...but the sequence's next ones do
     assert harness.tritons[1].calls[-1] == ("load", "m", ["2"])
     assert harness.tritons[0].calls[-1] == ("load", "m", ["1", "2"]), "unloaded under a sequence under way"
     if how == "ended":

@@ -260,11 +260,11 @@ async def test_a_sequence_keeps_its_version_when_a_newer_one_arrives_and_fails_c
     await a.close(0)
 
 
-async def test_a_draining_version_takes_the_later_requests_of_its_sequences_until_they_end_or_idle() -> None:
+async def test_a_draining_version_takes_the_later_requests_of_its_sequences_in_every_process() -> None:
     instances = fleet(2, versions=("1",))
     triton = StatefulTriton()
     clock = Clock()
-    a = worker(instances, triton, clock=clock)
+    a, b = worker(instances, triton, clock=clock), worker(instances, triton, clock=clock)
     for sequence in (11, 12, 13):
         assert (await a.infer(step(sequence, start=True))).version == "1"
     homes = {sid: url for (url, _, sid) in triton.open}
@@ -275,21 +275,26 @@ async def test_a_draining_version_takes_the_later_requests_of_its_sequences_unti
     for _ in range(2):
         assert (await a.infer(step(11))).version == "1" and triton.sent[-1] == homes[11]
         assert (await a.infer(step(12, version="1"))).version == "1" and triton.sent[-1] == homes[12]  # naming it
+        assert (await b.infer(step(13, version="1"))).version == "1" and triton.sent[-1] == homes[13]  # another process
     assert (await a.infer(step(14, start=True))).version == "2"  # a new sequence: not on the leaving version
     with pytest.raises(Unavailable, match="version 1 is available \\(draining\\)"):
         await a.infer(step(15, start=True, version="1"))
     assert (await a.infer(step(11, end=True))).version == "1"
+    with pytest.raises(UpstreamError, match="must specify the START flag"):  # ended: Triton says so
+        await a.infer(step(11, version="1"))
     clock.now += 0.6
     assert (await a.infer(step(12))).version == "1"  # used: stays under way
-    clock.now += 0.6  # 13 idle beyond the model's 1 s: Triton has forgotten it
-    assert sum(i.open_sequences("s", "1", clock.now) for i in instances) == 1
-    with pytest.raises(Unavailable, match="sequence 13: version 1, which it started on, is no longer served"):
-        await a.infer(step(13))
-    with pytest.raises(Unavailable, match="version 1 is available \\(draining\\)"):  # ended: no longer under way
-        await a.infer(step(11, version="1"))
+    clock.now += 0.6  # 13 idle beyond the model's 1 s in this process (Triton forgets it too)
+    assert [i.open_sequences("s", "1", clock.now) for i in instances] == [1 if i.url == homes[12] else 0 for i in instances]
     assert (await a.infer(step(12, end=True))).version == "1"
     assert sum(i.open_sequences("s", "1", clock.now) for i in instances) == 0
+    for i in instances:  # drained, then unloaded
+        i.release("s", "1")
+        i.set_index({"s": frozenset({"2"})})
+    with pytest.raises(Unavailable, match="sequence 13: version 1, which it started on, is no longer served"):
+        await a.infer(step(13))
     await a.close(0)
+    await b.close(0)
 
 
 async def test_a_canary_split_moves_whole_sequences_in_every_process() -> None:
