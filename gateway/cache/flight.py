@@ -5,7 +5,9 @@ while it runs (a follower) waits on a future of its own. So a follower that goes
 client disconnected, its deadline passed) cancels only its own wait; a failure reaches every
 waiter as the same error (each follower gets its own copy, with its own traceback); and the
 computation is told, through ``abandoned()``, when nobody waits any more (every waiter
-cancelled or its client gone), so the batcher can drop it before it is sent.
+cancelled or its client gone), so the batcher can drop it before it is sent. A request joining
+after that check, before the dropped computation has ended, is not told its client left: the
+computation starts again for it (and any others still waiting), in a task of its own.
 
 Where the computation runs depends on whether the leader may give up before it ends:
 
@@ -25,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from gateway.errors import GatewayError, Unavailable
+from gateway.errors import ClientGone, GatewayError, Unavailable
 
 T = TypeVar("T")
 Compute = Callable[[Callable[[], bool]], Awaitable[T]]
@@ -112,7 +114,10 @@ class SingleFlight(Generic[T]):
         try:
             result = await compute(flight.abandoned)
         except Exception as exc:
-            self._close(key, flight, None, exc)
+            if isinstance(exc, ClientGone) and self._rejoined(flight, gone):
+                self._detach(key, flight, compute)  # for those who came after it was dropped
+            else:
+                self._close(key, flight, None, exc)
             raise
         except BaseException:  # the leader was cancelled (shutdown): not the computation's failure
             flight.waiters.remove(gone)
@@ -134,6 +139,14 @@ class SingleFlight(Generic[T]):
             flight.waiters.remove(gone)
             flight.followers.remove(future)
 
+    @staticmethod
+    def _rejoined(flight: _Flight[T], leaving: Gone | None) -> bool:
+        """After the computation was dropped for want of waiters (``ClientGone``): whether
+        anyone waits still (joined since), ``leaving`` (the leader's client, gone) aside."""
+        if leaving in flight.waiters:
+            flight.waiters.remove(leaving)
+        return any(not f.done() for f in flight.followers) and not flight.abandoned()
+
     def _end(self, key: bytes, flight: _Flight[T]) -> None:
         if self._flights.get(key) is flight:
             del self._flights[key]
@@ -148,12 +161,16 @@ class SingleFlight(Generic[T]):
         """Run the flight's computation in a task of its own, which settles every waiter."""
 
         async def run() -> None:
-            try:
-                result = await compute(flight.abandoned)
-            except Exception as exc:
-                self._close(key, flight, None, exc)
+            while True:
+                try:
+                    result = await compute(flight.abandoned)
+                except Exception as exc:
+                    if isinstance(exc, ClientGone) and self._rejoined(flight, None):
+                        continue  # dropped for want of waiters, and someone has come since
+                    self._close(key, flight, None, exc)
+                    return
+                self._close(key, flight, result, None)
                 return
-            self._close(key, flight, result, None)
 
         def stopped(task: asyncio.Task[None]) -> None:
             self._detached.discard(task)

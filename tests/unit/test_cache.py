@@ -14,7 +14,7 @@ from gateway.cache.entry import decode_entry, encode_entry
 from gateway.cache.flight import SingleFlight
 from gateway.cache.store import ENTRY_OVERHEAD, CacheStore, result_size
 from gateway.config import CacheConfig
-from gateway.errors import Unavailable, UpstreamError
+from gateway.errors import ClientGone, Unavailable, UpstreamError
 from gateway.protocol import msgpack as msgpack_codec
 from gateway.protocol import v2
 from gateway.tensors import InferRequest, RequestedOutput, Tensor
@@ -388,6 +388,38 @@ async def test_the_computation_is_told_when_every_waiter_has_gone() -> None:
     release.set()
     await disconnected
     assert seen == [True]
+
+
+@pytest.mark.parametrize("detach", [False, True])
+async def test_a_request_joining_a_computation_dropped_for_want_of_waiters_gets_a_fresh_one(detach: bool) -> None:
+    """The leader's client left, so the computation was dropped unsent; a request that joined
+    before the drop reached the leader must not be told its own client left."""
+    flight: SingleFlight[int] = SingleFlight()
+    runs: list[bool] = []
+    checked = asyncio.Event()
+    joined = asyncio.Event()
+
+    async def compute(abandoned) -> int:  # noqa: ANN001
+        runs.append(abandoned())
+        if runs[-1]:  # as the batcher does: nobody waits, so the request is not sent
+            checked.set()
+            await joined.wait()  # the drop takes a turn or two to reach the leader
+            raise ClientGone("the client disconnected")
+        return 7
+
+    leader = asyncio.create_task(flight.do(b"k", compute, gone=lambda: True, detach=detach))
+    await checked.wait()
+    follower = asyncio.create_task(flight.do(b"k", compute, gone=lambda: False))
+    await asyncio.sleep(0)
+    joined.set()
+    assert await asyncio.wait_for(follower, 1) == (7, True)
+    if detach:  # the leader waits on the computation like the others (its answer is not sent)
+        assert await leader == (7, False)
+    else:
+        with pytest.raises(ClientGone):
+            await leader
+    assert runs == [True, False]
+    assert len(flight) == 0
 
 
 # -- entries for the shared tier ------------------------------------------------------------------
