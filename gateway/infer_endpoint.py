@@ -233,11 +233,11 @@ def read_headers(headers: Iterable[tuple[bytes, bytes]], pins: Container[bytes],
             h.encoding = value
         elif name == deadlines.HEADER:
             h.deadline = deadlines.from_header(value, start)
-        elif name == b"cache-control":
+        elif name == b"cache-control":  # repeated lines are one list (RFC 9110 5.3)
             cache_control = True
-            h.use_cache = not wants_fresh(value)
+            h.use_cache = h.use_cache and not wants_fresh(value)
         elif name == b"pragma":
-            pragma_no_cache = b"no-cache" in value.lower()
+            pragma_no_cache = pragma_no_cache or b"no-cache" in value.lower()
         elif name in pins:
             h.sticky = {**(h.sticky or {}), name: value}
     if pragma_no_cache and not cache_control:  # HTTP/1.0's no-cache, which Cache-Control overrides

@@ -153,6 +153,9 @@ async def test_another_id_or_wire_format_is_another_raw_answer_with_its_own_byte
         ([(b"pragma", b"no-cache"), (b"cache-control", b"max-age=60")], True),  # Cache-Control overrides Pragma
         ([(b"cache-control", b"max-age=60"), (b"pragma", b"no-cache")], True),
         ([(b"pragma", b"x-other")], True),
+        ([(b"cache-control", b"no-cache"), (b"cache-control", b"max-age=5")], False),  # repeated lines: one list
+        ([(b"cache-control", b"max-age=5"), (b"cache-control", b"no-store")], False),
+        ([(b"pragma", b"no-cache"), (b"pragma", b"x-other")], False),
         ([], True),
     ],
 )
