@@ -30,7 +30,7 @@ import logging
 import time
 import zlib
 from dataclasses import dataclass
-from collections.abc import Awaitable, Callable, Container, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Container, Iterable, MutableMapping, Sequence
 from typing import Any
 
 from gateway import deadlines
@@ -292,7 +292,7 @@ class InferEndpoint:
     async def serve(
         self,
         path: str,
-        headers: Iterable[tuple[bytes, bytes]],
+        headers: Sequence[tuple[bytes, bytes]],
         start: float,
         *,
         body: bytes | None = None,
@@ -306,7 +306,8 @@ class InferEndpoint:
         ``start``: its arrival; ``gone``: whether its client has left; ``looked``: what a lookup
         of it already learned; ``target``: its (model, version), where already parsed from
         ``path``. Never raises for a request: errors are answers."""
-        content_type = b""
+        # First: an error about the path or a header is answered in the client's format too.
+        content_type = next((value for name, value in headers if name == b"content-type"), b"")
         call = None
         try:
             if target is None:

@@ -468,3 +468,18 @@ async def test_a_request_whose_deadline_passes_leaves_its_computation_to_an_iden
     status, headers, answer, _ = await patient
     assert status == 200 and orjson.loads(answer)["outputs"][0]["data"] == [7.0, 9.0]
     assert started == ["1"] and router.calls == ["1"]  # one inference, shared
+
+
+@pytest.mark.parametrize(
+    "path, extra",
+    [
+        ("/v2/models/m/versions/abc/infer", []),  # a bad version in the path
+        ("/v2/models/m/infer", [(b"x-request-timeout-ms", b"soon")]),  # a bad header
+        ("/v2/models/m/infer", [(b"content-encoding", b"br")]),
+    ],
+)
+async def test_an_error_before_the_body_is_read_is_answered_in_msgpack_to_a_msgpack_client(path: str, extra: list) -> None:
+    endpoint, _, _ = stack()
+    status, headers, body, _ = await post(endpoint, b"\x80", path, headers=[(b"content-type", b"application/msgpack"), *extra])
+    assert status in (400, 415) and headers[b"content-type"] == b"application/msgpack"
+    assert set(msgpack.unpackb(body)) == {"error"}
