@@ -122,14 +122,26 @@ def inflate(body: bytes, encoding: bytes, limit: int) -> bytes:
         return body
     if name not in (b"gzip", b"deflate"):
         raise UnsupportedMediaType(f"unsupported Content-Encoding {shown(name.decode('latin-1'))}; use gzip, deflate or none")
-    inflater = zlib.decompressobj(wbits=31 if name == b"gzip" else 15)
+    what = name.decode()
+    parts: list[bytes] = []
+    size, rest = 0, body
     try:
-        data = inflater.decompress(body, limit + 1)
+        while True:  # gzip: member after member (RFC 1952 2.2), as gzip -d reads them
+            inflater = zlib.decompressobj(wbits=31 if name == b"gzip" else 15)
+            part = inflater.decompress(rest, limit + 1 - size)
+            size += len(part)
+            if size > limit or inflater.unconsumed_tail:
+                raise PayloadTooLarge(f"decompressed request body exceeds the gateway's limit of {limit} bytes")
+            parts.append(part)
+            if not inflater.eof:
+                raise BadRequest(f"body is truncated {what} data: its stream does not end")
+            rest = inflater.unused_data
+            if not rest.strip(b"\0"):  # the end (zeros padding a gzip file are ignored, as gzip -d does)
+                return b"".join(parts)
+            if name != b"gzip":
+                raise BadRequest(f"body has {len(rest)} byte(s) after the end of its deflate stream")
     except zlib.error as exc:
-        raise BadRequest(f"body is not valid {name.decode()} data: {exc}") from None
-    if len(data) > limit or inflater.unconsumed_tail:
-        raise PayloadTooLarge(f"decompressed request body exceeds the gateway's limit of {limit} bytes")
-    return data
+        raise BadRequest(f"body is not valid {what} data: {exc}") from None
 
 
 def error_reply(status: int, message: str, content_type: bytes) -> Reply:

@@ -122,3 +122,24 @@ def test_a_bad_timeout_header_is_400(value: bytes) -> None:
 def test_the_timeout_header_is_milliseconds() -> None:
     assert deadlines.from_header(b"250", 10.0) == pytest.approx(10.25)
     assert deadlines.from_header(b"0.5", 10.0) == pytest.approx(10.0005)
+
+
+def test_a_gzip_body_of_several_members_is_read_whole_and_a_cut_or_padded_stream_is_a_400() -> None:
+    import gzip
+    import zlib
+
+    from gateway.infer_endpoint import inflate
+
+    data = b'{"inputs": []}' * 10
+    assert inflate(gzip.compress(data[:50]) + gzip.compress(data[50:]), b"gzip", 1000) == data  # as gzip -d reads it
+    assert inflate(gzip.compress(data) + b"\0" * 8, b"gzip", 1000) == data  # zeros padding the file
+    with pytest.raises(PayloadTooLarge):  # the limit counts every member
+        inflate(gzip.compress(data) * 8, b"gzip", 1000)
+    with pytest.raises(BadRequest, match="truncated gzip data"):
+        inflate(gzip.compress(data)[:-12], b"gzip", 1000)
+    with pytest.raises(BadRequest, match="not valid gzip data"):
+        inflate(gzip.compress(data) + b"junk", b"gzip", 1000)
+    with pytest.raises(BadRequest, match="4 byte\\(s\\) after the end of its deflate stream"):
+        inflate(zlib.compress(data) + b"junk", b"deflate", 1000)
+    with pytest.raises(BadRequest, match="truncated deflate data"):
+        inflate(b"", b"deflate", 1000)
