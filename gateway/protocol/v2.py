@@ -55,8 +55,10 @@ def parse_tensor_spec(obj: Any, kind: str, index: int, err: MakeError) -> tuple[
     if not isinstance(datatype, str) or datatype not in V2_TO_NUMPY:
         raise err(f"{kind} '{name}': unknown datatype {shown(datatype)}")
     shape = obj.get("shape")
-    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_dim(d) for d in shape):
+    if not isinstance(shape, list) or not all(_is_dim(d) for d in shape):
         raise err(f"{kind} '{name}': shape must be a list of non-negative integers, got {shown(shape)}")
+    if len(shape) > MAX_DIMS:
+        raise err(f"{kind} '{name}': shape has {len(shape)} dimensions, more than the {MAX_DIMS} a tensor may have")
     if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
         # Even with a zero dimension (no data at all), numpy cannot represent such a shape.
         raise err(f"{kind} '{name}': shape {shown(shape)} is too large")
