@@ -67,6 +67,8 @@ def infer_target(path: str) -> tuple[str, str] | None:
     if len(parts) == 5 and parts[4] == "infer" and parts[1] == "v2" and parts[2] == "models" and parts[3]:
         return v2.model_and_version(parts[3], "")
     if len(parts) == 7 and parts[6] == "infer" and parts[1:3] == ["v2", "models"] and parts[4] == "versions" and parts[3]:
+        if not parts[5]:
+            raise BadRequest("the path names an empty model version (versions//infer); leave out /versions/ for the served one")
         return v2.model_and_version(parts[3], parts[5])
     return None
 

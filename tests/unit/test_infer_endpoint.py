@@ -37,6 +37,11 @@ def test_a_version_that_is_no_64_bit_number_is_a_bad_request(version: str) -> No
         infer_target(f"/v2/models/m/versions/{version}/infer")
 
 
+def test_an_empty_version_in_the_path_is_a_bad_request() -> None:
+    with pytest.raises(BadRequest, match="empty model version"):
+        infer_target("/v2/models/digits_cnn/versions//infer")
+
+
 def test_a_model_name_longer_than_a_folder_name_is_a_bad_request() -> None:
     assert infer_target("/v2/models/" + "a" * 255 + "/infer") == ("a" * 255, "")
     with pytest.raises(BadRequest, match="model name is longer than 255 bytes"):
