@@ -293,6 +293,7 @@ class GatewayCollector(Collector):
             "shared_hits": "Hits from the shared tier (Redis).",
             "host_hits": "Hits from the store this host's workers share (part of hits).",
             "evictions": "Entries evicted to stay within the byte bounds.",
+            "expired": "Entries dropped once past their TTL.",
         }
         families = {k: CounterMetricFamily(f"gateway_cache_{k}", doc, labels=label) for k, doc in counters.items()}
         families["bytes"] = GaugeMetricFamily("gateway_cache_bytes", "Bytes held in the store.", labels=label)

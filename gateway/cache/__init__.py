@@ -229,8 +229,9 @@ class ResponseCache:
         policy = self._config.for_model(model)
         if not policy.enabled or self.store.drops != epoch[0]:
             return False
-        expires = self._clock() + policy.ttl_s
-        kept = self.store.put(key, answer, model, version, expires, self._model_bytes(policy), answer.size)
+        now = self._clock()
+        expires = now + policy.ttl_s
+        kept = self.store.put(key, answer, model, version, expires, self._model_bytes(policy), answer.size, now)
         if computed and self._host is not None and epoch[1] == version:
             self._host.put(key, model, version, epoch[2], _RAW_TAG + answer.to_bytes(), expires)
         return kept
@@ -243,11 +244,12 @@ class ResponseCache:
         if self.store.drops != epoch[0]:
             return False
         policy = self._config.for_model(model)
-        expires = self._clock() + policy.ttl_s
+        now = self._clock()
+        expires = now + policy.ttl_s
         # Own copies: a caller's rows are views into its whole batch's response, which the
         # entry would otherwise keep alive, uncounted.
         owned = BatchResult(result.version, [Tensor(t.name, t.datatype, t.data.copy()) for t in result.outputs], result.parameters)
-        self.store.put(key, owned, model, version, expires, self._model_bytes(policy))
+        self.store.put(key, owned, model, version, expires, self._model_bytes(policy), now=now)
         if self._host is None:
             return False
         value = _ENTRY_TAG + encode_entry(owned)
@@ -276,7 +278,7 @@ class ResponseCache:
             return None
         policy = self._config.for_model(model)
         size = entry.size if tag == _RAW_TAG else None
-        self.store.put(key, entry, model, version, expires, self._model_bytes(policy), size)
+        self.store.put(key, entry, model, version, expires, self._model_bytes(policy), size, now)
         if counted:
             self.store.model_stats(model).host_hits += 1
         return entry
@@ -313,6 +315,7 @@ class ResponseCache:
         return dropped
 
     def snapshot(self) -> dict[str, Any]:
+        self.store.expire(self._clock())  # looked at every scrape: what is held is what may be given
         view: dict[str, Any] = {
             "pid": os.getpid(),  # with several workers, each answers for itself (but "host")
             "enabled": self._config.enabled,  # for the models without a table of their own

@@ -7,11 +7,16 @@ bounds, the TTL, the per-model share and ``drop_version``.
 One global LRU order and one per model, so that both bounds hold cheaply: the store's
 ``max_bytes`` (the least recently used entry of any model goes first) and each model's share
 of it (that model's least recently used entry goes first). Expired entries are dropped when
-met. Everything is synchronous and O(1) per operation (amortised): it runs on the event loop.
+met, and swept (``expire``) before each store and at each look at the cache's statistics (every
+metrics scrape), soonest first from a heap of expiry times, so that an idle cache does not go on
+holding memory for answers no one may be given. Everything is synchronous and O(log n) per
+operation (amortised): it runs on the event loop.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +47,7 @@ class ModelCacheStats:
     host_hits: int = 0  # hits from the store the host's workers share (of hits)
     raw_hits: int = 0  # the hits answered with stored response bytes, before decoding (of hits)
     evictions: int = 0
+    expired: int = 0  # entries dropped once past their TTL
     bytes: int = 0
     entries: int = 0
 
@@ -68,6 +74,11 @@ class CacheStore:
         self.bytes = 0
         # Bumped by every drop_version: a result computed before a drop is not stored after it.
         self.drops = 0
+        # (expires, n, key) per stored entry, soonest first; an item whose entry has gone or
+        # been replaced is skipped when it comes up, and the heap is rebuilt when such items
+        # are the most of it.
+        self._expiries: list[tuple[float, int, bytes]] = []
+        self._counter = itertools.count()
 
     def model_stats(self, model: str) -> ModelCacheStats:
         stats = self.stats.get(model)
@@ -81,6 +92,7 @@ class CacheStore:
             return None
         if entry.expires <= now:
             self._remove(key, entry)
+            self.model_stats(entry.model).expired += 1
             return None
         self._entries.move_to_end(key)
         self._by_model[entry.model].move_to_end(key)
@@ -95,9 +107,10 @@ class CacheStore:
         expires: float,
         model_max_bytes: int,
         size: int | None = None,
+        now: float | None = None,
     ) -> bool:
         """Store ``result`` (``size`` bytes; by default a BatchResult's); False if it is larger
-        than allowed to be held at all."""
+        than allowed to be held at all. ``now``: expired entries go first (``expire``)."""
         if size is None:
             size = result_size(result)
         if size > model_max_bytes or size > self.max_bytes:
@@ -105,6 +118,8 @@ class CacheStore:
         old = self._entries.get(key)
         if old is not None:
             self._remove(key, old)
+        if now is not None:
+            self.expire(now)
         stats = self.model_stats(model)
         order = self._by_model.setdefault(model, OrderedDict())
         while order and stats.bytes + size > model_max_bytes:
@@ -112,11 +127,27 @@ class CacheStore:
         while self._entries and self.bytes + size > self.max_bytes:
             self._evict(next(iter(self._entries)))
         self._entries[key] = Entry(result, model, version, size, expires)
+        heapq.heappush(self._expiries, (expires, next(self._counter), key))
         order[key] = None
         self.bytes += size
         stats.bytes += size
         stats.entries += 1
         return True
+
+    def expire(self, now: float) -> int:
+        """Drop every entry past its TTL at ``now``; how many."""
+        heap, dropped = self._expiries, 0
+        while heap and heap[0][0] <= now:
+            expires, _, key = heapq.heappop(heap)
+            entry = self._entries.get(key)
+            if entry is not None and entry.expires == expires:
+                self._remove(key, entry)
+                self.model_stats(entry.model).expired += 1
+                dropped += 1
+        if len(heap) > 2 * len(self._entries) + 64:  # mostly items of entries gone already
+            self._expiries = [(e.expires, next(self._counter), k) for k, e in self._entries.items()]
+            heapq.heapify(self._expiries)
+        return dropped
 
     def drop_version(self, model: str, version: str) -> int:
         """Remove every entry of one model version (it was unloaded or replaced)."""

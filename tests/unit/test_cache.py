@@ -490,6 +490,9 @@ async def test_miss_then_hit_then_expiry_and_errors_are_never_cached() -> None:
     assert (await cache.get_or_compute("m", "1", b"k", compute))[1] == "miss"  # the error was not kept
     stats = cache.snapshot()["models"]["m"]
     assert (stats["hits"], stats["misses"], calls) == (1, 3, 4)
+    clock.now = 100.0  # no request since: the next look at the statistics sweeps it
+    stats = cache.snapshot()["models"]["m"]
+    assert (stats["entries"], stats["bytes"], stats["expired"]) == (0, 0, 3)  # the two met again, and this one
 
 
 async def test_a_computation_whose_callers_all_timed_out_is_counted_and_kept() -> None:
@@ -556,3 +559,21 @@ async def test_cached_outputs_are_copies_not_views_of_a_whole_batch() -> None:
     await cache.get_or_compute("m", "1", b"k", compute)
     held, _ = await cache.get_or_compute("m", "1", b"k", compute)
     assert held.outputs[0].data.base is None and cache.store.bytes == ENTRY_OVERHEAD + 16
+
+
+def test_entries_past_their_ttl_are_swept_and_counted_apart_from_evictions() -> None:
+    size = result_size(result())
+    store = CacheStore(100 * size)
+    for i in range(10):
+        store.put(bytes([i]), result(), "m", "1", expires=100.0 + i, model_max_bytes=10**9, now=0.0)
+    store.put(b"late", result(), "n", "1", expires=500.0, model_max_bytes=10**9, now=0.0)
+    store.put(b"\x00", result(), "m", "1", expires=300.0, model_max_bytes=10**9, now=0.0)  # stored again: lives on
+    assert store.expire(104.5) == 4  # 1..4 (0 was replaced), without anyone asking for them
+    assert store.stats["m"].as_dict()["expired"] == 4 and store.stats["m"].evictions == 0
+    assert store.bytes == 7 * size and store.stats["m"].entries == 6
+    store.put(b"new", result(), "n", "1", expires=900.0, model_max_bytes=10**9, now=400.0)  # a store sweeps first
+    assert sorted(store._entries) == [b"late", b"new"] and store.bytes == 2 * size
+    assert store.stats["m"].expired == 10 and store.stats["m"].bytes == 0
+    for i in range(200):  # the heap does not grow with entries replaced over and over
+        store.put(b"late", result(), "n", "1", expires=500.0 + i, model_max_bytes=10**9, now=400.0)
+    assert len(store._expiries) <= 2 * len(store._entries) + 64
