@@ -26,12 +26,13 @@ client that left first is counted apart.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import zlib
 from dataclasses import dataclass
 from collections.abc import Awaitable, Callable, Container, Iterable, MutableMapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway import deadlines
 from gateway.cache import Epoch, RawAnswer, ResponseCache, raw_key
@@ -144,6 +145,23 @@ def inflate(body: bytes, encoding: bytes, limit: int) -> bytes:
                 raise BadRequest(f"body has {len(rest)} byte(s) after the end of its deflate stream")
     except zlib.error as exc:
         raise BadRequest(f"body is not valid {what} data: {exc}") from None
+
+
+# A body this large is inflated and decoded in a thread: parsing one of tens of megabytes
+# takes seconds of CPU (a JSON array of millions of numbers, millions of BYTES elements), which
+# on the event loop would stall every other request and health probe meanwhile. In a thread it
+# still holds the GIL, but gives it up every few milliseconds (sys.getswitchinterval), so the
+# loop goes on; below it, the hand-over (tens of microseconds) would cost more than it saves.
+OFF_LOOP_BYTES = 1 << 20
+
+R = TypeVar("R")
+
+
+async def off_loop(size: int, work: Callable[..., R], *args: Any) -> R:
+    """``work(*args)``, in a thread when ``size`` (the bytes it reads) is large."""
+    if size < OFF_LOOP_BYTES:
+        return work(*args)
+    return await asyncio.to_thread(work, *args)
 
 
 def error_reply(status: int, message: str, content_type: bytes) -> Reply:
@@ -335,7 +353,7 @@ class InferEndpoint:
             if body is None:
                 body = await read_body(receive, h.declared, self._limit)
             if h.encoding:
-                body = inflate(body, h.encoding, self._limit)
+                body = await off_loop(len(body), inflate, body, h.encoding, self._limit)
             call = Call(target, body, content_type, h.header_length, h.deadline, gone, h.use_cache, h.sticky)
             cache = pipeline.cache
             if cache is not None and h.use_cache and cache.enabled_for(target[0]):
@@ -466,14 +484,14 @@ class InferEndpoint:
         model, version = call.target
         body = call.body
         if is_msgpack(call.content_type):
-            req = call.request = msgpack_codec.decode_request(body, model, version)
+            req = call.request = await off_loop(len(body), msgpack_codec.decode_request, body, model, version)
             resp = await pipeline.infer(req, call.deadline, call.gone, call.use_cache, call.sticky, chosen)
             payload = msgpack_codec.encode_response(resp, req)
             headers = [(b"content-type", MSGPACK_TYPES[0]), (b"model-version", resp.version.encode())]
         else:
             header_length = call.header_length
             length = v2.parse_header_length(None if header_length is None else header_length.decode("latin-1"), len(body))
-            req = call.request = v2.decode_request(body, length, model, version)
+            req = call.request = await off_loop(len(body), v2.decode_request, body, length, model, version)
             resp = await pipeline.infer(req, call.deadline, call.gone, call.use_cache, call.sticky, chosen)
             payload, json_length = v2.encode_response(resp, req)
             if json_length is None:

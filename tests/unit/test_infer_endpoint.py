@@ -148,3 +148,16 @@ def test_a_gzip_body_of_several_members_is_read_whole_and_a_cut_or_padded_stream
         inflate(zlib.compress(data) + b"junk", b"deflate", 1000)
     with pytest.raises(BadRequest, match="truncated deflate data"):
         inflate(b"", b"deflate", 1000)
+
+
+async def test_a_large_body_is_parsed_off_the_event_loop() -> None:
+    import threading
+
+    from gateway.infer_endpoint import OFF_LOOP_BYTES, off_loop
+
+    def where(_: bytes) -> int:
+        return threading.get_ident()
+
+    loop_thread = threading.get_ident()
+    assert await off_loop(100, where, b"x" * 100) == loop_thread  # small: no hand-over
+    assert await off_loop(OFF_LOOP_BYTES, where, b"x") != loop_thread
