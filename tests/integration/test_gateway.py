@@ -332,7 +332,7 @@ ERROR_CASES = [
         400,
         "request parameter 'sequence_start' must be true or false",
     ),
-    ("non-numeric version stats", "GET", "/v2/models/breast_cancer_mlp/versions/abc/stats", {}, 400, "'abc'"),
+    ("non-numeric version stats", "GET", "/v2/models/breast_cancer_mlp/versions/abc/stats", {}, 400, '"abc"'),
     ("stats of an unknown model", "GET", "/v2/models/nope/stats", {}, 404, "'nope'"),
     ("stats of an unknown version", "GET", "/v2/models/breast_cancer_mlp/versions/9/stats", {}, 404, "not available"),
     ("metadata of an unknown model", "GET", "/v2/models/nope", {}, 404, "'nope'"),
