@@ -91,8 +91,7 @@ class CacheStore:
         if entry is None:
             return None
         if entry.expires <= now:
-            self._remove(key, entry)
-            self.model_stats(entry.model).expired += 1
+            self._expire(key, entry)
             return None
         self._entries.move_to_end(key)
         self._by_model[entry.model].move_to_end(key)
@@ -141,8 +140,7 @@ class CacheStore:
             expires, _, key = heapq.heappop(heap)
             entry = self._entries.get(key)
             if entry is not None and entry.expires == expires:
-                self._remove(key, entry)
-                self.model_stats(entry.model).expired += 1
+                self._expire(key, entry)
                 dropped += 1
         if len(heap) > 2 * len(self._entries) + 64:  # mostly items of entries gone already
             self._expiries = [(e.expires, next(self._counter), k) for k, e in self._entries.items()]
@@ -161,6 +159,10 @@ class CacheStore:
         entry = self._entries[key]
         self._remove(key, entry)
         self.model_stats(entry.model).evictions += 1
+
+    def _expire(self, key: bytes, entry: Entry) -> None:
+        self._remove(key, entry)
+        self.model_stats(entry.model).expired += 1
 
     def _remove(self, key: bytes, entry: Entry) -> None:
         del self._entries[key]
