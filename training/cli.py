@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=_positive_int, help="stop after this many steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_positive_int, default=1, help="torch threads per worker (default 1: fastest here)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA (NCCL) when present, else CPU (gloo)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA (NCCL) when there is a GPU for each worker, else CPU (gloo)")
     p.add_argument("--channels", help="digits_cnn: conv channels, e.g. 8,16 (default 16,32)")
     p.add_argument("--hidden", type=_positive_int, help="hidden units (default: the served model's)")
     p.add_argument("--out", type=Path, help="checkpoint path (default runs/<model>-<time>.pt)")

@@ -101,10 +101,20 @@ class TrainConfig:
             raise UsageError(f"--device must be auto, cpu or cuda, got {c.device!r}")
         if c.device == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda: torch sees no CUDA device here")
+        if c.device == "auto":
+            c = replace(c, device=auto_device(c.workers))
         return c
 
     def use_cuda(self) -> bool:
-        return self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
+        return self.device == "cuda" or (self.device == "auto" and auto_device(self.workers) == "cuda")
+
+
+def auto_device(workers: int) -> str:
+    """What ``--device auto`` trains on: CUDA when this machine has a GPU for each of its
+    workers (NCCL gives each its own; under torchrun, the workers on this machine), else the CPU
+    with gloo, so that two workers on a one-GPU machine still train rather than being refused."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", workers)) if launched_by_torchrun() else workers
+    return "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= local else "cpu"
 
 
 @dataclass

@@ -18,7 +18,7 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def test_two_ddp_workers_match_one_process_on_the_same_global_batch() -> None:
-    common = dict(max_steps=STEPS, batch_size=64, seed=3, keep_best=False, progress=False, timeout_s=120)
+    common = dict(max_steps=STEPS, batch_size=64, seed=3, keep_best=False, progress=False, timeout_s=120, device="cpu")
     one = train(TrainConfig("digits_cnn", workers=1, **common))
     two = train(TrainConfig("digits_cnn", workers=2, mode="ddp", **common))
     assert one is not None and two is not None
@@ -42,7 +42,9 @@ def test_two_ddp_workers_match_one_process_on_the_same_global_batch() -> None:
 
 def test_parameter_averaging_converges_and_leaves_identical_replicas() -> None:
     result = train(
-        TrainConfig("digits_cnn", workers=2, mode="average", average_every=4, epochs=4, seed=0, progress=False, timeout_s=120)
+        TrainConfig(
+            "digits_cnn", workers=2, mode="average", average_every=4, epochs=4, seed=0, progress=False, timeout_s=120, device="cpu"
+        )
     )
     assert result is not None
     losses = [h["train_loss"] for h in result.history]
@@ -67,6 +69,40 @@ def test_parameter_averaging_converges_and_leaves_identical_replicas() -> None:
 def test_bad_settings_are_refused_before_anything_starts(kwargs: dict, message: str) -> None:
     with pytest.raises(UsageError, match=message):
         TrainConfig("digits_cnn", **kwargs).resolved()
+
+
+@pytest.mark.parametrize(
+    ("gpus", "workers", "torchrun_local", "device"),
+    [
+        (0, 1, None, "cpu"),
+        (1, 1, None, "cuda"),
+        (1, 2, None, "cpu"),  # one GPU for two workers: gloo on the CPU, not a refusal
+        (2, 2, None, "cuda"),
+        (1, 2, 1, "cuda"),  # torchrun, two machines with a GPU and a worker each
+    ],
+)
+def test_auto_trains_on_cuda_only_with_a_gpu_for_each_worker(
+    monkeypatch: pytest.MonkeyPatch, gpus: int, workers: int, torchrun_local: int | None, device: str
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    for name in ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    if torchrun_local is not None:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(torchrun_local))
+    resolved = TrainConfig("digits_cnn", workers=workers).resolved()
+    assert resolved.device == device
+    assert resolved.use_cuda() == (device == "cuda")
+
+
+def test_cuda_asked_for_with_fewer_gpus_than_workers_is_refused_before_anything_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for name in ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(UsageError, match="2 workers on CUDA need 2 GPUs.*this machine has 1"):
+        train(TrainConfig("digits_cnn", workers=2, device="cuda", progress=False))
 
 
 def test_unknown_model_is_refused() -> None:
