@@ -122,6 +122,21 @@ def _bool(value: Any) -> float:
     return 1.0 if value else 0.0
 
 
+# The host tier's counters of each worker's own view (``HostStore.stats``): key, metric name, help.
+HOST_VIEW_COUNTERS = (
+    ("stale", "stale", "Host tier entries found but not usable: expired, of a dropped version, overwritten or torn."),
+    ("busy", "skipped_writes", "Writes to the host tier skipped because another worker was writing at that moment."),
+    ("claims", "claims", "Keys claimed in the host tier, to compute each once for all the workers."),
+    ("unclaimed", "unclaimed", "Keys computed without a claim: every slot of their claim bucket was taken."),
+    (
+        "gave_up",
+        "claims_gave_up",
+        "Claims not renewed or not ended because another worker held the claims' lock too long "
+        "(such a claim lapses with its lease; the workers waiting for it then compute the key).",
+    ),
+)
+
+
 class GatewayCollector(Collector):
     """Reads the gateway's state at scrape time, on the event loop (so nothing changes while it
     reads); nothing here runs per request."""
@@ -313,6 +328,9 @@ class GatewayCollector(Collector):
             yield CounterMetricFamily(
                 "gateway_cache_host_writes", "Entries written to the host tier by all workers.", value=host["writes"]
             )
+            # This worker's own dealings with the tier (summed over the workers, as any counter).
+            for key, name, doc in HOST_VIEW_COUNTERS:
+                yield CounterMetricFamily(f"gateway_cache_host_{name}", doc, value=host[key])
         if "shared" in view:
             calls = CounterMetricFamily(
                 "gateway_cache_shared_tier_calls",

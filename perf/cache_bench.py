@@ -456,6 +456,27 @@ def gateway_times(gw_url: str, model: str) -> dict[str, tuple[int, float]]:
     return {k: (int(n), total / n * 1000 if n else 0.0) for k, (n, total) in sums.items()}
 
 
+# The host tier's counters in the gateway's /metrics (summed over its workers), as the report names them.
+HOST_COUNTERS = {
+    "claims": "keys claimed",
+    "unclaimed": "computed without a claim",
+    "skipped_writes": "writes skipped (another worker writing)",
+    "claims_gave_up": "claims left to lapse",
+    "stale": "stale entries found",
+}
+
+
+def host_counters(gw_url: str) -> dict[str, int]:
+    """The gateway workers' dealings with their shared tier (``HOST_COUNTERS``), from /metrics."""
+    counts: dict[str, int] = {}
+    for family in gateway_metrics(gw_url):
+        for sample in family.samples:
+            name = sample.name.removeprefix("gateway_cache_host_").removesuffix("_total")
+            if sample.name.startswith("gateway_cache_host_") and name in HOST_COUNTERS:
+                counts[name] = int(sample.value)
+    return counts
+
+
 def settled_counters(gw_url: str, model: str, requests: int, timeout: float = 15.0) -> dict[str, int]:
     """``summed_counters`` once they count ``requests`` answers (every worker has published
     since the run ended), or as they are at ``timeout``."""
@@ -578,6 +599,7 @@ class Run:
     spans: list[ClientSpan] = field(default_factory=list)  # each perf_analyzer process's, in order
     cpu_s: dict[str, float] = field(default_factory=dict)  # process -> CPU seconds over the run
     times: dict[str, tuple[int, float]] = field(default_factory=dict)  # the gateway's: gateway_times
+    host: dict[str, int] = field(default_factory=dict)  # the gateway workers' shared tier: host_counters
 
     @property
     def hit_rate(self) -> float | None:
@@ -922,6 +944,7 @@ def stat_lines(runs: list[Run]) -> list[str]:
                 f"{up.inferences} rows (mean batch {up.inferences / max(1, up.executions):.2f}), each batch "
                 f"{queue_ms:.2f} ms in Triton's queue and {compute_ms:.2f} ms in computation; CPU: {cpu}"
                 + times_description(r.times)
+                + ("; the workers' shared tier: " + ", ".join(f"{r.host.get(k, 0)} {v}" for k, v in HOST_COUNTERS.items()) if r.host else "")
             )
     return lines
 
@@ -1295,6 +1318,8 @@ def main(argv: list[str] | None = None) -> int:
                 run.requests = run.hits + run.misses + run.coalesced
             if gateway is not None and gateway.running():
                 run.times = gateway_times(gw_url, args.model)  # a new gateway: this run's alone
+                if args.gateway_workers > 1:
+                    run.host = host_counters(gw_url)
             if gateway is not None:
                 if m.error or not gateway.running():
                     print(f"    gateway log tail ({gateway.log_path}):\n" + indent(gateway.tail(20)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import math
 import types
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,6 +22,7 @@ from gateway import handlers
 from gateway.app import routes
 from gateway.batcher import Batcher, BatchPolicy, BatchResult
 from gateway.cache import ResponseCache
+from gateway.cache.host import HostStore, create_segment
 from gateway.config import BatchingConfig, CacheConfig
 from gateway.errors import GatewayError, GatewayTimeout, NotFound, Unavailable
 from gateway.infer_endpoint import InferEndpoint
@@ -318,6 +320,34 @@ async def test_cache_counters_match_the_cache_view() -> None:
     assert value(parsed, "gateway_cache_in_flight") == 0
     without = samples(build_registry(InferCounts(), empty_services()))  # no cache configured
     assert not [name for name, _ in without if name.startswith("gateway_cache_")]
+
+
+async def test_the_host_tiers_counters_are_each_workers_own_dealings_with_it(tmp_path: Path) -> None:
+    made = create_segment(64 * 1024, str(tmp_path))
+    assert made is not None
+    now = [0.0]
+    cache = ResponseCache(CacheConfig(enabled=True, ttl_s=60.0), clock=lambda: now[0], host=HostStore(made.path))
+
+    async def compute(abandoned):  # noqa: ANN001, ANN202
+        return BatchResult("1", [Tensor("y", "FP32", np.zeros((1, 2), np.float32))])
+
+    try:
+        assert (await cache.get_or_compute("m", "1", b"k" * 16, compute))[1] == "miss"  # claimed and written
+        now[0] = 61.0  # past the TTL: this worker's copy and the tier's are both expired
+        assert (await cache.get_or_compute("m", "1", b"k" * 16, compute))[1] == "miss"  # stale there, claimed again
+        # What contention would count (another process holding the tier's locks; test_cache_host.py),
+        # set apart here so that each counter shows its own figure.
+        view = cache._host
+        assert view is not None
+        view.busy, view.unclaimed, view.gave_up = 3, 4, 5
+        parsed = samples(build_registry(InferCounts(), empty_services(cache=cache)))
+        expected = {"claims": 2, "stale": 1, "skipped_writes": 3, "unclaimed": 4, "claims_gave_up": 5}
+        for name, n in expected.items():
+            assert value(parsed, f"gateway_cache_host_{name}_total") == n, name
+        assert value(parsed, "gateway_cache_host_writes_total") == 2
+    finally:
+        await cache.close()
+        made.remove()
 
 
 def test_instances_up_ejected_down_and_their_counters() -> None:
