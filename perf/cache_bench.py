@@ -10,6 +10,7 @@ targets get the same sequence of requests from perf_analyzer (HTTP, binary tenso
 
     .venv/bin/python perf/cache_bench.py [--model digits_cnn] [--concurrency 16,32]
         [--requests 100000] [--repeat-share 0.9] [--zipf-s 1.1] [--hold-ms 0] [--instances 1]
+        [--gateway-workers auto] [--gateway-batching max_inflight_batches=4]
         [--out perf/results/$(date +%F)-cache.md]
 
 ``--instances N`` runs a fleet of N instances, each with its own response cache, the case the
@@ -78,6 +79,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -1117,6 +1119,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "of the sequence (as a round-robin balancer deals them): direct, to instance i; through the gateway, "
         "the same clients with the same requests, all to the gateway, which has every instance behind it",
     )  # fmt: skip
+    p.add_argument(
+        "--gateway-batching", action="append", default=[], metavar="KEY=VALUE",
+        help="set one of the gateway's [batching] settings for its runs, over configs/local.toml's (repeatable; "
+        "e.g. max_inflight_batches=4; the report's gateway line lists the settings in force)",
+    )  # fmt: skip
     p.add_argument("--out", help="also write the report as markdown to this file")
     p.add_argument(
         "--base-port", type=int, default=8460,
@@ -1147,7 +1154,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--instances must be in 1..{MAX_INSTANCES}")
     if min(args.concurrency) < args.instances:
         p.error("--concurrency must be at least --instances: each instance's client needs one request in flight")
+    try:
+        args.gateway_batching = batching_overrides(args.gateway_batching, local_batching())
+    except ValueError as exc:
+        p.error(f"--gateway-batching: {exc}")
     return args
+
+
+def batching_overrides(items: list[str], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``KEY=VALUE`` items as [batching] settings: each KEY one of ``defaults``' (configs/local.toml's
+    [batching]), each VALUE a TOML value of the same type (the gateway checks its range when it
+    reads its config)."""
+    settings: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or key not in defaults:
+            raise ValueError(f"{item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(defaults))}")
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            raise ValueError(f"{item!r}: {text.strip()!r} is not a TOML value") from None
+        default = defaults[key]
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not type(default):
+            kind = {bool: "true or false", int: "an integer", float: "a number"}.get(type(default), type(default).__name__)
+            raise ValueError(f"{item!r}: {key} takes {kind}, like {toml_value(default)}")
+        settings[key] = value
+    return settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1194,6 +1229,7 @@ def main(argv: list[str] | None = None) -> int:
         batching["hold_ms"] = args.hold_ms
         batching["hold_cpu_busy"] = 0.0  # whatever the load, as Triton's queue delay
         batching["max_queue_delay_ms"] = max(float(batching.get("max_queue_delay_ms", 2.0)), args.hold_ms)
+    batching.update(args.gateway_batching)
     ttl_s = 3600.0
     config_path = workdir / "gateway.toml"
     input_data = [workdir / f"input-data-{i}.json" for i in range(n)] if n > 1 else [workdir / "input-data.json"]
