@@ -182,6 +182,9 @@ def build_app(config: GatewayConfig, cache_segment: str = "", workers_folder: st
             Exception: handlers.error_response,  # a bug: logged, answered 500
         },
     )
+    # A path with a trailing slash is not another name for the path without it (Triton answers
+    # it 404, as here): no redirect, which a client would follow with its POST body or not at all.
+    starlette.router.redirect_slashes = False
     server = config.server
     return InferEndpoint(
         starlette, server.max_body_bytes, counts, read_timeout_s=server.read_timeout_s, max_header_bytes=server.max_header_bytes
