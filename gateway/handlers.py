@@ -47,14 +47,16 @@ async def error_response(request: Request, exc: Exception) -> Response:
     if isinstance(exc, GatewayError):
         status, message = exc.status, exc.message
     elif isinstance(exc, HTTPException):  # Starlette's routing: no such path, or not that method
-        status, message = exc.status_code, exc.detail
-        where = f"{request.method} {request.url.path}"
+        status, message, headers = exc.status_code, exc.detail, dict(exc.headers or {})
         if status == 404:
-            message = f"no such endpoint: {where}"
+            message = f"no such endpoint: {request.method} {request.url.path}"
         elif status == 405:
-            allowed = (exc.headers or {}).get("Allow", "")
+            # Starlette lists the methods from a set, in no fixed order: sorted, so that every answer says the same.
+            allowed = ", ".join(sorted(m.strip() for m in headers.get("Allow", "").split(",") if m.strip()))
+            if allowed:
+                headers["Allow"] = allowed
             message = f"method {request.method} is not allowed on {request.url.path}" + (f": use {allowed}" if allowed else "")
-        return Response(v2.error_body(message), status, headers=exc.headers, media_type=JSON)
+        return Response(v2.error_body(message), status, headers=headers, media_type=JSON)
     else:  # a bug: say so without leaking internals, and keep the traceback in the log
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         status, message = 500, f"internal gateway error ({exc.__class__.__name__})"

@@ -340,7 +340,7 @@ ERROR_CASES = [
     ("model name too long infer", "POST", "/v2/models/" + "a" * 9000 + "/infer", {"json": v2_json()}, 400, "longer than 255 bytes"),
     ("unknown route", "GET", "/v2/nothing/here", {}, 404, "no such endpoint: GET /v2/nothing/here"),
     ("a trailing slash is no other name", "POST", "/v2/repository/index/", {}, 404, "no such endpoint: POST /v2/repository/index/"),
-    ("wrong method on a route", "DELETE", "/v2/health/ready", {}, 405, "method DELETE is not allowed on /v2/health/ready: use GET"),
+    ("wrong method on a route", "DELETE", "/v2/health/ready", {}, 405, "method DELETE is not allowed on /v2/health/ready: use GET, HEAD"),
     ("GET on infer", "GET", "/v2/models/breast_cancer_mlp/infer", {}, 405, "method GET is not allowed"),
     ("PUT on a version's infer", "PUT", "/v2/models/breast_cancer_mlp/versions/1/infer", {"json": v2_json()}, 405, "POST"),
 ]
