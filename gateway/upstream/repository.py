@@ -574,18 +574,7 @@ class RepositorySync:
         this process's, then the other workers'. New ones start on other instances meanwhile
         (``Instance.quiescing``), unless every instance holding the version waits too; those
         still under way at the deadline are dropped."""
-        deadline = self.clock() + self.config.drain_timeout_s
-        what = ",".join(held)
-        while left := busy(instance, name, held, self.clock(), requests=False):
-            if self.clock() >= deadline:
-                self._event(instance.url, name, what, "sequences dropped", f"{left} sequence(s) still under way when reloaded")
-                return
-            await asyncio.sleep(POLL_S)
-        if self.peers is not None:
-            left = await self.peers.drained(instance.url, name, held, deadline, requests=False)
-            if left:
-                why = f"{left} sequence(s) still under way in other workers when reloaded"
-                self._event(instance.url, name, what, "sequences dropped", why)
+        await self._await_idle(instance, name, held, requests=False)
 
     def _loaded(self, instance: Instance, name: str, versions: set[str]) -> None:
         """Triton now holds exactly ``versions`` of the model there."""
@@ -649,18 +638,29 @@ class RepositorySync:
         """Wait (at most ``drain_timeout_s``) until no request is in flight to ``versions`` there
         and no sequence is under way on them (``Instance.sequences``; its later requests still
         go there meanwhile): this process's, then the other workers' (``peers``)."""
+        await self._await_idle(instance, name, versions, requests=True)
+
+    async def _await_idle(self, instance: Instance, name: str, versions: list[str], requests: bool) -> None:
+        """Wait, within ``drain_timeout_s``, until nothing is ``busy`` on ``versions`` there (its
+        requests in flight only with ``requests``): in this process, then in the other workers
+        (``peers``). What is left at the deadline is reported: a drain that timed out, or
+        sequences a reload drops."""
         deadline = self.clock() + self.config.drain_timeout_s
-        what = ",".join(versions)
-        while left := busy(instance, name, versions, self.clock()):
-            if self.clock() >= deadline:
-                self._event(instance.url, name, what, "drain timed out", f"{left} request(s) in flight or sequence(s) under way")
-                return
+        left = busy(instance, name, versions, self.clock(), requests)
+        while left and self.clock() < deadline:
             await asyncio.sleep(POLL_S)
-        if self.peers is not None:
-            left = await self.peers.drained(instance.url, name, versions, deadline)
-            if left:
-                why = f"{left} request(s) in flight or sequence(s) under way in other workers"
-                self._event(instance.url, name, what, "drain timed out", why)
+            left = busy(instance, name, versions, self.clock(), requests)
+        where = ""
+        if not left and self.peers is not None:
+            left = await self.peers.drained(instance.url, name, versions, deadline, requests)
+            where = " in other workers"
+        if not left:
+            return
+        what = ",".join(versions)
+        if requests:
+            self._event(instance.url, name, what, "drain timed out", f"{left} request(s) in flight or sequence(s) under way{where}")
+        else:
+            self._event(instance.url, name, what, "sequences dropped", f"{left} sequence(s) still under way{where} when reloaded")
 
     async def _load_failed(self, instance: Instance, name: str, target: Target, new: list[str], exc: ControlError) -> None:
         """Find out which versions failed (Triton marks them UNAVAILABLE with a reason); if none
