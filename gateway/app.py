@@ -17,6 +17,7 @@ from gateway import handlers
 from gateway.cache import build_cache
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
+from gateway.host_batch import HostBatching
 from gateway.host_cpu import HostCpu
 from gateway.infer_endpoint import InferEndpoint
 from gateway.instances import EjectionPolicy
@@ -112,7 +113,8 @@ def build_app(config: GatewayConfig, cache_segment: str = "", workers_folder: st
             active_request_bias=u.active_request_bias,
         )
         # How long the other workers wait for one worker's computation of a key (while that
-        # worker lives): its tries, each bounded, and room for queueing; then they compute it.
+        # worker lives), or for the worker batching a model for them (host_wide): its tries,
+        # each bounded, and room for queueing; then they compute the key, or fail the request.
         claim_s = u.max_tries * u.request_timeout_s + u.connect_timeout_s + 10.0
         cache = build_cache(config.cache, cache_segment, claim_s)
         monitor = FleetMonitor(
@@ -136,6 +138,10 @@ def build_app(config: GatewayConfig, cache_segment: str = "", workers_folder: st
             config.batching, router, MetadataCache(router, u.metadata_ttl_s), cache=cache, rollouts=rollouts,
             cpu_busy=HostCpu().busy,
         )  # fmt: skip
+        host_batch = None
+        if workers_folder and config.batching.host_wide_anywhere:
+            host_batch = pipeline.host_batch = HostBatching(workers_folder, pipeline.batched, wait_s=claim_s)
+            await host_batch.start()
         decisions = shared_decisions(workers_folder, rollouts) if workers_folder else None
         pipeline.observe_fleet()  # the versions serving now are the rollout defaults' stable ones
         monitor.on_round = pipeline.observe_fleet
@@ -161,7 +167,11 @@ def build_app(config: GatewayConfig, cache_segment: str = "", workers_folder: st
             if syncing is not None:
                 syncing.cancel()
                 background.append(syncing)
+            if host_batch is not None:
+                host_batch.begin_close()  # the other workers batch their requests themselves now
             await pipeline.close(config.server.shutdown_grace_s)
+            if host_batch is not None:
+                await host_batch.close()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)

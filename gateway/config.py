@@ -109,12 +109,23 @@ class BatchingConfig:
     # and a co-located Triton's, which is worth the wait while cores are short; with cores to
     # spare a hold only adds latency. 0: whatever the load. Unknown (no /proc/stat): it applies.
     hold_cpu_busy: float = 0.8
+    # With several workers (server.workers > 1): one batcher per model version for all of them,
+    # in one worker (the version's owner, chosen by hashing), which the others hand their
+    # requests to over a Unix socket. The host's requests for a model then form one worker's
+    # batches instead of one set per worker: fewer, larger upstream executions. An owner that
+    # cannot be reached leaves the requests to each worker's own batcher.
+    host_wide: bool = False
     # Per-model settings, from [batching.models.<name>] tables: any key above, for that model
     # only; the rest comes from [batching]. (A slow model wants a longer max_queue_delay_ms.)
     models: Mapping[str, BatchingConfig] = field(default_factory=lambda: MappingProxyType({}))
 
     def for_model(self, model: str) -> BatchingConfig:
         return self.models.get(model, self)
+
+    @property
+    def host_wide_anywhere(self) -> bool:
+        """Whether some model's batches are host-wide (``host_wide`` for all or for one)."""
+        return self.host_wide or any(m.host_wide for m in self.models.values())
 
 
 @dataclass(frozen=True, slots=True)

@@ -97,6 +97,16 @@ class ModelError(UpstreamError):
     apart by trying another instance (``router.py``)."""
 
 
+def rebuilt(kind: str, message: str, status: int) -> GatewayError:
+    """The error another process met, from its class name, message and status (the host tier's
+    failed claims, a request another worker batched): of that class where it is one of these,
+    else a plain ``GatewayError``."""
+    cls = globals().get(kind)
+    if not (isinstance(cls, type) and issubclass(cls, GatewayError)):
+        cls = GatewayError
+    return cls(message, status)
+
+
 def missing_model(error: UpstreamError) -> bool:
     """Triton's answer for a model (version) it does not hold or has not finished loading."""
     text = error.message.lower()

@@ -137,6 +137,14 @@ HOST_VIEW_COUNTERS = (
 )
 
 
+# Host-wide batching's counters (``HostBatching``): attribute and metric name, help.
+HOST_BATCH_COUNTERS = (
+    ("forwarded", "Requests handed to the worker that batches their model version for the host ([batching] host_wide)."),
+    ("served", "Requests batched for the other workers, for the model versions this worker batches for the host."),
+    ("kept", "Requests meant for another worker's batcher but batched by their own worker (that worker unreachable or closing)."),
+)
+
+
 class GatewayCollector(Collector):
     """Reads the gateway's state at scrape time, on the event loop (so nothing changes while it
     reads); nothing here runs per request."""
@@ -235,6 +243,10 @@ class GatewayCollector(Collector):
             holding.add_metric(key, float(batcher.holding))
             waits[(model, version)] = batcher.waits
         yield from (sent, rows, queued, inflight, holding)
+        host_batch = self._services.pipeline.host_batch
+        if host_batch is not None:
+            for name, doc in HOST_BATCH_COUNTERS:
+                yield CounterMetricFamily(f"gateway_batcher_host_{name}", doc, value=getattr(host_batch, name))
         cpu_busy = self._services.pipeline.cpu_busy
         busy = cpu_busy() if cpu_busy is not None else None
         if busy is not None:

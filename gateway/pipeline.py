@@ -15,6 +15,7 @@ from gateway.batcher import Batcher, BatchPolicy, BatchResult, NothingToSend, Pr
 from gateway.cache import ResponseCache, cacheable, request_key
 from gateway.config import BatchingConfig
 from gateway.errors import ClientGone, GatewayTimeout, NotFound, Unavailable, UpstreamError, missing_model
+from gateway.host_batch import HostBatching
 from gateway.models import ModelInfo, check_request
 from gateway.rollout import Rollouts
 from gateway.router import Router
@@ -56,6 +57,9 @@ class InferencePipeline:
         self.cache = cache
         self.rollouts = rollouts or Rollouts()
         self._shadows: set[asyncio.Future[None]] = set()
+        # With several workers and [batching] host_wide: hands batched requests to the worker
+        # that batches their model version for the whole host (``gateway.host_batch``).
+        self.host_batch: HostBatching | None = None
         self.batchers: dict[tuple[str, str], Batcher] = {}
         self._policy_basis: dict[tuple[str, str], tuple[int, int]] = {}
         # Sequences of stateful models: the version (for requests naming none) and the instance
@@ -356,7 +360,12 @@ class InferencePipeline:
         gone: Callable[[], bool] | None,
     ) -> BatchResult:
         classes = _classes(request)
-        if info.batched and self._batching.for_model(request.model).enabled and not request.parameters and not classes:
+        batching = self._batching.for_model(request.model)
+        if info.batched and batching.enabled and not request.parameters and not classes:
+            if batching.host_wide and self.host_batch is not None:
+                result = await self.host_batch.submit(request.model, request.version, inputs, deadline)
+                if result is not None:
+                    return result
             return await self._batcher(request.model, request.version, info).submit(inputs, deadline, gone)
         # Request parameters (priority, sequence ids, custom ones) belong to one request and
         # cannot be merged, nor can a classification: such a request travels alone, parameters
@@ -389,6 +398,12 @@ class InferencePipeline:
             elif affinity.served is not None:
                 self._sequence_instances.pin(model, version, affinity.key, affinity.served)
         return result
+
+    async def batched(self, model: str, version: str, inputs: list[Tensor], deadline: float | None) -> BatchResult:
+        """Batch another worker's request for a version this worker batches for the host
+        (``gateway.host_batch``): checked by that worker already, so only batched here."""
+        info = self.metadata.fresh(model, version) or await self.metadata.get(model, version)
+        return await self._batcher(model, version, info).submit(inputs, deadline)
 
     async def close(self, grace: float) -> None:
         if self._shadows:

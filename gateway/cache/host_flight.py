@@ -35,9 +35,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from gateway import errors
 from gateway.cache.host import COMPUTING, ENDED, FAILED, Claim, HostStore
-from gateway.errors import ClientGone, GatewayError, GatewayTimeout, UpstreamError, missing_model
+from gateway.errors import ClientGone, GatewayError, GatewayTimeout, UpstreamError, missing_model, rebuilt
 
 T = TypeVar("T")
 
@@ -62,13 +61,6 @@ def shared_error(exc: BaseException) -> bool:
     if isinstance(exc, GatewayTimeout):
         return True
     return isinstance(exc, UpstreamError) and 400 <= exc.status < 500 and not missing_model(exc)
-
-
-def _error(claim: Claim) -> GatewayError:
-    cls = getattr(errors, claim.kind, None)
-    if not (isinstance(cls, type) and issubclass(cls, GatewayError)):
-        cls = GatewayError
-    return cls(claim.message, claim.status)
 
 
 class HostFlight:
@@ -109,7 +101,7 @@ class HostFlight:
                 delay = min(2 * delay, POLL_MAX_S)
                 holder = host.look(key, self._clock())
             if holder is not None and holder.state == FAILED:
-                error = _error(holder)
+                error = rebuilt(holder.kind, holder.message, holder.status)
                 error.shared = True  # another worker's computation failed: counted there
                 raise error
             found = fetch()  # written just before the claim ended
