@@ -468,14 +468,24 @@ HOST_COUNTERS = {
 }
 
 
+# Host-wide batching's counters ([batching] host_wide), as the report names them.
+HOST_BATCH_COUNTERS = {
+    "forwarded": "handed to the worker batching for the host",
+    "served": "batched there for the other workers",
+    "kept": "batched by their own worker (that worker unreachable)",
+}
+
+
 def host_counters(gw_url: str) -> dict[str, int]:
-    """The gateway workers' dealings with their shared tier (``HOST_COUNTERS``), from /metrics."""
+    """The gateway workers' dealings with their shared tier (``HOST_COUNTERS``) and with each
+    other's batchers (``HOST_BATCH_COUNTERS``, with host_wide), from /metrics."""
     counts: dict[str, int] = {}
     for family in gateway_metrics(gw_url):
         for sample in family.samples:
-            name = sample.name.removeprefix("gateway_cache_host_").removesuffix("_total")
-            if sample.name.startswith("gateway_cache_host_") and name in HOST_COUNTERS:
-                counts[name] = int(sample.value)
+            for prefix, names in (("gateway_cache_host_", HOST_COUNTERS), ("gateway_batcher_host_", HOST_BATCH_COUNTERS)):
+                name = sample.name.removeprefix(prefix).removesuffix("_total")
+                if sample.name.startswith(prefix) and name in names:
+                    counts[name] = int(sample.value)
     return counts
 
 
@@ -947,6 +957,11 @@ def stat_lines(runs: list[Run]) -> list[str]:
                 f"{queue_ms:.2f} ms in Triton's queue and {compute_ms:.2f} ms in computation; CPU: {cpu}"
                 + times_description(r.times)
                 + ("; the workers' shared tier: " + ", ".join(f"{r.host.get(k, 0)} {v}" for k, v in HOST_COUNTERS.items()) if r.host else "")
+                + (
+                    "; requests of host-wide batching: " + ", ".join(f"{r.host[k]} {v}" for k, v in HOST_BATCH_COUNTERS.items())
+                    if "forwarded" in r.host
+                    else ""
+                )
             )
     return lines
 
