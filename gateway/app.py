@@ -140,8 +140,11 @@ def build_app(config: GatewayConfig, cache_segment: str = "", workers_folder: st
         )  # fmt: skip
         host_batch = None
         if workers_folder and config.batching.host_wide_anywhere:
-            host_batch = pipeline.host_batch = HostBatching(workers_folder, pipeline.batched, wait_s=claim_s)
-            await host_batch.start()
+            host_batch = HostBatching(workers_folder, pipeline.batched, wait_s=claim_s)
+            if await host_batch.start():
+                pipeline.host_batch = host_batch
+            else:
+                host_batch = None
         decisions = shared_decisions(workers_folder, rollouts) if workers_folder else None
         pipeline.observe_fleet()  # the versions serving now are the rollout defaults' stable ones
         monitor.on_round = pipeline.observe_fleet

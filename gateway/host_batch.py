@@ -186,15 +186,24 @@ class HostBatching:
     def path(self) -> Path:
         return self._dir / f"{self.pid}.sock"
 
-    async def start(self) -> None:
-        """Listen for the other workers' requests. The socket appears under its name only once
-        it listens, so a worker that finds it can connect."""
-        self._dir.mkdir(exist_ok=True)
+    async def start(self) -> bool:
+        """Listen for the other workers' requests; False if this worker cannot (its batchers are
+        then its own, as without ``host_wide``). The socket appears under its name only once it
+        listens, so a worker that finds it can connect."""
         loop = asyncio.get_running_loop()
         temporary = self._dir / f".{self.pid}.sock"
-        temporary.unlink(missing_ok=True)
-        self._server = await loop.create_unix_server(lambda: self._accept(), str(temporary))
-        os.replace(temporary, self.path)
+        try:
+            self._dir.mkdir(exist_ok=True)
+            temporary.unlink(missing_ok=True)
+            self._server = await loop.create_unix_server(lambda: self._accept(), str(temporary))
+            os.replace(temporary, self.path)
+        except OSError as exc:  # e.g. a folder whose path is too long for a Unix socket's
+            log.warning("host batching: cannot listen at %s (%s); this worker batches its own requests", self.path, exc)
+            if self._server is not None:
+                self._server.close()
+                self._server = None
+            return False
+        return True
 
     def _accept(self) -> _Link:
         link = _Link(self._on_request, self._accepted.discard)

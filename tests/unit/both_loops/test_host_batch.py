@@ -166,6 +166,14 @@ async def test_a_socket_left_by_a_killed_worker_is_removed(tmp_path: Path) -> No
         await a.close()
 
 
+async def test_a_worker_that_cannot_listen_says_so(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 120)  # beyond a Unix socket path's 107 bytes
+    deep.mkdir()
+    a = HostBatching(deep, Owner().serve, wait_s=5.0, pid=A)
+    assert await a.start() is False
+    await a.close()
+
+
 async def test_an_owner_closing_declines_new_requests(pair: Pair) -> None:
     assert await pair.a.submit(pair.model, "1", rows(1), None) is not None  # connected
     pair.b.begin_close()
