@@ -183,9 +183,8 @@ class Router:
         if affinity is not None:
             holders = self._holders(model, version)
             if model is not None and affinity.strict:  # its version may be draining: still there for it
-                draining = [i for i in self.instances if i.drains(model, version)]
-                holders += draining
-                candidates = candidates + [i for i in draining if i.routable and i not in exclude]
+                holders += [i for i in self.instances if i.drains(model, version)]
+                candidates = candidates + self._draining(model, version, exclude)
             elif model is not None:  # a start: not where the model is about to be reloaded, if it can be helped
                 candidates = [i for i in candidates if model not in i.quiescing] or candidates
             candidates = affinity.narrow(candidates, holders, exclude)
