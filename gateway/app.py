@@ -138,13 +138,11 @@ def build_app(config: GatewayConfig, cache_segment: str = "", workers_folder: st
             config.batching, router, MetadataCache(router, u.metadata_ttl_s), cache=cache, rollouts=rollouts,
             cpu_busy=HostCpu().busy,
         )  # fmt: skip
-        host_batch = None
-        if workers_folder and config.batching.host_wide_anywhere:
-            host_batch = HostBatching(workers_folder, pipeline.batched, wait_s=claim_s)
-            if await host_batch.start():
-                pipeline.host_batch = host_batch
-            else:
-                host_batch = None
+        host_wide = bool(workers_folder) and config.batching.host_wide_anywhere
+        host_batch = HostBatching(workers_folder, pipeline.batched, claim_s) if host_wide else None
+        if host_batch is not None and not await host_batch.start():
+            host_batch = None  # logged: this worker batches its own requests
+        pipeline.host_batch = host_batch
         decisions = shared_decisions(workers_folder, rollouts) if workers_folder else None
         pipeline.observe_fleet()  # the versions serving now are the rollout defaults' stable ones
         monitor.on_round = pipeline.observe_fleet
