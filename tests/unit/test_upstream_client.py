@@ -132,13 +132,18 @@ async def test_a_connection_closed_without_an_answer_is_unreachable_but_not_down
 
 
 async def test_no_answer_within_the_deadline_is_504(fake_triton, client: TritonClient) -> None:  # noqa: ANN001
+    answer = asyncio.Event()
+
     async def hang(request: web.Request) -> web.Response:
-        await asyncio.sleep(5)
+        await answer.wait()  # until the test is over: the server's clean-up does not wait for it
         return web.Response()
 
     url = await fake_triton(hang)
-    with pytest.raises(GatewayTimeout) as err:
-        await client.infer(url, "m", "", INPUTS, None, timeout=0.2)
+    try:
+        with pytest.raises(GatewayTimeout) as err:
+            await client.infer(url, "m", "", INPUTS, None, timeout=0.2)
+    finally:
+        answer.set()
     assert err.value.message == "Triton instance did not answer within 0.2 s"
 
 
