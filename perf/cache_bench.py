@@ -44,7 +44,9 @@ request repeats an earlier one. See perf/README.md.)
 
 Every measurement starts cold: Triton is restarted (empty response caches) before each run, and
 the gateway, started after it, is new for each gateway run. Per concurrency: direct, then the
-gateway.
+gateway. Each instance restarted first computes batches of zeros, an input the workload does
+not hold (``warm_up``): a model's first executions cost more (on a GPU, CUDA loads kernels on
+first use), and neither target's first requests should pay it.
 
 It checks answers first (16 inputs sent at once through the gateway, which batches them, equal to
 Triton's answers for the same inputs within 1e-5 with the same argmax; the same 16 again say
@@ -277,10 +279,15 @@ def model_io(url: str, model: str) -> tuple[str, str, list[str]]:
 def infer_binary(url: str, model: str, input_name: str, row: np.ndarray, output: str = "probabilities") -> tuple[np.ndarray, str]:
     """One batch-1 request with a binary input tensor and a binary output, as perf_analyzer
     sends them; the output row and the X-Cache header ("" when there is none)."""
-    blob = row.astype("<f4").tobytes()
+    return infer_batch(url, model, input_name, row[np.newaxis], output)
+
+
+def infer_batch(url: str, model: str, input_name: str, rows: np.ndarray, output: str = "probabilities") -> tuple[np.ndarray, str]:
+    """``infer_binary`` for a batch of ``rows``: their outputs, flattened."""
+    blob = rows.astype("<f4").tobytes()
     header = json.dumps(
         {
-            "inputs": [{"name": input_name, "datatype": "FP32", "shape": [1, *row.shape], "parameters": {"binary_data_size": len(blob)}}],
+            "inputs": [{"name": input_name, "datatype": "FP32", "shape": list(rows.shape), "parameters": {"binary_data_size": len(blob)}}],
             "outputs": [{"name": output, "parameters": {"binary_data": True}}],
         }
     ).encode()
@@ -304,6 +311,22 @@ def infer_binary(url: str, model: str, input_name: str, row: np.ndarray, output:
             return np.asarray(out["data"], dtype=np.float32), x_cache
         offset += size
     raise RuntimeError(f"{url}: no output {output!r} in the answer")
+
+
+# The batch sizes each Triton instance computes once after a cold start, before a run.
+WARM_UP_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def warm_up(url: str, model: str, input_name: str, workload: Workload) -> None:
+    """Have a freshly started instance compute batches of zeros (an input the workload does not
+    hold, so no cache holds an answer it will be asked for): the one-time costs of a model's
+    first executions (on a GPU, CUDA loading kernels on first use) are then paid before the
+    run, for direct Triton and the gateway alike, not by its first requests."""
+    zeros = np.zeros((max(WARM_UP_BATCHES), *workload.inputs.shape[1:]), np.float32)
+    if any(not row.any() for row in workload.inputs):
+        raise RuntimeError("the workload holds an input of zeros, the warm-up's")
+    for n in WARM_UP_BATCHES:
+        infer_batch(url, model, input_name, zeros[:n])
 
 
 def check_answers(triton_url: str, gw_url: str, model: str, input_name: str, workload: Workload, n: int = 16) -> list[str]:
@@ -1013,8 +1036,10 @@ def render(
     gateway += ", ".join(f"{k} {toml_value(v)}" for k, v in batching.items())
     wl = workload.describe(args.zipf_s) + f" (seed {args.seed})"
     method = (
-        "Each measurement starts cold: Triton restarted before each run (empty response caches); for the gateway's "
-        "runs, Triton restarted and a new gateway started in front of it. Per concurrency: direct first, then the gateway."
+        "Each measurement starts cold: Triton restarted before each run (empty response caches), then warmed on "
+        f"batches of zeros ({', '.join(map(str, WARM_UP_BATCHES))} rows: not in the workload); for the gateway's "
+        "runs, Triton restarted and warmed, and a new gateway started in front of it. Per concurrency: direct first, "
+        "then the gateway."
     )
     odd = [r for r in runs if r.requests and r.requests != workload.requests]
     warn = (
@@ -1288,6 +1313,8 @@ def main(argv: list[str] | None = None) -> int:
         triton.start()
         triton.wait_ready(timeout=120)
         wait_http_ok(None, [f"{url}/v2/models/{args.model}/ready" for url in triton_urls], timeout=60)
+        for url in triton_urls:
+            warm_up(url, args.model, input_name, workload)
 
     def start_redis() -> Proc:
         proc = Proc(
