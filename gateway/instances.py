@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,9 +66,14 @@ class Instance:
     # Requests in flight per (model, version): what draining a version waits for.
     active: dict[tuple[str, str], int] = field(default_factory=dict)
     # Sequences of a stateful model under way here per (model, version), each with the time
-    # (monotonic) at which Triton forgets it if no request comes (``gateway.sequences``), the
-    # soonest first: what a draining or reloading version waits for.
-    sequences: dict[tuple[str, str], OrderedDict[bytes, float]] = field(default_factory=dict)
+    # (monotonic) at which Triton forgets it if no request comes (``gateway.sequences``) and
+    # the time its last request was answered, the soonest forgotten first: what a draining or
+    # reloading version waits for.
+    sequences: dict[tuple[str, str], OrderedDict[bytes, tuple[float, float]]] = field(default_factory=dict)
+    # Sequences whose end (``sequence_end``) this process answered here, per (model, version),
+    # kept as long as another worker process that answered their earlier requests may still
+    # count them under way (the same times as ``sequences``): see ``ended_elsewhere``.
+    ended: dict[tuple[str, str], OrderedDict[bytes, tuple[float, float]]] = field(default_factory=dict)
     # Stateful models about to be reloaded here (any version change makes Triton reload the
     # model, dropping its sequences under way): new sequences start elsewhere meanwhile.
     quiescing: frozenset[str] = frozenset()
@@ -213,30 +218,49 @@ class Instance:
         """A request of ``sequence`` was answered here at ``now``: the sequence is under way
         for ``idle_s`` more unless another request comes, or over when it ``ended``."""
         key = (model, version)
-        open_ = self.sequences.get(key)
+        book = self.ended if ended else self.sequences
         if ended:
-            if open_ is not None and open_.pop(sequence, None) is not None and not open_:
-                del self.sequences[key]
-            return
-        if open_ is None:
-            open_ = self.sequences[key] = OrderedDict()
-        open_[sequence] = now + idle_s
-        open_.move_to_end(sequence)  # one idle time per model: in order of expiry
-        self._expire_sequences(key, open_, now)
+            self._drop_sequence(key, sequence)
+        times = book.get(key)
+        if times is None:
+            times = book[key] = OrderedDict()
+        times[sequence] = (now + idle_s, now)
+        times.move_to_end(sequence)  # one idle time per model: in order of expiry
+        self._expire(book, key, now)
+
+    def ended_elsewhere(self, model: str, version: str, ends: Iterable[tuple[bytes, float]]) -> None:
+        """Sequences whose end another worker process answered, each with the time it did: with
+        several workers, a sequence's requests reach whichever reads them, and the one that
+        answered its start would otherwise count it under way until its idle time ran out,
+        holding up a drain or a reload that long. A sequence whose last request here was
+        answered after that end (its id used again since) stays under way."""
+        open_ = self.sequences.get((model, version))
+        for sequence, at in ends:
+            if open_ is not None and (times := open_.get(sequence)) is not None and times[1] <= at:
+                self._drop_sequence((model, version), sequence)
+
+    def recent_ends(self, model: str, version: str, now: float) -> list[tuple[bytes, float]]:
+        """The sequences of the version whose end this process answered here within their idle
+        time, with when: what another worker may still count under way."""
+        key = (model, version)
+        if key not in self.ended:
+            return []
+        self._expire(self.ended, key, now)
+        return [(sequence, at) for sequence, (_, at) in self.ended.get(key, {}).items()]
 
     def forget_sequences(self, model: str) -> None:
         """The model was reloaded here: Triton holds none of its sequences any more."""
-        for key in [k for k in self.sequences if k[0] == model]:
-            del self.sequences[key]
+        for book in (self.sequences, self.ended):
+            for key in [k for k in book if k[0] == model]:
+                del book[key]
 
     def open_sequences(self, model: str, version: str, now: float) -> int:
         """How many sequences are under way here on the version at ``now``."""
         key = (model, version)
-        open_ = self.sequences.get(key)
-        if open_ is None:
+        if key not in self.sequences:
             return 0
-        self._expire_sequences(key, open_, now)
-        return len(open_)
+        self._expire(self.sequences, key, now)
+        return len(self.sequences.get(key, ()))
 
     def drains(self, model: str, version: str) -> bool:
         """Whether the version is loaded here but drained before it is unloaded: not routed,
@@ -245,13 +269,21 @@ class Instance:
         """
         return self.withheld.get((model, version)) == "draining" and version in (self.loaded or {}).get(model, ())
 
-    def _expire_sequences(self, key: tuple[str, str], open_: OrderedDict[bytes, float], now: float) -> None:
-        while open_:
-            sequence, until = next(iter(open_.items()))
+    def _drop_sequence(self, key: tuple[str, str], sequence: bytes) -> None:
+        open_ = self.sequences.get(key)
+        if open_ is not None and open_.pop(sequence, None) is not None and not open_:
+            del self.sequences[key]
+
+    @staticmethod
+    def _expire(book: dict[tuple[str, str], OrderedDict[bytes, tuple[float, float]]], key: tuple[str, str], now: float) -> None:
+        """Forget the sequences of ``book[key]`` whose idle time is over at ``now``."""
+        times = book[key]
+        while times:
+            sequence, (until, _) = next(iter(times.items()))
             if until > now:
                 return
-            del open_[sequence]
-        del self.sequences[key]
+            del times[sequence]
+        del book[key]
 
     def settle(self, now: float) -> None:
         """Bring ``load`` up to ``now``: the count in flight since the last change decays in."""

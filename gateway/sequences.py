@@ -32,7 +32,8 @@ there (400 "must specify the START flag"). So a request carrying a ``sequence_id
   ``Model-Version`` header).
 * **Under way.** Each instance counts the sequences it answered that have not ended nor gone
   idle for longer than Triton keeps them (the model's ``max_sequence_idle_microseconds``):
-  ``Instance.sequences``, what those waits are for.
+  ``Instance.sequences``, what those waits are for. With several worker processes, the ends
+  another worker answered count too (``upstream.repository_workers``).
 * ``sequence_end`` forgets the sequence. Pins not used for ``IDLE_S`` are forgotten (Triton
   frees an idle sequence's slot much sooner: ``max_sequence_idle_microseconds``, 1 s by
   default), and at most ``MAX_PINS`` are kept, the least recently used dropped first.

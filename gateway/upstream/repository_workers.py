@@ -28,6 +28,12 @@ does) and the others follow it, through files in the workers' folder
   reloads a stateful model), the driver waits (within ``drain_timeout_s``) until every follower
   still running (holding its ``<pid>.lock``) has applied the change and has nothing under way
   there.
+* **Ends travel both ways.** A sequence's requests reach whichever worker reads them: the one
+  that answered its start may not see its end, and would count it under way until its idle
+  time ran out, holding the drain that long. Where the driver waits, each follower also writes
+  the ends it answered (``ends_seen``; kept for their idle time), and the driver reads them,
+  ends those sequences in its own instances and publishes them with its own in
+  ``driver.json`` for the followers to do the same (``Instance.ended_elsewhere``).
 * **Start.** A follower takes traffic once the driver has published the end of its first round
   (the repository loaded), as a one-process gateway does.
 """
@@ -72,18 +78,55 @@ def instance_state(instance: Instance) -> dict[str, Any]:
     }
 
 
+def watched(instance: Instance) -> set[tuple[str, str]]:
+    """Where the driver waits on the instance: versions it withholds (a drain), and every
+    version of a model it quiesces (a stateful model to be reloaded)."""
+    quiesced = {key for book in (instance.sequences, instance.ended) for key in book if key[0] in instance.quiescing}
+    return set(instance.withheld) | quiesced
+
+
 def under_way(instances: Iterable[Instance], now: float) -> list[list[Any]]:
-    """What a follower has under way where the driver waits: on versions it withholds (a
-    drain), and on every version of a model it quiesces (a stateful model to be reloaded):
+    """What a follower has under way where the driver waits (``watched``):
     [url, model, version, requests in flight, sequences under way]."""
     found = []
     for i in instances:
-        watched = set(i.withheld) | {key for key in i.sequences if key[0] in i.quiescing}
-        for m, v in watched:
+        for m, v in watched(i):
             requests, sequences = i.active.get((m, v), 0), i.open_sequences(m, v, now)
             if requests or sequences:
                 found.append([i.url, m, v, requests, sequences])
     return sorted(found)
+
+
+def ends_seen(instances: Iterable[Instance], now: float) -> list[list[Any]]:
+    """The ends of sequences this worker answered where the driver waits (``watched``), which
+    the other workers may still count under way: [url, model, version, [[sequence (hex),
+    when], ...]]."""
+    found = []
+    for i in instances:
+        for m, v in watched(i):
+            if ends := i.recent_ends(m, v, now):
+                found.append([i.url, m, v, sorted([seq.hex(), at] for seq, at in ends)])
+    return sorted(found)
+
+
+def merged_ends(*reports: Iterable[list[Any]]) -> list[list[Any]]:
+    """``ends_seen`` reports of several workers as one (the latest end of each sequence)."""
+    merged: dict[tuple[str, str, str], dict[str, float]] = {}
+    for report in reports:
+        for url, m, v, ends in report:
+            latest = merged.setdefault((url, m, v), {})
+            for seq, at in ends:
+                latest[seq] = max(at, latest.get(seq, at))
+    return [[*key, sorted([seq, at] for seq, at in ends.items())] for key, ends in sorted(merged.items())]
+
+
+def apply_ends(instances: Iterable[Instance], report: Iterable[list[Any]]) -> None:
+    """Another worker's ``ends_seen``: those sequences are over here too (``Instance.ended_elsewhere``)."""
+    by_url = {i.url: i for i in instances}
+    for url, m, v, ends in report:
+        instance = by_url.get(url)
+        if instance is not None:
+            instance.ended_elsewhere(m, v, [(bytes.fromhex(seq), at) for seq, at in ends])
 
 
 class WorkerRepository:
@@ -210,13 +253,24 @@ class WorkerRepository:
     # -- the driver -----------------------------------------------------------------------------
 
     def publish(self, force: bool = False) -> int:
-        """Write ``driver.json`` if the state changed (or ``force``); the sequence number in force."""
+        """Write ``driver.json`` if the state changed (or ``force``); the sequence number in force.
+        Where it waits on something (``watched``), the ends of sequences that any worker
+        answered go both ways: the followers' (from their ``<pid>.json``) end them here, and
+        the file carries them with the driver's own to every follower."""
         assert self.sync is not None
+        instances = self._router.instances
+        ends: list[list[Any]] = []
+        if any(watched(i) for i in instances):
+            followers = [ack.get("ended", ()) for ack in self._acks().values()]
+            for report in followers:
+                apply_ends(instances, report)
+            ends = merged_ends(ends_seen(instances, self._clock()), *followers)
         state = {
             "pid": self.pid,
             "started": self._started,
-            "instances": {i.url: instance_state(i) for i in self._router.instances},
+            "instances": {i.url: instance_state(i) for i in instances},
             "view": self.sync.snapshot(),
+            "ended": ends,
         }
         if force or state != self._published:
             self._seq += 1
@@ -233,14 +287,8 @@ class WorkerRepository:
         wanted = set(versions)
         while True:
             left = 0
-            for path in self._dir.glob("*.json"):
-                if path.name == DRIVER or not held_exclusively(path.with_suffix(".lock")):
-                    continue  # the driver's own file, or a follower that exited
-                try:
-                    ack = orjson.loads(path.read_bytes())
-                except (OSError, orjson.JSONDecodeError):
-                    ack = None
-                if not isinstance(ack, dict) or ack.get("driver") != self.pid or ack.get("seq", 0) < seq:
+            for ack in self._acks().values():
+                if ack is None or ack.get("driver") != self.pid or ack.get("seq", 0) < seq:
                     left += 1
                     continue
                 for u, m, v, n, seqs in ack.get("under_way", ()):
@@ -249,6 +297,19 @@ class WorkerRepository:
             if not left or self._clock() >= deadline:
                 return left
             await asyncio.sleep(POLL_S)
+
+    def _acks(self) -> dict[Path, dict[str, Any] | None]:
+        """Each running follower's ``<pid>.json`` (None where it cannot be read)."""
+        acks: dict[Path, dict[str, Any] | None] = {}
+        for path in self._dir.glob("*.json"):
+            if path.name == DRIVER or not held_exclusively(path.with_suffix(".lock")):
+                continue  # the driver's own file, or a follower that exited
+            try:
+                ack = orjson.loads(path.read_bytes())
+            except (OSError, orjson.JSONDecodeError):
+                ack = None
+            acks[path] = ack if isinstance(ack, dict) else None
+        return acks
 
     # -- a follower -----------------------------------------------------------------------------
 
@@ -265,6 +326,7 @@ class WorkerRepository:
             return
         self._seen = seen
         self._driver = driver
+        apply_ends(self._router.instances, driver.get("ended", ()))
         states = driver.get("instances", {})
         for instance in self._router.instances:
             state = states.get(instance.url)
@@ -286,6 +348,7 @@ class WorkerRepository:
                 "driver": self._driver.get("pid"),
                 "seq": self._driver.get("seq", 0),
                 "under_way": under_way(self._router.instances, self._clock()),
+                "ended": ends_seen(self._router.instances, self._clock()),
             }
         )
         if ack != self._acked:

@@ -9,6 +9,7 @@ instance that saw the sequence's start; another instance refuses the sequence's 
 from __future__ import annotations
 
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -123,6 +124,9 @@ def test_version_changes_wait_for_the_sequences_under_way_which_keep_their_state
     repo = tmp_path / "repo"
     model_dir = repo / "sequence_sum"
     shutil.copytree(REPO_ROOT / "triton" / "emulated" / "sequence_sum", model_dir)
+    idle = re.search(r"max_sequence_idle_microseconds:\s*(\d+)", (model_dir / "config.pbtxt").read_text())
+    assert idle is not None
+    idle_s = int(idle.group(1)) / 1e6  # how long Triton keeps a sequence without a request
     triton = fleet_factory(2, MANAGED_TRITON_PORT, repository=repo, model_control_mode="explicit", auto_complete_config=False)
     instances = [{"url": url, "grpc_port": inst.grpc_port} for url, inst in zip(triton.http_urls, triton.instances)]
     repository = {"path": str(repo), "scan_interval_s": 0.5, "drain_timeout_s": 60.0}
@@ -182,8 +186,11 @@ def test_version_changes_wait_for_the_sequences_under_way_which_keep_their_state
         for sequence in first:
             send(sequence, 3.0, end=True)
         # A sequence of one request (start and end) shows where new ones go: version 2 once
-        # it is loaded and warm on every instance.
+        # it is loaded and warm on every instance. Sooner than the model's idle time: the
+        # gateway knew the sequences ended, whichever worker answered their ends.
+        ended = time.monotonic()
         wait(lambda: send(99, 1.0, start=True, end=True) == "2", "version 2 once the sequences ended")
+        assert time.monotonic() - ended < idle_s, "waited for the ended sequences to go idle"
 
         # 2. Version 1 removed while sequences run on both versions (named: with two workers,
         # the other may follow the driver's change a moment later).
@@ -198,7 +205,9 @@ def test_version_changes_wait_for_the_sequences_under_way_which_keep_their_state
         assert "READY" in states("1") and "READY" in states("2")
         send(101, 1.0, end=True, version="1")
         send(100, 1.0, end=True, version="2")
+        ended = time.monotonic()
         wait(lambda: states("1") == [None, None] or all(s in (None, "UNAVAILABLE") for s in states("1")), "version 1 to unload")
+        assert time.monotonic() - ended < idle_s, "waited for the ended sequence to go idle"
         assert send(200, 1.0, start=True) == "2"
         events = httpx.get(gw.url + "/v2/gateway/repository", timeout=10).json()["events"]
     unloaded = [e for e in events if e["event"] == "unloaded" and e["version"] == "1"]

@@ -97,3 +97,21 @@ def test_snapshot_shows_state_counters_errors_and_models() -> None:
     assert view["weight"] == 2.0 and view["failures"] == 3 and view["consecutive_failures"] == 3
     assert view["recent_errors"][0] == {"age_s": 2.0, "error": "boom"}
     assert view["models"] == {"m": ["2", "10"]}
+
+
+def test_an_end_answered_elsewhere_ends_only_what_it_follows_and_ends_are_kept_for_the_idle_time() -> None:
+    here, there = Instance("a"), Instance("a")  # one instance as two worker processes see it
+    here.sequence_answered("m", "1", b"7", False, 10.0, idle_s=5.0)
+    here.sequence_answered("m", "1", b"8", False, 12.0, idle_s=5.0)  # answered after the end below
+    there.sequence_answered("m", "1", b"7", True, 11.0, idle_s=5.0)
+    there.sequence_answered("m", "1", b"8", True, 11.0, idle_s=5.0)
+    assert there.open_sequences("m", "1", 11.0) == 0
+    assert there.recent_ends("m", "1", 11.0) == [(b"7", 11.0), (b"8", 11.0)]
+    here.ended_elsewhere("m", "1", there.recent_ends("m", "1", 11.0))
+    assert here.open_sequences("m", "1", 12.0) == 1  # 8 again since: still under way
+    assert here.snapshot(12.0)["sequences"] == {"m/1": 1}
+    assert there.recent_ends("m", "1", 15.9) == [(b"7", 11.0), (b"8", 11.0)]
+    assert there.recent_ends("m", "1", 16.0) == []  # past the idle time, no worker counts them
+    there.sequence_answered("m", "1", b"9", True, 20.0, idle_s=5.0)
+    there.forget_sequences("m")  # reloaded: nothing of it is left to end anywhere
+    assert there.recent_ends("m", "1", 20.0) == []

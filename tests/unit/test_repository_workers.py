@@ -173,6 +173,58 @@ async def test_a_drain_waits_for_the_followers_sequences_under_way(started: Any)
     assert await asyncio.wait_for(drain, 1) == 0
 
 
+async def test_a_sequence_started_in_one_worker_and_ended_in_the_other_holds_no_drain(started: Any) -> None:
+    """With several workers, a sequence's requests reach whichever reads them: the worker that
+    answered a start learns of the end another answered, instead of counting the sequence
+    under way until its idle time runs out (60 s here). Both ways: started at the follower and
+    ended at the driver, and the reverse."""
+    a, b = started
+    mine, theirs = instance_of(b), instance_of(a)
+    now = b._clock()
+    mine.sequence_answered("m", "2", b"7", False, now, idle_s=60.0)  # started at the follower...
+    theirs.sequence_answered("m", "2", b"7", True, now, idle_s=60.0)  # ...ended at the driver
+    theirs.sequence_answered("m", "2", b"8", False, now, idle_s=60.0)  # started at the driver...
+    mine.sequence_answered("m", "2", b"8", True, now, idle_s=60.0)  # ...ended at the follower
+    assert mine.open_sequences("m", "2", now) == theirs.open_sequences("m", "2", now) == 1
+    theirs.withhold("m", "2", "draining")
+    a.publish()
+    b._follow()
+    b._acknowledge()  # the follower's end of 8 reaches the driver at its next publication...
+    a.publish()  # ...which also carries the driver's end of 7 to the follower
+    assert theirs.open_sequences("m", "2", now) == 0
+    b._follow()
+    b._acknowledge()
+    assert mine.open_sequences("m", "2", now) == 0
+    drain = asyncio.create_task(a.drained(URL, "m", ["2"], deadline=1e9))
+    await asyncio.sleep(0.1)
+    b._follow()
+    b._acknowledge()
+    assert await asyncio.wait_for(drain, 1) == 0
+
+
+async def test_an_end_answered_elsewhere_does_not_end_the_sequence_started_again_since(started: Any) -> None:
+    a, b = started
+    mine, theirs = instance_of(b), instance_of(a)
+    clock = b._clock
+    theirs.sequence_answered("m", "2", b"7", True, clock(), idle_s=60.0)  # an end at the driver...
+    clock.now += 1.0
+    mine.sequence_answered("m", "2", b"7", False, clock(), idle_s=60.0)  # ...then a new start of 7
+    theirs.withhold("m", "2", "draining")
+    a.publish()
+    b._follow()
+    b._acknowledge()
+    assert mine.open_sequences("m", "2", clock()) == 1
+    drain = asyncio.create_task(a.drained(URL, "m", ["2"], deadline=1e9))
+    await asyncio.sleep(0.1)
+    b._follow()
+    b._acknowledge()
+    await asyncio.sleep(0.2)
+    assert not drain.done(), "the sequence started again has more requests to come"
+    mine.sequence_answered("m", "2", b"7", True, clock(), idle_s=60.0)
+    b._acknowledge()
+    assert await asyncio.wait_for(drain, 1) == 0
+
+
 async def test_a_follower_starts_no_sequence_where_the_driver_quiesces_a_model_and_reports_those_under_way(started: Any) -> None:
     a, b = started
     mine, theirs = instance_of(b), instance_of(a)
