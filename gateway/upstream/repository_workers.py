@@ -261,7 +261,7 @@ class WorkerRepository:
         instances = self._router.instances
         ends: list[list[Any]] = []
         if any(watched(i) for i in instances):
-            followers = [ack.get("ended", ()) for ack in self._acks().values()]
+            followers = [ack.get("ended", ()) for ack in self._acks().values() if ack is not None]
             for report in followers:
                 apply_ends(instances, report)
             ends = merged_ends(ends_seen(instances, self._clock()), *followers)

@@ -6,6 +6,7 @@ the driver's ``RepositorySync`` is a stand-in that only starts, runs and describ
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from gateway.config import RepositoryConfig
+from gateway.host_files import claim
 from gateway.instances import Instance
 from gateway.upstream.repository_workers import WorkerRepository
 
@@ -190,8 +192,12 @@ async def test_a_sequence_started_in_one_worker_and_ended_in_the_other_holds_no_
     a.publish()
     b._follow()
     b._acknowledge()  # the follower's end of 8 reaches the driver at its next publication...
+    (b._dir / "103.json").write_bytes(b"{half")  # (a third worker's, unreadable: passed over)
+    claim_103 = claim(b._dir / "103.lock")
     a.publish()  # ...which also carries the driver's end of 7 to the follower
     assert theirs.open_sequences("m", "2", now) == 0
+    os.close(claim_103)
+    (b._dir / "103.json").unlink()
     b._follow()
     b._acknowledge()
     assert mine.open_sequences("m", "2", now) == 0
