@@ -30,7 +30,9 @@ it is loaded:
   model there, every version, dropping its sequences under way (Triton's documentation leaves
   finishing them to the user). So before such a call on an instance, new sequences start on
   other instances (``Instance.quiescing``) and those under way there are awaited, within
-  ``drain_timeout_s`` (each ends, or goes idle for longer than Triton keeps it); a version
+  ``drain_timeout_s`` (each ends, or goes idle for longer than Triton keeps it). Instances
+  take turns (``_reload_turn``): never all those holding the model at once, so that new
+  sequences always have one to start on; a version
   being drained meanwhile still takes the later requests of its sequences
   (``Instance.drains``). What is left at the deadline is dropped and reported. The warm-up of
   such a model is a sequence of one request.
@@ -349,6 +351,7 @@ class RepositorySync:
     _tasks: dict[tuple[str, str], asyncio.Task[None]] = field(default_factory=dict)
     _scan_error: str | None = None
     _last_event: dict[tuple[str, str, str], tuple[str, str]] = field(default_factory=dict)
+    _reloading: dict[str, set[str]] = field(default_factory=dict)  # stateful model -> instances quiescing it (URLs)
 
     @property
     def root(self) -> Path:
@@ -546,15 +549,35 @@ class RepositorySync:
         held = sorted((instance.loaded or {}).get(name, ()))
         if not held or not _stateful(target, instance, name):
             return await self._call(instance, name, target, versions, new)
+        await self._reload_turn(instance, name)
+        reloading = self._reloading.setdefault(name, set())
+        reloading.add(instance.url)
         instance.quiescing = instance.quiescing | {name}
         try:
             await self._quiesce(instance, name, held)
             called = await self._call(instance, name, target, versions, new)
         finally:
             instance.quiescing = instance.quiescing - {name}
+            reloading.discard(instance.url)
         if called:  # reloaded: whatever was still under way is gone
             instance.forget_sequences(name)
         return called
+
+    async def _reload_turn(self, instance: Instance, name: str) -> None:
+        """Wait until quiescing the stateful model there leaves another instance holding it
+        that is not: new sequences start there meanwhile. Reloaded everywhere at once, the
+        model would have nowhere to start them: under steady traffic they would keep landing
+        on instances waiting for their sequences to end, each wait would run to
+        ``drain_timeout_s``, and the reloads would drop whatever was under way then. (With a
+        single instance holding the model, there is nothing to wait for.)"""
+        while True:
+            others = [
+                i for i in self.router.instances
+                if i is not instance and i.routable and name in (i.loaded or {})
+            ]  # fmt: skip
+            if sum(i.url in self._reloading.get(name, ()) for i in others) < len(others) or not others:
+                return
+            await asyncio.sleep(POLL_S)
 
     async def _call(self, instance: Instance, name: str, target: Target, versions: set[str], new: list[str]) -> bool:
         try:

@@ -462,13 +462,14 @@ async def test_a_stateful_model_is_reloaded_where_its_sequences_are_under_way_on
         harness.probe()
         await harness.sync.sync_once()
         await asyncio.sleep(0.2)
-        assert tritons[1].calls[-1] == ("load", "m", ["1", "2"])  # nothing under way there: at once
         assert tritons[0].calls[-1] == ("load", "m", ["1"]), "reloaded under a sequence"
-        assert home.quiescing == {"m"} and not other.quiescing  # new sequences start elsewhere
+        assert home.quiescing == {"m"} and not other.quiescing  # new sequences start elsewhere...
+        assert tritons[1].calls[-1] == ("load", "m", ["1"]), "...so that one waits its turn"
         if how == "ended":
             home.sequence_answered("m", "1", b"7", True, time.monotonic(), idle_s=60.0)
         await asyncio.wait_for(harness.settle(), 2)
-        assert tritons[0].calls[-1] == ("load", "m", ["1", "2"]) and not home.quiescing
+        assert tritons[0].calls[-1] == tritons[1].calls[-1] == ("load", "m", ["1", "2"])
+        assert not home.quiescing and not other.quiescing
         assert home.open_sequences("m", "1", time.monotonic()) == 0  # reloaded: none left there
         dropped = harness.events("sequences dropped")
         if how == "ended":
@@ -696,3 +697,35 @@ def test_the_file_a_version_needs_follows_the_backend_and_the_config() -> None:
     assert model_file(parse_model_config('backend: "python"')) == "model.py"
     assert model_file(parse_model_config('backend: "python" default_model_filename: "serve.py"')) == "serve.py"
     assert model_file(parse_model_config('platform: "onnxruntime_onnx"')) == ""
+
+
+async def test_a_stateful_model_is_never_quiesced_everywhere_at_once_so_new_sequences_always_have_a_place(
+    repo: Path, tritons: list[FakeTriton]
+) -> None:
+    """Both instances hold sequences under way: one is quiesced (new sequences start on the
+    other) and reloaded once its sequences end, then the other; none is dropped."""
+    (repo / "m" / "config.pbtxt").write_text(CONFIG + "sequence_batching { }\n")
+    harness = Harness(repo, tritons)
+    await harness.sync.start()
+    try:
+        for n, instance in enumerate(harness.instances):
+            instance.sequence_answered("m", "1", b"%d" % n, False, time.monotonic(), idle_s=60.0)
+        add_version(repo, "m", "2")
+        await harness.round()
+        harness.probe()
+        await harness.sync.sync_once()
+        await asyncio.sleep(0.2)
+        first = next(i for i in harness.instances if i.quiescing)
+        second = next(i for i in harness.instances if i is not first)
+        assert not second.quiescing, "quiesced everywhere: new sequences have nowhere to start"
+        second.sequence_answered("m", "1", b"9", False, time.monotonic(), idle_s=60.0)  # one starts there meanwhile
+        first.sequence_answered("m", "1", b"%d" % harness.instances.index(first), True, time.monotonic(), idle_s=60.0)
+        await asyncio.sleep(0.3)
+        assert not first.quiescing and second.quiescing  # the first reloaded; the second's turn
+        for key in (b"%d" % harness.instances.index(second), b"9"):
+            second.sequence_answered("m", "1", key, True, time.monotonic(), idle_s=60.0)
+        await asyncio.wait_for(harness.settle(), 2)
+        assert [t.calls[-1] for t in tritons] == [("load", "m", ["1", "2"])] * 2
+        assert harness.events("sequences dropped") == [] and harness.events("drain timed out") == []
+    finally:
+        await harness.sync.close()
