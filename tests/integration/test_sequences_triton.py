@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -213,3 +214,78 @@ def test_version_changes_wait_for_the_sequences_under_way_which_keep_their_state
     unloaded = [e for e in events if e["event"] == "unloaded" and e["version"] == "1"]
     assert sorted(e["instance"] for e in unloaded) == sorted(triton.http_urls)
     assert [e for e in events if e["event"] in ("sequences dropped", "drain timed out")] == []
+
+
+def test_a_version_published_under_steady_sequence_traffic_reloads_the_instances_in_turn_and_drops_none(
+    fleet_factory: Callable[..., fleet.Fleet], tmp_path: Path
+) -> None:
+    """Clients keep starting sequences of three requests while version 2 is published. Each
+    instance must be reloaded (Triton reloads a stateful model whenever its versions change),
+    which waits for the sequences under way there; the instances take turns, so the new
+    sequences always start on one that is not waiting: never both at once, no sequence
+    dropped, no wait run to its deadline, and every answer its sequence's running total."""
+    repo = tmp_path / "repo"
+    model_dir = repo / "sequence_sum"
+    shutil.copytree(REPO_ROOT / "triton" / "emulated" / "sequence_sum", model_dir)
+    triton = fleet_factory(2, MANAGED_TRITON_PORT, repository=repo, model_control_mode="explicit", auto_complete_config=False)
+    instances = [{"url": url, "grpc_port": inst.grpc_port} for url, inst in zip(triton.http_urls, triton.instances)]
+    repository = {"path": str(repo), "scan_interval_s": 0.5, "drain_timeout_s": 60.0}
+    config = gateway_config(instances, MANAGED_GATEWAY_PORT, repository=repository)
+    stop = threading.Event()
+    failures: list[str] = []
+    versions: list[str] = []  # each session's version, in order of its end
+    both_quiescing: list[float] = []
+
+    with running_gateway(config, MANAGED_GATEWAY_PORT, tmp_path, timeout=180) as gw:
+
+        def client(first_id: int) -> None:
+            with httpx.Client(base_url=gw.url, timeout=30) as http:
+                sequence = first_id
+                while not stop.is_set() and not failures:
+                    total, served = 0.0, None
+                    for i, x in enumerate((1.0, 2.0, 3.0)):
+                        answer = http.post(PATH, json=body(sequence, x, start=i == 0, end=i == 2))
+                        if answer.status_code != 200:
+                            failures.append(f"sequence {sequence}, request {i}: {answer.status_code} {answer.text}")
+                            return
+                        doc, total = answer.json(), total + x
+                        served = served or doc["model_version"]
+                        if doc["outputs"][0]["data"] != [total] or doc["model_version"] != served:
+                            failures.append(f"sequence {sequence}, request {i}: {doc}")
+                            return
+                        time.sleep(0.1)
+                    versions.append(served)
+                    sequence += 1
+
+        def watch() -> None:
+            with httpx.Client(base_url=gw.url, timeout=10) as http:
+                while not stop.is_set():
+                    fleet_view = http.get("/v2/gateway/fleet").json()
+                    if all(i["quiescing"] == ["sequence_sum"] for i in fleet_view["instances"]):
+                        both_quiescing.append(time.monotonic())
+                    time.sleep(0.02)
+
+        threads = [threading.Thread(target=client, args=(1000 * (n + 1),)) for n in range(4)]
+        threads.append(threading.Thread(target=watch))
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(1.0)  # sequences under way on both instances
+            staging = model_dir / ".2.tmp"
+            shutil.copytree(model_dir / "1", staging, ignore=shutil.ignore_patterns("__pycache__"))
+            published = time.monotonic()
+            staging.rename(model_dir / "2")
+            deadline = published + 50
+            while versions[-4:] != ["2"] * 4 and not failures and time.monotonic() < deadline:
+                time.sleep(0.2)  # until new sequences start on version 2 (loaded everywhere)
+            took = time.monotonic() - published
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=30)
+        events = httpx.get(gw.url + "/v2/gateway/repository", timeout=10).json()["events"]
+    assert not failures, failures[:3]
+    assert versions[-4:] == ["2"] * 4, f"new sequences still on version {versions[-4:]} after {took:.0f} s"
+    assert not both_quiescing, "both instances waited for their sequences at once: new ones had nowhere to start"
+    assert [e for e in events if e["event"] in ("sequences dropped", "drain timed out")] == []
+    assert sorted(e["instance"] for e in events if e["event"] == "ready" and e["version"] == "2") == sorted(triton.http_urls)
