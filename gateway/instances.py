@@ -77,6 +77,9 @@ class Instance:
     # Stateful models about to be reloaded here (any version change makes Triton reload the
     # model, dropping its sequences under way): new sequences start elsewhere meanwhile.
     quiescing: frozenset[str] = frozenset()
+    # Of those, the ones whose load call is in flight here: a sequence started now would be
+    # dropped by the reload, unnoticed, so none starts here (``Router.pick``).
+    reloading: frozenset[str] = frozenset()
     # Bumped whenever the repository sync sets ``loaded`` itself: a repository index asked for
     # before that is stale, and the health probe drops it (see ``set_index``).
     index_epoch: int = 0
@@ -168,14 +171,20 @@ class Instance:
         self.sync_index(loaded)
 
     def follow(
-        self, routed: dict[str, frozenset[str]] | None, withheld: dict[tuple[str, str], str], quiescing: frozenset[str] = frozenset()
+        self,
+        routed: dict[str, frozenset[str]] | None,
+        withheld: dict[tuple[str, str], str],
+        quiescing: frozenset[str] = frozenset(),
+        reloading: frozenset[str] = frozenset(),
     ) -> None:
         """Route what the worker driving the repository routes here, hold back what it
-        withholds, and start no sequence of a model it quiesces (``upstream.repository_workers``);
-        ``routed`` None: this worker's own index less ``withheld``."""
+        withholds, and start no sequence of a model it quiesces or reloads
+        (``upstream.repository_workers``); ``routed`` None: this worker's own index less
+        ``withheld``."""
         self.led = routed
         self.withheld = withheld
         self.quiescing = quiescing
+        self.reloading = reloading
         self._refresh()
 
     def _refresh(self) -> None:
@@ -355,6 +364,7 @@ class Instance:
             ],
             "sequences": {f"{m}/{v}": n for m, v in sorted(self.sequences) if (n := self.open_sequences(m, v, now))},
             "quiescing": sorted(self.quiescing),
+            "reloading": sorted(self.reloading),
         }
 
 

@@ -185,8 +185,12 @@ class Router:
             if model is not None and affinity.strict:  # its version may be draining: still there for it
                 holders += [i for i in self.instances if i.drains(model, version)]
                 candidates = candidates + self._draining(model, version, exclude)
-            elif model is not None:  # a start: not where the model is about to be reloaded, if it can be helped
+            elif model is not None:  # a start: not where the model is about to be reloaded, if it can be helped...
                 candidates = [i for i in candidates if model not in i.quiescing] or candidates
+                reloading = [i for i in candidates if model in i.reloading]
+                if reloading and len(reloading) == len(candidates):  # ...and never where it is being reloaded
+                    raise sequences.gone(affinity.name, f"model '{model}' is being reloaded on every instance that could start it")
+                candidates = [i for i in candidates if i not in reloading]
             candidates = affinity.narrow(candidates, holders, exclude)
         if not candidates:
             what = "" if model is None else f" holding model '{model}'" + (f" version {version}" if version else "")

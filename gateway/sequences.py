@@ -13,7 +13,9 @@ there (400 "must specify the START flag"). So a request carrying a ``sequence_id
   process and gateway replica, whatever each thinks of the instances' health. A start goes to
   the first that is up; if nothing could be sent there (connection refused), to the next; any
   other failure of a start is the client's answer, since Triton may have started the sequence.
-  A later request goes to the instance this process pinned the sequence to (at each answer),
+  A start avoids an instance where the model is about to be reloaded (``Instance.quiescing``)
+  if another can take it, and never goes where the reload is under way (``Instance.reloading``:
+  503 if every instance is). A later request goes to the instance this process pinned the sequence to (at each answer),
   else to the first up in the ranking; Triton's "must specify the START flag" there (the
   sequence is not on that instance: it started on another, which was down then, or before an
   instance joined) sends it on to the next, which changes nothing where it is refused. Where

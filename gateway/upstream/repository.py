@@ -32,7 +32,8 @@ it is loaded:
   other instances (``Instance.quiescing``) and those under way there are awaited, within
   ``drain_timeout_s`` (each ends, or goes idle for longer than Triton keeps it). Instances
   take turns (``_reload_turn``): never all those holding the model at once, so that new
-  sequences always have one to start on; a version
+  sequences always have one to start on; and while the load call runs, none starts there
+  (``Instance.reloading``: the reload would drop it unnoticed). A version
   being drained meanwhile still takes the later requests of its sequences
   (``Instance.drains``). What is left at the deadline is dropped and reported. The warm-up of
   such a model is a sequence of one request.
@@ -555,9 +556,11 @@ class RepositorySync:
         instance.quiescing = instance.quiescing | {name}
         try:
             await self._quiesce(instance, name, held)
+            instance.reloading = instance.reloading | {name}
             called = await self._call(instance, name, target, versions, new)
         finally:
             instance.quiescing = instance.quiescing - {name}
+            instance.reloading = instance.reloading - {name}
             reloading.discard(instance.url)
         if called:  # reloaded: whatever was still under way is gone
             instance.forget_sequences(name)

@@ -75,6 +75,7 @@ def instance_state(instance: Instance) -> dict[str, Any]:
         "routed": None if instance.models is None else {m: sorted(v) for m, v in sorted(instance.models.items())},
         "withheld": sorted([m, v, why] for (m, v), why in instance.withheld.items()),
         "quiescing": sorted(instance.quiescing),
+        "reloading": sorted(instance.reloading),
     }
 
 
@@ -337,6 +338,7 @@ class WorkerRepository:
                 None if routed is None else {m: frozenset(v) for m, v in routed.items()},
                 {(m, v): why for m, v, why in state["withheld"]},
                 frozenset(state.get("quiescing", ())),
+                frozenset(state.get("reloading", ())),
             )
 
     def _acknowledge(self) -> None:

@@ -464,6 +464,7 @@ async def test_a_stateful_model_is_reloaded_where_its_sequences_are_under_way_on
         await asyncio.sleep(0.2)
         assert tritons[0].calls[-1] == ("load", "m", ["1"]), "reloaded under a sequence"
         assert home.quiescing == {"m"} and not other.quiescing  # new sequences start elsewhere...
+        assert not home.reloading  # (not reloading yet: only while its load call runs)
         assert tritons[1].calls[-1] == ("load", "m", ["1"]), "...so that one waits its turn"
         if how == "ended":
             home.sequence_answered("m", "1", b"7", True, time.monotonic(), idle_s=60.0)
@@ -727,5 +728,26 @@ async def test_a_stateful_model_is_never_quiesced_everywhere_at_once_so_new_sequ
         await asyncio.wait_for(harness.settle(), 2)
         assert [t.calls[-1] for t in tritons] == [("load", "m", ["1", "2"])] * 2
         assert harness.events("sequences dropped") == [] and harness.events("drain timed out") == []
+    finally:
+        await harness.sync.close()
+
+
+async def test_a_stateful_model_is_marked_reloading_while_its_load_call_runs(repo: Path, tritons: list[FakeTriton]) -> None:
+    (repo / "m" / "config.pbtxt").write_text(CONFIG + "sequence_batching { }\n")
+    harness = Harness(repo, tritons)
+    await harness.sync.start()
+    try:
+        home = harness.instances[0]
+        tritons[0].gate = asyncio.Event()  # its load calls wait
+        add_version(repo, "m", "2")
+        await harness.round()
+        harness.probe()
+        await harness.sync.sync_once()
+        await asyncio.sleep(0.2)
+        assert home.reloading == {"m"} and home.quiescing == {"m"}
+        assert harness.instances[1].reloading == frozenset(), "its turn comes after"
+        tritons[0].gate.set()
+        await asyncio.wait_for(harness.settle(), 2)
+        assert not home.reloading and not home.quiescing
     finally:
         await harness.sync.close()

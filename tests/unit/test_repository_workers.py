@@ -241,7 +241,14 @@ async def test_a_follower_starts_no_sequence_where_the_driver_quiesces_a_model_a
     await asyncio.sleep(0.1)
     b._follow()
     b._acknowledge()
-    assert mine.quiescing == {"m"}
+    assert mine.quiescing == {"m"} and mine.reloading == frozenset()
+    theirs.reloading = frozenset({"m"})
+    a.publish()
+    b._follow()
+    assert mine.reloading == {"m"}  # no sequence starts there while the load call runs
+    theirs.reloading = frozenset()
+    a.publish()
+    b._follow()
     await asyncio.sleep(0.2)
     assert not quiesced.done(), "the follower's sequence has more requests to come"
     mine.sequence_answered("m", "1", b"7", True, b._clock(), idle_s=60.0)

@@ -228,6 +228,28 @@ async def test_new_sequences_start_elsewhere_than_where_the_model_is_about_to_be
     await a.close(0)
 
 
+async def test_no_sequence_starts_where_the_model_is_being_reloaded_and_where_every_instance_is_it_is_503() -> None:
+    """During the load call itself, a sequence started there would be dropped by the reload
+    unnoticed (Triton answers its next request "must specify the START flag")."""
+    instances = fleet(2)
+    triton = StatefulTriton()
+    a = worker(instances, triton)
+    led_by_first = [n for n in range(1, 1000) if ranked(b"%d" % n, instances)[0] is instances[0]][:2]
+    for instance in instances:
+        instance.quiescing = frozenset({"s"})  # both about to reload (one instance each, in practice)...
+    instances[0].reloading = frozenset({"s"})  # ...and the first reloading now
+    await a.infer(step(led_by_first[0], start=True))
+    assert triton.sent[-1] == instances[1].url
+    instances[1].reloading = frozenset({"s"})
+    sent = len(triton.sent)
+    with pytest.raises(Unavailable, match="is being reloaded on every instance that could start it; start the sequence again"):
+        await a.infer(step(led_by_first[1], start=True))
+    assert len(triton.sent) == sent
+    await a.infer(step(led_by_first[0]))  # a later request goes where its sequence is, as before
+    assert triton.sent[-1] == instances[1].url
+    await a.close(0)
+
+
 async def test_a_model_without_sequence_batching_balances_its_requests_as_usual() -> None:
     instances = fleet(2)
     triton = StatefulTriton()
