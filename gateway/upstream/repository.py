@@ -352,7 +352,7 @@ class RepositorySync:
     _tasks: dict[tuple[str, str], asyncio.Task[None]] = field(default_factory=dict)
     _scan_error: str | None = None
     _last_event: dict[tuple[str, str, str], tuple[str, str]] = field(default_factory=dict)
-    _reloading: dict[str, set[str]] = field(default_factory=dict)  # stateful model -> instances quiescing it (URLs)
+    _turns: dict[str, set[str]] = field(default_factory=dict)  # stateful model -> instances quiescing or reloading it (URLs)
 
     @property
     def root(self) -> Path:
@@ -551,8 +551,8 @@ class RepositorySync:
         if not held or not _stateful(target, instance, name):
             return await self._call(instance, name, target, versions, new)
         await self._reload_turn(instance, name)
-        reloading = self._reloading.setdefault(name, set())
-        reloading.add(instance.url)
+        turns = self._turns.setdefault(name, set())
+        turns.add(instance.url)
         instance.quiescing = instance.quiescing | {name}
         try:
             await self._quiesce(instance, name, held)
@@ -561,7 +561,7 @@ class RepositorySync:
         finally:
             instance.quiescing = instance.quiescing - {name}
             instance.reloading = instance.reloading - {name}
-            reloading.discard(instance.url)
+            turns.discard(instance.url)
         if called:  # reloaded: whatever was still under way is gone
             instance.forget_sequences(name)
         return called
@@ -578,7 +578,7 @@ class RepositorySync:
                 i for i in self.router.instances
                 if i is not instance and i.routable and name in (i.loaded or {})
             ]  # fmt: skip
-            if sum(i.url in self._reloading.get(name, ()) for i in others) < len(others) or not others:
+            if sum(i.url in self._turns.get(name, ()) for i in others) < len(others) or not others:
                 return
             await asyncio.sleep(POLL_S)
 
