@@ -181,11 +181,9 @@ class Router:
         candidate at all."""
         candidates = self.candidates(model, version, exclude)
         if affinity is not None:
-            holders = self._holders(model, version)
-            if model is not None and affinity.strict:  # its version may be draining: still there for it
-                holders += [i for i in self.instances if i.drains(model, version)]
-                candidates = candidates + self._draining(model, version, exclude)
-            elif model is not None:  # a start: not where the model is about to be reloaded, if it can be helped...
+            candidates, holders = self._sequence_places(model, version, exclude, affinity, candidates)
+            if model is not None and not affinity.strict:
+                # A start: not where the model is about to be reloaded, if it can be helped...
                 candidates = [i for i in candidates if model not in i.quiescing] or candidates
                 reloading = [i for i in candidates if model in i.reloading]
                 if reloading and len(reloading) == len(candidates):  # ...and never where it is being reloaded
@@ -338,14 +336,26 @@ class Router:
                 instance.url, instance.ejected_until - now, instance.consecutive_failures, message,
             )
 
+    def _sequence_places(
+        self, model: str | None, version: str, exclude: Sequence[Instance], affinity: Affinity, candidates: list[Instance]
+    ) -> tuple[list[Instance], list[Instance]]:
+        """For a request of a sequence: the instances it may be sent to now (``candidates``,
+        those the version is routed to) and those that may hold the version. A later request's
+        version may be draining: still there for it, on every instance where it is."""
+        holders = self._holders(model, version)
+        if model is not None and affinity.strict:
+            holders += [i for i in self.instances if i.drains(model, version)]
+            candidates = candidates + self._draining(model, version, exclude)
+        return candidates, holders
+
     def _may_retry(
         self, model: str | None, version: str, tried: list[Instance], deadline: float | None, affinity: Affinity | None = None
     ) -> bool:
         if deadline is not None and deadline <= self._clock():
             return False
         if affinity is not None:  # a sequence's request: along its ranking, however long
-            routable = self.candidates(model, version, exclude=tried)
-            return affinity.next(routable, self._holders(model, version), tried) is not None
+            routable, holders = self._sequence_places(model, version, tried, affinity, self.candidates(model, version, exclude=tried))
+            return affinity.next(routable, holders, tried) is not None
         if len(tried) >= self._max_tries:
             return False
         return bool(self.candidates(model, version, exclude=tried))

@@ -250,6 +250,28 @@ async def test_no_sequence_starts_where_the_model_is_being_reloaded_and_where_ev
     await a.close(0)
 
 
+async def test_a_later_request_on_a_draining_version_moves_down_the_ranking_to_its_sequence() -> None:
+    """A sequence started off its ranking's first instance (that one was being reloaded then),
+    its version now drained on both: a worker that did not answer its start tries the first
+    instance, which refuses it, then the other, which holds it."""
+    instances = fleet(2)
+    triton = StatefulTriton()
+    a, b = worker(instances, triton), worker(instances, triton)
+    sequence = next(n for n in range(1, 1000) if ranked(b"%d" % n, instances)[0] is instances[0])
+    instances[0].quiescing = frozenset({"s"})
+    await a.infer(step(sequence, start=True, version="1"))
+    assert triton.sent[-1] == instances[1].url  # started on the second of its ranking
+    instances[0].quiescing = frozenset()
+    for instance in instances:
+        instance.withhold("s", "1", "draining")  # the version leaves: still there for its sequences
+    await b.infer(step(sequence, version="1"))
+    assert triton.sent[-2:] == [instances[0].url, instances[1].url]
+    await b.infer(step(sequence, end=True, version="1"))  # pinned there now
+    assert triton.sent[-1] == instances[1].url
+    await a.close(0)
+    await b.close(0)
+
+
 async def test_a_model_without_sequence_batching_balances_its_requests_as_usual() -> None:
     instances = fleet(2)
     triton = StatefulTriton()
