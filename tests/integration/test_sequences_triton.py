@@ -37,7 +37,11 @@ PATH = "/v2/models/sequence_sum/infer"
 def triton(triton_setup: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[fleet.Fleet]:
     repo = tmp_path_factory.mktemp("repo")
     shutil.copytree(REPO_ROOT / "triton" / "emulated" / "sequence_sum", repo / "sequence_sum")
-    with running_fleet(2, TRITON_PORT, repository=repo, log_dir=tmp_path_factory.mktemp("triton")) as f:
+    # No repository polling: the Python backend's first import of model.py writes its bytecode
+    # into the version folder, which a polling Triton takes for a new version of the model and
+    # reloads, dropping the sequences under way (the tests below then failed whenever the
+    # machine was slow enough for that reload to fall within them).
+    with running_fleet(2, TRITON_PORT, repository=repo, log_dir=tmp_path_factory.mktemp("triton"), model_control_mode="none") as f:
         yield f
 
 
