@@ -15,8 +15,8 @@ there (400 "must specify the START flag"). So a request carrying a ``sequence_id
   other failure of a start is the client's answer, since Triton may have started the sequence.
   A start avoids an instance where the model is about to be reloaded (``Instance.quiescing``)
   if another can take it, and never goes where the reload is under way (``Instance.reloading``:
-  503 if every instance is). A later request goes to the instance this process pinned the sequence to (at each answer),
-  else to the first up in the ranking; Triton's "must specify the START flag" there (the
+  503 if every instance is). A later request goes to the instance this process pinned the
+  sequence to (at each answer), else to the first up in the ranking; Triton's "must specify the START flag" there (the
   sequence is not on that instance: it started on another, which was down then, or before an
   instance joined) sends it on to the next, which changes nothing where it is refused. Where
   an instance that may hold the sequence is down or ejected, or no instance holds the version
