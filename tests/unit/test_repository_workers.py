@@ -91,6 +91,16 @@ async def started(pair: Any) -> tuple[WorkerRepository, WorkerRepository]:
     return a, b
 
 
+async def drain_begun(driver: WorkerRepository, follower: WorkerRepository, versions: list[str], requests: bool = True) -> asyncio.Task[int]:
+    """The driver's drain of ``versions`` of m there under way, and the follower past applying
+    it (its acknowledgement written)."""
+    drain = asyncio.create_task(driver.drained(URL, "m", versions, deadline=1e9, requests=requests))
+    await asyncio.sleep(0.1)
+    follower._follow()
+    follower._acknowledge()
+    return drain
+
+
 async def test_one_worker_drives_and_the_other_takes_traffic_only_once_it_has_loaded(pair: Any) -> None:
     a, b, gate = pair
     driving = asyncio.create_task(a.start())
@@ -164,10 +174,7 @@ async def test_a_drain_waits_for_the_followers_sequences_under_way(started: Any)
     mine, theirs = instance_of(b), instance_of(a)
     mine.sequence_answered("m", "2", b"7", False, b._clock(), idle_s=60.0)  # a sequence of the follower's
     theirs.withhold("m", "2", "draining")
-    drain = asyncio.create_task(a.drained(URL, "m", ["2"], deadline=1e9))
-    await asyncio.sleep(0.1)
-    b._follow()
-    b._acknowledge()
+    drain = await drain_begun(a, b, ["2"])
     await asyncio.sleep(0.2)
     assert not drain.done(), "the follower's sequence has more requests to come"
     mine.sequence_answered("m", "2", b"7", True, b._clock(), idle_s=60.0)  # its last one
@@ -201,11 +208,7 @@ async def test_a_sequence_started_in_one_worker_and_ended_in_the_other_holds_no_
     b._follow()
     b._acknowledge()
     assert mine.open_sequences("m", "2", now) == 0
-    drain = asyncio.create_task(a.drained(URL, "m", ["2"], deadline=1e9))
-    await asyncio.sleep(0.1)
-    b._follow()
-    b._acknowledge()
-    assert await asyncio.wait_for(drain, 1) == 0
+    assert await asyncio.wait_for(await drain_begun(a, b, ["2"]), 1) == 0
 
 
 async def test_an_end_answered_elsewhere_does_not_end_the_sequence_started_again_since(started: Any) -> None:
@@ -220,10 +223,7 @@ async def test_an_end_answered_elsewhere_does_not_end_the_sequence_started_again
     b._follow()
     b._acknowledge()
     assert mine.open_sequences("m", "2", clock()) == 1
-    drain = asyncio.create_task(a.drained(URL, "m", ["2"], deadline=1e9))
-    await asyncio.sleep(0.1)
-    b._follow()
-    b._acknowledge()
+    drain = await drain_begun(a, b, ["2"])
     await asyncio.sleep(0.2)
     assert not drain.done(), "the sequence started again has more requests to come"
     mine.sequence_answered("m", "2", b"7", True, clock(), idle_s=60.0)
@@ -237,10 +237,7 @@ async def test_a_follower_starts_no_sequence_where_the_driver_quiesces_a_model_a
     mine.sequence_answered("m", "1", b"7", False, b._clock(), idle_s=60.0)  # the follower's sequence
     mine.started("m", "1")  # and a request in flight: a reload does not wait for those
     theirs.quiescing = frozenset({"m"})  # the driver is about to reload the model there
-    quiesced = asyncio.create_task(a.drained(URL, "m", ["1", "2"], deadline=1e9, requests=False))
-    await asyncio.sleep(0.1)
-    b._follow()
-    b._acknowledge()
+    quiesced = await drain_begun(a, b, ["1", "2"], requests=False)
     assert mine.quiescing == {"m"} and mine.reloading == frozenset()
     theirs.reloading = frozenset({"m"})
     a.publish()
