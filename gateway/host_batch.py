@@ -51,11 +51,10 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import numpy as np
 
 from gateway.batcher import BatchResult
 from gateway.errors import GatewayError, GatewayTimeout, NotFound, Unavailable, UpstreamError, rebuilt
-from gateway.tensors import V2_TO_NUMPY, Tensor
+from gateway.tensors import Tensor, pack_tensors, unpack_tensors
 
 log = logging.getLogger(__name__)
 
@@ -79,26 +78,6 @@ def owner_of(model: str, version: str, pids: list[int]) -> int | None:
         return hashlib.blake2b(f"{model}\0{version}\0{pid}".encode(), digest_size=8).digest()
 
     return max(pids, key=rank)
-
-
-def encode_tensors(tensors: list[Tensor]) -> list[list[Any]]:
-    return [
-        [t.name, t.datatype, list(t.data.shape), t.data.ravel().tolist() if t.data.dtype == object else t.data.tobytes()]
-        for t in tensors
-    ]
-
-
-def decode_tensors(items: list[list[Any]]) -> list[Tensor]:
-    tensors = []
-    for name, datatype, shape, data in items:
-        dtype = V2_TO_NUMPY[datatype]
-        if dtype == object:
-            array = np.empty(len(data), dtype=object)
-            array[:] = data
-        else:
-            array = np.frombuffer(data, dtype=dtype)
-        tensors.append(Tensor(name, datatype, array.reshape(shape)))
-    return tensors
 
 
 class _Link(asyncio.Protocol):
@@ -232,8 +211,8 @@ class HostBatching:
     async def _serve_one(self, link: _Link, rid: int, model: str, version: str, deadline: float | None, tensors: list[Any]) -> None:
         self.served += 1
         try:
-            result = await self._serve(model, version, decode_tensors(tensors), deadline)
-            answer = [ANSWER, rid, result.version, encode_tensors(result.outputs), result.parameters]
+            result = await self._serve(model, version, unpack_tensors(tensors), deadline)
+            answer = [ANSWER, rid, result.version, pack_tensors(result.outputs), result.parameters]
             link.send(answer)
         except GatewayError as exc:
             if isinstance(exc, NotFound) or (self._closing and isinstance(exc, Unavailable)):
@@ -286,7 +265,7 @@ class HostBatching:
                 return None
         rid = next(self._ids)
         waiting: asyncio.Future[list[Any] | None] = asyncio.get_running_loop().create_future()
-        if not link.send([REQUEST, rid, model, version, deadline, encode_tensors(inputs)]):
+        if not link.send([REQUEST, rid, model, version, deadline, pack_tensors(inputs)]):
             self.kept += 1
             return None
         link.waiting[rid] = waiting
@@ -309,7 +288,7 @@ class HostBatching:
             _, _, kind, status, message = reply
             raise rebuilt(kind, message, status)
         _, _, served_version, outputs, parameters = reply
-        return BatchResult(served_version, decode_tensors(outputs), parameters)
+        return BatchResult(served_version, unpack_tensors(outputs), parameters)
 
     async def _connect(self, pid: int) -> _Link | None:
         pending = self._connecting.get(pid)

@@ -42,6 +42,33 @@ class Tensor:
         return tuple(self.data.shape)
 
 
+def pack_tensors(tensors: list[Tensor]) -> list[list[Any]]:
+    """Tensors as msgpack-ready lists ``[name, datatype, shape, data]`` for another process: data
+    as raw row-major bytes, or a BYTES tensor's elements as a list of bytes."""
+    packed = []
+    for t in tensors:
+        if t.datatype == "BYTES":
+            data: object = [x if isinstance(x, bytes) else str(x).encode() for x in t.data.ravel()]
+        else:
+            data = t.data.tobytes()  # row-major whatever the array's layout
+        packed.append([t.name, t.datatype, list(t.data.shape), data])
+    return packed
+
+
+def unpack_tensors(items: list[list[Any]]) -> list[Tensor]:
+    """The tensors ``pack_tensors`` wrote (after a msgpack round trip). Raises ValueError,
+    KeyError or TypeError on anything else."""
+    tensors = []
+    for name, datatype, shape, data in items:
+        if datatype == "BYTES":
+            array = np.empty(len(data), dtype=object)
+            array[:] = data
+        else:
+            array = np.frombuffer(data, dtype=V2_TO_NUMPY[datatype])
+        tensors.append(Tensor(name, datatype, array.reshape(shape)))
+    return tensors
+
+
 @dataclass(frozen=True, slots=True)
 class RequestedOutput:
     name: str

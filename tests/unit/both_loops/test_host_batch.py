@@ -17,7 +17,7 @@ import pytest
 from gateway import host_batch
 from gateway.batcher import BatchResult
 from gateway.errors import GatewayTimeout, NotFound, Unavailable, UpstreamError
-from gateway.host_batch import HostBatching, decode_tensors, encode_tensors, owner_of
+from gateway.host_batch import HostBatching, owner_of
 from gateway.tensors import Tensor
 
 A, B = 1001, 1002
@@ -82,16 +82,6 @@ def test_the_owner_is_one_of_the_workers_and_stays_when_another_goes() -> None:
         other = next(p for p in pids if p != owner)
         assert owner_of(f"model{i}", "1", [p for p in pids if p != other]) == owner
     assert owner_of("m", "1", []) is None
-
-
-def test_tensors_travel_unchanged() -> None:
-    strings = np.empty((2, 1), dtype=object)
-    strings[:, 0] = [b"ab", b""]
-    tensors = [Tensor("x", "FP16", np.ones((2, 3, 4), np.float16)), Tensor("s", "BYTES", strings)]
-    back = decode_tensors(msgpack.unpackb(msgpack.packb(encode_tensors(tensors), use_bin_type=True), raw=False))
-    assert [(t.name, t.datatype, t.shape) for t in back] == [("x", "FP16", (2, 3, 4)), ("s", "BYTES", (2, 1))]
-    np.testing.assert_array_equal(back[0].data, tensors[0].data)
-    assert back[1].data.tolist() == [[b"ab"], [b""]]
 
 
 async def test_a_request_is_answered_by_its_versions_owner(pair: Pair) -> None:
