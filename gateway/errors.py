@@ -79,6 +79,14 @@ class GatewayTimeout(GatewayError):
     status = 504
 
 
+class NotCached(GatewayError):
+    """The client asked for a stored answer only (``Cache-Control: only-if-cached``) and none
+    may answer: 504, as RFC 9111 says. The client's choice, not the version's failure: it never
+    counts against a canary, as a timeout does."""
+
+    status = 504
+
+
 class ClientGone(GatewayError):
     """The client disconnected: its request is dropped and there is no one to answer."""
 

@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable, Container, Iterable, MutableMap
 from typing import Any, TypeVar
 
 from gateway import deadlines
-from gateway.cache import Epoch, RawAnswer, ResponseCache, raw_key
+from gateway.cache import ANY, Epoch, Freshness, RawAnswer, ResponseCache, freshness, raw_key
 from gateway.errors import BadRequest, ClientGone, GatewayError, NotFound, PayloadTooLarge, UnsupportedMediaType, shown
 from gateway.metrics import InferCounts, fleet_labels
 from gateway.pipeline import InferencePipeline
@@ -196,8 +196,9 @@ Looked = tuple[tuple[str, bool] | None, bytes | None]
 
 def raw_lookup(
     pipeline: InferencePipeline, cache: ResponseCache, call: Call, looked: Looked = (None, None)
-) -> tuple[RawAnswer | None, str, Looked]:
-    """(the stored answer or None, the version chosen to serve it, what the lookup learned).
+) -> tuple[Reply | None, str, Looked]:
+    """(the stored answer, with its ``Age``, or None; the version chosen to serve it; what the
+    lookup learned).
     ``looked``: what an earlier lookup of this same request learned (its choice is kept, its
     key not computed again). The version is "" where the full path must answer (no version
     known, the deadline passed, a shadow to mirror to): then nothing was looked up. A hit is
@@ -221,11 +222,25 @@ def raw_lookup(
     start = time.monotonic() if via_rollout else 0.0
     if key is None:
         key = raw_key(model, served, call.content_type, call.header_length, call.body)
-    answer = cache.get_raw(model, served, key)
-    if answer is not None and via_rollout:
+    found = cache.get_raw(model, served, key, call.freshness)
+    if found is None:
+        return None, served, (chosen, key)
+    if via_rollout:
         rollouts.count(model, served)
         rollouts.record(model, served, True, time.monotonic() - start, computed=False)
-    return answer, served, (chosen, key)
+    answer, age = found
+    seconds = int(age)
+    if seconds < len(AGE_LINES):
+        header, line = AGE_HEADERS[seconds], AGE_LINES[seconds]
+    else:
+        header = (b"age", b"%d" % seconds)
+        line = b"age: %d\r\n" % seconds
+    return Reply(200, (*answer.headers, header), answer.body, answer.head + line), served, (chosen, key)
+
+
+# A hit's Age header, made once for the first hour (the header and its line).
+AGE_HEADERS = [(b"age", b"%d" % seconds) for seconds in range(3600)]
+AGE_LINES = [b"age: %d\r\n" % seconds for seconds in range(3600)]
 
 
 @dataclass(slots=True)
@@ -237,26 +252,16 @@ class Headers:
     header_length: bytes | None = None  # Inference-Header-Content-Length
     encoding: bytes = b""
     deadline: float | None = None
-    use_cache: bool = True
+    freshness: Freshness = ANY  # what its Cache-Control allows of a cached answer
     sticky: dict[bytes, bytes] | None = None
-
-
-def wants_fresh(cache_control: bytes) -> bool:
-    """Whether a request's Cache-Control asks for an answer computed afresh: ``no-cache``,
-    ``no-store``, or ``max-age=0`` (no stored answer is young enough)."""
-    for directive in cache_control.lower().split(b","):
-        name, _, arg = directive.partition(b"=")
-        name, arg = name.strip(), arg.strip().strip(b'"')
-        if name in (b"no-cache", b"no-store") or (name == b"max-age" and arg.isdigit() and int(arg) == 0):
-            return True
-    return False
 
 
 def read_headers(headers: Iterable[tuple[bytes, bytes]], pins: Container[bytes], start: float) -> Headers:
     """``headers``: lower-case names, as ASGI servers give them; ``pins``: the header names
     rollouts pin clients by; ``start``: the request's arrival, for a relative deadline."""
     h = Headers()
-    pragma_no_cache = cache_control = False
+    pragma_no_cache = False
+    cache_control: list[bytes] | None = None
     for name, value in headers:
         if name == b"content-type":
             h.content_type = value
@@ -268,15 +273,14 @@ def read_headers(headers: Iterable[tuple[bytes, bytes]], pins: Container[bytes],
             h.encoding = value
         elif name == deadlines.HEADER:
             h.deadline = deadlines.from_header(value, start)
-        elif name == b"cache-control":  # repeated lines are one list (RFC 9110 5.3)
-            cache_control = True
-            h.use_cache = h.use_cache and not wants_fresh(value)
+        elif name == b"cache-control":
+            cache_control = [value] if cache_control is None else [*cache_control, value]
         elif name == b"pragma":
             pragma_no_cache = pragma_no_cache or b"no-cache" in value.lower()
         elif name in pins:
             h.sticky = {**(h.sticky or {}), name: value}
-    if pragma_no_cache and not cache_control:  # HTTP/1.0's no-cache, which Cache-Control overrides
-        h.use_cache = False
+    if cache_control is not None or pragma_no_cache:
+        h.freshness = freshness(cache_control or (), pragma_no_cache)
     return h
 
 
@@ -290,7 +294,7 @@ class Call:
     header_length: bytes | None  # Inference-Header-Content-Length
     deadline: float | None
     gone: Callable[[], bool] | None
-    use_cache: bool = True  # False: "Cache-Control: no-cache" (or no-store) asked for a fresh answer
+    freshness: Freshness = ANY  # what its Cache-Control allows of a cached answer
     sticky: dict[bytes, bytes] | None = None  # the headers rollouts pin clients by (rollout.py)
     request: InferRequest | None = None  # once decoded: its version is the one chosen, if any
 
@@ -357,9 +361,9 @@ class InferEndpoint:
                 body = await read_body(receive, h.declared, self._limit)
             if h.encoding:
                 body = await off_loop(len(body), inflate, body, h.encoding, self._limit)
-            call = Call(target, body, content_type, h.header_length, h.deadline, gone, h.use_cache, h.sticky)
+            call = Call(target, body, content_type, h.header_length, h.deadline, gone, h.freshness, h.sticky)
             cache = pipeline.cache
-            if cache is not None and h.use_cache and cache.enabled_for(target[0]):
+            if cache is not None and h.freshness.use and cache.enabled_for(target[0]):
                 reply, version, source = await self._infer_cached(pipeline, cache, call, looked)
             else:
                 reply, version, source = await self._infer(pipeline, call)
@@ -396,11 +400,11 @@ class InferEndpoint:
         """A request for a cached model: its raw answer if one is stored, else the full path
         (which keeps the answer for the next identical request). Returns the reply, the version
         that served it and where the answer came from (``X-Cache``)."""
-        answer, served, (chosen, key) = raw_lookup(pipeline, cache, call, looked)
-        if answer is None:
+        reply, served, (chosen, key) = raw_lookup(pipeline, cache, call, looked)
+        if reply is None:
             keep = (cache, cache.epoch(call.target[0], served), served, key) if key is not None else None
             return await self._infer(pipeline, call, chosen, keep)
-        return Reply(200, answer.headers, answer.body, answer.head), served, "hit"
+        return reply, served, "hit"
 
     # -- infer requests served by the HTTP protocol itself (protocol/infer_server.py) --------
 
@@ -425,7 +429,7 @@ class InferEndpoint:
 
     def answer_from_cache(
         self, target: tuple[str, str], headers: list[tuple[bytes, bytes]], body: bytes, start: float
-    ) -> tuple[RawAnswer | None, Looked]:
+    ) -> tuple[Reply | None, Looked]:
         """The stored answer to a request ``may_serve`` accepted, counted as ``serve`` counts one,
         and what the lookup learned (``Looked``), for ``serve_held`` to reuse. None at once for
         a model whose cache is off."""
@@ -437,9 +441,9 @@ class InferEndpoint:
             h = read_headers(headers, pipeline.rollouts.pin_headers, start)
         except GatewayError:  # a malformed header: serve_held answers it
             return None, (None, None)
-        if not h.use_cache:
+        if not h.freshness.use:
             return None, (None, None)
-        call = Call(target, body, h.content_type, h.header_length, h.deadline, None, True, h.sticky)
+        call = Call(target, body, h.content_type, h.header_length, h.deadline, None, h.freshness, h.sticky)
         answer, served, looked = raw_lookup(pipeline, cache, call)
         if answer is not None:
             self.counts.record(target[0], served, 200, time.monotonic() - start, "hit")
@@ -488,14 +492,14 @@ class InferEndpoint:
         body = call.body
         if is_msgpack(call.content_type):
             req = call.request = await off_loop(len(body), msgpack_codec.decode_request, body, model, version)
-            resp = await pipeline.infer(req, call.deadline, call.gone, call.use_cache, call.sticky, chosen)
+            resp = await pipeline.infer(req, call.deadline, call.gone, call.freshness, call.sticky, chosen)
             payload = msgpack_codec.encode_response(resp, req)
             headers = [(b"content-type", MSGPACK_TYPES[0]), (b"model-version", resp.version.encode())]
         else:
             header_length = call.header_length
             length = v2.parse_header_length(None if header_length is None else header_length.decode("latin-1"), len(body))
             req = call.request = await off_loop(len(body), v2.decode_request, body, length, model, version)
-            resp = await pipeline.infer(req, call.deadline, call.gone, call.use_cache, call.sticky, chosen)
+            resp = await pipeline.infer(req, call.deadline, call.gone, call.freshness, call.sticky, chosen)
             payload, json_length = v2.encode_response(resp, req)
             if json_length is None:
                 headers = [(b"content-type", JSON_TYPE)]
@@ -508,8 +512,10 @@ class InferEndpoint:
             stored = RawAnswer((*headers, (b"x-cache", b"hit"), length_header), payload)
             if resp.version != looked_up:  # that version left the fleet meanwhile: another served it
                 key = raw_key(model, resp.version, call.content_type, call.header_length, body)
-            cache.put_raw(model, resp.version, key, stored, epoch, computed=resp.cache == "miss")
+            cache.put_raw(model, resp.version, key, stored, epoch, computed=resp.cache == "miss", age=resp.age or 0.0)
         if resp.cache:
             headers.append((b"x-cache", resp.cache.encode()))
+            if resp.age is not None:
+                headers.append((b"age", b"%d" % resp.age))
         headers.append(length_header)
         return Reply(200, headers, payload), resp.version, resp.cache

@@ -12,9 +12,9 @@ from typing import Any
 
 from gateway import deadlines, sequences
 from gateway.batcher import Batcher, BatchPolicy, BatchResult, NothingToSend, Prepare
-from gateway.cache import ResponseCache, cacheable, request_key
+from gateway.cache import ANY, FRESH, Freshness, ResponseCache, cacheable, request_key
 from gateway.config import BatchingConfig
-from gateway.errors import ClientGone, GatewayTimeout, NotFound, Unavailable, UpstreamError, missing_model
+from gateway.errors import ClientGone, GatewayTimeout, NotCached, NotFound, Unavailable, UpstreamError, missing_model
 from gateway.host_batch import HostBatching
 from gateway.models import ModelInfo, check_request
 from gateway.rollout import Rollouts
@@ -106,35 +106,36 @@ class InferencePipeline:
         request: InferRequest,
         deadline: float | None = None,
         gone: Callable[[], bool] | None = None,
-        use_cache: bool = True,
+        freshness: Freshness = ANY,
         sticky: dict[bytes, bytes] | None = None,
         chosen: tuple[str, bool] | None = None,
     ) -> InferResponse:
         """Serve one request; ``deadline`` (monotonic seconds) from the client's header, ``gone``
         tells whether the client has disconnected (see ``deadlines`` and ``batcher``);
-        ``use_cache`` False bypasses the response cache (the client asked for a fresh answer);
+        ``freshness``: what the client's Cache-Control allows of a cached answer
+        (``cache.freshness``; ``use`` False bypasses the cache);
         ``sticky`` holds the request's headers a rollout pins clients by; ``chosen``, for a
         request naming no version, is ``choose_version``'s answer the caller already has."""
         if not request.version:
-            return await self._gateway_chosen(request, deadline, gone, use_cache, sticky, chosen)
-        return await self._serve(request, deadline, gone, use_cache)
+            return await self._gateway_chosen(request, deadline, gone, freshness, sticky, chosen)
+        return await self._serve(request, deadline, gone, freshness)
 
     async def _serve(
-        self, request: InferRequest, deadline: float | None, gone: Callable[[], bool] | None, use_cache: bool
+        self, request: InferRequest, deadline: float | None, gone: Callable[[], bool] | None, freshness: Freshness
     ) -> InferResponse:
         """Serve a request whose version is decided ("" only when the fleet's is unknown)."""
         params = request.parameters
         if params and deadlines.PARAMETER in params:
             deadline = deadlines.earliest(deadline, deadlines.from_parameter(params.pop(deadlines.PARAMETER), self._clock()))
         if deadline is None:
-            return await self._infer(request, None, gone, use_cache)
+            return await self._infer(request, None, gone, freshness)
         remaining = deadline - self._clock()
         if remaining <= 0:
             raise GatewayTimeout("the request's deadline had passed before the gateway could send it")
         following: list[bool] = []  # whether it waits for an identical request's computation
         try:
             async with asyncio.timeout(remaining):
-                return await self._infer(request, deadline, gone, use_cache, following)
+                return await self._infer(request, deadline, gone, freshness, following)
         except TimeoutError:
             error = GatewayTimeout(f"deadline passed: no answer within the {remaining * 1000:.0f} ms left")
             error.shared = bool(following)  # that computation's slowness: counted once, by its own request
@@ -145,7 +146,7 @@ class InferencePipeline:
         request: InferRequest,
         deadline: float | None,
         gone: Callable[[], bool] | None,
-        use_cache: bool,
+        freshness: Freshness,
         following: list[bool] | None = None,
     ) -> InferResponse:
         info = self.metadata.fresh(request.model, request.version) or await self.metadata.get(request.model, request.version)
@@ -154,9 +155,9 @@ class InferencePipeline:
         order = list(info.inputs)
         inputs = sorted(request.inputs, key=lambda t: order.index(t.name)) if len(request.inputs) > 1 else request.inputs
         cache = self.cache
-        source = ""
+        source, age = "", None
         if cache is not None and cache.enabled_for(request.model):
-            if use_cache and request.version and cacheable(request):
+            if freshness.use and request.version and cacheable(request):
                 key = request_key(request.model, request.version, inputs, _classes(request))
 
                 async def compute(abandoned: Callable[[], bool]) -> BatchResult:
@@ -165,11 +166,16 @@ class InferencePipeline:
                     return await self._compute(request, info, inputs, None, abandoned)
 
                 on_follow = None if following is None else lambda: following.append(True)
-                result, source = await cache.get_or_compute(
-                    request.model, request.version, key, compute, gone, deadline is not None, on_follow
+                result, source, age = await cache.get_or_compute(
+                    request.model, request.version, key, compute, gone, deadline is not None, on_follow, freshness
                 )
+            elif freshness.only_if_cached:
+                why = "it asks for a fresh answer too" if not freshness.use else "parameters that change the answer are never cached"
+                raise NotCached(f"no stored answer may answer this request ({why}); Cache-Control: only-if-cached")
             else:
                 result, source = await self._compute(request, info, inputs, deadline, gone), "bypass"
+        elif freshness.only_if_cached:
+            raise NotCached(f"model '{request.model}' has the response cache off; Cache-Control: only-if-cached")
         else:
             result = await self._compute(request, info, inputs, deadline, gone)
         produced = {t.name for t in result.outputs}
@@ -177,7 +183,7 @@ class InferencePipeline:
         if missing:
             raise UpstreamError(f"model '{request.model}' did not produce the requested output(s) {missing}", status=502)
         return InferResponse(
-            request.model, result.version, result.outputs, id=request.id, parameters=result.parameters, cache=source
+            request.model, result.version, result.outputs, id=request.id, parameters=result.parameters, cache=source, age=age
         )
 
     async def _gateway_chosen(
@@ -185,7 +191,7 @@ class InferencePipeline:
         request: InferRequest,
         deadline: float | None,
         gone: Callable[[], bool] | None,
-        use_cache: bool,
+        freshness: Freshness,
         sticky: dict[bytes, bytes] | None,
         chosen: tuple[str, bool] | None = None,
     ) -> InferResponse:
@@ -216,9 +222,9 @@ class InferencePipeline:
             request.version = version
             try:
                 if via_rollout:
-                    response = await self._observed(request, deadline, gone, use_cache)
+                    response = await self._observed(request, deadline, gone, freshness)
                 else:
-                    response = await self._serve(request, deadline, gone, use_cache)
+                    response = await self._serve(request, deadline, gone, freshness)
             except (NotFound, Unavailable, UpstreamError) as exc:
                 if attempt == 2 or (isinstance(exc, UpstreamError) and not missing_model(exc)):
                     raise
@@ -296,7 +302,7 @@ class InferencePipeline:
         return version, via_rollout
 
     async def _observed(
-        self, request: InferRequest, deadline: float | None, gone: Callable[[], bool] | None, use_cache: bool
+        self, request: InferRequest, deadline: float | None, gone: Callable[[], bool] | None, freshness: Freshness
     ) -> InferResponse:
         """Serve a request the rollout sent to a version, and tell the rollout how it went:
         Triton's failures (5xx) and timeouts count against the version; the client's mistakes,
@@ -308,7 +314,7 @@ class InferencePipeline:
         success nor as a failure.)"""
         start = self._clock()
         try:
-            response = await self._serve(request, deadline, gone, use_cache)
+            response = await self._serve(request, deadline, gone, freshness)
         except GatewayTimeout as exc:
             self.rollouts.record(request.model, request.version, False, self._clock() - start, not exc.shared)
             raise
@@ -344,7 +350,7 @@ class InferencePipeline:
         stats.sent += 1
         mirror = InferRequest(request.model, version, request.inputs, None, None, {})
         try:
-            answer = await self._serve(mirror, None, None, use_cache=False)
+            answer = await self._serve(mirror, None, None, freshness=FRESH)
         except Exception as exc:  # a failing shadow is data, not an incident
             stats.failed += 1
             log.debug("shadow %s/%s failed: %r", request.model, version, exc)

@@ -99,3 +99,4 @@ class InferResponse:
     id: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     cache: str = ""  # "hit", "miss", "coalesced" or "bypass" when the model is cached
+    age: float | None = None  # a hit's: seconds since its answer was computed

@@ -15,6 +15,12 @@
 5. the upstream computation, whose result is stored (in the process and the host tier, and
    written to the shared tier without waiting). Errors are never cached.
 
+A request's ``Cache-Control`` may limit what it takes from these tiers (``freshness.py``): an
+answer older than it allows is computed afresh by that request alone and replaces the stored
+one; ``only-if-cached`` gets a stored answer or ``NotCached`` (504). Every entry knows when its
+answer was computed, for a hit's ``Age``: the host tier's from its expiry (the workers share a
+clock and a TTL), the shared tier's from the wall-clock time written with it.
+
 Keys (``keys.py``) cover the model, the version that serves the request and the raw input
 tensors (for a classification, the outputs and class counts asked for too). Entries of a version are dropped when that version leaves the fleet or is reloaded in
 place (``upstream.fleet`` tells, within one health interval); in the host tier, dropping a
@@ -44,20 +50,44 @@ from typing import Any
 from gateway.batcher import BatchResult
 from gateway.cache.entry import decode_entry, encode_entry
 from gateway.cache.flight import Gone, SingleFlight
+from gateway.cache.freshness import ANY, FRESH, Freshness, freshness
 from gateway.cache.host import HostStore
 from gateway.cache.host_flight import FOUND, HostFlight
 from gateway.cache.keys import cacheable, raw_key, request_key
-from gateway.cache.store import ENTRY_OVERHEAD, CacheStore
+from gateway.cache.store import ENTRY_OVERHEAD, CacheStore, Entry
 from gateway.config import CacheConfig
+from gateway.errors import NotCached
 from gateway.tensors import Tensor
 
-__all__ = ["Epoch", "RawAnswer", "ResponseCache", "build_cache", "cacheable", "configured", "raw_key", "request_key"]
+__all__ = [
+    "ANY",
+    "Epoch",
+    "FRESH",
+    "Freshness",
+    "RawAnswer",
+    "ResponseCache",
+    "build_cache",
+    "cacheable",
+    "configured",
+    "freshness",
+    "raw_key",
+    "request_key",
+]
 
 log = logging.getLogger(__name__)
 
 Compute = Callable[[Gone], Awaitable[BatchResult]]
 
 Headers = Sequence[tuple[bytes, bytes]]
+
+# What one computation of a key gives the requests sharing it: the result, where it came from
+# ("miss", "hit": the shared or host tier; "coalesced": another worker's), and when the result
+# was computed (this process's clock; None: just now).
+Outcome = tuple[BatchResult, str, "float | None"]
+
+
+def _never() -> bool:
+    return False
 
 # What must not change while an answer is computed for it to be kept (``ResponseCache.epoch``):
 # the process's count of version drops, the version, and the host tier's generation of it.
@@ -111,10 +141,12 @@ class ResponseCache:
         clock: Callable[[], float] = time.monotonic,
         host: HostStore | None = None,
         claim_s: float = 60.0,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         """``claim_s``: how long other workers wait for one worker's computation of a key
         (while that worker lives and renews its claim, ``host_flight.py``); past it they
-        compute the key themselves."""
+        compute the key themselves. ``wall_clock``: the time written with a result into the
+        shared tier, whose readers on other hosts count its age from it."""
         self._config = config
         self._shared = shared  # a shared.SharedTier, or None
         self._host = host
@@ -122,8 +154,9 @@ class ResponseCache:
         # Models whose last computed answer was too large for the host tier: not worth a claim.
         self._unfit: set[str] = set()
         self._clock = clock
+        self._wall_clock = wall_clock
         self.store = CacheStore(config.max_bytes)
-        self._flight: SingleFlight[tuple[BatchResult, str]] = SingleFlight()
+        self._flight: SingleFlight[Outcome] = SingleFlight()
         self._writes: set[asyncio.Task[None]] = set()
 
     def enabled_for(self, model: str) -> bool:
@@ -138,61 +171,102 @@ class ResponseCache:
         gone: Gone | None = None,
         detach: bool = False,
         on_follow: Callable[[], None] | None = None,
-    ) -> tuple[BatchResult, str]:
-        """The result and where it came from: "hit" (this gateway's store or the shared tier),
+        freshness: Freshness = ANY,
+    ) -> tuple[BatchResult, str, float | None]:
+        """The result, where it came from: "hit" (this gateway's store or the shared tier),
         "coalesced" (shared with an identical request in flight, in this worker or another) or
-        "miss" (computed).
+        "miss" (computed); and for a hit its age in seconds.
         ``detach``: the caller has a deadline, so a computation it starts runs in a task of
         its own, which the caller's timing out does not cancel (``flight``); ``on_follow``:
-        called when the caller waits for an identical request's computation in this worker."""
+        called when the caller waits for an identical request's computation in this worker.
+        ``freshness``: what the request allows of a stored answer (``freshness.py``); one that
+        finds none young enough (``Freshness.limited``) computes the key afresh by itself,
+        outside the single flight, and its result replaces the stored one. With
+        ``only_if_cached``, ``NotCached`` (504) instead of a computation."""
         stats = self.store.model_stats(model)
         now = self._clock()
-        cached = self.store.get(key, now)
-        if cached is None and self._host is not None:
-            cached = self._from_host(model, version, key, now, _ENTRY_TAG)
-        if cached is not None:
-            stats.hits += 1
-            return cached, "hit"
+        entry = self.store.look(key, now)
+        if entry is None and self._host is not None:
+            entry = self._from_host(model, version, key, now, _ENTRY_TAG)
+        if entry is not None:
+            age = now - entry.born
+            if freshness is ANY or freshness.accepts(age, self._config.for_model(model).ttl_s):
+                stats.hits += 1
+                return entry.result, "hit", age
+        if freshness.only_if_cached or freshness.limited:
+            return await self._fresh_enough(model, version, key, compute, gone, freshness)
 
-        async def computed(abandoned: Gone, claimed: bool = False) -> tuple[BatchResult, str, bool]:
-            """The result from the shared tier or upstream, where it came from, and whether it
-            is now in the host tier (``claimed``: this worker holds the key's claim)."""
+        async def computed(abandoned: Gone, claimed: bool = False) -> tuple[Outcome, bool]:
+            """The result from the shared tier or upstream, and whether it is now in the host
+            tier (``claimed``: this worker holds the key's claim)."""
             epoch = self.epoch(model, version)
-            shared = await self._from_shared(key)
+            shared = await self._from_shared(model, key)
             if shared is not None:
                 stats.shared_hits += 1
-                return shared, "hit", self._store(model, version, key, shared, epoch, claimed)
-            result = await compute(abandoned)
-            # Counted here, once per computation: a detached one whose callers all gave up
-            # (their deadlines) still computed an answer, and stored it.
-            stats.misses += 1
-            stored = self._store(model, version, key, result, epoch, claimed)
-            self._to_shared(model, key, result)
-            return result, "miss", stored
+                result, born = shared
+                return (result, "hit", born), self._store(model, version, key, result, epoch, claimed, born)
+            result, source, stored = await self._computed(model, version, key, compute, abandoned, epoch, claimed)
+            return (result, source, None), stored
 
-        async def run(abandoned: Gone) -> tuple[BatchResult, str]:
+        async def run(abandoned: Gone) -> Outcome:
             if self._host_flight is None or model in self._unfit:
-                return (await computed(abandoned))[:2]
+                return (await computed(abandoned))[0]
 
-            def fetch() -> tuple[BatchResult, str] | None:
+            def fetch() -> Outcome | None:
                 found = self._from_host(model, version, key, self._clock(), _ENTRY_TAG, counted=False)
-                return None if found is None else (found, "coalesced")
+                return None if found is None else (found.result, "coalesced", found.born)
 
-            async def claimed_compute(claimed: bool) -> tuple[tuple[BatchResult, str], bool]:
-                result, source, stored = await computed(abandoned, claimed)
-                return (result, source), stored
-
-            (result, source), how = await self._host_flight.do(key, fetch, claimed_compute, abandoned)
+            outcome, how = await self._host_flight.do(key, fetch, lambda claimed: computed(abandoned, claimed), abandoned)
             if how == FOUND:  # in the host tier by the time this worker claimed the key
                 stats.host_hits += 1
-                return result, "hit"
-            return result, source
+                return outcome[0], "hit", outcome[2]
+            return outcome
 
-        (result, source), coalesced = await self._flight.do(key, run, gone, detach, on_follow)
+        (result, source, born), coalesced = await self._flight.do(key, run, gone, detach, on_follow)
         if coalesced:
             stats.coalesced += 1
-            return result, "coalesced"
+            return result, "coalesced", None
         # A "miss" was counted where it was computed.
+        if source == "hit":  # the shared tier's, or the host tier's found on claiming
+            stats.hits += 1
+            return result, source, 0.0 if born is None else self._clock() - born
+        if source == "coalesced":  # another worker's computation
+            stats.coalesced += 1
+            stats.host_coalesced += 1
+        return result, source, None
+
+    async def _computed(
+        self, model: str, version: str, key: bytes, compute: Compute, abandoned: Gone, epoch: Epoch, claimed: bool = False
+    ) -> tuple[BatchResult, str, bool]:
+        """Computed upstream: the result, "miss", and whether it is now in the host tier."""
+        result = await compute(abandoned)
+        # Counted here, once per computation: a detached one whose callers all gave up
+        # (their deadlines) still computed an answer, and stored it.
+        self.store.model_stats(model).misses += 1
+        stored = self._store(model, version, key, result, epoch, claimed)
+        self._to_shared(model, key, result)
+        return result, "miss", stored
+
+    async def _fresh_enough(
+        self, model: str, version: str, key: bytes, compute: Compute, gone: Gone | None, freshness: Freshness
+    ) -> tuple[BatchResult, str, float | None]:
+        """For a request that no answer in this host's tiers satisfied: the shared tier's, if
+        it does, else (but for ``only_if_cached``) computed by this request alone."""
+        stats = self.store.model_stats(model)
+        epoch = self.epoch(model, version)
+        shared = await self._from_shared(model, key)
+        if shared is not None:
+            result, born = shared
+            age = self._clock() - born
+            if freshness.accepts(age, self._config.for_model(model).ttl_s):
+                stats.hits += 1
+                stats.shared_hits += 1
+                self._store(model, version, key, result, epoch, born=born)
+                return result, "hit", age
+        if freshness.only_if_cached:
+            raise NotCached(f"no stored answer of {model} version {version} for this request (Cache-Control: only-if-cached)")
+        result, source, _ = await self._computed(model, version, key, compute, gone or _never, epoch)
+        return result, source, None
         if source == "hit":  # the shared tier's, or the host tier's found on claiming
             stats.hits += 1
         elif source == "coalesced":  # another worker's computation
@@ -200,18 +274,24 @@ class ResponseCache:
             stats.host_coalesced += 1
         return result, source
 
-    def get_raw(self, model: str, version: str, key: bytes) -> RawAnswer | None:
+    def get_raw(self, model: str, version: str, key: bytes, freshness: Freshness = ANY) -> tuple[RawAnswer, float] | None:
         """The stored answer for a request's raw key, served by ``version`` (counted as a hit),
-        or None (not counted: the request goes on to ``get_or_compute``, which counts it)."""
+        and its age in seconds; or None (not counted: the request goes on to
+        ``get_or_compute``, which counts it), also where the answer is too old for
+        ``freshness``."""
         now = self._clock()
-        answer = self.store.get(key, now)
-        if answer is None and self._host is not None:
-            answer = self._from_host(model, version, key, now, _RAW_TAG)
-        if answer is not None:
-            stats = self.store.model_stats(model)
-            stats.hits += 1
-            stats.raw_hits += 1
-        return answer
+        entry = self.store.look(key, now)
+        if entry is None and self._host is not None:
+            entry = self._from_host(model, version, key, now, _RAW_TAG)
+        if entry is None:
+            return None
+        age = now - entry.born
+        if freshness is not ANY and not freshness.accepts(age, self._config.for_model(model).ttl_s):
+            return None
+        stats = self.store.model_stats(model)
+        stats.hits += 1
+        stats.raw_hits += 1
+        return entry.result, age
 
     def epoch(self, model: str, version: str) -> Epoch:
         """Read before computing an answer for ``version`` and given to ``put_raw``: an answer
@@ -219,50 +299,69 @@ class ResponseCache:
         return self.store.drops, version, self._host.generation(model, version) if self._host is not None else 0
 
     def put_raw(
-        self, model: str, version: str, key: bytes, answer: RawAnswer, epoch: Epoch, computed: bool = True
+        self, model: str, version: str, key: bytes, answer: RawAnswer, epoch: Epoch, computed: bool = True, age: float = 0.0
     ) -> bool:
         """Keep ``answer`` for ``key``, unless a version was dropped since ``epoch`` or the
         model's cache is off. ``computed``: the answer comes from a computation this request
         started, after ``epoch``; only such answers go to the host tier (a hit from this
         process's store may predate a drop another worker saw first, which ``epoch`` would not
-        show)."""
+        show). ``age``: how old the answer's result is (a hit's), kept for the rest of its TTL."""
         policy = self._config.for_model(model)
         if not policy.enabled or self.store.drops != epoch[0]:
             return False
         now = self._clock()
-        expires = now + policy.ttl_s
-        kept = self.store.put(key, answer, model, version, expires, self._model_bytes(policy), answer.size, now)
+        born = now - age
+        expires = born + policy.ttl_s
+        if expires <= now:
+            return False
+        kept = self.store.put(key, answer, model, version, expires, self._model_bytes(policy), answer.size, now, born)
         if computed and self._host is not None and epoch[1] == version:
             self._host.put(key, model, version, epoch[2], _RAW_TAG + answer.to_bytes(), expires)
         return kept
 
-    def _store(self, model: str, version: str, key: bytes, result: BatchResult, epoch: Epoch, claimed: bool = False) -> bool:
+    def _store(
+        self,
+        model: str,
+        version: str,
+        key: bytes,
+        result: BatchResult,
+        epoch: Epoch,
+        claimed: bool = False,
+        born: float | None = None,
+    ) -> bool:
         """Keep a computed result, unless a version was dropped since ``epoch`` (maybe this one);
         whether it is in the host tier. ``claimed``: this worker holds the key's claim, and the
         other workers wait for this entry there: written even if that means waiting for the
-        log's lock (else skipped when another worker is writing)."""
+        log's lock (else skipped when another worker is writing). ``born``: when the result was
+        computed (by default now), kept for the rest of its TTL."""
         if self.store.drops != epoch[0]:
             return False
         policy = self._config.for_model(model)
         now = self._clock()
-        expires = now + policy.ttl_s
+        if born is None:
+            born = now
+        expires = born + policy.ttl_s
+        if expires <= now:
+            return False
         # Own copies: a caller's rows are views into its whole batch's response, which the
         # entry would otherwise keep alive, uncounted.
         owned = BatchResult(result.version, [Tensor(t.name, t.datatype, t.data.copy()) for t in result.outputs], result.parameters)
-        self.store.put(key, owned, model, version, expires, self._model_bytes(policy), now=now)
+        self.store.put(key, owned, model, version, expires, self._model_bytes(policy), now=now, born=born)
         if self._host is None:
             return False
-        value = _ENTRY_TAG + encode_entry(owned)
+        value = _ENTRY_TAG + encode_entry(owned, self._wall_clock() - (now - born))
         if not self._host.fits(len(value)):
             self._unfit.add(model)  # its next misses are computed without a claim, in parallel
             return False
         self._unfit.discard(model)
         return self._host.put(key, model, version, epoch[2], value, expires, wait=claimed)
 
-    def _from_host(self, model: str, version: str, key: bytes, now: float, tag: bytes, counted: bool = True) -> Any:
-        """The host tier's entry for ``key`` (a RawAnswer for ``_RAW_TAG``, a BatchResult for
-        ``_ENTRY_TAG``), kept in this process for the rest of its TTL; or None. ``counted``: as
-        a host hit (not for an answer another worker computed while this one waited)."""
+    def _from_host(self, model: str, version: str, key: bytes, now: float, tag: bytes, counted: bool = True) -> Entry | None:
+        """The host tier's entry for ``key`` (holding a RawAnswer for ``_RAW_TAG``, a
+        BatchResult for ``_ENTRY_TAG``), kept in this process for the rest of its TTL; or None.
+        ``counted``: as a host hit (not for an answer another worker computed while this one
+        waited). The workers share one clock and one TTL: an entry was computed its TTL
+        before it expires."""
         if self._host is None:  # closed meanwhile (the worker is stopping)
             return None
         found = self._host.get(key, model, version, now, counted)
@@ -272,37 +371,47 @@ class ResponseCache:
         try:
             if raw[:1] != tag:
                 raise ValueError("an entry of another kind")
-            entry: Any = RawAnswer.from_bytes(raw[1:]) if tag == _RAW_TAG else decode_entry(raw[1:])
+            value: Any = RawAnswer.from_bytes(raw[1:]) if tag == _RAW_TAG else decode_entry(raw[1:])[0]
         except ValueError as exc:
             log.warning("ignoring a host cache entry: %s", exc)
             return None
         policy = self._config.for_model(model)
-        size = entry.size if tag == _RAW_TAG else None
-        self.store.put(key, entry, model, version, expires, self._model_bytes(policy), size, now)
+        size = value.size if tag == _RAW_TAG else None
+        born = min(now, expires - policy.ttl_s)
+        self.store.put(key, value, model, version, expires, self._model_bytes(policy), size, now, born)
         if counted:
             self.store.model_stats(model).host_hits += 1
-        return entry
+        return Entry(value, model, version, 0, expires, born)
 
     def _model_bytes(self, policy: CacheConfig) -> int:
         """The most one model's entries may hold in this process (its share of max_bytes)."""
         return int(self._config.max_bytes * policy.max_share)
 
-    async def _from_shared(self, key: bytes) -> BatchResult | None:
+    async def _from_shared(self, model: str, key: bytes) -> tuple[BatchResult, float] | None:
+        """The shared tier's result for ``key`` and when it was computed (on this process's
+        clock, from the wall-clock time written with it; an entry that does not say, or says a
+        time to come, counts as computed now); None if none, or one past its TTL here."""
         if self._shared is None:
             return None
         raw = await self._shared.get(key)
         if raw is None:
             return None
         try:
-            return decode_entry(raw)
+            result, born_wall = decode_entry(raw)
         except ValueError as exc:
             log.warning("ignoring a shared cache entry: %s", exc)
             return None
+        now = self._clock()
+        age = 0.0 if born_wall is None else max(0.0, self._wall_clock() - born_wall)
+        if age >= self._config.for_model(model).ttl_s:
+            return None
+        return result, now - age
 
     def _to_shared(self, model: str, key: bytes, result: BatchResult) -> None:
         if self._shared is None:
             return
-        task = asyncio.ensure_future(self._shared.set(key, encode_entry(result), self._config.for_model(model).ttl_s))
+        value = encode_entry(result, self._wall_clock())
+        task = asyncio.ensure_future(self._shared.set(key, value, self._config.for_model(model).ttl_s))
         self._writes.add(task)  # a hard reference until done
         task.add_done_callback(self._writes.discard)
 

@@ -1,4 +1,5 @@
-"""A cached result as bytes, for the shared tier: msgpack, tensors as raw little-endian bytes."""
+"""A cached result as bytes, for the host and shared tiers: msgpack, tensors as raw
+little-endian bytes, and the wall-clock time it was computed at (its age, on another host)."""
 
 from __future__ import annotations
 
@@ -7,20 +8,23 @@ import msgpack
 from gateway.batcher import BatchResult
 from gateway.tensors import pack_tensors, unpack_tensors
 
-FORMAT = 1
+FORMAT = 2  # 1: without the time computed
 
 
-def encode_entry(result: BatchResult) -> bytes:
-    return msgpack.packb([FORMAT, result.version, pack_tensors(result.outputs), result.parameters], use_bin_type=True)
+def encode_entry(result: BatchResult, born: float) -> bytes:
+    """``born``: when ``result`` was computed, in seconds since the epoch (``time.time()``)."""
+    return msgpack.packb([FORMAT, result.version, pack_tensors(result.outputs), result.parameters, born], use_bin_type=True)
 
 
-def decode_entry(raw: bytes) -> BatchResult:
-    """The result, or ValueError if ``raw`` is not an entry this version wrote."""
+def decode_entry(raw: bytes) -> tuple[BatchResult, float | None]:
+    """The result and when it was computed (None: an entry of format 1, which does not say), or
+    ValueError if ``raw`` is not an entry."""
     try:
-        fmt, version, outputs, parameters = msgpack.unpackb(raw, raw=False)
-        if fmt != FORMAT:
-            raise ValueError(f"cache entry format {fmt}")
-        return BatchResult(str(version), unpack_tensors(outputs), dict(parameters or {}))
+        fmt, version, outputs, parameters, *rest = msgpack.unpackb(raw, raw=False)
+        if fmt not in (1, FORMAT) or len(rest) != (fmt == FORMAT):
+            raise ValueError(f"cache entry format {fmt} with {4 + len(rest)} fields")
+        born = float(rest[0]) if rest else None
+        return BatchResult(str(version), unpack_tensors(outputs), dict(parameters or {})), born
     except ValueError:
         raise
     except Exception as exc:

@@ -35,6 +35,7 @@ class Entry:
     version: str
     size: int
     expires: float
+    born: float  # when the answer was computed (the clock of ``expires``): its age is counted from it
 
 
 @dataclass(slots=True)
@@ -87,6 +88,11 @@ class CacheStore:
         return stats
 
     def get(self, key: bytes, now: float) -> Any:
+        entry = self.look(key, now)
+        return None if entry is None else entry.result
+
+    def look(self, key: bytes, now: float) -> Entry | None:
+        """The live entry for ``key`` (now the most recently used), or None."""
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -95,7 +101,7 @@ class CacheStore:
             return None
         self._entries.move_to_end(key)
         self._by_model[entry.model].move_to_end(key)
-        return entry.result
+        return entry
 
     def put(
         self,
@@ -107,9 +113,11 @@ class CacheStore:
         model_max_bytes: int,
         size: int | None = None,
         now: float | None = None,
+        born: float | None = None,
     ) -> bool:
         """Store ``result`` (``size`` bytes; by default a BatchResult's); False if it is larger
-        than allowed to be held at all. ``now``: expired entries go first (``expire``)."""
+        than allowed to be held at all. ``now``: expired entries go first (``expire``);
+        ``born``: when the answer was computed (by default ``now``)."""
         if size is None:
             size = result_size(result)
         if size > model_max_bytes or size > self.max_bytes:
@@ -125,7 +133,9 @@ class CacheStore:
             self._evict(next(iter(order)))
         while self._entries and self.bytes + size > self.max_bytes:
             self._evict(next(iter(self._entries)))
-        self._entries[key] = Entry(result, model, version, size, expires)
+        if born is None:
+            born = expires if now is None else now
+        self._entries[key] = Entry(result, model, version, size, expires, born)
         heapq.heappush(self._expiries, (expires, next(self._counter), key))
         order[key] = None
         self.bytes += size

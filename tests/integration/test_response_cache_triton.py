@@ -1,6 +1,7 @@
 """The response cache in front of a real Triton instance: cached answers are byte-identical to
 computed ones in every wire format, identical concurrent requests cost one inference (Triton's
-own statistics say so), the bypass header and the counters work, and answers stay right.
+own statistics say so), the bypass header, the freshness a client asks for and the counters
+work, and answers stay right.
 """
 
 from __future__ import annotations
@@ -128,9 +129,32 @@ def test_the_bypass_header_computes_afresh_and_the_counters_move(stack: Stack) -
     assert after_counters["enabled"] is True and after_counters["bytes"] >= model["bytes"]
 
 
+def test_hits_say_their_age_and_clients_may_ask_for_a_younger_answer_or_none_computed(stack: Stack) -> None:
+    x = images(60)
+    _, ref_probs = torch_reference(DIGITS.name, x)
+    before = stack.inferences()
+    with httpx.Client(base_url=stack.gateway.url, timeout=30) as http:
+        refused = http.post(PATH, json=json_body(x), headers={"Cache-Control": "only-if-cached"})
+        assert refused.status_code == 504 and "only-if-cached" in refused.json()["error"]
+        assert stack.inferences() == before  # nothing computed for it
+        first = http.post(PATH, json=json_body(x))
+        assert first.headers["x-cache"] == "miss" and "age" not in first.headers
+        time.sleep(1.2)
+        hit = http.post(PATH, json=json_body(x), headers={"Cache-Control": "only-if-cached"})
+        assert (hit.status_code, hit.headers["x-cache"], hit.headers["age"]) == (200, "hit", "1")
+        assert hit.content == first.content and stack.inferences() - before == 1
+        fresh = http.post(PATH, json=json_body(x), headers={"Cache-Control": "max-age=1"})  # older than 1 s
+        assert fresh.headers["x-cache"] == "miss" and stack.inferences() - before == 2
+        again = http.post(PATH, json=json_body(x), headers={"Cache-Control": "max-age=1"})
+        assert (again.headers["x-cache"], again.headers["age"]) == ("hit", "0") and again.content == fresh.content
+    probs = np.asarray({o["name"]: o for o in fresh.json()["outputs"]}["probabilities"]["data"], np.float32)
+    np.testing.assert_allclose(probs.reshape(ref_probs.shape), ref_probs, atol=ATOL, rtol=0)
+
+
 def test_a_repeat_is_answered_with_the_first_answers_bytes(stack: Stack) -> None:
-    """The bytes of the first answer, replayed before decoding: same headers (but X-Cache and
-    Date), same body (the id echoed), counted as a raw hit; another id is another answer."""
+    """The bytes of the first answer, replayed before decoding: same headers (but X-Cache,
+    Date and the hit's Age), same body (the id echoed), counted as a raw hit; another id is
+    another answer."""
     x = images(30)
     body, headers = binary_body(x)
     body = body.replace(b'{"inputs"', b'{"id":"req-7","inputs"', 1)
@@ -142,7 +166,7 @@ def test_a_repeat_is_answered_with_the_first_answers_bytes(stack: Stack) -> None
         assert (first.status_code, second.status_code) == (200, 200), first.text
         assert (first.headers["x-cache"], second.headers["x-cache"]) == ("miss", "hit")
         assert second.content == first.content and b'"id":"req-7"' in first.content
-        drop = {"x-cache", "date"}
+        drop = {"x-cache", "date", "age"}
         assert [h for h in second.headers.raw if h[0].decode().lower() not in drop] == [
             h for h in first.headers.raw if h[0].decode().lower() not in drop
         ]

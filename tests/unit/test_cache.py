@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import asyncio
 
+import msgpack
 import numpy as np
 import pytest
 
 from gateway.batcher import BatchResult
-from gateway.cache import ResponseCache, cacheable, keys, raw_key, request_key
+from gateway.cache import Freshness, ResponseCache, cacheable, keys, raw_key, request_key
 from gateway.cache.entry import decode_entry, encode_entry
 from gateway.cache.flight import SingleFlight
 from gateway.cache.store import ENTRY_OVERHEAD, CacheStore, result_size
 from gateway.config import CacheConfig
-from gateway.errors import ClientGone, Unavailable, UpstreamError
+from gateway.errors import ClientGone, NotCached, Unavailable, UpstreamError
 from gateway.protocol import msgpack as msgpack_codec
 from gateway.protocol import v2
-from gateway.tensors import InferRequest, RequestedOutput, Tensor
+from gateway.tensors import InferRequest, RequestedOutput, Tensor, pack_tensors
 from gateway.upstream.client import InstanceUnreachable
 
 
@@ -431,12 +432,22 @@ def test_entries_round_trip_through_bytes() -> None:
         [Tensor("y", "FP32", np.arange(6, dtype=np.float32).reshape(2, 3)), Tensor("s", "BYTES", np.asarray([b"a", b"bc"], dtype=object))],
         {"note": 1},
     )  # fmt: skip
-    copy = decode_entry(encode_entry(original))
-    assert copy.version == "3" and copy.parameters == {"note": 1}
+    copy, born = decode_entry(encode_entry(original, 1700000000.5))
+    assert copy.version == "3" and copy.parameters == {"note": 1} and born == 1700000000.5
     np.testing.assert_array_equal(copy.outputs[0].data, original.outputs[0].data)
     assert list(copy.outputs[1].data) == [b"a", b"bc"]
     with pytest.raises(ValueError):
         decode_entry(b"\x00garbage")
+
+
+def test_an_entry_of_the_format_before_reads_as_computed_at_an_unknown_time() -> None:
+    """Gateways of the release before write entries without their time (format 1)."""
+    old = msgpack.packb([1, "3", pack_tensors([Tensor("y", "FP32", np.ones(2, np.float32))]), {}], use_bin_type=True)
+    result, born = decode_entry(old)
+    assert result.version == "3" and born is None
+    for wrong in ([1, "3", [], {}, 5.0], [2, "3", [], {}], [3, "3", [], {}, 5.0]):
+        with pytest.raises(ValueError):
+            decode_entry(msgpack.packb(wrong))
 
 
 # -- the facade -----------------------------------------------------------------------------------
@@ -530,8 +541,9 @@ def test_the_view_names_the_models_cached_by_a_table_of_their_own() -> None:
 
 async def test_the_shared_tier_serves_what_another_gateway_computed() -> None:
     shared = FakeShared()
-    one = ResponseCache(CacheConfig(enabled=True, ttl_s=30.0), shared)
-    two = ResponseCache(CacheConfig(enabled=True, ttl_s=30.0), shared)
+    one = ResponseCache(CacheConfig(enabled=True, ttl_s=30.0), shared, wall_clock=lambda: 1000.0)
+    clock = Clock()
+    two = ResponseCache(CacheConfig(enabled=True, ttl_s=30.0), shared, clock=clock, wall_clock=lambda: 1007.0)
 
     async def compute(abandoned) -> BatchResult:  # noqa: ANN001
         return result()
@@ -542,11 +554,39 @@ async def test_the_shared_tier_serves_what_another_gateway_computed() -> None:
     assert (await one.get_or_compute("m", "1", b"k", compute))[1] == "miss"
     await asyncio.sleep(0)  # the write to the shared tier does not hold up the response
     assert shared.sets == [(b"k", 30.0)]
-    got, source = await two.get_or_compute("m", "1", b"k", never)
+    got, source, age = await two.get_or_compute("m", "1", b"k", never)
     assert source == "hit" and two.snapshot()["models"]["m"]["shared_hits"] == 1
+    assert age == 7.0  # computed by the other gateway 7 s before (the time written with it)
     assert (await two.get_or_compute("m", "1", b"k", never))[1] == "hit"  # now held locally too
+    clock.now = 22.9
+    assert two.store.get(b"k", clock.now) is not None
+    clock.now = 23.0  # kept for the rest of its TTL only
+    assert two.store.get(b"k", clock.now) is None
     shared.data[b"bad"] = b"not an entry"
     assert (await two.get_or_compute("m", "1", b"bad", compute))[1] == "miss"
+
+
+async def test_a_request_with_a_max_age_takes_from_the_shared_tier_only_an_answer_young_enough() -> None:
+    shared = FakeShared()
+    one = ResponseCache(CacheConfig(enabled=True, ttl_s=60.0), shared, wall_clock=lambda: 1000.0)
+    two = ResponseCache(CacheConfig(enabled=True, ttl_s=60.0), shared, clock=Clock(), wall_clock=lambda: 1020.0)
+    calls = 0
+
+    async def compute(abandoned) -> BatchResult:  # noqa: ANN001
+        nonlocal calls
+        calls += 1
+        return result()
+
+    await one.get_or_compute("m", "1", b"k", compute)
+    await asyncio.sleep(0)  # written to the shared tier
+    assert (await two.get_or_compute("m", "1", b"k", compute, freshness=Freshness(max_age=30.0)))[1:] == ("hit", 20.0)
+    assert calls == 1
+    other = ResponseCache(CacheConfig(enabled=True, ttl_s=60.0), shared, clock=Clock(), wall_clock=lambda: 1020.0)
+    assert (await other.get_or_compute("m", "1", b"k", compute, freshness=Freshness(max_age=10.0)))[1:] == ("miss", None)
+    assert calls == 2
+    with pytest.raises(NotCached, match="only-if-cached"):
+        await other.get_or_compute("m", "1", b"j", compute, freshness=Freshness(only_if_cached=True))
+    assert calls == 2
 
 
 async def test_cached_outputs_are_copies_not_views_of_a_whole_batch() -> None:
@@ -557,7 +597,7 @@ async def test_cached_outputs_are_copies_not_views_of_a_whole_batch() -> None:
         return BatchResult("1", [Tensor("y", "FP32", batch[2:3])])
 
     await cache.get_or_compute("m", "1", b"k", compute)
-    held, _ = await cache.get_or_compute("m", "1", b"k", compute)
+    held, _, _ = await cache.get_or_compute("m", "1", b"k", compute)
     assert held.outputs[0].data.base is None and cache.store.bytes == ENTRY_OVERHEAD + 16
 
 

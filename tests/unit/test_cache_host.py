@@ -310,7 +310,7 @@ async def test_a_result_one_worker_computed_is_a_hit_on_another(worker: Open) ->
         return result()
 
     assert (await one.get_or_compute("m", "1", b"k" * 16, compute))[1] == "miss"
-    got, source = await two.get_or_compute("m", "1", b"k" * 16, compute)
+    got, source, _ = await two.get_or_compute("m", "1", b"k" * 16, compute)
     assert source == "hit" and calls == 1
     np.testing.assert_array_equal(got.outputs[0].data, result().outputs[0].data)
     assert (await two.get_or_compute("m", "1", b"k" * 16, compute))[1] == "hit"  # now held in the process
@@ -322,11 +322,31 @@ async def test_a_result_one_worker_computed_is_a_hit_on_another(worker: Open) ->
 ANSWER = RawAnswer(((b"content-type", b"application/json"), (b"x-cache", b"hit"), (b"content-length", b"9")), b'{"a": 1}\n')
 
 
+async def test_an_answer_from_another_worker_keeps_its_age_and_the_rest_of_its_ttl(worker: Open) -> None:
+    now = [500.0]  # the workers of a host share its monotonic clock
+    config = CacheConfig(enabled=True, ttl_s=30.0)
+    one, two = (ResponseCache(config, host=worker(), clock=lambda: now[0]) for _ in range(2))
+
+    async def compute(abandoned) -> BatchResult:  # noqa: ANN001
+        return result()
+
+    await one.get_or_compute("m", "1", b"k" * 16, compute)
+    assert one.put_raw("m", "1", b"r" * 16, ANSWER, one.epoch("m", "1"))
+    now[0] += 12.0
+    assert (await two.get_or_compute("m", "1", b"k" * 16, compute))[1:] == ("hit", 12.0)
+    assert two.get_raw("m", "1", b"r" * 16) == (ANSWER, 12.0)
+    now[0] += 17.9
+    assert (await two.get_or_compute("m", "1", b"k" * 16, compute))[1:] == ("hit", pytest.approx(29.9))
+    now[0] += 0.1  # the TTL from its computation, in every worker
+    assert two.get_raw("m", "1", b"r" * 16) is None
+    assert (await two.get_or_compute("m", "1", b"k" * 16, compute))[1] == "miss"
+
+
 async def test_a_raw_answer_one_worker_kept_answers_anothers_client(worker: Open) -> None:
     one, two = workers(worker)
     assert one.put_raw("m", "1", b"r" * 16, ANSWER, one.epoch("m", "1"))
-    got = two.get_raw("m", "1", b"r" * 16)
-    assert got == ANSWER and got.head == ANSWER.head
+    got, age = two.get_raw("m", "1", b"r" * 16)
+    assert got == ANSWER and got.head == ANSWER.head and 0 <= age < 1
     stats = two.snapshot()["models"]["m"]
     assert (stats["hits"], stats["raw_hits"], stats["host_hits"]) == (1, 1, 1)
     assert two.get_raw("m", "2", b"q" * 16) is None
@@ -337,7 +357,7 @@ async def test_only_answers_a_request_computed_itself_go_to_the_host_tier(worker
     that worker, not shared."""
     one, two = workers(worker)
     assert one.put_raw("m", "1", b"r" * 16, ANSWER, one.epoch("m", "1"), computed=False)
-    assert one.get_raw("m", "1", b"r" * 16) == ANSWER and two.get_raw("m", "1", b"r" * 16) is None
+    assert one.get_raw("m", "1", b"r" * 16)[0] == ANSWER and two.get_raw("m", "1", b"r" * 16) is None
 
 
 async def test_an_answer_computed_across_a_drop_on_another_worker_is_not_shared(worker: Open) -> None:
@@ -347,7 +367,7 @@ async def test_an_answer_computed_across_a_drop_on_another_worker_is_not_shared(
     one.put_raw("m", "1", b"r" * 16, ANSWER, epoch)
     assert two.get_raw("m", "1", b"r" * 16) is None
     assert one.put_raw("m", "1", b"r" * 16, ANSWER, one.epoch("m", "1"))
-    assert two.get_raw("m", "1", b"r" * 16) == ANSWER
+    assert two.get_raw("m", "1", b"r" * 16)[0] == ANSWER
 
 
 def test_the_cache_maps_the_segment_it_is_given_and_serves_without_one_it_cannot(segment: Path, tmp_path: Path) -> None:
@@ -483,7 +503,7 @@ async def test_identical_requests_on_two_workers_are_computed_once(worker: Open)
     third = asking(two, upstream)  # two's own follower
     await asyncio.sleep(0.02)  # two polls meanwhile
     upstream.go.set()
-    (a, source_a), (b, source_b), (c, source_c) = await asyncio.gather(first, second, third)
+    (a, source_a, _), (b, source_b, _), (c, source_c, _) = await asyncio.gather(first, second, third)
     assert upstream.calls == 1 and (source_a, source_b, source_c) == ("miss", "coalesced", "coalesced")
     np.testing.assert_array_equal(b.outputs[0].data, a.outputs[0].data)
     stats = two.snapshot()["models"]["m"]
@@ -540,7 +560,7 @@ async def test_a_leader_that_ends_without_an_answer_lets_another_worker_compute_
         await asyncio.sleep(0.001)
     assert upstream.calls == 2 and two.snapshot()["host"]["claims"] == 0  # computing, unclaimed
     upstream.go.set()
-    got, source = await asyncio.wait_for(second, 5)
+    got, source, _ = await asyncio.wait_for(second, 5)
     assert source == "miss"
     np.testing.assert_array_equal(got.outputs[0].data, result().outputs[0].data)
 
@@ -576,7 +596,7 @@ async def test_a_cache_closed_while_its_leader_computes_still_answers(worker: Op
     first = await leading(one, upstream)
     await one.close()  # shutting down: the segment unmapped under the computation
     upstream.go.set()
-    got, source = await first
+    got, source, _ = await first
     assert source == "miss"
     np.testing.assert_array_equal(got.outputs[0].data, result().outputs[0].data)
     assert (await one.get_or_compute("m", "1", b"q" * 16, upstream))[1] == "miss"  # no host tier left
@@ -727,7 +747,7 @@ async def test_a_leader_whose_event_loop_stops_is_taken_over_within_its_lease(se
         await asyncio.sleep(renew / 2)
         leader.send_signal(signal.SIGSTOP)
         stopped = time.monotonic()
-        got, source = await asyncio.wait_for(follower, 5)
+        got, source, _ = await asyncio.wait_for(follower, 5)
         waited = time.monotonic() - stopped
         assert source == "miss" and upstream.calls == 1 and waited < lease + 0.5
         np.testing.assert_array_equal(got.outputs[0].data, result().outputs[0].data)

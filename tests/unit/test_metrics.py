@@ -308,7 +308,7 @@ async def test_cache_counters_match_the_cache_view() -> None:
     both = [asyncio.ensure_future(cache.get_or_compute("m", "1", b"c", compute(wait=True))) for _ in range(2)]
     await asyncio.sleep(0)
     gate.set()
-    assert sorted(source for _, source in await asyncio.gather(*both)) == ["coalesced", "miss"]  # evicts b
+    assert sorted(source for _, source, _ in await asyncio.gather(*both)) == ["coalesced", "miss"]  # evicts b
 
     parsed = samples(build_registry(InferCounts(), empty_services(cache=cache)))
     expected = {"hits": 1, "raw_hits": 0, "misses": 3, "coalesced": 1, "shared_hits": 0, "host_hits": 0, "evictions": 2}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gateway.batcher import BatchResult, NothingToSend
-from gateway.cache import ResponseCache
+from gateway.cache import FRESH, ResponseCache
 from gateway.config import BatchingConfig, CacheConfig
 from gateway.errors import BadRequest, ClientGone, GatewayTimeout, ModelError, UpstreamError
 from gateway.models import ModelInfo
@@ -240,7 +240,7 @@ async def test_cached_models_answer_from_the_cache_unless_the_client_bypasses_it
     pipeline = InferencePipeline(BatchingConfig(), router, FakeMetadata(info(8)), cache=cache)  # type: ignore[arg-type]
     first = await pipeline.infer(request())
     second = await pipeline.infer(request())
-    bypassed = await pipeline.infer(request(), use_cache=False)
+    bypassed = await pipeline.infer(request(), freshness=FRESH)
     with_params = await pipeline.infer(request(parameters={"priority": 1}))
     assert [r.cache for r in (first, second, bypassed, with_params)] == ["miss", "hit", "bypass", "bypass"]
     assert len(router.calls) == 3

@@ -109,7 +109,8 @@ async def post(
 
 
 def without_x_cache(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    return [h for h in headers if h[0] != b"x-cache"]
+    """The headers but those saying where an answer came from (``X-Cache``) and its ``Age``."""
+    return [h for h in headers if h[0] not in (b"x-cache", b"age")]
 
 
 async def test_a_repeat_is_the_first_answer_byte_for_byte_and_costs_nothing_upstream() -> None:
@@ -120,6 +121,7 @@ async def test_a_repeat_is_the_first_answer_byte_for_byte_and_costs_nothing_upst
     status, headers2, second, raw_headers2 = await post(endpoint, body)
     assert status == 200 and headers2[b"x-cache"] == b"hit" and second == first
     assert without_x_cache(raw_headers2) == without_x_cache(raw_headers)  # header order too
+    assert b"age" not in headers and headers2[b"age"] == b"0"
     assert headers2[b"model-version"] == b"1" and orjson.loads(second)["model_version"] == "1"
     assert router.calls == ["1"]
     stats = cache.snapshot()["models"]["m"]
@@ -160,7 +162,90 @@ async def test_another_id_or_wire_format_is_another_raw_answer_with_its_own_byte
     ],
 )
 def test_cache_control_and_pragma_headers_decide_whether_the_cache_may_answer(headers: list, cached: bool) -> None:
-    assert read_headers(headers, (), 0.0).use_cache is cached
+    assert read_headers(headers, (), 0.0).freshness.use is cached
+
+
+JSON = (b"content-type", b"application/json")
+
+
+async def test_a_hit_says_its_age_and_a_max_age_refuses_an_older_one() -> None:
+    clock = Clock()
+    endpoint, router, cache = stack(clock=clock)
+    body = json_body([1.0, 2.0])
+    assert b"age" not in (await post(endpoint, body))[1]  # the miss: computed now
+    clock.now += 7.6
+    _, hit, first, _ = await post(endpoint, body)
+    assert (hit[b"x-cache"], hit[b"age"]) == (b"hit", b"7")  # whole seconds, rounded down
+    _, fresh, again, _ = await post(endpoint, body, headers=[JSON, (b"cache-control", b"max-age=5")])
+    assert fresh[b"x-cache"] == b"miss" and b"age" not in fresh and again == first and router.calls == ["1", "1"]
+    _, hit, _, _ = await post(endpoint, body)  # the fresh answer replaced the old one
+    assert (hit[b"x-cache"], hit[b"age"]) == (b"hit", b"0")
+    clock.now += 3.0
+    _, hit, _, _ = await post(endpoint, body, headers=[JSON, (b"cache-control", b"max-age=5")])
+    assert (hit[b"x-cache"], hit[b"age"]) == (b"hit", b"3") and len(router.calls) == 2
+
+
+async def test_a_min_fresh_refuses_an_answer_too_near_the_end_of_its_ttl() -> None:
+    clock = Clock()
+    endpoint, router, _ = stack(CacheConfig(enabled=True, ttl_s=10.0), clock=clock)
+    body = json_body([1.0, 2.0])
+    await post(endpoint, body)
+    clock.now += 4.0  # 6 s of its TTL left
+    _, hit, _, _ = await post(endpoint, body, headers=[JSON, (b"cache-control", b"min-fresh=6")])
+    assert hit[b"x-cache"] == b"hit" and len(router.calls) == 1
+    clock.now += 0.5
+    _, fresh, _, _ = await post(endpoint, body, headers=[JSON, (b"cache-control", b"min-fresh=6")])
+    assert fresh[b"x-cache"] == b"miss" and len(router.calls) == 2
+
+
+async def test_a_hit_on_the_tensors_entry_says_the_age_of_the_computation() -> None:
+    """A msgpack request for tensors a JSON request had computed: the entry's age, not the
+    time its first msgpack answer was encoded; and so for that answer's raw bytes after."""
+    clock = Clock()
+    endpoint, router, _ = stack(clock=clock)
+    await post(endpoint, json_body([1.0, 2.0]))
+    clock.now += 4.2
+    packed = msgpack.packb({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2],
+                                        "data": np.array([1, 2], np.float32).tobytes()}]})  # fmt: skip
+    mp = [(b"content-type", b"application/msgpack")]
+    _, h1, _, _ = await post(endpoint, packed, headers=mp)
+    clock.now += 2.0
+    _, h2, _, _ = await post(endpoint, packed, headers=mp)  # its raw bytes, kept from the answer above
+    assert (h1[b"x-cache"], h1[b"age"], h2[b"x-cache"], h2[b"age"]) == (b"hit", b"4", b"hit", b"6")
+    assert router.calls == ["1"]
+
+
+async def test_only_if_cached_is_answered_from_the_cache_or_504_never_computed() -> None:
+    endpoint, router, _ = stack()
+    body = json_body([1.0, 2.0])
+    only = [JSON, (b"cache-control", b"only-if-cached")]
+    status, _, error, _ = await post(endpoint, body, headers=only)
+    assert status == 504 and "only-if-cached" in orjson.loads(error)["error"] and router.calls == []
+    await post(endpoint, body)
+    status, headers, _, _ = await post(endpoint, body, headers=only)
+    assert (status, headers[b"x-cache"]) == (200, b"hit")
+    status, _, error, _ = await post(endpoint, body, headers=[JSON, (b"cache-control", b"only-if-cached, no-cache")])
+    assert status == 504 and "asks for a fresh answer" in orjson.loads(error)["error"]
+    status, _, error, _ = await post(endpoint, json_body([1.0, 2.0], parameters={"priority": 1}), headers=only)
+    assert status == 504 and "never cached" in orjson.loads(error)["error"]
+    assert router.calls == ["1"]
+
+
+async def test_only_if_cached_refusals_never_count_against_a_canary() -> None:
+    rollouts = Rollouts(seed=0)
+    rollouts.set_models({"m": ModelRollout("1", "2", 1.0)})
+    endpoint, router, _ = stack(rollouts=rollouts)
+    for i in range(20):
+        status, headers, _, _ = await post(endpoint, json_body([float(i), 0.0]), headers=[JSON, (b"cache-control", b"only-if-cached")])
+        assert status == 504
+    window = rollouts.snapshot()["models"]["m"]["windows"].get("2", {})
+    assert window.get("requests", 0) == 0 and rollouts.states["m"].status == "canary" and router.calls == []
+
+
+async def test_only_if_cached_on_a_model_without_the_cache_is_504() -> None:
+    endpoint, router, _ = stack(CacheConfig(enabled=False, models={"other": CacheConfig(enabled=True)}))
+    status, _, error, _ = await post(endpoint, json_body([1.0, 2.0]), headers=[JSON, (b"cache-control", b"only-if-cached")])
+    assert status == 504 and "response cache off" in orjson.loads(error)["error"] and router.calls == []
 
 
 async def test_bypass_header_parameters_and_errors_are_never_answered_from_raw_bytes() -> None:
