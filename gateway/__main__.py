@@ -101,8 +101,8 @@ def _run(args: argparse.Namespace, config: GatewayConfig, workers: int) -> int:
         # not asked for or there is no folder for the workers to share.
         from gateway.supervisor import run_workers
 
-        balanced = bool(os.environ.get(WORKERS_ENV)) and config.server.balance_connections
-        run_workers(uvicorn.Config("gateway.asgi:app_from_env", factory=True, workers=workers, **settings), balanced)
+        balance_through = os.environ.get(WORKERS_ENV, "") if config.server.balance_connections else ""
+        run_workers(uvicorn.Config("gateway.asgi:app_from_env", factory=True, workers=workers, **settings), balance_through)
     return 0
 
 

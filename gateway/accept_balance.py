@@ -37,6 +37,7 @@ instead of ``uvicorn.Server``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import mmap
 import os
@@ -60,6 +61,7 @@ HEARTBEAT_S = 0.1
 STALE_S = 0.5  # a slot whose heartbeat is older is left out
 POLL_S = (0.002, 0.02)  # while not listening: the first poll, and the longest gap
 STALL_S = 0.002  # connections waiting in the kernel's queue this long: whoever should take them does not
+STOPPING = "stopping"  # made in the workers' folder when the gateway is told to stop (``mark_stopping``)
 
 
 class ConnectionTable:
@@ -307,16 +309,34 @@ def still_listening(sock: socket.socket) -> bool:
         return True
 
 
+def mark_stopping(folder: str | Path) -> None:
+    """Tell the balanced workers sharing ``folder`` that the gateway is stopping, before the
+    supervisor stops the shared socket: a worker that was between its check of the socket and
+    its ``listen`` when the socket stopped sees the mark after listening, and stops the socket
+    again. Run in a signal handler: nothing logged; without the mark, only that race remains."""
+    try:
+        Path(folder, STOPPING).touch()
+    except OSError:
+        pass
+
+
+def stopping(folder: str | Path) -> bool:
+    """Whether the supervisor marked ``folder`` as stopping (``mark_stopping``)."""
+    return Path(folder, STOPPING).exists()
+
+
 class BalancedServer(uvicorn.Server):
     """A uvicorn worker that listens only while it is among the least loaded (module docstring).
     Without the workers' folder, or without a slot in the table, it is uvicorn's server."""
 
     balancer: Balancer | None = None
     _spares: list[socket.socket]
+    _folder = ""
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         folder = os.environ.get(WORKERS_ENV)
         self._spares = []
+        self._folder = folder or ""
         if sockets and folder and self.config.workers > 1:
             try:
                 # Twice the workers: a replacement finds a free slot while a dead worker's lingers.
@@ -357,6 +377,15 @@ class BalancedServer(uvicorn.Server):
             for server in servers:
                 server.close()
             raise
+        if servers and self._folder and stopping(self._folder):
+            # Told to stop between the check above and the ``listen``: this worker may have made
+            # the stopped socket listen again. Stop it again, for every process.
+            for spare in self._spares:
+                with contextlib.suppress(OSError):
+                    spare.shutdown(socket.SHUT_RDWR)
+            for server in servers:
+                server.close()
+            servers = []
         self.servers = servers
 
     def _waiting(self) -> int:

@@ -6,13 +6,16 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import uvicorn
 
-from gateway import accept_balance
+from gateway import accept_balance, supervisor
 from gateway.accept_balance import STALE_S, STALL_S, Balancer, ConnectionTable, counting
 
 
@@ -325,3 +328,69 @@ def test_a_counted_protocol_tells_of_each_connection_it_opens_and_closes() -> No
     protocol.connection_made(None)
     protocol.connection_lost(None)
     assert events == ["accepted", "opened", "made by the protocol", "lost by the protocol", "lost"]
+
+
+# --- told to stop ------------------------------------------------------------------------------
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@pytest.fixture
+def shared_socket() -> Iterator[socket.socket]:
+    sock = socket.create_server(("127.0.0.1", 0))
+    yield sock
+    sock.close()
+
+
+def test_told_to_stop_the_supervisor_marks_the_workers_folder_and_the_socket_refuses_connections(
+    shared_socket: socket.socket, tmp_path: Path
+) -> None:
+    handlers = {sig: signal.getsignal(sig) for sig in supervisor.STOP_SIGNALS}
+    try:
+        supervising = supervisor.Supervisor(uvicorn.Config(app, workers=2), [shared_socket], str(tmp_path))
+        assert not accept_balance.stopping(tmp_path)
+        supervising._stop(signal.SIGTERM, None)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert accept_balance.stopping(tmp_path)
+    assert not accept_balance.still_listening(shared_socket)
+    assert refused(shared_socket.getsockname()[1])
+
+
+async def test_a_worker_listening_again_just_as_the_gateway_is_told_to_stop_stops_the_socket_again(
+    shared_socket: socket.socket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The supervisor stops the shared socket between a balanced worker's check that it still
+    listens and its ``listen``, which would make it listen again: the worker sees the stop's mark
+    and stops it again, so connections are refused rather than queued and reset at exit."""
+    server = accept_balance.BalancedServer(uvicorn.Config(app, workers=2))
+    server.config.load()
+    server._spares = [shared_socket.dup()]
+    server._folder = str(tmp_path)
+    checked = accept_balance.still_listening
+
+    def told_to_stop_just_after(sock: socket.socket) -> bool:
+        listening = checked(sock)
+        accept_balance.mark_stopping(tmp_path)
+        supervisor.stop_listening([shared_socket])
+        return listening
+
+    monkeypatch.setattr(accept_balance, "still_listening", told_to_stop_just_after)
+    try:
+        await server._listen()
+        assert server.servers == []
+        assert not checked(shared_socket)
+        assert refused(shared_socket.getsockname()[1])
+    finally:
+        server._spares[0].close()
+
+
+async def app(scope: object, receive: object, send: object) -> None:
+    raise AssertionError("no request reaches it")
