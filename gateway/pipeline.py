@@ -170,7 +170,12 @@ class InferencePipeline:
                     request.model, request.version, key, compute, gone, deadline is not None, on_follow, freshness
                 )
             elif freshness.only_if_cached:
-                why = "it asks for a fresh answer too" if not freshness.use else "parameters that change the answer are never cached"
+                if not freshness.use:
+                    why = "it asks for a fresh answer too"
+                elif not request.version:
+                    why = "the fleet does not say yet which version serves it, and answers are kept per version"
+                else:
+                    why = "parameters that change the answer are never cached"
                 raise NotCached(f"no stored answer may answer this request ({why}); Cache-Control: only-if-cached")
             else:
                 result, source = await self._compute(request, info, inputs, deadline, gone), "bypass"
@@ -329,8 +334,10 @@ class InferencePipeline:
         shadow = self.rollouts.shadow_for(request.model)
         # Not a classification: the shadow answers values, which its strings cannot be compared
         # with; nor a request of a sequence: the shadow would get a part of the sequence only.
+        # Nor one that asked for a stored answer only: mirroring computes.
         if (
             shadow
+            and not freshness.only_if_cached
             and shadow != request.version
             and len(self._shadows) < MAX_SHADOWS_IN_FLIGHT
             and not _classes(request)

@@ -11,13 +11,15 @@
    (``host_flight.py``): one worker computes a key, the others wait for its answer there;
 4. the optional shared tier (``shared.py``, Redis), inside that same single flight, so one
    replica's result serves another replica's clients; a slow or dead Redis costs at most its
-   bounded wait, and a result from it is kept locally for the model's TTL;
+   bounded wait, and a result from it is kept locally for the rest of its TTL;
 5. the upstream computation, whose result is stored (in the process and the host tier, and
    written to the shared tier without waiting). Errors are never cached.
 
 A request's ``Cache-Control`` may limit what it takes from these tiers (``freshness.py``): an
-answer older than it allows is computed afresh by that request alone and replaces the stored
-one; ``only-if-cached`` gets a stored answer or ``NotCached`` (504). Every entry knows when its
+answer older than it allows is passed over in each of them; the request then shares the
+computation in flight like any other (but one of its own if the request leading that one took an
+older answer than it allows), and the new result replaces the stored one; ``only-if-cached``
+gets a stored answer or ``NotCached`` (504), never a computation. Every entry knows when its
 answer was computed, for a hit's ``Age``: the host tier's from its expiry (the workers share a
 clock and a TTL), the shared tier's from the wall-clock time written with it.
 
@@ -85,9 +87,6 @@ Headers = Sequence[tuple[bytes, bytes]]
 # was computed (this process's clock; None: just now).
 Outcome = tuple[BatchResult, str, "float | None"]
 
-
-def _never() -> bool:
-    return False
 
 # What must not change while an answer is computed for it to be kept (``ResponseCache.epoch``):
 # the process's count of version drops, the version, and the host tier's generation of it.
@@ -179,28 +178,27 @@ class ResponseCache:
         ``detach``: the caller has a deadline, so a computation it starts runs in a task of
         its own, which the caller's timing out does not cancel (``flight``); ``on_follow``:
         called when the caller waits for an identical request's computation in this worker.
-        ``freshness``: what the request allows of a stored answer (``freshness.py``); one that
-        finds none young enough (``Freshness.limited``) computes the key afresh by itself,
-        outside the single flight, and its result replaces the stored one. With
-        ``only_if_cached``, ``NotCached`` (504) instead of a computation."""
+        ``freshness``: what the request allows of a stored answer (``freshness.py``). One that
+        finds none young enough shares the computation in flight like any other; if that was
+        led by a request that took an older answer than this one allows, it computes the key
+        afresh (sharing that with the others in its case), and the result replaces the stored
+        one. With ``only_if_cached``, ``NotCached`` (504) instead of a computation."""
         stats = self.store.model_stats(model)
         now = self._clock()
-        entry = self.store.look(key, now)
-        if entry is None and self._host is not None:
-            entry = self._from_host(model, version, key, now, _ENTRY_TAG)
+        entry = self._stored(model, version, key, now, _ENTRY_TAG, freshness)
         if entry is not None:
-            age = now - entry.born
-            if freshness is ANY or freshness.accepts(age, self._config.for_model(model).ttl_s):
-                stats.hits += 1
-                return entry.result, "hit", age
-        if freshness.only_if_cached or freshness.limited:
-            return await self._fresh_enough(model, version, key, compute, gone, freshness)
+            stats.hits += 1
+            return entry.result, "hit", now - entry.born
+        if freshness.only_if_cached:
+            return await self._only_if_cached(model, version, key, freshness)
 
+        # The leader's ``run`` serves its whole flight: what it takes from the shared and host
+        # tiers is what its own request allows; a follower checks the outcome against its own.
         async def computed(abandoned: Gone, claimed: bool = False) -> tuple[Outcome, bool]:
             """The result from the shared tier or upstream, and whether it is now in the host
             tier (``claimed``: this worker holds the key's claim)."""
             epoch = self.epoch(model, version)
-            shared = await self._from_shared(model, key)
+            shared = await self._from_shared(model, key, freshness)
             if shared is not None:
                 stats.shared_hits += 1
                 result, born = shared
@@ -213,7 +211,7 @@ class ResponseCache:
                 return (await computed(abandoned))[0]
 
             def fetch() -> Outcome | None:
-                found = self._from_host(model, version, key, self._clock(), _ENTRY_TAG, counted=False)
+                found = self._from_host(model, version, key, self._clock(), _ENTRY_TAG, False, freshness)
                 return None if found is None else (found.result, "coalesced", found.born)
 
             outcome, how = await self._host_flight.do(key, fetch, lambda claimed: computed(abandoned, claimed), abandoned)
@@ -223,6 +221,14 @@ class ResponseCache:
             return outcome
 
         (result, source, born), coalesced = await self._flight.do(key, run, gone, detach, on_follow)
+        if coalesced and born is not None and freshness.limited and not self._accepts(model, freshness, born):
+
+            async def afresh(abandoned: Gone) -> Outcome:
+                epoch = self.epoch(model, version)
+                return (await self._computed(model, version, key, compute, abandoned, epoch))[0], "miss", None
+
+            # A flight of its own: keys are 16-byte digests, so no other key is this one.
+            (result, source, born), coalesced = await self._flight.do(key + _AFRESH, afresh, gone, detach, on_follow)
         if coalesced:
             stats.coalesced += 1
             return result, "coalesced", None
@@ -234,6 +240,19 @@ class ResponseCache:
             stats.coalesced += 1
             stats.host_coalesced += 1
         return result, source, None
+
+    def _accepts(self, model: str, freshness: Freshness, born: float) -> bool:
+        return freshness.accepts(self._clock() - born, self._config.for_model(model).ttl_s)
+
+    def _stored(self, model: str, version: str, key: bytes, now: float, tag: bytes, freshness: Freshness) -> Entry | None:
+        """The stored entry for ``key`` that ``freshness`` accepts: this process's, else the
+        host tier's (``_from_host``)."""
+        entry = self.store.look(key, now)
+        if entry is not None and (freshness is ANY or self._accepts(model, freshness, entry.born)):
+            return entry
+        if self._host is None:
+            return None
+        return self._from_host(model, version, key, now, tag, True, freshness)
 
     async def _computed(
         self, model: str, version: str, key: bytes, compute: Compute, abandoned: Gone, epoch: Epoch, claimed: bool = False
@@ -247,51 +266,35 @@ class ResponseCache:
         self._to_shared(model, key, result)
         return result, "miss", stored
 
-    async def _fresh_enough(
-        self, model: str, version: str, key: bytes, compute: Compute, gone: Gone | None, freshness: Freshness
+    async def _only_if_cached(
+        self, model: str, version: str, key: bytes, freshness: Freshness
     ) -> tuple[BatchResult, str, float | None]:
-        """For a request that no answer in this host's tiers satisfied: the shared tier's, if
-        it does, else (but for ``only_if_cached``) computed by this request alone."""
-        stats = self.store.model_stats(model)
+        """For an ``only-if-cached`` request that no answer in this host's tiers satisfied: the
+        shared tier's, if it does; else ``NotCached``."""
         epoch = self.epoch(model, version)
-        shared = await self._from_shared(model, key)
-        if shared is not None:
-            result, born = shared
-            age = self._clock() - born
-            if freshness.accepts(age, self._config.for_model(model).ttl_s):
-                stats.hits += 1
-                stats.shared_hits += 1
-                self._store(model, version, key, result, epoch, born=born)
-                return result, "hit", age
-        if freshness.only_if_cached:
+        shared = await self._from_shared(model, key, freshness)
+        if shared is None:
             raise NotCached(f"no stored answer of {model} version {version} for this request (Cache-Control: only-if-cached)")
-        result, source, _ = await self._computed(model, version, key, compute, gone or _never, epoch)
-        return result, source, None
-        if source == "hit":  # the shared tier's, or the host tier's found on claiming
-            stats.hits += 1
-        elif source == "coalesced":  # another worker's computation
-            stats.coalesced += 1
-            stats.host_coalesced += 1
-        return result, source
+        result, born = shared
+        stats = self.store.model_stats(model)
+        stats.hits += 1
+        stats.shared_hits += 1
+        self._store(model, version, key, result, epoch, born=born)
+        return result, "hit", self._clock() - born
 
     def get_raw(self, model: str, version: str, key: bytes, freshness: Freshness = ANY) -> tuple[RawAnswer, float] | None:
         """The stored answer for a request's raw key, served by ``version`` (counted as a hit),
         and its age in seconds; or None (not counted: the request goes on to
-        ``get_or_compute``, which counts it), also where the answer is too old for
+        ``get_or_compute``, which counts it), also where no answer is young enough for
         ``freshness``."""
         now = self._clock()
-        entry = self.store.look(key, now)
-        if entry is None and self._host is not None:
-            entry = self._from_host(model, version, key, now, _RAW_TAG)
+        entry = self._stored(model, version, key, now, _RAW_TAG, freshness)
         if entry is None:
-            return None
-        age = now - entry.born
-        if freshness is not ANY and not freshness.accepts(age, self._config.for_model(model).ttl_s):
             return None
         stats = self.store.model_stats(model)
         stats.hits += 1
         stats.raw_hits += 1
-        return entry.result, age
+        return entry.result, now - entry.born
 
     def epoch(self, model: str, version: str) -> Epoch:
         """Read before computing an answer for ``version`` and given to ``put_raw``: an answer
@@ -356,12 +359,14 @@ class ResponseCache:
         self._unfit.discard(model)
         return self._host.put(key, model, version, epoch[2], value, expires, wait=claimed)
 
-    def _from_host(self, model: str, version: str, key: bytes, now: float, tag: bytes, counted: bool = True) -> Entry | None:
+    def _from_host(
+        self, model: str, version: str, key: bytes, now: float, tag: bytes, counted: bool = True, freshness: Freshness = ANY
+    ) -> Entry | None:
         """The host tier's entry for ``key`` (holding a RawAnswer for ``_RAW_TAG``, a
-        BatchResult for ``_ENTRY_TAG``), kept in this process for the rest of its TTL; or None.
-        ``counted``: as a host hit (not for an answer another worker computed while this one
-        waited). The workers share one clock and one TTL: an entry was computed its TTL
-        before it expires."""
+        BatchResult for ``_ENTRY_TAG``), kept in this process for the rest of its TTL; or None,
+        also where ``freshness`` does not accept it. ``counted``: as a host hit (not for an
+        answer another worker computed while this one waited). The workers share one clock and
+        one TTL: an entry was computed its TTL before it expires."""
         if self._host is None:  # closed meanwhile (the worker is stopping)
             return None
         found = self._host.get(key, model, version, now, counted)
@@ -378,6 +383,8 @@ class ResponseCache:
         policy = self._config.for_model(model)
         size = value.size if tag == _RAW_TAG else None
         born = min(now, expires - policy.ttl_s)
+        if freshness is not ANY and not freshness.accepts(now - born, policy.ttl_s):
+            return None
         self.store.put(key, value, model, version, expires, self._model_bytes(policy), size, now, born)
         if counted:
             self.store.model_stats(model).host_hits += 1
@@ -387,10 +394,11 @@ class ResponseCache:
         """The most one model's entries may hold in this process (its share of max_bytes)."""
         return int(self._config.max_bytes * policy.max_share)
 
-    async def _from_shared(self, model: str, key: bytes) -> tuple[BatchResult, float] | None:
+    async def _from_shared(self, model: str, key: bytes, freshness: Freshness = ANY) -> tuple[BatchResult, float] | None:
         """The shared tier's result for ``key`` and when it was computed (on this process's
         clock, from the wall-clock time written with it; an entry that does not say, or says a
-        time to come, counts as computed now); None if none, or one past its TTL here."""
+        time to come, counts as computed now); None if none, one past its TTL here, or one
+        ``freshness`` does not accept."""
         if self._shared is None:
             return None
         raw = await self._shared.get(key)
@@ -403,7 +411,8 @@ class ResponseCache:
             return None
         now = self._clock()
         age = 0.0 if born_wall is None else max(0.0, self._wall_clock() - born_wall)
-        if age >= self._config.for_model(model).ttl_s:
+        ttl = self._config.for_model(model).ttl_s
+        if age >= ttl or not (freshness is ANY or freshness.accepts(age, ttl)):
             return None
         return result, now - age
 
@@ -485,3 +494,4 @@ def build_cache(config: CacheConfig, host_segment: str = "", claim_s: float = 60
 # What a host tier entry holds: a complete answer (RawAnswer) or a computed result (entry.py).
 _RAW_TAG = b"R"
 _ENTRY_TAG = b"E"
+_AFRESH = b"afresh"  # a key's suffix in the single flight: computed afresh (``get_or_compute``)

@@ -1,5 +1,7 @@
 """A cached result as bytes, for the host and shared tiers: msgpack, tensors as raw
-little-endian bytes, and the wall-clock time it was computed at (its age, on another host)."""
+little-endian bytes, and the wall-clock time it was computed at, from which a gateway on another
+host counts its age (the shared tier). Readers on the same host count it from the host tier's
+expiry instead: the workers share a monotonic clock and a TTL."""
 
 from __future__ import annotations
 

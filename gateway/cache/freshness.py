@@ -9,8 +9,9 @@ The response cache keeps an answer for its model's TTL. A client may ask for les
 * ``min-fresh=N``: no stored answer with less than N seconds of its TTL left;
 * ``only-if-cached``: a stored answer or 504, never a computation.
 
-An answer too old for ``max-age`` or ``min-fresh`` is computed afresh and replaces the stored
-one (``X-Cache: miss``). Other directives (``max-stale``, ``no-transform``, extensions) change
+An answer too old for ``max-age`` or ``min-fresh`` is computed afresh, or shared with an
+identical request's computation in flight, and replaces the stored one (``X-Cache: miss`` or
+``coalesced``). Other directives (``max-stale``, ``no-transform``, extensions) change
 nothing: the gateway never serves an answer past its TTL and never transforms one.
 """
 

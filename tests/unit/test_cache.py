@@ -589,6 +589,87 @@ async def test_a_request_with_a_max_age_takes_from_the_shared_tier_only_an_answe
     assert calls == 2
 
 
+class Counted:
+    """A computation that counts its calls and answers once released."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.go = asyncio.Event()
+
+    async def __call__(self, abandoned) -> BatchResult:  # noqa: ANN001
+        self.calls += 1
+        await self.go.wait()
+        return result()
+
+
+async def test_identical_requests_with_a_max_age_for_a_key_none_holds_share_one_computation() -> None:
+    cache = ResponseCache(CacheConfig(enabled=True, ttl_s=60.0), clock=Clock())
+    compute = Counted()
+    asks = [asyncio.ensure_future(cache.get_or_compute("m", "1", b"k", compute, freshness=Freshness(max_age=10.0))) for _ in range(100)]
+    await asyncio.sleep(0.01)
+    compute.go.set()
+    sources = [source for _, source, _ in await asyncio.gather(*asks)]
+    assert compute.calls == 1 and sources.count("miss") == 1 and sources.count("coalesced") == 99
+
+
+async def test_requests_passing_over_an_old_answer_share_the_one_computation_that_replaces_it() -> None:
+    clock = Clock()
+    cache = ResponseCache(CacheConfig(enabled=True, ttl_s=60.0), clock=clock)
+    compute = Counted()
+    compute.go.set()
+    await cache.get_or_compute("m", "1", b"k", compute)
+    clock.now = 20.0
+    compute.go.clear()
+    asks = [asyncio.ensure_future(cache.get_or_compute("m", "1", b"k", compute, freshness=Freshness(max_age=10.0))) for _ in range(10)]
+    await asyncio.sleep(0.01)
+    compute.go.set()
+    sources = [source for _, source, _ in await asyncio.gather(*asks)]
+    assert compute.calls == 2 and sources.count("miss") == 1 and sources.count("coalesced") == 9
+    assert (await cache.get_or_compute("m", "1", b"k", compute))[1:] == ("hit", 0.0)  # the new answer replaced it
+
+
+class SlowShared(FakeShared):
+    """A shared tier whose reads wait until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = asyncio.Event()
+
+    async def get(self, key: bytes) -> bytes | None:
+        await self.go.wait()
+        return await super().get(key)
+
+
+async def test_a_request_sharing_a_flight_that_took_an_answer_too_old_for_it_computes_afresh() -> None:
+    """A request without limits leads the flight and takes a 20 s old answer from the shared
+    tier: the requests that joined it and allow 30 s take it too; those that allow 10 s share
+    one computation of their own."""
+    shared = SlowShared()
+    shared.go.set()
+    one = ResponseCache(CacheConfig(enabled=True, ttl_s=60.0), shared, wall_clock=lambda: 1000.0)
+    two = ResponseCache(CacheConfig(enabled=True, ttl_s=60.0), shared, clock=Clock(), wall_clock=lambda: 1020.0)
+    compute = Counted()
+    compute.go.set()
+    await one.get_or_compute("m", "1", b"k", compute)
+    await asyncio.sleep(0)  # written to the shared tier
+    shared.go.clear()
+    compute.go.clear()
+    leader = asyncio.ensure_future(two.get_or_compute("m", "1", b"k", compute))
+    await asyncio.sleep(0)
+    lenient = [asyncio.ensure_future(two.get_or_compute("m", "1", b"k", compute, freshness=Freshness(max_age=30.0))) for _ in range(3)]
+    strict = [asyncio.ensure_future(two.get_or_compute("m", "1", b"k", compute, freshness=Freshness(max_age=10.0))) for _ in range(3)]
+    await asyncio.sleep(0)
+    shared.go.set()
+    assert (await leader)[1:] == ("hit", 20.0)
+    assert [source for _, source, _ in await asyncio.gather(*lenient)] == ["coalesced"] * 3
+    await asyncio.sleep(0.01)
+    compute.go.set()
+    assert sorted(source for _, source, _ in await asyncio.gather(*strict)) == ["coalesced", "coalesced", "miss"]
+    assert compute.calls == 2
+    stats = two.snapshot()["models"]["m"]
+    assert (stats["hits"], stats["shared_hits"], stats["coalesced"], stats["misses"]) == (1, 1, 5, 1)
+
+
 async def test_cached_outputs_are_copies_not_views_of_a_whole_batch() -> None:
     cache = ResponseCache(CacheConfig(enabled=True))
     batch = np.arange(64, dtype=np.float32).reshape(16, 4)

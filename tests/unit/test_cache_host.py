@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from gateway.batcher import BatchResult
-from gateway.cache import RawAnswer, ResponseCache, build_cache, host, host_flight
+from gateway.cache import Freshness, RawAnswer, ResponseCache, build_cache, host, host_flight
 from gateway.cache.host import ENTRY_BYTES, PREFIX, HostStore, create_segment
 from gateway.config import CacheConfig
 from gateway.errors import ClientGone, Unavailable, UpstreamError
@@ -340,6 +340,39 @@ async def test_an_answer_from_another_worker_keeps_its_age_and_the_rest_of_its_t
     now[0] += 0.1  # the TTL from its computation, in every worker
     assert two.get_raw("m", "1", b"r" * 16) is None
     assert (await two.get_or_compute("m", "1", b"k" * 16, compute))[1] == "miss"
+
+
+async def test_an_answer_from_another_worker_too_old_for_a_request_is_passed_over_and_not_counted(worker: Open) -> None:
+    now = [500.0]
+    config = CacheConfig(enabled=True, ttl_s=60.0)
+    one, two = (ResponseCache(config, host=worker(), clock=lambda: now[0]) for _ in range(2))
+    upstream = Upstream()
+    upstream.go.set()
+    await one.get_or_compute("m", "1", KEY, upstream)
+    assert one.put_raw("m", "1", b"r" * 16, ANSWER, one.epoch("m", "1"))
+    now[0] += 20.0
+    young = Freshness(max_age=10.0)
+    assert two.get_raw("m", "1", b"r" * 16, young) is None
+    assert (await two.get_or_compute("m", "1", KEY, upstream, freshness=young))[1] == "miss"
+    stats = two.snapshot()["models"]["m"]
+    assert (stats["hits"], stats["host_hits"], stats["misses"], upstream.calls) == (0, 0, 1, 2)
+
+
+async def test_a_request_passing_over_its_own_old_copy_takes_a_younger_one_from_another_worker(worker: Open) -> None:
+    now = [500.0]
+    config = CacheConfig(enabled=True, ttl_s=60.0)
+    one, two = (ResponseCache(config, host=worker(), clock=lambda: now[0]) for _ in range(2))
+    upstream = Upstream()
+    upstream.go.set()
+    await one.get_or_compute("m", "1", KEY, upstream)
+    now[0] += 5.0
+    assert (await two.get_or_compute("m", "1", KEY, upstream))[1:] == ("hit", 5.0)  # two keeps a copy
+    now[0] += 15.0
+    young = Freshness(max_age=10.0)
+    assert (await one.get_or_compute("m", "1", KEY, upstream, freshness=young))[1] == "miss"  # replaced, in the host tier too
+    now[0] += 5.0
+    assert (await two.get_or_compute("m", "1", KEY, upstream, freshness=young))[1:] == ("hit", 5.0)  # not its own, 25 s old
+    assert upstream.calls == 2 and two.snapshot()["models"]["m"]["host_hits"] == 2
 
 
 async def test_a_raw_answer_one_worker_kept_answers_anothers_client(worker: Open) -> None:

@@ -231,6 +231,13 @@ async def test_only_if_cached_is_answered_from_the_cache_or_504_never_computed()
     assert router.calls == ["1"]
 
 
+async def test_only_if_cached_while_the_fleet_names_no_version_says_so() -> None:
+    endpoint, router, _ = stack()
+    router.newest = ""  # no instance has said which versions it holds yet
+    status, _, error, _ = await post(endpoint, json_body([1.0, 2.0]), headers=[JSON, (b"cache-control", b"only-if-cached")])
+    assert status == 504 and "does not say yet which version" in orjson.loads(error)["error"] and router.calls == []
+
+
 async def test_only_if_cached_refusals_never_count_against_a_canary() -> None:
     rollouts = Rollouts(seed=0)
     rollouts.set_models({"m": ModelRollout("1", "2", 1.0)})
@@ -359,6 +366,18 @@ async def test_a_shadowed_rollout_takes_the_full_path_so_requests_are_mirrored()
     await endpoint.app.state.services.pipeline.close(1.0)
     assert headers[b"x-cache"] == b"hit" and cache.snapshot()["models"]["m"]["raw_hits"] == 0
     assert rollouts.snapshot()["models"]["m"]["shadow"]["sent"] == 2
+
+
+async def test_a_request_for_a_stored_answer_only_is_not_mirrored_to_the_shadow() -> None:
+    rollouts = Rollouts(seed=0)
+    rollouts.set_models({"m": ModelRollout("1", shadow="3", shadow_share=1.0)})
+    endpoint, router, _ = stack(rollouts=rollouts)
+    body = json_body([1.0, 2.0])
+    await post(endpoint, body)
+    status, headers, _, _ = await post(endpoint, body, headers=[JSON, (b"cache-control", b"only-if-cached")])
+    await endpoint.app.state.services.pipeline.close(1.0)
+    assert (status, headers[b"x-cache"]) == (200, b"hit")
+    assert rollouts.snapshot()["models"]["m"]["shadow"]["sent"] == 1 and sorted(router.calls) == ["1", "3"]
 
 
 # -- requests the HTTP protocol serves itself (gateway/protocol/infer_server.py) -------------
