@@ -309,6 +309,25 @@ def still_listening(sock: socket.socket) -> bool:
         return True
 
 
+def stop_sockets(sockets: list[socket.socket]) -> None:
+    """Refuse new connections on the listening ``sockets`` in every process sharing them
+    (``shutdown``: closing one process's descriptor would leave the others listening); those
+    already accepted are untouched."""
+    for sock in sockets:
+        with contextlib.suppress(OSError):  # not listening (any more)
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def stopped_again(folder: str, sockets: list[socket.socket]) -> bool:
+    """For a worker that just listened on the shared ``sockets``: if the gateway was told to
+    stop meanwhile (``mark_stopping``), that listening undid the stop; stop them again, and
+    say so."""
+    if not folder or not stopping(folder):
+        return False
+    stop_sockets(sockets)
+    return True
+
+
 def mark_stopping(folder: str | Path) -> None:
     """Tell the balanced workers sharing ``folder`` that the gateway is stopping, before the
     supervisor stops the shared socket: a worker that was between its check of the socket and
@@ -350,6 +369,11 @@ class BalancedServer(uvicorn.Server):
                 )
                 self.config.http_protocol_class = counting(self.config.http_protocol_class, self.balancer)
         await super().startup(sockets)
+        if sockets and stopped_again(self._folder, sockets):
+            # Told to stop while starting (the gateway's start, a replacement, a restart): the
+            # startup listened on the stopped socket.
+            self._stop_listening()
+            self.servers = []
         if self.balancer is not None and self.started:
             self.balancer.start()
 
@@ -377,12 +401,8 @@ class BalancedServer(uvicorn.Server):
             for server in servers:
                 server.close()
             raise
-        if servers and self._folder and stopping(self._folder):
-            # Told to stop between the check above and the ``listen``: this worker may have made
-            # the stopped socket listen again. Stop it again, for every process.
-            for spare in self._spares:
-                with contextlib.suppress(OSError):
-                    spare.shutdown(socket.SHUT_RDWR)
+        if servers and stopped_again(self._folder, self._spares):
+            # Told to stop between the check above and the ``listen``.
             for server in servers:
                 server.close()
             servers = []

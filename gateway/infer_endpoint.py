@@ -322,7 +322,7 @@ class InferEndpoint:
             start = time.monotonic()
             reply = await self.serve(scope["path"], scope["headers"], start, receive=receive, gone=disconnect_probe(receive))
         else:  # not an inference: answered, not counted
-            refused = error_reply(405, f"method {scope['method']} is not allowed on {scope['path']}: inference is a POST", b"")
+            refused = error_reply(405, f"method {scope['method']} is not allowed on {scope['path']}: use POST", b"")
             reply = Reply(405, [*refused.headers, (b"allow", b"POST")], refused.body)
         if reply is not None:
             await send({"type": "http.response.start", "status": reply.status, "headers": reply.headers})

@@ -5,14 +5,17 @@ connections are balanced.
 
 Told to stop (SIGINT, SIGTERM), it stops the shared socket listening at once, for every worker
 (``shutdown`` on a listening socket; closing one process's descriptor would leave it listening
-while the others hold theirs), and a balanced worker does not make it listen again
-(``accept_balance.still_listening``; one caught between that check and its ``listen`` sees the
-mark the supervisor leaves in the workers' folder first, ``accept_balance.mark_stopping``, and
-stops the socket again). New connections are then refused, which a client can always retry,
-while the workers finish the requests they hold. Left listening, the socket kept accepting
-connections into the kernel's queue through the workers' grace period; no worker took them any
-more, and when the last process exited the kernel reset them, after their requests had been
-sent: a client cannot tell whether such a request was served.
+while the others hold theirs). New connections are then refused, which a client can always
+retry, while the workers finish the requests they hold. A worker must not make the socket listen
+again: a balanced one checks that it still listens before listening again
+(``accept_balance.still_listening``), and one caught between that check and its ``listen``, or
+still starting when the signal came (its startup listens), sees the mark the supervisor leaves in
+the workers' folder first (``accept_balance.mark_stopping``) and stops the socket again; until
+the last worker has exited, the supervisor also checks the socket every ``JOIN_POLL_S`` and
+stops it again (workers not balanced). Left listening, the socket kept accepting connections
+into the kernel's queue through the workers' grace period; no worker took them any more, and
+when the last process exited the kernel reset them, after their requests had been sent: a
+client cannot tell whether such a request was served.
 """
 
 from __future__ import annotations
@@ -24,19 +27,10 @@ from types import FrameType
 import uvicorn
 from uvicorn.supervisors import multiprocess
 
-from gateway.accept_balance import BalancedProcess, mark_stopping
+from gateway.accept_balance import BalancedProcess, mark_stopping, still_listening, stop_sockets
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def stop_listening(sockets: list[socket.socket]) -> None:
-    """Refuse new connections on ``sockets`` in every process sharing them; those already
-    accepted are untouched."""
-    for sock in sockets:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:  # not listening (any more)
-            pass
+JOIN_POLL_S = 0.01  # while the workers finish: how often the socket is checked for listening again
 
 
 class Supervisor(multiprocess.Multiprocess):
@@ -53,14 +47,22 @@ class Supervisor(multiprocess.Multiprocess):
         # mark first: a balanced worker listening again just after the stop sees it.
         if self.workers_folder:
             mark_stopping(self.workers_folder)
-        stop_listening(self.sockets)
+        stop_sockets(self.sockets)
         self.signal_queue.append(sig)
 
     def terminate_all(self) -> None:
-        # Again: a balanced worker that was starting to listen again at the signal (its check of
-        # the socket, then ``listen``) would have made it listen again.
-        stop_listening(self.sockets)
+        stop_sockets(self.sockets)  # again: a worker may have listened since the signal (join_all)
         super().terminate_all()
+
+    def join_all(self) -> None:
+        # A worker still starting when told to stop (every worker at the gateway's start, a
+        # replacement, a restart) listens on the socket at the end of its startup. A balanced
+        # one stops it again at once (the mark); any other is caught here within JOIN_POLL_S.
+        for process in self.processes:
+            while process.exitcode is None:
+                process.process.join(JOIN_POLL_S)
+                if any(still_listening(sock) for sock in self.sockets):
+                    stop_sockets(self.sockets)
 
 
 def run_workers(config: uvicorn.Config, workers_folder: str) -> None:

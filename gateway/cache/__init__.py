@@ -220,26 +220,31 @@ class ResponseCache:
                 return outcome[0], "hit", outcome[2]
             return outcome
 
-        (result, source, born), coalesced = await self._flight.do(key, run, gone, detach, on_follow)
-        if coalesced and born is not None and freshness.limited and not self._accepts(model, freshness, born):
+        async def afresh(abandoned: Gone) -> Outcome:
+            epoch = self.epoch(model, version)
+            return (await self._computed(model, version, key, compute, abandoned, epoch))[0], "miss", None
 
-            async def afresh(abandoned: Gone) -> Outcome:
-                epoch = self.epoch(model, version)
-                return (await self._computed(model, version, key, compute, abandoned, epoch))[0], "miss", None
-
-            # A flight of its own: keys are 16-byte digests, so no other key is this one.
-            (result, source, born), coalesced = await self._flight.do(key + _AFRESH, afresh, gone, detach, on_follow)
+        # Computed afresh in a flight of its own (keys are 16-byte digests: no other key is this
+        # one), which a limited request arriving meanwhile joins too.
+        renewed = key + _AFRESH
+        if freshness.limited and renewed in self._flight:
+            (result, source, born), coalesced = await self._flight.do(renewed, afresh, gone, detach, on_follow)
+        else:
+            (result, source, born), coalesced = await self._flight.do(key, run, gone, detach, on_follow)
+            if coalesced and born is not None and freshness.limited and not self._accepts(model, freshness, born):
+                (result, source, born), coalesced = await self._flight.do(renewed, afresh, gone, detach, on_follow)
+        age = None if born is None else self._clock() - born
         if coalesced:
             stats.coalesced += 1
-            return result, "coalesced", None
+            return result, "coalesced", age
         # A "miss" was counted where it was computed.
         if source == "hit":  # the shared tier's, or the host tier's found on claiming
             stats.hits += 1
-            return result, source, 0.0 if born is None else self._clock() - born
+            return result, source, age or 0.0
         if source == "coalesced":  # another worker's computation
             stats.coalesced += 1
             stats.host_coalesced += 1
-        return result, source, None
+        return result, source, age
 
     def _accepts(self, model: str, freshness: Freshness, born: float) -> bool:
         return freshness.accepts(self._clock() - born, self._config.for_model(model).ttl_s)
@@ -369,7 +374,9 @@ class ResponseCache:
         one TTL: an entry was computed its TTL before it expires."""
         if self._host is None:  # closed meanwhile (the worker is stopping)
             return None
-        found = self._host.get(key, model, version, now, counted)
+        policy = self._config.for_model(model)
+        min_expires = 0.0 if freshness is ANY else freshness.earliest_expiry(now, policy.ttl_s)
+        found = self._host.get(key, model, version, now, counted, min_expires)
         if found is None:
             return None
         raw, expires = found
@@ -380,11 +387,8 @@ class ResponseCache:
         except ValueError as exc:
             log.warning("ignoring a host cache entry: %s", exc)
             return None
-        policy = self._config.for_model(model)
         size = value.size if tag == _RAW_TAG else None
         born = min(now, expires - policy.ttl_s)
-        if freshness is not ANY and not freshness.accepts(now - born, policy.ttl_s):
-            return None
         self.store.put(key, value, model, version, expires, self._model_bytes(policy), size, now, born)
         if counted:
             self.store.model_stats(model).host_hits += 1

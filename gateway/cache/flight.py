@@ -72,6 +72,10 @@ class SingleFlight(Generic[T]):
     def __len__(self) -> int:
         return len(self._flights)
 
+    def __contains__(self, key: bytes) -> bool:
+        """Whether a computation of ``key`` is in flight."""
+        return key in self._flights
+
     async def close(self, timeout: float) -> None:
         """At shutdown: let computations running in tasks of their own finish for up to
         ``timeout`` seconds, then cancel the rest (their waiters get 503), so none is left

@@ -39,6 +39,15 @@ class Freshness:
             return False
         return ttl_s - age >= self.min_fresh
 
+    def earliest_expiry(self, now: float, ttl_s: float) -> float:
+        """The earliest expiry of an entry kept ``ttl_s`` from its computation that ``accepts``
+        at ``now`` (its age is ``ttl_s`` less the time it has left): for the host tier, whose
+        entries say only when they expire."""
+        earliest = now + self.min_fresh
+        if self.max_age is not None:
+            earliest = max(earliest, now + ttl_s - self.max_age)
+        return earliest
+
 
 ANY = Freshness()
 FRESH = Freshness(use=False)

@@ -250,9 +250,13 @@ class HostStore:
         finally:
             fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 0)
 
-    def get(self, key: bytes, model: str, version: str, now: float, counted: bool = True) -> tuple[bytes, float] | None:
+    def get(
+        self, key: bytes, model: str, version: str, now: float, counted: bool = True, min_expires: float = 0.0
+    ) -> tuple[bytes, float] | None:
         """(the value stored for ``key``, its expiry), or None. ``counted``: in ``hits`` and
-        ``stale`` (not for a worker polling for another's answer)."""
+        ``stale`` (not for a worker polling for another's answer). ``min_expires``: an entry
+        expiring before it is too old for the reader (``Freshness.earliest_expiry``): None, and
+        neither a hit nor stale."""
         if self._fd < 0:  # closed (the worker is stopping)
             return None
         mm = self._mm
@@ -278,6 +282,8 @@ class HostStore:
                 or _U64.unpack_from(mm, _CURSOR)[0] > pos + capacity  # wrapped over while copied
             ):
                 self.stale += counted
+                return None
+            if expires < min_expires:
                 return None
             self.hits += counted
             return value, expires

@@ -341,7 +341,7 @@ ERROR_CASES = [
     ("unknown route", "GET", "/v2/nothing/here", {}, 404, "no such endpoint: GET /v2/nothing/here"),
     ("a trailing slash is no other name", "POST", "/v2/repository/index/", {}, 404, "no such endpoint: POST /v2/repository/index/"),
     ("wrong method on a route", "DELETE", "/v2/health/ready", {}, 405, "method DELETE is not allowed on /v2/health/ready: use GET, HEAD"),
-    ("GET on infer", "GET", "/v2/models/breast_cancer_mlp/infer", {}, 405, "method GET is not allowed"),
+    ("GET on infer", "GET", "/v2/models/breast_cancer_mlp/infer", {}, 405, "method GET is not allowed on /v2/models/breast_cancer_mlp/infer: use POST"),
     ("PUT on a version's infer", "PUT", "/v2/models/breast_cancer_mlp/versions/1/infer", {"json": v2_json()}, 405, "POST"),
 ]
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import uvicorn
+from uvicorn.supervisors import multiprocess
 
 from gateway import accept_balance, supervisor
 from gateway.accept_balance import STALE_S, STALL_S, Balancer, ConnectionTable, counting
@@ -348,20 +349,77 @@ def shared_socket() -> Iterator[socket.socket]:
     sock.close()
 
 
+@pytest.fixture
+def signal_handlers() -> Iterator[None]:
+    """uvicorn's supervisor takes over the process's signals: given back after the test."""
+    handlers = {sig: signal.getsignal(sig) for sig in multiprocess.SIGNALS}
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
 def test_told_to_stop_the_supervisor_marks_the_workers_folder_and_the_socket_refuses_connections(
-    shared_socket: socket.socket, tmp_path: Path
+    shared_socket: socket.socket, tmp_path: Path, signal_handlers: None
 ) -> None:
-    handlers = {sig: signal.getsignal(sig) for sig in supervisor.STOP_SIGNALS}
-    try:
-        supervising = supervisor.Supervisor(uvicorn.Config(app, workers=2), [shared_socket], str(tmp_path))
-        assert not accept_balance.stopping(tmp_path)
-        supervising._stop(signal.SIGTERM, None)
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    supervising = supervisor.Supervisor(uvicorn.Config(app, workers=2), [shared_socket], str(tmp_path))
+    assert not accept_balance.stopping(tmp_path)
+    supervising._stop(signal.SIGTERM, None)
     assert accept_balance.stopping(tmp_path)
     assert not accept_balance.still_listening(shared_socket)
     assert refused(shared_socket.getsockname()[1])
+
+
+class Starting:
+    """A worker process still starting when the gateway was told to stop: the end of its
+    startup listens on the shared socket, while the supervisor waits for it to exit."""
+
+    def __init__(self, sock: socket.socket, joins_to_exit: int) -> None:
+        self.process = self
+        self.exitcode: int | None = None
+        self._sock = sock
+        self._joins = 0
+        self._joins_to_exit = joins_to_exit
+
+    def join(self, timeout: float | None = None) -> None:
+        self._joins += 1
+        if self._joins == 2:
+            self._sock.listen()
+        if self._joins == self._joins_to_exit:
+            self.exitcode = 0
+
+
+def test_while_the_workers_finish_the_supervisor_stops_the_socket_again_if_one_listened(
+    shared_socket: socket.socket, signal_handlers: None
+) -> None:
+    """Without balancing (no workers' folder, no mark): a worker whose startup ended after the
+    stop listened again; the supervisor's wait for the workers stops the socket again."""
+    supervising = supervisor.Supervisor(uvicorn.Config(app, workers=2), [shared_socket])
+    supervising._stop(signal.SIGTERM, None)
+    supervising.processes = [Starting(shared_socket, 4), Starting(shared_socket, 3)]  # type: ignore[list-item]
+    supervising.join_all()
+    assert not accept_balance.still_listening(shared_socket)
+    assert refused(shared_socket.getsockname()[1])
+
+
+async def test_a_worker_whose_startup_ends_after_the_stop_stops_the_socket_again(
+    shared_socket: socket.socket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(accept_balance.WORKERS_ENV, str(tmp_path))
+    server = accept_balance.BalancedServer(uvicorn.Config(app, workers=2, lifespan="off"))
+    server.config.load()
+    server.lifespan = server.config.lifespan_class(server.config)  # as uvicorn's serve sets it
+    port = shared_socket.getsockname()[1]
+    other = shared_socket.dup()  # another process's descriptor of the socket, say the supervisor's
+    accept_balance.stop_sockets([shared_socket])
+    accept_balance.mark_stopping(tmp_path)  # told to stop as it started
+    await server.startup([shared_socket])
+    try:
+        assert server.servers == []
+        assert not accept_balance.still_listening(other)
+        assert refused(port)
+    finally:
+        await server.shutdown([shared_socket])
+        other.close()
 
 
 async def test_a_worker_listening_again_just_as_the_gateway_is_told_to_stop_stops_the_socket_again(
@@ -379,7 +437,7 @@ async def test_a_worker_listening_again_just_as_the_gateway_is_told_to_stop_stop
     def told_to_stop_just_after(sock: socket.socket) -> bool:
         listening = checked(sock)
         accept_balance.mark_stopping(tmp_path)
-        supervisor.stop_listening([shared_socket])
+        accept_balance.stop_sockets([shared_socket])
         return listening
 
     monkeypatch.setattr(accept_balance, "still_listening", told_to_stop_just_after)

@@ -642,8 +642,8 @@ class SlowShared(FakeShared):
 
 async def test_a_request_sharing_a_flight_that_took_an_answer_too_old_for_it_computes_afresh() -> None:
     """A request without limits leads the flight and takes a 20 s old answer from the shared
-    tier: the requests that joined it and allow 30 s take it too; those that allow 10 s share
-    one computation of their own."""
+    tier: the requests that joined it and allow 30 s take it too, and say its age; those that
+    allow 10 s share one computation of their own, which one more such request joins."""
     shared = SlowShared()
     shared.go.set()
     one = ResponseCache(CacheConfig(enabled=True, ttl_s=60.0), shared, wall_clock=lambda: 1000.0)
@@ -661,13 +661,15 @@ async def test_a_request_sharing_a_flight_that_took_an_answer_too_old_for_it_com
     await asyncio.sleep(0)
     shared.go.set()
     assert (await leader)[1:] == ("hit", 20.0)
-    assert [source for _, source, _ in await asyncio.gather(*lenient)] == ["coalesced"] * 3
+    assert [answer[1:] for answer in await asyncio.gather(*lenient)] == [("coalesced", 20.0)] * 3
+    await asyncio.sleep(0.01)
+    strict.append(asyncio.ensure_future(two.get_or_compute("m", "1", b"k", compute, freshness=Freshness(min_fresh=55.0))))
     await asyncio.sleep(0.01)
     compute.go.set()
-    assert sorted(source for _, source, _ in await asyncio.gather(*strict)) == ["coalesced", "coalesced", "miss"]
+    assert sorted(answer[1:] for answer in await asyncio.gather(*strict)) == [("coalesced", None)] * 3 + [("miss", None)]
     assert compute.calls == 2
     stats = two.snapshot()["models"]["m"]
-    assert (stats["hits"], stats["shared_hits"], stats["coalesced"], stats["misses"]) == (1, 1, 5, 1)
+    assert (stats["hits"], stats["shared_hits"], stats["coalesced"], stats["misses"]) == (1, 1, 6, 1)
 
 
 async def test_cached_outputs_are_copies_not_views_of_a_whole_batch() -> None:

@@ -356,6 +356,7 @@ async def test_an_answer_from_another_worker_too_old_for_a_request_is_passed_ove
     assert (await two.get_or_compute("m", "1", KEY, upstream, freshness=young))[1] == "miss"
     stats = two.snapshot()["models"]["m"]
     assert (stats["hits"], stats["host_hits"], stats["misses"], upstream.calls) == (0, 0, 1, 2)
+    assert (two.snapshot()["host"]["hits"], two.snapshot()["host"]["stale"]) == (0, 0)
 
 
 async def test_a_request_passing_over_its_own_old_copy_takes_a_younger_one_from_another_worker(worker: Open) -> None:

@@ -53,3 +53,14 @@ def test_a_request_without_limits_is_the_shared_default() -> None:
 )
 def test_an_answer_is_accepted_when_young_enough_for_every_directive(wants: Freshness, age: float, accepted: bool) -> None:
     assert wants.accepts(age, ttl_s=60.0) is accepted
+
+
+@pytest.mark.parametrize("wants", [Freshness(max_age=10.0), Freshness(min_fresh=50.0), Freshness(max_age=40.0, min_fresh=25.0), ANY])
+def test_the_earliest_expiry_takes_exactly_the_entries_the_directives_accept(wants: Freshness) -> None:
+    """The host tier's entries say only when they expire: an entry kept 60 s expiring at
+    ``expires`` is ``60 - (expires - now)`` seconds old."""
+    now, ttl = 1000.0, 60.0
+    earliest = wants.earliest_expiry(now, ttl)
+    for left in range(1, 61):
+        expires = now + left
+        assert (expires >= earliest) == wants.accepts(ttl - left, ttl), (left, earliest)
