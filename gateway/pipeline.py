@@ -5,6 +5,7 @@ and keep only the outputs the caller asked for.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -34,6 +35,12 @@ def _classes(request: InferRequest) -> list[RequestedOutput] | None:
     they are asked for per request), else None: a batch asks Triton for every output."""
     outputs = request.outputs
     return outputs if outputs is not None and any(o.class_count for o in outputs) else None
+
+
+def _set_following(following: list[bool], follows: bool) -> None:
+    """The cache's ``on_follow`` for a request with a deadline: whether it waits for an
+    identical request's computation (its timeout is then that computation's, counted once)."""
+    following[:] = [True] if follows else []
 
 
 class InferencePipeline:
@@ -132,7 +139,7 @@ class InferencePipeline:
         remaining = deadline - self._clock()
         if remaining <= 0:
             raise GatewayTimeout("the request's deadline had passed before the gateway could send it")
-        following: list[bool] = []  # whether it waits for an identical request's computation
+        following: list[bool] = []  # [True] while it waits for an identical request's computation
         try:
             async with asyncio.timeout(remaining):
                 return await self._infer(request, deadline, gone, freshness, following)
@@ -165,7 +172,7 @@ class InferencePipeline:
                     # dropped unsent once all of them have gone (see cache.flight).
                     return await self._compute(request, info, inputs, None, abandoned)
 
-                on_follow = None if following is None else lambda: following.append(True)
+                on_follow = None if following is None else functools.partial(_set_following, following)
                 result, source, age = await cache.get_or_compute(
                     request.model, request.version, key, compute, gone, deadline is not None, on_follow, freshness
                 )

@@ -169,7 +169,7 @@ class ResponseCache:
         compute: Compute,
         gone: Gone | None = None,
         detach: bool = False,
-        on_follow: Callable[[], None] | None = None,
+        on_follow: Callable[[bool], None] | None = None,
         freshness: Freshness = ANY,
     ) -> tuple[BatchResult, str, float | None]:
         """The result, where it came from: "hit" (this gateway's store or the shared tier),
@@ -177,7 +177,8 @@ class ResponseCache:
         "miss" (computed); and for a hit its age in seconds.
         ``detach``: the caller has a deadline, so a computation it starts runs in a task of
         its own, which the caller's timing out does not cancel (``flight``); ``on_follow``:
-        called when the caller waits for an identical request's computation in this worker.
+        called with True when the caller waits for an identical request's computation in this
+        worker, with False if it then leads a computation afresh.
         ``freshness``: what the request allows of a stored answer (``freshness.py``). One that
         finds none young enough shares the computation in flight like any other; if that was
         led by a request that took an older answer than this one allows, it computes the key
@@ -232,6 +233,8 @@ class ResponseCache:
         else:
             (result, source, born), coalesced = await self._flight.do(key, run, gone, detach, on_follow)
             if coalesced and born is not None and freshness.limited and not self._accepts(model, freshness, born):
+                if on_follow is not None and renewed not in self._flight:
+                    on_follow(False)  # it follows no more: it leads the computation afresh
                 (result, source, born), coalesced = await self._flight.do(renewed, afresh, gone, detach, on_follow)
         age = None if born is None else self._clock() - born
         if coalesced:

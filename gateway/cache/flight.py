@@ -94,17 +94,18 @@ class SingleFlight(Generic[T]):
         compute: Compute[T],
         gone: Gone | None = None,
         detach: bool = False,
-        on_follow: Callable[[], None] | None = None,
+        on_follow: Callable[[bool], None] | None = None,
     ) -> tuple[T, bool]:
         """The result for ``key`` and whether it was shared with an earlier request. ``gone``
         tells whether this waiter's client has left (a cancelled waiter leaves by itself);
         ``detach``: this waiter may be cancelled before the computation ends (it has a
         deadline), so if it starts one, the computation runs in a task of its own;
-        ``on_follow``: called when this waiter waits for an earlier request's computation."""
+        ``on_follow``: called (with True) when this waiter waits for an earlier request's
+        computation."""
         flight = self._flights.get(key)
         if flight is not None:
             if on_follow is not None:
-                on_follow()
+                on_follow(True)
             try:
                 return await self._follow(flight, gone), True
             except GatewayError as exc:

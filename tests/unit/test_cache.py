@@ -657,7 +657,11 @@ async def test_a_request_sharing_a_flight_that_took_an_answer_too_old_for_it_com
     leader = asyncio.ensure_future(two.get_or_compute("m", "1", b"k", compute))
     await asyncio.sleep(0)
     lenient = [asyncio.ensure_future(two.get_or_compute("m", "1", b"k", compute, freshness=Freshness(max_age=30.0))) for _ in range(3)]
-    strict = [asyncio.ensure_future(two.get_or_compute("m", "1", b"k", compute, freshness=Freshness(max_age=10.0))) for _ in range(3)]
+    follows: list[list[bool]] = [[] for _ in range(3)]  # what each strict request was told
+    strict = [
+        asyncio.ensure_future(two.get_or_compute("m", "1", b"k", compute, on_follow=told.append, freshness=Freshness(max_age=10.0)))
+        for told in follows
+    ]
     await asyncio.sleep(0)
     shared.go.set()
     assert (await leader)[1:] == ("hit", 20.0)
@@ -668,6 +672,9 @@ async def test_a_request_sharing_a_flight_that_took_an_answer_too_old_for_it_com
     compute.go.set()
     assert sorted(answer[1:] for answer in await asyncio.gather(*strict)) == [("coalesced", None)] * 3 + [("miss", None)]
     assert compute.calls == 2
+    # Each followed the first flight; the one leading the computation afresh follows no more
+    # (its deadline is then its own computation's).
+    assert sorted(follows) == [[True, False], [True, True], [True, True]]
     stats = two.snapshot()["models"]["m"]
     assert (stats["hits"], stats["shared_hits"], stats["coalesced"], stats["misses"]) == (1, 1, 6, 1)
 
