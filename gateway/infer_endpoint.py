@@ -229,18 +229,21 @@ def raw_lookup(
         rollouts.count(model, served)
         rollouts.record(model, served, True, time.monotonic() - start, computed=False)
     answer, age = found
-    seconds = int(age)
-    if seconds < len(AGE_LINES):
-        header, line = AGE_HEADERS[seconds], AGE_LINES[seconds]
-    else:
-        header = (b"age", b"%d" % seconds)
-        line = b"age: %d\r\n" % seconds
+    header, line = age_header(age)
     return Reply(200, (*answer.headers, header), answer.body, answer.head + line), served, (chosen, key)
 
 
 # A hit's Age header, made once for the first hour (the header and its line).
 AGE_HEADERS = [(b"age", b"%d" % seconds) for seconds in range(3600)]
 AGE_LINES = [b"age: %d\r\n" % seconds for seconds in range(3600)]
+
+
+def age_header(age: float) -> tuple[tuple[bytes, bytes], bytes]:
+    """The ``Age`` header of an answer ``age`` seconds old (whole seconds), and its line."""
+    seconds = int(age)
+    if seconds < len(AGE_LINES):
+        return AGE_HEADERS[seconds], AGE_LINES[seconds]
+    return (b"age", b"%d" % seconds), b"age: %d\r\n" % seconds
 
 
 @dataclass(slots=True)
@@ -516,6 +519,6 @@ class InferEndpoint:
         if resp.cache:
             headers.append((b"x-cache", resp.cache.encode()))
             if resp.age is not None:
-                headers.append((b"age", b"%d" % resp.age))
+                headers.append(age_header(resp.age)[0])
         headers.append(length_header)
         return Reply(200, headers, payload), resp.version, resp.cache

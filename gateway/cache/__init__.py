@@ -199,11 +199,10 @@ class ResponseCache:
             """The result from the shared tier or upstream, and whether it is now in the host
             tier (``claimed``: this worker holds the key's claim)."""
             epoch = self.epoch(model, version)
-            shared = await self._from_shared(model, key, freshness)
+            shared = await self._shared_hit(model, version, key, freshness, epoch, claimed)
             if shared is not None:
-                stats.shared_hits += 1
-                result, born = shared
-                return (result, "hit", born), self._store(model, version, key, result, epoch, claimed, born)
+                result, born, stored = shared
+                return (result, "hit", born), stored
             result, source, stored = await self._computed(model, version, key, compute, abandoned, epoch, claimed)
             return (result, source, None), stored
 
@@ -228,14 +227,14 @@ class ResponseCache:
         # Computed afresh in a flight of its own (keys are 16-byte digests: no other key is this
         # one), which a limited request arriving meanwhile joins too.
         renewed = key + _AFRESH
-        if freshness.limited and renewed in self._flight:
-            (result, source, born), coalesced = await self._flight.do(renewed, afresh, gone, detach, on_follow)
-        else:
+        again = freshness.limited and renewed in self._flight
+        if not again:
             (result, source, born), coalesced = await self._flight.do(key, run, gone, detach, on_follow)
-            if coalesced and born is not None and freshness.limited and not self._accepts(model, freshness, born):
-                if on_follow is not None and renewed not in self._flight:
-                    on_follow(False)  # it follows no more: it leads the computation afresh
-                (result, source, born), coalesced = await self._flight.do(renewed, afresh, gone, detach, on_follow)
+            again = coalesced and born is not None and freshness.limited and not self._accepts(model, freshness, born)
+            if again and on_follow is not None and renewed not in self._flight:
+                on_follow(False)  # it follows no more: it leads the computation afresh
+        if again:
+            (result, source, born), coalesced = await self._flight.do(renewed, afresh, gone, detach, on_follow)
         age = None if born is None else self._clock() - born
         if coalesced:
             stats.coalesced += 1
@@ -279,16 +278,25 @@ class ResponseCache:
     ) -> tuple[BatchResult, str, float | None]:
         """For an ``only-if-cached`` request that no answer in this host's tiers satisfied: the
         shared tier's, if it does; else ``NotCached``."""
-        epoch = self.epoch(model, version)
-        shared = await self._from_shared(model, key, freshness)
+        shared = await self._shared_hit(model, version, key, freshness, self.epoch(model, version))
         if shared is None:
             raise NotCached(f"no stored answer of {model} version {version} for this request (Cache-Control: only-if-cached)")
-        result, born = shared
-        stats = self.store.model_stats(model)
-        stats.hits += 1
-        stats.shared_hits += 1
-        self._store(model, version, key, result, epoch, born=born)
+        result, born, _ = shared
+        self.store.model_stats(model).hits += 1
         return result, "hit", self._clock() - born
+
+    async def _shared_hit(
+        self, model: str, version: str, key: bytes, freshness: Freshness, epoch: Epoch, claimed: bool = False
+    ) -> tuple[BatchResult, float, bool] | None:
+        """The shared tier's result that ``freshness`` accepts (``_from_shared``), counted and
+        kept here for the rest of its TTL: the result, when it was computed, and whether it is
+        now in the host tier (``_store``); or None."""
+        shared = await self._from_shared(model, key, freshness)
+        if shared is None:
+            return None
+        result, born = shared
+        self.store.model_stats(model).shared_hits += 1
+        return result, born, self._store(model, version, key, result, epoch, claimed, born)
 
     def get_raw(self, model: str, version: str, key: bytes, freshness: Freshness = ANY) -> tuple[RawAnswer, float] | None:
         """The stored answer for a request's raw key, served by ``version`` (counted as a hit),

@@ -342,13 +342,20 @@ async def test_an_answer_from_another_worker_keeps_its_age_and_the_rest_of_its_t
     assert (await two.get_or_compute("m", "1", b"k" * 16, compute))[1] == "miss"
 
 
-async def test_an_answer_from_another_worker_too_old_for_a_request_is_passed_over_and_not_counted(worker: Open) -> None:
+async def computed_by_one_of_two(worker: Open) -> tuple[list[float], ResponseCache, ResponseCache, Upstream]:
+    """Two workers on one clock (``now[0]``; a 60 s TTL), the first of which computed ``KEY``
+    at 500 s; the upstream answers at once."""
     now = [500.0]
     config = CacheConfig(enabled=True, ttl_s=60.0)
     one, two = (ResponseCache(config, host=worker(), clock=lambda: now[0]) for _ in range(2))
     upstream = Upstream()
     upstream.go.set()
     await one.get_or_compute("m", "1", KEY, upstream)
+    return now, one, two, upstream
+
+
+async def test_an_answer_from_another_worker_too_old_for_a_request_is_passed_over_and_not_counted(worker: Open) -> None:
+    now, one, two, upstream = await computed_by_one_of_two(worker)
     assert one.put_raw("m", "1", b"r" * 16, ANSWER, one.epoch("m", "1"))
     now[0] += 20.0
     young = Freshness(max_age=10.0)
@@ -360,12 +367,7 @@ async def test_an_answer_from_another_worker_too_old_for_a_request_is_passed_ove
 
 
 async def test_a_request_passing_over_its_own_old_copy_takes_a_younger_one_from_another_worker(worker: Open) -> None:
-    now = [500.0]
-    config = CacheConfig(enabled=True, ttl_s=60.0)
-    one, two = (ResponseCache(config, host=worker(), clock=lambda: now[0]) for _ in range(2))
-    upstream = Upstream()
-    upstream.go.set()
-    await one.get_or_compute("m", "1", KEY, upstream)
+    now, one, two, upstream = await computed_by_one_of_two(worker)
     now[0] += 5.0
     assert (await two.get_or_compute("m", "1", KEY, upstream))[1:] == ("hit", 5.0)  # two keeps a copy
     now[0] += 15.0

@@ -356,12 +356,19 @@ async def test_the_canary_split_is_chosen_once_per_request_and_hits_count_for_th
     assert 0 < rollouts.snapshot()["models"]["m"]["windows"]["2"]["requests"] <= 5
 
 
-async def test_a_shadowed_rollout_takes_the_full_path_so_requests_are_mirrored() -> None:
+async def shadowed():  # noqa: ANN201
+    """A stack whose model's version 3 shadows every request to version 1, and which answered
+    one request: (the stack, its rollouts, that request's body)."""
     rollouts = Rollouts(seed=0)
     rollouts.set_models({"m": ModelRollout("1", shadow="3", shadow_share=1.0)})
     endpoint, router, cache = stack(rollouts=rollouts)
     body = json_body([1.0, 2.0])
     await post(endpoint, body)
+    return (endpoint, router, cache), rollouts, body
+
+
+async def test_a_shadowed_rollout_takes_the_full_path_so_requests_are_mirrored() -> None:
+    (endpoint, router, cache), rollouts, body = await shadowed()
     _, headers, _, _ = await post(endpoint, body)
     await endpoint.app.state.services.pipeline.close(1.0)
     assert headers[b"x-cache"] == b"hit" and cache.snapshot()["models"]["m"]["raw_hits"] == 0
@@ -369,11 +376,7 @@ async def test_a_shadowed_rollout_takes_the_full_path_so_requests_are_mirrored()
 
 
 async def test_a_request_for_a_stored_answer_only_is_not_mirrored_to_the_shadow() -> None:
-    rollouts = Rollouts(seed=0)
-    rollouts.set_models({"m": ModelRollout("1", shadow="3", shadow_share=1.0)})
-    endpoint, router, _ = stack(rollouts=rollouts)
-    body = json_body([1.0, 2.0])
-    await post(endpoint, body)
+    (endpoint, router, _), rollouts, body = await shadowed()
     status, headers, _, _ = await post(endpoint, body, headers=[JSON, (b"cache-control", b"only-if-cached")])
     await endpoint.app.state.services.pipeline.close(1.0)
     assert (status, headers[b"x-cache"]) == (200, b"hit")
