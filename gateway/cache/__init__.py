@@ -451,11 +451,9 @@ class ResponseCache:
         self.store.expire(self._clock())  # looked at every scrape: what is held is what may be given
         view: dict[str, Any] = {
             "pid": os.getpid(),  # with several workers, each answers for itself (but "host")
-            "enabled": self._config.enabled,  # for the models without a table of their own
-            "per_model": {
-                name: {"enabled": m.enabled, "ttl_s": m.ttl_s, "max_share": m.max_share}
-                for name, m in sorted(self._config.models.items())
-            },
+            "enabled": configured(self._config),  # for some model; which: "default" and "per_model"
+            "default": _settings(self._config),  # for the models without a table of their own
+            "per_model": {name: _settings(m) for name, m in sorted(self._config.models.items())},
             "max_bytes": self.store.max_bytes,
             "bytes": self.store.bytes,
             "in_flight": len(self._flight),
@@ -479,6 +477,10 @@ class ResponseCache:
             self._host_flight = None
             self._host.close()
             self._host = None
+
+
+def _settings(config: CacheConfig) -> dict[str, Any]:
+    return {"enabled": config.enabled, "ttl_s": config.ttl_s, "max_share": config.max_share}
 
 
 def configured(config: CacheConfig) -> bool:

@@ -535,7 +535,8 @@ def test_the_view_names_the_models_cached_by_a_table_of_their_own() -> None:
     cache = ResponseCache(config, clock=Clock())
     assert cache.enabled_for("digits") and not cache.enabled_for("other")
     view = cache.snapshot()
-    assert view["enabled"] is False
+    assert view["enabled"] is True  # the cache serves some model...
+    assert view["default"] == {"enabled": False, "ttl_s": 60.0, "max_share": 1.0}  # ...not those without a table
     assert view["per_model"] == {"digits": {"enabled": True, "ttl_s": 30.0, "max_share": 0.5}}
 
 
