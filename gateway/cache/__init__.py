@@ -26,7 +26,9 @@ clock and a TTL), the shared tier's from the wall-clock time written with it.
 Keys (``keys.py``) cover the model, the version that serves the request and the raw input
 tensors (for a classification, the outputs and class counts asked for too). Entries of a version are dropped when that version leaves the fleet or is reloaded in
 place (``upstream.fleet`` tells, within one health interval); in the host tier, dropping a
-version bumps its generation, which hides its entries from every worker at once.
+version bumps its generation, which hides its entries from every worker at once; the shared tier,
+which a drop does not empty, is passed over where an entry's computation began before this
+process last dropped the version, and an answer computed across a drop is not written there.
 
 In front of all that, the infer endpoint keeps **raw answers** (``get_raw``/``put_raw``): the
 complete encoded response (headers and body) of a cacheable request, keyed by the request as it
@@ -157,6 +159,9 @@ class ResponseCache:
         self.store = CacheStore(config.max_bytes)
         self._flight: SingleFlight[Outcome] = SingleFlight()
         self._writes: set[asyncio.Task[None]] = set()
+        # (model, version) -> the wall-clock time this process last dropped it: a shared-tier
+        # entry whose computation began before is an answer of the version's files then.
+        self._dropped: dict[tuple[str, str], float] = {}
 
     def enabled_for(self, model: str) -> bool:
         return self._config.for_model(model).enabled
@@ -264,13 +269,17 @@ class ResponseCache:
     async def _computed(
         self, model: str, version: str, key: bytes, compute: Compute, abandoned: Gone, epoch: Epoch, claimed: bool = False
     ) -> tuple[BatchResult, str, bool]:
-        """Computed upstream: the result, "miss", and whether it is now in the host tier."""
+        """Computed upstream: the result, "miss", and whether it is now in the host tier. It
+        goes to the shared tier stamped with when its computation began, unless the version was
+        dropped meanwhile (the answer may be the files' before a reload in place)."""
+        began = self._wall_clock()
         result = await compute(abandoned)
         # Counted here, once per computation: a detached one whose callers all gave up
         # (their deadlines) still computed an answer, and stored it.
         self.store.model_stats(model).misses += 1
         stored = self._store(model, version, key, result, epoch, claimed)
-        self._to_shared(model, key, result)
+        if epoch == self.epoch(model, version):
+            self._to_shared(model, key, result, began)
         return result, "miss", stored
 
     async def _only_if_cached(
@@ -291,7 +300,7 @@ class ResponseCache:
         """The shared tier's result that ``freshness`` accepts (``_from_shared``), counted and
         kept here for the rest of its TTL: the result, when it was computed, and whether it is
         now in the host tier (``_store``); or None."""
-        shared = await self._from_shared(model, key, freshness)
+        shared = await self._from_shared(model, version, key, freshness)
         if shared is None:
             return None
         result, born = shared
@@ -409,11 +418,15 @@ class ResponseCache:
         """The most one model's entries may hold in this process (its share of max_bytes)."""
         return int(self._config.max_bytes * policy.max_share)
 
-    async def _from_shared(self, model: str, key: bytes, freshness: Freshness = ANY) -> tuple[BatchResult, float] | None:
+    async def _from_shared(
+        self, model: str, version: str, key: bytes, freshness: Freshness = ANY
+    ) -> tuple[BatchResult, float] | None:
         """The shared tier's result for ``key`` and when it was computed (on this process's
         clock, from the wall-clock time written with it; an entry that does not say, or says a
-        time to come, counts as computed now); None if none, one past its TTL here, or one
-        ``freshness`` does not accept."""
+        time to come, counts as computed now); None if none, one past its TTL here, one
+        ``freshness`` does not accept, or one whose computation began before this process last
+        dropped the version (its answer may be the version's files before a reload in place;
+        replicas' clocks are taken to agree within the time a drop takes to be noticed)."""
         if self._shared is None:
             return None
         raw = await self._shared.get(key)
@@ -424,6 +437,9 @@ class ResponseCache:
         except ValueError as exc:
             log.warning("ignoring a shared cache entry: %s", exc)
             return None
+        dropped = self._dropped.get((model, version))
+        if dropped is not None and (born_wall is None or born_wall < dropped):
+            return None
         now = self._clock()
         age = 0.0 if born_wall is None else max(0.0, self._wall_clock() - born_wall)
         ttl = self._config.for_model(model).ttl_s
@@ -431,15 +447,17 @@ class ResponseCache:
             return None
         return result, now - age
 
-    def _to_shared(self, model: str, key: bytes, result: BatchResult) -> None:
+    def _to_shared(self, model: str, key: bytes, result: BatchResult, born: float) -> None:
+        """``born``: the wall-clock time the result's computation began."""
         if self._shared is None:
             return
-        value = encode_entry(result, self._wall_clock())
+        value = encode_entry(result, born)
         task = asyncio.ensure_future(self._shared.set(key, value, self._config.for_model(model).ttl_s))
         self._writes.add(task)  # a hard reference until done
         task.add_done_callback(self._writes.discard)
 
     def drop_version(self, model: str, version: str) -> int:
+        self._dropped[(model, version)] = self._wall_clock()
         if self._host is not None:
             self._host.bump(model, version)
         dropped = self.store.drop_version(model, version)

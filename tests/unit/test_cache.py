@@ -31,6 +31,10 @@ def result(nbytes: int = 40, version: str = "1") -> BatchResult:
     return BatchResult(version, [Tensor("y", "FP32", np.zeros(nbytes // 4, np.float32))])
 
 
+def valued(value: float) -> BatchResult:
+    return BatchResult("1", [Tensor("y", "FP32", np.full((1, 2), value, np.float32))])
+
+
 # -- keys -----------------------------------------------------------------------------------------
 
 
@@ -565,6 +569,50 @@ async def test_the_shared_tier_serves_what_another_gateway_computed() -> None:
     assert two.store.get(b"k", clock.now) is None
     shared.data[b"bad"] = b"not an entry"
     assert (await two.get_or_compute("m", "1", b"bad", compute))[1] == "miss"
+
+
+async def test_a_version_dropped_here_is_not_served_from_the_shared_tier_as_computed_before_the_drop() -> None:
+    shared = FakeShared()
+    wall = [1000.0]
+    one = ResponseCache(CacheConfig(enabled=True, ttl_s=60.0), shared, wall_clock=lambda: wall[0])
+    two = ResponseCache(CacheConfig(enabled=True, ttl_s=60.0), shared, wall_clock=lambda: wall[0])
+
+    def answering(value: float):  # noqa: ANN202
+        async def compute(abandoned) -> BatchResult:  # noqa: ANN001
+            wall[0] += 0.001  # an inference takes time
+            return valued(value)
+
+        return compute
+
+    assert (await one.get_or_compute("m", "1", b"k", answering(1.0)))[1] == "miss"  # the files before
+    await asyncio.sleep(0)
+    wall[0] += 1.0
+    one.drop_version("m", "1")  # Triton reloaded version 1 in place
+    two.drop_version("m", "1")
+    got, source, _ = await two.get_or_compute("m", "1", b"k", answering(2.0))
+    assert source == "miss" and got.outputs[0].data[0, 0] == 2.0  # not the answer Redis holds
+    assert two.snapshot()["models"]["m"]["shared_hits"] == 0
+    await asyncio.sleep(0)  # the new answer replaced it there: served to a replica that dropped too
+    assert (await one.get_or_compute("m", "1", b"k", answering(3.0)))[0].outputs[0].data[0, 0] == 2.0
+    assert one.snapshot()["models"]["m"]["shared_hits"] == 1
+
+
+async def test_an_answer_computed_across_a_drop_of_its_version_is_not_written_to_the_shared_tier() -> None:
+    shared = FakeShared()
+    cache = ResponseCache(CacheConfig(enabled=True, ttl_s=60.0), shared)
+    release = asyncio.Event()
+
+    async def slow(abandoned) -> BatchResult:  # noqa: ANN001
+        await release.wait()
+        return result()
+
+    task = asyncio.ensure_future(cache.get_or_compute("m", "1", b"j", slow))
+    await asyncio.sleep(0)
+    cache.drop_version("m", "1")  # while it computes: its answer may be the files' before
+    release.set()
+    assert (await task)[1] == "miss"  # the caller gets it...
+    await asyncio.sleep(0)
+    assert shared.sets == [] and cache.store.get(b"j", 0.0) is None  # ...nobody else does
 
 
 async def test_a_request_with_a_max_age_takes_from_the_shared_tier_only_an_answer_young_enough() -> None:
