@@ -64,6 +64,10 @@ class _Flight(Generic[T]):
                 future.set_exception(_own_copy(error))
 
 
+# No waiter: a follower's own ``gone`` may be None (a server that cannot tell), so not that.
+_NOBODY = object()
+
+
 class SingleFlight(Generic[T]):
     def __init__(self) -> None:
         self._flights: dict[bytes, _Flight[T]] = {}
@@ -145,10 +149,11 @@ class SingleFlight(Generic[T]):
             flight.followers.remove(future)
 
     @staticmethod
-    def _rejoined(flight: _Flight[T], leaving: Gone | None) -> bool:
+    def _rejoined(flight: _Flight[T], leaving: Gone | None | object) -> bool:
         """After the computation was dropped for want of waiters (``ClientGone``): whether
-        anyone waits still (joined since), ``leaving`` (the leader's client, gone) aside."""
-        if leaving in flight.waiters:
+        anyone waits still (joined since), ``leaving`` (the leader's client, gone; ``_NOBODY``
+        for a computation in a task of its own, whose waiters are all followers) aside."""
+        if leaving is not _NOBODY and leaving in flight.waiters:
             flight.waiters.remove(leaving)
         return any(not f.done() for f in flight.followers) and not flight.abandoned()
 
@@ -170,7 +175,7 @@ class SingleFlight(Generic[T]):
                 try:
                     result = await compute(flight.abandoned)
                 except Exception as exc:
-                    if isinstance(exc, ClientGone) and self._rejoined(flight, None):
+                    if isinstance(exc, ClientGone) and self._rejoined(flight, _NOBODY):
                         continue  # dropped for want of waiters, and someone has come since
                     self._close(key, flight, None, exc)
                     return

@@ -53,10 +53,17 @@ ANY = Freshness()
 FRESH = Freshness(use=False)
 
 
+# RFC 9111 1.2.2: a delta-seconds too large to represent counts as 2**31.
+MAX_SECONDS = 2**31
+
+
 def _seconds(arg: bytes) -> float | None:
-    """A directive's delta-seconds (RFC 9111 1.2.2: digits, maybe quoted), or None."""
+    """A directive's delta-seconds (RFC 9111 1.2.2: digits, maybe quoted, at most
+    ``MAX_SECONDS``), or None."""
     arg = arg.strip().strip(b'"')
-    return float(int(arg)) if arg.isdigit() else None
+    if not arg.isdigit():
+        return None
+    return float(MAX_SECONDS if len(arg) > 10 else min(int(arg), MAX_SECONDS))
 
 
 def freshness(cache_control: Iterable[bytes], pragma_no_cache: bool = False) -> Freshness:

@@ -395,10 +395,12 @@ async def test_the_computation_is_told_when_every_waiter_has_gone() -> None:
     assert seen == [True]
 
 
+@pytest.mark.parametrize("probe", [True, False], ids=["disconnect-probe", "no-probe"])
 @pytest.mark.parametrize("detach", [False, True])
-async def test_a_request_joining_a_computation_dropped_for_want_of_waiters_gets_a_fresh_one(detach: bool) -> None:
+async def test_a_request_joining_a_computation_dropped_for_want_of_waiters_gets_a_fresh_one(detach: bool, probe: bool) -> None:
     """The leader's client left, so the computation was dropped unsent; a request that joined
-    before the drop reached the leader must not be told its own client left."""
+    before the drop reached the leader must not be told its own client left (also where the
+    server cannot tell whether a client is there: ``gone`` None)."""
     flight: SingleFlight[int] = SingleFlight()
     runs: list[bool] = []
     checked = asyncio.Event()
@@ -414,7 +416,7 @@ async def test_a_request_joining_a_computation_dropped_for_want_of_waiters_gets_
 
     leader = asyncio.create_task(flight.do(b"k", compute, gone=lambda: True, detach=detach))
     await checked.wait()
-    follower = asyncio.create_task(flight.do(b"k", compute, gone=lambda: False))
+    follower = asyncio.create_task(flight.do(b"k", compute, gone=(lambda: False) if probe else None))
     await asyncio.sleep(0)
     joined.set()
     assert await asyncio.wait_for(follower, 1) == (7, True)
