@@ -23,7 +23,8 @@ Nothing is lost when the owner cannot serve a request:
   request's error: the same class, status and message; but an owner that does not know the
   version (its view of the fleet behind) declines it, and the worker batches it itself;
 * a caller that stops waiting (its deadline, a cancellation) tells the owner, which drops the
-  request if it is still queued;
+  request if it is still queued; so does a requesting worker's connection closing (the worker
+  stopped or was killed);
 * no wait is unbounded: without an answer within ``wait_s`` the request fails with 504.
 
 A forwarded request's deadline travels with it (``time.monotonic`` is the host's one clock); its
@@ -185,9 +186,16 @@ class HostBatching:
         return True
 
     def _accept(self) -> _Link:
-        link = _Link(self._on_request, self._accepted.discard)
+        link = _Link(self._on_request, self._on_requester_lost)
         self._accepted.add(link)
         return link
+
+    def _on_requester_lost(self, link: _Link) -> None:
+        """A requesting worker's connection closed (it stopped, or was killed): nobody reads
+        the answers to its requests any more, so those still queued here are dropped."""
+        self._accepted.discard(link)
+        for task in list(link.serving.values()):
+            task.cancel()
 
     # -- the owner's side -----------------------------------------------------------------------
 

@@ -207,6 +207,20 @@ async def test_a_caller_that_stops_waiting_cancels_the_owners_work(pair: Pair) -
     assert pair.owner.cancelled == 1
 
 
+async def test_a_requesting_worker_that_goes_has_its_queued_requests_dropped_by_the_owner(pair: Pair) -> None:
+    pair.owner.release.clear()
+    pending = asyncio.ensure_future(pair.a.submit(pair.model, "1", rows(2), None))
+    while len(pair.owner.calls) < 1:
+        await asyncio.sleep(0.001)
+    await pair.a.close()  # the requesting worker stops: its connection to the owner closes
+    for _ in range(200):
+        if pair.owner.cancelled:
+            break
+        await asyncio.sleep(0.001)
+    assert pair.owner.cancelled == 1  # nobody would read the answer
+    pending.cancel()
+
+
 async def test_no_wait_for_the_owner_is_unbounded(tmp_path: Path) -> None:
     owner = Owner()
     owner.release.clear()  # never answers
