@@ -54,6 +54,7 @@ one of them (the others without ``[repository] path``).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import functools
 import json
 import logging
@@ -326,6 +327,12 @@ class Target:
     versions: Mapping[str, Fingerprint]
 
 
+def placement(target: Target) -> str:
+    """What identifies the files a target was made from (its config's and versions' stamps)."""
+    text = repr((target.config_stamp, sorted(target.versions.items())))
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
 @dataclass(slots=True)
 class Failure:
     stamp: object  # the files (version fingerprint, or config stamp) that failed
@@ -353,6 +360,8 @@ class RepositorySync:
     _scan_error: str | None = None
     _last_event: dict[tuple[str, str, str], tuple[str, str]] = field(default_factory=dict)
     _turns: dict[str, set[str]] = field(default_factory=dict)  # stateful model -> instances quiescing or reloading it (URLs)
+    # What the driver before this one placed (``seed``): url -> model -> ``placement``.
+    _seeded: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def root(self) -> Path:
@@ -452,12 +461,30 @@ class RepositorySync:
                 usable.append(version)
         return Target(config, folder.config_stamp, {v: on_disk[v] for v in served_versions(config, usable)})
 
+    def placements(self) -> dict[str, dict[str, str]]:
+        """What this sync placed on each instance (url -> model -> ``placement``), for a driver
+        taking over from it (``seed``)."""
+        return {url: {name: placement(t) for name, t in sorted(models.items())} for url, models in sorted(self._placed.items())}
+
+    def seed(self, placements: Mapping[str, Mapping[str, str]]) -> None:
+        """Before the first round of a driver taking over from another in the same gateway
+        (``upstream.repository_workers``): what that one placed. A model it placed from the
+        files on disk now, whose versions the instance holds and has admitted, is not loaded
+        again: any load call reloads the model there (and drops a stateful one's sequences)."""
+        self._seeded = {url: dict(models) for url, models in placements.items()}
+
     def _reconcile(self, instance: Instance, name: str, target: Target) -> None:
         key = (instance.url, name)
         if key in self._tasks:
             return
         held = set((instance.loaded or {}).get(name, ()))
         placed = self._placed.get(instance.url, {}).get(name)
+        seeded = self._seeded.get(instance.url, {}).pop(name, None)
+        if (
+            placed is None and seeded == placement(target) and held == set(target.versions)
+            and not any(instance.withheld.get((name, v)) in PENDING for v in held)
+        ):  # fmt: skip
+            placed = self._placed.setdefault(instance.url, {})[name] = target
         if held == set(target.versions) and (placed == target or (not held and placed is None)):
             return
         task = asyncio.create_task(self._apply(instance, name, target))

@@ -16,7 +16,10 @@ does) and the others follow it, through files in the workers' folder
   routes there, those it withholds (loading, warming up, draining, failed) with why, and the
   stateful models it quiesces there before reloading them; and its repository view
   (``/v2/gateway/repository``), under a sequence number. It is rewritten (in one step) within
-  ``POLL_S`` of a change, and at once when a drain starts.
+  ``POLL_S`` of a change, and at once when a drain starts. It also holds what the driver placed
+  on each instance, from which files (``RepositorySync.placements``): a worker taking over
+  does not load those again (a load call reloads the model, and drops a stateful model's
+  sequences), only what changed since.
 * **Followers route exactly that.** Each reads the file within ``POLL_S`` of a change and routes,
   per instance, what the driver routes (``Instance.follow``): a new version only once the driver
   has warmed it up, none the driver has withheld, and no new sequence where it quiesces the
@@ -237,6 +240,8 @@ class WorkerRepository:
             # withheld (a version it was still warming up is warmed up again).
             instance.follow(None, dict(instance.withheld))
         self.sync = self._make_sync(self)
+        if self._driver is not None:  # what the driver before placed is not loaded again
+            self.sync.seed(self._driver.get("placed") or {})
         self.publish()
         # Published while the first round runs too: a worker taking over mid-run has followers
         # already serving, who must see what it withholds as it loads.
@@ -272,6 +277,7 @@ class WorkerRepository:
             "instances": {i.url: instance_state(i) for i in instances},
             "view": self.sync.snapshot(),
             "ended": ends,
+            "placed": self.sync.placements(),
         }
         if force or state != self._published:
             self._seq += 1

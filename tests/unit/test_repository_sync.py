@@ -545,6 +545,47 @@ async def test_files_changed_in_place_reload_the_version_and_drop_what_was_deriv
     assert harness.routed() == [["1"], ["1"]]  # never withheld: Triton swaps it in
 
 
+async def test_a_driver_taking_over_loads_nothing_the_one_before_placed_from_the_files_on_disk(
+    harness: Harness, repo: Path
+) -> None:
+    await harness.publish("2")
+    assert harness.routed() == [["1", "2"], ["1", "2"]]
+    placements = harness.sync.placements()
+    assert set(placements) == {t.url for t in harness.tritons} and all(set(p) == {"m"} for p in placements.values())
+    before = [len(t.calls) for t in harness.tritons]
+    # The worker taking over (the driver exited): same router, seeded with what it placed.
+    new = RepositorySync(harness.sync.config, harness.router, harness.control)
+    new.seed(placements)
+    await new.start()
+    try:
+        assert [len(t.calls) for t in harness.tritons] == before  # no load call: it would reload the model
+        assert harness.routed() == [["1", "2"], ["1", "2"]]
+        (repo / "m" / "2" / "model.py").write_text("retrained weights, other size")  # changed since
+        for _ in range(2):
+            harness.probe()
+            await new.sync_once()
+            while new._tasks:
+                await asyncio.wait(list(new._tasks.values()))
+        assert all(t.calls[len(t.calls) - 1] == ("load", "m", ["1", "2"]) for t in harness.tritons)
+        assert [len(t.calls) for t in harness.tritons] == [n + 1 for n in before]
+    finally:
+        await new.close()
+
+
+async def test_a_driver_taking_over_without_a_placement_or_from_other_files_loads_again(
+    harness: Harness, repo: Path
+) -> None:
+    placements = harness.sync.placements()
+    (repo / "m" / "1" / "model.py").write_text("retrained weights, other size")  # while nobody drove
+    before = [len(t.calls) for t in harness.tritons]
+    for seed in (placements, {}):
+        new = RepositorySync(harness.sync.config, harness.router, harness.control)
+        new.seed(seed)
+        await new.start()
+        await new.close()
+    assert [len(t.calls) for t in harness.tritons] == [n + 2 for n in before]  # each loaded it once
+
+
 async def test_a_missing_repository_folder_refuses_to_start(tmp_path: Path, tritons: list[FakeTriton]) -> None:
     h = Harness(tmp_path / "nowhere", tritons)
     with pytest.raises(RuntimeError, match="is not a folder"):

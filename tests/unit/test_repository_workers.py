@@ -29,6 +29,13 @@ class FakeSync:
         self.gate = gate
         self.first_round = first_round  # called when the first round begins
         self.closed = False
+        self.seeded: dict[str, Any] | None = None  # what the driver before placed
+
+    def placements(self) -> dict[str, dict[str, str]]:
+        return {URL: {"m": f"placed by {self.name}"}}
+
+    def seed(self, placements: dict[str, Any]) -> None:
+        self.seeded = placements
 
     async def start(self) -> None:
         if self.first_round is not None:
@@ -305,6 +312,9 @@ async def test_when_the_driver_exits_a_follower_takes_over(tmp_path: Path) -> No
         await asyncio.sleep(0.3)
         assert b.driving
         assert b.snapshot()["driver_pid"] == 102
+        driver = a.sync
+        assert isinstance(b.sync, FakeSync) and isinstance(driver, FakeSync)
+        assert b.sync.seeded == driver.placements()  # what the driver before placed is not loaded again
         c = worker(tmp_path, 103, gate)
         try:
             await asyncio.wait_for(c.start(), 2)
