@@ -240,8 +240,9 @@ class WorkerRepository:
             # withheld (a version it was still warming up is warmed up again).
             instance.follow(None, dict(instance.withheld))
         self.sync = self._make_sync(self)
-        if self._driver is not None:  # what the driver before placed is not loaded again
-            self.sync.seed(self._driver.get("placed") or {})
+        before = self._driver if self._driver is not None else self._read_driver()
+        if before is not None:  # what the driver before placed is not loaded again
+            self.sync.seed(before.get("placed") or {})
         self.publish()
         # Published while the first round runs too: a worker taking over mid-run has followers
         # already serving, who must see what it withholds as it loads.
@@ -320,16 +321,26 @@ class WorkerRepository:
 
     # -- a follower -----------------------------------------------------------------------------
 
-    def _follow(self) -> None:
-        """Read ``driver.json`` if it changed, and route what it says."""
+    def _read_driver(self) -> dict[str, Any] | None:
+        """``driver.json`` as it is (None: missing, or unreadable: logged). A worker that never
+        followed (the workers restarted together, on SIGHUP) finds the last driver's there."""
         path = self._dir / DRIVER
-        seen = file_stamp(path)
-        if seen is None or seen == self._seen:
-            return
         try:
             driver = orjson.loads(path.read_bytes())
+        except FileNotFoundError:
+            return None
         except (OSError, orjson.JSONDecodeError) as exc:
             log.warning("repository: cannot read the driving worker's %s: %s", path, exc)
+            return None
+        return driver if isinstance(driver, dict) else None
+
+    def _follow(self) -> None:
+        """Read ``driver.json`` if it changed, and route what it says."""
+        seen = file_stamp(self._dir / DRIVER)
+        if seen is None or seen == self._seen:
+            return
+        driver = self._read_driver()
+        if driver is None:
             return
         self._seen = seen
         self._driver = driver

@@ -327,6 +327,22 @@ async def test_when_the_driver_exits_a_follower_takes_over(tmp_path: Path) -> No
         await b.close()
 
 
+async def test_a_worker_driving_from_its_start_seeds_its_sync_with_what_the_last_driver_placed(tmp_path: Path) -> None:
+    gate = asyncio.Event()
+    gate.set()
+    a = worker(tmp_path, 101, gate)
+    await a.start()
+    driver = a.sync
+    await a.close()  # the workers restart together: the next one never followed it
+    b = worker(tmp_path, 102, gate)
+    try:
+        await b.start()
+        assert b.driving and isinstance(b.sync, FakeSync) and isinstance(driver, FakeSync)
+        assert b.sync.seeded == driver.placements()
+    finally:
+        await b.close()
+
+
 async def test_a_worker_taking_over_publishes_what_it_withholds_while_its_first_round_runs(tmp_path: Path) -> None:
     ready, loading = asyncio.Event(), asyncio.Event()
     ready.set()
