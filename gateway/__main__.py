@@ -5,13 +5,27 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
 from gateway.cache import configured
 from gateway.cache.host import SEGMENT_ENV, create_segment
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.host_files import WORKERS_ENV, create_workers_folder
+
+# What SIGHUP does to one uvicorn process (server.workers = 1): nothing. uvicorn's server handles
+# only SIGINT and SIGTERM, and SIGHUP's default action would end the process at once, cutting off
+# the requests in flight. (With workers > 1 the supervisor restarts the workers on SIGHUP, and
+# they read the config again: gateway/supervisor.py.)
+SIGHUP_IGNORED = (
+    "SIGHUP ignored: with one worker (server.workers = 1) it reloads nothing. The rollout file and the "
+    "model repository are read again on change by themselves; other settings take a restart "
+    "(or server.workers > 1, where SIGHUP restarts the workers, which read the config again)"
+)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -94,7 +108,8 @@ def _run(args: argparse.Namespace, config: GatewayConfig, workers: int) -> int:
         timeout_graceful_shutdown=int(config.server.shutdown_grace_s) + 1,
     )
     if workers == 1:
-        uvicorn.run(build_app(config), **settings)
+        with _sighup_ignored():
+            uvicorn.run(build_app(config), **settings)
     else:
         # uvicorn's workers, refusing new connections once told to stop (gateway/supervisor.py),
         # with connections spread evenly over them (gateway/accept_balance.py) unless that is
@@ -104,6 +119,26 @@ def _run(args: argparse.Namespace, config: GatewayConfig, workers: int) -> int:
         balance_through = os.environ.get(WORKERS_ENV, "") if config.server.balance_connections else ""
         run_workers(uvicorn.Config("gateway.asgi:app_from_env", factory=True, workers=workers, **settings), balance_through)
     return 0
+
+
+@contextmanager
+def _sighup_ignored() -> Iterator[None]:
+    """While a single uvicorn server runs: SIGHUP only logs ``SIGHUP_IGNORED``. Installed with
+    ``signal.signal`` before the server starts, as uvicorn installs its own (SIGINT, SIGTERM,
+    left as they are); the handler runs in the main thread, between the event loop's turns."""
+    hup = getattr(signal, "SIGHUP", None)
+    if hup is None:  # not on this platform
+        yield
+        return
+
+    def on_hup(signum: int, frame: FrameType | None) -> None:
+        logging.getLogger("gateway").warning(SIGHUP_IGNORED)
+
+    previous = signal.signal(hup, on_hup)
+    try:
+        yield
+    finally:
+        signal.signal(hup, previous)
 
 
 def check(args: argparse.Namespace) -> int:

@@ -1,12 +1,14 @@
 """One typed, validated gateway configuration, loaded once from a TOML file.
 
 Each concern has a small frozen dataclass; ``load_config`` builds them from the file, applies
-command-line overrides, and checks cross-field rules, raising ``ConfigError`` with a message that
-names the offending key.
+command-line overrides, and checks every number against its range (``RANGES``: finite, as every
+duration must be bounded, and within the bounds its meaning allows) and the cross-field rules,
+raising ``ConfigError`` with a message that names the offending key and value.
 """
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -78,7 +80,7 @@ class UpstreamConfig:
     dns_refresh_s: float = 10.0
     # Passive outlier ejection: after this many consecutive failures (no answer, timeout, 5xx)
     # an instance is out for eject_base_s x (its recent ejections), at most eject_max_s, with
-    # at most max_ejected_share of the fleet out at once.
+    # at most max_ejected_share of the fleet out at once (0: no ejection), never all of it.
     eject_after_failures: int = 5
     eject_base_s: float = 5.0
     eject_max_s: float = 60.0
@@ -236,10 +238,6 @@ def _instances(raw: Any) -> tuple[InstanceConfig, ...]:
                 raise ConfigError(f"{where}.dns must be a host name, got {shown(inst.dns)}")
             if not 1 <= inst.port <= 65535:
                 raise ConfigError(f"{where} needs a port in 1..65535 with its dns name")
-        if inst.weight <= 0:
-            raise ConfigError(f"{where}.weight must be > 0")
-        if not 0 <= inst.grpc_port <= 65535:
-            raise ConfigError(f"{where}.grpc_port must be in 1..65535")
         out.append(inst)
     keys = [i.url or f"{i.dns}:{i.port}" for i in out]
     if len(set(keys)) != len(keys):
@@ -288,73 +286,131 @@ def parse_config(data: dict[str, Any]) -> GatewayConfig:
     return config
 
 
+@dataclass(frozen=True, slots=True)
+class Range:
+    """The values a numeric setting may take: finite (NaN and infinities never: a duration must be
+    bounded, a weight or share a number), at least ``low`` (above it, with ``low_open``) and at
+    most ``high``. ``text``: the rule as the error says it, when the bounds do not say it alone."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    text: str = ""
+
+    def check(self, key: str, value: float) -> None:
+        finite = isinstance(value, int) or math.isfinite(value)
+        if (
+            finite
+            and (self.low is None or (value > self.low if self.low_open else value >= self.low))
+            and (self.high is None or value <= self.high)
+        ):
+            return
+        rule = self.text or self.said()
+        raise ConfigError(f"{key} must be {rule if finite else 'finite and ' + rule}, got {shown(value)}")
+
+    def said(self) -> str:
+        low, high = (f"{b:g}" if b is not None else "" for b in (self.low, self.high))
+        if self.high is None:
+            return f"> {low}" if self.low_open else f">= {low}"
+        return f"in ({low}, {high}]" if self.low_open else f"in {low}..{high}"
+
+
+POSITIVE = Range(0, low_open=True)  # durations that must pass: a timeout, an interval, a TTL
+NOT_NEGATIVE = Range(0)  # where 0 means "at once" or "none"
+COUNT = Range(1)
+SHARE = Range(0, 1)  # 0 is meaningful (off)
+
+# Every int and float field of every section, with the range it must be in (tests check that
+# none is left out). Cross-field rules follow in ``validate``.
+RANGES: dict[type, dict[str, Range]] = {
+    ServerConfig: {
+        "port": Range(0, 65535),  # 0: any free port
+        "max_body_bytes": Range(1024, text="at least 1024"),
+        "workers": Range(1, 256),
+        "shutdown_grace_s": NOT_NEGATIVE,  # 0: requests in flight are cancelled at once
+        "read_timeout_s": POSITIVE,
+        "max_header_bytes": Range(1024, text="at least 1024"),
+    },
+    InstanceConfig: {
+        "weight": POSITIVE,
+        # 0 with a url (which carries its port); a dns name needs one in 1..65535 (``_instances``).
+        "port": Range(0, 65535),
+        "grpc_port": Range(0, 65535, text="in 1..65535 (or 0: not given)"),
+    },
+    UpstreamConfig: {
+        "connect_timeout_s": POSITIVE,
+        "request_timeout_s": POSITIVE,
+        "max_tries": COUNT,
+        "max_connections_per_instance": COUNT,
+        "max_inflight_per_instance": COUNT,
+        "active_request_bias": Range(0, 4),
+        "health_interval_s": POSITIVE,
+        "health_timeout_s": POSITIVE,
+        "dns_refresh_s": POSITIVE,
+        "eject_after_failures": COUNT,
+        "eject_base_s": POSITIVE,
+        "eject_max_s": POSITIVE,  # and >= eject_base_s
+        "max_ejected_share": SHARE,  # 0: no ejection; the fleet is never emptied (instances.py)
+        "metadata_ttl_s": POSITIVE,
+    },
+    BatchingConfig: {
+        "max_batch_size": COUNT,
+        "max_queue_delay_ms": NOT_NEGATIVE,  # and shorter than upstream.request_timeout_s
+        "max_inflight_batches": COUNT,
+        "max_queue_rows": COUNT,  # and >= max_batch_size
+        "hold_ms": NOT_NEGATIVE,  # 0: no hold; shorter than upstream.request_timeout_s
+        "hold_cpu_busy": Range(0, 1, text="in [0, 1]"),  # 0: whatever the load
+    },
+    CacheConfig: {
+        "max_bytes": NOT_NEGATIVE,
+        "ttl_s": POSITIVE,
+        "max_share": Range(0, 1, low_open=True),
+        "redis_timeout_ms": POSITIVE,
+        "host_max_bytes": Range(-1, text=">= 0 (or -1: as cache.max_bytes)"),
+    },
+    RolloutConfig: {"reload_interval_s": POSITIVE},
+    RepositoryConfig: {"scan_interval_s": POSITIVE, "load_timeout_s": POSITIVE, "drain_timeout_s": POSITIVE},
+}
+
+
+def _check_numbers(section: Any, where: str) -> None:
+    for name, allowed in RANGES[type(section)].items():
+        allowed.check(f"{where}.{name}", getattr(section, name))
+
+
 def validate(config: GatewayConfig) -> None:
-    s, u, b = config.server, config.upstream, config.batching
-    if not 0 <= s.port <= 65535:
-        raise ConfigError(f"server.port must be in 0..65535, got {s.port}")
-    if not 1 <= s.workers <= 256:
-        raise ConfigError(f"server.workers must be in 1..256, got {s.workers}")
-    if s.max_body_bytes < 1024:
-        raise ConfigError("server.max_body_bytes must be at least 1024")
-    if not s.read_timeout_s > 0:
-        raise ConfigError(f"server.read_timeout_s must be > 0, got {s.read_timeout_s}")
-    if s.max_header_bytes < 1024:
-        raise ConfigError(f"server.max_header_bytes must be at least 1024, got {s.max_header_bytes}")
-    for name in ("connect_timeout_s", "request_timeout_s", "health_interval_s", "health_timeout_s", "dns_refresh_s"):
-        if getattr(u, name) <= 0:
-            raise ConfigError(f"upstream.{name} must be > 0")
-    for name in ("max_connections_per_instance", "max_inflight_per_instance", "max_tries", "eject_after_failures"):
-        if getattr(u, name) < 1:
-            raise ConfigError(f"upstream.{name} must be >= 1")
-    if u.eject_base_s <= 0 or u.eject_max_s < u.eject_base_s:
-        raise ConfigError("upstream.eject_base_s must be > 0 and upstream.eject_max_s >= eject_base_s")
-    if not 0 <= u.active_request_bias <= 4:
-        raise ConfigError(f"upstream.active_request_bias must be in 0..4, got {u.active_request_bias}")
-    if not 0 <= u.max_ejected_share <= 1:
-        raise ConfigError(f"upstream.max_ejected_share must be in 0..1, got {u.max_ejected_share}")
-    _validate_batching(b, "batching", u)
-    for name, model in b.models.items():
-        _validate_batching(model, f"batching.models.{name}", u)
-    if config.rollout.reload_interval_s <= 0:
-        raise ConfigError("rollout.reload_interval_s must be > 0")
-    r = config.repository
-    for name in ("scan_interval_s", "load_timeout_s", "drain_timeout_s"):
-        if getattr(r, name) <= 0:
-            raise ConfigError(f"repository.{name} must be > 0")
+    s, u, b, c, r = config.server, config.upstream, config.batching, config.cache, config.repository
+    _check_numbers(s, "server")
+    _check_numbers(u, "upstream")
+    for i, instance in enumerate(u.instances):
+        _check_numbers(instance, f"upstream.instances[{i}]")
+    for where, batching in [("batching", b), *((f"batching.models.{n}", m) for n, m in b.models.items())]:
+        _check_numbers(batching, where)
+        _validate_batching(batching, where, u)
+    for where, cache in [("cache", c), *((f"cache.models.{n}", m) for n, m in c.models.items())]:
+        _check_numbers(cache, where)
+    _check_numbers(config.rollout, "rollout")
+    _check_numbers(r, "repository")
+    if u.eject_max_s < u.eject_base_s:
+        raise ConfigError(
+            f"upstream.eject_max_s must be >= upstream.eject_base_s ({shown(u.eject_base_s)}), got {shown(u.eject_max_s)}"
+        )
     if r.path and any(not i.grpc_port for i in u.instances):
         raise ConfigError(
             "repository.path is set, so the gateway loads models, over gRPC: give every "
             "upstream.instances entry its grpc_port (Triton's --grpc-port)"
         )
-    c = config.cache
-    if c.max_bytes < 0:
-        raise ConfigError("cache.max_bytes must be >= 0")
-    if c.redis_timeout_ms <= 0:
-        raise ConfigError("cache.redis_timeout_ms must be > 0")
-    if c.host_max_bytes < -1:
-        raise ConfigError("cache.host_max_bytes must be >= 0 (or -1: as cache.max_bytes)")
     if c.redis_url and not c.redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"cache.redis_url must look like redis://host:port/db, got {shown(c.redis_url)}")
-    for where, m in [("cache", c), *((f"cache.models.{n}", m) for n, m in c.models.items())]:
-        if m.ttl_s <= 0:
-            raise ConfigError(f"{where}.ttl_s must be > 0")
-        if not 0 < m.max_share <= 1:
-            raise ConfigError(f"{where}.max_share must be in (0, 1], got {m.max_share}")
 
 
 def _validate_batching(b: BatchingConfig, where: str, u: UpstreamConfig) -> None:
-    if b.max_batch_size < 1 or b.max_inflight_batches < 1 or b.max_queue_rows < 1:
-        raise ConfigError(f"{where}: max_batch_size, max_inflight_batches and max_queue_rows must be >= 1")
+    """The cross-field rules of [batching] or one [batching.models.<name>] (numbers checked)."""
     for name in ("max_queue_delay_ms", "hold_ms"):
-        delay = getattr(b, name)
-        if not delay >= 0:  # also refuses NaN
-            raise ConfigError(f"{where}.{name} must be >= 0")
-        if delay / 1000 >= u.request_timeout_s:
+        if getattr(b, name) / 1000 >= u.request_timeout_s:
             raise ConfigError(
                 f"{where}.{name} must be shorter than upstream.request_timeout_s: requests would time out while queued"
             )
-    if not 0 <= b.hold_cpu_busy <= 1:  # also refuses NaN
-        raise ConfigError(f"{where}.hold_cpu_busy must be in [0, 1], got {b.hold_cpu_busy}")
     if b.max_queue_rows < b.max_batch_size:
         raise ConfigError(f"{where}.max_queue_rows must be >= {where}.max_batch_size")
 

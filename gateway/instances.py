@@ -15,9 +15,11 @@ An ``Instance`` is written by two sources and read by the router without awaitin
   ``record_failure``. ``eject_after`` consecutive failures (no answer, a timeout, a 5xx) eject
   the instance for ``base × k`` seconds, capped at ``max``, where k counts its ejections since
   it last stayed healthy for ``max`` seconds: a flapping instance stays out longer each time.
-  At most ``max_share`` of the fleet is ejected at once (one instance of two); when the limit is
-  reached the instance stays in, as Envoy does, since ejecting everything serves no one. An
-  ejected instance comes back on the first successful probe after its ejection time.
+  At most ``max_share`` of the fleet is ejected at once (one instance of two), and never all of
+  it, whatever the share (1.0 included): ejection always leaves one instance. Down instances
+  count as out. When the limit is reached the instance stays in, as Envoy does, since ejecting
+  everything serves no one. An ejected instance comes back on the first successful probe after
+  its ejection time.
 
 A connection refused is different from a failed request: nothing listens, so the instance is
 marked down at once (``live = False``) and the next successful probe brings it back.
@@ -43,9 +45,11 @@ class EjectionPolicy:
     max_share: float = 0.5
 
     def max_ejected(self, fleet_size: int) -> int:
-        if fleet_size < 2 or self.max_share <= 0:
+        """The most of ``fleet_size`` instances that may be out (ejected or down) after an
+        ejection: ``max_share`` of them, at least one, and never all (a share of 1 included)."""
+        if fleet_size < 2 or not self.max_share > 0:
             return 0
-        return max(1, int(self.max_share * fleet_size))
+        return min(fleet_size - 1, max(1, int(self.max_share * fleet_size)))
 
 
 @dataclass(slots=True, eq=False)

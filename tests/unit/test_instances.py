@@ -63,6 +63,26 @@ def test_down_instances_count_in_the_share_so_ejection_never_empties_the_fleet()
     assert not fail(a, [a, b], 0.0, 10) and a.routable
 
 
+def test_a_share_of_one_still_leaves_one_instance_routable() -> None:
+    policy = EjectionPolicy(after_failures=1, base_s=5.0, max_s=30.0, max_share=1.0)
+    for size in (2, 3, 5):
+        fleet = [Instance(str(i)) for i in range(size)]
+        for inst in fleet:
+            for _ in range(3):
+                inst.record_failure("boom", 0.0, fleet, policy)
+        assert [i.routable for i in fleet].count(True) == 1, size
+        assert sum(i.ejected for i in fleet) == size - 1
+    assert [EjectionPolicy(max_share=1.0).max_ejected(n) for n in (1, 2, 3, 10)] == [0, 1, 2, 9]
+    assert [EjectionPolicy(max_share=0.9).max_ejected(n) for n in (2, 10, 11)] == [1, 9, 9]
+
+
+def test_a_share_of_one_counts_down_instances_so_the_last_live_one_stays() -> None:
+    a, b, c = Instance("a"), Instance("b"), Instance("c", live=False)
+    policy = EjectionPolicy(after_failures=1, max_share=1.0)
+    assert a.record_failure("x", 0.0, [a, b, c], policy)  # c down, a ejected: b is left
+    assert not b.record_failure("x", 0.0, [a, b, c], policy) and b.routable
+
+
 def test_zero_share_disables_ejection() -> None:
     a, b = Instance("a"), Instance("b")
     policy = EjectionPolicy(after_failures=1, max_share=0.0)
