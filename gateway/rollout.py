@@ -11,9 +11,10 @@ The rollout file (TOML, ``[rollout] file`` in the gateway config) holds one tabl
     ramp_min_requests = 200       # ...each step lasting at least this many canary requests
     ramp_min_seconds = 30.0       # ...and this long; after the last step the canary is promoted
     rollback_error_rate = 0.02    # optional: roll back when the canary's error rate exceeds
-                                  # stable's by more than this...
-    rollback_latency_ratio = 2.0  # ...or its p99 latency exceeds this many times stable's...
-    rollback_window = 200         # ...over the last this-many requests of each (at least)
+                                  # stable's by more than this, significantly...
+    rollback_latency_ratio = 2.0  # ...or more of its requests than chance allows take over
+                                  # this many times stable's p99...
+    rollback_window = 200         # ...over the last this-many computed answers of each
     shadow = "3"                  # optional: a candidate that also gets a copy of requests...
     shadow_share = 0.1            # ...this share of them; clients never see its answers
 
@@ -35,9 +36,30 @@ sequences (``gateway.sequences``). Any other request without the header is drawn
 Automatic decisions (``RolloutState``): every request served through the rollout is recorded
 (its version, whether it failed with a 5xx or timeout, its latency); answers from the cache
 count for the ramp but not in the rollback windows, which compare the versions' computations.
-When the canary breaches the rollback rule over a full window, its share goes to 0 at once and
-a ``rollback`` event is recorded with the evidence (both error rates and p99s, the window). When the canary has
-completed every ramp step in good health, it is promoted: it becomes the stable version.
+The rollback rules are checked over the canary's full window every ``EVALUATE_EVERY`` canary
+answers, and again right before each ramp step: with a rule set, a step (and the promotion)
+waits, however many answers it has counted, until the canary's window is full (with the latency
+rule, stable's too) and the rules hold then. Without a rule, the ramp steps on its counts alone.
+Each rule fires on evidence, not on a chance difference between two samples: a canary no worse
+than stable trips a rule in about 1 check in 1000 (one-sided tests):
+
+- errors: the canary's error rate is above stable's by more than ``rollback_error_rate`` and a
+  pooled two-proportion z-test finds it worse (z > 3.09); a stable without requests in its
+  window counts as a clean one of the canary's size.
+- latency, once stable's window is full: the count of the canary's requests that took over
+  ``rollback_latency_ratio`` x stable's p99 is more than a version like stable gives (at most 1%
+  of its requests are above its p99): P(Binomial(n, 0.01) >= count) < 0.001. With a ratio of 1
+  the reference is stable's p99 as estimated from its window, which chance alone beats in about
+  1 check in 100; from a ratio of 1.5 up, far less than 1 in 1000.
+
+A small window detects only large regressions (what windows of 200 catch, simulated: README,
+"Canary rollouts").
+
+When the canary breaches a rule, its share goes to 0 at once and a ``rollback`` event is
+recorded with the evidence: the rule, the window, both error rates, and the error rule's z, or
+the latency rule's p99s, count of slow requests and their probability (``p_value``). When the
+canary has completed every ramp step in good health, it is promoted: it becomes the stable
+version.
 
 Shadow mode mirrors a share of the requests the rollout serves to a candidate version, in the
 background: the client's answer never waits for it nor depends on it. Each shadow answer is
@@ -80,7 +102,11 @@ _KEYS = {
     "stable", "canary", "canary_share", "sticky_header", "ramp", "ramp_min_requests", "ramp_min_seconds",
     "rollback_error_rate", "rollback_latency_ratio", "rollback_window", "shadow", "shadow_share",
 }  # fmt: skip
-EVALUATE_EVERY = 10  # canary outcomes between two checks of the rollback rule
+EVALUATE_EVERY = 10  # canary outcomes between two checks of the rollback rule (and one before each step)
+# The rollback rules' false alarms: about 1 in 1000 checks of a canary no worse than stable.
+Z_WORSE = 3.09  # the error rule: a one-sided z of 3.09 (P(Z > 3.09) = 0.001)
+SLOW_SHARE = 0.01  # the latency rule: at most this share of a version's latencies is above its p99...
+P_SLOWER = 0.001  # ...so more canary requests above it than Binomial(n, 0.01) gives with P < 0.001
 MAX_EVENTS = 50
 
 
@@ -148,6 +174,32 @@ class Window:
     def p99(self) -> float:
         latencies = sorted(lat for _, lat in self.items)
         return latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else 0.0
+
+
+def worse_z(x1: int, n1: int, x2: int, n2: int) -> float:
+    """The pooled two-proportion z of ``x1`` failures in ``n1`` requests against ``x2`` in
+    ``n2``: how many standard errors the first rate is above the second, were both the same."""
+    pooled = (x1 + x2) / (n1 + n2)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    return (x1 / n1 - x2 / n2) / se if se > 0 else 0.0
+
+
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), 0 < p < 1: summed in logs (math.lgamma), so that a
+    large window neither overflows nor underflows a term."""
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    lp, lq = math.log(p), math.log1p(-p)
+    lgn = math.lgamma(n + 1)
+    total = 0.0
+    for i in range(k, n + 1):
+        term = math.exp(lgn - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq)
+        total += term
+        if i > n * p and term < total * 1e-17:  # past the mode, the terms only shrink
+            break
+    return min(total, 1.0)
 
 
 @dataclass(slots=True)
@@ -244,11 +296,27 @@ class RolloutState:
                 return
         self.advance(now)
 
+    @property
+    def has_rules(self) -> bool:
+        return self.config.rollback_error_rate is not None or self.config.rollback_latency_ratio is not None
+
+    def judged(self) -> bool:
+        """Whether the rollback rules can be evaluated now: the canary's window is full and, for
+        the latency rule (which compares with stable's p99), stable's is too."""
+        c = self.config
+        if not self.window(self.canary).full:
+            return False
+        return c.rollback_latency_ratio is None or self.window(self.stable).full
+
     def breach(self) -> dict[str, Any] | None:
-        """The evidence of a rollback rule broken over full windows, or None."""
+        """The evidence of a rollback rule broken over full windows, or None.
+
+        Each rule fires on evidence, not on a chance difference between two samples: about once
+        in 1000 checks of a canary that is no worse than stable (one-sided), and only for a
+        regression large enough to show in a window of that size."""
         c = self.config
         canary, stable = self.window(self.canary), self.window(self.stable)
-        if not canary.full or (c.rollback_error_rate is None and c.rollback_latency_ratio is None):
+        if not canary.full or not self.has_rules:
             return None
         evidence = {
             "window": len(canary.items),
@@ -256,19 +324,43 @@ class RolloutState:
             "stable_error_rate": round(stable.error_rate(), 4),
             "stable_requests": len(stable.items),
         }
-        if c.rollback_error_rate is not None and canary.error_rate() > stable.error_rate() + c.rollback_error_rate:
-            return {"rule": f"error rate above stable's by more than {c.rollback_error_rate}", **evidence}
+        if c.rollback_error_rate is not None:
+            n1, x1 = len(canary.items), canary.failures
+            # Stable without a request to compare with: a clean stable of as many requests.
+            n2, x2 = (len(stable.items), stable.failures) if stable.items else (n1, 0)
+            z = worse_z(x1, n1, x2, n2)
+            if x1 / n1 > x2 / n2 + c.rollback_error_rate and z > Z_WORSE:
+                rule = f"error rate above stable's by more than {c.rollback_error_rate}, significantly (z > {Z_WORSE})"
+                return {"rule": rule, **evidence, "z": round(z, 3)}
         if c.rollback_latency_ratio is not None and stable.full:
             cp99, sp99 = canary.p99(), stable.p99()
-            if sp99 > 0 and cp99 > c.rollback_latency_ratio * sp99:
-                rule = f"p99 latency above {c.rollback_latency_ratio} x stable's"
-                return {"rule": rule, "canary_p99_ms": round(cp99 * 1000, 3), "stable_p99_ms": round(sp99 * 1000, 3), **evidence}
+            if sp99 > 0:
+                limit = c.rollback_latency_ratio * sp99
+                slow = sum(1 for _, latency in canary.items if latency > limit)
+                p_value = binomial_tail(slow, len(canary.items), SLOW_SHARE)
+                if p_value < P_SLOWER:
+                    rule = (f"latency above {c.rollback_latency_ratio} x stable's p99 in more of the canary's requests "
+                            f"than 1% could give by chance (p < {P_SLOWER})")  # fmt: skip
+                    return {"rule": rule, "canary_p99_ms": round(cp99 * 1000, 3), "stable_p99_ms": round(sp99 * 1000, 3),
+                            "slow_requests": slow, "p_value": float(f"{p_value:.3g}"), **evidence}  # fmt: skip
         return None
 
     def advance(self, now: float) -> None:
+        """A ramp step (or, after the last, the promotion) once the step has lasted: with a
+        rollback rule, only when the canary's window is full and the rule, evaluated then,
+        holds; a canary whose window is not full yet waits (cache hits count for the step, not
+        for the window)."""
         c = self.config
         if self.step < 0 or self.step_requests < c.ramp_min_requests or now - self.step_started < c.ramp_min_seconds:
             return
+        if self.has_rules:
+            if not self.judged():
+                return
+            self.since_check = 0
+            breach = self.breach()
+            if breach is not None:
+                self.rollback(now, "automatic", **breach)
+                return
         if self.step + 1 < len(c.ramp):
             self.step += 1
             self.share = c.ramp[self.step]

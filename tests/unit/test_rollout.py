@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.rollout import ModelRollout, RolloutConflict, RolloutError, Rollouts, RolloutState, parse_rollout_file, parse_rollouts
+from gateway.rollout import (
+    ModelRollout, RolloutConflict, RolloutError, Rollouts, RolloutState, binomial_tail, load_rollout_file, parse_rollout_file,
+    parse_rollouts, worse_z,
+)  # fmt: skip
 
 
 def test_a_rollout_table_parses() -> None:
@@ -126,6 +129,7 @@ def test_a_failing_canary_is_rolled_back_within_its_window_with_the_evidence() -
     assert counts["2"] <= 100 + 10
     (event,) = [e for e in state.events if e["event"] == "rollback"]
     assert event["by"] == "automatic" and event["canary_error_rate"] > 0.3 and event["stable_error_rate"] == 0.0
+    assert event["z"] > 3.09
     assert rollouts.choose("m") == "1"
 
 
@@ -141,6 +145,8 @@ def test_a_slow_canary_is_rolled_back_on_p99() -> None:
     assert state.status == "rolled_back"
     event = state.events[-1]
     assert event["canary_p99_ms"] == 50.0 and event["stable_p99_ms"] == 10.0
+    # Every one of its 50 requests took over twice stable's p99: 0.01 ** 50 by chance.
+    assert event["slow_requests"] == 50 and event["p_value"] == pytest.approx(1e-100)
 
 
 def test_cached_answers_count_for_the_ramp_but_not_against_the_canary() -> None:
@@ -154,15 +160,17 @@ def test_cached_answers_count_for_the_ramp_but_not_against_the_canary() -> None:
     clock.now = 5.0
     for _ in range(20):  # the canary's answers from the cache: requests it served
         rollouts.record("m", "2", True, 0.00002, computed=False)
-    assert state.share == 0.5 and not state.window("2").items  # stepped on; nothing computed to judge
+    # Enough for the step, but nothing computed to judge: the step waits for a full window.
+    assert state.step_requests == 20 and state.share == 0.25 and not state.window("2").items
     # Stable's answers mostly come from the cache (microseconds); its computations take 10 ms,
-    # as the canary's do: no reason to roll the canary back.
+    # as the canary's do: no reason to roll the canary back. Once both windows are full, the
+    # rule is evaluated, holds, and the canary steps on.
     for _ in range(200):
         for _ in range(9):
             rollouts.record("m", "1", True, 0.00002, computed=False)
         rollouts.record("m", "1", True, 0.01)
         rollouts.record("m", "2", True, 0.01)
-    assert state.status == "canary"
+    assert state.status == "canary" and state.share == 0.5
     assert [latency for _, latency in state.windows["1"].items] == [0.01] * 20
     # Counted as computed, the same hits make stable's p99 tiny, and the canary is rolled back.
     for _ in range(200):
@@ -191,6 +199,159 @@ def test_a_healthy_canary_ramps_step_by_step_and_is_promoted() -> None:
     assert state.status == "promoted" and state.stable == "2" and serve(rollouts, 50) == {"2": 50}
     assert state.share_in_force == 0.0
     assert [e["event"] for e in state.events] == ["ramp", "ramp", "promote"]
+
+
+
+# -- the rollback rules decide before every step, and on evidence ----------------------------------
+
+SHIPPED = Path(__file__).resolve().parents[2] / "configs" / "rollout.toml"
+
+
+def shipped_trial(seed: int, draw: Callable[[str, random.Random], tuple[bool, float]]) -> tuple[RolloutState, int]:
+    """Version 2 dropped in beside version 1 under configs/rollout.toml's [defaults], a request
+    every 50 ms until it is promoted or rolled back; ``draw(version, rng)`` gives each request's
+    (ok, latency). The state and the canary's requests."""
+    clock = Clock()
+    rollouts = Rollouts(clock=clock, seed=seed)
+    rollouts.set_file(load_rollout_file(SHIPPED))
+    rollouts.observe("m", "1", lambda v: True)
+    rollouts.observe("m", "2", lambda v: True)
+    state = rollouts.auto["m"]
+    rng = random.Random(1000 + seed)
+    canary = 0
+    while state.status == "canary" and canary < 20_000:
+        clock.now += 0.05
+        version = rollouts.choose("m")
+        ok, latency = draw(version, rng)
+        canary += version == "2"
+        rollouts.record("m", version, ok, latency)
+    return state, canary
+
+
+def test_a_canary_failing_everything_is_rolled_back_before_any_step() -> None:
+    """Each step needs 20 canary requests, but the window 100: the rule is evaluated when the
+    window is full, before the step, and the canary is rolled back, never promoted."""
+    rollouts = rollouts_with(
+        {"stable": "1", "canary": "2", "ramp": [0.5, 1.0], "ramp_min_requests": 20, "rollback_error_rate": 0.01,
+         "rollback_window": 100},
+        Clock(),
+    )  # fmt: skip
+    state = rollouts.states["m"]
+    counts = serve(rollouts, 1000, fails=lambda v, i: v == "2")
+    assert state.status == "rolled_back" and state.stable == "1" and counts["2"] == 100
+    (event,) = state.events
+    assert event["event"] == "rollback" and event["canary_error_rate"] == 1.0 and event["window"] == 100 and event["z"] > 3.09
+
+
+def test_a_canary_failing_on_what_it_computes_is_judged_before_it_is_promoted() -> None:
+    """Under configs/rollout.toml, a canary failing 9% of its requests while most of its good
+    answers come from the cache: its steps count every answer, but each waits for a full window
+    of computed ones, and the first evaluation rolls it back."""
+
+    def draw(version: str, rng: random.Random) -> tuple[bool, float]:
+        return (rng.random() >= 0.09, 0.01) if version == "2" else (True, 0.01)
+
+    clock = Clock()
+    rollouts = Rollouts(clock=clock, seed=0)
+    rollouts.set_file(load_rollout_file(SHIPPED))
+    rollouts.observe("m", "1", lambda v: True)
+    rollouts.observe("m", "2", lambda v: True)
+    state = rollouts.auto["m"]
+    rng = random.Random(1)
+    while state.status == "canary":
+        clock.now += 1.0
+        version = rollouts.choose("m")
+        ok, latency = draw(version, rng)
+        # Its failures are computed; 2% of its good answers are (the rest are cache hits).
+        rollouts.record("m", version, ok, latency, computed=not ok or version == "1" or rng.random() < 0.02)
+    assert state.status == "rolled_back" and state.stable == "1"
+    assert [e["event"] for e in state.events] == ["canary", "rollback"]
+    assert state.events[-1]["window"] == 200 and state.events[-1]["stable_error_rate"] == 0.0
+
+
+def test_with_a_latency_rule_a_step_waits_for_stables_window_too() -> None:
+    rollouts = rollouts_with(
+        {"stable": "1", "canary": "2", "ramp": [0.5, 1.0], "ramp_min_requests": 10, "rollback_latency_ratio": 2.0,
+         "rollback_window": 20},
+        Clock(),
+    )  # fmt: skip
+    state = rollouts.states["m"]
+    for _ in range(19):
+        rollouts.record("m", "1", True, 0.01)
+    for _ in range(40):
+        rollouts.record("m", "2", True, 0.01)
+    assert state.share == 0.5 and state.window("2").full  # stable's p99 is not known yet
+    rollouts.record("m", "1", True, 0.01)
+    rollouts.record("m", "2", True, 0.01)
+    assert state.share == 1.0 and [e["event"] for e in state.events] == ["ramp"]
+
+
+def test_without_a_stable_request_the_canary_is_compared_with_a_clean_stable_of_its_size() -> None:
+    """All requests go to the canary: 4 failures in 20 could be chance; 10 in 20 are not."""
+    for failing, rolled_back in ((5, False), (2, True)):
+        rollouts = rollouts_with({"stable": "1", "canary": "2", "canary_share": 1.0, "rollback_error_rate": 0.0,
+                                  "rollback_window": 20}, Clock())  # fmt: skip
+        counts = serve(rollouts, 20, fails=lambda v, i, failing=failing: i % failing == 0)
+        state = rollouts.states["m"]
+        assert counts == {"2": 20} and (state.status == "rolled_back") is rolled_back
+        if rolled_back:
+            assert state.events[-1]["stable_requests"] == 0 and state.events[-1]["z"] == pytest.approx(3.651, abs=1e-3)
+
+
+def test_without_rules_the_ramp_steps_on_its_counts_alone() -> None:
+    """No rollback rule: nothing to wait for, every answer (cached or not) counts for the step."""
+    clock = Clock()
+    rollouts = rollouts_with({"stable": "1", "canary": "2", "ramp": [0.1, 0.5, 1.0], "ramp_min_requests": 20,
+                              "ramp_min_seconds": 5.0}, clock)  # fmt: skip
+    state = rollouts.states["m"]
+    clock.now = 5.0
+    for _ in range(20):
+        rollouts.record("m", "2", True, 0.00002, computed=False)
+    assert state.share == 0.5 and not state.window("2").items
+    clock.now = 10.0
+    for _ in range(19):
+        rollouts.record("m", "2", False, 1.0)  # failing and slow: no rule to judge it by
+    assert state.share == 0.5
+    rollouts.record("m", "2", False, 1.0)
+    assert state.share == 1.0
+    clock.now = 15.0
+    serve(rollouts, 20)
+    assert state.status == "promoted" and [e["event"] for e in state.events] == ["ramp", "ramp", "promote"]
+
+
+def test_identical_versions_are_seldom_rolled_back() -> None:
+    """Both versions failing 5% of their requests, or with the same spread of latencies
+    (log-normal, sigma 1): under configs/rollout.toml, the old rules rolled such a canary back
+    in 85% and 45% of trials. Now each check trips about once in 1000 by chance; over a trial's
+    checks, 2.5% and 0% of 1000 simulated trials: at most 6 and 2 of these 100."""
+    errors = [shipped_trial(seed, lambda v, rng: (rng.random() >= 0.05, 0.01))[0].status for seed in range(100)]
+    assert errors.count("rolled_back") <= 6 and errors.count("promoted") + errors.count("rolled_back") == 100
+    latencies = [shipped_trial(seed, lambda v, rng: (True, 0.01 * rng.lognormvariate(0, 1.0)))[0].status for seed in range(100)]
+    assert latencies.count("rolled_back") <= 2 and latencies.count("promoted") + latencies.count("rolled_back") == 100
+
+
+def test_a_clearly_failing_or_slower_canary_is_rolled_back_within_a_few_windows() -> None:
+    """Under configs/rollout.toml (a window of 200): a canary failing 10% against none, and one
+    whose latencies are 3 times stable's (log-normal, sigma 0.25), are rolled back once their
+    window is full (at most 220 and 200 canary requests in 300 and 200 simulated trials)."""
+    for seed in range(20):
+        state, canary = shipped_trial(seed, lambda v, rng: (v == "1" or rng.random() >= 0.10, 0.01))
+        assert state.status == "rolled_back" and canary <= 300, (seed, canary)
+        assert state.events[-1]["z"] > 3.09 and state.events[-1]["stable_error_rate"] == 0.0
+        state, canary = shipped_trial(seed, lambda v, rng: (True, (3 if v == "2" else 1) * 0.01 * rng.lognormvariate(0, 0.25)))
+        assert state.status == "rolled_back" and canary <= 300, (seed, canary)
+        assert state.events[-1]["slow_requests"] >= 9 and state.events[-1]["p_value"] < 0.001
+
+
+def test_the_statistics_of_the_rules() -> None:
+    # P(X >= k), X ~ Binomial(200, 0.01): 8 slow requests of 200 could be chance (p = 0.001), 9 not.
+    assert binomial_tail(0, 200, 0.01) == 1.0 and binomial_tail(201, 200, 0.01) == 0.0
+    assert binomial_tail(1, 200, 0.01) == pytest.approx(1 - 0.99**200)
+    assert binomial_tail(8, 200, 0.01) == pytest.approx(0.0010126, rel=1e-4) and binomial_tail(9, 200, 0.01) < 0.001
+    assert 0 < binomial_tail(2000, 100_000, 0.01) < 1e-100  # a large window: no overflow
+    # The pooled z: 10 failures of 200 against 0 of 200 is just significant; the same rate is not.
+    assert worse_z(10, 200, 0, 200) == pytest.approx(3.2026, abs=1e-4) and worse_z(10, 200, 10, 200) == 0.0
+    assert worse_z(0, 200, 0, 200) == 0.0 and worse_z(200, 200, 200, 200) == 0.0
 
 
 def test_operator_actions_and_their_errors() -> None:

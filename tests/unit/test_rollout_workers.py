@@ -108,8 +108,10 @@ def test_a_worker_behind_still_rolls_back_over_a_ramp_step(tmp_path: Path) -> No
     config = ModelRollout("1", "2", ramp=(0.5, 0.75, 1.0), ramp_min_requests=5, rollback_error_rate=0.1, rollback_window=10)
     a, shared_a = worker(tmp_path, 1, config)
     b, _ = worker(tmp_path, 2, config)
-    for _ in range(5):
+    for _ in range(10):  # a full window, judged: a ramp step
         a.record("m", "2", True, 0.01)
+    state_a = a.state("m")
+    assert state_a is not None and state_a.step == 1
     fail_canary(b)
     shared_a.poll()
     state_a = a.state("m")
