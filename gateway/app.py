@@ -133,7 +133,8 @@ def build_app(config: GatewayConfig, cache_segment: str = "", workers_folder: st
             shared = worker_repository(workers_folder, config.repository, router, repository_sync) if workers_folder else None
             sync = shared or repository_sync()
             await sync.start()  # the repository is loaded before the gateway takes traffic
-        rollouts = Rollouts.from_file(Path(config.rollout.file)) if config.rollout.file else Rollouts()
+        kept = Path(workers_folder) / "rollout" / "in-force.toml" if workers_folder else None
+        rollouts = Rollouts.from_file(Path(config.rollout.file), kept=kept) if config.rollout.file else Rollouts()
         pipeline = InferencePipeline(
             config.batching, router, MetadataCache(router, u.metadata_ttl_s), cache=cache, rollouts=rollouts,
             cpu_busy=HostCpu().busy,

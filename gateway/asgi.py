@@ -19,4 +19,7 @@ def app_from_env() -> InferEndpoint:
         raise RuntimeError("set GATEWAY_CONFIG to the gateway's TOML config file")
     # Set by ``python -m gateway serve`` for its workers: the cache's host tier (cache/host.py)
     # and the workers' folder (host_files.create_workers_folder).
-    return build_app(load_config(path), os.environ.get(SEGMENT_ENV, ""), os.environ.get(WORKERS_ENV, ""))
+    workers = os.environ.get(WORKERS_ENV, "")
+    # A worker of a running gateway (its folder set) starts even where the rollout file went bad
+    # since the gateway started, from the rollout in force in the other workers.
+    return build_app(load_config(path, check_rollout=not workers), os.environ.get(SEGMENT_ENV, ""), workers)

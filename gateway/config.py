@@ -415,7 +415,12 @@ def _validate_batching(b: BatchingConfig, where: str, u: UpstreamConfig) -> None
         raise ConfigError(f"{where}.max_queue_rows must be >= {where}.max_batch_size")
 
 
-def load_config(path: str | Path, *, host: str | None = None, port: int | None = None) -> GatewayConfig:
+def load_config(
+    path: str | Path, *, host: str | None = None, port: int | None = None, check_rollout: bool = True
+) -> GatewayConfig:
+    """The config of ``path``, with the command line's overrides; ``check_rollout``: refuse a bad
+    rollout file too (not in a worker of a running gateway: it starts from the rollout in force
+    in the others, ``Rollouts.from_file``)."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
@@ -431,7 +436,7 @@ def load_config(path: str | Path, *, host: str | None = None, port: int | None =
         server = replace(server, port=port)
     config = replace(config, server=server)
     validate(config)
-    if config.rollout.file:
+    if config.rollout.file and check_rollout:
         from gateway.rollout import RolloutError, load_rollouts
 
         try:

@@ -23,8 +23,10 @@ version dropped into the repository a canary by itself: for a model without a ta
 the version serving when the gateway first sees the model is stable, and each newer version that
 becomes routable on every instance starts as a canary of it at ``canary_share`` (or the first ramp
 step), ramps, and is promoted or rolled back by these rules. Its state lives in memory, like
-operator actions: after a restart the newest version serves again, so remove a rolled-back
-version's folder (or give the model a table).
+operator actions (shared by a gateway's workers, a replacement joining them:
+``rollout_workers.py``): after a restart of the gateway the newest version serves again, so
+remove a rolled-back version's folder (or give the model a table). A canary that leaves the
+fleet ends its trial: a version published again under its number is a canary anew.
 
 A request naming a version (``/v2/models/{m}/versions/{v}/infer``) bypasses the rollout; a model
 without a table (and no ``[defaults]``) is served by the newest version READY on every instance. With a sticky header, the
@@ -82,6 +84,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import random
 import time
 import tomllib
@@ -429,11 +432,13 @@ class RolloutState:
         }
 
 
-def trial_key(model: str, config: ModelRollout, since: object = None) -> str:
-    """What names a trial the same way in every worker: the model, its table (or, under
-    ``[defaults]``, its stable and canary versions), and ``since``, the rollout file's stamp when
-    the table took effect: a table edited away and back is a new trial."""
-    text = repr((model, config, since) if since is not None else (model, config.stable, config.canary))
+def trial_key(model: str, config: ModelRollout, automatic: bool = False) -> str:
+    """What names a trial the same way in every worker, whenever it started and whichever
+    versions of the file it read: the model and its table, or, for an ``automatic`` trial (under
+    ``[defaults]``), its stable and canary versions (the rules may be edited meanwhile). A trial
+    that ends (its table edited or removed, its canary or stable gone) is forgotten by every
+    worker (``Rollouts.on_trial_over``), so the same table or versions again are a new trial."""
+    text = repr((model, config.stable, config.canary) if automatic else (model, config))
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
@@ -534,13 +539,19 @@ def _share(value: Any) -> bool:
 
 
 def load_rollout_file(path: Path) -> RolloutFile:
+    return read_rollout_file(path)[0]
+
+
+def read_rollout_file(path: Path) -> tuple[RolloutFile, str]:
+    """The rollout of ``path`` and the text it was read from; RolloutError if it is missing or
+    invalid."""
     try:
-        data = tomllib.loads(path.read_text())
+        text = path.read_text()
+        return parse_rollout_file(tomllib.loads(text)), text
     except FileNotFoundError:
         raise RolloutError(f"rollout file not found: {path}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise RolloutError(f"{path}: invalid TOML: {exc}") from None
-    return parse_rollout_file(data)
 
 
 def load_rollouts(path: Path) -> dict[str, ModelRollout]:
@@ -558,14 +569,22 @@ class Rollouts:
         self.auto: dict[str, RolloutState] = {}  # models without a table, under [defaults]
         self.error = ""  # why the file on disk is not the rollout in force, if it is not
         self._stamp: tuple[int, int] | None = None
+        self._changing: tuple[int, int] | None = None  # a new stamp, seen once
+        self._kept: Path | None = None  # ``from_file``
         self._rng = random.Random(seed)
         self._clock = clock
         self.served: dict[tuple[str, str], int] = {}  # (model, version) -> requests
         # The header names any rollout pins clients by: the infer endpoint keeps only these.
         self.pin_headers: frozenset[bytes] = frozenset()
-        # Told of every decision this process makes (model, state, "automatic" | "operator"),
-        # for the other workers to take over (rollout_workers.py).
+        # With several workers (rollout_workers.py): told of every decision this process makes
+        # (model, state, "automatic" | "operator"), for the others to take over; of every trial
+        # that ended here (its key), for them to forget it; told of every trial started here,
+        # to take over where the others stand in it; and asked, for a model without a table
+        # seen for the first time, which versions the others' automatic trial of it runs.
         self.on_decision: Callable[[str, RolloutState, str], None] | None = None
+        self.on_trial_over: Callable[[str], None] | None = None
+        self.on_trial_started: Callable[[RolloutState], bool] | None = None
+        self.recall: Callable[[str], tuple[str, str] | None] | None = None
 
     @property
     def models(self) -> dict[str, ModelRollout]:
@@ -574,11 +593,15 @@ class Rollouts:
     def set_models(self, models: dict[str, ModelRollout]) -> None:
         """A new set of tables: unchanged tables keep their state, changed ones start afresh."""
         now = self._clock()
+        before = self.states
         self.states = {
-            name: state if (state := self.states.get(name)) is not None and state.config == config
-            else self._start(name, config, now, since=self._stamp or ())
+            name: state if (state := before.get(name)) is not None and state.config == config
+            else self._start(name, config, now)
             for name, config in models.items()
         }  # fmt: skip
+        for name, state in before.items():
+            if self.states.get(name) is not state:
+                self._over(state)
         self.pin_headers = frozenset(r.sticky_header for r in models.values() if r.sticky_header)
 
     def set_file(self, rollout: RolloutFile) -> None:
@@ -595,31 +618,76 @@ class Rollouts:
                 state.config = replace(defaults, stable=state.config.stable, canary=state.config.canary)
         self.defaults = defaults
         for name in rollout.models:
-            self.auto.pop(name, None)  # a table of its own wins
+            if name in self.auto:
+                self._over(self.auto.pop(name))  # a table of its own wins
         if defaults is not None:
             for name, state in before.items():
                 if name not in rollout.models and name not in self.auto:
                     # Its table is gone: the version it served stays stable, under the defaults.
-                    self.auto[name] = self._start(name, replace(defaults, stable=state.stable), now)
+                    self._auto(name, replace(defaults, stable=state.stable), now)
         pins = {r.sticky_header for r in rollout.models.values() if r.sticky_header}
         if self.defaults is not None and self.defaults.sticky_header:
             pins.add(self.defaults.sticky_header)
         self.pin_headers = frozenset(pins)
 
     @classmethod
-    def from_file(cls, path: Path, clock: Callable[[], float] = time.monotonic) -> Rollouts:
-        """The rollout of ``path``; RolloutError if the file is missing or invalid."""
+    def from_file(cls, path: Path, clock: Callable[[], float] = time.monotonic, kept: Path | None = None) -> Rollouts:
+        """The rollout of ``path``; RolloutError if the file is missing or invalid. ``kept``
+        (with several workers): where the text of every rollout put in force is kept, so that a
+        worker starting while the file is bad (a replacement, after a crash) starts from the
+        rollout in force in the others, with the file's error, instead of failing to start."""
         rollouts = cls(path, clock)
+        rollouts._kept = kept
         stat = path.stat() if path.exists() else None
-        rollouts._stamp = (stat.st_mtime_ns, stat.st_size) if stat else None
-        rollouts.set_file(load_rollout_file(path))
+        rollouts._stamp = rollouts._changing = (stat.st_mtime_ns, stat.st_size) if stat else None
+        try:
+            rollout, text = read_rollout_file(path)
+        except RolloutError as exc:
+            if kept is None or not kept.exists():
+                raise
+            rollout, text = read_rollout_file(kept)
+            rollouts.error = str(exc)
+            log.error("rejected rollout file: %s; starting from the rollout in force in the other workers", exc)
+        rollouts.set_file(rollout)
+        rollouts._keep(text)
         return rollouts
 
-    @staticmethod
-    def _start(model: str, config: ModelRollout, now: float, since: object = None) -> RolloutState:
+    def _keep(self, text: str) -> None:
+        if self._kept is None:
+            return
+        try:
+            self._kept.parent.mkdir(exist_ok=True)
+            tmp = self._kept.with_name(f".{self._kept.name}.{os.getpid()}.tmp")  # one per worker: they all write it
+            tmp.write_text(text)
+            os.replace(tmp, self._kept)
+        except OSError as exc:
+            log.warning("rollout: cannot keep the rollout in force in %s for workers to come: %s", self._kept, exc)
+
+    def _start(self, model: str, config: ModelRollout, now: float, automatic: bool = False) -> RolloutState:
         state = RolloutState.start(config, now)
-        state.trial = trial_key(model, config, since)
+        state.trial = trial_key(model, config, automatic)
         return state
+
+    def _over(self, state: RolloutState) -> None:
+        if self.on_trial_over is not None:
+            self.on_trial_over(state.trial)
+
+    def _auto(
+        self, model: str, config: ModelRollout, now: float, old: RolloutState | None = None, kind: str = "", **event: Any
+    ) -> None:
+        """A new automatic trial of ``model`` in force here (``old``'s over), with an event of
+        ``kind``. Where the other workers stand in it is taken over at once; a trial none of
+        them runs yet is announced to them, so that a worker starting later joins it
+        (``recall``) rather than starting its own from the fleet's newest version."""
+        if old is not None:
+            self._over(old)
+        state = self.auto[model] = self._start(model, config, now, automatic=True)
+        if self.on_trial_started is not None and self.on_trial_started(state):
+            return
+        if kind:
+            state.event(kind, now, by="automatic", **event)
+        if self.on_decision is not None:
+            self.on_decision(model, state, "automatic")
 
     def state(self, model: str) -> RolloutState | None:
         """The model's rollout state: its table's, else its automatic one, else None."""
@@ -633,27 +701,31 @@ class Rollouts:
 
     def observe(self, model: str, newest: str, available: Callable[[str], bool]) -> None:
         """Under ``[defaults]``, for a model without a table: the fleet's newest version is
-        ``newest``. The first one seen is stable; a newer one starts a canary of the stable;
-        a stable version that left the fleet gives way to the newest."""
+        ``newest``. The first one seen is stable (unless the other workers run a trial of the
+        model: this worker joins it); a newer one starts a canary of the stable; a stable version
+        that left the fleet gives way to the newest; a canary that left it (rolled back and
+        removed, or removed while on trial) ends its trial, so that a version published again
+        under its number is a canary anew."""
         defaults = self.defaults
         if defaults is None or not newest or model in self.states:
             return
         state = self.auto.get(model)
         now = self._clock()
-        if state is None or not available(state.stable):
-            self.auto[model] = self._start(model, replace(defaults, stable=newest), now)
-            if state is not None:
-                self.auto[model].event("stable", now, by="automatic", stable=newest, previous_stable=state.stable,
-                                       reason="the stable version left the fleet")  # fmt: skip
-            return
-        if state.status == "canary" and not available(state.canary):
-            self.auto[model] = self._start(model, replace(defaults, stable=state.stable), now)
-            self.auto[model].event("canary_gone", now, by="automatic", canary=state.canary, stable=state.stable)
-            return
-        if int(newest) > max(int(state.stable), int(state.canary or 0)):
+        if state is None:
+            recalled = self.recall(model) if self.recall is not None else None
+            stable, canary = recalled if recalled is not None else (newest, "")
+            if not available(stable) or (canary and not available(canary)):
+                stable, canary = newest, ""  # the others' trial is over: they are to see it too
+            self._auto(model, replace(defaults, stable=stable, canary=canary), now)
+        elif not available(state.stable):
+            self._auto(model, replace(defaults, stable=newest), now, state, "stable", stable=newest,
+                       previous_stable=state.stable, reason="the stable version left the fleet")  # fmt: skip
+        elif state.status in ("canary", "rolled_back") and state.canary and not available(state.canary):
+            self._auto(model, replace(defaults, stable=state.stable), now, state, "canary_gone", canary=state.canary, stable=state.stable)
+        elif int(newest) > max(int(state.stable), int(state.canary or 0)):
             config = replace(defaults, stable=state.stable, canary=newest)
-            self.auto[model] = self._start(model, config, now)
-            self.auto[model].event("canary", now, by="automatic", canary=newest, stable=state.stable, share=self.auto[model].share)
+            share = RolloutState.start(config, now).share
+            self._auto(model, config, now, state, "canary", canary=newest, stable=state.stable, share=share)
 
     def stable(self, model: str) -> str:
         state = self.state(model)
@@ -731,7 +803,10 @@ class Rollouts:
         return state.snapshot()
 
     def reload_if_changed(self) -> bool:
-        """Read the file again if it changed; True if a new rollout is now in force."""
+        """Read the file again once it has changed and two looks in a row agree on its size and
+        time (a file read while being written could parse, cut at a line's end, and drop
+        tables); True if a new rollout is now in force. An empty file does not replace a
+        rollout (an editor or a shell redirection empties a file before writing it)."""
         if self.path is None:
             return False
         try:
@@ -744,14 +819,22 @@ class Rollouts:
             return False
         if stamp == self._stamp:
             return False
+        if stamp != self._changing:
+            self._changing = stamp  # acted on once two looks agree: a file being written is not read half-way
+            return False
         self._stamp = stamp
         try:
-            rollout = load_rollout_file(self.path)
+            rollout, text = read_rollout_file(self.path)
+            if stamp[1] == 0 and (self.states or self.defaults is not None):
+                raise RolloutError(
+                    f"{self.path} is empty; the rollout in force stays (to end every rollout, leave a comment in the file)"
+                )
         except RolloutError as exc:
             self.error = str(exc)
             log.error("rejected rollout file: %s; the rollout in force stays", exc)
             return False
         self.set_file(rollout)
+        self._keep(text)
         self.error = ""
         log.warning("rollout loaded from %s: %s", self.path, ", ".join(sorted(rollout.models)) or "no models")
         return True

@@ -12,11 +12,21 @@ folder (``host_files.create_workers_folder``), and every worker reads that file 
 of a change and takes the decision over (``RolloutState.adopt``):
 
 * **One record per trial.** A record holds the trial it belongs to (``rollout.trial_key``: the
-  model, its table and when the table took effect, the same in every worker), where the rollout
+  model and its table, or under ``[defaults]`` its stable and canary versions: the same in every
+  worker, whichever version of the file it read and whenever it started), where the rollout
   stands (stable version, share, status, ramp step), the event with its evidence, the worker
   that made it, and a sequence number. A worker takes over only records of the trial it runs: a
   worker that has not yet read an edited rollout file neither applies the new trial's decisions
   nor overwrites them with its old trial's.
+* **A trial that ends is forgotten.** Its table edited or removed, or (under ``[defaults]``) its
+  canary or stable version gone from the fleet: the worker that sees it first removes its
+  record, so the same table, or a version published again under the same number, starts a
+  trial anew everywhere.
+* **Automatic trials are recorded from their start**, with their versions, so that a worker
+  starting later (a replacement after a crash, a SIGHUP restart) joins the model's trial
+  (``remembered``) rather than making the fleet's newest version, which may be a canary the
+  others rolled back, its stable one. A starting worker takes over where the others stand
+  before it serves.
 * **Written under a lock.** A decision is merged into the file under an exclusive ``flock`` on
   ``decisions.lock`` and the file is replaced in one step. An automatic decision made by a
   worker that had not yet taken over its trial's latest record is written only if it goes
@@ -33,11 +43,12 @@ one-process gateway.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +89,10 @@ class SharedDecisions:
         self._records: dict[str, Any] = {}  # the file's records, by trial, as last read
         self._applied: dict[str, int] = {}  # trial -> the sequence number of its record in force here
         rollouts.on_decision = self.decided
+        rollouts.on_trial_over = self.trial_over
+        rollouts.on_trial_started = self.started
+        rollouts.recall = self.remembered
+        self.poll()  # a worker starting (a replacement, a restart) takes over where the others stand
 
     def _read(self) -> dict[str, Any]:
         """The file's records; none where it is missing or was spoilt (logged: the next decision
@@ -100,12 +115,10 @@ class SharedDecisions:
         record = {
             "model": model, "stable": stable, "share": share, "status": status, "step": step,
             "event": state.events[-1] if state.events else {}, "by": by, "pid": self.pid,
+            "automatic": self._rollouts.auto.get(model) is state, "versions": [state.config.stable, state.config.canary],
         }  # fmt: skip
         try:
-            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)  # held while a few hundred bytes are read and written
-                data = self._read()
+            with self._locked() as data:
                 old = data["trials"].get(state.trial)
                 if old is not None and old["seq"] != self._applied.get(state.trial) and by != "operator":
                     if not goes_further(record, old):
@@ -117,10 +130,55 @@ class SharedDecisions:
                 data["trials"] = dict(kept)
                 replace_file(self._path, orjson.dumps(data))
                 self._applied[state.trial] = data["seq"]
-            finally:
-                os.close(fd)  # lets go of the lock
         except (OSError, KeyError, TypeError) as exc:
             log.error("rollout: could not share the %s decision on %s with the other workers: %s", status, model, exc)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict[str, Any]]:
+        """The file's records, read under the exclusive lock, held until the block ends."""
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held while a few hundred bytes are read and written
+            yield self._read()
+        finally:
+            os.close(fd)  # lets go of the lock
+
+    def trial_over(self, trial: str) -> None:
+        """A trial ended in this worker (its table edited or removed, its canary or stable gone):
+        its record goes, so that the same table or versions again start a new trial everywhere.
+        (A worker still running the trial may write it again; it forgets it in turn once it sees
+        the trial end.)"""
+        self._applied.pop(trial, None)
+        try:
+            with self._locked() as data:
+                if data["trials"].pop(trial, None) is None:
+                    return
+                data["seq"] += 1
+                replace_file(self._path, orjson.dumps(data))
+        except (OSError, KeyError, TypeError) as exc:
+            log.error("rollout: could not tell the other workers that a trial ended: %s", exc)
+
+    def remembered(self, model: str) -> tuple[str, str] | None:
+        """The stable and canary versions of the other workers' latest automatic trial of
+        ``model`` (under ``[defaults]``), or None: a worker that starts (a replacement, after a
+        crash or a SIGHUP) joins it rather than starting its own from the fleet's newest version,
+        which may be a canary they rolled back."""
+        self._refresh()
+        found = [r for r in self._records.values() if r.get("model") == model and r.get("automatic")]
+        if not found:
+            return None
+        stable, canary = max(found, key=lambda r: r["seq"])["versions"]
+        return str(stable), str(canary)
+
+    def started(self, state: RolloutState) -> bool:
+        """A trial started in this worker: where the others stand in it, taken over at once;
+        False if none of them runs it yet."""
+        self._refresh()
+        record = self._records.get(state.trial)
+        if record is None:
+            return False
+        self._adopt(state, record)
+        return True
 
     async def run(self) -> None:
         while True:
@@ -134,18 +192,26 @@ class SharedDecisions:
         """Take over the decisions other workers wrote that this worker has not applied: the
         file is read again when it changed, and its records are held to every trial this worker
         runs, including one it started since the file last changed (a rollout file read late)."""
+        if not self._refresh():
+            return
+        for state in self._rollouts.all_states().values():
+            record = self._records.get(state.trial)
+            if record is not None and record["seq"] != self._applied.get(state.trial):
+                self._adopt(state, record)
+
+    def _refresh(self) -> bool:
+        """Read the file again if it changed; False if it cannot be read."""
         seen = file_stamp(self._path)
         if seen is not None and seen != self._seen:
             try:
                 self._records = self._read()["trials"]
             except OSError as exc:
                 log.warning("rollout: cannot read the workers' decisions in %s: %s", self._path, exc)
-                return
+                return False
             self._seen = seen
-        for state in self._rollouts.all_states().values():
-            record = self._records.get(state.trial)
-            if record is not None and record["seq"] != self._applied.get(state.trial):
-                self._adopt(state, record)
+        elif seen is None:
+            self._records = {}
+        return True
 
     def _adopt(self, state: RolloutState, record: dict[str, Any]) -> None:
         self._applied[state.trial] = record["seq"]

@@ -78,12 +78,55 @@ def test_the_file_is_reloaded_when_it_changes_and_a_bad_one_keeps_the_rollout_in
     assert rollouts.choose("m") == "1" and not rollouts.reload_if_changed()
     path.write_text('[models.m]\nstable = "1"\ncanary = "2"\ncanary_share = 1.0\nsticky_header = "x-user"\n')
     os.utime(path, ns=(1, 10**18))  # a new stamp whatever the file system's clock resolution
+    assert not rollouts.reload_if_changed() and rollouts.choose("m") == "1"  # changed: read once it stays so
     assert rollouts.reload_if_changed() and rollouts.choose("m") == "2" and rollouts.pin_headers == {b"x-user"}
     path.write_text("[models.m\nstable = ")
     os.utime(path, ns=(1, 2 * 10**18))
-    assert not rollouts.reload_if_changed()
+    assert not rollouts.reload_if_changed() and not rollouts.reload_if_changed()
     assert rollouts.choose("m") == "2" and "invalid TOML" in rollouts.error
     assert rollouts.snapshot()["error"] == rollouts.error
+
+
+def test_a_file_being_written_is_read_once_it_stays_the_same_and_an_empty_one_keeps_the_rollout(tmp_path: Path) -> None:
+    path = tmp_path / "rollout.toml"
+    path.write_text('[models.m]\nstable = "1"\ncanary = "2"\ncanary_share = 0.5\n[models.n]\nstable = "3"\n')
+    rollouts = Rollouts.from_file(path)
+    rollouts.act("m", "rollback")
+    path.write_text('[models.m]\nstable = "1"\ncanary = "2"\ncanary_share = 0.5\n')  # cut short mid-write...
+    os.utime(path, ns=(1, 10**18))
+    assert not rollouts.reload_if_changed()
+    path.write_text('[models.m]\nstable = "1"\ncanary = "2"\ncanary_share = 0.5\n[models.n]\nstable = "3"\n# edited\n')
+    os.utime(path, ns=(1, 2 * 10**18))  # ...then written whole: never read cut short
+    assert not rollouts.reload_if_changed()
+    assert set(rollouts.models) == {"m", "n"} and rollouts.choose("m") == "1"  # the rollback stays
+    assert rollouts.reload_if_changed() and set(rollouts.models) == {"m", "n"} and rollouts.choose("m") == "1"
+    path.write_text("")  # emptied before being written (an editor, a shell redirection)
+    os.utime(path, ns=(1, 3 * 10**18))
+    assert not rollouts.reload_if_changed() and not rollouts.reload_if_changed()
+    assert set(rollouts.models) == {"m", "n"} and "empty" in rollouts.error
+    path.write_text("# no rollouts\n")  # ending every rollout is said in so many words
+    os.utime(path, ns=(1, 4 * 10**18))
+    assert not rollouts.reload_if_changed() and rollouts.reload_if_changed()
+    assert rollouts.models == {} and rollouts.error == ""
+
+
+def test_a_worker_starting_while_the_file_is_bad_starts_from_the_rollout_in_force_in_the_others(tmp_path: Path) -> None:
+    path, kept = tmp_path / "rollout.toml", tmp_path / "workers" / "rollout" / "in-force.toml"
+    kept.parent.parent.mkdir()
+    path.write_text('[models.m]\nstable = "1"\ncanary = "2"\ncanary_share = 0.5\n')
+    Rollouts.from_file(path, kept=kept)  # the workers at the gateway's start keep what they put in force
+    path.write_text('[models.m]\nstable = "x"\n')  # the file goes bad while the gateway runs
+    os.utime(path, ns=(1, 10**18))
+    replacement = Rollouts.from_file(path, kept=kept)  # a worker replaced meanwhile
+    assert replacement.models == {"m": ModelRollout("1", "2", 0.5)} and "version number" in replacement.error
+    assert not replacement.reload_if_changed() and not replacement.reload_if_changed()  # no news in the file
+    path.write_text('[models.m]\nstable = "2"\n')
+    os.utime(path, ns=(1, 2 * 10**18))
+    assert not replacement.reload_if_changed() and replacement.reload_if_changed()
+    assert replacement.choose("m") == "2" and replacement.error == ""
+    assert "stable = \"2\"" in kept.read_text()  # for the next worker to come
+    with pytest.raises(RolloutError):  # without a rollout in force elsewhere: the error, as at the start
+        Rollouts.from_file(tmp_path / "missing.toml", kept=tmp_path / "none.toml")
 
 
 def test_a_bad_file_at_start_is_an_error(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import orjson
 
-from gateway.rollout import ModelRollout, Rollouts, trial_key
+from gateway.rollout import ModelRollout, Rollouts, parse_rollout_file, trial_key
 from gateway.rollout_workers import DECISIONS, FOLDER, SharedDecisions, shared_decisions
 
 CANARY = ModelRollout("1", "2", 0.5, rollback_error_rate=0.1, rollback_window=10)
@@ -134,12 +134,85 @@ def test_workers_on_different_trials_neither_apply_nor_overwrite_each_others_dec
     assert {r["status"] for r in trials.values()} == {"rolled_back", "canary"}
 
 
-def test_a_trial_is_named_alike_in_every_worker_and_anew_when_its_table_comes_back() -> None:
-    assert trial_key("m", CANARY, (1, 2)) == trial_key("m", ModelRollout("1", "2", 0.5, rollback_error_rate=0.1, rollback_window=10), (1, 2))
-    assert trial_key("m", CANARY, (1, 2)) != trial_key("m", CANARY, (3, 2))  # edited away and back
-    assert trial_key("m", CANARY, (1, 2)) != trial_key("n", CANARY, (1, 2))
+def test_a_trial_is_named_by_its_table_alone_or_under_the_defaults_by_its_versions() -> None:
+    assert trial_key("m", CANARY) == trial_key("m", ModelRollout("1", "2", 0.5, rollback_error_rate=0.1, rollback_window=10))
+    assert trial_key("m", CANARY) != trial_key("n", CANARY)
+    assert trial_key("m", CANARY) != trial_key("m", ModelRollout("1", "2", 0.3))
     # Under [defaults], a trial is its stable and canary versions (its rules may be edited).
-    assert trial_key("m", CANARY) == trial_key("m", ModelRollout("1", "2", 0.3))
+    assert trial_key("m", CANARY, automatic=True) == trial_key("m", ModelRollout("1", "2", 0.3), automatic=True)
+
+
+def test_a_worker_started_after_other_edits_of_the_file_joins_the_trial_its_table_runs(tmp_path: Path) -> None:
+    """Workers read different versions of the file (one started later, after an edit of another
+    model's table, or skipped an intermediate version): the same table is the same trial."""
+    a, _ = worker(tmp_path, 1)
+    a._stamp = (1, 100)
+    a.act("m", "rollback")
+    late = Rollouts(clock=Clock(), seed=2)
+    late._stamp = (7, 180)  # another version of the file
+    late.set_models({"m": CANARY, "n": ModelRollout("3")})
+    SharedDecisions(tmp_path, late, clock=late._clock, pid=2)  # at its start: no traffic yet
+    assert served(late) == {"1": 400}
+
+
+def test_a_table_edited_away_and_back_is_a_new_trial_in_every_worker(tmp_path: Path) -> None:
+    a, shared_a = worker(tmp_path, 1)
+    b, shared_b = worker(tmp_path, 2)
+    a.act("m", "rollback")
+    shared_b.poll()
+    assert served(b) == {"1": 400}
+    for rollouts in (a, b):  # the table edited...
+        rollouts.set_models({"m": ModelRollout("1", "2", 0.2)})
+    for rollouts in (a, b):  # ...and back
+        rollouts.set_models({"m": CANARY})
+    shared_a.poll()
+    shared_b.poll()
+    assert served(a).keys() == served(b).keys() == {"1", "2"}  # a trial anew: nothing to take over
+    late, _ = worker(tmp_path, 3)
+    assert served(late).keys() == {"1", "2"}
+
+
+DEFAULTS_FILE = parse_rollout_file({"defaults": {"canary_share": 0.5, "rollback_error_rate": 0.1, "rollback_window": 10}})
+
+
+def auto_worker(folder: Path, pid: int) -> tuple[Rollouts, SharedDecisions]:
+    rollouts = Rollouts(clock=Clock(), seed=pid)
+    rollouts.set_file(DEFAULTS_FILE)
+    return rollouts, SharedDecisions(folder, rollouts, clock=rollouts._clock, pid=pid)
+
+
+def test_a_worker_started_after_a_dropped_in_canary_was_rolled_back_joins_that_trial(tmp_path: Path) -> None:
+    """A replacement worker (a crash, a SIGHUP) first sees the fleet with the rolled-back canary
+    as its newest version: it must not make it the stable one."""
+    a, _ = auto_worker(tmp_path, 1)
+    a.observe("m", "1", lambda v: True)
+    a.observe("m", "2", lambda v: True)
+    a.act("m", "rollback")
+    late, _ = auto_worker(tmp_path, 2)
+    late.observe("m", "2", lambda v: True)
+    state = late.auto["m"]
+    assert (state.stable, state.canary, state.status) == ("1", "2", "rolled_back")
+    assert served(late) == {"1": 400}
+
+
+def test_a_rolled_back_canary_removed_then_published_again_under_its_number_is_tried_anew(tmp_path: Path) -> None:
+    a, _ = auto_worker(tmp_path, 1)
+    b, shared_b = auto_worker(tmp_path, 2)
+    for rollouts in (a, b):
+        rollouts.observe("m", "1", lambda v: True)
+        rollouts.observe("m", "2", lambda v: True)
+    a.act("m", "rollback")
+    shared_b.poll()
+    for rollouts in (a, b):
+        rollouts.observe("m", "1", lambda v: v != "2")  # its folder removed
+        assert rollouts.auto["m"].status == "stable"
+    for rollouts in (a, b):
+        rollouts.observe("m", "2", lambda v: True)  # a fix, published as version 2 again
+    shared_b.poll()
+    assert served(a).keys() == served(b).keys() == {"1", "2"}
+    late, _ = auto_worker(tmp_path, 3)
+    late.observe("m", "2", lambda v: True)
+    assert served(late).keys() == {"1", "2"}
 
 
 def test_a_worker_that_starts_a_trial_late_takes_over_its_decisions(tmp_path: Path) -> None:
