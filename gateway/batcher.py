@@ -25,8 +25,12 @@ Policy (``select_batch``, a pure function tested with a fake clock):
   in arrival order starting from the oldest request, so no signature starves.
 * Requests whose deadline has passed are failed with 504 and never sent; requests whose caller
   went away (cancelled future, or a client that disconnected) are dropped unsent.
-* When Triton rejects a batch of several requests with a 4xx (a model that fails on one
-  request's data), each request is sent again alone, so only the faulty one fails.
+* When Triton rejects a batch of several requests with a 4xx, or answers it with its own 5xx
+  error (``ModelError``: a model that raises on one request's data), each request is sent
+  again alone, once, so only the faulty one fails (``resend_alone``). Not when the failure is
+  the way there (no answer, a timeout, no instance available, a full queue) nor a model version
+  Triton does not hold: resending those one by one would only multiply the load on a failing
+  fleet.
 
 Each caller receives exactly its own rows of every output. A failed batch fails every request
 in it with the same error, and the worker loop itself never dies of a request's error.
@@ -45,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.errors import ClientGone, GatewayError, GatewayTimeout, Unavailable, UpstreamError, missing_model
+from gateway.errors import ClientGone, GatewayError, GatewayTimeout, ModelError, Unavailable, UpstreamError, missing_model
 from gateway.metrics import count_latency, latency_row
 from gateway.tensors import Tensor
 
@@ -150,6 +154,24 @@ def select_batch(
     if full or waited_out:
         return Selection(batch=batch)
     return Selection(wake_at=head.enqueued + policy.max_delay)
+
+
+# Triton's 5xx answers that speak of the instance's state or load rather than of a request
+# (UNAVAILABLE: a full queue, a server or model not ready): the way there, like a 503. They
+# reach the batcher as ModelError too (``upstream.client.upstream_error``), whose status is 502.
+def resend_alone(error: UpstreamError) -> bool:
+    """Whether a batch of several requests that failed with ``error`` is sent again one request
+    at a time: an error that may be one request's (Triton's 4xx, a model that raised on one
+    request's data), not the way there's. Only Triton's own answer qualifies: a 4xx but for a
+    model version it does not hold, or its own 5xx error (``ModelError``) but for its 503
+    (unavailable: not ready, its queue full). Never the gateway's 503 and 504, an instance that did not
+    answer (neither is an ``UpstreamError``), nor an answer that is not Triton's own (a proxy's
+    5xx page, a malformed answer: plain ``UpstreamError`` 502)."""
+    if missing_model(error):
+        return False
+    if 400 <= error.status < 500:
+        return True
+    return isinstance(error, ModelError) and error.triton_status != 503
 
 
 def concat_inputs(batch: Sequence[Pending]) -> list[Tensor]:
@@ -431,7 +453,8 @@ class Batcher:
                 self._fail(item, Unavailable("the gateway is shutting down"))
             raise
         except UpstreamError as exc:
-            if 400 <= exc.status < 500 and len(batch) > 1 and not missing_model(exc):
+            if len(batch) > 1 and resend_alone(exc):
+                # Once: a request that fails alone gets its own error (``_send_alone``).
                 await asyncio.gather(*(self._send_alone(item) for item in batch))
             else:
                 for item in batch:

@@ -102,7 +102,10 @@ class UpstreamError(GatewayError):
 class ModelError(UpstreamError):
     """Triton answered with a server error (5xx) and its own error message: the model's fault
     (a model that raises, a bad version) as often as the instance's. The router tells them
-    apart by trying another instance (``router.py``)."""
+    apart by trying another instance (``router.py``). ``triton_status``: the status Triton
+    answered (503: unavailable, its queue full; else a failure of the model or the server)."""
+
+    triton_status: int = 500
 
 
 def rebuilt(kind: str, message: str, status: int) -> GatewayError:

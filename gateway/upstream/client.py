@@ -61,7 +61,9 @@ def upstream_error(status: int, body: bytes) -> UpstreamError:
     if 400 <= status < 500:
         return UpstreamError(message, status=status)
     # Triton's 5xx is the gateway's 502: the fault is upstream, not the client's or ours.
-    return ModelError(message, status=502)
+    error = ModelError(message, status=502)
+    error.triton_status = status
+    return error
 
 
 class TritonClient:

@@ -18,8 +18,9 @@ from gateway.batcher import (
     select_batch,
     signature_of,
 )
-from gateway.errors import ClientGone, GatewayTimeout, Unavailable, UpstreamError
+from gateway.errors import ClientGone, GatewayError, GatewayTimeout, ModelError, Unavailable, UpstreamError
 from gateway.tensors import Tensor
+from gateway.upstream.client import InstanceUnreachable, upstream_error
 
 POLICY = BatchPolicy(max_rows=8, max_delay=0.002, max_inflight=1, max_queue_rows=64)
 
@@ -502,6 +503,140 @@ async def test_a_batch_rejected_with_4xx_is_retried_one_request_at_a_time() -> N
         await bad
     assert calls == [1, 3, 2, 1]  # the slot, the shared batch, then each request alone
     await batcher.close(0)
+
+
+POISON = -1.0  # a row holding this value makes the model raise
+
+
+def poisoned(start: float) -> list[Tensor]:
+    inputs = rows(1, start=start)
+    inputs[0].data[0, 0] = POISON
+    return inputs
+
+
+class PoisonUpstream:
+    """A model that raises on a poison row, failing the whole request that carries it (as
+    Triton fails a batch for one row's ``pb_utils.TritonError``); ``error`` is what such a
+    request fails with. The first request holds the only slot until ``release_first`` is set,
+    so the requests submitted meanwhile gather into one batch. ``clock``: moved by ``advance``
+    seconds once a request of several rows was sent (time passes while the batch is computed)."""
+
+    def __init__(self, error: GatewayError, clock: FakeClock | None = None, advance: float = 0.0) -> None:
+        self.error = error
+        self.calls: list[int] = []
+        self.release_first = asyncio.Event()
+        self.clock, self.advance = clock, advance
+
+    async def __call__(self, prepare: Prepare, deadline: float | None) -> BatchResult:
+        inputs = prepare()
+        if inputs is None:
+            raise NothingToSend()
+        self.calls.append(inputs[0].data.shape[0])
+        if len(self.calls) == 1:
+            await self.release_first.wait()
+        if self.clock is not None and inputs[0].data.shape[0] > 1:
+            self.clock.now += self.advance
+        if (inputs[0].data == POISON).any():
+            raise self.error
+        return BatchResult("1", [Tensor("y", "FP32", inputs[0].data * 2)])
+
+
+async def one_batch_with_a_poison_row(
+    up: PoisonUpstream, clock: FakeClock | None = None, deadlines: tuple[float | None, ...] = (None, None, None, None)
+) -> tuple[Batcher, list[asyncio.Task[BatchResult]]]:
+    """A batch of four requests, the third poisoned, sent once the first request's slot frees;
+    returns the batcher and the four tasks (the first request's was answered)."""
+    batcher = Batcher("m", up, BatchPolicy(8, 10.0, 1, 64), clock=clock or FakeClock())
+    first = asyncio.create_task(batcher.submit(rows(1, start=500)))  # occupies the only slot
+    await asyncio.sleep(0)
+    inputs = [rows(1, start=10), rows(1, start=20), poisoned(30), rows(1, start=40)]
+    tasks = [asyncio.create_task(batcher.submit(x, deadline=d)) for x, d in zip(inputs, deadlines)]
+    await settle()
+    up.release_first.set()
+    await first
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return batcher, tasks
+
+
+async def test_a_batch_failed_by_the_models_5xx_on_one_request_is_retried_one_request_at_a_time() -> None:
+    """Triton's own 5xx answer (a Python model's TritonError on one row) must fail only the
+    request that carried the row, not every request batched with it."""
+    up = PoisonUpstream(upstream_error(500, b'{"error":"boom"}'))
+    batcher, tasks = await one_batch_with_a_poison_row(up)
+    for task, start in zip([tasks[0], tasks[1], tasks[3]], (10, 20, 40)):
+        np.testing.assert_array_equal(task.result().outputs[0].data, rows(1, start=start)[0].data * 2)
+    error = tasks[2].exception()
+    assert isinstance(error, ModelError) and error.message == "boom" and error.status == 502
+    # The slot, the shared batch, then each request alone, once: the poison one is not resent again.
+    assert up.calls == [1, 4, 1, 1, 1, 1]
+    assert batcher.inflight == 0
+    await batcher.close(0)
+
+
+async def test_requests_resent_alone_keep_their_own_deadlines() -> None:
+    clock = FakeClock()
+    up = PoisonUpstream(upstream_error(500, b'{"error":"boom"}'), clock=clock, advance=1.0)
+    # The second request's deadline passes while the batch is computed: it gets 504, unsent.
+    batcher, tasks = await one_batch_with_a_poison_row(up, clock, (None, clock.now + 0.5, None, clock.now + 5.0))
+    assert isinstance(tasks[1].exception(), GatewayTimeout)
+    assert isinstance(tasks[2].exception(), ModelError)
+    np.testing.assert_array_equal(tasks[0].result().outputs[0].data, rows(1, start=10)[0].data * 2)
+    np.testing.assert_array_equal(tasks[3].result().outputs[0].data, rows(1, start=40)[0].data * 2)
+    assert up.calls == [1, 4, 1, 1, 1]
+    await batcher.close(0)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        InstanceUnreachable("Triton instance unreachable: connection refused", connect_failed=True),
+        InstanceUnreachable("Triton instance did not answer: connection reset", connect_failed=False),
+        GatewayTimeout("Triton instance did not answer within 30 s"),
+        GatewayTimeout("deadline passed before the request could be sent upstream"),
+        Unavailable("no healthy Triton instance is available"),
+        Unavailable("model 'm' is overloaded: its queue is full, try again later"),
+        # Triton's 503 answers (UNAVAILABLE), which reach the batcher as ModelError 502.
+        upstream_error(503, b'{"error":"Exceeds maximum queue size"}'),
+        upstream_error(503, b'{"error":"Server is not ready"}'),
+        # A 5xx that is not Triton's own answer: a proxy's error page, a malformed answer.
+        UpstreamError("<html>502 Bad Gateway</html>", status=502),
+        UpstreamError("Triton instance gave a malformed answer: bad status line", status=502),
+        # A version Triton does not hold (the router tries elsewhere; one by one would not help).
+        UpstreamError("Request for unknown model: 'm' version 3 is not found", status=404),
+    ],
+    ids=lambda e: f"{type(e).__name__}:{e}",
+)
+async def test_a_batch_that_failed_on_the_way_there_is_not_resent_one_request_at_a_time(error: GatewayError) -> None:
+    """Resending alone what never reached a model (or what the fleet refused as overloaded)
+    would only multiply the load on a failing fleet."""
+    up = PoisonUpstream(error)
+    batcher, tasks = await one_batch_with_a_poison_row(up)
+    assert all(task.exception() is error for task in tasks)
+    assert up.calls == [1, 4]  # the slot, then the batch: nothing resent
+    await batcher.close(0)
+
+
+async def test_a_lone_request_failed_by_the_models_5xx_is_not_resent() -> None:
+    up = PoisonUpstream(upstream_error(500, b'{"error":"boom"}'))
+    up.release_first.set()
+    batcher = Batcher("m", up, BatchPolicy(8, 10.0, 1, 64), clock=FakeClock())
+    with pytest.raises(ModelError, match="boom"):
+        await batcher.submit(poisoned(0))
+    assert up.calls == [1]
+    # Nor a batch of one request (sent by the worker, behind a busy slot).
+    up2 = PoisonUpstream(upstream_error(500, b'{"error":"boom"}'))
+    batcher2 = Batcher("m", up2, BatchPolicy(8, 10.0, 1, 64), clock=FakeClock())
+    first = asyncio.create_task(batcher2.submit(rows(1)))
+    await asyncio.sleep(0)
+    lone = asyncio.create_task(batcher2.submit(poisoned(0)))
+    await settle()
+    up2.release_first.set()
+    await first
+    with pytest.raises(ModelError, match="boom"):
+        await lone
+    assert up2.calls == [1, 1]
+    await batcher.close(0)
+    await batcher2.close(0)
 
 
 async def test_an_idle_batcher_sends_from_the_callers_task_and_then_batches_again() -> None:
