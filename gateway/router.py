@@ -18,6 +18,16 @@ For every batch (or lone request) the router:
    its next repository index). Any other 4xx is the client's and is final. When every try
    fails, the client gets the last upstream error.
 
+Reads (model metadata and config, statistics, readiness: small GETs Triton answers in
+milliseconds) are not infer requests: each attempt gets a short time limit, ``read_timeout``
+(a tenth of ``request_timeout_s``, between 1 and 5 s: ``read_timeout_for``), so that a hung
+instance (accepting connections, answering nothing) costs a read seconds, not the 30 s an
+inference may take. ``get`` tries the next instance holding the model when no answer came, the
+attempt timed out or Triton answered 5xx, within the read's deadline (without one, at most
+``request_timeout_s`` in all); ``get_all`` asks every live instance at once and answers with
+those that answered in time, naming the others (``FleetAnswers.missing``, and a log line).
+A failed read counts against no instance: the health probes judge them.
+
 An attempt that failed counts against its instance (consecutive failures eject it), but for
 Triton's own 5xx answer (``ModelError``): a model that raises fails on every instance, and
 counting that would eject healthy instances, for every model, until none was left. Such an
@@ -43,9 +53,31 @@ from gateway.sequences import Affinity
 from gateway.tensors import RequestedOutput, Tensor
 from gateway.upstream.client import InstanceUnreachable, RawResponse, TritonClient
 
-__all__ = ["Instance", "Router"]
+__all__ = ["FleetAnswers", "Instance", "Router", "read_timeout_for"]
 
 log = logging.getLogger(__name__)
+
+# A read's attempt limit, as a share of request_timeout_s, and its bounds (read_timeout_for).
+READ_TIMEOUT_SHARE = 0.1
+READ_TIMEOUT_MIN_S = 1.0
+READ_TIMEOUT_MAX_S = 5.0
+
+
+def read_timeout_for(request_timeout_s: float, health_timeout_s: float = 0.0) -> float:
+    """The time limit of one attempt of a read (metadata, config, statistics): a tenth of an
+    infer attempt's, between 1 and 5 s, never less than a health probe is given nor more than
+    an infer attempt."""
+    share = min(READ_TIMEOUT_MAX_S, max(READ_TIMEOUT_MIN_S, health_timeout_s, request_timeout_s * READ_TIMEOUT_SHARE))
+    return min(request_timeout_s, share)
+
+
+class FleetAnswers(list[RawResponse]):
+    """The answers of every live instance to one read (``Router.get_all``), and ``missing``:
+    the instances (their urls) that gave none in time, left out of them."""
+
+    def __init__(self, answers: Iterable[RawResponse] = (), missing: Iterable[str] = ()) -> None:
+        super().__init__(answers)
+        self.missing = list(missing)
 
 
 class Router:
@@ -58,6 +90,7 @@ class Router:
         max_tries: int = 2,
         max_inflight_per_instance: int = 8,
         attempt_timeout: float = 30.0,
+        read_timeout: float | None = None,
         ejection: EjectionPolicy = EjectionPolicy(),
         active_request_bias: float = 1.0,
         rng: random.Random | None = None,
@@ -68,6 +101,7 @@ class Router:
         self._max_tries = max_tries
         self._cap = max_inflight_per_instance
         self._attempt_timeout = attempt_timeout
+        self.read_timeout = read_timeout_for(attempt_timeout) if read_timeout is None else read_timeout
         self.ejection = ejection
         self._bias = active_request_bias
         self._rng = rng or random.Random()
@@ -360,34 +394,92 @@ class Router:
             return False
         return bool(self.candidates(model, version, exclude=tried))
 
-    async def get(self, path: str, timeout: float | None = None, model: str | None = None, version: str = "") -> RawResponse:
+    def _no_holder(self, model: str | None, version: str) -> Unavailable:
+        why = self.withheld_reason(model, version) if model is not None else None
+        what = "" if model is None else f" holding model '{model}'" + (f" version {version}" if version else "")
+        return Unavailable(f"no healthy Triton instance{what} is available" + (f" ({why})" if why else ""))
+
+    def _readers(self, model: str | None, version: str, tried: Sequence[Instance]) -> list[Instance]:
+        return self.candidates(model, version, exclude=tried) or self._draining(model, version, tried)
+
+    async def _read(self, instance: Instance, path: str, limit: float) -> RawResponse:
+        """One attempt of a read, bounded here too (whatever the client does with ``limit``);
+        a refused connection marks the instance down."""
+        try:
+            async with asyncio.timeout(limit):
+                return await self._client.get(instance.url, path, limit)
+        except TimeoutError:
+            raise GatewayTimeout(f"Triton instance did not answer within {limit:.3g} s") from None
+        except InstanceUnreachable as exc:
+            if exc.connect_failed:
+                instance.mark_down(exc.message, self._clock())
+            raise
+
+    async def get(
+        self, path: str, timeout: float | None = None, model: str | None = None, version: str = "", deadline: float | None = None
+    ) -> RawResponse:
         """A read-only request (metadata, config) to an instance that holds ``model`` (when
-        given; a version being drained is still there for its sequences under way), failing over
-        when no answer comes. Not counted against the per-instance cap."""
+        given; a version being drained is still there for its sequences under way). Each attempt
+        has ``timeout`` (default ``read_timeout``), at most what is left before ``deadline``
+        (default: ``request_timeout_s`` from now); when no answer came, the attempt timed out
+        or Triton answered 5xx, the next instance is asked, while time is left. Answers the
+        last 5xx, or raises the last failure, when none is left. Not counted against the
+        per-instance cap, nor against the instances (the health probes judge them)."""
+        per_try = self.read_timeout if timeout is None else timeout
+        until = self._clock() + self._attempt_timeout if deadline is None else deadline
         tried: list[Instance] = []
+        candidates = self._readers(model, version, tried)
+        if not candidates:
+            raise self._no_holder(model, version)
         while True:
-            candidates = self.candidates(model, version, exclude=tried) or self._draining(model, version, tried)
-            if not candidates:
-                why = self.withheld_reason(model, version) if model is not None else None
-                what = "" if model is None else f" holding model '{model}'" + (f" version {version}" if version else "")
-                raise Unavailable(f"no healthy Triton instance{what} is available" + (f" ({why})" if why else ""))
+            remaining = until - self._clock()
+            if remaining <= 0:
+                raise GatewayTimeout(f"no Triton instance answered {path} in time")
             instance = balancer.choose(candidates, self._rng, self._clock(), self._bias)
             tried.append(instance)
+            failure: RawResponse | GatewayError
             try:
-                return await self._client.get(instance.url, path, timeout)
-            except InstanceUnreachable as exc:
-                if exc.connect_failed:
-                    instance.mark_down(exc.message, self._clock())
-                if not (self.candidates(model, version, exclude=tried) or self._draining(model, version, tried)):
+                failure = answer = await self._read(instance, path, min(per_try, remaining))
+            except GatewayError as exc:  # no answer, too late, or a malformed one (502)
+                if exc.status < 500:
                     raise
+                failure = exc
+            else:
+                if answer.status < 500:
+                    return answer
+            candidates = self._readers(model, version, tried)
+            if not candidates or until <= self._clock():
+                if isinstance(failure, RawResponse):
+                    return failure
+                raise failure
+            why = f"answered {failure.status}" if isinstance(failure, RawResponse) else failure.message
+            log.info("GET %s: Triton instance %s failed (%s); asking another", path, instance.url, why)
 
-    async def get_all(self, path: str, timeout: float | None = None) -> list[RawResponse]:
-        """The same request to every live instance (statistics are summed across the fleet)."""
+    async def get_all(self, path: str, timeout: float | None = None) -> FleetAnswers:
+        """The same request to every live instance (statistics are summed across the fleet),
+        each given ``timeout`` (default ``read_timeout``): the answers that came in time, and
+        the instances left out (``FleetAnswers.missing``, also logged). Raises Unavailable when
+        no instance answered."""
         live = [i for i in self.instances if i.live]
         if not live:
             raise Unavailable("no healthy Triton instance is available")
-        results = await asyncio.gather(*(self._client.get(i.url, path, timeout) for i in live), return_exceptions=True)
-        answers = [r for r in results if isinstance(r, RawResponse)]
+        limit = self.read_timeout if timeout is None else timeout
+        results = await asyncio.gather(*(self._read(i, path, limit) for i in live), return_exceptions=True)
+        answers = FleetAnswers()
+        failures = []
+        for instance, result in zip(live, results, strict=True):
+            if isinstance(result, RawResponse):
+                answers.append(result)
+                continue
+            if not isinstance(result, Exception):
+                raise result  # cancelled
+            if not isinstance(result, GatewayError):
+                log.error("GET %s on %s failed", path, instance.url, exc_info=result)  # a bug
+            answers.missing.append(instance.url)
+            failures.append(f"{instance.url}: {result}")
+        # The urls go to the log, not in errors: those reach clients.
+        if failures:
+            log.warning("GET %s: no answer from %d of %d instances (%s)", path, len(failures), len(live), "; ".join(failures))
         if not answers:
             raise Unavailable(f"no Triton instance answered {path}")
         return answers

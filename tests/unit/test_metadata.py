@@ -1,16 +1,28 @@
 """The metadata cache: one fetch for many callers, fresh entries served without awaiting, expiry,
-and unknown models remembered briefly. A fake router (no network)."""
+unknown models remembered briefly, stale entries served while refreshed and when a refresh fails
+for a reason not the model's. A fake router (no network); and the real router with a fake
+Triton client, one instance of it hung."""
 
 from __future__ import annotations
 
 import asyncio
+import random
+import time
 
 import orjson
 import pytest
 
-from gateway.errors import NotFound
+from gateway.errors import GatewayError, GatewayTimeout, ModelError, NotFound, Unavailable
+from gateway.router import Instance
+from gateway.router import Router as RealRouter
 from gateway.upstream.client import RawResponse
-from gateway.upstream.metadata import NOT_FOUND_TTL_S, MetadataCache
+from gateway.upstream.metadata import (
+    NOT_FOUND_TTL_S,
+    REFRESH_RETRY_S,
+    STALE_IF_ERROR_S,
+    STALE_WHILE_REVALIDATE_S,
+    MetadataCache,
+)
 
 METADATA = {"name": "m", "versions": ["1"], "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}], "outputs": []}
 
@@ -19,14 +31,21 @@ class Router:
     def __init__(self) -> None:
         self.paths: list[str] = []
         self.known = {"m"}
+        self.failure: GatewayError | None = None  # how every read fails (Router.get's last failure)
+        self.hold: asyncio.Event | None = None  # reads wait for it
+        self.batch = 8  # the config's max_batch_size
 
     async def get(self, path: str, timeout: float | None = None, model: str | None = None, version: str = "") -> RawResponse:
         self.paths.append(path)
         await asyncio.sleep(0)
+        if self.hold is not None:
+            await self.hold.wait()
+        if self.failure is not None:
+            raise self.failure
         if model not in self.known:
             return RawResponse(400, orjson.dumps({"error": f"Request for unknown model: '{model}' is not found"}))
         if path.endswith("/config"):
-            return RawResponse(200, orjson.dumps({"max_batch_size": 8}))
+            return RawResponse(200, orjson.dumps({"max_batch_size": self.batch}))
         return RawResponse(200, orjson.dumps(METADATA))
 
 
@@ -45,9 +64,10 @@ async def test_concurrent_callers_share_one_fetch_and_fresh_entries_need_no_awai
     assert router.paths == ["/v2/models/m", "/v2/models/m/config"]
     assert all(info is infos[0] for info in infos) and infos[0].max_batch_size == 8
     assert cache.fresh("m", "") is infos[0]
-    clock.now += 5.0  # expired: fetched again
+    clock.now += 5.0 + STALE_WHILE_REVALIDATE_S  # expired long ago: fetched again, awaited
     assert cache.fresh("m", "") is None
-    await cache.get("m", "")
+    router.batch = 4
+    assert (await cache.get("m", "")).max_batch_size == 4
     assert len(router.paths) == 4
 
 
@@ -62,3 +82,138 @@ async def test_an_unknown_model_is_remembered_briefly_and_never_fresh() -> None:
     router.known.add("nope")
     clock.now += NOT_FOUND_TTL_S
     assert (await cache.get("nope", "")).name == "m"
+
+
+async def settle(cache: MetadataCache) -> None:
+    """Until the fetches in flight (in the background) are done."""
+    async with asyncio.timeout(1):
+        while cache._inflight:
+            await asyncio.sleep(0)
+
+
+async def test_a_stale_entry_is_served_at_once_while_one_fetch_refreshes_it() -> None:
+    """Stale-while-revalidate: a slow refresh (an instance that answers late) delays no request."""
+    router, clock = Router(), Clock()
+    cache = MetadataCache(router, ttl=5.0, clock=clock)  # type: ignore[arg-type]
+    old = await cache.get("m", "")
+    clock.now += 5.0 + STALE_WHILE_REVALIDATE_S / 2
+    router.hold, router.batch = asyncio.Event(), 4
+    for _ in range(10):  # none of them waits: no await suspends them
+        waiting = asyncio.ensure_future(cache.get("m", ""))
+        await asyncio.sleep(0)
+        assert waiting.done() and waiting.result() is old
+    assert cache.fresh("m", "") is None and len(router.paths) == 4  # one refresh in flight, for all
+    router.hold.set()
+    await settle(cache)
+    assert cache.fresh("m", "").max_batch_size == 4 and len(router.paths) == 4  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        GatewayTimeout("Triton instance did not answer within 3 s"),
+        Unavailable("Triton instance unreachable: cannot connect"),
+        ModelError("Triton answered 500", status=502),
+    ],
+    ids=["timeout", "no-answer", "5xx"],
+)
+async def test_a_refresh_failing_for_a_reason_not_the_models_serves_the_stale_entry(failure: GatewayError) -> None:
+    router, clock = Router(), Clock()
+    cache = MetadataCache(router, ttl=5.0, clock=clock)  # type: ignore[arg-type]
+    old = await cache.get("m", "")
+    clock.now += 5.0 + STALE_WHILE_REVALIDATE_S + 1  # too old to be served without a refresh...
+    router.failure = failure
+    assert await cache.get("m", "") is old  # ...which fails: the stale entry, not the error
+    assert len(router.paths) == 4
+    for _ in range(5):  # served stale, not fetched again at once: later
+        assert await cache.get("m", "") is old
+    assert len(router.paths) == 4 and cache.fresh("m", "") is None
+    clock.now += REFRESH_RETRY_S
+    assert await cache.get("m", "") is old  # refreshed again, in the background
+    await settle(cache)
+    assert len(router.paths) == 6
+    router.failure, router.batch = None, 4
+    clock.now += REFRESH_RETRY_S
+    assert await cache.get("m", "") is old
+    await settle(cache)
+    assert len(router.paths) == 8 and cache.fresh("m", "").max_batch_size == 4  # type: ignore[union-attr]
+
+
+async def test_a_stale_entry_is_served_on_failure_only_for_a_while_and_no_entry_means_the_error() -> None:
+    router, clock = Router(), Clock()
+    cache = MetadataCache(router, ttl=5.0, clock=clock)  # type: ignore[arg-type]
+    router.failure = GatewayTimeout("Triton instance did not answer within 3 s")
+    with pytest.raises(GatewayTimeout):
+        await cache.get("m", "")  # nothing to fall back on
+    router.failure = None
+    await cache.get("m", "")
+    clock.now += 5.0 + STALE_IF_ERROR_S
+    router.failure = GatewayTimeout("Triton instance did not answer within 3 s")
+    with pytest.raises(GatewayTimeout):
+        await cache.get("m", "")  # too stale to be served
+
+
+@pytest.mark.parametrize("late_s", [1.0, STALE_WHILE_REVALIDATE_S + 1], ids=["refreshed-in-background", "refresh-awaited"])
+async def test_a_model_gone_is_not_masked_by_a_stale_entry(late_s: float) -> None:
+    router, clock = Router(), Clock()
+    cache = MetadataCache(router, ttl=5.0, clock=clock)  # type: ignore[arg-type]
+    await cache.get("m", "")
+    router.known.discard("m")  # unloaded: Triton answers "unknown model"
+    clock.now += 5.0 + late_s
+    if late_s < STALE_WHILE_REVALIDATE_S:
+        await cache.get("m", "")  # served stale once, while the refresh learns it is gone
+        await settle(cache)
+    for _ in range(2):
+        with pytest.raises(NotFound, match="model 'm' is not served"):
+            await cache.get("m", "")
+
+
+# -- with the real router: one instance hung ------------------------------------------------------
+
+
+class HungTriton:
+    """A fake Triton client: reads to ``hung`` never answer (kill -STOP), whatever the timeout."""
+
+    def __init__(self, hung: set[str]) -> None:
+        self.hung = hung
+        self.calls: list[tuple[str, str, float | None]] = []
+
+    async def get(self, url: str, path: str, timeout: float | None = None) -> RawResponse:
+        self.calls.append((url, path, timeout))
+        if url in self.hung:
+            await asyncio.Event().wait()
+        body = {"max_batch_size": 8} if path.endswith("/config") else METADATA
+        return RawResponse(200, orjson.dumps(body))
+
+
+def fleet(hung: set[str]) -> tuple[HungTriton, RealRouter]:
+    a, b = Instance("a"), Instance("b")
+    a.models = b.models = {"m": frozenset({"1"})}
+    client = HungTriton(hung)
+    # request_timeout_s 30 s, as in production; reads get 0.1 s here.
+    return client, RealRouter([a, b], client, attempt_timeout=30.0, read_timeout=0.1, rng=random.Random(0))  # type: ignore[arg-type]
+
+
+async def test_a_hung_instance_delays_metadata_only_by_the_read_timeout() -> None:
+    client, router = fleet({"a"})
+    for _ in range(5):
+        cache = MetadataCache(router, ttl=5.0)
+        started = time.monotonic()
+        async with asyncio.timeout(5):
+            infos = await asyncio.gather(*(cache.get("m", "1") for _ in range(6)))
+        assert time.monotonic() - started < 1.0 and all(i is infos[0] for i in infos)
+    assert {u for u, _, _ in client.calls} == {"a", "b"}  # the hung one was asked: and passed over
+    assert all(t == 0.1 for _, _, t in client.calls)
+
+
+async def test_every_instance_hung_the_stale_entry_is_served() -> None:
+    client, router = fleet(set())
+    clock = Clock()
+    cache = MetadataCache(router, ttl=5.0, clock=clock)
+    old = await cache.get("m", "1")
+    client.hung.update({"a", "b"})
+    clock.now += 5.0 + STALE_WHILE_REVALIDATE_S + 1  # the refresh is awaited: it fails, in time
+    started = time.monotonic()
+    async with asyncio.timeout(5):
+        assert await cache.get("m", "1") is old
+    assert time.monotonic() - started < 1.0

@@ -4,7 +4,9 @@ client (no network) and a fake clock."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
+import time
 
 import numpy as np
 import pytest
@@ -12,9 +14,9 @@ import pytest
 from gateway.batcher import BatchResult, NothingToSend
 from gateway.errors import BadRequest, GatewayTimeout, ModelError, Unavailable, UpstreamError
 from gateway.instances import EjectionPolicy
-from gateway.router import Instance, Router
+from gateway.router import Instance, Router, read_timeout_for
 from gateway.tensors import Tensor
-from gateway.upstream.client import InstanceUnreachable
+from gateway.upstream.client import InstanceUnreachable, RawResponse
 
 INPUTS = [Tensor("x", "FP32", np.zeros((1, 2), np.float32))]
 MISSING = UpstreamError("Request for unknown model: 'm' version 2 is not found", status=400)
@@ -36,6 +38,17 @@ class FakeClient:
         self.errors = errors or {}
         self.calls: list[tuple[str, float | None]] = []
         self.hold: asyncio.Event | None = None
+        self.hung: set[str] = set()  # reads to these never answer (kill -STOP), whatever the timeout
+        self.answers: dict[str, RawResponse] = {}  # reads: the answer per url (default 200, the url)
+
+    async def get(self, url, path, timeout=None):  # noqa: ANN001, ANN201
+        self.calls.append((url, timeout))
+        if url in self.hung:
+            await asyncio.Event().wait()
+        error = self.errors.get(url)
+        if error is not None:
+            raise error
+        return self.answers.get(url) or RawResponse(200, url.encode())
 
     async def infer(self, url, model, version, inputs, parameters, timeout, outputs=None):  # noqa: ANN001, ANN201
         self.calls.append((url, timeout))
@@ -405,3 +418,122 @@ def test_an_index_asked_for_before_the_sync_changed_the_instance_is_not_applied(
     assert a.models == {"m": frozenset({"1", "2"})}
     a.set_index({"m": frozenset({"1", "2", "3"})}, a.index_epoch)  # a fresh one applies
     assert a.loaded == {"m": frozenset({"1", "2", "3"})}
+
+
+# -- reads (metadata, config, statistics) ---------------------------------------------------------
+
+
+def test_a_read_gets_a_short_time_limit_derived_from_the_request_timeout() -> None:
+    assert read_timeout_for(30.0) == 3.0  # the default: a tenth...
+    assert read_timeout_for(600.0) == 5.0  # ...at most 5 s...
+    assert read_timeout_for(5.0) == 1.0  # ...at least 1 s...
+    assert read_timeout_for(0.5) == 0.5  # ...never more than an infer attempt
+    assert read_timeout_for(10.0, health_timeout_s=2.0) == 2.0  # never less than a health probe
+    assert make_router(FakeClient(), Instance("a"), attempt_timeout=30.0).read_timeout == 3.0
+    assert make_router(FakeClient(), Instance("a"), read_timeout=0.25).read_timeout == 0.25
+
+
+async def test_a_read_fails_over_from_a_hung_instance_within_the_read_timeout() -> None:
+    """One instance hung (SIGSTOP: connections accepted, nothing answered) beside a healthy
+    one: a read asking the hung one first has the healthy one's answer after the short read
+    timeout, not after request_timeout_s."""
+    a, b = Instance("a"), Instance("b")
+    a.models = b.models = {"m": frozenset({"1"})}
+    client = FakeClient()
+    client.hung.add("a")
+    router = make_router(client, a, b, attempt_timeout=30.0, read_timeout=0.05, rng=random.Random(1))
+    async with asyncio.timeout(5):
+        while not client.calls or client.urls[0] != "a":  # until the hung one is asked first
+            client.calls.clear()
+            started = time.monotonic()
+            answer = await router.get("/v2/models/m/config", model="m")
+            elapsed = time.monotonic() - started
+            assert answer == RawResponse(200, b"b")
+    assert client.calls == [("a", 0.05), ("b", 0.05)]
+    assert 0.04 <= elapsed < 1.0
+    assert a.live and a.failures == 0  # the health probes judge it, not a read
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        RawResponse(503, b'{"error": "overloaded"}'),
+        InstanceUnreachable("a: connection reset", connect_failed=False),
+        GatewayTimeout("a: no answer in time"),
+        UpstreamError("Triton instance gave a malformed answer: bad status line", status=502),
+    ],
+    ids=["5xx", "broken-connection", "timeout", "malformed"],
+)
+async def test_a_read_is_tried_on_the_next_instance_after_a_5xx_or_no_answer(failure: object) -> None:
+    client = FakeClient()
+    if isinstance(failure, RawResponse):
+        client.answers["a"] = failure
+    else:
+        client.errors["a"] = failure  # type: ignore[assignment]
+    router = make_router(client, Instance("a"), Instance("b"))
+    for _ in range(10):
+        assert await router.get("/v2/models/m") == RawResponse(200, b"b")
+    assert "a" in client.urls and all(client.urls[i + 1] == "b" for i, u in enumerate(client.urls) if u == "a")
+
+
+async def test_a_read_4xx_is_final_and_the_last_5xx_is_answered_when_every_instance_fails() -> None:
+    client = FakeClient()
+    client.answers = {"a": RawResponse(404, b'{"error": "unknown model"}'), "b": RawResponse(404, b'{"error": "unknown model"}')}
+    router = make_router(client, Instance("a"), Instance("b"))
+    assert (await router.get("/v2/models/x")).status == 404 and len(client.calls) == 1
+    client.calls.clear()
+    client.answers = {"a": RawResponse(500, b"a"), "b": RawResponse(502, b"b")}
+    answer = await router.get("/v2/models/x")
+    assert len(client.calls) == 2 and answer.body == client.urls[-1].encode()
+
+
+async def test_every_instance_hung_a_read_fails_within_its_deadline() -> None:
+    client = FakeClient()
+    client.hung.update({"a", "b", "c"})
+    router = make_router(client, Instance("a"), Instance("b"), Instance("c"), attempt_timeout=0.15, read_timeout=0.1)
+    started = time.monotonic()
+    async with asyncio.timeout(5):
+        with pytest.raises(GatewayTimeout, match="did not answer within"):
+            await router.get("/v2/models/m")  # no deadline: request_timeout_s (0.15 s here) in all
+    assert 0.14 <= time.monotonic() - started < 1.0
+    assert len(client.calls) == 2 and client.calls[0][1] == 0.1 and client.calls[1][1] < 0.1
+    client.calls.clear()
+    with pytest.raises(GatewayTimeout):
+        await router.get("/v2/models/m", deadline=router._clock() + 0.02)  # the read's own deadline
+    assert len(client.calls) == 1 and client.calls[0][1] <= 0.02
+
+
+async def test_a_read_refused_marks_the_instance_down_and_asks_another() -> None:
+    a, b = Instance("a"), Instance("b")
+    client = FakeClient({"a": InstanceUnreachable("a: refused", connect_failed=True)})
+    router = make_router(client, a, b, rng=random.Random(1))
+    while not client.calls or client.urls[0] != "a":
+        client.calls.clear()
+        a.live = True
+        assert await router.get("/v2") == RawResponse(200, b"b")
+    assert not a.live
+
+
+async def test_statistics_from_every_instance_do_not_wait_for_a_hung_one_and_name_it(caplog: pytest.LogCaptureFixture) -> None:
+    client = FakeClient()
+    client.hung.add("a")
+    router = make_router(client, Instance("a"), Instance("b"), Instance("c", live=False), attempt_timeout=30.0, read_timeout=0.05)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="gateway.router"):
+        async with asyncio.timeout(5):
+            answers = await router.get_all("/v2/models/stats")
+    assert 0.04 <= time.monotonic() - started < 1.0
+    assert answers == [RawResponse(200, b"b")] and answers.missing == ["a"]
+    assert sorted(client.calls) == [("a", 0.05), ("b", 0.05)]  # c is down: not asked
+    assert "no answer from 1 of 2 instances" in caplog.text and "a: Triton instance did not answer within 0.05 s" in caplog.text
+
+
+async def test_statistics_when_no_instance_answers_are_unavailable() -> None:
+    client = FakeClient({"b": InstanceUnreachable("b: refused", connect_failed=True)})
+    client.hung.add("a")
+    b = Instance("b")
+    router = make_router(client, Instance("a"), b, read_timeout=0.02)
+    async with asyncio.timeout(5):
+        with pytest.raises(Unavailable, match="no Triton instance answered /v2/models/stats"):
+            await router.get_all("/v2/models/stats")
+    assert not b.live
