@@ -46,8 +46,9 @@ Each rule fires on evidence, not on a chance difference between two samples: a c
 than stable trips a rule in about 1 check in 1000 (one-sided tests):
 
 - errors: the canary's error rate is above stable's by more than ``rollback_error_rate`` and a
-  pooled two-proportion z-test finds it worse (z > 3.09); a stable without requests in its
-  window counts as a clean one of the canary's size.
+  pooled two-proportion z-test finds it worse (z > 3.09); a stable version with fewer computed
+  answers in its window than the canary (its others served from the cache) counts as many, the
+  missing ones good.
 - latency, once stable's window is full: the count of the canary's requests that took over
   ``rollback_latency_ratio`` x stable's p99 is more than a version like stable gives (at most 1%
   of its requests are above its p99): P(Binomial(n, 0.01) >= count) < 0.001. With a ratio of 1
@@ -329,8 +330,9 @@ class RolloutState:
         }
         if c.rollback_error_rate is not None:
             n1, x1 = len(canary.items), canary.failures
-            # Stable without a request to compare with: a clean stable of as many requests.
-            n2, x2 = (len(stable.items), stable.failures) if stable.items else (n1, 0)
+            # A stable version computing fewer answers than the canary (most of its answers
+            # came from the cache, which did not fail) counts as many, the missing ones good.
+            n2, x2 = max(len(stable.items), n1), stable.failures
             z = worse_z(x1, n1, x2, n2)
             if x1 / n1 > x2 / n2 + c.rollback_error_rate and z > Z_WORSE:
                 rule = f"error rate above stable's by more than {c.rollback_error_rate}, significantly (z > {Z_WORSE})"

@@ -365,9 +365,11 @@ async def test_a_faulty_version_dropped_in_is_a_canary_rolled_back_by_itself(
     fleet_factory: Any, repo: Path, tmp_path: Path
 ) -> None:
     """With the rollout file's [defaults], a version dropped into the repository under load
-    (one that fails every third execution; it passes its warm-up) starts as a 10% canary of the
-    serving version, is rolled back within its window, and the clients' errors stay within the
-    canary's share of that window; the rollout state and events say so."""
+    (one that fails every other execution; it passes its warm-up) starts as a 10% canary of the
+    serving version, is rolled back once its window is full, and the clients' errors stay within
+    that window; the rollout state and events say so. (A batch of several requests that failed
+    is sent again one request at a time, so a client's request fails less often than an
+    execution does.)"""
     window = 50  # a third failing is significant over 50 (z 4.5); over 30 only just
     rollout_file = tmp_path / "rollout.toml"
     rollout_file.write_text(
@@ -379,7 +381,7 @@ async def test_a_faulty_version_dropped_in_is_a_canary_rolled_back_by_itself(
             model_dir = repo / MODEL
             staging = model_dir / ".2.tmp"
             shutil.copytree(model_dir / "1", staging, ignore=shutil.ignore_patterns("__pycache__"))
-            (staging / "model.py").write_text((staging / "model.py").read_text() + FAULTY)
+            (staging / "model.py").write_text((staging / "model.py").read_text() + FAULTY.replace("% 3 == 0", "% 2 == 0"))
             staging.rename(model_dir / "2")
 
             def rolled_back() -> bool:
@@ -396,9 +398,9 @@ async def test_a_faulty_version_dropped_in_is_a_canary_rolled_back_by_itself(
     rollback = state["events"][-1]
     assert rollback["by"] == "automatic" and rollback["canary_error_rate"] > 0.05
     assert clients.versions["2"] > 0  # it did get its share...
-    # ...and the errors clients saw are bounded by the canary's window (a third of it fails;
+    # ...and the errors clients saw are bounded by the canary's window (at most half of it fails;
     # requests already in flight at the rollback may add a few), none for a request sent after
     # it (some sent before may be answered after the status said so).
-    assert 0 < len(clients.failures) <= window // 3 + 16, clients.failures
+    assert 0 < len(clients.failures) <= window // 2 + 16, clients.failures
     assert all(sent < rolled_back_by for sent in clients.failures_sent)
     assert all("faulty canary" in f for f in clients.failures), clients.failures[:3]

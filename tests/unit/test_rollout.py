@@ -341,6 +341,23 @@ def test_without_a_stable_request_the_canary_is_compared_with_a_clean_stable_of_
             assert state.events[-1]["stable_requests"] == 0 and state.events[-1]["z"] == pytest.approx(3.651, abs=1e-3)
 
 
+def test_a_stable_version_answering_mostly_from_the_cache_does_not_shield_a_failing_canary() -> None:
+    """Stable's answers come from the cache but for a few computed ones; the canary, whose
+    failures are never cached, computes everything and fails a third of it: rolled back once its
+    window is full, as against a stable that computed as many answers, the missing ones good."""
+    rollouts = rollouts_with({"stable": "1", "canary": "2", "canary_share": 0.5, "rollback_error_rate": 0.05,
+                              "rollback_window": 50}, Clock())  # fmt: skip
+    state = rollouts.states["m"]
+    for i in range(5):
+        rollouts.record("m", "1", True, 0.01)  # stable: 5 computed answers...
+    for i in range(200):
+        rollouts.record("m", "1", True, 0.0001, computed=False)  # ...the rest from the cache
+    for i in range(50):
+        rollouts.record("m", "2", i % 3 != 0, 0.01)
+    assert state.status == "rolled_back"
+    assert state.events[-1]["stable_requests"] == 5 and state.events[-1]["z"] > 3.09
+
+
 def test_without_rules_the_ramp_steps_on_its_counts_alone() -> None:
     """No rollback rule: nothing to wait for, every answer (cached or not) counts for the step."""
     clock = Clock()
