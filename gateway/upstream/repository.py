@@ -58,7 +58,6 @@ import hashlib
 import functools
 import json
 import logging
-import math
 import os
 import re
 import time
@@ -70,6 +69,7 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
+import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
@@ -77,7 +77,9 @@ from tritonclient.utils import InferenceServerException
 
 from gateway.config import RepositoryConfig
 from gateway.instances import Instance
+from gateway.protocol import v2
 from gateway.router import Router
+from gateway.tensors import V2_TO_NUMPY, Tensor
 
 log = logging.getLogger(__name__)
 
@@ -206,14 +208,20 @@ def pinned_config(config: model_config_pb2.ModelConfig, versions: Iterable[str])
 WARMUP_SEQUENCE = 0x7761726D  # "warm": a stateful model's warm-up is a sequence of one request
 
 
-def warmup_body(config: Mapping[str, Any]) -> bytes:
+def warmup_body(config: Mapping[str, Any]) -> tuple[bytes, int]:
     """An inference request of zeros, one row, shaped by the model's config as Triton reports it
-    (``/v2/models/{m}/versions/{v}/config``). For a stateful model (``sequence_batching``),
+    (``/v2/models/{m}/versions/{v}/config``), and the length of its JSON header (the
+    ``Inference-Header-Content-Length`` header). For a stateful model (``sequence_batching``),
     which Triton refuses any request outside a sequence, a whole sequence in one request: it
     starts and ends, with an id of the type the model takes (a string where its correlation
-    id is TYPE_STRING)."""
+    id is TYPE_STRING).
+
+    Inputs and outputs travel as binary tensors, as the gateway's own requests do
+    (``v2.encode_upstream_request``): Triton refuses FP16 and BF16 data in JSON, in a request
+    and in its answer."""
     batched = int(config.get("max_batch_size", 0) or 0) > 0
-    inputs = []
+    inputs: list[Tensor] = []
+    bf16: set[str] = set()
     for spec in config.get("input", []):
         if spec.get("optional"):
             continue
@@ -221,16 +229,30 @@ def warmup_body(config: Mapping[str, Any]) -> bytes:
         shape = ([1] if batched else []) + dims
         datatype = str(spec.get("data_type", "TYPE_FP32")).removeprefix("TYPE_")
         datatype = "BYTES" if datatype == "STRING" else datatype
-        zero: Any = "" if datatype == "BYTES" else False if datatype == "BOOL" else 0
-        inputs.append({"name": spec["name"], "datatype": datatype, "shape": shape, "data": [zero] * math.prod(shape)})
-    body: dict[str, Any] = {"inputs": inputs}
+        if datatype == "BF16":  # no numpy type: FP16's zeros, the same two bytes each
+            bf16.add(spec["name"])
+            datatype = "FP16"
+        if datatype == "BYTES":
+            zeros = np.full(shape, b"", dtype=object)
+        else:
+            zeros = np.zeros(shape, dtype=V2_TO_NUMPY[datatype])  # KeyError: a type we cannot tell
+        inputs.append(Tensor(spec["name"], datatype, zeros))
+    parameters: dict[str, Any] = {}
     sequences = config.get("sequence_batching")
     if sequences is not None:
         controls = [c for i in sequences.get("control_input", []) for c in i.get("control", [])]
         strings = any(c.get("kind") == "CONTROL_SEQUENCE_CORRID" and c.get("data_type") == "TYPE_STRING" for c in controls)
         sid: int | str = str(WARMUP_SEQUENCE) if strings else WARMUP_SEQUENCE
-        body["parameters"] = {"sequence_id": sid, "sequence_start": True, "sequence_end": True}
-    return json.dumps(body).encode()
+        parameters = {"sequence_id": sid, "sequence_start": True, "sequence_end": True}
+    body, length = v2.encode_upstream_request(inputs, None, parameters=parameters)
+    if not bf16:
+        return body, length
+    header = json.loads(body[:length])
+    for spec in header["inputs"]:
+        if spec["name"] in bf16:
+            spec["datatype"] = "BF16"
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return head + body[length:], len(head)
 
 
 # -- load and unload calls -----------------------------------------------------------------------
@@ -669,7 +691,9 @@ class RepositorySync:
                 config = await resp.json(content_type=None)
             if (config.get("model_transaction_policy") or {}).get("decoupled"):
                 return None, True  # a streaming model: its answers do not come back on this request
-            async with session.post(url + base + "/infer", data=warmup_body(config), timeout=timeout) as resp:
+            body, length = warmup_body(config)
+            headers = {v2.HEADER_LENGTH: str(length), "Content-Type": v2.BINARY_CONTENT_TYPE}
+            async with session.post(url + base + "/infer", data=body, headers=headers, timeout=timeout) as resp:
                 if resp.status != 200:
                     return f"HTTP {resp.status}: {(await resp.text())[:300]}", resp.status not in (502, 503, 504)
                 await resp.read()

@@ -9,11 +9,13 @@ import asyncio
 import json
 import os
 import shutil
+import struct
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from aiohttp import web
 
@@ -44,6 +46,43 @@ output [ { name: "y", data_type: TYPE_FP32, dims: [ 3 ] } ]
 """
 
 
+# Triton's datatypes as they travel in binary (BF16 as its raw 16 bits; BYTES length-prefixed).
+WIRE = {"BOOL": "<u1", "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "<i1",
+        "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "BF16": "<u2", "FP32": "<f4", "FP64": "<f8"}  # fmt: skip
+
+
+def read_infer(body: bytes, header_length: str | None) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """An infer request as Triton reads it: the JSON header (the first ``header_length`` bytes,
+    else the whole body) and each input's values, from its JSON ``data`` or from the binary part
+    (``binary_data_size`` bytes each, in input order). ValueError with Triton's message for what
+    it refuses: FP16 and BF16 data in JSON."""
+    length = len(body) if header_length is None else int(header_length)
+    header = json.loads(body[:length])
+    binary, values = body[length:], {}
+    for spec in header["inputs"]:
+        name, datatype = spec["name"], spec["datatype"]
+        count = int(np.prod(spec["shape"]))
+        size = (spec.get("parameters") or {}).get("binary_data_size")
+        if size is None:
+            if datatype in ("FP16", "BF16"):
+                raise ValueError(f"receiving {datatype} data via JSON is not supported. Please use the binary data format for input {name}")
+            values[name] = np.array(spec["data"]).ravel().tolist()
+        elif datatype == "BYTES":
+            items, at = [], 0
+            for _ in range(count):
+                (n,) = struct.unpack_from("<I", binary, at)
+                items.append(binary[at + 4 : at + 4 + n])
+                at += 4 + n
+            assert at == size
+            values[name] = items
+        else:
+            values[name] = np.frombuffer(binary[:size], WIRE[datatype]).tolist()
+            assert len(values[name]) == count
+        binary = binary[size or 0 :]
+    assert binary == b"", "binary data left over"
+    return header, values
+
+
 class FakeTriton:
     def __init__(self) -> None:
         self.models: dict[str, dict[str, dict[str, str]]] = {}  # model -> version -> {state, reason}
@@ -53,6 +92,9 @@ class FakeTriton:
         self.reject_config = ""  # a config error for every load, when set
         self.calls: list[tuple[str, str, list[str]]] = []  # (action, model, versions)
         self.infers: list[tuple[str, str]] = []
+        self.warmups: list[tuple[dict[str, Any], dict[str, list[Any]]]] = []  # (header, values) as read
+        # What /config answers (Triton's JSON form of the model's config).
+        self.model_config: dict[str, Any] = {"max_batch_size": 8, "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [3]}]}
         self.gate: asyncio.Event | None = None  # loads wait on it when set
         self.runner: web.AppRunner | None = None
         self.url = ""
@@ -108,12 +150,18 @@ class FakeTriton:
         )
 
     async def config(self, request: web.Request) -> web.Response:
-        return web.json_response({"max_batch_size": 8, "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [3]}]})
+        return web.json_response(self.model_config)
 
     async def infer(self, request: web.Request) -> web.Response:
         key = (request.match_info["model"], request.match_info["version"])
-        body = json.loads(await request.read())
-        assert body["inputs"][0]["shape"] == [1, 3] and body["inputs"][0]["data"] == [0, 0, 0]
+        try:
+            header, values = read_infer(await request.read(), request.headers.get("Inference-Header-Content-Length"))
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        wanted = [i for i in self.model_config["input"] if not i.get("optional")]
+        assert [(i["name"], i["shape"]) for i in header["inputs"]] == [(i["name"], [1, *i["dims"]]) for i in wanted]
+        assert all(not v for vs in values.values() for v in vs), "not zeros"
+        self.warmups.append((header, values))
         self.infers.append(key)
         if key in self.busy_infer:
             return web.json_response({"error": "server busy"}, status=503)
@@ -313,14 +361,41 @@ def test_the_warmup_request_is_one_row_of_zeros_shaped_by_the_config() -> None:
             {"name": "extra", "data_type": "TYPE_FP32", "dims": [5], "optional": True},
         ],
     }
-    inputs = json.loads(warmup_body(config))["inputs"]
-    assert inputs == [
-        {"name": "img", "datatype": "FP32", "shape": [1, 2, 1], "data": [0, 0]},
-        {"name": "text", "datatype": "BYTES", "shape": [1, 1], "data": [""]},
-        {"name": "mask", "datatype": "BOOL", "shape": [1, 2], "data": [False, False]},
+    header, values = read_infer(*warmup_sent(config))
+    assert header["inputs"] == [
+        {"name": "img", "datatype": "FP32", "shape": [1, 2, 1], "parameters": {"binary_data_size": 8}},
+        {"name": "text", "datatype": "BYTES", "shape": [1, 1], "parameters": {"binary_data_size": 4}},
+        {"name": "mask", "datatype": "BOOL", "shape": [1, 2], "parameters": {"binary_data_size": 2}},
     ]
-    unbatched = json.loads(warmup_body({"max_batch_size": 0, "input": [{"name": "x", "data_type": "TYPE_INT64", "dims": [3]}]}))
+    assert values == {"img": [0.0, 0.0], "text": [b""], "mask": [0, 0]}
+    assert header["parameters"] == {"binary_data_output": True}  # outputs binary too: FP16 ones cannot be JSON
+    unbatched, _ = read_infer(*warmup_sent({"max_batch_size": 0, "input": [{"name": "x", "data_type": "TYPE_INT64", "dims": [3]}]}))
     assert unbatched["inputs"][0]["shape"] == [3]
+
+
+def warmup_sent(config: dict[str, Any]) -> tuple[bytes, str]:
+    """The warm-up's body and its Inference-Header-Content-Length header."""
+    body, length = warmup_body(config)
+    return body, str(length)
+
+
+TYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "BF16", "FP32", "FP64", "STRING"]
+
+
+def test_the_warmup_request_sends_every_datatype_as_binary_zeros() -> None:
+    """Triton refuses FP16 and BF16 data in JSON: every input travels binary, as the gateway's
+    own requests do."""
+    config = {"max_batch_size": 2, "input": [{"name": t.lower(), "data_type": f"TYPE_{t}", "dims": [3]} for t in TYPES]}
+    body, length = warmup_sent(config)
+    header, values = read_infer(body, length)
+    sizes = {"BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "BF16": 2, "UINT32": 4, "INT32": 4,
+             "FP32": 4, "UINT64": 8, "INT64": 8, "FP64": 8, "STRING": 4}  # fmt: skip
+    assert header["inputs"] == [
+        {"name": t.lower(), "datatype": "BYTES" if t == "STRING" else t, "shape": [1, 3], "parameters": {"binary_data_size": 3 * sizes[t]}}
+        for t in TYPES
+    ]
+    assert values == {t.lower(): [b"", b"", b""] if t == "STRING" else [0, 0, 0] for t in TYPES}
+    assert len(body) == int(length) + sum(3 * size for size in sizes.values())
 
 
 @pytest.mark.parametrize(("corrid", "sid"), [("TYPE_UINT64", WARMUP_SEQUENCE), ("TYPE_STRING", str(WARMUP_SEQUENCE)), (None, WARMUP_SEQUENCE)])
@@ -331,10 +406,12 @@ def test_a_stateful_models_warmup_is_a_whole_sequence_in_one_request(corrid: str
         controls.append({"name": "CORRID", "control": [{"kind": "CONTROL_SEQUENCE_CORRID", "data_type": corrid}]})
     config = {"max_batch_size": 8, "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [1]}],
               "sequence_batching": {"control_input": controls}}  # fmt: skip
-    body = json.loads(warmup_body(config))
-    assert body["parameters"] == {"sequence_id": sid, "sequence_start": True, "sequence_end": True}
-    assert body["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [0]}]
-    assert "parameters" not in json.loads(warmup_body({"max_batch_size": 8, "input": config["input"]}))
+    body, values = read_infer(*warmup_sent(config))
+    assert body["parameters"] == {"sequence_id": sid, "sequence_start": True, "sequence_end": True, "binary_data_output": True}
+    assert body["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [1, 1], "parameters": {"binary_data_size": 4}}]
+    assert values == {"x": [0.0]}
+    stateless, _ = read_infer(*warmup_sent({"max_batch_size": 8, "input": config["input"]}))
+    assert stateless["parameters"] == {"binary_data_output": True}
 
 
 # -- the sync -----------------------------------------------------------------------------------
@@ -346,6 +423,28 @@ async def test_start_loads_every_model_on_every_instance_warms_it_and_routes_it(
         assert triton.infers == [("m", "1")]  # the warm-up
     assert harness.routed() == [["1"], ["1"]]
     assert len(harness.events("ready")) == 2
+
+
+async def test_a_model_with_fp16_inputs_warms_up_and_is_routed(repo: Path, tritons: list[FakeTriton]) -> None:
+    """Triton refuses FP16 data in JSON (400): a warm-up sent so would fail such a model for good."""
+    for triton in tritons:
+        triton.model_config = {
+            "max_batch_size": 8,
+            "input": [{"name": "x", "data_type": "TYPE_FP16", "dims": [3]}, {"name": "b", "data_type": "TYPE_BF16", "dims": [2]}],
+            "sequence_batching": {},
+        }
+    harness = Harness(repo, tritons)
+    await harness.sync.start()
+    try:
+        assert harness.routed() == [["1"], ["1"]]
+        assert harness.events("failed") == [] and len(harness.events("ready")) == 2
+        for triton in tritons:
+            header, values = triton.warmups[-1]
+            assert [(i["name"], i["datatype"]) for i in header["inputs"]] == [("x", "FP16"), ("b", "BF16")]
+            assert values == {"x": [0.0, 0.0, 0.0], "b": [0, 0]}
+            assert header["parameters"]["sequence_start"] is True  # a stateful model's: one whole sequence
+    finally:
+        await harness.sync.close()
 
 
 async def test_a_new_version_is_routed_only_after_it_loaded_and_warmed_everywhere(harness: Harness, repo: Path) -> None:
