@@ -75,6 +75,11 @@ class _HeadFirst:
         self.transport.write(head + data if head else data)
 
     def close(self) -> None:
+        # uvicorn closes a connection that is not kept alive inside the send of the last body
+        # message, after writing that body: with no body bytes written (a HEAD request), the
+        # head is still held and must go out before the close, or the client gets nothing.
+        if self.head:
+            self.write(b"")
         self.transport.close()
 
     def is_closing(self) -> bool:
@@ -110,7 +115,9 @@ class OneWriteCycle(RequestResponseCycle):
             await super().send(message)
         finally:
             self.transport = transport
-        if first.head and not self.disconnected:  # no body bytes were written (a HEAD request)
+        if first.head and not self.disconnected and not transport.is_closing():
+            # No body bytes were written (a HEAD request) on a connection kept alive; on one
+            # closed meanwhile, the head went out before the close (``_HeadFirst.close``).
             transport.write(first.head)
 
 

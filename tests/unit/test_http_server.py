@@ -56,8 +56,17 @@ async def fails(request: Request) -> Response:
     raise RuntimeError("boom")
 
 
+async def hello(request: Request) -> Response:
+    return Response(b"hello", media_type="text/plain")  # GET and HEAD (starlette adds HEAD to GET)
+
+
 APP = Starlette(
-    routes=[Route("/echo", echo, methods=["POST", "GET", "HEAD"]), Route("/stream", stream), Route("/fails", fails)]
+    routes=[
+        Route("/echo", echo, methods=["POST", "GET", "HEAD"]),
+        Route("/stream", stream),
+        Route("/fails", fails),
+        Route("/hello", hello),
+    ]
 )
 
 
@@ -100,6 +109,46 @@ async def test_head_streaming_and_failing_responses_are_whole() -> None:
         assert failed.status_code == 500
         again = await client.post("/echo", content=b"after")
         assert again.content == b"after"
+
+
+async def answer_and_close(request: bytes) -> bytes:
+    """Everything the server sends for ``request`` until it closes the connection."""
+    async with serving() as url:
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            WRITES.clear()
+            writer.write(request)
+            return await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        b"HEAD /hello HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        b"HEAD /hello HTTP/1.0\r\n\r\n",  # HTTP/1.0 closes after the response: curl -I --http1.0
+        b"HEAD /echo HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",  # content-length: 0
+    ],
+    ids=["connection-close", "http-1.0", "empty"],
+)
+async def test_a_head_response_on_a_closing_connection_is_sent_before_the_close(request_: bytes) -> None:
+    """uvicorn closes such a connection inside the send of the (empty) body: the held head must
+    have gone out by then, not be written afterwards to a closed transport."""
+    data = await answer_and_close(request_)
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n") and data.endswith(b"\r\n\r\n"), data
+    assert b"connection: close" in data.lower()
+    assert b"content-length: 5\r\n" in data if b"/hello" in request_ else b"content-length: 0\r\n" in data
+    assert WRITES == [data]  # one write, and no body
+
+
+@pytest.mark.parametrize("version", [b"1.1", b"1.0"])
+async def test_a_get_on_a_closing_connection_is_answered_in_one_write(version: bytes) -> None:
+    data = await answer_and_close(b"GET /hello HTTP/%s\r\nhost: x\r\nconnection: close\r\n\r\n" % version)
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n") and data.endswith(b"\r\n\r\nhello"), data
+    assert b"connection: close" in data.lower()
+    assert WRITES == [data]
 
 
 async def test_pipelined_requests_get_their_own_answers_in_order() -> None:
