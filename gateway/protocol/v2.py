@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -171,6 +172,28 @@ def _flatten_strings(data: list, where: str, err: MakeError) -> list[bytes]:
     return out
 
 
+def _holds_bool(data: list, arr: np.ndarray) -> bool:
+    """Whether the JSON ``data`` that numpy read as the numbers ``arr`` holds true/false among
+    them (numpy reads them as 1 and 0, silently). A large one's elements are looked at only
+    where ``arr`` holds a 0 or a 1 (a small one's cost less to look at than that check)."""
+    if arr.size > 128 and not ((arr == 0) | (arr == 1)).any():
+        return False
+    lists = [data]
+    while lists:  # each list's element types at C speed; nested lists after it
+        items = lists.pop()
+        types = set(map(type, items))
+        if bool in types:
+            return True
+        if list in types:
+            lists.extend(item for item in items if type(item) is list)
+    return False
+
+
+def _shown_number(value: Any) -> str:
+    """A JSON value for an error message, NaN and infinities written as the client sent them."""
+    return json.dumps(value) if type(value) is float else shown(value)
+
+
 def _tensor_from_json(data: Any, datatype: str, shape: tuple[int, ...], where: str, err: MakeError) -> np.ndarray:
     if not isinstance(data, list):
         raise err(f"{where}: 'data' must be a list, got {type_name(data)}")
@@ -192,6 +215,9 @@ def _tensor_from_json(data: Any, datatype: str, shape: tuple[int, ...], where: s
     if count == 0:
         return np.empty(shape, dtype=dtype)
     kind = arr.dtype.kind
+    if datatype != "BOOL" and kind in "iuf" and _holds_bool(data, arr):
+        # As Triton: true/false are BOOL values, not the numbers 1 and 0.
+        raise err(f"{where}: {datatype} data must be numbers, not true/false")
     if datatype == "BOOL":
         if kind != "b":
             raise err(f"{where}: BOOL data must be true/false values")
@@ -199,8 +225,9 @@ def _tensor_from_json(data: Any, datatype: str, shape: tuple[int, ...], where: s
         if kind not in "iu":
             # numpy makes float64 of small ints mixed with ints above INT64 max: recheck exactly.
             arr = np.array(data, dtype=object)
-            if not all(type(value) is int for value in arr.flat):
-                raise err(f"{where}: {datatype} data must be integers")
+            for value in arr.flat:
+                if type(value) is not int:
+                    raise err(f"{where}: {datatype} data must be integers, got {_shown_number(value)}")
         info = np.iinfo(dtype)
         if int(arr.min()) < info.min or int(arr.max()) > info.max:
             raise err(f"{where}: a value is out of range for {datatype}")
@@ -277,11 +304,52 @@ def _split_body(body: bytes, header_length: int | None, err: MakeError) -> tuple
     return view[:header_length], view[header_length:]
 
 
+_NON_FINITE = re.compile(r"NaN|Infinity")
+_I64_MIN = -(2**63)
+
+
+def _int_as_orjson(text: str) -> int | float:
+    """An integer as orjson reads it: a float beyond what 64 bits hold."""
+    value = int(text)
+    return value if _I64_MIN <= value <= _U64_MAX else float(value)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e400: refused by orjson (and Triton), not read as Infinity
+        raise ValueError("number is infinity when parsed as double")
+    return value
+
+
+def _load_non_finite(data: memoryview, refused: orjson.JSONDecodeError) -> Any:
+    """The JSON document orjson refused for its first ``NaN``, ``Infinity`` or ``-Infinity``,
+    read by Python's parser, which takes them (as Triton does, and as tritonclient and Python's
+    json.dumps write them); None if that is not why it was refused, or Python's parser refuses
+    it too (a document holding them is never null). Nothing else that orjson refuses is taken:
+    not invalid UTF-8, a byte order mark, numbers that overflow a double, lone surrogates."""
+    try:
+        text = bytes(data).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    at = refused.pos  # a character index; after the sign of -Infinity
+    if _NON_FINITE.search(text, max(at - 1, 0), at + 9) is None:
+        return None
+    try:
+        doc = json.loads(text, parse_float=_finite_float, parse_int=_int_as_orjson)
+        orjson.dumps(doc)  # what orjson cannot hold: strings with lone surrogates ("\ud800"), ...
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        return None
+    return doc
+
+
 def _load_object(data: memoryview, err: MakeError) -> dict[str, Any]:
     try:
         doc = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise err(f"malformed JSON: {exc}") from None
+        # orjson is strict JSON; NaN and infinities are read on this (slower) path only.
+        doc = _load_non_finite(data, exc)
+        if doc is None:
+            raise err(f"malformed JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise err(f"the JSON body must be an object, got {type_name(doc)}")
     return doc

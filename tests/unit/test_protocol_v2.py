@@ -460,6 +460,119 @@ def test_a_zero_element_tensor_with_enormous_dimensions_is_a_400() -> None:
         v2.decode_request(body, None, "m", "")
 
 
+# ------------------------------------------------------------------ NaN and infinities in JSON data
+
+NON_FINITE = np.array([np.nan, np.inf, -np.inf, 1.5])
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "FP64"])
+def test_nan_and_infinities_in_json_data_from_tritonclient_are_read_as_such(datatype: str) -> None:
+    """tritonclient writes np.nan and np.inf (binary_data=False) with Python's json.dumps: NaN,
+    Infinity, -Infinity, not strict JSON, which Triton takes."""
+    array = NON_FINITE.astype(V2_TO_NUMPY[datatype]).reshape(2, 2)
+    body, json_size = triton_body({"IN": array}, binary=False)
+    assert json_size is None and b"NaN" in body and b"-Infinity" in body
+    tensor = decode(body).inputs[0]
+    assert tensor.data.dtype == V2_TO_NUMPY[datatype] and tensor.data.shape == (2, 2)
+    np.testing.assert_array_equal(tensor.data, array)  # NaN where NaN was
+
+
+def test_nan_and_infinities_are_read_with_the_rest_of_the_request() -> None:
+    body = (
+        b'{"id": "r\\u00e9", "inputs": [{"name": "x", "datatype": "FP16", "shape": [3], "data": [-Infinity, NaN, 2]},'
+        b' {"name": "s", "datatype": "BYTES", "shape": [1], "data": ["\\ud83d\\ude00"]}],'
+        b' "outputs": [{"name": "y", "parameters": {"binary_data": true}}], "parameters": {"priority": 2}}'
+    )
+    request = decode(body)
+    np.testing.assert_array_equal(request.inputs[0].data, np.array([-np.inf, np.nan, 2], np.float16))
+    assert request.inputs[1].data.tolist() == ["\U0001f600".encode()]
+    assert request.id == "r\u00e9" and request.parameters == {"priority": 2}
+    assert request.outputs == [RequestedOutput("y", True, {})]
+
+
+def test_a_strict_json_body_is_read_by_orjson_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("Python's json parser used for a body orjson reads")
+
+    monkeypatch.setattr(v2.json, "loads", refused)
+    assert decode(json_body({"inputs": [_input(data=[1.5, 2])]})).inputs[0].data.tolist() == [1.5, 2]
+
+
+@pytest.mark.parametrize(
+    ("datatype", "message"),
+    [("INT64", "INT64 data must be integers, got NaN"), ("UINT8", "UINT8 data must be integers, got NaN"),
+     ("BOOL", "BOOL data must be true/false"), ("BYTES", "BYTES data elements must be strings")],
+)  # fmt: skip
+def test_nan_in_data_of_a_type_without_it_is_a_400_naming_the_input(datatype: str, message: str) -> None:
+    body = b'{"inputs": [{"name": "x", "datatype": "%s", "shape": [2], "data": [1, NaN]}]}' % datatype.encode()
+    with pytest.raises(BadRequest, match=f"input 'x': {message}") as info:
+        decode(body)
+    assert info.value.status == 400
+    infinite = b'{"inputs": [{"name": "x", "datatype": "INT32", "shape": [2], "data": [-Infinity, 1]}]}'
+    with pytest.raises(BadRequest, match="input 'x': INT32 data must be integers, got -Infinity"):
+        decode(infinite)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [NaN, 1]}]} trailing',
+        b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [NaN, 1e400]}]}',  # overflows a double
+        b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [NaN, 1]}], "id": "\\ud800"}',  # lone surrogate
+        b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [NaN, 1]}], "id": "\xff"}',  # not UTF-8
+        b'\xef\xbb\xbf{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [NaN, 1]}]}',  # a BOM
+        b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [nan, inf]}]}',
+    ],
+    ids=["trailing", "overflow", "surrogate", "not-utf8", "bom", "lowercase"],
+)
+def test_a_body_with_nan_that_is_malformed_otherwise_keeps_orjsons_message(body: bytes) -> None:
+    import orjson as strict
+
+    with pytest.raises(strict.JSONDecodeError) as refused:
+        strict.loads(body)
+    with pytest.raises(BadRequest, match="malformed JSON") as info:
+        decode(body)
+    assert info.value.message.startswith(f"malformed JSON: {refused.value}")
+
+
+def test_nan_in_a_request_parameter_is_still_a_400() -> None:
+    body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [NaN]}], "parameters": {"p": NaN}}'
+    with pytest.raises(BadRequest, match="request parameter 'p' must be"):
+        decode(body)
+
+
+# ------------------------------------------------------------------ booleans among numbers
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data"),
+    [
+        ("INT64", [True, 2]),
+        ("INT32", [2, False]),
+        ("UINT8", [[False], [3]]),
+        ("FP32", [True, 2]),
+        ("FP32", [2.5, True]),
+        ("FP64", [[0.5], [False]]),
+        ("FP16", [1] * 199 + [True]),  # large enough to be looked at past the check for 0 and 1
+        ("INT64", [True, False]),
+        ("FP32", [True, False]),
+    ],
+)
+def test_json_numbers_mixed_with_booleans_are_a_400_naming_the_input(datatype: str, data: list) -> None:
+    """numpy reads true as 1; Triton refuses a boolean in a numeric tensor's data."""
+    shape = [len(data)] if not isinstance(data[0], list) else [len(data), 1]
+    with pytest.raises(BadRequest, match=f"input 'x': {datatype} data must be") as info:
+        decode(json_body({"inputs": [_input(datatype=datatype, shape=shape, data=data)]}))
+    assert info.value.status == 400
+
+
+def test_bool_data_and_numbers_without_booleans_still_pass() -> None:
+    assert decode(json_body({"inputs": [_input(datatype="BOOL", data=[True, False])]})).inputs[0].data.tolist() == [True, False]
+    ones = decode(json_body({"inputs": [_input(datatype="FP32", shape=[300], data=[1, 0, 1.0] * 100)]})).inputs[0].data
+    assert ones.dtype == np.float32 and ones.tolist() == [1, 0, 1] * 100
+    assert decode(json_body({"inputs": [_input(datatype="INT64", data=[1, 0])]})).inputs[0].data.tolist() == [1, 0]
+
+
 # ------------------------------------------------------------------ remembered header layouts
 
 
