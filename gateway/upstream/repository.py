@@ -484,9 +484,18 @@ class RepositorySync:
         return Target(config, folder.config_stamp, {v: on_disk[v] for v in served_versions(config, usable)})
 
     def placements(self) -> dict[str, dict[str, str]]:
-        """What this sync placed on each instance (url -> model -> ``placement``), for a driver
-        taking over from it (``seed``)."""
-        return {url: {name: placement(t) for name, t in sorted(models.items())} for url, models in sorted(self._placed.items())}
+        """What this sync placed on each instance and admitted (url -> model -> ``placement``),
+        for a driver taking over from it (``seed``): a model with a version still loading or
+        warming up there is left out, so the next driver warms it up."""
+        instances = {i.url: i for i in self.router.instances}
+        placed: dict[str, dict[str, str]] = {}
+        for url, models in sorted(self._placed.items()):
+            instance = instances.get(url)
+            if instance is None:
+                continue
+            pending = {m for (m, _), why in instance.withheld.items() if why in PENDING}
+            placed[url] = {name: placement(t) for name, t in sorted(models.items()) if name not in pending}
+        return placed
 
     def seed(self, placements: Mapping[str, Mapping[str, str]]) -> None:
         """Before the first round of a driver taking over from another in the same gateway

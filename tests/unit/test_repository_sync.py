@@ -671,6 +671,14 @@ async def test_a_driver_taking_over_loads_nothing_the_one_before_placed_from_the
         await new.close()
 
 
+async def test_a_model_still_warming_up_is_not_handed_over_as_placed(harness: Harness) -> None:
+    """A driver that exits while a version warms up: the next one must warm it, not route it."""
+    first, second = harness.instances
+    first.withhold("m", "1", "warming up")
+    placements = harness.sync.placements()
+    assert "m" not in placements[first.url] and "m" in placements[second.url]
+
+
 async def test_a_driver_taking_over_without_a_placement_or_from_other_files_loads_again(
     harness: Harness, repo: Path
 ) -> None:
