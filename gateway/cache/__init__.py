@@ -424,9 +424,10 @@ class ResponseCache:
         """The shared tier's result for ``key`` and when it was computed (on this process's
         clock, from the wall-clock time written with it; an entry that does not say, or says a
         time to come, counts as computed now); None if none, one past its TTL here, one
-        ``freshness`` does not accept, or one whose computation began before this process last
-        dropped the version (its answer may be the version's files before a reload in place;
-        replicas' clocks are taken to agree within the time a drop takes to be noticed)."""
+        ``freshness`` does not accept, or one whose computation began before this process or
+        another worker of this host last dropped the version (the host tier's generation: its
+        answer may be the version's files before a reload in place; replicas' clocks are taken
+        to agree within the time a drop takes to be noticed)."""
         if self._shared is None:
             return None
         raw = await self._shared.get(key)
@@ -437,8 +438,10 @@ class ResponseCache:
         except ValueError as exc:
             log.warning("ignoring a shared cache entry: %s", exc)
             return None
-        dropped = self._dropped.get((model, version))
-        if dropped is not None and (born_wall is None or born_wall < dropped):
+        dropped = self._dropped.get((model, version), 0.0)
+        if self._host is not None:  # dropped by another worker of this host, maybe before this one started
+            dropped = max(dropped, self._host.generation(model, version) / 1e9)
+        if dropped and (born_wall is None or born_wall < dropped):
             return None
         now = self._clock()
         age = 0.0 if born_wall is None else max(0.0, self._wall_clock() - born_wall)

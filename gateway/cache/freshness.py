@@ -63,6 +63,7 @@ def _seconds(arg: bytes) -> float | None:
     arg = arg.strip().strip(b'"')
     if not arg.isdigit():
         return None
+    arg = arg.lstrip(b"0") or b"0"  # leading zeros are allowed: "000" is 0
     return float(MAX_SECONDS if len(arg) > 10 else min(int(arg), MAX_SECONDS))
 
 

@@ -238,15 +238,18 @@ class HostStore:
 
     def generation(self, model: str, version: str) -> int:
         """The current generation of a model version: read it before computing an answer, and
-        give it to ``put``: a ``bump`` in between makes that answer invisible."""
+        give it to ``put``: a ``bump`` in between makes that answer invisible. It is also when
+        the version was last dropped on this host, in wall-clock nanoseconds (0: never; another
+        version sharing its slot may have been, later)."""
         return _U64.unpack_from(self._mm, self._slot(model, version))[0]
 
     def bump(self, model: str, version: str) -> None:
-        """Every entry of this model version written so far is dropped (for every worker)."""
+        """Every entry of this model version written so far is dropped (for every worker); the
+        generation becomes the time of the drop (``generation``)."""
         slot = self._slot(model, version)
         fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, 0)
         try:
-            _U64.pack_into(self._mm, slot, _U64.unpack_from(self._mm, slot)[0] + 1)
+            _U64.pack_into(self._mm, slot, max(_U64.unpack_from(self._mm, slot)[0] + 1, time.time_ns()))
         finally:
             fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 0)
 

@@ -319,6 +319,52 @@ async def test_a_result_one_worker_computed_is_a_hit_on_another(worker: Open) ->
     assert two.snapshot()["host"]["writes"] == 1
 
 
+class Redis:
+    """The shared tier, as tests/unit/test_cache.py fakes it."""
+
+    def __init__(self) -> None:
+        self.data: dict[bytes, bytes] = {}
+
+    async def get(self, key: bytes) -> bytes | None:
+        return self.data.get(key)
+
+    async def set(self, key: bytes, value: bytes, ttl_s: float) -> None:
+        self.data[key] = value
+
+    async def close(self) -> None:
+        pass
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+
+async def test_a_version_one_worker_dropped_is_not_taken_from_the_shared_tier_by_another(worker: Open) -> None:
+    """A worker that has not noticed the drop yet, or that started after it, must not serve the
+    shared tier's answer of the version's files before (nor pass it to the other workers)."""
+    redis = Redis()
+    config = CacheConfig(enabled=True, ttl_s=30.0)
+    one, two = (ResponseCache(config, redis, host=worker()) for _ in range(2))
+    values = iter([1.0, 2.0, 3.0])
+
+    async def compute(abandoned) -> BatchResult:  # noqa: ANN001
+        return BatchResult("1", [Tensor("y", "FP32", np.full((1, 4), next(values), np.float32))])
+
+    assert (await one.get_or_compute("m", "1", b"k" * 16, compute))[1] == "miss"  # the files before
+    await asyncio.sleep(0)  # written to Redis
+    time.sleep(0.002)
+    one.drop_version("m", "1")  # reloaded in place; worker two has not seen it (yet)
+    later = ResponseCache(config, redis, host=worker())  # a worker started since
+    got, source, _ = await two.get_or_compute("m", "1", b"k" * 16, compute)
+    assert source == "miss" and got.outputs[0].data[0, 0] == 2.0  # computed anew, not Redis's
+    got, source, _ = await later.get_or_compute("m", "1", b"k" * 16, compute)
+    assert source == "hit" and got.outputs[0].data[0, 0] == 2.0  # the new answer, from the host tier
+    assert two.snapshot()["models"]["m"]["shared_hits"] == later.snapshot()["models"]["m"]["shared_hits"] == 0
+    later._host.bump("m", "1")  # dropped again (by a third worker): Redis now holds the answer before
+    time.sleep(0.002)
+    later.store.drop_version("m", "1")
+    assert (await later.get_or_compute("m", "1", b"k" * 16, compute))[1] == "miss"
+
+
 ANSWER = RawAnswer(((b"content-type", b"application/json"), (b"x-cache", b"hit"), (b"content-length", b"9")), b'{"a": 1}\n')
 
 

@@ -25,6 +25,8 @@ from gateway.cache.freshness import ANY, FRESH, Freshness, freshness
         ([b"max-age=" + b"1" * 5000], False, Freshness(max_age=2.0**31)),  # beyond int()'s digit limit
         ([b"min-fresh=99999999999"], False, Freshness(min_fresh=2.0**31)),
         ([b"max-age=2147483647"], False, Freshness(max_age=2147483647.0)),
+        ([b"max-age=" + b"0" * 20], False, FRESH),  # leading zeros: still 0
+        ([b"max-age=" + b"0" * 20 + b"30"], False, Freshness(max_age=30.0)),
         ([b"min-fresh=20"], False, Freshness(min_fresh=20.0)),
         ([b"min-fresh=20, min-fresh=5"], False, Freshness(min_fresh=20.0)),
         ([b"only-if-cached"], False, Freshness(only_if_cached=True)),
