@@ -47,8 +47,8 @@ than stable trips a rule in about 1 check in 1000 (one-sided tests):
 
 - errors: the canary's error rate is above stable's by more than ``rollback_error_rate`` and a
   pooled two-proportion z-test finds it worse (z > 3.09); a stable version with fewer computed
-  answers in its window than the canary (its others served from the cache) counts as many, the
-  missing ones good.
+  answers in its window than the canary (its others served from the cache) counts as many at
+  its own error rate, one without any as a clean one.
 - latency, once stable's window is full: the count of the canary's requests that took over
   ``rollback_latency_ratio`` x stable's p99 is more than a version like stable gives (at most 1%
   of its requests are above its p99): P(Binomial(n, 0.01) >= count) < 0.001. With a ratio of 1
@@ -180,7 +180,7 @@ class Window:
         return latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else 0.0
 
 
-def worse_z(x1: int, n1: int, x2: int, n2: int) -> float:
+def worse_z(x1: float, n1: float, x2: float, n2: float) -> float:
     """The pooled two-proportion z of ``x1`` failures in ``n1`` requests against ``x2`` in
     ``n2``: how many standard errors the first rate is above the second, were both the same."""
     pooled = (x1 + x2) / (n1 + n2)
@@ -330,9 +330,11 @@ class RolloutState:
         }
         if c.rollback_error_rate is not None:
             n1, x1 = len(canary.items), canary.failures
-            # A stable version computing fewer answers than the canary (most of its answers
-            # came from the cache, which did not fail) counts as many, the missing ones good.
-            n2, x2 = max(len(stable.items), n1), stable.failures
+            # A stable version computing fewer answers than the canary (most of its answers came
+            # from the cache) counts as many at its own rate: its few samples do not blur the
+            # comparison; without any, it counts as a clean one.
+            n2 = max(len(stable.items), n1)
+            x2 = stable.failures * n2 / len(stable.items) if stable.items else 0.0
             z = worse_z(x1, n1, x2, n2)
             if x1 / n1 > x2 / n2 + c.rollback_error_rate and z > Z_WORSE:
                 rule = f"error rate above stable's by more than {c.rollback_error_rate}, significantly (z > {Z_WORSE})"
@@ -612,6 +614,8 @@ class Rollouts:
         self.set_models(rollout.models)
         defaults = rollout.defaults
         if defaults is None:
+            for state in self.auto.values():
+                self._over(state)  # the same defaults again are trials anew, in every worker
             self.auto = {}
         elif defaults != self.defaults:
             # New rules for the trials under way; where each stands (stable, canary, rolled
@@ -716,8 +720,10 @@ class Rollouts:
         if state is None:
             recalled = self.recall(model) if self.recall is not None else None
             stable, canary = recalled if recalled is not None else (newest, "")
-            if not available(stable) or (canary and not available(canary)):
-                stable, canary = newest, ""  # the others' trial is over: they are to see it too
+            if canary and not available(canary):
+                canary = ""  # the others' canary has left: they are to end its trial too
+            if not available(stable):
+                stable, canary = newest, ""
             self._auto(model, replace(defaults, stable=stable, canary=canary), now)
         elif not available(state.stable):
             self._auto(model, replace(defaults, stable=newest), now, state, "stable", stable=newest,

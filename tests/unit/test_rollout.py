@@ -344,7 +344,7 @@ def test_without_a_stable_request_the_canary_is_compared_with_a_clean_stable_of_
 def test_a_stable_version_answering_mostly_from_the_cache_does_not_shield_a_failing_canary() -> None:
     """Stable's answers come from the cache but for a few computed ones; the canary, whose
     failures are never cached, computes everything and fails a third of it: rolled back once its
-    window is full, as against a stable that computed as many answers, the missing ones good."""
+    window is full, as against a stable that computed as many answers at its own rate."""
     rollouts = rollouts_with({"stable": "1", "canary": "2", "canary_share": 0.5, "rollback_error_rate": 0.05,
                               "rollback_window": 50}, Clock())  # fmt: skip
     state = rollouts.states["m"]
@@ -358,7 +358,17 @@ def test_a_stable_version_answering_mostly_from_the_cache_does_not_shield_a_fail
     assert state.events[-1]["stable_requests"] == 5 and state.events[-1]["z"] > 3.09
 
 
-def test_without_rules_the_ramp_steps_on_its_counts_alone() -> None:
+def test_a_canary_failing_as_often_as_a_mostly_cached_stable_is_not_rolled_back() -> None:
+    rollouts = rollouts_with({"stable": "1", "canary": "2", "canary_share": 0.5, "rollback_error_rate": 0.0,
+                              "rollback_window": 200}, Clock())  # fmt: skip
+    for i in range(30):
+        rollouts.record("m", "1", i % 10 != 0, 0.01)  # 3 failures in 30 computed answers: 10%
+    for i in range(200):
+        rollouts.record("m", "2", i % 10 != 0, 0.01)  # 20 in 200: 10% too
+    assert rollouts.states["m"].status == "canary"
+
+
+
     """No rollback rule: nothing to wait for, every answer (cached or not) counts for the step."""
     clock = Clock()
     rollouts = rollouts_with({"stable": "1", "canary": "2", "ramp": [0.1, 0.5, 1.0], "ramp_min_requests": 20,

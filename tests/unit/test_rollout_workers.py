@@ -195,6 +195,29 @@ def test_a_worker_started_after_a_dropped_in_canary_was_rolled_back_joins_that_t
     assert served(late) == {"1": 400}
 
 
+def test_defaults_removed_and_written_again_start_their_trials_anew(tmp_path: Path) -> None:
+    a, _ = auto_worker(tmp_path, 1)
+    a.observe("m", "1", lambda v: True)
+    a.observe("m", "2", lambda v: True)
+    a.act("m", "rollback")
+    a.set_file(parse_rollout_file({}))  # [defaults] removed...
+    a.set_file(DEFAULTS_FILE)  # ...and written again
+    late, _ = auto_worker(tmp_path, 2)
+    for rollouts in (a, late):
+        rollouts.observe("m", "2", lambda v: True)
+        assert rollouts.auto["m"].status == "stable" and served(rollouts) == {"2": 400}
+
+
+def test_a_worker_joining_a_trial_whose_canary_left_keeps_its_stable_version(tmp_path: Path) -> None:
+    a, _ = auto_worker(tmp_path, 1)
+    a.observe("m", "1", lambda v: True)
+    a.observe("m", "3", lambda v: True)  # a canary of 1...
+    late, _ = auto_worker(tmp_path, 2)
+    late.observe("m", "2", lambda v: v != "3")  # ...gone by the time this worker looks; 2 is newer than 1
+    state = late.auto["m"]
+    assert (state.stable, state.canary) == ("1", "")  # as the others will have it: 2 then comes as a canary
+
+
 def test_a_rolled_back_canary_removed_then_published_again_under_its_number_is_tried_anew(tmp_path: Path) -> None:
     a, _ = auto_worker(tmp_path, 1)
     b, shared_b = auto_worker(tmp_path, 2)
