@@ -30,7 +30,8 @@ Policy (``select_batch``, a pure function tested with a fake clock):
   again alone, once, so only the faulty one fails (``resend_alone``). Not when the failure is
   the way there (no answer, a timeout, no instance available, a full queue) nor a model version
   Triton does not hold: resending those one by one would only multiply the load on a failing
-  fleet.
+  fleet. Nor, for ``RESEND_PAUSE_S``, a 5xx after one where every request failed alone too: a
+  model that fails on every input is not made to fail once per request.
 
 Each caller receives exactly its own rows of every output. A failed batch fails every request
 in it with the same error, and the worker loop itself never dies of a request's error.
@@ -159,6 +160,11 @@ def select_batch(
 # Triton's 5xx answers that speak of the instance's state or load rather than of a request
 # (UNAVAILABLE: a full queue, a server or model not ready): the way there, like a 503. They
 # reach the batcher as ModelError too (``upstream.client.upstream_error``), whose status is 502.
+# After a batch failed with the model's 5xx and every one of its requests failed alone too: how
+# long later 5xx batches fail as a whole, not resent one request at a time.
+RESEND_PAUSE_S = 1.0
+
+
 def resend_alone(error: UpstreamError) -> bool:
     """Whether a batch of several requests that failed with ``error`` is sent again one request
     at a time: an error that may be one request's (Triton's 4xx, a model that raised on one
@@ -216,6 +222,7 @@ class Batcher:
         self._cpu_busy = cpu_busy  # the host's CPUs' busy share (HostCpu.busy); None: unknown
         self._dispatch = dispatch
         self._clock = clock
+        self._resend_paused_until = 0.0  # no 5xx batch is resent one request at a time before then
         self._queue: deque[Pending] = deque()
         self._queued_rows = 0
         self.inflight = 0
@@ -416,17 +423,19 @@ class Batcher:
             raise
         return outgoing, result
 
-    async def _send_alone(self, item: Pending) -> None:
+    async def _send_alone(self, item: Pending) -> bool:
+        """Whether it did not fail (answered, or not sent: its caller gone)."""
         try:
             sent, result = await self._dispatch_wanted([item])
             if result is None:
-                return
+                return True
             part = split_outputs(result, sent)[0]
         except GatewayError as exc:
             self._fail(item, exc)
-            return
+            return False
         if not item.future.done():
             item.future.set_result(part)
+        return True
 
     async def _send(self, batch: list[Pending]) -> None:
         batch = list(batch)  # narrowed to the requests actually sent, if some were dropped
@@ -453,9 +462,12 @@ class Batcher:
                 self._fail(item, Unavailable("the gateway is shutting down"))
             raise
         except UpstreamError as exc:
-            if len(batch) > 1 and resend_alone(exc):
+            model_failed = exc.status >= 500
+            if len(batch) > 1 and resend_alone(exc) and not (model_failed and self._clock() < self._resend_paused_until):
                 # Once: a request that fails alone gets its own error (``_send_alone``).
-                await asyncio.gather(*(self._send_alone(item) for item in batch))
+                answered = await asyncio.gather(*(self._send_alone(item) for item in batch))
+                if model_failed and not any(answered):  # the model fails whatever the input
+                    self._resend_paused_until = self._clock() + RESEND_PAUSE_S
             else:
                 for item in batch:
                     self._fail(item, exc)

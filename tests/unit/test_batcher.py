@@ -9,6 +9,7 @@ import pytest
 
 from gateway.batcher import (
     HOLD_ROWS,
+    RESEND_PAUSE_S,
     Batcher,
     BatchPolicy,
     BatchResult,
@@ -570,6 +571,32 @@ async def test_a_batch_failed_by_the_models_5xx_on_one_request_is_retried_one_re
     # The slot, the shared batch, then each request alone, once: the poison one is not resent again.
     assert up.calls == [1, 4, 1, 1, 1, 1]
     assert batcher.inflight == 0
+    await batcher.close(0)
+
+
+async def test_a_model_failing_on_every_input_is_not_made_to_fail_once_per_request_for_a_while() -> None:
+    clock = FakeClock()
+    up = PoisonUpstream(upstream_error(500, b'{"error":"boom"}'))
+    batcher = Batcher("m", up, BatchPolicy(8, 10.0, 1, 64), clock=clock)
+
+    async def a_batch_of_poison() -> list[int]:
+        """Four poisoned requests gathered behind one holding the slot: the calls it took."""
+        up.calls.clear()
+        up.release_first = asyncio.Event()
+        holder = asyncio.create_task(batcher.submit(rows(1, start=500)))
+        await asyncio.sleep(0)
+        tasks = [asyncio.create_task(batcher.submit(poisoned(10 * i))) for i in range(1, 5)]
+        await settle()
+        up.release_first.set()
+        await holder
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(t.exception(), ModelError) for t in tasks)
+        return list(up.calls)
+
+    assert await a_batch_of_poison() == [1, 4, 1, 1, 1, 1]  # resent alone: every one failed again
+    assert await a_batch_of_poison() == [1, 4]  # within RESEND_PAUSE_S: the batch fails as a whole
+    clock.now += RESEND_PAUSE_S
+    assert await a_batch_of_poison() == [1, 4, 1, 1, 1, 1]  # then one request at a time again
     await batcher.close(0)
 
 
