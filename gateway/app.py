@@ -25,7 +25,7 @@ from gateway.metrics import GatewayCollector, InferCounts, registry_of
 from gateway.pipeline import InferencePipeline
 from gateway.rollout import Rollouts
 from gateway.rollout_workers import shared_decisions
-from gateway.router import Router
+from gateway.router import Router, read_timeout_for
 from gateway.upstream.client import TritonClient
 from gateway.upstream.fleet import FleetMonitor
 from gateway.upstream.repository import GrpcControl, RepositorySync
@@ -109,6 +109,7 @@ def build_app(config: GatewayConfig, cache_segment: str = "", workers_folder: st
             max_tries=u.max_tries,
             max_inflight_per_instance=u.max_inflight_per_instance,
             attempt_timeout=u.request_timeout_s,
+            read_timeout=read_timeout_for(u.request_timeout_s, u.health_timeout_s),
             ejection=EjectionPolicy(u.eject_after_failures, u.eject_base_s, u.eject_max_s, u.max_ejected_share),
             active_request_bias=u.active_request_bias,
         )

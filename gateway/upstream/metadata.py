@@ -118,6 +118,9 @@ class MetadataCache:
                 self._remember(key, error, NOT_FOUND_TTL_S)  # replaces a stale entry: never masked
                 raise error from None
             if exc.status < 500:
+                entry = self._entries.get(key)
+                if entry is not None:  # served stale meanwhile: not fetched again at every request
+                    entry.retry_at = self._clock() + REFRESH_RETRY_S
                 raise
             return self._stale(key, exc)  # no answer, too late, or Triton's 5xx: not the model's
         previous = self._entries.get(key)

@@ -12,7 +12,7 @@ import time
 import orjson
 import pytest
 
-from gateway.errors import GatewayError, GatewayTimeout, ModelError, NotFound, Unavailable
+from gateway.errors import GatewayError, GatewayTimeout, ModelError, NotFound, Unavailable, UpstreamError
 from gateway.router import Instance
 from gateway.router import Router as RealRouter
 from gateway.upstream.client import RawResponse
@@ -106,6 +106,22 @@ async def test_a_stale_entry_is_served_at_once_while_one_fetch_refreshes_it() ->
     router.hold.set()
     await settle(cache)
     assert cache.fresh("m", "").max_batch_size == 4 and len(router.paths) == 4  # type: ignore[union-attr]
+
+
+async def test_a_background_refresh_refused_with_a_4xx_is_not_tried_again_at_every_request() -> None:
+    router, clock = Router(), Clock()
+    cache = MetadataCache(router, ttl=5.0, clock=clock)  # type: ignore[arg-type]
+    old = await cache.get("m", "")
+    clock.now += 6.0
+    router.failure = UpstreamError("Triton refused the read: forbidden", status=403)
+    for _ in range(20):
+        assert await cache.get("m", "") is old
+        await settle(cache)
+    assert len(router.paths) == 2 + 2  # one refresh (metadata and config), then a pause
+    clock.now += REFRESH_RETRY_S
+    assert await cache.get("m", "") is old
+    await settle(cache)
+    assert len(router.paths) == 2 + 4
 
 
 @pytest.mark.parametrize(
