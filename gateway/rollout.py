@@ -258,6 +258,7 @@ class RolloutState:
     windows: dict[str, Window] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
     since_check: int = 0
+    waiting: bool = False  # the step is due, but waits for full windows to be judged on
     shadow: ShadowStats = field(default_factory=lambda: ShadowStats())
     trial: str = ""  # which trial this is, the same in every worker (``trial_key``)
 
@@ -362,7 +363,15 @@ class RolloutState:
             return
         if self.has_rules:
             if not self.judged():
+                if not self.waiting:  # said once a step: a mostly cached version fills its window slowly
+                    self.waiting = True
+                    log.warning(
+                        "rollout: canary %s's step is due but waits for full windows to judge it on "
+                        "(computed answers: canary %d, stable %d, of %d)", self.canary,
+                        len(self.window(self.canary).items), len(self.window(self.stable).items), c.rollback_window,
+                    )  # fmt: skip
                 return
+            self.waiting = False
             self.since_check = 0
             breach = self.breach()
             if breach is not None:
@@ -427,6 +436,7 @@ class RolloutState:
             "sticky_header": c.sticky_header.decode() or None,
             "ramp": list(c.ramp) or None,
             "ramp_step": self.step if self.step >= 0 else None,
+            "waiting_for_windows": self.waiting,
             "windows": {
                 v: {"requests": len(w.items), "error_rate": round(w.error_rate(), 4), "p99_ms": round(w.p99() * 1000, 3)}
                 for v, w in sorted(self.windows.items())

@@ -312,7 +312,7 @@ def test_a_canary_failing_on_what_it_computes_is_judged_before_it_is_promoted() 
     assert state.events[-1]["window"] == 200 and state.events[-1]["stable_error_rate"] == 0.0
 
 
-def test_with_a_latency_rule_a_step_waits_for_stables_window_too() -> None:
+def test_with_a_latency_rule_a_step_waits_for_stables_window_too(caplog: pytest.LogCaptureFixture) -> None:
     rollouts = rollouts_with(
         {"stable": "1", "canary": "2", "ramp": [0.5, 1.0], "ramp_min_requests": 10, "rollback_latency_ratio": 2.0,
          "rollback_window": 20},
@@ -324,9 +324,12 @@ def test_with_a_latency_rule_a_step_waits_for_stables_window_too() -> None:
     for _ in range(40):
         rollouts.record("m", "2", True, 0.01)
     assert state.share == 0.5 and state.window("2").full  # stable's p99 is not known yet
+    assert state.snapshot()["waiting_for_windows"] is True  # said, in the view and once in the log
+    assert caplog.text.count("waits for full windows") == 1 and "stable 19, of 20" in caplog.text
     rollouts.record("m", "1", True, 0.01)
     rollouts.record("m", "2", True, 0.01)
     assert state.share == 1.0 and [e["event"] for e in state.events] == ["ramp"]
+    assert state.snapshot()["waiting_for_windows"] is False
 
 
 def test_without_a_stable_request_the_canary_is_compared_with_a_clean_stable_of_its_size() -> None:
