@@ -144,7 +144,8 @@ class InferencePipeline:
             async with asyncio.timeout(remaining):
                 return await self._infer(request, deadline, gone, freshness, following)
         except TimeoutError:
-            error = GatewayTimeout(f"deadline passed: no answer within the {remaining * 1000:.0f} ms left")
+            left = remaining * 1000  # whole ms, but for a sub-10 ms deadline ("0.5", not "0")
+            error = GatewayTimeout(f"deadline passed: no answer within the {left:{'.0f' if left >= 10 else '.2g'}} ms left")
             error.shared = bool(following)  # that computation's slowness: counted once, by its own request
             raise error from None
 
