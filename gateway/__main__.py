@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import signal
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from gateway.cache import configured
 from gateway.cache.host import SEGMENT_ENV, create_segment
@@ -28,13 +30,29 @@ SIGHUP_IGNORED = (
 )
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging, and the gateway's lines with their time and level (``LOG_FORMAT``), in
+    this process and in every worker process, which uvicorn sets up with it anew (spawned
+    workers inherit no handler: their lines came without either)."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["gateway"] = {"format": LOG_FORMAT}
+    config["handlers"]["gateway"] = {"class": "logging.StreamHandler", "formatter": "gateway", "stream": "ext://sys.stderr"}
+    config["root"] = {"handlers": ["gateway"], "level": level.upper()}
+    return config
+
+
 def serve(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, host=args.host, port=args.port)
     except ConfigError as exc:
         print(f"gateway: bad configuration: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     # Worker processes import the app by name and read the config file themselves.
     os.environ["GATEWAY_CONFIG"] = str(Path(args.config).resolve())
     workers = config.server.workers
@@ -106,6 +124,7 @@ def _run(args: argparse.Namespace, config: GatewayConfig, workers: int) -> int:
         proxy_headers=False,
         server_header=False,
         timeout_graceful_shutdown=int(config.server.shutdown_grace_s) + 1,
+        log_config=log_config(args.log_level),
     )
     if workers == 1:
         with _sighup_ignored():

@@ -321,6 +321,23 @@ def test_sighup_is_caught_while_one_server_runs_and_the_handler_restored_after(c
     assert signal.getsignal(signal.SIGHUP) is before
 
 
+def test_a_worker_process_logs_the_gateways_lines_with_their_time_and_level() -> None:
+    """uvicorn sets up each spawned worker's logging from the config it is given; a fresh
+    interpreter has no handler of its own, so without one the lines came bare."""
+    code = (
+        "import logging, logging.config\n"
+        "from gateway.__main__ import log_config\n"
+        "logging.config.dictConfig(log_config('info'))\n"
+        "logging.getLogger('gateway.app').warning('routed %s', 'v2')\n"
+        "logging.getLogger('gateway.app').debug('not at info')\n"
+        "logging.getLogger('uvicorn.error').info('Started server process')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    lines = done.stderr.splitlines()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} WARNING gateway\.app: routed v2", lines[0]), lines
+    assert lines[1:] == ["INFO:     Started server process"]  # uvicorn's own, as before
+
+
 def _lines(stream: IO[str], into: queue.Queue[str]) -> None:
     for line in stream:
         into.put(line)
