@@ -227,12 +227,26 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+# In a model's folder: the highest version number ever published there, so that a number is
+# never given twice, even after its folder was removed (a rolled-back version: the gateway
+# remembers what it decided about a number). Triton reads only a model's numbered folders.
+PUBLISHED = ".published"
+
+
+def _published_before(model_dir: Path) -> int:
+    try:
+        return int((model_dir / PUBLISHED).read_text())
+    except (OSError, ValueError):
+        return 0
+
+
 def _commit(staging: Path, model_dir: Path) -> int:
-    """Rename the staged folder to the next version number: one atomic step, so Triton sees
-    either nothing or the complete version. Retries if another publisher took the number."""
+    """Rename the staged folder to the next version number, one above any present or ever
+    published there (``PUBLISHED``): one atomic step, so Triton sees either nothing or the
+    complete version. Retries if another publisher took the number."""
     _fsync_tree(staging)
     for _ in range(10):
-        version = (versions(model_dir) or [0])[-1] + 1
+        version = max((versions(model_dir) or [0])[-1], _published_before(model_dir)) + 1
         target = model_dir / str(version)
         if target.exists():
             continue
@@ -240,6 +254,9 @@ def _commit(staging: Path, model_dir: Path) -> int:
             os.rename(staging, target)  # fails if a non-empty folder appeared meanwhile
         except OSError:
             continue
+        mark = model_dir / f".{PUBLISHED}.{os.getpid()}.tmp"
+        mark.write_text(str(max(version, _published_before(model_dir))))
+        os.replace(mark, model_dir / PUBLISHED)
         _fsync_dir(model_dir)
         return version
     raise RuntimeError(f"could not claim a new version number in {model_dir}")

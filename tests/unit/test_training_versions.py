@@ -65,7 +65,7 @@ def test_first_and_next_versions_are_complete_folders_renamed_into_place(repo: P
     assert second.version == 2 and second.stable_version == 1
     model_dir = repo / "digits_cnn"
     assert versions(model_dir) == [1, 2]
-    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2", "config.pbtxt"]  # no staging left
+    assert sorted(p.name for p in model_dir.iterdir()) == [".published", "1", "2", "config.pbtxt"]  # no staging left
     assert not [p.name for p in repo.parent.iterdir() if "publish" in p.name]  # staged beside the repository
     folder = model_dir / "2"
     assert sorted(p.name for p in folder.iterdir()) == ["__pycache__", "metadata.json", "model.pt", "model.py"]
@@ -84,6 +84,16 @@ def test_first_and_next_versions_are_complete_folders_renamed_into_place(repo: P
     assert accuracy(served, splits.x_test, splits.y_test) == meta["metrics"]["test_accuracy"]
 
 
+def test_a_version_number_is_never_given_twice_even_after_its_folder_was_removed(repo: Path, good: Path) -> None:
+    """A rolled-back version's folder is removed; the fix published next must not reuse its
+    number, which the gateway's rollout remembers as rolled back."""
+    publish("digits_cnn", good, repo, **QUIET)
+    publish("digits_cnn", good, repo, **QUIET)
+    shutil.rmtree(repo / "digits_cnn" / "2")
+    assert publish("digits_cnn", good, repo, **QUIET).version == 3
+    assert versions(repo / "digits_cnn") == [1, 3]
+
+
 def test_staging_falls_back_inside_the_model_folder_across_file_systems(
     repo: Path, good: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -98,7 +108,7 @@ def test_staging_falls_back_inside_the_model_folder_across_file_systems(
     monkeypatch.setattr(os, "stat", stat)
     result = publish("digits_cnn", good, repo, **QUIET)
     assert result.version == 1 and (repo / "digits_cnn" / "1" / "model.py").exists()
-    assert sorted(p.name for p in (repo / "digits_cnn").iterdir()) == ["1", "config.pbtxt"]
+    assert sorted(p.name for p in (repo / "digits_cnn").iterdir()) == [".published", "1", "config.pbtxt"]
     assert not [p.name for p in repo.parent.iterdir() if "publish" in p.name]
 
 
@@ -106,7 +116,7 @@ def test_the_gate_refuses_a_worse_model_and_leaves_no_trace(repo: Path, good: Pa
     publish("digits_cnn", good, repo, **QUIET)
     with pytest.raises(GateRefused, match=r"refusing to publish digits_cnn: test accuracy 0\.\d+ is \d+\.\d+ points below stable version 1"):
         publish("digits_cnn", bad, repo, margin=0.05, **QUIET)
-    assert sorted(p.name for p in (repo / "digits_cnn").iterdir()) == ["1", "config.pbtxt"]
+    assert sorted(p.name for p in (repo / "digits_cnn").iterdir()) == [".published", "1", "config.pbtxt"]
     assert not [p.name for p in repo.parent.iterdir() if "publish" in p.name]
     forced = publish("digits_cnn", bad, repo, margin=0.05, force=True, **QUIET)
     assert forced.version == 2 and forced.forced
