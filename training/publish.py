@@ -31,6 +31,7 @@ table:
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import importlib.util
 import json
 import os
@@ -283,7 +284,18 @@ def _toml_value(v: Any) -> str:
 def write_rollout(path: Path, model: str, values: dict[str, Any]) -> None:
     """Set `values` in the `[models.<model>]` table of the TOML file at `path`, creating the
     file or the table as needed; every other line of the file is kept as it was. Written
-    atomically (temporary file, then rename)."""
+    atomically (temporary file, then rename), under an exclusive lock on `.<name>.lock` beside
+    it, so that two publishes at once (two models) both keep their table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _write_rollout(path, model, values)
+    finally:
+        os.close(fd)
+
+
+def _write_rollout(path: Path, model: str, values: dict[str, Any]) -> None:
     text = path.read_text() if path.exists() else ""
     lines = text.splitlines()
     header = re.compile(r"^\s*\[\s*models\s*\.\s*(\"?)" + re.escape(model) + r"\1\s*\]\s*(#.*)?$")
@@ -304,7 +316,6 @@ def write_rollout(path: Path, model: str, values: dict[str, Any]) -> None:
         lines[last + 1 : last + 1] = [f"{k} = {_toml_value(v)}" for k, v in remaining.items()]
     new_text = "\n".join(lines) + "\n"
     tomllib.loads(new_text)  # never write a file the gateway could not read
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(new_text)
     os.replace(tmp, path)

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import tomllib
 from pathlib import Path
 
@@ -132,6 +133,22 @@ def test_the_gate_compares_with_the_stable_version_named_in_the_rollout_config(r
     # but against version 1 it would not: stable comes from the rollout config.
     result = publish("digits_cnn", bad, repo, canary_config=rollout, **QUIET)
     assert result.stable_version == 2 and result.version == 3
+
+
+def test_rollout_entries_written_at_once_for_several_models_are_all_kept(tmp_path: Path) -> None:
+    rollout = tmp_path / "rollout.toml"
+
+    def writes(n: int) -> None:
+        for i in range(20):
+            write_rollout(rollout, f"model_{n}", {"stable": "1", "canary": str(i + 2), "canary_share": 0.1})
+
+    threads = [threading.Thread(target=writes, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    models = tomllib.loads(rollout.read_text())["models"]
+    assert {name: table["canary"] for name, table in models.items()} == {f"model_{n}": "21" for n in range(8)}
 
 
 def test_canary_entry_updates_only_its_model_table(repo: Path, good: Path) -> None:
