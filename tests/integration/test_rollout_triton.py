@@ -60,7 +60,9 @@ def test_canary_share_sticky_clients_reload_and_a_rejected_file(fleet_factory, t
             return versions
 
         split = served(2000)
-        assert abs(split["2"] / 2000 - 0.10) <= 0.02, split
+        # Drawn at random: the canary's share of 2,000 has a standard deviation of 0.0067, so
+        # within 0.035 (5 of them; 0.02 failed about one run in 400).
+        assert abs(split["2"] / 2000 - 0.10) <= 0.035, split
         # A client with the sticky header always gets the same version.
         for user in ("alice", "bob", "carol", "dave"):
             assert len(served(20, user)) == 1
