@@ -225,9 +225,7 @@ class Router:
                 candidates = [i for i in candidates if i not in reloading]
             candidates = affinity.narrow(candidates, holders, exclude)
         if not candidates:
-            what = "" if model is None else f" holding model '{model}'" + (f" version {version}" if version else "")
-            why = self.withheld_reason(model, version) if model is not None else None
-            raise Unavailable(f"no healthy Triton instance{what} is available" + (f" ({why})" if why else ""))
+            raise self._no_holder(model, version)
         free = [i for i in candidates if i.outstanding < self._cap]
         return balancer.choose(free, self._rng, self._clock(), self._bias) if free else None
 
@@ -395,6 +393,7 @@ class Router:
         return bool(self.candidates(model, version, exclude=tried))
 
     def _no_holder(self, model: str | None, version: str) -> Unavailable:
+        """No instance to send a request for ``model`` to: why, where the sync withholds it."""
         why = self.withheld_reason(model, version) if model is not None else None
         what = "" if model is None else f" holding model '{model}'" + (f" version {version}" if version else "")
         return Unavailable(f"no healthy Triton instance{what} is available" + (f" ({why})" if why else ""))
