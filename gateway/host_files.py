@@ -84,8 +84,9 @@ def file_stamp(path: Path) -> tuple[int, int, int] | None:
 
 
 def replace_file(path: Path, body: bytes) -> None:
-    """Write ``path`` in one step: readers see the old file or the new one, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write ``path`` in one step: readers see the old file or the new one, never a part. The
+    temporary file is this process's, so several may write the same file at once."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(body)
     os.replace(tmp, path)
 

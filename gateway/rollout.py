@@ -85,7 +85,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import random
 import time
 import tomllib
@@ -98,6 +97,7 @@ from typing import Any
 import numpy as np
 
 from gateway.errors import shown
+from gateway.host_files import replace_file
 from gateway.protocol.v2 import canonical_version
 
 log = logging.getLogger(__name__)
@@ -673,9 +673,7 @@ class Rollouts:
             return
         try:
             self._kept.parent.mkdir(exist_ok=True)
-            tmp = self._kept.with_name(f".{self._kept.name}.{os.getpid()}.tmp")  # one per worker: they all write it
-            tmp.write_text(text)
-            os.replace(tmp, self._kept)
+            replace_file(self._kept, text.encode())  # every worker writes it
         except OSError as exc:
             log.warning("rollout: cannot keep the rollout in force in %s for workers to come: %s", self._kept, exc)
 
