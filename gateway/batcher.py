@@ -157,9 +157,6 @@ def select_batch(
     return Selection(wake_at=head.enqueued + policy.max_delay)
 
 
-# Triton's 5xx answers that speak of the instance's state or load rather than of a request
-# (UNAVAILABLE: a full queue, a server or model not ready): the way there, like a 503. They
-# reach the batcher as ModelError too (``upstream.client.upstream_error``), whose status is 502.
 # After a batch failed with the model's 5xx and every one of its requests failed alone too: how
 # long later 5xx batches fail as a whole, not resent one request at a time.
 RESEND_PAUSE_S = 1.0
@@ -170,9 +167,9 @@ def resend_alone(error: UpstreamError) -> bool:
     at a time: an error that may be one request's (Triton's 4xx, a model that raised on one
     request's data), not the way there's. Only Triton's own answer qualifies: a 4xx but for a
     model version it does not hold, or its own 5xx error (``ModelError``) but for its 503
-    (unavailable: not ready, its queue full). Never the gateway's 503 and 504, an instance that did not
-    answer (neither is an ``UpstreamError``), nor an answer that is not Triton's own (a proxy's
-    5xx page, a malformed answer: plain ``UpstreamError`` 502)."""
+    (unavailable: not ready, its queue full). Never the gateway's 503 and 504, an instance that
+    did not answer (neither is an ``UpstreamError``), nor an answer that is not Triton's own (a
+    proxy's 5xx page, a malformed answer: plain ``UpstreamError`` 502)."""
     if missing_model(error):
         return False
     if 400 <= error.status < 500:

@@ -52,7 +52,7 @@ class _Entry:
     value: ModelInfo | GatewayError
     expires: float  # fresh until then
     failing: bool = False  # its last refresh failed (not for the model's reason): served stale
-    retry_at: float = 0.0  # while failing: no refresh before then
+    retry_at: float = 0.0  # after a refresh that failed (not for the model's reason, or a 4xx): none before then
 
 
 class MetadataCache:
