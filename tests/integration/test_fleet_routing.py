@@ -560,11 +560,13 @@ def test_frozen_instance_is_ejected_and_readmitted_after_it_thaws(fleet_factory,
     triton = fleet_factory(2, 8126, repository=build_repository(tmp_path / "repo", digits_versions=["1"]), **FIXED_MODELS)
     urls = triton.http_urls
     upstream = {
-        "request_timeout_s": 1.0, "health_interval_s": 0.5, "health_timeout_s": 1.0,
+        "request_timeout_s": 1.0, "health_interval_s": 0.5, "health_timeout_s": 3.0,
         "eject_after_failures": 2, "eject_base_s": 1.0, "eject_max_s": 5.0, "max_ejected_share": 0.5,
     }  # fmt: skip
     # Unbatched, so that several requests are in flight on the instance when it freezes: their
-    # timeouts are the consecutive failures that eject it.
+    # timeouts are the consecutive failures that eject it. The probes wait longer (3 s) than the
+    # requests (1 s): a probe marking the instance down first would leave nothing to eject (down
+    # instances count as out), which made this test fail a CI run.
     config = gateway_config(urls, 8133, upstream=upstream, batching={"enabled": False})
     with running_gateway(config, 8133, tmp_path) as gw, Load(gw.url, digits_cases(64), concurrency=8) as load:
         for url in urls:
