@@ -53,7 +53,8 @@ than stable trips a rule in about 1 check in 1000 (one-sided tests):
   ``rollback_latency_ratio`` x stable's p99 is more than a version like stable gives (at most 1%
   of its requests are above its p99): P(Binomial(n, 0.01) >= count) < 0.001. With a ratio of 1
   the reference is stable's p99 as estimated from its window, which chance alone beats in about
-  1 check in 100; from a ratio of 1.5 up, far less than 1 in 1000.
+  1 check in 100; from a ratio of 1.5 up, far less than 1 in 1000. A canary starting at a
+  share of 1.0 would leave stable nothing to measure: with this rule, the file is refused.
 
 A small window detects only large regressions (what windows of 200 catch, simulated: README,
 "Canary rollouts").
@@ -534,6 +535,14 @@ def _table(where: str, table: Any) -> ModelRollout:
             if not (math.isfinite(value) and value >= low):  # NaN compares false: it would never roll back
                 raise RolloutError(f"{where}.{key} must be a finite number >= {low}, got {shown(value)}")
             numbers[key] = kind(value)
+    first = ramp[0] if ramp else share
+    if "rollback_latency_ratio" in numbers and first == 1:
+        # The latency rule compares the canary with stable's p99: a canary taking every request
+        # from the start leaves stable none to measure, and the rule would wait forever.
+        raise RolloutError(
+            f"{where}: rollback_latency_ratio compares the canary with stable's latencies, but a canary "
+            f"starting at share 1.0 leaves stable no requests; start below 1.0 (e.g. ramp = [0.1, 1.0])"
+        )
     shadow = _version(table["shadow"], f"{where}.shadow") if "shadow" in table else ""
     shadow_share = table.get("shadow_share", 0.1 if shadow else 0.0)
     if not (shadow_share == 0 or _share(shadow_share)):

@@ -510,6 +510,8 @@ def test_an_unchanged_table_keeps_its_state_across_reloads_and_a_changed_one_sta
         ({"shadow": "1"}, "the shadow is the stable version"),
         ({"shadow": "3", "shadow_share": 2.0}, "shadow_share must be a number in 0..1"),
         ({"shadow_share": 0.5}, "there is no shadow version"),
+        ({"ramp": [1.0], "rollback_latency_ratio": 2.0}, "leaves stable no requests"),
+        ({"canary_share": 1.0, "rollback_latency_ratio": 2.0}, "leaves stable no requests"),
     ],
 )
 def test_bad_ramp_and_rollback_settings_are_rejected(extra: dict, message: str) -> None:
@@ -536,6 +538,7 @@ def auto_rollouts(clock: Clock, defaults: dict = DEFAULTS, models: dict | None =
         ({"shadow": "2", "canary_share": 0.1}, "[defaults] cannot set shadow"),
         ({"rollback_error_rate": 0.05}, "[defaults] needs a canary_share or a ramp"),
         ({"ramp": [0.5, 0.2]}, "defaults.ramp must be rising shares"),
+        ({"ramp": [1.0], "rollback_latency_ratio": 3.0}, "defaults: rollback_latency_ratio compares the canary"),
         ({"canary_share": 0.1, "rollback_windw": 50}, "unknown key(s) in [defaults]: rollback_windw"),
     ],
 )
