@@ -119,8 +119,12 @@ def rebuilt(kind: str, message: str, status: int) -> GatewayError:
 
 
 def missing_model(error: UpstreamError) -> bool:
-    """Triton's answer for a model (version) it does not hold or has not finished loading."""
+    """Triton's answer for a model (version) it does not hold or has not finished loading (its
+    400 "unknown model ... is not found", or its 503 "... is not at ready state", which reaches
+    here as a ``ModelError`` with that ``triton_status``)."""
     text = error.message.lower()
+    if isinstance(error, ModelError):  # of Triton's 5xx, only that one (not its full queue's 503)
+        return error.triton_status == 503 and ("unknown model" in text or "not at ready state" in text)
     return error.status in (400, 404, 503) and (
         "unknown model" in text or "is not found" in text or "not ready" in text or "unavailable" in text
     )

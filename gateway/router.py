@@ -14,8 +14,8 @@ For every batch (or lone request) the router:
    whichever is shorter, and records the outcome on the instance (outlier ejection);
 5. retries once (``max_tries``) on a different instance, if the deadline allows, when no answer
    came (connection refused or broken), the attempt timed out, Triton answered 5xx, or Triton
-   said it does not hold the model version (the instance is then taken off that version until
-   its next repository index). Any other 4xx is the client's and is final. When every try
+   said it does not hold the model version or has it loading (the instance is then taken off
+   that version until its next repository index). Any other 4xx is the client's and is final. When every try
    fails, the client gets the last upstream error.
 
 Reads (model metadata and config, statistics, readiness: small GETs Triton answers in
@@ -29,7 +29,8 @@ those that answered in time, naming the others (``FleetAnswers.missing``, and a 
 A failed read counts against no instance: the health probes judge them.
 
 An attempt that failed counts against its instance (consecutive failures eject it), but for
-Triton's own 5xx answer (``ModelError``): a model that raises fails on every instance, and
+Triton's own 5xx answer, or one the gateway cannot decode (``ModelError``): a model that raises
+(or has an output the gateway cannot read) fails on every instance, and
 counting that would eject healthy instances, for every model, until none was left. Such an
 answer counts against its instance only once another instance has answered the same request;
 when the next instance fails it too, it is the model's error, counted against no instance and
@@ -261,6 +262,12 @@ class Router:
         if self._waiters:
             self._wake()
 
+    def wake(self) -> None:
+        """Let the requests waiting for a slot look again: an instance may have become routable
+        (re-admitted, up again, a version admitted), which frees no slot of its own."""
+        if self._waiters:
+            self._wake()
+
     def _wake(self) -> None:
         waiters, self._waiters = self._waiters, []
         for w in waiters:
@@ -311,6 +318,11 @@ class Router:
             try:
                 result = await self._client.infer(instance.url, model, version, tensors, parameters, limit, outputs)
             except ModelError as exc:
+                if missing_model(exc):  # Triton's 503 "not at ready state": routing's business
+                    self._failed(instance, exc, model, version, is_deadline)
+                    if affinity is not None or not self._may_retry(model, version, tried, deadline):
+                        raise
+                    continue
                 if suspect is not None or affinity is not None:  # the model's error; or a sequence's, sent once
                     instance.record_success()  # it answered
                     raise

@@ -85,6 +85,12 @@ class TritonClient:
         if pool is not None:
             pool.close()
 
+    def abandon(self, base_url: str, reason: str) -> int:
+        """Give up the requests in flight to an instance (each fails as ``InstanceUnreachable``,
+        which the router retries elsewhere); return how many."""
+        pool = self._pools.get(base_url)
+        return 0 if pool is None else pool.abandon(reason)
+
     def _pool(self, base_url: str) -> HostPool:
         pool = self._pools.get(base_url)
         if pool is None:
@@ -105,13 +111,15 @@ class TritonClient:
         body: bytes = b"",
         headers: bytes = b"",
         timeout: float | None = None,
+        capped: bool = True,
     ) -> tuple[RawResponse, str | None]:
-        """Send one request; return the response and its binary header length header, if any."""
+        """Send one request; return the response and its binary header length header, if any
+        (``capped`` False: a health probe, outside max_connections_per_instance)."""
         limit = self._config.request_timeout_s if timeout is None else min(timeout, self._config.request_timeout_s)
         # The messages name no address: they reach clients. The router files each under its
         # instance (the fleet view, and the log line when an instance changes state).
         try:
-            resp = await self._pool(base_url).request(method, path, headers, body, max(limit, 0.001))
+            resp = await self._pool(base_url).request(method, path, headers, body, max(limit, 0.001), capped)
         except ConnectFailed as exc:
             # Nothing was sent: the instance is unreachable, and another one may take the request.
             raise InstanceUnreachable(f"Triton instance unreachable: {exc}", connect_failed=True) from None
@@ -124,8 +132,8 @@ class TritonClient:
         length = resp.headers.get(b"inference-header-content-length")
         return RawResponse(resp.status, resp.body), None if length is None else length.decode("latin-1")
 
-    async def get(self, base_url: str, path: str, timeout: float | None = None) -> RawResponse:
-        resp, _ = await self.request("GET", base_url, quote(path, safe="/%"), timeout=timeout)
+    async def get(self, base_url: str, path: str, timeout: float | None = None, capped: bool = True) -> RawResponse:
+        resp, _ = await self.request("GET", base_url, quote(path, safe="/%"), timeout=timeout, capped=capped)
         return resp
 
     async def infer(
@@ -145,7 +153,12 @@ class TritonClient:
             raise upstream_error(resp.status, resp.body)
         try:
             length = v2.parse_header_length(header_length, len(resp.body))
-        except BadRequest as exc:  # Triton's answer is malformed: not the client's fault
-            raise UpstreamError(f"Triton instance gave a malformed answer: {exc.message}", status=502) from None
-        header, tensors = v2.decode_upstream_response(resp.body, length)
+            header, tensors = v2.decode_upstream_response(resp.body, length)
+        except (BadRequest, UpstreamError) as exc:
+            # Not the client's fault; maybe not the instance's either (an output the gateway
+            # cannot decode comes back so from every instance): like Triton's own 5xx, it counts
+            # against the instance only once another one answers (``router.py``).
+            error = ModelError(f"Triton instance gave a malformed answer: {exc.message}", status=502)
+            error.triton_status = resp.status
+            raise error from None
         return BatchResult(str(header.get("model_version", version)), tensors, header.get("parameters") or {})

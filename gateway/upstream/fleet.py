@@ -133,12 +133,13 @@ class FleetMonitor:
     async def probe(self, instance: Instance) -> None:
         timeout = self._config.health_timeout_s
         url = instance.url
-        why = ""
+        why, answered = "", True
         try:
-            status = (await self._client.get(url, "/v2/health/live", timeout)).status
+            # Outside the connection cap: a busy instance's full pool must not read as silence.
+            status = (await self._client.get(url, "/v2/health/live", timeout, capped=False)).status
             live, why = status == 200, f"/v2/health/live answered {status}"
         except Exception as exc:  # whatever the instance (or whatever answers on its port) does, it is not up
-            live, why = False, f"/v2/health/live: {exc!r}"
+            live, why, answered = False, f"/v2/health/live: {exc!r}", False
         if live:
             epoch = instance.index_epoch
             ready, models, _ = await asyncio.gather(
@@ -149,10 +150,17 @@ class FleetMonitor:
                 instance.set_index(models, epoch)  # not if the repository sync changed it meanwhile
         else:
             instance.ready = False
-        was = instance.state
+        was, was_live = instance.state, instance.live
         instance.probed(live, self._clock())
         if instance.state != was:
             log.warning("instance %s is now %s%s", url, instance.state.upper(), "" if live else f" ({why})")
+        if was_live and not answered:
+            # No answer at all (frozen, partitioned, gone): the requests in flight there would
+            # wait out upstream.request_timeout_s; given up now, the router sends them elsewhere.
+            # An instance that answers, even "not live", is left to answer what it holds.
+            given_up = self._client.abandon(url, "the instance stopped answering health probes while the request was in flight")
+            if given_up:
+                log.warning("instance %s: %d request(s) in flight given up, to be retried elsewhere", url, given_up)
 
     async def _reloads(self, url: str, timeout: float) -> None:
         """Report versions Triton loaded afresh (a version folder replaced in place: same
@@ -195,6 +203,7 @@ class FleetMonitor:
 
     async def check_all(self, instances: Sequence[Instance] | None = None) -> None:
         await asyncio.gather(*(self.probe(i) for i in (self._router.instances if instances is None else instances)))
+        self._router.wake()  # an instance re-admitted or up again frees no slot: waiters look again
         self._versions_changed()
         if self.on_round is not None:
             self.on_round()

@@ -11,6 +11,7 @@ connection reuse, limits and timeouts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections import deque
@@ -38,6 +39,10 @@ class ConnectionBroke(Exception):
     """An open connection closed or failed before the whole response arrived."""
 
 
+class Abandoned(ConnectionBroke):
+    """The request was given up while in flight: its instance stopped answering (``HostPool.abandon``)."""
+
+
 class MalformedResponse(Exception):
     """What came back is not HTTP/1.1."""
 
@@ -59,6 +64,7 @@ class _Connection(asyncio.Protocol):
     chunks: list[bytes] = field(default_factory=list)
     open: bool = True
     reusable: bool = True
+    answering: bool = False  # bytes of the response to the request in flight have arrived
     idle_since: float = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -71,6 +77,7 @@ class _Connection(asyncio.Protocol):
         self._fail(ConnectionBroke(f"connection closed: {'by the server' if exc is None else failure_reason(exc)}"))
 
     def data_received(self, data: bytes) -> None:
+        self.answering = True
         try:
             self.parser.feed_data(data)  # type: ignore[union-attr]
         except httptools.HttpParserError as exc:
@@ -98,6 +105,7 @@ class _Connection(asyncio.Protocol):
 
     def send(self, head: bytes, body: bytes) -> asyncio.Future[Response]:
         self.waiter = self.loop.create_future()  # type: ignore[union-attr]
+        self.answering = False
         if len(body) < 65536:
             self.transport.write(head + body)  # type: ignore[union-attr]  # one syscall
         else:
@@ -118,15 +126,18 @@ class HostPool:
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout
         self._idle: deque[_Connection] = deque()
+        self._busy: set[_Connection] = set()  # waiting for a response
+        self._closed = False  # the instance left the fleet, or the gateway stops: nothing kept
         self._slots = asyncio.Semaphore(limit)
         self._host_header = f"Host: {host}:{port}\r\n".encode()
 
-    async def _connection(self, reuse: bool = True) -> _Connection:
+    async def _connection(self, reuse: bool = True) -> tuple[_Connection, bool]:
+        """A connection, and whether it is a kept-alive one (which the server may have closed)."""
         now = time.monotonic()
         while reuse and self._idle:
             conn = self._idle.pop()  # the most recently used: the least likely to have been closed
             if conn.open and now - conn.idle_since < self._idle_timeout:
-                return conn
+                return conn, True
             conn.close()
         loop = asyncio.get_running_loop()
         try:
@@ -134,40 +145,58 @@ class HostPool:
                 _, conn = await loop.create_connection(_Connection, self.host, self.port)
         except (OSError, TimeoutError) as exc:
             raise ConnectFailed(f"cannot connect: {failure_reason(exc)}") from None
-        return conn
+        return conn, False
 
-    async def request(self, method: str, target: str, headers: bytes, body: bytes, timeout: float) -> Response:
-        """One request; ``headers`` are pre-encoded ``Name: value\\r\\n`` lines. Raises
-        ConnectFailed, ConnectionBroke, MalformedResponse or TimeoutError."""
+    async def request(
+        self, method: str, target: str, headers: bytes, body: bytes, timeout: float, capped: bool = True
+    ) -> Response:
+        """One request; ``headers`` are pre-encoded ``Name: value\\r\\n`` lines; ``capped`` False
+        (a health probe): not counted against the cap, so never waiting behind the requests it
+        is to judge. Raises ConnectFailed, ConnectionBroke, MalformedResponse or TimeoutError."""
         head = b"%s %s HTTP/1.1\r\n%s%sContent-Length: %d\r\n\r\n" % (
             method.encode(), target.encode(), self._host_header, headers, len(body)
         )
-        async with self._slots, asyncio.timeout(timeout):
-            reused = bool(self._idle)
-            conn = await self._connection()
+        # The limit covers the wait for a connection slot too: a full pool must not hold a
+        # request (or a probe) past its time.
+        async with asyncio.timeout(timeout), self._slots if capped else contextlib.nullcontext():
+            conn, reused = await self._connection()
             try:
                 response = await self._exchange(conn, head, body)
-            except ConnectionBroke:
-                if not reused:
-                    raise
+            except ConnectionBroke as exc:
+                if not reused or conn.answering or isinstance(exc, Abandoned):
+                    raise  # the server may have run the request: never sent twice from here
                 # A kept-alive connection the server had already closed: once more, on a new one.
-                conn = await self._connection(reuse=False)
+                conn, _ = await self._connection(reuse=False)
                 response = await self._exchange(conn, head, body)
             return response
 
     async def _exchange(self, conn: _Connection, head: bytes, body: bytes) -> Response:
+        self._busy.add(conn)
         try:
             response = await conn.send(head, body)
         except BaseException:
             conn.close()  # a response may still be on its way: this connection cannot be reused
             raise
-        if conn.reusable and conn.open:
+        finally:
+            self._busy.discard(conn)
+        if conn.reusable and conn.open and not self._closed:
             conn.idle_since = time.monotonic()
             self._idle.append(conn)
         else:
             conn.close()
         return response
 
+    def abandon(self, reason: str) -> int:
+        """Give up every request waiting for its response (each raises ``Abandoned``), closing
+        their connections; return how many."""
+        busy, self._busy = self._busy, set()
+        for conn in busy:
+            conn._fail(Abandoned(reason))
+            conn.close()
+        return len(busy)
+
     def close(self) -> None:
+        """Close the idle connections, and each one in use once its response is in."""
+        self._closed = True
         while self._idle:
             self._idle.pop().close()

@@ -257,6 +257,7 @@ class Load:
         self.url, self.cases, self.concurrency, self.count = url, list(cases), concurrency, count
         self.ok = 0
         self.failures: list[str] = []
+        self.slowest = 0.0  # seconds, the longest any request took
         self._sent = 0
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -298,11 +299,14 @@ class Load:
         while not self._stop.is_set() and (self.count is None or self._sent < self.count):
             case = self.cases[self._sent % len(self.cases)]
             self._sent += 1
+            start = time.monotonic()
             try:
                 resp = await http.post(case.path, json=case.body)
             except httpx.HTTPError as exc:
                 self.failures.append(f"{case.path}: {type(exc).__name__}: {exc}")
                 continue
+            finally:
+                self.slowest = max(self.slowest, time.monotonic() - start)
             problem = f"{resp.status_code} {resp.text[:300]}" if resp.status_code != 200 else case.check(resp.json())
             if problem:
                 self.failures.append(f"{case.path}: {problem}")
@@ -597,6 +601,31 @@ def test_frozen_instance_is_ejected_and_readmitted_after_it_thaws(fleet_factory,
         wait_served(urls[1], "digits_cnn", thawed, 50, 15)
         load.stop()
     assert load.failures == [], load.failures[:5]
+
+
+def test_requests_in_flight_on_an_instance_that_freezes_are_retried_elsewhere_at_once(fleet_factory, tmp_path: Path) -> None:  # noqa: ANN001
+    triton = fleet_factory(2, 8126, repository=build_repository(tmp_path / "repo", digits_versions=["1"]), **FIXED_MODELS)
+    urls = triton.http_urls
+    # An attempt may take 30 s; the probes give up after 0.5 s. Ejection is out of the way.
+    upstream = {"request_timeout_s": 30.0, "health_interval_s": 0.5, "health_timeout_s": 0.5, "eject_after_failures": 1000}
+    config = gateway_config(urls, 8133, upstream=upstream, batching={"enabled": False})  # several in flight on each
+    with running_gateway(config, 8133, tmp_path) as gw, Load(gw.url, digits_cases(64), concurrency=8) as load:
+        for url in urls:
+            wait_served(url, "digits_cnn", Counts(), 20, 15)
+        triton.kill(1, signal.SIGSTOP)
+        try:
+            wait_until("frozen instance down", lambda: fleet_view(gw), lambda v: v[urls[1]]["state"] == "down", 10)
+            survivor = triton_total(urls[0], "digits_cnn")
+            wait_served(urls[0], "digits_cnn", survivor, 100, 15)
+            # The requests it held when it froze were given up when the probe found it gone
+            # (each a failed attempt of that instance), and answered by the other one: no client
+            # waited for the 30 s an attempt may take. The load stops while it is still frozen.
+            assert fleet_view(gw)[urls[1]]["failures"] >= 1
+            load.stop()
+        finally:
+            triton.kill(1, signal.SIGCONT)
+    assert load.failures == [], load.failures[:5]
+    assert load.slowest < 10.0, load.slowest
 
 
 # --- 5: deadlines -----------------------------------------------------------------------------

@@ -25,10 +25,15 @@ class FakeClient:
         self.index: dict[str, list] = {}
         self.forgotten: list[str] = []
         self.counts: dict[tuple[str, str, str], int] = {}
+        self.not_live: set[str] = set()  # answers /v2/health/live with 503
+        self.abandoned: list[str] = []
 
-    async def get(self, url: str, path: str, timeout: float | None = None) -> RawResponse:
+    async def get(self, url: str, path: str, timeout: float | None = None, capped: bool = True) -> RawResponse:
+        assert capped or path == "/v2/health/live"
         if url in self.down:
             raise InstanceUnreachable(f"{url}: refused", connect_failed=True)
+        if path == "/v2/health/live" and url in self.not_live:
+            return RawResponse(503, b"")
         if path == "/v2/health/ready" and url in self.not_ready:
             return RawResponse(400, b"")
         if path == "/v2/models/stats":
@@ -42,6 +47,10 @@ class FakeClient:
 
     def forget(self, url: str) -> None:
         self.forgotten.append(url)
+
+    def abandon(self, url: str, reason: str) -> int:
+        self.abandoned.append(url)
+        return 3
 
 
 class Clock:
@@ -91,6 +100,27 @@ async def test_probes_set_liveness_readiness_and_the_models_each_instance_holds(
     client.down.clear()
     await m.check_all()
     assert a.state == "up"
+
+
+async def test_requests_in_flight_are_given_up_when_an_up_instance_stops_answering_probes() -> None:
+    m, client, router, _ = monitor((InstanceConfig(url="http://a:1"), InstanceConfig(url="http://b:1")))
+    await m.start()
+    client.not_live.add("http://b:1")  # answers, "not live": left to answer what it holds
+    client.down.add("http://a:1")  # no answer at all
+    await m.check_all()
+    assert [i.state for i in router.instances] == ["down", "down"]
+    assert client.abandoned == ["http://a:1"]
+    await m.check_all()  # still down: nothing new in flight there to give up
+    assert client.abandoned == ["http://a:1"]
+
+
+async def test_each_health_round_wakes_the_requests_waiting_for_a_slot() -> None:
+    m, client, router, _ = monitor((InstanceConfig(url="http://a:1"),))
+    await m.start()
+    woken: list[bool] = []
+    router.wake = lambda: woken.append(router.instances[0].routable)  # type: ignore[method-assign]
+    await m.check_all()
+    assert woken == [True]  # after the probes: they see the instances as the round left them
 
 
 async def test_a_dns_name_becomes_one_instance_per_address_and_follows_changes() -> None:

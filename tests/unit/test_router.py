@@ -270,6 +270,54 @@ async def test_an_instance_without_the_version_is_taken_off_it_and_another_serve
     assert client.urls.count("a") <= 1 and a.models == {"m": frozenset({"1"})} and a.failures == 0
 
 
+def not_ready() -> ModelError:
+    """Triton's answer for a version it is loading or unloading: 503 UNAVAILABLE."""
+    error = ModelError("Request for unknown model: 'm' version 2 is not at ready state", status=502)
+    error.triton_status = 503
+    return error
+
+
+async def test_a_version_triton_says_is_not_at_ready_state_is_taken_off_that_instance_uncounted() -> None:
+    a, b = Instance("a"), Instance("b")
+    a.models = b.models = {"m": frozenset({"1", "2"})}
+    client = FakeClient({"a": not_ready()})
+    router = make_router(client, a, b, ejection=EjectionPolicy(after_failures=2))
+    for _ in range(10):
+        await router.infer("m", "2", INPUTS)
+    assert client.urls.count("a") <= 1 and a.models == {"m": frozenset({"1"})}
+    assert a.failures == 0 and not a.ejected
+
+
+@pytest.mark.parametrize("how", ["re-admitted", "up again", "version admitted"])
+async def test_a_request_waiting_for_a_slot_takes_an_instance_that_becomes_routable(how: str) -> None:
+    client = FakeClient()
+    client.hold = asyncio.Event()
+    a, b = Instance("a"), Instance("b")
+    a.set_index({"m": frozenset({"1"})})
+    b.set_index({"m": frozenset({"1"})})
+    if how == "re-admitted":
+        b.ejected_until = 0.0
+    elif how == "up again":
+        b.live = False
+    else:
+        b.withhold("m", "1", "warming up")
+    router = make_router(client, a, b, max_inflight_per_instance=1, clock=time.monotonic)
+    busy = asyncio.create_task(router.infer("m", "1", INPUTS))
+    await asyncio.sleep(0.01)
+    waiting = asyncio.create_task(router.infer("m", "1", INPUTS, deadline=time.monotonic() + 5))
+    await asyncio.sleep(0.01)
+    assert client.urls == ["a"] and not waiting.done()
+    if how == "version admitted":
+        b.admit("m", "1")
+    else:
+        b.probed(True, time.monotonic())
+    router.wake()  # as the fleet monitor does after each health round
+    await asyncio.sleep(0.01)
+    assert client.urls == ["a", "b"]  # sent to b while a is still busy
+    client.hold.set()
+    await asyncio.wait_for(asyncio.gather(busy, waiting), 1)
+
+
 # -- deadlines ------------------------------------------------------------------------------------
 
 

@@ -185,3 +185,169 @@ async def test_an_answer_that_is_not_http_is_502(client: TritonClient) -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_abandoned_requests_fail_at_once_as_unreachable_and_the_instance_serves_again(fake_triton, client: TritonClient) -> None:  # noqa: ANN001
+    release = asyncio.Event()
+    arrived: list[None] = []
+
+    async def hang_then_answer(request: web.Request) -> web.Response:
+        arrived.append(None)
+        if len(arrived) <= 2:
+            await release.wait()  # the first two hang (until the test is over)
+        return web.Response(status=400, body=v2.error_body("answered"), content_type="application/json")
+
+    url = await fake_triton(hang_then_answer)
+    try:
+        hung = [asyncio.create_task(client.infer(url, "m", "", INPUTS, None, timeout=30)) for _ in range(2)]
+        while len(arrived) < 2:
+            await asyncio.sleep(0.01)
+        assert client.abandon(url, "gone quiet") == 2
+        assert client.abandon("http://127.0.0.1:1", "never used") == 0
+        async with asyncio.timeout(1):  # not the 30 s of the attempts' own limit
+            errors = await asyncio.gather(*hung, return_exceptions=True)
+        for err in errors:
+            assert isinstance(err, InstanceUnreachable) and not err.connect_failed
+            assert err.message == "Triton instance did not answer: gone quiet"
+        assert client.abandon(url, "nothing in flight") == 0
+        with pytest.raises(UpstreamError, match="answered"):  # a new request: a new connection, served
+            await client.infer(url, "m", "", INPUTS, None)
+    finally:
+        release.set()
+
+
+async def test_a_health_probe_is_not_held_behind_a_full_connection_pool() -> None:
+    release = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(status=400, body=v2.error_body("answered"), content_type="application/json")
+
+    async def live(request: web.Request) -> web.Response:
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/v2/models/{model}/infer", hang)
+    app.router.add_get("/v2/health/live", live)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    url = f"http://127.0.0.1:{port}"
+    client = TritonClient(UpstreamConfig(max_connections_per_instance=1))
+    try:
+        busy = asyncio.create_task(client.infer(url, "m", "", INPUTS, None, timeout=30))
+        await asyncio.sleep(0.1)  # the one connection the cap allows is taken
+        with pytest.raises(GatewayTimeout):
+            await client.get(url, "/v2/health/live", timeout=0.3)  # capped: waits behind it
+        assert (await client.get(url, "/v2/health/live", timeout=0.3, capped=False)).status == 200
+        release.set()
+        with pytest.raises(UpstreamError, match="answered"):
+            await busy
+    finally:
+        release.set()
+        await client.close()
+        await runner.cleanup()
+
+
+class RawServer:
+    """A loopback HTTP/1.1 server counting the requests it reads; ``behaviour(n)`` says what it
+    does with the n-th (0-based): "ok", "ok-then-close" (answers, then closes the connection),
+    "drop" (closes without answering), "partial" (half an answer, then closes), "slow" (answers
+    after 0.2 s)."""
+
+    OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    def __init__(self, behaviour: Callable[[int], str]) -> None:
+        self.behaviour = behaviour
+        self.received = 0
+        self.open = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.open += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+                await reader.readexactly(length)
+                what = self.behaviour(self.received)
+                self.received += 1
+                if what == "slow":
+                    await asyncio.sleep(0.2)
+                if what in ("ok", "ok-then-close", "slow"):
+                    writer.write(self.OK)
+                elif what == "partial":
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+                await writer.drain()
+                if what not in ("ok", "slow"):
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            self.open -= 1
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        ("ok-then-close", "drop"),  # the kept-alive connection was closed: the second goes on a new one, which breaks
+        ("ok", "partial"),  # the kept-alive connection broke in the middle of the answer
+    ],
+)
+async def test_a_request_the_instance_may_have_run_is_not_sent_to_it_again(first: str, second: str) -> None:
+    server = RawServer(lambda n: first if n == 0 else second)
+    async with server as url:
+        client = TritonClient(UpstreamConfig(request_timeout_s=2.0))
+        assert (await client.get(url, "/one")).status == 200
+        await asyncio.sleep(0.1)  # a close of the first connection has reached the client
+        with pytest.raises(InstanceUnreachable):
+            await client.get(url, "/two")
+        await client.close()
+    assert server.received == 2  # once each: the router, not the pool, decides where to retry
+
+
+async def test_a_kept_alive_connection_closed_before_the_request_is_replaced_and_the_request_sent_once_more() -> None:
+    server = RawServer(lambda n: "ok")
+    async with server as url:
+        client = TritonClient(UpstreamConfig(request_timeout_s=2.0))
+        assert (await client.get(url, "/one")).status == 200
+        for conn in client._pool(url)._idle:
+            conn.open = True  # the server's close not seen yet: the request goes out on it...
+            conn.transport.abort()  # ...and finds it closed, before any answer
+        assert (await client.get(url, "/two")).status == 200
+        await client.close()
+    assert server.received == 2
+
+
+async def test_a_forgotten_instance_keeps_no_connection_open_once_its_requests_are_answered() -> None:
+    server = RawServer(lambda n: "slow")
+    async with server as url:
+        client = TritonClient(UpstreamConfig(request_timeout_s=5.0))
+        in_flight = asyncio.create_task(client.get(url, "/v2/health/live"))
+        await asyncio.sleep(0.05)
+        client.forget(url)  # the instance left the fleet while a request was in flight
+        assert (await in_flight).status == 200
+        await asyncio.sleep(0.1)
+        assert server.open == 0
+        await client.close()
+
+
+async def test_an_answer_the_gateway_cannot_decode_is_counted_like_a_model_error(fake_triton, client: TritonClient) -> None:  # noqa: ANN001
+    async def bf16(request: web.Request) -> web.Response:
+        head = orjson.dumps({"model_name": "m", "model_version": "1", "outputs": [
+            {"name": "y", "datatype": "BF16", "shape": [1, 2], "parameters": {"binary_data_size": 4}}]})  # fmt: skip
+        return web.Response(body=head + bytes(4), headers={"Inference-Header-Content-Length": str(len(head))})
+
+    url = await fake_triton(bf16)
+    with pytest.raises(ModelError) as err:  # the router holds it against the instance only once another answers
+        await client.infer(url, "m", "", INPUTS, None)
+    assert err.value.status == 502 and err.value.triton_status == 200
+    assert err.value.message.startswith("Triton instance gave a malformed answer:") and "BF16" in err.value.message
