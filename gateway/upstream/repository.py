@@ -11,7 +11,9 @@ it is loaded:
   number) and a fingerprint of each version (its files' sizes and modification times,
   ``__pycache__`` left out). A model is acted on once two scans in a row agree, so a folder
   being copied is not loaded half-written; publishing by renaming a finished folder (as the
-  training module does) takes one scan.
+  training module does) takes one scan. The first round (a starting gateway, or a worker
+  taking the driving over) scans twice, ``FIRST_GAP`` of a scan interval apart: a model still
+  changing then is left to the later rounds.
 * **Target.** The versions to serve are those on disk, less those that failed with the same
   files, filtered by the model's own ``version_policy`` (all, latest N, specific).
 * **Load.** Each up instance whose versions differ from the target (a version added or removed,
@@ -87,6 +89,7 @@ Fingerprint = tuple[int, int, int]  # files, bytes, newest modification (ns)
 VERSION = re.compile(r"[1-9][0-9]*", re.ASCII)  # a version folder's name, as Triton reads them
 MAX_EVENTS = 200
 POLL_S = 0.05  # how often a drain checks the requests in flight
+FIRST_GAP = 0.1  # the first round's two scans are this share of scan_interval_s apart
 
 
 # -- the folder ---------------------------------------------------------------------------------
@@ -347,6 +350,15 @@ class Target:
     config: model_config_pb2.ModelConfig | None
     config_stamp: tuple[int, int] | None
     versions: Mapping[str, Fingerprint]
+    # What the version policy chose ``versions`` from: those on disk, less those failed.
+    usable: Mapping[str, Fingerprint] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def chosen(
+        cls, config: model_config_pb2.ModelConfig, stamp: tuple[int, int] | None, usable: Mapping[str, Fingerprint]
+    ) -> Target:
+        """The versions the model's ``version_policy`` serves out of ``usable``."""
+        return cls(config, stamp, {v: usable[v] for v in served_versions(config, usable)}, dict(usable))
 
 
 def placement(target: Target) -> str:
@@ -392,10 +404,14 @@ class RepositorySync:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """The first round, awaited: the repository is loaded before the gateway takes traffic."""
+        """The first round, awaited: the repository is loaded before the gateway takes traffic.
+        As in every round, a model is acted on once two scans agree: here two taken a moment
+        apart, so that a folder at rest costs no wait and one being copied is not loaded."""
         if not self.root.is_dir():
             raise RuntimeError(f"repository.path {str(self.root)!r} is not a folder")
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+        self._last_scan = await self._scan()
+        await asyncio.sleep(self.config.scan_interval_s * FIRST_GAP)
         await self.sync_once()
         if self._tasks:
             await asyncio.wait(list(self._tasks.values()))
@@ -419,21 +435,28 @@ class RepositorySync:
 
     # -- one round ------------------------------------------------------------------------------
 
-    async def sync_once(self) -> None:
+    async def _scan(self) -> dict[str, ModelFolder] | None:
+        """The folder as it is now; None if it cannot be read (reported once)."""
         try:
             scan = await asyncio.to_thread(scan_repository, self.root, self._last_scan)
         except OSError as exc:
             if self._scan_error != str(exc):
                 self._event("", "", "", "scan failed", str(exc))
             self._scan_error = str(exc)
-            return  # an unreadable folder changes nothing: what is loaded stays
+            return None
         self._scan_error = None
-        first, last = self._last_scan is None, self._last_scan or {}
+        return scan
+
+    async def sync_once(self) -> None:
+        scan = await self._scan()
+        if scan is None:
+            return  # an unreadable folder changes nothing: what is loaded stays
+        last = self._last_scan
         self._last_scan = scan
-        for name in sorted(set(scan) | set(last) | set(self._targets)):
+        for name in sorted(set(scan) | set(last or {}) | set(self._targets)):
             folder = scan.get(name)
-            if not first and folder != last.get(name):
-                continue  # still changing: act when two scans agree
+            if last is None or folder != last.get(name):
+                continue  # still changing (or not seen before): act when two scans agree
             target = self._target(name, folder)
             if target is not None:
                 self._targets[name] = target
@@ -481,7 +504,7 @@ class RepositorySync:
                     self._event("", name, version, "failed", reason)
                     continue
                 usable.append(version)
-        return Target(config, folder.config_stamp, {v: on_disk[v] for v in served_versions(config, usable)})
+        return Target.chosen(config, folder.config_stamp, {v: on_disk[v] for v in usable})
 
     def placements(self) -> dict[str, dict[str, str]]:
         """What this sync placed on each instance and admitted (url -> model -> ``placement``),
@@ -554,9 +577,10 @@ class RepositorySync:
         held = set((instance.loaded or {}).get(name, ()))
         placed = self._placed.get(url, {}).get(name)
         keep = set(target.versions)
-        # Loaded but never admitted (a load that timed out on our side, a warm-up to try again)
-        # is still arriving: it must be warmed before it is routed.
-        pending = {v for v in held if instance.withheld.get((name, v)) in PENDING}
+        # Loaded but not admitted (a load that timed out on our side, a warm-up to try again, a
+        # failure since cleared, or held back by a driver before this one): unless it is being
+        # drained, it is still arriving, and must be warmed before it is routed.
+        pending = {v for v in held if instance.withheld.get((name, v)) not in (None, "draining")}
         leaving = sorted(held - keep, key=int)
         arriving = sorted((keep - held) | (keep & pending), key=int)
         replaced = sorted(
@@ -574,8 +598,9 @@ class RepositorySync:
             admitted = [v for v in arriving if await self._admit(instance, name, v, target)]
             if len(admitted) < len(arriving):
                 return  # a failed one: the next round unloads it, and the old one stays
-            await self._everywhere(name, max(arriving, key=int))
             arriving = []
+        if leaving and keep and not await self._everywhere(instance, name, max(keep, key=int), target):
+            return  # the old one stays: the next round tries again
         for version in leaving:
             instance.withhold(name, version, "draining")
         if leaving:
@@ -712,13 +737,22 @@ class RepositorySync:
             return f"{type(exc).__name__}: {exc}", True
         return None, True
 
-    async def _everywhere(self, name: str, version: str) -> None:
+    async def _everywhere(self, instance: Instance, name: str, version: str, target: Target) -> bool:
         """Wait (at most ``load_timeout_s``) until requests naming no version go to ``version``
         or newer: it is routable on every up instance holding the model. Until then the version
-        it replaces stays, so no instance is left serving only the old one or only the new one."""
+        it replaces stays, so no instance is left serving only the old one or only the new one:
+        False if the wait ran out, or ``version`` failed on another instance meanwhile (then it
+        is withheld here too; the next round, choosing without it, unloads it)."""
         deadline = self.clock() + self.config.load_timeout_s
-        while int(self.router.newest_version(name) or 0) < int(version) and self.clock() < deadline:
+        while int(self.router.newest_version(name) or 0) < int(version):
+            failure = self._failed.get((name, version))
+            if failure is not None and failure.stamp == target.versions[version]:
+                instance.withhold(name, version, _failed_why(failure.reason))
+                return False
+            if self.clock() >= deadline:
+                return False
             await asyncio.sleep(POLL_S)
+        return True
 
     async def _drain(self, instance: Instance, name: str, versions: list[str]) -> None:
         """Wait (at most ``drain_timeout_s``) until no request is in flight to ``versions`` there
@@ -762,8 +796,10 @@ class RepositorySync:
             self._fail(instance, name, version, target.versions[version], reasons[version])
         if not failed and target.config_stamp is not None:
             self._config_error(name, target.config_stamp, f"Triton refused the model: {exc.message}")
+            held = (instance.loaded or {}).get(name, frozenset())
             for version in new:
-                instance.withhold(name, version, f"failed: {exc.message}")
+                if version not in held:  # a loaded one stays as it is
+                    instance.withhold(name, version, f"failed: {exc.message}")
 
     async def _unavailable(self, url: str, name: str) -> dict[str, str] | None:
         """The model's versions Triton marks UNAVAILABLE there, with their reasons; None if the
@@ -798,9 +834,10 @@ class RepositorySync:
         self._failed[(name, version)] = Failure(print_, reason)
         instance.withhold(name, version, _failed_why(reason))
         target = self._targets.get(name)
-        if target is not None and version in target.versions:
-            versions = {v: p for v, p in target.versions.items() if v != version}
-            self._targets[name] = Target(target.config, target.config_stamp, versions)
+        if target is not None and target.config is not None and target.usable.get(version) == print_:
+            # The policy chooses again from what is left (under "latest 1": the version before).
+            usable = {v: p for v, p in target.usable.items() if v != version}
+            self._targets[name] = Target.chosen(target.config, target.config_stamp, usable)
         self._event(instance.url, name, version, "failed", reason)
 
     def _config_error(self, name: str, stamp: tuple[int, int], reason: str) -> None:

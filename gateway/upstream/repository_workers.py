@@ -27,10 +27,10 @@ does) and the others follow it, through files in the workers' folder
 * **A drain covers every worker.** Each follower writes ``<pid>.json``: the last sequence it
   applied and what it has under way where the driver waits (``under_way``): its requests in
   flight and sequences under way on versions the driver withholds, and its sequences under way
-  on a stateful model the driver quiesces before reloading it. Before it unloads a version (or
-  reloads a stateful model), the driver waits (within ``drain_timeout_s``) until every follower
-  still running (holding its ``<pid>.lock``) has applied the change and has nothing under way
-  there.
+  on a stateful model the driver quiesces before reloading it (a follower taking the driving
+  over removes its own). Before it unloads a version (or reloads a stateful model), the driver
+  waits (within ``drain_timeout_s``) until every follower still running (holding its
+  ``<pid>.lock``) has applied the change and has nothing under way there.
 * **Ends travel both ways.** A sequence's requests reach whichever worker reads them: the one
   that answered its start may not see its end, and would count it under way until its idle
   time ran out, holding the drain that long. Where the driver waits, each follower also writes
@@ -235,9 +235,11 @@ class WorkerRepository:
         return True
 
     async def _drive(self, taking_over: bool = False) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._ack_path.unlink()  # a follower no more: its last acknowledgement would hold every drain
         for instance in self._router.instances:
             # Route by this worker's own index again; what the last driver withheld stays
-            # withheld (a version it was still warming up is warmed up again).
+            # withheld (a version it had not admitted is warmed up again).
             instance.follow(None, dict(instance.withheld))
         self.sync = self._make_sync(self)
         before = self._driver if self._driver is not None else self._read_driver()
@@ -310,8 +312,8 @@ class WorkerRepository:
         """Each running follower's ``<pid>.json`` (None where it cannot be read)."""
         acks: dict[Path, dict[str, Any] | None] = {}
         for path in self._dir.glob("*.json"):
-            if path.name == DRIVER or not held_exclusively(path.with_suffix(".lock")):
-                continue  # the driver's own file, or a follower that exited
+            if path.name == DRIVER or path == self._ack_path or not held_exclusively(path.with_suffix(".lock")):
+                continue  # the driver's own files, or a follower that exited
             try:
                 ack = orjson.loads(path.read_bytes())
             except (OSError, orjson.JSONDecodeError):

@@ -425,6 +425,33 @@ async def test_start_loads_every_model_on_every_instance_warms_it_and_routes_it(
     assert len(harness.events("ready")) == 2
 
 
+async def test_the_first_round_leaves_a_model_still_being_copied_to_the_later_rounds(repo: Path, tritons: list[FakeTriton]) -> None:
+    """A starting gateway (or a worker taking the driving over) acts on two scans too."""
+    add_version(repo, "m", "2")
+    copied = repo / "m" / "2" / "weights.bin"
+
+    async def copy() -> None:
+        with copied.open("ab") as out:
+            while True:
+                out.write(b"\0" * 100)
+                out.flush()
+                await asyncio.sleep(0.01)
+
+    copying = asyncio.create_task(copy())
+    h = Harness(repo, tritons)
+    try:
+        await h.sync.start()
+        assert all(t.calls == [] for t in tritons), "acted on a folder still being copied"
+        copying.cancel()
+        await asyncio.gather(copying, return_exceptions=True)
+        await h.round()
+        await h.round()
+        assert h.routed() == [["1", "2"], ["1", "2"]]
+    finally:
+        copying.cancel()
+        await h.sync.close()
+
+
 async def test_a_model_with_fp16_inputs_warms_up_and_is_routed(repo: Path, tritons: list[FakeTriton]) -> None:
     """Triton refuses FP16 data in JSON (400): a warm-up sent so would fail such a model for good."""
     for triton in tritons:
@@ -626,6 +653,42 @@ async def test_a_config_triton_refuses_leaves_the_model_until_the_file_changes(h
     assert harness.routed() == [["1"], ["1"]]
 
 
+async def test_a_config_triton_refuses_leaves_a_version_changed_in_place_routed(harness: Harness, repo: Path) -> None:
+    for triton in harness.tritons:
+        triton.reject_config = "unknown backend 'nope'"
+    (repo / "m" / "config.pbtxt").write_text(CONFIG.replace('"python"', '"nope"'))
+    (repo / "m" / "1" / "model.py").write_text("retrained weights, other size")
+    await harness.round()
+    await harness.round()
+    assert "unknown backend 'nope'" in harness.sync.snapshot()["models"]["m"]["config_error"]
+    assert harness.routed() == [["1"], ["1"]]  # still loaded, and serving
+    for triton in harness.tritons:
+        triton.reject_config = ""
+    (repo / "m" / "config.pbtxt").write_text(CONFIG)
+    await harness.round()
+    await harness.round()
+    assert all(t.calls[-1] == ("load", "m", ["1"]) for t in harness.tritons)
+    assert harness.routed() == [["1"], ["1"]]
+
+
+async def test_a_loaded_version_held_back_for_a_failure_since_cleared_is_warmed_and_routed_again(
+    harness: Harness, repo: Path
+) -> None:
+    """The driver before failed it on that instance; this one serves it: warmed, then routed."""
+    first = harness.instances[0]
+    first.withhold("m", "1", "failed: broken on purpose")
+    warmups = len(harness.tritons[0].infers)
+    new = RepositorySync(harness.sync.config, harness.router, harness.control)
+    new.seed({})
+    await new.start()
+    try:
+        assert harness.tritons[0].calls[-1] == ("load", "m", ["1"])
+        assert harness.tritons[0].infers[warmups:] == [("m", "1")]
+        assert harness.routed() == [["1"], ["1"]]
+    finally:
+        await new.close()
+
+
 async def test_an_instance_that_restarted_empty_gets_the_models_again(harness: Harness) -> None:
     restarted = harness.tritons[1]
     restarted.models.clear()
@@ -754,6 +817,63 @@ async def test_under_a_latest_one_policy_the_new_version_is_routed_before_the_ol
     assert [t.calls[-1] for t in tritons] == [("load", "m", ["2"])] * 2
     assert h.routed() == [["2"], ["2"]]
     await h.sync.close()
+
+
+async def test_under_a_latest_one_policy_the_old_version_stays_while_the_new_one_cannot_load_everywhere(
+    tritons: list[FakeTriton], repo: Path
+) -> None:
+    (repo / "m" / "config.pbtxt").write_text(LATEST_ONE)
+    h = Harness(repo, tritons, load_timeout_s=0.3)
+    await h.sync.start()
+    try:
+        h.control.unreachable.add(tritons[1].url)  # no answer to its load calls
+        await h.publish()
+        assert h.routed() == [["1", "2"], ["1"]], "the old version left although the new one is not everywhere"
+        assert h.router.newest_version("m") == "1"
+        await h.round()
+        assert h.routed() == [["1", "2"], ["1"]]  # waited again, and kept again
+        h.control.unreachable.clear()
+        await h.round()
+        assert [t.calls[-1] for t in tritons] == [("load", "m", ["2"])] * 2
+        assert h.routed() == [["2"], ["2"]]
+    finally:
+        await h.sync.close()
+
+
+async def test_under_a_latest_one_policy_a_version_failing_on_one_instance_is_not_left_serving_alone_on_another(
+    tritons: list[FakeTriton], repo: Path
+) -> None:
+    (repo / "m" / "config.pbtxt").write_text(LATEST_ONE)
+    h = Harness(repo, tritons)
+    await h.sync.start()
+    try:
+        tritons[1].failing_infer.add(("m", "2"))  # its warm-up fails there only
+        await asyncio.wait_for(h.publish(), 2)  # not waiting out load_timeout_s for a failed version
+        assert "2" in h.sync.snapshot()["models"]["m"]["failed"]
+        assert h.routed() == [["1"], ["1"]]
+        await h.round()
+        assert all(t.ready() == {"m": frozenset({"1"})} for t in tritons)
+        assert h.routed() == [["1"], ["1"]]
+    finally:
+        await h.sync.close()
+
+
+async def test_under_a_latest_one_policy_a_failed_new_version_leaves_the_one_before_as_the_target(
+    tritons: list[FakeTriton], repo: Path
+) -> None:
+    (repo / "m" / "config.pbtxt").write_text(LATEST_ONE)
+    h = Harness(repo, tritons)
+    await h.sync.start()
+    try:
+        await h.publish_broken("2")
+        assert h.sync.snapshot()["models"]["m"]["serving"] == ["1"]
+        (repo / "m" / "3").mkdir()  # a version being copied in: the model's target stays as it is
+        (repo / "m" / "3" / "weights.bin").write_bytes(b"part")
+        await h.round()
+        assert h.routed() == [["1"], ["1"]]
+        assert all(t.ready() == {"m": frozenset({"1"})} for t in tritons)
+    finally:
+        await h.sync.close()
 
 
 async def test_a_load_call_that_timed_out_after_loading_is_warmed_and_admitted_later(harness: Harness, repo: Path) -> None:

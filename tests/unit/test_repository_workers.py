@@ -327,6 +327,31 @@ async def test_when_the_driver_exits_a_follower_takes_over(tmp_path: Path) -> No
         await b.close()
 
 
+async def test_a_worker_that_took_over_the_driving_does_not_wait_for_its_own_acknowledgement(tmp_path: Path) -> None:
+    """It wrote ``<pid>.json`` while it followed, and its ``<pid>.lock`` is held as long as it
+    runs: a drain must not count it as a follower that never applied the change."""
+    gate = asyncio.Event()
+    gate.set()
+    clock = Clock()
+    a, b = worker(tmp_path, 101, gate), worker(tmp_path, 102, gate, clock)
+    await a.start()
+    await b.start()
+    running = asyncio.create_task(b.run())
+    try:
+        await asyncio.sleep(0.2)
+        assert (b._dir / "102.json").exists()
+        await a.close()
+        clock.now = 5.0
+        await asyncio.sleep(0.3)
+        assert b.driving and not (b._dir / "102.json").exists()
+        instance_of(b).withhold("m", "2", "draining")
+        assert await asyncio.wait_for(b.drained(URL, "m", ["2"], deadline=1e9), 1) == 0
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await b.close()
+
+
 async def test_a_worker_driving_from_its_start_seeds_its_sync_with_what_the_last_driver_placed(tmp_path: Path) -> None:
     gate = asyncio.Event()
     gate.set()
