@@ -18,7 +18,9 @@ Policy (``select_batch``, a pure function tested with a fake clock):
   (``max_rows``), or when its oldest request has waited ``max_delay`` seconds, so the queue adds
   no more than that delay while the upstream keeps up; such early batches may take in-flight
   batches up to ``OVERFLOW_FACTOR * max_inflight``, a hard cap. At the cap the queue grows, and
-  past ``max_queue_rows`` new requests are shed with 503.
+  past ``max_queue_rows`` new requests are shed with 503 (a request larger than that bound is
+  taken while nothing else is queued: it waits behind nobody, and a retry would meet the same
+  bound).
 * When a batch comes back, the requests that queued meanwhile are sent before its callers are
   answered: the upstream computes the next batch while the gateway writes this one's answers.
 * A batch holds requests of one signature only (input names, dtypes and non-batch shapes), taken
@@ -40,6 +42,7 @@ in it with the same error, and the worker loop itself never dies of a request's 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import math
 import time
@@ -95,6 +98,7 @@ class Pending:
     enqueued: float
     deadline: float | None = None
     gone: Callable[[], bool] | None = None  # True once the client has disconnected
+    queued: bool = False  # in the queue, its rows counted in queued_rows
 
 
 @dataclass(slots=True)
@@ -169,12 +173,13 @@ def resend_alone(error: UpstreamError) -> bool:
     model version it does not hold, or its own 5xx error (``ModelError``) but for its 503
     (unavailable: not ready, its queue full). Never the gateway's 503 and 504, an instance that
     did not answer (neither is an ``UpstreamError``), nor an answer that is not Triton's own (a
-    proxy's 5xx page, a malformed answer: plain ``UpstreamError`` 502)."""
+    proxy's 5xx page: plain ``UpstreamError`` 502) or that the gateway cannot decode (a
+    ``ModelError`` of Triton's 200)."""
     if missing_model(error):
         return False
     if 400 <= error.status < 500:
         return True
-    return isinstance(error, ModelError) and error.triton_status != 503
+    return isinstance(error, ModelError) and error.triton_status >= 500 and error.triton_status != 503
 
 
 def concat_inputs(batch: Sequence[Pending]) -> list[Tensor]:
@@ -225,7 +230,7 @@ class Batcher:
         self.inflight = 0
         self._wakeup = asyncio.Event()
         self.policy = policy
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], list[Pending]] = {}  # the batches sent by the worker's tasks
         self._worker: asyncio.Task[None] | None = None
         # The loop serving this batcher, looked up once: asyncio.get_running_loop() costs a
         # getpid() syscall on every call (its fork check), and the request path needs it often.
@@ -285,7 +290,7 @@ class Batcher:
         self, inputs: list[Tensor], deadline: float | None = None, gone: Callable[[], bool] | None = None
     ) -> BatchResult:
         rows = inputs[0].data.shape[0] if inputs and inputs[0].data.ndim else 1
-        if self._queued_rows + rows > self.policy.max_queue_rows:
+        if self._queued_rows + rows > self.policy.max_queue_rows and self._queued_rows:
             raise Unavailable(f"model '{self.name}' is overloaded: its queue is full, try again later")
         future: asyncio.Future[BatchResult] = self.loop.create_future()
         item = Pending(inputs, rows, signature_of(inputs), future, self._clock(), deadline, gone)
@@ -312,10 +317,20 @@ class Batcher:
         # coming back wakes it anyway.
         woken = not self._queue or self.inflight < self.policy.max_inflight
         self._queue.append(item)
+        item.queued = True
         self._queued_rows += rows
         if woken or self._queued_rows >= self.policy.max_rows:
             self._wakeup.set()
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if item.queued:
+                # Its rows stop counting against max_queue_rows now, not when the worker next
+                # looks at the queue (at the hard cap, only once a batch comes back); the
+                # worker drops the request unsent (``_unwanted``).
+                item.queued = False
+                self._queued_rows -= rows
+            raise
 
     async def close(self, grace: float) -> None:
         """Let queued and in-flight batches finish for up to ``grace`` seconds, then cancel."""
@@ -324,9 +339,16 @@ class Batcher:
             await asyncio.sleep(0.01)
         if self._worker is not None:
             self._worker.cancel()
-        for task in list(self._tasks):
+        sends = list(self._tasks.items())
+        for task, batch in sends:
+            if inspect.getcoroutinestate(task.get_coro()) == inspect.CORO_CREATED:
+                # Cancelled before its first step, ``_send`` never runs, nor its handlers: its
+                # batch is failed, and its slot given back, here.
+                self.inflight -= 1
+                for item in batch:
+                    self._fail(item, Unavailable("the gateway is shutting down"))
             task.cancel()
-        await asyncio.gather(*self._tasks, *([self._worker] if self._worker else []), return_exceptions=True)
+        await asyncio.gather(*(task for task, _ in sends), *([self._worker] if self._worker else []), return_exceptions=True)
         while self._queue:
             self._fail(self._queue.popleft(), Unavailable("the gateway is shutting down"))
 
@@ -340,7 +362,10 @@ class Batcher:
             item.future.set_exception(error)
 
     def _remove(self, batch: Sequence[Pending]) -> None:
-        self._queued_rows -= sum(i.rows for i in batch)
+        for item in batch:
+            if item.queued:  # not when its caller was cancelled: ``submit`` subtracted its rows then
+                item.queued = False
+                self._queued_rows -= item.rows
         if all(a is b for a, b in zip(batch, self._queue)):
             for _ in batch:  # the common case: the batch is the head of the queue
                 self._queue.popleft()
@@ -376,9 +401,10 @@ class Batcher:
             self._remove(selection.batch)
             self.inflight += 1
             task = self.loop.create_task(self._send(selection.batch))
-            # Keep a hard reference so the task is not garbage collected mid-flight.
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            # Keep a hard reference so the task is not garbage collected mid-flight; its batch,
+            # for ``close`` to fail should the task be cancelled before it starts.
+            self._tasks[task] = selection.batch
+            task.add_done_callback(self._tasks.pop)
 
     async def _run(self) -> None:
         while True:
@@ -397,17 +423,24 @@ class Batcher:
                 if timer is not None:
                     timer.cancel()
 
-    async def _dispatch_wanted(self, batch: list[Pending]) -> tuple[list[Pending], BatchResult | None]:
+    async def _dispatch_wanted(
+        self, batch: list[Pending], count_waits: bool = True
+    ) -> tuple[list[Pending], BatchResult | None]:
         """Dispatch the requests of ``batch`` still wanted when an instance takes it; return
-        those requests and the result (None if none was left to send)."""
+        those requests and the result (None if none was left to send). ``count_waits``: count
+        how long each waited here (not for a request counted already, resent alone)."""
         outgoing = batch
 
         def prepare() -> list[Tensor] | None:
-            nonlocal outgoing
+            # Called once per attempt (the router tries another instance after a failure): each
+            # request's wait is counted at the first only.
+            nonlocal outgoing, count_waits
             now = self._clock()
             outgoing = [i for i in outgoing if not self._unwanted(i, now)]
-            for item in outgoing:
-                count_latency(self.waits, now - item.enqueued)
+            if count_waits:
+                count_waits = False
+                for item in outgoing:
+                    count_latency(self.waits, now - item.enqueued)
             return concat_inputs(outgoing) if outgoing else None
 
         deadlines = [i.deadline for i in batch if i.deadline is not None]
@@ -423,12 +456,16 @@ class Batcher:
     async def _send_alone(self, item: Pending) -> bool:
         """Whether it did not fail (answered, or not sent: its caller gone)."""
         try:
-            sent, result = await self._dispatch_wanted([item])
+            sent, result = await self._dispatch_wanted([item], count_waits=False)
             if result is None:
                 return True
             part = split_outputs(result, sent)[0]
         except GatewayError as exc:
             self._fail(item, exc)
+            return False
+        except Exception as exc:  # a bug fails this request, not the others resent beside it
+            log.exception("request for %s failed", self.name)
+            self._fail(item, UpstreamError(f"internal error while serving '{self.name}': {exc}", status=500))
             return False
         if not item.future.done():
             item.future.set_result(part)
@@ -438,36 +475,37 @@ class Batcher:
         batch = list(batch)  # narrowed to the requests actually sent, if some were dropped
         released = False
         try:
-            sent, result = await self._dispatch_wanted(batch)
-            if result is None:
-                return
-            parts = split_outputs(result, sent)
-            self.batches_sent += 1
-            self.rows_sent += sum(i.rows for i in sent)
-            self.recent_requests += RECENT_WEIGHT * (len(sent) - self.recent_requests)
-            # The slot is free: send the requests that queued meanwhile before answering these
-            # callers, so the upstream computes the next batch while the gateway sends the
-            # answers of this one (a task created now runs before the callers' tasks resume).
-            self.inflight -= 1
-            released = True
-            self._pump()
-            for item, part in zip(sent, parts):
-                if not item.future.done():
-                    item.future.set_result(part)
+            try:
+                sent, result = await self._dispatch_wanted(batch)
+                if result is None:
+                    return
+                parts = split_outputs(result, sent)
+                self.batches_sent += 1
+                self.rows_sent += sum(i.rows for i in sent)
+                self.recent_requests += RECENT_WEIGHT * (len(sent) - self.recent_requests)
+                # The slot is free: send the requests that queued meanwhile before answering these
+                # callers, so the upstream computes the next batch while the gateway sends the
+                # answers of this one (a task created now runs before the callers' tasks resume).
+                self.inflight -= 1
+                released = True
+                self._pump()
+                for item, part in zip(sent, parts):
+                    if not item.future.done():
+                        item.future.set_result(part)
+            except UpstreamError as exc:
+                model_failed = exc.status >= 500
+                if len(batch) == 1 or not resend_alone(exc) or (model_failed and self._clock() < self._resend_paused_until):
+                    raise
+                # Once: a request that fails alone gets its own error (``_send_alone``). Within
+                # the outer handlers: a cancellation meanwhile (or a bug) fails the requests
+                # that were not answered alone yet.
+                answered = await asyncio.gather(*(self._send_alone(item) for item in batch))
+                if model_failed and not any(answered):  # the model fails whatever the input
+                    self._resend_paused_until = self._clock() + RESEND_PAUSE_S
         except asyncio.CancelledError:
             for item in batch:
                 self._fail(item, Unavailable("the gateway is shutting down"))
             raise
-        except UpstreamError as exc:
-            model_failed = exc.status >= 500
-            if len(batch) > 1 and resend_alone(exc) and not (model_failed and self._clock() < self._resend_paused_until):
-                # Once: a request that fails alone gets its own error (``_send_alone``).
-                answered = await asyncio.gather(*(self._send_alone(item) for item in batch))
-                if model_failed and not any(answered):  # the model fails whatever the input
-                    self._resend_paused_until = self._clock() + RESEND_PAUSE_S
-            else:
-                for item in batch:
-                    self._fail(item, exc)
         except GatewayError as exc:
             for item in batch:
                 self._fail(item, exc)

@@ -217,21 +217,22 @@ class HostBatching:
         task.add_done_callback(lambda _: link.serving.pop(rid, None))
 
     async def _serve_one(self, link: _Link, rid: int, model: str, version: str, deadline: float | None, tensors: list[Any]) -> None:
-        self.served += 1
+        # Served: counted once its answer or error went out (``send`` returns True). A request
+        # declined, or whose connection closed first, is batched by its own worker, counted there.
         try:
             result = await self._serve(model, version, unpack_tensors(tensors), deadline)
             answer = [ANSWER, rid, result.version, pack_tensors(result.outputs), result.parameters]
-            link.send(answer)
+            self.served += link.send(answer)
         except GatewayError as exc:
             if isinstance(exc, NotFound) or (self._closing and isinstance(exc, Unavailable)):
                 # This worker does not know the version (yet), or its batcher shut down: the
                 # requesting worker batches the request itself.
                 link.send([DECLINED, rid])
             else:
-                link.send([ERROR, rid, type(exc).__name__, exc.status, exc.message])
+                self.served += link.send([ERROR, rid, type(exc).__name__, exc.status, exc.message])
         except Exception as exc:  # a bug must fail the request, not leave its worker waiting
             log.exception("host batching: serving another worker's request for %s failed", model)
-            link.send([ERROR, rid, UpstreamError.__name__, 500, f"internal error while serving '{model}': {exc}"])
+            self.served += link.send([ERROR, rid, UpstreamError.__name__, 500, f"internal error while serving '{model}': {exc}"])
 
     # -- the requesting side --------------------------------------------------------------------
 

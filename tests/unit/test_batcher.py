@@ -403,6 +403,33 @@ async def test_a_cancelled_caller_is_dropped_without_disturbing_the_others() -> 
     await batcher.close(0)
 
 
+async def test_a_caller_cancelled_while_queued_stops_counting_against_max_queue_rows_at_once() -> None:
+    """At the hard cap only a batch coming back makes the worker look at the queue again: the
+    rows of callers that stopped waiting meanwhile must neither shed new requests nor show."""
+    up = FakeUpstream()
+    batcher = Batcher("m", up, BatchPolicy(8, 0.0, 1, 8), clock=FakeClock())  # no delay: overflow at once
+    busy = [asyncio.create_task(batcher.submit(rows(1, start=i))) for i in range(2)]
+    await up.wait_batches(2)  # the hard cap (2 x 1): the queue grows
+    queued = [asyncio.create_task(batcher.submit(rows(4, start=10 * i))) for i in range(2)]
+    await settle()
+    assert batcher.queued_rows == 8
+    for task in queued:
+        task.cancel()  # as their deadlines would
+    await settle()
+    assert batcher.queued_rows == 0
+    later = asyncio.create_task(batcher.submit(rows(4, start=50)))  # taken, not shed
+    await settle()
+    assert batcher.queued_rows == 4
+    up.release_all()
+    await up.wait_batches(3)
+    up.release_all()
+    await asyncio.gather(*busy)
+    np.testing.assert_array_equal((await later).outputs[0].data, rows(4, start=50)[0].data * 2)
+    assert [b.shape[0] for b in up.batches] == [1, 1, 4]  # the cancelled requests were never sent
+    assert batcher.queued_rows == 0  # nor their rows subtracted twice when dropped
+    await batcher.close(0)
+
+
 async def test_a_request_whose_client_disconnected_is_dropped_unsent() -> None:
     up = FakeUpstream()
     batcher = Batcher("m", up, POLICY, clock=FakeClock())
@@ -455,6 +482,29 @@ async def test_queue_bound_sheds_load_with_503() -> None:
     await up.wait_batches(2)
     up.release_all()
     await asyncio.gather(blocker, queued)
+    await batcher.close(0)
+
+
+async def test_a_request_larger_than_max_queue_rows_is_taken_while_nothing_else_is_queued() -> None:
+    """The model's own max_batch_size may allow more rows than max_queue_rows: such a request
+    waits behind nobody, and is shed only while others are queued (else a 503 would be its
+    every answer, however often retried)."""
+    up = FakeUpstream()
+    batcher = Batcher("m", up, BatchPolicy(8, 10.0, 1, 8), clock=FakeClock())
+    sent = [asyncio.create_task(batcher.submit(rows(10, start=1)))]  # idle: sent at once
+    await asyncio.wait_for(up.wait_batches(1), 1.0)
+    sent.append(asyncio.create_task(batcher.submit(rows(10, start=2))))  # a full batch: sent, overflowing
+    await up.wait_batches(2)
+    queued = asyncio.create_task(batcher.submit(rows(10, start=3)))  # at the hard cap, the queue empty
+    await settle()
+    assert batcher.queued_rows == 10
+    with pytest.raises(Unavailable, match="queue is full"):
+        await batcher.submit(rows(1))
+    up.release_all()
+    await up.wait_batches(3)
+    up.release_all()
+    for start, result in zip((1, 2, 3), await asyncio.gather(*sent, queued)):
+        np.testing.assert_array_equal(result.outputs[0].data, rows(10, start=start)[0].data * 2)
     await batcher.close(0)
 
 
@@ -613,6 +663,12 @@ async def test_requests_resent_alone_keep_their_own_deadlines() -> None:
     await batcher.close(0)
 
 
+def malformed_200() -> ModelError:
+    error = ModelError("Triton instance gave a malformed answer: output 'y': unknown datatype \"BF16\"", status=502)
+    error.triton_status = 200
+    return error
+
+
 @pytest.mark.parametrize(
     "error",
     [
@@ -628,6 +684,7 @@ async def test_requests_resent_alone_keep_their_own_deadlines() -> None:
         # A 5xx that is not Triton's own answer: a proxy's error page, a malformed answer.
         UpstreamError("<html>502 Bad Gateway</html>", status=502),
         UpstreamError("Triton instance gave a malformed answer: bad status line", status=502),
+        malformed_200(),  # an answer the gateway cannot decode: the same for every request
         # A version Triton does not hold (the router tries elsewhere; one by one would not help).
         UpstreamError("Request for unknown model: 'm' version 3 is not found", status=404),
     ],
@@ -664,6 +721,90 @@ async def test_a_lone_request_failed_by_the_models_5xx_is_not_resent() -> None:
     assert up2.calls == [1, 1]
     await batcher.close(0)
     await batcher2.close(0)
+
+
+async def test_each_requests_wait_is_counted_once_however_often_its_batch_is_sent() -> None:
+    async def tried_twice(prepare: Prepare, deadline: float | None) -> BatchResult:
+        prepare()  # the first instance gave no answer: the router tries another, asking again
+        inputs = prepare()
+        assert inputs is not None
+        return BatchResult("1", [Tensor("y", "FP32", inputs[0].data * 2)])
+
+    batcher = Batcher("m", tried_twice, POLICY, clock=FakeClock())
+    await batcher.submit(rows(1))
+    assert sum(batcher.waits[:-1]) == 1
+    await batcher.close(0)
+    # Nor again when a failed batch's requests are resent alone.
+    up = PoisonUpstream(upstream_error(500, b'{"error":"boom"}'))
+    batcher, _ = await one_batch_with_a_poison_row(up)
+    assert up.calls == [1, 4, 1, 1, 1, 1]
+    assert sum(batcher.waits[:-1]) == 5  # the request holding the slot, then the batch's four
+    await batcher.close(0)
+
+
+class ResendingUpstream:
+    """A batch of several requests fails with Triton's 400, so each is resent alone; the first
+    request (holding the only slot) waits for ``release_first``, and each resent one for
+    ``release_alone``, then raises ``alone_error`` if set."""
+
+    def __init__(self) -> None:
+        self.release_first = asyncio.Event()
+        self.release_alone = asyncio.Event()
+        self.alone_started = asyncio.Event()
+        self.alone_error: Exception | None = None
+        self.calls = 0
+
+    async def __call__(self, prepare: Prepare, deadline: float | None) -> BatchResult:
+        inputs = prepare()
+        if inputs is None:
+            raise NothingToSend()
+        self.calls += 1
+        if self.calls == 1:
+            await self.release_first.wait()
+        elif inputs[0].data.shape[0] > 1:
+            raise UpstreamError("input 'x' is malformed", status=400)
+        else:
+            self.alone_started.set()
+            await self.release_alone.wait()
+            if self.alone_error is not None:
+                raise self.alone_error
+        return BatchResult("1", [Tensor("y", "FP32", inputs[0].data * 2)])
+
+
+async def three_requests_behind_a_busy_slot(up: ResendingUpstream) -> tuple[Batcher, list[asyncio.Task[BatchResult]]]:
+    batcher = Batcher("m", up, BatchPolicy(8, 10.0, 1, 64), clock=FakeClock())
+    first = asyncio.create_task(batcher.submit(rows(1)))  # occupies the only slot
+    await settle()
+    tasks = [asyncio.create_task(batcher.submit(rows(1, start=10 * i))) for i in range(3)]
+    await settle()
+    up.release_first.set()
+    await first
+    return batcher, tasks
+
+
+async def test_a_close_while_requests_are_resent_alone_fails_those_still_waiting() -> None:
+    up = ResendingUpstream()
+    batcher, tasks = await three_requests_behind_a_busy_slot(up)
+    await asyncio.wait_for(up.alone_started.wait(), 1.0)
+    await batcher.close(0)  # the grace is over: the batch's task is cancelled mid-resend
+    done, waiting = await asyncio.wait(tasks, timeout=1.0)
+    assert not waiting
+    assert all(isinstance(task.exception(), Unavailable) for task in tasks)
+    assert batcher.inflight == 0
+
+
+async def test_a_bug_while_requests_are_resent_alone_fails_them_with_500() -> None:
+    up = ResendingUpstream()
+    up.alone_error = RuntimeError("a bug")
+    up.release_alone.set()
+    batcher, tasks = await three_requests_behind_a_busy_slot(up)
+    done, waiting = await asyncio.wait(tasks, timeout=1.0)
+    assert not waiting
+    for task in tasks:
+        error = task.exception()
+        assert isinstance(error, UpstreamError) and error.status == 500 and "a bug" in error.message
+    assert batcher.inflight == 0
+    await batcher.close(0)
 
 
 async def test_an_idle_batcher_sends_from_the_callers_task_and_then_batches_again() -> None:
@@ -766,3 +907,20 @@ async def test_a_batch_with_nobody_left_sends_nothing() -> None:
         await task
     assert up.sent == [] and batcher.inflight == 0
     await batcher.close(0)
+
+
+async def test_a_batch_whose_task_close_cancels_before_it_starts_fails_its_callers() -> None:
+    clock = FakeClock()
+    up = FakeUpstream()
+    batcher = Batcher("m", up, BatchPolicy(8, 10.0, 1, 64), clock=clock)
+    first = asyncio.create_task(batcher.submit(rows(1)))
+    await up.wait_batches(1)
+    queued = asyncio.create_task(batcher.submit(rows(1, start=5)))
+    await settle()
+    up.release_all()  # the first batch comes back: its caller's task creates the next batch's task
+    await asyncio.sleep(0)  # in the same loop turn as that
+    await batcher.close(0)  # cancels the new task before its first step
+    await first
+    done, _ = await asyncio.wait([queued], timeout=1.0)
+    assert done and isinstance(queued.exception(), Unavailable)
+    assert batcher.inflight == 0 and len(up.batches) == 1

@@ -124,6 +124,16 @@ async def test_a_version_the_owner_does_not_know_is_left_to_its_worker(pair: Pai
     assert pair.a.kept == 1
 
 
+async def test_a_request_the_owner_declines_is_counted_by_its_worker_only(pair: Pair) -> None:
+    pair.owner.behaviour = lambda: NotFound("unknown model 'm'", 404)
+    assert await pair.a.submit(pair.model, "1", rows(1), None) is None
+    assert (pair.a.forwarded, pair.b.served, pair.a.kept) == (1, 0, 1)  # kept, never served too
+    pair.owner.behaviour = lambda: UpstreamError("input 'x' has the wrong shape", 400)
+    with pytest.raises(UpstreamError):
+        await pair.a.submit(pair.model, "1", rows(1), None)
+    assert pair.b.served == 1  # its error is its answer
+
+
 async def test_a_bug_in_the_owner_is_a_500_not_a_hang(pair: Pair) -> None:
     pair.owner.behaviour = lambda: RuntimeError("boom")
     with pytest.raises(UpstreamError) as caught:
@@ -180,6 +190,7 @@ async def test_a_request_the_closing_owner_could_not_batch_is_left_to_its_worker
     pair.owner.behaviour = lambda: Unavailable("the gateway is shutting down")  # its batcher's close
     pair.owner.release.set()
     assert await pending is None
+    assert (pair.b.served, pair.a.kept) == (0, 1)
 
 
 async def test_a_connection_lost_mid_request_leaves_the_request_to_its_worker(pair: Pair) -> None:
