@@ -135,7 +135,8 @@ class FleetMonitor:
         url = instance.url
         why, answered = "", True
         try:
-            # Outside the connection cap: a busy instance's full pool must not read as silence.
+            # Probes go outside the connection cap: a busy instance's full pool must not read as
+            # silence (nor hold its index back).
             status = (await self._client.get(url, "/v2/health/live", timeout, capped=False)).status
             live, why = status == 200, f"/v2/health/live answered {status}"
         except Exception as exc:  # whatever the instance (or whatever answers on its port) does, it is not up
@@ -169,7 +170,7 @@ class FleetMonitor:
         if not self._watch_reloads or self._on_version_gone is None:
             return
         try:
-            resp = await self._client.get(url, "/v2/models/stats", timeout)
+            resp = await self._client.get(url, "/v2/models/stats", timeout, capped=False)
             stats = orjson.loads(resp.body)["model_stats"] if resp.status == 200 else None
         except Exception:
             return
@@ -187,13 +188,15 @@ class FleetMonitor:
 
     async def _ready(self, url: str, timeout: float) -> bool:
         try:
-            return (await self._client.get(url, "/v2/health/ready", timeout)).status == 200
+            return (await self._client.get(url, "/v2/health/ready", timeout, capped=False)).status == 200
         except Exception:
             return False
 
     async def _index(self, url: str, timeout: float) -> dict[str, frozenset[str]] | None:
         try:
-            resp, _ = await self._client.request("POST", url, "/v2/repository/index", INDEX_BODY, JSON_HEADER, timeout)
+            resp, _ = await self._client.request(
+                "POST", url, "/v2/repository/index", INDEX_BODY, JSON_HEADER, timeout, capped=False
+            )
             if resp.status != 200:
                 return None
             return ready_models(orjson.loads(resp.body))
