@@ -11,7 +11,8 @@ from gateway.errors import BadRequest
 from gateway.tensors import InferRequest
 
 
-# The output datatypes Triton ranks for the classification extension (others: a 400 from Triton).
+# The output datatypes Triton ranks for the classification extension (others, FP16 and BF16 among
+# them: a 400 from Triton).
 CLASSIFIABLE = frozenset({"UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP32", "FP64"})
 
 

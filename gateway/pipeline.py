@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from gateway import deadlines, sequences
 from gateway.batcher import Batcher, BatchPolicy, BatchResult, NothingToSend, Prepare
 from gateway.cache import ANY, FRESH, Freshness, ResponseCache, cacheable, request_key
@@ -20,7 +22,7 @@ from gateway.host_batch import HostBatching
 from gateway.models import ModelInfo, check_request
 from gateway.rollout import Rollouts
 from gateway.router import Router
-from gateway.tensors import InferRequest, InferResponse, RequestedOutput, Tensor
+from gateway.tensors import InferRequest, InferResponse, RequestedOutput, Tensor, bf16_values
 from gateway.upstream.metadata import MetadataCache
 
 log = logging.getLogger(__name__)
@@ -370,7 +372,7 @@ class InferencePipeline:
             stats.failed += 1
             log.debug("shadow %s/%s failed: %r", request.model, version, exc)
             return
-        stats.compare({t.name: t.data for t in served.outputs}, {t.name: t.data for t in answer.outputs})
+        stats.compare(_values(served.outputs), _values(answer.outputs))
 
     async def _compute(
         self,
@@ -430,3 +432,8 @@ class InferencePipeline:
         if self._shadows:
             await asyncio.wait(self._shadows, timeout=grace)
         await asyncio.gather(*(b.close(grace) for b in self.batchers.values()))
+
+
+def _values(outputs: list[Tensor]) -> dict[str, np.ndarray]:
+    """Outputs by name as comparable values (a BF16 tensor holds its bits: as floats)."""
+    return {t.name: bf16_values(t.data) if t.datatype == "BF16" else t.data for t in outputs}

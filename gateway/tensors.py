@@ -12,7 +12,9 @@ from typing import Any
 
 import numpy as np
 
-# KServe v2 datatype <-> numpy dtype. Multi-byte types are little-endian on the wire.
+# KServe v2 datatype <-> numpy dtype. Multi-byte types are little-endian on the wire. numpy has no
+# bfloat16: a BF16 tensor holds its raw bits as uint16 (the upper half of a float32), which is
+# what travels in binary data; only JSON data converts them (``bf16_bits``, ``bf16_values``).
 V2_TO_NUMPY: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
     "UINT8": np.dtype("<u1"),
@@ -24,11 +26,35 @@ V2_TO_NUMPY: dict[str, np.dtype] = {
     "INT32": np.dtype("<i4"),
     "INT64": np.dtype("<i8"),
     "FP16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),
     "FP32": np.dtype("<f4"),
     "FP64": np.dtype("<f8"),
     "BYTES": np.dtype(object),
 }
-NUMPY_TO_V2: dict[np.dtype, str] = {dt: name for name, dt in V2_TO_NUMPY.items()}
+# A uint16 array is UINT16, never BF16 (which shares its numpy dtype).
+NUMPY_TO_V2: dict[np.dtype, str] = {dt: name for name, dt in V2_TO_NUMPY.items() if name != "BF16"}
+
+
+def bf16_bits(values: np.ndarray) -> np.ndarray:
+    """Float32 values as bfloat16 bits ("<u2"), rounded to nearest even, as torch rounds; any NaN
+    becomes the quiet NaN 0x7FC0. A finite value past bfloat16's largest rounds to infinity."""
+    bits = np.asarray(values, dtype="<f4", order="C").view("<u4")
+    nan = np.isnan(bits.view("<f4"))
+    if nan.any():
+        bits = np.where(nan, _U32_NAN, bits)  # rounding a NaN's bits could carry into the sign
+    rounded = bits + (((bits >> _U32_16) & _U32_1) + _U32_7FFF)
+    return np.asarray(rounded >> _U32_16).astype("<u2")  # a 0-d array's result is a scalar
+
+
+def bf16_values(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bits as the float32 values they are, exactly."""
+    wide = np.asarray(bits, dtype="<u2").astype("<u4")
+    wide <<= _U32_16
+    return wide.view("<f4")
+
+
+# numpy's own integers, so that arithmetic on a 0-d array stays uint32.
+_U32_1, _U32_16, _U32_7FFF, _U32_NAN = np.uint32(1), np.uint32(16), np.uint32(0x7FFF), np.uint32(0x7FC00000)
 
 
 @dataclass(slots=True)

@@ -22,7 +22,8 @@ Error (any non-2xx status): ``{"error": str}``.
 name does (BYTES strings "value:index[:label]"; 0: the values).
 
 ``data`` of a BYTES tensor uses the v2 binary layout: per element a 4-byte little-endian length,
-then the bytes. BOOL is one byte per element, 0 or 1. Unknown map keys are rejected.
+then the bytes. BOOL is one byte per element, 0 or 1; BF16 two, the upper 16 bits of a float32.
+Unknown map keys are rejected.
 """
 
 from __future__ import annotations

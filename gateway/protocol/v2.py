@@ -3,7 +3,9 @@
 A body is a JSON object, optionally followed by raw tensor data; the JSON part's length is then
 given by the ``Inference-Header-Content-Length`` HTTP header. A binary tensor carries
 ``parameters.binary_data_size`` and its bytes follow the JSON, in tensor order: little-endian,
-row-major, BOOL as one byte 0/1, BYTES as repeated (4-byte little-endian length, bytes).
+row-major, BOOL as one byte 0/1, BYTES as repeated (4-byte little-endian length, bytes), BF16 as
+the upper 16 bits of each float32 (held as uint16 in memory; JSON data carries numbers, rounded to
+the nearest bfloat16 on the way in).
 
 The buffer helpers (``parse_tensor_spec``, ``tensor_from_buffer``, ``tensor_to_buffer``,
 ``select_outputs``) are shared with the msgpack codec.
@@ -22,7 +24,7 @@ import numpy as np
 import orjson
 
 from gateway.errors import BadRequest, UpstreamError, shown, type_name
-from gateway.tensors import V2_TO_NUMPY, InferRequest, InferResponse, RequestedOutput, Tensor
+from gateway.tensors import V2_TO_NUMPY, InferRequest, InferResponse, RequestedOutput, Tensor, bf16_bits, bf16_values
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_CONTENT_TYPE = "application/json"
@@ -221,6 +223,8 @@ def _tensor_from_json(data: Any, datatype: str, shape: tuple[int, ...], where: s
     if datatype == "BOOL":
         if kind != "b":
             raise err(f"{where}: BOOL data must be true/false values")
+    elif datatype == "BF16":
+        arr = _bf16_from_json(arr, where, err)
     elif dtype.kind in "iu":
         if kind not in "iu":
             # numpy makes float64 of small ints mixed with ints above INT64 max: recheck exactly.
@@ -242,6 +246,24 @@ def _tensor_from_json(data: Any, datatype: str, shape: tuple[int, ...], where: s
     return arr.astype(dtype, copy=False).reshape(shape)
 
 
+def _bf16_from_json(arr: np.ndarray, where: str, err: MakeError) -> np.ndarray:
+    """JSON numbers as bfloat16 bits: read as float32 (as FP32 data is), then rounded to the
+    nearest bfloat16, ties to even (as torch rounds). NaN and infinities are taken as they are;
+    a finite value too large for bfloat16 is refused, as one too large for FP16 or FP32 is."""
+    if arr.dtype.kind not in "iuf":
+        raise err(f"{where}: BF16 data must be numbers")
+    try:
+        with np.errstate(over="raise"):
+            values = arr.astype(np.float32)
+    except FloatingPointError:
+        raise err(f"{where}: a value is out of range for BF16") from None
+    bits = bf16_bits(values)
+    infinite = (bits & 0x7FFF) == 0x7F80
+    if infinite.any() and not np.isinf(values[infinite]).all():
+        raise err(f"{where}: a value is out of range for BF16")
+    return bits
+
+
 def _json_values(tensor: Tensor) -> Any:
     if tensor.datatype == "BYTES":
         try:
@@ -249,7 +271,12 @@ def _json_values(tensor: Tensor) -> Any:
         except UnicodeDecodeError:
             raise BadRequest(f"output '{tensor.name}' holds non-UTF-8 bytes; ask for binary_data=true") from None
     # orjson serializes contiguous native numpy arrays directly (OPT_SERIALIZE_NUMPY).
-    values = np.ascontiguousarray(tensor.data, dtype=V2_TO_NUMPY[tensor.datatype]).reshape(-1)
+    if tensor.datatype == "BF16":
+        # Each value exactly, for a reader of doubles too (float32's shortest form is not).
+        with np.errstate(invalid="ignore"):  # signalling NaNs stay NaNs
+            values = bf16_values(tensor.data).astype(np.float64).reshape(-1)
+    else:
+        values = np.ascontiguousarray(tensor.data, dtype=V2_TO_NUMPY[tensor.datatype]).reshape(-1)
     if values.dtype.kind == "f" and not np.isfinite(values).all():
         # orjson writes NaN and infinities as null; Triton writes NaN, Infinity and -Infinity,
         # which its clients (tritonclient reads with rapidjson) read back as such.

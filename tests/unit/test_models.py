@@ -81,3 +81,21 @@ def test_a_stateful_model_and_its_sequence_idle_time_come_from_its_config(sequen
     config = dict(CONFIG) if sequence_batching is None else {**CONFIG, "sequence_batching": sequence_batching}
     info = ModelInfo.from_triton(METADATA, config, b"{}", b"{}")
     assert (info.stateful, info.sequence_idle_s) == (stateful, idle_s)
+
+
+def test_bf16_tensors_are_checked_against_the_metadata_datatype() -> None:
+    bf16 = ModelInfo.from_triton(
+        {**METADATA, "inputs": [{"name": "h", "datatype": "BF16", "shape": [-1, 2]}],
+         "outputs": [{"name": "o", "datatype": "BF16", "shape": [-1, 2]}]},
+        {"max_batch_size": 8}, b"{}", b"{}",
+    )  # fmt: skip
+    bits = np.zeros((3, 2), "<u2")
+    assert check_request(bf16, InferRequest("m", "", [Tensor("h", "BF16", bits)], [RequestedOutput("o")])) == 3
+    # The same uint16 bits sent as UINT16 are another datatype, as Triton would say.
+    with pytest.raises(BadRequest, match="input 'h' of model 'm' must have datatype BF16, got UINT16"):
+        check_request(bf16, req(Tensor("h", "UINT16", bits)))
+    with pytest.raises(BadRequest, match="input 'a' of model 'm' must have datatype FP32, got BF16"):
+        check_request(INFO, req(Tensor("a", "BF16", np.zeros((2, 3), "<u2"))))
+    # Triton ranks no BF16 output (nor FP16) for the classification extension.
+    with pytest.raises(BadRequest, match="output 'o' of model 'm' is BF16: classification needs one of"):
+        check_request(bf16, InferRequest("m", "", [Tensor("h", "BF16", bits)], [RequestedOutput("o", class_count=1)]))

@@ -14,8 +14,8 @@ from gateway.cache import FRESH, ResponseCache
 from gateway.config import BatchingConfig, CacheConfig
 from gateway.errors import BadRequest, ClientGone, GatewayTimeout, ModelError, UpstreamError
 from gateway.models import ModelInfo
-from gateway.pipeline import InferencePipeline
-from gateway.rollout import ModelRollout, Rollouts, parse_rollout_file
+from gateway.pipeline import InferencePipeline, _values
+from gateway.rollout import ModelRollout, Rollouts, ShadowStats, parse_rollout_file
 from gateway.router import Instance
 from gateway.tensors import InferRequest, RequestedOutput, Tensor
 
@@ -411,3 +411,11 @@ async def test_a_lone_request_whose_client_left_while_waiting_is_not_sent() -> N
     response = await pipeline.infer(request(parameters={"priority": 2}), gone=lambda: False)
     assert router.calls == [(1, {"priority": 2})] and response.outputs
     await pipeline.close(0)
+
+
+def test_a_shadows_bf16_outputs_are_compared_as_values_not_as_bits() -> None:
+    served = [Tensor("y", "BF16", np.array([[0x3F80, 0x4000]], dtype="<u2"))]  # 1.0, 2.0
+    shadow = [Tensor("y", "BF16", np.array([[0x4000, 0x4000]], dtype="<u2"))]  # 2.0, 2.0
+    stats = ShadowStats()
+    stats.compare(_values(served), _values(shadow))
+    assert stats.max_abs_diff == 1.0  # (the bits differ by 128)

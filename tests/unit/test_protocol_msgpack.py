@@ -7,6 +7,7 @@ import struct
 import msgpack
 import numpy as np
 import pytest
+import torch
 
 from gateway.errors import BadRequest, UpstreamError
 from gateway.protocol import msgpack as codec
@@ -17,8 +18,10 @@ SAMPLES: dict[str, np.ndarray] = {
     **{
         name: np.array([[np.iinfo(dt).min, np.iinfo(dt).max], [0, 1]], dtype=dt)
         for name, dt in V2_TO_NUMPY.items()
-        if dt.kind in "iu"
+        if dt.kind in "iu" and name != "BF16"
     },
+    # BF16 as its raw bits: 0.1, -largest, infinity, a NaN with a payload, passed through untouched.
+    "BF16": np.array([[0x3DCD, 0xFF7F], [0x7F80, 0xFFFF]], dtype="<u2"),
     "FP16": np.array([[0.5, -65504.0], [1e-3, 0.0]], dtype="<f2"),
     "FP32": np.array([[0.1, -3.4e38], [np.inf, np.nan]], dtype="<f4"),
     "FP64": np.array([[0.1, -1.7e308], [5e-324, -0.0]], dtype="<f8"),
@@ -82,6 +85,17 @@ def test_hand_built_request_and_output_forms() -> None:
     assert codec.decode_request(pack({"inputs": [], "outputs": []}), "m", "").outputs is None
 
 
+def test_bf16_data_is_the_bits_of_bfloat16_values() -> None:
+    values = torch.tensor([[0.1, -2.5], [1e-40, 3e38]], dtype=torch.bfloat16)
+    raw = values.view(torch.int16).numpy().tobytes()  # little-endian on every host torch runs on here
+    body = pack({"inputs": [{"name": "b", "datatype": "BF16", "shape": [2, 2], "data": raw}]})
+    (tensor,) = codec.decode_request(body, "m", "").inputs
+    assert (tensor.datatype, tensor.data.dtype, tensor.data.shape) == ("BF16", np.dtype("<u2"), (2, 2))
+    assert tensor.data.tobytes() == raw
+    doc = msgpack.unpackb(codec.encode_response(InferResponse("m", "1", [Tensor("y", "BF16", tensor.data)]), InferRequest("m", "", [], None)), raw=False)
+    assert doc["outputs"] == [{"name": "y", "datatype": "BF16", "shape": [2, 2], "data": raw}]
+
+
 def test_an_output_may_ask_for_its_top_classes() -> None:
     body = pack({"inputs": [], "outputs": [{"name": "p", "classification": 3}, {"name": "q", "classification": 0}]})
     assert codec.decode_request(body, "m", "").outputs == [RequestedOutput("p", class_count=3), RequestedOutput("q")]
@@ -129,7 +143,9 @@ def _inp(**fields) -> dict:
         (pack({"inputs": {"x": 1}}), "'inputs' must be an array"),
         (pack({"inputs": [3]}), "input #0 must be an object"),
         (pack({"inputs": [_inp(name=5)]}), "input #0: 'name' must be a non-empty string"),
-        (pack({"inputs": [_inp(datatype="BF16")]}), "input 'x': unknown datatype \"BF16\""),
+        (pack({"inputs": [_inp(datatype="FP8")]}), "input 'x': unknown datatype \"FP8\""),
+        (pack({"inputs": [_inp(datatype="BF16")]}), "input 'x': got 8 bytes of data, BF16 shape \\[2\\] needs 4"),
+        (pack({"inputs": [_inp(datatype="BF16", data=b"\0" * 3)]}), "input 'x': got 3 bytes of data, BF16 shape \\[2\\] needs 4"),
         (pack({"inputs": [_inp(shape=[2, -1])]}), "input 'x': shape must be a list of non-negative integers"),
         (pack({"inputs": [_inp(shape=2)]}), "input 'x': shape must be"),
         (pack({"inputs": [_inp(data="\0" * 8)]}), "input 'x': 'data' must be msgpack bin, got string"),

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import struct
 
+import ml_dtypes
 import numpy as np
 import orjson
 import pytest
+import torch
 import tritonclient.http as httpclient
 
 from gateway.errors import BadRequest, UpstreamError
@@ -675,3 +678,165 @@ def test_the_layout_memo_is_bounded(layouts: list[bytes]) -> None:
         decode(body, size)
     assert len(v2._LAYOUTS) == v2.MAX_LAYOUTS
     assert len(layouts) == v2.MAX_LAYOUTS + 19
+
+
+# ------------------------------------------------------------------ BF16: raw bits in memory, numbers in JSON
+
+
+def torch_bf16_bits(values: list[float]) -> np.ndarray:
+    """The ground truth: torch's bfloat16 of each value (round to nearest even), as uint16 bits."""
+    return torch.tensor(values, dtype=torch.bfloat16).view(torch.int16).numpy().view("<u2")
+
+
+def torch_bf16_values(bits: np.ndarray) -> np.ndarray:
+    """The ground truth: the float32 value of each bfloat16 bit pattern, by torch."""
+    return torch.from_numpy(bits.astype("<u2").view("<i2").copy()).view(torch.bfloat16).float().numpy()
+
+
+BF16_VALUES = [
+    0.0, -0.0, 1.0, -1.0, 0.1, -1 / 3, 1.5, 3, 257, 65535, 16777217, -(2**40),
+    1 + 2**-8,  # halfway between 1 and the next bfloat16: to even, 1
+    1 + 3 * 2**-8,  # halfway again: to even, upwards
+    1 + 2**-8 + 2**-30,  # above halfway as a double, halfway once read as float32: to even, 1 (as torch)
+    3.3895313892515355e38, -3.3895e38,  # bfloat16's largest finite, and one that rounds to it
+    1.1754943508222875e-38, 9.183549615799121e-41, 1e-40, 1.4e-45, -1e-45,  # subnormals, and below
+]  # fmt: skip
+
+
+def test_bf16_json_numbers_round_to_nearest_even_as_torch() -> None:
+    rng = np.random.default_rng(7)
+    values = BF16_VALUES + (rng.standard_normal(2000) * 10.0 ** rng.integers(-30, 30, 2000)).tolist()
+    request = decode(json_body({"inputs": [_input(datatype="BF16", shape=[len(values)], data=values)]}))
+    (tensor,) = request.inputs
+    assert tensor.datatype == "BF16" and tensor.data.dtype == np.dtype("<u2") and tensor.data.shape == (len(values),)
+    np.testing.assert_array_equal(tensor.data, torch_bf16_bits(values))
+    nested = decode(json_body({"inputs": [_input(datatype="BF16", shape=[2, 2, 1], data=[[[0.1], [2]], [[-3], [1e-3]]])]}))
+    np.testing.assert_array_equal(nested.inputs[0].data, torch_bf16_bits([0.1, 2, -3, 1e-3]).reshape(2, 2, 1))
+
+
+def test_bf16_json_integers_past_64_bits_are_read_as_fp32_reads_them() -> None:
+    body = b'{"inputs": [{"name": "x", "datatype": "BF16", "shape": [3], "data": [18446744073709551615, -1, 1180591620717411303424]}]}'
+    np.testing.assert_array_equal(decode(body).inputs[0].data, torch_bf16_bits([2.0**64, -1, 2.0**70]))
+
+
+def test_bf16_nan_and_infinities_in_json_data_are_read_as_fp32_reads_them() -> None:
+    body = b'{"inputs": [{"name": "x", "datatype": "BF16", "shape": [2, 2], "data": [[NaN, Infinity], [-Infinity, 1.5]]}]}'
+    bits = decode(body).inputs[0].data
+    np.testing.assert_array_equal(bits, torch_bf16_bits([np.nan, np.inf, -np.inf, 1.5]).reshape(2, 2))
+    assert bits.tolist() == [[0x7FC0, 0x7F80], [0xFF80, 0x3FC0]]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ([3.4e38, 1], "a value is out of range for BF16"),  # finite, but rounds to infinity
+        ([1, -1e39], "a value is out of range for BF16"),  # past float32 too
+        ([True, 1], "BF16 data must be numbers, not true/false"),
+        (["1", "2"], "BF16 data must be numbers"),
+        ([1, None], "BF16 data must be numbers"),
+        ([1, 2, 3], "'data' has 3 elements but shape \\[2\\] needs 2"),
+        ([[1], [2, 3]], "'data' must be a flat or regularly nested list of BF16 values"),
+    ],
+)
+def test_bad_bf16_json_data_is_a_400_naming_the_input(data: list, message: str) -> None:
+    with pytest.raises(BadRequest, match=f"input 'x': {message}") as info:
+        decode(json_body({"inputs": [_input(datatype="BF16", data=data)]}))
+    assert info.value.status == 400
+
+
+@pytest.mark.parametrize("size", [0, 2, 3, 6])
+def test_bf16_binary_data_of_the_wrong_size_is_a_400_naming_the_input(size: int) -> None:
+    body, header_length = _binary_request([_input(datatype="BF16", parameters={"binary_data_size": size})], b"\x80" * size)
+    with pytest.raises(BadRequest, match=f"input 'x': got {size} bytes of data, BF16 shape \\[2\\] needs 4") as info:
+        decode(body, header_length)
+    assert info.value.status == 400
+
+
+def test_an_empty_bf16_tensor_from_json() -> None:
+    tensor = decode(json_body({"inputs": [_input(datatype="BF16", shape=[0, 3], data=[])]})).inputs[0]
+    assert tensor.data.dtype == np.dtype("<u2") and tensor.data.shape == (0, 3)
+
+
+def tritonclient_bf16_body(array: np.ndarray, outputs=None) -> tuple[bytes, int | None]:  # noqa: ANN001
+    item = httpclient.InferInput("IN", list(array.shape), "BF16")
+    item.set_data_from_numpy(array, binary_data=True)  # tritonclient sends BF16 as binary data only
+    return httpclient.InferenceServerClient.generate_request_body([item], outputs=outputs)
+
+
+def test_a_bf16_binary_request_from_tritonclient_is_its_bits(layouts: list[bytes]) -> None:
+    array = np.array([[0.1, -2.5, np.inf], [1e-40, -0.0, 3e38]], dtype=ml_dtypes.bfloat16)
+    body, size = tritonclient_bf16_body(array)
+    first, second = decode(body, size), decode(body, size)
+    assert layouts == [body]  # a numeric binary header: remembered, and the repeat maps its data
+    for request in (first, second):
+        (tensor,) = request.inputs
+        assert (tensor.name, tensor.datatype, tensor.data.dtype, tensor.data.shape) == ("IN", "BF16", np.dtype("<u2"), (2, 3))
+        np.testing.assert_array_equal(tensor.data, array.view("<u2"))
+    np.testing.assert_array_equal(first.inputs[0].data, torch_bf16_bits(array.astype(np.float32).ravel().tolist()).reshape(2, 3))
+
+
+EVERY_BF16 = np.arange(2**16, dtype="<u2")  # every bit pattern: zeros, subnormals, infinities, NaNs
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_a_bf16_output_reads_back_in_tritonclient(binary: bool) -> None:
+    bits = EVERY_BF16.reshape(2, -1)
+    request = InferRequest("m", "", [], [RequestedOutput("y", binary)])
+    body, header_length = v2.encode_response(InferResponse("m", "1", [Tensor("y", "BF16", bits)]), request)
+    got = httpclient.InferResult.from_response_body(body, verbose=False, header_length=header_length).as_numpy("y")
+    assert got.dtype == ml_dtypes.bfloat16 and got.shape == bits.shape
+    if binary:
+        np.testing.assert_array_equal(got.view("<u2"), bits)  # every bit, NaN payloads too
+    else:
+        np.testing.assert_array_equal(got.astype(np.float32), torch_bf16_values(bits))  # NaN where NaN
+
+
+def test_bf16_json_output_is_each_value_exactly() -> None:
+    request = InferRequest("m", "", [], [RequestedOutput("y", False)])
+    body, header_length = v2.encode_response(InferResponse("m", "1", [Tensor("y", "BF16", EVERY_BF16)]), request)
+    assert header_length is None
+    (out,) = json.loads(body)["outputs"]  # Python's parser: it reads NaN and Infinity
+    assert (out["datatype"], out["shape"]) == ("BF16", [2**16])
+    written = np.array(out["data"], dtype=np.float64)  # as a reader of doubles sees them
+    with np.errstate(invalid="ignore"):  # signalling NaNs
+        expected = torch_bf16_values(EVERY_BF16).astype(np.float64)
+    np.testing.assert_array_equal(written, expected)
+    finite = np.isfinite(expected)
+    assert (np.signbit(written[finite]) == np.signbit(expected[finite])).all()  # -0.0 too
+
+
+def test_bf16_nan_and_infinities_in_json_outputs_are_written_as_triton_writes_them() -> None:
+    bits = np.array([[0x7FC0, 0x7F80, 0xFF80, 0x3FC0]], "<u2")
+    request = InferRequest("m", "", [], [RequestedOutput("y", False)])
+    body, _ = v2.encode_response(InferResponse("m", "1", [Tensor("y", "BF16", bits)]), request)
+    assert b'"data":[NaN,Infinity,-Infinity,1.5]' in body
+    plain, _ = v2.encode_response(InferResponse("m", "1", [Tensor("y", "BF16", bits[:, 3:])]), request)
+    assert b'"data":[1.5]' in plain
+
+
+def test_bf16_travels_to_triton_and_back_as_its_bits() -> None:
+    bits = EVERY_BF16.reshape(4, -1)[:, ::3]  # not contiguous
+    body, json_size = v2.encode_upstream_request([Tensor("x", "BF16", bits)], None)
+    head = orjson.loads(body[:json_size])
+    assert head["inputs"] == [{"name": "x", "datatype": "BF16", "shape": list(bits.shape), "parameters": {"binary_data_size": bits.size * 2}}]
+    assert body[json_size:] == np.ascontiguousarray(bits).tobytes()
+    answer, header_length = v2.encode_response(InferResponse("m", "1", [Tensor("y", "BF16", bits)]), InferRequest("m", "", [], None, binary_output=True))
+    _, (tensor,) = v2.decode_upstream_response(answer, header_length)
+    assert (tensor.datatype, tensor.data.dtype) == ("BF16", np.dtype("<u2"))
+    np.testing.assert_array_equal(tensor.data, bits)
+    short = json_body({"outputs": [{"name": "y", "datatype": "BF16", "shape": [2], "parameters": {"binary_data_size": 3}}]})
+    with pytest.raises(UpstreamError, match="output 'y': got 3 bytes of data, BF16 shape \\[2\\] needs 4"):
+        v2.decode_upstream_response(short + b"\0" * 3, len(short))
+
+
+def test_a_bf16_request_has_one_cache_key_in_json_and_in_binary_and_not_uint16s() -> None:
+    from gateway.cache.keys import request_key
+
+    values = [1.5, -0.1, 300.0]
+    from_json = decode(json_body({"inputs": [_input(datatype="BF16", shape=[3], data=values)]})).inputs
+    body, size = tritonclient_bf16_body(np.array(values, dtype=ml_dtypes.bfloat16))
+    from_binary = decode(body, size).inputs
+    from_binary[0].name = "x"
+    assert request_key("m", "1", from_json) == request_key("m", "1", from_binary)
+    same_bits = [Tensor("x", "UINT16", from_json[0].data)]
+    assert request_key("m", "1", same_bits) != request_key("m", "1", from_json)

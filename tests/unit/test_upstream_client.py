@@ -343,8 +343,8 @@ async def test_a_forgotten_instance_keeps_no_connection_open_once_its_requests_a
 async def test_an_answer_the_gateway_cannot_decode_is_counted_like_a_model_error(fake_triton, client: TritonClient) -> None:  # noqa: ANN001
     async def bf16(request: web.Request) -> web.Response:
         head = orjson.dumps({"model_name": "m", "model_version": "1", "outputs": [
-            {"name": "y", "datatype": "BF16", "shape": [1, 2], "parameters": {"binary_data_size": 4}}]})  # fmt: skip
-        return web.Response(body=head + bytes(4), headers={"Inference-Header-Content-Length": str(len(head))})
+            {"name": "y", "datatype": "BF16", "shape": [1, 2], "parameters": {"binary_data_size": 3}}]})  # fmt: skip
+        return web.Response(body=head + bytes(3), headers={"Inference-Header-Content-Length": str(len(head))})  # a byte short
 
     url = await fake_triton(bf16)
     with pytest.raises(ModelError) as err:  # the router holds it against the instance only once another answers
