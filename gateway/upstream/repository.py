@@ -224,7 +224,6 @@ def warmup_body(config: Mapping[str, Any]) -> tuple[bytes, int]:
     and in its answer."""
     batched = int(config.get("max_batch_size", 0) or 0) > 0
     inputs: list[Tensor] = []
-    bf16: set[str] = set()
     for spec in config.get("input", []):
         if spec.get("optional"):
             continue
@@ -232,9 +231,6 @@ def warmup_body(config: Mapping[str, Any]) -> tuple[bytes, int]:
         shape = ([1] if batched else []) + dims
         datatype = str(spec.get("data_type", "TYPE_FP32")).removeprefix("TYPE_")
         datatype = "BYTES" if datatype == "STRING" else datatype
-        if datatype == "BF16":  # no numpy type: FP16's zeros, the same two bytes each
-            bf16.add(spec["name"])
-            datatype = "FP16"
         if datatype == "BYTES":
             zeros = np.full(shape, b"", dtype=object)
         else:
@@ -247,15 +243,7 @@ def warmup_body(config: Mapping[str, Any]) -> tuple[bytes, int]:
         strings = any(c.get("kind") == "CONTROL_SEQUENCE_CORRID" and c.get("data_type") == "TYPE_STRING" for c in controls)
         sid: int | str = str(WARMUP_SEQUENCE) if strings else WARMUP_SEQUENCE
         parameters = {"sequence_id": sid, "sequence_start": True, "sequence_end": True}
-    body, length = v2.encode_upstream_request(inputs, None, parameters=parameters)
-    if not bf16:
-        return body, length
-    header = json.loads(body[:length])
-    for spec in header["inputs"]:
-        if spec["name"] in bf16:
-            spec["datatype"] = "BF16"
-    head = json.dumps(header, separators=(",", ":")).encode()
-    return head + body[length:], len(head)
+    return v2.encode_upstream_request(inputs, None, parameters=parameters)
 
 
 # -- load and unload calls -----------------------------------------------------------------------
