@@ -125,6 +125,9 @@ class InferencePipeline:
         (``cache.freshness``; ``use`` False bypasses the cache);
         ``sticky`` holds the request's headers a rollout pins clients by; ``chosen``, for a
         request naming no version, is ``choose_version``'s answer the caller already has."""
+        params = request.parameters
+        if params and deadlines.PARAMETER in params:  # once: a version chosen again keeps it
+            deadline = deadlines.earliest(deadline, deadlines.from_parameter(params.pop(deadlines.PARAMETER), self._clock()))
         if not request.version:
             return await self._gateway_chosen(request, deadline, gone, freshness, sticky, chosen)
         return await self._serve(request, deadline, gone, freshness)
@@ -132,10 +135,8 @@ class InferencePipeline:
     async def _serve(
         self, request: InferRequest, deadline: float | None, gone: Callable[[], bool] | None, freshness: Freshness
     ) -> InferResponse:
-        """Serve a request whose version is decided ("" only when the fleet's is unknown)."""
-        params = request.parameters
-        if params and deadlines.PARAMETER in params:
-            deadline = deadlines.earliest(deadline, deadlines.from_parameter(params.pop(deadlines.PARAMETER), self._clock()))
+        """Serve a request whose version is decided ("" only when the fleet's is unknown), by
+        its deadline (the header's and the ``timeout`` parameter's, the earlier: ``infer``)."""
         if deadline is None:
             return await self._infer(request, None, gone, freshness)
         remaining = deadline - self._clock()

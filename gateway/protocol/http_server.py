@@ -143,6 +143,7 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     _head_began = False  # a head began in the read being parsed
     _head_over = False
     _shutting_down = False  # the server is stopping: answer what arrives, then close
+    _refusal: bytes | None = None  # an error answer waiting for the answers owed before it
     read_timeout_s = READ_TIMEOUT_S
     max_header_bytes = MAX_HEADER_BYTES
 
@@ -190,7 +191,7 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         if not self._head_over:
-            return super().send_400_response(msg)
+            return self._refuse(400, msg)  # a request that is not HTTP/1.1
         self._send_431()
 
     def _send_431(self) -> None:
@@ -198,11 +199,35 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         self._refuse(431, f"request head (request line and headers) exceeds the gateway's limit of {limit} bytes")
 
     def _refuse(self, status: int, message: str) -> None:
-        """Answer the request arriving with an error of the protocol's own, and close."""
+        """Answer the request arriving with an error of the protocol's own, and close; after the
+        answers still owed to requests read before it on the connection (pipelined), which
+        would otherwise be lost behind it, reading nothing more meanwhile."""
         body = v2.error_body(message)
         head = b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
-        self.transport.write(b"".join((STATUS_LINE[status], head, body)))
+        self._refusal = b"".join((STATUS_LINE[status], head, body))
+        self.flow.pause_reading()
+        self._send_refusal()
+
+    def _owes_answers(self) -> bool:
+        """Whether requests read before the one refused still wait for their answers."""
+        if self.pipeline:
+            return True
+        if self._reading == _READING and self._head_arrived < 0:
+            return False  # the refused request's head was read: ``cycle`` is its own
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _send_refusal(self) -> None:
+        if self._refusal is None or self.transport.is_closing():
+            return
+        if self._owes_answers():
+            self.flow.pause_reading()  # (an answer that completed resumed it)
+            return
+        self.transport.write(self._refusal)
         self.transport.close()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._send_refusal()
 
     def on_message_complete(self) -> None:
         self._reading = _READ

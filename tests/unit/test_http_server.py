@@ -249,6 +249,23 @@ async def test_a_request_head_over_the_limit_is_answered_431_and_its_connection_
     assert waited < 0.25  # at once, not at the read timeout
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"GET /echo HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 4096 + b"\r\n\r\n",  # 431
+        b"GET /echo HTTP/1.1\r\nhost x\r\n\r\n",  # not HTTP: 400
+    ],
+    ids=["431", "400"],
+)
+async def test_a_refused_request_pipelined_behind_one_being_answered_waits_for_that_answer(bad: bytes) -> None:
+    async with connected() as (reader, writer):
+        writer.write(b"POST /think HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nok" + bad)  # answered after 0.6 s
+        data, _ = await everything(reader)
+    first, rest = data.split(b"\r\n\r\nok", 1)
+    assert first.startswith(b"HTTP/1.1 200")  # its own answer first, whole...
+    assert rest.startswith(b"HTTP/1.1 4") and b"connection: close" in rest  # ...then the refusal, and the close
+
+
 async def test_a_header_that_never_ends_is_answered_431_once_its_bytes_pass_the_limit() -> None:
     """httptools hands a header over only once it is complete: the bytes that arrive for an
     unfinished head are counted too, or one endless header would be read into memory."""

@@ -150,6 +150,23 @@ def test_a_gzip_body_of_several_members_is_read_whole_and_a_cut_or_padded_stream
         inflate(b"", b"deflate", 1000)
 
 
+def test_a_body_of_many_gzip_members_is_refused_and_a_large_one_inflates_across_zlibs_slices() -> None:
+    import gzip
+    import os
+
+    from gateway.infer_endpoint import MAX_GZIP_MEMBERS, inflate
+
+    empty = gzip.compress(b"")
+    many = empty * 100_000  # 2 MB of empty members: each used to copy the rest of the body
+    with pytest.raises(BadRequest, match=f"more than {MAX_GZIP_MEMBERS} gzip members"):
+        inflate(many, b"gzip", 1 << 26)
+    assert inflate(empty * MAX_GZIP_MEMBERS + b"\0" * 100, b"gzip", 10) == b""
+    data = os.urandom(1 << 20) * 4  # fed to zlib in slices, across member boundaries
+    assert inflate(gzip.compress(data[: 1 << 21]) + gzip.compress(data[1 << 21 :]), b"gzip", 1 << 23) == data
+    with pytest.raises(BadRequest, match="data after the zeros"):
+        inflate(empty + b"\0\0junk", b"gzip", 10)
+
+
 async def test_a_large_body_is_parsed_off_the_event_loop() -> None:
     import threading
 

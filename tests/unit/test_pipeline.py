@@ -369,6 +369,17 @@ async def test_a_version_that_leaves_between_choice_and_answer_is_chosen_again_o
     await pipeline.close(0)
 
 
+async def test_the_timeout_parameter_still_bounds_a_request_whose_version_is_chosen_again() -> None:
+    router = VanishingRouter()
+    router.newest = "2"
+    pipeline = InferencePipeline(BatchingConfig(enabled=False), router, FakeMetadata(info(8)))  # type: ignore[arg-type]
+    before = time.monotonic()
+    await pipeline.infer(request(parameters={"timeout": 5_000_000}))  # 5 s, in µs
+    assert router.versions == ["1"] and router.deadlines[0] is not None  # version 1's attempt has it too
+    assert before + 4.5 < router.deadlines[0] < time.monotonic() + 5.0
+    await pipeline.close(0)
+
+
 async def test_a_shadow_version_gets_a_copy_and_is_compared_but_never_answers() -> None:
     router = FakeRouter()
     rollouts = Rollouts(seed=0)
