@@ -22,6 +22,7 @@ from training.specs import MODELS, UsageError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUNS = Path("runs")
+SPLIT_SEED_HELP = "the data split to measure on (default: the one the checkpoint was trained on; another is refused)"
 
 
 def _positive_int(text: str) -> int:
@@ -101,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.9, help="weight of the soft-target loss (default 0.9)")
     p.add_argument("--distill-epochs", type=_positive_int, help="default: the model's recipe")
     p.add_argument("--no-baseline", action="store_true", help="skip training the student without the teacher")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help=SPLIT_SEED_HELP)
     p.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1: fastest for these models)")
     p.add_argument("--out", type=Path, help="default: next to --from, named after the steps")
     p.add_argument("--quiet", action="store_true")
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="publish even if the accuracy gate refuses")
     p.add_argument("--canary-config", type=Path, help="rollout config (TOML) to write a canary entry into")
     p.add_argument("--canary-share", type=_share, help="share of requests for the canary (default 0.1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help=SPLIT_SEED_HELP)
 
     p = sub.add_parser("evaluate", help="test accuracy of a checkpoint or of a published version")
     add_model(p)
@@ -122,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--from", dest="source", type=Path)
     g.add_argument("--version", type=_positive_int, help="a version folder, run through its own model.py")
     p.add_argument("--repository", type=Path, default=REPO_ROOT / "model_repository")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help=SPLIT_SEED_HELP)
 
     p = sub.add_parser("pipeline-check", help="the MLP split across two processes vs the whole", description=_doc("training.pipeline"))
     p.add_argument("--from", dest="source", type=Path, help="breast_cancer_mlp checkpoint (default: the served version 1)")
@@ -271,21 +272,22 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from training.harness import version_network
+    from training.harness import served_version
     from training.measure import accuracy, param_counts
     from training.progress import table
-    from training.quantize import model_from_payload, read_source
+    from training.quantize import model_from_payload, read_source, split_seed
     from training.specs import spec
 
-    s = spec(args.model)
-    splits = s.splits(args.seed)
     if args.source is not None:
-        net, what = model_from_payload(read_source(args.source, args.model)), str(args.source)
+        payload = read_source(args.source, args.model)
+        net, what = model_from_payload(payload), str(args.source)
     else:
-        model_dir = args.repository / args.model
-        if not (model_dir / str(args.version) / "model.py").exists():
-            raise UsageError(f"{model_dir / str(args.version)} is not a version folder")
-        net, what = version_network(model_dir, args.version, args.model), f"{model_dir / str(args.version)}"
+        folder = args.repository / args.model / str(args.version)
+        if not folder.is_dir():
+            raise UsageError(f"{folder} is not a version folder")
+        net, payload = served_version(folder.parent, args.version, args.model)
+        what = str(folder)
+    splits = spec(args.model).splits(split_seed(payload, what, args.seed))
     params, nonzero = param_counts(net)
     print(table(["model", "what", "val acc", "test acc", "params", "non-zero"],
                 [[args.model, what, f"{accuracy(net, splits.x_val, splits.y_val):.4f}",
@@ -297,7 +299,7 @@ def cmd_pipeline_check(args: argparse.Namespace) -> int:
     from training.models import load_checkpoint
     from training.pipeline import compare, reference, run_split
     from training.progress import table
-    from training.quantize import load_payload
+    from training.quantize import load_payload, split_seed
     from training.specs import spec
 
     source = args.source or REPO_ROOT / "model_repository" / "breast_cancer_mlp" / "1" / "model.pt"
@@ -307,7 +309,7 @@ def cmd_pipeline_check(args: argparse.Namespace) -> int:
     if payload.get("arch") != "breast_cancer_mlp" or payload.get("quantization"):
         raise UsageError(f"{source} is not a float breast_cancer_mlp checkpoint")
     model = load_checkpoint(source)
-    splits = spec("breast_cancer_mlp").splits(0)
+    splits = spec("breast_cancer_mlp").splits(split_seed(payload, source, None))
     kw = dict(train_steps=args.train_steps)
     split_run = run_split(model, payload["config"], splits.x_test, splits.x_train, splits.y_train, micro_batch=args.micro_batch, **kw)
     ref = reference(model, splits.x_test, splits.x_train, splits.y_train, **kw)

@@ -36,7 +36,7 @@ from training.data import Splits
 from training.default_models import write_weights
 from training.measure import Metrics, accuracy, measure, sparsity
 from training.progress import Progress
-from training.quantize import SCHEMES, load_payload, model_from_payload, quantize, read_source
+from training.quantize import SCHEMES, load_payload, model_from_payload, quantize, read_source, split_seed
 from training.specs import UsageError, build, spec
 
 
@@ -47,6 +47,7 @@ class DistillConfig:
     alpha: float = 0.7
     epochs: int | None = None  # None: the model's recipe
     compare_baseline: bool = True  # also train the student without the teacher
+    seed: int | None = None  # the student's initial weights and batch order; None: the split's seed
 
 
 @dataclass
@@ -166,10 +167,12 @@ def compress(
     prune_finetune_epochs: int = 0,
     quantize_scheme: str | None = None,
     distill: DistillConfig | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     progress: bool = True,
     latency_runs: int = 100,
 ) -> CompressResult:
+    """`seed`: the split to measure and train on; None (the default) takes the one the source
+    was trained on, and another one is refused (see `split_seed`)."""
     s = spec(model_name)
     if prune_amount is None and quantize_scheme is None and distill is None:
         raise UsageError("nothing to do: give --prune, --quantize and/or --distill")
@@ -178,6 +181,7 @@ def compress(
     if quantize_scheme is not None and quantize_scheme not in SCHEMES:
         raise UsageError(f"--quantize must be one of {', '.join(SCHEMES)}, got {quantize_scheme!r}")
     src_payload = read_source(source, model_name)
+    seed = split_seed(src_payload, source, seed)
     if src_payload.get("quantization"):
         raise UsageError(f"--from {source} is already quantized; compress its float source instead")
     if distill is not None and not (distill.temperature > 0 and 0.0 <= distill.alpha <= 1.0):
@@ -197,9 +201,10 @@ def compress(
         if distill is not None:
             teacher = model
             epochs = distill.epochs or recipe.epochs
+            student_seed = seed if distill.seed is None else distill.seed
             common = dict(splits=splits, epochs=epochs, batch_size=recipe.batch_size, lr=recipe.lr,
-                          weight_decay=recipe.weight_decay, seed=seed, progress=progress)  # fmt: skip
-            torch.manual_seed(seed)
+                          weight_decay=recipe.weight_decay, seed=student_seed, progress=progress)  # fmt: skip
+            torch.manual_seed(student_seed)
             student, student_config = build(model_name, splits, distill.student_config)
             initial = copy.deepcopy(student.state_dict())
             if distill.compare_baseline:
@@ -213,7 +218,7 @@ def compress(
             model, m = _measure_saved(_payload(model_name, config, model.state_dict()), splits, work, "distilled", latency_runs)
             stages.append(Stage("distilled", m, f"T={distill.temperature:g} alpha={distill.alpha:g}", model))
             steps["distill"] = {"student_config": student_config, "temperature": distill.temperature,
-                                "alpha": distill.alpha, "epochs": epochs}  # fmt: skip
+                                "alpha": distill.alpha, "epochs": epochs, "seed": student_seed}  # fmt: skip
 
         if prune_amount is not None:
             finetune = None

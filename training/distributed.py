@@ -24,6 +24,7 @@ joins torchrun's rendezvous, which is how training spans several machines.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import tempfile
 import time
@@ -95,8 +96,12 @@ class TrainConfig:
                 f"--batch-size {c.batch_size} must be a multiple of --workers {c.workers} "
                 "(it is the global batch, split evenly across workers)"
             )
-        if c.lr <= 0 or c.weight_decay < 0:
-            raise UsageError("--lr must be positive and --weight-decay not negative")
+        # Written so that NaN fails too (every comparison with NaN is False).
+        if not (0 < c.lr < math.inf and 0 <= c.weight_decay < math.inf):
+            raise UsageError(
+                f"--lr must be a positive finite number and --weight-decay a finite one not negative, "
+                f"got --lr {c.lr} --weight-decay {c.weight_decay}"
+            )
         if c.device not in ("auto", "cpu", "cuda"):
             raise UsageError(f"--device must be auto, cpu or cuda, got {c.device!r}")
         if c.device == "cuda" and not torch.cuda.is_available():
@@ -152,6 +157,7 @@ def launched_by_torchrun() -> bool:
 def train(config: TrainConfig) -> TrainResult | None:
     """Train and return rank 0's result (None on the other ranks of a torchrun job)."""
     cfg = config.resolved()
+    _check_rows(cfg)
     if launched_by_torchrun():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -177,6 +183,14 @@ def _check_batch(cfg: TrainConfig) -> None:
     assert cfg.batch_size is not None
     if cfg.batch_size % cfg.workers:
         raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of the {cfg.workers} workers")
+
+
+def _check_rows(cfg: TrainConfig) -> None:
+    """Here, not in the workers: a worker's UsageError would reach the launcher as a traceback."""
+    assert cfg.batch_size is not None
+    rows = len(spec(cfg.model).splits(cfg.seed).x_train)
+    if cfg.batch_size > rows:
+        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {rows} training rows")
 
 
 def _check_devices(cfg: TrainConfig) -> None:
@@ -240,8 +254,7 @@ def _train_loop(rank: int, world: int, cfg: TrainConfig, device: torch.device, d
     y_train = torch.from_numpy(splits.y_train).to(device)
     per_rank = cfg.batch_size // world
     steps_per_epoch = len(x_train) // cfg.batch_size
-    if steps_per_epoch < 1:
-        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(x_train)} training rows")
+    assert steps_per_epoch >= 1, "train() checks the batch against the training rows"
     sampler = DistributedSampler(range(len(x_train)), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
     total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     epochs = -(-total_steps // steps_per_epoch)

@@ -10,6 +10,7 @@ both keep the network in `self.model`.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import itertools
 import json
@@ -20,8 +21,8 @@ from typing import Any
 
 import torch
 
-from training.quantize import quiet_quantization
-from training.specs import spec
+from training.quantize import load_payload, quiet_quantization
+from training.specs import UsageError, spec
 
 _counter = itertools.count()
 OUTPUTS = ("logits", "probabilities")
@@ -42,7 +43,7 @@ def load_version(model_dir: Path, version: str | int, model: str) -> Any:
     """The initialised TritonPythonModel of `model_dir/<version>/model.py`."""
     source = Path(model_dir) / str(version) / "model.py"
     if not source.exists():
-        raise FileNotFoundError(f"{source} does not exist")
+        raise FileNotFoundError(errno.ENOENT, "no such file", str(source))
     name = f"_version_model_{next(_counter)}"
     spec_ = importlib.util.spec_from_file_location(name, source)
     assert spec_ is not None and spec_.loader is not None
@@ -78,3 +79,17 @@ def version_network(model_dir: Path, version: str | int, model: str) -> torch.nn
     """The network a version serves, as its model.py builds it (on the CPU)."""
     net = load_version(model_dir, version, model).model
     return net.cpu().eval()
+
+
+def served_version(model_dir: Path, version: str | int, model: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The network a version serves and its checkpoint (`model.pt`); a UsageError naming the
+    version and what is wrong with it when either does not load."""
+    folder = Path(model_dir) / str(version)
+    try:
+        return version_network(model_dir, version, model), load_payload(folder / "model.pt")
+    except Exception as exc:
+        if isinstance(exc, FileNotFoundError) and exc.filename:
+            reason = f"it has no {Path(exc.filename).name}"
+        else:
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        raise UsageError(f"version {version} of {model} ({folder}) does not load: {reason}") from None

@@ -15,9 +15,12 @@ would otherwise write `__pycache__/` into the new version and cause a second rel
 
 Before the rename, the staged folder is run the way Triton will run it (its own model.py, see
 `training.harness`) on the test split; its accuracy is compared with the stable version's,
-measured the same way on that version's own files. The stable version is the one a rollout
-config names as `stable` for this model, else the newest version in the repository. A
-candidate more than `margin` below it is refused (the staging folder is removed) unless forced.
+measured the same way on that version's own files, on the test split of the seed the candidate
+was trained with. The stable version is the one a rollout config names as `stable` for this
+model (which must load), else the newest version in the repository that loads (the gateway
+never routes to one that does not; each one skipped is logged). A candidate more than `margin`
+below it is refused (the staging folder is removed) unless forced; so is one trained on another
+split than the stable version, since no test split is then held out from both.
 
 Optionally a canary entry is written into a rollout config (TOML), touching only this model's
 table:
@@ -45,11 +48,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from training.compress import sha256
-from training.harness import version_network
+from training.harness import served_version, version_network
 from training.measure import Metrics, accuracy, measure
-from training.quantize import model_from_payload, read_source
+from training.quantize import model_from_payload, read_source, split_seed
 from training.specs import UsageError, spec
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "model.py"
@@ -80,14 +84,32 @@ def versions(model_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
 
 
-def stable_version(model_dir: Path, model: str, canary_config: Path | None) -> int | None:
+def _stable(model_dir: Path, model: str, canary_config: Path | None, log: Any) -> tuple[int, nn.Module, int] | None:
+    """The version the gate compares with, the network it serves and the split seed it was
+    trained on; None before the first version. The `stable` a rollout config names must load;
+    otherwise it is the newest version that loads."""
     present = versions(model_dir)
     if canary_config is not None and canary_config.exists():
         table = read_rollout(canary_config).get("models", {}).get(model, {})
         named = str(table.get("stable", ""))
         if named.isdigit() and int(named) in present:
-            return int(named)
-    return present[-1] if present else None
+            try:
+                net, payload = served_version(model_dir, int(named), model)
+            except UsageError as exc:
+                raise UsageError(f"the stable {exc} (named in {canary_config})") from None
+            return int(named), net, split_seed(payload, model_dir / named, None)
+    broken = []
+    for version in reversed(present):
+        try:
+            net, payload = served_version(model_dir, version, model)
+        except UsageError as exc:
+            log(f"{model}: {exc}; the gate compares with the newest version that loads")
+            broken.append(str(version))
+            continue
+        return version, net, split_seed(payload, model_dir / str(version), None)
+    if broken:
+        raise UsageError(f"no version of {model} in {model_dir} loads ({', '.join(broken)}): nothing to compare with")
+    return None
 
 
 def publish(
@@ -99,16 +121,19 @@ def publish(
     force: bool = False,
     canary_config: Path | None = None,
     canary_share: float | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     latency_runs: int = 50,
     log: Any = print,
 ) -> PublishResult:
+    """`seed`: the split to measure on; None (the default) takes the one the checkpoint was
+    trained on, and another one is refused (see `split_seed`)."""
     s = spec(model)
     source, repository = Path(source), Path(repository)
     model_dir = repository / model
     if not (model_dir / "config.pbtxt").is_file():
         raise UsageError(f"{model_dir} is not a model of the repository (no config.pbtxt)")
     payload = read_source(source, model)
+    seed = split_seed(payload, source, seed)
     if not 0.0 <= margin <= 1.0:
         raise UsageError(f"--margin must be in [0, 1], got {margin}")
     if canary_share is not None and canary_config is None:
@@ -136,18 +161,27 @@ def publish(
         metrics = measure(served, splits, staging / "model.pt", runs=latency_runs)
         log(f"{model}: candidate test accuracy {metrics.test_accuracy:.4f} (measured on the staged version folder)")
 
-        stable = stable_version(model_dir, model, canary_config)
-        stable_acc = None
-        if stable is not None:
-            stable_acc = accuracy(version_network(model_dir, stable, model), splits.x_test, splits.y_test)
-            log(f"{model}: stable version {stable} test accuracy {stable_acc:.4f}")
-            below = stable_acc - metrics.test_accuracy
-            if below > margin + 1e-12:
+        compared = _stable(model_dir, model, canary_config, log)
+        stable = stable_seed = stable_acc = message = None
+        if compared is not None:
+            stable, stable_net, stable_seed = compared
+            if stable_seed != seed:
                 message = (
-                    f"refusing to publish {model}: test accuracy {metrics.test_accuracy:.4f} is "
-                    f"{below * 100:.2f} points below stable version {stable} ({stable_acc:.4f}), "
-                    f"more than the margin of {margin * 100:.2f} points"
+                    f"refusing to publish {model}: it was trained on the seed-{seed} split and stable version "
+                    f"{stable} on the seed-{stable_seed} split, so no test split is held out from both and their "
+                    f"accuracies cannot be compared; train it with --seed {stable_seed}"
                 )
+            else:
+                stable_acc = accuracy(stable_net, splits.x_test, splits.y_test)
+                log(f"{model}: stable version {stable} test accuracy {stable_acc:.4f}")
+                below = stable_acc - metrics.test_accuracy
+                if below > margin + 1e-12:
+                    message = (
+                        f"refusing to publish {model}: test accuracy {metrics.test_accuracy:.4f} is "
+                        f"{below * 100:.2f} points below stable version {stable} ({stable_acc:.4f}), "
+                        f"more than the margin of {margin * 100:.2f} points"
+                    )
+            if message is not None:
                 if not force:
                     raise GateRefused(message + "; --force publishes it anyway")
                 log("warning: " + message + "; publishing anyway (--force)")
@@ -158,12 +192,14 @@ def publish(
             "source": {"path": str(source.resolve()), "sha256": sha256(source), "bytes": source.stat().st_size},
             "format": payload.get("quantization") or "float32",
             "config": payload["config"],
+            "seed": seed,
             "metrics": metrics.as_dict(),
             "gate": {
                 "stable_version": stable,
                 "stable_test_accuracy": stable_acc,
+                "stable_seed": stable_seed,
                 "margin": margin,
-                "forced": bool(force and stable_acc is not None and stable_acc - metrics.test_accuracy > margin),
+                "forced": message is not None,
             },
             "lineage": {k: payload[k] for k in ("training", "compression", "source", "metrics", "created") if k in payload},
             "torch_version": str(torch.__version__),
@@ -232,6 +268,7 @@ def _fsync_dir(folder: Path) -> None:
 # never given twice, even after its folder was removed (a rolled-back version: the gateway
 # remembers what it decided about a number). Triton reads only a model's numbered folders.
 PUBLISHED = ".published"
+PUBLISHED_LOCK = ".published.lock"  # held while a number is chosen, taken and recorded
 
 
 def _published_before(model_dir: Path) -> int:
@@ -244,22 +281,29 @@ def _published_before(model_dir: Path) -> int:
 def _commit(staging: Path, model_dir: Path) -> int:
     """Rename the staged folder to the next version number, one above any present or ever
     published there (``PUBLISHED``): one atomic step, so Triton sees either nothing or the
-    complete version. Retries if another publisher took the number."""
+    complete version. Publishers of one model take turns (an exclusive lock on
+    ``PUBLISHED_LOCK``): otherwise one that chose a lower number could record it last and move
+    ``PUBLISHED`` back. Retries if a folder appeared under the number by other means."""
     _fsync_tree(staging)
-    for _ in range(10):
-        version = max((versions(model_dir) or [0])[-1], _published_before(model_dir)) + 1
-        target = model_dir / str(version)
-        if target.exists():
-            continue
-        try:
-            os.rename(staging, target)  # fails if a non-empty folder appeared meanwhile
-        except OSError:
-            continue
-        mark = model_dir / f".{PUBLISHED}.{os.getpid()}.tmp"
-        mark.write_text(str(max(version, _published_before(model_dir))))
-        os.replace(mark, model_dir / PUBLISHED)
-        _fsync_dir(model_dir)
-        return version
+    fd = os.open(model_dir / PUBLISHED_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        for _ in range(10):
+            version = max((versions(model_dir) or [0])[-1], _published_before(model_dir)) + 1
+            target = model_dir / str(version)
+            if target.exists():
+                continue
+            try:
+                os.rename(staging, target)  # fails if a non-empty folder appeared meanwhile
+            except OSError:
+                continue
+            mark = model_dir / f".{PUBLISHED}.{os.getpid()}.tmp"
+            mark.write_text(str(max(version, _published_before(model_dir))))
+            os.replace(mark, model_dir / PUBLISHED)
+            _fsync_dir(model_dir)
+            return version
+    finally:
+        os.close(fd)
     raise RuntimeError(f"could not claim a new version number in {model_dir}")
 
 

@@ -129,6 +129,34 @@ def read_source(source: str | Path, model: str) -> dict[str, Any]:
     return payload
 
 
+def trained_seed(payload: dict[str, Any]) -> int | None:
+    """The seed of the train/validation/test split a checkpoint was trained (or distilled) on:
+    ``training.seed`` in `train`'s checkpoints, ``seed`` in compressed ones and in the default
+    versions'; None when it records none."""
+    training = payload.get("training")
+    for seed in (training.get("seed") if isinstance(training, dict) else None, payload.get("seed")):
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            return seed
+    return None
+
+
+def split_seed(payload: dict[str, Any], source: str | Path, requested: int | None) -> int:
+    """The split to measure a checkpoint on: the one it was trained on (0, the default, when it
+    records none). Another split would count rows it trained on as held out, so a ``--seed``
+    that differs from the recorded one is a UsageError."""
+    from training.specs import UsageError
+
+    seed = trained_seed(payload)
+    if seed is None:
+        return 0 if requested is None else requested
+    if requested is not None and requested != seed:
+        raise UsageError(
+            f"--seed {requested}: {source} was trained on the seed-{seed} split, and measuring it on another "
+            f"split would count rows it trained on; leave --seed out"
+        )
+    return seed
+
+
 def model_from_payload(payload: dict[str, Any]) -> nn.Module:
     """Rebuild the model a payload describes (float, dynamic int8 or weight-only int8), eval mode."""
     model = ARCHITECTURES[payload["arch"]](**payload["config"])

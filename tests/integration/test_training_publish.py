@@ -134,7 +134,7 @@ async def test_a_trained_compressed_model_is_published_served_and_gated(fleet_fa
     with pytest.raises(GateRefused, match="refusing to publish digits_cnn"):
         publish(MODEL, bad, repo, margin=0.02, latency_runs=5, log=lambda *_: None)
     assert versions(repo / MODEL) == [1, 2]
-    assert sorted(p.name for p in (repo / MODEL).iterdir()) == [".published", "1", "2", "config.pbtxt"]
+    assert sorted(p.name for p in (repo / MODEL).iterdir()) == [".published", ".published.lock", "1", "2", "config.pbtxt"]
     time.sleep(2.5)  # more than Triton's poll interval
     assert http_status(f"{base}/v2/models/{MODEL}/versions/3/ready") != 200
     index = httpx.post(f"{base}/v2/repository/index", json={}).json()

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from training.compress import DistillConfig, compress, save
 from training.distributed import TrainConfig, train
-from training.measure import sparsity
+from training.measure import accuracy, sparsity
 from training.quantize import dequantize_weights, load_payload, model_from_payload, quantize_weights
 from training.specs import UsageError, spec
 
@@ -117,8 +117,9 @@ def test_distilled_student_against_the_same_student_alone(teacher_checkpoint: Pa
     student = {"channels": [4, 8], "hidden": 16, "num_classes": 10}
     alone, distilled, kl_alone, kl_distilled = [], [], [], []
     for seed in (0, 1, 2):
-        config = DistillConfig(student, temperature=2.0, alpha=0.9, epochs=20)
-        result = compress("digits_cnn", teacher_checkpoint, distill=config, seed=seed, **FAST)
+        # Measured on the teacher's own test split; the seed varies the student only.
+        config = DistillConfig(student, temperature=2.0, alpha=0.9, epochs=20, seed=seed)
+        result = compress("digits_cnn", teacher_checkpoint, distill=config, **FAST)
         by_itself, taught = result.stage("student alone"), result.stage("distilled")
         alone.append(by_itself.metrics.test_accuracy)
         distilled.append(taught.metrics.test_accuracy)
@@ -148,3 +149,22 @@ def test_bad_requests_are_refused(digits_checkpoint: Path, tmp_path: Path) -> No
         compress("digits_cnn", tmp_path / "missing.pt", prune_amount=0.5, **FAST)
     with pytest.raises(UsageError, match="unknown model"):
         compress("lenet", digits_checkpoint, prune_amount=0.5, **FAST)
+
+
+def test_compress_measures_on_the_split_the_source_was_trained_on(tmp_path: Path) -> None:
+    """A checkpoint trained with --seed 1 is measured on the seed-1 test split (the seed-0 one
+    is mostly its training rows), the compressed checkpoint records it, and another is refused."""
+    trained = train(TrainConfig("breast_cancer_mlp", epochs=3, seed=1, progress=False))
+    assert trained is not None
+    source = tmp_path / "seed1.pt"
+    torch.save(trained.payload(), source)
+    result = compress("breast_cancer_mlp", source, prune_amount=0.0, **FAST)
+    assert result.payload["seed"] == 1
+    splits = spec("breast_cancer_mlp").splits(1)
+    assert result.stage("source").metrics.test_accuracy == accuracy(trained.model, splits.x_test, splits.y_test)
+    with pytest.raises(UsageError, match=r"--seed 0: .*seed1\.pt was trained on the seed-1 split"):
+        compress("breast_cancer_mlp", source, prune_amount=0.0, seed=0, **FAST)
+    # The compressed checkpoint carries the seed on to publish and evaluate.
+    save(result, tmp_path / "pruned.pt")
+    with pytest.raises(UsageError, match="was trained on the seed-1 split"):
+        compress("breast_cancer_mlp", tmp_path / "pruned.pt", prune_amount=0.0, seed=0, **FAST)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from training import distributed
 from training.distributed import TrainConfig, train
 from training.specs import UsageError
 
@@ -116,3 +117,19 @@ def test_single_worker_training_reaches_the_recipe_accuracy_quickly() -> None:
     assert result.metrics["test_accuracy"] >= 0.93
     payload = result.payload()
     assert payload["arch"] == "breast_cancer_mlp" and payload["training"]["workers"] == 1
+
+
+@pytest.mark.parametrize(("lr", "weight_decay"), [(float("nan"), None), (float("inf"), None), (None, float("nan")), (None, float("inf"))])
+def test_a_learning_rate_or_weight_decay_that_is_not_finite_is_refused(lr: float | None, weight_decay: float | None) -> None:
+    with pytest.raises(UsageError, match="--lr must be a positive finite number and --weight-decay a finite one"):
+        TrainConfig("breast_cancer_mlp", lr=lr, weight_decay=weight_decay).resolved()
+
+
+def test_a_batch_larger_than_the_training_rows_is_refused_before_workers_are_spawned(monkeypatch: pytest.MonkeyPatch) -> None:
+    def spawn(*_: object) -> None:
+        raise AssertionError("workers were spawned")
+
+    monkeypatch.setattr(distributed, "spawn", spawn)
+    for workers in (1, 2):
+        with pytest.raises(UsageError, match="--batch-size 1000 is larger than the 398 training rows"):
+            train(TrainConfig("breast_cancer_mlp", workers=workers, batch_size=1000, progress=False, device="cpu"))

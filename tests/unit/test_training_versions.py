@@ -11,6 +11,7 @@ import re
 import shutil
 import sys
 import threading
+import time
 import tomllib
 from pathlib import Path
 
@@ -22,9 +23,10 @@ from training.distributed import TrainConfig, train
 from training.harness import version_network
 from training.measure import accuracy
 from training.models import DigitsCNN
+from training import publish as publishing
 from training.publish import GateRefused, publish, versions, write_rollout
 from training.quantize import SCHEMES, model_from_payload, quantize
-from training.specs import MODELS, spec
+from training.specs import MODELS, UsageError, spec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 QUIET = dict(latency_runs=5, log=lambda *_: None)
@@ -49,6 +51,18 @@ def bad(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def mlp_seed(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """breast_cancer_mlp checkpoints trained briefly on the seed-0 and the seed-1 split."""
+    paths = {}
+    for seed in (0, 1):
+        result = train(TrainConfig("breast_cancer_mlp", epochs=3, seed=seed, progress=False))
+        assert result is not None
+        paths[seed] = tmp_path_factory.mktemp("ckpt") / f"mlp-seed{seed}.pt"
+        torch.save(result.payload(), paths[seed])
+    return paths
+
+
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     """A repository holding the real config.pbtxt files and no version yet."""
@@ -66,7 +80,7 @@ def test_first_and_next_versions_are_complete_folders_renamed_into_place(repo: P
     assert second.version == 2 and second.stable_version == 1
     model_dir = repo / "digits_cnn"
     assert versions(model_dir) == [1, 2]
-    assert sorted(p.name for p in model_dir.iterdir()) == [".published", "1", "2", "config.pbtxt"]  # no staging left
+    assert sorted(p.name for p in model_dir.iterdir()) == [".published", ".published.lock", "1", "2", "config.pbtxt"]  # no staging left
     assert not [p.name for p in repo.parent.iterdir() if "publish" in p.name]  # staged beside the repository
     folder = model_dir / "2"
     assert sorted(p.name for p in folder.iterdir()) == ["__pycache__", "metadata.json", "model.pt", "model.py"]
@@ -77,7 +91,8 @@ def test_first_and_next_versions_are_complete_folders_renamed_into_place(repo: P
     meta = json.loads((folder / "metadata.json").read_text())
     assert meta["source"]["path"] == str(good.resolve()) and len(meta["source"]["sha256"]) == 64
     assert meta["gate"] == {"stable_version": 1, "stable_test_accuracy": pytest.approx(first.metrics.test_accuracy),
-                            "margin": 0.01, "forced": False}  # fmt: skip
+                            "stable_seed": 0, "margin": 0.01, "forced": False}  # fmt: skip
+    assert meta["seed"] == 0
     assert meta["published_at"].endswith("+00:00") and meta["lineage"]["training"]["epochs"] == 6
     # The accuracy recorded is that of the folder as Triton runs it: its own model.py.
     splits = spec("digits_cnn").splits(0)
@@ -109,7 +124,7 @@ def test_staging_falls_back_inside_the_model_folder_across_file_systems(
     monkeypatch.setattr(os, "stat", stat)
     result = publish("digits_cnn", good, repo, **QUIET)
     assert result.version == 1 and (repo / "digits_cnn" / "1" / "model.py").exists()
-    assert sorted(p.name for p in (repo / "digits_cnn").iterdir()) == [".published", "1", "config.pbtxt"]
+    assert sorted(p.name for p in (repo / "digits_cnn").iterdir()) == [".published", ".published.lock", "1", "config.pbtxt"]
     assert not [p.name for p in repo.parent.iterdir() if "publish" in p.name]
 
 
@@ -117,7 +132,7 @@ def test_the_gate_refuses_a_worse_model_and_leaves_no_trace(repo: Path, good: Pa
     publish("digits_cnn", good, repo, **QUIET)
     with pytest.raises(GateRefused, match=r"refusing to publish digits_cnn: test accuracy 0\.\d+ is \d+\.\d+ points below stable version 1"):
         publish("digits_cnn", bad, repo, margin=0.05, **QUIET)
-    assert sorted(p.name for p in (repo / "digits_cnn").iterdir()) == [".published", "1", "config.pbtxt"]
+    assert sorted(p.name for p in (repo / "digits_cnn").iterdir()) == [".published", ".published.lock", "1", "config.pbtxt"]
     assert not [p.name for p in repo.parent.iterdir() if "publish" in p.name]
     forced = publish("digits_cnn", bad, repo, margin=0.05, force=True, **QUIET)
     assert forced.version == 2 and forced.forced
@@ -248,3 +263,101 @@ def test_publish_command_exits_3_when_the_gate_refuses(repo: Path, good: Path, b
     assert main(["publish", "--model", "digits_cnn", "--from", str(bad), "--repository", str(repo)]) == 3
     assert "refusing to publish digits_cnn" in capsys.readouterr().err
     assert versions(repo / "digits_cnn") == [1]
+
+
+def test_publish_and_evaluate_measure_on_the_split_the_checkpoint_was_trained_on(
+    repo: Path, mlp_seed: dict[int, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint trained with --seed 1 trained on most of the seed-0 test rows: it is measured
+    on its own seed-1 test split, and another --seed is refused."""
+    result = publish("breast_cancer_mlp", mlp_seed[1], repo, **QUIET)
+    meta = json.loads((result.path / "metadata.json").read_text())
+    assert meta["seed"] == 1
+    splits = spec("breast_cancer_mlp").splits(1)
+    assert result.metrics.test_accuracy == accuracy(version_network(repo / "breast_cancer_mlp", 1, "breast_cancer_mlp"),
+                                                    splits.x_test, splits.y_test)  # fmt: skip
+    with pytest.raises(UsageError, match=r"--seed 0: .* was trained on the seed-1 split"):
+        publish("breast_cancer_mlp", mlp_seed[1], repo, seed=0, **QUIET)
+    for where in (["--from", str(mlp_seed[1])], ["--version", "1", "--repository", str(repo)]):
+        capsys.readouterr()
+        assert main(["evaluate", "--model", "breast_cancer_mlp", *where, "--seed", "0"]) == 2
+        assert "was trained on the seed-1 split" in capsys.readouterr().err
+
+
+def test_the_gate_refuses_a_candidate_trained_on_another_split_than_the_stable_version(
+    repo: Path, mlp_seed: dict[int, Path]
+) -> None:
+    publish("breast_cancer_mlp", mlp_seed[1], repo, **QUIET)
+    with pytest.raises(GateRefused, match="trained on the seed-0 split and stable version 1 on the seed-1 split"):
+        publish("breast_cancer_mlp", mlp_seed[0], repo, **QUIET)
+    assert versions(repo / "breast_cancer_mlp") == [1]
+    forced = publish("breast_cancer_mlp", mlp_seed[0], repo, force=True, **QUIET)
+    assert forced.version == 2 and forced.forced and forced.stable_accuracy is None
+    gate = json.loads((forced.path / "metadata.json").read_text())["gate"]
+    assert gate["stable_seed"] == 1 and gate["forced"] is True
+
+
+def test_concurrent_publishes_never_move_the_published_marker_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Publisher A is held up while recording its number; publisher B, started meanwhile, must
+    not record a higher one that A then overwrites (the number would be given again once the
+    higher version's folder is removed)."""
+    model_dir = tmp_path / "repo" / "digits_cnn"
+    (model_dir / "1").mkdir(parents=True)
+
+    def staged(name: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model.py").write_text("")
+        return folder
+
+    real_replace = os.replace
+    a_recording = threading.Event()
+
+    def replace(src, dst):  # noqa: ANN001, ANN202
+        if str(dst).endswith(publishing.PUBLISHED) and threading.current_thread().name == "A":
+            a_recording.set()
+            time.sleep(0.5)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    given: dict[str, int | BaseException] = {}
+
+    def run(name: str) -> None:
+        try:
+            given[name] = publishing._commit(staged(name), model_dir)
+        except BaseException as exc:  # reported by the assertion below
+            given[name] = exc
+
+    a = threading.Thread(target=run, args=("A",), name="A")
+    a.start()
+    assert a_recording.wait(10)
+    b = threading.Thread(target=run, args=("B",), name="B")
+    b.start()
+    a.join()
+    b.join()
+    assert given == {"A": 2, "B": 3}
+    assert (model_dir / publishing.PUBLISHED).read_text() == "3"
+    shutil.rmtree(model_dir / "3")
+    assert publishing._commit(staged("C"), model_dir) == 4
+
+
+def test_a_broken_newest_version_is_skipped_by_the_gate_and_named_by_evaluate(
+    repo: Path, good: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    publish("digits_cnn", good, repo, **QUIET)
+    broken = repo / "digits_cnn" / "2"
+    broken.mkdir()
+    shutil.copyfile(repo / "digits_cnn" / "1" / "model.py", broken / "model.py")  # no model.pt
+    logged: list[str] = []
+    result = publish("digits_cnn", good, repo, latency_runs=5, log=logged.append)
+    assert result.version == 3 and result.stable_version == 1
+    assert any("version 2 of digits_cnn" in line and "no model.pt" in line and "newest version that loads" in line
+               for line in logged), logged  # fmt: skip
+    assert main(["evaluate", "--model", "digits_cnn", "--version", "2", "--repository", str(repo)]) == 2
+    assert re.search(r"error: version 2 of digits_cnn \(.*\) does not load: it has no model\.pt$", capsys.readouterr().err.strip())
+    # A stable version named in the rollout config is not passed over: it must load.
+    rollout = repo.parent / "rollout.toml"
+    rollout.write_text('[models.digits_cnn]\nstable = "2"\n')
+    with pytest.raises(UsageError, match=r"the stable version 2 of digits_cnn .* does not load: it has no model\.pt \(named in"):
+        publish("digits_cnn", good, repo, canary_config=rollout, **QUIET)
+    assert versions(repo / "digits_cnn") == [1, 2, 3]
