@@ -467,6 +467,8 @@ class Batcher:
             log.exception("request for %s failed", self.name)
             self._fail(item, UpstreamError(f"internal error while serving '{self.name}': {exc}", status=500))
             return False
+        self.batches_sent += 1  # a batch of one, answered
+        self.rows_sent += item.rows
         if not item.future.done():
             item.future.set_result(part)
         return True

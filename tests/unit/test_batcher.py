@@ -620,6 +620,7 @@ async def test_a_batch_failed_by_the_models_5xx_on_one_request_is_retried_one_re
     assert isinstance(error, ModelError) and error.message == "boom" and error.status == 502
     # The slot, the shared batch, then each request alone, once: the poison one is not resent again.
     assert up.calls == [1, 4, 1, 1, 1, 1]
+    assert (batcher.batches_sent, batcher.rows_sent) == (4, 4)  # the slot's, and the three answered alone
     assert batcher.inflight == 0
     await batcher.close(0)
 
