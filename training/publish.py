@@ -206,6 +206,9 @@ def publish(
         }
         (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str) + "\n")
         _compile_ahead(staging / "model.py")
+        if canary_config is not None:  # a rollout file this cannot be written into: said before publishing
+            keys = ("stable", "canary", "canary_share") if stable is not None else ("stable",)
+            rollout_text(canary_config, model, dict.fromkeys(keys, "0"))
         version = _commit(staging, model_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -340,6 +343,15 @@ def write_rollout(path: Path, model: str, values: dict[str, Any]) -> None:
 
 
 def _write_rollout(path: Path, model: str, values: dict[str, Any]) -> None:
+    new_text = rollout_text(path, model, values)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(new_text)
+    os.replace(tmp, path)
+
+
+def rollout_text(path: Path, model: str, values: dict[str, Any]) -> str:
+    """The file at `path` (if any) with `values` set in `[models.<model>]`; UsageError if the
+    result would not be a rollout file the gateway can read."""
     text = path.read_text() if path.exists() else ""
     lines = text.splitlines()
     header = re.compile(r"^\s*\[\s*models\s*\.\s*(\"?)" + re.escape(model) + r"\1\s*\]\s*(#.*)?$")
@@ -359,7 +371,8 @@ def _write_rollout(path: Path, model: str, values: dict[str, Any]) -> None:
         last = max([i for i in range(start, end) if lines[i].strip()] or [start])
         lines[last + 1 : last + 1] = [f"{k} = {_toml_value(v)}" for k, v in remaining.items()]
     new_text = "\n".join(lines) + "\n"
-    tomllib.loads(new_text)  # never write a file the gateway could not read
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(new_text)
-    os.replace(tmp, path)
+    try:
+        tomllib.loads(new_text)  # never write a file the gateway could not read
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"cannot set [models.{model}] in {path} ({exc}); edit it by hand") from None
+    return new_text

@@ -181,6 +181,16 @@ def test_canary_entry_updates_only_its_model_table(repo: Path, good: Path) -> No
     assert rollout.read_text().startswith("# rollout settings\n[gateway]\nkeep = true\n")
 
 
+def test_a_rollout_file_the_canary_cannot_be_written_into_stops_the_publish_before_it_happens(repo: Path, good: Path) -> None:
+    rollout = repo.parent / "rollout.toml"
+    text = '[models]\ndigits_cnn = { stable = "1" }\n'  # an inline table: no [models.digits_cnn] can follow
+    rollout.write_text(text)
+    publish("digits_cnn", good, repo, **QUIET)
+    with pytest.raises(UsageError, match=r"cannot set \[models.digits_cnn\] in .*rollout.toml"):
+        publish("digits_cnn", good, repo, canary_config=rollout, canary_share=0.25, **QUIET)
+    assert versions(repo / "digits_cnn") == [1] and rollout.read_text() == text
+
+
 def test_the_gateway_accepts_the_rollout_file_publish_writes(repo: Path, good: Path) -> None:
     from gateway.rollout import parse_rollouts
 
