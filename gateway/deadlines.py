@@ -16,6 +16,7 @@ passes and never sends upstream a request whose deadline has passed.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from gateway.errors import BadRequest, shown
@@ -24,11 +25,13 @@ HEADER = b"x-request-timeout-ms"
 PARAMETER = "timeout"
 
 
+_NUMBER = re.compile(rb"[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?|\.[0-9]+([eE][+-]?[0-9]+)?")
+
+
 def from_header(value: bytes, now: float) -> float:
-    try:
-        ms = float(value)
-    except ValueError:
-        ms = math.nan
+    # A plain decimal number (not Python's float syntax: "1_0", " 10", "inf" are no numbers).
+    value = value.strip(b" \t")  # optional whitespace around a field value (RFC 9110 5.5)
+    ms = float(value) if _NUMBER.fullmatch(value) else math.nan
     if not (ms > 0 and math.isfinite(ms)):
         raise BadRequest(f"X-Request-Timeout-Ms must be a positive number of milliseconds, got {shown(value.decode('latin-1'))}")
     return now + ms / 1000.0

@@ -118,7 +118,7 @@ def test_the_disconnect_probe_reads_uvicorns_flag() -> None:
     assert disconnect_probe(receiver()) is None  # another server: no probe, nothing breaks
 
 
-@pytest.mark.parametrize("value", [b"0", b"-5", b"abc", b"nan", b"inf", b""])
+@pytest.mark.parametrize("value", [b"0", b"-5", b"abc", b"nan", b"inf", b"", b"1_0", b"+5", b"0x10", b"1e999"])
 def test_a_bad_timeout_header_is_400(value: bytes) -> None:
     with pytest.raises(BadRequest, match="X-Request-Timeout-Ms"):
         deadlines.from_header(value, 0.0)
@@ -127,6 +127,8 @@ def test_a_bad_timeout_header_is_400(value: bytes) -> None:
 def test_the_timeout_header_is_milliseconds() -> None:
     assert deadlines.from_header(b"250", 10.0) == pytest.approx(10.25)
     assert deadlines.from_header(b"0.5", 10.0) == pytest.approx(10.0005)
+    assert deadlines.from_header(b" 2e3 ", 10.0) == pytest.approx(12.0)
+    assert deadlines.from_header(b".5", 10.0) == pytest.approx(10.0005)
 
 
 def test_a_gzip_body_of_several_members_is_read_whole_and_a_cut_or_padded_stream_is_a_400() -> None:
