@@ -204,7 +204,8 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         would otherwise be lost behind it, reading nothing more meanwhile."""
         body = v2.error_body(message)
         head = b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
-        self._refusal = b"".join((STATUS_LINE[status], head, body))
+        common = b"".join(b"%s: %s\r\n" % pair for pair in self.server_state.default_headers)  # date, server
+        self._refusal = b"".join((STATUS_LINE[status], common, head, body))
         self.flow.pause_reading()
         self._send_refusal()
 

@@ -207,7 +207,7 @@ async def test_a_request_that_stops_arriving_is_answered_408_and_its_connection_
     async with connected() as (reader, writer):
         writer.write(sent)
         data, waited = await everything(reader)
-    assert data.startswith(b"HTTP/1.1 408 Request Timeout\r\n") and b"connection: close" in data
+    assert data.startswith(b"HTTP/1.1 408 Request Timeout\r\n") and b"connection: close" in data and b"\r\ndate: " in data
     assert data.endswith(b'{"error":"the request did not arrive: nothing came for 0.3 s"}')
     assert 0.25 < waited < 2.0
 
