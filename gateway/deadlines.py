@@ -29,7 +29,7 @@ _NUMBER = re.compile(rb"[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?|\.[0-9]+([eE][+-]?[0
 
 
 def from_header(value: bytes, now: float) -> float:
-    # A plain decimal number (not Python's float syntax: "1_0", " 10", "inf" are no numbers).
+    # A plain decimal number (not Python's float syntax: "1_0", "+5", "inf" are no numbers).
     value = value.strip(b" \t")  # optional whitespace around a field value (RFC 9110 5.5)
     ms = float(value) if _NUMBER.fullmatch(value) else math.nan
     if not (ms > 0 and math.isfinite(ms)):

@@ -259,12 +259,11 @@ class Router:
 
     def _release(self, instance: Instance) -> None:
         instance.end(self._clock())
-        if self._waiters:
-            self._wake()
+        self.wake()
 
     def wake(self) -> None:
-        """Let the requests waiting for a slot look again: an instance may have become routable
-        (re-admitted, up again, a version admitted), which frees no slot of its own."""
+        """Let the requests waiting for a slot look again: a slot was freed, or an instance may
+        have become routable (re-admitted, up again, a version admitted)."""
         if self._waiters:
             self._wake()
 

@@ -206,7 +206,6 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         head = b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
         common = b"".join(b"%s: %s\r\n" % pair for pair in self.server_state.default_headers)  # date, server
         self._refusal = b"".join((STATUS_LINE[status], common, head, body))
-        self.flow.pause_reading()
         self._send_refusal()
 
     def _owes_answers(self) -> bool:
@@ -221,7 +220,7 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         if self._refusal is None or self.transport.is_closing():
             return
         if self._owes_answers():
-            self.flow.pause_reading()  # (an answer that completed resumed it)
+            self.flow.pause_reading()  # read nothing more meanwhile (an answer completing resumes it)
             return
         self.transport.write(self._refusal)
         self.transport.close()
