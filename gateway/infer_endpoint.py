@@ -391,6 +391,8 @@ class InferEndpoint:
             self.counts.disconnected(model)
             return None
         except GatewayError as exc:
+            if isinstance(exc, BadRequest) and target is not None:
+                exc = await self._unknown_first(target, exc)
             reply = error_reply(exc.status, exc.message, content_type)
         except Exception as exc:  # a bug: answer 500 and keep the traceback in the log
             log.exception("unhandled error on POST %s", path)
@@ -398,6 +400,19 @@ class InferEndpoint:
         model, version = self._labels(path, target, call)
         self.counts.record(model, version, reply.status, time.monotonic() - start)
         return reply
+
+    async def _unknown_first(self, target: tuple[str, str], error: BadRequest) -> GatewayError:
+        """What to answer a request refused as malformed: Triton's 404 when its model or version
+        is unknown (Triton looks the model up first), else ``error``. Only refused requests pay."""
+        metadata = self.app.state.services.pipeline.metadata
+        try:
+            if metadata.fresh(*target) is None:
+                await metadata.get(*target)
+        except NotFound as unknown:
+            return unknown
+        except GatewayError:  # the fleet cannot say now: the request's own fault stands
+            pass
+        return error
 
     def _labels(self, path: str, target: tuple[str, str] | None, call: Call | None) -> tuple[str, str]:
         """The model and version a request that no version answered is counted under: those it

@@ -274,6 +274,17 @@ ERROR_CASES = [
     ("wrong shape", "POST", "/v2/models/breast_cancer_mlp/infer", {"json": v2_json(shape=(1, 29))}, 400, "features"),
     ("batch too large", "POST", "/v2/models/breast_cancer_mlp/infer", {"json": v2_json(shape=(65, 30))}, 400, "batch size"),
     ("malformed json", "POST", "/v2/models/breast_cancer_mlp/infer", {"content": b'{"inputs": ['}, 400, "JSON"),
+    # Triton looks the model up before it reads the body: an unknown one is a 404 whatever is sent.
+    ("malformed json to an unknown model", "POST", "/v2/models/nope/infer", {"content": b'{"inputs": ['}, 404, "'nope'"),
+    ("malformed json to an unknown version", "POST", "/v2/models/breast_cancer_mlp/versions/7/infer", {"content": b"{"}, 404, "7"),
+    (
+        "malformed msgpack to an unknown model",
+        "POST",
+        "/v2/models/nope/infer",
+        {"content": b"\xc1\xff", "headers": {"Content-Type": "application/msgpack"}},
+        404,
+        "'nope'",
+    ),
     (
         "malformed msgpack",
         "POST",
