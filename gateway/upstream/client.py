@@ -85,11 +85,12 @@ class TritonClient:
         if pool is not None:
             pool.close()
 
-    def abandon(self, base_url: str, reason: str) -> int:
+    def abandon(self, base_url: str, reason: str, quiet_for: float = 0.0) -> int:
         """Give up the requests in flight to an instance (each fails as ``InstanceUnreachable``,
-        which the router retries elsewhere); return how many."""
+        which the router retries elsewhere); return how many. None if the instance answered a
+        request within the last ``quiet_for`` seconds (``HostPool.abandon``)."""
         pool = self._pools.get(base_url)
-        return 0 if pool is None else pool.abandon(reason)
+        return 0 if pool is None else pool.abandon(reason, quiet_for)
 
     def _pool(self, base_url: str) -> HostPool:
         pool = self._pools.get(base_url)

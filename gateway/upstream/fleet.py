@@ -158,8 +158,12 @@ class FleetMonitor:
         if was_live and not answered:
             # No answer at all (frozen, partitioned, gone): the requests in flight there would
             # wait out upstream.request_timeout_s; given up now, the router sends them elsewhere.
-            # An instance that answers, even "not live", is left to answer what it holds.
-            given_up = self._client.abandon(url, "the instance stopped answering health probes while the request was in flight")
+            # An instance that answers, even "not live", is left to answer what it holds; so is
+            # one that answered a request while the probe waited (busy, not gone: what it holds
+            # would run twice).
+            given_up = self._client.abandon(
+                url, "the instance stopped answering health probes while the request was in flight", quiet_for=timeout
+            )
             if given_up:
                 log.warning("instance %s: %d request(s) in flight given up, to be retried elsewhere", url, given_up)
 

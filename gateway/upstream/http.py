@@ -129,6 +129,7 @@ class HostPool:
         self._busy: set[_Connection] = set()  # waiting for a response
         self._closed = False  # the instance left the fleet, or the gateway stops: nothing kept
         self._slots = asyncio.Semaphore(limit)
+        self._answered_at = -float("inf")  # when a response last came in whole (monotonic)
         self._host_header = f"Host: {host}:{port}\r\n".encode()
 
     async def _connection(self, reuse: bool = True) -> tuple[_Connection, bool]:
@@ -179,16 +180,21 @@ class HostPool:
             raise
         finally:
             self._busy.discard(conn)
+        self._answered_at = now = time.monotonic()
         if conn.reusable and conn.open and not self._closed:
-            conn.idle_since = time.monotonic()
+            conn.idle_since = now
             self._idle.append(conn)
         else:
             conn.close()
         return response
 
-    def abandon(self, reason: str) -> int:
+    def abandon(self, reason: str, quiet_for: float = 0.0) -> int:
         """Give up every request waiting for its response (each raises ``Abandoned``), closing
-        their connections; return how many."""
+        their connections; return how many. None if a response came in within the last
+        ``quiet_for`` seconds: a server still answering is slow, not gone, and what it holds
+        would run twice."""
+        if time.monotonic() - self._answered_at < quiet_for:
+            return 0
         busy, self._busy = self._busy, set()
         for conn in busy:
             conn._fail(Abandoned(reason))

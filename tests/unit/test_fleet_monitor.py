@@ -49,7 +49,8 @@ class FakeClient:
     def forget(self, url: str) -> None:
         self.forgotten.append(url)
 
-    def abandon(self, url: str, reason: str) -> int:
+    def abandon(self, url: str, reason: str, quiet_for: float = 0.0) -> int:
+        assert quiet_for == 2.0  # the probe's own time limit (health_timeout_s)
         self.abandoned.append(url)
         return 3
 
@@ -71,7 +72,7 @@ def monitor(instances: tuple[InstanceConfig, ...], addresses: dict[str, list[str
             raise OSError(f"cannot resolve {host}")
         return names[host]
 
-    m = FleetMonitor(UpstreamConfig(instances=instances), client, router, resolver=resolver, clock=Clock())  # type: ignore[arg-type]
+    m = FleetMonitor(UpstreamConfig(instances=instances, health_timeout_s=2.0), client, router, resolver=resolver, clock=Clock())  # type: ignore[arg-type]
     return m, client, router, names
 
 

@@ -216,6 +216,35 @@ async def test_abandoned_requests_fail_at_once_as_unreachable_and_the_instance_s
         release.set()
 
 
+async def test_an_instance_that_answered_within_the_quiet_time_keeps_its_requests(fake_triton, client: TritonClient) -> None:  # noqa: ANN001
+    release = asyncio.Event()
+    arrived: list[None] = []
+
+    async def answer_once_then_hang(request: web.Request) -> web.Response:
+        arrived.append(None)
+        if len(arrived) > 1:
+            await release.wait()
+        return web.Response(status=400, body=v2.error_body("answered"), content_type="application/json")
+
+    url = await fake_triton(answer_once_then_hang)
+    try:
+        with pytest.raises(UpstreamError, match="answered"):
+            await client.infer(url, "m", "", INPUTS, None)
+        hung = asyncio.create_task(client.infer(url, "m", "", INPUTS, None, timeout=30))
+        while len(arrived) < 2:
+            await asyncio.sleep(0.01)
+        # Busy, not gone: it answered a moment ago, so what it holds is left to it.
+        assert client.abandon(url, "slow", quiet_for=5.0) == 0
+        assert not hung.done()
+        await asyncio.sleep(0.2)
+        assert client.abandon(url, "gone quiet", quiet_for=0.1) == 1  # nothing came for longer
+        async with asyncio.timeout(1):
+            with pytest.raises(InstanceUnreachable, match="gone quiet"):
+                await hung
+    finally:
+        release.set()
+
+
 async def test_a_health_probe_is_not_held_behind_a_full_connection_pool() -> None:
     release = asyncio.Event()
 
