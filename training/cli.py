@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.9, help="weight of the soft-target loss (default 0.9)")
     p.add_argument("--distill-epochs", type=_positive_int, help="default: the model's recipe")
     p.add_argument("--no-baseline", action="store_true", help="skip training the student without the teacher")
+    p.add_argument("--student-seed", type=int, help="the student's initial weights and batch order (default: the split's seed)")
     p.add_argument("--seed", type=int, help=SPLIT_SEED_HELP)
     p.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1: fastest for these models)")
     p.add_argument("--out", type=Path, help="default: next to --from, named after the steps")
@@ -228,9 +229,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
                 raise UsageError("--student-channels applies to digits_cnn only")
             student["hidden"] = args.student_hidden or 8
         distill = DistillConfig(student, temperature=args.temperature, alpha=args.alpha, epochs=args.distill_epochs,
-                                compare_baseline=not args.no_baseline)  # fmt: skip
-    elif args.student_channels or args.student_hidden:
-        raise UsageError("--student-channels/--student-hidden need --distill")
+                                compare_baseline=not args.no_baseline, seed=args.student_seed)  # fmt: skip
+    elif args.student_channels or args.student_hidden or args.student_seed is not None:
+        raise UsageError("--student-channels/--student-hidden/--student-seed need --distill")
     if args.finetune_epochs and args.prune is None:
         raise UsageError("--finetune-epochs needs --prune")
     if args.finetune_epochs < 0:

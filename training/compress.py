@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import hashlib
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,8 +185,9 @@ def compress(
     seed = split_seed(src_payload, source, seed)
     if src_payload.get("quantization"):
         raise UsageError(f"--from {source} is already quantized; compress its float source instead")
-    if distill is not None and not (distill.temperature > 0 and 0.0 <= distill.alpha <= 1.0):
-        raise UsageError("--temperature must be positive and --alpha in [0, 1]")
+    if distill is not None and not (0 < distill.temperature < math.inf and 0.0 <= distill.alpha <= 1.0):
+        raise UsageError(f"--temperature must be a positive finite number and --alpha in [0, 1], "
+                         f"got {distill.temperature:g} and {distill.alpha:g}")  # fmt: skip
 
     splits = s.splits(seed)
     recipe = s.recipe

@@ -81,7 +81,7 @@ def versions(model_dir: Path) -> list[int]:
     """The version numbers present (folders named by a positive integer), ascending."""
     if not model_dir.is_dir():
         return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isascii() and p.name.isdigit() and int(p.name) > 0)
 
 
 def _stable(model_dir: Path, model: str, canary_config: Path | None, log: Any) -> tuple[int, nn.Module, int] | None:
@@ -92,7 +92,7 @@ def _stable(model_dir: Path, model: str, canary_config: Path | None, log: Any) -
     if canary_config is not None and canary_config.exists():
         table = read_rollout(canary_config).get("models", {}).get(model, {})
         named = str(table.get("stable", ""))
-        if named.isdigit() and int(named) in present:
+        if named.isascii() and named.isdigit() and int(named) in present:
             try:
                 net, payload = served_version(model_dir, int(named), model)
             except UsageError as exc:

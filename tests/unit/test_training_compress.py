@@ -149,6 +149,10 @@ def test_bad_requests_are_refused(digits_checkpoint: Path, tmp_path: Path) -> No
         compress("digits_cnn", tmp_path / "missing.pt", prune_amount=0.5, **FAST)
     with pytest.raises(UsageError, match="unknown model"):
         compress("lenet", digits_checkpoint, prune_amount=0.5, **FAST)
+    student = {"channels": [4, 8], "hidden": 16, "num_classes": 10}
+    for temperature in (0.0, float("inf"), float("nan")):
+        with pytest.raises(UsageError, match="--temperature must be a positive finite number"):
+            compress("digits_cnn", digits_checkpoint, distill=DistillConfig(student, temperature=temperature), **FAST)
 
 
 def test_compress_measures_on_the_split_the_source_was_trained_on(tmp_path: Path) -> None:

@@ -100,6 +100,15 @@ def test_first_and_next_versions_are_complete_folders_renamed_into_place(repo: P
     assert accuracy(served, splits.x_test, splits.y_test) == meta["metrics"]["test_accuracy"]
 
 
+def test_only_folders_named_by_ascii_digits_are_versions(repo: Path, good: Path) -> None:
+    for name in ("\u00b2", "\u0663", "0", "draft", "01x"):  # str.isdigit() holds for the first two
+        (repo / "digits_cnn" / name).mkdir(parents=True)
+    assert versions(repo / "digits_cnn") == []
+    config = repo / "rollout.toml"
+    config.write_text('[models.digits_cnn]\nstable = "\u00b2"\n')
+    assert publish("digits_cnn", good, repo, canary_config=config, **QUIET).version == 1
+
+
 def test_a_version_number_is_never_given_twice_even_after_its_folder_was_removed(repo: Path, good: Path) -> None:
     """A rolled-back version's folder is removed; the fix published next must not reuse its
     number, which the gateway's rollout remembers as rolled back."""
@@ -258,6 +267,7 @@ def test_config_pbtxt_names_the_inputs_the_training_module_expects() -> None:
         (["publish", "--model", "digits_cnn", "--from", "x.pt", "--margin", "5"], r"margin is a share of accuracy in \[0, 1\]"),
         (["train", "--model", "breast_cancer_mlp", "--channels", "8,16"], "--channels applies to digits_cnn only"),
         (["train", "--model", "digits_cnn", "--channels", "8"], "--channels must be 2 positive integers"),
+        (["compress", "--model", "digits_cnn", "--from", "x.pt", "--prune", "0.5", "--student-seed", "3"], "--student-seed need --distill"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_clear_message(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
