@@ -211,6 +211,14 @@ class GatewayProcess:
         return workers
 
 
+@dataclass
+class Stack:
+    """A test module's Triton fleet and the gateway in front of it."""
+
+    triton: fleet.Fleet
+    gateway: GatewayProcess
+
+
 @contextmanager
 def running_gateway(config_text: str, port: int, workdir: Path, timeout: float = 30.0) -> Iterator[GatewayProcess]:
     config = workdir / f"gateway-{port}.toml"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -25,7 +24,7 @@ import torch
 import tritonclient.http as httpclient
 
 import fleet
-from conftest import GatewayProcess, gateway_config, running_gateway
+from conftest import Stack, gateway_config, running_gateway
 from gateway.protocol import msgpack as msgpack_codec
 from gateway.tensors import Tensor
 
@@ -88,12 +87,6 @@ def sample(rows: int, seed: int) -> np.ndarray:
     values = (rng.standard_normal((rows, WIDTH)) * 10.0 ** rng.integers(-20, 20, (rows, WIDTH))).astype(np.float32)
     values[0, :3] = [0.1, -1 / 3, 1 + 2**-8]  # a tie: rounded to even
     return values
-
-
-@dataclass
-class Stack:
-    triton: fleet.Fleet
-    gateway: GatewayProcess
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 import fleet
-from conftest import MODEL_REPOSITORY, REPO_ROOT, GatewayProcess, gateway_config, running_fleet, running_gateway
+from conftest import MODEL_REPOSITORY, REPO_ROOT, GatewayProcess, Stack, gateway_config, running_fleet, running_gateway
 from served_models import ATOL, DIGITS, torch_reference
 
 pytestmark = pytest.mark.integration
@@ -315,12 +315,6 @@ class Load:
 
 
 # --- 1 and 6: weights, and the fleet view -----------------------------------------------------
-
-
-@dataclass
-class Stack:
-    triton: fleet.Fleet
-    gateway: GatewayProcess
 
 
 WEIGHTS = (3, 1)

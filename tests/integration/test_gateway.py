@@ -14,7 +14,6 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -27,7 +26,7 @@ from tritonclient.utils import InferenceServerException
 from prometheus_client.parser import text_string_to_metric_families
 
 import fleet
-from conftest import REPO_ROOT, GatewayProcess, gateway_config, running_gateway
+from conftest import REPO_ROOT, Stack, gateway_config, running_gateway
 from gateway.client import GatewayClient, GatewayClientError
 from served_models import ATOL, BREAST_CANCER, DIGITS, MAX_BATCH, MODELS, ServedModel, torch_reference
 
@@ -36,12 +35,6 @@ pytestmark = pytest.mark.integration
 GATEWAY_PORT = 8180
 BODY_LIMIT = 1 << 20
 READ_TIMEOUT = 2.0
-
-
-@dataclass
-class Stack:
-    triton: fleet.Fleet
-    gateway: GatewayProcess
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import asyncio
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -21,7 +20,8 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 import fleet
-from conftest import GatewayProcess, gateway_config, running_gateway
+import conftest
+from conftest import gateway_config, running_gateway
 from gateway.client import GatewayClient
 from gateway.protocol.v2 import deserialize_bytes
 from served_models import ATOL, DIGITS, MODEL_REPOSITORY, torch_reference
@@ -33,11 +33,7 @@ GATEWAY_PORT = 8146
 PATH = f"/v2/models/{DIGITS.name}/infer"
 
 
-@dataclass
-class Stack:
-    triton: fleet.Fleet
-    gateway: GatewayProcess
-
+class Stack(conftest.Stack):
     def inferences(self) -> int:
         """Rows Triton itself has run for the digits model (its own statistics)."""
         stats = httpx.get(f"{self.triton.http_urls[0]}/v2/models/{DIGITS.name}/stats").json()
