@@ -180,6 +180,13 @@ class Window:
         latencies = sorted(lat for _, lat in self.items)
         return latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else 0.0
 
+    def resized(self, size: int) -> Window:
+        """A window of ``size`` holding this one's latest outcomes."""
+        window = Window(size)
+        for ok, latency in list(self.items)[-size:]:
+            window.add(ok, latency)
+        return window
+
 
 def worse_z(x1: float, n1: float, x2: float, n2: float) -> float:
     """The pooled two-proportion z of ``x1`` failures in ``n1`` requests against ``x2`` in
@@ -271,6 +278,25 @@ class RolloutState:
             step, share = 0, config.ramp[0]
         status = "canary" if config.canary and share > 0 else "stable"
         return cls(config, config.stable, config.canary, share, status, step, now)
+
+    def reconfigure(self, config: ModelRollout, now: float) -> None:
+        """New rules (edited ``[defaults]``) for the trial under way, which stays where it
+        stands: a canary on a ramp goes on from the first step of the new ramp at or above its
+        share (without a ramp now: stays at its share, and is not promoted), the windows take
+        the new size; a canary an operator took off the ramp stays off it."""
+        old, self.config = self.config, config
+        if config.rollback_window != old.rollback_window:
+            self.windows = {v: w.resized(config.rollback_window) for v, w in self.windows.items()}
+        if self.status != "canary" or config.ramp == old.ramp or (old.ramp and self.step < 0):
+            return
+        if not config.ramp:
+            self.step = -1
+            return
+        step = next((i for i, share in enumerate(config.ramp) if share >= self.share), len(config.ramp) - 1)
+        share, self.step = config.ramp[step], step
+        if share != self.share:  # a new share is a new step, which lasts its own time
+            self.share, self.step_started, self.step_requests, self.waiting = share, now, 0, False
+            self.event("ramp", now, share=share, step=step, reason="the defaults' ramp changed")
 
     def window(self, version: str) -> Window:
         w = self.windows.get(version)
@@ -575,6 +601,8 @@ def read_rollout_file(path: Path) -> tuple[RolloutFile, str]:
         raise RolloutError(f"rollout file not found: {path}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise RolloutError(f"{path}: invalid TOML: {exc}") from None
+    except OSError as exc:  # a folder, no permission, an I/O error
+        raise RolloutError(f"cannot read rollout file {path}: {exc.strerror or exc}") from None
 
 
 def load_rollouts(path: Path) -> dict[str, ModelRollout]:
@@ -640,7 +668,7 @@ class Rollouts:
             # New rules for the trials under way; where each stands (stable, canary, rolled
             # back) stays: a rolled-back version is not served because a share was edited.
             for state in self.auto.values():
-                state.config = replace(defaults, stable=state.config.stable, canary=state.config.canary)
+                state.reconfigure(replace(defaults, stable=state.config.stable, canary=state.config.canary), now)
         self.defaults = defaults
         for name in rollout.models:
             if name in self.auto:
@@ -841,6 +869,7 @@ class Rollouts:
             if self.error != str(exc):
                 log.error("rollout file %s: %s; the rollout in force stays", self.path, exc)
                 self.error = str(exc)
+            self._stamp = self._changing = None  # read again once it is back, even unchanged
             return False
         if stamp == self._stamp:
             return False

@@ -129,6 +129,32 @@ def test_a_worker_starting_while_the_file_is_bad_starts_from_the_rollout_in_forc
         Rollouts.from_file(tmp_path / "missing.toml", kept=tmp_path / "none.toml")
 
 
+def test_a_file_moved_away_and_back_is_in_force_again_without_an_error(tmp_path: Path) -> None:
+    path, aside = tmp_path / "rollout.toml", tmp_path / "aside.toml"
+    path.write_text('[models.m]\nstable = "1"\n')
+    rollouts = Rollouts.from_file(path)
+    path.rename(aside)
+    assert not rollouts.reload_if_changed() and "No such file" in rollouts.error and rollouts.choose("m") == "1"
+    aside.rename(path)  # the same size and time as the file in force
+    assert not rollouts.reload_if_changed() and rollouts.reload_if_changed()
+    assert rollouts.error == "" and rollouts.snapshot()["error"] is None and rollouts.choose("m") == "1"
+
+
+def test_a_rollout_path_that_cannot_be_read_is_a_clear_error(tmp_path: Path) -> None:
+    folder = tmp_path / "rollout.toml"
+    folder.mkdir()  # what a container bind mount of a missing file makes
+    with pytest.raises(RolloutError, match="cannot read rollout file .*rollout.toml: Is a directory"):
+        Rollouts.from_file(folder)
+    path = tmp_path / "r.toml"
+    path.write_text('[models.m]\nstable = "1"\n')
+    rollouts = Rollouts.from_file(path)
+    path.unlink()
+    path.mkdir()
+    os.utime(path, ns=(1, 10**18))
+    assert not rollouts.reload_if_changed() and not rollouts.reload_if_changed()  # no exception
+    assert "Is a directory" in rollouts.error and rollouts.choose("m") == "1"
+
+
 def test_a_bad_file_at_start_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "rollout.toml"
     path.write_text('[models.m]\nstable = "x"\n')
@@ -616,6 +642,66 @@ def test_editing_the_defaults_keeps_where_each_trial_stands() -> None:
     state = rollouts.auto["m"]
     assert (state.stable, state.canary, state.status) == ("1", "2", "rolled_back")
     assert state.config.rollback_window == 80 and rollouts.choose("m") == "1"
+
+
+def ramped_canary(clock: Clock, defaults: dict, answers: int) -> tuple[Rollouts, RolloutState]:
+    rollouts = Rollouts(clock=clock, seed=0)
+    rollouts.set_file(parse_rollout_file({"defaults": defaults}))
+    rollouts.observe("m", "1", lambda v: True)
+    rollouts.observe("m", "2", lambda v: True)
+    for _ in range(answers):
+        rollouts.record("m", "2", True, 0.01)
+    return rollouts, rollouts.auto["m"]
+
+
+RAMPED = {"ramp": [0.05, 0.25, 0.5, 1.0], "ramp_min_requests": 5}
+
+
+def test_a_ramp_edited_in_the_defaults_moves_a_canary_onto_the_new_ramp_where_its_share_is() -> None:
+    clock = Clock()
+    rollouts, state = ramped_canary(clock, RAMPED, 10)
+    assert (state.share, state.step) == (0.5, 2)
+    rollouts.set_file(parse_rollout_file({"defaults": {**RAMPED, "ramp": [0.5, 1.0]}}))
+    assert (state.share, state.step, state.step_requests) == (0.5, 0, 0)  # the same share: the step goes on
+    for _ in range(5):
+        rollouts.record("m", "2", True, 0.01)
+    assert (state.status, state.share) == ("canary", 1.0)  # served at 1.0 before it is promoted
+    rollouts, state = ramped_canary(clock, RAMPED, 5)
+    rollouts.set_file(parse_rollout_file({"defaults": {**RAMPED, "ramp": [0.1, 0.3, 1.0]}}))
+    assert (state.share, state.step, state.events[-1]["event"]) == (0.3, 1, "ramp")  # the first step at or above 0.25
+
+
+def test_a_ramp_removed_from_the_defaults_leaves_the_canary_at_its_share_unpromoted() -> None:
+    rollouts, state = ramped_canary(Clock(), RAMPED, 5)
+    rollouts.set_file(parse_rollout_file({"defaults": {"canary_share": 0.05, "ramp_min_requests": 5}}))
+    for _ in range(100):
+        rollouts.record("m", "2", True, 0.01)
+    assert (state.status, state.share, state.step, state.stable) == ("canary", 0.25, -1, "1")
+
+
+def test_a_ramp_added_to_the_defaults_ramps_a_fixed_share_canary_but_not_one_an_operator_set() -> None:
+    clock = Clock()
+    rollouts, state = ramped_canary(clock, {"canary_share": 0.05, "ramp_min_requests": 5}, 0)
+    rollouts.set_file(parse_rollout_file({"defaults": RAMPED}))
+    assert (state.share, state.step) == (0.05, 0)
+    for _ in range(20):
+        rollouts.record("m", "2", True, 0.01)
+    assert state.status == "promoted" and rollouts.choose("m") == "2"
+    rollouts, state = ramped_canary(clock, RAMPED, 0)
+    rollouts.act("m", "set_share", 0.3)  # the operator took it off the ramp
+    rollouts.set_file(parse_rollout_file({"defaults": {**RAMPED, "ramp": [0.1, 1.0]}}))
+    assert (state.share, state.step) == (0.3, -1)
+
+
+def test_a_rollback_window_edited_in_the_defaults_resizes_the_windows_under_way() -> None:
+    rules = {"canary_share": 0.5, "rollback_error_rate": 0.02, "rollback_window": 20}
+    rollouts, state = ramped_canary(Clock(), rules, 0)
+    for i in range(20):
+        rollouts.record("m", "2", i != 0, 0.01)
+    rollouts.set_file(parse_rollout_file({"defaults": {**rules, "rollback_window": 1000}}))
+    assert state.window("2").items.maxlen == 1000 and len(state.window("2").items) == 20 and state.window("2").failures == 1
+    rollouts.set_file(parse_rollout_file({"defaults": {**rules, "rollback_window": 10}}))
+    assert len(state.window("2").items) == 10 and state.window("2").failures == 0  # the latest ten
 
 
 def test_a_model_whose_table_is_removed_keeps_its_stable_version_under_the_defaults() -> None:
