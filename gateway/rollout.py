@@ -618,6 +618,9 @@ class Rollouts:
         self.states: dict[str, RolloutState] = {}
         self.defaults: ModelRollout | None = None
         self.auto: dict[str, RolloutState] = {}  # models without a table, under [defaults]
+        # Under [defaults]: each model's canaries rolled back that are still in the fleet, never
+        # tried again (a trial that ends, a newer canary's, must not bring one back).
+        self.rejected: dict[str, frozenset[str]] = {}
         self.error = ""  # why the file on disk is not the rollout in force, if it is not
         self._stamp: tuple[int, int] | None = None
         self._changing: tuple[int, int] | None = None  # a new stamp, seen once
@@ -631,18 +634,22 @@ class Rollouts:
         # (model, state, "automatic" | "operator"), for the others to take over; of every trial
         # that ended here (its key), for them to forget it; told of every trial started here,
         # to take over where the others stand in it; and asked, for a model without a table
-        # seen for the first time, which versions the others' automatic trial of it runs.
+        # seen for the first time, which versions the others' automatic trial of it runs (and
+        # which canaries they rolled back).
         self.on_decision: Callable[[str, RolloutState, str], None] | None = None
         self.on_trial_over: Callable[[str], None] | None = None
         self.on_trial_started: Callable[[RolloutState], bool] | None = None
-        self.recall: Callable[[str], tuple[str, str] | None] | None = None
+        self.recall: Callable[[str], tuple[str, str, tuple[str, ...]] | None] | None = None
 
     @property
     def models(self) -> dict[str, ModelRollout]:
         return {name: state.config for name, state in self.states.items()}
 
     def set_models(self, models: dict[str, ModelRollout]) -> None:
-        """A new set of tables: unchanged tables keep their state, changed ones start afresh."""
+        """A new set of tables: unchanged tables keep their state, changed ones start afresh
+        (announced to the other workers, as automatic trials are: a table edited and put back
+        before some worker saw the edit is one trial key in all of them, started afresh in
+        some, and they are to agree)."""
         now = self._clock()
         before = self.states
         self.states = {
@@ -653,6 +660,9 @@ class Rollouts:
         for name, state in before.items():
             if self.states.get(name) is not state:
                 self._over(state)
+        for name, state in self.states.items():
+            if before.get(name) is not state:
+                self._announce(name, state)
         self.pin_headers = frozenset(r.sticky_header for r in models.values() if r.sticky_header)
 
     def set_file(self, rollout: RolloutFile) -> None:
@@ -663,7 +673,7 @@ class Rollouts:
         if defaults is None:
             for state in self.auto.values():
                 self._over(state)  # the same defaults again are trials anew, in every worker
-            self.auto = {}
+            self.auto, self.rejected = {}, {}
         elif defaults != self.defaults:
             # New rules for the trials under way; where each stands (stable, canary, rolled
             # back) stays: a rolled-back version is not served because a share was edited.
@@ -733,6 +743,11 @@ class Rollouts:
         if old is not None:
             self._over(old)
         state = self.auto[model] = self._start(model, config, now, automatic=True)
+        self._announce(model, state, kind, now, **event)
+
+    def _announce(self, model: str, state: RolloutState, kind: str = "", now: float = 0.0, **event: Any) -> None:
+        """A trial started here: where the other workers stand in it, taken over; a trial none
+        of them runs yet, with an event of ``kind`` (if any), told to them."""
         if self.on_trial_started is not None and self.on_trial_started(state):
             return
         if kind:
@@ -756,15 +771,22 @@ class Rollouts:
         model: this worker joins it); a newer one starts a canary of the stable; a stable version
         that left the fleet gives way to the newest; a canary that left it (rolled back and
         removed, or removed while on trial) ends its trial, so that a version published again
-        under its number is a canary anew."""
+        under its number is a canary anew; a rolled-back canary still in the fleet is not tried
+        again, whatever trial follows."""
         defaults = self.defaults
         if defaults is None or not newest or model in self.states:
             return
         state = self.auto.get(model)
         now = self._clock()
+        rejected = self.rejected.get(model, frozenset())
+        if state is not None and state.status == "rolled_back" and state.canary:
+            rejected |= {state.canary}
+        stable_now = state.stable if state is not None else ""  # promoted by an operator after all
+        rejected = self.rejected[model] = frozenset(v for v in rejected if v != stable_now and available(v))
         if state is None:
             recalled = self.recall(model) if self.recall is not None else None
-            stable, canary = recalled if recalled is not None else (newest, "")
+            stable, canary, others = recalled if recalled is not None else (newest, "", ())
+            self.rejected[model] = rejected | {v for v in others if available(v)}
             if canary and not available(canary):
                 canary = ""  # the others' canary has left: they are to end its trial too
             if not available(stable):
@@ -775,7 +797,7 @@ class Rollouts:
                        previous_stable=state.stable, reason="the stable version left the fleet")  # fmt: skip
         elif state.status in ("canary", "rolled_back") and state.canary and not available(state.canary):
             self._auto(model, replace(defaults, stable=state.stable), now, state, "canary_gone", canary=state.canary, stable=state.stable)
-        elif int(newest) > max(int(state.stable), int(state.canary or 0)):
+        elif int(newest) > max(int(state.stable), int(state.canary or 0)) and newest not in rejected:
             config = replace(defaults, stable=state.stable, canary=newest)
             share = RolloutState.start(config, now).share
             self._auto(model, config, now, state, "canary", canary=newest, stable=state.stable, share=share)

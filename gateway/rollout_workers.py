@@ -22,11 +22,13 @@ of a change and takes the decision over (``RolloutState.adopt``):
   canary or stable version gone from the fleet: the worker that sees it first removes its
   record, so the same table, or a version published again under the same number, starts a
   trial anew everywhere.
-* **Automatic trials are recorded from their start**, with their versions, so that a worker
-  starting later (a replacement after a crash, a SIGHUP restart) joins the model's trial
-  (``remembered``) rather than making the fleet's newest version, which may be a canary the
-  others rolled back, its stable one. A starting worker takes over where the others stand
-  before it serves.
+* **Trials are recorded from their start** (automatic ones, with their versions and the
+  model's rolled-back canaries still in the fleet; a table started afresh while the gateway
+  runs), so that a worker starting later (a replacement after a crash, a SIGHUP restart) joins
+  the model's trial (``remembered``) rather than making the fleet's newest version, which may
+  be a canary the others rolled back, its stable one; and so that workers of which only some
+  saw a table edited and put back (one trial key, started afresh in some) agree. A starting
+  worker takes over where the others stand before it serves.
 * **Written under a lock.** A decision is merged into the file under an exclusive ``flock`` on
   ``decisions.lock`` and the file is replaced in one step. An automatic decision made by a
   worker that had not yet taken over its trial's latest record is written only if it goes
@@ -62,7 +64,11 @@ log = logging.getLogger(__name__)
 POLL_S = 0.05  # how often a worker looks for the others' decisions
 FOLDER = "rollout"
 DECISIONS = "decisions.json"
-TRIALS_KEPT = 64  # records kept, the most recent; older trials are long over
+# Past this many records, those a newer record of the same model supersedes go. A trial's record
+# goes when the trial ends, so the file holds the trials under way; the latest record of each
+# model always stays (evicting live records let a replacement worker serve a canary the others
+# had rolled back).
+TRIALS_KEPT = 64
 TERMINAL = ("rolled_back", "promoted")
 
 
@@ -71,6 +77,16 @@ def goes_further(new: dict[str, Any], old: dict[str, Any]) -> bool:
     if old["by"] == "operator" or old["status"] in TERMINAL:
         return False
     return new["status"] in TERMINAL or new["step"] > old["step"]
+
+
+def kept(trials: dict[str, Any]) -> dict[str, Any]:
+    """``trials`` less, past ``TRIALS_KEPT``, the records a newer one of their model supersedes."""
+    if len(trials) <= TRIALS_KEPT:
+        return trials
+    latest: dict[str, int] = {}
+    for record in trials.values():
+        latest[record["model"]] = max(latest.get(record["model"], 0), record["seq"])
+    return {key: r for key, r in trials.items() if r["seq"] == latest[r["model"]]}
 
 
 class SharedDecisions:
@@ -116,6 +132,7 @@ class SharedDecisions:
             "model": model, "stable": stable, "share": share, "status": status, "step": step,
             "event": state.events[-1] if state.events else {}, "by": by, "pid": self.pid,
             "automatic": self._rollouts.auto.get(model) is state, "versions": [state.config.stable, state.config.canary],
+            "rejected": sorted(self._rollouts.rejected.get(model, ())),
         }  # fmt: skip
         try:
             with self._locked() as data:
@@ -126,8 +143,7 @@ class SharedDecisions:
                         return
                 data["seq"] += 1
                 data["trials"][state.trial] = {**record, "seq": data["seq"]}
-                kept = sorted(data["trials"].items(), key=lambda kv: kv[1]["seq"])[-TRIALS_KEPT:]
-                data["trials"] = dict(kept)
+                data["trials"] = kept(data["trials"])
                 replace_file(self._path, orjson.dumps(data))
                 self._applied[state.trial] = data["seq"]
         except (OSError, KeyError, TypeError) as exc:
@@ -158,17 +174,19 @@ class SharedDecisions:
         except (OSError, KeyError, TypeError) as exc:
             log.error("rollout: could not tell the other workers that a trial ended: %s", exc)
 
-    def remembered(self, model: str) -> tuple[str, str] | None:
+    def remembered(self, model: str) -> tuple[str, str, tuple[str, ...]] | None:
         """The stable and canary versions of the other workers' latest automatic trial of
-        ``model`` (under ``[defaults]``), or None: a worker that starts (a replacement, after a
-        crash or a SIGHUP) joins it rather than starting its own from the fleet's newest version,
-        which may be a canary they rolled back."""
+        ``model`` (under ``[defaults]``), and the canaries they rolled back that are not to be
+        tried again, or None: a worker that starts (a replacement, after a crash or a SIGHUP)
+        joins it rather than starting its own from the fleet's newest version, which may be a
+        canary they rolled back."""
         self._refresh()
         found = [r for r in self._records.values() if r.get("model") == model and r.get("automatic")]
         if not found:
             return None
-        stable, canary = max(found, key=lambda r: r["seq"])["versions"]
-        return str(stable), str(canary)
+        latest = max(found, key=lambda r: r["seq"])
+        stable, canary = latest["versions"]
+        return str(stable), str(canary), tuple(str(v) for v in latest.get("rejected", ()))
 
     def started(self, state: RolloutState) -> bool:
         """A trial started in this worker: where the others stand in it, taken over at once;

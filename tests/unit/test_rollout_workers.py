@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 
 from gateway.rollout import ModelRollout, Rollouts, parse_rollout_file, trial_key
-from gateway.rollout_workers import DECISIONS, FOLDER, SharedDecisions, shared_decisions
+from gateway.rollout_workers import DECISIONS, FOLDER, TRIALS_KEPT, SharedDecisions, shared_decisions
 
 CANARY = ModelRollout("1", "2", 0.5, rollback_error_rate=0.1, rollback_window=10)
 RAMP = ModelRollout("1", "2", ramp=(0.1, 0.5, 1.0), ramp_min_requests=5)
@@ -172,6 +172,21 @@ def test_a_table_edited_away_and_back_is_a_new_trial_in_every_worker(tmp_path: P
     assert served(late).keys() == {"1", "2"}
 
 
+def test_a_table_edited_and_put_back_before_one_worker_saw_the_edit_leaves_the_workers_agreeing(tmp_path: Path) -> None:
+    fixed = ModelRollout("1", "2", 0.3)  # no rules: no later decision would bring them together
+    a, shared_a = worker(tmp_path, 1, fixed)
+    b, shared_b = worker(tmp_path, 2, fixed)
+    a.act("m", "rollback")
+    shared_b.poll()
+    a.set_models({"m": ModelRollout("1", "2", 0.5)})  # edited, and put back before b looked twice
+    a.set_models({"m": fixed})
+    shared_a.poll()
+    shared_b.poll()
+    state_a, state_b = a.state("m"), b.state("m")
+    assert state_a is not None and state_b is not None
+    assert state_a.position == state_b.position and state_b.status == "canary" and state_b.share == 0.3
+
+
 DEFAULTS_FILE = parse_rollout_file({"defaults": {"canary_share": 0.5, "rollback_error_rate": 0.1, "rollback_window": 10}})
 
 
@@ -216,6 +231,43 @@ def test_a_worker_joining_a_trial_whose_canary_left_keeps_its_stable_version(tmp
     late.observe("m", "2", lambda v: v != "3")  # ...gone by the time this worker looks; 2 is newer than 1
     state = late.auto["m"]
     assert (state.stable, state.canary) == ("1", "")  # as the others will have it: 2 then comes as a canary
+
+
+def test_a_rolled_back_canary_still_in_the_fleet_is_not_tried_again_after_a_later_trial_ends(tmp_path: Path) -> None:
+    a, _ = auto_worker(tmp_path, 1)
+    fleet = {"1", "2"}
+    a.observe("m", "1", lambda v: v == "1")
+    a.observe("m", "2", fleet.__contains__)
+    a.act("m", "rollback")  # 2 is bad; its folder stays
+    fleet.add("3")
+    a.observe("m", "3", fleet.__contains__)  # a fix, a canary of 1: the trial that knew of 2 ends
+    a.act("m", "rollback")  # bad too, and removed
+    fleet.discard("3")
+    for _ in range(2):
+        a.observe("m", "2", fleet.__contains__)  # 2 is the fleet's newest again
+    assert (a.auto["m"].stable, a.auto["m"].canary) == ("1", "") and served(a) == {"1": 400}
+    late, _ = auto_worker(tmp_path, 2)  # a replacement worker learns it from the others
+    late.observe("m", "2", fleet.__contains__)
+    assert served(late) == {"1": 400}
+    fleet.discard("2")
+    a.observe("m", "1", fleet.__contains__)  # once it has left the fleet...
+    fleet.add("2")
+    a.observe("m", "2", fleet.__contains__)  # ...a version 2 copied in again is a canary anew
+    assert (a.auto["m"].canary, a.auto["m"].status) == ("2", "canary")
+
+
+def test_the_records_of_many_models_keep_each_models_latest_trial(tmp_path: Path) -> None:
+    a, _ = auto_worker(tmp_path, 1)
+    a.observe("bad", "1", lambda v: v == "1")
+    a.observe("bad", "2", lambda v: True)
+    a.act("bad", "rollback")
+    for i in range(TRIALS_KEPT + 10):  # more models than records kept before any eviction
+        a.observe(f"m{i}", "1", lambda v: True)
+    late, _ = auto_worker(tmp_path, 2)
+    late.observe("bad", "2", lambda v: True)
+    state = late.auto["bad"]
+    assert (state.stable, state.status) == ("1", "rolled_back")
+    assert Counter(late.choose("bad") for _ in range(100)) == {"1": 100}
 
 
 def test_a_rolled_back_canary_removed_then_published_again_under_its_number_is_tried_anew(tmp_path: Path) -> None:
