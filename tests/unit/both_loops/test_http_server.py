@@ -181,8 +181,8 @@ class Patient:
 
 
 @contextlib.asynccontextmanager
-async def connected() -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-    async with serving(Patient()) as url:
+async def connected(app: Any = None) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    async with serving(app or Patient()) as url:
         host, port = url.removeprefix("http://").split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
         try:
@@ -264,6 +264,47 @@ async def test_a_refused_request_pipelined_behind_one_being_answered_waits_for_t
     first, rest = data.split(b"\r\n\r\nok", 1)
     assert first.startswith(b"HTTP/1.1 200")  # its own answer first, whole...
     assert rest.startswith(b"HTTP/1.1 4") and b"connection: close" in rest  # ...then the refusal, and the close
+
+
+async def test_a_client_that_shuts_its_sending_side_after_its_requests_gets_every_answer_then_the_close() -> None:
+    async with connected() as (reader, writer):
+        request = b"POST /think HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s"  # answered after 0.6 s
+        writer.write(request % (1, b"a") + request % (2, b"bb") + b"GET /hello HTTP/1.1\r\nhost: x\r\n\r\n")
+        writer.write_eof()  # shutdown(SHUT_WR), as nc -N does
+        data, waited = await everything(reader)
+    assert data.count(b"HTTP/1.1 200") == 3 and waited > 1.0  # all three, the slow ones waited for
+    assert data.index(b"\r\n\r\na") < data.index(b"\r\n\r\nbb") < data.index(b"\r\n\r\nhello")
+    async with connected() as (reader, writer):
+        writer.write(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nhalf")
+        writer.write_eof()  # cut short: it can never complete
+        data, waited = await everything(reader)
+    assert data == b"" and waited < 0.25
+
+
+class Recording(Patient):
+    """Patient, keeping what its requests raised (uvicorn's own log is silenced here)."""
+
+    def __init__(self) -> None:
+        self.errors: list[BaseException] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except Exception as exc:
+            self.errors.append(exc)
+            raise
+
+
+async def test_requests_pipelined_behind_one_whose_client_left_are_dropped_quietly() -> None:
+    app = Recording()
+    async with connected(app) as (reader, writer):
+        request = b"POST /think HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nok"
+        writer.write(request * 3)
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.transport.abort()  # gone before any answer
+        await asyncio.sleep(4 * Patient.read_timeout_s)  # the answers come due meanwhile
+    assert app.errors == []
 
 
 async def test_a_header_that_never_ends_is_answered_431_once_its_bytes_pass_the_limit() -> None:
