@@ -105,10 +105,13 @@ async def model_ready(request: Request) -> Response:
     holds = [i.holds(model, version) for i in router.instances if i.routable]
     if any(holds):
         return Response(status_code=200)
-    if None not in holds:
-        return Response(status_code=400)
-    answers = await router.get_all(model_path(model, version) + "/ready")
-    return Response(status_code=200 if any(a.status == 200 for a in answers) else 400)
+    if None in holds:
+        answers = await router.get_all(model_path(model, version) + "/ready")
+        if any(a.status == 200 for a in answers):
+            return Response(status_code=200)
+    # Triton's status and words ("Model version not ready"), naming what was asked for.
+    message = f"model '{model}'{f' version {version}' if version else ''} is not ready: no instance can serve it"
+    return Response(v2.error_body(message), status_code=400, media_type=JSON)
 
 
 async def model_stats(request: Request) -> Response:

@@ -342,6 +342,7 @@ ERROR_CASES = [
     ("metadata of an unknown model", "GET", "/v2/models/nope", {}, 404, "'nope'"),
     ("model name too long", "GET", "/v2/models/" + "a" * 9000 + "/config", {}, 400, "longer than 255 bytes"),
     ("model name too long infer", "POST", "/v2/models/" + "a" * 9000 + "/infer", {"json": v2_json()}, 400, "longer than 255 bytes"),
+    ("readiness of an unknown model", "GET", "/v2/models/nope/ready", {}, 400, "model 'nope' is not ready"),
     ("unknown route", "GET", "/v2/nothing/here", {}, 404, "no such endpoint: GET /v2/nothing/here"),
     ("a trailing slash is no other name", "POST", "/v2/repository/index/", {}, 404, "no such endpoint: POST /v2/repository/index/"),
     ("wrong method on a route", "DELETE", "/v2/health/ready", {}, 405, "method DELETE is not allowed on /v2/health/ready: use GET, HEAD"),
@@ -421,6 +422,8 @@ def test_a_version_is_read_as_a_number_as_triton_reads_it(stack: Stack) -> None:
             probs = next(o for o in resp.json()["outputs"] if o["name"] == "probabilities")["data"]
             np.testing.assert_allclose(np.array(probs, np.float32).reshape(1, 2), torch_reference(model, rows)[1], atol=ATOL, rtol=0)
             assert http.get(f"/v2/models/{model}/versions/{spelling}/ready").status_code == 200
+            unknown = http.get(f"/v2/models/{model}/versions/9{spelling}/ready")  # Triton's 400, with words
+            assert unknown.status_code == 400 and unknown.json()["error"] == f"model '{model}' version {int('9' + spelling)} is not ready: no instance can serve it"
             assert http.get(f"/v2/models/{model}/versions/{spelling}").json()["name"] == model
         versions = {dict(labels).get("version") for name, labels in scrape(http) if dict(labels).get("model") == model}
     assert "1" in versions and not versions & {"01", "0001"}, versions
