@@ -20,10 +20,6 @@ for the gateway) is answered 431 and its connection closed, before the app sees 
 the parser has read of it (the URL as it comes, each header once complete) and the bytes that
 arrived for it (one header that never ends) are counted.
 
-A client that shuts its sending side after its requests (``shutdown(SHUT_WR)``, as ``nc -N``
-does) gets the answers to the requests that arrived whole, then the connection closes, as Triton
-does; uvicorn closed it at once, and the answers were lost.
-
 And at a graceful shutdown, it does not close a connection between requests (or before its first)
 at once, as uvicorn does: a client may be sending its request that very moment, and a close with
 the request unread resets the connection after the request went out, so the client cannot tell
@@ -152,7 +148,6 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     _head_over = False
     _shutting_down = False  # the server is stopping: answer what arrives, then close
     _refusal: bytes | None = None  # an error answer waiting for the answers owed before it
-    _eof = False  # the client shut its sending side: close once the answers owed are written
     read_timeout_s = READ_TIMEOUT_S
     max_header_bytes = MAX_HEADER_BYTES
 
@@ -237,20 +232,6 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         super().on_response_complete()
         self._send_refusal()
-        if self._eof and not self._unanswered() and not self.transport.is_closing():
-            self.transport.close()
-
-    def _unanswered(self) -> bool:
-        return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
-
-    def eof_received(self) -> bool | None:
-        """The client shut its sending side (module docstring): True keeps the connection open
-        for the answers owed to the requests that arrived whole; with none owed, or a request
-        cut short (it can never complete), it closes at once."""
-        if self._reading == _READING or not self._unanswered():
-            return None
-        self._eof = True
-        return True
 
     def on_message_complete(self) -> None:
         self._reading = _READ
