@@ -319,8 +319,10 @@ class Router:
             except ModelError as exc:
                 if missing_model(exc):  # Triton's 503 "not at ready state": routing's business
                     self._failed(instance, exc, model, version, is_deadline)
-                    if affinity is not None or not self._may_retry(model, version, tried, deadline):
+                    if affinity is not None:
                         raise
+                    if not self._may_retry(model, version, tried, deadline):
+                        raise self._left(model, version, exc) from None
                     continue
                 if suspect is not None or affinity is not None:  # the model's error; or a sequence's, sent once
                     instance.record_success()  # it answered
@@ -335,6 +337,8 @@ class Router:
                 if not retry or not self._may_retry(model, version, tried, deadline, affinity):
                     if affinity is not None and affinity.unreachable and retry:
                         raise sequences.gone(affinity.name, "the Triton instance holding its state is unavailable") from None
+                    if affinity is None and isinstance(exc, UpstreamError) and missing_model(exc):
+                        raise self._left(model, version, exc) from None
                     raise
             else:
                 instance.record_success()
@@ -402,6 +406,12 @@ class Router:
         if len(tried) >= self._max_tries:
             return False
         return bool(self.candidates(model, version, exclude=tried))
+
+    def _left(self, model: str | None, version: str, error: UpstreamError) -> Unavailable:
+        """A request whose version turned out gone from the instance it was sent to (Triton:
+        unknown, or not at ready state: unloaded or reloading there), with no other to try: 503,
+        as for a version no instance holds, not Triton's error."""
+        return Unavailable(f"{self._no_holder(model, version).message}: the instance tried no longer holds it ({error.message})")
 
     def _no_holder(self, model: str | None, version: str) -> Unavailable:
         """No instance to send a request for ``model`` to: why, where the sync withholds it."""

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -286,6 +287,19 @@ async def test_a_version_triton_says_is_not_at_ready_state_is_taken_off_that_ins
         await router.infer("m", "2", INPUTS)
     assert client.urls.count("a") <= 1 and a.models == {"m": frozenset({"1"})}
     assert a.failures == 0 and not a.ejected
+
+
+@pytest.mark.parametrize("error", [not_ready, lambda: MISSING], ids=["not at ready state", "unknown"])
+async def test_a_version_gone_from_the_only_instance_holding_it_is_a_503_not_tritons_error(error: Callable[[], UpstreamError]) -> None:
+    a = Instance("a")
+    a.models = {"m": frozenset({"1", "2"})}
+    router = make_router(FakeClient({"a": error()}), a)
+    with pytest.raises(Unavailable) as raised:
+        await router.infer("m", "2", INPUTS)
+    assert raised.value.status == 503 and a.models == {"m": frozenset({"1"})}
+    assert "no healthy Triton instance holding model 'm' version 2 is available: the instance tried no longer holds it" in raised.value.message
+    with pytest.raises(Unavailable, match="no healthy Triton instance holding model 'm' version 2"):
+        await router.infer("m", "2", INPUTS)  # known gone now: refused before any attempt
 
 
 @pytest.mark.parametrize("how", ["re-admitted", "up again", "version admitted"])
