@@ -12,12 +12,13 @@ the next one is made; one that is held is never removed, whatever pids or namesp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,9 @@ MEMORY_DIR = "/dev/shm"
 WORKERS_ENV = "GATEWAY_WORKERS_FOLDER"  # how the serving command tells its workers their folder
 WORKERS_PREFIX = "gateway-workers-"
 HELD = "held"  # the file in the workers' folder every process using it holds a shared lock on
+# In a folder where servers make what they hold (``Made``) and sweep what nobody holds: taken
+# by each around either, so that a sweep never finds a file made but not held yet.
+SWEEP_LOCK = ".gateway-sweep.lock"
 
 
 def default_directory() -> str:
@@ -121,11 +125,32 @@ class Made:
         return str(self.path)
 
 
+@contextlib.contextmanager
+def serialized(base: Path) -> Iterator[None]:
+    """Exclusive use of ``base`` among the servers sweeping and making files there (in turn:
+    a process must not nest it). A folder where the lock cannot be made goes unserialized."""
+    try:
+        fd = os.open(base / SWEEP_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held for a directory scan, or for one file's making
+        yield
+    finally:
+        os.close(fd)
+
+
 def sweep_unheld(
     base: Path, prefix: str, lock_of: Callable[[Path], Path], delete: Callable[[Path], None], what: str
 ) -> None:
     """Remove what in ``base`` is named ``prefix``... and that no process holds (the lock file
     ``lock_of(path)``). One that cannot be opened or removed (another user's) is left alone."""
+    with serialized(base):
+        _sweep_unheld(base, prefix, lock_of, delete, what)
+
+
+def _sweep_unheld(base: Path, prefix: str, lock_of: Callable[[Path], Path], delete: Callable[[Path], None], what: str) -> None:
     try:
         paths = [p for p in base.iterdir() if p.name.startswith(prefix)]
     except OSError:
@@ -154,12 +179,13 @@ def create_workers_folder(directory: str | None = None) -> Made:
     if None), after removing the folders left there by servers that were killed."""
     base = Path(directory or default_directory())
     sweep_workers_folders(base)
-    path = Path(tempfile.mkdtemp(prefix=f"{WORKERS_PREFIX}{os.getpid()}-", dir=base))
-    try:
-        return Made(path, hold(path / HELD, create=True), _rmtree)
-    except BaseException:
-        _rmtree(path)
-        raise
+    with serialized(base):
+        path = Path(tempfile.mkdtemp(prefix=f"{WORKERS_PREFIX}{os.getpid()}-", dir=base))
+        try:
+            return Made(path, hold(path / HELD, create=True), _rmtree)
+        except BaseException:
+            _rmtree(path)
+            raise
 
 
 def sweep_workers_folders(base: Path) -> None:

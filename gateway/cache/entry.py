@@ -5,6 +5,8 @@ expiry instead: the workers share a monotonic clock and a TTL."""
 
 from __future__ import annotations
 
+import math
+
 import msgpack
 
 from gateway.batcher import BatchResult
@@ -26,6 +28,8 @@ def decode_entry(raw: bytes) -> tuple[BatchResult, float | None]:
         if fmt not in (1, FORMAT) or len(rest) != (fmt == FORMAT):
             raise ValueError(f"cache entry format {fmt} with {4 + len(rest)} fields")
         born = float(rest[0]) if rest else None
+        if born is not None and not math.isfinite(born):  # would pass every check of its age
+            raise ValueError(f"cache entry computed at {born}")
         return BatchResult(str(version), unpack_tensors(outputs), dict(parameters or {})), born
     except ValueError:
         raise

@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.host_files import Made, default_directory, hold, sweep_unheld
+from gateway.host_files import Made, default_directory, hold, serialized, sweep_unheld
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +140,14 @@ def create_segment(capacity: int, directory: str | None = None) -> Made | None:
         log.error("no cache shared between workers: %s has %d bytes free, too few", folder, room * 2)
         return None
     path = folder / f"{PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    with serialized(folder):  # held before another server's sweep can see it
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # held until remove(): the segment is in use
+        except BaseException:
+            Made(path, fd, _unlink).remove()
+            raise
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)  # held until remove(): the segment is in use
         os.ftruncate(fd, size)  # zeros: no entries, generations 0
         try:
             os.posix_fallocate(fd, 0, size)

@@ -444,6 +444,9 @@ def test_entries_round_trip_through_bytes() -> None:
     assert list(copy.outputs[1].data) == [b"a", b"bc"]
     with pytest.raises(ValueError):
         decode_entry(b"\x00garbage")
+    for never in (float("nan"), float("inf"), float("-inf")):  # a spoilt entry: it would pass for brand new
+        with pytest.raises(ValueError, match="computed at"):
+            decode_entry(encode_entry(original, never))
 
 
 def test_an_entry_of_the_format_before_reads_as_computed_at_an_unknown_time() -> None:

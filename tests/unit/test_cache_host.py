@@ -24,7 +24,9 @@ import pytest
 
 from gateway.batcher import BatchResult
 from gateway.cache import Freshness, RawAnswer, ResponseCache, build_cache, host, host_flight
+from gateway import host_files
 from gateway.cache.host import ENTRY_BYTES, PREFIX, HostStore, create_segment
+from gateway.host_files import SWEEP_LOCK
 from gateway.config import CacheConfig
 from gateway.errors import ClientGone, Unavailable, UpstreamError
 from gateway.tensors import Tensor
@@ -225,7 +227,7 @@ def test_segments_no_process_holds_are_removed_and_held_ones_kept(tmp_path: Path
     assert not made.path.exists()
     opened.close()
     again.remove()
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [SWEEP_LOCK]
 
 
 def test_a_segment_a_worker_still_maps_is_kept_after_its_server_died(tmp_path: Path) -> None:
@@ -251,7 +253,39 @@ def test_a_segment_shrinks_to_the_room_there_is_and_reserves_its_memory(tmp_path
     store.close()
     monkeypatch.setattr(host, "free_bytes", lambda folder: 2 * 1024 * 1024)
     assert create_segment(256 * 1024 * 1024, str(tmp_path)) is None  # not even the smallest fits
-    assert [p.name for p in tmp_path.iterdir()] == [made.path.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [SWEEP_LOCK, made.path.name]
+    made.remove()
+
+
+SWEEPER = """
+import sys
+from pathlib import Path
+from gateway import host_files
+from gateway.cache.host import PREFIX
+print("ready", flush=True)
+host_files.sweep_unheld(Path(sys.argv[1]), PREFIX, lambda path: path, host_files.os.unlink, "a cache segment")
+"""
+
+
+def test_a_segment_is_held_before_another_servers_sweep_can_find_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sweepers: list[subprocess.Popen[str]] = []
+    real_flock = fcntl.flock
+
+    def flock_once_another_server_sweeps(fd: int, operation: int) -> None:
+        if operation == fcntl.LOCK_SH and not sweepers:  # the new segment's hold, about to be taken
+            # Another server starting this very moment: its sweep runs before the hold is taken.
+            sweeper = subprocess.Popen([sys.executable, "-c", SWEEPER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+            sweepers.append(sweeper)
+            assert sweeper.stdout is not None and sweeper.stdout.readline() == "ready\n"
+            time.sleep(0.3)
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock_once_another_server_sweeps)
+    made = create_segment(65536, str(tmp_path))
+    monkeypatch.undo()
+    assert sweepers[0].wait(10) == 0
+    sweepers[0].stdout.close()  # type: ignore[union-attr]
+    assert made is not None and made.path.exists()  # not removed by the other server
     made.remove()
 
 
