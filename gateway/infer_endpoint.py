@@ -40,6 +40,7 @@ from gateway.errors import BadRequest, ClientGone, GatewayError, NotFound, Paylo
 from gateway.metrics import InferCounts, fleet_labels
 from gateway.pipeline import InferencePipeline
 from gateway.protocol import msgpack as msgpack_codec
+from gateway.protocol.msgpack import MSGPACK_TYPES, is_msgpack
 from gateway.protocol import v2
 from gateway.protocol.infer_server import Reply
 from gateway.tensors import InferRequest
@@ -52,7 +53,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-MSGPACK_TYPES = (b"application/msgpack", b"application/x-msgpack", b"application/vnd.msgpack")
 JSON_TYPE = v2.JSON_CONTENT_TYPE.encode()
 BINARY_TYPE = v2.BINARY_CONTENT_TYPE.encode()
 
@@ -91,10 +91,6 @@ def disconnect_probe(receive: Receive) -> Callable[[], bool] | None:
     if cycle is not None and isinstance(getattr(cycle, "disconnected", None), bool):
         return lambda: cycle.disconnected
     return None
-
-
-def is_msgpack(content_type: bytes) -> bool:
-    return content_type.split(b";")[0].strip().lower() in MSGPACK_TYPES
 
 
 async def read_body(receive: Receive, declared: bytes | None, limit: int) -> bytes:

@@ -38,6 +38,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
+from gateway.protocol import msgpack as msgpack_codec
 from gateway.protocol import v2
 
 READ_TIMEOUT_S = 30.0  # unless the app says otherwise
@@ -205,9 +206,16 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     def _refuse(self, status: int, message: str) -> None:
         """Answer the request arriving with an error of the protocol's own, and close; after the
         answers still owed to requests read before it on the connection (pipelined), which
-        would otherwise be lost behind it, reading nothing more meanwhile."""
-        body = v2.error_body(message)
-        head = b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+        would otherwise be lost behind it, reading nothing more meanwhile. In msgpack where the
+        request's head was read and says its body is msgpack (a 408), else JSON."""
+        content_type = b""
+        if self._reading == _READING and self._head_arrived < 0:  # its head was read
+            content_type = next((value for name, value in self.headers if name == b"content-type"), b"")
+        if msgpack_codec.is_msgpack(content_type):
+            body, media = msgpack_codec.error_body(message), msgpack_codec.MSGPACK_TYPES[0]
+        else:
+            body, media = v2.error_body(message), b"application/json"
+        head = b"content-type: %s\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % (media, len(body))
         common = b"".join(b"%s: %s\r\n" % pair for pair in self.server_state.default_headers)  # date, server
         self._refusal = b"".join((STATUS_LINE[status], common, head, body))
         self._send_refusal()

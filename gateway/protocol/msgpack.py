@@ -213,5 +213,12 @@ def decode_response(body: bytes) -> InferResponse:
     )
 
 
+MSGPACK_TYPES = (b"application/msgpack", b"application/x-msgpack", b"application/vnd.msgpack")
+
+
+def is_msgpack(content_type: bytes) -> bool:
+    return content_type.split(b";")[0].strip().lower() in MSGPACK_TYPES
+
+
 def error_body(message: str) -> bytes:
     return msgpack.packb({"error": message}, use_bin_type=True)

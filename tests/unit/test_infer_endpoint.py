@@ -8,7 +8,8 @@ from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from gateway import deadlines
 from gateway.errors import BadRequest, ClientGone, PayloadTooLarge
-from gateway.infer_endpoint import disconnect_probe, infer_target, is_msgpack, read_body
+from gateway.infer_endpoint import disconnect_probe, infer_target, read_body
+from gateway.protocol.msgpack import is_msgpack
 
 
 @pytest.mark.parametrize(

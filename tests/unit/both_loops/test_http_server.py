@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import msgpack
 import pytest
 import uvicorn
 from starlette.applications import Starlette
@@ -210,6 +211,15 @@ async def test_a_request_that_stops_arriving_is_answered_408_and_its_connection_
     assert data.startswith(b"HTTP/1.1 408 Request Timeout\r\n") and b"connection: close" in data and b"\r\ndate: " in data
     assert data.endswith(b'{"error":"the request did not arrive: nothing came for 0.3 s"}')
     assert 0.25 < waited < 2.0
+
+
+async def test_a_msgpack_request_that_stops_arriving_is_answered_in_msgpack() -> None:
+    async with connected() as (reader, writer):
+        writer.write(b"POST /echo HTTP/1.1\r\nhost: x\r\nContent-Type: application/msgpack\r\ncontent-length: 10\r\n\r\nhalf")
+        data, _ = await everything(reader)
+    head, body = data.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 408") and b"content-type: application/msgpack" in head
+    assert msgpack.unpackb(body) == {"error": "the request did not arrive: nothing came for 0.3 s"}
 
 
 async def test_a_connection_that_sends_nothing_is_closed() -> None:
