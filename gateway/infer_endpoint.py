@@ -329,6 +329,14 @@ class InferEndpoint:
         self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and b"%2f" in scope.get("raw_path", b"").lower():
+            # An encoded "/" belongs to a path segment, a name, as Triton reads it; no model or
+            # version name holds one, so no route matches (decoded, it would name another).
+            refused = error_reply(404, f"no such endpoint: {scope['method']} {scope['raw_path'].decode('latin-1')} "
+                                  "(an encoded '/' is part of a name, and no name holds one)", b"")  # fmt: skip
+            await send({"type": "http.response.start", "status": 404, "headers": refused.headers})
+            await send({"type": "http.response.body", "body": refused.body})
+            return
         if scope["type"] != "http" or not is_infer_path(scope["path"]):
             return await self.app(scope, receive, send)
         if scope["method"] == "POST":

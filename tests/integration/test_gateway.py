@@ -344,6 +344,9 @@ ERROR_CASES = [
     ("model name too long infer", "POST", "/v2/models/" + "a" * 9000 + "/infer", {"json": v2_json()}, 400, "longer than 255 bytes"),
     ("readiness of an unknown model", "GET", "/v2/models/nope/ready", {}, 400, "model 'nope' is not ready"),
     ("unknown route", "GET", "/v2/nothing/here", {}, 404, "no such endpoint: GET /v2/nothing/here"),
+    # An encoded "/" is part of a name, as on Triton: not a way to another route.
+    ("an encoded slash in an infer path", "POST", "/v2/models/breast_cancer_mlp%2Finfer", {"json": v2_json()}, 404, "no such endpoint"),
+    ("an encoded slash in a metadata path", "GET", "/v2/models/breast_cancer_mlp%2fversions%2F1", {}, 404, "encoded '/'"),
     ("a trailing slash is no other name", "POST", "/v2/repository/index/", {}, 404, "no such endpoint: POST /v2/repository/index/"),
     ("wrong method on a route", "DELETE", "/v2/health/ready", {}, 405, "method DELETE is not allowed on /v2/health/ready: use GET, HEAD"),
     ("GET on infer", "GET", "/v2/models/breast_cancer_mlp/infer", {}, 405, "method GET is not allowed on /v2/models/breast_cancer_mlp/infer: use POST"),
