@@ -119,7 +119,10 @@ def test_connections_opened_one_after_another_are_spread_evenly_over_the_workers
     with four_workers(direct_triton, tmp_path) as gw:
         clients = [connect(gw) for _ in range(16)]
         try:
-            assert sorted(holders(gw, clients).values()) == [4, 4, 4, 4]
+            held = sorted(holders(gw, clients).values())
+            # Even, give or take the one a worker takes while the others' polls are late (a busy
+            # machine: a worker whose queue waits 2 ms listens again, whatever its count).
+            assert len(held) == 4 and held[-1] - held[0] <= 1, held
             for sock in clients:  # every connection still serves
                 ask(sock)
         finally:
