@@ -16,7 +16,7 @@ from typing import Any
 
 from gateway.cache import configured
 from gateway.cache.host import SEGMENT_ENV, create_segment
-from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.config import ConfigError, GatewayConfig, check_here, load_config
 from gateway.host_files import WORKERS_ENV, create_workers_folder
 
 # What SIGHUP does to one uvicorn process (server.workers = 1): nothing. uvicorn's server handles
@@ -49,6 +49,7 @@ def log_config(level: str) -> dict[str, Any]:
 def serve(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, host=args.host, port=args.port)
+        check_here(config)
     except ConfigError as exc:
         print(f"gateway: bad configuration: {exc}", file=sys.stderr)
         return 2
@@ -136,7 +137,7 @@ def _run(args: argparse.Namespace, config: GatewayConfig, workers: int) -> int:
         from gateway.supervisor import run_workers
 
         balance_through = os.environ.get(WORKERS_ENV, "") if config.server.balance_connections else ""
-        run_workers(uvicorn.Config("gateway.asgi:app_from_env", factory=True, workers=workers, **settings), balance_through)
+        return run_workers(uvicorn.Config("gateway.asgi:app_from_env", factory=True, workers=workers, **settings), balance_through)
     return 0
 
 
@@ -163,6 +164,7 @@ def _sighup_ignored() -> Iterator[None]:
 def check(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
+        check_here(config)
     except ConfigError as exc:
         print(f"bad configuration: {exc}", file=sys.stderr)
         return 2

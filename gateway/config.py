@@ -9,6 +9,7 @@ raising ``ConfigError`` with a message that names the offending key and value.
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -217,6 +218,30 @@ def _build(cls: type, table: Any, where: str) -> Any:
     return cls(**values)
 
 
+_HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?")
+
+
+def _instance_url(url: str, where: str) -> str:
+    """``url`` as the gateway keys instances by (scheme and host lower case, no trailing "/"),
+    or ConfigError: http://host:port and nothing else (a path, a query or credentials would be
+    dropped, not used)."""
+    said = f"{where}.url must look like http://host:port, got {shown(url)}"
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:  # a port that is no number or out of range, an unclosed IPv6 bracket
+        raise ConfigError(said) from None
+    host = parts.hostname or ""
+    if parts.scheme.lower() != "http" or port is None or not 1 <= port <= 65535:
+        raise ConfigError(said)
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
+        raise ConfigError(f"{said} (Triton's API is at the root: no path, query or credentials)")
+    if not (_HOST_NAME.fullmatch(host) or ":" in host):  # a name, an IPv4 address, or an IPv6 one in brackets
+        raise ConfigError(said)
+    shown_host = f"[{host}]" if ":" in host else host
+    return f"http://{shown_host}:{port}"
+
+
 def _instances(raw: Any) -> tuple[InstanceConfig, ...]:
     if not isinstance(raw, list) or not raw:
         raise ConfigError("upstream.instances must be a non-empty list of {url, weight} tables")
@@ -227,14 +252,11 @@ def _instances(raw: Any) -> tuple[InstanceConfig, ...]:
             raise ConfigError(f"{where} needs either a url, or a dns name and a port")
         inst = _build(InstanceConfig, item, where)
         if inst.url:
-            parts = urlsplit(inst.url)
-            if parts.scheme != "http" or not parts.hostname or parts.port is None:
-                raise ConfigError(f"{where}.url must look like http://host:port, got {shown(inst.url)}")
             if "port" in item:
                 raise ConfigError(f"{where}: port goes with dns; a url carries its own")
-            inst = replace(inst, url=inst.url.rstrip("/"))
+            inst = replace(inst, url=_instance_url(inst.url, where))
         else:
-            if not inst.dns.strip() or "/" in inst.dns or ":" in inst.dns:
+            if not _HOST_NAME.fullmatch(inst.dns):
                 raise ConfigError(f"{where}.dns must be a host name, got {shown(inst.dns)}")
             if not 1 <= inst.port <= 65535:
                 raise ConfigError(f"{where} needs a port in 1..65535 with its dns name")
@@ -272,6 +294,8 @@ def parse_config(data: dict[str, Any]) -> GatewayConfig:
     if unknown:
         raise ConfigError(f"unknown section(s): {', '.join(unknown)}")
     server = _build(ServerConfig, data.get("server", {}), "server")
+    if not isinstance(data.get("upstream", {}), dict):
+        raise ConfigError("[upstream] must be a table")
     upstream_raw = dict(data.get("upstream", {}))
     instances = _instances(upstream_raw.pop("instances", None))
     upstream = replace(_build(UpstreamConfig, upstream_raw, "upstream"), instances=instances)
@@ -400,8 +424,33 @@ def validate(config: GatewayConfig) -> None:
             "repository.path is set, so the gateway loads models, over gRPC: give every "
             "upstream.instances entry its grpc_port (Triton's --grpc-port)"
         )
-    if c.redis_url and not c.redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(f"cache.redis_url must look like redis://host:port/db, got {shown(c.redis_url)}")
+    if c.redis_url:
+        _check_redis_url(c.redis_url)
+    if not s.host.strip():
+        raise ConfigError("server.host must name the address to listen on (0.0.0.0 or :: for every interface), got \"\"")
+    cached = c.enabled or any(m.enabled for m in c.models.values())
+    if cached and c.max_bytes == 0 and not c.redis_url and (s.workers == 1 or c.host_bytes == 0):
+        raise ConfigError("cache.max_bytes is 0 with the cache enabled and no other tier (redis_url, host_max_bytes): nothing could be cached")
+
+
+def _check_redis_url(url: str) -> None:
+    """ConfigError unless ``url`` is one the Redis client can use: redis[s]://[user:pw@]host[:port][/db]
+    (db a number) or unix://path."""
+    said = f"cache.redis_url must look like redis://host:port/db, got {shown(url)}"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # a port that is no number or out of range, an unclosed IPv6 bracket
+        raise ConfigError(said) from None
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError(f"cache.redis_url unix:// needs the socket's path, got {shown(url)}")
+        return
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname or (port is not None and not 1 <= port <= 65535):
+        raise ConfigError(said)
+    db = parts.path.strip("/")
+    if db and not (db.isascii() and db.isdigit()):
+        raise ConfigError(f"{said} (the database is a number)")
 
 
 def _validate_batching(b: BatchingConfig, where: str, u: UpstreamConfig) -> None:
@@ -426,8 +475,10 @@ def load_config(
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except OSError as exc:  # a folder, no permission
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     config = parse_config(data)
     server = config.server
     if host is not None:
@@ -444,3 +495,13 @@ def load_config(
         except RolloutError as exc:
             raise ConfigError(f"rollout.file: {exc}") from None
     return config
+
+
+def check_here(config: GatewayConfig) -> None:
+    """ConfigError where what the config names is not on this machine: the model repository
+    (checked by the commands that start or check a gateway here, not by ``load_config``: a
+    container's config names its own paths)."""
+    repository = config.repository.path
+    if repository and not Path(repository).is_dir():
+        what = "does not exist" if not Path(repository).exists() else "is not a folder"
+        raise ConfigError(f"repository.path {shown(repository)} {what}: it is the model repository Triton serves")

@@ -65,19 +65,23 @@ class Supervisor(multiprocess.Multiprocess):
                     stop_sockets(self.sockets)
 
 
-def run_workers(config: uvicorn.Config, workers_folder: str) -> None:
+def run_workers(config: uvicorn.Config, workers_folder: str) -> int:
     """Serve ``config`` (``workers`` > 1, the app an import string) as ``uvicorn.run`` does;
-    with a ``workers_folder``, each worker a ``BalancedServer`` balancing through it."""
+    with a ``workers_folder``, each worker a ``BalancedServer`` balancing through it. Returns
+    the exit status: uvicorn's 3 where a worker failed to start (which stops them all), else 0."""
     sock = config.bind_socket()
     original = multiprocess.Process
     if workers_folder:
         # uvicorn's supervisor makes each worker with its module's ``Process``; this process
         # runs nothing else of that module.
         multiprocess.Process = BalancedProcess  # type: ignore[misc]
+    supervisor = Supervisor(config, [sock], workers_folder)
     try:
-        Supervisor(config, [sock], workers_folder).run()
+        supervisor.run()
     except KeyboardInterrupt:
         pass
     finally:
         multiprocess.Process = original  # type: ignore[misc]
         sock.close()
+    failed = any(p.exitcode == multiprocess.STARTUP_FAILURE for p in supervisor.processes)
+    return multiprocess.STARTUP_FAILURE if failed else 0

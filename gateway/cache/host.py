@@ -131,7 +131,7 @@ def create_segment(capacity: int, directory: str | None = None) -> Made | None:
     raise OSError."""
     folder = Path(directory or default_directory())
     sweep_unheld(folder, PREFIX, lambda path: path, os.unlink, "a cache segment")
-    capacity = _align(max(capacity, 65536), 4096)
+    asked = capacity = _align(max(capacity, 65536), 4096)
     room = free_bytes(folder) // 2
     while _layout(capacity)[3] > room and capacity > MIN_CAPACITY:
         capacity = max(MIN_CAPACITY, _align(capacity // 2, 4096))
@@ -139,6 +139,11 @@ def create_segment(capacity: int, directory: str | None = None) -> Made | None:
     if size > room:
         log.error("no cache shared between workers: %s has %d bytes free, too few", folder, room * 2)
         return None
+    if capacity < asked:
+        log.warning(
+            "cache shared between workers: %d bytes instead of the %d asked for (cache.host_max_bytes): %s has %d bytes "
+            "free, and the segment takes at most half", capacity, asked, folder, room * 2,
+        )  # fmt: skip
     path = folder / f"{PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
     with serialized(folder):  # held before another server's sweep can see it
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)

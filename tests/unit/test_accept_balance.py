@@ -452,3 +452,28 @@ async def test_a_worker_listening_again_just_as_the_gateway_is_told_to_stop_stop
 
 async def app(scope: object, receive: object, send: object) -> None:
     raise AssertionError("no request reaches it")
+
+
+FAILING_APP = """
+import contextlib
+
+from starlette.applications import Starlette
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    raise RuntimeError("this app cannot start")
+    yield
+
+
+app = Starlette(lifespan=lifespan)
+"""
+
+
+def test_workers_that_fail_to_start_make_the_gateway_exit_non_zero(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signal_handlers: None
+) -> None:
+    (tmp_path / "failing_app.py").write_text(FAILING_APP)
+    monkeypatch.syspath_prepend(str(tmp_path))  # the spawned workers import it by name
+    config = uvicorn.Config("failing_app:app", host="127.0.0.1", port=0, workers=2, log_level="critical", lifespan="on")
+    assert supervisor.run_workers(config, "") == multiprocess.STARTUP_FAILURE

@@ -243,10 +243,13 @@ def test_a_segment_a_worker_still_maps_is_kept_after_its_server_died(tmp_path: P
     assert not made.path.exists()
 
 
-def test_a_segment_shrinks_to_the_room_there_is_and_reserves_its_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_segment_shrinks_to_the_room_there_is_and_reserves_its_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setattr(host, "free_bytes", lambda folder: 12 * 1024 * 1024)  # a small /dev/shm
     made = create_segment(256 * 1024 * 1024, str(tmp_path))
     assert made is not None
+    assert f"{4 * 1024 * 1024} bytes instead of the {256 * 1024 * 1024} asked for" in caplog.text  # said, as documented
     store = HostStore(made.path)
     assert store.capacity == 4 * 1024 * 1024  # halved until the segment takes at most half the room
     assert os.stat(made.path).st_blocks * 512 >= store.capacity  # reserved, not a sparse file

@@ -69,6 +69,27 @@ def test_cli_overrides_apply() -> None:
         ({"upstream": {"instances": [{"dns": "http://triton", "port": 8000}]}}, ".dns must be a host name"),
         ({"upstream": {"instances": [{"url": "http://a:1", "port": 2}]}}, "port goes with dns"),
         ({"upstream": {"instances": [{"dns": "t", "port": 1}, {"dns": "t", "port": 1}]}}, "same instance twice"),
+        ({"upstream": 5}, "[upstream] must be a table"),
+        ({"upstream": "abc"}, "[upstream] must be a table"),
+        *(
+            ({"upstream": {"instances": [{"url": url}]}}, "must look like http://host:port")
+            for url in ("http://127.0.0.1:99999", "http://127.0.0.1:abc", "http://127.0.0.1:-1", "http://[::1", "http://127.0.0.1:0",
+                        "http:// bad host:8000", "https://a:1", "http://a")  # fmt: skip
+        ),
+        *(
+            ({"upstream": {"instances": [{"url": url}]}}, "no path, query or credentials")
+            for url in ("http://127.0.0.1:8000/v2", "http://u:p@127.0.0.1:8000", "http://a:1?x=1", "http://a:1#f")
+        ),
+        ({"upstream": {"instances": [{"url": "http://Host:1"}, {"url": "http://host:1/"}]}}, "same instance twice"),
+        ({"upstream": {"instances": [{"dns": "bad host name!", "port": 1}]}}, ".dns must be a host name"),
+        ({**BASE, "server": {"host": ""}}, "server.host must name the address to listen on"),
+        ({**BASE, "cache": {"enabled": True, "max_bytes": 0}}, "nothing could be cached"),
+        ({**BASE, "cache": {"max_bytes": 0, "models": {"m": {"enabled": True}}}}, "nothing could be cached"),
+        *(
+            ({**BASE, "cache": {"redis_url": url}}, "cache.redis_url must look like redis://host:port/db")
+            for url in ("redis://127.0.0.1:abc", "redis://127.0.0.1:99999/0", "redis://[::1", "redis://127.0.0.1:6379/notanumber",
+                        "http://127.0.0.1:6379", "redis://")  # fmt: skip
+        ),
         ({**BASE, "upstream": {**BASE["upstream"], "max_tries": 0}}, "upstream.max_tries must be >= 1"),
         ({**BASE, "upstream": {**BASE["upstream"], "max_inflight_per_instance": 0}}, "max_inflight_per_instance"),
         ({**BASE, "upstream": {**BASE["upstream"], "health_timeout_s": 0.0}}, "upstream.health_timeout_s must be > 0"),
@@ -290,6 +311,34 @@ def test_values_documented_as_meaningful_are_accepted() -> None:
     assert config.cache.host_bytes == 0 and config.server.shutdown_grace_s == 0.0
     assert parse_config({"upstream": {**BASE["upstream"], "max_ejected_share": 1}}).upstream.max_ejected_share == 1.0
     assert parse_config({**BASE, "cache": {"host_max_bytes": 0}}).cache.host_bytes == 0
+
+
+def test_instance_urls_are_kept_in_one_spelling_and_good_redis_urls_pass() -> None:
+    config = parse_config({"upstream": {"instances": [{"url": "HTTP://Triton-A:8000/"}, {"url": "http://[::1]:8001"}]}})
+    assert [i.url for i in config.upstream.instances] == ["http://triton-a:8000", "http://[::1]:8001"]
+    for url in ("redis://127.0.0.1:6379/0", "rediss://user:pw@cache.example:6380", "redis://cache", "unix:///run/redis.sock"):
+        assert parse_config({**BASE, "cache": {"redis_url": url}}).cache.redis_url == url
+    assert parse_config({**BASE, "cache": {"enabled": True, "max_bytes": 0, "redis_url": "redis://r:6379"}}).cache.max_bytes == 0
+
+
+def test_a_config_that_cannot_be_read_or_names_a_missing_repository_is_refused_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "config.toml"
+    folder.mkdir()
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe")
+    for path, message in ((folder, "cannot read config file .*Is a directory"), (binary, "invalid TOML")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(path)
+        assert main(["check-config", "--config", str(path)]) == 2
+    for repository, said in ((tmp_path / "missing", "does not exist"), (binary, "is not a folder")):
+        path = tmp_path / "gateway.toml"
+        path.write_text(f'[upstream]\ninstances = [{{ url = "http://a:1", grpc_port = 2 }}]\n[repository]\npath = "{repository}"\n')
+        assert load_config(path).repository.path == str(repository)  # a container's config names its own paths
+        assert main(["check-config", "--config", str(path)]) == 2
+        assert main(["serve", "--config", str(path), "--port", "1"]) == 2  # before anything starts
+        assert f"repository.path \"{repository}\" {said}" in capsys.readouterr().err
 
 
 def test_nan_and_inf_written_in_toml_are_refused_by_check_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
