@@ -430,7 +430,9 @@ def validate(config: GatewayConfig) -> None:
         raise ConfigError("server.host must name the address to listen on (0.0.0.0 or :: for every interface), got \"\"")
     cached = c.enabled or any(m.enabled for m in c.models.values())
     if cached and c.max_bytes == 0 and not c.redis_url and (s.workers == 1 or c.host_bytes == 0):
-        raise ConfigError("cache.max_bytes is 0 with the cache enabled and no other tier (redis_url, host_max_bytes): nothing could be cached")
+        raise ConfigError(
+            "cache.max_bytes is 0 with the cache enabled and no other tier (redis_url, host_max_bytes): nothing could be cached"
+        )
 
 
 def _check_redis_url(url: str) -> None:
