@@ -5,9 +5,10 @@ The rollout file (TOML, ``[rollout] file`` in the gateway config) holds one tabl
     [models.digits_cnn]
     stable = "1"                  # the version that serves by default
     canary = "2"                  # optional: a version under trial...
-    canary_share = 0.1            # ...and its share of requests, 0..1
+    canary_share = 0.1            # ...and its share of requests, 0..1 (not with a ramp)
     sticky_header = "x-user"      # optional: a header whose value pins a client to a version
-    ramp = [0.05, 0.25, 0.5, 1.0] # optional: shares to step through while the canary behaves...
+    # ramp = [0.05, 0.25, 0.5, 1.0] # or, instead of canary_share: rising shares to step through
+                                  # while the canary behaves (the first is the starting share)...
     ramp_min_requests = 200       # ...each step lasting at least this many canary requests
     ramp_min_seconds = 30.0       # ...and this long; after the last step the canary is promoted
     rollback_error_rate = 0.02    # optional: roll back when the canary's error rate exceeds
@@ -55,6 +56,12 @@ than stable trips a rule in about 1 check in 1000 (one-sided tests):
   the reference is stable's p99 as estimated from its window, which chance alone beats in about
   1 check in 100; from a ratio of 1.5 up, far less than 1 in 1000. A canary starting at a
   share of 1.0 would leave stable nothing to measure: with this rule, the file is refused.
+
+A setting that could not take effect is refused (``RolloutError``) rather than left silently off:
+a ramp beside a ``canary_share``, shares that do not rise strictly, a ``rollback_error_rate`` of 1
+or more (a difference of error rates), a ``rollback_window`` above ``MAX_WINDOW``, a ramp step
+longer than ``MAX_STEP_REQUESTS`` or ``MAX_STEP_SECONDS``, a canary's settings in a table without
+a canary, a shadow that is the stable or the canary version.
 
 A small window detects only large regressions (what windows of 200 catch, simulated: README,
 "Canary rollouts").
@@ -113,6 +120,10 @@ Z_WORSE = 3.09  # the error rule: a one-sided z of 3.09 (P(Z > 3.09) = 0.001)
 SLOW_SHARE = 0.01  # the latency rule: at most this share of a version's latencies is above its p99...
 P_SLOWER = 0.001  # ...so more canary requests above it than Binomial(n, 0.01) gives with P < 0.001
 MAX_EVENTS = 50
+# The largest settings a rollout file may give: beyond them, a setting only switches its rule off.
+MAX_WINDOW = 100_000  # rollback_window: each check goes over both windows (about 60 ms at this size)
+MAX_STEP_REQUESTS = 1_000_000_000  # ramp_min_requests
+MAX_STEP_SECONDS = 30 * 24 * 3600.0  # ramp_min_seconds: 30 days
 
 
 class RolloutConflict(ValueError):
@@ -545,14 +556,26 @@ def _table(where: str, table: Any) -> ModelRollout:
     if not isinstance(sticky, str) or (sticky and not sticky.replace("-", "").isalnum()):
         raise RolloutError(f"{where}.sticky_header must be a header name, got {shown(sticky)}")
     ramp = table.get("ramp", [])
-    if not isinstance(ramp, list) or not all(_share(x) for x in ramp) or ramp != sorted(ramp) or (ramp and ramp[-1] != 1):
+    if (
+        not isinstance(ramp, list) or not all(_share(x) for x in ramp) or any(a >= b for a, b in zip(ramp, ramp[1:]))
+        or (ramp and ramp[-1] != 1)
+    ):  # fmt: skip
         raise RolloutError(f"{where}.ramp must be rising shares in 0..1 ending with 1.0, got {shown(ramp)}")
     if ramp and not canary:
         raise RolloutError(f"{where}.ramp is set but there is no canary version")
+    if ramp and "canary_share" in table:
+        # The canary starts at the ramp's first step: a canary_share beside it would be ignored.
+        raise RolloutError(
+            f"{where}: canary_share and ramp are both set, but the ramp's first step is the starting share "
+            f"({shown(ramp[0])}); remove canary_share (or the ramp)"
+        )
     numbers = {}
-    for key, kind, low in (
-        ("ramp_min_requests", int, 1), ("ramp_min_seconds", float, 0.0), ("rollback_error_rate", float, 0.0),
-        ("rollback_latency_ratio", float, 1.0), ("rollback_window", int, 10),
+    for key, kind, low, high, why in (
+        ("ramp_min_requests", int, 1, MAX_STEP_REQUESTS, "requests"),
+        ("ramp_min_seconds", float, 0.0, MAX_STEP_SECONDS, "seconds (30 days)"),
+        ("rollback_error_rate", float, 0.0, None, ""),
+        ("rollback_latency_ratio", float, 1.0, None, ""),
+        ("rollback_window", int, 10, MAX_WINDOW, "computed answers (each check of the rules goes over the whole window)"),
     ):  # fmt: skip
         if key in table:
             value = table[key]
@@ -560,7 +583,19 @@ def _table(where: str, table: Any) -> ModelRollout:
                 raise RolloutError(f"{where}.{key} must be {'an integer' if kind is int else 'a number'}, got {shown(value)}")
             if not (math.isfinite(value) and value >= low):  # NaN compares false: it would never roll back
                 raise RolloutError(f"{where}.{key} must be a finite number >= {low}, got {shown(value)}")
+            if high is not None and value > high:  # a step that never ends, a window that never fills
+                raise RolloutError(f"{where}.{key} must be at most {high:,.0f} {why}, got {shown(value)}")
             numbers[key] = kind(value)
+    if numbers.get("rollback_error_rate", 0.0) >= 1:
+        # A difference of two error rates (each in 0..1): the canary's would have to exceed 1.
+        raise RolloutError(
+            f"{where}.rollback_error_rate must be below 1: it is how far the canary's error rate may exceed "
+            f"stable's, and from 1 up the rule can never fire; got {shown(table['rollback_error_rate'])}"
+        )
+    unused = [] if canary else [key for key in ("sticky_header", *numbers) if table.get(key, "") != ""]
+    if unused:
+        # Each of these acts on a canary only: without one, it would be silently ignored.
+        raise RolloutError(f"{where}.{unused[0]} is set but there is no canary version")
     first = ramp[0] if ramp else share
     if "rollback_latency_ratio" in numbers and first == 1:
         # The latency rule compares the canary with stable's p99: a canary taking every request
@@ -577,6 +612,8 @@ def _table(where: str, table: Any) -> ModelRollout:
         raise RolloutError(f"{where}.shadow_share is set but there is no shadow version")
     if shadow and shadow == stable:
         raise RolloutError(f"{where}: the shadow is the stable version ({stable})")
+    if shadow and shadow == canary:
+        raise RolloutError(f"{where}: the shadow is the canary version ({canary}); a shadow must be a third version")
     return ModelRollout(
         stable, canary, float(share) + 0.0, sticky.lower().encode(), tuple(float(x) for x in ramp), **numbers,
         shadow=shadow, shadow_share=float(shadow_share),

@@ -41,6 +41,13 @@ def test_versions_in_a_rollout_are_numbers_as_in_requests() -> None:
         ({"models": {"m": {"stable": "1", "canary": "1"}}}, "the canary is the stable version"),
         ({"models": {"m": {"stable": "1", "canry": "2"}}}, "unknown key(s) in [models.m]: canry"),
         ({"models": {"m": {"stable": "1", "sticky_header": "a b"}}}, "sticky_header must be a header name"),
+        # Settings that act on a canary only, in a table without one: silently ignored otherwise.
+        ({"models": {"m": {"stable": "1", "sticky_header": "x-user"}}}, "m.sticky_header is set but there is no canary"),
+        ({"models": {"m": {"stable": "1", "rollback_error_rate": 0.02}}}, "m.rollback_error_rate is set but there is no canary"),
+        ({"models": {"m": {"stable": "1", "rollback_latency_ratio": 2.0}}}, "m.rollback_latency_ratio is set but there is no canary"),
+        ({"models": {"m": {"stable": "1", "rollback_window": 200}}}, "m.rollback_window is set but there is no canary"),
+        ({"models": {"m": {"stable": "1", "ramp_min_requests": 200}}}, "m.ramp_min_requests is set but there is no canary"),
+        ({"models": {"m": {"stable": "1", "shadow": "3", "ramp_min_seconds": 30.0}}}, "m.ramp_min_seconds is set but there is no canary"),
     ],
 )
 def test_bad_rollouts_are_rejected_with_a_message_naming_the_problem(data: dict, message: str) -> None:
@@ -538,12 +545,34 @@ def test_an_unchanged_table_keeps_its_state_across_reloads_and_a_changed_one_sta
         ({"shadow_share": 0.5}, "there is no shadow version"),
         ({"ramp": [1.0], "rollback_latency_ratio": 2.0}, "leaves stable no requests"),
         ({"canary_share": 1.0, "rollback_latency_ratio": 2.0}, "leaves stable no requests"),
+        ({"ramp": [0.5, 0.5, 1.0]}, "ramp must be rising shares"),  # strictly: a repeated step is no step
+        ({"ramp": [0.1, 1.0, 1.0]}, "ramp must be rising shares"),
+        ({"canary_share": 0.5, "ramp": [0.1, 1.0]}, "m: canary_share and ramp are both set, but the ramp's first step is the starting share (0.1)"),
+        ({"canary_share": 0.0, "ramp": [0.1, 1.0]}, "canary_share and ramp are both set"),
+        ({"rollback_error_rate": 2}, "m.rollback_error_rate must be below 1"),  # a difference of rates: never fires
+        ({"rollback_error_rate": 1.0}, "m.rollback_error_rate must be below 1"),
+        ({"rollback_window": 100_000_000_000}, "m.rollback_window must be at most 100,000 computed answers"),
+        ({"rollback_window": 100_001}, "m.rollback_window must be at most 100,000"),
+        ({"ramp": [0.1, 1.0], "ramp_min_requests": 10**12}, "m.ramp_min_requests must be at most 1,000,000,000 requests"),
+        ({"ramp": [0.1, 1.0], "ramp_min_seconds": 1e12}, "m.ramp_min_seconds must be at most 2,592,000 seconds (30 days)"),
+        ({"shadow": "2"}, "m: the shadow is the canary version (2)"),
+        ({"shadow": "02", "canary_share": 0.1}, "the shadow is the canary version (2)"),
     ],
 )
 def test_bad_ramp_and_rollback_settings_are_rejected(extra: dict, message: str) -> None:
     with pytest.raises(RolloutError) as err:
         parse_rollouts({"models": {"m": {"stable": "1", "canary": "2", **extra}}})
     assert message in str(err.value)
+
+
+def test_settings_at_their_limits_are_accepted() -> None:
+    """The bounds refuse only what cannot make sense: the values at them still parse."""
+    table = {"stable": "1", "canary": "2", "ramp": [0.1, 0.2, 1.0], "ramp_min_requests": 1_000_000_000,
+             "ramp_min_seconds": 30 * 24 * 3600, "rollback_error_rate": 0.99, "rollback_window": 100_000, "shadow": "3"}
+    parsed = parse_rollouts({"models": {"m": table}})["m"]
+    assert (parsed.rollback_window, parsed.rollback_error_rate, parsed.ramp_min_seconds) == (100_000, 0.99, 2_592_000.0)
+    staged = parse_rollouts({"models": {"m": {"stable": "1", "sticky_header": ""}}})["m"]  # an empty header is none
+    assert staged == ModelRollout("1")
 
 
 # -- [defaults]: versions dropped into the repository become canaries by themselves --------------
@@ -566,6 +595,11 @@ def auto_rollouts(clock: Clock, defaults: dict = DEFAULTS, models: dict | None =
         ({"ramp": [0.5, 0.2]}, "defaults.ramp must be rising shares"),
         ({"ramp": [1.0], "rollback_latency_ratio": 3.0}, "defaults: rollback_latency_ratio compares the canary"),
         ({"canary_share": 0.1, "rollback_windw": 50}, "unknown key(s) in [defaults]: rollback_windw"),
+        ({"canary_share": 0.5, "ramp": [0.1, 1.0]}, "defaults: canary_share and ramp are both set, but the ramp's first step"),
+        ({"ramp": [0.5, 0.5, 1.0]}, "defaults.ramp must be rising shares"),
+        ({"canary_share": 0.1, "rollback_error_rate": 1}, "defaults.rollback_error_rate must be below 1"),
+        ({"canary_share": 0.1, "rollback_window": 10**11}, "defaults.rollback_window must be at most 100,000"),
+        ({"ramp": [0.1, 1.0], "ramp_min_seconds": 1e9}, "defaults.ramp_min_seconds must be at most 2,592,000"),
     ],
 )
 def test_bad_defaults_are_rejected_with_a_message_naming_the_problem(defaults: dict, message: str) -> None:
