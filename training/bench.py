@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from training.distributed import TrainConfig, train
+from training.distributed import TrainConfig, checked, train
 from training.progress import table
+from training.specs import UsageError
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -74,6 +75,11 @@ def run(
     model: str, epochs: int, repeats: int, average_every: int, out: Path | None, command: str, batch_size: int | None = None
 ) -> str:
     all_cases = cases(model, epochs, average_every, os.cpu_count() or 1, batch_size)
+    for case in all_cases:  # a configuration that would be refused (a batch 2 workers cannot split) stops all before any runs
+        try:
+            checked(case.config)
+        except UsageError as exc:
+            raise UsageError(f"{case.label}: {exc}") from None
     rates: dict[str, list[float]] = {c.label: [] for c in all_cases}
     walls: dict[str, list[float]] = {c.label: [] for c in all_cases}
     accs: dict[str, list[float]] = {c.label: [] for c in all_cases}

@@ -18,7 +18,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from training.specs import MODELS, UsageError
+from training.specs import MODELS, SEED_MAX, UsageError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUNS = Path("runs")
@@ -32,6 +32,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"a seed is an integer from 0 to {SEED_MAX} (2**32 - 1), got {value}")
     return value
 
 
@@ -75,13 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_model(p)
     p.add_argument("--workers", type=_positive_int, default=1, help="worker processes (default 1); under torchrun leave it out")
     p.add_argument("--mode", choices=["ddp", "average"], default="ddp", help="gradient all-reduce (ddp) or parameter averaging")
-    p.add_argument("--average-every", type=_positive_int, default=8, metavar="K", help="steps between parameter averages (mode average)")
+    p.add_argument("--average-every", type=_positive_int, metavar="K", help="steps between parameter averages (--mode average; default 8)")
     p.add_argument("--epochs", type=_positive_int, help="default: the model's recipe")
     p.add_argument("--batch-size", type=_positive_int, help="global batch, split across workers; default: recipe")
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--max-steps", type=_positive_int, help="stop after this many steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="data split, initial weights and batch order (default 0)")
     p.add_argument("--threads", type=_positive_int, default=1, help="torch threads per worker (default 1: fastest here)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA (NCCL) when there is a GPU for each worker, else CPU (gloo)")
     p.add_argument("--channels", help="digits_cnn: conv channels, e.g. 8,16 (default 16,32)")
@@ -93,17 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_model(p)
     p.add_argument("--from", dest="source", type=Path, required=True, help="a checkpoint (train's --out, or a version's model.pt)")
     p.add_argument("--prune", type=_sparsity, metavar="SPARSITY", help="share of Conv/Linear weights set to zero, in [0, 1)")
-    p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune with the pruning masks in place (default 0)")
+    p.add_argument("--finetune-epochs", type=int, help="fine-tune with the pruning masks in place (default 0)")
     p.add_argument("--quantize", nargs="?", const="dynamic", choices=["dynamic", "weight-only"], help="int8: dynamic (Linear layers, default) or weight-only (all layers)")
     p.add_argument("--distill", action="store_true", help="train a smaller student from this checkpoint as teacher")
     p.add_argument("--student-channels", help="digits_cnn student's conv channels (default 4,8)")
     p.add_argument("--student-hidden", type=_positive_int, help="student's hidden units (default 16 for digits_cnn, 8 for breast_cancer_mlp)")
-    p.add_argument("--temperature", type=float, default=2.0)
-    p.add_argument("--alpha", type=float, default=0.9, help="weight of the soft-target loss (default 0.9)")
+    p.add_argument("--temperature", type=float, help="distillation temperature (default 2)")
+    p.add_argument("--alpha", type=float, help="weight of the soft-target loss (default 0.9)")
     p.add_argument("--distill-epochs", type=_positive_int, help="default: the model's recipe")
     p.add_argument("--no-baseline", action="store_true", help="skip training the student without the teacher")
-    p.add_argument("--student-seed", type=int, help="the student's initial weights and batch order (default: the split's seed)")
-    p.add_argument("--seed", type=int, help=SPLIT_SEED_HELP)
+    p.add_argument("--student-seed", type=_seed, help="the student's initial weights and batch order (default: the split's seed)")
+    p.add_argument("--seed", type=_seed, help=SPLIT_SEED_HELP)
     p.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1: fastest for these models)")
     p.add_argument("--out", type=Path, help="default: next to --from, named after the steps")
     p.add_argument("--quiet", action="store_true")
@@ -116,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="publish even if the accuracy gate refuses")
     p.add_argument("--canary-config", type=Path, help="rollout config (TOML) to write a canary entry into")
     p.add_argument("--canary-share", type=_share, help="share of requests for the canary (default 0.1)")
-    p.add_argument("--seed", type=int, help=SPLIT_SEED_HELP)
+    p.add_argument("--seed", type=_seed, help=SPLIT_SEED_HELP)
 
     p = sub.add_parser("evaluate", help="test accuracy of a checkpoint or of a published version")
     add_model(p)
@@ -124,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--from", dest="source", type=Path)
     g.add_argument("--version", type=_positive_int, help="a version folder, run through its own model.py")
     p.add_argument("--repository", type=Path, default=REPO_ROOT / "model_repository")
-    p.add_argument("--seed", type=int, help=SPLIT_SEED_HELP)
+    p.add_argument("--seed", type=_seed, help=SPLIT_SEED_HELP)
 
     p = sub.add_parser("pipeline-check", help="the MLP split across two processes vs the whole", description=_doc("training.pipeline"))
     p.add_argument("--from", dest="source", type=Path, help="breast_cancer_mlp checkpoint (default: the served version 1)")
@@ -176,8 +186,10 @@ def _stamp() -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from training.distributed import TrainConfig, launched_by_torchrun, save, train
     from training.progress import table
-    from training.specs import MODELS, parse_ints
+    from training.specs import MODELS, check_output_file, parse_ints
 
+    if args.average_every is not None and args.mode != "average":
+        raise UsageError(f"--average-every applies to --mode average only (--mode is {args.mode})")
     arch = dict(MODELS[args.model].default_config)
     if args.channels:
         if args.model != "digits_cnn":
@@ -186,11 +198,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.hidden:
         arch["hidden"] = args.hidden
     cfg = TrainConfig(
-        args.model, workers=args.workers, mode=args.mode, average_every=args.average_every, epochs=args.epochs,
+        args.model, workers=args.workers, mode=args.mode, average_every=args.average_every or 8, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, max_steps=args.max_steps,
         threads=args.threads, device=args.device, arch_config=arch, progress=not args.quiet,
     )  # fmt: skip
     out = args.out or RUNS / f"{args.model}-{_stamp()}.pt"
+    check_output_file(out)  # before training, not after it
     result = train(cfg)
     if result is None:  # a torchrun worker other than rank 0
         return 0
@@ -214,11 +227,18 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     from training.compress import STAGE_HEADERS, DistillConfig, compress, save, stage_rows
     from training.progress import table
-    from training.specs import MODELS, parse_ints
+    from training.specs import MODELS, check_output_file, parse_ints
 
     torch.set_num_threads(args.threads)
 
     distill = None
+    distill_only = [name for name, given in (
+        ("--student-channels", args.student_channels is not None), ("--student-hidden", args.student_hidden is not None),
+        ("--student-seed", args.student_seed is not None), ("--temperature", args.temperature is not None),
+        ("--alpha", args.alpha is not None), ("--distill-epochs", args.distill_epochs is not None),
+        ("--no-baseline", args.no_baseline)) if given]  # fmt: skip
+    if distill_only and not args.distill:
+        raise UsageError(f"{', '.join(distill_only)} {'needs' if len(distill_only) == 1 else 'need'} --distill")
     if args.distill:
         student = dict(MODELS[args.model].default_config)
         if args.model == "digits_cnn":
@@ -228,17 +248,18 @@ def cmd_compress(args: argparse.Namespace) -> int:
             if args.student_channels:
                 raise UsageError("--student-channels applies to digits_cnn only")
             student["hidden"] = args.student_hidden or 8
-        distill = DistillConfig(student, temperature=args.temperature, alpha=args.alpha, epochs=args.distill_epochs,
+        distill = DistillConfig(student, temperature=2.0 if args.temperature is None else args.temperature,
+                                alpha=0.9 if args.alpha is None else args.alpha, epochs=args.distill_epochs,
                                 compare_baseline=not args.no_baseline, seed=args.student_seed)  # fmt: skip
-    elif args.student_channels or args.student_hidden or args.student_seed is not None:
-        raise UsageError("--student-channels/--student-hidden/--student-seed need --distill")
-    if args.finetune_epochs and args.prune is None:
+    if args.finetune_epochs is not None and args.prune is None:
         raise UsageError("--finetune-epochs needs --prune")
+    args.finetune_epochs = args.finetune_epochs or 0
     if args.finetune_epochs < 0:
         raise UsageError(f"--finetune-epochs must not be negative, got {args.finetune_epochs}")
     steps = [s for s, on in (("distilled", distill), (f"pruned{args.prune}", args.prune is not None),
                              (f"int8-{args.quantize}", args.quantize)) if on]  # fmt: skip
     out = args.out or args.source.with_name(f"{args.source.stem}-{'-'.join(steps) or 'copy'}.pt")
+    check_output_file(out)  # before compressing, not after it
     result = compress(args.model, args.source, prune_amount=args.prune, prune_finetune_epochs=args.finetune_epochs,
                       quantize_scheme=args.quantize, distill=distill, seed=args.seed, progress=not args.quiet)  # fmt: skip
     save(result, out)
@@ -297,19 +318,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline_check(args: argparse.Namespace) -> int:
-    from training.models import load_checkpoint
     from training.pipeline import compare, reference, run_split
     from training.progress import table
-    from training.quantize import load_payload, split_seed
+    from training.quantize import model_from_payload, read_source, split_seed
     from training.specs import spec
 
     source = args.source or REPO_ROOT / "model_repository" / "breast_cancer_mlp" / "1" / "model.pt"
-    if not Path(source).is_file():
+    if args.source is None and not Path(source).is_file():
         raise UsageError(f"{source}: no such file (train one with `python -m training train --model breast_cancer_mlp`)")
-    payload = load_payload(source)
-    if payload.get("arch") != "breast_cancer_mlp" or payload.get("quantization"):
-        raise UsageError(f"{source} is not a float breast_cancer_mlp checkpoint")
-    model = load_checkpoint(source)
+    payload = read_source(source, "breast_cancer_mlp")  # a UsageError for anything that does not load
+    if payload.get("quantization"):
+        raise UsageError(f"--from {source} is not a float breast_cancer_mlp checkpoint (it is {payload['quantization']})")
+    model = model_from_payload(payload)
     splits = spec("breast_cancer_mlp").splits(split_seed(payload, source, None))
     kw = dict(train_steps=args.train_steps)
     split_run = run_split(model, payload["config"], splits.x_test, splits.x_train, splits.y_train, micro_batch=args.micro_batch, **kw)
@@ -330,9 +350,11 @@ def cmd_pipeline_check(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from training.bench import RESULTS, run
+    from training.specs import check_output_file
 
     suffix = f"-b{args.batch_size}" if args.batch_size else ""
     out = args.out or RESULTS / f"{dt.date.today().isoformat()}-workers-{args.model}{suffix}.md"
+    check_output_file(out)  # before the benchmark runs, not after it
     command = "python -m training " + " ".join(shlex.quote(a) for a in args.argv)
     report = run(args.model, args.epochs, args.repeats, args.average_every, out, command, args.batch_size)
     print(report)

@@ -38,7 +38,7 @@ from training.default_models import write_weights
 from training.measure import Metrics, accuracy, measure, sparsity
 from training.progress import Progress
 from training.quantize import SCHEMES, load_payload, model_from_payload, quantize, read_source, split_seed
-from training.specs import UsageError, build, spec
+from training.specs import UsageError, build, check_seed, spec
 
 
 @dataclass(frozen=True)
@@ -181,6 +181,10 @@ def compress(
         raise UsageError(f"--prune must be in [0, 1), got {prune_amount}")
     if quantize_scheme is not None and quantize_scheme not in SCHEMES:
         raise UsageError(f"--quantize must be one of {', '.join(SCHEMES)}, got {quantize_scheme!r}")
+    if seed is not None:
+        check_seed(seed)
+    if distill is not None and distill.seed is not None:
+        check_seed(distill.seed, "--student-seed")
     src_payload = read_source(source, model_name)
     seed = split_seed(src_payload, source, seed)
     if src_payload.get("quantization"):

@@ -106,8 +106,13 @@ def write_weights(path: Path, payload: dict[str, Any]) -> None:
     """Write atomically: a Triton polling the repository must never read a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_file():
+            tmp.unlink()  # leave no half-written file behind
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,7 +43,7 @@ from training.default_models import accuracy, write_weights
 from training.launch import die_with_parent, free_port, spawn
 from training.models import checkpoint
 from training.progress import Progress
-from training.specs import UsageError, build, spec
+from training.specs import UsageError, build, check_seed, spec
 
 MODES = ("ddp", "average")
 
@@ -90,6 +90,7 @@ class TrainConfig:
             raise UsageError(f"--max-steps must be at least 1, got {c.max_steps}")
         if c.threads < 1:
             raise UsageError(f"--threads must be at least 1, got {c.threads}")
+        check_seed(c.seed)
         assert c.batch_size is not None and c.lr is not None and c.weight_decay is not None
         if c.batch_size < c.workers or c.batch_size % c.workers:
             raise UsageError(
@@ -118,7 +119,7 @@ def auto_device(workers: int) -> str:
     """What ``--device auto`` trains on: CUDA when this machine has a GPU for each of its
     workers (NCCL gives each its own; under torchrun, the workers on this machine), else the CPU
     with gloo, so that two workers on a one-GPU machine still train rather than being refused."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", workers)) if launched_by_torchrun() else workers
+    local = _env_int("LOCAL_WORLD_SIZE", default=workers, low=1) if launched_by_torchrun() else workers
     return "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= local else "cpu"
 
 
@@ -154,13 +155,56 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
 
 
+def _env_int(name: str, *, default: int | None = None, low: int = 0, high: int | None = None) -> int:
+    """An integer torchrun's environment holds; a UsageError naming the variable otherwise."""
+    text = os.environ.get(name)
+    if text is None:
+        if default is None:
+            raise UsageError(f"started as a torchrun worker ({_why_torchrun()}), but {name} is not set")
+        return default
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise UsageError(f"torchrun environment: {name}={text!r} is not an integer") from None
+    if value < low or (high is not None and value > high):
+        bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+        raise UsageError(f"torchrun environment: {name}={text!r} must be {bounds}")
+    return value
+
+
+def _why_torchrun() -> str:
+    return "TORCHELASTIC_RUN_ID is set" if "TORCHELASTIC_RUN_ID" in os.environ else "RANK, WORLD_SIZE and MASTER_ADDR are set"
+
+
+def torchrun_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) of a worker started by torchrun, every variable checked
+    before any rendezvous: a rank outside the world would wait for ever for peers that never come,
+    and a variable missing or not a number would fail inside torch with a traceback."""
+    world = _env_int("WORLD_SIZE", low=1)
+    rank = _env_int("RANK")
+    if rank >= world:
+        rank_text, world_text = os.environ["RANK"], os.environ["WORLD_SIZE"]
+        raise UsageError(f"torchrun environment: RANK={rank_text!r} must be below WORLD_SIZE={world_text!r}")
+    local_world = _env_int("LOCAL_WORLD_SIZE", default=world, low=1)
+    # LOCAL_RANK defaults to the rank (one machine), bounded by LOCAL_WORLD_SIZE when both are set.
+    local_rank = _env_int("LOCAL_RANK", default=rank, high=local_world - 1 if "LOCAL_WORLD_SIZE" in os.environ else None)
+    if not os.environ.get("MASTER_ADDR", "").strip():
+        state = "empty" if "MASTER_ADDR" in os.environ else "not set"
+        raise UsageError(f"started as a torchrun worker ({_why_torchrun()}), but MASTER_ADDR is {state}")
+    _env_int("MASTER_PORT", low=1, high=65535)
+    return rank, world, local_rank
+
+
 def train(config: TrainConfig) -> TrainResult | None:
     """Train and return rank 0's result (None on the other ranks of a torchrun job)."""
+    torchrun = torchrun_env() if launched_by_torchrun() else None  # checked before anything starts
     cfg = config.resolved()
     _check_rows(cfg)
-    if launched_by_torchrun():
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if torchrun is not None:
+        rank, world, local_rank = torchrun
+        if cfg.use_cuda() and local_rank >= torch.cuda.device_count():
+            gpus = torch.cuda.device_count()
+            raise UsageError(f"torchrun environment: LOCAL_RANK={local_rank} on CUDA needs GPU {local_rank}, this machine has {gpus}")
         if cfg.workers not in (1, world):
             raise UsageError(f"--workers {cfg.workers} disagrees with torchrun's world size {world}; leave it out")
         cfg = replace(cfg, workers=world)
@@ -177,6 +221,16 @@ def train(config: TrainConfig) -> TrainResult | None:
         spawn(_spawned_worker, cfg.workers, (cfg, f"tcp://127.0.0.1:{free_port()}", out))
         states = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(cfg.workers)]
     return _result(cfg, states)
+
+
+def checked(config: TrainConfig) -> TrainConfig:
+    """The config resolved and checked as `train` checks it before starting workers (outside
+    torchrun); a UsageError if it would be refused. For callers that run several trainings and
+    must refuse a bad one before running any (the worker benchmark)."""
+    cfg = config.resolved()
+    _check_rows(cfg)
+    _check_devices(cfg)
+    return cfg
 
 
 def _check_batch(cfg: TrainConfig) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from training.quantize import load_payload, quiet_quantization
+from training.quantize import load_error, load_payload, quiet_quantization
 from training.specs import UsageError, spec
 
 _counter = itertools.count()
@@ -91,5 +91,5 @@ def served_version(model_dir: Path, version: str | int, model: str) -> tuple[tor
         if isinstance(exc, FileNotFoundError) and exc.filename:
             reason = f"it has no {Path(exc.filename).name}"
         else:
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            reason = f"{type(exc).__name__}: {load_error(exc)}"
         raise UsageError(f"version {version} of {model} ({folder}) does not load: {reason}") from None

@@ -54,7 +54,7 @@ from training.compress import sha256
 from training.harness import served_version, version_network
 from training.measure import Metrics, accuracy, measure
 from training.quantize import model_from_payload, read_source, split_seed
-from training.specs import UsageError, spec
+from training.specs import UsageError, check_output_file, spec
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "model.py"
 OUTPUT_ATOL = 1e-4
@@ -84,20 +84,47 @@ def versions(model_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isascii() and p.name.isdigit() and int(p.name) > 0)
 
 
+def named_stable(model_dir: Path, model: str, canary_config: Path | None) -> int | None:
+    """The `stable` version the rollout config names for this model, which must be a version
+    present in `model_dir` (a UsageError naming the file otherwise); None when the file, its
+    table or its `stable` is absent, or when no version is present yet (the first version is
+    written as stable, replacing whatever was named)."""
+    if canary_config is None or not canary_config.exists():
+        return None
+    data = read_rollout(canary_config)
+    models = data.get("models", {})
+    table = models.get(model, {}) if isinstance(models, dict) else None
+    if not isinstance(table, dict):
+        raise UsageError(f"--canary-config {canary_config}: {'models' if table is None else f'models.{model}'} is not a table")
+    if "stable" not in table:
+        return None
+    present = versions(model_dir)
+    if not present:
+        return None
+    named = table["stable"]
+    text = str(named) if isinstance(named, int) and not isinstance(named, bool) else named
+    if not (isinstance(text, str) and text.isascii() and text.isdigit() and int(text) > 0):
+        raise UsageError(f"--canary-config {canary_config}: the stable version of {model} is {named!r}, not a version number")
+    if int(text) not in present:
+        raise UsageError(
+            f"--canary-config {canary_config}: the stable version {named!r} of {model} is not in {model_dir} "
+            f"(versions present: {', '.join(map(str, present))})"
+        )
+    return int(text)
+
+
 def _stable(model_dir: Path, model: str, canary_config: Path | None, log: Any) -> tuple[int, nn.Module, int] | None:
     """The version the gate compares with, the network it serves and the split seed it was
-    trained on; None before the first version. The `stable` a rollout config names must load;
-    otherwise it is the newest version that loads."""
+    trained on; None before the first version. The `stable` a rollout config names must be a
+    version present and load (see `named_stable`); otherwise it is the newest version that loads."""
     present = versions(model_dir)
-    if canary_config is not None and canary_config.exists():
-        table = read_rollout(canary_config).get("models", {}).get(model, {})
-        named = str(table.get("stable", ""))
-        if named.isascii() and named.isdigit() and int(named) in present:
-            try:
-                net, payload = served_version(model_dir, int(named), model)
-            except UsageError as exc:
-                raise UsageError(f"the stable {exc} (named in {canary_config})") from None
-            return int(named), net, split_seed(payload, model_dir / named, None)
+    named = named_stable(model_dir, model, canary_config)
+    if named is not None:
+        try:
+            net, payload = served_version(model_dir, named, model)
+        except UsageError as exc:
+            raise UsageError(f"the stable {exc} (named in {canary_config})") from None
+        return named, net, split_seed(payload, model_dir / str(named), None)
     broken = []
     for version in reversed(present):
         try:
@@ -142,8 +169,11 @@ def publish(
         canary_share = 0.1 if canary_share is None else canary_share
         if not 0.0 < canary_share <= 1.0:
             raise UsageError(f"--canary-share must be in (0, 1], got {canary_share}")
+        # Fail before publishing if the file cannot be read, written or names a stable that is not there.
+        check_output_file(canary_config, "--canary-config")
         if canary_config.exists():
-            read_rollout(canary_config)  # fail before publishing if the file is broken
+            named_stable(model_dir, model, canary_config)
+            rollout_text(canary_config, model, {"stable": "0", "canary": "0", "canary_share": 0.1})
 
     splits = s.splits(seed)
     staging = _staging_folder(repository, model_dir)
@@ -313,9 +343,21 @@ def _commit(staging: Path, model_dir: Path) -> int:
 # --- the rollout config (TOML) ------------------------------------------------------------------
 
 
+def _read_text(path: Path) -> str:
+    """The rollout file's text; a UsageError when it is not a readable UTF-8 text file."""
+    if path.is_dir():
+        raise UsageError(f"--canary-config {path} is a folder, not a rollout file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"--canary-config {path}: not UTF-8 text (byte {exc.start}); a rollout file is TOML") from None
+    except OSError as exc:
+        raise UsageError(f"--canary-config {path}: cannot read it ({exc.strerror or exc})") from None
+
+
 def read_rollout(path: Path) -> dict[str, Any]:
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(_read_text(path))
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"--canary-config {path}: not valid TOML ({exc})") from None
 
@@ -352,7 +394,7 @@ def _write_rollout(path: Path, model: str, values: dict[str, Any]) -> None:
 def rollout_text(path: Path, model: str, values: dict[str, Any]) -> str:
     """The file at `path` (if any) with `values` set in `[models.<model>]`; UsageError if the
     result would not be a rollout file the gateway can read."""
-    text = path.read_text() if path.exists() else ""
+    text = _read_text(path) if path.exists() else ""
     lines = text.splitlines()
     header = re.compile(r"^\s*\[\s*models\s*\.\s*(\"?)" + re.escape(model) + r"\1\s*\]\s*(#.*)?$")
     start = next((i for i, line in enumerate(lines) if header.match(line)), None)

@@ -20,6 +20,7 @@ loading code below, since Triton runs it without this package.
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -105,28 +106,94 @@ def _copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
+class NotACheckpoint(ValueError):
+    """A file torch loads that does not hold a checkpoint of this module."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path} is not a model checkpoint ({reason})")
+        self.reason = reason
+
+
 def load_payload(path: str | Path) -> dict[str, Any]:
     with quiet_quantization():
         payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or "config" not in payload or "state_dict" not in payload:
-        raise ValueError(f"{path} is not a model checkpoint (expected a dict with 'config' and 'state_dict')")
+        raise NotACheckpoint(path, "expected a dict with 'config' and 'state_dict'")
+    if not isinstance(payload["config"], dict) or not isinstance(payload["state_dict"], dict):
+        raise NotACheckpoint(path, "its 'config' and 'state_dict' must both be dicts")
     return payload
+
+
+def load_error(exc: BaseException) -> str:
+    """Why torch.load (or the checks after it) could not read a file, in a few words on one line:
+    not torch's paragraph about ``weights_only``, which is the wrong advice for a corrupt file."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:  # weights_only refused the pickle: garbage bytes, or objects that are not plain data
+        after = text.split(marker, 1)[1].strip()
+        detail = after.splitlines()[0].strip() if after else ""
+        if detail.startswith("Unsupported global"):
+            return "it holds objects other than tensors and plain values: " + _clip(detail.split(" was not an allowed", 1)[0])
+        return "not a torch file: " + _clip(detail or "unreadable pickle data")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return {"EOFError": "the file is empty or cut short"}.get(type(exc).__name__, type(exc).__name__)
+    return _clip(" ".join(lines))
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    """The first sentence of text, at most `limit` characters."""
+    first = text.split(". ", 1)[0].rstrip(".")
+    return first if len(first) <= limit else first[: limit - 1] + "\u2026"
 
 
 def read_source(source: str | Path, model: str) -> dict[str, Any]:
-    """The checkpoint a command was given with ``--from``, which must hold a ``model``; a
-    UsageError says what is wrong with it."""
+    """The checkpoint a command was given with ``--from``, which must hold a ``model`` that it
+    builds (its ``config`` fits the architecture and its ``state_dict`` the model that config
+    makes); a one-line UsageError says what is wrong with it otherwise."""
     from training.specs import UsageError
 
-    if not Path(source).is_file():
+    path = Path(source)
+    if path.is_dir():
+        raise UsageError(f"--from {source} is a folder, not a checkpoint file")
+    if not path.exists():
         raise UsageError(f"--from {source}: no such file")
+    if not path.is_file():
+        raise UsageError(f"--from {source} is not a regular file")
     try:
         payload = load_payload(source)
+    except NotACheckpoint as exc:
+        raise UsageError(f"--from {source}: not a checkpoint ({exc.reason})") from None
     except Exception as exc:
-        raise UsageError(f"--from {source}: cannot read it as a checkpoint ({exc})") from None
+        raise UsageError(f"--from {source}: not a checkpoint ({load_error(exc)})") from None
     if payload.get("arch") != model:
         raise UsageError(f"--from {source} holds a {payload.get('arch')!r} model, not {model!r}")
+    try:
+        model_from_payload(payload)
+    except Exception as exc:
+        raise UsageError(f"--from {source} does not fit the {model} architecture ({fit_error(exc)})") from None
     return payload
+
+
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[(.*?)\]\) from checkpoint, "
+    r"the shape in current model is torch\.Size\(\[(.*?)\]\)\.?"
+)
+
+
+def fit_error(exc: BaseException) -> str:
+    """Why a checkpoint's config or state dict does not build its model, on one line."""
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and text.startswith("Error(s) in loading state_dict"):
+        # "Error(s) in loading state_dict for X:\n\tMissing key(s) ...\n\tsize mismatch for ...": the details
+        details = [_SIZE_MISMATCH.sub(r"\1 has shape [\2] in the file, [\3] in the model", line.strip()).rstrip(". ")
+                   for line in text.splitlines()[1:] if line.strip()]  # fmt: skip
+        text = "; ".join(details) or text
+    elif isinstance(exc, TypeError) and "__init__()" in text:
+        text = "config: " + text.split("__init__() ", 1)[1]
+    else:
+        text = " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:299] + "\u2026"
 
 
 def trained_seed(payload: dict[str, Any]) -> int | None:
@@ -144,9 +211,13 @@ def split_seed(payload: dict[str, Any], source: str | Path, requested: int | Non
     """The split to measure a checkpoint on: the one it was trained on (0, the default, when it
     records none). Another split would count rows it trained on as held out, so a ``--seed``
     that differs from the recorded one is a UsageError."""
-    from training.specs import UsageError
+    from training.specs import SEED_MAX, UsageError, check_seed
 
     seed = trained_seed(payload)
+    if requested is not None:
+        check_seed(requested)
+    if seed is not None and not 0 <= seed <= SEED_MAX:
+        raise UsageError(f"{source} records the split seed {seed}, which is not one from 0 to {SEED_MAX}")
     if seed is None:
         return 0 if requested is None else requested
     if requested is not None and requested != seed:

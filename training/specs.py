@@ -8,8 +8,10 @@ number of workers.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -86,3 +88,34 @@ def parse_ints(text: str, what: str, count: int | None = None) -> list[int]:
         n = f"{count} " if count else ""
         raise UsageError(f"{what} must be {n}positive integers separated by commas, got {text!r}")
     return values
+
+
+SEED_MAX = 2**32 - 1  # numpy's and scikit-learn's random_state take 0 .. 2**32 - 1
+
+
+def check_seed(seed: int, what: str = "--seed") -> int:
+    """A seed numpy and scikit-learn accept; a UsageError otherwise."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise UsageError(f"{what} must be an integer from 0 to {SEED_MAX} (2**32 - 1), got {seed!r}")
+    return seed
+
+
+def check_output_file(path: Path, what: str = "--out") -> None:
+    """Refuse, before any work, an output path that cannot be written as a file: a folder, a
+    path under something that is not a folder, or a folder this process may not write in."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a folder; give the path of a file to write")
+    if path.name in ("", ".", ".."):
+        raise UsageError(f"{what} {path} does not name a file")
+    parent = path.absolute().parent
+    while not parent.exists():
+        if parent.is_symlink():  # a dangling link: mkdir would fail on it
+            raise UsageError(f"{what} {path}: {parent} is a broken link")
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{what} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path}: no permission to write in {parent}")
+    if path.exists() and not path.is_file():
+        raise UsageError(f"{what} {path} exists and is not a regular file")

@@ -3,6 +3,9 @@ global batch, parameter averaging converges, and bad settings are refused clearl
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -65,6 +68,8 @@ def test_parameter_averaging_converges_and_leaves_identical_replicas() -> None:
         ({"average_every": 0}, "--average-every must be at least 1"),
         ({"epochs": 0}, "--epochs must be at least 1"),
         ({"threads": 0}, "--threads must be at least 1"),
+        ({"seed": -1}, r"--seed must be an integer from 0 to 4294967295"),
+        ({"seed": 2**32}, r"--seed must be an integer from 0 to 4294967295"),
     ],
 )
 def test_bad_settings_are_refused_before_anything_starts(kwargs: dict, message: str) -> None:
@@ -133,3 +138,68 @@ def test_a_batch_larger_than_the_training_rows_is_refused_before_workers_are_spa
     for workers in (1, 2):
         with pytest.raises(UsageError, match="--batch-size 1000 is larger than the 398 training rows"):
             train(TrainConfig("breast_cancer_mlp", workers=workers, batch_size=1000, progress=False, device="cpu"))
+
+
+TORCHRUN_VARIABLES = ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+GOOD_ENV = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517"}
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"TORCHELASTIC_RUN_ID": "x"}, r"started as a torchrun worker \(TORCHELASTIC_RUN_ID is set\), but WORLD_SIZE is not set"),
+        ({"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "2"}, "but RANK is not set"),
+        ({**GOOD_ENV, "RANK": "abc"}, r"torchrun environment: RANK='abc' is not an integer"),
+        ({**GOOD_ENV, "WORLD_SIZE": "0"}, r"WORLD_SIZE='0' must be at least 1"),
+        ({**GOOD_ENV, "WORLD_SIZE": "two"}, r"WORLD_SIZE='two' is not an integer"),
+        ({**GOOD_ENV, "RANK": "-1"}, r"RANK='-1' must be at least 0"),
+        ({**GOOD_ENV, "RANK": "5", "WORLD_SIZE": "2"}, r"RANK='5' must be below WORLD_SIZE='2'"),
+        ({k: v for k, v in GOOD_ENV.items() if k != "MASTER_PORT"}, "but MASTER_PORT is not set"),
+        ({**GOOD_ENV, "MASTER_PORT": "99999"}, r"MASTER_PORT='99999' must be from 1 to 65535"),
+        ({**GOOD_ENV, "TORCHELASTIC_RUN_ID": "x", "MASTER_ADDR": ""}, "but MASTER_ADDR is empty"),
+        ({**GOOD_ENV, "LOCAL_WORLD_SIZE": "abc"}, r"LOCAL_WORLD_SIZE='abc' is not an integer"),
+        ({**GOOD_ENV, "LOCAL_RANK": "x"}, r"LOCAL_RANK='x' is not an integer"),
+        ({**GOOD_ENV, "LOCAL_WORLD_SIZE": "1", "LOCAL_RANK": "1"}, r"LOCAL_RANK='1' must be from 0 to 0"),
+    ],
+)
+def test_a_bad_torchrun_environment_is_refused_before_the_rendezvous(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    for name in TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    def rendezvous(*_: object, **__: object) -> None:
+        raise AssertionError("the rendezvous started (a bad rank would wait there for ever)")
+
+    monkeypatch.setattr(distributed.dist, "init_process_group", rendezvous)
+    with pytest.raises(UsageError, match=message):
+        train(TrainConfig("breast_cancer_mlp", max_steps=1, progress=False, device="cpu"))
+
+
+def test_a_good_torchrun_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {**GOOD_ENV, "RANK": "2", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    assert distributed.launched_by_torchrun() and distributed.torchrun_env() == (2, 4, 0)
+
+
+def test_bench_workers_refuses_a_batch_two_workers_cannot_split_before_running_anything(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from training import bench
+    from training.cli import main
+
+    def ran(*_: object, **__: object) -> None:
+        raise AssertionError("a benchmark ran before the batch size was refused")
+
+    monkeypatch.setattr(bench, "train", ran)
+    out = tmp_path / "bench.md"
+    argv = ["bench-workers", "--model", "breast_cancer_mlp", "--batch-size", "33", "--epochs", "1", "--repeats", "1", "--out", str(out)]
+    assert main(argv) == 2
+    assert re.search(r"error: 2 workers \(ddp\), 1 thread each: --batch-size 33 must be a multiple of --workers 2", capsys.readouterr().err)
+    assert not out.exists()
+    assert main([*argv[:-1], str(tmp_path)]) == 2  # an --out that is a folder, refused before running too
+    assert re.search(r"--out .* is a folder", capsys.readouterr().err)

@@ -267,7 +267,24 @@ def test_config_pbtxt_names_the_inputs_the_training_module_expects() -> None:
         (["publish", "--model", "digits_cnn", "--from", "x.pt", "--margin", "5"], r"margin is a share of accuracy in \[0, 1\]"),
         (["train", "--model", "breast_cancer_mlp", "--channels", "8,16"], "--channels applies to digits_cnn only"),
         (["train", "--model", "digits_cnn", "--channels", "8"], "--channels must be 2 positive integers"),
-        (["compress", "--model", "digits_cnn", "--from", "x.pt", "--prune", "0.5", "--student-seed", "3"], "--student-seed need --distill"),
+        (["compress", "--model", "digits_cnn", "--from", "x.pt", "--prune", "0.5", "--student-seed", "3"], "--student-seed needs --distill"),
+        # Seeds outside what numpy and scikit-learn take, refused by the argument parser.
+        (["train", "--model", "breast_cancer_mlp", "--seed", "-1"], r"--seed: a seed is an integer from 0 to 4294967295 \(2\*\*32 - 1\), got -1"),
+        (["train", "--model", "breast_cancer_mlp", "--seed", "99999999999999999999"], "--seed: a seed is an integer from 0 to 4294967295"),
+        (["train", "--model", "breast_cancer_mlp", "--seed", "4294967296"], "--seed: a seed is an integer from 0 to 4294967295"),
+        (["compress", "--model", "digits_cnn", "--from", "x.pt", "--distill", "--student-seed", "-1"], "--student-seed: a seed is an integer"),
+        (["compress", "--model", "digits_cnn", "--from", "x.pt", "--prune", "0.5", "--seed", "-1"], "--seed: a seed is an integer"),
+        (["publish", "--model", "digits_cnn", "--from", "x.pt", "--seed", "-1"], "--seed: a seed is an integer"),
+        (["evaluate", "--model", "digits_cnn", "--from", "x.pt", "--seed", "2.5"], "--seed: expected an integer"),
+        # Options that would be ignored with the others given.
+        (["train", "--model", "digits_cnn", "--mode", "ddp", "--average-every", "4"], "--average-every applies to --mode average only"),
+        (["train", "--model", "digits_cnn", "--average-every", "4"], "--average-every applies to --mode average only"),
+        (["compress", "--model", "digits_cnn", "--from", "x.pt", "--prune", "0.5", "--temperature", "5"], "--temperature needs --distill"),
+        (["compress", "--model", "digits_cnn", "--from", "x.pt", "--prune", "0.5", "--alpha", "0.5"], "--alpha needs --distill"),
+        (["compress", "--model", "digits_cnn", "--from", "x.pt", "--quantize", "--distill-epochs", "3"], "--distill-epochs needs --distill"),
+        (["compress", "--model", "digits_cnn", "--from", "x.pt", "--prune", "0.5", "--no-baseline", "--alpha", "0.5"],
+         "--alpha, --no-baseline need --distill"),
+        (["compress", "--model", "digits_cnn", "--from", "x.pt", "--quantize", "--finetune-epochs", "0"], "--finetune-epochs needs --prune"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_clear_message(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -381,3 +398,123 @@ def test_a_broken_newest_version_is_skipped_by_the_gate_and_named_by_evaluate(
     with pytest.raises(UsageError, match=r"the stable version 2 of digits_cnn .* does not load: it has no model\.pt \(named in"):
         publish("digits_cnn", good, repo, canary_config=rollout, **QUIET)
     assert versions(repo / "digits_cnn") == [1, 2, 3]
+
+
+@pytest.fixture
+def unloadable(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """Files --from cannot take, each with the one line that must say why."""
+    config = dict(MODELS["breast_cancer_mlp"].default_config)
+    state = spec("breast_cancer_mlp").arch(**config).state_dict()
+    files: dict[str, tuple[Path, str]] = {}
+
+    def save(name: str, payload: object, message: str) -> None:
+        path = tmp_path / f"{name}.pt"
+        torch.save(payload, path)
+        files[name] = (path, message)
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(bytes(range(256)) * 8)
+    files["garbage"] = (garbage, r"garbage\.pt: not a checkpoint \(not a torch file: [^)]+\)$")
+    files["folder"] = (tmp_path, r" is a folder, not a checkpoint file$")
+    save("objects", {"arch": "breast_cancer_mlp", "config": config, "state_dict": state, "hook": print},
+         r"objects\.pt: not a checkpoint \(it holds objects other than tensors and plain values: [^)]+\)$")  # fmt: skip
+    save("unknown_key", {"arch": "breast_cancer_mlp", "config": {**config, "bogus": 1}, "state_dict": state},
+         r"unknown_key\.pt does not fit the breast_cancer_mlp architecture \(config: got an unexpected keyword argument 'bogus'\)$")  # fmt: skip
+    save("missing_key", {"arch": "breast_cancer_mlp", "config": config, "state_dict": {k: v for k, v in state.items() if k != "mean"}},
+         r"missing_key\.pt does not fit the breast_cancer_mlp architecture \(Missing key\(s\) in state_dict: \"mean\"\)$")  # fmt: skip
+    save("shapes", {"arch": "breast_cancer_mlp", "config": config,
+                    "state_dict": spec("breast_cancer_mlp").arch(**{**config, "hidden": 4}).state_dict()},
+         r"shapes\.pt does not fit the breast_cancer_mlp architecture \(net\.0\.weight has shape \[4, 30\] in the file, \[32, 30\] in the model")  # fmt: skip
+    return files
+
+
+@pytest.mark.parametrize("command", ["evaluate", "compress", "publish", "pipeline-check"])
+def test_a_from_that_is_not_a_checkpoint_that_fits_is_refused_in_one_line(
+    command: str, unloadable: dict[str, tuple[Path, str]], repo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    extra = {"evaluate": ["--model", "breast_cancer_mlp"], "compress": ["--model", "breast_cancer_mlp", "--prune", "0.5"],
+             "publish": ["--model", "breast_cancer_mlp", "--repository", str(repo)], "pipeline-check": []}[command]  # fmt: skip
+    for name, (path, message) in unloadable.items():
+        capsys.readouterr()
+        assert main([command, "--from", str(path), *extra]) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "weights_only" not in err, err
+        assert re.search(rf"^python -m training {command}: error: --from .*{message}", err), err
+    assert versions(repo / "breast_cancer_mlp") == []
+
+
+def test_an_out_that_cannot_be_written_as_a_file_is_refused_before_training_or_compressing(
+    tmp_path: Path, good: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import training.compress
+    import training.distributed
+
+    def ran(*_: object, **__: object) -> None:
+        raise AssertionError("it ran before refusing --out")
+
+    monkeypatch.setattr(training.distributed, "train", ran)
+    monkeypatch.setattr(training.compress, "compress", ran)
+    a_file = tmp_path / "a-file.toml"
+    a_file.write_text("")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for out, message in ((folder, r"--out .*folder is a folder; give the path of a file to write"),
+                         (a_file / "x.pt", r"--out .*a-file\.toml/x\.pt: .*a-file\.toml is not a folder")):  # fmt: skip
+        for argv in (["train", "--model", "breast_cancer_mlp", "--max-steps", "1", "--quiet"],
+                     ["compress", "--model", "digits_cnn", "--from", str(good), "--prune", "0.5", "--quiet"]):  # fmt: skip
+            capsys.readouterr()
+            assert main([*argv, "--out", str(out)]) == 2
+            assert re.search(message, capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file.toml", "folder"] and not list(folder.iterdir())
+
+
+def test_a_checkpoint_that_cannot_be_moved_into_place_leaves_no_temporary_file(tmp_path: Path) -> None:
+    from training.default_models import write_weights
+
+    target = tmp_path / "taken"
+    target.mkdir()
+    with pytest.raises(OSError):
+        write_weights(target, {"x": torch.zeros(1)})
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+
+
+def test_a_canary_config_that_cannot_be_read_or_written_stops_the_publish_before_it_happens(
+    repo: Path, mlp_seed: dict[int, Path], tmp_path: Path
+) -> None:
+    a_file = tmp_path / "a-file.toml"
+    a_file.write_text("")
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe[models]\n")
+    for config, message in ((a_file / "rollout.toml", r"--canary-config .*a-file\.toml/rollout\.toml: .*a-file\.toml is not a folder"),
+                            (tmp_path, r"--canary-config .* is a folder"),
+                            (binary, r"--canary-config .*binary\.toml: not UTF-8 text")):  # fmt: skip
+        with pytest.raises(UsageError, match=message):
+            publish("breast_cancer_mlp", mlp_seed[0], repo, canary_config=config, force=True, **QUIET)
+        assert versions(repo / "breast_cancer_mlp") == []
+    assert a_file.read_text() == "" and binary.read_bytes() == b"\xff\xfe[models]\n"
+
+
+@pytest.mark.parametrize(("stable", "message"), [
+    ('"7"', r"the stable version '7' of breast_cancer_mlp is not in .* \(versions present: 1\)"),
+    ('"abc"', r"the stable version of breast_cancer_mlp is 'abc', not a version number"),
+    ('"0"', r"the stable version of breast_cancer_mlp is '0', not a version number"),
+    ("true", r"the stable version of breast_cancer_mlp is True, not a version number"),
+])  # fmt: skip
+def test_a_stable_named_in_the_rollout_config_that_is_not_a_version_present_is_a_usage_error(
+    repo: Path, mlp_seed: dict[int, Path], stable: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    publish("breast_cancer_mlp", mlp_seed[0], repo, **QUIET)
+    rollout = repo.parent / "rollout.toml"
+    text = f"[models.breast_cancer_mlp]\nstable = {stable}\n"
+    rollout.write_text(text)
+    with pytest.raises(UsageError, match=rf"--canary-config .*rollout\.toml: {message}"):
+        publish("breast_cancer_mlp", mlp_seed[0], repo, canary_config=rollout, force=True, **QUIET)
+    argv = ["publish", "--model", "breast_cancer_mlp", "--from", str(mlp_seed[0]), "--repository", str(repo),
+            "--canary-config", str(rollout)]  # fmt: skip
+    assert main(argv) == 2 and re.search(message, capsys.readouterr().err)
+    assert versions(repo / "breast_cancer_mlp") == [1] and rollout.read_text() == text
+    # Named as a number, or with a leading zero (the gateway reads both as the version), it is the stable.
+    rollout.write_text("[models.breast_cancer_mlp]\nstable = 1\n")
+    assert publish("breast_cancer_mlp", mlp_seed[0], repo, canary_config=rollout, **QUIET).stable_version == 1
+    rollout.write_text('[models.breast_cancer_mlp]\nstable = "01"\n')
+    assert publish("breast_cancer_mlp", mlp_seed[0], repo, canary_config=rollout, **QUIET).stable_version == 1
