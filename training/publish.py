@@ -252,8 +252,10 @@ def publish(
             write_rollout(canary_config, model, {"stable": str(version)})
             log(f"{model}: {canary_config}: no earlier version, version {version} written as stable")
         else:
-            write_rollout(canary_config, model, {"stable": str(stable), "canary": str(version), "canary_share": canary_share})
-            log(f"{model}: {canary_config}: canary version {version} for {canary_share:.0%} of requests, stable {stable}")
+            values = canary_entry(canary_config, model, stable, version, canary_share)
+            write_rollout(canary_config, model, values)
+            share = f"for {canary_share:.0%} of requests" if "canary_share" in values else "on the table's ramp"
+            log(f"{model}: {canary_config}: canary version {version} {share}, stable {stable}")
     return PublishResult(model, version, final, metrics, stable, stable_acc, bool(metadata["gate"]["forced"]), canary_config, metadata)
 
 
@@ -368,6 +370,17 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return str(v).lower()
     return repr(v)
+
+
+def canary_entry(path: Path, model: str, stable: int, version: int, share: float) -> dict[str, Any]:
+    """What publish sets in the model's table of the rollout file: the stable and canary
+    versions, and the canary's share, unless the table has a ramp (whose first step is then the
+    share: the gateway refuses a table with both)."""
+    table = read_rollout(path).get("models", {}).get(model, {}) if path.exists() else {}
+    values: dict[str, Any] = {"stable": str(stable), "canary": str(version)}
+    if not (isinstance(table, dict) and "ramp" in table):
+        values["canary_share"] = share
+    return values
 
 
 def write_rollout(path: Path, model: str, values: dict[str, Any]) -> None:

@@ -209,6 +209,12 @@ def test_the_gateway_accepts_the_rollout_file_publish_writes(repo: Path, good: P
     second = publish("digits_cnn", good, repo, canary_config=rollout, canary_share=0.2, **QUIET)
     parsed = parse_rollouts(tomllib.loads(rollout.read_text()))["digits_cnn"]
     assert (parsed.stable, parsed.canary, parsed.canary_share) == ("1", str(second.version), 0.2)
+    # A table with a ramp: the ramp's first step is the canary's share (the gateway refuses both).
+    rollout.write_text('[models.digits_cnn]\nstable = "1"\nramp = [0.05, 0.5, 1.0]\n')
+    third = publish("digits_cnn", good, repo, canary_config=rollout, canary_share=0.2, **QUIET)
+    parsed = parse_rollouts(tomllib.loads(rollout.read_text()))["digits_cnn"]
+    assert (parsed.stable, parsed.canary, parsed.ramp) == ("1", str(third.version), (0.05, 0.5, 1.0))
+    assert "canary_share" not in tomllib.loads(rollout.read_text())["models"]["digits_cnn"]
 
 
 def test_canary_config_is_created_when_missing(tmp_path: Path) -> None:
