@@ -336,9 +336,10 @@ def test_a_config_that_cannot_be_read_or_names_a_missing_repository_is_refused_w
         path = tmp_path / "gateway.toml"
         path.write_text(f'[upstream]\ninstances = [{{ url = "http://a:1", grpc_port = 2 }}]\n[repository]\npath = "{repository}"\n')
         assert load_config(path).repository.path == str(repository)  # a container's config names its own paths
-        assert main(["check-config", "--config", str(path)]) == 2
-        assert main(["serve", "--config", str(path), "--port", "1"]) == 2  # before anything starts
-        assert f"repository.path \"{repository}\" {said}" in capsys.readouterr().err
+        assert main(["check-config", "--config", str(path)]) == 0  # valid, with a note for this machine
+        assert f"note: on this machine, repository.path \"{repository}\" {said}" in capsys.readouterr().err
+        assert main(["serve", "--config", str(path), "--port", "1"]) == 2  # refused before anything starts
+        assert f"bad configuration: repository.path \"{repository}\" {said}" in capsys.readouterr().err
 
 
 def test_nan_and_inf_written_in_toml_are_refused_by_check_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
