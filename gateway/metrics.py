@@ -127,7 +127,7 @@ HOST_VIEW_COUNTERS = (
     ("stale", "stale", "Host tier entries found but not usable: expired, of a dropped version, overwritten or torn."),
     ("busy", "skipped_writes", "Writes to the host tier skipped because another worker was writing at that moment."),
     ("claims", "claims", "Keys claimed in the host tier, to compute each once for all the workers."),
-    ("unclaimed", "unclaimed", "Keys computed without a claim: every slot of their claim bucket was taken."),
+    ("unclaimed", "unclaimed", "Keys computed without a claim: every slot of their claim bucket was taken, or the claims stayed busy."),
     (
         "gave_up",
         "claims_gave_up",

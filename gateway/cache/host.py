@@ -235,7 +235,7 @@ class HostStore:
         self.busy = 0  # writes skipped: another worker was writing
         self.gave_up = 0  # claims not renewed or not ended: another worker held their lock too long
         self.claims = 0  # keys this view claimed, to compute them for every worker
-        self.unclaimed = 0  # keys computed without a claim: every way of their bucket taken
+        self.unclaimed = 0  # keys computed without a claim: every way of their bucket taken, or the claims busy
 
     def _slot(self, model: str, version: str) -> int:
         slot = self._slots.get((model, version))

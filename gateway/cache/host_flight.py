@@ -52,6 +52,13 @@ RENEW_S = 0.5  # ...which it does this often while it computes
 FOLLOWED, FOUND, COMPUTED = "followed", "found", "computed"
 
 
+class _Unclaimed:
+    """What ``_claim`` gives when no claim could be taken: computed without one."""
+
+
+UNCLAIMED = _Unclaimed()
+
+
 def shared_error(exc: BaseException) -> bool:
     """Whether a computation's error is about the request itself, so that every worker
     computing it would meet it too: Triton's 4xx answers (but for a model it does not hold,
@@ -89,8 +96,11 @@ class HostFlight:
         delay = POLL_FIRST_S
         while True:
             holder = await self._claim(key)
+            if holder is UNCLAIMED:  # nobody follows this computation: nothing to hold or wait for
+                return (await compute(False))[0], COMPUTED
             if holder is None:
                 break
+            assert isinstance(holder, Claim)
             while holder is not None and holder.state == COMPUTING:
                 found = fetch()
                 if found is not None:
@@ -151,13 +161,19 @@ class HostFlight:
             self._renewing.cancel()
             self._renewing = None
 
-    async def _claim(self, key: bytes) -> Claim | None:
-        """``HostStore.claim``, tried again while another worker changes the claims; after
-        ``CLAIM_TRIES``, None: computed without a claim."""
+    async def _claim(self, key: bytes) -> Claim | _Unclaimed | None:
+        """``HostStore.claim``: the other worker's live claim, or None: this worker holds the
+        key's claim now. ``UNCLAIMED`` where none could be taken (no room in its bucket, the
+        segment closed, or the claims still changing after ``CLAIM_TRIES``): computed without."""
+        host = self._host
         for _ in range(CLAIM_TRIES):
             now = self._clock()
+            claimed = host.claims
             try:
-                return self._host.claim(key, now + min(LEASE_S, self._lifetime), now)
+                holder = host.claim(key, now + min(LEASE_S, self._lifetime), now)
             except BlockingIOError:
                 await asyncio.sleep(0)
-        return None
+                continue
+            return UNCLAIMED if holder is None and host.claims == claimed else holder
+        host.unclaimed += 1
+        return UNCLAIMED

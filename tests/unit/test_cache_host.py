@@ -576,6 +576,35 @@ def test_with_a_full_bucket_a_key_is_computed_without_a_claim(worker: Open) -> N
     assert two.claim(keys[-1], until=30.0, now=0.0) is None and two.stats()["claims"] == 1
 
 
+@pytest.mark.parametrize("why", ["bucket full", "claims busy"])
+async def test_a_key_no_claim_could_be_taken_for_is_computed_without_one(
+    worker: Open, monkeypatch: pytest.MonkeyPatch, why: str
+) -> None:
+    one, two = worker(), worker()
+    if why == "bucket full":
+        keys = same_bucket_keys(host.CLAIM_WAYS + 1)
+        for k in keys[:-1]:
+            assert one.claim(k, until=30.0, now=0.0) is None
+        wanted = keys[-1]
+    else:
+        wanted = key(1)
+
+        def busy(*args: Any) -> None:
+            raise BlockingIOError("another worker is changing the claims")
+
+        monkeypatch.setattr(two, "claim", busy)
+    flight = host_flight.HostFlight(two, lambda: 0.0, 30.0)
+    asked: list[bool] = []
+
+    async def compute(claimed: bool) -> tuple[str, bool]:
+        asked.append(claimed)
+        return "answer", False
+
+    assert await flight.do(wanted, lambda: None, compute, lambda: False) == ("answer", host_flight.COMPUTED)
+    assert asked == [False]  # its entry is not written as a claim holder's, which waits for the log's lock
+    assert two.stats()["unclaimed"] == 1 and not flight._held  # nothing renewed for a claim it never had
+
+
 class Upstream:
     """A computation the test releases: counts its calls, answers ``answer`` (``result()`` by
     default); the first call released after ``error`` is set fails with it."""
