@@ -110,8 +110,7 @@ async def model_ready(request: Request) -> Response:
         if any(a.status == 200 for a in answers):
             return Response(status_code=200)
     # Triton's status and words ("Model version not ready"), naming what was asked for.
-    message = f"model '{model}'{f' version {version}' if version else ''} is not ready: no instance can serve it"
-    return Response(v2.error_body(message), status_code=400, media_type=JSON)
+    raise BadRequest(f"model '{model}'{f' version {version}' if version else ''} is not ready: no instance can serve it")
 
 
 async def model_stats(request: Request) -> Response:

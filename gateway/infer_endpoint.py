@@ -179,10 +179,7 @@ async def off_loop(size: int, work: Callable[..., R], *args: Any) -> R:
 
 def error_reply(status: int, message: str, content_type: bytes) -> Reply:
     """An error answer, in the wire format of the request (msgpack, else JSON)."""
-    if is_msgpack(content_type):
-        body, media = msgpack_codec.error_body(message), MSGPACK_TYPES[0]
-    else:
-        body, media = v2.error_body(message), JSON_TYPE
+    body, media = msgpack_codec.error_answer(message, content_type)
     return Reply(status, [(b"content-type", media), (b"content-length", str(len(body)).encode())], body)
 
 
@@ -329,17 +326,16 @@ class InferEndpoint:
         self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and b"%2f" in scope.get("raw_path", b"").lower():
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if b"%2f" in scope.get("raw_path", b"").lower():
             # An encoded "/" belongs to a path segment, a name, as Triton reads it; no model or
             # version name holds one, so no route matches (decoded, it would name another).
-            refused = error_reply(404, f"no such endpoint: {scope['method']} {scope['raw_path'].decode('latin-1')} "
-                                  "(an encoded '/' is part of a name, and no name holds one)", b"")  # fmt: skip
-            await send({"type": "http.response.start", "status": 404, "headers": refused.headers})
-            await send({"type": "http.response.body", "body": refused.body})
-            return
-        if scope["type"] != "http" or not is_infer_path(scope["path"]):
+            reply = error_reply(404, f"no such endpoint: {scope['method']} {scope['raw_path'].decode('latin-1')} "
+                                "(an encoded '/' is part of a name, and no name holds one)", b"")  # fmt: skip
+        elif not is_infer_path(scope["path"]):
             return await self.app(scope, receive, send)
-        if scope["method"] == "POST":
+        elif scope["method"] == "POST":
             start = time.monotonic()
             reply = await self.serve(scope["path"], scope["headers"], start, receive=receive, gone=disconnect_probe(receive))
         else:  # not an inference: answered, not counted

@@ -39,7 +39,6 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from gateway.protocol import msgpack as msgpack_codec
-from gateway.protocol import v2
 
 READ_TIMEOUT_S = 30.0  # unless the app says otherwise
 MAX_HEADER_BYTES = 65536  # unless the app says otherwise
@@ -211,10 +210,7 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         content_type = b""
         if self._reading == _READING and self._head_arrived < 0:  # its head was read
             content_type = next((value for name, value in self.headers if name == b"content-type"), b"")
-        if msgpack_codec.is_msgpack(content_type):
-            body, media = msgpack_codec.error_body(message), msgpack_codec.MSGPACK_TYPES[0]
-        else:
-            body, media = v2.error_body(message), b"application/json"
+        body, media = msgpack_codec.error_answer(message, content_type)
         head = b"content-type: %s\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % (media, len(body))
         common = b"".join(b"%s: %s\r\n" % pair for pair in self.server_state.default_headers)  # date, server
         self._refusal = b"".join((STATUS_LINE[status], common, head, body))

@@ -33,6 +33,7 @@ from typing import Any
 import msgpack
 
 from gateway.errors import BadRequest, UpstreamError, type_name
+from gateway.protocol import v2
 from gateway.protocol.v2 import (
     MakeError,
     check_request_parameters,
@@ -222,3 +223,11 @@ def is_msgpack(content_type: bytes) -> bool:
 
 def error_body(message: str) -> bytes:
     return msgpack.packb({"error": message}, use_bin_type=True)
+
+
+def error_answer(message: str, content_type: bytes) -> tuple[bytes, bytes]:
+    """An error's body and its content type, in the wire format of a request of
+    ``content_type``: msgpack for msgpack, else v2's JSON."""
+    if is_msgpack(content_type):
+        return error_body(message), MSGPACK_TYPES[0]
+    return v2.error_body(message), v2.JSON_CONTENT_TYPE.encode()
