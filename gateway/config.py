@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from gateway.errors import shown
 
@@ -221,18 +221,27 @@ def _build(cls: type, table: Any, where: str) -> Any:
 _HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?")
 
 
+def _split_url(url: str, said: str) -> tuple[SplitResult, int | None]:
+    """``url``'s parts and port, or ConfigError ``said`` where it cannot be read: a port that
+    is no number or out of 1..65535, an unclosed IPv6 bracket."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(said) from None
+    if port == 0:
+        raise ConfigError(said)
+    return parts, port
+
+
 def _instance_url(url: str, where: str) -> str:
     """``url`` as the gateway keys instances by (scheme and host lower case, no trailing "/"),
     or ConfigError: http://host:port and nothing else (a path, a query or credentials would be
     dropped, not used)."""
     said = f"{where}.url must look like http://host:port, got {shown(url)}"
-    try:
-        parts = urlsplit(url.strip())
-        port = parts.port
-    except ValueError:  # a port that is no number or out of range, an unclosed IPv6 bracket
-        raise ConfigError(said) from None
+    parts, port = _split_url(url.strip(), said)
     host = parts.hostname or ""
-    if parts.scheme.lower() != "http" or port is None or not 1 <= port <= 65535:
+    if parts.scheme.lower() != "http" or port is None:
         raise ConfigError(said)
     if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
         raise ConfigError(f"{said} (Triton's API is at the root: no path, query or credentials)")
@@ -439,16 +448,12 @@ def _check_redis_url(url: str) -> None:
     """ConfigError unless ``url`` is one the Redis client can use: redis[s]://[user:pw@]host[:port][/db]
     (db a number) or unix://path."""
     said = f"cache.redis_url must look like redis://host:port/db, got {shown(url)}"
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:  # a port that is no number or out of range, an unclosed IPv6 bracket
-        raise ConfigError(said) from None
+    parts, _ = _split_url(url, said)
     if parts.scheme == "unix":
         if not parts.path:
             raise ConfigError(f"cache.redis_url unix:// needs the socket's path, got {shown(url)}")
         return
-    if parts.scheme not in ("redis", "rediss") or not parts.hostname or (port is not None and not 1 <= port <= 65535):
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
         raise ConfigError(said)
     db = parts.path.strip("/")
     if db and not (db.isascii() and db.isdigit()):
