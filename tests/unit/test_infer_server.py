@@ -11,6 +11,7 @@ from typing import Any
 
 import uvicorn
 
+import uvicorn_servers
 from gateway.cache import RawAnswer
 from gateway.protocol.infer_server import InferHttpToolsProtocol, Reply
 
@@ -90,11 +91,7 @@ async def start(app: Endpoint, **settings: Any) -> tuple[uvicorn.Server, asyncio
         app, host="127.0.0.1", port=0, http=InferHttpToolsProtocol, log_level="critical", lifespan="off",
         proxy_headers=False, **settings,
     )  # fmt: skip
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    return server, task, server.servers[0].sockets[0].getsockname()[1]
+    return await uvicorn_servers.started(config)
 
 
 @contextlib.asynccontextmanager

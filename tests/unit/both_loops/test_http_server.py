@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+import uvicorn_servers
 from gateway.protocol.http_server import SHUTDOWN_IDLE_S, OneWriteHttpToolsProtocol
 
 WRITES: list[bytes] = []
@@ -74,11 +75,7 @@ APP = Starlette(
 async def started(app: Any = APP) -> tuple[uvicorn.Server, asyncio.Task[None], int]:
     """A real uvicorn serving ``app`` with the protocol: the server, its task, its port."""
     config = uvicorn.Config(app, host="127.0.0.1", port=0, http=CountingProtocol, log_level="critical", lifespan="off")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    return server, task, server.servers[0].sockets[0].getsockname()[1]
+    return await uvicorn_servers.started(config)
 
 
 @contextlib.asynccontextmanager
