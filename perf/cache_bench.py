@@ -457,12 +457,33 @@ def summed_counters(gw_url: str, model: str) -> dict[str, int]:
     return counts
 
 
-def gateway_times(gw_url: str, model: str) -> dict[str, tuple[int, float]]:
+# Times (s) above which the report counts a cache outcome's slow requests (bounds of the
+# gateway's latency histogram buckets).
+SLOW_S = (0.025, 0.1, 1.0)
+
+
+@dataclass
+class Timing:
+    """Requests of one kind, their mean time (ms) and how many took longer than each of
+    ``SLOW_S``."""
+
+    count: int = 0
+    mean_ms: float = 0.0
+    slower: tuple[int, ...] = ()
+
+    def describe(self, name: str) -> str:
+        slow = [f"{n} over {bound * 1000:g} ms" for bound, n in zip(SLOW_S, self.slower) if n]
+        return f"{name} {self.mean_ms:.2f} ms" + (f" ({', '.join(slow)})" if slow else "")
+
+
+def gateway_times(gw_url: str, model: str) -> dict[str, Timing]:
     """From the gateway's /metrics (summed over its workers): for each cache outcome (hit, miss,
-    coalesced), the model's requests answered 200 and their mean time in the gateway, arrival
-    to answer (ms); and under "batcher", the requests the batchers sent and their mean wait
-    there (the hold, and any wait for a free upstream slot)."""
+    coalesced), the model's requests answered 200, their mean time in the gateway, arrival to
+    answer, and how many took longer than each of ``SLOW_S`` (from the histogram's buckets); and
+    under "batcher", the requests the batchers sent and their mean wait there (the hold, and any
+    wait for a free upstream slot)."""
     sums: dict[str, list[float]] = {}
+    within: dict[str, dict[float, float]] = {}  # key -> bucket bound -> requests within it
     for family in gateway_metrics(gw_url):
         for sample in family.samples:
             if sample.labels.get("model") != model:
@@ -478,7 +499,16 @@ def gateway_times(gw_url: str, model: str) -> dict[str, tuple[int, float]]:
                 total[0] += sample.value
             elif sample.name.endswith("_sum"):
                 total[1] += sample.value
-    return {k: (int(n), total / n * 1000 if n else 0.0) for k, (n, total) in sums.items()}
+            elif sample.name.endswith("_bucket") and sample.labels.get("le") != "+Inf":
+                bound = float(sample.labels["le"])
+                bounds = within.setdefault(key, {})
+                bounds[bound] = bounds.get(bound, 0.0) + sample.value
+    times = {}
+    for key, (n, total) in sums.items():
+        bounds = within.get(key, {})
+        slower = tuple(int(n - bounds[b]) if b in bounds else 0 for b in SLOW_S)
+        times[key] = Timing(int(n), total / n * 1000 if n else 0.0, slower)
+    return times
 
 
 # The host tier's counters in the gateway's /metrics (summed over its workers), as the report names them.
@@ -632,8 +662,9 @@ class Run:
     coalesced: int | None = 0  # None: counted among the hits (several gateway workers)
     upstream: TritonCounters = field(default_factory=TritonCounters)  # Triton's counters, over the instances
     spans: list[ClientSpan] = field(default_factory=list)  # each perf_analyzer process's, in order
+    opening: Opening | None = None  # the first answers against the rest's, from the exports
     cpu_s: dict[str, float] = field(default_factory=dict)  # process -> CPU seconds over the run
-    times: dict[str, tuple[int, float]] = field(default_factory=dict)  # the gateway's: gateway_times
+    times: dict[str, Timing] = field(default_factory=dict)  # the gateway's: gateway_times
     host: dict[str, int] = field(default_factory=dict)  # the gateway workers' shared tier: host_counters
 
     @property
@@ -664,10 +695,48 @@ class ClientSpan:
     last_answered: int
 
 
-def from_exports(paths: list[Path], m: Measurement) -> list[ClientSpan] | None:
+# The stretch at the start of a run whose answers are set apart from the rest (``Opening``).
+OPENING_S = 0.25
+
+
+@dataclass
+class Opening:
+    """The answers of a run's first ``OPENING_S`` (from the first request sent) against the
+    rest's: what a target's one-time costs at the start (connections, metadata, first batches
+    of each size) took from its run."""
+
+    first: int  # requests answered in the opening
+    first_ms: float  # their mean latency
+    rest: int
+    rest_ms: float
+    rest_s: float  # from the end of the opening to the last answer
+
+    def describe(self) -> str:
+        if not self.first or not self.rest or self.rest_s <= 0:
+            return ""
+        return (
+            f"; answers in the first {OPENING_S:g} s: {self.first} ({self.first / OPENING_S:.0f}/s), mean latency "
+            f"{self.first_ms:.2f} ms; after it: {self.rest / self.rest_s:.0f}/s, {self.rest_ms:.2f} ms"
+        )
+
+
+def opening(sent: np.ndarray, answered: np.ndarray) -> Opening:
+    """``Opening`` of a run from every request's send and answer times (ns)."""
+    latency_ms = (answered - sent) / 1e6
+    cut = int(sent.min()) + int(OPENING_S * 1e9)
+    early = answered < cut
+    late = ~early
+    return Opening(
+        int(early.sum()), float(latency_ms[early].mean()) if early.any() else 0.0,
+        int(late.sum()), float(latency_ms[late].mean()) if late.any() else 0.0,
+        (int(answered.max()) - cut) / 1e9,
+    )  # fmt: skip
+
+
+def from_exports(paths: list[Path], m: Measurement) -> tuple[list[ClientSpan], Opening] | None:
     """Throughput and latencies from the perf_analyzer processes' profile exports (every
-    request's send and answer timestamps), and each one's span; the files are removed afterwards
-    (they are large). None when one is missing or torn.
+    request's send and answer timestamps), each one's span, and the run's ``Opening``; the files
+    are removed afterwards (they are large). None when one is missing or torn.
 
     Latencies are over every request. Throughput is over the time every client was sending, from
     the last one's first request to the first one's last answer: the requests answered within it
@@ -696,7 +765,7 @@ def from_exports(paths: list[Path], m: Measurement) -> list[ClientSpan] | None:
     m.throughput = int(np.count_nonzero((answered >= start) & (answered <= end))) / ((end - start) / 1e9)
     m.p50_us, m.p99_us = (float(v) for v in np.percentile(latency_us, [50, 99]))
     m.avg_us = float(latency_us.mean())
-    return spans
+    return spans, opening(sent, answered)
 
 
 def measurement_description(args: argparse.Namespace) -> str:
@@ -739,6 +808,7 @@ class CacheRunner:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.last_cpu_s = 0.0
         self.last_spans: list[ClientSpan] = []
+        self.last_opening: Opening | None = None
 
     def stop_current(self) -> None:
         for proc in list(self.procs):
@@ -806,6 +876,7 @@ class CacheRunner:
         failed = next((i for i, code in enumerate(codes) if code not in (None, 0)), None)
         one = len(clients) == 1
         spans = None
+        self.last_opening = None
         if failed is None and not timed_out:
             # One client: perf_analyzer's own figures first (its CSV and stdout), kept if its
             # export is of no use; it times a request-count run in whole seconds (it checks every
@@ -814,7 +885,8 @@ class CacheRunner:
             got_csv = one and parse_csv(csvs[0], m)
             if one:
                 parse_stdout(logs[0].read_text(errors="replace"), m)
-            spans = from_exports(exports, m)
+            exported = from_exports(exports, m)
+            spans, self.last_opening = exported if exported is not None else (None, None)
             if spans is None and got_csv:
                 spans = []
         for export in exports:  # large: gone once read, or of no use
@@ -958,6 +1030,7 @@ def stat_lines(runs: list[Run]) -> list[str]:
         queue_ms, compute_ms = up.times_ms()
         cpu = ", ".join(f"{k} {v:.1f} s ({v / r.wall_s:.0%} of a core)" for k, v in r.cpu_s.items()) if r.wall_s else ""
         cpu += spans_description(r.spans)
+        cpu += r.opening.describe() if r.opening is not None else ""
         if r.m.target == DIRECT:
             lookup = f"{up.cache_hit_ns / max(1, up.cache_hit) / 1000:.1f} µs per hit lookup (Triton's own timing)"
             uncounted = r.requests - up.cache_hit - up.cache_miss
@@ -989,15 +1062,15 @@ def stat_lines(runs: list[Run]) -> list[str]:
     return lines
 
 
-def times_description(times: dict[str, tuple[int, float]]) -> str:
+def times_description(times: dict[str, Timing]) -> str:
     """Where a gateway run's requests spent their time in the gateway (``gateway_times``)."""
     names = {"hit": "hits", "miss": "misses", "coalesced": "coalesced"}
-    answered = [f"{name} {times[k][1]:.2f} ms" for k, name in names.items() if times.get(k, (0, 0))[0]]
+    answered = [times[k].describe(name) for k, name in names.items() if k in times and times[k].count]
     if not answered:
         return ""
     text = "; mean time in the gateway, arrival to answer: " + ", ".join(answered)
-    if times.get("batcher", (0, 0))[0]:
-        text += f"; the batched requests waited {times['batcher'][1]:.2f} ms on average in the batcher (the hold, a busy slot)"
+    if "batcher" in times and times["batcher"].count:
+        text += f"; the batched requests waited {times['batcher'].mean_ms:.2f} ms on average in the batcher (the hold, a busy slot)"
     return text
 
 
@@ -1375,7 +1448,7 @@ def main(argv: list[str] | None = None) -> int:
             if clock.hung:
                 m.error = f"perf_analyzer did not exit within {HANG_S:.0f} s of its last request's answer (stopped)"
                 print(f"    {m.error}")
-            run = Run(m, spans=runner.last_spans)
+            run = Run(m, spans=runner.last_spans, opening=runner.last_opening)
             clock.figures(run, runner.last_cpu_s)
             run.upstream = fleet_counters(triton_urls, args.model).minus(before_up)
             if gateway is None:
