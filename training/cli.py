@@ -18,7 +18,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from training.specs import MODELS, SEED_MAX, UsageError
+from training.specs import MODELS, UsageError, seed_refusal
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUNS = Path("runs")
@@ -36,12 +36,14 @@ def _positive_int(text: str) -> int:
 
 
 def _seed(text: str) -> int:
+    """argparse puts the option's name before the refusal, as `check_seed` does: one line either way."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 0 <= value <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"a seed is an integer from 0 to {SEED_MAX} (2**32 - 1), got {value}")
+        raise argparse.ArgumentTypeError(seed_refusal(text)) from None
+    refusal = seed_refusal(value)
+    if refusal is not None:
+        raise argparse.ArgumentTypeError(refusal)
     return value
 
 
@@ -133,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--from", dest="source", type=Path)
     g.add_argument("--version", type=_positive_int, help="a version folder, run through its own model.py")
-    p.add_argument("--repository", type=Path, default=REPO_ROOT / "model_repository")
+    p.add_argument("--repository", type=Path, help="where --version's folder is (default: this project's model_repository)")
     p.add_argument("--seed", type=_seed, help=SPLIT_SEED_HELP)
 
     p = sub.add_parser("pipeline-check", help="the MLP split across two processes vs the whole", description=_doc("training.pipeline"))
@@ -300,11 +302,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.quantize import model_from_payload, read_source, split_seed
     from training.specs import spec
 
+    # No default in the parser: a --repository given with --from would be dropped without a word.
+    if args.source is not None and args.repository is not None:
+        raise UsageError("--repository applies to --version only, not --from")
     if args.source is not None:
         payload = read_source(args.source, args.model)
         net, what = model_from_payload(payload), str(args.source)
     else:
-        folder = args.repository / args.model / str(args.version)
+        folder = (args.repository or REPO_ROOT / "model_repository") / args.model / str(args.version)
         if not folder.is_dir():
             raise UsageError(f"{folder} is not a version folder")
         net, payload = served_version(folder.parent, args.version, args.model)

@@ -211,13 +211,13 @@ def split_seed(payload: dict[str, Any], source: str | Path, requested: int | Non
     """The split to measure a checkpoint on: the one it was trained on (0, the default, when it
     records none). Another split would count rows it trained on as held out, so a ``--seed``
     that differs from the recorded one is a UsageError."""
-    from training.specs import SEED_MAX, UsageError, check_seed
+    from training.specs import UsageError, check_seed, seed_refusal
 
     seed = trained_seed(payload)
     if requested is not None:
         check_seed(requested)
-    if seed is not None and not 0 <= seed <= SEED_MAX:
-        raise UsageError(f"{source} records the split seed {seed}, which is not one from 0 to {SEED_MAX}")
+    if seed is not None and (refusal := seed_refusal(seed)) is not None:
+        raise UsageError(f"the split seed {source} records: {refusal}")
     if seed is None:
         return 0 if requested is None else requested
     if requested is not None and requested != seed:

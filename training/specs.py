@@ -93,10 +93,20 @@ def parse_ints(text: str, what: str, count: int | None = None) -> list[int]:
 SEED_MAX = 2**32 - 1  # numpy's and scikit-learn's random_state take 0 .. 2**32 - 1
 
 
+def seed_refusal(seed: object) -> str | None:
+    """Why numpy and scikit-learn would not take `seed`, None when they would. The one wording of
+    every seed refusal, whether the seed comes from the command line (text that is not an integer
+    included), a TrainConfig or a checkpoint, so that the same mistake reads the same everywhere."""
+    if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= SEED_MAX:
+        return None
+    return f"a seed is an integer from 0 to {SEED_MAX} (2**32 - 1), got {seed!r}"
+
+
 def check_seed(seed: int, what: str = "--seed") -> int:
-    """A seed numpy and scikit-learn accept; a UsageError otherwise."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
-        raise UsageError(f"{what} must be an integer from 0 to {SEED_MAX} (2**32 - 1), got {seed!r}")
+    """A seed numpy and scikit-learn accept; a UsageError naming `what` otherwise."""
+    refusal = seed_refusal(seed)
+    if refusal is not None:
+        raise UsageError(f"{what}: {refusal}")
     return seed
 
 

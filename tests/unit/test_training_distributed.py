@@ -68,8 +68,8 @@ def test_parameter_averaging_converges_and_leaves_identical_replicas() -> None:
         ({"average_every": 0}, "--average-every must be at least 1"),
         ({"epochs": 0}, "--epochs must be at least 1"),
         ({"threads": 0}, "--threads must be at least 1"),
-        ({"seed": -1}, r"--seed must be an integer from 0 to 4294967295"),
-        ({"seed": 2**32}, r"--seed must be an integer from 0 to 4294967295"),
+        ({"seed": -1}, r"--seed: a seed is an integer from 0 to 4294967295 \(2\*\*32 - 1\), got -1$"),
+        ({"seed": 2**32}, r"--seed: a seed is an integer from 0 to 4294967295 \(2\*\*32 - 1\), got 4294967296$"),
     ],
 )
 def test_bad_settings_are_refused_before_anything_starts(kwargs: dict, message: str) -> None:

@@ -18,14 +18,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from training import cli
 from training.cli import main
+from training.compress import DistillConfig, compress
 from training.distributed import TrainConfig, train
 from training.harness import version_network
 from training.measure import accuracy
 from training.models import DigitsCNN
 from training import publish as publishing
 from training.publish import GateRefused, publish, versions, write_rollout
-from training.quantize import SCHEMES, model_from_payload, quantize
+from training.quantize import SCHEMES, model_from_payload, quantize, split_seed
 from training.specs import MODELS, UsageError, spec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -281,7 +283,7 @@ def test_config_pbtxt_names_the_inputs_the_training_module_expects() -> None:
         (["compress", "--model", "digits_cnn", "--from", "x.pt", "--distill", "--student-seed", "-1"], "--student-seed: a seed is an integer"),
         (["compress", "--model", "digits_cnn", "--from", "x.pt", "--prune", "0.5", "--seed", "-1"], "--seed: a seed is an integer"),
         (["publish", "--model", "digits_cnn", "--from", "x.pt", "--seed", "-1"], "--seed: a seed is an integer"),
-        (["evaluate", "--model", "digits_cnn", "--from", "x.pt", "--seed", "2.5"], "--seed: expected an integer"),
+        (["evaluate", "--model", "digits_cnn", "--from", "x.pt", "--seed", "2.5"], r"--seed: a seed is an integer from 0 to 4294967295 \(2\*\*32 - 1\), got '2\.5'"),
         # Options that would be ignored with the others given.
         (["train", "--model", "digits_cnn", "--mode", "ddp", "--average-every", "4"], "--average-every applies to --mode average only"),
         (["train", "--model", "digits_cnn", "--average-every", "4"], "--average-every applies to --mode average only"),
@@ -291,6 +293,7 @@ def test_config_pbtxt_names_the_inputs_the_training_module_expects() -> None:
         (["compress", "--model", "digits_cnn", "--from", "x.pt", "--prune", "0.5", "--no-baseline", "--alpha", "0.5"],
          "--alpha, --no-baseline need --distill"),
         (["compress", "--model", "digits_cnn", "--from", "x.pt", "--quantize", "--finetune-epochs", "0"], "--finetune-epochs needs --prune"),
+        (["evaluate", "--model", "digits_cnn", "--from", "x.pt", "--repository", "elsewhere"], "--repository applies to --version only, not --from"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_clear_message(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -299,6 +302,50 @@ def test_bad_arguments_exit_2_with_a_clear_message(argv: list[str], message: str
         raise SystemExit(code)
     assert exc.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_every_seed_refusal_reads_the_same(capsys: pytest.CaptureFixture[str]) -> None:
+    """The argument parser, TrainConfig, compress and a checkpoint's recorded seed refuse a seed
+    in one wording: the same mistake should not read differently depending on where it is caught."""
+    refusals = []
+    for argv in (["train", "--model", "digits_cnn", "--seed", "-1"], ["evaluate", "--model", "digits_cnn", "--from", "x.pt", "--seed", "2.5"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        refusals.append(capsys.readouterr().err.strip().splitlines()[-1])
+    calls = (lambda: TrainConfig("digits_cnn", seed=-1).resolved(),
+             lambda: compress("digits_cnn", Path("x.pt"), prune_amount=0.5, distill=DistillConfig({}, seed=2**32)),
+             lambda: split_seed({"seed": -1}, "x.pt", None))  # fmt: skip
+    for call in calls:
+        with pytest.raises(UsageError) as exc:
+            call()
+        refusals.append(str(exc.value))
+    seed = "a seed is an integer from 0 to 4294967295 (2**32 - 1), got"
+    assert refusals == [
+        f"python -m training train: error: argument --seed: {seed} -1",
+        f"python -m training evaluate: error: argument --seed: {seed} '2.5'",
+        f"--seed: {seed} -1",
+        f"--student-seed: {seed} 4294967296",
+        f"the split seed x.pt records: {seed} -1",
+    ]
+
+
+def test_evaluate_refuses_from_and_repository_together(
+    repo: Path, good: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--repository only says where --version's folder is: given with --from, it was dropped
+    without a word and the user could not tell which model was measured. Left out, --version
+    still reads the project's repository."""
+    publish("digits_cnn", good, repo, **QUIET)
+    capsys.readouterr()
+    assert main(["evaluate", "--model", "digits_cnn", "--from", str(good), "--repository", str(repo)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "python -m training evaluate: error: --repository applies to --version only, not --from\n"
+    assert main(["evaluate", "--model", "digits_cnn", "--from", str(good)]) == 0
+    assert str(good) in capsys.readouterr().out
+    monkeypatch.setattr(cli, "REPO_ROOT", repo.parent)
+    assert main(["evaluate", "--model", "digits_cnn", "--version", "1"]) == 0
+    assert str(repo / "digits_cnn" / "1") in capsys.readouterr().out
 
 
 def test_publish_command_exits_3_when_the_gate_refuses(repo: Path, good: Path, bad: Path, capsys: pytest.CaptureFixture[str]) -> None:
