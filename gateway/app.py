@@ -30,7 +30,7 @@ from gateway.upstream.client import TritonClient
 from gateway.upstream.fleet import FleetMonitor
 from gateway.upstream.repository import GrpcControl, RepositorySync
 from gateway.upstream.repository_workers import WorkerRepository, worker_repository
-from gateway.upstream.metadata import MetadataCache
+from gateway.upstream.metadata import WARM_S, MetadataCache
 from gateway.worker_metrics import summing
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,14 @@ def build_app(config: GatewayConfig, cache_segment: str = "", workers_folder: st
         pipeline.host_batch = host_batch
         decisions = shared_decisions(workers_folder, rollouts) if workers_folder else None
         pipeline.observe_fleet()  # the versions serving now are the rollout defaults' stable ones
-        monitor.on_round = pipeline.observe_fleet
+        metadata = pipeline.metadata
+        await metadata.warm(router.served(), WARM_S)  # the first requests find it known
+
+        def on_round() -> None:
+            pipeline.observe_fleet()
+            metadata.prefetch(router.served())  # a version new to the fleet: known before it is asked for
+
+        monitor.on_round = on_round
         settle_heap()
         app.state.services = handlers.Services(router, pipeline, sync)
         collector = GatewayCollector(counts, app.state.services)

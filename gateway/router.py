@@ -118,6 +118,10 @@ class Router:
     def routable_count(self) -> int:
         return sum(1 for i in self.instances if i.routable)
 
+    def served(self) -> set[tuple[str, str]]:
+        """Every (model, version) an up instance holds ready."""
+        return {(m, v) for i in self.instances if i.routable for m, versions in (i.models or {}).items() for v in versions}
+
     def snapshot(self) -> list[dict[str, Any]]:
         now = self._clock()
         return [i.snapshot(now) for i in self.instances]

@@ -13,15 +13,22 @@ An entry is fresh for ``ttl`` (``upstream.metadata_ttl_s``) once fetched; then i
 
 A model Triton says it does not know (404: unloaded, a wrong name) is never masked by a stale
 entry: the answer replaces it, remembered for ``NOT_FOUND_TTL_S``.
+
+The versions the fleet serves are fetched before anyone asks: a worker fetches them all before
+it takes traffic (``warm``, bounded in time), and those new to the fleet after each health round
+(``prefetch``), so that neither the first requests after a start nor a new version's first
+requests wait on Triton for its metadata. Never more than ``PREFETCH_AT_ONCE`` such fetches run
+at once, so that a fleet of many models does not take the upstream slots from requests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import orjson
@@ -43,6 +50,8 @@ STALE_WHILE_REVALIDATE_S = 60.0
 STALE_IF_ERROR_S = 300.0
 # After a failed refresh, how long before the next one (served stale meanwhile).
 REFRESH_RETRY_S = 1.0
+PREFETCH_AT_ONCE = 8  # fetches of versions nobody asked for yet (``warm``, ``prefetch``) in flight at once
+WARM_S = 5.0  # the longest a worker's start waits for them (``warm``)
 
 Key = tuple[str, str]
 
@@ -88,6 +97,45 @@ class MetadataCache:
                     return value
         # shield: one caller going away must not cancel the fetch the others wait for
         return await asyncio.shield(self._fetching(model, version))
+
+    def prefetch(self, keys: Iterable[Key]) -> None:
+        """Start fetching the keys nothing is known of yet (no entry, no fetch in flight), as
+        many as keep ``PREFETCH_AT_ONCE`` fetches in flight; the others wait for a later call.
+        Not while the cache is half full: then its entries are the ones requests ask for."""
+        room = PREFETCH_AT_ONCE - len(self._inflight)
+        if room <= 0 or len(self._entries) >= MAX_ENTRIES // 2:
+            return
+        for key in keys:
+            if key not in self._entries and key not in self._inflight:
+                self._fetching(*key)
+                room -= 1
+                if not room:
+                    return
+
+    async def warm(self, keys: Iterable[Key], within: float) -> None:
+        """Fetch every key of ``keys`` nothing is known of yet, ``PREFETCH_AT_ONCE`` at a time,
+        each tried once; return when they are all fetched or failed, or after ``within``
+        seconds (the fetches under way go on). What a worker does before it takes traffic."""
+        todo = [key for key in dict.fromkeys(keys) if key not in self._entries][: MAX_ENTRIES // 2]
+        if not todo:
+            return
+        turns = asyncio.Semaphore(PREFETCH_AT_ONCE)
+
+        async def fetch(key: Key) -> None:
+            async with turns:
+                if key not in self._entries:
+                    # Shielded: the fetch goes on if the wait for it ends first. A failure is
+                    # the first request's to meet (fetched again, or remembered as NotFound).
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(self._fetching(*key))
+
+        tasks = [asyncio.ensure_future(fetch(key)) for key in todo]
+        _, late = await asyncio.wait(tasks, timeout=within)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late)
+            log.info("metadata of %d model version(s) not fetched within %g s of the start: fetched on first use", len(late), within)
 
     def _fetching(self, model: str, version: str) -> asyncio.Future[ModelInfo]:
         """The fetch of the key in flight, started if there is none."""

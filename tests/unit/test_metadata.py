@@ -18,6 +18,7 @@ from gateway.router import Router as RealRouter
 from gateway.upstream.client import RawResponse
 from gateway.upstream.metadata import (
     NOT_FOUND_TTL_S,
+    PREFETCH_AT_ONCE,
     REFRESH_RETRY_S,
     STALE_IF_ERROR_S,
     STALE_WHILE_REVALIDATE_S,
@@ -34,12 +35,19 @@ class Router:
         self.failure: GatewayError | None = None  # how every read fails (Router.get's last failure)
         self.hold: asyncio.Event | None = None  # reads wait for it
         self.batch = 8  # the config's max_batch_size
+        self.reading = 0  # reads under way now
+        self.most = 0  # the most under way at once
 
     async def get(self, path: str, timeout: float | None = None, model: str | None = None, version: str = "") -> RawResponse:
         self.paths.append(path)
-        await asyncio.sleep(0)
-        if self.hold is not None:
-            await self.hold.wait()
+        self.reading += 1
+        self.most = max(self.most, self.reading)
+        try:
+            await asyncio.sleep(0)
+            if self.hold is not None:
+                await self.hold.wait()
+        finally:
+            self.reading -= 1
         if self.failure is not None:
             raise self.failure
         if model not in self.known:
@@ -233,3 +241,66 @@ async def test_every_instance_hung_the_stale_entry_is_served() -> None:
     async with asyncio.timeout(5):
         assert await cache.get("m", "1") is old
     assert time.monotonic() - started < 1.0
+
+
+# -- fetched before anyone asks: a worker's start (warm), versions new to the fleet (prefetch) --
+
+
+async def test_warm_fetches_every_unknown_version_once_a_few_at_a_time() -> None:
+    router = Router()
+    router.known = {f"m{i}" for i in range(3 * PREFETCH_AT_ONCE)}
+    cache = MetadataCache(router, ttl=5.0)  # type: ignore[arg-type]
+    known = await cache.get("m0", "1")
+    keys = [(f"m{i}", "1") for i in range(3 * PREFETCH_AT_ONCE)] + [("m1", "1")]  # one twice
+    await cache.warm(keys, within=5.0)
+    assert all(cache.fresh(*key) is not None for key in keys) and cache.fresh("m0", "1") is known
+    assert len(router.paths) == 2 * 3 * PREFETCH_AT_ONCE  # each once (metadata, config); m0 at the get
+    assert router.most == 2 * PREFETCH_AT_ONCE  # never more versions fetched at once
+
+
+async def test_warm_gives_up_waiting_after_its_time_and_the_fetches_go_on_for_the_first_requests() -> None:
+    router = Router()
+    router.hold = asyncio.Event()
+    cache = MetadataCache(router, ttl=5.0)  # type: ignore[arg-type]
+    started = time.monotonic()
+    await cache.warm([("m", "1")], within=0.05)
+    assert time.monotonic() - started < 1.0 and cache.fresh("m", "1") is None
+    waiting = asyncio.ensure_future(cache.get("m", "1"))
+    await asyncio.sleep(0.01)
+    router.hold.set()
+    info = await asyncio.wait_for(waiting, 5)
+    assert info.max_batch_size == 8 and len(router.paths) == 2  # the first request took the warm-up's fetch
+
+
+async def test_warm_tries_a_failing_version_once_and_leaves_its_error_to_the_first_request() -> None:
+    router = Router()
+    router.failure = Unavailable("no instance answered")
+    cache = MetadataCache(router, ttl=5.0)  # type: ignore[arg-type]
+    async with asyncio.timeout(5):
+        await cache.warm([("m", "1"), ("nope", "1")], within=5.0)
+    assert len(router.paths) == 4
+    router.failure = None
+    assert (await cache.get("m", "1")).max_batch_size == 8
+    with pytest.raises(NotFound):
+        await cache.get("nope", "1")
+
+
+async def test_prefetch_starts_what_is_unknown_up_to_a_few_fetches_in_flight() -> None:
+    router = Router()
+    router.known = {f"m{i}" for i in range(PREFETCH_AT_ONCE + 2)}
+    router.hold = asyncio.Event()
+    cache = MetadataCache(router, ttl=5.0)  # type: ignore[arg-type]
+    keys = [(f"m{i}", "1") for i in range(PREFETCH_AT_ONCE + 2)]
+    cache.prefetch(keys)
+    cache.prefetch(keys)  # all its room is taken: nothing more, nothing twice
+    await asyncio.sleep(0.01)
+    assert len(router.paths) == 2 * PREFETCH_AT_ONCE
+    router.hold.set()
+    await asyncio.sleep(0.01)
+    cache.prefetch(keys)  # the rest
+    await asyncio.sleep(0.01)
+    assert all(cache.fresh(*key) is not None for key in keys)
+    assert len(router.paths) == 2 * (PREFETCH_AT_ONCE + 2)
+    cache.prefetch(keys)  # every one known: nothing fetched again
+    await asyncio.sleep(0.01)
+    assert len(router.paths) == 2 * (PREFETCH_AT_ONCE + 2)
