@@ -7,6 +7,7 @@ import copy
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +17,7 @@ from typing import Any
 
 from gateway.cache import configured
 from gateway.cache.host import SEGMENT_ENV, create_segment
-from gateway.config import ConfigError, GatewayConfig, check_here, load_config
+from gateway.config import ConfigError, GatewayConfig, check_here, ignored_with_one_worker, load_config
 from gateway.host_files import WORKERS_ENV, create_workers_folder
 
 # What SIGHUP does to one uvicorn process (server.workers = 1): nothing. uvicorn's server handles
@@ -31,6 +32,10 @@ SIGHUP_IGNORED = (
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# The exit status of a gateway that cannot listen where its config says: uvicorn's own where it
+# cannot bind (its STARTUP_FAILURE), whichever server was asked for.
+CANNOT_LISTEN = 3
 
 
 def log_config(level: str) -> dict[str, Any]:
@@ -53,7 +58,16 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"gateway: bad configuration: {exc}", file=sys.stderr)
         return 2
+    host, port = config.server.host, config.server.port
+    try:
+        address = listen_address(host, port, reuse_port=args.server == "granian")
+    except OSError as exc:  # one line, as for a bad configuration; uvicorn's own were several
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        print(f"gateway: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
+        return CANNOT_LISTEN
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    for note in ignored_with_one_worker(config):
+        logging.getLogger("gateway").warning(note)
     # Worker processes import the app by name and read the config file themselves.
     os.environ["GATEWAY_CONFIG"] = str(Path(args.config).resolve())
     workers = config.server.workers
@@ -83,7 +97,7 @@ def serve(args: argparse.Namespace) -> int:
         if folder is not None:
             os.environ[WORKERS_ENV] = str(folder)
     try:
-        return _run(args, config, workers)
+        return _run(args, config, workers, address)
     finally:
         if segment is not None:
             segment.remove()
@@ -91,14 +105,31 @@ def serve(args: argparse.Namespace) -> int:
             folder.remove()
 
 
-def _run(args: argparse.Namespace, config: GatewayConfig, workers: int) -> int:
+def listen_address(host: str, port: int, reuse_port: bool) -> str:
+    """The IP address the gateway is to listen on, once a socket has been bound to it and
+    ``port`` with the options the server binds its own with (uvicorn: SO_REUSEADDR; granian:
+    SO_REUSEPORT too), then closed; OSError where it cannot be (a name that does not resolve, an
+    address not on this machine, a port in use). Checked before either server starts: uvicorn
+    found out only after the app's startup (one worker), granian with a traceback. ``host``, a
+    name, resolves as uvicorn resolves it (IPv4 unless it holds a colon): granian takes only an
+    IP address."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        return str(sock.getsockname()[0])
+
+
+def _run(args: argparse.Namespace, config: GatewayConfig, workers: int, address: str) -> int:
+    """Serve until stopped; ``address``: server.host as an IP address (``listen_address``)."""
     if args.server == "granian":
         from granian import Granian
         from granian.constants import Interfaces, Loops
 
         Granian(
             "gateway.asgi:app_from_env",
-            address=config.server.host,
+            address=address,
             port=config.server.port,
             interface=Interfaces.ASGI,
             loop=Loops.uvloop,
@@ -171,6 +202,8 @@ def check(args: argparse.Namespace) -> int:
         check_here(config)
     except ConfigError as exc:  # said, not refused: a container's config names the container's paths
         print(f"note: on this machine, {exc}; `serve` refuses to start where it does not", file=sys.stderr)
+    for note in ignored_with_one_worker(config):
+        print(f"note: {note}", file=sys.stderr)
     print(f"{args.config}: ok ({len(config.upstream.instances)} instance(s))")
     return 0
 

@@ -504,6 +504,31 @@ def load_config(
     return config
 
 
+def ignored_with_one_worker(config: GatewayConfig) -> list[str]:
+    """One line for each setting ``config`` turns on that acts only between several workers,
+    where it has one (``server.workers`` = 1, as ``serve`` runs it). Said, by ``serve`` at start and
+    by ``check-config``, not refused: the setting is valid and does what it says once the workers
+    are raised, but with one worker it was ignored without a word, which left whoever set it
+    believing it acted."""
+    if config.server.workers > 1:
+        return []
+    batching = config.batching
+    if batching.host_wide:  # every model's too
+        host_wide = ["batching.host_wide"]
+    else:
+        host_wide = [f"batching.models.{name}.host_wide" for name, model in batching.models.items() if model.host_wide]
+    said = [
+        f"{key} = true is ignored because server.workers is 1: batching for all the workers of a host takes server.workers > 1"
+        for key in host_wide
+    ]
+    if config.cache.host_max_bytes > 0:  # -1 (as max_bytes) is the default; 0 asks for none
+        said.append(
+            f"cache.host_max_bytes = {config.cache.host_max_bytes} is ignored because server.workers is 1:"
+            " the cache store the workers share takes server.workers > 1"
+        )
+    return said
+
+
 def check_here(config: GatewayConfig) -> None:
     """ConfigError where what the config names is not on this machine: the model repository
     (checked by the commands that start or check a gateway here, not by ``load_config``: a
