@@ -162,10 +162,10 @@ class FleetMonitor:
             # one that answered a request while the probe waited (busy, not gone: what it holds
             # would run twice).
             given_up = self._client.abandon(
-                url, "the instance stopped answering health probes while the request was in flight", quiet_for=timeout
+                url, "the instance stopped answering health probes", quiet_for=timeout
             )
             if given_up:
-                log.warning("instance %s: %d request(s) in flight given up, to be retried elsewhere", url, given_up)
+                log.warning("instance %s: %d request(s) in flight or about to be sent given up, to be retried elsewhere", url, given_up)
 
     async def _reloads(self, url: str, timeout: float) -> None:
         """Report versions Triton loaded afresh (a version folder replaced in place: same

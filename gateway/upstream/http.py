@@ -130,6 +130,11 @@ class HostPool:
         self._closed = False  # the instance left the fleet, or the gateway stops: nothing kept
         self._slots = asyncio.Semaphore(limit)
         self._answered_at = -float("inf")  # when a response last came in whole (monotonic)
+        # Requests not sent yet (waiting for a slot, or connecting), and the times ``abandon``
+        # gave requests up: one that began waiting before the latest is given up too, unsent.
+        self._unsent = 0
+        self._abandons = 0
+        self._abandon_reason = ""
         self._host_header = f"Host: {host}:{port}\r\n".encode()
 
     async def _connection(self, reuse: bool = True) -> tuple[_Connection, bool]:
@@ -159,17 +164,36 @@ class HostPool:
         )
         # The limit covers the wait for a connection slot too: a full pool must not hold a
         # request (or a probe) past its time.
-        async with asyncio.timeout(timeout), self._slots if capped else contextlib.nullcontext():
-            conn, reused = await self._connection()
-            try:
-                response = await self._exchange(conn, head, body)
-            except ConnectionBroke as exc:
-                if not reused or conn.answering or isinstance(exc, Abandoned):
-                    raise  # the server may have run the request: never sent twice from here
-                # A kept-alive connection the server had already closed: once more, on a new one.
-                conn, _ = await self._connection(reuse=False)
-                response = await self._exchange(conn, head, body)
-            return response
+        abandons = self._abandons
+        self._unsent += 1
+        unsent = True
+        try:
+            async with asyncio.timeout(timeout), self._slots if capped else contextlib.nullcontext():
+                self._check_given_up(abandons)
+                conn, reused = await self._connection()
+                if self._abandons != abandons:
+                    conn.close()
+                    self._check_given_up(abandons)
+                self._unsent -= 1
+                unsent = False
+                try:
+                    response = await self._exchange(conn, head, body)
+                except ConnectionBroke as exc:
+                    if not reused or conn.answering or isinstance(exc, Abandoned):
+                        raise  # the server may have run the request: never sent twice from here
+                    # A kept-alive connection the server had already closed: once more, on a new one.
+                    conn, _ = await self._connection(reuse=False)
+                    response = await self._exchange(conn, head, body)
+                return response
+        finally:
+            if unsent:
+                self._unsent -= 1
+
+    def _check_given_up(self, abandons: int) -> None:
+        """Raise ConnectFailed (nothing sent: the router may try another instance) if ``abandon``
+        gave the requests up since a request began, ``abandons`` being their count then."""
+        if self._abandons != abandons:
+            raise ConnectFailed(f"{self._abandon_reason}; the request was not sent")
 
     async def _exchange(self, conn: _Connection, head: bytes, body: bytes) -> Response:
         self._busy.add(conn)
@@ -190,16 +214,21 @@ class HostPool:
 
     def abandon(self, reason: str, quiet_for: float = 0.0) -> int:
         """Give up every request waiting for its response (each raises ``Abandoned``), closing
-        their connections; return how many. None if a response came in within the last
-        ``quiet_for`` seconds: a server still answering is slow, not gone, and what it holds
-        would run twice."""
+        their connections, and every one not sent yet, waiting for a connection slot or
+        connecting (each raises ``ConnectFailed`` when it gets there: else each would go on to
+        the server its neighbours were given up on); return how many. None if a response came
+        in within the last ``quiet_for`` seconds: a server still answering is slow, not gone,
+        and what it holds would run twice."""
         if time.monotonic() - self._answered_at < quiet_for:
             return 0
+        if self._unsent:  # those waiting for a slot or connecting: given up when they get there
+            self._abandons += 1
+            self._abandon_reason = reason
         busy, self._busy = self._busy, set()
         for conn in busy:
             conn._fail(Abandoned(reason))
             conn.close()
-        return len(busy)
+        return len(busy) + self._unsent
 
     def close(self) -> None:
         """Close the idle connections, and each one in use once its response is in."""

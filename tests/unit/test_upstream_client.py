@@ -216,6 +216,51 @@ async def test_abandoned_requests_fail_at_once_as_unreachable_and_the_instance_s
         release.set()
 
 
+async def test_requests_waiting_for_a_connection_slot_are_given_up_too_unsent() -> None:
+    """With the instance's connections all taken by requests it does not answer, the requests
+    waiting for one are given up with them, never sent: else each would go on to the server
+    its neighbours were given up on, and wait there in turn."""
+    release = asyncio.Event()
+    arrived: list[None] = []
+
+    async def hang_then_answer(request: web.Request) -> web.Response:
+        arrived.append(None)
+        if len(arrived) == 1:
+            await release.wait()
+        return web.Response(status=400, body=v2.error_body("answered"), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v2/models/{model}/infer", hang_then_answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    url = f"http://127.0.0.1:{port}"
+    client = TritonClient(UpstreamConfig(request_timeout_s=30.0, max_connections_per_instance=1))
+    await client.start()
+    try:
+        hung = asyncio.create_task(client.infer(url, "m", "", INPUTS, None))
+        while not arrived:
+            await asyncio.sleep(0.01)
+        waiting = [asyncio.create_task(client.infer(url, "m", "", INPUTS, None)) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        assert client.abandon(url, "gone quiet") == 4
+        async with asyncio.timeout(1):  # not the 30 s of the attempts' own limit
+            in_flight, *unsent = await asyncio.gather(hung, *waiting, return_exceptions=True)
+        assert isinstance(in_flight, InstanceUnreachable) and not in_flight.connect_failed
+        for err in unsent:
+            assert isinstance(err, InstanceUnreachable) and err.connect_failed  # may be sent elsewhere
+            assert err.message == "Triton instance unreachable: gone quiet; the request was not sent"
+        assert len(arrived) == 1
+        with pytest.raises(UpstreamError, match="answered"):  # a request after it: sent, served
+            await client.infer(url, "m", "", INPUTS, None)
+        assert client.abandon(url, "nothing waiting") == 0
+    finally:
+        release.set()
+        await client.close()
+        await runner.cleanup()
+
+
 async def test_an_instance_that_answered_within_the_quiet_time_keeps_its_requests(fake_triton, client: TritonClient) -> None:  # noqa: ANN001
     release = asyncio.Event()
     arrived: list[None] = []
