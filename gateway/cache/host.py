@@ -90,6 +90,16 @@ _CLAIM_HEAD = struct.Struct("<16sIII")  # a claim up to its until
 _UNTIL = struct.Struct("<d")
 FREE, COMPUTING, FAILED, ENDED = 0, 1, 2, 3
 
+
+class Unclaimed:
+    """What ``HostStore.claim`` gives where no claim could be taken: nobody holds the key."""
+
+    def __repr__(self) -> str:
+        return "UNCLAIMED"
+
+
+UNCLAIMED = Unclaimed()
+
 PREFIX = "gateway-cache-"
 SEGMENT_ENV = "GATEWAY_CACHE_SEGMENT"  # how the serving command tells its workers the segment
 
@@ -359,15 +369,16 @@ class HostStore:
 
     # -- claims: which worker computes a key ----------------------------------------------
 
-    def claim(self, key: bytes, until: float, now: float) -> Claim | None:
-        """Claim ``key`` for this view until ``until``: None when this view is to compute it
-        (it now holds the claim, or there was no room for one, or the segment is closed: then
-        nobody holds it), else the live claim of the worker computing it. A claim whose
+    def claim(self, key: bytes, until: float, now: float) -> Claim | Unclaimed | None:
+        """Claim ``key`` for this view until ``until``: None when this view now holds the claim
+        and is to compute it; ``UNCLAIMED`` when no claim could be taken (no room for one in its
+        bucket, or the segment is closed: this view is to compute it, and nobody holds it);
+        else the live claim of the worker computing it. A claim whose
         owner's process is gone or that is past its ``until`` is taken over; so is an ended
         one (``FAILED``, ``ENDED``): errors are not cached, and a new request computes anew.
         BlockingIOError when another worker is changing the claims (try again)."""
         if self._fd < 0:
-            return None
+            return UNCLAIMED
         base = self._claim_bucket(key)
         if not self._lock(1, 0.0):
             raise BlockingIOError(errno.EAGAIN, "another worker is changing the claims")
@@ -385,7 +396,7 @@ class HostStore:
                     way = i
             if way < 0:
                 self.unclaimed += 1
-                return None
+                return UNCLAIMED
             _CLAIM.pack_into(self._mm, base + way * CLAIM_BYTES, key, self._pid, self._token, COMPUTING, until, 0, b"", 0)
             self.claims += 1
             return None

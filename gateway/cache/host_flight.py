@@ -35,7 +35,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from gateway.cache.host import COMPUTING, ENDED, FAILED, Claim, HostStore
+from gateway.cache.host import COMPUTING, ENDED, FAILED, UNCLAIMED, Claim, HostStore, Unclaimed
 from gateway.errors import ClientGone, GatewayError, GatewayTimeout, UpstreamError, missing_model, rebuilt
 
 T = TypeVar("T")
@@ -50,13 +50,6 @@ RENEW_S = 0.5  # ...which it does this often while it computes
 # How the result came: another worker computed it, it was in the host tier when this worker
 # claimed the key, or this worker computed it.
 FOLLOWED, FOUND, COMPUTED = "followed", "found", "computed"
-
-
-class _Unclaimed:
-    """What ``_claim`` gives when no claim could be taken: computed without one."""
-
-
-UNCLAIMED = _Unclaimed()
 
 
 def shared_error(exc: BaseException) -> bool:
@@ -161,19 +154,16 @@ class HostFlight:
             self._renewing.cancel()
             self._renewing = None
 
-    async def _claim(self, key: bytes) -> Claim | _Unclaimed | None:
+    async def _claim(self, key: bytes) -> Claim | Unclaimed | None:
         """``HostStore.claim``: the other worker's live claim, or None: this worker holds the
         key's claim now. ``UNCLAIMED`` where none could be taken (no room in its bucket, the
         segment closed, or the claims still changing after ``CLAIM_TRIES``): computed without."""
         host = self._host
         for _ in range(CLAIM_TRIES):
             now = self._clock()
-            claimed = host.claims
             try:
-                holder = host.claim(key, now + min(LEASE_S, self._lifetime), now)
+                return host.claim(key, now + min(LEASE_S, self._lifetime), now)
             except BlockingIOError:
                 await asyncio.sleep(0)
-                continue
-            return UNCLAIMED if holder is None and host.claims == claimed else holder
         host.unclaimed += 1
         return UNCLAIMED

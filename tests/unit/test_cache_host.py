@@ -570,7 +570,7 @@ def test_with_a_full_bucket_a_key_is_computed_without_a_claim(worker: Open) -> N
     keys = same_bucket_keys(host.CLAIM_WAYS + 1)
     for k in keys[:-1]:
         assert one.claim(k, until=30.0, now=0.0) is None
-    assert two.claim(keys[-1], until=30.0, now=0.0) is None and two.stats()["unclaimed"] == 1
+    assert two.claim(keys[-1], until=30.0, now=0.0) is host.UNCLAIMED and two.stats()["unclaimed"] == 1
     assert one.look(keys[-1], now=0.0) is None  # nobody claims it: each worker computes it
     one.release(keys[0])
     assert two.claim(keys[-1], until=30.0, now=0.0) is None and two.stats()["claims"] == 1
