@@ -371,5 +371,5 @@ def test_serve_runs_the_infer_serving_protocol_with_or_without_a_cache(tmp_path,
     for cache in ["", "[cache]\nenabled = true\n"]:
         config = tmp_path / "gateway.toml"
         config.write_text(base + cache)
-        assert main(["serve", "--config", str(config), "--log-level", "warning"]) == 0
+        assert main(["serve", "--config", str(config), "--log-level", "warning", "--port", "0"]) == 0
         assert ran.pop() is InferHttpToolsProtocol
