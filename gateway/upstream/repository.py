@@ -21,7 +21,9 @@ it is loaded:
   gRPC, see ``GrpcControl``) with the model's config, its version policy set to exactly the
   target versions, or an unload call when none is left. Triton keeps serving what it has while
   it loads and swaps reloaded versions in without a gap (it reloads every version of a model
-  whose config changed, and the version list is part of the config).
+  whose config changed, and the version list is part of the config). The call records the
+  files it loads (``placement``, in the config parameter ``gateway_placement``): a gateway
+  started later finds a model loaded from the files on disk now, and does not load it again.
 * **Admit.** A version new to an instance is withheld from routing while it loads, then
   answers a warm-up inference (zeros shaped by its config; must come back 200), and only then
   is routed to there. Requests naming no version move to it once every instance holding the
@@ -200,11 +202,20 @@ def served_versions(config: model_config_pb2.ModelConfig, versions: Iterable[str
     return ordered[-latest:] if latest > 0 else []
 
 
-def pinned_config(config: model_config_pb2.ModelConfig, versions: Iterable[str]) -> str:
-    """The model's config as JSON (what a load call carries), serving exactly ``versions``."""
+# The config parameter a load call records its target's ``placement`` in: Triton keeps it with
+# the model's config, so a gateway started later can tell a model loaded from the files on disk
+# now (and leave it loaded) from one to load again. Backends ignore parameters they do not know.
+PLACEMENT_PARAMETER = "gateway_placement"
+
+
+def pinned_config(config: model_config_pb2.ModelConfig, versions: Iterable[str], stamp: str = "") -> str:
+    """The model's config as JSON (what a load call carries), serving exactly ``versions``, and
+    recording ``stamp`` (the target's ``placement``) in its parameters, where given."""
     pinned = model_config_pb2.ModelConfig()
     pinned.CopyFrom(config)
     pinned.version_policy.specific.versions[:] = sorted(int(v) for v in versions)
+    if stamp:
+        pinned.parameters[PLACEMENT_PARAMETER].string_value = stamp
     return json_format.MessageToJson(pinned, preserving_proto_field_name=True, indent=None)
 
 
@@ -575,6 +586,9 @@ class RepositorySync:
             (v for v in keep & held - pending if placed is not None and placed.versions.get(v) not in (None, target.versions[v])),
             key=int,
         )
+        if placed is None and held == keep and keep and await self._placed_before(url, name, target):
+            await self._adopt(instance, name, target)
+            return
         for version in arriving:
             instance.withhold(name, version, "loading")
         if arriving and leaving:
@@ -657,7 +671,7 @@ class RepositorySync:
         try:
             if versions:
                 assert target.config is not None
-                await self.control.load(instance.grpc, name, pinned_config(target.config, versions))
+                await self.control.load(instance.grpc, name, pinned_config(target.config, versions, placement(target)))
             else:
                 await self.control.unload(instance.grpc, name)
         except ControlError as exc:
@@ -672,6 +686,36 @@ class RepositorySync:
         (``Instance.quiescing``), unless every instance holding the version waits too; those
         still under way at the deadline are dropped."""
         await self._await_idle(instance, name, held, requests=False)
+
+    async def _placed_before(self, url: str, name: str, target: Target) -> bool:
+        """Whether the model there was loaded from the files ``target`` was made from (the
+        ``placement`` its load call recorded, in the config Triton serves), by this gateway
+        before it restarted, or by another driver: then no load call is needed. False where it
+        cannot be told (no answer, no record)."""
+        try:
+            session = self._require_session()
+            timeout = aiohttp.ClientTimeout(total=self.config.load_timeout_s)
+            async with session.get(f"{url}/v2/models/{quote(name, safe='')}/config", timeout=timeout) as resp:
+                if resp.status != 200:
+                    return False
+                config = await resp.json(content_type=None)
+            recorded = config["parameters"][PLACEMENT_PARAMETER]["string_value"]
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError, KeyError, TypeError):
+            return False
+        return bool(recorded == placement(target))
+
+    async def _adopt(self, instance: Instance, name: str, target: Target) -> None:
+        """Take over a model the instance holds as ``target`` wants it, loaded before from the
+        same files (``_placed_before``), without the load call that would reload it there (every
+        version, and a stateful model's sequences dropped): each version is warmed up and
+        routed as a new one is."""
+        url = instance.url
+        versions = sorted(target.versions, key=int)
+        self._event(url, name, ",".join(versions), "adopted", "already loaded from these files: not reloaded")
+        for version in versions:
+            if not await self._admit(instance, name, version, target):
+                return  # the next round tries again
+        self._placed.setdefault(url, {})[name] = target
 
     def _loaded(self, instance: Instance, name: str, versions: set[str]) -> None:
         """Triton now holds exactly ``versions`` of the model there."""

@@ -361,6 +361,36 @@ async def test_an_instance_restarted_empty_is_loaded_again_before_it_gets_traffi
     assert clients.failures == []
 
 
+async def test_a_restarted_gateway_leaves_loaded_what_it_loaded_from_these_files(
+    fleet_factory: Any, repo: Path, tmp_path: Path
+) -> None:
+    """A gateway restart (a deploy of the gateway itself) makes no load call for a model loaded
+    from the files on disk: Triton would reload it on every instance (its statistics start
+    again at zero; a large model briefly takes twice its memory). It warms each version up and
+    serves it, answers checked against torch."""
+    triton = fleet_factory(2, TRITON_PORT, repository=repo, model_control_mode="explicit", auto_complete_config=False)
+    instances = [{"url": url, "grpc_port": inst.grpc_port} for url, inst in zip(triton.http_urls, triton.instances)]
+    config = gateway_config(instances, GATEWAY_PORT, repository={"path": str(repo), "scan_interval_s": 0.5})
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    with running_gateway(config, GATEWAY_PORT, tmp_path / "first", timeout=180) as gw:
+        async with Clients(gw.url) as clients:
+            await clients.until(
+                lambda: all(inference_count(url, "1") >= 20 for url in triton.http_urls), 60, "traffic to both instances"
+            )
+        assert clients.failures == []
+    counts = [inference_count(url, "1") for url in triton.http_urls]
+    with running_gateway(config, GATEWAY_PORT, tmp_path / "second", timeout=180) as gw:
+        view = repository_view(gw)
+        assert sorted(e["instance"] for e in view["events"] if e["event"] == "adopted") == sorted(triton.http_urls)
+        assert not [e for e in view["events"] if e["event"] in ("reloaded", "load failed")]
+        # Not reloaded: each instance's count goes on from where it was (the warm-up adds one).
+        assert [inference_count(url, "1") for url in triton.http_urls] == [n + 1 for n in counts]
+        async with Clients(gw.url) as clients:
+            await clients.until(lambda: clients.versions["1"] >= 50, 60, "answers")
+        assert clients.failures == []
+
+
 async def test_a_faulty_version_dropped_in_is_a_canary_rolled_back_by_itself(
     fleet_factory: Any, repo: Path, tmp_path: Path
 ) -> None:

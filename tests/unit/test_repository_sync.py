@@ -24,6 +24,7 @@ from gateway.errors import Unavailable
 from gateway.instances import Instance
 from gateway.router import Router
 from gateway.upstream.repository import (
+    PLACEMENT_PARAMETER,
     WARMUP_SEQUENCE,
     ControlError,
     RepositorySync,
@@ -96,6 +97,7 @@ class FakeTriton:
         # What /config answers (Triton's JSON form of the model's config).
         self.model_config: dict[str, Any] = {"max_batch_size": 8, "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [3]}]}
         self.gate: asyncio.Event | None = None  # loads wait on it when set
+        self.loaded_configs: dict[str, dict[str, Any]] = {}  # model -> the config its last load carried
         self.runner: web.AppRunner | None = None
         self.url = ""
 
@@ -103,6 +105,7 @@ class FakeTriton:
         app = web.Application()
         app.router.add_post("/v2/repository/index", self.index)
         app.router.add_get("/v2/models/{model}/versions/{version}/config", self.config)
+        app.router.add_get("/v2/models/{model}/config", self.loaded_config)
         app.router.add_post("/v2/models/{model}/versions/{version}/infer", self.infer)
         self.runner = web.AppRunner(app)
         await self.runner.setup()
@@ -137,12 +140,14 @@ class FakeTriton:
             if reason:
                 failed.append(v)
         self.models[model] = states
+        self.loaded_configs[model] = json.loads(config)
         if failed:
             raise ControlError(f"load failed for model '{model}': version {failed[0]} is at UNAVAILABLE state", retry=False)
 
     async def unload(self, model: str) -> None:
         self.calls.append(("unload", model, []))
         self.models.pop(model, None)
+        self.loaded_configs.pop(model, None)
 
     async def index(self, request: web.Request) -> web.Response:
         return web.json_response(
@@ -151,6 +156,13 @@ class FakeTriton:
 
     async def config(self, request: web.Request) -> web.Response:
         return web.json_response(self.model_config)
+
+    async def loaded_config(self, request: web.Request) -> web.Response:
+        """The config Triton serves the model with: the one its load carried."""
+        config = self.loaded_configs.get(request.match_info["model"])
+        if config is None:
+            return web.json_response({"error": "Request for unknown model"}, status=400)
+        return web.json_response(config)
 
     async def infer(self, request: web.Request) -> web.Response:
         key = (request.match_info["model"], request.match_info["version"])
@@ -349,6 +361,9 @@ def test_the_load_config_pins_the_versions_and_keeps_the_rest_of_the_config() ->
     assert [int(v) for v in sent["version_policy"]["specific"]["versions"]] == [2, 10]
     assert "all" not in sent["version_policy"]
     assert sent["max_batch_size"] == 8 and sent["input"][0]["name"] == "x"
+    assert "parameters" not in sent
+    stamped = json.loads(pinned_config(parse_model_config(CONFIG), ["2"], stamp="abc"))
+    assert stamped["parameters"] == {PLACEMENT_PARAMETER: {"string_value": "abc"}}
 
 
 def test_the_warmup_request_is_one_row_of_zeros_shaped_by_the_config() -> None:
@@ -677,12 +692,12 @@ async def test_a_loaded_version_held_back_for_a_failure_since_cleared_is_warmed_
     """The driver before failed it on that instance; this one serves it: warmed, then routed."""
     first = harness.instances[0]
     first.withhold("m", "1", "failed: broken on purpose")
-    warmups = len(harness.tritons[0].infers)
+    warmups, calls = len(harness.tritons[0].infers), len(harness.tritons[0].calls)
     new = RepositorySync(harness.sync.config, harness.router, harness.control)
     new.seed({})
     await new.start()
     try:
-        assert harness.tritons[0].calls[-1] == ("load", "m", ["1"])
+        assert len(harness.tritons[0].calls) == calls  # loaded from these files already: not reloaded
         assert harness.tritons[0].infers[warmups:] == [("m", "1")]
         assert harness.routed() == [["1"], ["1"]]
     finally:
@@ -746,14 +761,65 @@ async def test_a_driver_taking_over_without_a_placement_or_from_other_files_load
     harness: Harness, repo: Path
 ) -> None:
     placements = harness.sync.placements()
-    (repo / "m" / "1" / "model.py").write_text("retrained weights, other size")  # while nobody drove
     before = [len(t.calls) for t in harness.tritons]
-    for seed in (placements, {}):
+    for n, seed in enumerate((placements, {})):
+        (repo / "m" / "1" / "model.py").write_text("retrained weights" + " again" * n)  # while nobody drove
         new = RepositorySync(harness.sync.config, harness.router, harness.control)
         new.seed(seed)
         await new.start()
         await new.close()
     assert [len(t.calls) for t in harness.tritons] == [n + 2 for n in before]  # each loaded it once
+
+
+async def test_a_restarted_gateway_takes_over_what_it_loaded_from_these_files_without_reloading(
+    harness: Harness, repo: Path
+) -> None:
+    """A gateway restarted (a new process: nothing seeded, new instance objects) finds the
+    models its loads recorded their files' placement for: no load call, which would reload
+    every version there; each version is warmed up and routed as a new one is."""
+    await harness.publish("2")
+    await harness.sync.close()
+    calls = [len(t.calls) for t in harness.tritons]
+    warmups = [len(t.infers) for t in harness.tritons]
+    restarted = Harness(repo, harness.tritons)
+    restarted.probe()  # the first health round: the instances hold m 1 and 2
+    for instance in restarted.instances:  # as a version is until it is admitted
+        instance.withhold("m", "2", "loading")
+    await restarted.sync.start()
+    try:
+        assert [len(t.calls) for t in harness.tritons] == calls
+        assert [t.infers[n:] for t, n in zip(harness.tritons, warmups)] == [[("m", "1"), ("m", "2")]] * 2
+        assert restarted.routed() == [["1", "2"], ["1", "2"]]
+        assert [e["version"] for e in restarted.events("adopted")] == ["1,2", "1,2"]
+        await restarted.round()  # placed: later rounds leave it as it is
+        await restarted.round()
+        assert [len(t.calls) for t in harness.tritons] == calls
+    finally:
+        await restarted.sync.close()
+
+
+@pytest.mark.parametrize("why", ["files changed", "no record", "another config"])
+async def test_a_restarted_gateway_loads_again_what_was_not_loaded_from_these_files(
+    harness: Harness, repo: Path, why: str
+) -> None:
+    await harness.sync.close()
+    if why == "files changed":
+        (repo / "m" / "1" / "model.py").write_text("retrained weights, other size")  # while it was down
+    elif why == "no record":  # loaded by hand, by Triton at its start, or by an older gateway
+        for triton in harness.tritons:
+            del triton.loaded_configs["m"]["parameters"]
+    else:
+        (repo / "m" / "config.pbtxt").write_text(CONFIG.replace("max_batch_size: 8", "max_batch_size: 4"))
+    calls = [len(t.calls) for t in harness.tritons]
+    restarted = Harness(repo, harness.tritons)
+    restarted.probe()
+    await restarted.sync.start()
+    try:
+        assert [len(t.calls) for t in harness.tritons] == [n + 1 for n in calls]
+        assert all(t.calls[-1] == ("load", "m", ["1"]) for t in harness.tritons)
+        assert not restarted.events("adopted") and restarted.routed() == [["1"], ["1"]]
+    finally:
+        await restarted.sync.close()
 
 
 async def test_a_missing_repository_folder_refuses_to_start(tmp_path: Path, tritons: list[FakeTriton]) -> None:
