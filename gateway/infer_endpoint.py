@@ -384,6 +384,8 @@ class InferEndpoint:
                 reply, version, source = await self._infer_cached(pipeline, cache, call, looked)
             else:
                 reply, version, source = await self._infer(pipeline, call)
+            if gone is not None and gone():  # left while its request was upstream: nobody to answer
+                raise ClientGone("the client disconnected before its answer")
             self.counts.record(target[0], version, 200, time.monotonic() - start, source)
             return reply
         except ClientGone:

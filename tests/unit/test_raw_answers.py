@@ -481,6 +481,32 @@ async def test_a_request_whose_client_left_while_served_is_not_answered_and_coun
     assert endpoint.counts.disconnects == {"": 1}  # the test router knows no repository index
 
 
+@pytest.mark.parametrize("cached", [False, True])
+async def test_a_client_that_left_while_its_request_was_upstream_is_counted_apart(cached: bool) -> None:
+    """Sent upstream before its client left, so computed (and kept, with the cache); but the
+    answer reaches nobody: counted as a client gone, not as a 200."""
+    endpoint, router, _ = stack(CacheConfig(enabled=cached))
+    if not cached:
+        endpoint.app.state.services.pipeline.cache = None
+    left: list[bool] = []
+    answer = router.infer
+
+    async def leaving(*args: Any, **kwargs: Any) -> BatchResult:
+        result = await answer(*args, **kwargs)
+        left.append(True)  # the client closes its connection while Triton computes
+        return result
+
+    router.infer = leaving  # type: ignore[method-assign]
+    body = json_body([1.0, 2.0])
+    target = endpoint.may_serve(b"/v2/models/m/infer", arriving(body))
+    reply = await endpoint.serve_held(b"/v2/models/m/infer", target, arriving(body), body, 0.0, (None, None), lambda: bool(left))
+    assert reply is None and router.calls == ["1"]
+    assert endpoint.counts.disconnects == {"": 1} and endpoint.counts.rows == {}
+    if cached:  # the answer computed is kept for the next request
+        status, headers, _, _ = await post(endpoint, body)
+        assert status == 200 and headers[b"x-cache"] == b"hit"
+
+
 def test_a_request_the_protocol_answered_500_itself_is_counted_as_a_500() -> None:
     endpoint, _, _ = stack(CacheConfig(enabled=False))
     endpoint.request_failed(("m", ""), time.monotonic() - 0.2)
