@@ -377,7 +377,7 @@ class ResponseCache:
         self.store.put(key, owned, model, version, expires, self._model_bytes(policy), now=now, born=born)
         if self._host is None:
             return False
-        value = _ENTRY_TAG + encode_entry(owned, self._wall_clock() - (now - born))
+        value = _ENTRY_TAG + encode_entry(owned, self._wall_clock() - (now - born), key)
         if not self._host.fits(len(value)):
             self._unfit.add(model)  # its next misses are computed without a claim, in parallel
             return False
@@ -403,7 +403,7 @@ class ResponseCache:
         try:
             if raw[:1] != tag:
                 raise ValueError("an entry of another kind")
-            value: Any = RawAnswer.from_bytes(raw[1:]) if tag == _RAW_TAG else decode_entry(raw[1:])[0]
+            value: Any = RawAnswer.from_bytes(raw[1:]) if tag == _RAW_TAG else decode_entry(raw[1:], key)[0]
         except ValueError as exc:
             log.warning("ignoring a host cache entry: %s", exc)
             return None
@@ -434,7 +434,7 @@ class ResponseCache:
         if raw is None:
             return None
         try:
-            result, born_wall = decode_entry(raw)
+            result, born_wall = decode_entry(raw, key)
         except ValueError as exc:
             log.warning("ignoring a shared cache entry: %s", exc)
             return None
@@ -454,7 +454,7 @@ class ResponseCache:
         """``born``: the wall-clock time the result's computation began."""
         if self._shared is None:
             return
-        value = encode_entry(result, born)
+        value = encode_entry(result, born, key)
         task = asyncio.ensure_future(self._shared.set(key, value, self._config.for_model(model).ttl_s))
         self._writes.add(task)  # a hard reference until done
         task.add_done_callback(self._writes.discard)

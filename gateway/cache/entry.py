@@ -1,7 +1,9 @@
 """A cached result as bytes, for the host and shared tiers: msgpack, tensors as raw
-little-endian bytes, and the wall-clock time it was computed at, from which a gateway on another
-host counts its age (the shared tier). Readers on the same host count it from the host tier's
-expiry instead: the workers share a monotonic clock and a TTL."""
+little-endian bytes, the wall-clock time it was computed at, from which a gateway on another
+host counts its age (the shared tier), and the key it is the answer for. Readers on the same
+host count its age from the host tier's expiry instead: the workers share a monotonic clock and
+a TTL. A reader of the shared tier checks the key: an entry found under another key (copied
+there, or written there by anything but a gateway) is not another request's answer."""
 
 from __future__ import annotations
 
@@ -12,21 +14,26 @@ import msgpack
 from gateway.batcher import BatchResult
 from gateway.tensors import pack_tensors, unpack_tensors
 
-FORMAT = 2  # 1: without the time computed
+FORMAT = 3  # 1: without the time computed; 2: without the key
+FIELDS = {1: 4, 2: 5, 3: 6}
 
 
-def encode_entry(result: BatchResult, born: float) -> bytes:
-    """``born``: when ``result`` was computed, in seconds since the epoch (``time.time()``)."""
-    return msgpack.packb([FORMAT, result.version, pack_tensors(result.outputs), result.parameters, born], use_bin_type=True)
+def encode_entry(result: BatchResult, born: float, key: bytes) -> bytes:
+    """``born``: when ``result`` was computed, in seconds since the epoch (``time.time()``);
+    ``key``: the request key it answers."""
+    return msgpack.packb([FORMAT, result.version, pack_tensors(result.outputs), result.parameters, born, key], use_bin_type=True)
 
 
-def decode_entry(raw: bytes) -> tuple[BatchResult, float | None]:
+def decode_entry(raw: bytes, key: bytes | None = None) -> tuple[BatchResult, float | None]:
     """The result and when it was computed (None: an entry of format 1, which does not say), or
-    ValueError if ``raw`` is not an entry."""
+    ValueError if ``raw`` is not an entry; with ``key``, also unless it is the entry of that key
+    (entries of the formats before, which do not say, included)."""
     try:
-        fmt, version, outputs, parameters, *rest = msgpack.unpackb(raw, raw=False)
-        if fmt not in (1, FORMAT) or len(rest) != (fmt == FORMAT):
-            raise ValueError(f"cache entry format {fmt} with {4 + len(rest)} fields")
+        fmt, version, outputs, parameters, *rest = fields = msgpack.unpackb(raw, raw=False)
+        if FIELDS.get(fmt) != len(fields):
+            raise ValueError(f"cache entry format {fmt} with {len(fields)} fields")
+        if key is not None and (fmt != FORMAT or rest[1] != key):
+            raise ValueError("cache entry of another key" if fmt == FORMAT else f"cache entry format {fmt} names no key")
         born = float(rest[0]) if rest else None
         if born is not None and not math.isfinite(born):  # would pass every check of its age
             raise ValueError(f"cache entry computed at {born}")

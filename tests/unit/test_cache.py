@@ -438,7 +438,7 @@ def test_entries_round_trip_through_bytes() -> None:
         [Tensor("y", "FP32", np.arange(6, dtype=np.float32).reshape(2, 3)), Tensor("s", "BYTES", np.asarray([b"a", b"bc"], dtype=object))],
         {"note": 1},
     )  # fmt: skip
-    copy, born = decode_entry(encode_entry(original, 1700000000.5))
+    copy, born = decode_entry(encode_entry(original, 1700000000.5, b"k" * 16), b"k" * 16)
     assert copy.version == "3" and copy.parameters == {"note": 1} and born == 1700000000.5
     np.testing.assert_array_equal(copy.outputs[0].data, original.outputs[0].data)
     assert list(copy.outputs[1].data) == [b"a", b"bc"]
@@ -446,7 +446,16 @@ def test_entries_round_trip_through_bytes() -> None:
         decode_entry(b"\x00garbage")
     for never in (float("nan"), float("inf"), float("-inf")):  # a spoilt entry: it would pass for brand new
         with pytest.raises(ValueError, match="computed at"):
-            decode_entry(encode_entry(original, never))
+            decode_entry(encode_entry(original, never, b"k" * 16))
+
+
+def test_an_entry_read_for_a_key_is_that_keys_answer() -> None:
+    """An entry found under another key (copied there, or written there by anything but a
+    gateway) is not that request's answer: refused, a miss."""
+    entry = encode_entry(BatchResult("1", [Tensor("y", "FP32", np.ones(2, np.float32))]), 1700000000.5, b"a" * 16)
+    assert decode_entry(entry)[0].version == "1"  # read where the key is checked apart (the host tier)
+    with pytest.raises(ValueError, match="another key"):
+        decode_entry(entry, b"b" * 16)
 
 
 def test_an_entry_of_the_format_before_reads_as_computed_at_an_unknown_time() -> None:
@@ -454,7 +463,9 @@ def test_an_entry_of_the_format_before_reads_as_computed_at_an_unknown_time() ->
     old = msgpack.packb([1, "3", pack_tensors([Tensor("y", "FP32", np.ones(2, np.float32))]), {}], use_bin_type=True)
     result, born = decode_entry(old)
     assert result.version == "3" and born is None
-    for wrong in ([1, "3", [], {}, 5.0], [2, "3", [], {}], [3, "3", [], {}, 5.0]):
+    with pytest.raises(ValueError, match="names no key"):  # where the key must be checked
+        decode_entry(old, b"k" * 16)
+    for wrong in ([1, "3", [], {}, 5.0], [2, "3", [], {}], [3, "3", [], {}, 5.0], [4, "3", [], {}, 5.0, b"k"]):
         with pytest.raises(ValueError):
             decode_entry(msgpack.packb(wrong))
 
@@ -574,6 +585,8 @@ async def test_the_shared_tier_serves_what_another_gateway_computed() -> None:
     assert two.store.get(b"k", clock.now) is None
     shared.data[b"bad"] = b"not an entry"
     assert (await two.get_or_compute("m", "1", b"bad", compute))[1] == "miss"
+    shared.data[b"moved"] = shared.data[b"k"]  # another request's answer, under this key
+    assert (await two.get_or_compute("m", "1", b"moved", compute))[1] == "miss"
 
 
 async def test_a_version_dropped_here_is_not_served_from_the_shared_tier_as_computed_before_the_drop() -> None:
