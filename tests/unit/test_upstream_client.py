@@ -216,7 +216,7 @@ async def test_abandoned_requests_fail_at_once_as_unreachable_and_the_instance_s
         release.set()
 
 
-async def test_requests_waiting_for_a_connection_slot_are_given_up_too_unsent() -> None:
+async def test_requests_waiting_for_a_connection_slot_are_given_up_too_unsent(fake_triton) -> None:  # noqa: ANN001
     """With the instance's connections all taken by requests it does not answer, the requests
     waiting for one are given up with them, never sent: else each would go on to the server
     its neighbours were given up on, and wait there in turn."""
@@ -229,13 +229,7 @@ async def test_requests_waiting_for_a_connection_slot_are_given_up_too_unsent() 
             await release.wait()
         return web.Response(status=400, body=v2.error_body("answered"), content_type="application/json")
 
-    app = web.Application()
-    app.router.add_post("/v2/models/{model}/infer", hang_then_answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    url = f"http://127.0.0.1:{port}"
+    url = await fake_triton(hang_then_answer)
     client = TritonClient(UpstreamConfig(request_timeout_s=30.0, max_connections_per_instance=1))
     await client.start()
     try:
@@ -258,7 +252,6 @@ async def test_requests_waiting_for_a_connection_slot_are_given_up_too_unsent() 
     finally:
         release.set()
         await client.close()
-        await runner.cleanup()
 
 
 async def test_an_instance_that_answered_within_the_quiet_time_keeps_its_requests(fake_triton, client: TritonClient) -> None:  # noqa: ANN001
