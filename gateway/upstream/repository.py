@@ -104,6 +104,9 @@ class ModelFolder:
     config_stamp: tuple[int, int]  # its size and modification time
     versions: tuple[tuple[str, Fingerprint], ...]  # (version, fingerprint), by version number
     names: tuple[tuple[str, frozenset[str]], ...] = ()  # (version, the names at its top level)
+    # The model folder's own files but config.pbtxt (a labels file, a Python environment):
+    # their count, total size and newest modification time. Triton reads them at a load.
+    files_stamp: Fingerprint = (0, 0, 0)
 
 
 def read_version(folder: Path) -> tuple[Fingerprint, frozenset[str]]:
@@ -129,6 +132,22 @@ def read_version(folder: Path) -> tuple[Fingerprint, frozenset[str]]:
             size += st.st_size
             newest = max(newest, st.st_mtime_ns)
     return (files, size, newest), names or frozenset()
+
+
+def own_files(folder: str) -> Fingerprint:
+    """``ModelFolder.files_stamp`` of a model folder (OSError if it cannot be read)."""
+    files = size = newest = 0
+    for entry in os.scandir(folder):
+        if entry.name.startswith(".") or entry.name == "config.pbtxt" or not entry.is_file():
+            continue
+        try:
+            st = entry.stat()
+        except OSError:
+            continue  # removed while scanning: the next scan sees the change
+        files += 1
+        size += st.st_size
+        newest = max(newest, st.st_mtime_ns)
+    return files, size, newest
 
 
 def scan_repository(root: Path, previous: Mapping[str, ModelFolder] | None = None) -> dict[str, ModelFolder]:
@@ -161,7 +180,9 @@ def scan_repository(root: Path, previous: Mapping[str, ModelFolder] | None = Non
             if previous is not None and entry.name in previous:
                 models[entry.name] = previous[entry.name]
             continue
-        models[entry.name] = ModelFolder(entry.name, text, (st.st_size, st.st_mtime_ns), tuple(versions), tuple(names))
+        models[entry.name] = ModelFolder(
+            entry.name, text, (st.st_size, st.st_mtime_ns), tuple(versions), tuple(names), own_files(entry.path)
+        )
     return models
 
 
@@ -351,19 +372,59 @@ class Target:
     versions: Mapping[str, Fingerprint]
     # What the version policy chose ``versions`` from: those on disk, less those failed.
     usable: Mapping[str, Fingerprint] = field(default_factory=dict, compare=False)
+    files_stamp: Fingerprint = (0, 0, 0)  # the model folder's own files (``ModelFolder``)
 
     @classmethod
     def chosen(
-        cls, config: model_config_pb2.ModelConfig, stamp: tuple[int, int] | None, usable: Mapping[str, Fingerprint]
+        cls,
+        config: model_config_pb2.ModelConfig,
+        stamp: tuple[int, int] | None,
+        usable: Mapping[str, Fingerprint],
+        files_stamp: Fingerprint = (0, 0, 0),
     ) -> Target:
         """The versions the model's ``version_policy`` serves out of ``usable``."""
-        return cls(config, stamp, {v: usable[v] for v in served_versions(config, usable)}, dict(usable))
+        return cls(config, stamp, {v: usable[v] for v in served_versions(config, usable)}, dict(usable), files_stamp)
 
 
 def placement(target: Target) -> str:
-    """What identifies the files a target was made from (its config's and versions' stamps)."""
-    text = repr((target.config_stamp, sorted(target.versions.items())))
+    """What identifies the files a target was made from (its config's, the model folder's own
+    and its versions' stamps)."""
+    text = repr((target.config_stamp, target.files_stamp, sorted(target.versions.items())))
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
+def recorded_placement(target: Target) -> str:
+    """What a load call records of the files it loads (``PLACEMENT_PARAMETER``): the config as
+    parsed (but its instance groups, which Triton changes in place without reloading the
+    model, and which a parameter that changed with them would make it reload: they are
+    compared apart, ``same_instances``), the model folder's own files and the versions'."""
+    config = model_config_pb2.ModelConfig()
+    if target.config is not None:
+        config.CopyFrom(target.config)
+    config.ClearField("instance_group")
+    config.ClearField("version_policy")
+    text = repr((config.SerializeToString(deterministic=True), target.files_stamp, sorted(target.versions.items())))
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
+def same_instances(served: Any, wanted: model_config_pb2.ModelConfig) -> bool:
+    """Whether the instance groups Triton serves a model with (its config's ``instance_group``,
+    as JSON) are those ``wanted`` asks for: each group's count, and its kind and GPUs where
+    it names them (Triton fills in what it leaves out). No group asked for: any will do."""
+    groups = list(wanted.instance_group)
+    if not groups:
+        return True
+    if not isinstance(served, list) or len(served) != len(groups):
+        return False
+    auto = model_config_pb2.ModelInstanceGroup.Kind.KIND_AUTO
+    for have, want in zip(served, groups):
+        if not isinstance(have, dict) or int(have.get("count", 1)) != (want.count or 1):
+            return False
+        if want.kind != auto and have.get("kind") != model_config_pb2.ModelInstanceGroup.Kind.Name(want.kind):
+            return False
+        if want.gpus and [int(g) for g in have.get("gpus", [])] != list(want.gpus):
+            return False
+    return True
 
 
 @dataclass(slots=True)
@@ -503,7 +564,7 @@ class RepositorySync:
                     self._event("", name, version, "failed", reason)
                     continue
                 usable.append(version)
-        return Target.chosen(config, folder.config_stamp, {v: on_disk[v] for v in usable})
+        return Target.chosen(config, folder.config_stamp, {v: on_disk[v] for v in usable}, folder.files_stamp)
 
     def placements(self) -> dict[str, dict[str, str]]:
         """What this sync placed on each instance and admitted (url -> model -> ``placement``),
@@ -671,7 +732,7 @@ class RepositorySync:
         try:
             if versions:
                 assert target.config is not None
-                await self.control.load(instance.grpc, name, pinned_config(target.config, versions, placement(target)))
+                await self.control.load(instance.grpc, name, pinned_config(target.config, versions, recorded_placement(target)))
             else:
                 await self.control.unload(instance.grpc, name)
         except ControlError as exc:
@@ -689,9 +750,10 @@ class RepositorySync:
 
     async def _placed_before(self, url: str, name: str, target: Target) -> bool:
         """Whether the model there was loaded from the files ``target`` was made from (the
-        ``placement`` its load call recorded, in the config Triton serves), by this gateway
-        before it restarted, or by another driver: then no load call is needed. False where it
-        cannot be told (no answer, no record)."""
+        ``recorded_placement`` its load call recorded, in the config Triton serves) and serves
+        the instance groups it asks for, loaded by this gateway before it restarted or by
+        another driver: then no load call is needed. False where it cannot be told (no
+        answer, no record)."""
         try:
             session = self._require_session()
             timeout = aiohttp.ClientTimeout(total=self.config.load_timeout_s)
@@ -702,17 +764,21 @@ class RepositorySync:
             recorded = config["parameters"][PLACEMENT_PARAMETER]["string_value"]
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError, KeyError, TypeError):
             return False
-        return bool(recorded == placement(target))
+        assert target.config is not None
+        return recorded == recorded_placement(target) and same_instances(config.get("instance_group"), target.config)
 
     async def _adopt(self, instance: Instance, name: str, target: Target) -> None:
         """Take over a model the instance holds as ``target`` wants it, loaded before from the
         same files (``_placed_before``), without the load call that would reload it there (every
-        version, and a stateful model's sequences dropped): each version is warmed up and
-        routed as a new one is."""
+        version, and a stateful model's sequences dropped). A version routed there stays as it
+        is; one still withheld as arriving (loading, or warming up, when the driver before
+        stopped or its warm-up failed) is warmed up and routed as a new one is."""
         url = instance.url
         versions = sorted(target.versions, key=int)
         self._event(url, name, ",".join(versions), "adopted", "already loaded from these files: not reloaded")
         for version in versions:
+            if instance.withheld.get((name, version)) in (None, "draining"):
+                continue
             if not await self._admit(instance, name, version, target):
                 return  # the next round tries again
         self._placed.setdefault(url, {})[name] = target
@@ -869,7 +935,7 @@ class RepositorySync:
         if target is not None and target.config is not None and target.usable.get(version) == print_:
             # The policy chooses again from what is left (under "latest 1": the version before).
             usable = {v: p for v, p in target.usable.items() if v != version}
-            self._targets[name] = Target.chosen(target.config, target.config_stamp, usable)
+            self._targets[name] = Target.chosen(target.config, target.config_stamp, usable, target.files_stamp)
         self._event(instance.url, name, version, "failed", reason)
 
     def _config_error(self, name: str, stamp: tuple[int, int], reason: str) -> None:
@@ -880,7 +946,7 @@ class RepositorySync:
         """Record and log an event; a load failing again the same way is not repeated (a load
         retried every round against an instance that refuses it, or is unreachable)."""
         key = (url, model, version)
-        if what == "load failed" and self._last_event.get(key) == (what, detail):
+        if what in ("load failed", "adopted") and self._last_event.get(key) == (what, detail):
             return
         self._last_event[key] = (what, detail)
         log.warning("repository: %s%s%s: %s (%s)", model, f" version {version}" if version else "", f" on {url}" if url else "", what, detail)

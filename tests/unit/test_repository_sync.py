@@ -28,10 +28,13 @@ from gateway.upstream.repository import (
     WARMUP_SEQUENCE,
     ControlError,
     RepositorySync,
+    Target,
     model_file,
     parse_model_config,
     pinned_config,
     read_version,
+    recorded_placement,
+    same_instances,
     scan_repository,
     served_versions,
     warmup_body,
@@ -776,7 +779,7 @@ async def test_a_restarted_gateway_takes_over_what_it_loaded_from_these_files_wi
 ) -> None:
     """A gateway restarted (a new process: nothing seeded, new instance objects) finds the
     models its loads recorded their files' placement for: no load call, which would reload
-    every version there; each version is warmed up and routed as a new one is."""
+    every version there; a version still arriving is warmed up and routed as a new one is."""
     await harness.publish("2")
     await harness.sync.close()
     calls = [len(t.calls) for t in harness.tritons]
@@ -788,7 +791,7 @@ async def test_a_restarted_gateway_takes_over_what_it_loaded_from_these_files_wi
     await restarted.sync.start()
     try:
         assert [len(t.calls) for t in harness.tritons] == calls
-        assert [t.infers[n:] for t, n in zip(harness.tritons, warmups)] == [[("m", "1"), ("m", "2")]] * 2
+        assert [t.infers[n:] for t, n in zip(harness.tritons, warmups)] == [[("m", "2")]] * 2
         assert restarted.routed() == [["1", "2"], ["1", "2"]]
         assert [e["version"] for e in restarted.events("adopted")] == ["1,2", "1,2"]
         await restarted.round()  # placed: later rounds leave it as it is
@@ -798,18 +801,22 @@ async def test_a_restarted_gateway_takes_over_what_it_loaded_from_these_files_wi
         await restarted.sync.close()
 
 
-@pytest.mark.parametrize("why", ["files changed", "no record", "another config"])
+@pytest.mark.parametrize("why", ["files changed", "labels changed", "no record", "another config", "other instances"])
 async def test_a_restarted_gateway_loads_again_what_was_not_loaded_from_these_files(
     harness: Harness, repo: Path, why: str
 ) -> None:
     await harness.sync.close()
     if why == "files changed":
         (repo / "m" / "1" / "model.py").write_text("retrained weights, other size")  # while it was down
+    elif why == "labels changed":  # a file of the model folder's own, which Triton reads at a load
+        (repo / "m" / "labels.txt").write_text("benign\nmalignant\n")
     elif why == "no record":  # loaded by hand, by Triton at its start, or by an older gateway
         for triton in harness.tritons:
             del triton.loaded_configs["m"]["parameters"]
-    else:
+    elif why == "another config":
         (repo / "m" / "config.pbtxt").write_text(CONFIG.replace("max_batch_size: 8", "max_batch_size: 4"))
+    else:
+        (repo / "m" / "config.pbtxt").write_text(CONFIG + "instance_group [ { count: 2, kind: KIND_CPU } ]\n")
     calls = [len(t.calls) for t in harness.tritons]
     restarted = Harness(repo, harness.tritons)
     restarted.probe()
@@ -820,6 +827,53 @@ async def test_a_restarted_gateway_loads_again_what_was_not_loaded_from_these_fi
         assert not restarted.events("adopted") and restarted.routed() == [["1"], ["1"]]
     finally:
         await restarted.sync.close()
+
+
+async def test_adopting_leaves_a_routed_version_routed_and_warms_the_one_still_arriving(repo: Path, tritons: list[FakeTriton]) -> None:
+    """A new version whose warm-up got no answer (Triton busy) is tried again each round, by
+    adoption (the load went through, recorded): the version serving meanwhile is never
+    withheld, nor warmed again, and nothing is reloaded."""
+    h = Harness(repo, tritons[:1])
+    await h.sync.start()
+    try:
+        triton = tritons[0]
+        triton.busy_infer.add(("m", "2"))
+        await h.publish("2")
+        assert h.routed() == [["1"]]
+        calls, routed = len(triton.calls), []
+        for _ in range(3):
+            await h.round()
+            routed.append(h.routed())
+        assert routed == [[["1"]]] * 3 and len(triton.calls) == calls
+        assert ("m", "1") not in triton.infers[1:]  # warmed once, when it was loaded
+        assert len(h.events("adopted")) == 1  # said once, not each round
+        triton.busy_infer.clear()
+        await h.round()
+        assert h.routed() == [["1", "2"]] and len(triton.calls) == calls
+    finally:
+        await h.sync.close()
+
+
+async def test_a_file_of_the_model_folder_changed_reloads_the_model(harness: Harness, repo: Path) -> None:
+    """A labels file (Triton reads it at a load) is part of what a model is loaded from."""
+    (repo / "m" / "labels.txt").write_text("benign\nmalignant\n")
+    await harness.round()
+    await harness.round()
+    assert all(t.calls[-1] == ("load", "m", ["1"]) and len(t.calls) == 2 for t in harness.tritons)
+
+
+def test_the_record_of_a_load_is_the_same_whatever_its_instance_groups() -> None:
+    """Triton changes a model's instances in place (no reload) when nothing else of its config
+    changed: the recorded parameter must not change with them."""
+    files = {"1": (1, 10, 5)}
+    plain = Target.chosen(parse_model_config(CONFIG), (1, 1), files)
+    scaled = Target.chosen(parse_model_config(CONFIG + "instance_group [ { count: 2 } ]"), (2, 2), files)
+    assert recorded_placement(plain) == recorded_placement(scaled)
+    other = Target.chosen(parse_model_config(CONFIG.replace("max_batch_size: 8", "max_batch_size: 4")), (1, 1), files)
+    assert recorded_placement(other) != recorded_placement(plain)
+    assert same_instances([{"name": "m_0", "kind": "KIND_CPU", "count": 2, "gpus": []}], scaled.config)
+    assert not same_instances([{"name": "m_0", "kind": "KIND_CPU", "count": 1, "gpus": []}], scaled.config)
+    assert same_instances([{"kind": "KIND_GPU", "count": 3}], plain.config)  # none asked for: Triton's choice
 
 
 async def test_a_missing_repository_folder_refuses_to_start(tmp_path: Path, tritons: list[FakeTriton]) -> None:
