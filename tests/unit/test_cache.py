@@ -459,12 +459,15 @@ def test_an_entry_read_for_a_key_is_that_keys_answer() -> None:
 
 
 def test_an_entry_of_the_format_before_reads_as_computed_at_an_unknown_time() -> None:
-    """Gateways of the release before write entries without their time (format 1)."""
+    """Gateways of releases before write entries without their time (format 1) or their key
+    (format 2), to the same Redis during a rolling upgrade: read as the entries of the key they
+    are found under."""
     old = msgpack.packb([1, "3", pack_tensors([Tensor("y", "FP32", np.ones(2, np.float32))]), {}], use_bin_type=True)
     result, born = decode_entry(old)
     assert result.version == "3" and born is None
-    with pytest.raises(ValueError, match="names no key"):  # where the key must be checked
-        decode_entry(old, b"k" * 16)
+    assert decode_entry(old, b"k" * 16)[0].version == "3"  # the entry of the key it is found under
+    older = msgpack.packb([2, "3", pack_tensors([Tensor("y", "FP32", np.ones(2, np.float32))]), {}, 5.0], use_bin_type=True)
+    assert decode_entry(older, b"k" * 16)[1] == 5.0
     for wrong in ([1, "3", [], {}, 5.0], [2, "3", [], {}], [3, "3", [], {}, 5.0], [4, "3", [], {}, 5.0, b"k"]):
         with pytest.raises(ValueError):
             decode_entry(msgpack.packb(wrong))
