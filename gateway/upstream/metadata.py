@@ -52,6 +52,7 @@ STALE_IF_ERROR_S = 300.0
 REFRESH_RETRY_S = 1.0
 PREFETCH_AT_ONCE = 8  # fetches of versions nobody asked for yet (``warm``, ``prefetch``) in flight at once
 WARM_S = 5.0  # the longest a worker's start waits for them (``warm``)
+PREFETCH_RETRY_S = 60.0  # a version's prefetch that failed is not tried again before this
 
 Key = tuple[str, str]
 
@@ -71,6 +72,7 @@ class MetadataCache:
         self._clock = clock
         self._entries: dict[Key, _Entry] = {}
         self._inflight: dict[Key, asyncio.Future[ModelInfo]] = {}
+        self._prefetched: dict[Key, float] = {}  # when each key's last prefetch began
 
     def fresh(self, model: str, version: str) -> ModelInfo | None:
         """The model's info if it is cached and fresh, without awaiting (the common case)."""
@@ -101,16 +103,22 @@ class MetadataCache:
     def prefetch(self, keys: Iterable[Key]) -> None:
         """Start fetching the keys nothing is known of yet (no entry, no fetch in flight), as
         many as keep ``PREFETCH_AT_ONCE`` fetches in flight; the others wait for a later call.
-        Not while the cache is half full: then its entries are the ones requests ask for."""
+        A key whose prefetch failed (nothing kept: Triton's 5xx, no answer) is tried again
+        ``PREFETCH_RETRY_S`` later at the soonest, not at every call: nobody may ask for it."""
         room = PREFETCH_AT_ONCE - len(self._inflight)
-        if room <= 0 or len(self._entries) >= MAX_ENTRIES // 2:
+        if room <= 0:
             return
+        now = self._clock()
+        if len(self._prefetched) > MAX_ENTRIES:  # keys of long ago: forget when they were tried
+            self._prefetched = {k: t for k, t in self._prefetched.items() if now - t < PREFETCH_RETRY_S}
         for key in keys:
-            if key not in self._entries and key not in self._inflight:
-                self._fetching(*key)
-                room -= 1
-                if not room:
-                    return
+            if key in self._entries or key in self._inflight or now - self._prefetched.get(key, -PREFETCH_RETRY_S) < PREFETCH_RETRY_S:
+                continue
+            self._prefetched[key] = now
+            self._fetching(*key)
+            room -= 1
+            if not room:
+                return
 
     async def warm(self, keys: Iterable[Key], within: float) -> None:
         """Fetch every key of ``keys`` nothing is known of yet, ``PREFETCH_AT_ONCE`` at a time,

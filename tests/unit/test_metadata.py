@@ -17,8 +17,10 @@ from gateway.router import Instance
 from gateway.router import Router as RealRouter
 from gateway.upstream.client import RawResponse
 from gateway.upstream.metadata import (
+    MAX_ENTRIES,
     NOT_FOUND_TTL_S,
     PREFETCH_AT_ONCE,
+    PREFETCH_RETRY_S,
     REFRESH_RETRY_S,
     STALE_IF_ERROR_S,
     STALE_WHILE_REVALIDATE_S,
@@ -304,3 +306,28 @@ async def test_prefetch_starts_what_is_unknown_up_to_a_few_fetches_in_flight() -
     cache.prefetch(keys)  # every one known: nothing fetched again
     await asyncio.sleep(0.01)
     assert len(router.paths) == 2 * (PREFETCH_AT_ONCE + 2)
+
+
+async def test_a_failed_prefetch_is_tried_again_only_after_a_while_and_never_turns_prefetch_off() -> None:
+    router, clock = Router(), Clock()
+    router.failure = Unavailable("no instance answered")
+    cache = MetadataCache(router, ttl=5.0, clock=clock)  # type: ignore[arg-type]
+    for _ in range(10):  # every health round: tried once, not each round
+        cache.prefetch([("m", "1")])
+        await asyncio.sleep(0.01)
+        clock.now += 1.0
+    assert len(router.paths) == 2
+    clock.now += PREFETCH_RETRY_S
+    router.failure = None
+    cache.prefetch([("m", "1")])
+    await asyncio.sleep(0.01)
+    assert cache.fresh("m", "1") is not None and len(router.paths) == 4
+    # Unknown names remembered (a scanner, a typo in a loop) fill the cache's entries with
+    # errors: a version new to the fleet is still fetched before it is asked for.
+    for n in range(MAX_ENTRIES // 2 + 10):
+        with pytest.raises(NotFound):
+            await cache.get(f"nope{n}", "1")
+    router.known.add("new")
+    cache.prefetch([("new", "1")])
+    await asyncio.sleep(0.01)
+    assert cache.fresh("new", "1") is not None
