@@ -138,9 +138,11 @@ class MetadataCache:
                         await asyncio.shield(self._fetching(*key))
 
         tasks = [asyncio.ensure_future(fetch(key)) for key in todo]
-        _, late = await asyncio.wait(tasks, timeout=within)
-        for task in late:
-            task.cancel()
+        try:
+            _, late = await asyncio.wait(tasks, timeout=within)
+        finally:  # at the end of the time, or the start itself cancelled: no task left behind
+            for task in tasks:
+                task.cancel()
         if late:
             await asyncio.wait(late)
             log.info("metadata of %d model version(s) not fetched within %g s of the start: fetched on first use", len(late), within)
