@@ -60,7 +60,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     host, port = config.server.host, config.server.port
     try:
-        address = listen_address(host, port, reuse_port=args.server == "granian")
+        address = listen_address(host, port)
     except OSError as exc:  # one line, as for a bad configuration; uvicorn's own were several
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         print(f"gateway: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
@@ -105,18 +105,20 @@ def serve(args: argparse.Namespace) -> int:
             folder.remove()
 
 
-def listen_address(host: str, port: int, reuse_port: bool) -> str:
+def listen_address(host: str, port: int) -> str:
     """The IP address the gateway is to listen on, once a socket has been bound to it and
-    ``port`` with the options the server binds its own with (uvicorn: SO_REUSEADDR; granian:
-    SO_REUSEPORT too), then closed; OSError where it cannot be (a name that does not resolve, an
-    address not on this machine, a port in use). Checked before either server starts: uvicorn
-    found out only after the app's startup (one worker), granian with a traceback. ``host``, a
-    name, resolves as uvicorn resolves it (IPv4 unless it holds a colon): granian takes only an
-    IP address."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+    ``port``, then closed; OSError where it cannot be (a name that does not resolve, an address
+    not on this machine, a port in use). Checked before either server starts: uvicorn found out
+    only after the app's startup (one worker), granian with a traceback. Bound as uvicorn binds
+    (SO_REUSEADDR; an IPv6 address for IPv6 only, as asyncio's servers do), never beside another
+    listener: not with SO_REUSEPORT, which granian sets, and which would let it share a port
+    another server holds with it. ``host``, a name, resolves as uvicorn resolves it (IPv4 unless
+    it holds a colon): granian takes only an IP address."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port and hasattr(socket, "SO_REUSEPORT"):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((host, port))
         return str(sock.getsockname()[0])
 

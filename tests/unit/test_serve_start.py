@@ -3,6 +3,7 @@ server), and the settings one worker ignores (also said by `check-config`)."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 import socket
@@ -70,8 +71,34 @@ def test_a_host_that_cannot_be_bound_is_said_in_one_line_whichever_server(tmp_pa
 def test_a_host_name_is_handed_to_granian_as_the_address_it_resolves_to() -> None:
     """granian takes only an IP address ("localhost" made it fail with a traceback); uvicorn
     resolves a name to its IPv4 address, and now granian is given that one."""
-    assert listen_address("localhost", 0, reuse_port=True) == "127.0.0.1"
-    assert listen_address("127.0.0.1", 0, reuse_port=False) == "127.0.0.1"
+    assert listen_address("localhost", 0) == "127.0.0.1"
+    assert listen_address("127.0.0.1", 0) == "127.0.0.1"
+
+
+def test_a_port_another_server_shares_by_reuseport_counts_as_in_use() -> None:
+    """granian listens with SO_REUSEPORT: a check binding the same way would pass beside any
+    such listener, and the kernel would then split the connections between the two."""
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        with pytest.raises(OSError):
+            listen_address("127.0.0.1", other.getsockname()[1])
+
+
+def test_an_ipv6_address_is_checked_for_ipv6_alone() -> None:
+    """As asyncio's servers bind it (uvicorn, one worker): IPv6 only, so an IPv4 listener on
+    the same port is no conflict."""
+    with socket.socket() as v4:
+        v4.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        v4.bind(("0.0.0.0", 0))
+        v4.listen()
+        try:
+            assert listen_address("::", v4.getsockname()[1]) == "::"
+        except OSError as exc:
+            if exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                pytest.skip(f"no IPv6 on this machine: {exc}")
+            raise
 
 
 HOST_WIDE = "batching.host_wide = true is ignored because server.workers is 1: batching for all the workers of a host takes server.workers > 1"
