@@ -27,6 +27,11 @@ whether it was served. Such a connection is closed once it has stayed idle for
 ``SHUTDOWN_IDLE_S``; a request that arrives meanwhile is answered, with ``connection: close``. A
 request under way is answered, and its connection closed, as in uvicorn.
 
+And it keeps an HTTP/1.0 connection open when the client asks to (``Connection: keep-alive``,
+as ``ab -k`` does) and the response has a length: it says ``connection: keep-alive`` back, as
+HTTP/1.0 wants. uvicorn closes every HTTP/1.0 connection, so such a client opened one per
+request (Triton's own server keeps them).
+
 Use it with ``uvicorn.run(app, http=OneWriteHttpToolsProtocol, loop="uvloop")``; both the
 gateway (``python -m gateway serve``) and the no-op anchor (``perf/noop_app.py``) do.
 """
@@ -93,6 +98,7 @@ class OneWriteCycle(RequestResponseCycle):
     """One request's cycle whose response head waits for its first body message."""
 
     _held: bytes | None = None
+    http10_keep_alive = False  # an HTTP/1.0 request that asked to keep its connection
 
     async def send(self, message: Any) -> None:
         if not self.disconnected and self.transport.is_closing():
@@ -100,6 +106,8 @@ class OneWriteCycle(RequestResponseCycle):
             # latest cycle disconnected, and writing to a closed transport raises.
             self.disconnected = True
         kind = message["type"]
+        if kind == "http.response.start" and self.http10_keep_alive:
+            message = self._http10_start(message)
         if kind == "http.response.start" and not self.response_started and not self.disconnected:
             transport, held = self.transport, _HeldHead()
             self.transport = held  # type: ignore[assignment]
@@ -123,6 +131,19 @@ class OneWriteCycle(RequestResponseCycle):
             # No body bytes were written (a HEAD request) on a connection kept alive; on one
             # closed meanwhile, the head went out before the close (``_HeadFirst.close``).
             transport.write(first.head)
+
+
+    def _http10_start(self, message: Any) -> Any:
+        """The response start for an HTTP/1.0 client that asked to keep its connection: with
+        ``connection: keep-alive`` where the response has a length (HTTP/1.0 has no chunked
+        bodies: else it ends with the connection) and says nothing of the connection itself."""
+        headers = list(message.get("headers", ()))
+        names = {bytes(name).lower() for name, _ in headers}
+        if b"content-length" not in names:
+            self.keep_alive = False  # its end is the connection's: uvicorn says "close"
+        if not self.keep_alive or b"connection" in names:  # closing (a shutdown), or the app says
+            return message
+        return {**message, "headers": [*headers, (b"connection", b"keep-alive")]}
 
 
 def _app_setting(app: Any, name: str, default: float) -> float:
@@ -268,6 +289,8 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is not None and type(cycle) is RequestResponseCycle:
             cycle.__class__ = OneWriteCycle
+            if self.parser.get_http_version() == "1.0" and self.parser.should_keep_alive() and not self.parser.should_upgrade():
+                cycle.keep_alive = cycle.http10_keep_alive = True  # (uvicorn closes every HTTP/1.0 one)
         if self._shutting_down and cycle is not None:
             cycle.keep_alive = False
 

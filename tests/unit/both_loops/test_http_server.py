@@ -149,6 +149,36 @@ async def test_a_get_on_a_closing_connection_is_answered_in_one_write(version: b
     assert WRITES == [data]
 
 
+async def read_answer(reader: asyncio.StreamReader) -> bytes:
+    """One answer with a content-length, read whole."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    return head + await asyncio.wait_for(reader.readexactly(length), 5)
+
+
+async def test_an_http_1_0_client_that_asks_keeps_its_connection() -> None:
+    """ab -k: HTTP/1.0 with Connection: keep-alive. uvicorn closed every HTTP/1.0 connection;
+    Triton keeps them. The answer says keep-alive (HTTP/1.0's default is to close)."""
+    async with serving() as url:
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            for body in (b"one", b"two", b"three"):  # one connection
+                writer.write(b"POST /echo HTTP/1.0\r\nConnection: Keep-Alive\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                answer = await read_answer(reader)
+                assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\n" + body), answer
+                assert b"connection: keep-alive\r\n" in answer.lower() and b"connection: close" not in answer.lower()
+            # A streamed answer has no length: HTTP/1.0 ends it with the connection.
+            writer.write(b"GET /stream HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            rest = await asyncio.wait_for(reader.read(), 5)  # to the end of the connection
+            assert b"connection: close" in rest.lower() and b"keep-alive" not in rest.lower(), rest
+        finally:
+            writer.close()
+    # Without the ask, HTTP/1.0 still closes.
+    data = await answer_and_close(b"GET /hello HTTP/1.0\r\n\r\n")
+    assert data.endswith(b"hello") and b"connection: close" in data.lower()
+
+
 async def test_pipelined_requests_get_their_own_answers_in_order() -> None:
     async with serving() as url:
         host, port = url.removeprefix("http://").split(":")
