@@ -132,7 +132,6 @@ class OneWriteCycle(RequestResponseCycle):
             # closed meanwhile, the head went out before the close (``_HeadFirst.close``).
             transport.write(first.head)
 
-
     def _http10_start(self, message: Any) -> Any:
         """The response start for an HTTP/1.0 client that asked to keep its connection: with
         ``connection: keep-alive`` where the response has a length (HTTP/1.0 has no chunked

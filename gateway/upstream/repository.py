@@ -22,7 +22,7 @@ it is loaded:
   target versions, or an unload call when none is left. Triton keeps serving what it has while
   it loads and swaps reloaded versions in without a gap (it reloads every version of a model
   whose config changed, and the version list is part of the config). The call records the
-  files it loads (``placement``, in the config parameter ``gateway_placement``): a gateway
+  files it loads (``recorded_placement``, in the config parameter ``gateway_placement``): a gateway
   started later finds a model loaded from the files on disk now, and does not load it again.
 * **Admit.** A version new to an instance is withheld from routing while it loads, then
   answers a warm-up inference (zeros shaped by its config; must come back 200), and only then
@@ -223,7 +223,7 @@ def served_versions(config: model_config_pb2.ModelConfig, versions: Iterable[str
     return ordered[-latest:] if latest > 0 else []
 
 
-# The config parameter a load call records its target's ``placement`` in: Triton keeps it with
+# The config parameter a load call records its target's ``recorded_placement`` in: Triton keeps it with
 # the model's config, so a gateway started later can tell a model loaded from the files on disk
 # now (and leave it loaded) from one to load again. Backends ignore parameters they do not know.
 PLACEMENT_PARAMETER = "gateway_placement"
@@ -231,7 +231,7 @@ PLACEMENT_PARAMETER = "gateway_placement"
 
 def pinned_config(config: model_config_pb2.ModelConfig, versions: Iterable[str], stamp: str = "") -> str:
     """The model's config as JSON (what a load call carries), serving exactly ``versions``, and
-    recording ``stamp`` (the target's ``placement``) in its parameters, where given."""
+    recording ``stamp`` (the target's ``recorded_placement``) in its parameters, where given."""
     pinned = model_config_pb2.ModelConfig()
     pinned.CopyFrom(config)
     pinned.version_policy.specific.versions[:] = sorted(int(v) for v in versions)
@@ -648,7 +648,7 @@ class RepositorySync:
             key=int,
         )
         if placed is None and held == keep and keep and await self._placed_before(url, name, target):
-            await self._adopt(instance, name, target)
+            await self._adopt(instance, name, target, arriving)
             return
         for version in arriving:
             instance.withhold(name, version, "loading")
@@ -767,18 +767,16 @@ class RepositorySync:
         assert target.config is not None
         return recorded == recorded_placement(target) and same_instances(config.get("instance_group"), target.config)
 
-    async def _adopt(self, instance: Instance, name: str, target: Target) -> None:
+    async def _adopt(self, instance: Instance, name: str, target: Target, arriving: list[str]) -> None:
         """Take over a model the instance holds as ``target`` wants it, loaded before from the
         same files (``_placed_before``), without the load call that would reload it there (every
         version, and a stateful model's sequences dropped). A version routed there stays as it
-        is; one still withheld as arriving (loading, or warming up, when the driver before
+        is; one still ``arriving`` (withheld as loading, or warming up, when the driver before
         stopped or its warm-up failed) is warmed up and routed as a new one is."""
         url = instance.url
-        versions = sorted(target.versions, key=int)
-        self._event(url, name, ",".join(versions), "adopted", "already loaded from these files: not reloaded")
-        for version in versions:
-            if instance.withheld.get((name, version)) in (None, "draining"):
-                continue
+        versions = ",".join(sorted(target.versions, key=int))
+        self._event(url, name, versions, "adopted", "already loaded from these files: not reloaded")
+        for version in arriving:
             if not await self._admit(instance, name, version, target):
                 return  # the next round tries again
         self._placed.setdefault(url, {})[name] = target
