@@ -8,8 +8,9 @@ it is loaded:
 
 * **Scan.** Every ``scan_interval_s`` the folder is read: models (folders holding a
   ``config.pbtxt``; names starting with "." are ignored), their versions (folders named by a
-  number) and a fingerprint of each version (its files' sizes and modification times,
-  ``__pycache__`` left out). A model is acted on once two scans in a row agree, so a folder
+  number) and a fingerprint of each version (each file's path, size and modification time,
+  ``__pycache__`` left out: a file replaced by one of another size or time, renamed or swapped
+  with another is seen; one of the same size and the same time is not). A model is acted on once two scans in a row agree, so a folder
   being copied is not loaded half-written; publishing by renaming a finished folder (as the
   training module does) takes one scan. The first round (a starting gateway, or a worker
   taking the driving over) scans twice, ``FIRST_GAP`` of a scan interval apart: a model still
@@ -87,7 +88,7 @@ from gateway.tensors import V2_TO_NUMPY, Tensor
 
 log = logging.getLogger(__name__)
 
-Fingerprint = tuple[int, int, int]  # files, bytes, newest modification (ns)
+Fingerprint = str  # a digest of a folder's files: each one's path, size and modification time (``fingerprint``)
 VERSION = re.compile(r"[1-9][0-9]*", re.ASCII)  # a version folder's name, as Triton reads them
 MAX_EVENTS = 200
 POLL_S = 0.05  # how often a drain checks the requests in flight
@@ -104,15 +105,23 @@ class ModelFolder:
     config_stamp: tuple[int, int]  # its size and modification time
     versions: tuple[tuple[str, Fingerprint], ...]  # (version, fingerprint), by version number
     names: tuple[tuple[str, frozenset[str]], ...] = ()  # (version, the names at its top level)
-    # The model folder's own files but config.pbtxt (a labels file, a Python environment):
-    # their count, total size and newest modification time. Triton reads them at a load.
-    files_stamp: Fingerprint = (0, 0, 0)
+    # The model folder's own files but config.pbtxt (a labels file, a Python environment),
+    # which Triton reads at a load (``own_files``).
+    files_stamp: Fingerprint = ""
+
+
+def fingerprint(files: list[tuple[str, int, int]]) -> Fingerprint:
+    """The fingerprint of a folder's files, each given as (path within the folder, size,
+    modification time in ns), in any order. Per file, not summed: a file replaced by one of the
+    same size but an older time changes it even where another file is the newest."""
+    files.sort()
+    return hashlib.blake2b(repr(files).encode(), digest_size=16).hexdigest()
 
 
 def read_version(folder: Path) -> tuple[Fingerprint, frozenset[str]]:
     """A version folder's fingerprint and the names at its top level, in one walk (OSError if
     the folder itself cannot be read; an unreadable folder inside it is left out)."""
-    files = size = newest = 0
+    files: list[tuple[str, int, int]] = []
     names: frozenset[str] | None = None
 
     def unreadable(exc: OSError) -> None:
@@ -123,20 +132,20 @@ def read_version(folder: Path) -> tuple[Fingerprint, frozenset[str]]:
         if names is None:
             names = frozenset(dirnames + filenames)
         dirnames[:] = [d for d in dirnames if d != "__pycache__"]  # written by Triton's loading itself
+        within = os.path.relpath(dirpath, folder)
         for name in filenames:
             try:
                 st = os.stat(os.path.join(dirpath, name))
             except OSError:
                 continue  # removed while scanning: the next scan sees the change
-            files += 1
-            size += st.st_size
-            newest = max(newest, st.st_mtime_ns)
-    return (files, size, newest), names or frozenset()
+            files.append((os.path.join(within, name), st.st_size, st.st_mtime_ns))
+    return fingerprint(files), names or frozenset()
 
 
 def own_files(folder: str) -> Fingerprint:
-    """``ModelFolder.files_stamp`` of a model folder (OSError if it cannot be read)."""
-    files = size = newest = 0
+    """``ModelFolder.files_stamp``: the fingerprint of a model folder's own files, but its
+    config.pbtxt and hidden ones (OSError if the folder cannot be read)."""
+    files: list[tuple[str, int, int]] = []
     for entry in os.scandir(folder):
         if entry.name.startswith(".") or entry.name == "config.pbtxt" or not entry.is_file():
             continue
@@ -144,10 +153,8 @@ def own_files(folder: str) -> Fingerprint:
             st = entry.stat()
         except OSError:
             continue  # removed while scanning: the next scan sees the change
-        files += 1
-        size += st.st_size
-        newest = max(newest, st.st_mtime_ns)
-    return files, size, newest
+        files.append((entry.name, st.st_size, st.st_mtime_ns))
+    return fingerprint(files)
 
 
 def scan_repository(root: Path, previous: Mapping[str, ModelFolder] | None = None) -> dict[str, ModelFolder]:
@@ -372,7 +379,7 @@ class Target:
     versions: Mapping[str, Fingerprint]
     # What the version policy chose ``versions`` from: those on disk, less those failed.
     usable: Mapping[str, Fingerprint] = field(default_factory=dict, compare=False)
-    files_stamp: Fingerprint = (0, 0, 0)  # the model folder's own files (``ModelFolder``)
+    files_stamp: Fingerprint = ""  # the model folder's own files (``ModelFolder``)
 
     @classmethod
     def chosen(
@@ -380,7 +387,7 @@ class Target:
         config: model_config_pb2.ModelConfig,
         stamp: tuple[int, int] | None,
         usable: Mapping[str, Fingerprint],
-        files_stamp: Fingerprint = (0, 0, 0),
+        files_stamp: Fingerprint = "",
     ) -> Target:
         """The versions the model's ``version_policy`` serves out of ``usable``."""
         return cls(config, stamp, {v: usable[v] for v in served_versions(config, usable)}, dict(usable), files_stamp)

@@ -30,6 +30,7 @@ from gateway.upstream.repository import (
     RepositorySync,
     Target,
     model_file,
+    own_files,
     parse_model_config,
     pinned_config,
     read_version,
@@ -321,15 +322,72 @@ def test_a_fingerprint_changes_with_the_files_but_not_with_pycache(repo: Path) -
     assert read_version(folder)[0] != before
 
 
+def test_a_fingerprint_sees_a_file_replaced_by_one_of_the_same_size_and_an_older_time(repo: Path) -> None:
+    """As ``rsync -a`` or ``cp -p`` put retrained weights (same shapes, same size) in place,
+    keeping their own, older time, beside a newer file: a count, a total size and the newest
+    time are all unchanged, yet the model is not."""
+    folder = repo / "m" / "1"
+    weights = folder / "model.pt"
+    weights.write_bytes(b"old weights")
+    os.utime(weights, ns=(10**18, 10**18))
+    os.utime(folder / "model.py", ns=(2 * 10**18, 2 * 10**18))  # the newest file, untouched
+    before = read_version(folder)[0]
+    weights.write_bytes(b"new weights")
+    os.utime(weights, ns=(10**18 - 1, 10**18 - 1))
+    assert read_version(folder)[0] != before
+
+
+def test_a_fingerprint_sees_files_swapped_or_renamed(repo: Path) -> None:
+    folder = repo / "m" / "1"
+    (folder / "weights").mkdir()
+    for name in ("a.bin", "b.bin"):
+        (folder / "weights" / name).write_bytes(b"0123")
+        os.utime(folder / "weights" / name, ns=(10**18, 10**18))
+    before = read_version(folder)[0]
+    (folder / "weights" / "a.bin").rename(folder / "weights" / "c.bin")
+    assert read_version(folder)[0] != before
+    (folder / "weights" / "c.bin").rename(folder / "c.bin")  # the same name, another folder
+    assert read_version(folder)[0] != before
+
+
+def test_a_fingerprint_is_the_same_for_the_same_files(repo: Path, tmp_path: Path) -> None:
+    """What a load records (``recorded_placement``) must match again after a restart: the
+    fingerprint depends on the files, not on the order a walk meets them in."""
+    folder = repo / "m" / "1"
+    (folder / "weights").mkdir()
+    for name in ("b.bin", "a.bin"):
+        (folder / "weights" / name).write_bytes(name.encode())
+    assert read_version(folder)[0] == read_version(folder)[0]
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy, copy_function=shutil.copy2)  # same names, sizes and times
+    assert read_version(copy)[0] == read_version(folder)[0]
+
+
+def test_a_model_folders_own_files_are_fingerprinted_per_file(repo: Path) -> None:
+    model = repo / "m"
+    (model / "labels.txt").write_text("cat\ndog\n")
+    (model / "extra.txt").write_text("a\n")
+    os.utime(model / "labels.txt", ns=(10**18, 10**18))
+    os.utime(model / "extra.txt", ns=(2 * 10**18, 2 * 10**18))
+    before = own_files(str(model))
+    (model / "config.pbtxt").write_text((model / "config.pbtxt").read_text() + "\n")  # read apart
+    (model / ".notes").write_text("hidden")
+    assert own_files(str(model)) == before
+    (model / "labels.txt").write_text("dog\ncat\n")  # the same size, an older time than extra.txt
+    os.utime(model / "labels.txt", ns=(10**18 + 1, 10**18 + 1))
+    assert own_files(str(model)) != before
+
+
 def test_a_version_is_read_in_one_walk_with_its_top_level_names(repo: Path) -> None:
     folder = repo / "m" / "1"
     (folder / "__pycache__").mkdir()
     (folder / "weights").mkdir()
     (folder / "weights" / "part.bin").write_bytes(b"0123")
     stamp, names = read_version(folder)
-    counted = [p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
-    assert stamp[:2] == (len(counted), sum(p.stat().st_size for p in counted))
     assert names == frozenset(os.listdir(folder))  # __pycache__ too: Triton sees it
+    (folder / "weights" / "part.bin").write_bytes(b"4567")  # a file one folder down
+    os.utime(folder / "weights" / "part.bin", ns=(10**9, 10**9))
+    assert read_version(folder)[0] != stamp
 
 
 def test_a_version_folder_that_cannot_be_read_raises(repo: Path) -> None:
@@ -865,7 +923,7 @@ async def test_a_file_of_the_model_folder_changed_reloads_the_model(harness: Har
 def test_the_record_of_a_load_is_the_same_whatever_its_instance_groups() -> None:
     """Triton changes a model's instances in place (no reload) when nothing else of its config
     changed: the recorded parameter must not change with them."""
-    files = {"1": (1, 10, 5)}
+    files = {"1": "the version's fingerprint"}
     plain = Target.chosen(parse_model_config(CONFIG), (1, 1), files)
     scaled = Target.chosen(parse_model_config(CONFIG + "instance_group [ { count: 2 } ]"), (2, 2), files)
     assert recorded_placement(plain) == recorded_placement(scaled)
