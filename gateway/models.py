@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from gateway.errors import BadRequest
 from gateway.tensors import InferRequest
 
@@ -14,6 +16,11 @@ from gateway.tensors import InferRequest
 # The output datatypes Triton ranks for the classification extension (others, FP16 and BF16 among
 # them: a 400 from Triton).
 CLASSIFIABLE = frozenset({"UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP32", "FP64"})
+
+# The config parameter in which the gateway's load calls record the files they loaded
+# (``gateway.upstream.repository.recorded_placement``): the gateway's own bookkeeping, which
+# Triton keeps with the model's config; the config clients are shown leaves it out.
+PLACEMENT_PARAMETER = "gateway_placement"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,8 +38,8 @@ class ModelInfo:
     max_batch_size: int
     inputs: dict[str, TensorSpec]
     outputs: dict[str, TensorSpec]
-    metadata: bytes  # Triton's own answers, returned to clients unchanged
-    config: bytes
+    metadata: bytes  # Triton's own answers, returned to clients unchanged...
+    config: bytes  # ...but for the gateway's PLACEMENT_PARAMETER (``client_config``)
     stateful: bool = False  # sequence batching: a sequence's requests need its instance
     sequence_idle_s: float = 1.0  # how long Triton keeps an idle sequence (max_sequence_idle_microseconds)
 
@@ -53,7 +60,7 @@ class ModelInfo:
             inputs=specs(metadata.get("inputs", [])),
             outputs=specs(metadata.get("outputs", [])),
             metadata=metadata_raw,
-            config=config_raw,
+            config=client_config(config, config_raw),
             stateful=config.get("sequence_batching") is not None,
             sequence_idle_s=_sequence_idle_s(config.get("sequence_batching")),
         )
@@ -61,6 +68,15 @@ class ModelInfo:
     @property
     def batched(self) -> bool:
         return self.max_batch_size > 0
+
+
+def client_config(config: dict[str, Any], raw: bytes) -> bytes:
+    """Triton's answer ``raw`` for a model's config (``config``, parsed), as clients are given
+    it: unchanged, but without the gateway's ``PLACEMENT_PARAMETER``."""
+    params = config.get("parameters")
+    if not isinstance(params, dict) or PLACEMENT_PARAMETER not in params:
+        return raw
+    return orjson.dumps({**config, "parameters": {k: v for k, v in params.items() if k != PLACEMENT_PARAMETER}})
 
 
 def _sequence_idle_s(sequence_batching: Any) -> float:

@@ -82,6 +82,7 @@ from tritonclient.utils import InferenceServerException
 
 from gateway.config import RepositoryConfig
 from gateway.instances import Instance
+from gateway.models import PLACEMENT_PARAMETER
 from gateway.protocol import v2
 from gateway.router import Router
 from gateway.tensors import V2_TO_NUMPY, Tensor
@@ -230,15 +231,12 @@ def served_versions(config: model_config_pb2.ModelConfig, versions: Iterable[str
     return ordered[-latest:] if latest > 0 else []
 
 
-# The config parameter a load call records its target's ``recorded_placement`` in: Triton keeps it with
-# the model's config, so a gateway started later can tell a model loaded from the files on disk
-# now (and leave it loaded) from one to load again. Backends ignore parameters they do not know.
-PLACEMENT_PARAMETER = "gateway_placement"
-
-
 def pinned_config(config: model_config_pb2.ModelConfig, versions: Iterable[str], stamp: str = "") -> str:
     """The model's config as JSON (what a load call carries), serving exactly ``versions``, and
-    recording ``stamp`` (the target's ``recorded_placement``) in its parameters, where given."""
+    recording ``stamp`` (the target's ``recorded_placement``) in its parameter
+    ``PLACEMENT_PARAMETER``, where given: Triton keeps it with the model's config, so a gateway
+    started later can tell a model loaded from the files on disk now (and leave it loaded) from
+    one to load again. Backends ignore parameters they do not know."""
     pinned = model_config_pb2.ModelConfig()
     pinned.CopyFrom(config)
     pinned.version_policy.specific.versions[:] = sorted(int(v) for v in versions)

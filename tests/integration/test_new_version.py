@@ -25,6 +25,7 @@ import pytest
 
 import fleet
 from conftest import GatewayProcess, gateway_config, running_gateway
+from gateway.models import PLACEMENT_PARAMETER
 from served_models import ATOL, BREAST_CANCER, MODEL_REPOSITORY, torch_reference
 from test_rollout_triton import FAULTY
 
@@ -386,6 +387,11 @@ async def test_a_restarted_gateway_leaves_loaded_what_it_loaded_from_these_files
         assert not [e for e in view["events"] if e["event"] in ("reloaded", "load failed")]
         # Not reloaded: each instance's count goes on from where it was.
         assert [inference_count(url, "1") for url in triton.http_urls] == counts
+        # The record is Triton's to keep, not the clients' to see.
+        for url in triton.http_urls:
+            assert PLACEMENT_PARAMETER in httpx.get(f"{url}/v2/models/{MODEL}/config").json()["parameters"]
+        shown = httpx.get(f"{gw.url}/v2/models/{MODEL}/config").json()
+        assert shown["name"] == MODEL and PLACEMENT_PARAMETER not in shown.get("parameters", {})
         async with Clients(gw.url) as clients:
             await clients.until(lambda: clients.versions["1"] >= 50, 60, "answers")
         assert clients.failures == []

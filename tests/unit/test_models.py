@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 
 from gateway.errors import BadRequest
-from gateway.models import ModelInfo, check_request
+from gateway.models import PLACEMENT_PARAMETER, ModelInfo, check_request
 from gateway.tensors import InferRequest, RequestedOutput, Tensor
 
 METADATA = {
@@ -99,3 +100,24 @@ def test_bf16_tensors_are_checked_against_the_metadata_datatype() -> None:
     # Triton ranks no BF16 output (nor FP16) for the classification extension.
     with pytest.raises(BadRequest, match="output 'o' of model 'm' is BF16: classification needs one of"):
         check_request(bf16, InferRequest("m", "", [Tensor("h", "BF16", bits)], [RequestedOutput("o", class_count=1)]))
+
+
+def test_the_config_clients_see_is_tritons_answer_unchanged() -> None:
+    raw = b'{"name":"m",  "max_batch_size":8,"parameters":{"labels":{"string_value":"x"}}}'
+    info = ModelInfo.from_triton(METADATA, orjson.loads(raw), b"{}", raw)
+    assert info.config is raw
+
+
+def test_the_config_clients_see_leaves_out_the_gateways_record_of_a_load() -> None:
+    """What a load records (``gateway.upstream.repository``) is the gateway's own bookkeeping:
+    the config served through it looks as the model's own config.pbtxt made it."""
+    config = {
+        "name": "m",
+        "max_batch_size": 8,
+        "parameters": {"labels": {"string_value": "x"}, PLACEMENT_PARAMETER: {"string_value": "3f2a"}},
+    }
+    info = ModelInfo.from_triton(METADATA, config, b"{}", orjson.dumps(config))
+    shown = orjson.loads(info.config)
+    assert shown["parameters"] == {"labels": {"string_value": "x"}}
+    assert {k: v for k, v in shown.items() if k != "parameters"} == {"name": "m", "max_batch_size": 8}
+    assert config["parameters"][PLACEMENT_PARAMETER] == {"string_value": "3f2a"}  # what it was given, unchanged
