@@ -10,11 +10,12 @@ it is loaded:
   ``config.pbtxt``; names starting with "." are ignored), their versions (folders named by a
   number) and a fingerprint of each version (each file's path, size and modification time,
   ``__pycache__`` left out: a file replaced by one of another size or time, renamed or swapped
-  with another is seen; one of the same size and the same time is not). A model is acted on once two scans in a row agree, so a folder
-  being copied is not loaded half-written; publishing by renaming a finished folder (as the
-  training module does) takes one scan. The first round (a starting gateway, or a worker
-  taking the driving over) scans twice, ``FIRST_GAP`` of a scan interval apart: a model still
-  changing then is left to the later rounds.
+  with another is seen; one of the same size and the same time is not). A model is acted on
+  once two scans in a row agree, so a folder being copied is not loaded half-written;
+  publishing by renaming a finished folder (as the training module does) takes one scan. The
+  first round (a starting gateway, or a worker taking the driving over) scans twice,
+  ``FIRST_GAP`` of a scan interval apart: a model still changing then is left to the later
+  rounds.
 * **Target.** The versions to serve are those on disk, less those that failed with the same
   files, filtered by the model's own ``version_policy`` (all, latest N, specific).
 * **Load.** Each up instance whose versions differ from the target (a version added or removed,
