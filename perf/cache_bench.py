@@ -10,8 +10,13 @@ targets get the same sequence of requests from perf_analyzer (HTTP, binary tenso
 
     .venv/bin/python perf/cache_bench.py [--model digits_cnn] [--concurrency 16,32]
         [--requests 100000] [--repeat-share 0.9] [--zipf-s 1.1] [--hold-ms 0] [--instances 1]
-        [--gateway-workers auto] [--gateway-batching max_inflight_batches=4]
+        [--gateway-workers auto] [--gateway-batching max_inflight_batches=4] [--rounds 3]
         [--out perf/results/$(date +%F)-cache.md]
+
+Each concurrency is measured ``--rounds`` times (3 by default), direct then the gateway each
+time, and the target is judged on the median of the rounds' gateway / direct ratios: on a shared
+machine one run's throughput moves with the rest of the machine's load by more than the
+difference being measured, and the two runs of a pair share most of it.
 
 ``--instances N`` runs a fleet of N instances, each with its own response cache, the case the
 gateway's cache is for: each run then has N perf_analyzer processes sharing the concurrency,
@@ -76,12 +81,14 @@ import resource
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import tomllib
+import traceback
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -666,6 +673,11 @@ class Run:
     cpu_s: dict[str, float] = field(default_factory=dict)  # process -> CPU seconds over the run
     times: dict[str, Timing] = field(default_factory=dict)  # the gateway's: gateway_times
     host: dict[str, int] = field(default_factory=dict)  # the gateway workers' shared tier: host_counters
+    round: int = 0  # its round of --rounds (0: the only one)
+
+    @property
+    def label(self) -> str:
+        return self.m.label if not self.round else f"{self.m.label}, round {self.round}"
 
     @property
     def hit_rate(self) -> float | None:
@@ -934,11 +946,11 @@ def table(rows: list[tuple[str, ...]]) -> list[str]:
 
 def results_table(runs: list[Run]) -> list[str]:
     rows = [("target", "concurrency", "infer/s", "p50 ms", "p99 ms", "avg ms", "hit rate", "note")]
-    for r in sorted(runs, key=lambda r: r.m.concurrency):
+    for r in sorted(runs, key=lambda r: (r.m.concurrency, r.round)):
         m = r.m
         note = ("ERROR: " + m.error[:60]) if m.error else overlap_note(r.spans)
         rows.append(
-            (m.label, str(m.concurrency), fmt_tp(m.throughput), fmt_ms(m.p50_us), fmt_ms(m.p99_us), fmt_ms(m.avg_us), pct(r.hit_rate), note)
+            (r.label, str(m.concurrency), fmt_tp(m.throughput), fmt_ms(m.p50_us), fmt_ms(m.p99_us), fmt_ms(m.avg_us), pct(r.hit_rate), note)
         )
     return table(rows)
 
@@ -950,13 +962,13 @@ def counters_table(runs: list[Run]) -> list[str]:
             "Triton executions (rows)", "CPU µs/request: Triton", "gateway", "perf_analyzer", "other load (cores)",
         )
     ]  # fmt: skip
-    for r in sorted(runs, key=lambda r: r.m.concurrency):
+    for r in sorted(runs, key=lambda r: (r.m.concurrency, r.round)):
         if not r.requests:
             continue
         up = r.upstream
         rows.append(
             (
-                r.m.label,
+                r.label,
                 str(r.m.concurrency),
                 str(r.requests),
                 f"{r.wall_s:.1f}",
@@ -974,21 +986,32 @@ def counters_table(runs: list[Run]) -> list[str]:
 
 
 def verdict_lines(runs: list[Run], concurrencies: list[int]) -> tuple[list[str], bool]:
+    """Per concurrency, gateway / direct throughput, PASS above ``TARGET_RATIO``. With several
+    rounds, each round's pair gives a ratio and the verdict is on their median: a run's
+    throughput moves with the machine's other load, and a pair measured side by side shares it."""
     lines, ok_all = [], True
-    results = [r.m for r in runs]
     for c in concurrencies:
-        d, g = pick(results, DIRECT, "-", c), pick(results, GATEWAY, "-", c)
-        if d is None or g is None:
+        pairs = []
+        for n in sorted({r.round for r in runs if r.m.concurrency == c}):
+            results = [r.m for r in runs if r.round == n]
+            d, g = pick(results, DIRECT, "-", c), pick(results, GATEWAY, "-", c)
+            if d is not None and g is not None:
+                pairs.append((n, d.throughput, g.throughput))
+        if not pairs:
             lines.append(f"c={c}: gateway / direct throughput: N/A (missing measurement): FAIL")
             ok_all = False
             continue
-        ratio = g.throughput / d.throughput
+        ratios = [g / d for _, d, g in pairs]
+        ratio = statistics.median(ratios)
         ok = ratio > TARGET_RATIO
         ok_all = ok_all and ok
-        lines.append(
-            f"c={c}: gateway / direct throughput = {g.throughput:.1f} / {d.throughput:.1f} = {ratio:.2f} "
-            f"(target > {TARGET_RATIO:.1f}, the gateway ahead): {'PASS' if ok else 'FAIL'}"
-        )
+        verdict = f"(target > {TARGET_RATIO:.1f}, the gateway ahead): {'PASS' if ok else 'FAIL'}"
+        if len(pairs) == 1 and not pairs[0][0]:
+            _, d, g = pairs[0]
+            lines.append(f"c={c}: gateway / direct throughput = {g:.1f} / {d:.1f} = {ratio:.2f} {verdict}")
+            continue
+        each = ", ".join(f"round {n} {g:.1f} / {d:.1f} = {g / d:.2f}" for n, d, g in pairs)
+        lines.append(f"c={c}: gateway / direct throughput: {each}; median {ratio:.2f} {verdict}")
     return lines, ok_all
 
 
@@ -1035,7 +1058,7 @@ def stat_lines(runs: list[Run]) -> list[str]:
             lookup = f"{up.cache_hit_ns / max(1, up.cache_hit) / 1000:.1f} µs per hit lookup (Triton's own timing)"
             uncounted = r.requests - up.cache_hit - up.cache_miss
             lines.append(
-                f"{r.m.label}, c={r.m.concurrency}: Triton cache {up.cache_hit} hits, {up.cache_miss} misses, "
+                f"{r.label}, c={r.m.concurrency}: Triton cache {up.cache_hit} hits, {up.cache_miss} misses, "
                 f"{uncounted} requests computed without a hit or miss counted (the rows executed beyond the misses: "
                 f"repeats that arrived while their input was being computed; Triton does not coalesce them), hit "
                 f"rate {pct(r.hit_rate)}, {lookup}; {up.executions} executions for {up.inferences} rows "
@@ -1046,7 +1069,7 @@ def stat_lines(runs: list[Run]) -> list[str]:
         else:
             coalesced = "coalesced among the hits" if r.coalesced is None else f"{r.coalesced} coalesced"
             lines.append(
-                f"{r.m.label}, c={r.m.concurrency}: gateway cache {r.hits} hits, {r.misses} misses, {coalesced} "
+                f"{r.label}, c={r.m.concurrency}: gateway cache {r.hits} hits, {r.misses} misses, {coalesced} "
                 f"({pct(r.hit_rate)} hits); behind it Triton answered {up.success} requests "
                 f"({up.cache_hit} from its own cache, {up.cache_miss} misses), {up.executions} executions for "
                 f"{up.inferences} rows (mean batch {up.inferences / max(1, up.executions):.2f}), each batch "
@@ -1113,6 +1136,12 @@ def render(
         f"batches of zeros ({', '.join(map(str, WARM_UP_BATCHES))} rows: not in the workload); for the gateway's "
         "runs, Triton restarted and warmed, and a new gateway started in front of it. Per concurrency: direct first, "
         "then the gateway."
+        + (
+            f" {args.rounds} rounds, each measuring every concurrency so; the target is judged on each concurrency's "
+            "median ratio over the rounds."
+            if args.rounds > 1
+            else ""
+        )
     )
     odd = [r for r in runs if r.requests and r.requests != workload.requests]
     warn = (
@@ -1237,6 +1266,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="set one of the gateway's [batching] settings for its runs, over configs/local.toml's (repeatable; "
         "e.g. max_inflight_batches=4; the report's gateway line lists the settings in force)",
     )  # fmt: skip
+    p.add_argument(
+        "--rounds", type=int, default=3,
+        help="measure every concurrency this many times, direct then the gateway each time, and judge the target "
+        "on each concurrency's median ratio (default 3: one pair moves with the machine's other load)",
+    )  # fmt: skip
     p.add_argument("--out", help="also write the report as markdown to this file")
     p.add_argument(
         "--base-port", type=int, default=8460,
@@ -1252,6 +1286,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--concurrency needs positive integers")
     if args.requests < 100:
         p.error("--requests must be >= 100")
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
     if not 0.0 <= args.repeat_share < 1.0:
         p.error("--repeat-share must be in [0, 1)")
     if args.zipf_s <= 0:
@@ -1411,7 +1447,7 @@ def main(argv: list[str] | None = None) -> int:
             for i, share in enumerate(split_concurrency(c, n))
         ]
 
-    def measure(target: str, c: int) -> Run:
+    def measure(target: str, c: int, round_: int) -> Run:
         """One cold run; once more from cold if perf_analyzer found no stable measurement."""
         nonlocal gateway
         for attempt in range(1, ATTEMPTS + 1):
@@ -1448,7 +1484,7 @@ def main(argv: list[str] | None = None) -> int:
             if clock.hung:
                 m.error = f"perf_analyzer did not exit within {HANG_S:.0f} s of its last request's answer (stopped)"
                 print(f"    {m.error}")
-            run = Run(m, spans=runner.last_spans, opening=runner.last_opening)
+            run = Run(m, spans=runner.last_spans, opening=runner.last_opening, round=round_)
             clock.figures(run, runner.last_cpu_s)
             run.upstream = fleet_counters(triton_urls, args.model).minus(before_up)
             if gateway is None:
@@ -1511,14 +1547,18 @@ def main(argv: list[str] | None = None) -> int:
         checks = check_answers(triton_url, gw_url, args.model, input_name, workload)
         print("answers checked:\n" + indent("\n".join(checks)))
         config_path.write_text(gateway_toml(triton_urls, gw_port, batching, ttl_s, args.gateway_workers, redis_url))
-        for c in args.concurrency:
-            runs.append(measure(DIRECT, c))
-            runs.append(measure(GATEWAY, c))
+        for number in range(1, args.rounds + 1):
+            if args.rounds > 1:
+                print(f"round {number} of {args.rounds}", flush=True)
+            for c in args.concurrency:
+                runs.append(measure(DIRECT, c, number if args.rounds > 1 else 0))
+                runs.append(measure(GATEWAY, c, number if args.rounds > 1 else 0))
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: stopping everything", file=sys.stderr)
     except Exception as exc:
         error = str(exc)
+        traceback.print_exc()
         print(f"\nerror: {error}", file=sys.stderr)
     finally:
         stop_all(runner, [gateway, triton, redis_proc])

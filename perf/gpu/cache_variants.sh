@@ -8,7 +8,9 @@
 #   bash perf/gpu/cache_variants.sh --list
 #
 # Each report is OUT_DIR/<date>-cache-<variant>.md. EXTRA (optional) is added to every
-# cache_bench command line, e.g. EXTRA="--instances 2" or EXTRA="--concurrency 32".
+# cache_bench command line, e.g. EXTRA="--instances 2" or EXTRA="--concurrency 32". A variant
+# is measured in ROUNDS rounds (default 1: a screening, one pair per concurrency; judge the
+# setting kept with cache_bench's own default of 3).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -51,7 +53,7 @@ status=0
 for name in "${names[@]}"; do
     report="$out/$(date -u +%F)-cache-$name.md"
     # shellcheck disable=SC2086  # the arguments are words on purpose
-    .venv/bin/python perf/cache_bench.py $(args_of "$name") ${EXTRA:-} --out "$report" > "$out/$name.log" 2>&1
+    .venv/bin/python perf/cache_bench.py --rounds "${ROUNDS:-1}" $(args_of "$name") ${EXTRA:-} --out "$report" > "$out/$name.log" 2>&1
     rc=$?
     echo "== $name (exit $rc): $report"
     grep -E "^- c=[0-9]+: gateway / direct" "$report" 2>/dev/null || tail -5 "$out/$name.log"
