@@ -988,17 +988,21 @@ def counters_table(runs: list[Run]) -> list[str]:
 def verdict_lines(runs: list[Run], concurrencies: list[int]) -> tuple[list[str], bool]:
     """Per concurrency, gateway / direct throughput, PASS above ``TARGET_RATIO``. With several
     rounds, each round's pair gives a ratio and the verdict is on their median: a run's
-    throughput moves with the machine's other load, and a pair measured side by side shares it."""
+    throughput moves with the machine's other load, and a pair measured side by side shares it.
+    A round without its pair (a run that failed) fails the target."""
     lines, ok_all = [], True
     for c in concurrencies:
-        pairs = []
-        for n in sorted({r.round for r in runs if r.m.concurrency == c}):
+        pairs, missing = [], []
+        for n in sorted({r.round for r in runs}):
             results = [r.m for r in runs if r.round == n]
             d, g = pick(results, DIRECT, "-", c), pick(results, GATEWAY, "-", c)
             if d is not None and g is not None:
                 pairs.append((n, d.throughput, g.throughput))
-        if not pairs:
-            lines.append(f"c={c}: gateway / direct throughput: N/A (missing measurement): FAIL")
+            else:
+                missing.append(n)
+        if missing:
+            which = "" if missing == [0] else f" in round {', '.join(map(str, missing))}"
+            lines.append(f"c={c}: gateway / direct throughput: N/A (missing measurement{which}): FAIL")
             ok_all = False
             continue
         ratios = [g / d for _, d, g in pairs]
