@@ -33,6 +33,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.metrics import count_latency, latency_row
+
 RECENT_ERRORS = 10  # kept per instance for the fleet view
 LOAD_WINDOW_S = 1.0  # time constant of the averaged load
 
@@ -100,6 +102,8 @@ class Instance:
     streak: int = 0  # ejections that count towards the next one's length
     admitted_at: float = 0.0
     recent_errors: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=RECENT_ERRORS))
+    # How long its answered infer requests took, as a row of metrics.latency_row's shape.
+    answer_times: list[float] = field(default_factory=latency_row, repr=False)
     # Smooth weighted round-robin credit (see balancer.py).
     credit: float = 0.0
     # Newest READY version per model, derived from `models` (recomputed when it is replaced).
@@ -316,6 +320,11 @@ class Instance:
 
     def record_success(self) -> None:
         self.consecutive_failures = 0
+
+    def record_answer(self, seconds: float) -> None:
+        """An infer request it answered with a result, ``seconds`` after the gateway began sending it."""
+        self.consecutive_failures = 0
+        count_latency(self.answer_times, seconds)
 
     def record_failure(self, error: str, now: float, fleet: Sequence[Instance], policy: EjectionPolicy) -> bool:
         """Count a failed request; return True if it ejected the instance."""

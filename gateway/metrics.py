@@ -304,6 +304,14 @@ class GatewayCollector(Collector):
                     value = float(view[key])
                 family.add_metric(url, value)
         yield from families.values()
+        yield _histogram(
+            "gateway_instance_request_duration_seconds",
+            "Time of the upstream infer requests each instance answered with a result, from the gateway beginning to "
+            "send one (a batch or a lone request; any wait for a free connection included) to its answer read and "
+            "decoded: Triton's own time, the network, and the gateway's event loop getting to the answer.",
+            label,
+            {(i.url,): i.answer_times for i in self._services.router.instances},
+        )
 
     def _cache(self) -> Iterator[Metric]:
         cache = self._services.pipeline.cache

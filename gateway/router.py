@@ -318,6 +318,7 @@ class Router:
                 self._release(instance)  # never sent: an expired or abandoned request is not forwarded
                 raise
             instance.started(model, version)
+            sent = self._clock()
             try:
                 result = await self._client.infer(instance.url, model, version, tensors, parameters, limit, outputs)
             except ModelError as exc:
@@ -345,7 +346,7 @@ class Router:
                         raise self._left(model, version, exc) from None
                     raise
             else:
-                instance.record_success()
+                instance.record_answer(self._clock() - sent)
                 if affinity is not None:
                     affinity.served = instance.url
                     instance.sequence_answered(model, version, affinity.key, affinity.ends, self._clock(), affinity.idle_s)

@@ -386,6 +386,7 @@ def check_answers(triton_url: str, gw_url: str, model: str, input_name: str, wor
 @dataclass
 class TritonCounters:
     success: int = 0  # requests answered (cache hits included)
+    success_ns: int = 0  # their time in Triton, from its receipt of each to its answer
     cache_hit: int = 0
     cache_miss: int = 0
     inferences: int = 0  # rows executed by the model
@@ -400,6 +401,10 @@ class TritonCounters:
     def times_ms(self) -> tuple[float, float]:
         """A request's mean wait in Triton's queue, and a computed request's mean computation (ms)."""
         return self.queue_ns / max(1, self.queued) / 1e6, self.compute_ns / max(1, self.computed) / 1e6
+
+    def answer_ms(self) -> float:
+        """A request's mean time in Triton from its receipt to its answer (ms)."""
+        return self.success_ns / max(1, self.success) / 1e6
 
     def minus(self, before: TritonCounters) -> TritonCounters:
         return TritonCounters(*(getattr(self, f) - getattr(before, f) for f in self.__dataclass_fields__))
@@ -416,6 +421,7 @@ def triton_counters(url: str, model: str) -> TritonCounters:
     for version in json.loads(body).get("model_stats", []):
         stats = version.get("inference_stats", {})
         total.success += int(stats.get("success", {}).get("count", 0))
+        total.success_ns += int(stats.get("success", {}).get("ns", 0))
         total.cache_hit += int(stats.get("cache_hit", {}).get("count", 0))
         total.cache_miss += int(stats.get("cache_miss", {}).get("count", 0))
         total.cache_hit_ns += int(stats.get("cache_hit", {}).get("ns", 0))
@@ -486,16 +492,19 @@ class Timing:
 def gateway_times(gw_url: str, model: str) -> dict[str, Timing]:
     """From the gateway's /metrics (summed over its workers): for each cache outcome (hit, miss,
     coalesced), the model's requests answered 200, their mean time in the gateway, arrival to
-    answer, and how many took longer than each of ``SLOW_S`` (from the histogram's buckets); and
+    answer, and how many took longer than each of ``SLOW_S`` (from the histogram's buckets);
     under "batcher", the requests the batchers sent and their mean wait there (the hold, and any
-    wait for a free upstream slot)."""
+    wait for a free upstream slot); under "upstream", the requests sent to Triton and their mean
+    time from the gateway's send to their answer decoded."""
     sums: dict[str, list[float]] = {}
     within: dict[str, dict[float, float]] = {}  # key -> bucket bound -> requests within it
     for family in gateway_metrics(gw_url):
         for sample in family.samples:
-            if sample.labels.get("model") != model:
+            if family.name == "gateway_instance_request_duration_seconds":
+                key = "upstream"  # summed over the instances (the benchmark serves one model)
+            elif sample.labels.get("model") != model:
                 continue
-            if family.name == "gateway_infer_cache_request_duration_seconds":
+            elif family.name == "gateway_infer_cache_request_duration_seconds":
                 key = sample.labels["cache"]
             elif family.name == "gateway_batcher_queue_seconds":
                 key = "batcher"  # summed over the model's versions
@@ -1077,7 +1086,8 @@ def stat_lines(runs: list[Run]) -> list[str]:
                 f"({pct(r.hit_rate)} hits); behind it Triton answered {up.success} requests "
                 f"({up.cache_hit} from its own cache, {up.cache_miss} misses), {up.executions} executions for "
                 f"{up.inferences} rows (mean batch {up.inferences / max(1, up.executions):.2f}), each batch "
-                f"{queue_ms:.2f} ms in Triton's queue and {compute_ms:.2f} ms in computation; CPU: {cpu}"
+                f"{queue_ms:.2f} ms in Triton's queue and {compute_ms:.2f} ms in computation, "
+                f"{up.answer_ms():.2f} ms in Triton from its receipt to its answer; CPU: {cpu}"
                 + times_description(r.times)
                 + ("; the workers' shared tier: " + ", ".join(f"{r.host.get(k, 0)} {v}" for k, v in HOST_COUNTERS.items()) if r.host else "")
                 + (
@@ -1098,6 +1108,8 @@ def times_description(times: dict[str, Timing]) -> str:
     text = "; mean time in the gateway, arrival to answer: " + ", ".join(answered)
     if "batcher" in times and times["batcher"].count:
         text += f"; the batched requests waited {times['batcher'].mean_ms:.2f} ms on average in the batcher (the hold, a busy slot)"
+    if "upstream" in times and times["upstream"].count:
+        text += f"; a request to Triton took {times['upstream'].mean_ms:.2f} ms from the gateway's send to its answer decoded"
     return text
 
 

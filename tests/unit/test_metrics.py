@@ -221,6 +221,8 @@ async def test_the_endpoint_counts_answers_and_errors_by_code_and_disconnects_ap
     # 503 raised by the client and the bug do not say the instance failed).
     assert value(parsed, "gateway_instance_requests_total", upstream="http://triton-0") == 6
     assert value(parsed, "gateway_instance_failures_total", upstream="http://triton-0") == 1
+    # Upstream answers timed: the 3 good requests' batches (no failed attempt).
+    assert value(parsed, "gateway_instance_request_duration_seconds_count", upstream="http://triton-0") == 3
 
 
 # --- components read at scrape time ------------------------------------------------------

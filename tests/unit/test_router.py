@@ -332,6 +332,25 @@ async def test_a_request_waiting_for_a_slot_takes_an_instance_that_becomes_routa
     await asyncio.wait_for(asyncio.gather(busy, waiting), 1)
 
 
+async def test_each_instance_times_the_requests_it_answered_and_only_those() -> None:
+    clock = Clock()
+
+    class TimedClient(FakeClient):
+        async def infer(self, url, model, version, inputs, parameters, timeout, outputs=None):  # noqa: ANN001, ANN201
+            clock.now += 0.003 if url == "a" else 0.2  # the time its answer takes
+            return await super().infer(url, model, version, inputs, parameters, timeout, outputs)
+
+    a, b = Instance("a"), Instance("b")
+    client = TimedClient({"b": UpstreamError("the model failed", status=500)})
+    router = make_router(client, a, b, clock=clock)
+    for _ in range(4):
+        await router.infer("m", "", INPUTS)
+    # b failed whatever it was sent (each retried on a): only a's answers are timed.
+    assert a.answer_times[-1] == pytest.approx(0.003 * 4)
+    assert sum(a.answer_times[:-1]) == 4 and a.answer_times[3] == 4  # the (2.5 ms, 5 ms] bucket
+    assert sum(b.answer_times[:-1]) == 0 and b.requests > 0
+
+
 # -- deadlines ------------------------------------------------------------------------------------
 
 
