@@ -10,6 +10,11 @@ binary), 32 at a time. Two targets, measured in the same run, the same way:
   flight), in front of an in-process router that answers every batch at once with zeros;
 * the no-op Starlette app of ``perf/noop_app.py`` (what compare.py's ceiling anchor runs).
 
+A third line: a cache hit as the gateway's HTTP protocol answers it
+(``protocol/infer_server.py``: parsing, the lookup, the response written), the request's bytes
+fed to the protocol over a stand-in transport, one at a time; the socket's system calls are not
+in it.
+
 Each reports CPU µs per request (process time, the best of ``--repeats`` runs of ``--rounds``
 rounds of 32 requests; the machine's noise only ever adds), and their ratio. The gap is what the
 gateway's own Python costs per request beyond routing and answering: decoding, checking,
@@ -42,12 +47,17 @@ sys.path.insert(0, str(HERE))
 
 import noop_app  # noqa: E402
 
+from uvicorn.config import Config  # noqa: E402
+from uvicorn.server import ServerState  # noqa: E402
+
 from gateway.app import settle_heap  # noqa: E402
 from gateway.batcher import BatchResult  # noqa: E402
-from gateway.config import BatchingConfig  # noqa: E402
+from gateway.cache import ResponseCache  # noqa: E402
+from gateway.config import BatchingConfig, CacheConfig  # noqa: E402
 from gateway.infer_endpoint import InferEndpoint  # noqa: E402
 from gateway.models import ModelInfo  # noqa: E402
 from gateway.pipeline import InferencePipeline  # noqa: E402
+from gateway.protocol.infer_server import InferHttpToolsProtocol  # noqa: E402
 from gateway.tensors import Tensor  # noqa: E402
 
 MODEL = "digits_cnn"
@@ -97,9 +107,9 @@ class InstantRouter:
         return BatchResult(version, [Tensor("logits", "FP32", zeros), Tensor("probabilities", "FP32", zeros)])
 
 
-def gateway_app() -> InferEndpoint:
+def gateway_app(cache: ResponseCache | None = None) -> InferEndpoint:
     router = InstantRouter()
-    pipeline = InferencePipeline(BatchingConfig(enabled=True, max_inflight_batches=1), router, Metadata())  # type: ignore[arg-type]
+    pipeline = InferencePipeline(BatchingConfig(enabled=True, max_inflight_batches=1), router, Metadata(), cache=cache)  # type: ignore[arg-type]
     services = types.SimpleNamespace(router=router, pipeline=pipeline)
     return InferEndpoint(types.SimpleNamespace(state=types.SimpleNamespace(services=services)), 1 << 20)
 
@@ -152,16 +162,74 @@ async def cost(app: App, rounds: int, repeats: int) -> float:
     return best
 
 
+class Transport:
+    """Stands in for a connection's socket: keeps the last write."""
+
+    def __init__(self) -> None:
+        self.last = b""
+
+    def write(self, data: bytes) -> None:
+        self.last = data
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+async def hit_cost(rounds: int, repeats: int) -> float:
+    """CPU µs per cache hit through the HTTP protocol: the best of ``repeats`` runs."""
+    app = gateway_app(ResponseCache(CacheConfig(enabled=True)))
+    config = Config(app=app, http=InferHttpToolsProtocol, access_log=False, lifespan="off", proxy_headers=False)
+    config.load()
+    protocol = InferHttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
+    transport = Transport()
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    body, headers = request()
+    head = b"".join(b"%s: %s\r\n" % h for h in [*headers, (b"accept", b"*/*"), (b"user-agent", b"perf_analyzer")])
+    raw = b"POST /v2/models/%s/infer HTTP/1.1\r\n%s\r\n%s" % (MODEL.encode(), head, body)
+    protocol.data_received(raw)  # the first: computed (the instant router), and stored
+    for _ in range(100):
+        if transport.last:
+            break
+        await asyncio.sleep(0.001)
+    n = rounds * CONCURRENCY
+    for _ in range(n // 4):  # warm-up
+        protocol.data_received(raw)
+    if b"\r\nx-cache: hit\r\n" not in transport.last:
+        raise RuntimeError(f"the protocol did not answer from the cache: {transport.last[:300]!r}")
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.process_time()
+        for _ in range(n):
+            protocol.data_received(raw)
+        best = min(best, (time.process_time() - start) / n * 1e6)
+    protocol.connection_lost(None)
+    return best
+
+
 async def main_async(args: argparse.Namespace) -> None:
     noop = noop_app.build_app({"models": {MODEL: {"metadata": METADATA, "config": CONFIG}}})
     gateway = gateway_app()
     settle_heap()
     gateway_us = await cost(gateway, args.rounds, args.repeats)
     noop_us = await cost(noop, args.rounds, args.repeats)
+    hit_us = await hit_cost(args.rounds, args.repeats)
     print(f"in-process infer path, {CONCURRENCY} requests at a time, CPU µs per request (best of {args.repeats}):")
     print(f"  gateway (InferEndpoint, pipeline, batcher; instant router): {gateway_us:6.1f}")
     print(f"  no-op (perf/noop_app.py, Starlette)                      : {noop_us:6.1f}")
     print(f"  gateway / no-op: {gateway_us / noop_us:.2f}; gateway - no-op: {gateway_us - noop_us:+.1f} µs")
+    print(f"  gateway, a cache hit through its HTTP protocol (no socket)  : {hit_us:6.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:

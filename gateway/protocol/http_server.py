@@ -12,7 +12,10 @@ whose request stops arriving (its head, or its body before the last byte) for
 after as long; a slow client still gets there, as long as its bytes keep coming. Without it,
 a client that stops halfway holds its connection and its request forever. The app may set
 the time (its ``read_timeout_s`` attribute; ``server.read_timeout_s`` for the gateway). The
-clock is read once per socket read and the timer armed once per period, not per request.
+same timer closes a connection left idle for uvicorn's ``timeout_keep_alive`` after its last
+response, in place of the timer uvicorn arms at every response and cancels at the next
+request. The clock is read once per socket read and once per response, and the timer moved
+about once per period, not per request.
 
 And it bounds a request's head (its request line and headers), which httptools reads whole
 however large: one over ``max_header_bytes`` (the app's attribute; ``server.max_header_bytes``
@@ -48,7 +51,7 @@ from gateway.protocol import msgpack as msgpack_codec
 READ_TIMEOUT_S = 30.0  # unless the app says otherwise
 MAX_HEADER_BYTES = 65536  # unless the app says otherwise
 # Where a connection is: waiting for its first request, in a request's head or body, or
-# between requests (its request arrived; uvicorn's keep-alive timeout closes it when idle).
+# after its request arrived (being answered; once answered, the keep-alive timeout closes it when idle).
 _FIRST, _READING, _READ = 0, 1, 2
 SHUTDOWN_IDLE_S = 0.5  # at shutdown, how long an idle connection may still bring a request
 
@@ -161,7 +164,9 @@ class HeadTooLarge(Exception):
 class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     _reading = _FIRST
     _last_read = 0.0
-    _read_timer: asyncio.TimerHandle | None = None
+    _idle_since = 0.0  # when the connection's last response completed, nothing read after it
+    _read_timer: asyncio.TimerHandle | None = None  # the connection's one timer (_check_reading)
+    _check_at = 0.0  # when it runs
     _head_left = 0  # bytes the request's head may still take, by what the parser read of it
     _head_arrived = -1  # bytes that arrived for it after the read it began in; -1: no head being read
     _head_began = False  # a head began in the read being parsed
@@ -176,7 +181,7 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         self.read_timeout_s = float(_app_setting(self.app, "read_timeout_s", READ_TIMEOUT_S))
         self.max_header_bytes = int(_app_setting(self.app, "max_header_bytes", MAX_HEADER_BYTES))
         self._last_read = self.loop.time()
-        self._read_timer = self.loop.call_later(self.read_timeout_s, self._check_reading)
+        self._check_at_time(self._last_read + self.read_timeout_s)
 
     def data_received(self, data: bytes) -> None:
         self._last_read = self.loop.time()
@@ -207,7 +212,11 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         self._head_left -= len(name) + len(value) + 4  # as sent: "name: value\r\n"
         if self._head_left < 0:
             self._refuse_head()
-        super().on_header(name, value)
+        # uvicorn's own, here rather than called: once per header of every request.
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def _refuse_head(self) -> None:
         self._head_over = True
@@ -254,7 +263,24 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
+        """uvicorn's, but for its keep-alive timer, which it arms at every response and the next
+        request's bytes cancel: for a cache hit that pair of timer operations cost as much as
+        the lookup. Here the connection's one timer (``_check_reading``) closes a connection
+        left idle ``timeout_keep_alive`` seconds after its last response, as uvicorn's timer
+        would, and is moved only when it would look too late: about once per keep-alive period
+        on a busy connection."""
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self._unset_keepalive_if_required()
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        elif self._reading != _READING:  # nothing of a next request read yet: idle from now on
+            self._idle_since = now = self.loop.time()
+            if self._check_at > now + self.timeout_keep_alive:
+                self._check_at_time(now + self.timeout_keep_alive)
         self._send_refusal()
 
     def on_message_complete(self) -> None:
@@ -267,16 +293,31 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
             self._read_timer = None
         super().connection_lost(exc)
 
+    def _check_at_time(self, when: float) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+        self._check_at = when
+        self._read_timer = self.loop.call_at(when, self._check_reading)
+
     def _check_reading(self) -> None:
+        """The connection's timer: a request that stopped arriving is answered 408; a connection
+        that sent nothing for ``read_timeout_s``, or nothing for ``timeout_keep_alive`` after
+        its last response, is closed. Else it looks again when one of those could come due."""
         self._read_timer = None
         if self.transport.is_closing():
             return
-        waited = self.loop.time() - self._last_read
-        idle = self._reading == _READ or self.flow.read_paused  # no request on its way, or paused by uvicorn
-        if idle or waited < self.read_timeout_s:
-            # Look again one period after the last bytes (or from now, while idle).
-            self._read_timer = self.loop.call_later(self.read_timeout_s - (0.0 if idle else waited), self._check_reading)
-            return
+        now = self.loop.time()
+        if self._reading == _READ:
+            answered = not self.pipeline and (self.cycle is None or self.cycle.response_complete)
+            if not answered:  # a request being answered: no limit of the protocol's own
+                return self._check_at_time(now + self.read_timeout_s)
+            due = self._idle_since + self.timeout_keep_alive
+        elif self.flow.read_paused:  # paused by uvicorn: its bytes are not being read
+            return self._check_at_time(now + self.read_timeout_s)
+        else:  # a request on its way, or none yet
+            due = self._last_read + self.read_timeout_s
+        if now < due:
+            return self._check_at_time(due)
         if self._reading == _READING:
             self._refuse(408, f"the request did not arrive: nothing came for {self.read_timeout_s:g} s")
         else:

@@ -120,13 +120,6 @@ class InferHttpToolsProtocol(OneWriteHttpToolsProtocol):
     _held_target: Any = None  # what may_serve said of it
     _held_since = 0.0
 
-    def on_message_begin(self) -> None:
-        # A hit completes its response inside the parser's run, which arms the keep-alive timer
-        # (on_response_complete); a request that follows in the same read must disarm it, as the
-        # next read would, or the timer could close the connection while that request is served.
-        self._unset_keepalive_if_required()
-        super().on_message_begin()
-
     def on_headers_complete(self) -> None:
         self._head_read()
         target = None

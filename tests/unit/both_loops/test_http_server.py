@@ -72,15 +72,15 @@ APP = Starlette(
 )
 
 
-async def started(app: Any = APP) -> tuple[uvicorn.Server, asyncio.Task[None], int]:
+async def started(app: Any = APP, **settings: Any) -> tuple[uvicorn.Server, asyncio.Task[None], int]:
     """A real uvicorn serving ``app`` with the protocol: the server, its task, its port."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, http=CountingProtocol, log_level="critical", lifespan="off")
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, http=CountingProtocol, log_level="critical", lifespan="off", **settings)
     return await uvicorn_servers.started(config)
 
 
 @contextlib.asynccontextmanager
-async def serving(app: Any = APP) -> AsyncIterator[str]:
-    server, task, port = await started(app)
+async def serving(app: Any = APP, **settings: Any) -> AsyncIterator[str]:
+    server, task, port = await started(app, **settings)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -209,8 +209,8 @@ class Patient:
 
 
 @contextlib.asynccontextmanager
-async def connected(app: Any = None) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-    async with serving(app or Patient()) as url:
+async def connected(app: Any = None, **settings: Any) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    async with serving(app or Patient(), **settings) as url:
         host, port = url.removeprefix("http://").split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
         try:
@@ -253,6 +253,49 @@ async def test_a_connection_that_sends_nothing_is_closed() -> None:
     async with connected() as (reader, _):
         data, waited = await everything(reader)
     assert data == b"" and 0.25 < waited < 2.0
+
+
+HELLO = b"GET /hello HTTP/1.1\r\nhost: x\r\n\r\n"
+
+
+async def answered(reader: asyncio.StreamReader) -> bytes:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200") and await reader.readexactly(5) == b"hello"
+    return head
+
+
+async def test_a_connection_idle_after_its_answer_is_closed_after_the_keep_alive_timeout() -> None:
+    async with connected(APP, timeout_keep_alive=0.3) as (reader, writer):  # read timeout: 30 s
+        writer.write(HELLO)
+        await answered(reader)
+        data, waited = await everything(reader)
+    assert data == b"" and 0.25 < waited < 2.0
+
+
+async def test_a_busy_connection_outlives_its_keep_alive_timeout_and_then_closes_when_idle() -> None:
+    async with connected(APP, timeout_keep_alive=0.3) as (reader, writer):
+        for _ in range(10):  # 1.5 s of requests, each within the keep-alive timeout of the last answer
+            writer.write(HELLO)
+            await answered(reader)
+            await asyncio.sleep(0.15)
+        writer.write(HELLO + HELLO)  # pipelined: the second answered after the first, then idle
+        await answered(reader)
+        await answered(reader)
+        data, waited = await everything(reader)
+    assert data == b"" and 0.25 < waited < 2.0
+
+
+async def test_between_requests_the_keep_alive_timeout_applies_not_the_read_timeout() -> None:
+    """Patient's read timeout (0.3 s) bounds a request on its way; a connection waiting for its
+    next request gets the keep-alive timeout (1 s), as with uvicorn's own timer."""
+    async with connected(timeout_keep_alive=1.0) as (reader, writer):
+        writer.write(HELLO)
+        await answered(reader)
+        await asyncio.sleep(0.6)  # two read timeouts: still open
+        writer.write(HELLO)
+        await answered(reader)
+        data, waited = await everything(reader)
+    assert data == b"" and 0.9 < waited < 3.0
 
 
 async def test_a_slow_request_whose_bytes_keep_coming_and_a_slow_answer_are_served() -> None:
