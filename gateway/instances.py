@@ -323,7 +323,7 @@ class Instance:
 
     def record_answer(self, seconds: float) -> None:
         """An infer request it answered with a result, ``seconds`` after the gateway began sending it."""
-        self.consecutive_failures = 0
+        self.record_success()
         count_latency(self.answer_times, seconds)
 
     def record_failure(self, error: str, now: float, fleet: Sequence[Instance], policy: EjectionPolicy) -> bool:
